@@ -1,0 +1,75 @@
+"""KL divergence estimators and the adaptive KL controller."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from ppo_jax.masking import check_same_shape, float_dtype
+
+KL_KINDS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logp_BxT: ArrayLike, ref_logp_BxT: ArrayLike, *, kind: str = "k1") -> jax.Array:
+  """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π.
+
+  With ``d = log π(y) − log π_ref(y)`` (Schulman 2020, "Approximating KL divergence",
+  http://joschu.net/blog/kl-approx.html):
+
+  - ``"k1"``: ``d``, unbiased, high variance, can be negative;
+  - ``"k2"``: ``d²/2``, biased, low variance, ≥ 0;
+  - ``"k3"``: ``e^{−d} − 1 + d``, unbiased, low variance, ≥ 0.
+
+  Args:
+    logp_BxT: log-probabilities of the sampled tokens under the policy, ``[B, T]``.
+    ref_logp_BxT: the same tokens under the reference policy, ``[B, T]``.
+    kind: ``"k1"``, ``"k2"`` or ``"k3"``.
+
+  Returns:
+    ``[B, T]`` per-token estimates (mask them before reducing).
+
+  >>> [round(float(kl_estimate(jnp.log(0.5), jnp.log(0.25), kind=k)), 4) for k in KL_KINDS]
+  [0.6931, 0.2402, 0.1931]
+  """
+  if kind not in KL_KINDS:
+    raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {', '.join(KL_KINDS)}")
+  check_same_shape(logp=logp_BxT, ref_logp=ref_logp_BxT)
+  dtype = float_dtype(logp_BxT, ref_logp_BxT)
+  d = jnp.asarray(logp_BxT, dtype) - jnp.asarray(ref_logp_BxT, dtype)
+  if kind == "k1":
+    return d
+  if kind == "k2":
+    return 0.5 * jnp.square(d)
+  return jnp.expm1(-d) + d
+
+
+def adaptive_kl_update(
+  kl_coef: ArrayLike, observed_kl: ArrayLike, n_steps: ArrayLike, *, target: float, horizon: float
+) -> jax.Array:
+  """One step of the adaptive KL controller of Ziegler et al. 2019.
+
+  ``e = clip(KL / KL_target − 1, −0.2, 0.2)``, ``β ← β · (1 + e · n_steps / horizon)``
+  ("Fine-Tuning Language Models from Human Preferences", https://arxiv.org/abs/1909.08593, §2.2).
+  The coefficient rises while the observed KL is above the target and falls while it is below.
+
+  Args:
+    kl_coef: current coefficient β (scalar).
+    observed_kl: the KL measured on the last rollout batch, per sequence (scalar).
+    n_steps: number of samples (episodes) since the last update.
+    target: the KL the controller aims for, > 0.
+    horizon: how many samples a full ±20 % correction takes, > 0.
+
+  Returns:
+    The new coefficient, a scalar float32 array.
+
+  >>> round(float(adaptive_kl_update(0.1, 12.0, 256, target=6.0, horizon=10000)), 6)
+  0.100512
+  """
+  if isinstance(target, (int, float)) and target <= 0:
+    raise ValueError(f"target KL must be > 0, got {target}")
+  if isinstance(horizon, (int, float)) and horizon <= 0:
+    raise ValueError(f"horizon must be > 0, got {horizon}")
+  dtype = float_dtype(kl_coef, observed_kl)
+  error = jnp.clip(jnp.asarray(observed_kl, dtype) / target - 1.0, -0.2, 0.2)
+  return jnp.asarray(kl_coef, dtype) * (1.0 + error * jnp.asarray(n_steps, dtype) / horizon)

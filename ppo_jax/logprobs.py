@@ -1,0 +1,75 @@
+"""Per-token log-probabilities and entropies from logits.
+
+The sampler and the trainer both compute log-probabilities with ``token_logprobs`` at the same
+temperature, so the PPO ratio ``exp(logp − old_logp)`` is exactly 1 on the first minibatch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from ppo_jax.masking import float_dtype
+
+
+def _scaled_logits(logits: ArrayLike, temperature: float) -> jax.Array:
+  logits = jnp.asarray(logits)
+  if logits.ndim < 1:
+    raise ValueError(f"expected logits [..., V], got shape {list(logits.shape)}")
+  if isinstance(temperature, (int, float)) and temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  return logits.astype(float_dtype(logits)) / temperature
+
+
+def token_logprobs(
+  logits_BxTxV: ArrayLike, tokens_BxT: ArrayLike, *, temperature: float = 1.0
+) -> jax.Array:
+  """Log-probability of each token under ``softmax(logits / temperature)``.
+
+  ``log π(yₜ) = zₜ[yₜ] − logsumexp(zₜ)`` with ``zₜ = logitsₜ / τ``, computed in float32 (or
+  float64) whatever the logits' dtype. The logits at position ``t`` must already be the ones that
+  predict ``tokens[t]`` (for a causal LM: the logits of position ``t − 1`` of the full sequence).
+
+  Args:
+    logits_BxTxV: unnormalised logits ``[B, T, V]`` (any leading shape ``[..., V]``).
+    tokens_BxT: token ids ``[B, T]`` in ``[0, V)``, matching the leading shape of the logits.
+    temperature: τ > 0, the sampling temperature.
+
+  Returns:
+    ``[B, T]`` log-probabilities.
+
+  >>> logits = jnp.log(jnp.array([[[0.25, 0.75]]]))
+  >>> round(float(token_logprobs(logits, jnp.array([[1]]))[0, 0]), 4)
+  -0.2877
+  """
+  z = _scaled_logits(logits_BxTxV, temperature)
+  tokens = jnp.asarray(tokens_BxT)
+  if tokens.shape != z.shape[:-1]:
+    raise ValueError(
+      f"tokens shape {list(tokens.shape)} does not match logits shape {list(z.shape)} "
+      "(expected tokens [B, T] for logits [B, T, V])"
+    )
+  picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(z, axis=-1)
+
+
+def entropy_from_logits(logits_BxTxV: ArrayLike, *, temperature: float = 1.0) -> jax.Array:
+  """Entropy of ``softmax(logits / temperature)`` at each position.
+
+  ``H = −Σᵥ pᵥ log pᵥ = logsumexp(z) − Σᵥ pᵥ zᵥ`` with ``z = logits / τ``, in float32 or wider.
+
+  Args:
+    logits_BxTxV: unnormalised logits ``[B, T, V]`` (any leading shape).
+    temperature: τ > 0.
+
+  Returns:
+    ``[B, T]`` entropies in nats.
+
+  >>> round(float(entropy_from_logits(jnp.zeros((1, 1, 4)))[0, 0]), 4)  # log 4
+  1.3863
+  """
+  z = _scaled_logits(logits_BxTxV, temperature)
+  p = jax.nn.softmax(z, axis=-1)
+  # Where p = 0 (a logit of −inf, e.g. a filtered vocabulary) the term pᵥzᵥ is 0, not nan.
+  return jax.nn.logsumexp(z, axis=-1) - jnp.sum(jnp.where(p > 0, p * z, 0.0), axis=-1)

@@ -1,0 +1,161 @@
+"""Masked reductions over token batches.
+
+Every tensor of per-token quantities in ppo_jax comes with a ``mask_BxT`` that is 1.0 on real
+response tokens and 0.0 elsewhere (prompt, padding, tokens after EOS). Positions where the mask is
+0 may hold anything, even ``inf`` or ``nan``: these functions select with ``jnp.where`` rather
+than multiplying by the mask, so such values reach neither the results nor the gradients.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def float_dtype(*xs: ArrayLike) -> jnp.dtype:
+  """The compute dtype for ``xs``: their common float type, at least float32."""
+  return jnp.result_type(jnp.float32, *[jnp.result_type(x) for x in xs])
+
+
+def as_bool_mask(mask: ArrayLike) -> jax.Array:
+  """A boolean view of a 0/1 (float, int or bool) mask."""
+  mask = jnp.asarray(mask)
+  return mask if mask.dtype == jnp.bool_ else mask > 0
+
+
+def check_same_shape(**arrays: ArrayLike) -> None:
+  """Raises ValueError naming the arrays when their shapes differ."""
+  shapes = {name: jnp.shape(x) for name, x in arrays.items()}
+  if len(set(shapes.values())) > 1:
+    listed = ", ".join(f"{name}{list(shape)}" for name, shape in shapes.items())
+    raise ValueError(f"expected arrays of one shape, got {listed}")
+
+
+def masked_sum(x: ArrayLike, mask: ArrayLike, axis=None) -> jax.Array:
+  """Σ x·m over ``axis`` (all axes when None); masked entries never enter the sum."""
+  x = jnp.asarray(x, float_dtype(x))
+  return jnp.sum(jnp.where(as_bool_mask(mask), x, 0.0), axis=axis)
+
+
+def masked_count(mask: ArrayLike, axis=None) -> jax.Array:
+  """Σ m over ``axis``: the number of real tokens, as float32."""
+  return jnp.sum(as_bool_mask(mask), axis=axis, dtype=jnp.float32)
+
+
+def masked_mean(x: ArrayLike, mask: ArrayLike, axis=None) -> jax.Array:
+  """Mean of ``x`` over the entries where ``mask`` is 1.
+
+  ``masked_mean(x, m) = Σ x·m / Σ m``; over ``axis`` when given (``axis=-1`` gives one mean per
+  row). Where ``Σ m = 0`` the result is 0, with zero (finite) gradients.
+
+  Args:
+    x: values, any shape, e.g. ``[B, T]``.
+    mask: 1.0 on real entries, 0.0 elsewhere; same shape as ``x``.
+    axis: axis or axes to reduce; ``None`` reduces everything to a scalar.
+
+  Returns:
+    The masked mean, float32 (float64 for float64 inputs).
+
+  >>> float(masked_mean(jnp.array([1.0, 2.0, 1e3]), jnp.array([1.0, 1.0, 0.0])))
+  1.5
+  """
+  check_same_shape(x=x, mask=mask)
+  total = masked_sum(x, mask, axis=axis)
+  count = masked_count(mask, axis=axis).astype(total.dtype)
+  return total / jnp.maximum(count, 1.0)
+
+
+def masked_var(x: ArrayLike, mask: ArrayLike, *, unbiased: bool = True) -> jax.Array:
+  """Variance of the masked entries of ``x`` (one scalar over all axes).
+
+  ``var = Σ m·(x − x̄)² / (n − 1)`` with ``n = Σ m`` (Bessel's correction, as TRL and the
+  OpenAI ``lm-human-preferences`` code whiten); ``unbiased=False`` divides by ``n``. Returns 0
+  when fewer than two entries (one, unbiased) are real.
+  """
+  mean = masked_mean(x, mask)
+  sq = masked_sum(jnp.square(jnp.asarray(x, mean.dtype) - mean), mask)
+  n = masked_count(mask).astype(mean.dtype)
+  denom = n - 1.0 if unbiased else n
+  return jnp.where(denom > 0, sq / jnp.maximum(denom, 1.0), 0.0)
+
+
+def masked_whiten(x: ArrayLike, mask: ArrayLike, *, shift_mean: bool = True) -> jax.Array:
+  """Whitens the masked entries of ``x`` to zero mean and unit variance.
+
+  ``w = (x − x̄) / √(var + 1e-8)`` with the masked mean ``x̄`` and the unbiased masked variance
+  ``var`` over the whole batch (``masked_var``). With ``shift_mean=False`` the mean is added back,
+  ``w = (x − x̄) / √(var + 1e-8) + x̄``: only the scale is normalised (used for rewards, whose sign
+  carries meaning). Entries where the mask is 0 are set to 0.
+
+  Used for advantages (Schulman et al. 2017, PPO; Huang et al. 2022, "The 37 implementation details
+  of PPO") and rewards (Ziegler et al. 2019).
+
+  Args:
+    x: values ``[B, T]`` (any shape).
+    mask: 1.0 on real entries, same shape as ``x``.
+    shift_mean: whether the result keeps zero mean (True) or the input's mean (False).
+
+  Returns:
+    Array of ``x``'s shape, float32 (float64 for float64 inputs), 0 where masked.
+  """
+  check_same_shape(x=x, mask=mask)
+  mean = masked_mean(x, mask)
+  var = masked_var(x, mask)
+  w = (jnp.asarray(x, mean.dtype) - mean) * jax.lax.rsqrt(var + 1e-8)
+  if not shift_mean:
+    w = w + mean
+  return jnp.where(as_bool_mask(mask), w, 0.0)
+
+
+def aggregate(loss_BxT: ArrayLike, mask_BxT: ArrayLike, agg: str = "token-mean") -> jax.Array:
+  """Reduces per-token losses ``[B, T]`` to a scalar.
+
+  - ``"token-mean"``: ``Σ_bt ℓ·m / Σ_bt m``, every real token weighs the same (DAPO; Dr. GRPO).
+  - ``"seq-mean-token-mean"``: the mean over non-empty rows of each row's token mean (GRPO,
+    Shao et al. 2024): every sequence weighs the same.
+  - ``"seq-mean-token-sum"``: the mean over non-empty rows of each row's token sum (Dr. GRPO,
+    Liu et al. 2025, up to its constant): no length normalisation.
+
+  An all-masked batch gives 0 with zero gradients. To combine micro-batches exactly, weigh each
+  micro-batch's result by ``agg_weight(mask, agg)``.
+  """
+  check_same_shape(loss=loss_BxT, mask=mask_BxT)
+  if jnp.ndim(loss_BxT) != 2:
+    raise ValueError(f"expected per-token losses of shape [B, T], got {list(jnp.shape(loss_BxT))}")
+  if agg == "token-mean":
+    return masked_mean(loss_BxT, mask_BxT)
+  if agg == "seq-mean-token-mean":
+    per_row = masked_mean(loss_BxT, mask_BxT, axis=-1)
+  elif agg == "seq-mean-token-sum":
+    per_row = masked_sum(loss_BxT, mask_BxT, axis=-1)
+  else:
+    raise ValueError(f"unknown agg {agg!r}; expected one of {', '.join(AGG_MODES)}")
+  return masked_mean(per_row, masked_count(mask_BxT, axis=-1) > 0)
+
+
+def counts(mask_BxT: ArrayLike) -> dict[str, jax.Array]:
+  """``num_tokens`` (Σ m) and ``num_seqs`` (rows with a real token): the aggregation weights."""
+  return {
+    "num_tokens": masked_count(mask_BxT),
+    "num_seqs": jnp.sum(masked_count(mask_BxT, axis=-1) > 0, dtype=jnp.float32),
+  }
+
+
+def agg_weight(mask_BxT: ArrayLike, agg: str = "token-mean") -> jax.Array:
+  """The denominator of ``aggregate``: real tokens (token-mean) or non-empty rows (seq-mean-*).
+
+  Micro-batches ``i`` with results ``Lᵢ`` and weights ``wᵢ`` recombine exactly into the full
+  batch's result as ``Σ wᵢ·Lᵢ / Σ wᵢ`` (and the same for gradients). The losses return both
+  counts in their metrics; ``agg_weight_key(agg)`` names the one that applies.
+  """
+  return counts(mask_BxT)[agg_weight_key(agg)]
+
+
+def agg_weight_key(agg: str) -> str:
+  """``"num_tokens"`` for token-mean, ``"num_seqs"`` for the seq-mean modes."""
+  if agg not in AGG_MODES:
+    raise ValueError(f"unknown agg {agg!r}; expected one of {', '.join(AGG_MODES)}")
+  return "num_tokens" if agg == "token-mean" else "num_seqs"

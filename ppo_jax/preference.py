@@ -1,0 +1,114 @@
+"""Losses on preference pairs: the Bradley–Terry reward-model loss and DPO."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from ppo_jax.masking import check_same_shape, float_dtype
+
+Metrics = dict[str, jax.Array]
+
+
+def _pairs(**arrays: ArrayLike) -> list[jax.Array]:
+  check_same_shape(**arrays)
+  for name, x in arrays.items():
+    if jnp.ndim(x) != 1:
+      raise ValueError(f"expected {name} of shape [B], got {list(jnp.shape(x))}")
+  dtype = float_dtype(*arrays.values())
+  return [jnp.asarray(x, dtype) for x in arrays.values()]
+
+
+def bradley_terry_loss(
+  chosen_scores_B: ArrayLike, rejected_scores_B: ArrayLike
+) -> tuple[jax.Array, Metrics]:
+  """Bradley–Terry negative log-likelihood of the human preferences (reward-model training).
+
+  ``P(chosen ≻ rejected) = σ(s_c − s_r)``, ``loss = mean(−log σ(s_c − s_r)) =
+  mean(softplus(−(s_c − s_r)))`` (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT,
+  https://arxiv.org/abs/2203.02155, eq. 1).
+
+  Args:
+    chosen_scores_B: reward-model scores of the preferred responses ``[B]``.
+    rejected_scores_B: scores of the other responses ``[B]``.
+
+  Returns:
+    ``(loss, metrics)`` with ``accuracy`` (fraction with ``s_c > s_r``), ``margin`` (mean
+    ``s_c − s_r``) and ``num_pairs``.
+
+  >>> loss, m = bradley_terry_loss(jnp.array([1.0, 0.0]), jnp.array([0.0, 0.0]))
+  >>> round(float(loss), 4), float(m["accuracy"])  # (softplus(−1) + log 2) / 2
+  (0.5032, 0.5)
+  """
+  chosen, rejected = _pairs(chosen_scores_B=chosen_scores_B, rejected_scores_B=rejected_scores_B)
+  margin = chosen - rejected
+  loss = jnp.mean(jax.nn.softplus(-margin))
+  metrics = {
+    "accuracy": jnp.mean(margin > 0, dtype=jnp.float32),
+    "margin": jnp.mean(margin),
+    "num_pairs": jnp.asarray(margin.shape[0], jnp.float32),
+  }
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+def dpo_loss(
+  pol_chosen_logp_B: ArrayLike,
+  pol_rejected_logp_B: ArrayLike,
+  ref_chosen_logp_B: ArrayLike,
+  ref_rejected_logp_B: ArrayLike,
+  *,
+  beta: float = 0.1,
+  label_smoothing: float = 0.0,
+) -> tuple[jax.Array, Metrics]:
+  """Direct Preference Optimization loss.
+
+  With ``h = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))`` (sequence
+  log-probabilities summed over response tokens):
+
+  ``loss = mean((1 − ε)·softplus(−β h) + ε·softplus(β h))``
+
+  Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, eq. 7; ``ε = label_smoothing`` is the
+  conservative DPO of Mitchell 2023 ("A note on DPO with noisy preferences"), which treats each
+  label as flipped with probability ε. The reference log-probabilities get no gradient.
+
+  Args:
+    pol_chosen_logp_B: ``log π(y_c | x)`` ``[B]``.
+    pol_rejected_logp_B: ``log π(y_r | x)`` ``[B]``.
+    ref_chosen_logp_B: ``log π_ref(y_c | x)`` ``[B]``.
+    ref_rejected_logp_B: ``log π_ref(y_r | x)`` ``[B]``.
+    beta: β, the strength of the implicit KL constraint.
+    label_smoothing: ε in ``[0, 0.5)``.
+
+  Returns:
+    ``(loss, metrics)`` with the implicit rewards ``reward_chosen`` (mean ``β(log π − log π_ref)``
+    of the chosen) and ``reward_rejected``, ``reward_margin``, ``accuracy`` (fraction with the
+    chosen reward the larger) and ``num_pairs``.
+
+  >>> loss, _ = dpo_loss(jnp.array([-1.0]), jnp.array([-2.0]), jnp.array([-1.0]),
+  ...                    jnp.array([-1.0]), beta=1.0)
+  >>> round(float(loss), 4)  # softplus(−1)
+  0.3133
+  """
+  if not 0.0 <= label_smoothing < 0.5:
+    raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+  pol_c, pol_r, ref_c, ref_r = _pairs(
+    pol_chosen_logp_B=pol_chosen_logp_B,
+    pol_rejected_logp_B=pol_rejected_logp_B,
+    ref_chosen_logp_B=ref_chosen_logp_B,
+    ref_rejected_logp_B=ref_rejected_logp_B,
+  )
+  reward_c = beta * (pol_c - jax.lax.stop_gradient(ref_c))
+  reward_r = beta * (pol_r - jax.lax.stop_gradient(ref_r))
+  h = reward_c - reward_r
+  loss = jnp.mean(
+    (1.0 - label_smoothing) * jax.nn.softplus(-h) + label_smoothing * jax.nn.softplus(h)
+  )
+  metrics = {
+    "reward_chosen": jnp.mean(reward_c),
+    "reward_rejected": jnp.mean(reward_r),
+    "reward_margin": jnp.mean(h),
+    "accuracy": jnp.mean(h > 0, dtype=jnp.float32),
+    "num_pairs": jnp.asarray(h.shape[0], jnp.float32),
+  }
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -1,0 +1,39 @@
+"""Every notebook runs top to bottom (so it cannot rot) and is stored without outputs."""
+
+import os
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+  assert NOTEBOOKS, "notebooks/ holds no .ipynb"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_stored_stripped(path):
+  nb = nbformat.read(path, as_version=4)
+  for cell in nb.cells:
+    if cell.cell_type == "code":
+      assert not cell.outputs and cell.execution_count is None, f"{path.name}: strip outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_executes(path, tmp_path, monkeypatch):
+  nb = nbformat.read(path, as_version=4)
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("PPO_JAX_NOTEBOOK_WORKDIR", str(tmp_path))
+  client = NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+  )
+  client.execute()  # raises CellExecutionError with the failing cell's traceback
+  errors = [
+    o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+  ]
+  assert not errors
+  assert os.environ["HF_HUB_OFFLINE"] == "1"

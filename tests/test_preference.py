@@ -1,0 +1,83 @@
+"""bradley_terry_loss and dpo_loss."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import references as ref
+
+import ppo_jax as pj
+
+
+class TestBradleyTerry:
+  def test_hand_computed(self):
+    loss, m = pj.bradley_terry_loss(jnp.array([2.0, 0.0, 1.0]), jnp.array([0.0, 0.0, 3.0]))
+    want = (math.log1p(math.exp(-2)) + math.log(2) + math.log1p(math.exp(2))) / 3
+    assert float(loss) == pytest.approx(want, rel=1e-6)
+    assert float(m["accuracy"]) == pytest.approx(1 / 3)  # a tie is not a correct ranking
+    assert float(m["margin"]) == pytest.approx(0.0)
+    assert float(m["num_pairs"]) == 3.0
+
+  def test_reference_under_jit(self):
+    rng = np.random.default_rng(0)
+    chosen, rejected = rng.normal(scale=5.0, size=(2, 32))
+    loss, m = jax.jit(pj.bradley_terry_loss)(chosen, rejected)
+    want_loss, want_acc = ref.bradley_terry(chosen, rejected)
+    assert float(loss) == pytest.approx(want_loss, rel=1e-5)
+    assert float(m["accuracy"]) == pytest.approx(want_acc)
+
+  def test_gradient_is_minus_sigmoid_of_minus_margin(self):
+    chosen, rejected = jnp.array([0.5, -1.0]), jnp.array([0.0, 2.0])
+    g_c, g_r = jax.grad(lambda c, r: pj.bradley_terry_loss(c, r)[0], argnums=(0, 1))(
+      chosen, rejected
+    )
+    want = -jax.nn.sigmoid(-(chosen - rejected)) / 2
+    np.testing.assert_allclose(g_c, want, rtol=1e-6)
+    np.testing.assert_allclose(g_r, -want, rtol=1e-6)
+
+  def test_large_margins_are_stable(self):
+    loss, _ = pj.bradley_terry_loss(jnp.array([1e4, -1e4]), jnp.array([-1e4, 1e4]))
+    assert float(loss) == pytest.approx(1e4, rel=1e-6)  # (0 + 2e4) / 2
+
+  def test_shape_errors(self):
+    with pytest.raises(ValueError, match=r"chosen_scores_B\[3\], rejected_scores_B\[2\]"):
+      pj.bradley_terry_loss(jnp.ones(3), jnp.ones(2))
+    with pytest.raises(ValueError, match=r"expected chosen_scores_B of shape \[B\]"):
+      pj.bradley_terry_loss(jnp.ones((3, 1)), jnp.ones((3, 1)))
+
+
+class TestDpo:
+  @pytest.mark.parametrize("beta,label_smoothing", [(0.1, 0.0), (0.5, 0.0), (0.1, 0.2)])
+  def test_reference_under_jit(self, beta, label_smoothing):
+    rng = np.random.default_rng(1)
+    logps = rng.normal(loc=-30.0, scale=5.0, size=(4, 16))
+    f = jax.jit(pj.dpo_loss, static_argnames=("beta", "label_smoothing"))
+    loss, m = f(*logps, beta=beta, label_smoothing=label_smoothing)
+    assert float(loss) == pytest.approx(ref.dpo(*logps, beta, label_smoothing), rel=1e-5)
+    h = beta * ((logps[0] - logps[2]) - (logps[1] - logps[3]))
+    assert float(m["accuracy"]) == pytest.approx(np.mean(h > 0))
+    assert float(m["reward_margin"]) == pytest.approx(np.mean(h), rel=1e-4, abs=1e-5)
+
+  def test_policy_equal_to_reference_gives_log_two(self):
+    lp = jnp.array([-10.0, -3.0])
+    loss, m = pj.dpo_loss(lp, lp + 1, lp, lp + 1, beta=0.3, label_smoothing=0.1)
+    assert float(loss) == pytest.approx(math.log(2.0), rel=1e-6)
+    assert float(m["reward_chosen"]) == 0.0 and float(m["accuracy"]) == 0.0
+
+  def test_reference_gets_no_gradient(self):
+    args = [
+      jnp.array([-1.0, -2.0]),
+      jnp.array([-3.0, -1.0]),
+      jnp.array([-1.5, -2.0]),
+      jnp.array([-2.0, -2.0]),
+    ]
+    grads = jax.grad(lambda *a: pj.dpo_loss(*a, beta=0.5)[0], argnums=(0, 1, 2, 3))(*args)
+    assert float(jnp.abs(grads[0]).sum()) > 0 and float(jnp.abs(grads[1]).sum()) > 0
+    np.testing.assert_array_equal(grads[2], 0.0)
+    np.testing.assert_array_equal(grads[3], 0.0)
+
+  def test_bad_label_smoothing(self):
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+      pj.dpo_loss(*[jnp.zeros(2)] * 4, label_smoothing=0.5)
