@@ -1,0 +1,27 @@
+"""Flax NNX decoders (GPT-2, Llama, Qwen2, Mistral) with Hugging Face checkpoints in and out."""
+
+from ppo_jax.models.config import ModelConfig
+from ppo_jax.models.hf import from_pretrained, read_safetensors, save_pretrained
+from ppo_jax.models.transformer import (
+  CausalLM,
+  RewardModel,
+  ScalarHead,
+  Transformer,
+  ValueModel,
+  last_token_index,
+  positions_from_mask,
+)
+
+__all__ = [
+  "CausalLM",
+  "ModelConfig",
+  "RewardModel",
+  "ScalarHead",
+  "Transformer",
+  "ValueModel",
+  "from_pretrained",
+  "last_token_index",
+  "positions_from_mask",
+  "read_safetensors",
+  "save_pretrained",
+]

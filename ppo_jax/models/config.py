@@ -1,0 +1,292 @@
+"""One frozen config for every supported decoder, and its mapping to and from Hugging Face.
+
+GPT-2 (learned positions, LayerNorm with bias, tanh-GELU MLP, tied embeddings) and the Llama
+family (Llama 2/3, Qwen2/2.5, Mistral: RoPE, RMSNorm, SwiGLU, grouped-query attention) differ only
+in the fields below, so one module tree serves them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SUPPORTED = ("gpt2", "llama", "qwen2", "mistral")
+ACTIVATIONS = {
+  "gelu_new": "gelu_tanh",
+  "gelu_pytorch_tanh": "gelu_tanh",
+  "gelu_fast": "gelu_tanh",
+  "gelu": "gelu",
+  "relu": "relu",
+  "silu": "silu",
+  "swish": "silu",
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+REMAT = ("none", "block", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of a decoder-only transformer (hashable: usable as a jit static)."""
+
+  model_type: str  # Hugging Face model_type: gpt2 | llama | qwen2 | mistral
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  max_position_embeddings: int
+  norm_eps: float
+  activation: str = "silu"  # gelu_tanh | gelu | relu | silu
+  initializer_range: float = 0.02
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  rope_theta: float = 10000.0
+  rope_type: str = "default"  # default | linear | llama3
+  rope_params: tuple[tuple[str, float], ...] = ()  # factor, low/high_freq_factor, original_max...
+  sliding_window: int | None = None
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  pad_token_id: int | None = None
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: str = "none"  # none | block (recompute each block) | dots (save matmul outputs)
+
+  def __post_init__(self):
+    problems = []
+    if self.model_type not in SUPPORTED:
+      problems.append(f"model_type {self.model_type!r} (supported: {', '.join(SUPPORTED)})")
+    if self.activation not in set(ACTIVATIONS.values()):
+      problems.append(f"activation {self.activation!r}")
+    if self.num_heads % self.num_kv_heads:
+      problems.append(
+        f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}"
+      )
+    if self.rope_type not in ROPE_TYPES:
+      problems.append(f"rope_type {self.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+    if self.remat not in REMAT:
+      problems.append(f"remat {self.remat!r} (expected one of {', '.join(REMAT)})")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        problems.append(f"{name} {getattr(self, name)!r} (expected one of {', '.join(DTYPES)})")
+    if problems:
+      raise ValueError("unsupported model config: " + "; ".join(problems))
+
+  @property
+  def is_gpt2(self) -> bool:
+    """GPT-2 layout: learned positions, LayerNorm with bias, plain GELU MLP."""
+    return self.model_type == "gpt2"
+
+  def replace(self, **changes: Any) -> ModelConfig:
+    return dataclasses.replace(self, **changes)
+
+  # ----------------------------------------------------------------------------------------------
+  # Small configs for tests, benchmarks and the embedded default experiment.
+
+  @classmethod
+  def gpt2(
+    cls,
+    *,
+    vocab_size=512,
+    hidden_size=256,
+    num_layers=4,
+    num_heads=4,
+    max_position_embeddings=128,
+    **kw,
+  ) -> ModelConfig:
+    return cls(
+      model_type="gpt2",
+      vocab_size=vocab_size,
+      hidden_size=hidden_size,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      num_kv_heads=num_heads,
+      head_dim=hidden_size // num_heads,
+      intermediate_size=4 * hidden_size,
+      max_position_embeddings=max_position_embeddings,
+      norm_eps=1e-5,
+      activation="gelu_tanh",
+      tie_word_embeddings=True,
+      qkv_bias=True,
+      o_bias=True,
+      mlp_bias=True,
+      **kw,
+    )
+
+  @classmethod
+  def llama(
+    cls,
+    *,
+    vocab_size=512,
+    hidden_size=256,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=None,
+    max_position_embeddings=2048,
+    **kw,
+  ) -> ModelConfig:
+    return cls(
+      model_type="llama",
+      vocab_size=vocab_size,
+      hidden_size=hidden_size,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=hidden_size // num_heads,
+      intermediate_size=intermediate_size or 4 * hidden_size,
+      max_position_embeddings=max_position_embeddings,
+      norm_eps=1e-5,
+      **kw,
+    )
+
+  # ----------------------------------------------------------------------------------------------
+  # Hugging Face configs.
+
+  @classmethod
+  def from_hf(cls, hf: Any, **overrides: Any) -> ModelConfig:
+    """From a ``transformers`` config object (``AutoConfig.from_pretrained(folder)``)."""
+    model_type = getattr(hf, "model_type", None)
+    if model_type not in SUPPORTED:
+      raise ValueError(
+        f"unsupported architecture {model_type!r} ({getattr(hf, 'architectures', None)}); "
+        f"ppo_jax supports {', '.join(SUPPORTED)}"
+      )
+    ids = dict(
+      bos_token_id=_int_or_none(hf.bos_token_id),
+      eos_token_id=_int_or_none(hf.eos_token_id),
+      pad_token_id=_int_or_none(getattr(hf, "pad_token_id", None)),
+    )
+    if model_type == "gpt2":
+      if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+        raise ValueError("unsupported GPT-2 option scale_attn_by_inverse_layer_idx=True")
+      if not getattr(hf, "scale_attn_weights", True):
+        raise ValueError("unsupported GPT-2 option scale_attn_weights=False")
+      fields = dict(
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.n_embd,
+        num_layers=hf.n_layer,
+        num_heads=hf.n_head,
+        num_kv_heads=hf.n_head,
+        head_dim=hf.n_embd // hf.n_head,
+        intermediate_size=hf.n_inner or 4 * hf.n_embd,
+        max_position_embeddings=hf.n_positions,
+        norm_eps=hf.layer_norm_epsilon,
+        activation=_activation(hf.activation_function),
+        initializer_range=hf.initializer_range,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+      )
+    else:
+      rope = dict(getattr(hf, "rope_parameters", None) or {})
+      rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+      theta = rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0))
+      if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("unsupported RoPE option partial_rotary_factor != 1")
+      if rope_type not in ROPE_TYPES:
+        raise ValueError(
+          f"unsupported rope_type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})"
+        )
+      head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+      attention_bias = bool(getattr(hf, "attention_bias", False))
+      qwen = model_type == "qwen2"
+      window = None
+      if model_type == "mistral":
+        window = getattr(hf, "sliding_window", None)
+      elif qwen and getattr(hf, "use_sliding_window", False):
+        raise ValueError("unsupported Qwen2 option use_sliding_window=True")
+      fields = dict(
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=head_dim,
+        intermediate_size=hf.intermediate_size,
+        max_position_embeddings=hf.max_position_embeddings,
+        norm_eps=hf.rms_norm_eps,
+        activation=_activation(hf.hidden_act),
+        initializer_range=hf.initializer_range,
+        tie_word_embeddings=bool(hf.tie_word_embeddings),
+        qkv_bias=qwen or attention_bias,
+        o_bias=attention_bias and not qwen,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        rope_theta=float(theta),
+        rope_type=rope_type,
+        rope_params=tuple(sorted((k, float(v)) for k, v in rope.items() if v is not None)),
+        sliding_window=window,
+      )
+    return cls(model_type=model_type, **fields, **ids, **overrides)
+
+  def to_hf(self, *, architecture: str = "causal_lm") -> Any:
+    """The ``transformers`` config of this model (``architecture``: causal_lm | sequence_cls)."""
+    import transformers
+
+    names = {
+      "gpt2": ("GPT2Config", "GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+      "llama": ("LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification"),
+      "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+      "mistral": ("MistralConfig", "MistralForCausalLM", "MistralForSequenceClassification"),
+    }[self.model_type]
+    hf_act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+    common = dict(
+      vocab_size=self.vocab_size,
+      bos_token_id=self.bos_token_id,
+      eos_token_id=self.eos_token_id,
+      pad_token_id=self.pad_token_id,
+      initializer_range=self.initializer_range,
+      architectures=[names[1] if architecture == "causal_lm" else names[2]],
+    )
+    if architecture == "sequence_cls":
+      common["num_labels"] = 1
+    if self.is_gpt2:
+      fields = dict(
+        n_embd=self.hidden_size,
+        n_layer=self.num_layers,
+        n_head=self.num_heads,
+        n_inner=self.intermediate_size,
+        n_positions=self.max_position_embeddings,
+        layer_norm_epsilon=self.norm_eps,
+        activation_function=hf_act[self.activation],
+        tie_word_embeddings=True,
+      )
+    else:
+      rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **dict(self.rope_params)}
+      if "original_max_position_embeddings" in rope:
+        rope["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+      fields = dict(
+        hidden_size=self.hidden_size,
+        num_hidden_layers=self.num_layers,
+        num_attention_heads=self.num_heads,
+        num_key_value_heads=self.num_kv_heads,
+        head_dim=self.head_dim,
+        intermediate_size=self.intermediate_size,
+        max_position_embeddings=self.max_position_embeddings,
+        rms_norm_eps=self.norm_eps,
+        hidden_act=hf_act[self.activation],
+        tie_word_embeddings=self.tie_word_embeddings,
+        rope_parameters=rope,
+      )
+      if self.model_type == "llama":
+        fields.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+      if self.model_type == "mistral":
+        fields.update(sliding_window=self.sliding_window)
+    return getattr(transformers, names[0])(**fields, **common)
+
+
+def _activation(name: str) -> str:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
+  return ACTIVATIONS[name]
+
+
+def _int_or_none(x: Any) -> int | None:
+  if isinstance(x, (list, tuple)):  # several EOS ids: the first is the one generation stops on
+    x = x[0] if x else None
+  return None if x is None else int(x)

@@ -1,0 +1,328 @@
+"""Hugging Face checkpoints in and out: ``config.json`` + safetensors, never pickle.
+
+A name map ties each Hugging Face tensor to one or more ppo_jax parameters with the layout change
+between them (Llama's Linear weights are ``[out, in]``, ours ``[in, out]``; GPT-2's fused
+``c_attn`` splits into q, k, v). Loading checks every tensor against the map and reports all that
+are missing, unexpected or misshaped in one error; saving writes the folder ``transformers``'
+``AutoModelForCausalLM`` (or ``AutoModelForSequenceClassification`` for reward and value models)
+loads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ppo_jax.models.config import ModelConfig
+from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
+
+KINDS = {"causal_lm": CausalLM, "value": ValueModel, "reward": RewardModel}
+# Non-parameter buffers some checkpoints carry; loading skips them.
+_BUFFERS = re.compile(r"(attn\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
+
+Path = tuple[str | int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+  """One Hugging Face tensor ↔ ppo_jax parameter(s)."""
+
+  hf_name: str
+  paths: tuple[Path, ...]
+  hf_shape: tuple[int, ...]
+  to_ours: Callable[[Any], list[Any]]  # HF tensor → our arrays, in ``paths`` order
+  to_hf: Callable[[list[Any]], Any]
+
+
+def _same(path: Path, shape) -> Callable[..., TensorMap]:
+  return lambda name: TensorMap(name, (path,), tuple(shape), lambda x: [x], lambda xs: xs[0])
+
+
+def _transposed(path: Path, hf_shape) -> Callable[..., TensorMap]:
+  return lambda name: TensorMap(name, (path,), tuple(hf_shape), lambda x: [x.T], lambda xs: xs[0].T)
+
+
+def _split(paths: tuple[Path, ...], hf_shape, sizes: list[int]) -> Callable[..., TensorMap]:
+  cuts = list(np.cumsum(sizes)[:-1])
+  return lambda name: TensorMap(
+    name,
+    paths,
+    tuple(hf_shape),
+    lambda x: list(jnp.split(x, cuts, axis=-1)),
+    lambda xs: jnp.concatenate(xs, axis=-1),
+  )
+
+
+def tensor_maps(cfg: ModelConfig, kind: str) -> list[TensorMap]:
+  """The Hugging Face tensors of a ``kind`` model (causal_lm | value | reward) and their maps."""
+  d, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  T = ("trunk",)
+  maps: dict[str, Callable[..., TensorMap]] = {}
+  if cfg.is_gpt2:
+    pre = "transformer."
+    maps["wte.weight"] = _same(T + ("embed", "embedding"), (V, d))
+    maps["wpe.weight"] = _same(T + ("pos_embed", "embedding"), (cfg.max_position_embeddings, d))
+    for i in range(cfg.num_layers):
+      L, h = T + ("layers", i), f"h.{i}."
+      for ours, hf in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+        maps[h + hf + ".weight"] = _same(L + (ours, "scale"), (d,))
+        maps[h + hf + ".bias"] = _same(L + (ours, "bias"), (d,))
+      qkv = tuple(L + ("attn", n) for n in "qkv")
+      maps[h + "attn.c_attn.weight"] = _split(
+        tuple(p + ("kernel",) for p in qkv), (d, 3 * d), [d, d, d]
+      )
+      maps[h + "attn.c_attn.bias"] = _split(tuple(p + ("bias",) for p in qkv), (3 * d,), [d, d, d])
+      for mod, hf, shape in (
+        (("attn", "o"), "attn.c_proj", (d, d)),
+        (("mlp", "up"), "mlp.c_fc", (d, f)),
+        (("mlp", "down"), "mlp.c_proj", (f, d)),
+      ):
+        maps[h + hf + ".weight"] = _same(L + mod + ("kernel",), shape)  # Conv1D: [in, out]
+        maps[h + hf + ".bias"] = _same(L + mod + ("bias",), shape[1:])
+    maps["ln_f.weight"] = _same(T + ("final_norm", "scale"), (d,))
+    maps["ln_f.bias"] = _same(T + ("final_norm", "bias"), (d,))
+  else:
+    pre = "model."
+    maps["embed_tokens.weight"] = _same(T + ("embed", "embedding"), (V, d))
+    for i in range(cfg.num_layers):
+      L, h = T + ("layers", i), f"layers.{i}."
+      maps[h + "input_layernorm.weight"] = _same(L + ("attn_norm", "scale"), (d,))
+      maps[h + "post_attention_layernorm.weight"] = _same(L + ("mlp_norm", "scale"), (d,))
+      for n, out, bias in (
+        ("q", q_dim, cfg.qkv_bias),
+        ("k", kv_dim, cfg.qkv_bias),
+        ("v", kv_dim, cfg.qkv_bias),
+        ("o", d, cfg.o_bias),
+      ):
+        d_in = q_dim if n == "o" else d
+        maps[h + f"self_attn.{n}_proj.weight"] = _transposed(L + ("attn", n, "kernel"), (out, d_in))
+        if bias:
+          maps[h + f"self_attn.{n}_proj.bias"] = _same(L + ("attn", n, "bias"), (out,))
+      for n, out, d_in in (("gate", f, d), ("up", f, d), ("down", d, f)):
+        maps[h + f"mlp.{n}_proj.weight"] = _transposed(L + ("mlp", n, "kernel"), (out, d_in))
+        if cfg.mlp_bias:
+          maps[h + f"mlp.{n}_proj.bias"] = _same(L + ("mlp", n, "bias"), (out,))
+    maps["norm.weight"] = _same(T + ("final_norm", "scale"), (d,))
+  result = [make(pre + name) for name, make in maps.items()]
+  if kind == "causal_lm" and not cfg.tie_word_embeddings:
+    result.append(_transposed(("lm_head", "kernel"), (V, d))("lm_head.weight"))
+  if kind in ("value", "reward"):
+    result.append(_transposed(("head", "kernel"), (1, d))("score.weight"))
+  return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _checkpoint_kind(hf_config: Any) -> str:
+  archs = getattr(hf_config, "architectures", None) or []
+  return "reward" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
+
+
+def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
+  index = folder / "model.safetensors.index.json"
+  if index.exists():
+    weight_map = json.loads(index.read_text()).get("weight_map", {})
+    files = sorted({folder / f for f in weight_map.values()})
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+      raise FileNotFoundError(f"{folder}: shard(s) named in {index.name} are missing: {missing}")
+    return files
+  single = folder / "model.safetensors"
+  if single.exists():
+    return [single]
+  pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
+  hint = (
+    f" (found {pickles}: ppo_jax never unpickles; convert them to safetensors)" if pickles else ""
+  )
+  raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def read_safetensors(folder: str | os.PathLike) -> dict[str, jax.Array]:
+  """Every tensor of a checkpoint folder (single file or sharded), bf16/fp16/fp32 alike."""
+  from safetensors import safe_open
+
+  tensors: dict[str, jax.Array] = {}
+  for file in _weight_files(pathlib.Path(folder)):
+    with safe_open(str(file), framework="flax") as f:
+      for name in f.keys():
+        tensors[name] = f.get_tensor(name)
+  return tensors
+
+
+def _strip_prefix(names: list[str], prefix: str) -> dict[str, str]:
+  """Maps checkpoint names to canonical ``prefix``-ed names (original GPT-2 files lack it)."""
+  out = {}
+  for n in names:
+    bare = n[len(prefix) :] if n.startswith(prefix) else n
+    out[n] = n if n in ("lm_head.weight", "score.weight") else prefix + bare
+  return out
+
+
+def load_hf_config(folder: str | os.PathLike) -> Any:
+  """``transformers.AutoConfig`` of a local folder, with a clear error for anything else."""
+  from transformers import AutoConfig
+
+  folder = pathlib.Path(folder)
+  if not (folder / "config.json").is_file():
+    raise FileNotFoundError(
+      f"{folder}: not a Hugging Face model folder (no config.json); ppo_jax loads local folders "
+      "only, never from the hub"
+    )
+  return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+
+
+def from_pretrained(
+  path: str | os.PathLike,
+  *,
+  dtype: str | None = None,
+  param_dtype: str | None = None,
+  kind: str | None = None,
+  zero_init_head: bool = False,
+  **config_overrides: Any,
+) -> CausalLM | ValueModel | RewardModel:
+  """Loads a Hugging Face folder (``config.json`` + ``*.safetensors``) as a ppo_jax model.
+
+  Args:
+    path: a local folder; sharded checkpoints need ``model.safetensors.index.json``.
+    dtype: compute dtype, ``"float32"`` (default) or ``"bfloat16"``.
+    param_dtype: parameter dtype; defaults to ``dtype``.
+    kind: ``"causal_lm"``, ``"value"`` or ``"reward"``; default from the checkpoint's
+      ``architectures`` (``*ForSequenceClassification`` → reward, else causal_lm). A causal LM
+      checkpoint loaded as value or reward model keeps its trunk and gets a fresh scalar head
+      (zero-initialised with ``zero_init_head``).
+    **config_overrides: other ``ModelConfig`` fields, e.g. ``remat="block"``.
+
+  Raises:
+    FileNotFoundError: not a folder with config.json and safetensors weights.
+    ValueError: unsupported architecture; missing, unexpected or misshaped tensors (all named).
+  """
+  folder = pathlib.Path(path)
+  hf_config = load_hf_config(folder)
+  dtype = dtype or "float32"
+  cfg = ModelConfig.from_hf(
+    hf_config, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides
+  )
+  stored_kind = _checkpoint_kind(hf_config)
+  kind = kind or stored_kind
+  if kind not in KINDS:
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
+  if stored_kind == "reward" and kind == "causal_lm":
+    raise ValueError(f"{folder}: holds a sequence-classification model; it has no LM head")
+  fresh_head = stored_kind == "causal_lm" and kind != "causal_lm"
+
+  tensors = read_safetensors(folder)
+  maps = tensor_maps(cfg, kind)
+  expected = {m.hf_name: m for m in maps}
+  canonical = _strip_prefix(list(tensors), "transformer." if cfg.is_gpt2 else "model.")
+  found = {canonical[n]: n for n in tensors}
+  optional = {"score.weight"} if fresh_head else set()
+  ignorable = {"lm_head.weight"} if (cfg.tie_word_embeddings or fresh_head) else set()
+
+  missing = sorted(set(expected) - set(found) - optional)
+  unexpected = sorted(
+    n for n in set(found) - set(expected) if n not in ignorable and not _BUFFERS.search(n)
+  )
+  misshaped = [
+    f"{found[n]} {list(tensors[found[n]].shape)} (expected {list(expected[n].hf_shape)})"
+    for n in sorted(set(found) & set(expected))
+    if tuple(tensors[found[n]].shape) != expected[n].hf_shape
+  ]
+  problems = [
+    f"{label} tensors: {', '.join(names)}"
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
+    if names
+  ]
+  if problems:
+    raise ValueError(f"{folder}: cannot load as {cfg.model_type} {kind}: " + "; ".join(problems))
+
+  model = nnx.eval_shape(
+    lambda: KINDS[kind](cfg, rngs=nnx.Rngs(0), **_head_kw(kind, zero_init_head))
+  )  # shapes only: nothing is allocated until the checkpoint's arrays fill it
+  graphdef, abstract = nnx.split(model)
+  params = nnx.to_pure_dict(abstract)
+  for name, m in expected.items():
+    if name not in found:
+      continue
+    for p, value in zip(m.paths, m.to_ours(tensors[found[name]]), strict=True):
+      _set(params, p, jnp.asarray(value, cfg.param_dtype))
+  if fresh_head:
+    head = ScalarHead(
+      cfg.hidden_size,
+      zero_init=zero_init_head,
+      std=cfg.initializer_range,
+      param_dtype=cfg.param_dtype,
+      rngs=nnx.Rngs(0),
+    )
+    params["head"] = nnx.to_pure_dict(nnx.state(head))
+  leftover = [
+    jax.tree_util.keystr(p)
+    for p, x in jax.tree_util.tree_leaves_with_path(params)
+    if isinstance(x, jax.ShapeDtypeStruct)
+  ]
+  if leftover:  # a map that misses a parameter is a bug here, not in the checkpoint
+    raise AssertionError(f"parameters with no Hugging Face tensor: {leftover}")
+  return nnx.merge(graphdef, params)
+
+
+def _head_kw(kind: str, zero_init_head: bool) -> dict:
+  return {} if kind == "causal_lm" else {"zero_init_head": zero_init_head}
+
+
+def _set(tree: dict, path: Path, value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree[key]
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: Path) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving.
+
+
+def kind_of(model: nnx.Module) -> str:
+  for kind, cls in reversed(KINDS.items()):  # RewardModel before its base ValueModel
+    if isinstance(model, cls):
+      return kind
+  raise TypeError(f"not a ppo_jax model: {type(model).__name__}")
+
+
+def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, tokenizer: Any = None) -> None:
+  """Writes ``model`` as a Hugging Face folder: config.json, model.safetensors (+ tokenizer).
+
+  Causal LMs load with ``AutoModelForCausalLM``; value and reward models with
+  ``AutoModelForSequenceClassification`` (``num_labels=1``, the head as ``score.weight``).
+  """
+  from safetensors.flax import save_file
+
+  kind = kind_of(model)
+  cfg: ModelConfig = model.cfg
+  folder = pathlib.Path(path)
+  folder.mkdir(parents=True, exist_ok=True)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  tensors = {}
+  for m in tensor_maps(cfg, kind):
+    tensors[m.hf_name] = jnp.asarray(m.to_hf([_get(params, p) for p in m.paths]))
+  hf_config = cfg.to_hf(architecture="causal_lm" if kind == "causal_lm" else "sequence_cls")
+  hf_config.dtype = cfg.param_dtype
+  hf_config.save_pretrained(str(folder))
+  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(folder))

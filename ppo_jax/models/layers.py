@@ -1,0 +1,199 @@
+"""Building blocks of the decoder: dense, embedding, norms, RoPE, attention with a KV cache, MLP.
+
+Kernels are stored ``[in, out]``; parameters in ``param_dtype``, matmuls in the compute ``dtype``
+with float32 accumulation where it matters (norm statistics, attention softmax, logits).
+Attention takes an explicit cache ``(k, v)`` of ``[B, S, H_kv, D]`` arrays and returns the updated
+one, so decoding is a pure function that ``lax.while_loop`` can carry.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ppo_jax.models.config import ModelConfig
+
+_ACT = {
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+}
+
+
+class KVCache(NamedTuple):
+  """One layer's cache. k, v: [B, S, H_kv, D] in the compute dtype."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+class Dense(nnx.Module):
+  """``y = x W (+ b)`` with ``kernel: [in, out]``."""
+
+  def __init__(
+    self, d_in: int, d_out: int, *, bias: bool, std: float, dtype, param_dtype, rngs: nnx.Rngs
+  ):
+    init = jax.nn.initializers.normal(std) if std > 0 else jax.nn.initializers.zeros
+    self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.asarray(x, self.dtype) @ jnp.asarray(self.kernel[...], self.dtype)
+    if self.bias is not None:
+      y = y + jnp.asarray(self.bias[...], self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """Token (or position) embedding table ``[num, features]``; ``attend`` is the tied unembedding."""
+
+  def __init__(self, num: int, features: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(
+      jax.nn.initializers.normal(std)(rngs.params(), (num, features), param_dtype)
+    )
+    self.dtype = dtype
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(jnp.asarray(self.embedding[...], self.dtype), ids, axis=0)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """``x Eᵀ`` in float32: logits over the table's rows."""
+    table = jnp.asarray(self.embedding[...], self.dtype)
+    return jnp.einsum(
+      "...d,vd->...v", jnp.asarray(x, self.dtype), table, preferred_element_type=jnp.float32
+    )
+
+
+class Norm(nnx.Module):
+  """LayerNorm (``bias=True``: GPT-2) or RMSNorm (``bias=False``: Llama), statistics in float32."""
+
+  def __init__(self, features: int, *, eps: float, rms: bool, dtype, param_dtype):
+    self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+    self.bias = None if rms else nnx.Param(jnp.zeros((features,), param_dtype))
+    self.eps, self.rms, self.dtype = eps, rms, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if self.rms:
+      y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+      # As Llama: normalise in float32, cast, then scale in the compute dtype.
+      return jnp.asarray(self.scale[...], self.dtype) * y.astype(self.dtype)
+    mean = jnp.mean(x32, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies ``θ^(−2i/D)``, with linear or Llama-3.1 scaling ([D/2], float32).
+
+  Llama 3.1 (``rope_type="llama3"``): wavelengths longer than ``L_orig / low_freq_factor`` are
+  divided by ``factor``, those shorter than ``L_orig / high_freq_factor`` kept, and those between
+  interpolated smoothly (Meta's ``apply_scaling``; as ``transformers``' ``rope_parameters``).
+  """
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  p = dict(cfg.rope_params)
+  if cfg.rope_type == "linear":
+    return inv / p["factor"]
+  if cfg.rope_type == "llama3":
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+  return inv
+
+
+def apply_rope(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, "rotate half" layout (Su et al. 2021; as Hugging Face Llama)."""
+  angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+  cos, sin = jnp.cos(angles).astype(x_BxTxHxD.dtype), jnp.sin(angles).astype(x_BxTxHxD.dtype)
+  x1, x2 = jnp.split(x_BxTxHxD, 2, axis=-1)
+  return x_BxTxHxD * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention over a KV cache (multi-head when H_kv = H)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float):
+    d, h, hkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    std = cfg.initializer_range
+    self.q = Dense(d, h * hd, bias=cfg.qkv_bias, std=std, **kw)
+    self.k = Dense(d, hkv * hd, bias=cfg.qkv_bias, std=std, **kw)
+    self.v = Dense(d, hkv * hd, bias=cfg.qkv_bias, std=std, **kw)
+    self.o = Dense(h * hd, d, bias=cfg.o_bias, std=out_std, **kw)
+    self.cfg = cfg
+
+  def __call__(
+    self, x_BxTxD, positions_BxT, allowed_BxTxS, cache: KVCache | None, cache_index, inv_freq
+  ) -> tuple[jax.Array, KVCache]:
+    cfg = self.cfg
+    B, T, _ = x_BxTxD.shape
+    q = self.q(x_BxTxD).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = self.k(x_BxTxD).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = self.v(x_BxTxD).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    if not cfg.is_gpt2:
+      q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+    if cache is None:  # a full forward: the keys are this call's tokens
+      k_all, v_all = k, v
+    else:  # write this call's keys at [cache_index, cache_index + T) of the cache
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, 1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, 1)
+
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(B, T, cfg.num_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_all, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(cfg.head_dim)
+    # A finite fill keeps rows with no allowed key (left padding) free of nan.
+    scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all).reshape(B, T, -1)
+    return self.o(out), (None if cache is None else KVCache(k_all, v_all))
+
+
+class Mlp(nnx.Module):
+  """``down(act(up x))`` (GPT-2) or SwiGLU ``down(silu(gate x) ⊙ up x)`` (Llama family)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.gate = None if cfg.is_gpt2 else Dense(d, f, std=cfg.initializer_range, **kw)
+    self.up = Dense(d, f, std=cfg.initializer_range, **kw)
+    self.down = Dense(f, d, std=out_std, **kw)
+    self.act = _ACT[cfg.activation]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.act(self.up(x)) if self.gate is None else self.act(self.gate(x)) * self.up(x)
+    return self.down(h)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: ``x + attn(norm x)``, then ``x + mlp(norm x)``."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    kw = dict(eps=cfg.norm_eps, rms=not cfg.is_gpt2, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    # GPT-2 scales the residual projections' init by 1/√(2L) (Radford et al. 2019).
+    out_std = cfg.initializer_range / (math.sqrt(2 * cfg.num_layers) if cfg.is_gpt2 else 1.0)
+    self.attn_norm = Norm(cfg.hidden_size, **kw)
+    self.attn = Attention(cfg, rngs=rngs, out_std=out_std)
+    self.mlp_norm = Norm(cfg.hidden_size, **kw)
+    self.mlp = Mlp(cfg, rngs=rngs, out_std=out_std)
+
+  def __call__(self, x, positions, allowed, cache, cache_index, inv_freq):
+    h, cache = self.attn(self.attn_norm(x), positions, allowed, cache, cache_index, inv_freq)
+    x = x + h
+    x = x + self.mlp(self.mlp_norm(x))
+    return x, cache

@@ -1,0 +1,230 @@
+"""Jitted autoregressive sampling with a KV cache: ``generate`` and its pure core ``sample``.
+
+Prompts are left-padded ``[B, P]``; positions come from the attention mask as in Hugging Face's
+``generate``. The prompt is run once (prefill) into a cache of ``P + N`` slots, then one token per
+step in a ``lax.while_loop`` that stops early once every row has emitted EOS. The whole loop is a
+single XLA program over plain-dict parameters.
+
+The log-probability returned for each sampled token is ``token_logprobs`` of the model's logits at
+the sampling temperature, the very function the trainer applies, so PPO's ratio is exactly 1 on
+its first minibatch. With ``top_k``/``top_p`` the token is drawn from the truncated distribution
+but its log-probability is still that of the full tempered softmax (what the trainer recomputes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ppo_jax.logprobs import token_logprobs
+from ppo_jax.models.transformer import CausalLM, positions_from_mask
+
+
+@flax.struct.dataclass
+class Generation:
+  """Sampled responses. Positions after EOS hold ``pad_token_id``, log-prob 0 and mask 0."""
+
+  tokens: jax.Array  # [B, N] int32
+  logprobs: jax.Array  # [B, N] float32: token_logprobs at the sampling temperature
+  mask: jax.Array  # [B, N] float32: 1 up to and including the first EOS
+
+  @property
+  def lengths(self) -> jax.Array:
+    """Response lengths ``[B]`` (EOS included)."""
+    return jnp.sum(self.mask, axis=-1).astype(jnp.int32)
+
+
+def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Sets the logits outside the top-k and the top-p nucleus to −inf.
+
+  Top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p``
+  (Holtzman et al. 2020, https://arxiv.org/abs/1904.09751); the most likely token always stays.
+  """
+  V = logits_BxV.shape[-1]
+  neg_inf = jnp.full_like(logits_BxV, -jnp.inf)
+  if 0 < top_k < V:
+    kth = jax.lax.top_k(logits_BxV, top_k)[0][..., -1:]
+    logits_BxV = jnp.where(logits_BxV < kth, neg_inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_desc = jnp.sort(logits_BxV, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+    keep = mass_before < top_p
+    keep = keep.at[..., 0].set(True)
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < threshold, neg_inf, logits_BxV)
+  return logits_BxV
+
+
+def _pick(logits_BxV, key, *, temperature, top_k, top_p, greedy):
+  """Next token ``[B]`` and its log-prob under the full tempered softmax ``[B]``."""
+  if greedy:
+    tokens = jnp.argmax(logits_BxV, axis=-1)
+  else:
+    z = filter_logits(logits_BxV / temperature, top_k=top_k, top_p=top_p)
+    tokens = jax.random.categorical(key, z, axis=-1)
+  tokens = tokens.astype(jnp.int32)
+  logp = token_logprobs(logits_BxV[:, None], tokens[:, None], temperature=temperature)[:, 0]
+  return tokens, logp
+
+
+def sample(
+  graphdef: nnx.GraphDef,
+  params: Any,
+  prompt_ids_BxP: jax.Array,
+  prompt_mask_BxP: jax.Array,
+  key: jax.Array,
+  *,
+  max_new_tokens: int,
+  temperature: float | jax.Array = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  greedy: bool = False,
+  eos_token_ids: tuple[int, ...] = (),
+  pad_token_id: int = 0,
+) -> Generation:
+  """The pure sampling program (trace it inside a larger jit, or call ``generate``)."""
+  model: CausalLM = nnx.merge(graphdef, params)
+  B, P = prompt_ids_BxP.shape
+  N = max_new_tokens
+  prompt_mask = prompt_mask_BxP.astype(jnp.int32)
+  kv_mask = jnp.concatenate([prompt_mask, jnp.ones((B, N), jnp.int32)], axis=1)
+  next_pos = jnp.sum(prompt_mask, axis=-1)  # position of the first new token
+  pick = lambda logits, k: _pick(
+    logits, k, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+  )
+  eos = jnp.asarray(eos_token_ids or (-1,), jnp.int32)
+
+  # Prefill: the prompt into slots [0, P); the logits of its last slot give the first token.
+  hidden, cache = model.trunk(
+    prompt_ids_BxP,
+    positions_BxT=positions_from_mask(prompt_mask),
+    kv_mask_BxS=kv_mask,
+    cache=model.trunk.init_cache(B, P + N),
+    cache_index=0,
+  )
+  tok, logp = pick(model.unembed(hidden[:, -1]), jax.random.fold_in(key, 0))
+  tokens = jnp.full((B, N), pad_token_id, jnp.int32).at[:, 0].set(tok)
+  logps = jnp.zeros((B, N), jnp.float32).at[:, 0].set(logp)
+  mask = jnp.zeros((B, N), jnp.float32).at[:, 0].set(1.0)
+  done = jnp.isin(tok, eos)
+
+  def cond(carry):
+    i, _, _, _, _, done, _ = carry
+    return (i < N) & ~jnp.all(done)
+
+  def body(carry):
+    i, cache, tokens, logps, mask, done, prev = carry
+    hidden, cache = model.trunk(
+      prev[:, None],
+      positions_BxT=(next_pos + i - 1)[:, None],
+      kv_mask_BxS=kv_mask,
+      cache=cache,
+      cache_index=P + i - 1,
+    )
+    tok, logp = pick(model.unembed(hidden[:, 0]), jax.random.fold_in(key, i))
+    tok = jnp.where(done, pad_token_id, tok)
+    tokens = tokens.at[:, i].set(tok)
+    logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
+    mask = mask.at[:, i].set(jnp.where(done, 0.0, 1.0))
+    return i + 1, cache, tokens, logps, mask, done | jnp.isin(tok, eos), tok
+
+  carry = (jnp.int32(1), cache, tokens, logps, mask, done, tok)
+  _, _, tokens, logps, mask, _, _ = jax.lax.while_loop(cond, body, carry)
+  return Generation(tokens=tokens, logprobs=logps, mask=mask)
+
+
+_sample_jit = jax.jit(
+  sample,
+  static_argnames=(
+    "graphdef",
+    "max_new_tokens",
+    "top_k",
+    "top_p",
+    "greedy",
+    "eos_token_ids",
+    "pad_token_id",
+  ),
+)
+
+
+def generate(
+  model: CausalLM,
+  input_ids: jax.Array,
+  attention_mask: jax.Array | None,
+  *,
+  key: jax.Array,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  greedy: bool = False,
+  eos_token_id: int | Sequence[int] | None = None,
+  pad_token_id: int = 0,
+) -> Generation:
+  """Samples ``max_new_tokens`` continuations of left-padded prompts.
+
+  Args:
+    model: a ``ppo_jax.models.CausalLM``.
+    input_ids: ``[B, P]`` prompt ids, left-padded.
+    attention_mask: ``[B, P]``, 1 on prompt tokens (None: all real).
+    key: a JAX PRNG key; the same key gives the same sample.
+    max_new_tokens: N, the response length (static).
+    temperature: τ > 0; ignored for the choice when ``greedy`` but used for the log-probs.
+    top_k: keep the k most likely tokens (0: all).
+    top_p: nucleus mass in (0, 1] (1: all).
+    greedy: take the argmax instead of sampling.
+    eos_token_id: the stop token(s); a row's mask is 0 after its first one.
+    pad_token_id: written after EOS.
+
+  Returns:
+    ``Generation(tokens, logprobs, mask)``, each ``[B, N]``.
+  """
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if input_ids.ndim != 2:
+    raise ValueError(f"expected input_ids [B, P], got shape {list(input_ids.shape)}")
+  if attention_mask is None:
+    attention_mask = jnp.ones_like(input_ids)
+  if tuple(jnp.shape(attention_mask)) != input_ids.shape:
+    raise ValueError(
+      f"attention_mask shape {list(jnp.shape(attention_mask))} does not match "
+      f"input_ids {list(input_ids.shape)}"
+    )
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+  if not greedy and not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  cfg = model.cfg
+  if cfg.is_gpt2 and input_ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
+    raise ValueError(
+      f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
+      f"{cfg.max_position_embeddings} positions"
+    )
+  if eos_token_id is None:
+    eos = ()
+  elif isinstance(eos_token_id, int):
+    eos = (eos_token_id,)
+  else:
+    eos = tuple(int(e) for e in eos_token_id)
+  graphdef, params = nnx.split(model)
+  return _sample_jit(
+    graphdef,
+    nnx.to_pure_dict(params),
+    input_ids,
+    jnp.asarray(attention_mask),
+    key,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=float(top_p),
+    greedy=greedy,
+    eos_token_ids=eos,
+    pad_token_id=pad_token_id,
+  )

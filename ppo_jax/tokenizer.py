@@ -1,0 +1,61 @@
+"""Tokenizers: Hugging Face ``AutoTokenizer`` from a local folder, or a tiny one built offline."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterable
+from typing import Any
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0, 1, 2, 3
+
+
+def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> Any:
+  """``transformers.AutoTokenizer`` from a local folder, never the hub, never remote code.
+
+  Prompts are left-padded for generation, so ``padding_side`` defaults to ``"left"``. A tokenizer
+  without a pad token gets its EOS token as pad (the usual choice for decoder-only models).
+  """
+  from transformers import AutoTokenizer
+
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise FileNotFoundError(
+      f"tokenizer folder {folder} does not exist (ppo_jax loads local folders only)"
+    )
+  tok = AutoTokenizer.from_pretrained(
+    str(folder), local_files_only=True, trust_remote_code=False, padding_side=padding_side
+  )
+  if tok.pad_token is None:
+    if tok.eos_token is None:
+      raise ValueError(f"{folder}: the tokenizer has neither a pad nor an EOS token")
+    tok.pad_token = tok.eos_token
+  return tok
+
+
+def build_word_tokenizer(words: Iterable[str], *, padding_side: str = "left") -> Any:
+  """A word-level tokenizer over ``words``, built offline (tests, the embedded default task).
+
+  Ids: ``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3, then the words in order (duplicates
+  dropped). Text splits on whitespace; unknown words map to ``<unk>``. Returns a
+  ``transformers.PreTrainedTokenizerFast`` that ``save_pretrained``/``AutoTokenizer`` round-trip.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  vocab: dict[str, int] = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+  for w in words:
+    if any(c.isspace() for c in w) or not w:
+      raise ValueError(f"word {w!r} is empty or contains whitespace")
+    vocab.setdefault(w, len(vocab))
+  core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+  return PreTrainedTokenizerFast(
+    tokenizer_object=core,
+    pad_token="<pad>",
+    eos_token="<eos>",
+    bos_token="<bos>",
+    unk_token="<unk>",
+    padding_side=padding_side,
+  )

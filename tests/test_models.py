@@ -1,0 +1,242 @@
+"""NNX decoders against transformers: logits, save/load round trips, dtypes, errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import tiny_hf
+import torch
+import transformers as tf
+from flax import nnx
+
+import ppo_jax as pj
+from ppo_jax.models import ModelConfig
+
+FAMILIES = list(tiny_hf.CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """name → (folder, torch model) for every family, plus a sharded and a bf16 checkpoint."""
+  root = tmp_path_factory.mktemp("hf")
+  out = {name: (root / name, tiny_hf.make(name, root / name)) for name in FAMILIES}
+  out["sharded"] = (
+    root / "sharded",
+    tiny_hf.make("llama3", root / "sharded", seed=1, max_shard_size="20KB"),
+  )
+  out["bf16"] = (root / "bf16", tiny_hf.make("qwen2", root / "bf16", seed=2, dtype=torch.bfloat16))
+  return out
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "sharded"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_logits_match_transformers(checkpoints, name, padded):
+  folder, hf_model = checkpoints[name]
+  model = pj.models.from_pretrained(folder)
+  ids, mask = tiny_hf.batch(left_pad=(0, 3, 5) if padded else (0, 0, 0))
+  got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask) if padded else None))
+  want = tiny_hf.torch_logits(hf_model, ids, mask if padded else None)
+  assert got.dtype == np.float32 and np.abs(want).max() > 1.0  # logits far from uniform
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_checkpoint_has_an_index(checkpoints):
+  folder, _ = checkpoints["sharded"]
+  index = json.loads((folder / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 1
+
+
+def test_bf16_checkpoint(checkpoints):
+  folder, _ = checkpoints["bf16"]
+  ids, mask = tiny_hf.batch(seed=1)
+  # float32 compute over the exact bf16 weights equals transformers in float32 over the same.
+  hf32 = tf.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+  model = pj.models.from_pretrained(folder)
+  want = tiny_hf.torch_logits(hf32, ids, mask)
+  got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  np.testing.assert_allclose(got[mask > 0], want[mask > 0], atol=1e-4, rtol=1e-4)
+  # bf16 params and compute stay close to that (bf16 has 8 bits of mantissa).
+  m16 = pj.models.from_pretrained(folder, dtype="bfloat16")
+  assert m16.trunk.embed.embedding[...].dtype == jnp.bfloat16
+  got16 = np.asarray(m16(jnp.asarray(ids), jnp.asarray(mask)))
+  assert got16.dtype == np.float32
+  assert np.abs(got16 - got)[mask > 0].max() < 0.1 * np.abs(got).max()
+  # fp32 master weights with bf16 compute.
+  mixed = pj.models.from_pretrained(folder, dtype="bfloat16", param_dtype="float32")
+  assert mixed.trunk.embed.embedding[...].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_save_then_transformers_loads_the_same_model(checkpoints, tmp_path, name):
+  folder, hf_model = checkpoints[name]
+  model = pj.models.from_pretrained(folder)
+  tok = pj.tokenizer.build_word_tokenizer([f"w{i}" for i in range(tiny_hf.VOCAB - 4)])
+  pj.models.save_pretrained(model, tmp_path, tokenizer=tok)
+  reloaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+  ids, mask = tiny_hf.batch(seed=2)
+  np.testing.assert_allclose(
+    tiny_hf.torch_logits(reloaded, ids, mask)[mask > 0],
+    tiny_hf.torch_logits(hf_model, ids, mask)[mask > 0],
+    atol=1e-5,
+  )
+  assert tf.AutoTokenizer.from_pretrained(str(tmp_path)).pad_token_id == 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3"])
+def test_reward_model_matches_sequence_classification(tmp_path, name):
+  hf_rm = tiny_hf.make(name, tmp_path / "rm", seed=3, kind="reward")
+  rm = pj.models.from_pretrained(tmp_path / "rm")
+  assert isinstance(rm, pj.models.RewardModel)
+  ids, mask = tiny_hf.batch(seed=3)
+  with torch.no_grad():
+    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    want = (
+      hf_rm(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+      .logits[:, 0]
+      .numpy()
+    )
+  np.testing.assert_allclose(rm(jnp.asarray(ids), jnp.asarray(mask)), want, atol=1e-4)
+  # The same checkpoint as a critic: one value per token, the last one is the score.
+  critic = pj.models.from_pretrained(tmp_path / "rm", kind="value")
+  values = critic(jnp.asarray(ids), jnp.asarray(mask))
+  assert values.shape == ids.shape
+  np.testing.assert_allclose(values[:, -1], want, atol=1e-4)
+  # Save → transformers' sequence classifier gives the same scores.
+  pj.models.save_pretrained(rm, tmp_path / "out")
+  hf_back = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out")).eval()
+  with torch.no_grad():
+    back = (
+      hf_back(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+      .logits[:, 0]
+      .numpy()
+    )
+  np.testing.assert_allclose(back, want, atol=1e-5)
+
+
+def test_value_model_from_a_causal_lm_gets_a_fresh_head(checkpoints):
+  folder, _ = checkpoints["llama3"]
+  critic = pj.models.from_pretrained(folder, kind="value", zero_init_head=True)
+  lm = pj.models.from_pretrained(folder)
+  ids, mask = tiny_hf.batch()
+  np.testing.assert_array_equal(critic(jnp.asarray(ids), jnp.asarray(mask)), 0.0)
+  np.testing.assert_array_equal(critic.trunk.embed.embedding[...], lm.trunk.embed.embedding[...])
+
+
+def test_random_model_round_trips_through_transformers(tmp_path):
+  cfg = ModelConfig.llama(
+    vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, initializer_range=0.2
+  )
+  model = pj.models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  pj.models.save_pretrained(model, tmp_path)
+  hf_model = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+  ids, mask = tiny_hf.batch(seed=4)
+  ids = ids % 48
+  np.testing.assert_allclose(
+    np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))[mask > 0],
+    tiny_hf.torch_logits(hf_model, ids, mask)[mask > 0],
+    atol=1e-4,
+  )
+  again = pj.models.from_pretrained(tmp_path)
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again)), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_remat_changes_nothing_but_memory(remat):
+  cfg = ModelConfig.gpt2(
+    vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=32
+  )
+  ids, mask = tiny_hf.batch()
+
+  def loss_and_grad(cfg):
+    graphdef, params = nnx.split(pj.models.CausalLM(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params)(jnp.asarray(ids), jnp.asarray(mask))
+      return jnp.mean(pj.token_logprobs(logits[:, :-1], jnp.asarray(ids[:, 1:])))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (l0, g0), (l1, g1) = loss_and_grad(cfg), loss_and_grad(cfg.replace(remat=remat))
+  assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# Broken folders: every problem is named, in one error.
+
+
+def _rewrite(folder, edit):
+  path = folder / "model.safetensors"
+  tensors = safetensors.numpy.load_file(str(path))
+  edit(tensors)
+  safetensors.numpy.save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_all_named(tmp_path):
+  tiny_hf.make("llama3", tmp_path)
+
+  def corrupt(t):
+    del t["model.layers.1.mlp.up_proj.weight"]
+    del t["lm_head.weight"]
+    t["model.layers.0.extra.weight"] = np.zeros(3, np.float32)
+    t["model.norm.weight"] = np.zeros(31, np.float32)
+
+  _rewrite(tmp_path, corrupt)
+  with pytest.raises(ValueError) as err:
+    pj.models.from_pretrained(tmp_path)
+  msg = str(err.value)
+  assert "\n" not in msg
+  for part in (
+    "missing tensors: lm_head.weight, model.layers.1.mlp.up_proj.weight",
+    "unexpected tensors: model.layers.0.extra.weight",
+    "misshaped tensors: model.norm.weight [31] (expected [32])",
+  ):
+    assert part in msg
+
+
+def test_unsupported_architecture(tmp_path):
+  tf.BertConfig(
+    hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+  ).save_pretrained(str(tmp_path))
+  with pytest.raises(ValueError, match="unsupported architecture 'bert'"):
+    pj.models.from_pretrained(tmp_path)
+
+
+def test_not_a_model_folder(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+    pj.models.from_pretrained(tmp_path / "nowhere")
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+  tiny_hf.CONFIGS["gpt2"]().save_pretrained(str(tmp_path))
+  (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+  with pytest.raises(FileNotFoundError, match="never unpickles"):
+    pj.models.from_pretrained(tmp_path)
+
+
+def test_missing_shard(tmp_path):
+  tiny_hf.make("gpt2", tmp_path, max_shard_size="20KB")
+  next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+  with pytest.raises(FileNotFoundError, match="shard"):
+    pj.models.from_pretrained(tmp_path)
+
+
+def test_sequence_classifier_cannot_be_a_causal_lm(tmp_path):
+  tiny_hf.make("gpt2", tmp_path, kind="reward")
+  with pytest.raises(ValueError, match="no LM head"):
+    pj.models.from_pretrained(tmp_path, kind="causal_lm")
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+    ModelConfig.llama(num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match="remat 'all'"):
+    ModelConfig.gpt2(remat="all")

@@ -1,0 +1,162 @@
+"""pj.generate: greedy == transformers, log-probs == a full forward, filtering, keys, EOS."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_hf
+import torch
+from flax import nnx
+
+import ppo_jax as pj
+from ppo_jax.sampling import filter_logits, sample
+
+N_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  """name → (ppo_jax model, torch model)."""
+  root = tmp_path_factory.mktemp("hf")
+  out = {}
+  for name in tiny_hf.CONFIGS:
+    hf_model = tiny_hf.make(name, root / name, seed=5)
+    out[name] = (pj.models.from_pretrained(root / name), hf_model)
+  return out
+
+
+def _hf_greedy(hf_model, ids, mask, eos):
+  with torch.no_grad():
+    out = hf_model.generate(
+      torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      do_sample=False,
+      max_new_tokens=N_NEW,
+      eos_token_id=eos,
+      pad_token_id=tiny_hf.PAD,
+    )
+  got = out[:, ids.shape[1] :].numpy()
+  return np.pad(got, ((0, 0), (0, N_NEW - got.shape[1])), constant_values=tiny_hf.PAD)
+
+
+@pytest.mark.parametrize("name", list(tiny_hf.CONFIGS))
+def test_greedy_equals_transformers_with_eos(models, name):
+  model, hf_model = models[name]
+  ids, mask = tiny_hf.batch(seed=6, B=4, T=7, left_pad=(0, 2, 4, 1))
+  # Pick as EOS a token the model emits mid-way in one row, so some rows stop early.
+  free_run = _hf_greedy(hf_model, ids, mask, eos=None)
+  eos = int(free_run[1, 4])
+  want = _hf_greedy(hf_model, ids, mask, eos=eos)
+  gen = pj.generate(
+    model,
+    ids,
+    mask,
+    key=jax.random.key(0),
+    max_new_tokens=N_NEW,
+    greedy=True,
+    eos_token_id=eos,
+    pad_token_id=tiny_hf.PAD,
+  )
+  np.testing.assert_array_equal(gen.tokens, want)
+  lengths = np.asarray(gen.lengths)
+  assert lengths.min() < N_NEW  # some row stopped at EOS (and its tail is masked)
+  for b, n in enumerate(lengths):
+    assert gen.tokens[b, n - 1] == eos or n == N_NEW
+    np.testing.assert_array_equal(gen.mask[b], np.arange(N_NEW) < n)
+    np.testing.assert_array_equal(gen.logprobs[b, n:], 0.0)
+
+
+def _recomputed_logprobs(model, ids, mask, gen, temperature):
+  """token_logprobs of a full forward over prompt + response, at the response tokens."""
+  full = jnp.concatenate([jnp.asarray(ids), gen.tokens], axis=1)
+  full_mask = jnp.concatenate([jnp.asarray(mask), gen.mask.astype(jnp.int32)], axis=1)
+  logits = model(full, full_mask)[:, ids.shape[1] - 1 : -1]
+  return logits, pj.token_logprobs(logits, gen.tokens, temperature=temperature)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "mistral"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_full_forward(models, name, temperature):
+  model, _ = models[name]
+  ids, mask = tiny_hf.batch(seed=7, B=4, T=7, left_pad=(0, 2, 4, 1))
+  gen = pj.generate(
+    model,
+    ids,
+    mask,
+    key=jax.random.key(1),
+    max_new_tokens=N_NEW,
+    temperature=temperature,
+    eos_token_id=tiny_hf.EOS,
+  )
+  _, want = _recomputed_logprobs(model, ids, mask, gen, temperature)
+  real = np.asarray(gen.mask) > 0
+  np.testing.assert_allclose(np.asarray(gen.logprobs)[real], np.asarray(want)[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.6), (5, 0.8)])
+def test_filtered_sampling_stays_in_the_allowed_set(models, top_k, top_p):
+  model, _ = models["llama3"]
+  ids, mask = tiny_hf.batch(seed=8, B=8, T=5, left_pad=(0,) * 8)
+  temperature = 0.8
+  for seed in range(3):
+    gen = pj.generate(
+      model,
+      ids,
+      mask,
+      key=jax.random.key(seed),
+      max_new_tokens=N_NEW,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+    )
+    logits, _ = _recomputed_logprobs(model, ids, mask, gen, temperature)
+    z = np.asarray(logits, np.float64) / temperature
+    for b in range(z.shape[0]):
+      for t in range(N_NEW):
+        order = np.argsort(-z[b, t])
+        p = np.exp(z[b, t][order] - z[b, t].max())
+        p /= p.sum()
+        n_p = int(np.searchsorted(np.cumsum(p), top_p - 1e-6) + 1)  # smallest set with mass ≥ p
+        allowed = set(order[: min(n_p, top_k or len(order))].tolist())
+        assert int(gen.tokens[b, t]) in allowed
+
+
+def test_filter_logits_hand_computed():
+  logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+  keep = lambda **kw: np.isfinite(np.asarray(filter_logits(logits, **kw)))[0].tolist()
+  assert keep(top_k=2) == [True, True, False, False, False]
+  assert keep(top_p=0.5) == [True, False, False, False, False]  # 0.5 alone reaches 0.5
+  assert keep(top_p=0.6) == [True, True, False, False, False]
+  assert keep(top_p=0.86) == [True, True, True, True, False]
+  assert keep(top_k=3, top_p=0.99) == [True, True, True, False, False]
+
+
+def test_same_key_same_sample(models):
+  model, _ = models["qwen2"]
+  ids, mask = tiny_hf.batch(seed=9)
+  run = lambda seed: pj.generate(model, ids, mask, key=jax.random.key(seed), max_new_tokens=N_NEW)
+  a, b, c = run(0), run(0), run(1)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.logprobs, b.logprobs)
+  assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_decode_loop_is_one_program(models):
+  model, _ = models["gpt2"]
+  graphdef, params = nnx.split(model)
+  ids, mask = tiny_hf.batch()
+  jaxpr = jax.make_jaxpr(
+    lambda p, i, m, k: sample(graphdef, p, i, m, k, max_new_tokens=N_NEW, eos_token_ids=(5,))
+  )(nnx.to_pure_dict(params), ids, mask, jax.random.key(0))
+  assert any(e.primitive.name == "while" for e in jaxpr.eqns)
+
+
+def test_bad_arguments(models):
+  model, _ = models["gpt2"]  # 48 learned positions
+  ids, mask = tiny_hf.batch(T=40)
+  with pytest.raises(ValueError, match="prompt length 40 \\+ max_new_tokens 12 exceeds"):
+    pj.generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=12)
+  with pytest.raises(ValueError, match="top_p must be in"):
+    pj.generate(model, ids[:, :4], mask[:, :4], key=jax.random.key(0), max_new_tokens=2, top_p=0.0)
+  with pytest.raises(ValueError, match="attention_mask shape"):
+    pj.generate(model, ids[:, :4], mask[:, :3], key=jax.random.key(0), max_new_tokens=2)
