@@ -8,7 +8,7 @@ The maths layer is re-exported here so a notebook needs one import::
 Models, checkpoints and sampling live in ``ppo_jax.models`` and ``ppo_jax.generate``.
 """
 
-from ppo_jax import models, tokenizer
+from ppo_jax import models, synthetic, tokenizer
 from ppo_jax.advantages import gae, group_advantages, rloo_advantages
 from ppo_jax.kl import adaptive_kl_update, kl_estimate
 from ppo_jax.logprobs import entropy_from_logits, token_logprobs
@@ -36,6 +36,7 @@ __all__ = [
   "models",
   "policy_loss",
   "rloo_advantages",
+  "synthetic",
   "token_logprobs",
   "tokenizer",
   "value_loss",

@@ -1,0 +1,71 @@
+"""The default experiment: the whole RLHF pipeline on an embedded task, on a laptop CPU.
+
+A tiny GPT-2 (2 layers, width 64) learns the synthetic review task of ``ppo_jax.synthetic``:
+SFT on 4k reviews with uniformly drawn adjectives, a Bradley–Terry reward model on 4k preference
+pairs labelled by a noisy simulated human (the hidden gold scorer: the mean sentiment of the
+adjectives), then PPO against that reward model with a KL penalty to the SFT policy.
+
+  python -m ppo_jax.main --config=experiments/default.py --workdir=runs/default
+  python -m ppo_jax.main --config=experiments/default.py:smoke --workdir=runs/smoke
+
+Hardware: any CPU; nothing is downloaded. Expected (2-core CPU, see README "Results"): about
+3 minutes end to end; the gold score of the policy's reviews rises from about 0 after SFT to about
+0.8 after PPO at a KL of a few nats per review; the reward model reaches about 0.8 held-out accuracy
+on the noisy labels. ``smoke`` shrinks every stage to run in under a minute on one core.
+"""
+
+from ppo_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+  config = base_config()
+  config.seed = 0
+
+  config.task.name = "synthetic"
+  config.data.max_prompt_len = 8
+  config.data.max_response_len = 14
+
+  config.model.arch = "gpt2"
+  config.model.hidden_size = 64
+  config.model.num_layers = 2
+  config.model.num_heads = 4
+  config.model.max_position_embeddings = 32
+
+  config.sft.epochs = 8.0
+  config.sft.batch_size = 64
+  config.sft.optim.lr = 1e-2
+
+  config.rm.epochs = 4.0
+  config.rm.batch_size = 64
+  config.rm.optim.lr = 1e-3
+
+  config.ppo.iterations = 100
+  config.ppo.batch_size = 64
+  config.ppo.max_new_tokens = 14
+  config.ppo.temperature = 1.0
+  config.ppo.num_epochs = 4
+  config.ppo.num_minibatches = 2
+  config.ppo.kl_coef = 0.05
+  config.ppo.missing_eos_penalty = 1.0
+  config.ppo.optim.lr = 3e-4
+  config.ppo.optim.warmup_steps = 20
+
+  config.log.samples_every = 10
+
+  if arg == "smoke":
+    config.task.num_prompts = 512
+    config.task.num_sft = 1024
+    config.task.num_pairs = 2048
+    config.sft.batch_size = 16  # many small steps: enough to learn to copy the item
+    config.sft.epochs = 6.0
+    config.rm.epochs = 2.0
+    config.rm.batch_size = 32
+    config.ppo.iterations = 15
+    config.ppo.batch_size = 32
+    config.ppo.optim.lr = 5e-4
+    config.ppo.optim.warmup_steps = 0
+    config.data.eval_prompts = 0  # no held-out evaluation: before/after from the rollouts
+    config.log.samples_every = 5
+  elif arg is not None:
+    raise ValueError(f"unknown config argument {arg!r}; expected none or 'smoke'")
+  return config

@@ -1,0 +1,260 @@
+"""The experiment config: a locked ``ml_collections.ConfigDict`` built from the hyperparameter
+dataclasses, and its conversion back to them at the entry point.
+
+Defaults live in one place, the dataclasses; ``base_config()`` mirrors them as a ConfigDict that
+``experiments/*.py`` edit and the CLI overrides (``--config.ppo.clip_eps=0.1``). The dict is
+locked, so a typo in a field name fails with that name. Pure functions never see the ConfigDict:
+``Settings.from_config`` turns it into frozen dataclasses first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from ppo_jax.optim import OptimHparams
+from ppo_jax.ppo import PPOHparams
+from ppo_jax.supervised import SupervisedHparams
+
+# Fields of PPOHparams that come from the tokenizer, not the config.
+_FROM_TOKENIZER = ("eos_token_id", "pad_token_id")
+TASKS = ("synthetic", "files")
+CRITIC_INITS = ("reward_model", "policy")
+ARCHS = ("gpt2", "llama")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+  name: str = "synthetic"  # synthetic: the embedded review task; files: data.* JSONL paths
+  gold: str | None = None  # "pkg.module:fn" scoring responses for the gold/score metric
+  num_prompts: int = 2048  # synthetic task sizes
+  num_sft: int = 4096
+  num_pairs: int = 4096
+  label_noise: float = 0.2  # τ of the simulated labeller
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  prompts: str | None = None  # JSONL {"prompt"}
+  sft: str | None = None  # JSONL {"prompt", "response"}
+  preferences: str | None = None  # JSONL {"prompt", "chosen", "rejected"}
+  max_prompt_len: int = 16  # P: prompts are left-padded to this
+  max_response_len: int = 16  # R of SFT and preference responses (EOS included)
+  prompt_overflow: str = "error"  # error | truncate (keep the last tokens)
+  eval_prompts: int = 256  # held-out prompts for the before/after evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  init: str = "scratch"  # "scratch" or a local Hugging Face folder
+  tokenizer: str | None = None  # default: the init folder, or the task's tokenizer
+  arch: str = "gpt2"  # scratch models: gpt2 | llama
+  hidden_size: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  max_position_embeddings: int = 64
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str | None = None  # default: dtype
+  remat: str = "none"  # none | block | dots
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSettings:
+  enabled: bool = True  # train a reward model (needed unless reward.model or reward.fn is set)
+  init: str = "policy"  # policy: trunk of the SFT policy + a fresh head; scratch: random
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSettings:
+  source: str = "model"  # model | function
+  fn: str | None = None  # "pkg.module:fn(prompts, responses) -> scores" when source=function
+  model: str | None = None  # an existing HF reward-model folder (skips training one)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPORunSettings:
+  iterations: int = 100
+  batch_size: int = 64  # prompts per iteration
+  value_head_on_policy: bool = False  # critic = a head on the policy's trunk (less memory)
+  critic_init: str = "reward_model"  # reward_model | policy (trunk + zero-initialised head)
+  fuse: bool = False  # one XLA program per iteration (reward model only; no per-phase times)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSettings:
+  samples_every: int = 10  # iterations between sample tables (0: never)
+  num_samples: int = 8
+  tensorboard: bool = True
+  plots: bool = True
+  progress: bool = True
+
+
+SECTIONS: dict[str, tuple[type, ...]] = {
+  "task": (TaskSettings,),
+  "data": (DataSettings,),
+  "model": (ModelSettings,),
+  "sft": (SupervisedHparams,),
+  "rm": (SupervisedHparams, RMSettings),
+  "reward": (RewardSettings,),
+  "ppo": (PPOHparams, PPORunSettings),
+  "log": (LogSettings,),
+}
+
+
+def _leaf_type(tp: Any) -> type | None:
+  """``int`` for ``int | None``; None for a type that is not optional."""
+  args = typing.get_args(tp)
+  if (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in args:
+    return next(a for a in args if a is not type(None))
+  return None
+
+
+def _section(*classes: type) -> ml_collections.ConfigDict:
+  node = ml_collections.ConfigDict()
+  for cls in classes:
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+      if f.name in _FROM_TOKENIZER:
+        continue
+      value = getattr(defaults, f.name)
+      if dataclasses.is_dataclass(value):
+        node[f.name] = _section_from(value)
+      elif value is None:
+        node[f.name] = config_dict.placeholder(_leaf_type(hints[f.name]))
+      else:
+        node[f.name] = value
+  return node
+
+
+def _section_from(instance: Any) -> ml_collections.ConfigDict:
+  node = _section(type(instance))
+  for f in dataclasses.fields(instance):
+    value = getattr(instance, f.name)
+    if value is not None and not dataclasses.is_dataclass(value):
+      node[f.name] = value
+  return node
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with its default, locked (experiments change values, never add fields)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  for name, classes in SECTIONS.items():
+    config[name] = _section(*classes)
+  config.rm.optim = _section_from(OptimHparams(lr=5e-4, warmup_steps=10))
+  config.sft.optim = _section_from(OptimHparams(lr=1e-3, warmup_steps=10))
+  config.ppo.optim = _section_from(OptimHparams(lr=1e-5, schedule="linear"))
+  config.lock()
+  return config
+
+
+def _build(cls: type, node: ml_collections.ConfigDict, path: str, **extra: Any) -> Any:
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name in extra:
+      kwargs[f.name] = extra[f.name]
+    elif f.name in node:
+      value = node[f.name]
+      if isinstance(value, ml_collections.ConfigDict):
+        value = _build(OptimHparams, value, f"{path}.{f.name}")
+      kwargs[f.name] = value
+  try:
+    return cls(**kwargs)
+  except ValueError as e:
+    raise ValueError(f"config.{path}: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The whole config as frozen dataclasses."""
+
+  seed: int
+  task: TaskSettings
+  data: DataSettings
+  model: ModelSettings
+  sft: SupervisedHparams
+  rm: SupervisedHparams
+  rm_run: RMSettings
+  reward: RewardSettings
+  ppo_run: PPORunSettings
+  ppo_optim: OptimHparams
+  log: LogSettings
+  raw: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> Settings:
+    settings = cls(
+      seed=int(config.seed),
+      task=_build(TaskSettings, config.task, "task"),
+      data=_build(DataSettings, config.data, "data"),
+      model=_build(ModelSettings, config.model, "model"),
+      sft=_build(SupervisedHparams, config.sft, "sft"),
+      rm=_build(SupervisedHparams, config.rm, "rm"),
+      rm_run=_build(RMSettings, config.rm, "rm"),
+      reward=_build(RewardSettings, config.reward, "reward"),
+      ppo_run=_build(PPORunSettings, config.ppo, "ppo"),
+      ppo_optim=_build(OptimHparams, config.ppo.optim, "ppo.optim"),
+      log=_build(LogSettings, config.log, "log"),
+      raw=config,
+    )
+    settings.ppo(eos_token_id=None, pad_token_id=0)  # validates the PPO fields now
+    settings.validate()
+    return settings
+
+  def ppo(self, *, eos_token_id: int | None, pad_token_id: int) -> PPOHparams:
+    return _build(
+      PPOHparams, self.raw.ppo, "ppo", eos_token_id=eos_token_id, pad_token_id=pad_token_id
+    )
+
+  def validate(self) -> None:
+    """Cross-field checks, each naming the fields involved."""
+    checks = [
+      (
+        self.task.name in TASKS,
+        f"config.task.name: unknown {self.task.name!r}; expected one of {', '.join(TASKS)}",
+      ),
+      (
+        self.model.arch in ARCHS,
+        f"config.model.arch: unknown {self.model.arch!r}; expected one of {', '.join(ARCHS)}",
+      ),
+      (
+        self.ppo_run.critic_init in CRITIC_INITS,
+        f"config.ppo.critic_init: unknown {self.ppo_run.critic_init!r}; expected one of "
+        f"{', '.join(CRITIC_INITS)}",
+      ),
+      (
+        self.reward.source in ("model", "function"),
+        f"config.reward.source: unknown {self.reward.source!r}; expected model or function",
+      ),
+      (
+        self.reward.source != "function" or self.reward.fn,
+        "config.reward.source='function' needs config.reward.fn='package.module:function'",
+      ),
+      (
+        self.reward.source != "model" or self.rm_run.enabled or self.reward.model,
+        "config.reward.source='model' needs config.rm.enabled=True or config.reward.model=FOLDER",
+      ),
+      (
+        self.task.name != "files" or self.data.prompts,
+        "config.task.name='files' needs config.data.prompts=FILE.jsonl",
+      ),
+      (
+        self.ppo_run.critic_init == "policy" or self.rm_run.enabled or self.reward.model,
+        "config.ppo.critic_init='reward_model' needs a reward model (config.rm.enabled or "
+        "config.reward.model); use critic_init='policy' with a reward function",
+      ),
+      (
+        not self.ppo_run.fuse or self.reward.source == "model",
+        "config.ppo.fuse=True needs reward.source='model' (a Python reward runs on the host)",
+      ),
+    ]
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(message)

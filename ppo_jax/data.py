@@ -1,0 +1,194 @@
+"""Data: JSONL files → fixed-shape token arrays, and a deterministic batch order.
+
+Formats (one JSON object per line; other fields are ignored):
+
+- prompts: ``{"prompt": str}``
+- SFT pairs: ``{"prompt": str, "response": str}``
+- preference pairs: ``{"prompt": str, "chosen": str, "rejected": str}``
+
+Every sequence has one layout: the prompt left-padded to ``P`` tokens, then the response
+right-padded to ``R`` tokens (EOS appended), ``[B, P + R]`` with an attention mask; positions come
+from the mask. Prompts get the tokenizer's special tokens (e.g. BOS), responses do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+OVERFLOW = ("error", "truncate")
+
+
+class DataError(ValueError):
+  """Bad input data; the message names the file and line."""
+
+
+def read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[str, str]]:
+  """Rows of a JSONL file; each must be an object with string ``fields``.
+
+  Raises:
+    DataError: naming the file and line of the first malformed row.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: no such file")
+  rows = []
+  with path.open(encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+      if not isinstance(row, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+      for name in fields:
+        if name not in row:
+          raise DataError(f"{path}:{lineno}: missing field {name!r} (expected {list(fields)})")
+        if not isinstance(row[name], str):
+          raise DataError(
+            f"{path}:{lineno}: field {name!r} must be a string, got {type(row[name]).__name__}"
+          )
+      rows.append({name: row[name] for name in fields})
+  if not rows:
+    raise DataError(f"{path}: no rows")
+  return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Sequence shape: ``P`` prompt tokens (left-padded) then ``R`` response tokens."""
+
+  prompt_len: int
+  response_len: int
+  pad_id: int
+  eos_id: int
+  overflow: str = "error"  # prompts longer than P: error | truncate (keep the last P tokens)
+
+  def __post_init__(self):
+    if self.overflow not in OVERFLOW:
+      raise ValueError(f"unknown prompt overflow {self.overflow!r}; expected one of {OVERFLOW}")
+
+
+def encode_prompts(
+  tokenizer: Any, texts: Sequence[str], layout: Layout, *, source: str = "prompts"
+) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded prompt ids and mask ``[N, P]`` (int32)."""
+  P = layout.prompt_len
+  ids = np.full((len(texts), P), layout.pad_id, np.int32)
+  mask = np.zeros((len(texts), P), np.int32)
+  encoded = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+  for i, toks in enumerate(encoded):
+    if len(toks) > P:
+      if layout.overflow == "error":
+        raise DataError(
+          f"{source}: row {i + 1}: prompt of {len(toks)} tokens is longer than "
+          f"data.max_prompt_len={P} (raise it, or set data.prompt_overflow='truncate')"
+        )
+      toks = toks[-P:]
+    if toks:
+      ids[i, P - len(toks) :] = toks
+      mask[i, P - len(toks) :] = 1
+  return ids, mask
+
+
+def encode_responses(
+  tokenizer: Any, texts: Sequence[str], layout: Layout
+) -> tuple[np.ndarray, np.ndarray, int]:
+  """Right-padded response ids and mask ``[N, R]`` with EOS appended; also how many were cut."""
+  R = layout.response_len
+  ids = np.full((len(texts), R), layout.pad_id, np.int32)
+  mask = np.zeros((len(texts), R), np.int32)
+  cut = 0
+  for i, toks in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+    toks = [*toks, layout.eos_id]
+    if len(toks) > R:
+      toks, cut = toks[:R], cut + 1
+    ids[i, : len(toks)] = toks
+    mask[i, : len(toks)] = 1
+  return ids, mask, cut
+
+
+@dataclasses.dataclass
+class Sequences:
+  """Prompt + response token arrays. ids/mask: [N, P + R]; response_mask: [N, R]."""
+
+  ids: np.ndarray
+  mask: np.ndarray
+  response_mask: np.ndarray
+  truncated: int = 0  # responses cut at R
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def take(self, idx: np.ndarray) -> Sequences:
+    return Sequences(self.ids[idx], self.mask[idx], self.response_mask[idx], self.truncated)
+
+
+def encode_pairs(
+  tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], layout: Layout, *, source: str
+) -> Sequences:
+  """Prompt/response pairs in the sequence layout."""
+  p_ids, p_mask = encode_prompts(tokenizer, prompts, layout, source=source)
+  r_ids, r_mask, cut = encode_responses(tokenizer, responses, layout)
+  return Sequences(
+    np.concatenate([p_ids, r_ids], 1),
+    np.concatenate([p_mask, r_mask], 1),
+    r_mask.astype(np.float32),
+    cut,
+  )
+
+
+def load_prompts(path, tokenizer, layout: Layout) -> tuple[list[str], np.ndarray, np.ndarray]:
+  texts = [r["prompt"] for r in read_jsonl(path, ["prompt"])]
+  ids, mask = encode_prompts(tokenizer, texts, layout, source=str(path))
+  return texts, ids, mask
+
+
+def load_sft(path, tokenizer, layout: Layout) -> Sequences:
+  rows = read_jsonl(path, ["prompt", "response"])
+  return encode_pairs(
+    tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], layout, source=str(path)
+  )
+
+
+def load_preferences(path, tokenizer, layout: Layout) -> tuple[Sequences, Sequences]:
+  """(chosen, rejected) sequences, row-aligned."""
+  rows = read_jsonl(path, ["prompt", "chosen", "rejected"])
+  prompts = [r["prompt"] for r in rows]
+  chosen = encode_pairs(tokenizer, prompts, [r["chosen"] for r in rows], layout, source=str(path))
+  rejected = encode_pairs(
+    tokenizer, prompts, [r["rejected"] for r in rows], layout, source=str(path)
+  )
+  return chosen, rejected
+
+
+def batch_indices(n: int, batch_size: int, step: int, *, seed: int) -> np.ndarray:
+  """Row indices of batch ``step`` in an endless stream of per-epoch shuffles of ``range(n)``.
+
+  A pure function of its arguments: the data cursor of a run is its step, so a resumed run reads
+  exactly the batches the uninterrupted one would have.
+  """
+  if n < 1 or batch_size < 1:
+    raise ValueError(f"need n ≥ 1 and batch_size ≥ 1, got {n}, {batch_size}")
+  start = step * batch_size
+  out = []
+  while len(out) < batch_size:
+    epoch, offset = divmod(start + len(out), n)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    out.extend(order[offset : offset + batch_size - len(out)].tolist())
+  return np.asarray(out, np.int64)
+
+
+def split_holdout(n: int, fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) row indices; at least one held-out row when ``fraction > 0``."""
+  order = np.random.default_rng([seed, 7919]).permutation(n)
+  k = min(max(round(n * fraction), 1 if fraction > 0 else 0), n - 1)
+  return np.sort(order[k:]), np.sort(order[:k])

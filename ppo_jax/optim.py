@@ -1,0 +1,103 @@
+"""Optimizers from plain hyperparameters: AdamW with warm-up, decay, clipping, TF-style epsilon."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimHparams:
+  """AdamW and its schedule. ``total_steps`` counts optimizer updates over the whole stage."""
+
+  lr: float = 1e-5
+  schedule: str = "linear"  # constant | linear | cosine (decay to 0 after the warm-up)
+  warmup_steps: int = 0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  tf_style_eps: bool = False  # ε added to √v before bias correction, as TensorFlow's Adam
+  weight_decay: float = 0.0  # decoupled; applied to matrices only (not biases, norms)
+  max_grad_norm: float | None = 1.0  # clip by global norm; None: no clipping
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(
+        f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}"
+      )
+    if self.lr < 0 or self.warmup_steps < 0:
+      raise ValueError(f"lr and warmup_steps must be ≥ 0, got {self.lr}, {self.warmup_steps}")
+
+
+def learning_rate(hp: OptimHparams, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then constant, linear or cosine decay
+  to 0 at ``total_steps``."""
+  warmup = min(hp.warmup_steps, max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup, 1)
+  if hp.schedule == "constant":
+    after = optax.constant_schedule(hp.lr)
+  elif hp.schedule == "linear":
+    after = optax.linear_schedule(hp.lr, 0.0, decay_steps)
+  else:
+    after = optax.cosine_decay_schedule(hp.lr, decay_steps)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, hp.lr, warmup), after], [warmup])
+
+
+class TfAdamState(NamedTuple):
+  count: jax.Array  # [] int32
+  mu: optax.Updates  # first moments, like params
+  nu: optax.Updates  # second moments, like params
+
+
+def scale_by_tf_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  """Adam as TensorFlow computes it: ``m̂ / (√v̂ + ε / √(1 − β₂ᵗ))``.
+
+  TensorFlow's Adam adds ε to √v before the bias correction, so its effective ε is larger early
+  in training than PyTorch's/optax's ``m̂ / (√v̂ + ε)``. OpenAI's ``lm-human-preferences`` (the
+  reference RLHF-PPO code) used it; Huang et al. 2022 ("The N implementation details of RLHF with
+  PPO") found it matters early in training.
+  """
+
+  def init(params):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return TfAdamState(jnp.zeros([], jnp.int32), zeros(), zeros())
+
+  def update(updates, state, params=None):
+    del params
+    count = state.count + 1
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+    t = count.astype(jnp.float32)
+    c1, c2 = 1 - b1**t, 1 - b2**t
+    out = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps / jnp.sqrt(c2)), mu, nu)
+    return out, TfAdamState(count, mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _decay_mask(params):
+  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+
+
+def make_optimizer(hp: OptimHparams, total_steps: int) -> optax.GradientTransformation:
+  """``clip → Adam (optax or TF-style) → decoupled weight decay → −lr(t)``."""
+  schedule = learning_rate(hp, total_steps)
+  parts = []
+  if hp.max_grad_norm is not None:
+    parts.append(optax.clip_by_global_norm(hp.max_grad_norm))
+  if hp.tf_style_eps:
+    parts.append(scale_by_tf_adam(hp.b1, hp.b2, hp.eps))
+  else:
+    parts.append(optax.scale_by_adam(hp.b1, hp.b2, hp.eps))
+  if hp.weight_decay:
+    parts.append(optax.add_decayed_weights(hp.weight_decay, mask=_decay_mask))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts)

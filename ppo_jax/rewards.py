@@ -1,0 +1,60 @@
+"""Reward functions given by import path, and the checks on what they return.
+
+``"package.module:function"`` names ``fn(prompts: list[str], responses: list[str]) ->
+Sequence[float]``. Only that module is imported (the one the user named); nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+class RewardError(ValueError):
+  """A reward function that cannot be imported, raises, or returns something unusable."""
+
+
+def load_reward_fn(path: str) -> RewardFn:
+  """Imports ``"package.module:function"``."""
+  if not isinstance(path, str) or path.count(":") != 1:
+    raise RewardError(f"reward function {path!r}: expected 'package.module:function'")
+  module_name, attr = path.split(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise RewardError(f"reward function {path!r}: cannot import {module_name!r} ({e})") from None
+  fn = getattr(module, attr, None)
+  if not callable(fn):
+    raise RewardError(f"reward function {path!r}: {module_name} has no function {attr!r}")
+  return fn
+
+
+def call_reward_fn(
+  fn: RewardFn,
+  prompts: Sequence[str],
+  responses: Sequence[str],
+  *,
+  name: str = "reward function",
+  step: int | None = None,
+) -> np.ndarray:
+  """``fn(prompts, responses)`` as float32 ``[B]``; raises RewardError naming what went wrong."""
+  where = f"{name}" + (f" at step {step}" if step is not None else "")
+  try:
+    out = fn(list(prompts), list(responses))
+  except Exception as e:  # the user's code: report it on one line, keep the cause chained
+    raise RewardError(f"{where} raised {type(e).__name__}: {e}") from e
+  try:
+    scores = np.asarray(out, dtype=np.float64).reshape(-1)
+  except (TypeError, ValueError):
+    raise RewardError(f"{where} returned {type(out).__name__}, not a sequence of numbers") from None
+  if scores.shape[0] != len(responses) or np.ndim(out) not in (1,):
+    raise RewardError(f"{where} returned {np.shape(out)} values for {len(responses)} responses")
+  bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+  if bad:
+    raise RewardError(f"{where} returned non-finite scores (NaN or inf) for responses {bad[:8]}")
+  return scores.astype(np.float32)

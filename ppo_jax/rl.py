@@ -1,0 +1,245 @@
+"""The PPO stage: a linear loop over iterations around the jitted steps of ``ppo.py``.
+
+Host work per iteration is small: pick the prompt batch (a pure function of seed and step), run
+the jitted steps, and, for a Python reward or a gold scorer, decode the responses to text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ppo_jax import ppo
+from ppo_jax.actor_critic import ActorCritic
+from ppo_jax.data import batch_indices
+from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
+from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer
+from ppo_jax.rewards import RewardFn, call_reward_fn
+
+
+@dataclasses.dataclass
+class Prompts:
+  texts: list[str]
+  ids: np.ndarray  # [N, P] int32, left-padded
+  mask: np.ndarray  # [N, P] int32
+
+  def take(self, idx) -> Prompts:
+    return Prompts([self.texts[i] for i in idx], self.ids[idx], self.mask[idx])
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+
+def decode_responses(tokenizer: Any, tokens_BxN, mask_BxN) -> list[str]:
+  """Response texts without padding or special tokens."""
+  tokens, mask = np.asarray(tokens_BxN), np.asarray(mask_BxN)
+  return tokenizer.batch_decode(
+    [t[m > 0].tolist() for t, m in zip(tokens, mask, strict=True)], skip_special_tokens=True
+  )
+
+
+def build_critic(
+  policy: CausalLM, reward_model: RewardModel | None, *, shared_trunk: bool, init: str, seed: int
+) -> ValueModel | ScalarHead:
+  """The critic: a zero-initialised head on the policy's trunk, or a ValueModel initialised from
+  the reward model (``init="reward_model"``) or from the policy's trunk with a zero head."""
+  cfg = policy.cfg
+  if shared_trunk:
+    return ScalarHead(
+      cfg.hidden_size, zero_init=True, param_dtype=cfg.param_dtype, rngs=nnx.Rngs(seed)
+    )
+  critic = ValueModel(cfg, rngs=nnx.Rngs(seed), zero_init_head=True)
+  source = reward_model if init == "reward_model" else policy
+  if init == "reward_model" and reward_model is None:
+    raise ValueError("ppo.critic_init='reward_model' but there is no reward model")
+  if source.cfg.hidden_size != cfg.hidden_size or source.cfg.num_layers != cfg.num_layers:
+    raise ValueError(
+      "ppo.critic_init='reward_model' needs a reward model of the policy's "
+      "architecture; use ppo.critic_init='policy'"
+    )
+  nnx.update(critic.trunk, nnx.state(source.trunk))
+  if init == "reward_model":
+    nnx.update(critic.head, nnx.state(reward_model.head))
+  return critic
+
+
+@dataclasses.dataclass
+class Scorer:
+  """Where scores come from: the reward model (on device) or a Python function (on the host)."""
+
+  reward_model: RewardModel | None = None
+  fn: RewardFn | None = None
+  fn_name: str = "reward function"
+
+
+def evaluate(
+  fns: ppo.StepFns,
+  policy_params,
+  frozen: ppo.Frozen,
+  prompts: Prompts,
+  tokenizer: Any,
+  *,
+  batch_size: int,
+  scorer: Scorer,
+  gold: RewardFn | None,
+  seed: int,
+) -> dict[str, float]:
+  """Mean score (reward model or function), gold score, KL to the reference and response length
+  of the policy's samples on held-out prompts, with the training sampler and settings.
+
+  Batches have the training batch size (the last one padded), so nothing new is compiled.
+  """
+  totals: dict[str, list[float]] = {"score": [], "kl": [], "length": [], "gold": []}
+  for start in range(0, len(prompts), batch_size):
+    real = min(batch_size, len(prompts) - start)
+    idx = [start + (i if i < real else 0) for i in range(batch_size)]
+    part = prompts.take(idx)
+    ids, mask = jnp.asarray(part.ids), jnp.asarray(part.mask)
+    gen = fns.sample(policy_params, jax.random.key(seed + start), ids, mask)
+    full_ids = jnp.concatenate([ids, gen.tokens], 1)
+    full_mask = jnp.concatenate([mask, gen.mask.astype(jnp.int32)], 1)
+    scores, kl = fns.evaluate(policy_params, frozen, full_ids, full_mask)
+    texts = (
+      decode_responses(tokenizer, gen.tokens[:real], gen.mask[:real])
+      if (scorer.fn or gold)
+      else None
+    )
+    if scorer.fn is not None:
+      scores = call_reward_fn(scorer.fn, part.texts[:real], texts, name=scorer.fn_name)
+    totals["score"] += np.asarray(scores)[:real].tolist()
+    totals["kl"] += np.asarray(kl)[:real].tolist()
+    totals["length"] += np.asarray(gen.lengths)[:real].tolist()
+    if gold is not None:
+      totals["gold"] += call_reward_fn(gold, part.texts[:real], texts, name="gold scorer").tolist()
+  return {k: float(np.mean(v)) for k, v in totals.items() if v}
+
+
+@dataclasses.dataclass
+class PPOResult:
+  policy: CausalLM
+  before: dict[str, float]
+  after: dict[str, float]
+  history: list[dict[str, float]]
+
+
+def run_ppo(
+  policy: CausalLM,
+  scorer: Scorer,
+  prompts: Prompts,
+  eval_prompts: Prompts,
+  tokenizer: Any,
+  *,
+  hp: ppo.PPOHparams,
+  optim: OptimHparams,
+  iterations: int,
+  batch_size: int,
+  critic: ValueModel | ScalarHead,
+  seed: int,
+  fuse: bool = False,
+  gold: RewardFn | None = None,
+  log: Callable[[int, dict[str, float], Callable[[int], list[dict]]], None] | None = None,
+) -> PPOResult:
+  """Runs ``iterations`` PPO iterations of ``batch_size`` prompts against ``scorer``.
+
+  ``log(step, metrics, samples)`` receives each iteration's metrics; ``samples(k)`` builds the
+  sample-table rows of that iteration's first ``k`` responses on demand.
+  """
+  hp.minibatch_layout(batch_size)  # fail early on indivisible sizes
+  models, params, reward_params = ActorCritic.build(policy, critic, scorer.reward_model)
+  total_updates = iterations * hp.num_epochs * hp.num_minibatches
+  tx = make_optimizer(optim, total_updates)
+  fns = ppo.make_step_fns(models, tx, hp, learning_rate(optim, total_updates))
+  state = ppo.init_state(params, tx, hp, seed=seed)
+  ref_params = jax.tree.map(jnp.copy, params["policy"])
+  frozen = ppo.Frozen(ref_params=ref_params, reward_params=reward_params)
+
+  eval_kw = dict(batch_size=batch_size, scorer=scorer, gold=gold, seed=seed + 1)
+  before = (
+    evaluate(fns, state.params["policy"], frozen, eval_prompts, tokenizer, **eval_kw)
+    if len(eval_prompts)
+    else {}
+  )
+  history = []
+  for it in range(iterations):
+    idx = batch_indices(len(prompts), batch_size, it, seed=seed)
+    batch = prompts.take(idx)
+    pids, pmask = jnp.asarray(batch.ids), jnp.asarray(batch.mask)
+    t0 = time.perf_counter()
+    timings = {}
+    if fuse:
+      state, metrics, gen = fns.iterate(state, frozen, pids, pmask)
+      jax.block_until_ready(state.step)
+    else:
+      gen = fns.sample(state.params["policy"], ppo.iteration_keys(state)[0], pids, pmask)
+      jax.block_until_ready(gen.tokens)
+      timings["time/generate"] = time.perf_counter() - t0
+      scores = None
+      if scorer.fn is not None:
+        texts = decode_responses(tokenizer, gen.tokens, gen.mask)
+        scores = jnp.asarray(
+          call_reward_fn(scorer.fn, batch.texts, texts, name=scorer.fn_name, step=it + 1)
+        )
+      t1 = time.perf_counter()
+      exp, state, roll_metrics = fns.score(state, frozen, pids, pmask, gen, scores)
+      jax.block_until_ready(exp.advantages)
+      timings["time/score"] = time.perf_counter() - t1
+      t2 = time.perf_counter()
+      state, upd_metrics = fns.update(state, exp, roll_metrics["objective/kl"])
+      jax.block_until_ready(state.step)
+      timings["time/update"] = time.perf_counter() - t2
+      metrics = {**roll_metrics, **upd_metrics}
+    elapsed = time.perf_counter() - t0
+    fetched = jax.device_get(metrics)
+    row = {k: float(v) for k, v in fetched.items() if np.ndim(v) == 0}
+    per_sample = {k: np.asarray(v) for k, v in fetched.items() if np.ndim(v) == 1}
+    row.update(timings)
+    row["time/iteration"] = elapsed
+    row["tokens_per_s"] = float(np.sum(np.asarray(gen.mask))) / elapsed
+    texts = None
+    if gold is not None:
+      texts = decode_responses(tokenizer, gen.tokens, gen.mask)
+      row["gold/score"] = float(
+        np.mean(call_reward_fn(gold, batch.texts, texts, name="gold scorer"))
+      )
+    history.append(row)
+    if log is not None:
+      log(
+        it + 1,
+        row,
+        lambda k, b=batch, g=gen, t=texts, s=per_sample: _sample_rows(
+          tokenizer, b, g, t, s, gold, k
+        ),
+      )
+  final = nnx.merge(models.policy, state.params["policy"])
+  after = (
+    evaluate(fns, state.params["policy"], frozen, eval_prompts, tokenizer, **eval_kw)
+    if len(eval_prompts)
+    else {}
+  )
+  return PPOResult(policy=final, before=before, after=after, history=history)
+
+
+def _sample_rows(tokenizer, batch: Prompts, gen, texts, per_sample, gold, k: int) -> list[dict]:
+  """The first ``k`` samples: prompt, response, score, KL to the reference (and gold score)."""
+  texts = texts or decode_responses(tokenizer, gen.tokens, gen.mask)
+  k = min(k, len(texts))
+  golds = call_reward_fn(gold, batch.texts[:k], texts[:k]) if gold is not None else None
+  rows = []
+  for i in range(k):
+    row = {
+      "prompt": batch.texts[i],
+      "response": texts[i],
+      "score": float(per_sample["sample/score"][i]),
+      "kl": float(per_sample["sample/kl"][i]),
+    }
+    if golds is not None:
+      row["gold"] = float(golds[i])
+    rows.append(row)
+  return rows

@@ -1,0 +1,160 @@
+"""The supervised stages of RLHF: SFT (masked next-token loss) and the Bradley–Terry reward model.
+
+Both train a plain-dict parameter tree with one jitted step over fixed-shape batches drawn by
+``data.batch_indices`` (deterministic in seed and step) and report held-out metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ppo_jax.actor_critic import policy_logits, reward_scores
+from ppo_jax.data import Sequences, batch_indices
+from ppo_jax.logprobs import token_logprobs
+from ppo_jax.masking import masked_count, masked_mean
+from ppo_jax.optim import OptimHparams, make_optimizer
+from ppo_jax.preference import bradley_terry_loss
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SupervisedHparams:
+  epochs: float = 1.0  # passes over the training rows
+  batch_size: int = 32
+  eval_fraction: float = 0.05  # rows held out for evaluation
+  optim: OptimHparams = dataclasses.field(
+    default_factory=lambda: OptimHparams(lr=1e-4, warmup_steps=10)
+  )
+
+  def steps(self, n_train: int) -> int:
+    return max(1, math.ceil(self.epochs * n_train / self.batch_size))
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses.
+
+
+def sft_loss(params, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, Metrics]:
+  """Token-mean negative log-likelihood of the response tokens (prompt tokens carry no loss).
+
+  ``L = −Σ m·log π(yₜ | y<ₜ, x) / Σ m`` over the response mask ``m``.
+  """
+  n = batch["response_mask"].shape[1]
+  logits, _ = policy_logits(graphdef, params, batch["ids"], batch["mask"], n)
+  targets = batch["ids"][:, -n:]
+  logp = token_logprobs(logits, targets)
+  m = batch["response_mask"]
+  loss = -masked_mean(logp, m)
+  metrics = {
+    "nll": loss,
+    "token_accuracy": masked_mean(jnp.argmax(logits, -1) == targets, m),
+    "num_tokens": masked_count(m),
+  }
+  return loss, metrics
+
+
+def reward_loss(params, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, Metrics]:
+  """Bradley–Terry loss of the reward model on (chosen, rejected) pairs, one forward of 2B rows."""
+  B = batch["chosen_ids"].shape[0]
+  ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+  mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+  scores = reward_scores(graphdef, params, ids, mask)
+  loss, metrics = bradley_terry_loss(scores[:B], scores[B:])
+  metrics["score_mean"] = jnp.mean(scores)
+  return loss, metrics
+
+
+def sft_batch(seqs: Sequences, idx: np.ndarray) -> Batch:
+  return {"ids": seqs.ids[idx], "mask": seqs.mask[idx], "response_mask": seqs.response_mask[idx]}
+
+
+def pair_batch(pairs: tuple[Sequences, Sequences], idx: np.ndarray) -> Batch:
+  chosen, rejected = pairs
+  return {
+    "chosen_ids": chosen.ids[idx],
+    "chosen_mask": chosen.mask[idx],
+    "rejected_ids": rejected.ids[idx],
+    "rejected_mask": rejected.mask[idx],
+  }
+
+
+# --------------------------------------------------------------------------------------------------
+# Training loop.
+
+
+def train(
+  params: Any,
+  graphdef: nnx.GraphDef,
+  loss_fn: Callable[..., tuple[jax.Array, Metrics]],
+  make_batch: Callable[[np.ndarray], Batch],
+  n_train: int,
+  hp: SupervisedHparams,
+  *,
+  seed: int,
+  on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> tuple[Any, list[dict[str, float]]]:
+  """Trains ``params`` for ``hp.steps(n_train)`` steps; returns them and the per-step metrics.
+
+  ``make_batch(row_indices)`` builds a batch of training rows; ``on_step(step, total, metrics)``
+  reports progress.
+  """
+  total = hp.steps(n_train)
+  tx = make_optimizer(hp.optim, total)
+  params = jax.tree.map(jnp.copy, params)  # the step donates them
+  opt_state = tx.init(params)
+
+  def step(params, opt_state, batch):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  history = []
+  batch_size = min(hp.batch_size, n_train)
+  for i in range(total):
+    batch = make_batch(batch_indices(n_train, batch_size, i, seed=seed))
+    params, opt_state, metrics = step(params, opt_state, batch)
+    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    history.append(row)
+    if on_step is not None:
+      on_step(i, total, row)
+  return params, history
+
+
+def evaluate(
+  params: Any, graphdef: nnx.GraphDef, loss_fn, make_batch, n: int, *, batch_size: int
+) -> dict[str, float]:
+  """Metrics over held-out rows, token-weighted where the loss reports ``num_tokens``.
+
+  Only full batches are evaluated (one compilation); a tail of fewer than ``batch_size`` rows is
+  left out, and ``eval_rows`` says how many rows were used.
+  """
+  if n == 0:
+    return {}
+  batch_size = min(batch_size, n)
+  fn = jax.jit(lambda p, b: loss_fn(p, graphdef, b)[1])
+  sums: dict[str, float] = {}
+  weight_total = 0.0
+  used = (n // batch_size) * batch_size
+  for start in range(0, used, batch_size):
+    idx = np.arange(start, start + batch_size)
+    metrics = {k: float(v) for k, v in jax.device_get(fn(params, make_batch(idx))).items()}
+    w = metrics.get("num_tokens", metrics.get("num_pairs", float(batch_size)))
+    weight_total += w
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + v * w
+  out = {k: v / weight_total for k, v in sums.items() if k not in ("num_tokens", "num_pairs")}
+  out["eval_rows"] = float(used)
+  return out

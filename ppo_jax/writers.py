@@ -1,0 +1,142 @@
+"""What a run leaves in its workdir: metrics.jsonl, TensorBoard events, sample tables, PNG plots,
+and a progress bar on the terminal."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+PLOTTED = (
+  "gold/score",
+  "objective/scores",
+  "objective/kl",
+  "objective/kl_coef",
+  "objective/rlhf_reward",
+  "policy/entropy_avg",
+  "policy/clipfrac_avg",
+  "policy/approxkl_avg",
+  "loss/value_avg",
+  "val/var_explained",
+  "response/length",
+  "response/eos_rate",
+)
+
+
+class MetricsWriter:
+  """One JSON object per line (``{"step": …, name: value}``) plus TensorBoard scalars."""
+
+  def __init__(self, path: pathlib.Path, *, tensorboard_dir: pathlib.Path | None, prefix: str = ""):
+    self.path = path
+    self.prefix = prefix
+    path.parent.mkdir(parents=True, exist_ok=True)
+    self._file = path.open("a")
+    self._tb = None
+    if tensorboard_dir is not None:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(tensorboard_dir))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for name, value in metrics.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+          self._tb.add_scalar(self.prefix + name, value, int(step))
+
+  def text(self, tag: str, markdown: str, step: int) -> None:
+    if self._tb is not None:
+      self._tb.add_text(self.prefix + tag, markdown, int(step))
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _jsonable(v: Any) -> Any:
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN; keep it visible rather than dropping the key
+  return v
+
+
+def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+  with path.open() as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def samples_table(rows: Sequence[dict[str, Any]]) -> str:
+  """A Markdown table of sample responses (prompt, response, score, KL, ...)."""
+  if not rows:
+    return ""
+  cols = list(rows[0])
+  esc = lambda v: (f"{v:.3f}" if isinstance(v, float) else str(v)).replace("|", "\\|")
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(esc(r[c]) for c in cols) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def write_samples(
+  folder: pathlib.Path,
+  step: int,
+  rows: Sequence[dict[str, Any]],
+  writer: MetricsWriter | None = None,
+) -> None:
+  """Appends to ``samples.jsonl`` and writes ``samples/step_NNNNNN.md``."""
+  folder.mkdir(parents=True, exist_ok=True)
+  with (folder.parent / "samples.jsonl").open("a") as f:
+    for r in rows:
+      f.write(json.dumps({"step": int(step), **r}) + "\n")
+  table = samples_table(rows)
+  (folder / f"step_{step:06d}.md").write_text(f"# Samples at step {step}\n\n{table}\n")
+  if writer is not None:
+    writer.text("samples", table, step)
+
+
+def plot_metrics(
+  metrics_path: pathlib.Path,
+  out_png: pathlib.Path,
+  *,
+  names: Sequence[str] = PLOTTED,
+  title: str = "",
+) -> pathlib.Path | None:
+  """A grid of curves (one panel per metric present) saved as PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+
+  rows = read_metrics(metrics_path)
+  series = {n: [r[n] for r in rows if isinstance(r.get(n), (int, float))] for n in names}
+  present = [n for n, v in series.items() if len(set(v)) > 1]  # constant series say nothing
+  if not present:
+    return None
+  cols = 4
+  nrows = math.ceil(len(present) / cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
+  for ax, name in zip(axes.flat, present, strict=False):
+    pts = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+    ax.plot(*zip(*pts, strict=True), lw=1.2)
+    ax.set_title(name, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(present) :]:
+    ax.axis("off")
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  out_png.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out_png, dpi=110)
+  plt.close(fig)
+  return out_png
+
+
+def progress_bar(total: int, desc: str, *, enabled: bool = True):
+  """A tqdm bar (disabled: a no-op object with the same methods)."""
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
