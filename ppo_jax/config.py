@@ -168,7 +168,7 @@ def _build(cls: type, node: ml_collections.ConfigDict, path: str, **extra: Any) 
   try:
     return cls(**kwargs)
   except ValueError as e:
-    raise ValueError(f"config.{path}: {e}") from None
+    raise ValueError(f"config.{path}.{e}") from None  # errors start with the field's name
 
 
 @dataclasses.dataclass(frozen=True)

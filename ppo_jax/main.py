@@ -25,10 +25,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder")
 
 
 def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
-  return (
-    f"{type(e).__name__}: {text}" if not isinstance(e, (ValueError, FileNotFoundError)) else text
-  )
+  """The exception as one line (its type too, unless it is plain bad input)."""
+  raw = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError quotes its message
+  text = " ".join(str(raw).replace("\\n", " ").split())
+  return text if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {text}"
 
 
 def enable_compilation_cache() -> None:
@@ -40,13 +40,50 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def check_override_paths(argv: list[str]) -> None:
+  """Raises ValueError naming the first ``--config.a.b=…`` whose field does not exist.
+
+  The config file is loaded here once more, only to know its fields, so a typo is reported as
+  ``unknown config field 'ppo.lrr'; did you mean 'ppo.lr'?`` rather than a bare KeyError.
+  """
+  import difflib
+  import importlib.util
+
+  spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec_arg is None:
+    return
+  path, _, arg = spec_arg.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location("_ppo_jax_experiment", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    dotted = a[len("--config.") :].split("=", 1)[0]
+    node, walked = config, []
+    for key in dotted.split("."):
+      if not hasattr(node, "keys") or key not in node:
+        siblings = list(node.keys()) if hasattr(node, "keys") else []
+        near = difflib.get_close_matches(key, siblings, n=1)
+        hint = f"; did you mean '{'.'.join([*walked, near[0]])}'?" if near else ""
+        raise ValueError(f"unknown config field '{dotted}'{hint}")
+      node, walked = node[key], [*walked, key]
+
+
 def cli(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   try:
+    check_override_paths(argv)
     flags.FLAGS(argv)
     if _CONFIG.value is None or _WORKDIR.value is None:
       raise flags.Error("--config and --workdir are required")
     config = _CONFIG.value
+    from ppo_jax.config import Settings
+
+    Settings.from_config(config)  # every value checked before any work starts
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     print(f"ppo-jax: config error: {_one_line(e)}", file=sys.stderr)
     return 2

@@ -29,10 +29,11 @@ class OptimHparams:
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
       raise ValueError(
-        f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}"
+        f"schedule: unknown {self.schedule!r}; expected one of {', '.join(SCHEDULES)}"
       )
-    if self.lr < 0 or self.warmup_steps < 0:
-      raise ValueError(f"lr and warmup_steps must be ≥ 0, got {self.lr}, {self.warmup_steps}")
+    for name in ("lr", "warmup_steps"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}: must be ≥ 0, got {getattr(self, name)}")
 
 
 def learning_rate(hp: OptimHparams, total_steps: int) -> optax.Schedule:

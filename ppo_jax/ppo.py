@@ -86,10 +86,10 @@ class PPOHparams:
     }
     for name, (value, allowed) in checks.items():
       if value not in allowed:
-        raise ValueError(f"ppo.{name}: unknown {value!r}; expected one of {', '.join(allowed)}")
+        raise ValueError(f"{name}: unknown {value!r}; expected one of {', '.join(allowed)}")
     for name in ("num_epochs", "num_minibatches", "max_new_tokens"):
       if getattr(self, name) < 1:
-        raise ValueError(f"ppo.{name} must be ≥ 1, got {getattr(self, name)}")
+        raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
 
   def minibatch_layout(self, batch_size: int) -> tuple[int, int]:
     """``(minibatch size, micro-batches per minibatch)`` for a rollout of ``batch_size``."""
@@ -371,6 +371,35 @@ def _split(tree, parts: int):
   return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), tree)
 
 
+def minibatch_gradients(
+  models: ActorCritic,
+  params: Params,
+  mb: Experience,
+  kl_coef: jax.Array,
+  n_micro: int,
+  *,
+  hp: PPOHparams,
+) -> tuple[Params, Metrics]:
+  """Gradient and metrics of one minibatch, accumulated over ``n_micro`` micro-batches.
+
+  Each micro-batch's loss is weighted by its share of the minibatch's aggregation weight (tokens
+  for token-mean, non-empty rows for the seq-mean modes), so the summed gradient is the
+  minibatch's own, whatever ``n_micro``.
+  """
+  weights = {
+    "agg": masking.agg_weight(mb.response_mask, hp.agg),
+    "tokens": masking.agg_weight(mb.response_mask, "token-mean"),
+  }
+
+  def micro_step(grads, micro):
+    g, metrics = jax.grad(_loss, has_aux=True)(params, micro, weights, kl_coef, models, hp)
+    return jax.tree.map(jnp.add, grads, g), metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, metrics = jax.lax.scan(micro_step, zeros, _split(mb, n_micro))
+  return grads, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics)
+
+
 def update(
   models: ActorCritic,
   tx: optax.GradientTransformation,
@@ -386,21 +415,10 @@ def update(
 
   def minibatch_step(carry, mb: Experience):
     params, opt_state = carry
-    weights = {
-      "agg": masking.agg_weight(mb.response_mask, hp.agg),
-      "tokens": masking.agg_weight(mb.response_mask, "token-mean"),
-    }
-
-    def micro_step(grads, micro):
-      g, metrics = jax.grad(_loss, has_aux=True)(params, micro, weights, state.kl_coef, models, hp)
-      return jax.tree.map(jnp.add, grads, g), metrics
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, metrics = jax.lax.scan(micro_step, zeros, _split(mb, n_micro))
-    metrics = jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics)
-    metrics["grad/norm"] = optax.global_norm(grads)
-    metrics["grad/policy_norm"] = optax.global_norm(grads["policy"])
-    metrics["grad/value_norm"] = optax.global_norm(grads["value"])
+    grads, metrics = minibatch_gradients(models, params, mb, state.kl_coef, n_micro, hp=hp)
+    metrics["grad/norm"] = optax.tree.norm(grads)
+    metrics["grad/policy_norm"] = optax.tree.norm(grads["policy"])
+    metrics["grad/value_norm"] = optax.tree.norm(grads["value"])
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), metrics
 

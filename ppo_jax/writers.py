@@ -105,10 +105,8 @@ def plot_metrics(
   title: str = "",
 ) -> pathlib.Path | None:
   """A grid of curves (one panel per metric present) saved as PNG."""
-  import matplotlib
-
-  matplotlib.use("Agg", force=False)
-  import matplotlib.pyplot as plt
+  # A standalone Figure: no pyplot, so the caller's matplotlib backend (a notebook's) is untouched.
+  from matplotlib.figure import Figure
 
   rows = read_metrics(metrics_path)
   series = {n: [r[n] for r in rows if isinstance(r.get(n), (int, float))] for n in names}
@@ -117,7 +115,8 @@ def plot_metrics(
     return None
   cols = 4
   nrows = math.ceil(len(present) / cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
+  fig = Figure(figsize=(4 * cols, 2.8 * nrows))
+  axes = fig.subplots(nrows, cols, squeeze=False)
   for ax, name in zip(axes.flat, present, strict=False):
     pts = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
     ax.plot(*zip(*pts, strict=True), lw=1.2)
@@ -131,7 +130,6 @@ def plot_metrics(
   fig.tight_layout()
   out_png.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out_png, dpi=110)
-  plt.close(fig)
   return out_png
 
 

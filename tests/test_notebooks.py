@@ -5,6 +5,7 @@ import pathlib
 
 import nbformat
 import pytest
+from conftest import reuse_stages
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
@@ -23,8 +24,10 @@ def test_notebook_is_stored_stripped(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_executes(path, tmp_path, monkeypatch):
+def test_notebook_executes(path, tmp_path, monkeypatch, request):
   nb = nbformat.read(path, as_version=4)
+  if path.name.startswith("02_"):  # the PPO run reuses the smoke run's SFT and reward model
+    reuse_stages(request.getfixturevalue("smoke_run")[0], tmp_path)
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setenv("PPO_JAX_NOTEBOOK_WORKDIR", str(tmp_path))

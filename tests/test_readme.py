@@ -24,3 +24,29 @@ def test_readme_python_example_runs(capsys):
   exec(compile(example, "README.md", "exec"), {})
   printed = capsys.readouterr().out.split()
   assert len(printed) == 3 and all(float(x) == float(x) for x in printed)  # three finite floats
+
+
+def config_fields() -> list[str]:
+  from ppo_jax.config import base_config
+
+  out = []
+
+  def walk(node, prefix):
+    for key in node.keys():
+      if hasattr(node[key], "keys"):
+        walk(node[key], f"{prefix}{key}.")
+      else:
+        out.append(prefix + key)
+
+  walk(base_config(), "")
+  return out
+
+
+def test_every_config_field_is_documented():
+  """docs/config.md names each field: `section.field`, or `*.optim.x` for the optimizers."""
+  doc = (ROOT / "docs" / "config.md").read_text()
+  names = config_fields()
+  assert len(names) > 90
+  shared = lambda n: ".optim." in n and f"`*.optim.{n.rsplit('.', 1)[1]}`" in doc
+  missing = [n for n in names if f"`{n}`" not in doc and not shared(n)]
+  assert not missing, f"fields missing from docs/config.md: {missing}"

@@ -1,0 +1,113 @@
+"""The command line: the console script runs, and bad input gets one line naming the problem."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, reuse_stages
+
+EXPERIMENT = str(ROOT / "experiments" / "default.py")
+
+
+def _cli(*args, cwd=ROOT):
+  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+  proc = subprocess.run(
+    [sys.executable, "-m", "ppo_jax.main", *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  return proc.returncode, proc.stdout, proc.stderr.strip()
+
+
+def test_console_script_runs_the_smoke_config(smoke_run, tmp_path):
+  workdir = reuse_stages(smoke_run[0], tmp_path / "cli")
+  proc = subprocess.run(
+    [
+      os.path.join(os.path.dirname(sys.executable), "ppo-jax"),
+      f"--config={EXPERIMENT}:smoke",
+      f"--workdir={workdir}",
+      "--config.ppo.iterations=2",
+      "--config.log.progress=False",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ},
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "found" in proc.stdout and "summary" in proc.stdout
+  assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
+  assert json.loads((workdir / "config.json").read_text())["ppo"]["iterations"] == 2
+
+
+@pytest.mark.parametrize(
+  "override,expected",
+  [
+    ("--config.ppo.lrr=1e-5", "unknown config field 'ppo.lrr'"),
+    ("--config.ppo.optim.lrr=1e-5", "field 'ppo.optim.lrr'; did you mean 'ppo.optim.lr'?"),
+    ("--config.pppo.lr=1", "unknown config field 'pppo.lr'; did you mean 'ppo'?"),
+    ("--config.ppo.clip_eps=abc", "could not convert string to float: 'abc'"),
+    ("--config.ppo.agg=mean", "config.ppo.agg: unknown 'mean'"),
+    ("--config.reward.source=function", "needs config.reward.fn="),
+  ],
+)
+def test_config_errors_are_one_line(tmp_path, override, expected):
+  code, _, err = _cli(f"--config={EXPERIMENT}", f"--workdir={tmp_path}", override)
+  assert code == 2
+  assert err.count("\n") == 0 and err.startswith("ppo-jax: config error:"), err
+  assert expected in err
+
+
+def test_missing_workdir(tmp_path):
+  code, _, err = _cli(f"--config={EXPERIMENT}")
+  assert code == 2 and "--config and --workdir are required" in err
+
+
+def _files_args(tokenizer, prompts, tmp_path, *extra):
+  return (
+    f"--config={EXPERIMENT}",
+    f"--workdir={tmp_path / 'run'}",
+    "--config.task.name=files",
+    f"--config.data.prompts={prompts}",
+    f"--config.model.tokenizer={tokenizer}",
+    "--config.log.progress=False",
+    *extra,
+  )
+
+
+def test_malformed_jsonl_names_file_and_line(smoke_run, tmp_path):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "review the film :"}\n{"prompt": "review the\n')
+  code, _, err = _cli(*_files_args(smoke_run[0] / "data" / "tokenizer", prompts, tmp_path))
+  assert code == 1 and err.count("\n") == 0
+  assert f"{prompts}:2: not valid JSON" in err
+
+
+def test_prompt_longer_than_allowed(smoke_run, tmp_path):
+  prompts = tmp_path / "prompts.jsonl"
+  long = " ".join(["the"] * 30)
+  prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["review the film :", long]))
+  code, _, err = _cli(*_files_args(smoke_run[0] / "data" / "tokenizer", prompts, tmp_path))
+  assert code == 1 and err.count("\n") == 0
+  assert "row 2: prompt of 30 tokens is longer than data.max_prompt_len=8" in err
+
+
+def test_tokenizer_larger_than_the_embedding(smoke_run, tmp_path):
+  from ppo_jax.tokenizer import build_word_tokenizer
+
+  big = build_word_tokenizer([f"w{i}" for i in range(200)])
+  big.save_pretrained(str(tmp_path / "big_tok"))
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("\n".join(json.dumps({"prompt": f"w{i} w{i + 1}"}) for i in range(8)))
+  code, _, err = _cli(
+    *_files_args(
+      tmp_path / "big_tok", prompts, tmp_path, f"--config.model.init={smoke_run[0] / 'sft'}"
+    )
+  )
+  assert code == 1 and err.count("\n") == 0
+  assert "tokenizer has 204 tokens but the model's embedding has only 50 rows" in err

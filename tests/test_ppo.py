@@ -1,0 +1,166 @@
+"""The PPO step on tiny models: experience assembly, micro-batching, fusion, compilation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ppo_jax import ppo
+from ppo_jax.actor_critic import ActorCritic
+from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ScalarHead, ValueModel
+from ppo_jax.optim import OptimHparams, make_optimizer
+
+CFG = ModelConfig.gpt2(
+  vocab_size=24,
+  hidden_size=32,
+  num_layers=1,
+  num_heads=2,
+  max_position_embeddings=24,
+  initializer_range=0.2,
+)
+B, P, N, EOS = 8, 5, 6, 1
+HP = ppo.PPOHparams(
+  max_new_tokens=N, eos_token_id=EOS, temperature=1.0, num_epochs=2, num_minibatches=2
+)
+
+
+def build(hp=HP, *, shared=False, lr=1e-3):
+  policy = CausalLM(CFG, rngs=nnx.Rngs(0))
+  reward = RewardModel(CFG, rngs=nnx.Rngs(1))
+  critic = (
+    ScalarHead(CFG.hidden_size, rngs=nnx.Rngs(2)) if shared else ValueModel(CFG, rngs=nnx.Rngs(3))
+  )
+  models, params, reward_params = ActorCritic.build(policy, critic, reward)
+  tx = make_optimizer(OptimHparams(lr=lr, schedule="constant"), 100)
+  state = ppo.init_state(params, tx, hp, seed=0)
+  frozen = ppo.Frozen(
+    ref_params=jax.tree.map(jnp.copy, params["policy"]), reward_params=reward_params
+  )
+  return models, tx, state, frozen, ppo.make_step_fns(models, tx, hp)
+
+
+PROMPTS = jnp.asarray(np.random.default_rng(0).integers(2, 24, (B, P)), jnp.int32)
+PROMPT_MASK = jnp.ones((B, P), jnp.int32).at[1, :2].set(0).at[5, :1].set(0)
+
+
+def one_iteration(fns, state, frozen, scores=None):
+  gen = fns.sample(state.params["policy"], ppo.iteration_keys(state)[0], PROMPTS, PROMPT_MASK)
+  exp, state, roll = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, scores)
+  state, upd = fns.update(state, exp, roll["objective/kl"])
+  return state, {**roll, **upd}, gen, exp
+
+
+def test_returns_are_score_minus_kl_penalty_with_gamma_and_lambda_one():
+  hp = dataclasses.replace(HP, gamma=1.0, lam=1.0, whiten_advantages=False, kl_coef=0.3)
+  _, _, state, frozen, fns = build(hp)
+  # A policy that is not the reference, so the KL penalty is not zero.
+  frozen = frozen.replace(ref_params=jax.tree.map(lambda x: x * 1.5, frozen.ref_params))
+  gen = fns.sample(state.params["policy"], jax.random.key(3), PROMPTS, PROMPT_MASK)
+  scores = jnp.linspace(-1.0, 2.0, B)
+  exp, _, metrics = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, scores)
+  kl = (exp.old_logprobs - exp.ref_logprobs) * gen.mask
+  has_eos = np.asarray(jnp.any((gen.tokens == EOS) & (gen.mask > 0), -1))
+  # With γ = λ = 1, R₀ = Σₜ rₜ = score − β Σₜ KLₜ (no bootstrap past the last token).
+  np.testing.assert_allclose(exp.returns[:, 0], scores - 0.3 * kl.sum(-1), rtol=1e-5, atol=1e-5)
+  assert float(metrics["objective/kl"]) == pytest.approx(float(kl.sum(-1).mean()), rel=1e-5)
+  assert float(metrics["response/eos_rate"]) == pytest.approx(has_eos.mean())
+  np.testing.assert_array_equal(exp.advantages * (1 - gen.mask), 0.0)
+
+
+def test_missing_eos_penalty_and_running_score_statistics():
+  hp = dataclasses.replace(HP, missing_eos_penalty=2.0, normalize_scores=True)
+  _, _, state, frozen, fns = build(hp)
+  gen = fns.sample(state.params["policy"], jax.random.key(4), PROMPTS, PROMPT_MASK)
+  has_eos = np.asarray(jnp.any((gen.tokens == EOS) & (gen.mask > 0), -1))
+  assert 0 < has_eos.sum() < B  # both kinds of rows are present
+  scores = jnp.arange(B, dtype=jnp.float32)
+  _, state, m = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, scores)
+  penalised = np.where(has_eos, np.arange(B), np.arange(B) - 2.0)
+  np.testing.assert_allclose(m["sample/score"], penalised)
+  _, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, scores * 3)
+  seen = np.concatenate([penalised, np.where(has_eos, 3 * np.arange(B), 3 * np.arange(B) - 2.0)])
+  assert float(state.score_stats.mean) == pytest.approx(seen.mean(), rel=1e-6)
+  assert float(state.score_stats.std) == pytest.approx(seen.std(ddof=1), rel=1e-5)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
+def test_micro_batch_gradients_equal_the_full_minibatch_gradient(agg):
+  """Gradient and metrics of a minibatch of 8 in 4 micro-batches equal those in one."""
+  hp = dataclasses.replace(HP, agg=agg, kl_mode="loss", entropy_coef=0.01)
+  models, _, state, frozen, fns = build(hp)
+  gen = fns.sample(state.params["policy"], jax.random.key(5), PROMPTS, PROMPT_MASK)
+  exp, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)
+  exp = exp.replace(ref_logprobs=exp.ref_logprobs - 0.1)  # a KL term that is not zero
+  grads = jax.jit(
+    lambda n: ppo.minibatch_gradients(models, state.params, exp, state.kl_coef, n, hp=hp),
+    static_argnums=0,
+  )
+  (g1, m1), (g4, m4) = grads(1), grads(4)
+  assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g1)) > 0
+  # float32 sums in another order: tolerance relative to the gradient's largest entry.
+  scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g1))
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
+  for k in m1:
+    assert float(m1[k]) == pytest.approx(float(m4[k]), rel=1e-5, abs=1e-6), k
+
+
+def test_first_minibatch_ratio_is_exactly_one():
+  _, _, state, frozen, fns = build()
+  for _ in range(3):
+    state, metrics, _, _ = one_iteration(fns, state, frozen)
+    assert float(metrics["policy/approxkl_first_minibatch"]) < 1e-6
+    assert float(metrics["policy/clipfrac_first_minibatch"]) == 0.0
+
+
+def test_fused_iteration_equals_the_separate_programs():
+  _, _, s1, frozen, fns = build()
+  _, _, s2, _, _ = build()
+  s1, m1, gen1, _ = one_iteration(fns, s1, frozen)
+  s2, m2, gen2 = fns.iterate(s2, frozen, PROMPTS, PROMPT_MASK)
+  np.testing.assert_array_equal(gen1.tokens, gen2.tokens)
+  for k in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg"):
+    assert float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5, abs=1e-6), k
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert int(s1.step) == int(s2.step) == 1
+
+
+def test_nothing_recompiles_after_the_first_iteration():
+  _, _, state, frozen, fns = build()
+  for _ in range(3):
+    state, _, _, _ = one_iteration(fns, state, frozen)
+    state, _, _ = fns.iterate(state, frozen, PROMPTS, PROMPT_MASK)
+  for name in ("sample", "score", "update", "iterate"):
+    assert getattr(fns, name)._cache_size() == 1, name
+
+
+def test_value_head_on_the_policy_trunk():
+  _, _, state, frozen, fns = build(shared=True)
+  assert set(state.params["value"]) == {"kernel"}  # only the head: no second trunk
+  before = jax.tree.map(jnp.copy, state.params)
+  state, metrics, _, _ = one_iteration(fns, state, frozen)
+  assert np.isfinite(float(metrics["loss/value_avg"]))
+  assert not np.allclose(before["value"]["kernel"], state.params["value"]["kernel"])
+
+
+def test_adaptive_kl_and_kl_as_loss():
+  hp = dataclasses.replace(HP, kl_adaptive=True, kl_target=1e-3, kl_horizon=100.0, kl_mode="loss")
+  _, _, state, frozen, fns = build(hp, lr=1e-2)
+  coefs = []
+  for _ in range(4):
+    state, metrics, _, _ = one_iteration(fns, state, frozen)
+    coefs.append(float(state.kl_coef))
+  assert float(metrics["objective/non_score_reward"]) == 0.0  # the KL is not in the reward
+  assert float(metrics["loss/kl_avg"]) > 0.0
+  assert coefs[-1] > coefs[0]  # KL above its tiny target: the coefficient rises
+
+
+def test_indivisible_batch_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"not divisible by ppo\.num_minibatches"):
+    dataclasses.replace(HP, num_minibatches=3).minibatch_layout(8)
+  with pytest.raises(ValueError, match=r"not divisible by ppo\.micro_batch_size"):
+    dataclasses.replace(HP, micro_batch_size=3).minibatch_layout(8)
