@@ -8,10 +8,13 @@ adjectives), then PPO against that reward model with a KL penalty to the SFT pol
   python -m ppo_jax.main --config=experiments/default.py --workdir=runs/default
   python -m ppo_jax.main --config=experiments/default.py:smoke --workdir=runs/smoke
 
-Hardware: any CPU; nothing is downloaded. Expected (2-core CPU, see README "Results"): about
-3 minutes end to end; the gold score of the policy's reviews rises from about 0 after SFT to about
-0.8 after PPO at a KL of a few nats per review; the reward model reaches about 0.8 held-out accuracy
-on the noisy labels. ``smoke`` shrinks every stage to run in under a minute on one core.
+Hardware: any CPU; nothing is downloaded. Expected on a 2-core CPU (measured 2026-11-21, see
+README "What the default experiment does"): about 1 minute end to end; the gold score of the
+policy's reviews rises from about 0 after SFT to 0.85 (mean of 3 seeds, 0.74–0.94) after PPO at a
+KL of about 4 nats per review; the reward model reaches 0.75–0.84 held-out accuracy on labels that
+agree with gold 87 % of the time. ``smoke`` shrinks the data and the PPO stage and skips the
+held-out evaluation: about 40 s on one core from a cold start, the gold score still rising by
+about 0.3.
 """
 
 from ppo_jax.config import base_config

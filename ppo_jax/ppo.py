@@ -7,7 +7,7 @@ PPO", https://arxiv.org/abs/2403.17031):
 2. ``make_experience``: log-probs of the policy and the frozen reference, critic values, the
    score (reward model at the last real token, or given), the EOS penalty, the per-token reward
    ``rₜ = −β·KLₜ (+ score at the last token)``, GAE, whitening.
-3. ``update``: ``num_epochs`` × ``num_minibatches`` clipped policy and value steps, each a
+3. ``train_step``: ``num_epochs`` × ``num_minibatches`` clipped policy and value steps, each a
    ``lax.scan``; a minibatch may be split in micro-batches whose gradients add up to exactly the
    minibatch's token-mean gradient.
 
@@ -400,15 +400,26 @@ def minibatch_gradients(
   return grads, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics)
 
 
-def update(
-  models: ActorCritic,
-  tx: optax.GradientTransformation,
-  state: PPOState,
-  exp: Experience,
-  *,
-  hp: PPOHparams,
+@dataclasses.dataclass(frozen=True)
+class TrainHparams:
+  """What ``train_step`` needs besides arrays (hashable: a jit static argument)."""
+
+  models: ActorCritic
+  tx: optax.GradientTransformation
+  ppo: PPOHparams
+
+
+def train_step(
+  state: PPOState, batch: Experience, *, hparams: TrainHparams
 ) -> tuple[PPOState, Metrics]:
-  """``num_epochs`` passes over the experience in ``num_minibatches`` shuffled minibatches."""
+  """PPO's update: ``num_epochs`` passes over ``batch`` in ``num_minibatches`` minibatches.
+
+  Each epoch draws a fresh permutation; epochs and minibatches are ``lax.scan``s, and a minibatch
+  may be accumulated over micro-batches (``minibatch_gradients``). Jit it with
+  ``jax.jit(train_step, static_argnames="hparams", donate_argnums=0)``.
+  """
+  models, tx, hp = hparams.models, hparams.tx, hparams.ppo
+  exp = batch
   B = exp.ids.shape[0]
   _, n_micro = hp.minibatch_layout(B)
   _, perm_key = iteration_keys(state)
@@ -505,7 +516,7 @@ def make_step_fns(
     return make_experience(models, state, frozen, prompt_ids, prompt_mask, gen, scores, hp=hp)
 
   def update_fn(state, exp, rollout_kl):
-    new_state, metrics = update(models, tx, state, exp, hp=hp)
+    new_state, metrics = train_step(state, exp, hparams=TrainHparams(models, tx, hp))
     if lr_schedule is not None:
       metrics["lr"] = jnp.asarray(lr_schedule(state.step * hp.num_epochs * hp.num_minibatches))
     new_state = finish_iteration(new_state, {"objective/kl": rollout_kl}, exp.ids.shape[0], hp=hp)
