@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from ppo_jax.checkpoint import CheckpointSettings
 from ppo_jax.optim import OptimHparams
 from ppo_jax.ppo import PPOHparams
 from ppo_jax.supervised import SupervisedHparams
@@ -84,6 +85,7 @@ class PPORunSettings:
   value_head_on_policy: bool = False  # critic = a head on the policy's trunk (less memory)
   critic_init: str = "reward_model"  # reward_model | policy (trunk + zero-initialised head)
   fuse: bool = False  # one XLA program per iteration (reward model only; no per-phase times)
+  max_nonfinite: int = 3  # consecutive updates skipped for NaN/inf before the run stops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,7 @@ SECTIONS: dict[str, tuple[type, ...]] = {
   "reward": (RewardSettings,),
   "ppo": (PPOHparams, PPORunSettings),
   "log": (LogSettings,),
+  "checkpoint": (CheckpointSettings,),
 }
 
 
@@ -186,6 +189,7 @@ class Settings:
   ppo_run: PPORunSettings
   ppo_optim: OptimHparams
   log: LogSettings
+  checkpoint: CheckpointSettings
   raw: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
 
   @classmethod
@@ -202,6 +206,7 @@ class Settings:
       ppo_run=_build(PPORunSettings, config.ppo, "ppo"),
       ppo_optim=_build(OptimHparams, config.ppo.optim, "ppo.optim"),
       log=_build(LogSettings, config.log, "log"),
+      checkpoint=_build(CheckpointSettings, config.checkpoint, "checkpoint"),
       raw=config,
     )
     settings.ppo(eos_token_id=None, pad_token_id=0)  # validates the PPO fields now

@@ -22,6 +22,12 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (python)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder")
+_RESUME = flags.DEFINE_bool(
+  "resume",
+  True,
+  "continue from the workdir's finished stages and "
+  "latest PPO checkpoint (--noresume refuses a workdir with checkpoints)",
+)
 
 
 def _one_line(e: BaseException) -> str:
@@ -73,8 +79,33 @@ def check_override_paths(argv: list[str]) -> None:
       node, walked = node[key], [*walked, key]
 
 
+def export(argv: list[str]) -> int:
+  """`ppo-jax export --workdir DIR [--step N] --out DIR`: a checkpointed policy as an HF folder."""
+  import argparse
+
+  parser = argparse.ArgumentParser(prog="ppo-jax export", description=export.__doc__)
+  parser.add_argument("--workdir", required=True, help="a ppo_jax workdir with checkpoints/")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  parser.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
+  args = parser.parse_args(argv)
+  from ppo_jax.checkpoint import export_policy
+
+  try:
+    step = export_policy(args.workdir, args.out, step=args.step)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"ppo-jax export: error: {_one_line(e)}", file=sys.stderr)
+    return 1
+  print(f"wrote the policy of step {step} to {args.out}")
+  return 0
+
+
 def cli(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's INFO/WARNING chatter drowns the output
+  if len(argv) > 1 and argv[1] == "export":
+    return export(argv[2:])
   try:
     check_override_paths(argv)
     flags.FLAGS(argv)
@@ -87,12 +118,17 @@ def cli(argv: list[str] | None = None) -> int:
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     print(f"ppo-jax: config error: {_one_line(e)}", file=sys.stderr)
     return 2
+  from ppo_jax.checkpoint import Preempted
   from ppo_jax.pipeline import run
+  from ppo_jax.rl import NonFiniteError
 
   enable_compilation_cache()
   try:
-    run(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+    run(config, _WORKDIR.value, resume=_RESUME.value)
+  except Preempted as e:  # a requested stop: what could be saved is saved
+    print(f"ppo-jax: {e}; run the same command again to resume", flush=True)
+    return 0
+  except (ValueError, FileNotFoundError, NonFiniteError) as e:  # one line, no traceback
     print(f"ppo-jax: error: {_one_line(e)}", file=sys.stderr)
     return 1
   return 0

@@ -16,10 +16,11 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ppo_jax import data, rl, supervised, synthetic, writers
+from ppo_jax import checkpoint, data, rl, synthetic, writers
 from ppo_jax.config import Settings
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.rewards import load_reward_fn
+from ppo_jax.stages import run_reward_model, run_sft
 from ppo_jax.tokenizer import load_tokenizer
 
 _LAST_BANNER = [time.perf_counter()]
@@ -36,6 +37,7 @@ def banner(title: str) -> None:
 @dataclasses.dataclass
 class Inputs:
   tokenizer: Any
+  tokenizer_path: str
   prompts: str
   sft: str | None
   preferences: str | None
@@ -58,6 +60,7 @@ def prepare_inputs(s: Settings, workdir: pathlib.Path) -> Inputs:
     gold = s.task.gold or "ppo_jax.synthetic:gold_score"
     return Inputs(
       load_tokenizer(tok),
+      tok,
       paths["prompts"],
       paths["sft"],
       paths["preferences"],
@@ -68,7 +71,7 @@ def prepare_inputs(s: Settings, workdir: pathlib.Path) -> Inputs:
   if tok is None:
     raise ValueError("config.model.tokenizer is required when config.model.init='scratch'")
   return Inputs(
-    load_tokenizer(tok), s.data.prompts, s.data.sft, s.data.preferences, s.task.gold, {}
+    load_tokenizer(tok), tok, s.data.prompts, s.data.sft, s.data.preferences, s.task.gold, {}
   )
 
 
@@ -114,130 +117,105 @@ def check_compatible(cfg: ModelConfig, tokenizer: Any, max_len: int) -> None:
     )
 
 
-def _stage_done(folder: pathlib.Path) -> bool:
-  return (folder / "config.json").is_file() and any(folder.glob("*.safetensors*"))
-
-
-def _supervised_logger(workdir, name, total, progress):
-  writer = writers.MetricsWriter(workdir / f"{name}_metrics.jsonl", tensorboard_dir=None)
-  bar = writers.progress_bar(total, name, enabled=progress)
-
-  def on_step(i, n, row):
-    writer.write(i + 1, row)
-    bar.update(1)
-    if i % 10 == 0 or i + 1 == n:
-      bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("nll", "loss", "accuracy")})
-
-  return on_step, lambda: (bar.close(), writer.close())
-
-
-def run_sft(
-  s: Settings, policy: CausalLM, inputs: Inputs, layout: data.Layout, workdir: pathlib.Path
-) -> tuple[CausalLM, dict]:
-  out = workdir / "sft"
-  if _stage_done(out):
-    print(f"found {out}: loading it instead of training")
-    return from_pretrained(
-      out, dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat
-    ), {}
-  if not inputs.sft or s.sft.epochs == 0:
-    print("no SFT (no data.sft file, or sft.epochs=0)")
-    return policy, {}
-  seqs = data.load_sft(inputs.sft, inputs.tokenizer, layout)
-  train_idx, eval_idx = data.split_holdout(len(seqs), s.sft.eval_fraction, seed=s.seed)
-  train_set, eval_set = seqs.take(train_idx), seqs.take(eval_idx)
-  print(
-    f"{len(train_set)} training and {len(eval_set)} held-out pairs from {inputs.sft}"
-    + (
-      f" ({seqs.truncated} responses cut at {layout.response_len} tokens)" if seqs.truncated else ""
+def run_ppo_stage(
+  s: Settings,
+  config,
+  policy: CausalLM,
+  reward_model: RewardModel | None,
+  inputs: Inputs,
+  prompts: rl.Prompts,
+  eval_prompts: rl.Prompts,
+  hp,
+  workdir: pathlib.Path,
+  *,
+  resume: bool,
+) -> rl.PPOResult:
+  """PPO with its logs and checkpoints (resumed from ``WORKDIR/checkpoints`` when present)."""
+  scorer = rl.Scorer(
+    reward_model=reward_model if s.reward.source == "model" else None,
+    fn=load_reward_fn(s.reward.fn) if s.reward.source == "function" else None,
+    fn_name=s.reward.fn or "",
+  )
+  gold = load_reward_fn(inputs.gold) if inputs.gold else None
+  critic = rl.build_critic(
+    policy,
+    reward_model,
+    shared_trunk=s.ppo_run.value_head_on_policy,
+    init=s.ppo_run.critic_init,
+    seed=s.seed + 2,
+  )
+  with checkpoint.Checkpointer(workdir / "checkpoints", s.checkpoint) as ckpt:
+    resume_step = (ckpt.latest_step() or 0) if resume else 0
+    writers.truncate_jsonl(workdir / "samples.jsonl", resume_step)
+    tb_dir = workdir / "tensorboard" if s.log.tensorboard else None
+    writer = writers.MetricsWriter(
+      workdir / "metrics.jsonl", tensorboard_dir=tb_dir, resume_step=resume_step
     )
-  )
-  graphdef, params = nnx.split(policy)
-  on_step, close = _supervised_logger(workdir, "sft", s.sft.steps(len(train_set)), s.log.progress)
-  params, _ = supervised.train(
-    nnx.to_pure_dict(params),
-    graphdef,
-    supervised.sft_loss,
-    lambda i: supervised.sft_batch(train_set, i),
-    len(train_set),
-    s.sft,
-    seed=s.seed,
-    on_step=on_step,
-  )
-  close()
-  policy = nnx.merge(graphdef, params)
-  held_out = supervised.evaluate(
-    params,
-    graphdef,
-    supervised.sft_loss,
-    lambda i: supervised.sft_batch(eval_set, i),
-    len(eval_set),
-    batch_size=s.sft.batch_size,
-  )
-  print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
-  save_pretrained(policy, out, tokenizer=inputs.tokenizer)
-  return policy, held_out
+    bar = writers.progress_bar(s.ppo_run.iterations, "ppo", enabled=s.log.progress)
+    bar.update(resume_step)
+
+    def log(step, row, samples):
+      writer.write(step, row)
+      bar.update(1)
+      gold_text = {"gold": f"{row['gold/score']:.3f}"} if "gold/score" in row else {}
+      bar.set_postfix(
+        {"score": f"{row['objective/scores']:.3f}", "kl": f"{row['objective/kl']:.3f}", **gold_text}
+      )
+      every = s.log.samples_every
+      if every and (step % every == 0 or step == s.ppo_run.iterations):
+        writers.write_samples(workdir / "samples", step, samples(s.log.num_samples), writer)
+
+    record = {
+      "config": json.loads(config.to_json_best_effort()),
+      "model_config": policy.cfg.to_dict(),
+      "tokenizer": str(pathlib.Path(inputs.tokenizer_path).absolute()),
+    }
+    try:
+      return rl.run_ppo(
+        policy,
+        scorer,
+        prompts,
+        eval_prompts,
+        inputs.tokenizer,
+        hp=hp,
+        optim=s.ppo_optim,
+        iterations=s.ppo_run.iterations,
+        batch_size=s.ppo_run.batch_size,
+        critic=critic,
+        seed=s.seed,
+        fuse=s.ppo_run.fuse,
+        gold=gold,
+        log=log,
+        checkpointer=ckpt,
+        record=record,
+        max_nonfinite=s.ppo_run.max_nonfinite,
+      )
+    finally:
+      bar.close()
+      writer.close()
 
 
-def run_reward_model(
-  s: Settings, policy: CausalLM, inputs: Inputs, layout: data.Layout, workdir: pathlib.Path
-) -> tuple[RewardModel | None, dict]:
-  out = workdir / "reward_model"
-  kw = dict(dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
-  if s.reward.model:
-    print(f"reward model: {s.reward.model}")
-    return from_pretrained(s.reward.model, kind="reward", **kw), {}
-  if not s.rm_run.enabled:
-    return None, {}
-  if _stage_done(out):
-    print(f"found {out}: loading it instead of training")
-    return from_pretrained(out, kind="reward", **kw), {}
-  if not inputs.preferences:
-    raise ValueError("config.rm.enabled=True needs config.data.preferences=FILE.jsonl")
-  chosen, rejected = data.load_preferences(inputs.preferences, inputs.tokenizer, layout)
-  train_idx, eval_idx = data.split_holdout(len(chosen), s.rm.eval_fraction, seed=s.seed)
-  train_pairs = (chosen.take(train_idx), rejected.take(train_idx))
-  eval_pairs = (chosen.take(eval_idx), rejected.take(eval_idx))
-  print(
-    f"{len(train_idx)} training and {len(eval_idx)} held-out preference pairs from "
-    f"{inputs.preferences}"
-  )
-  rm = RewardModel(policy.cfg, rngs=nnx.Rngs(s.seed + 1))
-  if s.rm_run.init == "policy":
-    nnx.update(rm.trunk, nnx.state(policy.trunk))
-  graphdef, params = nnx.split(rm)
-  on_step, close = _supervised_logger(workdir, "rm", s.rm.steps(len(train_idx)), s.log.progress)
-  params, _ = supervised.train(
-    nnx.to_pure_dict(params),
-    graphdef,
-    supervised.reward_loss,
-    lambda i: supervised.pair_batch(train_pairs, i),
-    len(train_idx),
-    s.rm,
-    seed=s.seed + 1,
-    on_step=on_step,
-  )
-  close()
-  rm = nnx.merge(graphdef, params)
-  held_out = supervised.evaluate(
-    params,
-    graphdef,
-    supervised.reward_loss,
-    lambda i: supervised.pair_batch(eval_pairs, i),
-    len(eval_idx),
-    batch_size=s.rm.batch_size,
-  )
-  print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
-  save_pretrained(rm, out, tokenizer=inputs.tokenizer)
-  return rm, held_out
+def run(config, workdir: str | pathlib.Path, *, resume: bool = True) -> dict[str, Any]:
+  """Runs the whole pipeline; returns a summary (also written to ``summary.json``).
+
+  SIGTERM/SIGINT stop it at the next step boundary (``checkpoint.Preempted``), after saving a PPO
+  checkpoint. With ``resume`` (the default) a workdir's finished stages and latest PPO checkpoint
+  are picked up; ``resume=False`` refuses a workdir that holds checkpoints.
+  """
+  with checkpoint.GUARD:
+    return _run(config, pathlib.Path(workdir), resume=resume)
 
 
-def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Runs the whole pipeline; returns a summary (also written to ``summary.json``)."""
+def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   t_start = time.perf_counter()
   s = Settings.from_config(config)
-  workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  ckpt_dir = workdir / "checkpoints"
+  if not resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+    raise ValueError(
+      f"{ckpt_dir} holds checkpoints and resuming is off; use a new workdir (or "
+      "resume, the default)"
+    )
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   print(
     f"ppo_jax: workdir {workdir}, jax {jax.__version__} on {jax.devices()[0].platform} "
@@ -276,57 +254,9 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir)
 
   banner("3/3 PPO")
-  scorer = rl.Scorer(
-    reward_model=reward_model if s.reward.source == "model" else None,
-    fn=load_reward_fn(s.reward.fn) if s.reward.source == "function" else None,
-    fn_name=s.reward.fn or "",
+  result = run_ppo_stage(
+    s, config, policy, reward_model, inputs, prompts, eval_prompts, hp, workdir, resume=resume
   )
-  gold = load_reward_fn(inputs.gold) if inputs.gold else None
-  critic = rl.build_critic(
-    policy,
-    reward_model,
-    shared_trunk=s.ppo_run.value_head_on_policy,
-    init=s.ppo_run.critic_init,
-    seed=s.seed + 2,
-  )
-  tb_dir = workdir / "tensorboard" if s.log.tensorboard else None
-  writer = writers.MetricsWriter(workdir / "metrics.jsonl", tensorboard_dir=tb_dir)
-  bar = writers.progress_bar(s.ppo_run.iterations, "ppo", enabled=s.log.progress)
-
-  def log(step, row, samples):
-    writer.write(step, row)
-    bar.update(1)
-    bar.set_postfix(
-      {
-        "score": f"{row['objective/scores']:.3f}",
-        "kl": f"{row['objective/kl']:.3f}",
-        **({"gold": f"{row['gold/score']:.3f}"} if "gold/score" in row else {}),
-      }
-    )
-    every = s.log.samples_every
-    if every and (step % every == 0 or step == s.ppo_run.iterations):
-      writers.write_samples(workdir / "samples", step, samples(s.log.num_samples), writer)
-
-  try:
-    result = rl.run_ppo(
-      policy,
-      scorer,
-      prompts,
-      eval_prompts,
-      tok,
-      hp=hp,
-      optim=s.ppo_optim,
-      iterations=s.ppo_run.iterations,
-      batch_size=s.ppo_run.batch_size,
-      critic=critic,
-      seed=s.seed,
-      fuse=s.ppo_run.fuse,
-      gold=gold,
-      log=log,
-    )
-  finally:
-    bar.close()
-    writer.close()
   save_pretrained(result.policy, workdir / "policy", tokenizer=tok)
   if s.log.plots:
     writers.plot_metrics(
@@ -334,8 +264,9 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     )
 
   before, after = result.before, result.after
-  if not before and result.history:  # no held-out prompts: the first and last rollouts
-    before, after = rollout_summary(result.history[:3]), rollout_summary(result.history[-3:])
+  rows = writers.read_metrics(workdir / "metrics.jsonl")
+  if not before and rows:  # no held-out prompts: the first and last rollouts
+    before, after = rollout_summary(rows[:3]), rollout_summary(rows[-3:])
   summary = {
     "before": before,
     "after": after,

@@ -1,25 +1,15 @@
-"""PPO for language models: rollout → experience (rewards, GAE) → clipped updates.
+"""PPO's state and update: hyperparameters, ``PPOState``, and ``train_step``.
 
-One iteration (Ouyang et al. 2022; Huang et al. 2024, "The N+ implementation details of RLHF with
-PPO", https://arxiv.org/abs/2403.17031):
-
-1. ``sample_responses``: the policy samples ``N`` tokens per prompt (``pj.generate``'s core).
-2. ``make_experience``: log-probs of the policy and the frozen reference, critic values, the
-   score (reward model at the last real token, or given), the EOS penalty, the per-token reward
-   ``rₜ = −β·KLₜ (+ score at the last token)``, GAE, whitening.
-3. ``train_step``: ``num_epochs`` × ``num_minibatches`` clipped policy and value steps, each a
-   ``lax.scan``; a minibatch may be split in micro-batches whose gradients add up to exactly the
-   minibatch's token-mean gradient.
-
-Everything is a pure function of ``PPOState``; ``make_step_fns`` jits them once.
+``train_step`` runs ``num_epochs`` × ``num_minibatches`` clipped policy and value steps over one
+rollout's ``Experience``, each a ``lax.scan``; a minibatch may be split in micro-batches whose
+gradients add up to exactly the minibatch's (Schulman et al. 2017; Huang et al. 2024, "The N+
+implementation details of RLHF with PPO", https://arxiv.org/abs/2403.17031). The rollout that
+produces the ``Experience`` is ``ppo_jax.rollout``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
-from typing import Any
 
 import flax.struct
 import jax
@@ -27,14 +17,11 @@ import jax.numpy as jnp
 import optax
 
 from ppo_jax import masking
-from ppo_jax.actor_critic import ActorCritic, Params, forward, response_logprobs, reward_scores
-from ppo_jax.advantages import gae
+from ppo_jax.actor_critic import ActorCritic, Params, forward
 from ppo_jax.kl import KL_KINDS, adaptive_kl_update, kl_estimate
 from ppo_jax.logprobs import entropy_from_logits, token_logprobs
 from ppo_jax.losses import policy_loss, value_loss
-from ppo_jax.masking import masked_mean, masked_sum, masked_whiten
-from ppo_jax.models.transformer import last_token_index
-from ppo_jax.sampling import Generation, sample
+from ppo_jax.masking import masked_mean
 
 Metrics = dict[str, jax.Array]
 KL_MODES = ("reward", "loss")
@@ -165,6 +152,7 @@ class Experience:
   old_values: jax.Array  # [B, N]
   advantages: jax.Array  # [B, N]
   returns: jax.Array  # [B, N]
+  ok: jax.Array  # [B] bool, the same in every row: scores and advantages are finite
 
 
 def init_state(
@@ -187,128 +175,6 @@ def iteration_keys(state: PPOState) -> tuple[jax.Array, jax.Array]:
   """(sampling key, shuffling key) of the current iteration."""
   k = jax.random.fold_in(state.key, state.step)
   return jax.random.fold_in(k, 0), jax.random.fold_in(k, 1)
-
-
-# --------------------------------------------------------------------------------------------------
-# 1. Rollout.
-
-
-def sample_responses(
-  models: ActorCritic,
-  policy_params: Params,
-  key: jax.Array,
-  prompt_ids_BxP,
-  prompt_mask_BxP,
-  *,
-  hp: PPOHparams,
-) -> Generation:
-  eos = () if hp.eos_token_id is None else (hp.eos_token_id,)
-  return sample(
-    models.policy,
-    policy_params,
-    prompt_ids_BxP,
-    prompt_mask_BxP,
-    key,
-    max_new_tokens=hp.max_new_tokens,
-    temperature=hp.temperature,
-    top_k=hp.top_k,
-    top_p=hp.top_p,
-    eos_token_ids=eos,
-    pad_token_id=hp.pad_token_id,
-  )
-
-
-# --------------------------------------------------------------------------------------------------
-# 2. Experience.
-
-
-def make_experience(
-  models: ActorCritic,
-  state: PPOState,
-  frozen: Frozen,
-  prompt_ids_BxP,
-  prompt_mask_BxP,
-  gen: Generation,
-  scores_B: jax.Array | None = None,
-  *,
-  hp: PPOHparams,
-) -> tuple[Experience, PPOState, Metrics]:
-  """Scores, KL-shaped rewards, values and GAE advantages of a rollout.
-
-  ``scores_B`` comes from a reward function; None reads the reward model. Returns the experience,
-  the state with updated score statistics, and the rollout's metrics.
-  """
-  n = hp.max_new_tokens
-  ids = jnp.concatenate([prompt_ids_BxP, gen.tokens], axis=1)
-  mask = jnp.concatenate([prompt_mask_BxP.astype(jnp.int32), gen.mask.astype(jnp.int32)], axis=1)
-  m = gen.mask
-  logits, values = forward(models, state.params, ids, mask, n)
-  logp = token_logprobs(logits, gen.tokens, temperature=hp.temperature)
-  old_logp = logp if hp.recompute_logprobs else gen.logprobs
-  ref_logp = response_logprobs(
-    models.policy, frozen.ref_params, ids, mask, n, temperature=hp.temperature
-  )
-  if scores_B is None:
-    scores_B = reward_scores(models.reward, frozen.reward_params, ids, mask)
-  scores_B = scores_B.astype(jnp.float32)
-
-  has_eos = (
-    jnp.any((gen.tokens == hp.eos_token_id) & (m > 0), axis=-1)
-    if hp.eos_token_id is not None
-    else jnp.zeros(m.shape[:1], bool)
-  )
-  if hp.missing_eos_penalty is not None:
-    scores_B = jnp.where(has_eos, scores_B, scores_B - hp.missing_eos_penalty)
-  stats = state.score_stats.update(scores_B)
-  shaped = (scores_B - stats.mean) / (stats.std + 1e-8) if hp.normalize_scores else scores_B
-
-  kl_BxN = jnp.where(m > 0, kl_estimate(old_logp, ref_logp, kind=hp.kl_kind), 0.0)
-  non_score_BxN = -state.kl_coef * kl_BxN if hp.kl_mode == "reward" else jnp.zeros_like(kl_BxN)
-  last = last_token_index(m)
-  rewards = non_score_BxN.at[jnp.arange(m.shape[0]), last].add(shaped)
-  if hp.whiten_rewards:
-    rewards = masked_whiten(rewards, m, shift_mean=False)
-  values = jnp.where(m > 0, values, 0.0)
-  advantages, returns = gae(rewards, values, m, gamma=hp.gamma, lam=hp.lam)
-  if hp.whiten_advantages:
-    advantages = masked_whiten(advantages, m)
-
-  exp = Experience(
-    ids=ids,
-    mask=mask,
-    response_mask=m,
-    old_logprobs=old_logp,
-    ref_logprobs=ref_logp,
-    old_values=values,
-    advantages=advantages,
-    returns=returns,
-  )
-  seq_kl = masked_sum(kl_BxN, m, axis=-1)
-  non_score = masked_sum(non_score_BxN, m, axis=-1)
-  resid_var = _masked_var(returns - values, m)
-  metrics = {
-    "objective/scores": jnp.mean(scores_B),
-    "objective/scores_std": jnp.std(scores_B),
-    "objective/kl": jnp.mean(seq_kl),
-    "objective/kl_coef": state.kl_coef,
-    "objective/non_score_reward": jnp.mean(non_score),
-    "objective/rlhf_reward": jnp.mean(scores_B) + jnp.mean(non_score),
-    "objective/entropy": jnp.mean(masked_sum(-old_logp, m, axis=-1)),
-    "val/var_explained": 1.0 - resid_var / jnp.maximum(_masked_var(returns, m), 1e-8),
-    "val/mean": masked_mean(values, m),
-    "response/length": jnp.mean(jnp.sum(m, axis=-1)),
-    "response/eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
-    "sampler/logprob_mismatch": jnp.max(jnp.where(m > 0, jnp.abs(gen.logprobs - logp), 0.0)),
-    # Per-sample values ([B]) for the sample tables; the trainer logs only the scalars.
-    "sample/score": scores_B,
-    "sample/kl": seq_kl,
-  }
-  return exp, state.replace(score_stats=stats), metrics
-
-
-def _masked_var(x, m):
-  mean = masked_mean(x, m)
-  return masked_mean(jnp.square(x - mean), m)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,11 +293,25 @@ def train_step(
   def minibatch_step(carry, mb: Experience):
     params, opt_state = carry
     grads, metrics = minibatch_gradients(models, params, mb, state.kl_coef, n_micro, hp=hp)
-    metrics["grad/norm"] = optax.tree.norm(grads)
+    grad_norm = optax.tree.norm(grads)
+    loss_finite = jnp.isfinite(
+      metrics["loss/policy_avg"] + metrics["loss/value_avg"] + metrics["loss/kl_avg"]
+    )
+    rollout_ok = jnp.all(mb.ok)
+    apply = rollout_ok & loss_finite & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # Non-finite anything: this minibatch's update is skipped, parameters and moments unchanged.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
+    metrics["grad/norm"] = grad_norm
     metrics["grad/policy_norm"] = optax.tree.norm(grads["policy"])
     metrics["grad/value_norm"] = optax.tree.norm(grads["value"])
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), metrics
+    metrics["nonfinite/loss"] = (rollout_ok & ~loss_finite).astype(jnp.float32)
+    metrics["nonfinite/grads"] = (rollout_ok & loss_finite & ~jnp.isfinite(grad_norm)).astype(
+      jnp.float32
+    )
+    metrics["update/skipped"] = (~apply).astype(jnp.float32)
+    return (keep(new_params, params), keep(new_opt_state, opt_state)), metrics
 
   def epoch(carry, key):
     shuffled = jax.tree.map(lambda x: x[jax.random.permutation(key, B)], exp)
@@ -449,90 +329,12 @@ def train_step(
 def finish_iteration(
   state: PPOState, metrics: Metrics, batch_size: int, *, hp: PPOHparams
 ) -> PPOState:
-  """Advances the step and, if adaptive, the KL coefficient (from the rollout's KL)."""
+  """Advances the step (the data cursor moves on even if the update was skipped) and, if
+  adaptive, the KL coefficient (from the rollout's KL)."""
   kl_coef = state.kl_coef
   if hp.kl_adaptive:
-    kl_coef = adaptive_kl_update(
+    new = adaptive_kl_update(
       kl_coef, metrics["objective/kl"], batch_size, target=hp.kl_target, horizon=hp.kl_horizon
     )
+    kl_coef = jnp.where(jnp.isfinite(new), new, kl_coef)  # a non-finite KL leaves β alone
   return state.replace(step=state.step + 1, kl_coef=kl_coef)
-
-
-# --------------------------------------------------------------------------------------------------
-# Jitted entry points.
-
-
-def evaluation_scores(
-  models: ActorCritic, policy_params: Params, frozen: Frozen, ids_BxL, mask_BxL, *, hp: PPOHparams
-) -> tuple[jax.Array, jax.Array]:
-  """(reward-model scores or zeros, KL(π ‖ π_ref) per sequence, k1) of sampled sequences."""
-  n = hp.max_new_tokens
-  logp = response_logprobs(
-    models.policy, policy_params, ids_BxL, mask_BxL, n, temperature=hp.temperature
-  )
-  ref_logp = response_logprobs(
-    models.policy, frozen.ref_params, ids_BxL, mask_BxL, n, temperature=hp.temperature
-  )
-  m = mask_BxL[:, -n:]
-  kl = masked_sum(kl_estimate(logp, ref_logp, kind="k1"), m, axis=-1)
-  if models.reward is None:
-    return jnp.zeros_like(kl), kl
-  return reward_scores(models.reward, frozen.reward_params, ids_BxL, mask_BxL), kl
-
-
-@dataclasses.dataclass(frozen=True)
-class StepFns:
-  """The jitted pieces of a PPO iteration, built once by ``make_step_fns``.
-
-  - ``sample(policy_params, key, prompt_ids, prompt_mask) → Generation``
-  - ``score(state, frozen, prompt_ids, prompt_mask, gen, scores) → (experience, state, metrics)``;
-    ``scores=None`` reads the reward model.
-  - ``update(state, experience, rollout_kl) → (state, metrics)``: the PPO epochs, then the step
-    and KL-coefficient advance.
-  - ``iterate(state, frozen, prompt_ids, prompt_mask) → (state, metrics, gen)``: all of the above
-    as one XLA program (reward model only).
-  - ``evaluate(policy_params, frozen, ids, mask) → (scores, kl)`` of sampled sequences.
-
-  ``score``, ``update`` and ``iterate`` donate the state they are given.
-  """
-
-  sample: Callable[..., Generation]
-  score: Callable[..., tuple[Experience, PPOState, Metrics]]
-  update: Callable[..., tuple[PPOState, Metrics]]
-  iterate: Callable[..., tuple[PPOState, Metrics, Generation]]
-  evaluate: Callable[..., tuple[jax.Array, jax.Array]]
-
-
-def make_step_fns(
-  models: ActorCritic,
-  tx: optax.GradientTransformation,
-  hp: PPOHparams,
-  lr_schedule: Callable[[Any], Any] | None = None,
-) -> StepFns:
-  def sample_fn(policy_params, key, prompt_ids, prompt_mask):
-    return sample_responses(models, policy_params, key, prompt_ids, prompt_mask, hp=hp)
-
-  def score_fn(state, frozen, prompt_ids, prompt_mask, gen, scores):
-    return make_experience(models, state, frozen, prompt_ids, prompt_mask, gen, scores, hp=hp)
-
-  def update_fn(state, exp, rollout_kl):
-    new_state, metrics = train_step(state, exp, hparams=TrainHparams(models, tx, hp))
-    if lr_schedule is not None:
-      metrics["lr"] = jnp.asarray(lr_schedule(state.step * hp.num_epochs * hp.num_minibatches))
-    new_state = finish_iteration(new_state, {"objective/kl": rollout_kl}, exp.ids.shape[0], hp=hp)
-    return new_state, metrics
-
-  def iterate(state, frozen, prompt_ids, prompt_mask):
-    key, _ = iteration_keys(state)
-    gen = sample_fn(state.params["policy"], key, prompt_ids, prompt_mask)
-    exp, state, roll_metrics = score_fn(state, frozen, prompt_ids, prompt_mask, gen, None)
-    state, upd_metrics = update_fn(state, exp, roll_metrics["objective/kl"])
-    return state, {**roll_metrics, **upd_metrics}, gen
-
-  return StepFns(
-    sample=jax.jit(sample_fn),
-    score=jax.jit(score_fn, donate_argnums=0),
-    update=jax.jit(update_fn, donate_argnums=0),
-    iterate=jax.jit(iterate, donate_argnums=0),
-    evaluate=jax.jit(functools.partial(evaluation_scores, models, hp=hp)),
-  )

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ppo_jax import ppo
+from ppo_jax import ppo, rollout
 from ppo_jax.actor_critic import ActorCritic
+from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted, config_differences
 from ppo_jax.data import batch_indices
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
 from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer
@@ -80,7 +81,7 @@ class Scorer:
 
 
 def evaluate(
-  fns: ppo.StepFns,
+  fns: rollout.StepFns,
   policy_params,
   frozen: ppo.Frozen,
   prompts: Prompts,
@@ -129,6 +130,60 @@ class PPOResult:
   history: list[dict[str, float]]
 
 
+class NonFiniteError(RuntimeError):
+  """Too many consecutive PPO updates skipped for non-finite values."""
+
+
+GUARDED = ("scores", "advantages", "loss", "grads")  # in the order they arise
+
+
+def run_iteration(
+  fns: rollout.StepFns,
+  state: ppo.PPOState,
+  frozen: ppo.Frozen,
+  batch: Prompts,
+  *,
+  scorer: Scorer,
+  tokenizer: Any,
+  fuse: bool,
+  step: int,
+):
+  """One PPO iteration: ``(state, scalar metrics, per-sample metrics, generation)``."""
+  pids, pmask = jnp.asarray(batch.ids), jnp.asarray(batch.mask)
+  t0 = time.perf_counter()
+  timings = {}
+  if fuse:
+    state, metrics, gen = fns.iterate(state, frozen, pids, pmask)
+    jax.block_until_ready(state.step)
+  else:
+    gen = fns.sample(state.params["policy"], ppo.iteration_keys(state)[0], pids, pmask)
+    jax.block_until_ready(gen.tokens)
+    timings["time/generate"] = time.perf_counter() - t0
+    scores = None
+    if scorer.fn is not None:
+      texts = decode_responses(tokenizer, gen.tokens, gen.mask)
+      scores = jnp.asarray(
+        call_reward_fn(scorer.fn, batch.texts, texts, name=scorer.fn_name, step=step)
+      )
+    t1 = time.perf_counter()
+    exp, state, roll_metrics = fns.score(state, frozen, pids, pmask, gen, scores)
+    jax.block_until_ready(exp.advantages)
+    timings["time/score"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    state, upd_metrics = fns.update(state, exp, roll_metrics["objective/kl"])
+    jax.block_until_ready(state.step)
+    timings["time/update"] = time.perf_counter() - t2
+    metrics = {**roll_metrics, **upd_metrics}
+  elapsed = time.perf_counter() - t0
+  fetched = jax.device_get(metrics)
+  row = {k: float(v) for k, v in fetched.items() if np.ndim(v) == 0}
+  per_sample = {k: np.asarray(v) for k, v in fetched.items() if np.ndim(v) == 1}
+  row.update(timings)
+  row["time/iteration"] = elapsed
+  row["tokens_per_s"] = float(np.sum(np.asarray(gen.mask))) / elapsed
+  return state, row, per_sample, gen
+
+
 def run_ppo(
   policy: CausalLM,
   scorer: Scorer,
@@ -145,8 +200,17 @@ def run_ppo(
   fuse: bool = False,
   gold: RewardFn | None = None,
   log: Callable[[int, dict[str, float], Callable[[int], list[dict]]], None] | None = None,
+  checkpointer: Checkpointer | None = None,
+  record: dict[str, Any] | None = None,
+  max_nonfinite: int = 3,
 ) -> PPOResult:
-  """Runs ``iterations`` PPO iterations of ``batch_size`` prompts against ``scorer``.
+  """Runs PPO iterations of ``batch_size`` prompts against ``scorer`` until step ``iterations``.
+
+  With a ``checkpointer`` holding checkpoints, the run resumes from the latest one (refusing one
+  written by a different config) and saves every ``checkpointer.settings.every`` iterations, at
+  the end, and when SIGTERM/SIGINT asks it to stop (then raising ``Preempted``). ``record`` (the
+  config, model config, tokenizer path) goes into every checkpoint. An iteration whose update was
+  skipped for non-finite values is counted; ``max_nonfinite`` in a row raise ``NonFiniteError``.
 
   ``log(step, metrics, samples)`` receives each iteration's metrics; ``samples(k)`` builds the
   sample-table rows of that iteration's first ``k`` responses on demand.
@@ -155,53 +219,43 @@ def run_ppo(
   models, params, reward_params = ActorCritic.build(policy, critic, scorer.reward_model)
   total_updates = iterations * hp.num_epochs * hp.num_minibatches
   tx = make_optimizer(optim, total_updates)
-  fns = ppo.make_step_fns(models, tx, hp, learning_rate(optim, total_updates))
+  fns = rollout.make_step_fns(models, tx, hp, learning_rate(optim, total_updates))
   state = ppo.init_state(params, tx, hp, seed=seed)
-  ref_params = jax.tree.map(jnp.copy, params["policy"])
-  frozen = ppo.Frozen(ref_params=ref_params, reward_params=reward_params)
+  frozen = ppo.Frozen(
+    ref_params=jax.tree.map(jnp.copy, params["policy"]), reward_params=reward_params
+  )
+  record = dict(record or {})
 
   eval_kw = dict(batch_size=batch_size, scorer=scorer, gold=gold, seed=seed + 1)
-  before = (
-    evaluate(fns, state.params["policy"], frozen, eval_prompts, tokenizer, **eval_kw)
-    if len(eval_prompts)
-    else {}
-  )
+
+  def held_out(policy_params):
+    if not len(eval_prompts):
+      return {}
+    return evaluate(fns, policy_params, frozen, eval_prompts, tokenizer, **eval_kw)
+
+  before, streak = None, 0
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    saved = checkpointer.record()
+    diffs = config_differences(saved.get("config", {}), record.get("config", {}))
+    if diffs:
+      raise ValueError(
+        f"{checkpointer.directory} holds checkpoints of a different config ("
+        + "; ".join(diffs)
+        + "); use a new workdir or the original config"
+      )
+    state, saved = checkpointer.restore(state)
+    before, streak = saved["before"], saved["nonfinite_streak"]
+    print(f"resuming from the checkpoint of step {int(state.step)} in {checkpointer.directory}")
+  if before is None:
+    before = held_out(state.params["policy"])
+
   history = []
-  for it in range(iterations):
-    idx = batch_indices(len(prompts), batch_size, it, seed=seed)
-    batch = prompts.take(idx)
-    pids, pmask = jnp.asarray(batch.ids), jnp.asarray(batch.mask)
-    t0 = time.perf_counter()
-    timings = {}
-    if fuse:
-      state, metrics, gen = fns.iterate(state, frozen, pids, pmask)
-      jax.block_until_ready(state.step)
-    else:
-      gen = fns.sample(state.params["policy"], ppo.iteration_keys(state)[0], pids, pmask)
-      jax.block_until_ready(gen.tokens)
-      timings["time/generate"] = time.perf_counter() - t0
-      scores = None
-      if scorer.fn is not None:
-        texts = decode_responses(tokenizer, gen.tokens, gen.mask)
-        scores = jnp.asarray(
-          call_reward_fn(scorer.fn, batch.texts, texts, name=scorer.fn_name, step=it + 1)
-        )
-      t1 = time.perf_counter()
-      exp, state, roll_metrics = fns.score(state, frozen, pids, pmask, gen, scores)
-      jax.block_until_ready(exp.advantages)
-      timings["time/score"] = time.perf_counter() - t1
-      t2 = time.perf_counter()
-      state, upd_metrics = fns.update(state, exp, roll_metrics["objective/kl"])
-      jax.block_until_ready(state.step)
-      timings["time/update"] = time.perf_counter() - t2
-      metrics = {**roll_metrics, **upd_metrics}
-    elapsed = time.perf_counter() - t0
-    fetched = jax.device_get(metrics)
-    row = {k: float(v) for k, v in fetched.items() if np.ndim(v) == 0}
-    per_sample = {k: np.asarray(v) for k, v in fetched.items() if np.ndim(v) == 1}
-    row.update(timings)
-    row["time/iteration"] = elapsed
-    row["tokens_per_s"] = float(np.sum(np.asarray(gen.mask))) / elapsed
+  for it in range(int(state.step), iterations):
+    step = it + 1
+    batch = prompts.take(batch_indices(len(prompts), batch_size, it, seed=seed))
+    state, row, per_sample, gen = run_iteration(
+      fns, state, frozen, batch, scorer=scorer, tokenizer=tokenizer, fuse=fuse, step=step
+    )
     texts = None
     if gold is not None:
       texts = decode_responses(tokenizer, gen.tokens, gen.mask)
@@ -211,19 +265,46 @@ def run_ppo(
     history.append(row)
     if log is not None:
       log(
-        it + 1,
+        step,
         row,
         lambda k, b=batch, g=gen, t=texts, s=per_sample: _sample_rows(
           tokenizer, b, g, t, s, gold, k
         ),
       )
+
+    bad = [q for q in GUARDED if row.get(f"nonfinite/{q}", 0.0) > 0]
+    streak = streak + 1 if bad else 0
+    if bad:
+      print(
+        f"step {step}: non-finite {bad[0]}; update skipped ({streak} in a row, "
+        f"{max_nonfinite} allowed)",
+        flush=True,
+      )
+      if streak >= max_nonfinite:
+        raise NonFiniteError(
+          f"non-finite {bad[0]} at step {step}: {streak} consecutive PPO "
+          "updates skipped (see nonfinite/* in metrics.jsonl)"
+        )
+    stop = GUARD.requested
+    if checkpointer is not None and (
+      step % checkpointer.settings.every == 0 or step == iterations or stop
+    ):
+      checkpointer.save(
+        step, state, {**record, "step": step, "before": before, "nonfinite_streak": streak}
+      )
+    if stop:
+      if checkpointer is not None:
+        checkpointer.wait()
+      raise Preempted(
+        f"stopped by {GUARD.signal_name} after step {step}"
+        + (f"; checkpoint saved in {checkpointer.directory}" if checkpointer is not None else "")
+      )
+  if checkpointer is not None:
+    checkpointer.wait()
   final = nnx.merge(models.policy, state.params["policy"])
-  after = (
-    evaluate(fns, state.params["policy"], frozen, eval_prompts, tokenizer, **eval_kw)
-    if len(eval_prompts)
-    else {}
+  return PPOResult(
+    policy=final, before=before, after=held_out(state.params["policy"]), history=history
   )
-  return PPOResult(policy=final, before=before, after=after, history=history)
 
 
 def _sample_rows(tokenizer, batch: Prompts, gen, texts, per_sample, gold, k: int) -> list[dict]:

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from ppo_jax.actor_critic import policy_logits, reward_scores
+from ppo_jax.checkpoint import GUARD, Preempted
 from ppo_jax.data import Sequences, batch_indices
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
@@ -124,6 +125,11 @@ def train(
   history = []
   batch_size = min(hp.batch_size, n_train)
   for i in range(total):
+    if GUARD.requested:  # the supervised stages have no checkpoints: they start over on resume
+      raise Preempted(
+        f"stopped by {GUARD.signal_name} at step {i} of {total} of a supervised "
+        "stage; it starts over when the run is resumed"
+      )
     batch = make_batch(batch_indices(n_train, batch_size, i, seed=seed))
     params, opt_state, metrics = step(params, opt_state, batch)
     row = {k: float(v) for k, v in jax.device_get(metrics).items()}

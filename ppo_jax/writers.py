@@ -28,16 +28,26 @@ PLOTTED = (
 class MetricsWriter:
   """One JSON object per line (``{"step": …, name: value}``) plus TensorBoard scalars."""
 
-  def __init__(self, path: pathlib.Path, *, tensorboard_dir: pathlib.Path | None, prefix: str = ""):
+  def __init__(
+    self,
+    path: pathlib.Path,
+    *,
+    tensorboard_dir: pathlib.Path | None,
+    prefix: str = "",
+    resume_step: int = 0,
+  ):
+    """Appends to ``path``; rows past ``resume_step`` (written by a run that stopped after its
+    last checkpoint) are dropped first, from the file and from TensorBoard."""
     self.path = path
     self.prefix = prefix
     path.parent.mkdir(parents=True, exist_ok=True)
+    truncate_jsonl(path, resume_step)
     self._file = path.open("a")
     self._tb = None
     if tensorboard_dir is not None:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(str(tensorboard_dir))
+      self._tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -62,6 +72,17 @@ def _jsonable(v: Any) -> Any:
   if isinstance(v, float) and not math.isfinite(v):
     return str(v)  # JSON has no NaN; keep it visible rather than dropping the key
   return v
+
+
+def truncate_jsonl(path: pathlib.Path, max_step: int) -> None:
+  """Keeps the rows of a JSONL log whose ``step`` is at most ``max_step``."""
+  if path.exists():
+    rows = [
+      line
+      for line in path.read_text().splitlines()
+      if line.strip() and json.loads(line)["step"] <= max_step
+    ]
+    path.write_text("".join(r + "\n" for r in rows))
 
 
 def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -111,3 +111,23 @@ def test_tokenizer_larger_than_the_embedding(smoke_run, tmp_path):
   )
   assert code == 1 and err.count("\n") == 0
   assert "tokenizer has 204 tokens but the model's embedding has only 50 rows" in err
+
+
+def test_broken_model_folder_names_the_tensors(smoke_run, tmp_path):
+  import shutil
+
+  import numpy as np
+  import safetensors.numpy
+
+  folder = tmp_path / "broken"
+  shutil.copytree(smoke_run[0] / "sft", folder)
+  tensors = safetensors.numpy.load_file(str(folder / "model.safetensors"))
+  del tensors["transformer.h.1.mlp.c_fc.weight"]
+  tensors["transformer.ln_f.bias"] = np.zeros(3, np.float32)
+  safetensors.numpy.save_file(tensors, str(folder / "model.safetensors"))
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("\n".join(json.dumps({"prompt": "review the film :"}) for _ in range(8)))
+  code, _, err = _cli(*_files_args(folder, prompts, tmp_path, f"--config.model.init={folder}"))
+  assert code == 1 and err.count("\n") == 0, err
+  assert "missing tensors: transformer.h.1.mlp.c_fc.weight" in err
+  assert "misshaped tensors: transformer.ln_f.bias [3] (expected [64])" in err

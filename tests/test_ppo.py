@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ppo_jax import ppo
+from ppo_jax import ppo, rollout
 from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ScalarHead, ValueModel
 from ppo_jax.optim import OptimHparams, make_optimizer
@@ -39,7 +39,7 @@ def build(hp=HP, *, shared=False, lr=1e-3):
   frozen = ppo.Frozen(
     ref_params=jax.tree.map(jnp.copy, params["policy"]), reward_params=reward_params
   )
-  return models, tx, state, frozen, ppo.make_step_fns(models, tx, hp)
+  return models, tx, state, frozen, rollout.make_step_fns(models, tx, hp)
 
 
 PROMPTS = jnp.asarray(np.random.default_rng(0).integers(2, 24, (B, P)), jnp.int32)

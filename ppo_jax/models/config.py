@@ -84,6 +84,18 @@ class ModelConfig:
   def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
 
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready fields (``from_dict`` inverts it)."""
+    d = dataclasses.asdict(self)
+    d["rope_params"] = [list(p) for p in self.rope_params]
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    d = dict(d)
+    d["rope_params"] = tuple(tuple(p) for p in d.get("rope_params", ()))
+    return cls(**d)
+
   # ----------------------------------------------------------------------------------------------
   # Small configs for tests, benchmarks and the embedded default experiment.
 

@@ -1,0 +1,203 @@
+"""PPO checkpoints (orbax), resume checks, preemption and export.
+
+A checkpoint holds the whole resume state, ``PPOState`` (policy and critic parameters, optimizer
+states, KL coefficient, running score statistics, step, the PRNG key as key data), and a JSON
+record: the config, the model config and tokenizer (for export), the pre-PPO evaluation, and the
+data cursor (the step: batches are a pure function of seed and step). Saves are asynchronous and
+atomic: orbax writes into a temporary folder and renames it when complete, so a process killed
+mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import pathlib
+import signal
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from ppo_jax.models import ModelConfig
+
+# Config fields that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("ppo.iterations", "log.", "checkpoint.", "data.eval_prompts")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+  every: int = 10  # iterations between checkpoints (also saved at the end and on preemption)
+  keep: int = 3  # checkpoints kept
+  async_save: bool = True  # write in the background while training goes on
+
+
+class Preempted(Exception):
+  """A SIGTERM/SIGINT stopped the run at a step boundary (after saving where possible)."""
+
+
+class PreemptionGuard:
+  """Turns SIGTERM and SIGINT into a flag that the training loops check between steps."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> PreemptionGuard:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      with contextlib.suppress(ValueError):  # not the main thread: no handlers, no flag
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    self.signal = signum
+    print(
+      f"\nppo_jax: received {signal.Signals(signum).name}; stopping at the next step boundary",
+      flush=True,
+    )
+
+  @property
+  def requested(self) -> bool:
+    return self.signal is not None
+
+  @property
+  def signal_name(self) -> str:
+    return signal.Signals(self.signal).name if self.signal is not None else "request"
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+GUARD = PreemptionGuard()  # the pipeline enters it; the loops read it
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """``field: saved → current`` for every field that matters to a resumed run."""
+  a, b = _flatten(saved), _flatten(current)
+  diffs = []
+  for name in sorted(set(a) | set(b)):
+    if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name):
+      continue
+    diffs.append(f"{name}: {a.get(name, '(absent)')!r} → {b.get(name, '(absent)')!r}")
+  return diffs
+
+
+class Checkpointer:
+  """Saves and restores ``PPOState`` under ``WORKDIR/checkpoints`` (close it, or use ``with``)."""
+
+  def __init__(self, directory: pathlib.Path, settings: CheckpointSettings):
+    self.directory = pathlib.Path(directory)
+    self.settings = settings
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=settings.keep,
+      enable_async_checkpointing=settings.async_save,
+      cleanup_tmp_directories=True,
+    )
+    self._mgr = ocp.CheckpointManager(self.directory.absolute(), options=options)
+
+  def latest_step(self) -> int | None:
+    return self._mgr.latest_step()
+
+  def save(self, step: int, state, record: dict[str, Any]) -> None:
+    state = state.replace(key=jax.random.key_data(state.key))
+    self._mgr.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)),
+      force=True,
+    )
+
+  def restore(self, like_state, step: int | None = None):
+    """``(state, record)`` of ``step`` (default: latest), onto ``like_state``'s shapes and
+    shardings (so a checkpoint restores onto another mesh)."""
+    step = self._mgr.latest_step() if step is None else step
+    with_data = like_state.replace(key=jax.random.key_data(like_state.key))
+    target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), with_data
+    )
+    out = self._mgr.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+    )
+    state = out.state.replace(key=jax.random.wrap_key_data(out.state.key))
+    return state, out.meta
+
+  def record(self, step: int | None = None) -> dict[str, Any]:
+    step = self._mgr.latest_step() if step is None else step
+    return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def wait(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def export_policy(
+  workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None
+) -> int:
+  """Writes the policy of a PPO checkpoint (default: the latest) as a Hugging Face folder."""
+  from flax import nnx
+
+  from ppo_jax.models import CausalLM, save_pretrained
+  from ppo_jax.tokenizer import load_tokenizer
+
+  directory = pathlib.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory}: no checkpoints (is {workdir} a ppo_jax workdir?)")
+  mgr = ocp.CheckpointManager(
+    directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
+  )
+  try:
+    steps = mgr.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{directory}: no complete checkpoint")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise ValueError(f"no checkpoint of step {step} in {directory} (there are {sorted(steps)})")
+    restored = mgr.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
+  finally:
+    mgr.close()
+  record = restored.meta
+  cfg = ModelConfig.from_dict(record["model_config"])
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
+  params = jax.tree.map(
+    lambda _, x: x, nnx.to_pure_dict(abstract), _int_keys(restored.state["params"]["policy"])
+  )
+  tokenizer = load_tokenizer(record["tokenizer"]) if record.get("tokenizer") else None
+  save_pretrained(nnx.merge(graphdef, params), out, tokenizer=tokenizer)
+  (pathlib.Path(out) / "ppo_jax_checkpoint.json").write_text(
+    json.dumps({"workdir": str(workdir), "step": step}, indent=2) + "\n"
+  )
+  return step
+
+
+def _int_keys(tree):
+  """Orbax stores dict keys as strings; NNX layer lists use integers."""
+  if isinstance(tree, dict):
+    return {
+      (int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()
+    }
+  return tree

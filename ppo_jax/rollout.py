@@ -1,0 +1,247 @@
+"""Rollouts and the jitted PPO iteration.
+
+One iteration (Ouyang et al. 2022, InstructGPT; Huang et al. 2024, "The N+ implementation details
+of RLHF with PPO"):
+
+1. ``sample_responses``: the policy samples ``N`` tokens per prompt (``pj.generate``'s core).
+2. ``make_experience``: log-probs of the policy and the frozen reference, critic values, the
+   score (reward model at the last real token, or given), the EOS penalty, the per-token reward
+   ``rₜ = −β·KLₜ (+ score at the last token)``, GAE, whitening, the non-finite checks.
+3. ``ppo.train_step``: the clipped updates.
+
+``make_step_fns`` jits these once, separately (timed per phase) and fused into one program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ppo_jax.actor_critic import ActorCritic, Params, forward, response_logprobs, reward_scores
+from ppo_jax.advantages import gae
+from ppo_jax.kl import kl_estimate
+from ppo_jax.logprobs import token_logprobs
+from ppo_jax.masking import masked_mean, masked_sum, masked_whiten
+from ppo_jax.models.transformer import last_token_index
+from ppo_jax.ppo import (
+  Experience,
+  Frozen,
+  Metrics,
+  PPOHparams,
+  PPOState,
+  TrainHparams,
+  finish_iteration,
+  iteration_keys,
+  train_step,
+)
+from ppo_jax.sampling import Generation, sample
+
+
+def sample_responses(
+  models: ActorCritic,
+  policy_params: Params,
+  key: jax.Array,
+  prompt_ids_BxP,
+  prompt_mask_BxP,
+  *,
+  hp: PPOHparams,
+) -> Generation:
+  eos = () if hp.eos_token_id is None else (hp.eos_token_id,)
+  return sample(
+    models.policy,
+    policy_params,
+    prompt_ids_BxP,
+    prompt_mask_BxP,
+    key,
+    max_new_tokens=hp.max_new_tokens,
+    temperature=hp.temperature,
+    top_k=hp.top_k,
+    top_p=hp.top_p,
+    eos_token_ids=eos,
+    pad_token_id=hp.pad_token_id,
+  )
+
+
+def make_experience(
+  models: ActorCritic,
+  state: PPOState,
+  frozen: Frozen,
+  prompt_ids_BxP,
+  prompt_mask_BxP,
+  gen: Generation,
+  scores_B: jax.Array | None = None,
+  *,
+  hp: PPOHparams,
+) -> tuple[Experience, PPOState, Metrics]:
+  """Scores, KL-shaped rewards, values and GAE advantages of a rollout.
+
+  ``scores_B`` comes from a reward function; None reads the reward model. Returns the experience,
+  the state with updated score statistics, and the rollout's metrics.
+  """
+  n = hp.max_new_tokens
+  ids = jnp.concatenate([prompt_ids_BxP, gen.tokens], axis=1)
+  mask = jnp.concatenate([prompt_mask_BxP.astype(jnp.int32), gen.mask.astype(jnp.int32)], axis=1)
+  m = gen.mask
+  logits, values = forward(models, state.params, ids, mask, n)
+  logp = token_logprobs(logits, gen.tokens, temperature=hp.temperature)
+  old_logp = logp if hp.recompute_logprobs else gen.logprobs
+  ref_logp = response_logprobs(
+    models.policy, frozen.ref_params, ids, mask, n, temperature=hp.temperature
+  )
+  if scores_B is None:
+    scores_B = reward_scores(models.reward, frozen.reward_params, ids, mask)
+  scores_B = scores_B.astype(jnp.float32)
+
+  has_eos = (
+    jnp.any((gen.tokens == hp.eos_token_id) & (m > 0), axis=-1)
+    if hp.eos_token_id is not None
+    else jnp.zeros(m.shape[:1], bool)
+  )
+  if hp.missing_eos_penalty is not None:
+    scores_B = jnp.where(has_eos, scores_B, scores_B - hp.missing_eos_penalty)
+  finite_scores = jnp.all(jnp.isfinite(scores_B))
+  # Non-finite scores must not poison the running statistics: keep the old ones.
+  stats = jax.tree.map(
+    lambda new, old: jnp.where(finite_scores, new, old),
+    state.score_stats.update(scores_B),
+    state.score_stats,
+  )
+  shaped = (scores_B - stats.mean) / (stats.std + 1e-8) if hp.normalize_scores else scores_B
+
+  kl_BxN = jnp.where(m > 0, kl_estimate(old_logp, ref_logp, kind=hp.kl_kind), 0.0)
+  non_score_BxN = -state.kl_coef * kl_BxN if hp.kl_mode == "reward" else jnp.zeros_like(kl_BxN)
+  last = last_token_index(m)
+  rewards = non_score_BxN.at[jnp.arange(m.shape[0]), last].add(shaped)
+  if hp.whiten_rewards:
+    rewards = masked_whiten(rewards, m, shift_mean=False)
+  values = jnp.where(m > 0, values, 0.0)
+  advantages, returns = gae(rewards, values, m, gamma=hp.gamma, lam=hp.lam)
+  if hp.whiten_advantages:
+    advantages = masked_whiten(advantages, m)
+  finite_adv = jnp.all(jnp.isfinite(jnp.where(m > 0, advantages, 0.0))) & jnp.all(
+    jnp.isfinite(jnp.where(m > 0, returns, 0.0))
+  )
+  ok = finite_scores & finite_adv
+
+  exp = Experience(
+    ids=ids,
+    mask=mask,
+    response_mask=m,
+    old_logprobs=old_logp,
+    ref_logprobs=ref_logp,
+    old_values=values,
+    advantages=advantages,
+    returns=returns,
+    ok=jnp.broadcast_to(ok, m.shape[:1]),
+  )
+  seq_kl = masked_sum(kl_BxN, m, axis=-1)
+  non_score = masked_sum(non_score_BxN, m, axis=-1)
+  resid_var = _masked_var(returns - values, m)
+  metrics = {
+    "objective/scores": jnp.mean(scores_B),
+    "objective/scores_std": jnp.std(scores_B),
+    "objective/kl": jnp.mean(seq_kl),
+    "objective/kl_coef": state.kl_coef,
+    "objective/non_score_reward": jnp.mean(non_score),
+    "objective/rlhf_reward": jnp.mean(scores_B) + jnp.mean(non_score),
+    "objective/entropy": jnp.mean(masked_sum(-old_logp, m, axis=-1)),
+    "val/var_explained": 1.0 - resid_var / jnp.maximum(_masked_var(returns, m), 1e-8),
+    "val/mean": masked_mean(values, m),
+    "response/length": jnp.mean(jnp.sum(m, axis=-1)),
+    "response/eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
+    "sampler/logprob_mismatch": jnp.max(jnp.where(m > 0, jnp.abs(gen.logprobs - logp), 0.0)),
+    # Per-sample values ([B]) for the sample tables; the trainer logs only the scalars.
+    # Guard: 1 when the quantity is not finite (the update is then skipped).
+    "nonfinite/scores": 1.0 - finite_scores.astype(jnp.float32),
+    "nonfinite/advantages": (finite_scores & ~finite_adv).astype(jnp.float32),
+    "sample/score": scores_B,
+    "sample/kl": seq_kl,
+  }
+  return exp, state.replace(score_stats=stats), metrics
+
+
+def _masked_var(x, m):
+  mean = masked_mean(x, m)
+  return masked_mean(jnp.square(x - mean), m)
+
+
+def evaluation_scores(
+  models: ActorCritic, policy_params: Params, frozen: Frozen, ids_BxL, mask_BxL, *, hp: PPOHparams
+) -> tuple[jax.Array, jax.Array]:
+  """(reward-model scores or zeros, KL(π ‖ π_ref) per sequence, k1) of sampled sequences."""
+  n = hp.max_new_tokens
+  logp = response_logprobs(
+    models.policy, policy_params, ids_BxL, mask_BxL, n, temperature=hp.temperature
+  )
+  ref_logp = response_logprobs(
+    models.policy, frozen.ref_params, ids_BxL, mask_BxL, n, temperature=hp.temperature
+  )
+  m = mask_BxL[:, -n:]
+  kl = masked_sum(kl_estimate(logp, ref_logp, kind="k1"), m, axis=-1)
+  if models.reward is None:
+    return jnp.zeros_like(kl), kl
+  return reward_scores(models.reward, frozen.reward_params, ids_BxL, mask_BxL), kl
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  """The jitted pieces of a PPO iteration, built once by ``make_step_fns``.
+
+  - ``sample(policy_params, key, prompt_ids, prompt_mask) → Generation``
+  - ``score(state, frozen, prompt_ids, prompt_mask, gen, scores) → (experience, state, metrics)``;
+    ``scores=None`` reads the reward model.
+  - ``update(state, experience, rollout_kl) → (state, metrics)``: the PPO epochs, then the step
+    and KL-coefficient advance.
+  - ``iterate(state, frozen, prompt_ids, prompt_mask) → (state, metrics, gen)``: all of the above
+    as one XLA program (reward model only).
+  - ``evaluate(policy_params, frozen, ids, mask) → (scores, kl)`` of sampled sequences.
+
+  ``score``, ``update`` and ``iterate`` donate the state they are given.
+  """
+
+  sample: Callable[..., Generation]
+  score: Callable[..., tuple[Experience, PPOState, Metrics]]
+  update: Callable[..., tuple[PPOState, Metrics]]
+  iterate: Callable[..., tuple[PPOState, Metrics, Generation]]
+  evaluate: Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def make_step_fns(
+  models: ActorCritic,
+  tx: optax.GradientTransformation,
+  hp: PPOHparams,
+  lr_schedule: Callable[[Any], Any] | None = None,
+) -> StepFns:
+  def sample_fn(policy_params, key, prompt_ids, prompt_mask):
+    return sample_responses(models, policy_params, key, prompt_ids, prompt_mask, hp=hp)
+
+  def score_fn(state, frozen, prompt_ids, prompt_mask, gen, scores):
+    return make_experience(models, state, frozen, prompt_ids, prompt_mask, gen, scores, hp=hp)
+
+  def update_fn(state, exp, rollout_kl):
+    new_state, metrics = train_step(state, exp, hparams=TrainHparams(models, tx, hp))
+    if lr_schedule is not None:
+      metrics["lr"] = jnp.asarray(lr_schedule(state.step * hp.num_epochs * hp.num_minibatches))
+    new_state = finish_iteration(new_state, {"objective/kl": rollout_kl}, exp.ids.shape[0], hp=hp)
+    return new_state, metrics
+
+  def iterate(state, frozen, prompt_ids, prompt_mask):
+    key, _ = iteration_keys(state)
+    gen = sample_fn(state.params["policy"], key, prompt_ids, prompt_mask)
+    exp, state, roll_metrics = score_fn(state, frozen, prompt_ids, prompt_mask, gen, None)
+    state, upd_metrics = update_fn(state, exp, roll_metrics["objective/kl"])
+    return state, {**roll_metrics, **upd_metrics}, gen
+
+  return StepFns(
+    sample=jax.jit(sample_fn),
+    score=jax.jit(score_fn, donate_argnums=0),
+    update=jax.jit(update_fn, donate_argnums=0),
+    iterate=jax.jit(iterate, donate_argnums=0),
+    evaluate=jax.jit(functools.partial(evaluation_scores, models, hp=hp)),
+  )

@@ -1,0 +1,134 @@
+"""The supervised stages of the pipeline: SFT and the reward model, each saved as a Hugging Face
+folder in the workdir (and loaded from there instead of trained again when it exists)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import TYPE_CHECKING
+
+from flax import nnx
+
+from ppo_jax import data, supervised, writers
+from ppo_jax.models import CausalLM, RewardModel, from_pretrained, save_pretrained
+
+if TYPE_CHECKING:
+  from ppo_jax.config import Settings
+  from ppo_jax.pipeline import Inputs
+
+
+def _stage_done(folder: pathlib.Path) -> bool:
+  return (folder / "config.json").is_file() and any(folder.glob("*.safetensors*"))
+
+
+def _supervised_logger(workdir, name, total, progress):
+  writer = writers.MetricsWriter(workdir / f"{name}_metrics.jsonl", tensorboard_dir=None)
+  bar = writers.progress_bar(total, name, enabled=progress)
+
+  def on_step(i, n, row):
+    writer.write(i + 1, row)
+    bar.update(1)
+    if i % 10 == 0 or i + 1 == n:
+      bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("nll", "loss", "accuracy")})
+
+  return on_step, lambda: (bar.close(), writer.close())
+
+
+def run_sft(
+  s: Settings, policy: CausalLM, inputs: Inputs, layout: data.Layout, workdir: pathlib.Path
+) -> tuple[CausalLM, dict]:
+  out = workdir / "sft"
+  if _stage_done(out):
+    print(f"found {out}: loading it instead of training")
+    return from_pretrained(
+      out, dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat
+    ), {}
+  if not inputs.sft or s.sft.epochs == 0:
+    print("no SFT (no data.sft file, or sft.epochs=0)")
+    return policy, {}
+  seqs = data.load_sft(inputs.sft, inputs.tokenizer, layout)
+  train_idx, eval_idx = data.split_holdout(len(seqs), s.sft.eval_fraction, seed=s.seed)
+  train_set, eval_set = seqs.take(train_idx), seqs.take(eval_idx)
+  print(
+    f"{len(train_set)} training and {len(eval_set)} held-out pairs from {inputs.sft}"
+    + (
+      f" ({seqs.truncated} responses cut at {layout.response_len} tokens)" if seqs.truncated else ""
+    )
+  )
+  graphdef, params = nnx.split(policy)
+  on_step, close = _supervised_logger(workdir, "sft", s.sft.steps(len(train_set)), s.log.progress)
+  params, _ = supervised.train(
+    nnx.to_pure_dict(params),
+    graphdef,
+    supervised.sft_loss,
+    lambda i: supervised.sft_batch(train_set, i),
+    len(train_set),
+    s.sft,
+    seed=s.seed,
+    on_step=on_step,
+  )
+  close()
+  policy = nnx.merge(graphdef, params)
+  held_out = supervised.evaluate(
+    params,
+    graphdef,
+    supervised.sft_loss,
+    lambda i: supervised.sft_batch(eval_set, i),
+    len(eval_set),
+    batch_size=s.sft.batch_size,
+  )
+  print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
+  save_pretrained(policy, out, tokenizer=inputs.tokenizer)
+  return policy, held_out
+
+
+def run_reward_model(
+  s: Settings, policy: CausalLM, inputs: Inputs, layout: data.Layout, workdir: pathlib.Path
+) -> tuple[RewardModel | None, dict]:
+  out = workdir / "reward_model"
+  kw = dict(dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
+  if s.reward.model:
+    print(f"reward model: {s.reward.model}")
+    return from_pretrained(s.reward.model, kind="reward", **kw), {}
+  if not s.rm_run.enabled:
+    return None, {}
+  if _stage_done(out):
+    print(f"found {out}: loading it instead of training")
+    return from_pretrained(out, kind="reward", **kw), {}
+  if not inputs.preferences:
+    raise ValueError("config.rm.enabled=True needs config.data.preferences=FILE.jsonl")
+  chosen, rejected = data.load_preferences(inputs.preferences, inputs.tokenizer, layout)
+  train_idx, eval_idx = data.split_holdout(len(chosen), s.rm.eval_fraction, seed=s.seed)
+  train_pairs = (chosen.take(train_idx), rejected.take(train_idx))
+  eval_pairs = (chosen.take(eval_idx), rejected.take(eval_idx))
+  print(
+    f"{len(train_idx)} training and {len(eval_idx)} held-out preference pairs from "
+    f"{inputs.preferences}"
+  )
+  rm = RewardModel(policy.cfg, rngs=nnx.Rngs(s.seed + 1))
+  if s.rm_run.init == "policy":
+    nnx.update(rm.trunk, nnx.state(policy.trunk))
+  graphdef, params = nnx.split(rm)
+  on_step, close = _supervised_logger(workdir, "rm", s.rm.steps(len(train_idx)), s.log.progress)
+  params, _ = supervised.train(
+    nnx.to_pure_dict(params),
+    graphdef,
+    supervised.reward_loss,
+    lambda i: supervised.pair_batch(train_pairs, i),
+    len(train_idx),
+    s.rm,
+    seed=s.seed + 1,
+    on_step=on_step,
+  )
+  close()
+  rm = nnx.merge(graphdef, params)
+  held_out = supervised.evaluate(
+    params,
+    graphdef,
+    supervised.reward_loss,
+    lambda i: supervised.pair_batch(eval_pairs, i),
+    len(eval_idx),
+    batch_size=s.rm.batch_size,
+  )
+  print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
+  save_pretrained(rm, out, tokenizer=inputs.tokenizer)
+  return rm, held_out

@@ -1,0 +1,234 @@
+"""Checkpoints, resume, preemption, the non-finite guard and export."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import transformers as tf
+from conftest import ROOT, reuse_stages, smoke_config
+from flax import nnx
+
+import ppo_jax as pj
+from ppo_jax import checkpoint, pipeline, writers
+from ppo_jax.rl import NonFiniteError
+
+TIMING = ("time/", "tokens_per_s")
+EXPERIMENT = str(ROOT / "experiments" / "default.py")
+
+
+def _drop_timing(row):
+  return {k: v for k, v in row.items() if not k.startswith(TIMING)}
+
+
+def _assert_same_metrics(a_dir, b_dir, first_step=1):
+  a = [r for r in writers.read_metrics(a_dir / "metrics.jsonl") if r["step"] >= first_step]
+  b = [r for r in writers.read_metrics(b_dir / "metrics.jsonl") if r["step"] >= first_step]
+  assert [r["step"] for r in a] == [r["step"] for r in b] and a
+  for x, y in zip(a, b, strict=True):
+    assert _drop_timing(x) == _drop_timing(y), x["step"]
+
+
+def test_smoke_run_left_checkpoints(smoke_run):
+  ckpts = sorted(int(p.name) for p in (smoke_run[0] / "checkpoints").iterdir() if p.name.isdigit())
+  assert ckpts == [10, 15]  # every 10 iterations and at the end
+
+
+def test_resume_is_bitwise_identical(smoke_run, tmp_path):
+  """Resumed from the step-10 checkpoint, steps 11–15 equal the uninterrupted run's bit for bit."""
+  workdir = reuse_stages(smoke_run[0], tmp_path / "resumed")
+  shutil.copytree(smoke_run[0] / "checkpoints" / "10", workdir / "checkpoints" / "10")
+  # A log line the interrupted run wrote after its last checkpoint must not survive the resume.
+  (workdir / "metrics.jsonl").write_text(
+    "".join(line + "\n" for line in (smoke_run[0] / "metrics.jsonl").read_text().splitlines()[:12])
+  )
+  pipeline.run(smoke_config(log__plots=False), workdir)
+  _assert_same_metrics(smoke_run[0], workdir)
+  np.testing.assert_array_equal(
+    safetensors.numpy.load_file(str(workdir / "policy" / "model.safetensors"))[
+      "transformer.wte.weight"
+    ],
+    safetensors.numpy.load_file(str(smoke_run[0] / "policy" / "model.safetensors"))[
+      "transformer.wte.weight"
+    ],
+  )
+
+
+def _start(workdir, *args):
+  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+  return subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "ppo_jax.main",
+      f"--config={EXPERIMENT}:smoke",
+      f"--workdir={workdir}",
+      "--config.log.progress=False",
+      *args,
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=env,
+  )
+
+
+def _wait_for(predicate, proc, timeout=300):
+  t0 = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f"process ended early: {proc.stdout.read()[-3000:]}")
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError("timed out")
+    time.sleep(0.001)
+
+
+def test_sigterm_saves_at_a_step_boundary_and_exits_zero(smoke_run, tmp_path):
+  workdir = reuse_stages(smoke_run[0], tmp_path / "preempted")
+  metrics = workdir / "metrics.jsonl"
+  proc = _start(workdir)
+  _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  stopped = len(metrics.read_text().splitlines())
+  assert f"stopped by SIGTERM after step {stopped}; checkpoint saved" in out
+  assert "run the same command again to resume" in out
+  assert (workdir / "checkpoints" / str(stopped)).is_dir()
+  assert stopped < 15 and not (workdir / "policy").exists()
+  # The same command resumes and ends exactly where the uninterrupted run ended.
+  proc = _start(workdir)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  assert f"resuming from the checkpoint of step {stopped}" in out
+  _assert_same_metrics(smoke_run[0], workdir)
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(smoke_run, tmp_path):
+  workdir = reuse_stages(smoke_run[0], tmp_path / "killed")
+  ckpts = workdir / "checkpoints"
+  proc = _start(workdir, "--config.checkpoint.every=1")
+  in_flight = lambda: (
+    ckpts.is_dir() and any(p.name == "4.orbax-checkpoint-tmp" for p in ckpts.iterdir())
+  )
+  _wait_for(in_flight, proc)
+  proc.send_signal(signal.SIGKILL)  # while step 4 is being written
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (ckpts / "4").exists()
+  proc = _start(workdir, "--config.checkpoint.every=1")
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  assert "resuming from the checkpoint of step 3" in out
+  assert not any("tmp" in p.name for p in ckpts.iterdir())
+  _assert_same_metrics(smoke_run[0], workdir)
+
+
+def test_nan_rewards_are_never_trained_on(smoke_run, tmp_path):
+  """A reward model that returns NaN: each update is skipped and counted; the third in a row
+  stops the run with an error naming the quantity and the step."""
+  rm = pj.models.from_pretrained(smoke_run[0] / "reward_model")
+  rm.head.kernel[...] = jnp.full_like(rm.head.kernel[...], jnp.nan)
+  pj.models.save_pretrained(rm, tmp_path / "nan_rm")
+  workdir = reuse_stages(smoke_run[0], tmp_path / "nan", stages=("sft",))
+  config = smoke_config(
+    reward__model=str(tmp_path / "nan_rm"),
+    rm__enabled=False,
+    ppo__critic_init="policy",
+    log__tensorboard=False,
+  )
+  with pytest.raises(NonFiniteError, match=r"non-finite scores at step 3: 3 consecutive"):
+    pipeline.run(config, workdir)
+  rows = writers.read_metrics(workdir / "metrics.jsonl")
+  assert [r["nonfinite/scores"] for r in rows] == [1.0, 1.0, 1.0]
+  assert all(r["update/skipped"] == 1.0 for r in rows)
+
+
+def test_one_nan_rollout_is_skipped_and_training_goes_on():
+  """At the step level: NaN scores leave parameters, moments and score statistics untouched, and
+  the next finite rollout trains as usual."""
+  from test_ppo import PROMPT_MASK, PROMPTS, build
+
+  _, _, state, frozen, fns = build()
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state, state.score_stats))
+  gen = fns.sample(state.params["policy"], jax.random.key(0), PROMPTS, PROMPT_MASK)
+  scores = jnp.ones(PROMPTS.shape[0]).at[3].set(jnp.nan)
+  exp, state, roll = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, scores)
+  state, upd = fns.update(state, exp, roll["objective/kl"])
+  assert float(roll["nonfinite/scores"]) == 1.0 and float(upd["update/skipped"]) == 1.0
+  after = jax.tree.map(np.asarray, (state.params, state.opt_state, state.score_stats))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  assert int(state.step) == 1  # the data cursor moves on
+  exp, state, roll = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, jnp.ones(8))
+  state, upd = fns.update(state, exp, roll["objective/kl"])
+  assert float(upd["update/skipped"]) == 0.0
+  assert not np.array_equal(
+    np.asarray(jax.tree.leaves(state.params)[0]), jax.tree.leaves(before[0])[0]
+  )
+
+
+def test_checkpoint_of_a_different_config_is_refused(smoke_run, tmp_path):
+  workdir = reuse_stages(smoke_run[0], tmp_path / "other")
+  shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
+  with pytest.raises(ValueError, match=r"different config \(ppo\.kl_coef: 0\.05 → 0\.1\)") as e:
+    pipeline.run(smoke_config(ppo__kl_coef=0.1), workdir)
+  assert "\n" not in str(e.value)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "15"]  # untouched
+
+
+def test_noresume_refuses_a_workdir_with_checkpoints(smoke_run, tmp_path):
+  workdir = reuse_stages(smoke_run[0], tmp_path / "noresume")
+  shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
+  with pytest.raises(ValueError, match="holds checkpoints and resuming is off"):
+    pipeline.run(smoke_config(), workdir, resume=False)
+
+
+def test_export_a_checkpoint(smoke_run, tmp_path):
+  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+  run = lambda *a: subprocess.run(
+    [sys.executable, "-m", "ppo_jax.main", "export", *a],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  proc = run("--workdir", str(smoke_run[0]), "--out", str(tmp_path / "latest"))
+  assert proc.returncode == 0, proc.stderr
+  assert "wrote the policy of step 15" in proc.stdout
+  # The latest checkpoint is the final policy, tensor for tensor.
+  a = safetensors.numpy.load_file(str(tmp_path / "latest" / "model.safetensors"))
+  b = safetensors.numpy.load_file(str(smoke_run[0] / "policy" / "model.safetensors"))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  proc = run("--workdir", str(smoke_run[0]), "--step", "10", "--out", str(tmp_path / "ten"))
+  assert proc.returncode == 0, proc.stderr
+  hf = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ten"))
+  ours = pj.models.from_pretrained(tmp_path / "ten")
+  import torch
+
+  ids = np.array([[5, 6, 7, 8]])
+  with torch.no_grad():
+    np.testing.assert_allclose(
+      ours(jnp.asarray(ids)), hf(torch.tensor(ids)).logits.numpy(), atol=1e-4
+    )
+  assert not np.array_equal(
+    nnx.state(ours)["trunk"]["embed"]["embedding"][...], b["transformer.wte.weight"]
+  )
+  proc = run("--workdir", str(smoke_run[0]), "--step", "7", "--out", str(tmp_path / "x"))
+  assert proc.returncode == 1 and "no checkpoint of step 7" in proc.stderr
+  assert proc.stderr.strip().count("\n") == 0
+
+
+def test_config_differences_ignore_what_may_change():
+  saved = {"ppo": {"iterations": 10, "kl_coef": 0.05}, "log": {"progress": True}, "seed": 0}
+  now = {"ppo": {"iterations": 20, "kl_coef": 0.05}, "log": {"progress": False}, "seed": 1}
+  assert checkpoint.config_differences(saved, now) == ["seed: 0 → 1"]
