@@ -16,9 +16,11 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ppo_jax.logprobs import token_logprobs
+from ppo_jax.models.lora import adapters_off, split_lora
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
 
 Params = Any
@@ -28,22 +30,52 @@ Params = Any
 class ActorCritic:
   """Graph definitions of the models PPO runs (no arrays)."""
 
-  policy: nnx.GraphDef  # CausalLM
+  policy: nnx.GraphDef  # CausalLM (with LoRA: split into adapters and base)
   value: nnx.GraphDef  # ValueModel, or ScalarHead when shared_trunk
   shared_trunk: bool
   reward: nnx.GraphDef | None = None  # RewardModel; None when scores come from a function
+  lora: bool = False  # the policy trains adapters over frozen base weights
 
   @classmethod
   def build(
     cls, policy: CausalLM, value: ValueModel | ScalarHead, reward: RewardModel | None = None
-  ) -> tuple[ActorCritic, Params, Params | None]:
-    """Splits live models into ``(ActorCritic, trainable params, reward params)``."""
-    pg, pp = nnx.split(policy)
+  ) -> tuple[ActorCritic, Params, Params, Params | None]:
+    """Splits live models into ``(ActorCritic, trainable params, frozen policy, reward params)``.
+
+    The frozen policy is the reference policy's weights: a copy of the policy's, or with LoRA
+    the base weights that policy (base + adapters) and reference (base, adapters off) share.
+    """
+    lora = policy.cfg.lora_rank > 0
+    if lora:
+      pg, pp, frozen_policy = split_lora(policy)
+    else:
+      pg, pp = nnx.split(policy)
+      pp = nnx.to_pure_dict(pp)
+      frozen_policy = jax.tree.map(jnp.copy, pp)
     vg, vp = nnx.split(value)
     rg, rp = nnx.split(reward) if reward is not None else (None, None)
-    models = cls(policy=pg, value=vg, shared_trunk=isinstance(value, ScalarHead), reward=rg)
-    params = {"policy": nnx.to_pure_dict(pp), "value": nnx.to_pure_dict(vp)}
-    return models, params, (nnx.to_pure_dict(rp) if rp is not None else None)
+    models = cls(
+      policy=pg, value=vg, shared_trunk=isinstance(value, ScalarHead), reward=rg, lora=lora
+    )
+    params = {"policy": pp, "value": nnx.to_pure_dict(vp)}
+    return models, params, frozen_policy, (nnx.to_pure_dict(rp) if rp is not None else None)
+
+  def policy_vars(self, policy_params: Params, frozen_policy: Params) -> Params:
+    """What ``nnx.merge`` needs for the policy: its params, or (adapters, base)."""
+    return (policy_params, frozen_policy) if self.lora else policy_params
+
+  def reference_vars(self, policy_params: Params, frozen_policy: Params) -> Params:
+    """The reference policy: its frozen copy, or the base with the adapters off."""
+    return (adapters_off(policy_params), frozen_policy) if self.lora else frozen_policy
+
+
+def merge(graphdef: nnx.GraphDef, variables: Params):
+  """``nnx.merge`` of one state or of a tuple of states (adapters, base)."""
+  return (
+    nnx.merge(graphdef, *variables)
+    if isinstance(variables, tuple)
+    else nnx.merge(graphdef, variables)
+  )
 
 
 def response_hidden(trunk, ids_BxL: jax.Array, mask_BxL: jax.Array, n: int) -> jax.Array:
@@ -55,17 +87,21 @@ def response_hidden(trunk, ids_BxL: jax.Array, mask_BxL: jax.Array, n: int) -> j
 def policy_logits(
   graphdef: nnx.GraphDef, params: Params, ids_BxL, mask_BxL, n: int
 ) -> tuple[jax.Array, jax.Array]:
-  """Float32 logits ``[B, N, V]`` of the response tokens, and the hidden states ``[B, N, D]``."""
-  policy: CausalLM = nnx.merge(graphdef, params)
+  """Float32 logits ``[B, N, V]`` of the response tokens, and the hidden states ``[B, N, D]``.
+
+  ``params``: the policy's state, or a tuple of states (``ActorCritic.policy_vars``)."""
+  policy: CausalLM = merge(graphdef, params)
   hidden = response_hidden(policy.trunk, ids_BxL, mask_BxL, n)
   return policy.unembed(hidden), hidden
 
 
 def forward(
-  models: ActorCritic, params: Params, ids_BxL, mask_BxL, n: int
+  models: ActorCritic, params: Params, ids_BxL, mask_BxL, n: int, *, frozen_policy=None
 ) -> tuple[jax.Array, jax.Array]:
-  """``(logits [B, N, V], values [B, N])`` of the response tokens under the current params."""
-  logits, hidden = policy_logits(models.policy, params["policy"], ids_BxL, mask_BxL, n)
+  """``(logits [B, N, V], values [B, N])`` of the response tokens under the current params
+  (``frozen_policy``: the base weights, needed with LoRA)."""
+  policy_vars = models.policy_vars(params["policy"], frozen_policy)
+  logits, hidden = policy_logits(models.policy, policy_vars, ids_BxL, mask_BxL, n)
   if models.shared_trunk:
     values = nnx.merge(models.value, params["value"])(hidden)
   else:

@@ -159,7 +159,8 @@ def export_policy(
   """Writes the policy of a PPO checkpoint (default: the latest) as a Hugging Face folder."""
   from flax import nnx
 
-  from ppo_jax.models import CausalLM, save_pretrained
+  from ppo_jax.models import CausalLM, from_pretrained, save_pretrained
+  from ppo_jax.models.lora import add_lora, merge_lora, split_lora
   from ppo_jax.tokenizer import load_tokenizer
 
   directory = pathlib.Path(workdir) / "checkpoints"
@@ -182,12 +183,21 @@ def export_policy(
     mgr.close()
   record = restored.meta
   cfg = ModelConfig.from_dict(record["model_config"])
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
-  params = jax.tree.map(
-    lambda _, x: x, nnx.to_pure_dict(abstract), _int_keys(restored.state["params"]["policy"])
-  )
+  policy_params = _int_keys(restored.state["params"]["policy"])
+  if cfg.lora_rank:  # adapters: merged onto the base weights they were trained over
+    base = from_pretrained(record["base_policy"], dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    graphdef, adapters, base_params = split_lora(
+      add_lora(base, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+    )
+    adapters = jax.tree.map(lambda _, x: x, adapters, policy_params)
+    policy = merge_lora(nnx.merge(graphdef, adapters, base_params))
+  else:
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
+    policy = nnx.merge(
+      graphdef, jax.tree.map(lambda _, x: x, nnx.to_pure_dict(abstract), policy_params)
+    )
   tokenizer = load_tokenizer(record["tokenizer"]) if record.get("tokenizer") else None
-  save_pretrained(nnx.merge(graphdef, params), out, tokenizer=tokenizer)
+  save_pretrained(policy, out, tokenizer=tokenizer)
   (pathlib.Path(out) / "ppo_jax_checkpoint.json").write_text(
     json.dumps({"workdir": str(workdir), "step": step}, indent=2) + "\n"
   )

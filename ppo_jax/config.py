@@ -86,6 +86,24 @@ class PPORunSettings:
   critic_init: str = "reward_model"  # reward_model | policy (trunk + zero-initialised head)
   fuse: bool = False  # one XLA program per iteration (reward model only; no per-phase times)
   max_nonfinite: int = 3  # consecutive updates skipped for NaN/inf before the run stops
+  lora_rank: int = 0  # > 0: train LoRA adapters over the frozen policy (which is the reference)
+  lora_alpha: float = 16.0
+  lora_targets: str = "q,k,v,o"  # among q, k, v, o, gate, up, down
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  shape: tuple = (-1, 1, 1)  # (data, fsdp, tensor); one −1 takes the remaining devices
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+  """Several processes (hosts) through ``jax.distributed``; off when nothing is set."""
+
+  coordinator: str | None = None  # "host:port" of process 0 (env: JAX_COORDINATOR_ADDRESS)
+  num_processes: int | None = None  # (env: JAX_NUM_PROCESSES)
+  process_id: int | None = None  # (env: JAX_PROCESS_ID)
+  auto: bool = False  # let JAX detect the cluster (Cloud TPU pods, SLURM, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +125,8 @@ SECTIONS: dict[str, tuple[type, ...]] = {
   "ppo": (PPOHparams, PPORunSettings),
   "log": (LogSettings,),
   "checkpoint": (CheckpointSettings,),
+  "mesh": (MeshSettings,),
+  "distributed": (DistributedSettings,),
 }
 
 
@@ -190,6 +210,8 @@ class Settings:
   ppo_optim: OptimHparams
   log: LogSettings
   checkpoint: CheckpointSettings
+  mesh: MeshSettings
+  distributed: DistributedSettings
   raw: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
 
   @classmethod
@@ -207,6 +229,8 @@ class Settings:
       ppo_optim=_build(OptimHparams, config.ppo.optim, "ppo.optim"),
       log=_build(LogSettings, config.log, "log"),
       checkpoint=_build(CheckpointSettings, config.checkpoint, "checkpoint"),
+      mesh=_build(MeshSettings, config.mesh, "mesh"),
+      distributed=_build(DistributedSettings, config.distributed, "distributed"),
       raw=config,
     )
     settings.ppo(eos_token_id=None, pad_token_id=0)  # validates the PPO fields now

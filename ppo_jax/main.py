@@ -99,6 +99,26 @@ def export(argv: list[str]) -> int:
   return 0
 
 
+def start_distributed(d) -> None:
+  """``jax.distributed.initialize`` from config, else environment; nothing if neither says so.
+
+  Must run before anything touches a device. Processes other than the first print nothing to
+  stdout (their errors still reach stderr).
+  """
+  coordinator = d.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not (coordinator or d.auto):
+    return
+  env_int = lambda name: int(os.environ[name]) if name in os.environ else None
+  num = d.num_processes if d.num_processes is not None else env_int("JAX_NUM_PROCESSES")
+  pid = d.process_id if d.process_id is not None else env_int("JAX_PROCESS_ID")
+  import jax
+
+  jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
+  if jax.process_index() != 0:  # descriptor 1 itself: C++ libraries (gloo) write there too
+    sys.stdout.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+
+
 def cli(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   from absl import logging as absl_logging
@@ -118,6 +138,11 @@ def cli(argv: list[str] | None = None) -> int:
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     print(f"ppo-jax: config error: {_one_line(e)}", file=sys.stderr)
     return 2
+  try:
+    start_distributed(Settings.from_config(config).distributed)
+  except (RuntimeError, ValueError) as e:
+    print(f"ppo-jax: error: jax.distributed: {_one_line(e)}", file=sys.stderr)
+    return 1
   from ppo_jax.checkpoint import Preempted
   from ppo_jax.pipeline import run
   from ppo_jax.rl import NonFiniteError

@@ -17,10 +17,12 @@ import jax
 from flax import nnx
 
 from ppo_jax import checkpoint, data, rl, synthetic, writers
+from ppo_jax import sharding as shd
 from ppo_jax.config import Settings
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
+from ppo_jax.models.lora import add_lora
 from ppo_jax.rewards import load_reward_fn
-from ppo_jax.stages import run_reward_model, run_sft
+from ppo_jax.stages import has_model_folder, run_reward_model, run_sft
 from ppo_jax.tokenizer import load_tokenizer
 
 _LAST_BANNER = [time.perf_counter()]
@@ -55,7 +57,9 @@ def prepare_inputs(s: Settings, workdir: pathlib.Path) -> Inputs:
       num_sft=s.task.num_sft,
       num_pairs=s.task.num_pairs,
       label_noise=s.task.label_noise,
+      write_files=shd.is_main_process(),
     )
+    shd.sync("synthetic task written")
     tok = s.model.tokenizer or paths["tokenizer"]
     gold = s.task.gold or "ppo_jax.synthetic:gold_score"
     return Inputs(
@@ -129,6 +133,7 @@ def run_ppo_stage(
   workdir: pathlib.Path,
   *,
   resume: bool,
+  mesh=None,
 ) -> rl.PPOResult:
   """PPO with its logs and checkpoints (resumed from ``WORKDIR/checkpoints`` when present)."""
   scorer = rl.Scorer(
@@ -144,6 +149,19 @@ def run_ppo_stage(
     init=s.ppo_run.critic_init,
     seed=s.seed + 2,
   )
+  base_policy = None
+  if s.ppo_run.lora_rank:  # adapters over frozen base weights, which are also the reference
+    base_policy = workdir / "sft"
+    if not has_model_folder(base_policy):
+      base_policy = workdir / "ppo_base"  # export needs the base: keep it beside the adapters
+      save_pretrained(policy, base_policy, tokenizer=inputs.tokenizer)
+    policy = add_lora(
+      policy,
+      rank=s.ppo_run.lora_rank,
+      alpha=s.ppo_run.lora_alpha,
+      targets=s.ppo_run.lora_targets,
+      seed=s.seed + 3,
+    )
   with checkpoint.Checkpointer(workdir / "checkpoints", s.checkpoint) as ckpt:
     resume_step = (ckpt.latest_step() or 0) if resume else 0
     writers.truncate_jsonl(workdir / "samples.jsonl", resume_step)
@@ -169,6 +187,7 @@ def run_ppo_stage(
       "config": json.loads(config.to_json_best_effort()),
       "model_config": policy.cfg.to_dict(),
       "tokenizer": str(pathlib.Path(inputs.tokenizer_path).absolute()),
+      "base_policy": str(base_policy.absolute()) if base_policy else None,
     }
     try:
       return rl.run_ppo(
@@ -189,6 +208,7 @@ def run_ppo_stage(
         checkpointer=ckpt,
         record=record,
         max_nonfinite=s.ppo_run.max_nonfinite,
+        mesh=mesh,
       )
     finally:
       bar.close()
@@ -216,11 +236,14 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
       f"{ckpt_dir} holds checkpoints and resuming is off; use a new workdir (or "
       "resume, the default)"
     )
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  if shd.is_main_process():
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here
   print(
-    f"ppo_jax: workdir {workdir}, jax {jax.__version__} on {jax.devices()[0].platform} "
-    f"({jax.device_count()} devices)"
+    f"ppo_jax: workdir {workdir}, jax {jax.__version__} on {jax.devices()[0].platform}, "
+    f"mesh {shd.describe(mesh)}, {jax.process_count()} process(es)"
   )
+  mesh = mesh if mesh.size > 1 else None  # one device: plain jit, nothing to place
 
   banner("data")
   inputs = prepare_inputs(s, workdir)
@@ -249,13 +272,23 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   )
 
   banner("1/3 supervised fine-tuning")
-  policy, sft_eval = run_sft(s, policy, inputs, layout, workdir)
+  policy, sft_eval = run_sft(s, policy, inputs, layout, workdir, mesh=mesh)
   banner("2/3 reward model")
-  reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir)
+  reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir, mesh=mesh)
 
   banner("3/3 PPO")
   result = run_ppo_stage(
-    s, config, policy, reward_model, inputs, prompts, eval_prompts, hp, workdir, resume=resume
+    s,
+    config,
+    policy,
+    reward_model,
+    inputs,
+    prompts,
+    eval_prompts,
+    hp,
+    workdir,
+    resume=resume,
+    mesh=mesh,
   )
   save_pretrained(result.policy, workdir / "policy", tokenizer=tok)
   if s.log.plots:
@@ -276,7 +309,8 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     **inputs.notes,
     "seconds": time.perf_counter() - t_start,
   }
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  if shd.is_main_process():
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   banner("summary")
   _print_summary(summary)
   print(f"outputs in {workdir}: metrics.jsonl, tensorboard/, plots/, samples/, policy/")

@@ -22,6 +22,7 @@ from ppo_jax.kl import KL_KINDS, adaptive_kl_update, kl_estimate
 from ppo_jax.logprobs import entropy_from_logits, token_logprobs
 from ppo_jax.losses import policy_loss, value_loss
 from ppo_jax.masking import masked_mean
+from ppo_jax.sharding import BATCH
 
 Metrics = dict[str, jax.Array]
 KL_MODES = ("reward", "loss")
@@ -136,7 +137,7 @@ class PPOState:
 class Frozen:
   """Models PPO reads but never trains."""
 
-  ref_params: Params  # the reference policy (same graph as the policy)
+  ref_params: Params  # the reference policy's weights; with LoRA the base weights (shared)
   reward_params: Params | None  # the reward model; None when scores come from a function
 
 
@@ -188,6 +189,7 @@ def _loss(
   kl_coef: jax.Array,
   models: ActorCritic,
   hp: PPOHparams,
+  frozen_policy: Params | None,
 ) -> tuple[jax.Array, Metrics]:
   """The micro-batch's share of the minibatch loss and metrics.
 
@@ -197,7 +199,7 @@ def _loss(
   """
   n = hp.max_new_tokens
   m = micro.response_mask
-  logits, values = forward(models, params, micro.ids, micro.mask, n)
+  logits, values = forward(models, params, micro.ids, micro.mask, n, frozen_policy=frozen_policy)
   logp = token_logprobs(logits, micro.ids[:, -n:], temperature=hp.temperature)
   pg, pg_m = policy_loss(
     logp,
@@ -233,8 +235,27 @@ def _loss(
   return loss, metrics
 
 
-def _split(tree, parts: int):
-  return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), tree)
+def _rows_sharded(tree, mesh, *, leading: int = 0):
+  """Pins the row axis (after ``leading`` axes) to ``('data', 'fsdp')``: without it GSPMD may
+  replicate a gathered or reshaped batch, and every device would compute every row. Rows that do
+  not split evenly over those axes are left to GSPMD."""
+  if mesh is None:
+    return tree
+  spec = jax.sharding.PartitionSpec(*([None] * leading), BATCH)
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def pin(x):
+    if x.shape[leading] % n:
+      return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+  return jax.tree.map(pin, tree)
+
+
+def _split(tree, parts: int, mesh=None):
+  """``[B, ...]`` → ``[parts, B / parts, ...]`` (rows stay split over the mesh's batch axes)."""
+  split = jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), tree)
+  return _rows_sharded(split, mesh, leading=1)
 
 
 def minibatch_gradients(
@@ -245,12 +266,15 @@ def minibatch_gradients(
   n_micro: int,
   *,
   hp: PPOHparams,
+  frozen_policy: Params | None = None,
+  mesh=None,
 ) -> tuple[Params, Metrics]:
   """Gradient and metrics of one minibatch, accumulated over ``n_micro`` micro-batches.
 
   Each micro-batch's loss is weighted by its share of the minibatch's aggregation weight (tokens
   for token-mean, non-empty rows for the seq-mean modes), so the summed gradient is the
-  minibatch's own, whatever ``n_micro``.
+  minibatch's own, whatever ``n_micro``. ``frozen_policy``: the base weights under LoRA adapters
+  (they get no gradient).
   """
   weights = {
     "agg": masking.agg_weight(mb.response_mask, hp.agg),
@@ -258,11 +282,13 @@ def minibatch_gradients(
   }
 
   def micro_step(grads, micro):
-    g, metrics = jax.grad(_loss, has_aux=True)(params, micro, weights, kl_coef, models, hp)
+    g, metrics = jax.grad(_loss, has_aux=True)(
+      params, micro, weights, kl_coef, models, hp, frozen_policy
+    )
     return jax.tree.map(jnp.add, grads, g), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, metrics = jax.lax.scan(micro_step, zeros, _split(mb, n_micro))
+  grads, metrics = jax.lax.scan(micro_step, zeros, _split(mb, n_micro, mesh))
   return grads, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics)
 
 
@@ -273,18 +299,23 @@ class TrainHparams:
   models: ActorCritic
   tx: optax.GradientTransformation
   ppo: PPOHparams
+  mesh: jax.sharding.Mesh | None = None  # sharded run: rows stay over ('data', 'fsdp')
 
 
 def train_step(
-  state: PPOState, batch: Experience, *, hparams: TrainHparams
+  state: PPOState, batch: Experience, *, hparams: TrainHparams, frozen: Frozen | None = None
 ) -> tuple[PPOState, Metrics]:
   """PPO's update: ``num_epochs`` passes over ``batch`` in ``num_minibatches`` minibatches.
 
   Each epoch draws a fresh permutation; epochs and minibatches are ``lax.scan``s, and a minibatch
-  may be accumulated over micro-batches (``minibatch_gradients``). Jit it with
+  may be accumulated over micro-batches (``minibatch_gradients``). ``frozen`` is needed when the
+  policy trains LoRA adapters (its base weights are there). Jit it with
   ``jax.jit(train_step, static_argnames="hparams", donate_argnums=0)``.
   """
-  models, tx, hp = hparams.models, hparams.tx, hparams.ppo
+  models, tx, hp, mesh = hparams.models, hparams.tx, hparams.ppo, hparams.mesh
+  if models.lora and frozen is None:
+    raise ValueError("a LoRA policy's train_step needs frozen= (its base weights)")
+  frozen_policy = None if frozen is None else frozen.ref_params
   exp = batch
   B = exp.ids.shape[0]
   _, n_micro = hp.minibatch_layout(B)
@@ -292,7 +323,9 @@ def train_step(
 
   def minibatch_step(carry, mb: Experience):
     params, opt_state = carry
-    grads, metrics = minibatch_gradients(models, params, mb, state.kl_coef, n_micro, hp=hp)
+    grads, metrics = minibatch_gradients(
+      models, params, mb, state.kl_coef, n_micro, hp=hp, frozen_policy=frozen_policy, mesh=mesh
+    )
     grad_norm = optax.tree.norm(grads)
     loss_finite = jnp.isfinite(
       metrics["loss/policy_avg"] + metrics["loss/value_avg"] + metrics["loss/kl_avg"]
@@ -314,8 +347,8 @@ def train_step(
     return (keep(new_params, params), keep(new_opt_state, opt_state)), metrics
 
   def epoch(carry, key):
-    shuffled = jax.tree.map(lambda x: x[jax.random.permutation(key, B)], exp)
-    return jax.lax.scan(minibatch_step, carry, _split(shuffled, hp.num_minibatches))
+    shuffled = _rows_sharded(jax.tree.map(lambda x: x[jax.random.permutation(key, B)], exp), mesh)
+    return jax.lax.scan(minibatch_step, carry, _split(shuffled, hp.num_minibatches, mesh))
 
   keys = jax.random.split(perm_key, hp.num_epochs)
   (params, opt_state), metrics = jax.lax.scan(epoch, (state.params, state.opt_state), keys)

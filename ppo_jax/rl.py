@@ -7,6 +7,7 @@ the jitted steps, and, for a Python reward or a gold scorer, decode the response
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,12 +18,15 @@ import numpy as np
 from flax import nnx
 
 from ppo_jax import ppo, rollout
-from ppo_jax.actor_critic import ActorCritic
+from ppo_jax import sharding as shd
+from ppo_jax.actor_critic import ActorCritic, merge
 from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted, config_differences
 from ppo_jax.data import batch_indices
+from ppo_jax.models.lora import merge_lora
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
 from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer
 from ppo_jax.rewards import RewardFn, call_reward_fn
+from ppo_jax.sampling import Generation
 
 
 @dataclasses.dataclass
@@ -80,6 +84,19 @@ class Scorer:
   fn_name: str = "reward function"
 
 
+def _put(x, placement: rollout.Placement | None, *, vector: bool = False) -> jax.Array:
+  """Host rows onto the devices: split over ('data', 'fsdp') when sharded."""
+  if placement is None:
+    return jnp.asarray(x)
+  return shd.place_batch(x, placement.vector if vector else placement.batch)
+
+
+def _host(gen: Generation) -> Generation:
+  return Generation(
+    tokens=shd.to_host(gen.tokens), logprobs=shd.to_host(gen.logprobs), mask=shd.to_host(gen.mask)
+  )
+
+
 def evaluate(
   fns: rollout.StepFns,
   policy_params,
@@ -91,6 +108,7 @@ def evaluate(
   scorer: Scorer,
   gold: RewardFn | None,
   seed: int,
+  placement: rollout.Placement | None = None,
 ) -> dict[str, float]:
   """Mean score (reward model or function), gold score, KL to the reference and response length
   of the policy's samples on held-out prompts, with the training sampler and settings.
@@ -100,13 +118,19 @@ def evaluate(
   totals: dict[str, list[float]] = {"score": [], "kl": [], "length": [], "gold": []}
   for start in range(0, len(prompts), batch_size):
     real = min(batch_size, len(prompts) - start)
-    idx = [start + (i if i < real else 0) for i in range(batch_size)]
-    part = prompts.take(idx)
-    ids, mask = jnp.asarray(part.ids), jnp.asarray(part.mask)
-    gen = fns.sample(policy_params, jax.random.key(seed + start), ids, mask)
-    full_ids = jnp.concatenate([ids, gen.tokens], 1)
-    full_mask = jnp.concatenate([mask, gen.mask.astype(jnp.int32)], 1)
-    scores, kl = fns.evaluate(policy_params, frozen, full_ids, full_mask)
+    part = prompts.take([start + (i if i < real else 0) for i in range(batch_size)])
+    gen = _host(
+      fns.sample(
+        policy_params,
+        frozen,
+        jax.random.key(seed + start),
+        _put(part.ids, placement),
+        _put(part.mask, placement),
+      )
+    )
+    full_ids = _put(np.concatenate([part.ids, gen.tokens], 1), placement)
+    full_mask = _put(np.concatenate([part.mask, gen.mask.astype(np.int32)], 1), placement)
+    scores, kl = (shd.to_host(x) for x in fns.evaluate(policy_params, frozen, full_ids, full_mask))
     texts = (
       decode_responses(tokenizer, gen.tokens[:real], gen.mask[:real])
       if (scorer.fn or gold)
@@ -115,8 +139,8 @@ def evaluate(
     if scorer.fn is not None:
       scores = call_reward_fn(scorer.fn, part.texts[:real], texts, name=scorer.fn_name)
     totals["score"] += np.asarray(scores)[:real].tolist()
-    totals["kl"] += np.asarray(kl)[:real].tolist()
-    totals["length"] += np.asarray(gen.lengths)[:real].tolist()
+    totals["kl"] += kl[:real].tolist()
+    totals["length"] += gen.mask.sum(-1)[:real].tolist()
     if gold is not None:
       totals["gold"] += call_reward_fn(gold, part.texts[:real], texts, name="gold scorer").tolist()
   return {k: float(np.mean(v)) for k, v in totals.items() if v}
@@ -147,40 +171,45 @@ def run_iteration(
   tokenizer: Any,
   fuse: bool,
   step: int,
+  placement: rollout.Placement | None = None,
 ):
-  """One PPO iteration: ``(state, scalar metrics, per-sample metrics, generation)``."""
-  pids, pmask = jnp.asarray(batch.ids), jnp.asarray(batch.mask)
+  """One PPO iteration: ``(state, scalar metrics, per-sample metrics, host generation)``."""
+  pids, pmask = _put(batch.ids, placement), _put(batch.mask, placement)
   t0 = time.perf_counter()
   timings = {}
   if fuse:
     state, metrics, gen = fns.iterate(state, frozen, pids, pmask)
     jax.block_until_ready(state.step)
   else:
-    gen = fns.sample(state.params["policy"], ppo.iteration_keys(state)[0], pids, pmask)
+    gen = fns.sample(state.params["policy"], frozen, ppo.iteration_keys(state)[0], pids, pmask)
     jax.block_until_ready(gen.tokens)
     timings["time/generate"] = time.perf_counter() - t0
     scores = None
     if scorer.fn is not None:
-      texts = decode_responses(tokenizer, gen.tokens, gen.mask)
-      scores = jnp.asarray(
-        call_reward_fn(scorer.fn, batch.texts, texts, name=scorer.fn_name, step=step)
+      host = _host(gen)
+      texts = decode_responses(tokenizer, host.tokens, host.mask)
+      scores = _put(
+        call_reward_fn(scorer.fn, batch.texts, texts, name=scorer.fn_name, step=step),
+        placement,
+        vector=True,
       )
     t1 = time.perf_counter()
     exp, state, roll_metrics = fns.score(state, frozen, pids, pmask, gen, scores)
     jax.block_until_ready(exp.advantages)
     timings["time/score"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    state, upd_metrics = fns.update(state, exp, roll_metrics["objective/kl"])
+    state, upd_metrics = fns.update(state, frozen, exp, roll_metrics["objective/kl"])
     jax.block_until_ready(state.step)
     timings["time/update"] = time.perf_counter() - t2
     metrics = {**roll_metrics, **upd_metrics}
   elapsed = time.perf_counter() - t0
-  fetched = jax.device_get(metrics)
+  fetched = {k: shd.to_host(v) for k, v in metrics.items()}
   row = {k: float(v) for k, v in fetched.items() if np.ndim(v) == 0}
-  per_sample = {k: np.asarray(v) for k, v in fetched.items() if np.ndim(v) == 1}
+  per_sample = {k: v for k, v in fetched.items() if np.ndim(v) == 1}
   row.update(timings)
   row["time/iteration"] = elapsed
-  row["tokens_per_s"] = float(np.sum(np.asarray(gen.mask))) / elapsed
+  gen = _host(gen)
+  row["tokens_per_s"] = float(gen.mask.sum()) / elapsed
   return state, row, per_sample, gen
 
 
@@ -203,6 +232,7 @@ def run_ppo(
   checkpointer: Checkpointer | None = None,
   record: dict[str, Any] | None = None,
   max_nonfinite: int = 3,
+  mesh=None,
 ) -> PPOResult:
   """Runs PPO iterations of ``batch_size`` prompts against ``scorer`` until step ``iterations``.
 
@@ -216,17 +246,28 @@ def run_ppo(
   sample-table rows of that iteration's first ``k`` responses on demand.
   """
   hp.minibatch_layout(batch_size)  # fail early on indivisible sizes
-  models, params, reward_params = ActorCritic.build(policy, critic, scorer.reward_model)
+  models, params, frozen_policy, reward_params = ActorCritic.build(
+    policy, critic, scorer.reward_model
+  )
   total_updates = iterations * hp.num_epochs * hp.num_minibatches
   tx = make_optimizer(optim, total_updates)
-  fns = rollout.make_step_fns(models, tx, hp, learning_rate(optim, total_updates))
-  state = ppo.init_state(params, tx, hp, seed=seed)
-  frozen = ppo.Frozen(
-    ref_params=jax.tree.map(jnp.copy, params["policy"]), reward_params=reward_params
-  )
+  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
+  make_state = functools.partial(ppo.init_state, tx=tx, hp=hp, seed=seed)
+  placement = None
+  if mesh is None:
+    state = make_state(params)
+  else:  # created straight onto its shardings (a plain tx.init would leave counts on device 0)
+    shd.check_batch(batch_size, mesh)
+    placement = rollout.Placement.build(mesh, jax.eval_shape(make_state, params), frozen, tx)
+    params = shd.place(params, placement.state.params)
+    state = jax.jit(make_state, out_shardings=placement.state)(params)
+    frozen = shd.place(frozen, placement.frozen)
+  fns = rollout.make_step_fns(models, tx, hp, learning_rate(optim, total_updates), placement)
   record = dict(record or {})
 
-  eval_kw = dict(batch_size=batch_size, scorer=scorer, gold=gold, seed=seed + 1)
+  eval_kw = dict(
+    batch_size=batch_size, scorer=scorer, gold=gold, seed=seed + 1, placement=placement
+  )
 
   def held_out(policy_params):
     if not len(eval_prompts):
@@ -253,8 +294,16 @@ def run_ppo(
   for it in range(int(state.step), iterations):
     step = it + 1
     batch = prompts.take(batch_indices(len(prompts), batch_size, it, seed=seed))
-    state, row, per_sample, gen = run_iteration(
-      fns, state, frozen, batch, scorer=scorer, tokenizer=tokenizer, fuse=fuse, step=step
+    state, row, per_sample, gen = run_iteration(  # gen: on the host
+      fns,
+      state,
+      frozen,
+      batch,
+      scorer=scorer,
+      tokenizer=tokenizer,
+      fuse=fuse,
+      step=step,
+      placement=placement,
     )
     texts = None
     if gold is not None:
@@ -301,7 +350,12 @@ def run_ppo(
       )
   if checkpointer is not None:
     checkpointer.wait()
-  final = nnx.merge(models.policy, state.params["policy"])
+  policy_vars = models.policy_vars(state.params["policy"], frozen.ref_params)
+  if jax.process_count() > 1:  # save_pretrained needs whole arrays on this host
+    policy_vars = jax.tree.map(shd.to_host, policy_vars)
+  final = merge(models.policy, policy_vars)
+  if models.lora:  # adapters folded into the weights: a plain Hugging Face model
+    final = merge_lora(final)
   return PPOResult(
     policy=final, before=before, after=held_out(state.params["policy"]), history=history
   )

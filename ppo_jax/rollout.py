@@ -88,12 +88,11 @@ def make_experience(
   ids = jnp.concatenate([prompt_ids_BxP, gen.tokens], axis=1)
   mask = jnp.concatenate([prompt_mask_BxP.astype(jnp.int32), gen.mask.astype(jnp.int32)], axis=1)
   m = gen.mask
-  logits, values = forward(models, state.params, ids, mask, n)
+  logits, values = forward(models, state.params, ids, mask, n, frozen_policy=frozen.ref_params)
   logp = token_logprobs(logits, gen.tokens, temperature=hp.temperature)
   old_logp = logp if hp.recompute_logprobs else gen.logprobs
-  ref_logp = response_logprobs(
-    models.policy, frozen.ref_params, ids, mask, n, temperature=hp.temperature
-  )
+  ref_vars = models.reference_vars(state.params["policy"], frozen.ref_params)
+  ref_logp = response_logprobs(models.policy, ref_vars, ids, mask, n, temperature=hp.temperature)
   if scores_B is None:
     scores_B = reward_scores(models.reward, frozen.reward_params, ids, mask)
   scores_B = scores_B.astype(jnp.float32)
@@ -176,11 +175,13 @@ def evaluation_scores(
 ) -> tuple[jax.Array, jax.Array]:
   """(reward-model scores or zeros, KL(π ‖ π_ref) per sequence, k1) of sampled sequences."""
   n = hp.max_new_tokens
+  policy_vars = models.policy_vars(policy_params, frozen.ref_params)
   logp = response_logprobs(
-    models.policy, policy_params, ids_BxL, mask_BxL, n, temperature=hp.temperature
+    models.policy, policy_vars, ids_BxL, mask_BxL, n, temperature=hp.temperature
   )
+  ref_vars = models.reference_vars(policy_params, frozen.ref_params)
   ref_logp = response_logprobs(
-    models.policy, frozen.ref_params, ids_BxL, mask_BxL, n, temperature=hp.temperature
+    models.policy, ref_vars, ids_BxL, mask_BxL, n, temperature=hp.temperature
   )
   m = mask_BxL[:, -n:]
   kl = masked_sum(kl_estimate(logp, ref_logp, kind="k1"), m, axis=-1)
@@ -193,11 +194,11 @@ def evaluation_scores(
 class StepFns:
   """The jitted pieces of a PPO iteration, built once by ``make_step_fns``.
 
-  - ``sample(policy_params, key, prompt_ids, prompt_mask) → Generation``
+  - ``sample(policy_params, frozen, key, prompt_ids, prompt_mask) → Generation``
   - ``score(state, frozen, prompt_ids, prompt_mask, gen, scores) → (experience, state, metrics)``;
     ``scores=None`` reads the reward model.
-  - ``update(state, experience, rollout_kl) → (state, metrics)``: the PPO epochs, then the step
-    and KL-coefficient advance.
+  - ``update(state, frozen, experience, rollout_kl) → (state, metrics)``: the PPO epochs, then
+    the step and KL-coefficient advance.
   - ``iterate(state, frozen, prompt_ids, prompt_mask) → (state, metrics, gen)``: all of the above
     as one XLA program (reward model only).
   - ``evaluate(policy_params, frozen, ids, mask) → (scores, kl)`` of sampled sequences.
@@ -212,20 +213,91 @@ class StepFns:
   evaluate: Callable[..., tuple[jax.Array, jax.Array]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Shardings of what the jitted steps take and return; ``make_step_fns`` jits with them."""
+
+  state: Any  # PPOState of NamedShardings
+  frozen: Any  # Frozen of NamedShardings
+  batch: Any  # [B, ...] rows over ('data', 'fsdp')
+  vector: Any  # [B]
+  replicated: Any
+
+  @classmethod
+  def build(
+    cls, mesh, state: PPOState, frozen: Frozen, tx: optax.GradientTransformation
+  ) -> Placement:
+    """Parameters by ``sharding.RULES``, optimizer states alike, everything else replicated."""
+    from ppo_jax import sharding as shd
+
+    rep = shd.replicated(mesh)
+    param_sh = shd.param_shardings(state.params, mesh)
+    state_sh = PPOState(
+      step=rep,
+      params=param_sh,
+      opt_state=shd.optimizer_shardings(tx, state.params, param_sh, mesh),
+      kl_coef=rep,
+      score_stats=jax.tree.map(lambda _: rep, state.score_stats),
+      key=rep,
+    )
+    frozen_sh = Frozen(
+      ref_params=shd.param_shardings(frozen.ref_params, mesh),
+      reward_params=(
+        None if frozen.reward_params is None else shd.param_shardings(frozen.reward_params, mesh)
+      ),
+    )
+    return cls(
+      state=state_sh,
+      frozen=frozen_sh,
+      batch=shd.batch_sharding(mesh, 2),
+      vector=shd.batch_sharding(mesh, 1),
+      replicated=rep,
+    )
+
+  @property
+  def mesh(self):
+    return self.replicated.mesh
+
+  @property
+  def generation(self) -> Generation:
+    return Generation(tokens=self.batch, logprobs=self.batch, mask=self.batch)
+
+  @property
+  def experience(self) -> Experience:
+    b = self.batch
+    return Experience(
+      ids=b,
+      mask=b,
+      response_mask=b,
+      old_logprobs=b,
+      ref_logprobs=b,
+      old_values=b,
+      advantages=b,
+      returns=b,
+      ok=self.vector,
+    )
+
+
 def make_step_fns(
   models: ActorCritic,
   tx: optax.GradientTransformation,
   hp: PPOHparams,
   lr_schedule: Callable[[Any], Any] | None = None,
+  placement: Placement | None = None,
 ) -> StepFns:
-  def sample_fn(policy_params, key, prompt_ids, prompt_mask):
-    return sample_responses(models, policy_params, key, prompt_ids, prompt_mask, hp=hp)
+  """Jits the iteration's pieces once, with in/out shardings and donation when ``placement``
+  is given (a sharded run), with shardings left to JAX otherwise (one device)."""
+
+  def sample_fn(policy_params, frozen, key, prompt_ids, prompt_mask):
+    policy_vars = models.policy_vars(policy_params, frozen.ref_params)
+    return sample_responses(models, policy_vars, key, prompt_ids, prompt_mask, hp=hp)
 
   def score_fn(state, frozen, prompt_ids, prompt_mask, gen, scores):
     return make_experience(models, state, frozen, prompt_ids, prompt_mask, gen, scores, hp=hp)
 
-  def update_fn(state, exp, rollout_kl):
-    new_state, metrics = train_step(state, exp, hparams=TrainHparams(models, tx, hp))
+  def update_fn(state, frozen, exp, rollout_kl):
+    hparams = TrainHparams(models, tx, hp, mesh=None if placement is None else placement.mesh)
+    new_state, metrics = train_step(state, exp, hparams=hparams, frozen=frozen)
     if lr_schedule is not None:
       metrics["lr"] = jnp.asarray(lr_schedule(state.step * hp.num_epochs * hp.num_minibatches))
     new_state = finish_iteration(new_state, {"objective/kl": rollout_kl}, exp.ids.shape[0], hp=hp)
@@ -233,15 +305,49 @@ def make_step_fns(
 
   def iterate(state, frozen, prompt_ids, prompt_mask):
     key, _ = iteration_keys(state)
-    gen = sample_fn(state.params["policy"], key, prompt_ids, prompt_mask)
+    gen = sample_fn(state.params["policy"], frozen, key, prompt_ids, prompt_mask)
     exp, state, roll_metrics = score_fn(state, frozen, prompt_ids, prompt_mask, gen, None)
-    state, upd_metrics = update_fn(state, exp, roll_metrics["objective/kl"])
+    state, upd_metrics = update_fn(state, frozen, exp, roll_metrics["objective/kl"])
     return state, {**roll_metrics, **upd_metrics}, gen
 
+  evaluate = functools.partial(evaluation_scores, models, hp=hp)
+  if placement is None:
+    return StepFns(
+      sample=jax.jit(sample_fn),
+      score=jax.jit(score_fn, donate_argnums=0),
+      update=jax.jit(update_fn, donate_argnums=0),
+      iterate=jax.jit(iterate, donate_argnums=0),
+      evaluate=jax.jit(evaluate),
+    )
+  p = placement
+  policy_sh = p.state.params["policy"]
   return StepFns(
-    sample=jax.jit(sample_fn),
-    score=jax.jit(score_fn, donate_argnums=0),
-    update=jax.jit(update_fn, donate_argnums=0),
-    iterate=jax.jit(iterate, donate_argnums=0),
-    evaluate=jax.jit(functools.partial(evaluation_scores, models, hp=hp)),
+    sample=jax.jit(
+      sample_fn,
+      in_shardings=(policy_sh, p.frozen, p.replicated, p.batch, p.batch),
+      out_shardings=p.generation,
+    ),
+    score=jax.jit(
+      score_fn,
+      in_shardings=(p.state, p.frozen, p.batch, p.batch, p.generation, None),
+      out_shardings=(p.experience, p.state, None),
+      donate_argnums=0,
+    ),
+    update=jax.jit(
+      update_fn,
+      in_shardings=(p.state, p.frozen, p.experience, p.replicated),
+      out_shardings=(p.state, None),
+      donate_argnums=0,
+    ),
+    iterate=jax.jit(
+      iterate,
+      in_shardings=(p.state, p.frozen, p.batch, p.batch),
+      out_shardings=(p.state, None, p.generation),
+      donate_argnums=0,
+    ),
+    evaluate=jax.jit(
+      evaluate,
+      in_shardings=(policy_sh, p.frozen, p.batch, p.batch),
+      out_shardings=(p.vector, p.vector),
+    ),
   )

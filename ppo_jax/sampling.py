@@ -89,7 +89,10 @@ def sample(
   pad_token_id: int = 0,
 ) -> Generation:
   """The pure sampling program (trace it inside a larger jit, or call ``generate``)."""
-  model: CausalLM = nnx.merge(graphdef, params)
+  # One state, or a tuple (LoRA adapters, base weights).
+  model: CausalLM = (
+    nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+  )
   B, P = prompt_ids_BxP.shape
   N = max_new_tokens
   prompt_mask = prompt_mask_BxP.astype(jnp.int32)

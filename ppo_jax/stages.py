@@ -16,7 +16,7 @@ if TYPE_CHECKING:
   from ppo_jax.pipeline import Inputs
 
 
-def _stage_done(folder: pathlib.Path) -> bool:
+def has_model_folder(folder: pathlib.Path) -> bool:
   return (folder / "config.json").is_file() and any(folder.glob("*.safetensors*"))
 
 
@@ -34,10 +34,15 @@ def _supervised_logger(workdir, name, total, progress):
 
 
 def run_sft(
-  s: Settings, policy: CausalLM, inputs: Inputs, layout: data.Layout, workdir: pathlib.Path
+  s: Settings,
+  policy: CausalLM,
+  inputs: Inputs,
+  layout: data.Layout,
+  workdir: pathlib.Path,
+  mesh=None,
 ) -> tuple[CausalLM, dict]:
   out = workdir / "sft"
-  if _stage_done(out):
+  if has_model_folder(out):
     print(f"found {out}: loading it instead of training")
     return from_pretrained(
       out, dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat
@@ -65,6 +70,7 @@ def run_sft(
     s.sft,
     seed=s.seed,
     on_step=on_step,
+    mesh=mesh,
   )
   close()
   policy = nnx.merge(graphdef, params)
@@ -75,6 +81,7 @@ def run_sft(
     lambda i: supervised.sft_batch(eval_set, i),
     len(eval_set),
     batch_size=s.sft.batch_size,
+    mesh=mesh,
   )
   print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
   save_pretrained(policy, out, tokenizer=inputs.tokenizer)
@@ -82,7 +89,12 @@ def run_sft(
 
 
 def run_reward_model(
-  s: Settings, policy: CausalLM, inputs: Inputs, layout: data.Layout, workdir: pathlib.Path
+  s: Settings,
+  policy: CausalLM,
+  inputs: Inputs,
+  layout: data.Layout,
+  workdir: pathlib.Path,
+  mesh=None,
 ) -> tuple[RewardModel | None, dict]:
   out = workdir / "reward_model"
   kw = dict(dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
@@ -91,7 +103,7 @@ def run_reward_model(
     return from_pretrained(s.reward.model, kind="reward", **kw), {}
   if not s.rm_run.enabled:
     return None, {}
-  if _stage_done(out):
+  if has_model_folder(out):
     print(f"found {out}: loading it instead of training")
     return from_pretrained(out, kind="reward", **kw), {}
   if not inputs.preferences:
@@ -118,6 +130,7 @@ def run_reward_model(
     s.rm,
     seed=s.seed + 1,
     on_step=on_step,
+    mesh=mesh,
   )
   close()
   rm = nnx.merge(graphdef, params)
@@ -128,6 +141,7 @@ def run_reward_model(
     lambda i: supervised.pair_batch(eval_pairs, i),
     len(eval_idx),
     batch_size=s.rm.batch_size,
+    mesh=mesh,
   )
   print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
   save_pretrained(rm, out, tokenizer=inputs.tokenizer)

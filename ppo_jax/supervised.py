@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import policy_logits, reward_scores
 from ppo_jax.checkpoint import GUARD, Preempted
 from ppo_jax.data import Sequences, batch_indices
@@ -104,16 +105,31 @@ def train(
   *,
   seed: int,
   on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+  mesh=None,
 ) -> tuple[Any, list[dict[str, float]]]:
   """Trains ``params`` for ``hp.steps(n_train)`` steps; returns them and the per-step metrics.
 
   ``make_batch(row_indices)`` builds a batch of training rows; ``on_step(step, total, metrics)``
-  reports progress.
+  reports progress. On a ``mesh``, parameters and optimizer states follow
+  ``sharding.RULES`` and batch rows are split over ``('data', 'fsdp')``.
   """
   total = hp.steps(n_train)
   tx = make_optimizer(hp.optim, total)
-  params = jax.tree.map(jnp.copy, params)  # the step donates them
-  opt_state = tx.init(params)
+  batch_size = min(hp.batch_size, n_train)
+  jit_kw: dict[str, Any] = {}
+  if mesh is None:
+    params = jax.tree.map(jnp.copy, params)  # the step donates them
+    opt_state = tx.init(params)
+    put = lambda batch: batch
+  else:
+    shd.check_batch(batch_size, mesh, "the supervised batch size")
+    param_sh = shd.param_shardings(params, mesh)
+    opt_sh = shd.optimizer_shardings(tx, params, param_sh, mesh)
+    # Copied: the step donates them, and they may share buffers with a live model.
+    params = jax.tree.map(jnp.copy, shd.place(params, param_sh))
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    put = lambda batch: shd.place_batch(batch, _batch_sh(batch, mesh))
+    jit_kw = dict(in_shardings=(param_sh, opt_sh, None), out_shardings=(param_sh, opt_sh, None))
 
   def step(params, opt_state, batch):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch)
@@ -121,26 +137,36 @@ def train(
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 
-  step = jax.jit(step, donate_argnums=(0, 1))
+  step = jax.jit(step, donate_argnums=(0, 1), **jit_kw)
   history = []
-  batch_size = min(hp.batch_size, n_train)
   for i in range(total):
     if GUARD.requested:  # the supervised stages have no checkpoints: they start over on resume
       raise Preempted(
         f"stopped by {GUARD.signal_name} at step {i} of {total} of a supervised "
         "stage; it starts over when the run is resumed"
       )
-    batch = make_batch(batch_indices(n_train, batch_size, i, seed=seed))
+    batch = put(make_batch(batch_indices(n_train, batch_size, i, seed=seed)))
     params, opt_state, metrics = step(params, opt_state, batch)
-    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
     history.append(row)
     if on_step is not None:
       on_step(i, total, row)
   return params, history
 
 
+def _batch_sh(batch: Batch, mesh) -> dict:
+  return {k: shd.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
 def evaluate(
-  params: Any, graphdef: nnx.GraphDef, loss_fn, make_batch, n: int, *, batch_size: int
+  params: Any,
+  graphdef: nnx.GraphDef,
+  loss_fn,
+  make_batch,
+  n: int,
+  *,
+  batch_size: int,
+  mesh=None,
 ) -> dict[str, float]:
   """Metrics over held-out rows, token-weighted where the loss reports ``num_tokens``.
 
@@ -150,13 +176,19 @@ def evaluate(
   if n == 0:
     return {}
   batch_size = min(batch_size, n)
+  if mesh is not None:  # rows must split evenly over the batch axes
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = max(rows, batch_size // rows * rows)
+    if n < batch_size:
+      return {}
+  put = (lambda b: b) if mesh is None else (lambda b: shd.place_batch(b, _batch_sh(b, mesh)))
   fn = jax.jit(lambda p, b: loss_fn(p, graphdef, b)[1])
   sums: dict[str, float] = {}
   weight_total = 0.0
   used = (n // batch_size) * batch_size
   for start in range(0, used, batch_size):
     idx = np.arange(start, start + batch_size)
-    metrics = {k: float(v) for k, v in jax.device_get(fn(params, make_batch(idx))).items()}
+    metrics = {k: float(shd.to_host(v)) for k, v in fn(params, put(make_batch(idx))).items()}
     w = metrics.get("num_tokens", metrics.get("num_pairs", float(batch_size)))
     weight_total += w
     for k, v in metrics.items():

@@ -115,6 +115,7 @@ def write_task(
   label_noise: float = 0.2,
   off_topic: float = 0.15,
   truncated: float = 0.1,
+  write_files: bool = True,
 ) -> dict:
   """Writes the task's JSONL files and tokenizer under ``folder``; returns their paths.
 
@@ -128,6 +129,8 @@ def write_task(
     off_topic: fraction of the compared reviews that name a wrong item.
     truncated: fraction of the compared reviews cut short at a random word (as a sampled
       response that stopped early).
+    write_files: False returns the paths and statistics without writing (the other processes
+      of a multi-process run, while the first one writes).
 
   Returns:
     dict with paths ``prompts``, ``sft``, ``preferences``, ``tokenizer`` and the labeller's
@@ -141,6 +144,8 @@ def write_task(
 
   def write(name, rows):
     path = folder / name
+    if not write_files:
+      return str(path)
     with path.open("w") as f:
       for row in rows:
         f.write(json.dumps(row) + "\n")
@@ -173,7 +178,8 @@ def write_task(
     chosen, rejected = (a, b) if a_wins else (b, a)
     pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected})
   tok_dir = folder / "tokenizer"
-  build_word_tokenizer(WORDS).save_pretrained(str(tok_dir))
+  if write_files:
+    build_word_tokenizer(WORDS).save_pretrained(str(tok_dir))
   return {
     "prompts": write("prompts.jsonl", [{"prompt": p} for p in prompts]),
     "sft": write("sft.jsonl", sft),

@@ -9,6 +9,8 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
 PLOTTED = (
   "gold/score",
   "objective/scores",
@@ -26,7 +28,10 @@ PLOTTED = (
 
 
 class MetricsWriter:
-  """One JSON object per line (``{"step": …, name: value}``) plus TensorBoard scalars."""
+  """One JSON object per line (``{"step": …, name: value}``) plus TensorBoard scalars.
+
+  With several processes only the first writes; the others' writers do nothing.
+  """
 
   def __init__(
     self,
@@ -40,6 +45,9 @@ class MetricsWriter:
     last checkpoint) are dropped first, from the file and from TensorBoard."""
     self.path = path
     self.prefix = prefix
+    self._file = self._tb = None
+    if jax.process_index() != 0:
+      return
     path.parent.mkdir(parents=True, exist_ok=True)
     truncate_jsonl(path, resume_step)
     self._file = path.open("a")
@@ -50,6 +58,8 @@ class MetricsWriter:
       self._tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
+    if self._file is None:
+      return
     row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
@@ -63,7 +73,8 @@ class MetricsWriter:
       self._tb.add_text(self.prefix + tag, markdown, int(step))
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 
@@ -76,7 +87,7 @@ def _jsonable(v: Any) -> Any:
 
 def truncate_jsonl(path: pathlib.Path, max_step: int) -> None:
   """Keeps the rows of a JSONL log whose ``step`` is at most ``max_step``."""
-  if path.exists():
+  if path.exists() and jax.process_index() == 0:
     rows = [
       line
       for line in path.read_text().splitlines()
@@ -107,7 +118,9 @@ def write_samples(
   rows: Sequence[dict[str, Any]],
   writer: MetricsWriter | None = None,
 ) -> None:
-  """Appends to ``samples.jsonl`` and writes ``samples/step_NNNNNN.md``."""
+  """Appends to ``samples.jsonl`` and writes ``samples/step_NNNNNN.md`` (first process only)."""
+  if jax.process_index() != 0:
+    return
   folder.mkdir(parents=True, exist_ok=True)
   with (folder.parent / "samples.jsonl").open("a") as f:
     for r in rows:
@@ -126,6 +139,8 @@ def plot_metrics(
   title: str = "",
 ) -> pathlib.Path | None:
   """A grid of curves (one panel per metric present) saved as PNG."""
+  if jax.process_index() != 0:
+    return None
   # A standalone Figure: no pyplot, so the caller's matplotlib backend (a notebook's) is untouched.
   from matplotlib.figure import Figure
 

@@ -19,6 +19,8 @@ import pytest
 from cases import MASKS
 
 ROOT = pathlib.Path(__file__).parent.parent
+# tests/multidevice needs 8 devices from the start: test_sharding.py runs it in its own process.
+collect_ignore = [] if os.environ.get("PPO_JAX_MULTIDEVICE") == "1" else ["multidevice"]
 
 
 @pytest.fixture(params=list(MASKS), ids=list(MASKS))

@@ -159,16 +159,16 @@ def test_one_nan_rollout_is_skipped_and_training_goes_on():
 
   _, _, state, frozen, fns = build()
   before = jax.tree.map(np.asarray, (state.params, state.opt_state, state.score_stats))
-  gen = fns.sample(state.params["policy"], jax.random.key(0), PROMPTS, PROMPT_MASK)
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(0), PROMPTS, PROMPT_MASK)
   scores = jnp.ones(PROMPTS.shape[0]).at[3].set(jnp.nan)
   exp, state, roll = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, scores)
-  state, upd = fns.update(state, exp, roll["objective/kl"])
+  state, upd = fns.update(state, frozen, exp, roll["objective/kl"])
   assert float(roll["nonfinite/scores"]) == 1.0 and float(upd["update/skipped"]) == 1.0
   after = jax.tree.map(np.asarray, (state.params, state.opt_state, state.score_stats))
   jax.tree.map(np.testing.assert_array_equal, before, after)
   assert int(state.step) == 1  # the data cursor moves on
   exp, state, roll = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, jnp.ones(8))
-  state, upd = fns.update(state, exp, roll["objective/kl"])
+  state, upd = fns.update(state, frozen, exp, roll["objective/kl"])
   assert float(upd["update/skipped"]) == 0.0
   assert not np.array_equal(
     np.asarray(jax.tree.leaves(state.params)[0]), jax.tree.leaves(before[0])[0]

@@ -149,3 +149,48 @@ def test_bad_reward_functions_fail_with_one_line(smoke_run, tmp_path, fn, messag
     pipeline.run(config, workdir)
   assert "\n" not in str(err.value)
   assert (workdir / "sft" / "config.json").exists()  # nothing already saved is lost
+
+
+def test_lora_run_trains_adapters_and_exports_a_plain_model(smoke_run, tmp_path):
+  import subprocess
+  import sys
+
+  import safetensors.numpy
+
+  workdir = reuse_stages(smoke_run[0], tmp_path / "lora")
+  config = smoke_config(
+    ppo__lora_rank=8,
+    ppo__lora_targets="q,k,v,o,up,down",
+    ppo__optim__lr=3e-3,
+    log__tensorboard=False,
+    log__plots=False,
+  )
+  pipeline.run(config, workdir)
+  rows = _rows(workdir)
+  assert _mean(rows[-3:], "objective/scores") > _mean(rows[:3], "objective/scores") + 0.2
+  final = safetensors.numpy.load_file(str(workdir / "policy" / "model.safetensors"))
+  assert not any("lora" in k for k in final)  # adapters folded in: a plain GPT-2
+  sft = safetensors.numpy.load_file(str(workdir / "sft" / "model.safetensors"))
+  changed = [k for k in final if not np.array_equal(final[k], sft[k])]
+  assert changed and all(
+    k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for k in changed
+  )  # only the adapted projections moved
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ppo_jax.main",
+      "export",
+      "--workdir",
+      str(workdir),
+      "--out",
+      str(tmp_path / "exported"),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr
+  exported = safetensors.numpy.load_file(str(tmp_path / "exported" / "model.safetensors"))
+  for k in final:
+    np.testing.assert_array_equal(exported[k], final[k])

@@ -11,6 +11,7 @@ from flax import nnx
 from ppo_jax import ppo, rollout
 from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ScalarHead, ValueModel
+from ppo_jax.models.lora import add_lora
 from ppo_jax.optim import OptimHparams, make_optimizer
 
 CFG = ModelConfig.gpt2(
@@ -27,18 +28,18 @@ HP = ppo.PPOHparams(
 )
 
 
-def build(hp=HP, *, shared=False, lr=1e-3):
+def build(hp=HP, *, shared=False, lr=1e-3, lora_rank=0):
   policy = CausalLM(CFG, rngs=nnx.Rngs(0))
   reward = RewardModel(CFG, rngs=nnx.Rngs(1))
   critic = (
     ScalarHead(CFG.hidden_size, rngs=nnx.Rngs(2)) if shared else ValueModel(CFG, rngs=nnx.Rngs(3))
   )
-  models, params, reward_params = ActorCritic.build(policy, critic, reward)
+  if lora_rank:
+    policy = add_lora(policy, rank=lora_rank, targets="q,k,v,o,up,down")
+  models, params, frozen_policy, reward_params = ActorCritic.build(policy, critic, reward)
   tx = make_optimizer(OptimHparams(lr=lr, schedule="constant"), 100)
   state = ppo.init_state(params, tx, hp, seed=0)
-  frozen = ppo.Frozen(
-    ref_params=jax.tree.map(jnp.copy, params["policy"]), reward_params=reward_params
-  )
+  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
   return models, tx, state, frozen, rollout.make_step_fns(models, tx, hp)
 
 
@@ -47,9 +48,11 @@ PROMPT_MASK = jnp.ones((B, P), jnp.int32).at[1, :2].set(0).at[5, :1].set(0)
 
 
 def one_iteration(fns, state, frozen, scores=None):
-  gen = fns.sample(state.params["policy"], ppo.iteration_keys(state)[0], PROMPTS, PROMPT_MASK)
+  gen = fns.sample(
+    state.params["policy"], frozen, ppo.iteration_keys(state)[0], PROMPTS, PROMPT_MASK
+  )
   exp, state, roll = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, scores)
-  state, upd = fns.update(state, exp, roll["objective/kl"])
+  state, upd = fns.update(state, frozen, exp, roll["objective/kl"])
   return state, {**roll, **upd}, gen, exp
 
 
@@ -58,7 +61,7 @@ def test_returns_are_score_minus_kl_penalty_with_gamma_and_lambda_one():
   _, _, state, frozen, fns = build(hp)
   # A policy that is not the reference, so the KL penalty is not zero.
   frozen = frozen.replace(ref_params=jax.tree.map(lambda x: x * 1.5, frozen.ref_params))
-  gen = fns.sample(state.params["policy"], jax.random.key(3), PROMPTS, PROMPT_MASK)
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(3), PROMPTS, PROMPT_MASK)
   scores = jnp.linspace(-1.0, 2.0, B)
   exp, _, metrics = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, scores)
   kl = (exp.old_logprobs - exp.ref_logprobs) * gen.mask
@@ -73,7 +76,7 @@ def test_returns_are_score_minus_kl_penalty_with_gamma_and_lambda_one():
 def test_missing_eos_penalty_and_running_score_statistics():
   hp = dataclasses.replace(HP, missing_eos_penalty=2.0, normalize_scores=True)
   _, _, state, frozen, fns = build(hp)
-  gen = fns.sample(state.params["policy"], jax.random.key(4), PROMPTS, PROMPT_MASK)
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(4), PROMPTS, PROMPT_MASK)
   has_eos = np.asarray(jnp.any((gen.tokens == EOS) & (gen.mask > 0), -1))
   assert 0 < has_eos.sum() < B  # both kinds of rows are present
   scores = jnp.arange(B, dtype=jnp.float32)
@@ -91,7 +94,7 @@ def test_micro_batch_gradients_equal_the_full_minibatch_gradient(agg):
   """Gradient and metrics of a minibatch of 8 in 4 micro-batches equal those in one."""
   hp = dataclasses.replace(HP, agg=agg, kl_mode="loss", entropy_coef=0.01)
   models, _, state, frozen, fns = build(hp)
-  gen = fns.sample(state.params["policy"], jax.random.key(5), PROMPTS, PROMPT_MASK)
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(5), PROMPTS, PROMPT_MASK)
   exp, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)
   exp = exp.replace(ref_logprobs=exp.ref_logprobs - 0.1)  # a KL term that is not zero
   grads = jax.jit(
@@ -164,3 +167,37 @@ def test_indivisible_batch_is_a_clear_error():
     dataclasses.replace(HP, num_minibatches=3).minibatch_layout(8)
   with pytest.raises(ValueError, match=r"not divisible by ppo\.micro_batch_size"):
     dataclasses.replace(HP, micro_batch_size=3).minibatch_layout(8)
+
+
+def test_lora_trains_adapters_and_keeps_one_copy_of_the_base():
+  _, _, state, frozen, fns = build(lora_rank=4, lr=1e-2)
+  names = {shd_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params["policy"])}
+  assert names and all(n.endswith(("lora_a", "lora_b")) for n in names)  # only adapters train
+  base_before = jax.tree.map(np.asarray, frozen.ref_params)
+  for _ in range(3):
+    state, metrics, _, exp = one_iteration(fns, state, frozen)
+    assert float(metrics["policy/approxkl_first_minibatch"]) < 1e-6
+  jax.tree.map(np.testing.assert_array_equal, base_before, frozen.ref_params)  # base untouched
+  lora_b = [
+    x
+    for p, x in jax.tree_util.tree_leaves_with_path(state.params["policy"])
+    if shd_path(p).endswith("lora_b")
+  ]
+  assert any(float(jnp.abs(x).max()) > 0 for x in lora_b)  # adapters moved from zero
+  # The reference is the base with adapters off: its log-probs differ from the policy's now.
+  assert float(jnp.abs(exp.ref_logprobs - exp.old_logprobs).max()) > 0
+  assert float(metrics["objective/kl"]) != 0.0
+
+
+def test_lora_train_step_needs_the_base():
+  models, tx, state, frozen, fns = build(lora_rank=2)
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(0), PROMPTS, PROMPT_MASK)
+  exp, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)
+  with pytest.raises(ValueError, match="needs frozen="):
+    ppo.train_step(state, exp, hparams=ppo.TrainHparams(models, tx, HP))
+
+
+def shd_path(path):
+  from ppo_jax.sharding import path_string
+
+  return path_string(path)

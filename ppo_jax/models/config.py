@@ -22,6 +22,7 @@ ACTIVATIONS = {
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT = ("none", "block", "dots")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -55,6 +56,9 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # none | block (recompute each block) | dots (save matmul outputs)
+  lora_rank: int = 0  # > 0: LoRA adapters on the lora_targets projections
+  lora_alpha: float = 16.0
+  lora_targets: str = "q,k,v,o"  # comma-separated: q, k, v, o, gate, up, down
 
   def __post_init__(self):
     problems = []
@@ -68,6 +72,11 @@ class ModelConfig:
       )
     if self.rope_type not in ROPE_TYPES:
       problems.append(f"rope_type {self.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+    unknown = set(self.lora_targets.split(",")) - set(LORA_TARGETS)
+    if self.lora_rank and unknown:
+      problems.append(f"lora_targets {sorted(unknown)} (expected among {', '.join(LORA_TARGETS)})")
+    if self.lora_rank < 0:
+      problems.append(f"lora_rank {self.lora_rank} (expected ≥ 0)")
     if self.remat not in REMAT:
       problems.append(f"remat {self.remat!r} (expected one of {', '.join(REMAT)})")
     for name in ("dtype", "param_dtype"):
@@ -75,6 +84,12 @@ class ModelConfig:
         problems.append(f"{name} {getattr(self, name)!r} (expected one of {', '.join(DTYPES)})")
     if problems:
       raise ValueError("unsupported model config: " + "; ".join(problems))
+
+  def lora_kw(self, name: str) -> dict[str, Any]:
+    """LoRA arguments of projection ``name`` (none when it is not a target)."""
+    if self.lora_rank and name in self.lora_targets.split(","):
+      return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}
+    return {}
 
   @property
   def is_gpt2(self) -> bool:

@@ -25,6 +25,7 @@ from flax import nnx
 
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
+from ppo_jax.sharding import to_host
 
 KINDS = {"causal_lm": CausalLM, "value": ValueModel, "reward": RewardModel}
 # Non-parameter buffers some checkpoints carry; loading skips them.
@@ -318,8 +319,10 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, tokenizer: An
   folder.mkdir(parents=True, exist_ok=True)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   tensors = {}
-  for m in tensor_maps(cfg, kind):
-    tensors[m.hf_name] = jnp.asarray(m.to_hf([_get(params, p) for p in m.paths]))
+  for m in tensor_maps(cfg, kind):  # whole arrays on this host, however they are sharded
+    tensors[m.hf_name] = jnp.asarray(m.to_hf([to_host(_get(params, p)) for p in m.paths]))
+  if jax.process_index() != 0:  # every process gathers; the first writes
+    return
   hf_config = cfg.to_hf(architecture="causal_lm" if kind == "causal_lm" else "sequence_cls")
   hf_config.dtype = cfg.param_dtype
   hf_config.save_pretrained(str(folder))

@@ -32,19 +32,50 @@ class KVCache(NamedTuple):
   v: jax.Array
 
 
+class LoRAParam(nnx.Param):
+  """A low-rank adapter's weights: a variable type of its own, so ``nnx.split`` can separate the
+  adapters (trained) from the base weights (frozen, shared with the reference policy)."""
+
+
 class Dense(nnx.Module):
-  """``y = x W (+ b)`` with ``kernel: [in, out]``."""
+  """``y = x W (+ b)`` with ``kernel: [in, out]``, and optionally a LoRA adapter.
+
+  With ``lora_rank = r > 0``: ``y = x W + (α/r)·(x A) B (+ b)``, ``A: [in, r]`` Gaussian with
+  std ``1/√in``, ``B: [r, out]`` zero, so the adapter starts as the identity change (Hu et al.
+  2021, https://arxiv.org/abs/2106.09685). Zero adapters give the base layer exactly.
+  """
 
   def __init__(
-    self, d_in: int, d_out: int, *, bias: bool, std: float, dtype, param_dtype, rngs: nnx.Rngs
+    self,
+    d_in: int,
+    d_out: int,
+    *,
+    bias: bool,
+    std: float,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
   ):
     init = jax.nn.initializers.normal(std) if std > 0 else jax.nn.initializers.zeros
     self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype))
     self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
+    if lora_rank:  # each attribute assigned once: NNX fixes a first None as static
+      a = jax.nn.initializers.normal(d_in**-0.5)(rngs.params(), (d_in, lora_rank), param_dtype)
+      self.lora_a = LoRAParam(a)
+      self.lora_b = LoRAParam(jnp.zeros((lora_rank, d_out), param_dtype))
+    else:
+      self.lora_a = self.lora_b = None
+    self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.asarray(x, self.dtype) @ jnp.asarray(self.kernel[...], self.dtype)
+    x = jnp.asarray(x, self.dtype)
+    y = x @ jnp.asarray(self.kernel[...], self.dtype)
+    if self.lora_a is not None:
+      low = x @ jnp.asarray(self.lora_a[...], self.dtype)
+      y = y + self.lora_scale * (low @ jnp.asarray(self.lora_b[...], self.dtype))
     if self.bias is not None:
       y = y + jnp.asarray(self.bias[...], self.dtype)
     return y
@@ -130,11 +161,12 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float):
     d, h, hkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    lora = cfg.lora_kw
     std = cfg.initializer_range
-    self.q = Dense(d, h * hd, bias=cfg.qkv_bias, std=std, **kw)
-    self.k = Dense(d, hkv * hd, bias=cfg.qkv_bias, std=std, **kw)
-    self.v = Dense(d, hkv * hd, bias=cfg.qkv_bias, std=std, **kw)
-    self.o = Dense(h * hd, d, bias=cfg.o_bias, std=out_std, **kw)
+    self.q = Dense(d, h * hd, bias=cfg.qkv_bias, std=std, **kw, **lora("q"))
+    self.k = Dense(d, hkv * hd, bias=cfg.qkv_bias, std=std, **kw, **lora("k"))
+    self.v = Dense(d, hkv * hd, bias=cfg.qkv_bias, std=std, **kw, **lora("v"))
+    self.o = Dense(h * hd, d, bias=cfg.o_bias, std=out_std, **kw, **lora("o"))
     self.cfg = cfg
 
   def __call__(
@@ -170,9 +202,11 @@ class Mlp(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float):
     d, f = cfg.hidden_size, cfg.intermediate_size
     kw = dict(bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.gate = None if cfg.is_gpt2 else Dense(d, f, std=cfg.initializer_range, **kw)
-    self.up = Dense(d, f, std=cfg.initializer_range, **kw)
-    self.down = Dense(f, d, std=out_std, **kw)
+    self.gate = (
+      None if cfg.is_gpt2 else Dense(d, f, std=cfg.initializer_range, **kw, **cfg.lora_kw("gate"))
+    )
+    self.up = Dense(d, f, std=cfg.initializer_range, **kw, **cfg.lora_kw("up"))
+    self.down = Dense(f, d, std=out_std, **kw, **cfg.lora_kw("down"))
     self.act = _ACT[cfg.activation]
 
   def __call__(self, x: jax.Array) -> jax.Array:

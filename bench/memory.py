@@ -1,0 +1,212 @@
+"""Per-device memory of the PPO programs for a ~1B Llama-style model on 8 devices, per saver.
+
+Nothing is allocated: the programs are compiled ahead of time from abstract shapes
+(``jax.jit(...).lower(...).compile()``) and XLA reports each one's memory
+(``memory_analysis()``). Two programs matter: the scoring pass (policy, reference, critic and
+reward model forward over the rollout) and the update (forward + backward of policy and critic,
+optimizer). Resident = parameters and optimizer states of everything PPO holds; peak = the larger
+of the two programs' arguments + temporaries.
+
+  python bench/memory.py                 # 8 simulated CPU devices unless XLA_FLAGS says more
+  python bench/memory.py --batch 64 --prompt 256 --response 256
+
+The figures come from XLA's CPU compiler (this machine has no accelerator); GPU and TPU compilers
+schedule differently, so take them as relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ppo_jax import ppo, rollout
+from ppo_jax import sharding as shd
+from ppo_jax.actor_critic import ActorCritic
+from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ScalarHead, ValueModel
+from ppo_jax.optim import OptimHparams, make_optimizer
+from ppo_jax.sampling import Generation
+
+GB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Saver:
+  name: str
+  mesh: tuple = (1, 8, 1)
+  shared_trunk: bool = False
+  remat: str = "none"
+  dtype: str = "float32"
+  micro_batch: int | None = None
+  lora_rank: int = 0
+
+
+SAVERS = [
+  Saver("data parallel only (mesh 8×1×1), fp32, separate critic", mesh=(8, 1, 1)),
+  Saver("FSDP (mesh 1×8×1)"),
+  Saver("+ value head on the policy trunk", shared_trunk=True),
+  Saver("+ remat (recompute each block)", shared_trunk=True, remat="block"),
+  Saver("+ bf16 compute, fp32 master weights", shared_trunk=True, remat="block", dtype="bfloat16"),
+  Saver("+ micro-batches of 8", shared_trunk=True, remat="block", dtype="bfloat16", micro_batch=8),
+  Saver(
+    "+ LoRA r=16 on q,k,v,o (reference = base)",
+    shared_trunk=True,
+    remat="block",
+    dtype="bfloat16",
+    micro_batch=8,
+    lora_rank=16,
+  ),
+]
+
+
+def llama_1b(**kw) -> ModelConfig:
+  """Llama 3.2 1B's shape: 16 layers, width 2048, 32 heads over 8 KV heads, MLP 8192, vocab
+  128256, tied embeddings (1.24 B parameters)."""
+  return ModelConfig.llama(
+    vocab_size=128256,
+    hidden_size=2048,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    intermediate_size=8192,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+    **kw,
+  )
+
+
+def abstract(tree, shardings):
+  """ShapeDtypeStructs that carry their shardings: what ``.lower`` needs, nothing allocated."""
+  return jax.tree.map(
+    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings
+  )
+
+
+def per_device_gb(tree, shardings) -> float:
+  leaves = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+  return sum(x.dtype.itemsize * math.prod(sh.shard_shape(x.shape)) for x, sh in leaves) / GB
+
+
+def build_abstract(saver: Saver):
+  """PPO's models as shapes only: ``(ActorCritic, params, frozen policy, reward params)``."""
+  cfg = llama_1b(remat=saver.remat, dtype=saver.dtype, param_dtype="float32")
+  critic_cfg = cfg.replace(remat="none")
+  graphs = {}
+
+  def build():
+    policy = CausalLM(cfg.replace(lora_rank=saver.lora_rank), rngs=nnx.Rngs(0))
+    value = (
+      ScalarHead(cfg.hidden_size, rngs=nnx.Rngs(2))
+      if saver.shared_trunk
+      else ValueModel(critic_cfg, rngs=nnx.Rngs(2))
+    )
+    models, params, frozen_policy, reward_params = ActorCritic.build(
+      policy, value, RewardModel(critic_cfg, rngs=nnx.Rngs(3))
+    )
+    graphs["models"] = models
+    return params, frozen_policy, reward_params
+
+  params, frozen_policy, reward_params = jax.eval_shape(build)
+  return graphs["models"], params, frozen_policy, reward_params
+
+
+def measure(saver: Saver, *, batch: int, prompt: int, response: int) -> dict[str, float]:
+  models, params, frozen_policy, reward_params = build_abstract(saver)
+  hp = ppo.PPOHparams(
+    max_new_tokens=response,
+    num_epochs=1,
+    num_minibatches=1,
+    micro_batch_size=saver.micro_batch,
+    eos_token_id=1,
+  )
+  tx = make_optimizer(OptimHparams(lr=1e-6), 1000)
+  state = jax.eval_shape(lambda p: ppo.init_state(p, tx, hp, seed=0), params)
+  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
+  pl = rollout.Placement.build(shd.make_mesh(saver.mesh), state, frozen, tx)
+  fns = rollout.make_step_fns(models, tx, hp, placement=pl)
+
+  def rows(n, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct((batch, n), dtype, sharding=pl.batch)
+
+  L = prompt + response
+  exp = ppo.Experience(
+    ids=rows(L, jnp.int32),
+    mask=rows(L, jnp.int32),
+    **{
+      k: rows(response)
+      for k in ("response_mask", "old_logprobs", "ref_logprobs", "old_values", "advantages")
+    },
+    returns=rows(response),
+    ok=jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=pl.vector),
+  )
+  gen = Generation(tokens=rows(response, jnp.int32), logprobs=rows(response), mask=rows(response))
+  state_a, frozen_a = abstract(state, pl.state), abstract(frozen, pl.frozen)
+  key = jax.ShapeDtypeStruct(
+    (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=pl.replicated
+  )
+  programs = {
+    "sample": lambda: fns.sample.lower(
+      state_a.params["policy"], frozen_a, key, rows(prompt, jnp.int32), rows(prompt, jnp.int32)
+    ),
+    "score": lambda: fns.score.lower(
+      state_a, frozen_a, rows(prompt, jnp.int32), rows(prompt, jnp.int32), gen, None
+    ),
+    "update": lambda: fns.update.lower(
+      state_a, frozen_a, exp, jax.ShapeDtypeStruct((), jnp.float32, sharding=pl.replicated)
+    ),
+  }
+  out = {}
+  t0 = time.perf_counter()
+  for name, lower in programs.items():
+    m = lower().compile().memory_analysis()
+    out[f"{name}_temp"] = m.temp_size_in_bytes / GB
+    # Donated arguments are reused for outputs, so arguments + temporaries bound the live set.
+    out[f"{name}_peak"] = (m.argument_size_in_bytes + m.temp_size_in_bytes) / GB
+  out["compile_s"] = time.perf_counter() - t0
+  out["state"] = per_device_gb(state, pl.state)
+  out["frozen"] = per_device_gb(frozen, pl.frozen)
+  out["trainable"] = sum(x.size for x in jax.tree.leaves(params)) / 1e6
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--batch", type=int, default=32, help="rollout batch (prompts)")
+  ap.add_argument("--prompt", type=int, default=128)
+  ap.add_argument("--response", type=int, default=128)
+  args = ap.parse_args()
+  n = sum(
+    x.size
+    for x in jax.tree.leaves(
+      nnx.state(nnx.eval_shape(lambda: CausalLM(llama_1b(), rngs=nnx.Rngs(0))))
+    )
+  )
+  print(
+    f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices; "
+    f"policy {n / 1e9:.2f} B parameters; batch {args.batch} × ({args.prompt} prompt + "
+    f"{args.response} response) tokens; GB per device\n"
+  )
+  print(
+    "| saver | trainable (M params) | resident: PPO state | resident: frozen models | "
+    "sampler peak | scoring peak | update peak |"
+  )
+  print("|---|---|---|---|---|---|---|")
+  for saver in SAVERS:
+    r = measure(saver, batch=args.batch, prompt=args.prompt, response=args.response)
+    print(
+      f"| {saver.name} | {r['trainable']:.1f} | {r['state']:.2f} | {r['frozen']:.2f} | "
+      f"{r['sample_peak']:.2f} | {r['score_peak']:.2f} | {r['update_peak']:.2f} |",
+      flush=True,
+    )
+
+
+if __name__ == "__main__":
+  main()

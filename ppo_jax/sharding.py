@@ -1,0 +1,221 @@
+"""Meshes, partition rules and shardings: how parameters, optimizer states and batches spread
+over devices.
+
+The mesh has three axes: ``data`` (batch), ``fsdp`` (batch, and parameters sharded ZeRO-3 style)
+and ``tensor`` (attention heads, MLP width, vocabulary: Megatron-style). Parameters get a
+``PartitionSpec`` from the first rule of ``RULES`` whose regex matches their path
+(``policy/trunk/layers/3/attn/q/kernel``); a parameter no rule matches is an error, not a silent
+replication. Batches are split over ``('data', 'fsdp')``. Everything else (scalars, keys) is
+replicated. The compiled programs then follow GSPMD from these input shardings; ``jax.jit`` with
+``NamedSharding`` is what ``pjit`` is today.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+# Ordered (regex on the "/"-joined parameter path, spec). Kernels are [in, out].
+RULES: tuple[tuple[str, P], ...] = (
+  (r"(^|/)embed/embedding$", P("tensor", "fsdp")),  # [V, D]
+  (r"(^|/)pos_embed/embedding$", P(None, "fsdp")),  # [positions, D]
+  (r"/attn/[qkv]/kernel$", P("fsdp", "tensor")),  # [D, heads·hd]: heads over tensor
+  (r"/attn/[qkv]/bias$", P("tensor")),
+  (r"/attn/o/kernel$", P("tensor", "fsdp")),  # [heads·hd, D]
+  (r"/mlp/(gate|up)/kernel$", P("fsdp", "tensor")),  # [D, F]
+  (r"/mlp/(gate|up)/bias$", P("tensor")),
+  (r"/mlp/down/kernel$", P("tensor", "fsdp")),  # [F, D]
+  (r"/(attn/o|mlp/down)/bias$", P()),
+  (r"(^|/)(attn_norm|mlp_norm|final_norm)/(scale|bias)$", P()),
+  (r"(^|/)lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
+  (r"(^|/)(head/)?kernel$", P("fsdp", None)),  # scalar heads [D, 1]
+  # LoRA adapters: A [in, r], B [r, out] follow the kernel they adapt.
+  (r"/lora_a$", P("fsdp", None)),
+  (r"/lora_b$", P(None, "tensor")),
+)
+
+
+def resolve_shape(shape: Sequence[int], n_devices: int) -> tuple[int, int, int]:
+  """``(data, fsdp, tensor)`` sizes; one −1 takes the devices the others leave."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != 3:
+    raise ValueError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh.shape {shape}: sizes must be ≥ 1, with at most one −1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if n_devices % known:
+      raise ValueError(f"mesh.shape {shape} does not divide the {n_devices} devices")
+    shape = tuple(n_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != n_devices:
+    raise ValueError(
+      f"mesh.shape {shape} needs {math.prod(shape)} devices, but there are "
+      f"{n_devices} (use -1 for 'the rest')"
+    )
+  return shape
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+  """A ``('data', 'fsdp', 'tensor')`` mesh with Auto axes (GSPMD propagates the shardings)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_shape(shape, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+
+
+def path_string(path) -> str:
+  parts = []
+  for k in path:
+    key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+    parts.append(str(key))
+  return "/".join(parts)
+
+
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
+  """The first matching rule's spec, with an axis dropped where it does not divide the dim."""
+  match = next(((pat, spec) for pat, spec in rules if re.search(pat, path)), None)
+  if match is None:
+    raise ValueError(
+      f"no partition rule matches parameter {path!r} (shape {list(shape)}); "
+      "add one to ppo_jax.sharding.RULES"
+    )
+  pattern, spec = match
+  if len(spec) > len(shape):
+    raise ValueError(f"partition rule {pattern!r} gives {spec} to {path!r} of rank {len(shape)}")
+  fitted = []
+  for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+    size = mesh.shape[axis] if axis is not None else 1
+    fitted.append(axis if size == 1 or dim % size == 0 else None)
+  while (
+    fitted and fitted[-1] is None
+  ):  # canonical: P() for replicated, P('fsdp') not P('fsdp', None)
+    fitted.pop()
+  return P(*fitted)
+
+
+def param_shardings(params, mesh: Mesh, rules=RULES):
+  """A NamedSharding for every parameter (a pytree of arrays or ShapeDtypeStructs)."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: NamedSharding(mesh, spec_for(path_string(path), x.shape, mesh, rules)), params
+  )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) axis over ``('data', 'fsdp')``; the rest replicated."""
+  return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, params, param_sh, mesh: Mesh):
+  """Optimizer-state shardings that follow the parameters (counts and scalars replicated)."""
+  abstract = jax.eval_shape(tx.init, params)
+  return optax.tree_map_params(
+    tx, lambda _, s: s, abstract, param_sh, transform_non_params=lambda _: replicated(mesh)
+  )
+
+
+def check_batch(batch_size: int, mesh: Mesh, what: str = "ppo.batch_size") -> None:
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % n:
+    raise ValueError(f"{what} {batch_size} is not divisible by the mesh's data × fsdp = {n}")
+
+
+def describe(mesh: Mesh) -> str:
+  return " × ".join(f"{a} {mesh.shape[a]}" for a in AXES) + f" ({mesh.size} devices)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Host ↔ devices, single- or multi-process.
+
+
+def is_main_process() -> bool:
+  """Only process 0 writes logs, plots, sample tables and Hugging Face folders."""
+  return jax.process_index() == 0
+
+
+def place(tree, shardings):
+  """``device_put`` of host or device arrays onto ``shardings`` (a matching pytree).
+
+  With several processes each needs the full value on its host (parameters, small batches); the
+  global array is assembled from each process's addressable part.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def one(x, sh):
+    x = np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else x
+    if isinstance(x, jax.Array):
+      return jax.device_put(x, sh)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+  return jax.tree.map(one, tree, shardings)
+
+
+def process_rows(sharding: NamedSharding, n_rows: int) -> slice:
+  """The block of an ``n_rows`` batch that this process's devices hold under ``sharding``.
+
+  With the batch axis over ``('data', 'fsdp')`` and devices ordered by process, each process
+  holds one contiguous block: all a data loader on this host has to produce.
+  """
+  shape = (n_rows,) + (1,) * (len(sharding.spec) - 1)
+  blocks = sorted(
+    {
+      (idx[0].start or 0, n_rows if idx[0].stop is None else idx[0].stop)
+      for idx in sharding.addressable_devices_indices_map(shape).values()
+    }
+  )
+  for (_, stop), (start, _) in itertools.pairwise(blocks):
+    if start != stop:
+      raise ValueError(f"process {jax.process_index()} holds non-contiguous rows {blocks}")
+  return slice(blocks[0][0], blocks[-1][1])
+
+
+def place_batch(batch, shardings):
+  """Global batch arrays from the full batch's host rows (a pytree, with a matching pytree of
+  shardings or one sharding): each process hands over only its own block of rows
+  (``jax.make_array_from_process_local_data``), so no batch data crosses hosts."""
+  if isinstance(shardings, NamedSharding):
+    shardings = jax.tree.map(lambda _: shardings, batch)
+  if jax.process_count() == 1:
+    return jax.device_put(jax.tree.map(np.asarray, batch), shardings)
+
+  def one(rows, sharding):
+    rows = np.asarray(rows)
+    local = rows[process_rows(sharding, rows.shape[0])]
+    return jax.make_array_from_process_local_data(sharding, local, rows.shape)
+
+  return jax.tree.map(one, batch, shardings)
+
+
+def to_host(x) -> np.ndarray:
+  """A device array's full value as NumPy, whatever its sharding and however many processes."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)

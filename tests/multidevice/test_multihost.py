@@ -1,0 +1,88 @@
+"""Two processes × two CPU devices (jax.distributed, gloo) against one process × four devices."""
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[2]
+ARGS = [
+  f"--config={ROOT / 'experiments' / 'default.py'}:smoke",
+  "--config.log.progress=False",
+  "--config.task.num_prompts=256",
+  "--config.task.num_sft=256",
+  "--config.task.num_pairs=256",
+  "--config.sft.epochs=1",
+  "--config.rm.epochs=1",
+  "--config.ppo.iterations=3",
+  "--config.ppo.batch_size=16",
+]
+
+
+def _launch(workdir, devices, *extra):
+  env = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  }
+  env.pop("PPO_JAX_MULTIDEVICE", None)
+  return subprocess.Popen(
+    [sys.executable, "-m", "ppo_jax.main", f"--workdir={workdir}", *ARGS, *extra],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+    cwd=ROOT,
+  )
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _rows(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_match_one(tmp_path):
+  single = tmp_path / "one_process"
+  proc = _launch(single, 4)
+  _, err = proc.communicate(timeout=900)
+  assert proc.returncode == 0, err[-3000:]
+
+  multi = tmp_path / "two_processes"
+  multi.mkdir()
+  for stage in ("sft", "reward_model"):  # the same starting point: PPO is what is compared
+    shutil.copytree(single / stage, multi / stage)
+  port = _free_port()
+  procs = [
+    _launch(
+      multi,
+      2,
+      f"--config.distributed.coordinator=127.0.0.1:{port}",
+      "--config.distributed.num_processes=2",
+      f"--config.distributed.process_id={i}",
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  assert "2 process(es)" in outs[0][0] and "mesh data 4" in outs[0][0]
+  assert outs[1][0] == ""  # only the first process prints
+
+  a, b = _rows(single), _rows(multi)
+  assert [r["step"] for r in b] == [1, 2, 3]  # written once, by the first process
+  for x, y in zip(a, b, strict=True):
+    for k, v in x.items():
+      if not k.startswith(("time/", "tokens_per_s")):
+        assert y[k] == pytest.approx(v, rel=1e-3, abs=1e-5), (x["step"], k)
+  assert sorted(p.name for p in (multi / "checkpoints").iterdir()) == ["3"]
+  assert (multi / "policy" / "model.safetensors").exists()
