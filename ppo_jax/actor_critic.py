@@ -31,14 +31,17 @@ class ActorCritic:
   """Graph definitions of the models PPO runs (no arrays)."""
 
   policy: nnx.GraphDef  # CausalLM (with LoRA: split into adapters and base)
-  value: nnx.GraphDef  # ValueModel, or ScalarHead when shared_trunk
+  value: nnx.GraphDef | None  # ValueModel, ScalarHead when shared_trunk, None: no critic
   shared_trunk: bool
   reward: nnx.GraphDef | None = None  # RewardModel; None when scores come from a function
   lora: bool = False  # the policy trains adapters over frozen base weights
 
   @classmethod
   def build(
-    cls, policy: CausalLM, value: ValueModel | ScalarHead, reward: RewardModel | None = None
+    cls,
+    policy: CausalLM,
+    value: ValueModel | ScalarHead | None,
+    reward: RewardModel | None = None,
   ) -> tuple[ActorCritic, Params, Params, Params | None]:
     """Splits live models into ``(ActorCritic, trainable params, frozen policy, reward params)``.
 
@@ -52,12 +55,12 @@ class ActorCritic:
       pg, pp = nnx.split(policy)
       pp = nnx.to_pure_dict(pp)
       frozen_policy = jax.tree.map(jnp.copy, pp)
-    vg, vp = nnx.split(value)
+    vg, vp = nnx.split(value) if value is not None else (None, {})
     rg, rp = nnx.split(reward) if reward is not None else (None, None)
     models = cls(
       policy=pg, value=vg, shared_trunk=isinstance(value, ScalarHead), reward=rg, lora=lora
     )
-    params = {"policy": pp, "value": nnx.to_pure_dict(vp)}
+    params = {"policy": pp, "value": nnx.to_pure_dict(vp) if value is not None else {}}
     return models, params, frozen_policy, (nnx.to_pure_dict(rp) if rp is not None else None)
 
   def policy_vars(self, policy_params: Params, frozen_policy: Params) -> Params:
@@ -102,7 +105,9 @@ def forward(
   (``frozen_policy``: the base weights, needed with LoRA)."""
   policy_vars = models.policy_vars(params["policy"], frozen_policy)
   logits, hidden = policy_logits(models.policy, policy_vars, ids_BxL, mask_BxL, n)
-  if models.shared_trunk:
+  if models.value is None:  # critic-free (GRPO, RLOO)
+    values = jnp.zeros(logits.shape[:2], jnp.float32)
+  elif models.shared_trunk:
     values = nnx.merge(models.value, params["value"])(hidden)
   else:
     critic: ValueModel = nnx.merge(models.value, params["value"])

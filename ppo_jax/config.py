@@ -26,6 +26,8 @@ from ppo_jax.supervised import SupervisedHparams
 _FROM_TOKENIZER = ("eos_token_id", "pad_token_id")
 TASKS = ("synthetic", "files")
 CRITIC_INITS = ("reward_model", "policy")
+# config.algo → the advantage estimator of the RL stage (ppo.PPOHparams.estimator)
+ALGOS = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}
 ARCHS = ("gpt2", "llama")
 
 
@@ -144,7 +146,7 @@ def _section(*classes: type) -> ml_collections.ConfigDict:
     hints = typing.get_type_hints(cls)
     defaults = cls()
     for f in dataclasses.fields(cls):
-      if f.name in _FROM_TOKENIZER:
+      if f.name in _FROM_TOKENIZER or f.name == "estimator":  # set by config.algo
         continue
       value = getattr(defaults, f.name)
       if dataclasses.is_dataclass(value):
@@ -169,6 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field with its default, locked (experiments change values, never add fields)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.algo = "ppo"
   for name, classes in SECTIONS.items():
     config[name] = _section(*classes)
   config.rm.optim = _section_from(OptimHparams(lr=5e-4, warmup_steps=10))
@@ -199,6 +202,7 @@ class Settings:
   """The whole config as frozen dataclasses."""
 
   seed: int
+  algo: str
   task: TaskSettings
   data: DataSettings
   model: ModelSettings
@@ -218,6 +222,7 @@ class Settings:
   def from_config(cls, config: ml_collections.ConfigDict) -> Settings:
     settings = cls(
       seed=int(config.seed),
+      algo=str(config.algo),
       task=_build(TaskSettings, config.task, "task"),
       data=_build(DataSettings, config.data, "data"),
       model=_build(ModelSettings, config.model, "model"),
@@ -233,13 +238,22 @@ class Settings:
       distributed=_build(DistributedSettings, config.distributed, "distributed"),
       raw=config,
     )
+    if settings.algo not in ALGOS:
+      raise ValueError(
+        f"config.algo: unknown {settings.algo!r}; expected one of {', '.join(ALGOS)}"
+      )
     settings.ppo(eos_token_id=None, pad_token_id=0)  # validates the PPO fields now
     settings.validate()
     return settings
 
   def ppo(self, *, eos_token_id: int | None, pad_token_id: int) -> PPOHparams:
     return _build(
-      PPOHparams, self.raw.ppo, "ppo", eos_token_id=eos_token_id, pad_token_id=pad_token_id
+      PPOHparams,
+      self.raw.ppo,
+      "ppo",
+      eos_token_id=eos_token_id,
+      pad_token_id=pad_token_id,
+      estimator=ALGOS[self.algo],
     )
 
   def validate(self) -> None:
@@ -275,7 +289,10 @@ class Settings:
         "config.task.name='files' needs config.data.prompts=FILE.jsonl",
       ),
       (
-        self.ppo_run.critic_init == "policy" or self.rm_run.enabled or self.reward.model,
+        self.algo != "ppo"
+        or self.ppo_run.critic_init == "policy"
+        or self.rm_run.enabled
+        or self.reward.model,
         "config.ppo.critic_init='reward_model' needs a reward model (config.rm.enabled or "
         "config.reward.model); use critic_init='policy' with a reward function",
       ),
@@ -284,6 +301,13 @@ class Settings:
         "config.ppo.fuse=True needs reward.source='model' (a Python reward runs on the host)",
       ),
     ]
+    checks.append(
+      (
+        self.ppo_run.batch_size % self.raw.ppo.group_size == 0,
+        f"config.ppo.batch_size {self.ppo_run.batch_size} is not divisible by "
+        f"config.ppo.group_size {self.raw.ppo.group_size} (responses per prompt)",
+      )
+    )
     for ok, message in checks:
       if not ok:
         raise ValueError(message)

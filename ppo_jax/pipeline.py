@@ -142,13 +142,15 @@ def run_ppo_stage(
     fn_name=s.reward.fn or "",
   )
   gold = load_reward_fn(inputs.gold) if inputs.gold else None
-  critic = rl.build_critic(
-    policy,
-    reward_model,
-    shared_trunk=s.ppo_run.value_head_on_policy,
-    init=s.ppo_run.critic_init,
-    seed=s.seed + 2,
-  )
+  critic = None  # GRPO and RLOO have none
+  if hp.estimator == "gae":
+    critic = rl.build_critic(
+      policy,
+      reward_model,
+      shared_trunk=s.ppo_run.value_head_on_policy,
+      init=s.ppo_run.critic_init,
+      seed=s.seed + 2,
+    )
   base_policy = None
   if s.ppo_run.lora_rank:  # adapters over frozen base weights, which are also the reference
     base_policy = workdir / "sft"
@@ -276,7 +278,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   banner("2/3 reward model")
   reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir, mesh=mesh)
 
-  banner("3/3 PPO")
+  banner(f"3/3 {s.algo.upper()}")
   result = run_ppo_stage(
     s,
     config,

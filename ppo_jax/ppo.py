@@ -26,6 +26,7 @@ from ppo_jax.sharding import BATCH
 
 Metrics = dict[str, jax.Array]
 KL_MODES = ("reward", "loss")
+ESTIMATORS = ("gae", "grpo", "rloo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +54,13 @@ class PPOHparams:
   # Advantages.
   gamma: float = 1.0
   lam: float = 0.95
-  whiten_advantages: bool = True
+  whiten_advantages: bool = True  # GAE only: group estimators are already relative
   whiten_rewards: bool = False
+  # Advantage estimator: "gae" (PPO, with a critic) or critic-free over groups of group_size
+  # responses to one prompt (consecutive rows): "grpo" (group-normalised) or "rloo".
+  estimator: str = "gae"
+  group_size: int = 1
+  group_std: bool = True  # GRPO divides by the group's std; False: Dr. GRPO (Liu et al. 2025)
   normalize_scores: bool = False  # by running mean/std of the scores
   missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS
   recompute_logprobs: bool = True  # old log-probs from a training-style forward, not the sampler
@@ -71,11 +77,17 @@ class PPOHparams:
       "agg": (self.agg, masking.AGG_MODES),
       "kl_kind": (self.kl_kind, KL_KINDS),
       "kl_mode": (self.kl_mode, KL_MODES),
+      "estimator": (self.estimator, ESTIMATORS),
     }
     for name, (value, allowed) in checks.items():
       if value not in allowed:
         raise ValueError(f"{name}: unknown {value!r}; expected one of {', '.join(allowed)}")
-    for name in ("num_epochs", "num_minibatches", "max_new_tokens"):
+    if self.estimator != "gae" and self.group_size < 2:
+      raise ValueError(
+        f"group_size: {self.estimator} compares responses to the same prompt; needs ≥ 2, "
+        f"got {self.group_size}"
+      )
+    for name in ("num_epochs", "num_minibatches", "max_new_tokens", "group_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
 

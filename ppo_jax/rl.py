@@ -224,7 +224,7 @@ def run_ppo(
   optim: OptimHparams,
   iterations: int,
   batch_size: int,
-  critic: ValueModel | ScalarHead,
+  critic: ValueModel | ScalarHead | None,
   seed: int,
   fuse: bool = False,
   gold: RewardFn | None = None,
@@ -246,6 +246,12 @@ def run_ppo(
   sample-table rows of that iteration's first ``k`` responses on demand.
   """
   hp.minibatch_layout(batch_size)  # fail early on indivisible sizes
+  if batch_size % hp.group_size:
+    raise ValueError(
+      f"ppo.batch_size {batch_size} is not divisible by ppo.group_size {hp.group_size}"
+    )
+  if (critic is None) != (hp.estimator != "gae"):
+    raise ValueError(f"the {hp.estimator} estimator needs {'a' if critic is None else 'no'} critic")
   models, params, frozen_policy, reward_params = ActorCritic.build(
     policy, critic, scorer.reward_model
   )
@@ -293,7 +299,9 @@ def run_ppo(
   history = []
   for it in range(int(state.step), iterations):
     step = it + 1
-    batch = prompts.take(batch_indices(len(prompts), batch_size, it, seed=seed))
+    # group_size responses per prompt, consecutive (1 for PPO)
+    idx = batch_indices(len(prompts), batch_size // hp.group_size, it, seed=seed)
+    batch = prompts.take(np.repeat(idx, hp.group_size))
     state, row, per_sample, gen = run_iteration(  # gen: on the host
       fns,
       state,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from ppo_jax.actor_critic import ActorCritic, Params, forward, response_logprobs, reward_scores
-from ppo_jax.advantages import gae
+from ppo_jax.advantages import gae, group_advantages, rloo_advantages
 from ppo_jax.kl import kl_estimate
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_mean, masked_sum, masked_whiten
@@ -115,14 +115,18 @@ def make_experience(
 
   kl_BxN = jnp.where(m > 0, kl_estimate(old_logp, ref_logp, kind=hp.kl_kind), 0.0)
   non_score_BxN = -state.kl_coef * kl_BxN if hp.kl_mode == "reward" else jnp.zeros_like(kl_BxN)
-  last = last_token_index(m)
-  rewards = non_score_BxN.at[jnp.arange(m.shape[0]), last].add(shaped)
-  if hp.whiten_rewards:
-    rewards = masked_whiten(rewards, m, shift_mean=False)
-  values = jnp.where(m > 0, values, 0.0)
-  advantages, returns = gae(rewards, values, m, gamma=hp.gamma, lam=hp.lam)
-  if hp.whiten_advantages:
-    advantages = masked_whiten(advantages, m)
+  if hp.estimator == "gae":
+    last = last_token_index(m)
+    rewards = non_score_BxN.at[jnp.arange(m.shape[0]), last].add(shaped)
+    if hp.whiten_rewards:
+      rewards = masked_whiten(rewards, m, shift_mean=False)
+    values = jnp.where(m > 0, values, 0.0)
+    advantages, returns = gae(rewards, values, m, gamma=hp.gamma, lam=hp.lam)
+    if hp.whiten_advantages:
+      advantages = masked_whiten(advantages, m)
+  else:
+    advantages, returns = group_relative(shaped + masked_sum(non_score_BxN, m, axis=-1), m, hp=hp)
+    values = jnp.zeros_like(advantages)
   finite_adv = jnp.all(jnp.isfinite(jnp.where(m > 0, advantages, 0.0))) & jnp.all(
     jnp.isfinite(jnp.where(m > 0, returns, 0.0))
   )
@@ -163,6 +167,19 @@ def make_experience(
     "sample/kl": seq_kl,
   }
   return exp, state.replace(score_stats=stats), metrics
+
+
+def group_relative(scores_B: jax.Array, mask_BxN: jax.Array, *, hp: PPOHparams):
+  """Critic-free ``(advantages, returns)``: each response's score against the other responses
+  to its prompt (``group_advantages`` for GRPO, ``rloo_advantages`` for RLOO), the same for every
+  token of the response; returns are zero (there is no critic to fit). With ``kl_mode="reward"``
+  the scores already carry −β·KL summed over the response."""
+  if hp.estimator == "grpo":
+    adv_B = group_advantages(scores_B, hp.group_size, normalize_std=hp.group_std)
+  else:
+    adv_B = rloo_advantages(scores_B, hp.group_size)
+  advantages = adv_B[:, None] * mask_BxN
+  return advantages, jnp.zeros_like(advantages)
 
 
 def _masked_var(x, m):

@@ -194,3 +194,27 @@ def test_lora_run_trains_adapters_and_exports_a_plain_model(smoke_run, tmp_path)
   exported = safetensors.numpy.load_file(str(tmp_path / "exported" / "model.safetensors"))
   for k in final:
     np.testing.assert_array_equal(exported[k], final[k])
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_critic_free_algorithms_raise_gold(smoke_run, tmp_path, algo):
+  import importlib.util
+
+  from conftest import ROOT
+
+  spec = importlib.util.spec_from_file_location(algo, ROOT / "experiments" / f"{algo}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  config.log.progress = False
+  config.log.tensorboard = False
+  config.log.plots = False
+  workdir = reuse_stages(smoke_run[0], tmp_path / algo)
+  summary = pipeline.run(config, workdir)
+  rows = _rows(workdir)
+  assert [r["step"] for r in rows] == list(range(1, 21))
+  first, last = rows[:3], rows[-3:]
+  assert _mean(last, "objective/scores") > _mean(first, "objective/scores") + 0.3
+  assert _mean(last, "gold/score") > _mean(first, "gold/score") + 0.1
+  assert summary["after"]["gold"] > summary["before"]["gold"] + 0.1
+  assert all(r["grad/value_norm"] == 0.0 for r in rows)  # there is no critic

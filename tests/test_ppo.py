@@ -201,3 +201,37 @@ def shd_path(path):
   from ppo_jax.sharding import path_string
 
   return path_string(path)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_estimators_use_the_group_advantages(estimator):
+  from ppo_jax.advantages import group_advantages, rloo_advantages
+
+  hp = dataclasses.replace(HP, estimator=estimator, group_size=4, kl_mode="loss", kl_kind="k3")
+  policy = CausalLM(CFG, rngs=nnx.Rngs(0))
+  models, params, frozen_policy, reward_params = ActorCritic.build(
+    policy, None, RewardModel(CFG, rngs=nnx.Rngs(1))
+  )
+  assert params["value"] == {} and models.value is None  # no critic in memory
+  tx = make_optimizer(OptimHparams(lr=1e-3, schedule="constant"), 100)
+  state = ppo.init_state(params, tx, hp, seed=0)
+  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
+  fns = rollout.make_step_fns(models, tx, hp)
+  before = jax.tree.map(jnp.copy, state.params["policy"])
+  scores = jnp.asarray([0.0, 1.0, 3.0, 2.0, 5.0, 5.0, 5.0, 5.0])  # second group: all equal
+  state, metrics, gen, exp = one_iteration(fns, state, frozen, scores)
+  expected_B = group_advantages(scores, 4) if estimator == "grpo" else rloo_advantages(scores, 4)
+  m = np.asarray(gen.mask)
+  np.testing.assert_allclose(np.asarray(exp.advantages), np.asarray(expected_B)[:, None] * m)
+  assert np.all(np.asarray(exp.advantages)[4:] == 0.0)  # a group of equal scores teaches nothing
+  assert np.all(np.asarray(exp.old_values) == 0.0) and np.all(np.asarray(exp.returns) == 0.0)
+  assert float(metrics["loss/value_avg"]) == 0.0 and float(metrics["loss/kl_avg"]) >= 0.0
+  moved = jax.tree.map(lambda a, b: not np.allclose(a, b), before, state.params["policy"])
+  assert any(jax.tree.leaves(moved))
+
+
+def test_group_estimators_check_their_group_size():
+  with pytest.raises(ValueError, match=r"group_size: grpo .* needs ≥ 2"):
+    dataclasses.replace(HP, estimator="grpo")
+  with pytest.raises(ValueError, match=r"estimator: unknown 'ppo'"):
+    dataclasses.replace(HP, estimator="ppo")
