@@ -10,18 +10,13 @@ over the response). The update is PPO's clipped surrogate on these advantages. E
   python -m ppo_jax.main --config=experiments/rloo.py:smoke --workdir=runs/rloo_smoke
 """
 
-import importlib.util
 import pathlib
 
-_spec = importlib.util.spec_from_file_location(
-  "experiments_default", pathlib.Path(__file__).with_name("default.py")
-)
-_default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_default)
+from ppo_jax.config import load_experiment
 
 
 def get_config(arg: str | None = None):
-  config = _default.get_config(arg)
+  config = load_experiment(pathlib.Path(__file__).with_name("default.py"), arg)
   config.algo = "rloo"
   config.ppo.group_size = 4  # ppo.batch_size responses = batch_size / 4 prompts × 4
   if arg == "smoke":  # 16 prompts × 4 responses: as many prompts per step as PPO's smoke sees

@@ -10,6 +10,8 @@ locked, so a typo in a field name fails with that name. Pure functions never see
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 import types
 import typing
 from typing import Any
@@ -165,6 +167,18 @@ def _section_from(instance: Any) -> ml_collections.ConfigDict:
     if value is not None and not dataclasses.is_dataclass(value):
       node[f.name] = value
   return node
+
+
+def load_experiment(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of an experiment file (``experiments/*.py``), loaded by its path: how one
+  experiment builds on another (``experiments/grpo.py`` on ``default.py``)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no experiment file {path}")
+  spec = importlib.util.spec_from_file_location(f"ppo_jax_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -30,14 +30,9 @@ def mask(request) -> np.ndarray:
 
 def smoke_config(**overrides):
   """experiments/default.py:smoke, quiet, with ``section__field=value`` overrides."""
-  import importlib.util
+  from ppo_jax.config import load_experiment
 
-  spec = importlib.util.spec_from_file_location(
-    "experiment_default", ROOT / "experiments" / "default.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
+  config = load_experiment(ROOT / "experiments" / "default.py", "smoke")
   config.log.progress = False
   config.log.tensorboard = True
   for key, value in overrides.items():

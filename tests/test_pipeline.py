@@ -198,14 +198,11 @@ def test_lora_run_trains_adapters_and_exports_a_plain_model(smoke_run, tmp_path)
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_critic_free_algorithms_raise_gold(smoke_run, tmp_path, algo):
-  import importlib.util
-
   from conftest import ROOT
 
-  spec = importlib.util.spec_from_file_location(algo, ROOT / "experiments" / f"{algo}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
+  from ppo_jax.config import load_experiment
+
+  config = load_experiment(ROOT / "experiments" / f"{algo}.py", "smoke")
   config.log.progress = False
   config.log.tensorboard = False
   config.log.plots = False
