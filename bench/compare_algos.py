@@ -1,14 +1,15 @@
-"""PPO, GRPO and RLOO on the default experiment's task over several seeds: table and figure.
+"""PPO, GRPO, RLOO and DPO on the default experiment's task over several seeds: table, figure.
 
   python bench/compare_algos.py --runs runs/algos [--seeds 0 1 2] [--algos ppo grpo rloo]
 
 Per seed, ``experiments/default.py`` runs the whole pipeline (SFT, reward model, PPO); GRPO and
 RLOO (``experiments/grpo.py``, ``experiments/rloo.py``) then start from copies of that seed's SFT
-policy and reward model, so only the RL stage differs. Every algorithm sees 64 responses per
-iteration for 100 iterations (PPO: 64 prompts × 1; GRPO and RLOO: 16 prompts × 4). A workdir
-holding a finished run is reused. Prints a Markdown table (gold score and KL of the first and
-last 3 rollouts, RL-stage seconds) and writes ``docs/algos.png`` (gold score and KL per
-iteration, mean over seeds).
+policy and reward model, so only the RL stage differs; DPO (``experiments/dpo.py``) starts from
+the SFT policy and trains on the reward model's preference pairs instead. Every RL algorithm sees
+64 responses per iteration for 100 iterations (PPO: 64 prompts × 1; GRPO and RLOO: 16 prompts ×
+4). A workdir holding a finished run is reused. Prints a Markdown table (held-out gold score and
+KL before and after, seconds of the last stage's training) and writes ``docs/algos.png`` (gold
+score and KL per iteration of the RL algorithms, mean over seeds).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).parent.parent
-EXPERIMENTS = {"ppo": "default.py", "grpo": "grpo.py", "rloo": "rloo.py"}
+EXPERIMENTS = {"ppo": "default.py", "grpo": "grpo.py", "rloo": "rloo.py", "dpo": "dpo.py"}
 
 
 def run(algo: str, seed: int, workdir: pathlib.Path, runs: pathlib.Path) -> None:
@@ -30,7 +31,7 @@ def run(algo: str, seed: int, workdir: pathlib.Path, runs: pathlib.Path) -> None
     return
   if algo != "ppo":  # the same SFT policy and reward model as PPO's run of this seed
     run("ppo", seed, runs / f"seed{seed}" / "ppo", runs)
-    for stage in ("sft", "reward_model"):
+    for stage in ("sft",) if algo == "dpo" else ("sft", "reward_model"):
       if not (workdir / stage).exists():
         shutil.copytree(runs / f"seed{seed}" / "ppo" / stage, workdir / stage)
   subprocess.run(
@@ -66,12 +67,16 @@ def main():
       workdir = runs / f"seed{seed}" / algo
       run(algo, seed, workdir, runs)
       summaries.append(json.loads((workdir / "summary.json").read_text()))
-      lines = (workdir / "metrics.jsonl").read_text().splitlines()
+      path = workdir / "metrics.jsonl"  # RL algorithms only
+      lines = path.read_text().splitlines() if path.exists() else []
       curves[algo].append([json.loads(line) for line in lines if line])
     per_seed = ", ".join(f"{s['before']['gold']:.2f} → {s['after']['gold']:.2f}" for s in summaries)
     gain = statistics.mean(s["after"]["gold"] - s["before"]["gold"] for s in summaries)
     kl = statistics.mean(s["after"]["kl"] for s in summaries)
-    secs = statistics.mean(sum(r["time/iteration"] for r in rows) for rows in curves[algo])
+    secs = statistics.mean(
+      s["dpo_eval"]["train_seconds"] if algo == "dpo" else sum(r["time/iteration"] for r in rows)
+      for s, rows in zip(summaries, curves[algo], strict=True)
+    )
     print(f"| {algo.upper()} | {per_seed} | {gain:+.2f} | {kl:.2f} | {secs:.0f} |", flush=True)
 
   from matplotlib.figure import Figure
@@ -79,6 +84,8 @@ def main():
   fig = Figure(figsize=(10, 3.2))
   ax_g, ax_k = fig.subplots(1, 2)
   for algo, runs_rows in curves.items():
+    if not runs_rows[0]:
+      continue
     steps = [r["step"] for r in runs_rows[0]]
     for ax, key in ((ax_g, "gold/score"), (ax_k, "objective/kl")):
       mean = [statistics.mean(rows[i][key] for rows in runs_rows) for i in range(len(steps))]

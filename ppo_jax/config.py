@@ -20,6 +20,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from ppo_jax.checkpoint import CheckpointSettings
+from ppo_jax.dpo import DPOSettings
 from ppo_jax.optim import OptimHparams
 from ppo_jax.ppo import PPOHparams
 from ppo_jax.supervised import SupervisedHparams
@@ -29,7 +30,8 @@ _FROM_TOKENIZER = ("eos_token_id", "pad_token_id")
 TASKS = ("synthetic", "files")
 CRITIC_INITS = ("reward_model", "policy")
 # config.algo → the advantage estimator of the RL stage (ppo.PPOHparams.estimator)
-ALGOS = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}
+# (dpo trains offline on preference pairs and uses only the sampler settings of ppo.*)
+ALGOS = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo", "dpo": "gae"}
 ARCHS = ("gpt2", "llama")
 
 
@@ -125,6 +127,7 @@ SECTIONS: dict[str, tuple[type, ...]] = {
   "model": (ModelSettings,),
   "sft": (SupervisedHparams,),
   "rm": (SupervisedHparams, RMSettings),
+  "dpo": (SupervisedHparams, DPOSettings),
   "reward": (RewardSettings,),
   "ppo": (PPOHparams, PPORunSettings),
   "log": (LogSettings,),
@@ -189,6 +192,7 @@ def base_config() -> ml_collections.ConfigDict:
   for name, classes in SECTIONS.items():
     config[name] = _section(*classes)
   config.rm.optim = _section_from(OptimHparams(lr=5e-4, warmup_steps=10))
+  config.dpo.optim = _section_from(OptimHparams(lr=1e-4, warmup_steps=10))
   config.sft.optim = _section_from(OptimHparams(lr=1e-3, warmup_steps=10))
   config.ppo.optim = _section_from(OptimHparams(lr=1e-5, schedule="linear"))
   config.lock()
@@ -223,6 +227,8 @@ class Settings:
   sft: SupervisedHparams
   rm: SupervisedHparams
   rm_run: RMSettings
+  dpo: SupervisedHparams
+  dpo_run: DPOSettings
   reward: RewardSettings
   ppo_run: PPORunSettings
   ppo_optim: OptimHparams
@@ -243,6 +249,8 @@ class Settings:
       sft=_build(SupervisedHparams, config.sft, "sft"),
       rm=_build(SupervisedHparams, config.rm, "rm"),
       rm_run=_build(RMSettings, config.rm, "rm"),
+      dpo=_build(SupervisedHparams, config.dpo, "dpo"),
+      dpo_run=_build(DPOSettings, config.dpo, "dpo"),
       reward=_build(RewardSettings, config.reward, "reward"),
       ppo_run=_build(PPORunSettings, config.ppo, "ppo"),
       ppo_optim=_build(OptimHparams, config.ppo.optim, "ppo.optim"),
@@ -295,7 +303,10 @@ class Settings:
         "config.reward.source='function' needs config.reward.fn='package.module:function'",
       ),
       (
-        self.reward.source != "model" or self.rm_run.enabled or self.reward.model,
+        self.algo == "dpo"
+        or self.reward.source != "model"
+        or self.rm_run.enabled
+        or self.reward.model,
         "config.reward.source='model' needs config.rm.enabled=True or config.reward.model=FOLDER",
       ),
       (
@@ -315,6 +326,12 @@ class Settings:
         "config.ppo.fuse=True needs reward.source='model' (a Python reward runs on the host)",
       ),
     ]
+    checks.append(
+      (
+        self.algo != "dpo" or not (self.distributed.coordinator or self.distributed.auto),
+        "config.algo='dpo' runs in one process for now (unset config.distributed.*)",
+      )
+    )
     checks.append(
       (
         self.ppo_run.batch_size % self.raw.ppo.group_size == 0,

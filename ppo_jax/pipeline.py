@@ -22,7 +22,7 @@ from ppo_jax.config import Settings
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.models.lora import add_lora
 from ppo_jax.rewards import load_reward_fn
-from ppo_jax.stages import has_model_folder, run_reward_model, run_sft
+from ppo_jax.stages import has_model_folder, run_dpo, run_reward_model, run_sft
 from ppo_jax.tokenizer import load_tokenizer
 
 _LAST_BANNER = [time.perf_counter()]
@@ -279,27 +279,32 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir, mesh=mesh)
 
   banner(f"3/3 {s.algo.upper()}")
-  result = run_ppo_stage(
-    s,
-    config,
-    policy,
-    reward_model,
-    inputs,
-    prompts,
-    eval_prompts,
-    hp,
-    workdir,
-    resume=resume,
-    mesh=mesh,
-  )
+  stage_eval = {}
+  if s.algo == "dpo":
+    result, stage_eval = run_dpo(s, policy, inputs, layout, eval_prompts, hp, workdir, mesh)
+  else:
+    result = run_ppo_stage(
+      s,
+      config,
+      policy,
+      reward_model,
+      inputs,
+      prompts,
+      eval_prompts,
+      hp,
+      workdir,
+      resume=resume,
+      mesh=mesh,
+    )
   save_pretrained(result.policy, workdir / "policy", tokenizer=tok)
-  if s.log.plots:
+  if s.log.plots and s.algo != "dpo":
     writers.plot_metrics(
       workdir / "metrics.jsonl", workdir / "plots" / "ppo.png", title=f"PPO, {workdir.name}"
     )
 
   before, after = result.before, result.after
-  rows = writers.read_metrics(workdir / "metrics.jsonl")
+  metrics_path = workdir / "metrics.jsonl"  # RL stages only
+  rows = writers.read_metrics(metrics_path) if metrics_path.exists() else []
   if not before and rows:  # no held-out prompts: the first and last rollouts
     before, after = rollout_summary(rows[:3]), rollout_summary(rows[-3:])
   summary = {
@@ -308,6 +313,8 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     "held_out": bool(result.before),
     "sft_eval": sft_eval,
     "rm_eval": rm_eval,
+    **({"dpo_eval": stage_eval} if stage_eval else {}),
+    "algo": s.algo,
     **inputs.notes,
     "seconds": time.perf_counter() - t_start,
   }
@@ -315,7 +322,10 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   banner("summary")
   _print_summary(summary)
-  print(f"outputs in {workdir}: metrics.jsonl, tensorboard/, plots/, samples/, policy/")
+  outputs = (
+    "dpo_metrics.jsonl" if s.algo == "dpo" else "metrics.jsonl, tensorboard/, plots/, samples/"
+  )
+  print(f"outputs in {workdir}: {outputs}, policy/")
   return summary
 
 
@@ -339,7 +349,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     ("response length", "length"),
   ]
   source = "held-out prompts" if summary.get("held_out") else "first/last 3 rollouts"
-  print(f"{source:30s} {'before PPO':>12s} {'after PPO':>12s}")
+  algo = summary.get("algo", "ppo").upper()
+  print(f"{source:30s} {'before ' + algo:>12s} {'after ' + algo:>12s}")
   for label, key in rows:
     if key in before:
       print(f"{label:30s} {before[key]:12.4f} {after[key]:12.4f}")

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 from flax import nnx
 
-from ppo_jax import data, supervised, writers
+from ppo_jax import data, dpo, supervised, writers
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained, save_pretrained
+from ppo_jax.rewards import load_reward_fn
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -86,6 +87,25 @@ def run_sft(
   print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
   save_pretrained(policy, out, tokenizer=inputs.tokenizer)
   return policy, held_out
+
+
+def run_dpo(
+  s: Settings, policy, inputs, layout, eval_prompts, hp, workdir: pathlib.Path, mesh=None
+):
+  """DPO from the SFT policy on the preference pairs (``ppo_jax.dpo``), logged to
+  ``WORKDIR/dpo_metrics.jsonl``."""
+  return dpo.run_dpo_stage(
+    s,
+    policy,
+    inputs,
+    layout,
+    eval_prompts,
+    hp,
+    workdir,
+    gold=load_reward_fn(inputs.gold) if inputs.gold else None,
+    mesh=mesh,
+    logger=lambda total: _supervised_logger(workdir, "dpo", total, s.log.progress),
+  )
 
 
 def run_reward_model(

@@ -215,3 +215,26 @@ def test_critic_free_algorithms_raise_gold(smoke_run, tmp_path, algo):
   assert _mean(last, "gold/score") > _mean(first, "gold/score") + 0.1
   assert summary["after"]["gold"] > summary["before"]["gold"] + 0.1
   assert all(r["grad/value_norm"] == 0.0 for r in rows)  # there is no critic
+
+
+def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path):
+  from conftest import ROOT
+
+  from ppo_jax.config import load_experiment
+
+  config = load_experiment(ROOT / "experiments" / "dpo.py", "smoke")
+  config.log.progress = False
+  workdir = reuse_stages(smoke_run[0], tmp_path / "dpo", stages=("sft",))
+  summary = pipeline.run(config, workdir)
+  assert not (workdir / "reward_model").exists()  # DPO trains none
+  assert summary["held_out"] and summary["after"]["gold"] > summary["before"]["gold"] + 0.1
+  assert summary["before"]["kl"] == 0.0 < summary["after"]["kl"] < 10.0
+  assert summary["dpo_eval"]["accuracy"] > 0.6  # implicit reward ranks held-out pairs
+  rows = _rows_of(workdir / "dpo_metrics.jsonl")
+  assert len(rows) > 10 and _mean(rows[-5:], "reward_margin") > _mean(rows[:5], "reward_margin")
+  assert _mean(rows[-5:], "accuracy") > 0.6  # the training pairs are ranked too
+  assert (workdir / "policy" / "model.safetensors").exists()
+
+
+def _rows_of(path):
+  return writers.read_metrics(path)

@@ -1,0 +1,171 @@
+"""DPO as a pipeline stage: offline preference pairs, no reward model, no sampling in training.
+
+The reference is the SFT policy; its sequence log-probabilities of every chosen and rejected
+response are computed once, before training, and travel in the batches. Training is the
+supervised loop of ``ppo_jax.supervised`` with ``preference.dpo_loss`` (Rafailov et al. 2023).
+Afterwards the policy is evaluated like the RL stages: samples on held-out prompts, their gold
+score and their KL to the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ppo_jax import data, ppo, rl, rollout, supervised
+from ppo_jax.actor_critic import ActorCritic, policy_logits
+from ppo_jax.data import Sequences
+from ppo_jax.logprobs import token_logprobs
+from ppo_jax.masking import masked_sum
+from ppo_jax.models import CausalLM
+from ppo_jax.preference import dpo_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSettings:
+  beta: float = 0.1  # β: strength of the implicit KL constraint
+  label_smoothing: float = 0.0  # ε: conservative DPO for noisy labels
+
+  def __post_init__(self):
+    if self.beta <= 0:
+      raise ValueError(f"beta: must be > 0, got {self.beta}")
+    if not 0.0 <= self.label_smoothing < 0.5:
+      raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+
+
+def sequence_logprobs(graphdef, params, ids_BxL, mask_BxL, response_mask_BxR) -> jax.Array:
+  """``Σₜ m·log π(yₜ | y<ₜ, x)`` per sequence ``[B]`` over the response tokens (temperature 1)."""
+  n = response_mask_BxR.shape[1]
+  logits, _ = policy_logits(graphdef, params, ids_BxL, mask_BxL, n)
+  return masked_sum(token_logprobs(logits, ids_BxL[:, -n:]), response_mask_BxR, axis=-1)
+
+
+def dpo_objective(params, graphdef, batch, *, beta: float, label_smoothing: float = 0.0):
+  """``dpo_loss`` of a batch of pairs: chosen and rejected in one forward of 2B rows."""
+  B = batch["chosen_ids"].shape[0]
+  both = {
+    k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+    for k in ("ids", "mask", "response_mask")
+  }
+  logp = sequence_logprobs(graphdef, params, both["ids"], both["mask"], both["response_mask"])
+  return dpo_loss(
+    logp[:B],
+    logp[B:],
+    batch["ref_chosen"],
+    batch["ref_rejected"],
+    beta=beta,
+    label_smoothing=label_smoothing,
+  )
+
+
+def pair_batch(pairs: tuple[Sequences, Sequences], ref: tuple[np.ndarray, np.ndarray], idx):
+  chosen, rejected = pairs
+  batch = supervised.pair_batch(pairs, idx)
+  batch["chosen_response_mask"] = chosen.response_mask[idx]
+  batch["rejected_response_mask"] = rejected.response_mask[idx]
+  batch["ref_chosen"], batch["ref_rejected"] = ref[0][idx], ref[1][idx]
+  return batch
+
+
+def reference_logprobs(graphdef, params, seqs: Sequences, batch_size: int) -> np.ndarray:
+  """Sequence log-probabilities ``[N]`` of ``seqs`` under ``params``, in fixed-size batches."""
+  fn = jax.jit(functools.partial(sequence_logprobs, graphdef))
+  out = []
+  for start in range(0, len(seqs), batch_size):
+    idx = np.arange(start, start + batch_size) % len(seqs)  # the last batch padded: one shape
+    part = seqs.take(idx)
+    logp = fn(params, part.ids, part.mask, part.response_mask)
+    out.append(np.asarray(logp)[: min(batch_size, len(seqs) - start)])
+  return np.concatenate(out)
+
+
+def run_dpo_stage(
+  s,
+  policy: CausalLM,
+  inputs: Any,
+  layout: data.Layout,
+  eval_prompts: rl.Prompts,
+  hp: ppo.PPOHparams,
+  workdir: pathlib.Path,
+  *,
+  gold=None,
+  mesh=None,
+  logger=None,
+) -> tuple[rl.PPOResult, dict[str, float]]:
+  """Trains ``policy`` (the SFT policy, also the reference) with DPO on the preference pairs.
+
+  Returns ``(result, held-out DPO metrics)``; ``result.before``/``after`` are the held-out
+  sampling evaluations (gold score, KL to the reference, length) of the reference and of the
+  trained policy, with the RL stages' sampler settings. ``logger(total_steps)`` gives
+  ``(on_step, close)`` for progress and metrics.
+  """
+  if not inputs.preferences:
+    raise ValueError("config.algo='dpo' needs preference pairs (config.data.preferences)")
+  chosen, rejected = data.load_preferences(inputs.preferences, inputs.tokenizer, layout)
+  train_idx, eval_idx = data.split_holdout(len(chosen), s.dpo.eval_fraction, seed=s.seed)
+  train_pairs = (chosen.take(train_idx), rejected.take(train_idx))
+  eval_pairs = (chosen.take(eval_idx), rejected.take(eval_idx))
+  print(
+    f"{len(train_idx)} training and {len(eval_idx)} held-out preference pairs from "
+    f"{inputs.preferences}"
+  )
+  graphdef, ref_state = nnx.split(policy)
+  ref_params = nnx.to_pure_dict(ref_state)
+  bs = s.dpo.batch_size
+  ref_train = tuple(reference_logprobs(graphdef, ref_params, x, bs) for x in train_pairs)
+  ref_eval = tuple(reference_logprobs(graphdef, ref_params, x, bs) for x in eval_pairs)
+  objective = functools.partial(
+    dpo_objective, beta=s.dpo_run.beta, label_smoothing=s.dpo_run.label_smoothing
+  )
+  on_step, close = logger(s.dpo.steps(len(train_idx))) if logger else (None, lambda: None)
+  t0 = time.perf_counter()
+  params, _ = supervised.train(
+    ref_params,
+    graphdef,
+    objective,
+    lambda i: pair_batch(train_pairs, ref_train, i),
+    len(train_idx),
+    s.dpo,
+    seed=s.seed + 4,
+    on_step=on_step,
+    mesh=mesh,
+  )
+  seconds = time.perf_counter() - t0
+  close()
+  held_out = supervised.evaluate(
+    params,
+    graphdef,
+    objective,
+    lambda i: pair_batch(eval_pairs, ref_eval, i),
+    len(eval_idx),
+    batch_size=bs,
+    mesh=mesh,
+  )
+  held_out["train_seconds"] = seconds
+  print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
+
+  # Sampling evaluation with the RL stages' machinery: no critic, no reward model (scores 0).
+  models, _, frozen_policy, _ = ActorCritic.build(policy, None, None)
+  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=None)
+  fns = rollout.make_step_fns(models, optax.identity(), hp)
+  kw = dict(batch_size=s.ppo_run.batch_size, scorer=rl.Scorer(), gold=gold, seed=s.seed + 1)
+  before, after = {}, {}
+  if len(eval_prompts):
+    before, after = (
+      {
+        k: v
+        for k, v in rl.evaluate(fns, p, frozen, eval_prompts, inputs.tokenizer, **kw).items()
+        if k != "score"
+      }  # no reward model or function scores DPO's samples
+      for p in (ref_params, params)
+    )
+  return rl.PPOResult(nnx.merge(graphdef, params), before, after, []), held_out

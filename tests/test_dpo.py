@@ -1,0 +1,65 @@
+"""DPO as a stage: sequence log-probabilities, the objective at the reference, and learning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ppo_jax import dpo
+from ppo_jax.data import Sequences
+from ppo_jax.models import CausalLM, ModelConfig
+
+CFG = ModelConfig.gpt2(
+  vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16
+)
+B, P, R = 4, 3, 4
+
+
+def _pairs():
+  rng = np.random.default_rng(0)
+
+  def seqs():
+    ids = rng.integers(2, 16, (B, P + R)).astype(np.int32)
+    resp = np.ones((B, R), np.float32)
+    resp[1, 2:] = resp[3, 1:] = 0  # shorter responses: padding after them
+    mask = np.concatenate([np.ones((B, P), np.int32), resp.astype(np.int32)], 1)
+    return Sequences(ids, mask, resp)
+
+  return seqs(), seqs()
+
+
+def test_sequence_logprobs_sum_the_response_tokens():
+  graphdef, state = nnx.split(CausalLM(CFG, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(state)
+  s, _ = _pairs()
+  got = np.asarray(dpo.sequence_logprobs(graphdef, params, s.ids, s.mask, s.response_mask))
+  logits = np.asarray(nnx.merge(graphdef, state)(jnp.asarray(s.ids), jnp.asarray(s.mask)))
+  logits = logits.astype(np.float64)[:, P - 1 : P + R - 1]  # positions predicting the response
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  logp -= logits.max(-1, keepdims=True)
+  tok = np.take_along_axis(logp, s.ids[:, P:, None], -1)[..., 0]
+  np.testing.assert_allclose(got, (tok * s.response_mask).sum(-1), rtol=1e-5, atol=1e-5)
+  # Padding after a short response changes nothing.
+  garbage = s.ids.copy()
+  garbage[1, P + 2 :] = 15
+  again = dpo.sequence_logprobs(graphdef, params, garbage, s.mask, s.response_mask)
+  assert float(again[1]) == float(got[1])
+
+
+def test_objective_at_the_reference_is_log2_with_a_gradient():
+  graphdef, state = nnx.split(CausalLM(CFG, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(state)
+  chosen, rejected = _pairs()
+  ref = tuple(dpo.reference_logprobs(graphdef, params, x, batch_size=3) for x in (chosen, rejected))
+  assert ref[0].shape == (B,)  # the padded last batch is cut back
+  batch = dpo.pair_batch((chosen, rejected), ref, np.arange(B))
+  (loss, metrics), grads = jax.value_and_grad(dpo.dpo_objective, has_aux=True)(
+    params, graphdef, batch, beta=0.5
+  )
+  np.testing.assert_allclose(float(loss), np.log(2.0), rtol=1e-5)  # h = 0 for every pair
+  assert abs(float(metrics["reward_margin"])) < 1e-5
+  assert float(optax_norm(grads)) > 0.0
+
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
