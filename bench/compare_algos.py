@@ -57,6 +57,7 @@ def main():
   args = ap.parse_args()
   runs = pathlib.Path(args.runs)
   curves: dict[str, list[list[dict]]] = {}
+  gains: dict[str, list[float]] = {}
   print(
     "| algorithm | gold before → after (per seed) | mean gold gain | KL after (nats) | RL seconds |"
   )
@@ -71,7 +72,8 @@ def main():
       lines = path.read_text().splitlines() if path.exists() else []
       curves[algo].append([json.loads(line) for line in lines if line])
     per_seed = ", ".join(f"{s['before']['gold']:.2f} → {s['after']['gold']:.2f}" for s in summaries)
-    gain = statistics.mean(s["after"]["gold"] - s["before"]["gold"] for s in summaries)
+    gains[algo] = [s["after"]["gold"] - s["before"]["gold"] for s in summaries]
+    gain = statistics.mean(gains[algo])
     kl = statistics.mean(s["after"]["kl"] for s in summaries)
     secs = statistics.mean(
       s["dpo_eval"]["train_seconds"] if algo == "dpo" else sum(r["time/iteration"] for r in rows)
@@ -81,8 +83,13 @@ def main():
 
   from matplotlib.figure import Figure
 
-  fig = Figure(figsize=(10, 3.2))
-  ax_g, ax_k = fig.subplots(1, 2)
+  fig = Figure(figsize=(14, 3.4))
+  ax_g, ax_k, ax_b = fig.subplots(1, 3)
+  for i, g in enumerate(gains.values()):  # every algorithm, DPO included
+    ax_b.bar(i, statistics.mean(g), color="0.8")
+    ax_b.plot([i] * len(g), g, "o", color="C3", ms=4)
+  ax_b.set_xticks(range(len(gains)), [a.upper() for a in gains])
+  ax_b.set(ylabel="gold after − before", title="gold gain (bar: mean; dots: seeds)")
   for algo, runs_rows in curves.items():
     if not runs_rows[0]:
       continue
@@ -95,6 +102,7 @@ def main():
   for ax in (ax_g, ax_k):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  ax_b.grid(alpha=0.3, axis="y")
   fig.tight_layout()
   fig.savefig(args.png, dpi=100)
   print(f"wrote {args.png}")

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ppo_jax import data, ppo, rl, rollout, supervised
+from ppo_jax import data, ppo, rl, rollout, supervised, writers
 from ppo_jax.actor_critic import ActorCritic, policy_logits
 from ppo_jax.data import Sequences
 from ppo_jax.logprobs import token_logprobs
@@ -29,17 +29,22 @@ from ppo_jax.masking import masked_sum
 from ppo_jax.models import CausalLM
 from ppo_jax.preference import dpo_loss
 
+KEYS = {"gold": "gold/score", "kl": "objective/kl", "length": "response/length"}
+
 
 @dataclasses.dataclass(frozen=True)
 class DPOSettings:
   beta: float = 0.1  # β: strength of the implicit KL constraint
   label_smoothing: float = 0.0  # ε: conservative DPO for noisy labels
+  eval_every: int = 20  # steps between held-out sampling evaluations (0: before and after only)
 
   def __post_init__(self):
     if self.beta <= 0:
       raise ValueError(f"beta: must be > 0, got {self.beta}")
     if not 0.0 <= self.label_smoothing < 0.5:
       raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+    if self.eval_every < 0:
+      raise ValueError(f"eval_every: must be ≥ 0, got {self.eval_every}")
 
 
 def sequence_logprobs(graphdef, params, ids_BxL, mask_BxL, response_mask_BxR) -> jax.Array:
@@ -126,7 +131,33 @@ def run_dpo_stage(
   objective = functools.partial(
     dpo_objective, beta=s.dpo_run.beta, label_smoothing=s.dpo_run.label_smoothing
   )
-  on_step, close = logger(s.dpo.steps(len(train_idx))) if logger else (None, lambda: None)
+  # Held-out sampling evaluation with the RL stages' machinery: no critic, no reward model.
+  models, _, frozen_policy, _ = ActorCritic.build(policy, None, None)
+  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=None)
+  fns = rollout.make_step_fns(models, optax.identity(), hp)
+  kw = dict(batch_size=s.ppo_run.batch_size, scorer=rl.Scorer(), gold=gold, seed=s.seed + 1)
+
+  def held_out_samples(p) -> dict[str, float]:
+    if not len(eval_prompts):
+      return {}
+    row = rl.evaluate(fns, p, frozen, eval_prompts, inputs.tokenizer, **kw)
+    return {k: v for k, v in row.items() if k != "score"}  # nothing scores DPO's samples
+
+  total = s.dpo.steps(len(train_idx))
+  curve = writers.MetricsWriter(workdir / "metrics.jsonl", tensorboard_dir=None)
+  every = s.dpo_run.eval_every
+
+  eval_seconds = [0.0]
+
+  def on_params(step, p):  # gold/score, objective/kl, response/length as the RL stages log them
+    if every and len(eval_prompts) and (step % every == 0 or step == total):
+      t = time.perf_counter()
+      row = held_out_samples(p)
+      curve.write(step, {KEYS.get(k, k): v for k, v in row.items()})
+      eval_seconds[0] += time.perf_counter() - t
+
+  before = held_out_samples(ref_params)
+  on_step, close = logger(total) if logger else (None, lambda: None)
   t0 = time.perf_counter()
   params, _ = supervised.train(
     ref_params,
@@ -137,10 +168,12 @@ def run_dpo_stage(
     s.dpo,
     seed=s.seed + 4,
     on_step=on_step,
+    on_params=on_params,
     mesh=mesh,
   )
-  seconds = time.perf_counter() - t0
+  seconds = time.perf_counter() - t0 - eval_seconds[0]  # training alone
   close()
+  curve.close()
   held_out = supervised.evaluate(
     params,
     graphdef,
@@ -153,19 +186,5 @@ def run_dpo_stage(
   held_out["train_seconds"] = seconds
   print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
 
-  # Sampling evaluation with the RL stages' machinery: no critic, no reward model (scores 0).
-  models, _, frozen_policy, _ = ActorCritic.build(policy, None, None)
-  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=None)
-  fns = rollout.make_step_fns(models, optax.identity(), hp)
-  kw = dict(batch_size=s.ppo_run.batch_size, scorer=rl.Scorer(), gold=gold, seed=s.seed + 1)
-  before, after = {}, {}
-  if len(eval_prompts):
-    before, after = (
-      {
-        k: v
-        for k, v in rl.evaluate(fns, p, frozen, eval_prompts, inputs.tokenizer, **kw).items()
-        if k != "score"
-      }  # no reward model or function scores DPO's samples
-      for p in (ref_params, params)
-    )
+  after = held_out_samples(params)
   return rl.PPOResult(nnx.merge(graphdef, params), before, after, []), held_out

@@ -323,7 +323,9 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   banner("summary")
   _print_summary(summary)
   outputs = (
-    "dpo_metrics.jsonl" if s.algo == "dpo" else "metrics.jsonl, tensorboard/, plots/, samples/"
+    "metrics.jsonl, dpo_metrics.jsonl"
+    if s.algo == "dpo"
+    else "metrics.jsonl, tensorboard/, plots/, samples/"
   )
   print(f"outputs in {workdir}: {outputs}, policy/")
   return summary

@@ -105,12 +105,14 @@ def train(
   *,
   seed: int,
   on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+  on_params: Callable[[int, Any], None] | None = None,
   mesh=None,
 ) -> tuple[Any, list[dict[str, float]]]:
   """Trains ``params`` for ``hp.steps(n_train)`` steps; returns them and the per-step metrics.
 
   ``make_batch(row_indices)`` builds a batch of training rows; ``on_step(step, total, metrics)``
-  reports progress. On a ``mesh``, parameters and optimizer states follow
+  reports progress; ``on_params(steps_done, params)`` may look at the parameters after each step
+  (before the next step donates them). On a ``mesh``, parameters and optimizer states follow
   ``sharding.RULES`` and batch rows are split over ``('data', 'fsdp')``.
   """
   total = hp.steps(n_train)
@@ -151,6 +153,8 @@ def train(
     history.append(row)
     if on_step is not None:
       on_step(i, total, row)
+    if on_params is not None:
+      on_params(i + 1, params)
   return params, history
 
 

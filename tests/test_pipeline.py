@@ -233,6 +233,11 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path):
   rows = _rows_of(workdir / "dpo_metrics.jsonl")
   assert len(rows) > 10 and _mean(rows[-5:], "reward_margin") > _mean(rows[:5], "reward_margin")
   assert _mean(rows[-5:], "accuracy") > 0.6  # the training pairs are ranked too
+  curve = _rows(workdir)  # held-out samples every dpo.eval_every steps, keyed as for PPO
+  assert [r["step"] for r in curve] == [20, 40, 60, 61] and curve[-1][
+    "gold/score"
+  ] == pytest.approx(summary["after"]["gold"])
+  assert all({"gold/score", "objective/kl", "response/length"} <= set(r) for r in curve)
   assert (workdir / "policy" / "model.safetensors").exists()
 
 
