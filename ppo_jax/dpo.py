@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ppo_jax import data, ppo, rl, rollout, supervised, writers
+from ppo_jax import ppo, rl, rollout, supervised, writers
 from ppo_jax.actor_critic import ActorCritic, policy_logits
 from ppo_jax.data import Sequences
 from ppo_jax.logprobs import token_logprobs
@@ -96,95 +96,73 @@ def reference_logprobs(graphdef, params, seqs: Sequences, batch_size: int) -> np
 def run_dpo_stage(
   s,
   policy: CausalLM,
-  inputs: Any,
-  layout: data.Layout,
+  pairs: tuple[tuple[Sequences, Sequences], tuple[Sequences, Sequences]],
   eval_prompts: rl.Prompts,
+  tokenizer: Any,
   hp: ppo.PPOHparams,
   workdir: pathlib.Path,
   *,
   gold=None,
   mesh=None,
-  logger=None,
 ) -> tuple[rl.PPOResult, dict[str, float]]:
-  """Trains ``policy`` (the SFT policy, also the reference) with DPO on the preference pairs.
+  """Trains ``policy`` (the SFT policy, also the reference) with DPO on ``pairs``
+  (``(train, held-out)``, each ``(chosen, rejected)``).
 
   Returns ``(result, held-out DPO metrics)``; ``result.before``/``after`` are the held-out
   sampling evaluations (gold score, KL to the reference, length) of the reference and of the
-  trained policy, with the RL stages' sampler settings. ``logger(total_steps)`` gives
-  ``(on_step, close)`` for progress and metrics.
+  trained policy, with the RL stages' sampler settings, which are also logged to
+  ``WORKDIR/metrics.jsonl`` every ``dpo.eval_every`` steps.
   """
-  if not inputs.preferences:
-    raise ValueError("config.algo='dpo' needs preference pairs (config.data.preferences)")
-  chosen, rejected = data.load_preferences(inputs.preferences, inputs.tokenizer, layout)
-  train_idx, eval_idx = data.split_holdout(len(chosen), s.dpo.eval_fraction, seed=s.seed)
-  train_pairs = (chosen.take(train_idx), rejected.take(train_idx))
-  eval_pairs = (chosen.take(eval_idx), rejected.take(eval_idx))
-  print(
-    f"{len(train_idx)} training and {len(eval_idx)} held-out preference pairs from "
-    f"{inputs.preferences}"
-  )
-  graphdef, ref_state = nnx.split(policy)
-  ref_params = nnx.to_pure_dict(ref_state)
-  bs = s.dpo.batch_size
-  ref_train = tuple(reference_logprobs(graphdef, ref_params, x, bs) for x in train_pairs)
-  ref_eval = tuple(reference_logprobs(graphdef, ref_params, x, bs) for x in eval_pairs)
-  objective = functools.partial(
-    dpo_objective, beta=s.dpo_run.beta, label_smoothing=s.dpo_run.label_smoothing
-  )
-  # Held-out sampling evaluation with the RL stages' machinery: no critic, no reward model.
-  models, _, frozen_policy, _ = ActorCritic.build(policy, None, None)
-  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=None)
+  train_pairs, eval_pairs = pairs
+  # The reference: the policy's weights, frozen; sampled with the RL stages' machinery (no
+  # critic, no reward model).
+  models, _, ref_params, _ = ActorCritic.build(policy, None, None)
+  graphdef = models.policy
+  frozen = ppo.Frozen(ref_params=ref_params, reward_params=None)
   fns = rollout.make_step_fns(models, optax.identity(), hp)
   kw = dict(batch_size=s.ppo_run.batch_size, scorer=rl.Scorer(), gold=gold, seed=s.seed + 1)
 
   def held_out_samples(p) -> dict[str, float]:
     if not len(eval_prompts):
       return {}
-    row = rl.evaluate(fns, p, frozen, eval_prompts, inputs.tokenizer, **kw)
+    row = rl.evaluate(fns, p, frozen, eval_prompts, tokenizer, **kw)
     return {k: v for k, v in row.items() if k != "score"}  # nothing scores DPO's samples
 
-  total = s.dpo.steps(len(train_idx))
+  bs = s.dpo.batch_size
+  ref = [tuple(reference_logprobs(graphdef, ref_params, x, bs) for x in p) for p in pairs]
+  total, every = s.dpo.steps(len(train_pairs[0])), s.dpo_run.eval_every
   curve = writers.MetricsWriter(workdir / "metrics.jsonl", tensorboard_dir=None)
-  every = s.dpo_run.eval_every
-
-  eval_seconds = [0.0]
+  clock = {"eval": 0.0, "done": 0.0}
 
   def on_params(step, p):  # gold/score, objective/kl, response/length as the RL stages log them
     if every and len(eval_prompts) and (step % every == 0 or step == total):
       t = time.perf_counter()
-      row = held_out_samples(p)
-      curve.write(step, {KEYS.get(k, k): v for k, v in row.items()})
-      eval_seconds[0] += time.perf_counter() - t
+      curve.write(step, {KEYS.get(k, k): v for k, v in held_out_samples(p).items()})
+      clock["eval"] += time.perf_counter() - t
+    if step == total:
+      clock["done"] = time.perf_counter()
 
   before = held_out_samples(ref_params)
-  on_step, close = logger(total) if logger else (None, lambda: None)
   t0 = time.perf_counter()
-  params, _ = supervised.train(
-    ref_params,
-    graphdef,
-    objective,
-    lambda i: pair_batch(train_pairs, ref_train, i),
-    len(train_idx),
-    s.dpo,
-    seed=s.seed + 4,
-    on_step=on_step,
-    on_params=on_params,
-    mesh=mesh,
-  )
-  seconds = time.perf_counter() - t0 - eval_seconds[0]  # training alone
-  close()
-  curve.close()
-  held_out = supervised.evaluate(
-    params,
-    graphdef,
-    objective,
-    lambda i: pair_batch(eval_pairs, ref_eval, i),
-    len(eval_idx),
-    batch_size=bs,
-    mesh=mesh,
-  )
-  held_out["train_seconds"] = seconds
-  print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
-
+  try:
+    params, held_out = supervised.fit(
+      "dpo",
+      ref_params,
+      graphdef,
+      functools.partial(
+        dpo_objective, beta=s.dpo_run.beta, label_smoothing=s.dpo_run.label_smoothing
+      ),
+      s.dpo,
+      (lambda i: pair_batch(train_pairs, ref[0], i), len(train_pairs[0])),
+      (lambda i: pair_batch(eval_pairs, ref[1], i), len(eval_pairs[0])),
+      workdir=workdir,
+      seed=s.seed + 4,
+      progress=s.log.progress,
+      on_params=on_params,
+      mesh=mesh,
+    )
+  finally:
+    curve.close()
+  held_out["train_seconds"] = clock["done"] - t0 - clock["eval"]  # the training steps alone
   after = held_out_samples(params)
   return rl.PPOResult(nnx.merge(graphdef, params), before, after, []), held_out

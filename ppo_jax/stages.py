@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from flax import nnx
 
-from ppo_jax import data, dpo, supervised, writers
+from ppo_jax import data, dpo, supervised
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.rewards import load_reward_fn
 
@@ -21,17 +21,20 @@ def has_model_folder(folder: pathlib.Path) -> bool:
   return (folder / "config.json").is_file() and any(folder.glob("*.safetensors*"))
 
 
-def _supervised_logger(workdir, name, total, progress):
-  writer = writers.MetricsWriter(workdir / f"{name}_metrics.jsonl", tensorboard_dir=None)
-  bar = writers.progress_bar(total, name, enabled=progress)
-
-  def on_step(i, n, row):
-    writer.write(i + 1, row)
-    bar.update(1)
-    if i % 10 == 0 or i + 1 == n:
-      bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("nll", "loss", "accuracy")})
-
-  return on_step, lambda: (bar.close(), writer.close())
+def load_preference_split(
+  inputs: Inputs, layout: data.Layout, eval_fraction: float, seed: int
+) -> tuple[tuple[data.Sequences, data.Sequences], tuple[data.Sequences, data.Sequences]]:
+  """``(train pairs, held-out pairs)``, each ``(chosen, rejected)``, of the preference file."""
+  chosen, rejected = data.load_preferences(inputs.preferences, inputs.tokenizer, layout)
+  train_idx, eval_idx = data.split_holdout(len(chosen), eval_fraction, seed=seed)
+  print(
+    f"{len(train_idx)} training and {len(eval_idx)} held-out preference pairs from "
+    f"{inputs.preferences}"
+  )
+  return (chosen.take(train_idx), rejected.take(train_idx)), (
+    chosen.take(eval_idx),
+    rejected.take(eval_idx),
+  )
 
 
 def run_sft(
@@ -61,30 +64,20 @@ def run_sft(
     )
   )
   graphdef, params = nnx.split(policy)
-  on_step, close = _supervised_logger(workdir, "sft", s.sft.steps(len(train_set)), s.log.progress)
-  params, _ = supervised.train(
+  params, held_out = supervised.fit(
+    "sft",
     nnx.to_pure_dict(params),
     graphdef,
     supervised.sft_loss,
-    lambda i: supervised.sft_batch(train_set, i),
-    len(train_set),
     s.sft,
+    (lambda i: supervised.sft_batch(train_set, i), len(train_set)),
+    (lambda i: supervised.sft_batch(eval_set, i), len(eval_set)),
+    workdir=workdir,
     seed=s.seed,
-    on_step=on_step,
+    progress=s.log.progress,
     mesh=mesh,
   )
-  close()
   policy = nnx.merge(graphdef, params)
-  held_out = supervised.evaluate(
-    params,
-    graphdef,
-    supervised.sft_loss,
-    lambda i: supervised.sft_batch(eval_set, i),
-    len(eval_set),
-    batch_size=s.sft.batch_size,
-    mesh=mesh,
-  )
-  print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
   save_pretrained(policy, out, tokenizer=inputs.tokenizer)
   return policy, held_out
 
@@ -94,17 +87,18 @@ def run_dpo(
 ):
   """DPO from the SFT policy on the preference pairs (``ppo_jax.dpo``), logged to
   ``WORKDIR/dpo_metrics.jsonl``."""
+  if not inputs.preferences:
+    raise ValueError("config.algo='dpo' needs preference pairs (config.data.preferences)")
   return dpo.run_dpo_stage(
     s,
     policy,
-    inputs,
-    layout,
+    load_preference_split(inputs, layout, s.dpo.eval_fraction, s.seed),
     eval_prompts,
+    inputs.tokenizer,
     hp,
     workdir,
     gold=load_reward_fn(inputs.gold) if inputs.gold else None,
     mesh=mesh,
-    logger=lambda total: _supervised_logger(workdir, "dpo", total, s.log.progress),
   )
 
 
@@ -128,41 +122,24 @@ def run_reward_model(
     return from_pretrained(out, kind="reward", **kw), {}
   if not inputs.preferences:
     raise ValueError("config.rm.enabled=True needs config.data.preferences=FILE.jsonl")
-  chosen, rejected = data.load_preferences(inputs.preferences, inputs.tokenizer, layout)
-  train_idx, eval_idx = data.split_holdout(len(chosen), s.rm.eval_fraction, seed=s.seed)
-  train_pairs = (chosen.take(train_idx), rejected.take(train_idx))
-  eval_pairs = (chosen.take(eval_idx), rejected.take(eval_idx))
-  print(
-    f"{len(train_idx)} training and {len(eval_idx)} held-out preference pairs from "
-    f"{inputs.preferences}"
-  )
+  train_pairs, eval_pairs = load_preference_split(inputs, layout, s.rm.eval_fraction, s.seed)
   rm = RewardModel(policy.cfg, rngs=nnx.Rngs(s.seed + 1))
   if s.rm_run.init == "policy":
     nnx.update(rm.trunk, nnx.state(policy.trunk))
   graphdef, params = nnx.split(rm)
-  on_step, close = _supervised_logger(workdir, "rm", s.rm.steps(len(train_idx)), s.log.progress)
-  params, _ = supervised.train(
+  params, held_out = supervised.fit(
+    "rm",
     nnx.to_pure_dict(params),
     graphdef,
     supervised.reward_loss,
-    lambda i: supervised.pair_batch(train_pairs, i),
-    len(train_idx),
     s.rm,
+    (lambda i: supervised.pair_batch(train_pairs, i), len(train_pairs[0])),
+    (lambda i: supervised.pair_batch(eval_pairs, i), len(eval_pairs[0])),
+    workdir=workdir,
     seed=s.seed + 1,
-    on_step=on_step,
+    progress=s.log.progress,
     mesh=mesh,
   )
-  close()
   rm = nnx.merge(graphdef, params)
-  held_out = supervised.evaluate(
-    params,
-    graphdef,
-    supervised.reward_loss,
-    lambda i: supervised.pair_batch(eval_pairs, i),
-    len(eval_idx),
-    batch_size=s.rm.batch_size,
-    mesh=mesh,
-  )
-  print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
   save_pretrained(rm, out, tokenizer=inputs.tokenizer)
   return rm, held_out

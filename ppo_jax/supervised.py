@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ import optax
 from flax import nnx
 
 from ppo_jax import sharding as shd
+from ppo_jax import writers
 from ppo_jax.actor_critic import policy_logits, reward_scores
 from ppo_jax.checkpoint import GUARD, Preempted
 from ppo_jax.data import Sequences, batch_indices
@@ -93,6 +95,59 @@ def pair_batch(pairs: tuple[Sequences, Sequences], idx: np.ndarray) -> Batch:
 
 # --------------------------------------------------------------------------------------------------
 # Training loop.
+
+
+Rows = tuple[Callable[[np.ndarray], Batch], int]  # (make_batch(row_indices), number of rows)
+
+
+def fit(
+  name: str,
+  params,
+  graphdef: nnx.GraphDef,
+  loss_fn: Callable[..., tuple[jax.Array, Metrics]],
+  hp: SupervisedHparams,
+  train_rows: Rows,
+  eval_rows: Rows,
+  *,
+  workdir,
+  seed: int,
+  progress: bool = True,
+  on_params: Callable[[int, Any], None] | None = None,
+  mesh=None,
+) -> tuple[Any, dict[str, float]]:
+  """A supervised stage: ``train`` on ``train_rows`` with a progress bar and per-step metrics in
+  ``WORKDIR/{name}_metrics.jsonl``, then ``evaluate`` on ``eval_rows``; prints and returns
+  ``(params, held-out metrics)``."""
+  total = hp.steps(train_rows[1])
+  writer = writers.MetricsWriter(
+    pathlib.Path(workdir) / f"{name}_metrics.jsonl", tensorboard_dir=None
+  )
+  bar = writers.progress_bar(total, name, enabled=progress)
+
+  def on_step(i, n, row):
+    writer.write(i + 1, row)
+    bar.update(1)
+    if i % 10 == 0 or i + 1 == n:
+      bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("nll", "loss", "accuracy")})
+
+  try:
+    params, _ = train(
+      params,
+      graphdef,
+      loss_fn,
+      *train_rows,
+      hp,
+      seed=seed,
+      on_step=on_step,
+      on_params=on_params,
+      mesh=mesh,
+    )
+  finally:
+    bar.close()
+    writer.close()
+  held_out = evaluate(params, graphdef, loss_fn, *eval_rows, batch_size=hp.batch_size, mesh=mesh)
+  print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
+  return params, held_out
 
 
 def train(
