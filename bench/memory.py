@@ -27,11 +27,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flops import llama_1b
 
 from ppo_jax import ppo, rollout
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic
-from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ScalarHead, ValueModel
+from ppo_jax.models import CausalLM, RewardModel, ScalarHead, ValueModel
 from ppo_jax.optim import OptimHparams, make_optimizer
 from ppo_jax.sampling import Generation
 
@@ -65,22 +66,6 @@ SAVERS = [
     lora_rank=16,
   ),
 ]
-
-
-def llama_1b(**kw) -> ModelConfig:
-  """Llama 3.2 1B's shape: 16 layers, width 2048, 32 heads over 8 KV heads, MLP 8192, vocab
-  128256, tied embeddings (1.24 B parameters)."""
-  return ModelConfig.llama(
-    vocab_size=128256,
-    hidden_size=2048,
-    num_layers=16,
-    num_heads=32,
-    num_kv_heads=8,
-    intermediate_size=8192,
-    tie_word_embeddings=True,
-    max_position_embeddings=4096,
-    **kw,
-  )
 
 
 def abstract(tree, shardings):

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flops import forward_flops
+from timing import matmul_peak
 
 from ppo_jax import ppo, rollout
 from ppo_jax.actor_critic import ActorCritic
@@ -39,39 +41,18 @@ from ppo_jax.optim import OptimHparams, make_optimizer
 B, P, N, NUM_PROMPTS = 16, 16, 32, 256
 
 
-def forward_flops(cfg: ModelConfig, tokens: int, context: float, *, lm_head: bool) -> float:
-  """FLOPs (2 per multiply-add) of one forward pass over ``tokens`` tokens attending on average
-  to ``context`` positions: the projections and MLP (24·L·d² per token for GPT-2's 4d MLP),
-  attention scores and mixing (4·L·d·context) and, for a language model, the unembedding."""
-  L, d, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
-  per_token = 2 * L * (4 * d * d + 2 * d * cfg.intermediate_size) + 4 * L * d * context
-  return tokens * (per_token + (2 * d * V if lm_head else 0))
-
-
 def iteration_flops(cfg: ModelConfig, epochs: int) -> dict[str, float]:
   """Model FLOPs of one PPO iteration, as counted in ../shared/BENCHMARK.md."""
   T = P + N
-  full = lambda lm: B * forward_flops(cfg, T, (T + 1) / 2, lm_head=lm)
-  prefill = B * forward_flops(cfg, P, (P + 1) / 2, lm_head=True)
-  decode = B * (N - 1) * forward_flops(cfg, 1, P + N / 2, lm_head=True)
+  # As the reference counts them: the unembedding over every position of a scored sequence.
+  full = lambda lm: B * forward_flops(cfg, T, (T + 1) / 2, lm_head_tokens=T if lm else 0)
+  prefill = B * forward_flops(cfg, P, (P + 1) / 2, lm_head_tokens=P)
+  decode = B * (N - 1) * forward_flops(cfg, 1, P + N / 2, lm_head_tokens=1)
   return {
     "generate": prefill + decode,
     "score": full(True) + 2 * full(False),  # reference, value model, reward model
     "update": epochs * 3 * (full(True) + full(False)),  # policy + value, backward = 2× forward
   }
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a jitted fp32 ``n³`` matmul: the machine's practical peak."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n**3 / min(times)
 
 
 def build(cfg: ModelConfig, hp: ppo.PPOHparams):

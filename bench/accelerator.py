@@ -1,0 +1,182 @@
+"""PPO on an accelerator: train-step model FLOP utilisation and decode speed against the HBM
+roofline, for a ~1B Llama in bf16 (issue 7's GPU figures).
+
+Model: Llama 3.2 1B's shape (random weights), fp32 master weights, bf16 compute; the critic is a
+value head on the policy trunk; the reference is the frozen copy and the reward model has the same
+shape. One rollout batch: B prompts of P random tokens → R sampled tokens (no EOS stop).
+
+- Train step: one PPO update (1 epoch × 1 minibatch: forward + backward of policy and value head,
+  AdamW) on that batch. Model FLOPs = 3 × forward (the trunk over P + R tokens, the unembedding
+  over the R response positions, as the update computes them).
+- Decode: the PPO sampler (prefill, then R − 1 steps in one ``lax.while_loop``); the time per
+  step is (t(R) − t(1)) / (R − 1). A step must at least read every bf16 weight once and the KV
+  cache at its current length, so bytes per step / step time / memory bandwidth is the fraction
+  of the roofline reached.
+- Peaks: measured here (a bf16 n³ matmul; ``x + 1`` over a large bf16 array) and, where the
+  device is known or ``--peak-tflops`` / ``--peak-tbps`` are given, the vendor's figure.
+
+  python bench/accelerator.py                          # 1B Llama, B 32, P 256, R 256
+  python bench/accelerator.py --preset tiny            # a small smoke run, e.g. on CPU
+
+The last line reads ``accelerator: train_mfu=<fraction> decode_roofline=<fraction>`` (both
+against the measured peaks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flops import decode_step_bytes, forward_flops, llama_1b
+from timing import copy_bandwidth, matmul_peak
+
+from ppo_jax import ppo, rollout
+from ppo_jax.actor_critic import ActorCritic
+from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ScalarHead
+from ppo_jax.optim import OptimHparams, make_optimizer
+
+# Dense bf16 TFLOP/s and HBM TB/s from the vendors' data sheets, by device_kind.
+SPEC = {"NVIDIA H200": (989e12, 4.8e12), "NVIDIA H100 80GB HBM3": (989e12, 3.35e12)}
+
+PRESETS = {
+  "1b": dict(batch=32, prompt=256, response=256, matmul_n=8192, copy_gib=4.0),
+  "tiny": dict(batch=4, prompt=16, response=16, matmul_n=512, copy_gib=0.0625),
+}
+
+
+def tiny_llama(**kw) -> ModelConfig:
+  return ModelConfig.llama(
+    vocab_size=512,
+    hidden_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=256,
+    max_position_embeddings=256,
+    **kw,
+  )
+
+
+def build(cfg: ModelConfig, hp: ppo.PPOHparams):
+  policy = CausalLM(cfg, rngs=nnx.Rngs(0))
+  head = ScalarHead(cfg.hidden_size, zero_init=True, rngs=nnx.Rngs(2))
+  reward = RewardModel(cfg, rngs=nnx.Rngs(1))
+  models, params, frozen_policy, reward_params = ActorCritic.build(policy, head, reward)
+  del policy, head, reward
+  tx = make_optimizer(OptimHparams(lr=1e-6), 10_000)
+  state = ppo.init_state(params, tx, hp, seed=0)
+  return models, tx, state, ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
+
+
+def median_time(fn, repeats: int) -> float:
+  fn()  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+  ap.add_argument("--batch", type=int, help="rollout batch B (default: the preset's)")
+  ap.add_argument("--prompt", type=int, help="prompt tokens P")
+  ap.add_argument("--response", type=int, help="sampled tokens R")
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--remat", default="none", choices=["none", "block", "dots"])
+  ap.add_argument("--peak-tflops", type=float, help="the device's bf16 peak (default: SPEC)")
+  ap.add_argument("--peak-tbps", type=float, help="the device's memory bandwidth (default: SPEC)")
+  args = ap.parse_args()
+  pre = PRESETS[args.preset]
+  B = args.batch or pre["batch"]
+  P = args.prompt or pre["prompt"]
+  R = args.response or pre["response"]
+  make_cfg = llama_1b if args.preset == "1b" else tiny_llama
+  cfg = make_cfg(dtype="bfloat16", param_dtype="float32", remat=args.remat)
+  if P + R > cfg.max_position_embeddings:
+    raise SystemExit(f"prompt {P} + response {R} exceeds {cfg.max_position_embeddings} positions")
+  dev = jax.devices()[0]
+  spec = SPEC.get(dev.device_kind, (None, None))
+  spec_flops = args.peak_tflops * 1e12 if args.peak_tflops else spec[0]
+  spec_bw = args.peak_tbps * 1e12 if args.peak_tbps else spec[1]
+
+  t0 = time.perf_counter()
+  peak_flops = matmul_peak(pre["matmul_n"], "bfloat16")
+  peak_bw = copy_bandwidth(int(pre["copy_gib"] * 2**30))
+  hp = ppo.PPOHparams(
+    max_new_tokens=R, temperature=1.0, eos_token_id=None, num_epochs=1, num_minibatches=1
+  )
+  models, tx, state, frozen = build(cfg, hp)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params["policy"]))
+  fns = rollout.make_step_fns(models, tx, hp)
+  first = rollout.make_step_fns(models, tx, dataclasses.replace(hp, max_new_tokens=1))
+  ids = jnp.asarray(np.random.default_rng(0).integers(4, cfg.vocab_size, (B, P)), jnp.int32)
+  mask = jnp.ones((B, P), jnp.int32)
+  key = jax.random.key(0)
+  print(
+    f"jax {jax.__version__} on {dev.device_kind} ({dev.platform}); Llama L{cfg.num_layers} "
+    f"d{cfg.hidden_size} ({n_params / 1e6:,.1f} M params), bf16 compute, fp32 master weights; "
+    f"batch {B} × ({P} prompt + {R} response) tokens; setup {time.perf_counter() - t0:.0f} s",
+    flush=True,
+  )
+
+  # Decode.
+  sample = lambda f: jax.block_until_ready(f.sample(state.params["policy"], frozen, key, ids, mask))
+  t_all = median_time(lambda: sample(fns), args.repeats)
+  t_one = median_time(lambda: sample(first), args.repeats)
+  step_s = (t_all - t_one) / max(R - 1, 1)
+  step_bytes = decode_step_bytes(cfg, B, P + R / 2, itemsize=2)
+
+  # Score once for a real Experience, then time the update on it.
+  gen = fns.sample(state.params["policy"], frozen, key, ids, mask)
+  t_score = time.perf_counter()
+  exp, state, roll = fns.score(state, frozen, ids, mask, gen, None)
+  jax.block_until_ready(exp.advantages)
+  t_score = time.perf_counter() - t_score
+  kl = roll["objective/kl"]
+  holder = {"state": state}
+
+  def update():
+    holder["state"], _ = fns.update(holder["state"], frozen, exp, kl)
+    jax.block_until_ready(holder["state"].step)
+
+  t_update = median_time(update, args.repeats)
+  train_flops = 3 * forward_flops(cfg, B * (P + R), (P + R + 1) / 2, lm_head_tokens=B * R)
+
+  def against(value, measured, vendor, unit):
+    text = f"{value / measured:.0%} of the measured {measured / unit:,.3g}"
+    return text + (f", {value / vendor:.0%} of the spec {vendor / unit:,.3g}" if vendor else "")
+
+  print(f"score (first call, compile included): {t_score:.2f} s")
+  print(
+    f"train step (PPO update, {train_flops / 1e12:.3g} TFLOP): {t_update * 1e3:.1f} ms = "
+    f"{train_flops / t_update / 1e12:.3g} TFLOP/s; "
+    + against(train_flops / t_update, peak_flops, spec_flops, 1e12)
+    + " TFLOP/s"
+  )
+  print(
+    f"decode: {B * R / t_all:,.0f} tokens/s; {t_all:.3f} s for {R} tokens, prefill + first "
+    f"{t_one * 1e3:.1f} ms; {step_s * 1e3:.3g} ms per step reading ≥ {step_bytes / 1e9:.3g} GB "
+    f"= {step_bytes / step_s / 1e9:,.3g} GB/s; "
+    + against(step_bytes / step_s, peak_bw, spec_bw, 1e9)
+    + " GB/s"
+  )
+  print(
+    f"accelerator: train_mfu={train_flops / t_update / peak_flops:.3f} "
+    f"decode_roofline={step_bytes / step_s / peak_bw:.3f}"
+  )
+
+
+if __name__ == "__main__":
+  main()
