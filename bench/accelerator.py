@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flops import decode_step_bytes, forward_flops, llama_1b
-from timing import copy_bandwidth, matmul_peak
+from timing import alternate, copy_bandwidth, matmul_peak
 
 from ppo_jax import ppo, rollout
 from ppo_jax.actor_critic import ActorCritic
@@ -78,13 +78,8 @@ def build(cfg: ModelConfig, hp: ppo.PPOHparams):
 
 
 def median_time(fn, repeats: int) -> float:
-  fn()  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  """Median seconds of ``repeats`` calls after one warm-up (compile) call."""
+  return statistics.median(alternate({"fn": fn}, repeats=repeats)["fn"])
 
 
 def main():

@@ -37,23 +37,12 @@ def summary(times: list[float]) -> str:
   )
 
 
-def best_time(fn: Callable[[], object], *, repeats: int) -> float:
-  """The fastest of ``repeats`` calls of ``fn`` (which must block until its result is ready),
-  after one untimed call: the machine's practical best for a micro-benchmark."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
-
-
 def matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
   """FLOP/s of a jitted ``n³`` matmul in ``dtype``: the device's practical peak."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda x: x @ x)
-  return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), repeats=repeats)
+  times = alternate({"matmul": lambda: f(a).block_until_ready()}, repeats=repeats)
+  return 2 * n**3 / min(times["matmul"])
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
@@ -61,4 +50,5 @@ def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
   once): the device memory's practical bandwidth."""
   x = jnp.zeros((nbytes // 2,), jnp.bfloat16)
   f = jax.jit(lambda y: y + 1)
-  return 2 * nbytes / best_time(lambda: f(x).block_until_ready(), repeats=repeats)
+  times = alternate({"copy": lambda: f(x).block_until_ready()}, repeats=repeats)
+  return 2 * nbytes / min(times["copy"])
