@@ -26,7 +26,7 @@ _ACT = {
 
 
 class KVCache(NamedTuple):
-  """One layer's cache. k, v: [B, S, H_kv, D] in the compute dtype."""
+  """One layer's cache. k, v: [B, H_kv, S, D] in the compute dtype."""
 
   k: jax.Array
   v: jax.Array
@@ -185,18 +185,24 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
     if cache is None:  # a full forward: the keys are this call's tokens
       k_all, v_all = k, v
+      kv_dims = "bskd"
     else:  # write this call's keys at [cache_index, cache_index + T) of the cache
-      k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, 1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, 1)
+      # Heads-major, so both attention products read the cache in place: stored [B, S, H_kv, D],
+      # XLA transposed all of it on every decode step (10–15 % of decode time on CPU).
+      put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(
+        c, x.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, 2
+      )
+      k_all, v_all = put(cache.k, k), put(cache.v, v)
+      kv_dims = "bksd"
 
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(B, T, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_all, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{kv_dims}->bkgts", q, k_all, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(cfg.head_dim)
     # A finite fill keeps rows with no allowed key (left padding) free of nan.
     scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all).reshape(B, T, -1)
+    out = jnp.einsum(f"bkgts,{kv_dims}->btkgd", probs, v_all).reshape(B, T, -1)
     return self.o(out), (None if cache is None else KVCache(k_all, v_all))
 
 
