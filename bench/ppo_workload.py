@@ -3,9 +3,10 @@
 Random-init GPT-2 (4 layers, width 256, 4 heads, vocab 512, 128 positions); policy, reference
 (frozen copy), reward model (seed 1) and value model (a copy of the reward model, trained).
 Per iteration: 16 prompts of 16 random ids → 32 sampled tokens each at temperature 0.7 (fixed
-length, no EOS stop); reference log-probs, values and reward over the 48-token sequences, k1 KL
-in the reward (β 0.05), GAE (γ 1, λ 0.95), whitened advantages; 4 epochs × 1 minibatch of 16 of
-the clipped PPO update (clip 0.2, value clip 0.2, vf_coef 0.1), AdamW lr 3e-6, fp32.
+length, no EOS stop; the old log-probs are the sampler's, as TRL takes them from its generation
+logits); reference log-probs, values and reward over the 48-token sequences, k1 KL in the reward
+(β 0.05), GAE (γ 1, λ 0.95), whitened advantages; 4 epochs × 1 minibatch of 16 of the clipped
+PPO update (clip 0.2, value clip 0.2, vf_coef 0.1), AdamW lr 3e-6, fp32.
 
 The whole iteration is one XLA program (``StepFns.iterate``: sample → score → GAE → update,
 state donated). The phases are also timed as separate programs to show where the time goes.
@@ -55,6 +56,14 @@ def iteration_flops(cfg: ModelConfig, epochs: int) -> dict[str, float]:
   }
 
 
+def workload_hparams() -> ppo.PPOHparams:
+  # Old log-probs from the sampler, as TRL takes them from its generation logits (the library's
+  # default, recompute_logprobs=True, adds a policy forward pass to scoring).
+  return ppo.PPOHparams(
+    max_new_tokens=N, temperature=0.7, eos_token_id=None, num_epochs=4, recompute_logprobs=False
+  )
+
+
 def build(cfg: ModelConfig, hp: ppo.PPOHparams):
   policy = CausalLM(cfg, rngs=nnx.Rngs(0))
   reward = RewardModel(cfg, rngs=nnx.Rngs(1))
@@ -78,7 +87,7 @@ def main():
   cfg = ModelConfig.gpt2(
     vocab_size=512, hidden_size=args.width, num_layers=args.layers, num_heads=args.heads
   )
-  hp = ppo.PPOHparams(max_new_tokens=N, temperature=0.7, eos_token_id=None, num_epochs=4)
+  hp = workload_hparams()
   fns, state, frozen = build(cfg, hp)
   prompts = np.random.default_rng(0).integers(4, 512, size=(NUM_PROMPTS, P)).astype(np.int32)
   mask = jnp.ones((B, P), jnp.int32)

@@ -105,14 +105,24 @@ def forward(
   (``frozen_policy``: the base weights, needed with LoRA)."""
   policy_vars = models.policy_vars(params["policy"], frozen_policy)
   logits, hidden = policy_logits(models.policy, policy_vars, ids_BxL, mask_BxL, n)
+  return logits, critic_values(models, params, ids_BxL, mask_BxL, n, policy_hidden=hidden)
+
+
+def critic_values(
+  models: ActorCritic, params: Params, ids_BxL, mask_BxL, n: int, *, policy_hidden=None
+) -> jax.Array:
+  """Values ``[B, N]`` of the response positions: zeros without a critic, the value head on
+  ``policy_hidden`` (the policy's ``[B, N, D]``, required) with a shared trunk, else the value
+  model's own forward pass."""
+  B = ids_BxL.shape[0]
   if models.value is None:  # critic-free (GRPO, RLOO)
-    values = jnp.zeros(logits.shape[:2], jnp.float32)
-  elif models.shared_trunk:
-    values = nnx.merge(models.value, params["value"])(hidden)
-  else:
-    critic: ValueModel = nnx.merge(models.value, params["value"])
-    values = critic.head(response_hidden(critic.trunk, ids_BxL, mask_BxL, n))
-  return logits, values
+    return jnp.zeros((B, n), jnp.float32)
+  if models.shared_trunk:
+    if policy_hidden is None:
+      raise ValueError("a value head on the policy trunk needs policy_hidden")
+    return nnx.merge(models.value, params["value"])(policy_hidden)
+  critic: ValueModel = nnx.merge(models.value, params["value"])
+  return critic.head(response_hidden(critic.trunk, ids_BxL, mask_BxL, n))
 
 
 def response_logprobs(

@@ -23,7 +23,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ppo_jax.actor_critic import ActorCritic, Params, forward, response_logprobs, reward_scores
+from ppo_jax.actor_critic import (
+  ActorCritic,
+  Params,
+  critic_values,
+  forward,
+  response_logprobs,
+  reward_scores,
+)
 from ppo_jax.advantages import gae, group_advantages, rloo_advantages
 from ppo_jax.kl import kl_estimate
 from ppo_jax.logprobs import token_logprobs
@@ -88,8 +95,13 @@ def make_experience(
   ids = jnp.concatenate([prompt_ids_BxP, gen.tokens], axis=1)
   mask = jnp.concatenate([prompt_mask_BxP.astype(jnp.int32), gen.mask.astype(jnp.int32)], axis=1)
   m = gen.mask
-  logits, values = forward(models, state.params, ids, mask, n, frozen_policy=frozen.ref_params)
-  logp = token_logprobs(logits, gen.tokens, temperature=hp.temperature)
+  # The policy's own forward pass runs only when something reads it: recomputed old log-probs, or
+  # a value head on its trunk. Otherwise the sampler's log-probs serve (one forward pass fewer).
+  if hp.recompute_logprobs or models.shared_trunk:
+    logits, values = forward(models, state.params, ids, mask, n, frozen_policy=frozen.ref_params)
+    logp = token_logprobs(logits, gen.tokens, temperature=hp.temperature)
+  else:
+    values, logp = critic_values(models, state.params, ids, mask, n), None
   old_logp = logp if hp.recompute_logprobs else gen.logprobs
   ref_vars = models.reference_vars(state.params["policy"], frozen.ref_params)
   ref_logp = response_logprobs(models.policy, ref_vars, ids, mask, n, temperature=hp.temperature)
@@ -158,14 +170,15 @@ def make_experience(
     "val/mean": masked_mean(values, m),
     "response/length": jnp.mean(jnp.sum(m, axis=-1)),
     "response/eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
-    "sampler/logprob_mismatch": jnp.max(jnp.where(m > 0, jnp.abs(gen.logprobs - logp), 0.0)),
-    # Per-sample values ([B]) for the sample tables; the trainer logs only the scalars.
     # Guard: 1 when the quantity is not finite (the update is then skipped).
     "nonfinite/scores": 1.0 - finite_scores.astype(jnp.float32),
     "nonfinite/advantages": (finite_scores & ~finite_adv).astype(jnp.float32),
+    # Per-sample values ([B]) for the sample tables; the trainer logs only the scalars.
     "sample/score": scores_B,
     "sample/kl": seq_kl,
   }
+  if logp is not None:  # how far the sampler's log-probs are from the trainer's
+    metrics["sampler/logprob_mismatch"] = jnp.max(jnp.where(m > 0, jnp.abs(gen.logprobs - logp), 0))
   return exp, state.replace(score_stats=stats), metrics
 
 

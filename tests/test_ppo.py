@@ -111,6 +111,30 @@ def test_micro_batch_gradients_equal_the_full_minibatch_gradient(agg):
     assert float(m1[k]) == pytest.approx(float(m4[k]), rel=1e-5, abs=1e-6), k
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_sampler_logprobs_skip_the_policy_pass_and_change_only_old_logprobs(shared):
+  """recompute_logprobs=False: old log-probs are the sampler's; values, reference log-probs and
+  scores are unchanged; with a separate critic the scoring program has one forward pass fewer."""
+  runs = {}
+  for recompute in (True, False):
+    hp = dataclasses.replace(HP, recompute_logprobs=recompute, whiten_advantages=False)
+    _, _, state, frozen, fns = build(hp, shared=shared)
+    gen = fns.sample(state.params["policy"], frozen, jax.random.key(6), PROMPTS, PROMPT_MASK)
+    exp, _, metrics = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)
+    hlo = fns.score.lower(state, frozen, PROMPTS, PROMPT_MASK, gen, None).as_text()
+    runs[recompute] = gen, exp, metrics, hlo.count("dot_general")
+  (gen, exp_r, m_r, dots_r), (_, exp_s, m_s, dots_s) = runs[True], runs[False]
+  np.testing.assert_array_equal(exp_s.old_logprobs, gen.logprobs)
+  for name in ("ref_logprobs", "old_values", "response_mask"):
+    np.testing.assert_array_equal(getattr(exp_s, name), getattr(exp_r, name), err_msg=name)
+  np.testing.assert_allclose(exp_s.old_logprobs, exp_r.old_logprobs, atol=1e-5)  # same model
+  assert float(m_s["objective/scores"]) == float(m_r["objective/scores"])
+  if shared:  # the value head reads the policy's trunk: that pass runs either way
+    assert dots_s == dots_r and "sampler/logprob_mismatch" in m_s
+  else:
+    assert dots_s < dots_r and "sampler/logprob_mismatch" not in m_s
+
+
 def test_first_minibatch_ratio_is_exactly_one():
   _, _, state, frozen, fns = build()
   for _ in range(3):
