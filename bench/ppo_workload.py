@@ -56,12 +56,11 @@ def iteration_flops(cfg: ModelConfig, epochs: int) -> dict[str, float]:
   }
 
 
-def workload_hparams() -> ppo.PPOHparams:
-  # Old log-probs from the sampler, as TRL takes them from its generation logits (the library's
-  # default, recompute_logprobs=True, adds a policy forward pass to scoring).
-  return ppo.PPOHparams(
-    max_new_tokens=N, temperature=0.7, eos_token_id=None, num_epochs=4, recompute_logprobs=False
-  )
+# Old log-probs from the sampler, as TRL takes them from its generation logits (the library's
+# default, recompute_logprobs=True, adds a policy forward pass to scoring).
+HPARAMS = ppo.PPOHparams(
+  max_new_tokens=N, temperature=0.7, eos_token_id=None, num_epochs=4, recompute_logprobs=False
+)
 
 
 def build(cfg: ModelConfig, hp: ppo.PPOHparams):
@@ -87,7 +86,7 @@ def main():
   cfg = ModelConfig.gpt2(
     vocab_size=512, hidden_size=args.width, num_layers=args.layers, num_heads=args.heads
   )
-  hp = workload_hparams()
+  hp = HPARAMS
   fns, state, frozen = build(cfg, hp)
   prompts = np.random.default_rng(0).integers(4, 512, size=(NUM_PROMPTS, P)).astype(np.int32)
   mask = jnp.ones((B, P), jnp.int32)

@@ -123,8 +123,8 @@ def test_sampler_logprobs_skip_the_policy_pass_and_change_only_old_logprobs(shar
     exp, _, metrics = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)
     hlo = fns.score.lower(state, frozen, PROMPTS, PROMPT_MASK, gen, None).as_text()
     runs[recompute] = gen, exp, metrics, hlo.count("dot_general")
-  (gen, exp_r, m_r, dots_r), (_, exp_s, m_s, dots_s) = runs[True], runs[False]
-  np.testing.assert_array_equal(exp_s.old_logprobs, gen.logprobs)
+  (_, exp_r, m_r, dots_r), (gen_s, exp_s, m_s, dots_s) = runs[True], runs[False]
+  np.testing.assert_array_equal(exp_s.old_logprobs, gen_s.logprobs)
   for name in ("ref_logprobs", "old_values", "response_mask"):
     np.testing.assert_array_equal(getattr(exp_s, name), getattr(exp_r, name), err_msg=name)
   np.testing.assert_allclose(exp_s.old_logprobs, exp_r.old_logprobs, atol=1e-5)  # same model
