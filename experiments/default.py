@@ -13,8 +13,9 @@ README "What the default experiment does"): about 1 minute end to end; the gold 
 policy's reviews rises from about 0 after SFT to 0.85 (mean of 3 seeds, 0.74–0.94) after PPO at a
 KL of about 4 nats per review; the reward model reaches 0.75–0.84 held-out accuracy on labels that
 agree with gold 87 % of the time. ``smoke`` shrinks the data and the PPO stage and skips the
-held-out evaluation: about 40 s on one core from a cold start, the gold score still rising by
-about 0.3.
+held-out evaluation: about 40 s on one core from a cold start; over seeds 0–4 (2026-12-02) the
+reward-model score rises by 0.9–1.7 and the gold score by 0.17–0.48 (mean 0.32), first three
+iterations against the last three.
 """
 
 from ppo_jax.config import base_config
@@ -61,7 +62,7 @@ def get_config(arg: str | None = None):
     config.task.num_pairs = 2048
     config.sft.batch_size = 16  # many small steps: enough to learn to copy the item
     config.sft.epochs = 6.0
-    config.rm.epochs = 2.0
+    config.rm.epochs = 4.0  # fewer passes leave some seeds' reward model near chance
     config.rm.batch_size = 32
     config.ppo.iterations = 15
     config.ppo.batch_size = 32
