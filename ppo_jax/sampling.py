@@ -2,8 +2,15 @@
 
 Prompts are left-padded ``[B, P]``; positions come from the attention mask as in Hugging Face's
 ``generate``. The prompt is run once (prefill) into a cache of ``P + N`` slots, then one token per
-step in a ``lax.while_loop`` that stops early once every row has emitted EOS. The whole loop is a
-single XLA program over plain-dict parameters.
+step in a loop; the whole loop is a single XLA program over plain-dict parameters. With a stop
+token the loop is a ``lax.while_loop`` that ends once every row has emitted EOS; without one it
+runs exactly ``N − 1`` steps (``lax.fori_loop``), a trip count XLA knows, so XLA:GPU runs the
+steps back to back without copying a loop predicate to the host after each one.
+
+The weight matrices (kernels, embedding tables, adapters: every parameter of two or more dims) are
+cast to the compute dtype once, before the loop: with float32 master weights and bfloat16 compute
+each decode step then reads 2 bytes per weight, not 4, whatever the compiler decides about hoisting
+the casts. The values are those the model casts to itself, so the samples are unchanged.
 
 The log-probability returned for each sampled token is ``token_logprobs`` of the model's logits at
 the sampling temperature, the very function the trainer applies, so PPO's ratio is exactly 1 on
@@ -90,9 +97,9 @@ def sample(
 ) -> Generation:
   """The pure sampling program (trace it inside a larger jit, or call ``generate``)."""
   # One state, or a tuple (LoRA adapters, base weights).
-  model: CausalLM = (
-    nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
-  )
+  merge = lambda p: nnx.merge(graphdef, *p) if isinstance(p, tuple) else nnx.merge(graphdef, p)
+  dtype = jnp.dtype(merge(params).cfg.dtype)
+  model: CausalLM = merge(jax.tree.map(lambda x: _matrix_as(x, dtype), params))
   B, P = prompt_ids_BxP.shape
   N = max_new_tokens
   prompt_mask = prompt_mask_BxP.astype(jnp.int32)
@@ -117,12 +124,8 @@ def sample(
   mask = jnp.zeros((B, N), jnp.float32).at[:, 0].set(1.0)
   done = jnp.isin(tok, eos)
 
-  def cond(carry):
-    i, _, _, _, _, done, _ = carry
-    return (i < N) & ~jnp.all(done)
-
-  def body(carry):
-    i, cache, tokens, logps, mask, done, prev = carry
+  def step(i, carry):  # the token at response slot i, from the one at i − 1
+    cache, tokens, logps, mask, done, prev = carry
     hidden, cache = model.trunk(
       prev[:, None],
       positions_BxT=(next_pos + i - 1)[:, None],
@@ -135,11 +138,29 @@ def sample(
     tokens = tokens.at[:, i].set(tok)
     logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
     mask = mask.at[:, i].set(jnp.where(done, 0.0, 1.0))
-    return i + 1, cache, tokens, logps, mask, done | jnp.isin(tok, eos), tok
+    return cache, tokens, logps, mask, done | jnp.isin(tok, eos), tok
 
-  carry = (jnp.int32(1), cache, tokens, logps, mask, done, tok)
-  _, _, tokens, logps, mask, _, _ = jax.lax.while_loop(cond, body, carry)
+  carry = (cache, tokens, logps, mask, done, tok)
+  if eos_token_ids:  # until slot N − 1, or until every row is done
+
+    def cond(i_carry):
+      i, (*_, done, _) = i_carry
+      return (i < N) & ~jnp.all(done)
+
+    body = lambda i_carry: (i_carry[0] + 1, step(*i_carry))
+    _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), carry))
+  else:  # a fixed trip count
+    carry = jax.lax.fori_loop(1, N, step, carry)
+  _, tokens, logps, mask, _, _ = carry
   return Generation(tokens=tokens, logprobs=logps, mask=mask)
+
+
+def _matrix_as(x, dtype):
+  """A floating parameter of two or more dims in ``dtype``; vectors (norm scales, biases, which
+  the layers may read in float32) and everything else unchanged."""
+  if jnp.ndim(x) >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+    return x.astype(dtype)
+  return x
 
 
 _sample_jit = jax.jit(

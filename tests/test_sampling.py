@@ -7,6 +7,7 @@ import pytest
 import tiny_hf
 import torch
 from flax import nnx
+from jax.extend.core import jaxprs_in_params
 
 import ppo_jax as pj
 from ppo_jax.sampling import filter_logits, sample
@@ -149,6 +150,64 @@ def test_decode_loop_is_one_program(models):
     lambda p, i, m, k: sample(graphdef, p, i, m, k, max_new_tokens=N_NEW, eos_token_ids=(5,))
   )(nnx.to_pure_dict(params), ids, mask, jax.random.key(0))
   assert any(e.primitive.name == "while" for e in jaxpr.eqns)
+
+
+def test_without_eos_the_loop_has_a_fixed_trip_count(models):
+  model, _ = models["gpt2"]
+  ids, mask = tiny_hf.batch(seed=10)
+  run = lambda eos: pj.generate(
+    model, ids, mask, key=jax.random.key(3), max_new_tokens=N_NEW, eos_token_id=eos
+  )
+  # An EOS id outside the vocabulary is never sampled, so the early-exit loop runs every step too.
+  fixed, early_exit = run(None), run(tiny_hf.VOCAB)
+  for a, b in zip(jax.tree.leaves(fixed), jax.tree.leaves(early_exit), strict=True):
+    np.testing.assert_array_equal(a, b)
+  graphdef, params = nnx.split(model)
+  hlo = (
+    jax.jit(lambda p, i, m, k: sample(graphdef, p, i, m, k, max_new_tokens=N_NEW))
+    .lower(nnx.to_pure_dict(params), ids, mask, jax.random.key(0))
+    .compile()
+    .as_text()
+  )
+  # The prefill makes the first token, the loop the other N − 1.
+  assert f'"known_trip_count":{{"n":"{N_NEW - 1}"}}' in hlo
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jaxprs_in_params(eqn.params):
+      yield from _eqns(sub)
+
+
+def test_decode_loop_reads_weights_in_the_compute_dtype(tmp_path):
+  tiny_hf.make("llama3", tmp_path, seed=11)
+  mixed = pj.models.from_pretrained(tmp_path, dtype="bfloat16", param_dtype="float32")
+  ids, mask = tiny_hf.batch(seed=12)
+  graphdef, params = nnx.split(mixed)
+  pure = nnx.to_pure_dict(params)
+  weight_shapes = {x.shape for x in jax.tree.leaves(pure) if x.ndim >= 2}
+  for eos in ((), (tiny_hf.EOS,)):
+    jaxpr = jax.make_jaxpr(
+      lambda p, i, m, k, eos=eos: sample(
+        graphdef, p, i, m, k, max_new_tokens=N_NEW, eos_token_ids=eos
+      )
+    )(pure, ids, mask, jax.random.key(0))
+    loops = [e for e in jaxpr.eqns if e.primitive.name in ("while", "scan")]
+    assert len(loops) == 1
+    casts = [
+      e
+      for body in jaxprs_in_params(loops[0].params)
+      for e in _eqns(body)
+      if e.primitive.name == "convert_element_type" and e.invars[0].aval.shape in weight_shapes
+    ]
+    assert not casts, f"the decode step casts {len(casts)} weights on every step"
+  # The weights cast before the loop are those a bf16 copy of the model holds.
+  bf16 = pj.models.from_pretrained(tmp_path, dtype="bfloat16")
+  run = lambda m: pj.generate(m, ids, mask, key=jax.random.key(4), max_new_tokens=N_NEW)
+  for a, b in zip(jax.tree.leaves(run(mixed)), jax.tree.leaves(run(bf16)), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_bad_arguments(models):

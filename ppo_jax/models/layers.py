@@ -2,8 +2,8 @@
 
 Kernels are stored ``[in, out]``; parameters in ``param_dtype``, matmuls in the compute ``dtype``
 with float32 accumulation where it matters (norm statistics, attention softmax, logits).
-Attention takes an explicit cache ``(k, v)`` of ``[B, S, H_kv, D]`` arrays and returns the updated
-one, so decoding is a pure function that ``lax.while_loop`` can carry.
+Attention takes an explicit cache ``(k, v)`` of ``[B, H_kv, S, D]`` arrays (heads-major) and returns
+the updated one, so decoding is a pure function that a loop can carry.
 """
 
 from __future__ import annotations
