@@ -15,11 +15,17 @@ shape. One rollout batch: B prompts of P random tokens → R sampled tokens (no 
 - Peaks: measured here (a bf16 n³ matmul; ``x + 1`` over a large bf16 array) and, where the
   device is known or ``--peak-tflops`` / ``--peak-tbps`` are given, the vendor's figure.
 
+- The decode loop as compiled: whether XLA knows its trip count (else XLA:GPU reads a predicate
+  back to the host after every step) and whether a float32 weight is cast inside it (``hlo.py``).
+
   python bench/accelerator.py                          # 1B Llama, B 32, P 256, R 256
   python bench/accelerator.py --preset tiny            # a small smoke run, e.g. on CPU
+  python bench/accelerator.py --decode-only --hlo-out decode.hlo.txt
+
+On the H200 run it through ``bench/gpu_session.sh`` (one device call, every figure under $OUT).
 
 The last line reads ``accelerator: train_mfu=<fraction> decode_roofline=<fraction>`` (both
-against the measured peaks).
+against the measured peaks; ``train_mfu=skipped`` with ``--decode-only``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flops import decode_step_bytes, forward_flops, llama_1b
+from hlo import describe, loop_report
 from timing import alternate, copy_bandwidth, matmul_peak
 
 from ppo_jax import ppo, rollout
@@ -90,6 +97,8 @@ def main():
   ap.add_argument("--response", type=int, help="sampled tokens R")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--remat", default="none", choices=["none", "block", "dots"])
+  ap.add_argument("--decode-only", action="store_true", help="skip the train step")
+  ap.add_argument("--hlo-out", help="write the compiled sampler's optimised HLO text here")
   ap.add_argument("--peak-tflops", type=float, help="the device's bf16 peak (default: SPEC)")
   ap.add_argument("--peak-tbps", type=float, help="the device's memory bandwidth (default: SPEC)")
   args = ap.parse_args()
@@ -126,15 +135,44 @@ def main():
     flush=True,
   )
 
-  # Decode.
-  sample = lambda f: jax.block_until_ready(f.sample(state.params["policy"], frozen, key, ids, mask))
-  t_all = median_time(lambda: sample(fns), args.repeats)
-  t_one = median_time(lambda: sample(first), args.repeats)
+  # Decode: first what XLA made of the loop, then its speed.
+  policy_params = state.params["policy"]
+  sample_all = fns.sample.lower(policy_params, frozen, key, ids, mask).compile()
+  hlo = sample_all.as_text()
+  if args.hlo_out:
+    with open(args.hlo_out, "w") as f:
+      f.write(hlo)
+  weights = {x.shape for x in jax.tree.leaves(policy_params) if x.ndim >= 2}
+  print("decode loop as compiled: " + describe(loop_report(hlo, shapes=weights)), flush=True)
+  run_all = lambda: jax.block_until_ready(sample_all(policy_params, frozen, key, ids, mask))
+  run_one = lambda: jax.block_until_ready(first.sample(policy_params, frozen, key, ids, mask))
+  t_all = median_time(run_all, args.repeats)
+  t_one = median_time(run_one, args.repeats)
   step_s = (t_all - t_one) / max(R - 1, 1)
   step_bytes = decode_step_bytes(cfg, B, P + R / 2, itemsize=2)
+  # The attention reads every one of the P + R cache slots (masked) on every step.
+  read_bytes = decode_step_bytes(cfg, B, P + R, itemsize=2)
+
+  def against(value, measured, vendor, unit):
+    text = f"{value / measured:.0%} of the measured {measured / unit:,.3g}"
+    return text + (f", {value / vendor:.0%} of the spec {vendor / unit:,.3g}" if vendor else "")
+
+  print(
+    f"decode: {B * R / t_all:,.0f} tokens/s; {t_all:.3f} s for {R} tokens, prefill + first "
+    f"{t_one * 1e3:.1f} ms; {step_s * 1e3:.3g} ms per step reading ≥ {step_bytes / 1e9:.3g} GB "
+    f"= {step_bytes / step_s / 1e9:,.3g} GB/s; "
+    + against(step_bytes / step_s, peak_bw, spec_bw, 1e9)
+    + f" GB/s (as read, the whole cache: {read_bytes / 1e9:.3g} GB, "
+    f"{read_bytes / step_s / peak_bw:.0%} of the measured)",
+    flush=True,
+  )
+  decode_roofline = step_bytes / step_s / peak_bw
+  if args.decode_only:
+    print(f"accelerator: train_mfu=skipped decode_roofline={decode_roofline:.3f}")
+    return
 
   # Score once for a real Experience, then time the update on it.
-  gen = fns.sample(state.params["policy"], frozen, key, ids, mask)
+  gen = sample_all(policy_params, frozen, key, ids, mask)
   t_score = time.perf_counter()
   exp, state, roll = fns.score(state, frozen, ids, mask, gen, None)
   jax.block_until_ready(exp.advantages)
@@ -148,11 +186,6 @@ def main():
 
   t_update = median_time(update, args.repeats)
   train_flops = 3 * forward_flops(cfg, B * (P + R), (P + R + 1) / 2, lm_head_tokens=B * R)
-
-  def against(value, measured, vendor, unit):
-    text = f"{value / measured:.0%} of the measured {measured / unit:,.3g}"
-    return text + (f", {value / vendor:.0%} of the spec {vendor / unit:,.3g}" if vendor else "")
-
   print(f"score (first call, compile included): {t_score:.2f} s")
   print(
     f"train step (PPO update, {train_flops / 1e12:.3g} TFLOP): {t_update * 1e3:.1f} ms = "
@@ -161,15 +194,8 @@ def main():
     + " TFLOP/s"
   )
   print(
-    f"decode: {B * R / t_all:,.0f} tokens/s; {t_all:.3f} s for {R} tokens, prefill + first "
-    f"{t_one * 1e3:.1f} ms; {step_s * 1e3:.3g} ms per step reading ≥ {step_bytes / 1e9:.3g} GB "
-    f"= {step_bytes / step_s / 1e9:,.3g} GB/s; "
-    + against(step_bytes / step_s, peak_bw, spec_bw, 1e9)
-    + " GB/s"
-  )
-  print(
     f"accelerator: train_mfu={train_flops / t_update / peak_flops:.3f} "
-    f"decode_roofline={step_bytes / step_s / peak_bw:.3f}"
+    f"decode_roofline={decode_roofline:.3f}"
   )
 
 

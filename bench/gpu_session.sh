@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Issue 7's GPU figures in one device call (the H200: train-step MFU and decode against the HBM
+# roofline, for a 1B Llama in bf16). Run it with the device tool from the repository root:
+#
+#   run(command="bash bench/gpu_session.sh", timeout_s=560)
+#
+# It needs nothing installed: the device image's python3 has jax (CUDA), flax and optax, and
+# ppo_jax is read from this checkout. Should `import flax.nnx` fail there, carry flax as a wheel:
+# here, `echo /.whl/ >> .git/info/exclude` and `python3 -m pip download --no-deps
+# --only-binary=:all: --python-version 3.12 -d .whl flax==0.12.8`, then pass carry=[".whl"]; the
+# script installs what it finds in .whl.
+#
+# Everything lands in $OUT (the device tool brings it back): env.txt, accelerator.txt (the 1B
+# run: decode, then the train step), decode_hlo.txt (the compiled sampler, for reading here at
+# no device time) and decode_cmdbuf.txt (decode again with while loops captured as CUDA graphs).
+# Each step has its own time limit, so one that hangs leaves the others' figures. A dry run on
+# the CPU here: `ACCEL_ARGS="--preset tiny" bash bench/gpu_session.sh` (about a minute).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/ppo_jax_gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# `python3 bench/x.py` puts bench/ first on sys.path, not the checkout: ppo_jax comes from here.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+{
+  date -u +"%Y-%m-%d %H:%M UTC"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 - <<'EOF'
+import importlib, jax
+for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
+  mod = importlib.import_module(name)
+  print(name, getattr(mod, "__version__", "?"))
+print(jax.devices())
+import ppo_jax.rollout  # noqa: F401  (fails here, not halfway through a benchmark)
+print("ppo_jax imports")
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== 1B Llama, bf16: decode then train step (default XLA flags)"
+timeout 330 python3 bench/accelerator.py ${ACCEL_ARGS:-} --hlo-out "$OUT/decode_hlo.txt" 2>&1 \
+  | tee "$OUT/accelerator.txt"
+
+echo "== decode again, while loops as CUDA graphs (command buffers)"
+CMDBUF=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
+XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF ${XLA_FLAGS:-}" \
+  timeout 170 python3 bench/accelerator.py ${ACCEL_ARGS:-} --decode-only 2>&1 | tee "$OUT/decode_cmdbuf.txt"
+ls -l "$OUT"

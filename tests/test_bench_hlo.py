@@ -1,0 +1,93 @@
+"""bench/hlo.py: trip counts and weight casts of compiled loops, read from real XLA programs."""
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ppo_jax.models import CausalLM
+from ppo_jax.sampling import sample
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "bench"))
+from accelerator import tiny_llama
+from hlo import loop_report
+
+
+def _hlo(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_a_cast_of_a_loop_variant_weight_is_found_with_the_trip_count():
+  def fn(w, x):
+    def body(i, carry):
+      w, x = carry
+      w = w * 1.0001  # loop-variant: the cast cannot be hoisted
+      w16 = w.astype(jnp.bfloat16)
+      return w, (x @ w16) @ w16.T
+
+    return jax.lax.fori_loop(0, 7, body, (w, x))
+
+  hlo = _hlo(fn, jnp.ones((64, 32)), jnp.ones((4, 64), jnp.bfloat16))
+  (loop,) = loop_report(hlo, shapes=[(32, 64)])  # either order of the dims
+  assert loop.trip_count == 7
+  assert [c.elements for c in loop.converts] == [64 * 32]
+  assert loop.convert_bytes == 64 * 32 * 4
+  assert loop_report(hlo, shapes=[(16, 16)]) == []  # carries no array of that shape
+
+
+def test_a_data_dependent_exit_has_no_known_trip_count():
+  def fn(w, x, limit):
+    return jax.lax.while_loop(
+      lambda c: jnp.sum(c[1]) < limit, lambda c: (c[0], c[1] @ c[0]), (w, x)
+    )[1]
+
+  (loop,) = loop_report(_hlo(fn, jnp.ones((8, 8)), jnp.ones((2, 8)), 3.0), shapes=[(8, 8)])
+  assert loop.trip_count is None and loop.converts == ()
+
+
+def test_older_dumps_with_operand_shapes_inline():
+  hlo = (
+    """HloModule m, entry_computation_layout={(f32[8,4]{1,0})->f32[8,4]{1,0}}
+
+%fused (p: f32[8,4]) -> bf16[8,4] {
+  %p = f32[8,4]{1,0} parameter(0)
+  ROOT %c = bf16[8,4]{1,0} convert(f32[8,4]{1,0} %p)
+}
+
+%body (t: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %t = (s32[], f32[8,4]{1,0}) parameter(0)
+  %w = f32[8,4]{1,0} get-tuple-element(%t), index=1
+  %f = bf16[8,4]{1,0} fusion(%w), kind=kLoop, calls=%fused
+  ROOT %r = (s32[], f32[8,4]{1,0}) tuple(%i, %w)
+}
+
+ENTRY %main (a: f32[8,4]) -> f32[8,4] {
+  %loop = (s32[], f32[8,4]{1,0}) while(%init), condition=%cond, body=%body, """
+    + ("""backend_config={"known_trip_count":{"n":"3"}}""")
+    + """
+  ROOT %out = f32[8,4]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+  )
+  (loop,) = loop_report(hlo, shapes=[(8, 4)])
+  assert loop.name == "loop" and loop.trip_count == 3
+  assert [(c.source, c.target) for c in loop.converts] == [("f32[8,4]", "bf16[8,4]")]
+
+
+def test_the_fixed_length_sampler_of_the_benchmark_model():
+  cfg = tiny_llama(dtype="bfloat16", param_dtype="float32")  # accelerator.py --preset tiny
+  graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+  pure = nnx.to_pure_dict(params)
+  ids = jnp.ones((2, 5), jnp.int32)
+  hlo = _hlo(
+    lambda p, i, m, k: sample(graphdef, p, i, m, k, max_new_tokens=6),
+    pure,
+    ids,
+    jnp.ones_like(ids),
+    jax.random.key(0),
+  )
+  weights = {x.shape for x in jax.tree.leaves(pure) if x.ndim >= 2}
+  (loop,) = loop_report(hlo, shapes=weights)
+  assert loop.trip_count == 5 and loop.converts == ()
