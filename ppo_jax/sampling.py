@@ -8,9 +8,9 @@ runs exactly ``N − 1`` steps (``lax.fori_loop``), a trip count XLA knows, so X
 steps back to back without copying a loop predicate to the host after each one.
 
 The weight matrices (kernels, embedding tables, adapters: every parameter of two or more dims) are
-cast to the compute dtype once, before the loop: with float32 master weights and bfloat16 compute
-each decode step then reads 2 bytes per weight, not 4, whatever the compiler decides about hoisting
-the casts. The values are those the model casts to itself, so the samples are unchanged.
+cast to a narrower compute dtype once, before the loop: with float32 master weights and bfloat16
+compute each decode step then reads 2 bytes per weight, not 4, whatever the compiler decides about
+hoisting the casts. The values are those the model casts to itself, so the samples are unchanged.
 
 The log-probability returned for each sampled token is ``token_logprobs`` of the model's logits at
 the sampling temperature, the very function the trainer applies, so PPO's ratio is exactly 1 on
@@ -156,9 +156,10 @@ def sample(
 
 
 def _matrix_as(x, dtype):
-  """A floating parameter of two or more dims in ``dtype``; vectors (norm scales, biases, which
-  the layers may read in float32) and everything else unchanged."""
-  if jnp.ndim(x) >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+  """A floating parameter of two or more dims narrowed to ``dtype``; vectors (norm scales, biases,
+  which the layers may read in float32), weights already as narrow, and the rest unchanged."""
+  floating = jnp.issubdtype(x.dtype, jnp.floating)
+  if jnp.ndim(x) >= 2 and floating and jnp.dtype(dtype).itemsize < x.dtype.itemsize:
     return x.astype(dtype)
   return x
 
