@@ -23,26 +23,26 @@ _HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)$")
 _CALLEE = re.compile(r"\b(?:calls|body|condition|to_apply)=%(?P<name>[\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{(?P<names>[^}]*)\}")
-_ARRAY = re.compile(r"^(?P<dtype>[a-z]+\d*(?:e\d+m\d+\w*)?)\[(?P<dims>[\d,]*)\]")
+_ARRAY = re.compile(r"\b(?P<dtype>[a-z]+\d*(?:e\d+m\d+\w*)?)\[(?P<dims>[\d,]*)\]")
 _OP = re.compile(r"\s(?P<op>[a-z][\w\-]*)\((?P<args>[^)]*)\)")
 _OPERAND = re.compile(r"\s*(?:(?P<shape>[a-z]+\d*\[[\d,]*\])\S*\s+)?%(?P<name>[\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"\}')
-_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "pred": 1}
 
 
 @dataclasses.dataclass(frozen=True)
 class Convert:
   computation: str
-  source: str  # e.g. "f32[2048,8192]"
-  target: str  # e.g. "bf16[2048,8192]"
-  elements: int
-  source_bytes: int
+  dims: tuple[int, ...]
+  target_dtype: str  # "bf16" or "f16"; the source is float32
+
+  @property
+  def source_bytes(self) -> int:
+    return 4 * math.prod(self.dims)
 
 
 @dataclasses.dataclass(frozen=True)
 class Loop:
   name: str
-  body: str
   trip_count: int | None  # None: XLA does not know it (a data-dependent exit)
   converts: tuple[Convert, ...]  # float32 → narrower casts of weight-shaped arrays in the body
 
@@ -73,10 +73,48 @@ def _parse(hlo_text: str):
 
 
 def _array(shape_text: str) -> tuple[str, tuple[int, ...]] | None:
+  """(dtype, dims) of the array shape an instruction's text starts with."""
   m = _ARRAY.match(shape_text.strip())
-  if not m:
-    return None
-  return m["dtype"], tuple(int(d) for d in m["dims"].split(",") if d)
+  return (m["dtype"], _dims(m)) if m else None
+
+
+def _dims(m: re.Match) -> tuple[int, ...]:
+  return tuple(int(d) for d in m["dims"].split(",") if d)
+
+
+def _key(dims) -> tuple[int, ...]:
+  return tuple(sorted(dims))  # a weight may appear transposed
+
+
+def _reachable(comps, callees, root: str) -> set[str]:
+  inside, todo = set(), [root]
+  while todo:
+    c = todo.pop()
+    if c not in inside and c in comps:
+      inside.add(c)
+      todo.extend(callees[c])
+  return inside
+
+
+def _weight_casts(comps, computations, wanted) -> list[Convert]:
+  """The float32 → bf16/f16 converts of weight-shaped arrays in ``computations``."""
+  found = []
+  for c in sorted(computations):
+    for rest in comps[c].values():
+      op = _OP.search(rest)
+      if not op or op["op"] != "convert":
+        continue
+      target = _array(rest)
+      # The operand prints as "%x" or, in older dumps, as "f32[..]{..} %x".
+      operand = _OPERAND.match(op["args"])
+      if not target or not operand:
+        continue
+      source = _array(operand["shape"] or comps[c].get(operand["name"], ""))
+      if (
+        source and source[0] == "f32" and target[0] in ("bf16", "f16") and _key(source[1]) in wanted
+      ):
+        found.append(Convert(computation=c, dims=source[1], target_dtype=target[0]))
+  return found
 
 
 def loop_report(hlo_text: str, *, shapes) -> list[Loop]:
@@ -84,7 +122,7 @@ def loop_report(hlo_text: str, *, shapes) -> list[Loop]:
   ``shapes``, in any order of its dims): the trip count if XLA knows it, and the casts of
   weight-shaped arrays from float32 to a narrower float anywhere inside the body (fusions and
   nested loops included)."""
-  wanted = {tuple(sorted(s)) for s in shapes}
+  wanted = {_key(s) for s in shapes}
   comps, callees = _parse(hlo_text)
   loops = []
   for instrs in comps.values():
@@ -92,51 +130,16 @@ def loop_report(hlo_text: str, *, shapes) -> list[Loop]:
       op = _OP.search(rest)
       if not op or op["op"] != "while":
         continue
-      carried = {
-        tuple(sorted(int(d) for d in m[1].split(",") if d))
-        for m in re.finditer(r"\b[a-z]+\d*\[([\d,]*)\]", rest[: op.start()])
-      }
-      if not carried & wanted:  # a loop of its own, such as XLA:CPU's random-bit generator
-        continue
+      carried = {_key(_dims(m)) for m in _ARRAY.finditer(rest[: op.start()])}
       body = re.search(r"\bbody=%(?P<b>[\w.\-]+)", rest)
+      if not body or not carried & wanted:  # e.g. XLA:CPU's random-bit generator, a loop of its own
+        continue
       trip = _TRIP.search(rest)
-      inside, todo = set(), [body["b"]] if body else []
-      while todo:
-        c = todo.pop()
-        if c not in inside and c in comps:
-          inside.add(c)
-          todo.extend(callees[c])
-      converts = []
-      for c in sorted(inside):
-        for rest_c in comps[c].values():
-          o = _OP.search(rest_c)
-          if not o or o["op"] != "convert":
-            continue
-          target = _array(rest_c)
-          # The operand prints as "%x" or, in older dumps, as "f32[..]{..} %x".
-          operand = _OPERAND.match(o["args"])
-          if not operand:
-            continue
-          source = _array(operand["shape"] or comps[c].get(operand["name"], ""))
-          if not target or not source or source[0] != "f32" or target[0] not in ("bf16", "f16"):
-            continue
-          n = math.prod(source[1])
-          if tuple(sorted(source[1])) in wanted:
-            converts.append(
-              Convert(
-                computation=c,
-                source=f"f32[{','.join(map(str, source[1]))}]",
-                target=f"{target[0]}[{','.join(map(str, target[1]))}]",
-                elements=n,
-                source_bytes=n * _BYTES["f32"],
-              )
-            )
       loops.append(
         Loop(
           name=name,
-          body=body["b"] if body else "",
           trip_count=int(trip["n"]) if trip else None,
-          converts=tuple(converts),
+          converts=tuple(_weight_casts(comps, _reachable(comps, callees, body["b"]), wanted)),
         )
       )
   return loops

@@ -32,7 +32,7 @@ def test_a_cast_of_a_loop_variant_weight_is_found_with_the_trip_count():
   hlo = _hlo(fn, jnp.ones((64, 32)), jnp.ones((4, 64), jnp.bfloat16))
   (loop,) = loop_report(hlo, shapes=[(32, 64)])  # either order of the dims
   assert loop.trip_count == 7
-  assert [c.elements for c in loop.converts] == [64 * 32]
+  assert [c.dims for c in loop.converts] == [(64, 32)]
   assert loop.convert_bytes == 64 * 32 * 4
   assert loop_report(hlo, shapes=[(16, 16)]) == []  # carries no array of that shape
 
@@ -73,7 +73,7 @@ ENTRY %main (a: f32[8,4]) -> f32[8,4] {
   )
   (loop,) = loop_report(hlo, shapes=[(8, 4)])
   assert loop.name == "loop" and loop.trip_count == 3
-  assert [(c.source, c.target) for c in loop.converts] == [("f32[8,4]", "bf16[8,4]")]
+  assert [(c.dims, c.target_dtype) for c in loop.converts] == [((8, 4), "bf16")]
 
 
 def test_the_fixed_length_sampler_of_the_benchmark_model():
