@@ -2,10 +2,11 @@
 
 Prompts are left-padded ``[B, P]``; positions come from the attention mask as in Hugging Face's
 ``generate``. The prompt is run once (prefill) into a cache of ``P + N`` slots, then one token per
-step in a loop; the whole loop is a single XLA program over plain-dict parameters. With a stop
-token the loop is a ``lax.while_loop`` that ends once every row has emitted EOS; without one it
-runs exactly ``N − 1`` steps (``lax.fori_loop``), a trip count XLA knows, so XLA:GPU runs the
-steps back to back without copying a loop predicate to the host after each one.
+step in a loop; the whole loop is a single XLA program over plain-dict parameters. Without a stop
+token the loop runs exactly ``N − 1`` steps (``lax.fori_loop``), a trip count XLA knows, so
+XLA:GPU queues the steps back to back without copying a loop predicate to the host after each
+one. With a stop token it ends once every row has emitted EOS, checked every ``eos_check_every``
+steps: a ``lax.while_loop`` over fixed-length chunks, one predicate read per chunk, not per step.
 
 The weight matrices (kernels, embedding tables, adapters: every parameter of two or more dims) are
 cast to a narrower compute dtype once, before the loop: with float32 master weights and bfloat16
@@ -94,6 +95,7 @@ def sample(
   greedy: bool = False,
   eos_token_ids: tuple[int, ...] = (),
   pad_token_id: int = 0,
+  eos_check_every: int = 8,
 ) -> Generation:
   """The pure sampling program (trace it inside a larger jit, or call ``generate``)."""
   # One state, or a tuple (LoRA adapters, base weights).
@@ -141,16 +143,24 @@ def sample(
     return cache, tokens, logps, mask, done | jnp.isin(tok, eos), tok
 
   carry = (cache, tokens, logps, mask, done, tok)
-  if eos_token_ids:  # until slot N − 1, or until every row is done
+  # Steps lo, …, lo + n − 1 as a loop of n iterations (static n: a trip count XLA knows).
+  steps = lambda lo, n, carry: jax.lax.fori_loop(0, n, lambda j, c: step(lo + j, c), carry)
+  if not eos_token_ids:
+    carry = steps(1, N - 1, carry)
+  else:  # chunks of `eos_check_every` steps, until slot N − 1 or until every row is done
+    k = eos_check_every
+    n_chunks, rest = divmod(N - 1, k)
+    carry = steps(1, rest, carry)  # the odd steps first, unchecked: at most k − 1
 
-    def cond(i_carry):
-      i, (*_, done, _) = i_carry
-      return (i < N) & ~jnp.all(done)
+    def cond(c_carry):
+      c, (*_, done, _) = c_carry
+      return (c < n_chunks) & ~jnp.all(done)
 
-    body = lambda i_carry: (i_carry[0] + 1, step(*i_carry))
-    _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), carry))
-  else:  # a fixed trip count
-    carry = jax.lax.fori_loop(1, N, step, carry)
+    def chunk(c_carry):
+      c, carry = c_carry
+      return c + 1, steps(1 + rest + c * k, k, carry)
+
+    _, carry = jax.lax.while_loop(cond, chunk, (jnp.int32(0), carry))
   _, tokens, logps, mask, _, _ = carry
   return Generation(tokens=tokens, logprobs=logps, mask=mask)
 
@@ -174,6 +184,7 @@ _sample_jit = jax.jit(
     "greedy",
     "eos_token_ids",
     "pad_token_id",
+    "eos_check_every",
   ),
 )
 
@@ -191,6 +202,7 @@ def generate(
   greedy: bool = False,
   eos_token_id: int | Sequence[int] | None = None,
   pad_token_id: int = 0,
+  eos_check_every: int = 8,
 ) -> Generation:
   """Samples ``max_new_tokens`` continuations of left-padded prompts.
 
@@ -206,6 +218,9 @@ def generate(
     greedy: take the argmax instead of sampling.
     eos_token_id: the stop token(s); a row's mask is 0 after its first one.
     pad_token_id: written after EOS.
+    eos_check_every: with a stop token, check whether every row is done after each k steps
+      (runs at most k − 1 steps past the last EOS; their tokens are padding, so the result does
+      not depend on k).
 
   Returns:
     ``Generation(tokens, logprobs, mask)``, each ``[B, N]``.
@@ -224,6 +239,8 @@ def generate(
     raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
   if not greedy and not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
+  if eos_check_every < 1:
+    raise ValueError(f"eos_check_every must be ≥ 1, got {eos_check_every}")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   cfg = model.cfg
@@ -252,4 +269,5 @@ def generate(
     greedy=greedy,
     eos_token_ids=eos,
     pad_token_id=pad_token_id,
+    eos_check_every=eos_check_every,
   )

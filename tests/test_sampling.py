@@ -173,6 +173,53 @@ def test_without_eos_the_loop_has_a_fixed_trip_count(models):
   assert f'"known_trip_count":{{"n":"{N_NEW - 1}"}}' in hlo
 
 
+@pytest.mark.parametrize("B", [1, 4])
+def test_eos_check_every_does_not_change_the_sample(models, B):
+  model, hf_model = models["llama3"]
+  ids, mask = tiny_hf.batch(seed=6, B=4, T=7, left_pad=(0, 2, 4, 1))
+  ids, mask = ids[:B], mask[:B]
+  # An EOS that row 0 emits at slot 4: with one row the whole batch is done there.
+  eos = int(_hf_greedy(hf_model, ids, mask, eos=None)[0, 4])
+  for greedy in (True, False):
+    run = lambda k, greedy=greedy: pj.generate(
+      model,
+      ids,
+      mask,
+      key=jax.random.key(7),
+      max_new_tokens=N_NEW,
+      greedy=greedy,
+      eos_token_id=eos,
+      pad_token_id=tiny_hf.PAD,
+      eos_check_every=k,
+    )
+    want = run(1)  # checked after every step
+    if greedy:
+      assert int(want.lengths[0]) <= 5
+    for k in (2, 3, 8, N_NEW + 5):
+      for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run(k)), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=f"eos_check_every={k}")
+
+
+def test_with_eos_the_steps_run_in_chunks_of_known_length(models):
+  model, _ = models["gpt2"]
+  graphdef, params = nnx.split(model)
+  ids, mask = tiny_hf.batch(seed=10)
+  hlo = (
+    jax.jit(
+      lambda p, i, m, k: sample(
+        graphdef, p, i, m, k, max_new_tokens=N_NEW, eos_token_ids=(5,), eos_check_every=4
+      )
+    )
+    .lower(nnx.to_pure_dict(params), ids, mask, jax.random.key(0))
+    .compile()
+    .as_text()
+  )
+  # N − 1 = 11 steps: 3 unchecked, then chunks of 4 with the all-done check between them.
+  assert '"known_trip_count":{"n":"4"}' in hlo
+  assert '"known_trip_count":{"n":"3"}' in hlo
+  assert f'"known_trip_count":{{"n":"{N_NEW - 1}"}}' not in hlo
+
+
 def _eqns(jaxpr):
   """Every equation of a jaxpr and of the jaxprs nested in it."""
   for eqn in jaxpr.eqns:
@@ -195,10 +242,11 @@ def test_decode_loop_reads_weights_in_the_compute_dtype(tmp_path):
       )
     )(pure, ids, mask, jax.random.key(0))
     loops = [e for e in jaxpr.eqns if e.primitive.name in ("while", "scan")]
-    assert len(loops) == 1
+    assert loops
     casts = [
       e
-      for body in jaxprs_in_params(loops[0].params)
+      for loop in loops
+      for body in jaxprs_in_params(loop.params)
       for e in _eqns(body)
       if e.primitive.name == "convert_element_type" and e.invars[0].aval.shape in weight_shapes
     ]
@@ -219,3 +267,7 @@ def test_bad_arguments(models):
     pj.generate(model, ids[:, :4], mask[:, :4], key=jax.random.key(0), max_new_tokens=2, top_p=0.0)
   with pytest.raises(ValueError, match="attention_mask shape"):
     pj.generate(model, ids[:, :4], mask[:, :3], key=jax.random.key(0), max_new_tokens=2)
+  with pytest.raises(ValueError, match="eos_check_every must be ≥ 1"):
+    pj.generate(
+      model, ids[:, :4], mask[:, :4], key=jax.random.key(0), max_new_tokens=2, eos_check_every=0
+    )
