@@ -145,12 +145,13 @@ def sample(
   carry = (cache, tokens, logps, mask, done, tok)
   # Steps lo, …, lo + n − 1 as a loop of n iterations (static n: a trip count XLA knows).
   steps = lambda lo, n, carry: jax.lax.fori_loop(0, n, lambda j, c: step(lo + j, c), carry)
-  if not eos_token_ids:
-    carry = steps(1, N - 1, carry)
-  else:  # chunks of `eos_check_every` steps, until slot N − 1 or until every row is done
-    k = eos_check_every
-    n_chunks, rest = divmod(N - 1, k)
-    carry = steps(1, rest, carry)  # the odd steps first, unchecked: at most k − 1
+  # Without a stop token all N − 1 steps in one loop; with one the (N − 1) mod k odd steps first,
+  # unchecked, then chunks of k until slot N − 1 or until every row is done.
+  k = eos_check_every if eos_token_ids else N
+  n_chunks, rest = divmod(N - 1, k)
+  if rest:
+    carry = steps(1, rest, carry)
+  if n_chunks:
 
     def cond(c_carry):
       c, (*_, done, _) = c_carry
