@@ -9,7 +9,8 @@ the SFT policy and trains on the reward model's preference pairs instead. Every 
 64 responses per iteration for 100 iterations (PPO: 64 prompts × 1; GRPO and RLOO: 16 prompts ×
 4). A workdir holding a finished run is reused. Prints a Markdown table (held-out gold score and
 KL before and after, seconds of the last stage's training) and writes ``docs/algos.png`` (gold
-score and KL per iteration of the RL algorithms, mean over seeds).
+score and KL per iteration of the RL algorithms, mean over seeds, and gold against KL along the
+runs).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+
+import numpy as np
 
 ROOT = pathlib.Path(__file__).parent.parent
 EXPERIMENTS = {"ppo": "default.py", "grpo": "grpo.py", "rloo": "rloo.py", "dpo": "dpo.py"}
@@ -83,8 +86,8 @@ def main():
 
   from matplotlib.figure import Figure
 
-  fig = Figure(figsize=(14, 3.4))
-  ax_g, ax_k, ax_b = fig.subplots(1, 3)
+  fig = Figure(figsize=(18, 3.4))
+  ax_g, ax_k, ax_f, ax_b = fig.subplots(1, 4)
   for i, g in enumerate(gains.values()):  # every algorithm, DPO included
     ax_b.bar(i, statistics.mean(g), color="0.8")
     ax_b.plot([i] * len(g), g, "o", color="C3", ms=4)
@@ -94,12 +97,22 @@ def main():
     if not runs_rows[0]:
       continue
     steps = [r["step"] for r in runs_rows[0]]
+    mean = {
+      key: [statistics.mean(rows[i][key] for rows in runs_rows) for i in range(len(steps))]
+      for key in ("gold/score", "objective/kl")
+    }
     for ax, key in ((ax_g, "gold/score"), (ax_k, "objective/kl")):
-      mean = [statistics.mean(rows[i][key] for rows in runs_rows) for i in range(len(steps))]
-      ax.plot(steps, mean, lw=1.2, label=algo.upper())
+      ax.plot(steps, mean[key], lw=1.2, label=algo.upper())
+    # Gold against KL along the run: a 5-point moving average of the seed means (the RL curves
+    # log every iteration; DPO's held-out evaluations are few and plotted as they are).
+    w = 5 if len(steps) >= 20 else 1
+    keys = ("objective/kl", "gold/score")
+    kl, gold = (np.convolve(mean[k], np.ones(w) / w, "valid") for k in keys)
+    ax_f.plot(kl, gold, lw=1.2, marker="." if w == 1 else None, label=algo.upper())
   ax_g.set(xlabel="iteration", ylabel="gold score", title="gold score (mean of seeds)")
   ax_k.set(xlabel="iteration", ylabel="nats / review", title="KL to the SFT policy")
-  for ax in (ax_g, ax_k):
+  ax_f.set(xlabel="KL to the SFT policy (nats / review)", ylabel="gold score", title="gold for KL")
+  for ax in (ax_g, ax_k, ax_f):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   ax_b.grid(alpha=0.3, axis="y")
