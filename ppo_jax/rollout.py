@@ -157,7 +157,6 @@ def make_experience(
   )
   seq_kl = masked_sum(kl_BxN, m, axis=-1)
   non_score = masked_sum(non_score_BxN, m, axis=-1)
-  resid_var = _masked_var(returns - values, m)
   metrics = {
     "objective/scores": jnp.mean(scores_B),
     "objective/scores_std": jnp.std(scores_B),
@@ -166,7 +165,6 @@ def make_experience(
     "objective/non_score_reward": jnp.mean(non_score),
     "objective/rlhf_reward": jnp.mean(scores_B) + jnp.mean(non_score),
     "objective/entropy": jnp.mean(masked_sum(-old_logp, m, axis=-1)),
-    "val/var_explained": 1.0 - resid_var / jnp.maximum(_masked_var(returns, m), 1e-8),
     "val/mean": masked_mean(values, m),
     "response/length": jnp.mean(jnp.sum(m, axis=-1)),
     "response/eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
@@ -177,6 +175,9 @@ def make_experience(
     "sample/score": scores_B,
     "sample/kl": seq_kl,
   }
+  if hp.estimator == "gae":  # critic-free, returns and values are zeros: nothing to explain
+    resid_var = _masked_var(returns - values, m)
+    metrics["val/var_explained"] = 1.0 - resid_var / jnp.maximum(_masked_var(returns, m), 1e-8)
   if logp is not None:  # how far the sampler's log-probs are from the trainer's
     metrics["sampler/logprob_mismatch"] = jnp.max(jnp.where(m > 0, jnp.abs(gen.logprobs - logp), 0))
   return exp, state.replace(score_stats=stats), metrics
