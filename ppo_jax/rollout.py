@@ -175,7 +175,7 @@ def make_experience(
     "sample/score": scores_B,
     "sample/kl": seq_kl,
   }
-  if hp.estimator == "gae":  # critic-free, returns and values are zeros: nothing to explain
+  if hp.estimator == "gae":  # only PPO has a critic (critic-free values and returns are zeros)
     resid_var = _masked_var(returns - values, m)
     metrics["val/var_explained"] = 1.0 - resid_var / jnp.maximum(_masked_var(returns, m), 1e-8)
   if logp is not None:  # how far the sampler's log-probs are from the trainer's
