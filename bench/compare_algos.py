@@ -106,9 +106,14 @@ def main():
     # Gold against KL along the run: a 5-point moving average of the seed means (the RL curves
     # log every iteration; DPO's held-out evaluations are few and plotted as they are).
     w = 5 if len(steps) >= 20 else 1
-    keys = ("objective/kl", "gold/score")
-    kl, gold = (np.convolve(mean[k], np.ones(w) / w, "valid") for k in keys)
-    ax_f.plot(kl, gold, lw=1.2, marker="." if w == 1 else None, label=algo.upper())
+    smooth = lambda v, w=w: np.convolve(v, np.ones(w) / w, "valid")
+    ax_f.plot(
+      smooth(mean["objective/kl"]),
+      smooth(mean["gold/score"]),
+      lw=1.2,
+      marker="." if w == 1 else None,
+      label=algo.upper(),
+    )
   ax_g.set(xlabel="iteration", ylabel="gold score", title="gold score (mean of seeds)")
   ax_k.set(xlabel="iteration", ylabel="nats / review", title="KL to the SFT policy")
   ax_f.set(xlabel="KL to the SFT policy (nats / review)", ylabel="gold score", title="gold for KL")
