@@ -71,6 +71,9 @@ class PPOHparams:
   kl_adaptive: bool = False
   kl_target: float = 6.0
   kl_horizon: float = 10000.0
+  # Critic warm-up: the first iterations update only the critic; the policy (and its optimizer
+  # moments) stay as they were (OpenRLHF's freezing_actor_steps). GAE only.
+  critic_warmup: int = 0
 
   def __post_init__(self):
     checks = {
@@ -90,6 +93,10 @@ class PPOHparams:
     for name in ("num_epochs", "num_minibatches", "max_new_tokens", "group_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+    if self.critic_warmup < 0:
+      raise ValueError(f"critic_warmup: must be ≥ 0, got {self.critic_warmup}")
+    if self.critic_warmup and self.estimator != "gae":
+      raise ValueError(f"critic_warmup: the {self.estimator} estimator has no critic to warm up")
 
   def minibatch_layout(self, batch_size: int) -> tuple[int, int]:
     """``(minibatch size, micro-batches per minibatch)`` for a rollout of ``batch_size``."""
@@ -202,12 +209,14 @@ def _loss(
   models: ActorCritic,
   hp: PPOHparams,
   frozen_policy: Params | None,
+  policy_on: jax.Array,
 ) -> tuple[jax.Array, Metrics]:
   """The micro-batch's share of the minibatch loss and metrics.
 
   Each term is its micro-batch aggregate times ``wᵢ / W`` (its aggregation weight over the whole
   minibatch's), so the micro-batches' losses, gradients and metrics add up exactly to the
-  minibatch's.
+  minibatch's. ``policy_on`` (0 or 1) scales the policy's terms (the clipped surrogate, entropy
+  and KL); the metrics report them either way.
   """
   n = hp.max_new_tokens
   m = micro.response_mask
@@ -227,11 +236,12 @@ def _loss(
   entropy = masked_mean(entropy_from_logits(logits, temperature=hp.temperature), m)
   share_agg = pg_m[masking.agg_weight_key(hp.agg)] / weights["agg"]
   share_tok = pg_m["num_tokens"] / weights["tokens"]
-  loss = share_agg * (pg + hp.vf_coef * vf) - hp.entropy_coef * share_tok * entropy
+  loss = share_agg * (policy_on * pg + hp.vf_coef * vf)
+  loss = loss - policy_on * hp.entropy_coef * share_tok * entropy
   kl_loss = jnp.zeros([])
   if hp.kl_mode == "loss":
     kl_loss = masking.aggregate(kl_estimate(logp, micro.ref_logprobs, kind=hp.kl_kind), m, hp.agg)
-    loss = loss + share_agg * kl_coef * kl_loss
+    loss = loss + policy_on * share_agg * kl_coef * kl_loss
   metrics = {
     "loss/policy_avg": share_agg * pg,
     "loss/value_avg": share_agg * vf,
@@ -280,14 +290,17 @@ def minibatch_gradients(
   hp: PPOHparams,
   frozen_policy: Params | None = None,
   mesh=None,
+  train_policy: jax.Array | bool = True,
 ) -> tuple[Params, Metrics]:
   """Gradient and metrics of one minibatch, accumulated over ``n_micro`` micro-batches.
 
   Each micro-batch's loss is weighted by its share of the minibatch's aggregation weight (tokens
   for token-mean, non-empty rows for the seq-mean modes), so the summed gradient is the
   minibatch's own, whatever ``n_micro``. ``frozen_policy``: the base weights under LoRA adapters
-  (they get no gradient).
+  (they get no gradient). ``train_policy=False`` leaves out the policy's loss terms (the critic
+  warm-up); a critic on the policy's trunk still sends its gradient there.
   """
+  policy_on = jnp.asarray(train_policy, jnp.float32)
   weights = {
     "agg": masking.agg_weight(mb.response_mask, hp.agg),
     "tokens": masking.agg_weight(mb.response_mask, "token-mean"),
@@ -295,13 +308,26 @@ def minibatch_gradients(
 
   def micro_step(grads, micro):
     g, metrics = jax.grad(_loss, has_aux=True)(
-      params, micro, weights, kl_coef, models, hp, frozen_policy
+      params, micro, weights, kl_coef, models, hp, frozen_policy, policy_on
     )
     return jax.tree.map(jnp.add, grads, g), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   grads, metrics = jax.lax.scan(micro_step, zeros, _split(mb, n_micro, mesh))
   return grads, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics)
+
+
+def _keep_policy(train_policy: jax.Array, new, old):
+  """``new`` where ``train_policy``, else ``old`` for every leaf under a ``"policy"`` key (the
+  policy's parameters, and its moments inside an optimizer state); the rest (the critic's, Adam's
+  shared step count) is ``new``."""
+
+  def pick(path, a, b):
+    if any(isinstance(k, jax.tree_util.DictKey) and k.key == "policy" for k in path):
+      return jnp.where(train_policy, a, b)
+    return a
+
+  return jax.tree_util.tree_map_with_path(pick, new, old)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +347,9 @@ def train_step(
 
   Each epoch draws a fresh permutation; epochs and minibatches are ``lax.scan``s, and a minibatch
   may be accumulated over micro-batches (``minibatch_gradients``). ``frozen`` is needed when the
-  policy trains LoRA adapters (its base weights are there). Jit it with
+  policy trains LoRA adapters (its base weights are there). While ``state.step`` is below
+  ``hp.critic_warmup`` only the critic trains: the policy's loss terms are left out and its
+  parameters and Adam moments kept, so its first update uses a critic trained that long. Jit with
   ``jax.jit(train_step, static_argnames="hparams", donate_argnums=0)``.
   """
   models, tx, hp, mesh = hparams.models, hparams.tx, hparams.ppo, hparams.mesh
@@ -332,11 +360,21 @@ def train_step(
   B = exp.ids.shape[0]
   _, n_micro = hp.minibatch_layout(B)
   _, perm_key = iteration_keys(state)
+  # Critic warm-up: a static True when off, so the program is the same as without the option.
+  train_policy = state.step >= hp.critic_warmup if hp.critic_warmup else True
 
   def minibatch_step(carry, mb: Experience):
     params, opt_state = carry
     grads, metrics = minibatch_gradients(
-      models, params, mb, state.kl_coef, n_micro, hp=hp, frozen_policy=frozen_policy, mesh=mesh
+      models,
+      params,
+      mb,
+      state.kl_coef,
+      n_micro,
+      hp=hp,
+      frozen_policy=frozen_policy,
+      mesh=mesh,
+      train_policy=train_policy,
     )
     grad_norm = optax.tree.norm(grads)
     loss_finite = jnp.isfinite(
@@ -346,6 +384,9 @@ def train_step(
     apply = rollout_ok & loss_finite & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    if train_policy is not True:  # warming up: the policy's weights and moments stay
+      new_params = _keep_policy(train_policy, new_params, params)
+      new_opt_state = _keep_policy(train_policy, new_opt_state, opt_state)
     # Non-finite anything: this minibatch's update is skipped, parameters and moments unchanged.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
     metrics["grad/norm"] = grad_norm

@@ -259,3 +259,63 @@ def test_group_estimators_check_their_group_size():
     dataclasses.replace(HP, estimator="grpo")
   with pytest.raises(ValueError, match=r"estimator: unknown 'ppo'"):
     dataclasses.replace(HP, estimator="ppo")
+
+
+def _policy_leaves(tree):
+  """The leaves under a "policy" key: the policy's parameters or its optimizer moments."""
+  paths = jax.tree_util.tree_leaves_with_path(tree)
+  return [np.asarray(x) for p, x in paths if any(getattr(k, "key", None) == "policy" for k in p)]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_critic_warmup_trains_only_the_critic_then_both(shared):
+  """critic_warmup=2: two iterations leave the policy and its Adam moments bit for bit as they
+  were while the critic learns (with a head on the policy's trunk, the trunk stays too); the
+  third trains the policy."""
+  _, _, state, frozen, fns = build(dataclasses.replace(HP, critic_warmup=2), shared=shared)
+  policy0, moments0 = _policy_leaves(state.params), _policy_leaves(state.opt_state)
+  value0 = jax.tree.map(np.asarray, state.params["value"])
+  assert moments0 and len(moments0) == 2 * len(policy0)  # Adam's μ and ν of every leaf
+  for it in range(3):
+    state, metrics, _, _ = one_iteration(fns, state, frozen)
+    assert float(metrics["update/skipped"]) == 0.0
+    assert float(metrics["loss/policy_avg"]) != 0.0  # reported during the warm-up too
+    policy = _policy_leaves(state.params)
+    same = [np.array_equal(a, b) for a, b in zip(policy0, policy, strict=True)]
+    if it < 2:
+      assert all(same), it
+      moments = _policy_leaves(state.opt_state)
+      assert all(np.array_equal(a, b) for a, b in zip(moments0, moments, strict=True))
+    else:
+      assert not any(same)
+  for a, b in zip(jax.tree.leaves(value0), jax.tree.leaves(state.params["value"]), strict=True):
+    assert not np.array_equal(a, b)
+
+
+def test_critic_warmup_gradient_is_the_value_loss_alone():
+  """train_policy=False drops the policy's terms from the loss: with a separate critic the
+  policy's gradient is exactly zero and the critic's is the one it gets with them."""
+  hp = dataclasses.replace(HP, kl_mode="loss", entropy_coef=0.01)
+  models, _, state, frozen, fns = build(hp)
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(5), PROMPTS, PROMPT_MASK)
+  exp, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)
+  exp = exp.replace(ref_logprobs=exp.ref_logprobs - 0.1)  # a KL term that is not zero
+  grads = jax.jit(
+    lambda on: ppo.minibatch_gradients(
+      models, state.params, exp, state.kl_coef, 1, hp=hp, train_policy=on
+    )
+  )
+  (g_on, m_on), (g_off, m_off) = grads(True), grads(False)
+  assert all(not np.any(x) for x in jax.tree.leaves(g_off["policy"]))
+  assert any(np.any(x) for x in jax.tree.leaves(g_on["policy"]))
+  for a, b in zip(jax.tree.leaves(g_on["value"]), jax.tree.leaves(g_off["value"]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  for k in m_on:  # the metrics are the same either way
+    assert float(m_on[k]) == pytest.approx(float(m_off[k]), rel=1e-6, abs=1e-9), k
+
+
+def test_critic_warmup_needs_a_critic():
+  with pytest.raises(ValueError, match="grpo estimator has no critic to warm up"):
+    dataclasses.replace(HP, estimator="grpo", group_size=2, critic_warmup=3)
+  with pytest.raises(ValueError, match="critic_warmup: must be ≥ 0"):
+    dataclasses.replace(HP, critic_warmup=-1)
