@@ -1,13 +1,16 @@
 """PPO, GRPO, RLOO and DPO on the default experiment's task over several seeds: table, figure.
 
   python bench/compare_algos.py --runs runs/algos [--seeds 0 1 2] [--algos ppo grpo rloo]
+      [--variant 'ppo_wu5=ppo:--config.ppo.critic_warmup=5' ...]
 
 Per seed, ``experiments/default.py`` runs the whole pipeline (SFT, reward model, PPO); GRPO and
 RLOO (``experiments/grpo.py``, ``experiments/rloo.py``) then start from copies of that seed's SFT
 policy and reward model, so only the RL stage differs; DPO (``experiments/dpo.py``) starts from
 the SFT policy and trains on the reward model's preference pairs instead. Every RL algorithm sees
 64 responses per iteration for 100 iterations (PPO: 64 prompts × 1; GRPO and RLOO: 16 prompts ×
-4). A workdir holding a finished run is reused. Prints a Markdown table (held-out gold score and
+4). ``--variant LABEL=ALGO:FLAGS`` adds ALGO with extra config flags (space-separated), from the
+same SFT policy and reward model, as a row and curves of its own. A workdir holding a finished run
+is reused. Prints a Markdown table (held-out gold score and
 KL before and after, seconds of the last stage's training) and writes ``docs/algos.png`` (gold
 score and KL per iteration of the RL algorithms, mean over seeds, and gold against KL along the
 runs).
@@ -29,10 +32,12 @@ ROOT = pathlib.Path(__file__).parent.parent
 EXPERIMENTS = {"ppo": "default.py", "grpo": "grpo.py", "rloo": "rloo.py", "dpo": "dpo.py"}
 
 
-def run(algo: str, seed: int, workdir: pathlib.Path, runs: pathlib.Path) -> None:
+def run(
+  algo: str, seed: int, workdir: pathlib.Path, runs: pathlib.Path, flags: list[str] = ()
+) -> None:
   if (workdir / "summary.json").exists():
     return
-  if algo != "ppo":  # the same SFT policy and reward model as PPO's run of this seed
+  if algo != "ppo" or flags:  # the same SFT policy and reward model as PPO's run of this seed
     run("ppo", seed, runs / f"seed{seed}" / "ppo", runs)
     for stage in ("sft",) if algo == "dpo" else ("sft", "reward_model"):
       if not (workdir / stage).exists():
@@ -46,6 +51,7 @@ def run(algo: str, seed: int, workdir: pathlib.Path, runs: pathlib.Path) -> None
       f"--workdir={workdir}",
       f"--config.seed={seed}",
       "--config.log.progress=False",
+      *flags,
     ],
     check=True,
   )
@@ -56,33 +62,41 @@ def main():
   ap.add_argument("--runs", default="runs/algos")
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   ap.add_argument("--algos", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+  ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ALGO:FLAGS")
   ap.add_argument("--png", default=str(ROOT / "docs" / "algos.png"))
   args = ap.parse_args()
   runs = pathlib.Path(args.runs)
+  entries = [(algo, algo, []) for algo in args.algos]  # (label, algorithm, extra flags)
+  for v in args.variant:
+    label, _, rest = v.partition("=")
+    algo, _, flags = rest.partition(":")
+    if not label or algo not in EXPERIMENTS or label in EXPERIMENTS:
+      ap.error(f"--variant {v!r}: expected LABEL=ALGO:FLAGS with ALGO in {', '.join(EXPERIMENTS)}")
+    entries.append((label, algo, flags.split()))
   curves: dict[str, list[list[dict]]] = {}
   gains: dict[str, list[float]] = {}
   print(
     "| algorithm | gold before → after (per seed) | mean gold gain | KL after (nats) | RL seconds |"
   )
   print("|---|---|---|---|---|")
-  for algo in args.algos:
-    summaries, curves[algo] = [], []
+  for label, algo, flags in entries:
+    summaries, curves[label] = [], []
     for seed in args.seeds:
-      workdir = runs / f"seed{seed}" / algo
-      run(algo, seed, workdir, runs)
+      workdir = runs / f"seed{seed}" / label
+      run(algo, seed, workdir, runs, flags)
       summaries.append(json.loads((workdir / "summary.json").read_text()))
       path = workdir / "metrics.jsonl"  # RL algorithms only
       lines = path.read_text().splitlines() if path.exists() else []
-      curves[algo].append([json.loads(line) for line in lines if line])
+      curves[label].append([json.loads(line) for line in lines if line])
     per_seed = ", ".join(f"{s['before']['gold']:.2f} → {s['after']['gold']:.2f}" for s in summaries)
-    gains[algo] = [s["after"]["gold"] - s["before"]["gold"] for s in summaries]
-    gain = statistics.mean(gains[algo])
+    gains[label] = [s["after"]["gold"] - s["before"]["gold"] for s in summaries]
+    gain = statistics.mean(gains[label])
     kl = statistics.mean(s["after"]["kl"] for s in summaries)
     secs = statistics.mean(
       s["dpo_eval"]["train_seconds"] if algo == "dpo" else sum(r["time/iteration"] for r in rows)
-      for s, rows in zip(summaries, curves[algo], strict=True)
+      for s, rows in zip(summaries, curves[label], strict=True)
     )
-    print(f"| {algo.upper()} | {per_seed} | {gain:+.2f} | {kl:.2f} | {secs:.0f} |", flush=True)
+    print(f"| {label.upper()} | {per_seed} | {gain:+.2f} | {kl:.2f} | {secs:.0f} |", flush=True)
 
   from matplotlib.figure import Figure
 
