@@ -86,12 +86,19 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """``field: saved → current`` for every field that matters to a resumed run."""
-  a, b = _flatten(saved), _flatten(current)
+def config_differences(saved: dict, current: dict, *, defaults: dict | None = None) -> list[str]:
+  """``field: saved → current`` for every field that matters to a resumed run.
+
+  A field the saved config lacks (one added to ppo_jax after the run was saved) is a difference
+  only if its current value is not its value in ``defaults``: new fields default to the old
+  behaviour, so upgrading ppo_jax does not lock a run out of its checkpoints.
+  """
+  a, b, d = _flatten(saved), _flatten(current), _flatten(defaults or {})
   diffs = []
   for name in sorted(set(a) | set(b)):
     if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name):
+      continue
+    if name not in a and name in d and b.get(name) == d[name]:
       continue
     diffs.append(f"{name}: {a.get(name, '(absent)')!r} → {b.get(name, '(absent)')!r}")
   return diffs

@@ -18,7 +18,7 @@ from flax import nnx
 
 from ppo_jax import checkpoint, data, rl, synthetic, writers
 from ppo_jax import sharding as shd
-from ppo_jax.config import Settings
+from ppo_jax.config import Settings, base_config
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.models.lora import add_lora
 from ppo_jax.rewards import load_reward_fn
@@ -209,6 +209,7 @@ def run_ppo_stage(
         log=log,
         checkpointer=ckpt,
         record=record,
+        config_defaults=json.loads(base_config().to_json_best_effort()),
         max_nonfinite=s.ppo_run.max_nonfinite,
         mesh=mesh,
       )

@@ -231,6 +231,7 @@ def run_ppo(
   log: Callable[[int, dict[str, float], Callable[[int], list[dict]]], None] | None = None,
   checkpointer: Checkpointer | None = None,
   record: dict[str, Any] | None = None,
+  config_defaults: dict[str, Any] | None = None,
   max_nonfinite: int = 3,
   mesh=None,
 ) -> PPOResult:
@@ -239,8 +240,10 @@ def run_ppo(
   With a ``checkpointer`` holding checkpoints, the run resumes from the latest one (refusing one
   written by a different config) and saves every ``checkpointer.settings.every`` iterations, at
   the end, and when SIGTERM/SIGINT asks it to stop (then raising ``Preempted``). ``record`` (the
-  config, model config, tokenizer path) goes into every checkpoint. An iteration whose update was
-  skipped for non-finite values is counted; ``max_nonfinite`` in a row raise ``NonFiniteError``.
+  config, model config, tokenizer path) goes into every checkpoint; ``config_defaults`` (every
+  config field's default) lets a checkpoint saved before a field existed resume. An iteration
+  whose update was skipped for non-finite values is counted; ``max_nonfinite`` in a row raise
+  ``NonFiniteError``.
 
   ``log(step, metrics, samples)`` receives each iteration's metrics; ``samples(k)`` builds the
   sample-table rows of that iteration's first ``k`` responses on demand.
@@ -283,7 +286,9 @@ def run_ppo(
   before, streak = None, 0
   if checkpointer is not None and checkpointer.latest_step() is not None:
     saved = checkpointer.record()
-    diffs = config_differences(saved.get("config", {}), record.get("config", {}))
+    diffs = config_differences(
+      saved.get("config", {}), record.get("config", {}), defaults=config_defaults
+    )
     if diffs:
       raise ValueError(
         f"{checkpointer.directory} holds checkpoints of a different config ("

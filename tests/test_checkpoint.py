@@ -232,3 +232,21 @@ def test_config_differences_ignore_what_may_change():
   saved = {"ppo": {"iterations": 10, "kl_coef": 0.05}, "log": {"progress": True}, "seed": 0}
   now = {"ppo": {"iterations": 20, "kl_coef": 0.05}, "log": {"progress": False}, "seed": 1}
   assert checkpoint.config_differences(saved, now) == ["seed: 0 → 1"]
+
+
+def test_a_field_added_since_the_save_counts_only_off_its_default():
+  """A checkpoint written before ``ppo.critic_warmup`` existed resumes under a config that
+  leaves it at its default, and is refused under one that sets it."""
+  saved = {"ppo": {"kl_coef": 0.05}, "seed": 0}
+  defaults = {"ppo": {"kl_coef": 0.05, "critic_warmup": 0}, "seed": 0}
+  at_default = {"ppo": {"kl_coef": 0.05, "critic_warmup": 0}, "seed": 0}
+  assert checkpoint.config_differences(saved, at_default, defaults=defaults) == []
+  assert checkpoint.config_differences(saved, at_default) == ["ppo.critic_warmup: '(absent)' → 0"]
+  changed = {"ppo": {"kl_coef": 0.05, "critic_warmup": 5}, "seed": 0}
+  assert checkpoint.config_differences(saved, changed, defaults=defaults) == [
+    "ppo.critic_warmup: '(absent)' → 5"
+  ]
+  # A field the current config lacks (removed since) still counts.
+  assert checkpoint.config_differences(defaults, saved, defaults=defaults) == [
+    "ppo.critic_warmup: 0 → '(absent)'"
+  ]
