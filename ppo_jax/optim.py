@@ -102,3 +102,21 @@ def make_optimizer(hp: OptimHparams, total_steps: int) -> optax.GradientTransfor
     parts.append(optax.add_decayed_weights(hp.weight_decay, mask=_decay_mask))
   parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts)
+
+
+def scale_subtree(
+  tx: optax.GradientTransformation, key: str, factor: float
+) -> optax.GradientTransformation:
+  """``tx`` with the updates of ``params[key]`` multiplied by ``factor``: a learning-rate
+  multiplier (Adam step and decoupled decay alike) for one part of a ``{"policy": ..., "value":
+  ...}`` tree, on the same schedule, moments and gradient clipping. ``factor == 1`` returns
+  ``tx`` itself (the same optimizer state)."""
+  if factor == 1.0:
+    return tx
+  if not factor > 0:
+    raise ValueError(f"learning-rate factor for {key!r}: must be > 0, got {factor}")
+
+  def mask(params):
+    return {k: jax.tree.map(lambda _, on=k == key: on, v) for k, v in params.items()}
+
+  return optax.chain(tx, optax.masked(optax.scale(factor), mask))

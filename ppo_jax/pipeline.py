@@ -200,6 +200,7 @@ def run_ppo_stage(
         inputs.tokenizer,
         hp=hp,
         optim=s.ppo_optim,
+        critic_lr_scale=s.ppo_run.critic_lr_scale,
         iterations=s.ppo_run.iterations,
         batch_size=s.ppo_run.batch_size,
         critic=critic,

@@ -24,7 +24,7 @@ from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted, config_difference
 from ppo_jax.data import batch_indices
 from ppo_jax.models.lora import merge_lora
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
-from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer
+from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer, scale_subtree
 from ppo_jax.rewards import RewardFn, call_reward_fn
 from ppo_jax.sampling import Generation
 
@@ -222,6 +222,7 @@ def run_ppo(
   *,
   hp: ppo.PPOHparams,
   optim: OptimHparams,
+  critic_lr_scale: float = 1.0,
   iterations: int,
   batch_size: int,
   critic: ValueModel | ScalarHead | None,
@@ -245,6 +246,8 @@ def run_ppo(
   whose update was skipped for non-finite values is counted; ``max_nonfinite`` in a row raise
   ``NonFiniteError``.
 
+  ``critic_lr_scale`` multiplies the critic's learning rate (the policy's is ``optim.lr``).
+
   ``log(step, metrics, samples)`` receives each iteration's metrics; ``samples(k)`` builds the
   sample-table rows of that iteration's first ``k`` responses on demand.
   """
@@ -255,11 +258,13 @@ def run_ppo(
     )
   if (critic is None) != (hp.estimator != "gae"):
     raise ValueError(f"the {hp.estimator} estimator needs {'a' if critic is None else 'no'} critic")
+  if critic is None and critic_lr_scale != 1.0:
+    raise ValueError(f"ppo.critic_lr_scale: the {hp.estimator} estimator has no critic")
   models, params, frozen_policy, reward_params = ActorCritic.build(
     policy, critic, scorer.reward_model
   )
   total_updates = iterations * hp.num_epochs * hp.num_minibatches
-  tx = make_optimizer(optim, total_updates)
+  tx = scale_subtree(make_optimizer(optim, total_updates), "value", critic_lr_scale)
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
   make_state = functools.partial(ppo.init_state, tx=tx, hp=hp, seed=seed)
   placement = None
