@@ -2,7 +2,7 @@
 # Issue 7's GPU figures in one device call (the H200: train-step MFU and decode against the HBM
 # roofline, for a 1B Llama in bf16). Run it with the device tool from the repository root:
 #
-#   run(command="bash bench/gpu_session.sh", timeout_s=560)
+#   run(command="bash bench/gpu_session.sh", timeout_s=600)
 #
 # It needs nothing installed: the device image's python3 has jax (CUDA), flax and optax, and
 # ppo_jax is read from this checkout. Should `import flax.nnx` fail there, carry flax as a wheel:
@@ -12,7 +12,8 @@
 #
 # Everything lands in $OUT (the device tool brings it back): env.txt, accelerator.txt (the 1B
 # run: decode, then the train step), decode_hlo.txt (the compiled sampler, for reading here at
-# no device time) and decode_cmdbuf.txt (decode again with while loops captured as CUDA graphs).
+# no device time), decode_cmdbuf.txt (decode again with while loops captured as CUDA graphs) and
+# attention.txt (attention forward + backward alone: ppo_jax's against cuDNN's fused kernel).
 # Each step has its own time limit, so one that hangs leaves the others' figures. A dry run on
 # the CPU here: `ACCEL_ARGS="--preset tiny" bash bench/gpu_session.sh` (about a minute).
 set -uo pipefail
@@ -50,4 +51,7 @@ echo "== decode again, while loops as CUDA graphs (command buffers)"
 CMDBUF=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
 XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF ${XLA_FLAGS:-}" \
   timeout 170 python3 bench/accelerator.py ${ACCEL_ARGS:-} --decode-only 2>&1 | tee "$OUT/decode_cmdbuf.txt"
+
+echo "== attention alone at the train step's shapes: attend (XLA) vs cuDNN flash attention"
+timeout 60 python3 bench/attention.py ${ACCEL_ARGS:-} 2>&1 | tee "$OUT/attention.txt"
 ls -l "$OUT"

@@ -240,3 +240,35 @@ def test_config_errors():
     ModelConfig.llama(num_heads=4, num_kv_heads=3)
   with pytest.raises(ValueError, match="remat 'all'"):
     ModelConfig.gpt2(remat="all")
+
+
+@pytest.mark.parametrize("heads_major", [False, True])
+def test_attend_matches_a_float64_loop(heads_major):
+  """Grouped-query attention (6 heads over 2 KV heads) with a causal, left-padded mask, against
+  a float64 loop over rows and heads; a row with no allowed key averages every value."""
+  from ppo_jax.models.layers import attend
+
+  rng = np.random.default_rng(0)
+  B, T, H, K, D = 2, 5, 6, 2, 4
+  q, k, v = (
+    rng.normal(size=(B, T, H, D)),
+    rng.normal(size=(B, T, K, D)),
+    rng.normal(size=(B, T, K, D)),
+  )
+  allowed = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
+  allowed[1, :, :2] = False  # row 1: two padding keys; its queries 0 and 1 see nothing
+  want = np.zeros((B, T, H, D))
+  for b in range(B):
+    for t in range(T):
+      for h in range(H):
+        g = h // (H // K)  # the KV head of query head h
+        s = k[b, :, g] @ q[b, t, h] / np.sqrt(D)
+        if allowed[b, t].any():
+          p = np.where(allowed[b, t], np.exp(s - s[allowed[b, t]].max()), 0.0)
+        else:
+          p = np.ones(T)
+        want[b, t, h] = (p / p.sum()) @ v[b, :, g]
+  kv = (lambda x: x.transpose(0, 2, 1, 3)) if heads_major else (lambda x: x)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  got = attend(f32(q), f32(kv(k)), f32(kv(v)), jnp.asarray(allowed), heads_major=heads_major)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

@@ -159,6 +159,31 @@ def apply_rope(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Arr
   return x_BxTxHxD * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
+def attend(
+  q_BxTxHxD: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  allowed_BxTxS: jax.Array,
+  *,
+  heads_major: bool,
+) -> jax.Array:
+  """``softmax(q kᵀ / √D, masked) v`` with grouped queries (H = G · H_kv); returns [B, T, H, D].
+
+  ``k``, ``v``: [B, S, H_kv, D], or [B, H_kv, S, D] with ``heads_major`` (the KV cache's layout).
+  Scores and softmax in float32; disallowed keys get float32's most negative finite value, so a
+  row with no allowed key (left padding) averages uniformly instead of turning into nan.
+  """
+  B, T, H, D = q_BxTxHxD.shape
+  kv_heads = k.shape[1] if heads_major else k.shape[2]
+  kv_dims = "bksd" if heads_major else "bskd"
+  q = q_BxTxHxD.reshape(B, T, kv_heads, H // kv_heads, D)
+  scores = jnp.einsum(f"btkgd,{kv_dims}->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(D)
+  scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum(f"bkgts,{kv_dims}->btkgd", probs, v).reshape(B, T, H, D)
+
+
 class Attention(nnx.Module):
   """Causal grouped-query self-attention over a KV cache (multi-head when H_kv = H)."""
 
@@ -185,7 +210,6 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
     if cache is None:  # a full forward: the keys are this call's tokens
       k_all, v_all = k, v
-      kv_dims = "bskd"
     else:  # write this call's keys at [cache_index, cache_index + T) of the cache
       # Heads-major, so both attention products read the cache in place: stored [B, S, H_kv, D],
       # XLA transposed all of it on every decode step (10–15 % of decode time on CPU).
@@ -193,17 +217,9 @@ class Attention(nnx.Module):
         c, x.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, 2
       )
       k_all, v_all = put(cache.k, k), put(cache.v, v)
-      kv_dims = "bksd"
 
-    groups = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(B, T, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum(f"btkgd,{kv_dims}->bkgts", q, k_all, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(cfg.head_dim)
-    # A finite fill keeps rows with no allowed key (left padding) free of nan.
-    scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-    out = jnp.einsum(f"bkgts,{kv_dims}->btkgd", probs, v_all).reshape(B, T, -1)
-    return self.o(out), (None if cache is None else KVCache(k_all, v_all))
+    out = attend(q, k_all, v_all, allowed_BxTxS, heads_major=cache is not None)
+    return self.o(out.reshape(B, T, -1)), (None if cache is None else KVCache(k_all, v_all))
 
 
 class Mlp(nnx.Module):
