@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import optax
 
 from ppo_jax import masking
+from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic, Params, forward
 from ppo_jax.kl import KL_KINDS, adaptive_kl_update, kl_estimate
 from ppo_jax.logprobs import entropy_from_logits, token_logprobs
 from ppo_jax.losses import policy_loss, value_loss
 from ppo_jax.masking import masked_mean
-from ppo_jax.sharding import BATCH
 
 Metrics = dict[str, jax.Array]
 KL_MODES = ("reward", "loss")
@@ -257,29 +257,6 @@ def _loss(
   return loss, metrics
 
 
-def _rows_sharded(tree, mesh, *, leading: int = 0):
-  """Pins the row axis (after ``leading`` axes) to ``('data', 'fsdp')``: without it GSPMD may
-  replicate a gathered or reshaped batch, and every device would compute every row. Rows that do
-  not split evenly over those axes are left to GSPMD."""
-  if mesh is None:
-    return tree
-  spec = jax.sharding.PartitionSpec(*([None] * leading), BATCH)
-  n = mesh.shape["data"] * mesh.shape["fsdp"]
-
-  def pin(x):
-    if x.shape[leading] % n:
-      return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
-
-  return jax.tree.map(pin, tree)
-
-
-def _split(tree, parts: int, mesh=None):
-  """``[B, ...]`` → ``[parts, B / parts, ...]`` (rows stay split over the mesh's batch axes)."""
-  split = jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), tree)
-  return _rows_sharded(split, mesh, leading=1)
-
-
 def minibatch_gradients(
   models: ActorCritic,
   params: Params,
@@ -313,7 +290,7 @@ def minibatch_gradients(
     return jax.tree.map(jnp.add, grads, g), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, metrics = jax.lax.scan(micro_step, zeros, _split(mb, n_micro, mesh))
+  grads, metrics = jax.lax.scan(micro_step, zeros, shd.split_rows(mb, n_micro, mesh))
   return grads, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics)
 
 
@@ -400,8 +377,8 @@ def train_step(
     return (keep(new_params, params), keep(new_opt_state, opt_state)), metrics
 
   def epoch(carry, key):
-    shuffled = _rows_sharded(jax.tree.map(lambda x: x[jax.random.permutation(key, B)], exp), mesh)
-    return jax.lax.scan(minibatch_step, carry, _split(shuffled, hp.num_minibatches, mesh))
+    shuffled = shd.pin_rows(jax.tree.map(lambda x: x[jax.random.permutation(key, B)], exp), mesh)
+    return jax.lax.scan(minibatch_step, carry, shd.split_rows(shuffled, hp.num_minibatches, mesh))
 
   keys = jax.random.split(perm_key, hp.num_epochs)
   (params, opt_state), metrics = jax.lax.scan(epoch, (state.params, state.opt_state), keys)

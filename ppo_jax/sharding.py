@@ -202,6 +202,30 @@ def place_batch(batch, shardings):
   return jax.tree.map(one, batch, shardings)
 
 
+def pin_rows(tree, mesh: Mesh | None, *, leading: int = 0):
+  """Pins the row axis (after ``leading`` axes) of every array in ``tree`` to ``('data',
+  'fsdp')`` inside a jitted program: without it GSPMD may replicate a gathered or reshaped batch,
+  and every device would compute every row. Rows that do not split evenly over those axes are
+  left to GSPMD; ``mesh=None`` (one device) returns ``tree``."""
+  if mesh is None:
+    return tree
+  spec = P(*([None] * leading), BATCH)
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def pin(x):
+    if x.shape[leading] % n:
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(pin, tree)
+
+
+def split_rows(tree, parts: int, mesh: Mesh | None = None):
+  """``[B, ...]`` → ``[parts, B / parts, ...]`` (rows stay split over the mesh's batch axes)."""
+  split = jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), tree)
+  return pin_rows(split, mesh, leading=1)
+
+
 def to_host(x) -> np.ndarray:
   """A device array's full value as NumPy, whatever its sharding and however many processes."""
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
