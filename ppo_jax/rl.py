@@ -246,7 +246,8 @@ def run_ppo(
   whose update was skipped for non-finite values is counted; ``max_nonfinite`` in a row raise
   ``NonFiniteError``.
 
-  ``critic_lr_scale`` multiplies the critic's learning rate (the policy's is ``optim.lr``).
+  ``critic_lr_scale`` multiplies the critic's learning rate (the policy's is ``optim.lr``;
+  without a critic there is nothing to scale).
 
   ``log(step, metrics, samples)`` receives each iteration's metrics; ``samples(k)`` builds the
   sample-table rows of that iteration's first ``k`` responses on demand.
@@ -258,13 +259,13 @@ def run_ppo(
     )
   if (critic is None) != (hp.estimator != "gae"):
     raise ValueError(f"the {hp.estimator} estimator needs {'a' if critic is None else 'no'} critic")
-  if critic is None and critic_lr_scale != 1.0:
-    raise ValueError(f"ppo.critic_lr_scale: the {hp.estimator} estimator has no critic")
   models, params, frozen_policy, reward_params = ActorCritic.build(
     policy, critic, scorer.reward_model
   )
   total_updates = iterations * hp.num_epochs * hp.num_minibatches
-  tx = scale_subtree(make_optimizer(optim, total_updates), "value", critic_lr_scale)
+  tx = make_optimizer(optim, total_updates)
+  if critic is not None:
+    tx = scale_subtree(tx, "value", critic_lr_scale)
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
   make_state = functools.partial(ppo.init_state, tx=tx, hp=hp, seed=seed)
   placement = None
