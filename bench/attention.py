@@ -58,22 +58,24 @@ def main():
   row_w = rows[:, :, None, None].astype(jnp.float32)  # padding rows: read by no loss
 
   impls = {
-    "ppo_jax attend": lambda q, k, v: attend(q, k, v, allowed, heads_major=False),
-    "jax.nn xla": lambda q, k, v: jax.nn.dot_product_attention(
+    "ppo_jax attend": lambda q, k, v, allowed: attend(q, k, v, allowed, heads_major=False),
+    "jax.nn xla": lambda q, k, v, allowed: jax.nn.dot_product_attention(
       q, k, v, mask=allowed[:, None], implementation="xla"
     ),
-    "jax.nn cudnn": lambda q, k, v: jax.nn.dot_product_attention(
+    "jax.nn cudnn": lambda q, k, v, allowed: jax.nn.dot_product_attention(
       q, k, v, mask=allowed[:, None], implementation="cudnn"
     ),
   }
 
   def fwd_bwd(fn):
-    def loss(q, k, v):
-      out = fn(q, k, v).astype(jnp.float32)
+    # Mask, cotangent and row weights are arguments, not constants folded into the program.
+    def loss(q, k, v, allowed, cot, row_w):
+      out = fn(q, k, v, allowed).astype(jnp.float32)
       return jnp.sum(out * cot.astype(jnp.float32) * row_w), out
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
 
+  operands = (q, k, v, allowed, cot, row_w)
   dev = jax.devices()[0]
   print(
     f"jax {jax.__version__} on {dev.device_kind} ({dev.platform}); attention forward + backward, "
@@ -85,11 +87,11 @@ def main():
   for name, fn in impls.items():
     f = fwd_bwd(fn)
     try:
-      results[name] = jax.block_until_ready(f(q, k, v))
+      results[name] = jax.block_until_ready(f(*operands))
     except Exception as e:  # cuDNN off the GPU, or a shape/mask it does not support
       print(f"{name}: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
       continue
-    runners[name] = lambda f=f: jax.block_until_ready(f(q, k, v))
+    runners[name] = lambda f=f: jax.block_until_ready(f(*operands))
   times = alternate(runners, repeats=args.repeats)
   base = "ppo_jax attend"
   (ref_grads, ref_out) = results[base]
