@@ -294,17 +294,10 @@ def minibatch_gradients(
   return grads, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics)
 
 
-def _keep_policy(train_policy: jax.Array, new, old):
-  """``new`` where ``train_policy``, else ``old`` for every leaf under a ``"policy"`` key (the
-  policy's parameters, and its moments inside an optimizer state); the rest (the critic's, Adam's
-  shared step count) is ``new``."""
-
-  def pick(path, a, b):
-    if any(isinstance(k, jax.tree_util.DictKey) and k.key == "policy" for k in path):
-      return jnp.where(train_policy, a, b)
-    return a
-
-  return jax.tree_util.tree_map_with_path(pick, new, old)
+def _under_policy(path) -> bool:
+  """Whether a leaf's path runs through a ``"policy"`` key: the policy's parameters, and its
+  moments inside an optimizer state (Adam's shared step count does not)."""
+  return any(isinstance(k, jax.tree_util.DictKey) and k.key == "policy" for k in path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,11 +354,18 @@ def train_step(
     apply = rollout_ok & loss_finite & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    if train_policy is not True:  # warming up: the policy's weights and moments stay
-      new_params = _keep_policy(train_policy, new_params, params)
-      new_opt_state = _keep_policy(train_policy, new_opt_state, opt_state)
-    # Non-finite anything: this minibatch's update is skipped, parameters and moments unchanged.
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
+
+    # Non-finite anything: this minibatch's update is skipped, parameters and moments unchanged;
+    # while the critic warms up, the policy's weights and moments stay too.
+    def keep(new, old):
+      def pick(path, a, b):
+        ok = apply
+        if train_policy is not True and _under_policy(path):
+          ok = ok & train_policy
+        return jnp.where(ok, a, b)
+
+      return jax.tree_util.tree_map_with_path(pick, new, old)
+
     metrics["grad/norm"] = grad_norm
     metrics["grad/policy_norm"] = optax.tree.norm(grads["policy"])
     metrics["grad/value_norm"] = optax.tree.norm(grads["value"])
