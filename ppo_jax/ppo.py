@@ -232,7 +232,11 @@ def _loss(
     dual_clip=hp.dual_clip,
     agg=hp.agg,
   )
-  vf, vf_m = value_loss(values, micro.old_values, micro.returns, m, clip_eps=hp.vf_clip, agg=hp.agg)
+  critic = models.value is not None
+  vf = jnp.zeros([])
+  if critic:
+    old_v, returns = micro.old_values, micro.returns
+    vf, vf_m = value_loss(values, old_v, returns, m, clip_eps=hp.vf_clip, agg=hp.agg)
   entropy = masked_mean(entropy_from_logits(logits, temperature=hp.temperature), m)
   share_agg = pg_m[masking.agg_weight_key(hp.agg)] / weights["agg"]
   share_tok = pg_m["num_tokens"] / weights["tokens"]
@@ -244,16 +248,17 @@ def _loss(
     loss = loss + policy_on * share_agg * kl_coef * kl_loss
   metrics = {
     "loss/policy_avg": share_agg * pg,
-    "loss/value_avg": share_agg * vf,
     "loss/kl_avg": share_agg * kl_loss,
     "policy/approxkl_avg": share_tok * pg_m["approx_kl"],
     "policy/clipfrac_avg": share_tok * pg_m["clipfrac"],
     "policy/dual_clipfrac_avg": share_tok * pg_m["dual_clipfrac"],
     "policy/entropy_avg": share_tok * entropy,
-    "val/clipfrac_avg": share_tok * vf_m["clipfrac"],
     "val/ratio": share_tok * pg_m["ratio"],
-    "val/error": share_tok * vf_m["error"],
   }
+  if critic:  # critic-free runs (GRPO, RLOO) log no value metrics rather than zeros
+    metrics["loss/value_avg"] = share_agg * vf
+    metrics["val/clipfrac_avg"] = share_tok * vf_m["clipfrac"]
+    metrics["val/error"] = share_tok * vf_m["error"]
   return loss, metrics
 
 
@@ -347,9 +352,8 @@ def train_step(
       train_policy=train_policy,
     )
     grad_norm = optax.tree.norm(grads)
-    loss_finite = jnp.isfinite(
-      metrics["loss/policy_avg"] + metrics["loss/value_avg"] + metrics["loss/kl_avg"]
-    )
+    loss = metrics["loss/policy_avg"] + metrics.get("loss/value_avg", 0.0) + metrics["loss/kl_avg"]
+    loss_finite = jnp.isfinite(loss)
     rollout_ok = jnp.all(mb.ok)
     apply = rollout_ok & loss_finite & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -368,7 +372,8 @@ def train_step(
 
     metrics["grad/norm"] = grad_norm
     metrics["grad/policy_norm"] = optax.tree.norm(grads["policy"])
-    metrics["grad/value_norm"] = optax.tree.norm(grads["value"])
+    if models.value is not None:
+      metrics["grad/value_norm"] = optax.tree.norm(grads["value"])
     metrics["nonfinite/loss"] = (rollout_ok & ~loss_finite).astype(jnp.float32)
     metrics["nonfinite/grads"] = (rollout_ok & loss_finite & ~jnp.isfinite(grad_norm)).astype(
       jnp.float32

@@ -165,7 +165,6 @@ def make_experience(
     "objective/non_score_reward": jnp.mean(non_score),
     "objective/rlhf_reward": jnp.mean(scores_B) + jnp.mean(non_score),
     "objective/entropy": jnp.mean(masked_sum(-old_logp, m, axis=-1)),
-    "val/mean": masked_mean(values, m),
     "response/length": jnp.mean(jnp.sum(m, axis=-1)),
     "response/eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
     # Guard: 1 when the quantity is not finite (the update is then skipped).
@@ -176,6 +175,7 @@ def make_experience(
     "sample/kl": seq_kl,
   }
   if hp.estimator == "gae":  # only PPO has a critic (critic-free values and returns are zeros)
+    metrics["val/mean"] = masked_mean(values, m)
     resid_var = _masked_var(returns - values, m)
     metrics["val/var_explained"] = 1.0 - resid_var / jnp.maximum(_masked_var(returns, m), 1e-8)
   if logp is not None:  # how far the sampler's log-probs are from the trainer's
