@@ -13,10 +13,10 @@ README "What the default experiment does"): about 1 minute end to end; the gold 
 policy's reviews rises from about 0 after SFT to 0.82 (mean of 3 seeds, 0.70–0.89) after PPO at a
 KL of 4.3–6.7 nats per review; the reward model reaches 0.72–0.86 held-out accuracy on labels that
 agree with gold 87 % of the time. ``smoke`` shrinks the data and the PPO stage and skips the
-held-out evaluation: about 40 s on one core from a cold start; over seeds 0–4 (2026-12-02, the
-critic at 10× the policy's learning rate) the reward-model score rises by 1.0–1.9 and the gold
-score by 0.27–0.53 (mean 0.40; 0.17–0.48, mean 0.32, at 1×), first three iterations against the
-last three.
+held-out evaluation: about 40 s on one core from a cold start; over seeds 0–7, first three
+iterations against the last three, the reward-model score rises by 1.0–1.9 and the gold score by
+0.31–0.52 (mean 0.41) on an AVX-512 EPYC (2026-12-03), by 0.8–1.8 and 0.20–0.53 on an AVX2 EPYC
+(2026-12-02).
 """
 
 from ppo_jax.config import base_config
@@ -72,6 +72,12 @@ def get_config(arg: str | None = None):
     config.ppo.batch_size = 32
     config.ppo.optim.lr = 5e-4
     config.ppo.optim.warmup_steps = 0
+    # Twice the full run's KL coefficient: the smoke reward model, trained on half the pairs, is
+    # easier to fool with reviews of the wrong item. At 0.05 seeds 0 and 4 gained < 0.1 gold on an
+    # AVX2 EPYC, though seeds 0–4 all gained ≥ 0.27 on the CPU it was tuned on (floating-point
+    # sums round differently); at 0.1 all of seeds 0–7 gained ≥ 0.2 there, ≥ 0.31 on an AVX-512
+    # EPYC (where 0.05 gave 0.27–0.53).
+    config.ppo.kl_coef = 0.1
     config.data.eval_prompts = 0  # no held-out evaluation: before/after from the rollouts
     config.log.samples_every = 5
   elif arg is not None:

@@ -178,8 +178,8 @@ def test_one_nan_rollout_is_skipped_and_training_goes_on():
 def test_checkpoint_of_a_different_config_is_refused(smoke_run, tmp_path):
   workdir = reuse_stages(smoke_run[0], tmp_path / "other")
   shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
-  with pytest.raises(ValueError, match=r"different config \(ppo\.kl_coef: 0\.05 → 0\.1\)") as e:
-    pipeline.run(smoke_config(ppo__kl_coef=0.1), workdir)
+  with pytest.raises(ValueError, match=r"different config \(ppo\.kl_coef: 0\.1 → 0\.2\)") as e:
+    pipeline.run(smoke_config(ppo__kl_coef=0.2), workdir)
   assert "\n" not in str(e.value)
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "15"]  # untouched
 
