@@ -1,6 +1,8 @@
 """One PPO iteration on meshes of 8 devices equals the single-device one; shardings follow the
 rules and survive the step; checkpoints restore onto another mesh."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,23 +38,40 @@ PROMPT_MASK = np.ones((B, P), np.int32)
 PROMPT_MASK[1, :2] = PROMPT_MASK[5, :1] = 0
 
 
-def setup(mesh_shape=None):
+TX = make_optimizer(OptimHparams(lr=LR, schedule="constant"), 100)
+
+
+def _models_and_state():
   policy = CausalLM(CFG, rngs=nnx.Rngs(0))
   models, params, frozen_policy, reward_params = ActorCritic.build(
     policy, ValueModel(CFG, rngs=nnx.Rngs(3)), RewardModel(CFG, rngs=nnx.Rngs(1))
   )
-  tx = make_optimizer(OptimHparams(lr=LR, schedule="constant"), 100)
-  state = ppo.init_state(params, tx, HP, seed=0)
+  state = ppo.init_state(params, TX, HP, seed=0)
   frozen = ppo.Frozen(
     ref_params=jax.tree.map(lambda x: x * 1.1, frozen_policy), reward_params=reward_params
   )
-  placement, put = None, jnp.asarray
+  return models, state, frozen
+
+
+@functools.cache
+def _step_fns(mesh_shape):
+  """The jitted steps and placement of a mesh, built once: tests on the same mesh reuse the
+  programs compiled by the first."""
+  models, state, frozen = _models_and_state()
+  placement = None
   if mesh_shape is not None:
-    mesh = shd.make_mesh(mesh_shape)
-    placement = rollout.Placement.build(mesh, state, frozen, tx)
+    placement = rollout.Placement.build(shd.make_mesh(mesh_shape), state, frozen, TX)
+  return rollout.make_step_fns(models, TX, HP, placement=placement), placement
+
+
+def setup(mesh_shape=None):
+  """(step functions, a fresh state and frozen weights placed on the mesh, placement, put)."""
+  _, state, frozen = _models_and_state()
+  fns, placement = _step_fns(mesh_shape)
+  put = jnp.asarray
+  if placement is not None:
     state, frozen = shd.place(state, placement.state), shd.place(frozen, placement.frozen)
     put = lambda x: shd.place_batch(x, placement.batch)
-  fns = rollout.make_step_fns(models, tx, HP, placement=placement)
   return fns, state, frozen, placement, put
 
 
@@ -168,6 +187,9 @@ def test_sharded_pipeline_end_to_end(tmp_path):
   spec.loader.exec_module(module)
   config = module.get_config("smoke")
   config.mesh.shape = (2, 2, 2)
+  # Every stage runs sharded; how well they learn is the single-device tests' business.
+  config.task.num_sft = config.task.num_pairs = 256
+  config.sft.epochs = config.rm.epochs = 1.0
   config.ppo.iterations = 4
   config.log.progress = False
   config.log.tensorboard = False
