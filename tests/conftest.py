@@ -13,14 +13,76 @@ os.environ.setdefault("PPO_JAX_COMPILATION_CACHE", os.environ["JAX_COMPILATION_C
 
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from cases import MASKS
 
 ROOT = pathlib.Path(__file__).parent.parent
+IN_MULTIDEVICE = os.environ.get("PPO_JAX_MULTIDEVICE") == "1"
 # tests/multidevice needs 8 devices from the start: test_sharding.py runs it in its own process.
-collect_ignore = [] if os.environ.get("PPO_JAX_MULTIDEVICE") == "1" else ["multidevice"]
+collect_ignore = [] if IN_MULTIDEVICE else ["multidevice"]
+MULTIDEVICE_TEST = "tests/test_sharding.py::test_multidevice_suite"
+
+
+class MultideviceRun:
+  """tests/multidevice in a pytest process of its own, on 8 simulated CPU devices (the device
+  count is fixed when JAX starts, and it would change every single-device result here).
+
+  It starts as soon as collection selects ``MULTIDEVICE_TEST`` and runs beside the single-device
+  tests, which leave the second core idle much of the time (mostly one-threaded compilation);
+  the test waits for it and reads its output.
+  """
+
+  _started: "MultideviceRun | None" = None
+
+  def __init__(self):
+    env = {
+      **os.environ,
+      "PPO_JAX_MULTIDEVICE": "1",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # programs for 8 devices: a cache of their own
+    self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it until the end
+    self.proc = subprocess.Popen(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+       str(ROOT / "tests" / "multidevice")],
+      stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+
+  @classmethod
+  def start(cls) -> "MultideviceRun":
+    """The run of this session, started now if collection did not start it."""
+    if cls._started is None:
+      cls._started = cls()
+    return cls._started
+
+  def wait(self, timeout: float) -> tuple[int, str]:
+    """(exit status, everything it printed)."""
+    try:
+      code = self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      raise
+    self.log.seek(0)
+    return code, self.log.read()
+
+  @classmethod
+  def stop(cls) -> None:
+    if cls._started is not None and cls._started.proc.poll() is None:
+      cls._started.proc.kill()
+      cls._started.proc.wait()
+
+
+def pytest_collection_finish(session):
+  if not IN_MULTIDEVICE and any(i.nodeid == MULTIDEVICE_TEST for i in session.items):
+    MultideviceRun.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+  MultideviceRun.stop()  # a session that ended early (-x, Ctrl-C) leaves no process behind
 
 
 @pytest.fixture(params=list(MASKS), ids=list(MASKS))

@@ -7,7 +7,7 @@ import sys
 
 import jax
 import pytest
-from conftest import ROOT
+from conftest import ROOT, MultideviceRun
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -99,32 +99,9 @@ def test_mesh_that_does_not_fit_is_a_one_line_cli_error(tmp_path):
 
 
 def test_multidevice_suite():
-  """tests/multidevice on 8 simulated CPU devices (a process of its own: the device count is
-  fixed when JAX starts, and it would change every single-device result here)."""
-  env = {
-    **os.environ,
-    "PPO_JAX_MULTIDEVICE": "1",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-  }
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # programs for 8 devices: a cache of their own
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "pytest",
-      "-q",
-      "-p",
-      "no:cacheprovider",
-      "-o",
-      "addopts=",
-      str(ROOT / "tests" / "multidevice"),
-    ],
-    capture_output=True,
-    text=True,
-    env=env,
-    cwd=ROOT,
-    timeout=1800,
-  )
-  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-  passed = re.search(r"(\d+) passed", proc.stdout)
-  assert passed and int(passed.group(1)) >= 8 and "skipped" not in proc.stdout, proc.stdout[-2000:]
+  """tests/multidevice on 8 simulated CPU devices: started by conftest when collection selected
+  this test (see ``MultideviceRun``), so it has been running beside the tests before it."""
+  code, out = MultideviceRun.start().wait(timeout=1800)
+  assert code == 0, out[-9000:]
+  passed = re.search(r"(\d+) passed", out)
+  assert passed and int(passed.group(1)) >= 8 and "skipped" not in out, out[-2000:]
