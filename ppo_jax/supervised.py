@@ -146,7 +146,8 @@ def fit(
     bar.close()
     writer.close()
   held_out = evaluate(params, graphdef, loss_fn, *eval_rows, batch_size=hp.batch_size, mesh=mesh)
-  print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
+  fmt = lambda k, v: f"{k} {v:.0f}" if k == "eval_rows" else f"{k} {v:.4f}"  # a count, not a mean
+  print("held-out: " + ", ".join(fmt(k, v) for k, v in held_out.items()))
   return params, held_out
 
 
