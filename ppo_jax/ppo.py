@@ -244,7 +244,11 @@ def _loss(
   loss = loss - policy_on * hp.entropy_coef * share_tok * entropy
   kl_loss = jnp.zeros([])
   if hp.kl_mode == "loss":
-    kl_loss = masking.aggregate(kl_estimate(logp, micro.ref_logprobs, kind=hp.kl_kind), m, hp.agg)
+    # d = 0 at masked tokens, so nothing there reaches the gradient (k3's e^{−d} could be inf).
+    ref = micro.ref_logprobs
+    kl_loss = masking.aggregate(
+      kl_estimate(jnp.where(m > 0, logp, ref), ref, kind=hp.kl_kind), m, hp.agg
+    )
     loss = loss + policy_on * share_agg * kl_coef * kl_loss
   metrics = {
     "loss/policy_avg": share_agg * pg,

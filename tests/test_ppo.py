@@ -94,6 +94,7 @@ def test_micro_batch_gradients_equal_the_full_minibatch_gradient(agg):
   """Gradient and metrics of a minibatch of 8 in 4 micro-batches equal those in one."""
   hp = dataclasses.replace(HP, agg=agg, kl_mode="loss", entropy_coef=0.01)
   models, _, state, frozen, fns = build(hp)
+  frozen = frozen.replace(ref_params=jax.tree.map(lambda x: x * 1.5, frozen.ref_params))
   gen = fns.sample(state.params["policy"], frozen, jax.random.key(5), PROMPTS, PROMPT_MASK)
   exp, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)
   exp = exp.replace(ref_logprobs=exp.ref_logprobs - 0.1)  # a KL term that is not zero
@@ -300,6 +301,7 @@ def test_critic_warmup_gradient_is_the_value_loss_alone():
   policy's gradient is exactly zero and the critic's is the one it gets with them."""
   hp = dataclasses.replace(HP, kl_mode="loss", entropy_coef=0.01)
   models, _, state, frozen, fns = build(hp)
+  frozen = frozen.replace(ref_params=jax.tree.map(lambda x: x * 1.5, frozen.ref_params))
   gen = fns.sample(state.params["policy"], frozen, jax.random.key(5), PROMPTS, PROMPT_MASK)
   exp, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)
   exp = exp.replace(ref_logprobs=exp.ref_logprobs - 0.1)  # a KL term that is not zero
@@ -322,3 +324,22 @@ def test_critic_warmup_needs_a_critic():
     dataclasses.replace(HP, estimator="grpo", group_size=2, critic_warmup=3)
   with pytest.raises(ValueError, match="critic_warmup: must be ≥ 0"):
     dataclasses.replace(HP, critic_warmup=-1)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_kl_loss_ignores_what_sits_at_masked_positions(kind):
+  """kl_mode=loss: a reference log-prob far off at a masked token (k3's e^{−d} overflows there)
+  changes neither the loss nor the gradient."""
+  hp = dataclasses.replace(HP, kl_mode="loss", kl_kind=kind)
+  models, _, state, frozen, fns = build(hp)
+  frozen = frozen.replace(ref_params=jax.tree.map(lambda x: x * 1.5, frozen.ref_params))
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(5), PROMPTS, PROMPT_MASK)
+  exp, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)
+  exp = exp.replace(response_mask=exp.response_mask.at[:, -2:].set(0.0))  # last tokens: masked
+  far = exp.replace(ref_logprobs=exp.ref_logprobs.at[:, -2:].set(200.0))
+  grad = lambda e: ppo.minibatch_gradients(models, state.params, e, state.kl_coef, 1, hp=hp)
+  (g_far, m_far), (g, m) = grad(far), grad(exp)
+  assert float(m["loss/kl_avg"]) > 0.0
+  assert float(m_far["loss/kl_avg"]) == float(m["loss/kl_avg"])
+  for a, b in zip(jax.tree.leaves(g_far), jax.tree.leaves(g), strict=True):
+    np.testing.assert_array_equal(a, b)
