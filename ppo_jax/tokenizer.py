@@ -14,7 +14,8 @@ def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> 
   """``transformers.AutoTokenizer`` from a local folder, never the hub, never remote code.
 
   Prompts are left-padded for generation, so ``padding_side`` defaults to ``"left"``. A tokenizer
-  without a pad token gets its EOS token as pad (the usual choice for decoder-only models).
+  without a pad token gets its EOS token as pad (the usual choice for decoder-only models); one
+  without an EOS token is refused.
   """
   from transformers import AutoTokenizer
 
@@ -26,9 +27,9 @@ def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> 
   tok = AutoTokenizer.from_pretrained(
     str(folder), local_files_only=True, trust_remote_code=False, padding_side=padding_side
   )
+  if tok.eos_token is None:  # SFT targets end with it, and sampled responses stop at it
+    raise ValueError(f"{folder}: the tokenizer has no EOS token; responses need one to end")
   if tok.pad_token is None:
-    if tok.eos_token is None:
-      raise ValueError(f"{folder}: the tokenizer has neither a pad nor an EOS token")
     tok.pad_token = tok.eos_token
   return tok
 

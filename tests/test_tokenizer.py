@@ -1,0 +1,38 @@
+"""Tokenizers from local folders: the special tokens the pipeline relies on."""
+
+import pytest
+
+from ppo_jax.tokenizer import build_word_tokenizer, load_tokenizer
+
+
+def _saved(tmp_path, **special):
+  tok = build_word_tokenizer(["good", "film"])
+  for name, value in special.items():
+    setattr(tok, name, value)
+  tok.save_pretrained(tmp_path)
+  return tmp_path
+
+
+def test_word_tokenizer_round_trips_through_a_folder(tmp_path):
+  tok = load_tokenizer(_saved(tmp_path))
+  assert tok.padding_side == "left"
+  assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+  assert tok("good film mystery")["input_ids"] == [4, 5, 3]  # unknown word → <unk>
+  assert tok.decode([4, 5]) == "good film"
+
+
+def test_missing_pad_token_becomes_eos(tmp_path):
+  tok = load_tokenizer(_saved(tmp_path, pad_token=None))
+  assert tok.pad_token_id == tok.eos_token_id == 1
+
+
+@pytest.mark.parametrize("pad", ["<pad>", None])
+def test_tokenizer_without_eos_is_refused(tmp_path, pad):
+  folder = _saved(tmp_path, eos_token=None, pad_token=pad)
+  with pytest.raises(ValueError, match=r"the tokenizer has no EOS token; responses need one"):
+    load_tokenizer(folder)
+
+
+def test_missing_folder_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"tokenizer folder .*nowhere does not exist"):
+    load_tokenizer(tmp_path / "nowhere")
