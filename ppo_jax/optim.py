@@ -104,6 +104,25 @@ def make_optimizer(hp: OptimHparams, total_steps: int) -> optax.GradientTransfor
   return optax.chain(*parts)
 
 
+def schedule_count(opt_state: optax.OptState) -> jax.Array:
+  """The count the learning-rate schedule of ``make_optimizer``'s state reads at its next update.
+
+  It advances only on updates that are applied (a skipped update keeps the whole state), so
+  ``schedule(schedule_count(state))`` is the rate the next update uses, where a count derived
+  from the iteration number would run ahead after a skip.
+  """
+  found = [
+    v
+    for path, v in optax.tree.get_all_with_path(opt_state, "count")
+    if getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"
+  ]
+  if len(found) != 1:
+    raise ValueError(
+      f"expected one learning-rate schedule in the optimizer state, found {len(found)}"
+    )
+  return found[0]
+
+
 def scale_subtree(
   tx: optax.GradientTransformation, key: str, factor: float
 ) -> optax.GradientTransformation:

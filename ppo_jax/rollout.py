@@ -36,6 +36,7 @@ from ppo_jax.kl import kl_estimate
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_mean, masked_sum, masked_whiten
 from ppo_jax.models.transformer import last_token_index
+from ppo_jax.optim import schedule_count
 from ppo_jax.ppo import (
   Experience,
   Frozen,
@@ -330,7 +331,7 @@ def make_step_fns(
     hparams = TrainHparams(models, tx, hp, mesh=None if placement is None else placement.mesh)
     new_state, metrics = train_step(state, exp, hparams=hparams, frozen=frozen)
     if lr_schedule is not None:
-      metrics["lr"] = jnp.asarray(lr_schedule(state.step * hp.num_epochs * hp.num_minibatches))
+      metrics["lr"] = jnp.asarray(lr_schedule(schedule_count(state.opt_state)))
     new_state = finish_iteration(new_state, {"objective/kl": rollout_kl}, exp.ids.shape[0], hp=hp)
     return new_state, metrics
 

@@ -9,7 +9,13 @@ import numpy as np
 import optax
 import pytest
 
-from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer, scale_subtree
+from ppo_jax.optim import (
+  OptimHparams,
+  learning_rate,
+  make_optimizer,
+  scale_subtree,
+  schedule_count,
+)
 
 
 def test_schedules_by_hand():
@@ -88,3 +94,19 @@ def test_critic_lr_scale_multiplies_the_value_updates_only():
     assert float(jnp.abs(u_base["value"]["kernel"]).max()) > 0
   with pytest.raises(ValueError, match="must be > 0"):
     scale_subtree(base, "value", 0.0)
+
+
+@pytest.mark.parametrize("tf_style", [True, False])
+def test_schedule_count_is_the_updates_applied(tf_style):
+  """The count the schedule reads: one per update, found under the critic's multiplier too, and
+  not a count of Adam's (which coincides only while nothing is skipped)."""
+  hp = OptimHparams(lr=1.0, schedule="linear", tf_style_eps=tf_style, weight_decay=0.1)
+  tx = scale_subtree(make_optimizer(hp, 10), "value", 3.0)
+  params = {"policy": {"w": jnp.ones((2, 2))}, "value": {"w": jnp.ones((2, 1))}}
+  state = tx.init(params)
+  for t in range(3):
+    assert int(schedule_count(state)) == t
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert int(schedule_count(state)) == 3
+  with pytest.raises(ValueError, match=r"expected one learning-rate schedule .* found 0"):
+    schedule_count(optax.adam(1.0).init(params))

@@ -12,7 +12,7 @@ from ppo_jax import ppo, rollout
 from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ScalarHead, ValueModel
 from ppo_jax.models.lora import add_lora
-from ppo_jax.optim import OptimHparams, make_optimizer
+from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer
 
 CFG = ModelConfig.gpt2(
   vocab_size=24,
@@ -343,3 +343,20 @@ def test_kl_loss_ignores_what_sits_at_masked_positions(kind):
   assert float(m_far["loss/kl_avg"]) == float(m["loss/kl_avg"])
   for a, b in zip(jax.tree.leaves(g_far), jax.tree.leaves(g), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_lr_metric_is_the_rate_of_the_updates_applied():
+  """A linear decay over 5 iterations of 4 updates: a NaN-score iteration applies no update, so
+  the next iteration logs (and uses) the rate the skipped one would have."""
+  models, _, state, frozen, _ = build()
+  hp_optim = OptimHparams(lr=1.0, schedule="linear")
+  tx = make_optimizer(hp_optim, 20)
+  state = ppo.init_state(state.params, tx, HP, seed=0)
+  fns = rollout.make_step_fns(models, tx, HP, learning_rate(hp_optim, 20))
+  lrs, skipped = [], []
+  for scores in (None, jnp.full((B,), jnp.nan), None):
+    state, metrics, _, _ = one_iteration(fns, state, frozen, scores)
+    lrs.append(float(metrics["lr"]))
+    skipped.append(float(metrics["update/skipped"]))
+  assert skipped == [0.0, 1.0, 0.0]
+  np.testing.assert_allclose(lrs, [1.0, 0.8, 0.8], rtol=1e-6)  # not 0.6: nothing was applied
