@@ -356,8 +356,7 @@ def train_step(
       train_policy=train_policy,
     )
     grad_norm = optax.tree.norm(grads)
-    loss = metrics["loss/policy_avg"] + metrics.get("loss/value_avg", 0.0) + metrics["loss/kl_avg"]
-    loss_finite = jnp.isfinite(loss)
+    loss_finite = jnp.isfinite(sum(v for k, v in metrics.items() if k.startswith("loss/")))
     rollout_ok = jnp.all(mb.ok)
     apply = rollout_ok & loss_finite & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, params)
