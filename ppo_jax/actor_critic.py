@@ -137,3 +137,28 @@ def reward_scores(graphdef: nnx.GraphDef, params: Params, ids_BxL, mask_BxL) -> 
   """Reward-model scores ``[B]`` read at each sequence's last real token."""
   rm: RewardModel = nnx.merge(graphdef, params)
   return rm(ids_BxL, mask_BxL)
+
+
+def build_critic(
+  policy: CausalLM, reward_model: RewardModel | None, *, shared_trunk: bool, init: str, seed: int
+) -> ValueModel | ScalarHead:
+  """The critic: a zero-initialised head on the policy's trunk, or a ValueModel initialised from
+  the reward model (``init="reward_model"``) or from the policy's trunk with a zero head."""
+  cfg = policy.cfg
+  if shared_trunk:
+    return ScalarHead(
+      cfg.hidden_size, zero_init=True, param_dtype=cfg.param_dtype, rngs=nnx.Rngs(seed)
+    )
+  critic = ValueModel(cfg, rngs=nnx.Rngs(seed), zero_init_head=True)
+  source = reward_model if init == "reward_model" else policy
+  if init == "reward_model" and reward_model is None:
+    raise ValueError("ppo.critic_init='reward_model' but there is no reward model")
+  if source.cfg.hidden_size != cfg.hidden_size or source.cfg.num_layers != cfg.num_layers:
+    raise ValueError(
+      "ppo.critic_init='reward_model' needs a reward model of the policy's "
+      "architecture; use ppo.critic_init='policy'"
+    )
+  nnx.update(critic.trunk, nnx.state(source.trunk))
+  if init == "reward_model":
+    nnx.update(critic.head, nnx.state(reward_model.head))
+  return critic

@@ -18,6 +18,7 @@ from flax import nnx
 
 from ppo_jax import checkpoint, data, rl, synthetic, writers
 from ppo_jax import sharding as shd
+from ppo_jax.actor_critic import build_critic
 from ppo_jax.config import Settings, base_config
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.models.lora import add_lora
@@ -144,7 +145,7 @@ def run_ppo_stage(
   gold = load_reward_fn(inputs.gold) if inputs.gold else None
   critic = None  # GRPO and RLOO have none
   if hp.estimator == "gae":
-    critic = rl.build_critic(
+    critic = build_critic(
       policy,
       reward_model,
       shared_trunk=s.ppo_run.value_head_on_policy,

@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from ppo_jax import ppo, rollout
 from ppo_jax import sharding as shd
@@ -48,31 +47,6 @@ def decode_responses(tokenizer: Any, tokens_BxN, mask_BxN) -> list[str]:
   return tokenizer.batch_decode(
     [t[m > 0].tolist() for t, m in zip(tokens, mask, strict=True)], skip_special_tokens=True
   )
-
-
-def build_critic(
-  policy: CausalLM, reward_model: RewardModel | None, *, shared_trunk: bool, init: str, seed: int
-) -> ValueModel | ScalarHead:
-  """The critic: a zero-initialised head on the policy's trunk, or a ValueModel initialised from
-  the reward model (``init="reward_model"``) or from the policy's trunk with a zero head."""
-  cfg = policy.cfg
-  if shared_trunk:
-    return ScalarHead(
-      cfg.hidden_size, zero_init=True, param_dtype=cfg.param_dtype, rngs=nnx.Rngs(seed)
-    )
-  critic = ValueModel(cfg, rngs=nnx.Rngs(seed), zero_init_head=True)
-  source = reward_model if init == "reward_model" else policy
-  if init == "reward_model" and reward_model is None:
-    raise ValueError("ppo.critic_init='reward_model' but there is no reward model")
-  if source.cfg.hidden_size != cfg.hidden_size or source.cfg.num_layers != cfg.num_layers:
-    raise ValueError(
-      "ppo.critic_init='reward_model' needs a reward model of the policy's "
-      "architecture; use ppo.critic_init='policy'"
-    )
-  nnx.update(critic.trunk, nnx.state(source.trunk))
-  if init == "reward_model":
-    nnx.update(critic.head, nnx.state(reward_model.head))
-  return critic
 
 
 @dataclasses.dataclass
