@@ -49,7 +49,7 @@ from timing import alternate, copy_bandwidth, matmul_peak
 from ppo_jax import ppo, rollout
 from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ScalarHead
-from ppo_jax.optim import OptimHparams, make_optimizer
+from ppo_jax.optim import OptimHparams, make_actor_critic_optimizer
 
 # Dense bf16 TFLOP/s and HBM TB/s from the vendors' data sheets, by device_kind.
 SPEC = {"NVIDIA H200": (989e12, 4.8e12), "NVIDIA H100 80GB HBM3": (989e12, 3.35e12)}
@@ -79,7 +79,7 @@ def build(cfg: ModelConfig, hp: ppo.PPOHparams):
   reward = RewardModel(cfg, rngs=nnx.Rngs(1))
   models, params, frozen_policy, reward_params = ActorCritic.build(policy, head, reward)
   del policy, head, reward
-  tx = make_optimizer(OptimHparams(lr=1e-6), 10_000)
+  tx = make_actor_critic_optimizer(OptimHparams(lr=1e-6), policy_steps=10_000, value_steps=10_000)
   state = ppo.init_state(params, tx, hp, seed=0)
   return models, tx, state, ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
 

@@ -33,7 +33,7 @@ from ppo_jax import ppo, rollout
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.models import CausalLM, RewardModel, ScalarHead, ValueModel
-from ppo_jax.optim import OptimHparams, make_optimizer
+from ppo_jax.optim import OptimHparams, make_actor_critic_optimizer
 from ppo_jax.sampling import Generation
 
 GB = 1024**3
@@ -112,7 +112,7 @@ def measure(saver: Saver, *, batch: int, prompt: int, response: int) -> dict[str
     micro_batch_size=saver.micro_batch,
     eos_token_id=1,
   )
-  tx = make_optimizer(OptimHparams(lr=1e-6), 1000)
+  tx = make_actor_critic_optimizer(OptimHparams(lr=1e-6), policy_steps=1000, value_steps=1000)
   state = jax.eval_shape(lambda p: ppo.init_state(p, tx, hp, seed=0), params)
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
   pl = rollout.Placement.build(shd.make_mesh(saver.mesh), state, frozen, tx)

@@ -37,7 +37,7 @@ from timing import matmul_peak
 from ppo_jax import ppo, rollout
 from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ValueModel
-from ppo_jax.optim import OptimHparams, make_optimizer
+from ppo_jax.optim import OptimHparams, make_actor_critic_optimizer
 
 B, P, N, NUM_PROMPTS = 16, 16, 32, 256
 
@@ -69,7 +69,7 @@ def build(cfg: ModelConfig, hp: ppo.PPOHparams):
   value = ValueModel(cfg, rngs=nnx.Rngs(2))
   nnx.update(value, nnx.state(reward))  # the value model starts as a copy of the reward model
   models, params, frozen_policy, reward_params = ActorCritic.build(policy, value, reward)
-  tx = make_optimizer(OptimHparams(lr=3e-6), 10_000)
+  tx = make_actor_critic_optimizer(OptimHparams(lr=3e-6), policy_steps=10_000, value_steps=10_000)
   state = ppo.init_state(params, tx, hp, seed=0)
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
   return rollout.make_step_fns(models, tx, hp), state, frozen

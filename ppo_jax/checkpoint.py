@@ -115,7 +115,11 @@ class Checkpointer:
       enable_async_checkpointing=settings.async_save,
       cleanup_tmp_directories=True,
     )
-    self._mgr = ocp.CheckpointManager(self.directory.absolute(), options=options)
+    # Handlers named up front: a fresh manager can then read the metadata of a saved state.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    self._mgr = ocp.CheckpointManager(
+      self.directory.absolute(), options=options, item_handlers=handlers
+    )
 
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()
@@ -136,12 +140,34 @@ class Checkpointer:
     target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), with_data
     )
+    self._check_layout(step, target)
     out = self._mgr.restore(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
     )
     state = out.state.replace(key=jax.random.wrap_key_data(out.state.key))
     return state, out.meta
+
+  def _check_layout(self, step: int, target) -> None:
+    """One line naming the first difference when the saved arrays are not the ones ``target``
+    has (names and shapes): a checkpoint of another ppo_jax version's state layout, say."""
+    saved = _shapes(self._mgr.item_metadata(step)["state"])
+    wanted = _shapes(target)
+    only_saved, only_here = sorted(saved.keys() - wanted), sorted(wanted.keys() - saved)
+    reshaped = [k for k in sorted(saved.keys() & wanted) if saved[k] != wanted[k]]
+    if not (only_saved or only_here or reshaped):
+      return
+    if reshaped:
+      what = f"{reshaped[0]} is {saved[reshaped[0]]} there, {wanted[reshaped[0]]} here"
+    else:
+      what = (
+        f"{len(only_saved)} arrays only in the checkpoint (e.g. {(only_saved or ['-'])[0]}), "
+        f"{len(only_here)} only in this run (e.g. {(only_here or ['-'])[0]})"
+      )
+    raise ValueError(
+      f"{self.directory} step {step} holds a state of another layout ({what}); it was written by"
+      " another ppo_jax version or model: use a new workdir"
+    )
 
   def record(self, step: int | None = None) -> dict[str, Any]:
     step = self._mgr.latest_step() if step is None else step
@@ -209,6 +235,22 @@ def export_policy(
     json.dumps({"workdir": str(workdir), "step": step}, indent=2) + "\n"
   )
   return step
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """``{"a.b.0": shape}`` of a state or of orbax's metadata of one (whose named tuples are
+  dicts): the keys' names only, so the two compare."""
+
+  def name(k) -> str:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+
+  return {
+    ".".join(name(k) for k in path): tuple(x.shape)
+    for path, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _int_keys(tree):

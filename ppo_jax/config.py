@@ -300,6 +300,11 @@ class Settings:
         f"config.ppo.critic_lr_scale: must be > 0, got {self.ppo_run.critic_lr_scale}",
       ),
       (
+        self.raw.ppo.critic_warmup < self.ppo_run.iterations,
+        f"config.ppo.critic_warmup {self.raw.ppo.critic_warmup} ≥ config.ppo.iterations "
+        f"{self.ppo_run.iterations}: the policy would never train",
+      ),
+      (
         self.reward.source in ("model", "function"),
         f"config.reward.source: unknown {self.reward.source!r}; expected model or function",
       ),

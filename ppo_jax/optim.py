@@ -88,54 +88,88 @@ def _decay_mask(params):
   return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
 
 
-def make_optimizer(hp: OptimHparams, total_steps: int) -> optax.GradientTransformation:
-  """``clip → Adam (optax or TF-style) → decoupled weight decay → −lr(t)``."""
-  schedule = learning_rate(hp, total_steps)
-  parts = []
-  if hp.max_grad_norm is not None:
-    parts.append(optax.clip_by_global_norm(hp.max_grad_norm))
+def _adamw(hp: OptimHparams, schedule: optax.Schedule) -> list[optax.GradientTransformation]:
+  """``Adam (optax or TF-style) → decoupled weight decay → −lr(t)``, as a list of parts."""
   if hp.tf_style_eps:
-    parts.append(scale_by_tf_adam(hp.b1, hp.b2, hp.eps))
+    parts = [scale_by_tf_adam(hp.b1, hp.b2, hp.eps)]
   else:
-    parts.append(optax.scale_by_adam(hp.b1, hp.b2, hp.eps))
+    parts = [optax.scale_by_adam(hp.b1, hp.b2, hp.eps)]
   if hp.weight_decay:
     parts.append(optax.add_decayed_weights(hp.weight_decay, mask=_decay_mask))
   parts.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*parts)
+  return parts
+
+
+def _clip(hp: OptimHparams) -> list[optax.GradientTransformation]:
+  return [] if hp.max_grad_norm is None else [optax.clip_by_global_norm(hp.max_grad_norm)]
+
+
+def make_optimizer(hp: OptimHparams, total_steps: int) -> optax.GradientTransformation:
+  """``clip → Adam (optax or TF-style) → decoupled weight decay → −lr(t)``."""
+  return optax.chain(*_clip(hp), *_adamw(hp, learning_rate(hp, total_steps)))
+
+
+def make_actor_critic_optimizer(
+  hp: OptimHparams, *, policy_steps: int, value_steps: int, value_lr_scale: float = 1.0
+) -> optax.GradientTransformation:
+  """``make_optimizer`` for a ``{"policy": ..., "value": ...}`` tree, one Adam per part.
+
+  The gradient is clipped by the global norm of both parts together; then each part has its own
+  Adam moments, step count (bias correction) and learning-rate schedule, decaying over
+  ``policy_steps`` and ``value_steps`` updates. The critic's rate is ``value_lr_scale`` times the
+  schedule (Adam step and decoupled decay alike). With equal steps the updates are the ones
+  ``make_optimizer`` gives, bit for bit; the parts differ when one of them sits out updates (the
+  policy during a critic warm-up, ``PPOHparams.critic_warmup``, whose moments and count are kept
+  as they were: its first update is Adam's first, at the start of its schedule).
+  """
+  if not value_lr_scale > 0:
+    raise ValueError(f"critic learning-rate scale: must be > 0, got {value_lr_scale}")
+  value = _adamw(hp, learning_rate(hp, value_steps))
+  if value_lr_scale != 1.0:
+    value.append(optax.scale(value_lr_scale))
+  policy = _adamw(hp, learning_rate(hp, policy_steps))
+  parts = {"policy": optax.chain(*policy), "value": optax.chain(*value)}
+
+  def labels(params):
+    return {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
+
+  return optax.chain(*_clip(hp), optax.multi_transform(parts, labels))
+
+
+def horizon_change(hp: OptimHparams, count: int, *, old_steps: int, new_steps: int) -> str | None:
+  """What moving a decaying schedule's end from ``old_steps`` to ``new_steps`` updates does to
+  the rate at ``count`` (a run resumed with another ``ppo.iterations``), or None if nothing."""
+  before = float(learning_rate(hp, old_steps)(count))
+  after = float(learning_rate(hp, new_steps)(count))
+  if hp.schedule == "constant" or old_steps == new_steps or before == after:
+    return None
+  return (
+    f"the {hp.schedule} learning-rate schedule now decays to 0 at update {new_steps}, not "
+    f"{old_steps}: the rate at update {count} is {after:.3g}, not {before:.3g}"
+  )
 
 
 def schedule_count(opt_state: optax.OptState) -> jax.Array:
-  """The count the learning-rate schedule of ``make_optimizer``'s state reads at its next update.
+  """The count the learning-rate schedule of an optimizer state reads at its next update (the
+  policy's, for ``make_actor_critic_optimizer``).
 
   It advances only on updates that are applied (a skipped update keeps the whole state), so
   ``schedule(schedule_count(state))`` is the rate the next update uses, where a count derived
   from the iteration number would run ahead after a skip.
   """
   found = [
-    v
+    (path, v)
     for path, v in optax.tree.get_all_with_path(opt_state, "count")
     if getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"
   ]
+  if len(found) > 1:  # one per part: the policy's
+    found = [(path, v) for path, v in found if any(_is_key(k, "policy") for k in path)]
   if len(found) != 1:
     raise ValueError(
       f"expected one learning-rate schedule in the optimizer state, found {len(found)}"
     )
-  return found[0]
+  return found[0][1]
 
 
-def scale_subtree(
-  tx: optax.GradientTransformation, key: str, factor: float
-) -> optax.GradientTransformation:
-  """``tx`` with the updates of ``params[key]`` multiplied by ``factor``: a learning-rate
-  multiplier (Adam step and decoupled decay alike) for one part of a ``{"policy": ..., "value":
-  ...}`` tree, on the same schedule, moments and gradient clipping. ``factor == 1`` returns
-  ``tx`` itself (the same optimizer state)."""
-  if factor == 1.0:
-    return tx
-  if not factor > 0:
-    raise ValueError(f"learning-rate factor for {key!r}: must be > 0, got {factor}")
-
-  def mask(params):
-    return {k: jax.tree.map(lambda _, on=k == key: on, v) for k, v in params.items()}
-
-  return optax.chain(tx, optax.masked(optax.scale(factor), mask))
+def _is_key(k, name: str) -> bool:
+  return isinstance(k, jax.tree_util.DictKey) and k.key == name

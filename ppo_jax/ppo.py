@@ -305,7 +305,7 @@ def minibatch_gradients(
 
 def _under_policy(path) -> bool:
   """Whether a leaf's path runs through a ``"policy"`` key: the policy's parameters, and its
-  moments inside an optimizer state (Adam's shared step count does not)."""
+  part of an optimizer state (with ``make_actor_critic_optimizer``, its step counts too)."""
   return any(isinstance(k, jax.tree_util.DictKey) and k.key == "policy" for k in path)
 
 
@@ -328,7 +328,7 @@ def train_step(
   may be accumulated over micro-batches (``minibatch_gradients``). ``frozen`` is needed when the
   policy trains LoRA adapters (its base weights are there). While ``state.step`` is below
   ``hp.critic_warmup`` only the critic trains: the policy's loss terms are left out and its
-  parameters and Adam moments kept, so its first update uses a critic trained that long. Jit with
+  parameters and optimizer state kept, so its first update uses a critic trained that long. Jit with
   ``jax.jit(train_step, static_argnames="hparams", donate_argnums=0)``.
   """
   models, tx, hp, mesh = hparams.models, hparams.tx, hparams.ppo, hparams.mesh

@@ -23,7 +23,13 @@ from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted, config_difference
 from ppo_jax.data import batch_indices
 from ppo_jax.models.lora import merge_lora
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
-from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer, scale_subtree
+from ppo_jax.optim import (
+  OptimHparams,
+  horizon_change,
+  learning_rate,
+  make_actor_critic_optimizer,
+  schedule_count,
+)
 from ppo_jax.rewards import RewardFn, call_reward_fn
 from ppo_jax.sampling import Generation
 
@@ -221,7 +227,9 @@ def run_ppo(
   ``NonFiniteError``.
 
   ``critic_lr_scale`` multiplies the critic's learning rate (the policy's is ``optim.lr``;
-  without a critic there is nothing to scale).
+  without a critic there is nothing to scale). Policy and critic have separate Adam states and
+  schedules: the critic's decays over all ``iterations``, the policy's over the iterations after
+  ``hp.critic_warmup``.
 
   ``log(step, metrics, samples)`` receives each iteration's metrics; ``samples(k)`` builds the
   sample-table rows of that iteration's first ``k`` responses on demand.
@@ -236,10 +244,19 @@ def run_ppo(
   models, params, frozen_policy, reward_params = ActorCritic.build(
     policy, critic, scorer.reward_model
   )
-  total_updates = iterations * hp.num_epochs * hp.num_minibatches
-  tx = make_optimizer(optim, total_updates)
-  if critic is not None:
-    tx = scale_subtree(tx, "value", critic_lr_scale)
+  if hp.critic_warmup >= iterations:
+    raise ValueError(
+      f"ppo.critic_warmup {hp.critic_warmup} ≥ ppo.iterations {iterations}: the policy would never"
+      " train"
+    )
+  per_iteration = hp.num_epochs * hp.num_minibatches
+  policy_updates = (iterations - hp.critic_warmup) * per_iteration
+  tx = make_actor_critic_optimizer(
+    optim,
+    policy_steps=policy_updates,
+    value_steps=iterations * per_iteration,
+    value_lr_scale=critic_lr_scale,
+  )
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
   make_state = functools.partial(ppo.init_state, tx=tx, hp=hp, seed=seed)
   placement = None
@@ -251,7 +268,7 @@ def run_ppo(
     params = shd.place(params, placement.state.params)
     state = jax.jit(make_state, out_shardings=placement.state)(params)
     frozen = shd.place(frozen, placement.frozen)
-  fns = rollout.make_step_fns(models, tx, hp, learning_rate(optim, total_updates), placement)
+  fns = rollout.make_step_fns(models, tx, hp, learning_rate(optim, policy_updates), placement)
   record = dict(record or {})
 
   eval_kw = dict(
@@ -278,6 +295,15 @@ def run_ppo(
     state, saved = checkpointer.restore(state)
     before, streak = saved["before"], saved["nonfinite_streak"]
     print(f"resuming from the checkpoint of step {int(state.step)} in {checkpointer.directory}")
+    was = saved.get("config", {}).get("ppo", {}).get("iterations", iterations)
+    change = horizon_change(
+      optim,
+      int(schedule_count(state.opt_state)),
+      old_steps=(was - hp.critic_warmup) * per_iteration,
+      new_steps=policy_updates,
+    )
+    if change:
+      print(f"ppo.iterations {was} → {iterations}: {change}")
   if before is None:
     before = held_out(state.params["policy"])
 

@@ -122,11 +122,24 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, params, param_sh, mesh: Mesh):
-  """Optimizer-state shardings that follow the parameters (counts and scalars replicated)."""
-  abstract = jax.eval_shape(tx.init, params)
-  return optax.tree_map_params(
-    tx, lambda _, s: s, abstract, param_sh, transform_non_params=lambda _: replicated(mesh)
-  )
+  """Optimizer-state shardings that follow the parameters: a state leaf whose path ends with a
+  parameter's path, at its shape, gets that parameter's sharding (Adam's moments, also inside
+  ``optax.masked`` / ``multi_transform`` states); counts and scalars are replicated."""
+  by_path = {
+    tuple(path): (x.shape, sh)
+    for (path, x), sh in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_sh), strict=True
+    )
+  }
+
+  def one(path, x):
+    for start in range(len(path)):  # the longest suffix first
+      shape, sh = by_path.get(tuple(path[start:]), (None, None))
+      if shape == x.shape:
+        return sh
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
 
 
 def check_batch(batch_size: int, mesh: Mesh, what: str = "ppo.batch_size") -> None:

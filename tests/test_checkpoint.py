@@ -17,7 +17,7 @@ from conftest import ROOT, reuse_stages, smoke_config
 from flax import nnx
 
 import ppo_jax as pj
-from ppo_jax import checkpoint, pipeline, writers
+from ppo_jax import checkpoint, optim, pipeline, ppo, writers
 from ppo_jax.rl import NonFiniteError
 
 TIMING = ("time/", "tokens_per_s")
@@ -250,3 +250,35 @@ def test_a_field_added_since_the_save_counts_only_off_its_default():
   assert checkpoint.config_differences(defaults, saved, defaults=defaults) == [
     "ppo.critic_warmup: 0 → '(absent)'"
   ]
+
+
+def _tiny_state(tx, width=2):
+  params = {"policy": {"w": jnp.ones((3, width))}, "value": {"w": jnp.ones((3, 1))}}
+  hp = ppo.PPOHparams(max_new_tokens=4, eos_token_id=1)
+  return ppo.init_state(params, tx, hp, seed=0)
+
+
+def test_a_state_of_another_layout_is_refused_in_one_line(tmp_path):
+  """A checkpoint whose arrays are not this run's (the optimizer state of an older ppo_jax: one
+  Adam over both models; or a parameter of another shape) is refused in one line naming the
+  difference, and stays on disk; the same layout restores bit for bit."""
+  hp = optim.OptimHparams(lr=0.1)
+  joint = optim.make_optimizer(hp, 10)
+  split = optim.make_actor_critic_optimizer(hp, policy_steps=10, value_steps=10)
+  settings = checkpoint.CheckpointSettings(async_save=False)
+  with checkpoint.Checkpointer(tmp_path / "ck", settings) as ck:
+    ck.save(1, _tiny_state(joint), {"config": {}})
+  with checkpoint.Checkpointer(tmp_path / "ck", settings) as ck:  # as a resumed run opens it
+    with pytest.raises(
+      ValueError, match=r"step 1 holds a state of another layout \(\d+ arrays"
+    ) as e:
+      ck.restore(_tiny_state(split))
+    assert "\n" not in str(e.value) and "new workdir" in str(e.value)
+    with pytest.raises(ValueError, match=r"policy\.w is \(3, 2\) there, \(3, 4\) here"):
+      ck.restore(_tiny_state(joint, width=4))
+    assert ck.latest_step() == 1
+    state, record = ck.restore(_tiny_state(joint))
+  saved = _tiny_state(joint)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved.params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert record == {"config": {}}

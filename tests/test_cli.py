@@ -54,6 +54,7 @@ def test_console_script_runs_the_smoke_config(smoke_run, tmp_path):
     ("--config.ppo.clip_eps=abc", "could not convert string to float: 'abc'"),
     ("--config.ppo.agg=mean", "config.ppo.agg: unknown 'mean'"),
     ("--config.reward.source=function", "needs config.reward.fn="),
+    ("--config.ppo.critic_warmup=100000", "critic_warmup 100000 ≥ config.ppo.iterations"),
   ],
 )
 def test_config_errors_are_one_line(tmp_path, override, expected):

@@ -1,5 +1,5 @@
-"""The optimizer: schedules, TensorFlow-style Adam against a float64 loop, the decay mask, and the
-critic's learning-rate multiplier."""
+"""The optimizer: schedules, TensorFlow-style Adam against a float64 loop, the decay mask, and
+the actor-critic optimizer (an Adam state and schedule per part, the critic's rate multiplier)."""
 
 import dataclasses
 
@@ -11,9 +11,10 @@ import pytest
 
 from ppo_jax.optim import (
   OptimHparams,
+  horizon_change,
   learning_rate,
+  make_actor_critic_optimizer,
   make_optimizer,
-  scale_subtree,
   schedule_count,
 )
 
@@ -70,43 +71,105 @@ def test_weight_decay_spares_vectors():
   np.testing.assert_array_equal(upd["bias"], 0.0)
 
 
-def test_critic_lr_scale_multiplies_the_value_updates_only():
-  """Three steps with and without ``scale_subtree("value", 4)``: the policy's updates are the
-  same, the critic's four times as large (Adam step and weight decay alike), with the moments and
-  the global gradient clipping shared."""
-  hp = OptimHparams(lr=1e-2, schedule="linear", weight_decay=0.1, max_grad_norm=1.0)
-  base = make_optimizer(hp, 10)
-  scaled = scale_subtree(base, "value", 4.0)
-  assert scale_subtree(base, "value", 1.0) is base
-  rng = np.random.default_rng(1)
-  params = {
-    "policy": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
+def _actor_critic_params(rng):
+  return {
+    "policy": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "bias": jnp.ones(2)},
     "value": {"kernel": jnp.asarray(rng.normal(size=(3, 1)), jnp.float32), "bias": jnp.ones(1)},
   }
-  s_base, s_scaled = base.init(params), scaled.init(params)
+
+
+@pytest.mark.parametrize("tf_style", [True, False])
+def test_actor_critic_optimizer_is_make_optimizer_with_equal_steps(tf_style):
+  """Three steps against ``make_optimizer`` over the whole tree: with scale 1 the same updates bit
+  for bit; with ``value_lr_scale=4`` the policy's the same and the critic's four times as large
+  (Adam step and weight decay alike). The clipping is joint: a gradient large in the critic
+  alone shrinks the policy's update too."""
+  hp = OptimHparams(lr=1e-2, schedule="linear", weight_decay=0.1, tf_style_eps=tf_style)
+  base = make_optimizer(hp, 10)
+  same = make_actor_critic_optimizer(hp, policy_steps=10, value_steps=10)
+  scaled = make_actor_critic_optimizer(hp, policy_steps=10, value_steps=10, value_lr_scale=4.0)
+  rng = np.random.default_rng(1)
+  params = _actor_critic_params(rng)
+  s_base, s_same, s_scaled = base.init(params), same.init(params), scaled.init(params)
   for _ in range(3):
     g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 3, jnp.float32), params)
     u_base, s_base = base.update(g, s_base, params)
+    u_same, s_same = same.update(g, s_same, params)
     u_scaled, s_scaled = scaled.update(g, s_scaled, params)
-    np.testing.assert_array_equal(u_scaled["policy"]["kernel"], u_base["policy"]["kernel"])
+    for a, b in zip(jax.tree.leaves(u_base), jax.tree.leaves(u_same), strict=True):
+      np.testing.assert_array_equal(a, b)
     for name in ("kernel", "bias"):
+      np.testing.assert_array_equal(u_scaled["policy"][name], u_base["policy"][name])
       np.testing.assert_allclose(u_scaled["value"][name], 4 * u_base["value"][name], rtol=1e-6)
     assert float(jnp.abs(u_base["value"]["kernel"]).max()) > 0
   with pytest.raises(ValueError, match="must be > 0"):
-    scale_subtree(base, "value", 0.0)
+    make_actor_critic_optimizer(hp, policy_steps=10, value_steps=10, value_lr_scale=0.0)
+
+
+def test_actor_critic_parts_count_their_own_updates():
+  """The critic updates three times while the policy's part of the state is kept (a critic
+  warm-up); then the policy's first update is Adam's first, at the start of its own schedule:
+  the one a fresh optimizer gives for the same (jointly clipped) gradient, while the critic's
+  schedule is three steps on."""
+  hp = OptimHparams(lr=1.0, schedule="linear", max_grad_norm=None)
+  tx = make_actor_critic_optimizer(hp, policy_steps=4, value_steps=8, value_lr_scale=2.0)
+  rng = np.random.default_rng(2)
+  params = _actor_critic_params(rng)
+  grads = lambda: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+  state = fresh = tx.init(params)
+  for _ in range(3):
+    _, new = tx.update(grads(), state, params)
+    # what train_step does during the warm-up: the policy's part stays
+    state = jax.tree_util.tree_map_with_path(
+      lambda path, a, b: b if any(getattr(k, "key", None) == "policy" for k in path) else a,
+      new,
+      state,
+    )
+  assert int(schedule_count(state)) == 0  # the policy's
+  g = grads()
+  u, state = tx.update(g, state, params)
+  u_fresh, _ = tx.update(g, fresh, params)
+  for name in ("kernel", "bias"):
+    np.testing.assert_array_equal(u["policy"][name], u_fresh["policy"][name])
+    # Adam's first step is ±lr·sign(g) (up to ε); the rate at count 0 is lr.
+    np.testing.assert_allclose(u["policy"][name], -np.sign(g["policy"][name]), rtol=1e-5)
+  value_count = [
+    int(v)
+    for path, v in optax.tree.get_all_with_path(state, "count")
+    if any(getattr(k, "key", None) == "value" for k in path)
+  ]
+  assert value_count == [4, 4]  # Adam's and the schedule's
+  assert int(schedule_count(state)) == 1
 
 
 @pytest.mark.parametrize("tf_style", [True, False])
 def test_schedule_count_is_the_updates_applied(tf_style):
-  """The count the schedule reads: one per update, found under the critic's multiplier too, and
-  not a count of Adam's (which coincides only while nothing is skipped)."""
+  """The count the schedule reads: one per update (the policy's, with separate parts), and not
+  a count of Adam's (which coincides only while nothing is skipped)."""
   hp = OptimHparams(lr=1.0, schedule="linear", tf_style_eps=tf_style, weight_decay=0.1)
-  tx = scale_subtree(make_optimizer(hp, 10), "value", 3.0)
   params = {"policy": {"w": jnp.ones((2, 2))}, "value": {"w": jnp.ones((2, 1))}}
-  state = tx.init(params)
-  for t in range(3):
-    assert int(schedule_count(state)) == t
-    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
-  assert int(schedule_count(state)) == 3
+  for tx in (
+    make_optimizer(hp, 10),
+    make_actor_critic_optimizer(hp, policy_steps=10, value_steps=10, value_lr_scale=3.0),
+  ):
+    state = tx.init(params)
+    for t in range(3):
+      assert int(schedule_count(state)) == t
+      _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert int(schedule_count(state)) == 3
   with pytest.raises(ValueError, match=r"expected one learning-rate schedule .* found 0"):
     schedule_count(optax.adam(1.0).init(params))
+
+
+def test_horizon_change_names_the_rate_before_and_after():
+  """A linear decay over 10 updates stretched to 20: at update 5 the rate is 0.75, not 0.5. A
+  constant schedule, or the same end, changes nothing."""
+  hp = OptimHparams(lr=1.0, schedule="linear")
+  msg = horizon_change(hp, 5, old_steps=10, new_steps=20)
+  assert msg == (
+    "the linear learning-rate schedule now decays to 0 at update 20, not 10: "
+    "the rate at update 5 is 0.75, not 0.5"
+  )
+  assert horizon_change(hp, 5, old_steps=10, new_steps=10) is None
+  constant = dataclasses.replace(hp, schedule="constant")
+  assert horizon_change(constant, 5, old_steps=10, new_steps=20) is None

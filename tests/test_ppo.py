@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -12,7 +13,7 @@ from ppo_jax import ppo, rollout
 from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ScalarHead, ValueModel
 from ppo_jax.models.lora import add_lora
-from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer
+from ppo_jax.optim import OptimHparams, learning_rate, make_actor_critic_optimizer, schedule_count
 
 CFG = ModelConfig.gpt2(
   vocab_size=24,
@@ -37,7 +38,9 @@ def build(hp=HP, *, shared=False, lr=1e-3, lora_rank=0):
   if lora_rank:
     policy = add_lora(policy, rank=lora_rank, targets="q,k,v,o,up,down")
   models, params, frozen_policy, reward_params = ActorCritic.build(policy, critic, reward)
-  tx = make_optimizer(OptimHparams(lr=lr, schedule="constant"), 100)
+  tx = make_actor_critic_optimizer(
+    OptimHparams(lr=lr, schedule="constant"), policy_steps=100, value_steps=100
+  )
   state = ppo.init_state(params, tx, hp, seed=0)
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
   return models, tx, state, frozen, rollout.make_step_fns(models, tx, hp)
@@ -238,7 +241,9 @@ def test_critic_free_estimators_use_the_group_advantages(estimator):
     policy, None, RewardModel(CFG, rngs=nnx.Rngs(1))
   )
   assert params["value"] == {} and models.value is None  # no critic in memory
-  tx = make_optimizer(OptimHparams(lr=1e-3, schedule="constant"), 100)
+  tx = make_actor_critic_optimizer(
+    OptimHparams(lr=1e-3, schedule="constant"), policy_steps=100, value_steps=100
+  )
   state = ppo.init_state(params, tx, hp, seed=0)
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
   fns = rollout.make_step_fns(models, tx, hp)
@@ -273,13 +278,16 @@ def _policy_leaves(tree):
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_critic_warmup_trains_only_the_critic_then_both(shared):
-  """critic_warmup=2: two iterations leave the policy and its Adam moments bit for bit as they
-  were while the critic learns (with a head on the policy's trunk, the trunk stays too); the
-  third trains the policy."""
+  """critic_warmup=2: two iterations leave the policy and its optimizer state (Adam's moments and
+  step count, the schedule's count) bit for bit as they were while the critic learns (with a
+  head on the policy's trunk, the trunk stays too); the third trains the policy, whose count
+  then starts from 0 while the critic's is two iterations on."""
   _, _, state, frozen, fns = build(dataclasses.replace(HP, critic_warmup=2), shared=shared)
   policy0, moments0 = _policy_leaves(state.params), _policy_leaves(state.opt_state)
   value0 = jax.tree.map(np.asarray, state.params["value"])
-  assert moments0 and len(moments0) == 2 * len(policy0)  # Adam's μ and ν of every leaf
+  # Adam's μ and ν of every leaf, Adam's count and the schedule's
+  assert moments0 and len(moments0) == 2 * len(policy0) + 2
+  per_iteration = HP.num_epochs * HP.num_minibatches
   for it in range(3):
     state, metrics, _, _ = one_iteration(fns, state, frozen)
     assert float(metrics["update/skipped"]) == 0.0
@@ -292,6 +300,13 @@ def test_critic_warmup_trains_only_the_critic_then_both(shared):
       assert all(np.array_equal(a, b) for a, b in zip(moments0, moments, strict=True))
     else:
       assert not any(same)
+  assert int(schedule_count(state.opt_state)) == per_iteration  # the policy's
+  counts = {
+    int(v)
+    for path, v in optax.tree.get_all_with_path(state.opt_state, "count")
+    if any(getattr(k, "key", None) == "value" for k in path)
+  }
+  assert counts == {3 * per_iteration}
   for a, b in zip(jax.tree.leaves(value0), jax.tree.leaves(state.params["value"]), strict=True):
     assert not np.array_equal(a, b)
 
@@ -350,7 +365,7 @@ def test_lr_metric_is_the_rate_of_the_updates_applied():
   the next iteration logs (and uses) the rate the skipped one would have."""
   models, _, state, frozen, _ = build()
   hp_optim = OptimHparams(lr=1.0, schedule="linear")
-  tx = make_optimizer(hp_optim, 20)
+  tx = make_actor_critic_optimizer(hp_optim, policy_steps=20, value_steps=40)
   state = ppo.init_state(state.params, tx, HP, seed=0)
   fns = rollout.make_step_fns(models, tx, HP, learning_rate(hp_optim, 20))
   lrs, skipped = [], []

@@ -14,7 +14,7 @@ from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.checkpoint import Checkpointer, CheckpointSettings
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ValueModel
-from ppo_jax.optim import OptimHparams, make_optimizer
+from ppo_jax.optim import OptimHparams, make_actor_critic_optimizer
 
 # Llama family (SwiGLU, GQA, untied head): every dimension a multiple of 4 = the largest axis.
 CFG = ModelConfig.llama(
@@ -38,7 +38,9 @@ PROMPT_MASK = np.ones((B, P), np.int32)
 PROMPT_MASK[1, :2] = PROMPT_MASK[5, :1] = 0
 
 
-TX = make_optimizer(OptimHparams(lr=LR, schedule="constant"), 100)
+TX = make_actor_critic_optimizer(
+  OptimHparams(lr=LR, schedule="constant"), policy_steps=100, value_steps=100
+)
 
 
 def _models_and_state():
@@ -125,8 +127,15 @@ def test_parameters_follow_the_rules_and_keep_them_through_the_step(mesh_shape):
     assert not q.sharding.is_fully_replicated
     assert len({s.data.shape for s in q.addressable_shards}) == 1
     assert q.addressable_shards[0].data.size == q.size // (mesh_shape[1] * mesh_shape[2])
-  mu = state.opt_state[1].mu["policy"]["trunk"]["layers"][0]["attn"]["q"]["kernel"]
-  assert mu.sharding.is_equivalent_to(q.sharding, 2)  # optimizer moments follow the params
+  # Optimizer moments follow the params (each part's, inside optax.multi_transform); counts are
+  # replicated.
+  parts = state.opt_state[1].inner_states
+  for part, params in state.params.items():
+    adam = parts[part].inner_state[0]
+    for moments in (adam.mu, adam.nu):
+      for x, p in zip(jax.tree.leaves(moments[part]), jax.tree.leaves(params), strict=True):
+        assert x.sharding.is_equivalent_to(p.sharding, p.ndim), part
+    assert adam.count.sharding.is_fully_replicated
   pids, pmask = put(PROMPTS), put(PROMPT_MASK)
   for _ in range(2):
     state, _, _ = fns.iterate(state, frozen, pids, pmask)
