@@ -300,7 +300,7 @@ class Settings:
         f"config.ppo.critic_lr_scale: must be > 0, got {self.ppo_run.critic_lr_scale}",
       ),
       (
-        self.raw.ppo.critic_warmup < self.ppo_run.iterations,
+        not self.raw.ppo.critic_warmup or self.raw.ppo.critic_warmup < self.ppo_run.iterations,
         f"config.ppo.critic_warmup {self.raw.ppo.critic_warmup} ≥ config.ppo.iterations "
         f"{self.ppo_run.iterations}: the policy would never train",
       ),

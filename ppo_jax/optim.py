@@ -137,15 +137,16 @@ def make_actor_critic_optimizer(
 
 
 def horizon_change(hp: OptimHparams, count: int, *, old_steps: int, new_steps: int) -> str | None:
-  """What moving a decaying schedule's end from ``old_steps`` to ``new_steps`` updates does to
-  the rate at ``count`` (a run resumed with another ``ppo.iterations``), or None if nothing."""
+  """What moving a decaying schedule's end from ``old_steps`` to ``new_steps`` updates does at
+  update ``count`` (a run resumed with another ``ppo.iterations``); None if nothing changes."""
+  if hp.schedule == "constant" or old_steps == new_steps:
+    return None
   before = float(learning_rate(hp, old_steps)(count))
   after = float(learning_rate(hp, new_steps)(count))
-  if hp.schedule == "constant" or old_steps == new_steps or before == after:
-    return None
+  rate = f"is {after:.3g}, not {before:.3g}" if after != before else f"stays {after:.3g}"
   return (
-    f"the {hp.schedule} learning-rate schedule now decays to 0 at update {new_steps}, not "
-    f"{old_steps}: the rate at update {count} is {after:.3g}, not {before:.3g}"
+    f"{hp.schedule} schedule decays to 0 at update {new_steps}, not {old_steps}: its rate at "
+    f"update {count} {rate}"
   )
 
 

@@ -355,6 +355,10 @@ def train_step(
       mesh=mesh,
       train_policy=train_policy,
     )
+    if train_policy is not True:  # warming up: what a critic on the policy's trunk sends there is
+      # not applied, and must not shrink the critic's step through the joint clipping norm
+      zero = lambda g: jnp.where(train_policy, g, jnp.zeros_like(g))
+      grads = {**grads, "policy": jax.tree.map(zero, grads["policy"])}
     grad_norm = optax.tree.norm(grads)
     loss_finite = jnp.isfinite(sum(v for k, v in metrics.items() if k.startswith("loss/")))
     rollout_ok = jnp.all(mb.ok)

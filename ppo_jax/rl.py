@@ -244,7 +244,7 @@ def run_ppo(
   models, params, frozen_policy, reward_params = ActorCritic.build(
     policy, critic, scorer.reward_model
   )
-  if hp.critic_warmup >= iterations:
+  if hp.critic_warmup and hp.critic_warmup >= iterations:
     raise ValueError(
       f"ppo.critic_warmup {hp.critic_warmup} ≥ ppo.iterations {iterations}: the policy would never"
       " train"
@@ -303,7 +303,10 @@ def run_ppo(
       new_steps=policy_updates,
     )
     if change:
-      print(f"ppo.iterations {was} → {iterations}: {change}")
+      print(
+        f"ppo.iterations {was} → {iterations}: the learning-rate schedules of policy and critic "
+        f"now end at iteration {iterations}; the policy's {change}"
+      )
   if before is None:
     before = held_out(state.params["policy"])
 

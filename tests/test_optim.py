@@ -162,13 +162,16 @@ def test_schedule_count_is_the_updates_applied(tf_style):
 
 
 def test_horizon_change_names_the_rate_before_and_after():
-  """A linear decay over 10 updates stretched to 20: at update 5 the rate is 0.75, not 0.5. A
-  constant schedule, or the same end, changes nothing."""
+  """A linear decay over 10 updates stretched to 20: at update 5 the rate is 0.75, not 0.5; during
+  a warm-up the rate stays, and the new end is still named. A constant schedule, or the same end,
+  changes nothing."""
   hp = OptimHparams(lr=1.0, schedule="linear")
-  msg = horizon_change(hp, 5, old_steps=10, new_steps=20)
-  assert msg == (
-    "the linear learning-rate schedule now decays to 0 at update 20, not 10: "
-    "the rate at update 5 is 0.75, not 0.5"
+  assert horizon_change(hp, 5, old_steps=10, new_steps=20) == (
+    "linear schedule decays to 0 at update 20, not 10: its rate at update 5 is 0.75, not 0.5"
+  )
+  warm = dataclasses.replace(hp, warmup_steps=4)
+  assert horizon_change(warm, 2, old_steps=10, new_steps=20) == (
+    "linear schedule decays to 0 at update 20, not 10: its rate at update 2 stays 0.5"
   )
   assert horizon_change(hp, 5, old_steps=10, new_steps=10) is None
   constant = dataclasses.replace(hp, schedule="constant")

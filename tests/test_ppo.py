@@ -296,6 +296,10 @@ def test_critic_warmup_trains_only_the_critic_then_both(shared):
     same = [np.array_equal(a, b) for a, b in zip(policy0, policy, strict=True)]
     if it < 2:
       assert all(same), it
+      # Nothing reaches the policy (with a head on its trunk, the trunk's gradient is dropped
+      # before the joint clipping): the norm clipped is the critic's alone.
+      assert float(metrics["grad/policy_norm"]) == 0.0
+      assert float(metrics["grad/norm"]) == pytest.approx(float(metrics["grad/value_norm"]))
       moments = _policy_leaves(state.opt_state)
       assert all(np.array_equal(a, b) for a, b in zip(moments0, moments, strict=True))
     else:
