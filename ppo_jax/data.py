@@ -174,7 +174,8 @@ def batch_indices(n: int, batch_size: int, step: int, *, seed: int) -> np.ndarra
   """Row indices of batch ``step`` in an endless stream of per-epoch shuffles of ``range(n)``.
 
   A pure function of its arguments: the data cursor of a run is its step, so a resumed run reads
-  exactly the batches the uninterrupted one would have.
+  exactly the batches the uninterrupted one would have. A batch that straddles two epochs takes
+  the end of one shuffle and the start of the next, so it may hold a row twice.
   """
   if n < 1 or batch_size < 1:
     raise ValueError(f"need n ≥ 1 and batch_size ≥ 1, got {n}, {batch_size}")

@@ -83,6 +83,8 @@ def pair_batch(pairs: tuple[Sequences, Sequences], ref: tuple[np.ndarray, np.nda
 
 def reference_logprobs(graphdef, params, seqs: Sequences, batch_size: int) -> np.ndarray:
   """Sequence log-probabilities ``[N]`` of ``seqs`` under ``params``, in fixed-size batches."""
+  if not len(seqs):  # no held-out pairs
+    return np.zeros(0, np.float32)
   fn = jax.jit(functools.partial(sequence_logprobs, graphdef))
   out = []
   for start in range(0, len(seqs), batch_size):

@@ -279,7 +279,11 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   banner("1/3 supervised fine-tuning")
   policy, sft_eval = run_sft(s, policy, inputs, layout, workdir, mesh=mesh)
   banner("2/3 reward model")
-  reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir, mesh=mesh)
+  if s.algo == "dpo":  # whatever rm.* says: DPO learns from the pairs themselves
+    print("DPO trains on the preference pairs directly: no reward model")
+    reward_model, rm_eval = None, {}
+  else:
+    reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir, mesh=mesh)
 
   banner(f"3/3 {s.algo.upper()}")
   stage_eval = {}

@@ -42,7 +42,9 @@ class SupervisedHparams:
   )
 
   def steps(self, n_train: int) -> int:
-    return max(1, math.ceil(self.epochs * n_train / self.batch_size))
+    """Optimizer steps for ``epochs`` passes over ``n_train`` rows, in batches of ``batch_size``
+    (of all rows when there are fewer: ``train`` draws batches of that size)."""
+    return max(1, math.ceil(self.epochs * n_train / min(self.batch_size, max(n_train, 1))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +149,7 @@ def fit(
     writer.close()
   held_out = evaluate(params, graphdef, loss_fn, *eval_rows, batch_size=hp.batch_size, mesh=mesh)
   fmt = lambda k, v: f"{k} {v:.0f}" if k == "eval_rows" else f"{k} {v:.4f}"  # a count, not a mean
-  print("held-out: " + ", ".join(fmt(k, v) for k, v in held_out.items()))
+  print("held-out: " + (", ".join(fmt(k, v) for k, v in held_out.items()) or "no rows"))
   return params, held_out
 
 

@@ -63,3 +63,13 @@ def test_objective_at_the_reference_is_log2_with_a_gradient():
 
 def optax_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_reference_logprobs_of_no_pairs_are_empty():
+  """A held-out set of no pairs (``dpo.eval_fraction=0``, or a one-pair file) gives no
+  log-probabilities rather than an error."""
+  graphdef, state = nnx.split(CausalLM(CFG, rngs=nnx.Rngs(0)))
+  chosen, _ = _pairs()
+  none = chosen.take(np.arange(0))
+  got = dpo.reference_logprobs(graphdef, nnx.to_pure_dict(state), none, batch_size=3)
+  assert got.shape == (0,) and got.dtype == np.float32

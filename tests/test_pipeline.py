@@ -226,6 +226,7 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path):
 
   config = load_experiment(ROOT / "experiments" / "dpo.py", "smoke")
   config.log.progress = False
+  config.rm.enabled = True  # as in the default config with --config.algo=dpo
   workdir = reuse_stages(smoke_run[0], tmp_path / "dpo", stages=("sft",))
   summary = pipeline.run(config, workdir)
   assert not (workdir / "reward_model").exists()  # DPO trains none
