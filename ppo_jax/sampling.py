@@ -14,9 +14,11 @@ compute each decode step then reads 2 bytes per weight, not 4, whatever the comp
 hoisting the casts. The values are those the model casts to itself, so the samples are unchanged.
 
 The log-probability returned for each sampled token is ``token_logprobs`` of the model's logits at
-the sampling temperature, the very function the trainer applies, so PPO's ratio is exactly 1 on
-its first minibatch. With ``top_k``/``top_p`` the token is drawn from the truncated distribution
-but its log-probability is still that of the full tempered softmax (what the trainer recomputes).
+the sampling temperature, the very function the trainer applies, so PPO's ratio is 1 on its
+first minibatch (to rounding in float32; in bfloat16 the cached decode and the full forward differ
+by up to ~0.1 nats, which is why ``ppo.recompute_logprobs`` recomputes them). With ``top_k`` /
+``top_p`` the token is drawn from the truncated distribution but its log-probability is still
+that of the full tempered softmax (what the trainer recomputes).
 """
 
 from __future__ import annotations
@@ -238,8 +240,10 @@ def generate(
     )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-  if not greedy and not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
+  if not temperature > 0:  # greedy too: the log-probs are at this temperature
+    raise ValueError(
+      f"temperature must be > 0 (with greedy too: the log-probs use it), got {temperature}"
+    )
   if eos_check_every < 1:
     raise ValueError(f"eos_check_every must be ≥ 1, got {eos_check_every}")
   if not 0.0 < top_p <= 1.0:

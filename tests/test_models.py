@@ -117,6 +117,22 @@ def test_reward_model_matches_sequence_classification(tmp_path, name):
   np.testing.assert_allclose(back, want, atol=1e-5)
 
 
+def test_saving_a_reward_model_whose_pad_is_its_eos_warns(tmp_path):
+  """transformers' classifier reads the score before a final EOS when pad == EOS: said on save
+  (a causal LM has no such reading and saves quietly)."""
+  import warnings
+
+  kw = dict(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16)
+  same = ModelConfig.gpt2(**kw, eos_token_id=1, pad_token_id=1)
+  with pytest.warns(UserWarning, match="pad and EOS share id 1"):
+    pj.models.save_pretrained(pj.models.RewardModel(same, rngs=nnx.Rngs(0)), tmp_path / "rm")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    pj.models.save_pretrained(pj.models.CausalLM(same, rngs=nnx.Rngs(0)), tmp_path / "lm")
+    apart = ModelConfig.gpt2(**kw, eos_token_id=1, pad_token_id=0)
+    pj.models.save_pretrained(pj.models.RewardModel(apart, rngs=nnx.Rngs(0)), tmp_path / "rm2")
+
+
 def test_value_model_from_a_causal_lm_gets_a_fresh_head(checkpoints):
   folder, _ = checkpoints["llama3"]
   critic = pj.models.from_pretrained(folder, kind="value", zero_init_head=True)
@@ -145,6 +161,33 @@ def test_random_model_round_trips_through_transformers(tmp_path):
     jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again)), strict=True
   ):
     np.testing.assert_array_equal(a, b)
+
+
+def test_lora_models_are_saved_merged_or_not_at_all(tmp_path):
+  """Hugging Face has no place for LoRA adapters: saving an adapted model is refused (it used to
+  write the base weights alone), its merge saves the adapted function, and from_pretrained
+  refuses to build adapters it cannot fill."""
+  from ppo_jax.models.lora import add_lora, merge_lora
+
+  cfg = ModelConfig.llama(
+    vocab_size=48, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, initializer_range=0.2
+  )
+  model = add_lora(pj.models.CausalLM(cfg, rngs=nnx.Rngs(0)), rank=4, targets="q,v")
+  _, state = nnx.split(model)  # adapters that change the output
+  model = nnx.merge(*nnx.split(model)[:1], jax.tree.map(lambda x: x + 0.3, state))
+  with pytest.raises(ValueError, match="has LoRA adapters; merge them first"):
+    pj.models.save_pretrained(model, tmp_path / "adapted")
+  assert not (tmp_path / "adapted" / "model.safetensors").exists()
+  pj.models.save_pretrained(merge_lora(model), tmp_path / "merged")
+  ids, mask = tiny_hf.batch(seed=4)
+  ids = ids % 48
+  np.testing.assert_allclose(
+    np.asarray(pj.models.from_pretrained(tmp_path / "merged")(jnp.asarray(ids), jnp.asarray(mask))),
+    np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))),
+    atol=1e-4,
+  )
+  with pytest.raises(ValueError, match=r"add adapters with ppo_jax\.models\.lora\.add_lora"):
+    pj.models.from_pretrained(tmp_path / "merged", lora_rank=4)
 
 
 @pytest.mark.parametrize("remat", ["block", "dots"])

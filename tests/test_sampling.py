@@ -272,3 +272,14 @@ def test_bad_arguments(models):
     pj.generate(
       model, ids[:, :4], mask[:, :4], key=jax.random.key(0), max_new_tokens=2, eos_check_every=0
     )
+  # Greedy picks ignore τ but the log-probs use it: τ = 0 gave NaN log-probs.
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    pj.generate(
+      model,
+      ids[:, :4],
+      mask[:, :4],
+      key=jax.random.key(0),
+      max_new_tokens=2,
+      greedy=True,
+      temperature=0.0,
+    )

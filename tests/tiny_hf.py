@@ -27,6 +27,10 @@ _LLAMA_LIKE = dict(
 
 CONFIGS = {
   "gpt2": lambda: tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=48, **_COMMON),
+  # A head of its own (GPT-2 checkpoints are tied by default).
+  "gpt2_untied": lambda: tf.GPT2Config(
+    n_layer=2, n_embd=32, n_head=4, n_positions=48, tie_word_embeddings=False, **_COMMON
+  ),
   # GQA (4 query heads over 2 KV heads), untied head, Llama 3.1 RoPE scaling with a short
   # original context so all three frequency bands (kept, interpolated, divided) occur.
   "llama3": lambda: tf.LlamaConfig(

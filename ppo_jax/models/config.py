@@ -205,7 +205,7 @@ class ModelConfig:
         norm_eps=hf.layer_norm_epsilon,
         activation=_activation(hf.activation_function),
         initializer_range=hf.initializer_range,
-        tie_word_embeddings=True,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
         qkv_bias=True,
         o_bias=True,
         mlp_bias=True,
@@ -281,7 +281,7 @@ class ModelConfig:
         n_positions=self.max_position_embeddings,
         layer_norm_epsilon=self.norm_eps,
         activation_function=hf_act[self.activation],
-        tie_word_embeddings=True,
+        tie_word_embeddings=self.tie_word_embeddings,
       )
     else:
       rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **dict(self.rope_params)}

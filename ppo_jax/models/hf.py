@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -210,6 +211,11 @@ def from_pretrained(
     FileNotFoundError: not a folder with config.json and safetensors weights.
     ValueError: unsupported architecture; missing, unexpected or misshaped tensors (all named).
   """
+  if config_overrides.get("lora_rank"):
+    raise ValueError(
+      "from_pretrained loads plain weights: load the model, then add adapters with "
+      "ppo_jax.models.lora.add_lora"
+    )
   folder = pathlib.Path(path)
   hf_config = load_hf_config(folder)
   dtype = dtype or "float32"
@@ -315,7 +321,19 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, tokenizer: An
 
   kind = kind_of(model)
   cfg: ModelConfig = model.cfg
+  if cfg.lora_rank:  # Hugging Face has no place for the adapters: they would be left out
+    raise ValueError(
+      "save_pretrained: the model has LoRA adapters; merge them first "
+      "(ppo_jax.models.lora.merge_lora) to write a plain model"
+    )
   folder = pathlib.Path(path)
+  if kind != "causal_lm" and cfg.pad_token_id is not None and cfg.pad_token_id == cfg.eos_token_id:
+    warnings.warn(
+      f"{folder}: pad and EOS share id {cfg.pad_token_id}; transformers' sequence classifier "
+      "reads the score at the last non-pad token (before a final EOS), ppo_jax at the last real "
+      "one (the EOS): give the tokenizer a pad token of its own for scores that agree",
+      stacklevel=2,
+    )
   folder.mkdir(parents=True, exist_ok=True)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   tensors = {}
