@@ -117,6 +117,21 @@ def test_reward_model_matches_sequence_classification(tmp_path, name):
   np.testing.assert_allclose(back, want, atol=1e-5)
 
 
+def test_several_eos_ids_are_kept_and_saved_back(tmp_path):
+  """A checkpoint that stops on several ids (Llama 3 Instruct: <|end_of_text|>, <|eot_id|>):
+  the first is ``eos_token_id``, the others are kept and written back, so transformers' generate
+  on the export stops where the original did."""
+  tiny_hf.make("qwen2", tmp_path / "src")
+  config = json.loads((tmp_path / "src" / "config.json").read_text())
+  (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "eos_token_id": [5, 7]}))
+  model = pj.models.from_pretrained(tmp_path / "src")
+  assert model.cfg.eos_token_id == 5 and model.cfg.extra_eos_token_ids == (7,)
+  assert ModelConfig.from_dict(model.cfg.to_dict()) == model.cfg
+  pj.models.save_pretrained(model, tmp_path / "out")
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == [5, 7]
+  assert tf.AutoConfig.from_pretrained(str(tmp_path / "out")).eos_token_id == [5, 7]
+
+
 def test_saving_a_reward_model_whose_pad_is_its_eos_warns(tmp_path):
   """transformers' classifier reads the score before a final EOS when pad == EOS: said on save
   (a causal LM has no such reading and saves quietly)."""

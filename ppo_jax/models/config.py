@@ -52,6 +52,7 @@ class ModelConfig:
   sliding_window: int | None = None
   bos_token_id: int | None = None
   eos_token_id: int | None = None
+  extra_eos_token_ids: tuple[int, ...] = ()  # the checkpoint's other stop ids, saved back with it
   pad_token_id: int | None = None
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
@@ -109,6 +110,7 @@ class ModelConfig:
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     d = dict(d)
     d["rope_params"] = tuple(tuple(p) for p in d.get("rope_params", ()))
+    d["extra_eos_token_ids"] = tuple(d.get("extra_eos_token_ids", ()))
     return cls(**d)
 
   # ----------------------------------------------------------------------------------------------
@@ -186,6 +188,7 @@ class ModelConfig:
     ids = dict(
       bos_token_id=_int_or_none(hf.bos_token_id),
       eos_token_id=_int_or_none(hf.eos_token_id),
+      extra_eos_token_ids=tuple(int(x) for x in _listed(hf.eos_token_id)[1:]),
       pad_token_id=_int_or_none(getattr(hf, "pad_token_id", None)),
     )
     if model_type == "gpt2":
@@ -265,7 +268,9 @@ class ModelConfig:
     common = dict(
       vocab_size=self.vocab_size,
       bos_token_id=self.bos_token_id,
-      eos_token_id=self.eos_token_id,
+      eos_token_id=[self.eos_token_id, *self.extra_eos_token_ids]
+      if self.extra_eos_token_ids
+      else self.eos_token_id,
       pad_token_id=self.pad_token_id,
       initializer_range=self.initializer_range,
       architectures=[names[1] if architecture == "causal_lm" else names[2]],
@@ -313,7 +318,11 @@ def _activation(name: str) -> str:
   return ACTIVATIONS[name]
 
 
+def _listed(x: Any) -> list:
+  return list(x) if isinstance(x, (list, tuple)) else ([] if x is None else [x])
+
+
 def _int_or_none(x: Any) -> int | None:
-  if isinstance(x, (list, tuple)):  # several EOS ids: the first is the one generation stops on
-    x = x[0] if x else None
-  return None if x is None else int(x)
+  """The id, or the first of several (``extra_eos_token_ids`` keeps the others)."""
+  x = _listed(x)
+  return int(x[0]) if x else None
