@@ -249,6 +249,14 @@ def generate(
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   cfg = model.cfg
+  if not isinstance(input_ids, jax.core.Tracer):  # an id out of range embeds as NaN, and a NaN at
+    # a masked (padding) position still reaches every query of its row through 0 · NaN
+    lo, hi = int(jnp.min(input_ids)), int(jnp.max(input_ids))
+    if lo < 0 or hi >= cfg.vocab_size:
+      raise ValueError(
+        f"input_ids hold ids outside the vocabulary [0, {cfg.vocab_size}) (min {lo}, max {hi}); "
+        "padding is embedded too: pad with a real id"
+      )
   if cfg.is_gpt2 and input_ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
     raise ValueError(
       f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "

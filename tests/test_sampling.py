@@ -283,3 +283,8 @@ def test_bad_arguments(models):
       greedy=True,
       temperature=0.0,
     )
+  # An id outside the vocabulary, even in the left padding, would make the row NaN.
+  bad = np.asarray(ids[:, :4]).copy()
+  bad[0, 0] = -100
+  with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 64\) \(min -100"):
+    pj.generate(model, bad, mask[:, :4], key=jax.random.key(0), max_new_tokens=2)
