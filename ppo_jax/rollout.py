@@ -331,7 +331,10 @@ def make_step_fns(
     hparams = TrainHparams(models, tx, hp, mesh=None if placement is None else placement.mesh)
     new_state, metrics = train_step(state, exp, hparams=hparams, frozen=frozen)
     if lr_schedule is not None:
-      metrics["lr"] = jnp.asarray(lr_schedule(schedule_count(state.opt_state)))
+      lr = jnp.asarray(lr_schedule(schedule_count(state.opt_state)))
+      if hp.critic_warmup:  # the policy does not move while the critic warms up
+        lr = jnp.where(state.step >= hp.critic_warmup, lr, 0.0)
+      metrics["lr"] = lr
     new_state = finish_iteration(new_state, {"objective/kl": rollout_kl}, exp.ids.shape[0], hp=hp)
     return new_state, metrics
 

@@ -38,12 +38,11 @@ def build(hp=HP, *, shared=False, lr=1e-3, lora_rank=0):
   if lora_rank:
     policy = add_lora(policy, rank=lora_rank, targets="q,k,v,o,up,down")
   models, params, frozen_policy, reward_params = ActorCritic.build(policy, critic, reward)
-  tx = make_actor_critic_optimizer(
-    OptimHparams(lr=lr, schedule="constant"), policy_steps=100, value_steps=100
-  )
+  optim = OptimHparams(lr=lr, schedule="constant")
+  tx = make_actor_critic_optimizer(optim, policy_steps=100, value_steps=100)
   state = ppo.init_state(params, tx, hp, seed=0)
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
-  return models, tx, state, frozen, rollout.make_step_fns(models, tx, hp)
+  return models, tx, state, frozen, rollout.make_step_fns(models, tx, hp, learning_rate(optim, 100))
 
 
 PROMPTS = jnp.asarray(np.random.default_rng(0).integers(2, 24, (B, P)), jnp.int32)
@@ -300,10 +299,12 @@ def test_critic_warmup_trains_only_the_critic_then_both(shared):
       # before the joint clipping): the norm clipped is the critic's alone.
       assert float(metrics["grad/policy_norm"]) == 0.0
       assert float(metrics["grad/norm"]) == pytest.approx(float(metrics["grad/value_norm"]))
+      assert float(metrics["lr"]) == 0.0  # the policy's rate: it does not move
       moments = _policy_leaves(state.opt_state)
       assert all(np.array_equal(a, b) for a, b in zip(moments0, moments, strict=True))
     else:
       assert not any(same)
+      assert float(metrics["lr"]) == pytest.approx(1e-3)
   assert int(schedule_count(state.opt_state)) == per_iteration  # the policy's
   counts = {
     int(v)
