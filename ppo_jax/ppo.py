@@ -72,7 +72,7 @@ class PPOHparams:
   kl_target: float = 6.0
   kl_horizon: float = 10000.0
   # Critic warm-up: the first iterations update only the critic; the policy (and its optimizer
-  # moments) stay as they were (OpenRLHF's freezing_actor_steps). GAE only.
+  # state) stay as they were (OpenRLHF's freezing_actor_steps). GAE only.
   critic_warmup: int = 0
 
   def __post_init__(self):
