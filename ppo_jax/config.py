@@ -300,6 +300,19 @@ class Settings:
         f"config.ppo.critic_lr_scale: must be > 0, got {self.ppo_run.critic_lr_scale}",
       ),
       (
+        self.ppo_run.batch_size >= 1,
+        f"config.ppo.batch_size: must be ≥ 1, got {self.ppo_run.batch_size}",
+      ),
+      (
+        0.0 < self.raw.ppo.top_p <= 1.0,
+        f"config.ppo.top_p: must be in (0, 1], got {self.raw.ppo.top_p}",
+      ),
+      (
+        self.checkpoint.every >= 1 and self.checkpoint.keep >= 1,
+        "config.checkpoint.every and .keep: must be ≥ 1, got "
+        f"{self.checkpoint.every} and {self.checkpoint.keep}",
+      ),
+      (
         not self.raw.ppo.critic_warmup or self.raw.ppo.critic_warmup < self.ppo_run.iterations,
         f"config.ppo.critic_warmup {self.raw.ppo.critic_warmup} ≥ config.ppo.iterations "
         f"{self.ppo_run.iterations}: the policy would never train",

@@ -92,7 +92,7 @@ def export(argv: list[str]) -> int:
 
   try:
     step = export_policy(args.workdir, args.out, step=args.step)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:
     print(f"ppo-jax export: error: {_one_line(e)}", file=sys.stderr)
     return 1
   print(f"wrote the policy of step {step} to {args.out}")
@@ -135,7 +135,7 @@ def cli(argv: list[str] | None = None) -> int:
     from ppo_jax.config import Settings
 
     Settings.from_config(config)  # every value checked before any work starts
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
     print(f"ppo-jax: config error: {_one_line(e)}", file=sys.stderr)
     return 2
   try:
@@ -153,7 +153,7 @@ def cli(argv: list[str] | None = None) -> int:
   except Preempted as e:  # a requested stop: what could be saved is saved
     print(f"ppo-jax: {e}; run the same command again to resume", flush=True)
     return 0
-  except (ValueError, FileNotFoundError, NonFiniteError) as e:  # one line, no traceback
+  except (ValueError, OSError, NonFiniteError) as e:  # one line, no traceback
     print(f"ppo-jax: error: {_one_line(e)}", file=sys.stderr)
     return 1
   return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import time
 from typing import Any
@@ -108,10 +109,10 @@ def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
   return policy
 
 
-def check_compatible(cfg: ModelConfig, tokenizer: Any, max_len: int) -> None:
+def check_compatible(cfg: ModelConfig, tokenizer: Any, max_len: int, what: str = "model") -> None:
   if len(tokenizer) > cfg.vocab_size:
     raise ValueError(
-      f"tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+      f"tokenizer has {len(tokenizer)} tokens but the {what}'s embedding has only "
       f"{cfg.vocab_size} rows"
     )
   if cfg.is_gpt2 and max_len > cfg.max_position_embeddings:
@@ -284,6 +285,8 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     reward_model, rm_eval = None, {}
   else:
     reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir, mesh=mesh)
+    if reward_model is not None:
+      check_compatible(reward_model.cfg, tok, max_len, what="reward model")
 
   banner(f"3/3 {s.algo.upper()}")
   stage_eval = {}
@@ -346,7 +349,13 @@ def rollout_summary(rows: list[dict[str, float]]) -> dict[str, float]:
     ("kl", "objective/kl"),
     ("length", "response/length"),
   )
-  return {k: sum(r[m] for r in rows) / len(rows) for k, m in keys if m in rows[0]}
+  out = {}
+  for k, m in keys:
+    # metrics.jsonl writes a non-finite value as a string ("nan"); a skipped iteration's is left out
+    values = [float(r[m]) for r in rows if m in r and math.isfinite(float(r[m]))]
+    if any(m in r for r in rows):
+      out[k] = sum(values) / len(values) if values else float("nan")
+  return out
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

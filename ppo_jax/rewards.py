@@ -26,8 +26,10 @@ def load_reward_fn(path: str) -> RewardFn:
   module_name, attr = path.split(":")
   try:
     module = importlib.import_module(module_name)
-  except ImportError as e:
-    raise RewardError(f"reward function {path!r}: cannot import {module_name!r} ({e})") from None
+  except Exception as e:  # ImportError, or the module's own code failing (SyntaxError, ...)
+    raise RewardError(
+      f"reward function {path!r}: cannot import {module_name!r} ({type(e).__name__}: {e})"
+    ) from None
   fn = getattr(module, attr, None)
   if not callable(fn):
     raise RewardError(f"reward function {path!r}: {module_name} has no function {attr!r}")

@@ -10,6 +10,7 @@ from flax import nnx
 
 from ppo_jax import data, dpo, supervised
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained, save_pretrained
+from ppo_jax.models.hf import load_hf_config
 from ppo_jax.rewards import load_reward_fn
 
 if TYPE_CHECKING:
@@ -114,6 +115,12 @@ def run_reward_model(
   kw = dict(dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
   if s.reward.model:
     print(f"reward model: {s.reward.model}")
+    architectures = getattr(load_hf_config(s.reward.model), "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+      raise ValueError(
+        f"config.reward.model: {s.reward.model} is not a reward model (architectures "
+        f"{architectures}; expected a *ForSequenceClassification with its score head)"
+      )
     return from_pretrained(s.reward.model, kind="reward", **kw), {}
   if not s.rm_run.enabled:
     return None, {}

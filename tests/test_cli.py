@@ -55,6 +55,9 @@ def test_console_script_runs_the_smoke_config(smoke_run, tmp_path):
     ("--config.ppo.agg=mean", "config.ppo.agg: unknown 'mean'"),
     ("--config.reward.source=function", "needs config.reward.fn="),
     ("--config.ppo.critic_warmup=100000", "critic_warmup 100000 ≥ config.ppo.iterations"),
+    ("--config.ppo.batch_size=0", "config.ppo.batch_size: must be ≥ 1, got 0"),
+    ("--config.ppo.top_p=1.5", "config.ppo.top_p: must be in (0, 1], got 1.5"),
+    ("--config.checkpoint.every=0", "config.checkpoint.every and .keep: must be ≥ 1"),
   ],
 )
 def test_config_errors_are_one_line(tmp_path, override, expected):
@@ -62,6 +65,12 @@ def test_config_errors_are_one_line(tmp_path, override, expected):
   assert code == 2
   assert err.count("\n") == 0 and err.startswith("ppo-jax: config error:"), err
   assert expected in err
+
+
+def test_a_config_file_that_does_not_parse_is_one_line(tmp_path):
+  (tmp_path / "bad.py").write_text("def get_config(:\n")
+  code, _, err = _cli(f"--config={tmp_path / 'bad.py'}", f"--workdir={tmp_path / 'w'}")
+  assert code == 2 and err.count("\n") == 0 and "SyntaxError: invalid syntax (bad.py" in err, err
 
 
 def test_missing_workdir(tmp_path):

@@ -133,6 +133,7 @@ def test_custom_reward_function_by_import_path_is_optimised(smoke_run, tmp_path)
     ("reward_fns:nan_scores", "non-finite scores"),
     ("reward_fns:missing", "has no function 'missing'"),
     ("no_such_module:fn", "cannot import 'no_such_module'"),
+    ("broken_reward_fns:fn", "RuntimeError: reward module broken at import"),
   ],
 )
 def test_bad_reward_functions_fail_with_one_line(smoke_run, tmp_path, fn, message):
@@ -246,3 +247,22 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path):
 
 def _rows_of(path):
   return writers.read_metrics(path)
+
+
+def test_a_causal_lm_is_refused_as_the_reward_model(smoke_run, tmp_path):
+  """reward.model must carry a score head: a causal LM folder would get a random one."""
+  workdir = reuse_stages(smoke_run[0], tmp_path / "lm_as_rm", stages=("sft",))
+  config = smoke_config(reward__model=str(smoke_run[0] / "sft"), ppo__iterations=1)
+  with pytest.raises(ValueError, match=r"is not a reward model \(architectures \['GPT2LMHead"):
+    pipeline.run(config, workdir)
+
+
+def test_rollout_summary_skips_non_finite_entries():
+  """metrics.jsonl writes a skipped iteration's NaN as a string; the summary averages the rest."""
+  rows = [
+    {"objective/scores": 1.0, "objective/kl": 0.5},
+    {"objective/scores": "nan", "objective/kl": 0.7},
+    {"objective/scores": 3.0, "objective/kl": 0.9},
+  ]
+  assert pipeline.rollout_summary(rows) == pytest.approx({"score": 2.0, "kl": 0.7})
+  assert np.isnan(pipeline.rollout_summary(rows[1:2])["score"])
