@@ -133,10 +133,16 @@ def test_custom_reward_function_by_import_path_is_optimised(smoke_run, tmp_path)
     ("reward_fns:nan_scores", "non-finite scores"),
     ("reward_fns:missing", "has no function 'missing'"),
     ("no_such_module:fn", "cannot import 'no_such_module'"),
-    ("broken_reward_fns:fn", "RuntimeError: reward module broken at import"),
+    ("broken_reward_module:fn", "RuntimeError: reward module broken at import"),
   ],
 )
-def test_bad_reward_functions_fail_with_one_line(smoke_run, tmp_path, fn, message):
+def test_bad_reward_functions_fail_with_one_line(smoke_run, tmp_path, monkeypatch, fn, message):
+  # A module whose own code fails at import (written here: the suite imports every module it
+  # finds under tests/ for doctests).
+  (tmp_path / "broken_reward_module.py").write_text(
+    'raise RuntimeError("reward module broken at import")\n'
+  )
+  monkeypatch.syspath_prepend(str(tmp_path))
   workdir = reuse_stages(smoke_run[0], tmp_path / "bad", stages=("sft",))
   config = smoke_config(
     reward__source="function",
