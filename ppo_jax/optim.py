@@ -164,7 +164,7 @@ def schedule_count(opt_state: optax.OptState) -> jax.Array:
     if getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"
   ]
   if len(found) > 1:  # one per part: the policy's
-    found = [(path, v) for path, v in found if any(_is_key(k, "policy") for k in path)]
+    found = [(path, v) for path, v in found if under_key(path, "policy")]
   if len(found) != 1:
     raise ValueError(
       f"expected one learning-rate schedule in the optimizer state, found {len(found)}"
@@ -172,5 +172,7 @@ def schedule_count(opt_state: optax.OptState) -> jax.Array:
   return found[0][1]
 
 
-def _is_key(k, name: str) -> bool:
-  return isinstance(k, jax.tree_util.DictKey) and k.key == name
+def under_key(path, name: str) -> bool:
+  """Whether a pytree path runs through the dict key ``name``: with ``"policy"``, the policy's
+  parameters, and its part of a ``make_actor_critic_optimizer`` state (counts included)."""
+  return any(isinstance(k, jax.tree_util.DictKey) and k.key == name for k in path)

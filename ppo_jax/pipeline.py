@@ -352,9 +352,10 @@ def rollout_summary(rows: list[dict[str, float]]) -> dict[str, float]:
   out = {}
   for k, m in keys:
     # metrics.jsonl writes a non-finite value as a string ("nan"); a skipped iteration's is left out
-    values = [float(r[m]) for r in rows if m in r and math.isfinite(float(r[m]))]
-    if any(m in r for r in rows):
-      out[k] = sum(values) / len(values) if values else float("nan")
+    values = [float(r[m]) for r in rows if m in r]
+    finite = [v for v in values if math.isfinite(v)]
+    if values:
+      out[k] = sum(finite) / len(finite) if finite else float("nan")
   return out
 
 

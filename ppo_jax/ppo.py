@@ -23,6 +23,7 @@ from ppo_jax.kl import KL_KINDS, adaptive_kl_update, kl_estimate
 from ppo_jax.logprobs import entropy_from_logits, token_logprobs
 from ppo_jax.losses import policy_loss, value_loss
 from ppo_jax.masking import masked_mean
+from ppo_jax.optim import under_key
 
 Metrics = dict[str, jax.Array]
 KL_MODES = ("reward", "loss")
@@ -191,6 +192,12 @@ def init_state(
   )
 
 
+def policy_trains(state: PPOState, hp: PPOHparams) -> jax.Array | bool:
+  """Whether this iteration updates the policy: past ``hp.critic_warmup`` (a static True when
+  there is no warm-up, so the program is the same as without the option)."""
+  return state.step >= hp.critic_warmup if hp.critic_warmup else True
+
+
 def iteration_keys(state: PPOState) -> tuple[jax.Array, jax.Array]:
   """(sampling key, shuffling key) of the current iteration."""
   k = jax.random.fold_in(state.key, state.step)
@@ -303,12 +310,6 @@ def minibatch_gradients(
   return grads, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics)
 
 
-def _under_policy(path) -> bool:
-  """Whether a leaf's path runs through a ``"policy"`` key: the policy's parameters, and its
-  part of an optimizer state (with ``make_actor_critic_optimizer``, its step counts too)."""
-  return any(isinstance(k, jax.tree_util.DictKey) and k.key == "policy" for k in path)
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainHparams:
   """What ``train_step`` needs besides arrays (hashable: a jit static argument)."""
@@ -339,8 +340,7 @@ def train_step(
   B = exp.ids.shape[0]
   _, n_micro = hp.minibatch_layout(B)
   _, perm_key = iteration_keys(state)
-  # Critic warm-up: a static True when off, so the program is the same as without the option.
-  train_policy = state.step >= hp.critic_warmup if hp.critic_warmup else True
+  train_policy = policy_trains(state, hp)
 
   def minibatch_step(carry, mb: Experience):
     params, opt_state = carry
@@ -371,7 +371,7 @@ def train_step(
     def keep(new, old):
       def pick(path, a, b):
         ok = apply
-        if train_policy is not True and _under_policy(path):
+        if train_policy is not True and under_key(path, "policy"):
           ok = ok & train_policy
         return jnp.where(ok, a, b)
 

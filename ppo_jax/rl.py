@@ -250,7 +250,8 @@ def run_ppo(
       " train"
     )
   per_iteration = hp.num_epochs * hp.num_minibatches
-  policy_updates = (iterations - hp.critic_warmup) * per_iteration
+  policy_updates_by = lambda n: (n - hp.critic_warmup) * per_iteration  # n iterations in all
+  policy_updates = policy_updates_by(iterations)
   tx = make_actor_critic_optimizer(
     optim,
     policy_steps=policy_updates,
@@ -299,7 +300,7 @@ def run_ppo(
     change = horizon_change(
       optim,
       int(schedule_count(state.opt_state)),
-      old_steps=(was - hp.critic_warmup) * per_iteration,
+      old_steps=policy_updates_by(was),
       new_steps=policy_updates,
     )
     if change:

@@ -46,6 +46,7 @@ from ppo_jax.ppo import (
   TrainHparams,
   finish_iteration,
   iteration_keys,
+  policy_trains,
   train_step,
 )
 from ppo_jax.sampling import Generation, sample
@@ -332,9 +333,7 @@ def make_step_fns(
     new_state, metrics = train_step(state, exp, hparams=hparams, frozen=frozen)
     if lr_schedule is not None:
       lr = jnp.asarray(lr_schedule(schedule_count(state.opt_state)))
-      if hp.critic_warmup:  # the policy does not move while the critic warms up
-        lr = jnp.where(state.step >= hp.critic_warmup, lr, 0.0)
-      metrics["lr"] = lr
+      metrics["lr"] = jnp.where(policy_trains(state, hp), lr, 0.0)  # 0 while the critic warms up
     new_state = finish_iteration(new_state, {"objective/kl": rollout_kl}, exp.ids.shape[0], hp=hp)
     return new_state, metrics
 
