@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,14 +21,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (python)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output folder")
-_RESUME = flags.DEFINE_bool(
-  "resume",
-  True,
-  "continue from the workdir's finished stages and "
-  "latest PPO checkpoint (--noresume refuses a workdir with checkpoints)",
-)
+
+def parse_flags(argv: list[str]) -> tuple[Any, str, bool]:
+  """``(config, workdir, resume)`` from the command line, on flags of this call's own (so the CLI
+  runs any number of times in one process: tests, notebooks)."""
+  fv = flags.FlagValues()
+  config = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file (python)", flag_values=fv, sys_argv=argv
+  )
+  workdir = flags.DEFINE_string("workdir", None, "output folder", flag_values=fv)
+  resume = flags.DEFINE_bool(
+    "resume",
+    True,
+    "continue from the workdir's finished stages and "
+    "latest PPO checkpoint (--noresume refuses a workdir with checkpoints)",
+    flag_values=fv,
+  )
+  fv(argv)
+  if config.value is None or workdir.value is None:
+    raise flags.Error("--config and --workdir are required")
+  return config.value, workdir.value, resume.value
 
 
 def _one_line(e: BaseException) -> str:
@@ -128,10 +141,7 @@ def cli(argv: list[str] | None = None) -> int:
     return export(argv[2:])
   try:
     check_override_paths(argv)
-    flags.FLAGS(argv)
-    if _CONFIG.value is None or _WORKDIR.value is None:
-      raise flags.Error("--config and --workdir are required")
-    config = _CONFIG.value
+    config, workdir, resume = parse_flags(argv)
     from ppo_jax.config import Settings
 
     Settings.from_config(config)  # every value checked before any work starts
@@ -149,7 +159,7 @@ def cli(argv: list[str] | None = None) -> int:
 
   enable_compilation_cache()
   try:
-    run(config, _WORKDIR.value, resume=_RESUME.value)
+    run(config, workdir, resume=resume)
   except Preempted as e:  # a requested stop: what could be saved is saved
     print(f"ppo-jax: {e}; run the same command again to resume", flush=True)
     return 0

@@ -1,48 +1,24 @@
-"""The command line: the console script runs, and bad input gets one line naming the problem."""
+"""The command line (in this process): bad input gets one line naming the problem."""
 
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, reuse_stages
+from conftest import ROOT
+
+from ppo_jax import main
 
 EXPERIMENT = str(ROOT / "experiments" / "default.py")
 
 
-def _cli(*args, cwd=ROOT):
-  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-  proc = subprocess.run(
-    [sys.executable, "-m", "ppo_jax.main", *args],
-    cwd=cwd,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  return proc.returncode, proc.stdout, proc.stderr.strip()
-
-
-def test_console_script_runs_the_smoke_config(smoke_run, tmp_path):
-  workdir = reuse_stages(smoke_run[0], tmp_path / "cli")
-  proc = subprocess.run(
-    [
-      os.path.join(os.path.dirname(sys.executable), "ppo-jax"),
-      f"--config={EXPERIMENT}:smoke",
-      f"--workdir={workdir}",
-      "--config.ppo.iterations=2",
-      "--config.log.progress=False",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env={**os.environ},
-  )
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "found" in proc.stdout and "summary" in proc.stdout
-  assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
-  assert json.loads((workdir / "config.json").read_text())["ppo"]["iterations"] == 2
+def _cli(*args):
+  """``ppo-jax ARGS`` in this process: (exit status, stdout, stderr). The console script itself
+  runs as a program in test_checkpoint.py (the preemption test resumes with it)."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = main.cli(["ppo-jax", *args])
+  return code, out.getvalue(), err.getvalue().strip()
 
 
 @pytest.mark.parametrize(
