@@ -36,11 +36,18 @@ def read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[str,
     DataError: naming the file and line of the first malformed row.
   """
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise DataError(f"{path}: is a folder; expected a JSONL file")
   if not path.is_file():
     raise DataError(f"{path}: no such file")
   rows = []
-  with path.open(encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  with path.open("rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is dropped
+      except UnicodeDecodeError as e:
+        byte = e.object[e.start]
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {byte:#04x})") from None
       if not line.strip():
         continue
       try:

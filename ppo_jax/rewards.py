@@ -50,12 +50,15 @@ def call_reward_fn(
     out = fn(list(prompts), list(responses))
   except Exception as e:  # the user's code: report it on one line, keep the cause chained
     raise RewardError(f"{where} raised {type(e).__name__}: {e}") from e
+  n = len(responses)
+  if out is None or np.ndim(out) == 0:  # forgot `return`, or returned one number for the batch
+    raise RewardError(f"{where} returned {out!r}, not a sequence of {n} scores (one per response)")
   try:
     scores = np.asarray(out, dtype=np.float64).reshape(-1)
   except (TypeError, ValueError):
     raise RewardError(f"{where} returned {type(out).__name__}, not a sequence of numbers") from None
-  if scores.shape[0] != len(responses) or np.ndim(out) not in (1,):
-    raise RewardError(f"{where} returned {np.shape(out)} values for {len(responses)} responses")
+  if scores.shape[0] != n or np.ndim(out) != 1:
+    raise RewardError(f"{where} returned an array of shape {np.shape(out)}; expected ({n},)")
   bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
   if bad:
     raise RewardError(f"{where} returned non-finite scores (NaN or inf) for responses {bad[:8]}")

@@ -10,11 +10,3 @@ def superlatives(prompts, responses):
 
 def raises(prompts, responses):
   raise RuntimeError("reward server unreachable")
-
-
-def wrong_length(prompts, responses):
-  return [0.0] * (len(responses) - 1)
-
-
-def nan_scores(prompts, responses):
-  return [float("nan")] * len(responses)

@@ -287,6 +287,14 @@ def test_missing_shard(tmp_path):
     pj.models.from_pretrained(tmp_path)
 
 
+def test_truncated_weights_file_is_named(tmp_path):
+  tiny_hf.make("gpt2", tmp_path)
+  weights = tmp_path / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:-100])  # a download or copy cut short
+  with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+    pj.models.from_pretrained(tmp_path)
+
+
 def test_sequence_classifier_cannot_be_a_causal_lm(tmp_path):
   tiny_hf.make("gpt2", tmp_path, kind="reward")
   with pytest.raises(ValueError, match="no LM head"):

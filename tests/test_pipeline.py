@@ -127,12 +127,8 @@ def test_custom_reward_function_by_import_path_is_optimised(smoke_run, tmp_path)
 
 @pytest.mark.parametrize(
   "fn,message",
-  [
+  [  # one failure at import and one while training; tests/test_rewards.py has all the others
     ("reward_fns:raises", "raised RuntimeError: reward server unreachable"),
-    ("reward_fns:wrong_length", r"returned \(31,\) values for 32 responses"),
-    ("reward_fns:nan_scores", "non-finite scores"),
-    ("reward_fns:missing", "has no function 'missing'"),
-    ("no_such_module:fn", "cannot import 'no_such_module'"),
     ("broken_reward_module:fn", "RuntimeError: reward module broken at import"),
   ],
 )

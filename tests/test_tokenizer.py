@@ -36,3 +36,9 @@ def test_tokenizer_without_eos_is_refused(tmp_path, pad):
 def test_missing_folder_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"tokenizer folder .*nowhere does not exist"):
     load_tokenizer(tmp_path / "nowhere")
+
+
+def test_a_folder_without_tokenizer_files_says_so(tmp_path):
+  (tmp_path / "config.json").write_text("{}")  # a model folder saved without its tokenizer
+  with pytest.raises(FileNotFoundError, match=r"no tokenizer files \(none of tokenizer.json"):
+    load_tokenizer(tmp_path)

@@ -158,9 +158,14 @@ def read_safetensors(folder: str | os.PathLike) -> dict[str, jax.Array]:
 
   tensors: dict[str, jax.Array] = {}
   for file in _weight_files(pathlib.Path(folder)):
-    with safe_open(str(file), framework="flax") as f:
-      for name in f.keys():
-        tensors[name] = f.get_tensor(name)
+    try:
+      with safe_open(str(file), framework="flax") as f:
+        for name in f.keys():
+          tensors[name] = f.get_tensor(name)
+    except Exception as e:  # safetensors' own error type: a truncated or foreign file
+      if isinstance(e, OSError | MemoryError):
+        raise
+      raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
   return tensors
 
 

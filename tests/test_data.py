@@ -1,0 +1,97 @@
+"""Data files → token arrays: the layout, the batch stream, and bad files named by file and line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ppo_jax import data
+from ppo_jax.tokenizer import build_word_tokenizer
+
+TOK = build_word_tokenizer(["good", "film", "bad", "plot"])  # ids: good 4, film 5, bad 6, plot 7
+LAYOUT = data.Layout(prompt_len=3, response_len=3, pad_id=0, eos_id=1)
+
+
+def _jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def test_prompts_left_padded_and_responses_right_padded_with_eos(tmp_path):
+  path = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "good", "response": "bad plot"}])
+  seqs = data.load_sft(path, TOK, LAYOUT)
+  np.testing.assert_array_equal(seqs.ids, [[0, 0, 4, 6, 7, 1]])
+  np.testing.assert_array_equal(seqs.mask, [[0, 0, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(seqs.response_mask, [[1, 1, 1]])
+  assert seqs.truncated == 0
+
+
+def test_long_response_is_cut_and_counted(tmp_path):
+  path = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "good", "response": "bad plot film good"}])
+  seqs = data.load_sft(path, TOK, LAYOUT)
+  np.testing.assert_array_equal(seqs.ids[0, 3:], [6, 7, 5])  # no room left for EOS
+  assert seqs.truncated == 1
+
+
+def test_long_prompt_is_refused_or_keeps_its_end():
+  with pytest.raises(data.DataError, match=r"row 1: prompt of 4 tokens .* data.max_prompt_len=3"):
+    data.encode_prompts(TOK, ["good film bad plot"], LAYOUT)
+  cut = data.Layout(3, 3, 0, 1, overflow="truncate")
+  ids, mask = data.encode_prompts(TOK, ["good film bad plot"], cut)
+  np.testing.assert_array_equal(ids, [[5, 6, 7]])
+  np.testing.assert_array_equal(mask, [[1, 1, 1]])
+
+
+def test_a_leading_byte_order_mark_is_accepted(tmp_path):
+  path = tmp_path / "p.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "good film"}).encode() + b"\n")
+  assert data.load_prompts(path, TOK, LAYOUT)[0] == ["good film"]
+
+
+@pytest.mark.parametrize(
+  "content,message",
+  [
+    (b'{"prompt": "good"}\n{"prompt": "ba\xe9d"}\n', r"p\.jsonl:2: not UTF-8 text \(byte 0xe9\)"),
+    (b'{"prompt": "good"}\n{"prompt": \n', r"p\.jsonl:2: not valid JSON"),
+    (b'["good"]\n', r"p\.jsonl:1: expected a JSON object, got list"),
+    (b'{"text": "good"}\n', r"p\.jsonl:1: missing field 'prompt'"),
+    (b'{"prompt": 3}\n', r"p\.jsonl:1: field 'prompt' must be a string, got int"),
+    (b"\n\n", r"p\.jsonl: no rows"),
+  ],
+)
+def test_bad_files_are_named_with_their_line(tmp_path, content, message):
+  path = tmp_path / "p.jsonl"
+  path.write_bytes(content)
+  with pytest.raises(data.DataError, match=message):
+    data.read_jsonl(path, ["prompt"])
+
+
+def test_a_folder_or_a_missing_file_is_named(tmp_path):
+  with pytest.raises(data.DataError, match="is a folder; expected a JSONL file"):
+    data.read_jsonl(tmp_path, ["prompt"])
+  with pytest.raises(data.DataError, match=r"nowhere\.jsonl: no such file"):
+    data.read_jsonl(tmp_path / "nowhere.jsonl", ["prompt"])
+
+
+def test_batches_cover_each_epoch_once_and_depend_on_the_step_alone():
+  n, b = 10, 5
+  epoch = np.concatenate([data.batch_indices(n, b, step, seed=3) for step in range(2)])
+  assert sorted(epoch.tolist()) == list(range(n))  # two batches: a permutation of the rows
+  np.testing.assert_array_equal(
+    data.batch_indices(n, b, 7, seed=3), data.batch_indices(n, b, 7, seed=3)
+  )
+  assert not np.array_equal(
+    data.batch_indices(n, b, 2, seed=3), data.batch_indices(n, b, 0, seed=3)
+  )
+  # batch size not dividing n: the stream is still one shuffle per epoch, read in order
+  stream = np.concatenate([data.batch_indices(n, 4, step, seed=3) for step in range(5)])
+  assert sorted(stream[:n].tolist()) == list(range(n))
+  assert sorted(stream[n:].tolist()) == list(range(n))
+
+
+def test_holdout_split_is_disjoint_and_keeps_a_training_row():
+  train, held = data.split_holdout(10, 0.25, seed=0)
+  assert len(held) == 2 and not set(train) & set(held) and len(train) + len(held) == 10
+  assert len(data.split_holdout(3, 0.01, seed=0)[1]) == 1  # at least one when asked for any
+  assert len(data.split_holdout(2, 0.9, seed=0)[0]) == 1  # never all of them
+  assert len(data.split_holdout(10, 0.0, seed=0)[1]) == 0

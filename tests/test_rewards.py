@@ -1,0 +1,52 @@
+"""Reward functions by import path: each way one can fail is one line naming it."""
+
+import numpy as np
+import pytest
+
+from ppo_jax.rewards import RewardError, call_reward_fn, load_reward_fn
+
+PROMPTS, RESPONSES = ["a", "b", "c"], ["x", "y", "z"]
+
+
+def test_scores_come_back_as_float32_one_per_response():
+  scores = call_reward_fn(lambda p, r: [1, 2.5, -3], PROMPTS, RESPONSES)
+  assert scores.dtype == np.float32
+  np.testing.assert_array_equal(scores, [1.0, 2.5, -3.0])
+  np.testing.assert_array_equal(call_reward_fn(lambda p, r: np.ones(3), PROMPTS, RESPONSES), 1.0)
+
+
+def _raises(prompts, responses):
+  raise RuntimeError("reward server unreachable")
+
+
+@pytest.mark.parametrize(
+  "fn,message",
+  [
+    (_raises, r"my fn at step 7 raised RuntimeError: reward server unreachable"),
+    (lambda p, r: [0.0, 1.0], r"returned an array of shape \(2,\); expected \(3,\)"),
+    (lambda p, r: [[0.0], [1.0], [2.0]], r"returned an array of shape \(3, 1\); expected \(3,\)"),
+    (lambda p, r: None, r"returned None, not a sequence of 3 scores \(one per response\)"),
+    (lambda p, r: 0.5, r"returned 0\.5, not a sequence of 3 scores"),
+    (lambda p, r: ["good", "bad", "ok"], r"returned list, not a sequence of numbers"),
+    (lambda p, r: [0.0, float("nan"), float("inf")], r"non-finite scores .* responses \[1, 2\]"),
+  ],
+)
+def test_bad_return_values_are_one_line(fn, message):
+  with pytest.raises(RewardError, match=message) as e:
+    call_reward_fn(fn, PROMPTS, RESPONSES, name="my fn", step=7)
+  assert "\n" not in str(e.value)
+
+
+def test_import_errors_name_the_path(tmp_path, monkeypatch):
+  (tmp_path / "broken_reward_module.py").write_text('raise RuntimeError("broken at import")\n')
+  (tmp_path / "fine_reward_module.py").write_text("score = 3\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  for path, message in [
+    ("no_colon", r"expected 'package\.module:function'"),
+    ("no_such_module:fn", r"cannot import 'no_such_module' \(ModuleNotFoundError"),
+    ("broken_reward_module:fn", r"cannot import .* \(RuntimeError: broken at import\)"),
+    ("fine_reward_module:missing", r"fine_reward_module has no function 'missing'"),
+    ("fine_reward_module:score", r"fine_reward_module has no function 'score'"),  # not callable
+  ]:
+    with pytest.raises(RewardError, match=message):
+      load_reward_fn(path)
