@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import pathlib
 import signal
+import sys
+import time
 from typing import Any
 
 import jax
@@ -74,6 +77,44 @@ class PreemptionGuard:
 
 
 GUARD = PreemptionGuard()  # the pipeline enters it; the loops read it
+
+
+@contextlib.contextmanager
+def reading(folder: pathlib.Path, what_then: str):
+  """Any failure to read the checkpoint ``folder`` as one ValueError line, ending ``what_then``.
+
+  A damaged checkpoint (a truncated file: disk full, an interrupted copy) fails inside orbax with a
+  tensorstore error carrying a page of JSON spec, and its other pending reads then call back into
+  orbax's closed event loop, each printing a traceback to ``sys.stderr``. That output is held
+  back while reading and, if the read failed, until it stops for 0.3 s, then dropped (written
+  out if the read succeeded).
+  """
+  held = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(held):
+      try:
+        yield
+      except Exception:
+        _until_quiet(held, quiet_s=0.3, limit_s=5.0)
+        raise
+  except Exception as e:
+    text = str(e).split(" [tensorstore_spec=")[0].strip()
+    cause = (text.splitlines() or [""])[0][:300]
+    raise ValueError(
+      f"{folder} cannot be read, it is damaged or incomplete ({type(e).__name__}: {cause}); "
+      f"{what_then}"
+    ) from e
+  sys.stderr.write(held.getvalue())
+
+
+def _until_quiet(stream: io.StringIO, *, quiet_s: float, limit_s: float) -> None:
+  """Returns once nothing was written to ``stream`` for ``quiet_s`` (at most ``limit_s``)."""
+  start = last_change = time.monotonic()
+  size = stream.tell()
+  while time.monotonic() - last_change < quiet_s and time.monotonic() - start < limit_s:
+    time.sleep(0.05)
+    if stream.tell() != size:
+      size, last_change = stream.tell(), time.monotonic()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -141,17 +182,21 @@ class Checkpointer:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), with_data
     )
     self._check_layout(step, target)
-    out = self._mgr.restore(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
-    )
+    with reading(self.directory / str(step), self._then(step)):
+      out = self._mgr.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+      )
     state = out.state.replace(key=jax.random.wrap_key_data(out.state.key))
     return state, out.meta
 
   def _check_layout(self, step: int, target) -> None:
     """One line naming the first difference when the saved arrays are not the ones ``target``
     has (names and shapes): a checkpoint of another ppo_jax version's state layout, say."""
-    saved = _shapes(self._mgr.item_metadata(step)["state"])
+    with reading(self.directory / str(step), self._then(step)):
+      saved = _shapes(self._mgr.item_metadata(step)["state"])
     wanted = _shapes(target)
     only_saved, only_here = sorted(saved.keys() - wanted), sorted(wanted.keys() - saved)
     reshaped = [k for k in sorted(saved.keys() & wanted) if saved[k] != wanted[k]]
@@ -171,7 +216,14 @@ class Checkpointer:
 
   def record(self, step: int | None = None) -> dict[str, Any]:
     step = self._mgr.latest_step() if step is None else step
-    return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    with reading(self.directory / str(step), self._then(step)):
+      return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def _then(self, step: int) -> str:
+    """What to do about a damaged checkpoint of ``step``: resume from the one before."""
+    earlier = [s for s in self._mgr.all_steps() if s < step]
+    where = f"from step {max(earlier)}" if earlier else "from the start"
+    return f"delete that folder to resume {where} (nothing else is touched)"
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()
@@ -196,6 +248,7 @@ def export_policy(
   from ppo_jax.models.lora import add_lora, merge_lora, split_lora
   from ppo_jax.tokenizer import load_tokenizer
 
+  _check_export_target(pathlib.Path(workdir), pathlib.Path(out))
   directory = pathlib.Path(workdir) / "checkpoints"
   if not directory.is_dir():
     raise FileNotFoundError(f"{directory}: no checkpoints (is {workdir} a ppo_jax workdir?)")
@@ -209,9 +262,12 @@ def export_policy(
     step = max(steps) if step is None else step
     if step not in steps:
       raise ValueError(f"no checkpoint of step {step} in {directory} (there are {sorted(steps)})")
-    restored = mgr.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-    )
+    others = sorted(set(steps) - {step})
+    with reading(directory / str(step), f"export another step with --step (there are {others})"):
+      restored = mgr.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+      )
   finally:
     mgr.close()
   record = restored.meta
@@ -235,6 +291,29 @@ def export_policy(
     json.dumps({"workdir": str(workdir), "step": step}, indent=2) + "\n"
   )
   return step
+
+
+# What a run writes into its workdir: an export must not land on any of it.
+RUN_FOLDERS = (
+  "checkpoints",
+  "sft",
+  "reward_model",
+  "policy",
+  "ppo_base",
+  "data",
+  "tensorboard",
+  "plots",
+  "samples",
+)
+
+
+def _check_export_target(workdir: pathlib.Path, out: pathlib.Path) -> None:
+  w, o = workdir.resolve(), out.resolve()
+  if o == w:
+    raise ValueError(f"--out {out} is the workdir: the export would overwrite the run's files")
+  for name in RUN_FOLDERS:
+    if o.is_relative_to(w / name):
+      raise ValueError(f"--out {out} is inside the run's {name}/ folder: choose another folder")
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:

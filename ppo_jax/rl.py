@@ -283,6 +283,11 @@ def run_ppo(
 
   before, streak = None, 0
   if checkpointer is not None and checkpointer.latest_step() is not None:
+    if checkpointer.latest_step() > iterations:  # the loop below would run nothing
+      raise ValueError(
+        f"{checkpointer.directory} holds step {checkpointer.latest_step()}, past ppo.iterations="
+        f"{iterations}; raise it to go on, or `ppo-jax export --step` an earlier checkpoint"
+      )
     saved = checkpointer.record()
     diffs = config_differences(
       saved.get("config", {}), record.get("config", {}), defaults=config_defaults

@@ -17,7 +17,7 @@ from conftest import ROOT, reuse_stages, smoke_config
 from flax import nnx
 
 import ppo_jax as pj
-from ppo_jax import checkpoint, optim, pipeline, ppo, writers
+from ppo_jax import checkpoint, main, optim, pipeline, ppo, writers
 from ppo_jax.rl import NonFiniteError
 
 TIMING = ("time/", "tokens_per_s")
@@ -61,23 +61,19 @@ def test_resume_is_bitwise_identical(smoke_run, tmp_path):
   )
 
 
-def _start(workdir, *args):
-  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-  return subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "ppo_jax.main",
-      f"--config={EXPERIMENT}:smoke",
-      f"--workdir={workdir}",
-      "--config.log.progress=False",
-      *args,
-    ],
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-    env=env,
+def _start(workdir, *args, console_script=False):
+  """The smoke config in a process of its own: ``python -m ppo_jax.main``, or ``ppo-jax``."""
+  program = (
+    [os.path.join(os.path.dirname(sys.executable), "ppo-jax")]
+    if console_script
+    else [sys.executable, "-m", "ppo_jax.main"]
   )
+  return subprocess.Popen(
+    [*program, f"--config={EXPERIMENT}:smoke", f"--workdir={workdir}",
+     "--config.log.progress=False", *args],
+    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    env={**os.environ, "HF_HUB_OFFLINE": "1"},
+  )  # fmt: skip
 
 
 def _wait_for(predicate, proc, timeout=300):
@@ -91,45 +87,45 @@ def _wait_for(predicate, proc, timeout=300):
     time.sleep(0.001)
 
 
-def test_sigterm_saves_at_a_step_boundary_and_exits_zero(smoke_run, tmp_path):
-  workdir = reuse_stages(smoke_run[0], tmp_path / "preempted")
-  metrics = workdir / "metrics.jsonl"
-  proc = _start(workdir)
-  _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
-  stopped = len(metrics.read_text().splitlines())
-  assert f"stopped by SIGTERM after step {stopped}; checkpoint saved" in out
-  assert "run the same command again to resume" in out
-  assert (workdir / "checkpoints" / str(stopped)).is_dir()
-  assert stopped < 15 and not (workdir / "policy").exists()
-  # The same command resumes and ends exactly where the uninterrupted run ended.
-  proc = _start(workdir)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out[-3000:]
-  assert f"resuming from the checkpoint of step {stopped}" in out
-  _assert_same_metrics(smoke_run[0], workdir)
+def test_kill_9_then_sigterm_then_resume_end_where_the_uninterrupted_run_ended(smoke_run, tmp_path):
+  """One workdir through the two ways a run stops, each resumed by the same command.
 
-
-def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(smoke_run, tmp_path):
-  workdir = reuse_stages(smoke_run[0], tmp_path / "killed")
-  ckpts = workdir / "checkpoints"
+  1. ``kill -9`` while step 4 is being saved: the previous checkpoint stays usable.
+  2. SIGTERM: the run saves at the next step boundary (checkpoints are otherwise every 100
+     steps, so that save is the signal's) and exits 0.
+  3. The console script ``ppo-jax`` resumes and finishes: metrics equal the uninterrupted run's.
+  """
+  workdir = reuse_stages(smoke_run[0], tmp_path / "stopped")
+  ckpts, metrics = workdir / "checkpoints", workdir / "metrics.jsonl"
   proc = _start(workdir, "--config.checkpoint.every=1")
   in_flight = lambda: (
     ckpts.is_dir() and any(p.name == "4.orbax-checkpoint-tmp" for p in ckpts.iterdir())
   )
   _wait_for(in_flight, proc)
-  proc.send_signal(signal.SIGKILL)  # while step 4 is being written
+  proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   assert not (ckpts / "4").exists()
-  proc = _start(workdir, "--config.checkpoint.every=1")
-  out, _ = proc.communicate(timeout=600)
+
+  proc = _start(workdir, "--config.checkpoint.every=100")
+  _wait_for(lambda: len(metrics.read_text().splitlines()) >= 6, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
   assert "resuming from the checkpoint of step 3" in out
+  stopped = len(metrics.read_text().splitlines())
+  assert f"stopped by SIGTERM after step {stopped}; checkpoint saved" in out
+  assert "run the same command again to resume" in out
+  assert sorted(int(p.name) for p in ckpts.iterdir()) == [2, 3, stopped]  # the last 3 kept
+  assert stopped < 15 and not (workdir / "policy").exists()
+
+  proc = _start(workdir, console_script=True)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  assert f"resuming from the checkpoint of step {stopped}" in out and "summary" in out
   assert not any("tmp" in p.name for p in ckpts.iterdir())
   _assert_same_metrics(smoke_run[0], workdir)
+  assert (workdir / "policy" / "model.safetensors").exists()
 
 
 def test_nan_rewards_are_never_trained_on(smoke_run, tmp_path):
@@ -191,18 +187,60 @@ def test_noresume_refuses_a_workdir_with_checkpoints(smoke_run, tmp_path):
     pipeline.run(smoke_config(), workdir, resume=False)
 
 
-def test_export_a_checkpoint(smoke_run, tmp_path):
-  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-  run = lambda *a: subprocess.run(
-    [sys.executable, "-m", "ppo_jax.main", "export", *a],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
+def test_iterations_below_the_saved_step_are_refused(smoke_run, tmp_path):
+  workdir = reuse_stages(smoke_run[0], tmp_path / "shorter")
+  shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
+  with pytest.raises(ValueError, match=r"holds step 15, past ppo\.iterations=12; raise it") as e:
+    pipeline.run(smoke_config(ppo__iterations=12), workdir)
+  assert "\n" not in str(e.value) and not (workdir / "policy").exists()
+
+
+def _damage(folder):
+  """Cuts the largest file of a checkpoint in half, as a full disk or an interrupted copy would."""
+  largest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+
+
+def test_a_damaged_checkpoint_is_named_in_one_line(smoke_run, tmp_path, capfd):
+  workdir = reuse_stages(smoke_run[0], tmp_path / "damaged")
+  shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
+  _damage(workdir / "checkpoints" / "15")
+  with pytest.raises(ValueError, match=r"checkpoints/15 cannot be read, it is damaged") as e:
+    pipeline.run(smoke_config(), workdir)
+  assert str(e.value).endswith(
+    "delete that folder to resume from step 10 (nothing else is touched)"
   )
-  proc = run("--workdir", str(smoke_run[0]), "--out", str(tmp_path / "latest"))
+  assert "\n" not in str(e.value) and len(str(e.value)) < 600
+  code = main.cli(["ppo-jax", "export", "--workdir", str(workdir), "--out", str(tmp_path / "x")])
+  err = capfd.readouterr().err
+  assert code == 1 and "export another step with --step (there are [10])" in err
+  assert "Traceback" not in err  # tensorstore's late callbacks into orbax's closed event loop
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "15"]  # untouched
+
+
+@pytest.mark.parametrize("out", [".", "checkpoints/x", "sft"])
+def test_export_never_writes_into_the_run(smoke_run, capsys, out):
+  target = smoke_run[0] / out
+  code = main.cli(["ppo-jax", "export", "--workdir", str(smoke_run[0]), "--out", str(target)])
+  assert code == 1 and "--out" in capsys.readouterr().err
+  assert not (target / "ppo_jax_checkpoint.json").exists()
+
+
+def test_export_a_checkpoint(smoke_run, tmp_path, capsys):
+  proc = subprocess.run(  # the program itself once; in this process below
+    [sys.executable, "-m", "ppo_jax.main", "export", "--workdir", str(smoke_run[0]), "--out",
+     str(tmp_path / "latest")],
+    capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+  )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
   assert "wrote the policy of step 15" in proc.stdout
+
+  def run(*args):
+    capsys.readouterr()  # what came before (transformers' progress bars) is not the export's
+    code = main.cli(["ppo-jax", "export", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
   # The latest checkpoint is the final policy, tensor for tensor.
   a = safetensors.numpy.load_file(str(tmp_path / "latest" / "model.safetensors"))
   b = safetensors.numpy.load_file(str(smoke_run[0] / "policy" / "model.safetensors"))
