@@ -173,32 +173,33 @@ def test_without_eos_the_loop_has_a_fixed_trip_count(models):
   assert f'"known_trip_count":{{"n":"{N_NEW - 1}"}}' in hlo
 
 
-@pytest.mark.parametrize("B", [1, 4])
-def test_eos_check_every_does_not_change_the_sample(models, B):
+@pytest.mark.parametrize(
+  "B,greedy", [(1, True), (4, True), (4, False)], ids=["1-greedy", "4-greedy", "4-sampled"]
+)
+def test_eos_check_every_does_not_change_the_sample(models, B, greedy):
   model, hf_model = models["llama3"]
   ids, mask = tiny_hf.batch(seed=6, B=4, T=7, left_pad=(0, 2, 4, 1))
   ids, mask = ids[:B], mask[:B]
-  # An EOS that row 0 emits at slot 4: with one row the whole batch is done there.
+  # An EOS that row 0 emits at slot 4: with one greedy row the whole batch is done there.
   eos = int(_hf_greedy(hf_model, ids, mask, eos=None)[0, 4])
-  for greedy in (True, False):
-    run = lambda k, greedy=greedy: pj.generate(
-      model,
-      ids,
-      mask,
-      key=jax.random.key(7),
-      max_new_tokens=N_NEW,
-      greedy=greedy,
-      eos_token_id=eos,
-      pad_token_id=tiny_hf.PAD,
-      eos_check_every=k,
-    )
-    want = run(1)  # checked after every step
-    if greedy:
-      assert int(want.lengths[0]) <= 5
-    # N − 1 = 11 loop steps: 2 unchecked + 3 chunks, 3 + 1 chunk, all unchecked.
-    for k in (3, 8, N_NEW + 5):
-      for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run(k)), strict=True):
-        np.testing.assert_array_equal(a, b, err_msg=f"eos_check_every={k}")
+  run = lambda k: pj.generate(
+    model,
+    ids,
+    mask,
+    key=jax.random.key(7),
+    max_new_tokens=N_NEW,
+    greedy=greedy,
+    eos_token_id=eos,
+    pad_token_id=tiny_hf.PAD,
+    eos_check_every=k,
+  )
+  want = run(1)  # checked after every step
+  if greedy:
+    assert int(want.lengths[0]) <= 5
+  # N − 1 = 11 loop steps: 2 unchecked + 3 chunks, 3 + 1 chunk, all unchecked.
+  for k in (3, 8, N_NEW + 5):
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run(k)), strict=True):
+      np.testing.assert_array_equal(a, b, err_msg=f"eos_check_every={k}")
 
 
 def test_with_eos_the_steps_run_in_chunks_of_known_length(models):
