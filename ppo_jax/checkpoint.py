@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import json
+import logging
 import pathlib
+import re
 import signal
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
 from ppo_jax.models import ModelConfig
+
+T = TypeVar("T")
 
 # Config fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("ppo.iterations", "log.", "checkpoint.", "data.eval_prompts")
@@ -79,32 +85,40 @@ class PreemptionGuard:
 GUARD = PreemptionGuard()  # the pipeline enters it; the loops read it
 
 
-@contextlib.contextmanager
-def reading(folder: pathlib.Path, what_then: str):
-  """Any failure to read the checkpoint ``folder`` as one ValueError line, ending ``what_then``.
+def read(fn: Callable[[], T], folder: pathlib.Path, what_then: str) -> T:
+  """``fn()``, which reads the checkpoint ``folder``; any failure as one ValueError line naming
+  the folder and the cause, ending ``what_then``.
 
   A damaged checkpoint (a truncated file: disk full, an interrupted copy) fails inside orbax with a
-  tensorstore error carrying a page of JSON spec, and its other pending reads then call back into
-  orbax's closed event loop, each printing a traceback to ``sys.stderr``. That output is held
-  back while reading and, if the read failed, until it stops for 0.3 s, then dropped (written
-  out if the read succeeded).
+  tensorstore error carrying a page of JSON spec; its other pending reads then call back into
+  orbax's closed event loop, each printing a traceback to ``sys.stderr``, and its abandoned
+  coroutines print more when collected. That output is held back while reading; after a failure,
+  until it stops for 0.3 s and the garbage (the failed read's frames, released here) is
+  collected, then dropped. After a success it is written out.
   """
-  held = io.StringIO()
-  try:
-    with contextlib.redirect_stderr(held):
+  held, failure = io.StringIO(), None
+  with contextlib.redirect_stderr(held):
+    try:
+      return_value = fn()
+    except Exception as e:
+      while e.__cause__ is not None:  # orbax wraps tensorstore's error, which names the file
+        e = e.__cause__
+      text = re.split(r" \[tensorstore_spec=| See full TensorStore details", str(e))[0].strip()
+      failure = f"{type(e).__name__}: {(text.splitlines() or [''])[0][:300]}"
+    if failure is not None:  # `e` and the frames it held are released: collect them in here
+      asyncio_log = logging.getLogger("asyncio")  # "Future exception was never retrieved"
+      asyncio_log.disabled, was = True, asyncio_log.disabled
       try:
-        yield
-      except Exception:
         _until_quiet(held, quiet_s=0.3, limit_s=5.0)
-        raise
-  except Exception as e:
-    text = str(e).split(" [tensorstore_spec=")[0].strip()
-    cause = (text.splitlines() or [""])[0][:300]
+        gc.collect()
+      finally:
+        asyncio_log.disabled = was
+  if failure is not None:
     raise ValueError(
-      f"{folder} cannot be read, it is damaged or incomplete ({type(e).__name__}: {cause}); "
-      f"{what_then}"
-    ) from e
+      f"{folder} cannot be read, it is damaged or incomplete ({failure}); {what_then}"
+    )
   sys.stderr.write(held.getvalue())
+  return return_value
 
 
 def _until_quiet(stream: io.StringIO, *, quiet_s: float, limit_s: float) -> None:
@@ -182,21 +196,42 @@ class Checkpointer:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), with_data
     )
     self._check_layout(step, target)
-    with reading(self.directory / str(step), self._then(step)):
-      out = self._mgr.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-        ),
-      )
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+    out = self._read(step, lambda: self._mgr.restore(step, args=args))
     state = out.state.replace(key=jax.random.wrap_key_data(out.state.key))
     return state, out.meta
+
+  def resume(self, like_state, record: dict, iterations: int, defaults: dict | None = None):
+    """``(state, saved record)`` of the latest checkpoint, or None when there is none.
+
+    Refuses (one ValueError line) a checkpoint past step ``iterations`` (the run would do
+    nothing) and one whose config differs from ``record["config"]`` in a field that matters
+    (``config_differences``, with ``defaults`` for fields added since the save).
+    """
+    step = self.latest_step()
+    if step is None:
+      return None
+    if step > iterations:
+      raise ValueError(
+        f"{self.directory} holds step {step}, past ppo.iterations={iterations}; raise it to go"
+        " on, or `ppo-jax export --step` an earlier checkpoint"
+      )
+    saved = self.record(step).get("config", {})
+    diffs = config_differences(saved, record.get("config", {}), defaults=defaults)
+    if diffs:
+      raise ValueError(
+        f"{self.directory} holds checkpoints of a different config ({'; '.join(diffs)}); use a"
+        " new workdir or the original config"
+      )
+    out = self.restore(like_state, step)
+    print(f"resuming from the checkpoint of step {step} in {self.directory}")
+    return out
 
   def _check_layout(self, step: int, target) -> None:
     """One line naming the first difference when the saved arrays are not the ones ``target``
     has (names and shapes): a checkpoint of another ppo_jax version's state layout, say."""
-    with reading(self.directory / str(step), self._then(step)):
-      saved = _shapes(self._mgr.item_metadata(step)["state"])
+    metadata = self._read(step, lambda: self._mgr.item_metadata(step))
+    saved = _shapes(metadata["state"])
     wanted = _shapes(target)
     only_saved, only_here = sorted(saved.keys() - wanted), sorted(wanted.keys() - saved)
     reshaped = [k for k in sorted(saved.keys() & wanted) if saved[k] != wanted[k]]
@@ -216,14 +251,18 @@ class Checkpointer:
 
   def record(self, step: int | None = None) -> dict[str, Any]:
     step = self._mgr.latest_step() if step is None else step
-    with reading(self.directory / str(step), self._then(step)):
-      return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+    return self._read(step, lambda: self._mgr.restore(step, args=args)).meta
 
-  def _then(self, step: int) -> str:
-    """What to do about a damaged checkpoint of ``step``: resume from the one before."""
+  def _read(self, step: int, fn: Callable[[], T]) -> T:
+    """``read`` of step ``step``: a damaged one is to be deleted, resuming from the one before."""
     earlier = [s for s in self._mgr.all_steps() if s < step]
     where = f"from step {max(earlier)}" if earlier else "from the start"
-    return f"delete that folder to resume {where} (nothing else is touched)"
+    return read(
+      fn,
+      self.directory / str(step),
+      f"delete that folder to resume {where} (nothing else is touched)",
+    )
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()
@@ -263,11 +302,12 @@ def export_policy(
     if step not in steps:
       raise ValueError(f"no checkpoint of step {step} in {directory} (there are {sorted(steps)})")
     others = sorted(set(steps) - {step})
-    with reading(directory / str(step), f"export another step with --step (there are {others})"):
-      restored = mgr.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-      )
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    restored = read(
+      lambda: mgr.restore(step, args=args),
+      directory / str(step),
+      f"export another step with --step (there are {others})",
+    )
   finally:
     mgr.close()
   record = restored.meta

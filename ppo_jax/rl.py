@@ -19,7 +19,7 @@ import numpy as np
 from ppo_jax import ppo, rollout
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic, merge
-from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted, config_differences
+from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted
 from ppo_jax.data import batch_indices
 from ppo_jax.models.lora import merge_lora
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
@@ -282,25 +282,10 @@ def run_ppo(
     return evaluate(fns, policy_params, frozen, eval_prompts, tokenizer, **eval_kw)
 
   before, streak = None, 0
-  if checkpointer is not None and checkpointer.latest_step() is not None:
-    if checkpointer.latest_step() > iterations:  # the loop below would run nothing
-      raise ValueError(
-        f"{checkpointer.directory} holds step {checkpointer.latest_step()}, past ppo.iterations="
-        f"{iterations}; raise it to go on, or `ppo-jax export --step` an earlier checkpoint"
-      )
-    saved = checkpointer.record()
-    diffs = config_differences(
-      saved.get("config", {}), record.get("config", {}), defaults=config_defaults
-    )
-    if diffs:
-      raise ValueError(
-        f"{checkpointer.directory} holds checkpoints of a different config ("
-        + "; ".join(diffs)
-        + "); use a new workdir or the original config"
-      )
-    state, saved = checkpointer.restore(state)
+  resumed = checkpointer and checkpointer.resume(state, record, iterations, config_defaults)
+  if resumed:
+    state, saved = resumed
     before, streak = saved["before"], saved["nonfinite_streak"]
-    print(f"resuming from the checkpoint of step {int(state.step)} in {checkpointer.directory}")
     was = saved.get("config", {}).get("ppo", {}).get("iterations", iterations)
     change = horizon_change(
       optim,

@@ -201,6 +201,8 @@ def _damage(folder):
   largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
 
 
+# tensorstore's late callbacks into orbax's closed event loop ("Event loop is closed")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_checkpoint_is_named_in_one_line(smoke_run, tmp_path, capfd):
   workdir = reuse_stages(smoke_run[0], tmp_path / "damaged")
   shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
