@@ -1,4 +1,4 @@
-"""PPO checkpoints (orbax), resume checks, preemption and export.
+"""PPO checkpoints (orbax): save, resume checks, damaged ones named, preemption (export.py exports).
 
 A checkpoint holds the whole resume state, ``PPOState`` (policy and critic parameters, optimizer
 states, KL coefficient, running score statistics, step, the PRNG key as key data), and a JSON
@@ -14,20 +14,18 @@ import contextlib
 import dataclasses
 import gc
 import io
-import json
 import logging
 import pathlib
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
-
-from ppo_jax.models import ModelConfig
 
 T = TypeVar("T")
 
@@ -54,6 +52,7 @@ class PreemptionGuard:
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> PreemptionGuard:
+    self.signal = None  # a stop requested in an earlier run of this process is done with
     for sig in (signal.SIGTERM, signal.SIGINT):
       with contextlib.suppress(ValueError):  # not the main thread: no handlers, no flag
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -85,40 +84,55 @@ class PreemptionGuard:
 GUARD = PreemptionGuard()  # the pipeline enters it; the loops read it
 
 
-def read(fn: Callable[[], T], folder: pathlib.Path, what_then: str) -> T:
-  """``fn()``, which reads the checkpoint ``folder``; any failure as one ValueError line naming
-  the folder and the cause, ending ``what_then``.
+# What a checkpoint cut short fails with, at the root of orbax's chain of errors: tensorstore's
+# status codes, or a JSON file that ends early.
+DAMAGE = re.compile(r"DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|Error decoding|Expecting|Unterminated")
+_READ_LOCK = threading.Lock()  # sys.stderr is swapped for the whole process while reading
 
-  A damaged checkpoint (a truncated file: disk full, an interrupted copy) fails inside orbax with a
-  tensorstore error carrying a page of JSON spec; its other pending reads then call back into
-  orbax's closed event loop, each printing a traceback to ``sys.stderr``, and its abandoned
-  coroutines print more when collected. That output is held back while reading; after a failure,
-  until it stops for 0.3 s and the garbage (the failed read's frames, released here) is
-  collected, then dropped. After a success it is written out.
+
+def read(fn: Callable[[], T], folder: pathlib.Path, what_then: str) -> T:
+  """``fn()``, which reads the checkpoint ``folder``; a failure that looks like damage (a file cut
+  short by a full disk or an interrupted copy) as one ValueError line naming the folder and the
+  file, ending ``what_then``. Other failures (out of memory, say) are raised as they are.
+
+  A damaged checkpoint fails inside orbax with a tensorstore error carrying a page of JSON spec;
+  its other pending reads then call back into orbax's closed event loop, each printing a
+  traceback to ``sys.stderr``, and its abandoned futures and coroutines report themselves when
+  collected. That output is held back while reading; after damage, until it stops for 0.3 s and
+  the garbage (the failed read's frames, released here) is collected, then dropped. Otherwise it
+  is written out.
   """
   held, failure = io.StringIO(), None
-  with contextlib.redirect_stderr(held):
+  with _READ_LOCK:
     try:
-      return_value = fn()
-    except Exception as e:
-      while e.__cause__ is not None:  # orbax wraps tensorstore's error, which names the file
-        e = e.__cause__
-      text = re.split(r" \[tensorstore_spec=| See full TensorStore details", str(e))[0].strip()
-      failure = f"{type(e).__name__}: {(text.splitlines() or [''])[0][:300]}"
-    if failure is not None:  # `e` and the frames it held are released: collect them in here
-      asyncio_log = logging.getLogger("asyncio")  # "Future exception was never retrieved"
-      asyncio_log.disabled, was = True, asyncio_log.disabled
-      try:
-        _until_quiet(held, quiet_s=0.3, limit_s=5.0)
-        gc.collect()
-      finally:
-        asyncio_log.disabled = was
+      with contextlib.redirect_stderr(held):
+        try:
+          value = fn()
+        except Exception as e:
+          root = e
+          while root.__cause__ is not None:  # orbax wraps tensorstore's error, naming the file
+            root = root.__cause__
+          text = re.split(r" \[tensorstore_spec=| See full TensorStore details", str(root))[0]
+          if not DAMAGE.search(text):
+            raise
+          failure = f"{type(root).__name__}: {(text.strip().splitlines() or [''])[0][:300]}"
+          del e, root
+        if failure is not None:  # the failed read's frames are released: collect them in here
+          asyncio_log = logging.getLogger("asyncio")  # "Future exception was never retrieved"
+          asyncio_log.disabled, was = True, asyncio_log.disabled
+          try:
+            _until_quiet(held, quiet_s=0.3, limit_s=5.0)
+            gc.collect()
+          finally:
+            asyncio_log.disabled = was
+          held = io.StringIO()
+    finally:
+      sys.stderr.write(held.getvalue())
   if failure is not None:
     raise ValueError(
       f"{folder} cannot be read, it is damaged or incomplete ({failure}); {what_then}"
     )
-  sys.stderr.write(held.getvalue())
-  return return_value
+  return value
 
 
 def _until_quiet(stream: io.StringIO, *, quiet_s: float, limit_s: float) -> None:
@@ -277,85 +291,6 @@ class Checkpointer:
     self.close()
 
 
-def export_policy(
-  workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None
-) -> int:
-  """Writes the policy of a PPO checkpoint (default: the latest) as a Hugging Face folder."""
-  from flax import nnx
-
-  from ppo_jax.models import CausalLM, from_pretrained, save_pretrained
-  from ppo_jax.models.lora import add_lora, merge_lora, split_lora
-  from ppo_jax.tokenizer import load_tokenizer
-
-  _check_export_target(pathlib.Path(workdir), pathlib.Path(out))
-  directory = pathlib.Path(workdir) / "checkpoints"
-  if not directory.is_dir():
-    raise FileNotFoundError(f"{directory}: no checkpoints (is {workdir} a ppo_jax workdir?)")
-  mgr = ocp.CheckpointManager(
-    directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
-  )
-  try:
-    steps = mgr.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{directory}: no complete checkpoint")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise ValueError(f"no checkpoint of step {step} in {directory} (there are {sorted(steps)})")
-    others = sorted(set(steps) - {step})
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-    restored = read(
-      lambda: mgr.restore(step, args=args),
-      directory / str(step),
-      f"export another step with --step (there are {others})",
-    )
-  finally:
-    mgr.close()
-  record = restored.meta
-  cfg = ModelConfig.from_dict(record["model_config"])
-  policy_params = _int_keys(restored.state["params"]["policy"])
-  if cfg.lora_rank:  # adapters: merged onto the base weights they were trained over
-    base = from_pretrained(record["base_policy"], dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    graphdef, adapters, base_params = split_lora(
-      add_lora(base, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
-    )
-    adapters = jax.tree.map(lambda _, x: x, adapters, policy_params)
-    policy = merge_lora(nnx.merge(graphdef, adapters, base_params))
-  else:
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
-    policy = nnx.merge(
-      graphdef, jax.tree.map(lambda _, x: x, nnx.to_pure_dict(abstract), policy_params)
-    )
-  tokenizer = load_tokenizer(record["tokenizer"]) if record.get("tokenizer") else None
-  save_pretrained(policy, out, tokenizer=tokenizer)
-  (pathlib.Path(out) / "ppo_jax_checkpoint.json").write_text(
-    json.dumps({"workdir": str(workdir), "step": step}, indent=2) + "\n"
-  )
-  return step
-
-
-# What a run writes into its workdir: an export must not land on any of it.
-RUN_FOLDERS = (
-  "checkpoints",
-  "sft",
-  "reward_model",
-  "policy",
-  "ppo_base",
-  "data",
-  "tensorboard",
-  "plots",
-  "samples",
-)
-
-
-def _check_export_target(workdir: pathlib.Path, out: pathlib.Path) -> None:
-  w, o = workdir.resolve(), out.resolve()
-  if o == w:
-    raise ValueError(f"--out {out} is the workdir: the export would overwrite the run's files")
-  for name in RUN_FOLDERS:
-    if o.is_relative_to(w / name):
-      raise ValueError(f"--out {out} is inside the run's {name}/ folder: choose another folder")
-
-
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   """``{"a.b.0": shape}`` of a state or of orbax's metadata of one (whose named tuples are
   dicts): the keys' names only, so the two compare."""
@@ -370,12 +305,3 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
     ".".join(name(k) for k in path): tuple(x.shape)
     for path, x in jax.tree_util.tree_leaves_with_path(tree)
   }
-
-
-def _int_keys(tree):
-  """Orbax stores dict keys as strings; NNX layer lists use integers."""
-  if isinstance(tree, dict):
-    return {
-      (int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()
-    }
-  return tree

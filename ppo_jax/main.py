@@ -26,6 +26,7 @@ def parse_flags(argv: list[str]) -> tuple[Any, str, bool]:
   """``(config, workdir, resume)`` from the command line, on flags of this call's own (so the CLI
   runs any number of times in one process: tests, notebooks)."""
   fv = flags.FlagValues()
+  fv.append_flag_values(flags.FLAGS)  # absl's own (--verbosity, --log_dir, ...), as before
   config = config_flags.DEFINE_config_file(
     "config", None, "experiment config file (python)", flag_values=fv, sys_argv=argv
   )
@@ -101,7 +102,7 @@ def export(argv: list[str]) -> int:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
   args = parser.parse_args(argv)
-  from ppo_jax.checkpoint import export_policy
+  from ppo_jax.export import export_policy
 
   try:
     step = export_policy(args.workdir, args.out, step=args.step)

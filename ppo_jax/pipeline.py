@@ -265,7 +265,10 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   texts, ids, mask = data.load_prompts(inputs.prompts, tok, layout)
   n_eval = min(s.data.eval_prompts, len(texts) // 4)
   if n_eval < s.data.eval_prompts:
-    print(f"data.eval_prompts={s.data.eval_prompts}: holding out {n_eval}, a quarter of the rows")
+    print(
+      f"data.eval_prompts={s.data.eval_prompts} but {len(texts)} prompts: holding out {n_eval} "
+      "(at most a quarter)"
+    )
   prompts = rl.Prompts(texts[n_eval:], ids[n_eval:], mask[n_eval:])
   eval_prompts = rl.Prompts(texts[:n_eval], ids[:n_eval], mask[:n_eval])
   print(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import reprlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -51,14 +52,16 @@ def call_reward_fn(
   except Exception as e:  # the user's code: report it on one line, keep the cause chained
     raise RewardError(f"{where} raised {type(e).__name__}: {e}") from e
   n = len(responses)
-  if out is None or np.ndim(out) == 0:  # forgot `return`, or returned one number for the batch
-    raise RewardError(f"{where} returned {out!r}, not a sequence of {n} scores (one per response)")
+  if out is None or np.isscalar(out):  # forgot `return`, or one number for the whole batch
+    raise RewardError(
+      f"{where} returned {reprlib.repr(out)}, not a sequence of {n} scores (one per response)"
+    )
   try:
-    scores = np.asarray(out, dtype=np.float64).reshape(-1)
-  except (TypeError, ValueError):
+    scores = np.asarray(out, dtype=np.float64)
+  except (TypeError, ValueError):  # text, or ragged nesting
     raise RewardError(f"{where} returned {type(out).__name__}, not a sequence of numbers") from None
-  if scores.shape[0] != n or np.ndim(out) != 1:
-    raise RewardError(f"{where} returned an array of shape {np.shape(out)}; expected ({n},)")
+  if scores.shape != (n,):
+    raise RewardError(f"{where} returned an array of shape {scores.shape}; expected ({n},)")
   bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
   if bad:
     raise RewardError(f"{where} returned non-finite scores (NaN or inf) for responses {bad[:8]}")

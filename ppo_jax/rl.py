@@ -219,10 +219,11 @@ def run_ppo(
   """Runs PPO iterations of ``batch_size`` prompts against ``scorer`` until step ``iterations``.
 
   With a ``checkpointer`` holding checkpoints, the run resumes from the latest one (refusing one
-  written by a different config) and saves every ``checkpointer.settings.every`` iterations, at
-  the end, and when SIGTERM/SIGINT asks it to stop (then raising ``Preempted``). ``record`` (the
-  config, model config, tokenizer path) goes into every checkpoint; ``config_defaults`` (every
-  config field's default) lets a checkpoint saved before a field existed resume. An iteration
+  written by a different config or past step ``iterations``: ``Checkpointer.resume``) and saves
+  every ``checkpointer.settings.every`` iterations, at the end, and when SIGTERM/SIGINT asks it
+  to stop (then raising ``Preempted``). ``record`` (the config, model config, tokenizer path)
+  goes into every checkpoint; ``config_defaults`` (every config field's default) lets a
+  checkpoint saved before a field existed resume. An iteration
   whose update was skipped for non-finite values is counted; ``max_nonfinite`` in a row raise
   ``NonFiniteError``.
 

@@ -8,8 +8,12 @@ from collections.abc import Iterable
 from typing import Any
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0, 1, 2, 3
-# A folder holding none of these has no tokenizer (transformers would blame a missing package).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# The files a tokenizer is read from; a folder with none of them has no tokenizer (transformers
+# then blames a missing package).
+TOKENIZER_FILES = (
+  "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+  "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+)  # fmt: skip
 
 
 def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> Any:
@@ -26,11 +30,16 @@ def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> 
     raise FileNotFoundError(
       f"tokenizer folder {folder} does not exist (ppo_jax loads local folders only)"
     )
-  if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-    raise FileNotFoundError(f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
-  tok = AutoTokenizer.from_pretrained(
-    str(folder), local_files_only=True, trust_remote_code=False, padding_side=padding_side
-  )
+  try:
+    tok = AutoTokenizer.from_pretrained(
+      str(folder), local_files_only=True, trust_remote_code=False, padding_side=padding_side
+    )
+  except Exception:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+      raise FileNotFoundError(
+        f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})"
+      ) from None
+    raise
   if tok.eos_token is None:  # SFT targets end with it, and sampled responses stop at it
     raise ValueError(f"{folder}: the tokenizer has no EOS token; responses need one to end")
   if tok.pad_token is None:

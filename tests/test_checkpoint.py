@@ -203,7 +203,7 @@ def _damage(folder):
 
 # tensorstore's late callbacks into orbax's closed event loop ("Event loop is closed")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_damaged_checkpoint_is_named_in_one_line(smoke_run, tmp_path, capfd):
+def test_a_damaged_checkpoint_is_named_in_one_line(smoke_run, tmp_path):
   workdir = reuse_stages(smoke_run[0], tmp_path / "damaged")
   shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
   _damage(workdir / "checkpoints" / "15")
@@ -213,19 +213,29 @@ def test_a_damaged_checkpoint_is_named_in_one_line(smoke_run, tmp_path, capfd):
     "delete that folder to resume from step 10 (nothing else is touched)"
   )
   assert "\n" not in str(e.value) and len(str(e.value)) < 600
-  code = main.cli(["ppo-jax", "export", "--workdir", str(workdir), "--out", str(tmp_path / "x")])
-  err = capfd.readouterr().err
-  assert code == 1 and "export another step with --step (there are [10])" in err
-  assert "Traceback" not in err  # tensorstore's late callbacks into orbax's closed event loop
+  # As a program: what a user sees on stderr is this one line, nothing from orbax's threads.
+  proc = subprocess.run(
+    [sys.executable, "-m", "ppo_jax.main", "export", "--workdir", str(workdir), "--out",
+     str(tmp_path / "x")],
+    capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+  )  # fmt: skip
+  assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+  assert "15 cannot be read, it is damaged or incomplete (ValueError: " in proc.stderr
+  assert proc.stderr.endswith("; export another step with --step (there are [10])\n")
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "15"]  # untouched
 
 
-@pytest.mark.parametrize("out", [".", "checkpoints/x", "sft"])
-def test_export_never_writes_into_the_run(smoke_run, capsys, out):
-  target = smoke_run[0] / out
-  code = main.cli(["ppo-jax", "export", "--workdir", str(smoke_run[0]), "--out", str(target)])
-  assert code == 1 and "--out" in capsys.readouterr().err
-  assert not (target / "ppo_jax_checkpoint.json").exists()
+def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
+  elsewhere = reuse_stages(smoke_run[0], tmp_path / "elsewhere", stages=("sft",))
+  (workdir / "sft").symlink_to(elsewhere / "sft")  # a stage folder linked in from another disk
+  for out in (workdir, workdir / "checkpoints" / "x", workdir / "sft", workdir / "sft" / "y"):
+    code = main.cli(["ppo-jax", "export", "--workdir", str(workdir), "--out", str(out)])
+    assert code == 1 and "--out" in capsys.readouterr().err, out
+    assert not (out / "ppo_jax_checkpoint.json").exists()
+  mine = workdir / "mine"
+  assert main.cli(["ppo-jax", "export", "--workdir", str(workdir), "--out", str(mine)]) == 0
 
 
 def test_export_a_checkpoint(smoke_run, tmp_path, capsys):
@@ -322,3 +332,34 @@ def test_a_state_of_another_layout_is_refused_in_one_line(tmp_path):
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved.params), strict=True):
     np.testing.assert_array_equal(a, b)
   assert record == {"config": {}}
+
+
+def test_read_blames_damage_only_for_data_loss(tmp_path, capsys):
+  def fails(error):
+    def fn():
+      print("orbax was here", file=sys.stderr)
+      try:
+        raise error
+      except Exception as e:
+        raise Exception("Encountered error while reading array index") from e  # orbax's wrap
+
+    return fn
+
+  damaged = r"ck/7 cannot be read, it is damaged .*\(ValueError: OUT_OF_RANGE: bytes\); delete it"
+  with pytest.raises(ValueError, match=damaged) as e:
+    checkpoint.read(fails(ValueError("OUT_OF_RANGE: bytes")), tmp_path / "ck" / "7", "delete it")
+  assert e.value.__cause__ is None and "orbax was here" not in capsys.readouterr().err
+  with pytest.raises(Exception, match="Encountered error") as e:  # not damage: raised as it is
+    checkpoint.read(fails(RuntimeError("RESOURCE_EXHAUSTED: out of memory")), tmp_path, "")
+  assert isinstance(e.value.__cause__, RuntimeError)
+  assert "orbax was here" in capsys.readouterr().err  # and what it printed is not lost
+  assert checkpoint.read(lambda: 3, tmp_path, "") == 3
+
+
+def test_a_stop_requested_in_an_earlier_run_is_forgotten():
+  guard = checkpoint.PreemptionGuard()
+  with guard:
+    guard._handle(signal.SIGTERM, None)
+    assert guard.requested
+  with guard:
+    assert not guard.requested

@@ -28,6 +28,7 @@ def _raises(prompts, responses):
     (lambda p, r: None, r"returned None, not a sequence of 3 scores \(one per response\)"),
     (lambda p, r: 0.5, r"returned 0\.5, not a sequence of 3 scores"),
     (lambda p, r: ["good", "bad", "ok"], r"returned list, not a sequence of numbers"),
+    (lambda p, r: [[1.0], [2.0, 3.0], [4.0]], r"returned list, not a sequence of numbers"),
     (lambda p, r: [0.0, float("nan"), float("inf")], r"non-finite scores .* responses \[1, 2\]"),
   ],
 )

@@ -154,7 +154,7 @@ def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
 
 def read_safetensors(folder: str | os.PathLike) -> dict[str, jax.Array]:
   """Every tensor of a checkpoint folder (single file or sharded), bf16/fp16/fp32 alike."""
-  from safetensors import safe_open
+  from safetensors import SafetensorError, safe_open
 
   tensors: dict[str, jax.Array] = {}
   for file in _weight_files(pathlib.Path(folder)):
@@ -162,9 +162,7 @@ def read_safetensors(folder: str | os.PathLike) -> dict[str, jax.Array]:
       with safe_open(str(file), framework="flax") as f:
         for name in f.keys():
           tensors[name] = f.get_tensor(name)
-    except Exception as e:  # safetensors' own error type: a truncated or foreign file
-      if isinstance(e, OSError | MemoryError):
-        raise
+    except SafetensorError as e:  # a truncated or foreign file
       raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
   return tensors
 
