@@ -223,9 +223,8 @@ def run_ppo(
   every ``checkpointer.settings.every`` iterations, at the end, and when SIGTERM/SIGINT asks it
   to stop (then raising ``Preempted``). ``record`` (the config, model config, tokenizer path)
   goes into every checkpoint; ``config_defaults`` (every config field's default) lets a
-  checkpoint saved before a field existed resume. An iteration
-  whose update was skipped for non-finite values is counted; ``max_nonfinite`` in a row raise
-  ``NonFiniteError``.
+  checkpoint saved before a field existed resume. An iteration whose update was skipped for
+  non-finite values is counted; ``max_nonfinite`` in a row raise ``NonFiniteError``.
 
   ``critic_lr_scale`` multiplies the critic's learning rate (the policy's is ``optim.lr``;
   without a critic there is nothing to scale). Policy and critic have separate Adam states and
