@@ -21,6 +21,7 @@ from ml_collections import config_dict
 
 from ppo_jax.checkpoint import CheckpointSettings
 from ppo_jax.dpo import DPOSettings
+from ppo_jax.models.config import LORA_TARGETS
 from ppo_jax.optim import OptimHparams
 from ppo_jax.ppo import PPOHparams
 from ppo_jax.supervised import SupervisedHparams
@@ -265,8 +266,12 @@ class Settings:
       raise ValueError(
         f"config.algo: unknown {settings.algo!r}; expected one of {', '.join(ALGOS)}"
       )
-    settings.ppo(eos_token_id=None, pad_token_id=0)  # validates the PPO fields now
+    hp = settings.ppo(eos_token_id=None, pad_token_id=0)  # validates the PPO fields now
     settings.validate()
+    try:
+      hp.minibatch_layout(settings.ppo_run.batch_size)
+    except ValueError as e:
+      raise ValueError(f"config.{e}") from None
     return settings
 
   def ppo(self, *, eos_token_id: int | None, pad_token_id: int) -> PPOHparams:
@@ -302,6 +307,30 @@ class Settings:
       (
         self.ppo_run.batch_size >= 1,
         f"config.ppo.batch_size: must be ≥ 1, got {self.ppo_run.batch_size}",
+      ),
+      (
+        self.data.max_prompt_len >= 1 and self.data.max_response_len >= 1,
+        "config.data.max_prompt_len and .max_response_len: must be ≥ 1, got "
+        f"{self.data.max_prompt_len} and {self.data.max_response_len}",
+      ),
+      (
+        self.log.samples_every >= 0,
+        f"config.log.samples_every: must be ≥ 0 (0: never), got {self.log.samples_every}",
+      ),
+      (
+        self.ppo_run.lora_rank >= 0,
+        f"config.ppo.lora_rank: must be ≥ 0 (0: no LoRA), got {self.ppo_run.lora_rank}",
+      ),
+      (
+        not self.ppo_run.lora_rank
+        or set(self.ppo_run.lora_targets.split(",")) <= set(LORA_TARGETS),
+        f"config.ppo.lora_targets: {self.ppo_run.lora_targets!r}; expected a comma-separated "
+        f"subset of {', '.join(LORA_TARGETS)}",
+      ),
+      (
+        self.model.init != "scratch" or self.model.hidden_size % self.model.num_heads == 0,
+        f"config.model.hidden_size {self.model.hidden_size} is not divisible by "
+        f"config.model.num_heads {self.model.num_heads}",
       ),
       (
         0.0 < self.raw.ppo.top_p <= 1.0,

@@ -69,16 +69,29 @@ def check_override_paths(argv: list[str]) -> None:
   import difflib
   import importlib.util
 
+  import ml_collections
+
   spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec_arg is None:
     return
   path, _, arg = spec_arg.partition(":")
+  if os.path.isdir(path):
+    raise ValueError(f"config file {path} is a folder; expected a python file with get_config()")
   if not os.path.isfile(path):
     raise ValueError(f"config file {path} does not exist")
-  spec = importlib.util.spec_from_file_location("_ppo_jax_experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
+  try:  # the experiment's own code: any failure is one line naming the file
+    spec = importlib.util.spec_from_file_location("_ppo_jax_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise AttributeError("it defines no get_config()")
+    config = module.get_config(arg or None)
+  except Exception as e:
+    raise ValueError(f"config file {path}: {type(e).__name__}: {e}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(
+      f"config file {path}: get_config() returned {type(config).__name__}, not a ConfigDict"
+    )
   for a in argv:
     if not a.startswith("--config."):
       continue
@@ -99,13 +112,16 @@ def export(argv: list[str]) -> int:
 
   parser = argparse.ArgumentParser(prog="ppo-jax export", description=export.__doc__)
   parser.add_argument("--workdir", required=True, help="a ppo_jax workdir with checkpoints/")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  parser.add_argument("--step", default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
   args = parser.parse_args(argv)
+  if args.step is not None and not args.step.isdigit():
+    print(f"ppo-jax export: error: --step {args.step!r}: expected a step number", file=sys.stderr)
+    return 2
   from ppo_jax.export import export_policy
 
   try:
-    step = export_policy(args.workdir, args.out, step=args.step)
+    step = export_policy(args.workdir, args.out, step=None if args.step is None else int(args.step))
   except (ValueError, OSError) as e:
     print(f"ppo-jax export: error: {_one_line(e)}", file=sys.stderr)
     return 1

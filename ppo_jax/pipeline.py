@@ -242,6 +242,9 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
       f"{ckpt_dir} holds checkpoints and resuming is off; use a new workdir (or "
       "resume, the default)"
     )
+  for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
+    if path and (field != "config.reward.fn" or s.reward.source == "function"):
+      load_reward_fn(path, what=field)  # imported now, not after the models have trained
   if shd.is_main_process():
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here

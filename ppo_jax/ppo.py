@@ -94,8 +94,18 @@ class PPOHparams:
     for name in ("num_epochs", "num_minibatches", "max_new_tokens", "group_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
-    if self.critic_warmup < 0:
-      raise ValueError(f"critic_warmup: must be ≥ 0, got {self.critic_warmup}")
+    ranges = {  # name: (ok, what it must be)
+      "temperature": (self.temperature > 0, "> 0"),
+      "top_k": (self.top_k >= 0, "≥ 0 (0: off)"),
+      "clip_eps": (self.clip_eps > 0, "> 0"),
+      "kl_coef": (self.kl_coef >= 0, "≥ 0"),
+      "kl_horizon": (self.kl_horizon > 0, "> 0"),
+      "micro_batch_size": (self.micro_batch_size is None or self.micro_batch_size >= 1, "≥ 1"),
+      "critic_warmup": (self.critic_warmup >= 0, "≥ 0"),
+    }
+    for name, (ok, what) in ranges.items():
+      if not ok:
+        raise ValueError(f"{name}: must be {what}, got {getattr(self, name)}")
     if self.critic_warmup and self.estimator != "gae":
       raise ValueError(f"critic_warmup: the {self.estimator} estimator has no critic to warm up")
 

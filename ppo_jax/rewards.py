@@ -20,20 +20,24 @@ class RewardError(ValueError):
   """A reward function that cannot be imported, raises, or returns something unusable."""
 
 
-def load_reward_fn(path: str) -> RewardFn:
-  """Imports ``"package.module:function"``."""
+def load_reward_fn(path: str, *, what: str = "reward function") -> RewardFn:
+  """Imports ``"package.module:function"``; errors name it as ``what`` (a config field, say)."""
   if not isinstance(path, str) or path.count(":") != 1:
-    raise RewardError(f"reward function {path!r}: expected 'package.module:function'")
+    raise RewardError(f"{what} {path!r}: expected 'package.module:function'")
   module_name, attr = path.split(":")
   try:
     module = importlib.import_module(module_name)
   except Exception as e:  # ImportError, or the module's own code failing (SyntaxError, ...)
     raise RewardError(
-      f"reward function {path!r}: cannot import {module_name!r} ({type(e).__name__}: {e})"
+      f"{what} {path!r}: cannot import {module_name!r} ({type(e).__name__}: {e})"
     ) from None
-  fn = getattr(module, attr, None)
+  if not hasattr(module, attr):
+    raise RewardError(f"{what} {path!r}: {module_name} has no function {attr!r}")
+  fn = getattr(module, attr)
   if not callable(fn):
-    raise RewardError(f"reward function {path!r}: {module_name} has no function {attr!r}")
+    raise RewardError(
+      f"{what} {path!r}: {module_name}.{attr} is a {type(fn).__name__}, not a function"
+    )
   return fn
 
 

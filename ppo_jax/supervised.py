@@ -41,6 +41,14 @@ class SupervisedHparams:
     default_factory=lambda: OptimHparams(lr=1e-4, warmup_steps=10)
   )
 
+  def __post_init__(self):
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size: must be ≥ 1, got {self.batch_size}")
+    if self.epochs <= 0:
+      raise ValueError(f"epochs: must be > 0, got {self.epochs}")
+    if not 0.0 <= self.eval_fraction < 1.0:
+      raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+
   def steps(self, n_train: int) -> int:
     """Optimizer steps for ``epochs`` passes over ``n_train`` rows, in batches of ``batch_size``
     (of all rows when there are fewer: ``train`` draws batches of that size)."""

@@ -34,6 +34,16 @@ def _cli(*args):
     ("--config.ppo.batch_size=0", "config.ppo.batch_size: must be ≥ 1, got 0"),
     ("--config.ppo.top_p=1.5", "config.ppo.top_p: must be in (0, 1], got 1.5"),
     ("--config.checkpoint.every=0", "config.checkpoint.every and .keep: must be ≥ 1"),
+    ("--config.ppo.temperature=0", "config.ppo.temperature: must be > 0, got 0.0"),
+    ("--config.ppo.kl_coef=-0.1", "config.ppo.kl_coef: must be ≥ 0, got -0.1"),
+    ("--config.ppo.top_k=-5", "config.ppo.top_k: must be ≥ 0 (0: off), got -5"),
+    ("--config.ppo.num_minibatches=3", "config.ppo.batch_size 64 is not divisible by ppo.num_"),
+    ("--config.sft.batch_size=0", "config.sft.batch_size: must be ≥ 1, got 0"),
+    ("--config.rm.eval_fraction=1.0", "config.rm.eval_fraction: must be in [0, 1), got 1.0"),
+    ("--config.data.max_response_len=0", "config.data.max_prompt_len and .max_response_len"),
+    ("--config.log.samples_every=-1", "config.log.samples_every: must be ≥ 0 (0: never)"),
+    ("--config.ppo.lora_rank=-2", "config.ppo.lora_rank: must be ≥ 0 (0: no LoRA), got -2"),
+    ("--config.model.num_heads=3", "hidden_size 64 is not divisible by config.model.num_heads 3"),
   ],
 )
 def test_config_errors_are_one_line(tmp_path, override, expected):
@@ -47,6 +57,36 @@ def test_a_config_file_that_does_not_parse_is_one_line(tmp_path):
   (tmp_path / "bad.py").write_text("def get_config(:\n")
   code, _, err = _cli(f"--config={tmp_path / 'bad.py'}", f"--workdir={tmp_path / 'w'}")
   assert code == 2 and err.count("\n") == 0 and "SyntaxError: invalid syntax (bad.py" in err, err
+
+
+@pytest.mark.parametrize(
+  "source,expected",
+  [
+    ("def get_config(arg):\n  raise RuntimeError('boom')\n", "x.py: RuntimeError: boom"),
+    ("import no_such_package\n", "x.py: ModuleNotFoundError: No module named 'no_such_package'"),
+    ("CONFIG = 1\n", "x.py: AttributeError: it defines no get_config()"),
+    ("def get_config(arg):\n  return {'seed': 0}\n", "returned dict, not a ConfigDict"),
+  ],
+)
+def test_an_experiment_file_that_fails_is_one_line(tmp_path, source, expected):
+  (tmp_path / "x.py").write_text(source)
+  code, _, err = _cli(f"--config={tmp_path / 'x.py'}", f"--workdir={tmp_path / 'w'}")
+  assert code == 2 and err.count("\n") == 0 and expected in err, err
+
+
+def test_a_config_folder_and_a_bad_export_step_are_one_line(tmp_path):
+  code, _, err = _cli(f"--config={ROOT / 'experiments'}", f"--workdir={tmp_path / 'w'}")
+  assert code == 2 and "experiments is a folder; expected a python file" in err, err
+  code, _, err = _cli("export", f"--workdir={tmp_path}", "--step", "latest", "--out", "x")
+  assert code == 2 and err == "ppo-jax export: error: --step 'latest': expected a step number"
+
+
+def test_reward_and_gold_functions_are_imported_before_any_training(tmp_path):
+  code, _, err = _cli(
+    f"--config={EXPERIMENT}:smoke", f"--workdir={tmp_path / 'w'}", "--config.task.gold=nosuch:f"
+  )
+  assert code == 1 and "config.task.gold 'nosuch:f': cannot import 'nosuch'" in err, err
+  assert not (tmp_path / "w" / "sft").exists()
 
 
 def test_missing_workdir(tmp_path):

@@ -295,6 +295,14 @@ def test_truncated_weights_file_is_named(tmp_path):
     pj.models.from_pretrained(tmp_path)
 
 
+def test_lora_targets_that_match_nothing_are_refused():
+  from ppo_jax.models.lora import add_lora
+
+  model = pj.models.CausalLM(ModelConfig.gpt2(num_layers=1), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"lora_targets 'gate': no projection of this gpt2 model"):
+    add_lora(model, rank=2, targets="gate")  # GPT-2's MLP has no gate
+
+
 def test_sequence_classifier_cannot_be_a_causal_lm(tmp_path):
   tiny_hf.make("gpt2", tmp_path, kind="reward")
   with pytest.raises(ValueError, match="no LM head"):

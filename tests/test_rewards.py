@@ -47,7 +47,7 @@ def test_import_errors_name_the_path(tmp_path, monkeypatch):
     ("no_such_module:fn", r"cannot import 'no_such_module' \(ModuleNotFoundError"),
     ("broken_reward_module:fn", r"cannot import .* \(RuntimeError: broken at import\)"),
     ("fine_reward_module:missing", r"fine_reward_module has no function 'missing'"),
-    ("fine_reward_module:score", r"fine_reward_module has no function 'score'"),  # not callable
+    ("fine_reward_module:score", r"fine_reward_module.score is a int, not a function"),
   ]:
     with pytest.raises(RewardError, match=message):
       load_reward_fn(path)

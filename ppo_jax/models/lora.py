@@ -22,6 +22,11 @@ def add_lora(
   adapted = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(seed)))
   graphdef, _, _ = nnx.split(adapted, LoRAParam, ...)
   fresh = nnx.jit(lambda: nnx.state(CausalLM(cfg, rngs=nnx.Rngs(seed)), LoRAParam))()
+  if not jax.tree.leaves(fresh):  # e.g. gate alone on GPT-2, whose MLP has none
+    raise ValueError(
+      f"lora_targets {targets!r}: no projection of this {cfg.model_type} model matches, so "
+      "nothing would train"
+    )
   return nnx.merge(graphdef, fresh, nnx.state(model, nnx.Param))
 
 
