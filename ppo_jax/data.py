@@ -169,6 +169,8 @@ def load_sft(path, tokenizer, layout: Layout) -> Sequences:
 def load_preferences(path, tokenizer, layout: Layout) -> tuple[Sequences, Sequences]:
   """(chosen, rejected) sequences, row-aligned."""
   rows = read_jsonl(path, ["prompt", "chosen", "rejected"])
+  if all(r["chosen"] == r["rejected"] for r in rows):
+    raise DataError(f"{path}: every pair has chosen == rejected: there is no preference to learn")
   prompts = [r["prompt"] for r in rows]
   chosen = encode_pairs(tokenizer, prompts, [r["chosen"] for r in rows], layout, source=str(path))
   rejected = encode_pairs(

@@ -95,3 +95,12 @@ def test_holdout_split_is_disjoint_and_keeps_a_training_row():
   assert len(data.split_holdout(3, 0.01, seed=0)[1]) == 1  # at least one when asked for any
   assert len(data.split_holdout(2, 0.9, seed=0)[0]) == 1  # never all of them
   assert len(data.split_holdout(10, 0.0, seed=0)[1]) == 0
+
+
+def test_preferences_with_no_preference_are_refused(tmp_path):
+  same = [{"prompt": "good", "chosen": "film", "rejected": "film"}] * 2
+  with pytest.raises(data.DataError, match=r"every pair has chosen == rejected"):
+    data.load_preferences(_jsonl(tmp_path / "pairs.jsonl", same), TOK, LAYOUT)
+  one_tie = [*same[:1], {"prompt": "good", "chosen": "film", "rejected": "bad plot"}]
+  chosen, rejected = data.load_preferences(_jsonl(tmp_path / "p2.jsonl", one_tie), TOK, LAYOUT)
+  assert len(chosen) == len(rejected) == 2  # a tie among real pairs is harmless
