@@ -21,7 +21,7 @@ from ml_collections import config_dict
 
 from ppo_jax.checkpoint import CheckpointSettings
 from ppo_jax.dpo import DPOSettings
-from ppo_jax.models.config import LORA_TARGETS
+from ppo_jax.models.config import lora_problems
 from ppo_jax.optim import OptimHparams
 from ppo_jax.ppo import PPOHparams
 from ppo_jax.supervised import SupervisedHparams
@@ -317,15 +317,9 @@ class Settings:
         self.log.samples_every >= 0,
         f"config.log.samples_every: must be ≥ 0 (0: never), got {self.log.samples_every}",
       ),
-      (
-        self.ppo_run.lora_rank >= 0,
-        f"config.ppo.lora_rank: must be ≥ 0 (0: no LoRA), got {self.ppo_run.lora_rank}",
-      ),
-      (
-        not self.ppo_run.lora_rank
-        or set(self.ppo_run.lora_targets.split(",")) <= set(LORA_TARGETS),
-        f"config.ppo.lora_targets: {self.ppo_run.lora_targets!r}; expected a comma-separated "
-        f"subset of {', '.join(LORA_TARGETS)}",
+      *(
+        (False, f"config.ppo.{problem}")
+        for problem in lora_problems(self.ppo_run.lora_rank, self.ppo_run.lora_targets)
       ),
       (
         self.model.init != "scratch" or self.model.hidden_size % self.model.num_heads == 0,

@@ -91,10 +91,11 @@ class PPOHparams:
         f"group_size: {self.estimator} compares responses to the same prompt; needs ≥ 2, "
         f"got {self.group_size}"
       )
-    for name in ("num_epochs", "num_minibatches", "max_new_tokens", "group_size"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
     ranges = {  # name: (ok, what it must be)
+      **{
+        name: (getattr(self, name) >= 1, "≥ 1")
+        for name in ("num_epochs", "num_minibatches", "max_new_tokens", "group_size")
+      },
       "temperature": (self.temperature > 0, "> 0"),
       "top_k": (self.top_k >= 0, "≥ 0 (0: off)"),
       "clip_eps": (self.clip_eps > 0, "> 0"),

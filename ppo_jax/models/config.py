@@ -23,6 +23,20 @@ ACTIVATIONS = {
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT = ("none", "block", "dots")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def lora_problems(rank: int, targets: str) -> list[str]:
+  """What is wrong with LoRA settings, each as ``field: ...`` (none: an empty list)."""
+  problems = []
+  if rank < 0:
+    problems.append(f"lora_rank: must be ≥ 0 (0: no LoRA), got {rank}")
+  if rank and not set(targets.split(",")) <= set(LORA_TARGETS):
+    problems.append(
+      f"lora_targets: {targets!r}; expected a comma-separated subset of {', '.join(LORA_TARGETS)}"
+    )
+  return problems
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -73,11 +87,7 @@ class ModelConfig:
       )
     if self.rope_type not in ROPE_TYPES:
       problems.append(f"rope_type {self.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
-    unknown = set(self.lora_targets.split(",")) - set(LORA_TARGETS)
-    if self.lora_rank and unknown:
-      problems.append(f"lora_targets {sorted(unknown)} (expected among {', '.join(LORA_TARGETS)})")
-    if self.lora_rank < 0:
-      problems.append(f"lora_rank {self.lora_rank} (expected ≥ 0)")
+    problems += lora_problems(self.lora_rank, self.lora_targets)
     if self.remat not in REMAT:
       problems.append(f"remat {self.remat!r} (expected one of {', '.join(REMAT)})")
     for name in ("dtype", "param_dtype"):
