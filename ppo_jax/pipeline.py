@@ -22,7 +22,7 @@ from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import build_critic
 from ppo_jax.config import Settings, base_config
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
-from ppo_jax.models.lora import add_lora
+from ppo_jax.models.lora import add_lora, check_targets
 from ppo_jax.rewards import load_reward_fn
 from ppo_jax.stages import has_model_folder, run_dpo, run_reward_model, run_sft
 from ppo_jax.tokenizer import load_tokenizer
@@ -86,6 +86,7 @@ def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
   m = s.model
   if m.init != "scratch":
     policy = from_pretrained(m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    policy.cfg = _tokenizer_ids(policy.cfg, tokenizer, m.init)
   else:
     common = dict(
       vocab_size=len(tokenizer),
@@ -106,7 +107,23 @@ def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
       cfg = ModelConfig.llama(num_kv_heads=m.num_kv_heads or m.num_heads, **common)
     policy = CausalLM(cfg, rngs=nnx.Rngs(s.seed))
   check_compatible(policy.cfg, tokenizer, max_len)
+  if s.ppo_run.lora_rank:  # now, not after SFT and the reward model have trained
+    check_targets(policy.cfg, s.ppo_run.lora_targets)
   return policy
+
+
+def _tokenizer_ids(cfg: ModelConfig, tokenizer: Any, folder: str) -> ModelConfig:
+  """``cfg`` with the tokenizer's special ids (SFT targets end with its EOS, sampling stops at
+  it), saying so when the checkpoint's config.json named others."""
+  tok = (tokenizer.eos_token_id, tokenizer.pad_token_id)
+  new = cfg.with_special_ids(eos=tok[0], pad=tok[1], bos=tokenizer.bos_token_id)
+  if cfg.eos_token_id != tok[0] or cfg.pad_token_id not in (None, tok[1]):
+    print(
+      f"note: {folder}/config.json has EOS id {cfg.eos_token_id} and pad id "
+      f"{cfg.pad_token_id}, the tokenizer EOS {tok[0]} and pad {tok[1]}: training uses the "
+      f"tokenizer's, and saved models list EOS ids {[new.eos_token_id, *new.extra_eos_token_ids]}"
+    )
+  return new
 
 
 def check_compatible(cfg: ModelConfig, tokenizer: Any, max_len: int, what: str = "model") -> None:

@@ -89,6 +89,18 @@ def test_reward_and_gold_functions_are_imported_before_any_training(tmp_path):
   assert not (tmp_path / "w" / "sft").exists()
 
 
+def test_lora_targets_the_model_lacks_are_refused_before_any_training(tmp_path):
+  code, _, err = _cli(
+    f"--config={EXPERIMENT}:smoke",
+    f"--workdir={tmp_path / 'w'}",
+    "--config.ppo.lora_rank=4",
+    "--config.ppo.lora_targets=q,gate",
+  )
+  assert code == 1 and err.count("\n") == 0, err
+  assert "lora_targets 'q,gate': this gpt2 model has no gate projection" in err
+  assert not (tmp_path / "w" / "sft").exists()
+
+
 def test_missing_workdir(tmp_path):
   code, _, err = _cli(f"--config={EXPERIMENT}")
   assert code == 2 and "--config and --workdir are required" in err

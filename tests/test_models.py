@@ -295,12 +295,25 @@ def test_truncated_weights_file_is_named(tmp_path):
     pj.models.from_pretrained(tmp_path)
 
 
-def test_lora_targets_that_match_nothing_are_refused():
+@pytest.mark.parametrize("targets", ["gate", "q,gate"])
+def test_lora_targets_the_model_lacks_are_refused(targets):
+  """GPT-2's MLP has no gate: asking for it would train nothing there, silently."""
+  from ppo_jax.models.layers import LoRAParam
   from ppo_jax.models.lora import add_lora
 
   model = pj.models.CausalLM(ModelConfig.gpt2(num_layers=1), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"lora_targets 'gate': no projection of this gpt2 model"):
-    add_lora(model, rank=2, targets="gate")  # GPT-2's MLP has no gate
+  with pytest.raises(
+    ValueError,
+    match=rf"lora_targets '{targets}': this gpt2 model has no gate projection \(it "
+    r"has q, k, v, o, up, down\)",
+  ):
+    add_lora(model, rank=2, targets=targets)
+  llama = pj.models.CausalLM(ModelConfig.llama(num_layers=1), rngs=nnx.Rngs(0))
+  adapted = add_lora(llama, rank=2, targets=targets)
+  adapters = nnx.to_pure_dict(nnx.state(adapted, LoRAParam))
+  assert {p[-2].key for p, _ in jax.tree_util.tree_leaves_with_path(adapters)} == set(
+    targets.split(",")
+  )
 
 
 def test_sequence_classifier_cannot_be_a_causal_lm(tmp_path):

@@ -268,3 +268,41 @@ def test_rollout_summary_skips_non_finite_entries():
   ]
   assert pipeline.rollout_summary(rows) == pytest.approx({"score": 2.0, "kl": 0.7})
   assert np.isnan(pipeline.rollout_summary(rows[1:2])["score"])
+
+
+def test_the_tokenizers_special_ids_are_used_and_saved(smoke_run, tmp_path, capsys):
+  """A checkpoint whose config.json names other EOS and pad ids than its tokenizer. SFT targets
+  end with the tokenizer's EOS and sampling stops at it, so the saved model must list it first
+  (transformers' ``generate`` stops there); the checkpoint's own EOS id stays as a second one."""
+  import shutil
+
+  from ppo_jax.config import Settings
+  from ppo_jax.models import save_pretrained
+  from ppo_jax.tokenizer import load_tokenizer
+
+  folder = tmp_path / "model"
+  shutil.copytree(smoke_run[0] / "sft", folder)
+  hf_config = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(
+    json.dumps({**hf_config, "eos_token_id": 7, "pad_token_id": 9})
+  )
+  tok = load_tokenizer(smoke_run[0] / "data" / "tokenizer")
+  assert (tok.eos_token_id, tok.pad_token_id) == (1, 0)
+
+  settings = Settings.from_config(smoke_config(model__init=str(folder)))
+  policy = pipeline.init_policy(settings, tok, max_len=16)
+  assert "config.json has EOS id 7 and pad id 9, the tokenizer EOS 1 and pad 0" in (
+    capsys.readouterr().out
+  )
+  cfg = policy.cfg
+  assert (cfg.eos_token_id, cfg.extra_eos_token_ids, cfg.pad_token_id) == (1, (7,), 0)
+  save_pretrained(policy, tmp_path / "saved")
+  saved = tf.AutoConfig.from_pretrained(str(tmp_path / "saved"))
+  assert (saved.eos_token_id, saved.pad_token_id) == ([1, 7], 0)
+
+  # The smoke run's own folder agrees with its tokenizer: nothing to say, nothing changed.
+  same = pipeline.init_policy(
+    Settings.from_config(smoke_config(model__init=str(smoke_run[0] / "sft"))), tok, max_len=16
+  )
+  assert "note:" not in capsys.readouterr().out
+  assert (same.cfg.eos_token_id, same.cfg.extra_eos_token_ids) == (1, ())

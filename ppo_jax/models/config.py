@@ -103,12 +103,31 @@ class ModelConfig:
     return {}
 
   @property
+  def projections(self) -> tuple[str, ...]:
+    """Each block's linear projections, by their LoRA target names (GPT-2's MLP has no gate)."""
+    return tuple(t for t in LORA_TARGETS if not (self.is_gpt2 and t == "gate"))
+
+  @property
   def is_gpt2(self) -> bool:
     """GPT-2 layout: learned positions, LayerNorm with bias, plain GELU MLP."""
     return self.model_type == "gpt2"
 
   def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
+
+  def with_special_ids(self, *, eos: int, pad: int | None, bos: int | None) -> ModelConfig:
+    """This config with a tokenizer's EOS, pad and BOS ids, the ones training uses.
+
+    The checkpoint's own EOS ids that differ stay as extra stop ids, so a saved model stops at
+    either under ``generate``. A ``None`` pad or BOS keeps the config's.
+    """
+    own = (self.eos_token_id, *self.extra_eos_token_ids)
+    return self.replace(
+      eos_token_id=eos,
+      extra_eos_token_ids=tuple(dict.fromkeys(i for i in own if i is not None and i != eos)),
+      pad_token_id=self.pad_token_id if pad is None else pad,
+      bos_token_id=self.bos_token_id if bos is None else bos,
+    )
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-ready fields (``from_dict`` inverts it)."""

@@ -229,7 +229,9 @@ class Mlp(nnx.Module):
     d, f = cfg.hidden_size, cfg.intermediate_size
     kw = dict(bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.gate = (
-      None if cfg.is_gpt2 else Dense(d, f, std=cfg.initializer_range, **kw, **cfg.lora_kw("gate"))
+      Dense(d, f, std=cfg.initializer_range, **kw, **cfg.lora_kw("gate"))
+      if "gate" in cfg.projections
+      else None
     )
     self.up = Dense(d, f, std=cfg.initializer_range, **kw, **cfg.lora_kw("up"))
     self.down = Dense(f, d, std=out_std, **kw, **cfg.lora_kw("down"))

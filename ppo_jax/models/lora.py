@@ -10,23 +10,30 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.layers import LoRAParam
 from ppo_jax.models.transformer import CausalLM
+
+
+def check_targets(cfg: ModelConfig, targets: str) -> None:
+  """Refuses LoRA ``targets`` naming a projection the model lacks (it would silently get none)."""
+  missing = [t for t in targets.split(",") if t not in cfg.projections]
+  if missing:
+    raise ValueError(
+      f"lora_targets {targets!r}: this {cfg.model_type} model has no {', '.join(missing)} "
+      f"projection (it has {', '.join(cfg.projections)})"
+    )
 
 
 def add_lora(
   model: CausalLM, *, rank: int, alpha: float = 16.0, targets: str = "q,k,v,o", seed: int = 0
 ) -> CausalLM:
   """``model`` with fresh adapters (the output is unchanged until they train)."""
+  check_targets(model.cfg, targets)
   cfg = model.cfg.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
   adapted = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(seed)))
   graphdef, _, _ = nnx.split(adapted, LoRAParam, ...)
   fresh = nnx.jit(lambda: nnx.state(CausalLM(cfg, rngs=nnx.Rngs(seed)), LoRAParam))()
-  if not jax.tree.leaves(fresh):  # e.g. gate alone on GPT-2, whose MLP has none
-    raise ValueError(
-      f"lora_targets {targets!r}: no projection of this {cfg.model_type} model matches, so "
-      "nothing would train"
-    )
   return nnx.merge(graphdef, fresh, nnx.state(model, nnx.Param))
 
 
