@@ -21,16 +21,16 @@ from ml_collections import config_dict
 
 from ppo_jax.checkpoint import CheckpointSettings
 from ppo_jax.dpo import DPOSettings
+from ppo_jax.hparams import PPOHparams
 from ppo_jax.models.config import lora_problems
 from ppo_jax.optim import OptimHparams
-from ppo_jax.ppo import PPOHparams
 from ppo_jax.supervised import SupervisedHparams
 
 # Fields of PPOHparams that come from the tokenizer, not the config.
 _FROM_TOKENIZER = ("eos_token_id", "pad_token_id")
 TASKS = ("synthetic", "files")
 CRITIC_INITS = ("reward_model", "policy")
-# config.algo → the advantage estimator of the RL stage (ppo.PPOHparams.estimator)
+# config.algo → the advantage estimator of the RL stage (PPOHparams.estimator)
 # (dpo trains offline on preference pairs and uses only the sampler settings of ppo.*)
 ALGOS = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo", "dpo": "gae"}
 ARCHS = ("gpt2", "llama")

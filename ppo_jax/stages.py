@@ -1,16 +1,18 @@
-"""The supervised stages of the pipeline: SFT and the reward model, each saved as a Hugging Face
-folder in the workdir (and loaded from there instead of trained again when it exists)."""
+"""The stages of the pipeline before PPO: the starting policy, then SFT and the reward model, each
+saved as a Hugging Face folder in the workdir (and loaded from there instead of trained again when
+it exists)."""
 
 from __future__ import annotations
 
 import pathlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flax import nnx
 
 from ppo_jax import data, dpo, supervised
-from ppo_jax.models import CausalLM, RewardModel, from_pretrained, save_pretrained
+from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.models.hf import load_hf_config
+from ppo_jax.models.lora import check_targets
 from ppo_jax.rewards import load_reward_fn
 
 if TYPE_CHECKING:
@@ -36,6 +38,65 @@ def load_preference_split(
     chosen.take(eval_idx),
     rejected.take(eval_idx),
   )
+
+
+def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
+  """The policy before SFT: a Hugging Face folder, or a small model from scratch."""
+  m = s.model
+  if m.init != "scratch":
+    policy = from_pretrained(m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    policy.cfg = _tokenizer_ids(policy.cfg, tokenizer, m.init)
+  else:
+    common = dict(
+      vocab_size=len(tokenizer),
+      hidden_size=m.hidden_size,
+      num_layers=m.num_layers,
+      num_heads=m.num_heads,
+      max_position_embeddings=m.max_position_embeddings,
+      dtype=m.dtype,
+      param_dtype=m.param_dtype or m.dtype,
+      remat=m.remat,
+      eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id,
+      bos_token_id=tokenizer.bos_token_id,
+    )
+    if m.arch == "gpt2":
+      cfg = ModelConfig.gpt2(**common)
+    else:
+      cfg = ModelConfig.llama(num_kv_heads=m.num_kv_heads or m.num_heads, **common)
+    policy = CausalLM(cfg, rngs=nnx.Rngs(s.seed))
+  check_compatible(policy.cfg, tokenizer, max_len)
+  if s.ppo_run.lora_rank:  # now, not after SFT and the reward model have trained
+    check_targets(policy.cfg, s.ppo_run.lora_targets)
+  return policy
+
+
+def _tokenizer_ids(cfg: ModelConfig, tokenizer: Any, folder: str) -> ModelConfig:
+  """``cfg`` with the tokenizer's special ids (SFT targets end with its EOS, sampling stops at
+  it), saying so when the checkpoint's config.json named others."""
+  tok = (tokenizer.eos_token_id, tokenizer.pad_token_id)
+  new = cfg.with_special_ids(eos=tok[0], pad=tok[1], bos=tokenizer.bos_token_id)
+  if cfg.eos_token_id != tok[0] or cfg.pad_token_id not in (None, tok[1]):
+    print(
+      f"note: {folder}/config.json has EOS id {cfg.eos_token_id} and pad id "
+      f"{cfg.pad_token_id}, the tokenizer EOS {tok[0]} and pad {tok[1]}: training uses the "
+      f"tokenizer's, and saved models list EOS ids {[new.eos_token_id, *new.extra_eos_token_ids]}"
+    )
+  return new
+
+
+def check_compatible(cfg: ModelConfig, tokenizer: Any, max_len: int, what: str = "model") -> None:
+  if len(tokenizer) > cfg.vocab_size:
+    raise ValueError(
+      f"tokenizer has {len(tokenizer)} tokens but the {what}'s embedding has only "
+      f"{cfg.vocab_size} rows"
+    )
+  if cfg.is_gpt2 and max_len > cfg.max_position_embeddings:
+    raise ValueError(
+      f"data.max_prompt_len + max response length = {max_len} exceeds the model's "
+      f"{cfg.max_position_embeddings} positions (lower ppo.max_new_tokens or "
+      "data.max_prompt_len)"
+    )
 
 
 def run_sft(

@@ -101,6 +101,15 @@ def test_lora_targets_the_model_lacks_are_refused_before_any_training(tmp_path):
   assert not (tmp_path / "w" / "sft").exists()
 
 
+@pytest.mark.parametrize("where", ["file", "file/run"])
+def test_a_workdir_that_cannot_be_a_folder_is_one_line(tmp_path, where):
+  (tmp_path / "file").write_text("notes")
+  code, _, err = _cli(f"--config={EXPERIMENT}:smoke", f"--workdir={tmp_path / where}")
+  assert code == 1 and err.count("\n") == 0, err
+  assert f"--workdir {tmp_path / where}: cannot create it as a folder" in err
+  assert (tmp_path / "file").read_text() == "notes"
+
+
 def test_missing_workdir(tmp_path):
   code, _, err = _cli(f"--config={EXPERIMENT}")
   assert code == 2 and "--config and --workdir are required" in err

@@ -9,7 +9,7 @@ import transformers as tf
 from conftest import reuse_stages, smoke_config
 
 import ppo_jax as pj
-from ppo_jax import pipeline, writers
+from ppo_jax import pipeline, stages, writers
 from ppo_jax.rewards import RewardError
 
 REQUIRED_METRICS = (
@@ -290,7 +290,7 @@ def test_the_tokenizers_special_ids_are_used_and_saved(smoke_run, tmp_path, caps
   assert (tok.eos_token_id, tok.pad_token_id) == (1, 0)
 
   settings = Settings.from_config(smoke_config(model__init=str(folder)))
-  policy = pipeline.init_policy(settings, tok, max_len=16)
+  policy = stages.init_policy(settings, tok, max_len=16)
   assert "config.json has EOS id 7 and pad id 9, the tokenizer EOS 1 and pad 0" in (
     capsys.readouterr().out
   )
@@ -301,7 +301,7 @@ def test_the_tokenizers_special_ids_are_used_and_saved(smoke_run, tmp_path, caps
   assert (saved.eos_token_id, saved.pad_token_id) == ([1, 7], 0)
 
   # The smoke run's own folder agrees with its tokenizer: nothing to say, nothing changed.
-  same = pipeline.init_policy(
+  same = stages.init_policy(
     Settings.from_config(smoke_config(model__init=str(smoke_run[0] / "sft"))), tok, max_len=16
   )
   assert "note:" not in capsys.readouterr().out

@@ -1,0 +1,105 @@
+"""PPO's hyperparameters, checked when built (static under jit: the dataclass is frozen)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ppo_jax import masking
+from ppo_jax.kl import KL_KINDS
+
+KL_MODES = ("reward", "loss")
+ESTIMATORS = ("gae", "grpo", "rloo")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOHparams:
+  """PPO's hyperparameters (static under jit). Names follow the papers."""
+
+  # Rollout.
+  max_new_tokens: int = 32
+  temperature: float = 0.7
+  top_k: int = 0
+  top_p: float = 1.0
+  eos_token_id: int | None = None
+  pad_token_id: int = 0
+  # Update.
+  num_epochs: int = 4
+  num_minibatches: int = 1
+  micro_batch_size: int | None = None  # None: the whole minibatch at once
+  clip_eps: float = 0.2
+  clip_eps_high: float | None = None
+  dual_clip: float | None = None
+  vf_clip: float | None = 0.2
+  vf_coef: float = 0.1
+  entropy_coef: float = 0.0
+  agg: str = "token-mean"
+  # Advantages.
+  gamma: float = 1.0
+  lam: float = 0.95
+  whiten_advantages: bool = True  # GAE only: group estimators are already relative
+  whiten_rewards: bool = False
+  # Advantage estimator: "gae" (PPO, with a critic) or critic-free over groups of group_size
+  # responses to one prompt (consecutive rows): "grpo" (group-normalised) or "rloo".
+  estimator: str = "gae"
+  group_size: int = 1
+  group_std: bool = True  # GRPO divides by the group's std; False: Dr. GRPO (Liu et al. 2025)
+  normalize_scores: bool = False  # by running mean/std of the scores
+  missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS
+  recompute_logprobs: bool = True  # old log-probs from a training-style forward, not the sampler
+  # KL to the reference policy.
+  kl_coef: float = 0.05
+  kl_kind: str = "k1"
+  kl_mode: str = "reward"  # reward: −β·KL per token in the reward; loss: β·KL added to the loss
+  kl_adaptive: bool = False
+  kl_target: float = 6.0
+  kl_horizon: float = 10000.0
+  # Critic warm-up: the first iterations update only the critic; the policy (and its optimizer
+  # state) stay as they were (OpenRLHF's freezing_actor_steps). GAE only.
+  critic_warmup: int = 0
+
+  def __post_init__(self):
+    checks = {
+      "agg": (self.agg, masking.AGG_MODES),
+      "kl_kind": (self.kl_kind, KL_KINDS),
+      "kl_mode": (self.kl_mode, KL_MODES),
+      "estimator": (self.estimator, ESTIMATORS),
+    }
+    for name, (value, allowed) in checks.items():
+      if value not in allowed:
+        raise ValueError(f"{name}: unknown {value!r}; expected one of {', '.join(allowed)}")
+    if self.estimator != "gae" and self.group_size < 2:
+      raise ValueError(
+        f"group_size: {self.estimator} compares responses to the same prompt; needs ≥ 2, "
+        f"got {self.group_size}"
+      )
+    ranges = {  # name: (ok, what it must be)
+      **{
+        name: (getattr(self, name) >= 1, "≥ 1")
+        for name in ("num_epochs", "num_minibatches", "max_new_tokens", "group_size")
+      },
+      "temperature": (self.temperature > 0, "> 0"),
+      "top_k": (self.top_k >= 0, "≥ 0 (0: off)"),
+      "clip_eps": (self.clip_eps > 0, "> 0"),
+      "kl_coef": (self.kl_coef >= 0, "≥ 0"),
+      "kl_horizon": (self.kl_horizon > 0, "> 0"),
+      "micro_batch_size": (self.micro_batch_size is None or self.micro_batch_size >= 1, "≥ 1"),
+      "critic_warmup": (self.critic_warmup >= 0, "≥ 0"),
+    }
+    for name, (ok, what) in ranges.items():
+      if not ok:
+        raise ValueError(f"{name}: must be {what}, got {getattr(self, name)}")
+    if self.critic_warmup and self.estimator != "gae":
+      raise ValueError(f"critic_warmup: the {self.estimator} estimator has no critic to warm up")
+
+  def minibatch_layout(self, batch_size: int) -> tuple[int, int]:
+    """``(minibatch size, micro-batches per minibatch)`` for a rollout of ``batch_size``."""
+    if batch_size % self.num_minibatches:
+      raise ValueError(
+        f"ppo.batch_size {batch_size} is not divisible by ppo.num_minibatches "
+        f"{self.num_minibatches}"
+      )
+    mb = batch_size // self.num_minibatches
+    micro = self.micro_batch_size or mb
+    if mb % micro:
+      raise ValueError(f"minibatch size {mb} is not divisible by ppo.micro_batch_size {micro}")
+    return mb, mb // micro
