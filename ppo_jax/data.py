@@ -42,7 +42,8 @@ def read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[str,
     raise DataError(f"{path}: no such file")
   rows = []
   with path.open("rb") as f:
-    for lineno, raw in enumerate(f, 1):
+    lines = (line for chunk in f for line in chunk.splitlines())  # \n, \r\n, or a bare \r
+    for lineno, raw in enumerate(lines, 1):
       try:
         line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is dropped
       except UnicodeDecodeError as e:

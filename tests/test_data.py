@@ -48,6 +48,17 @@ def test_a_leading_byte_order_mark_is_accepted(tmp_path):
   assert data.load_prompts(path, TOK, LAYOUT)[0] == ["good film"]
 
 
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"], ids=["unix", "windows", "classic-mac"])
+def test_any_line_ending_reads_the_same_rows(tmp_path, ending):
+  path = tmp_path / "p.jsonl"
+  rows = [{"prompt": "good film"}, {"prompt": "bad plot"}]
+  path.write_bytes(ending.join(json.dumps(r).encode() for r in rows) + ending)
+  assert data.read_jsonl(path, ["prompt"]) == rows
+  path.write_bytes(ending.join([b'{"prompt": "good"}', b"", b'{"prompt": 3}']))
+  with pytest.raises(data.DataError, match=r"p\.jsonl:3: field 'prompt' must be a string"):
+    data.read_jsonl(path, ["prompt"])  # line numbers as an editor shows them
+
+
 @pytest.mark.parametrize(
   "content,message",
   [
