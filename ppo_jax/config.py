@@ -22,7 +22,6 @@ from ml_collections import config_dict
 from ppo_jax.checkpoint import CheckpointSettings
 from ppo_jax.dpo import DPOSettings
 from ppo_jax.hparams import PPOHparams
-from ppo_jax.models.config import lora_problems
 from ppo_jax.optim import OptimHparams
 from ppo_jax.supervised import SupervisedHparams
 
@@ -145,6 +144,18 @@ def _leaf_type(tp: Any) -> type | None:
   if (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in args:
     return next(a for a in args if a is not type(None))
   return None
+
+
+def nullable_fields() -> set[str]:
+  """Dotted names of the fields that take None (``ppo.vf_clip``: no value clipping)."""
+  sections = [(name, cls) for name, classes in SECTIONS.items() for cls in classes]
+  sections += [(f"{name}.optim", OptimHparams) for name in ("sft", "rm", "dpo", "ppo")]
+  return {
+    f"{name}.{field}"
+    for name, cls in sections
+    for field, tp in typing.get_type_hints(cls).items()
+    if _leaf_type(tp) is not None
+  }
 
 
 def _section(*classes: type) -> ml_collections.ConfigDict:
@@ -285,106 +296,7 @@ class Settings:
     )
 
   def validate(self) -> None:
-    """Cross-field checks, each naming the fields involved."""
-    checks = [
-      (
-        self.task.name in TASKS,
-        f"config.task.name: unknown {self.task.name!r}; expected one of {', '.join(TASKS)}",
-      ),
-      (
-        self.model.arch in ARCHS,
-        f"config.model.arch: unknown {self.model.arch!r}; expected one of {', '.join(ARCHS)}",
-      ),
-      (
-        self.ppo_run.critic_init in CRITIC_INITS,
-        f"config.ppo.critic_init: unknown {self.ppo_run.critic_init!r}; expected one of "
-        f"{', '.join(CRITIC_INITS)}",
-      ),
-      (
-        self.ppo_run.critic_lr_scale > 0,
-        f"config.ppo.critic_lr_scale: must be > 0, got {self.ppo_run.critic_lr_scale}",
-      ),
-      (
-        self.ppo_run.batch_size >= 1,
-        f"config.ppo.batch_size: must be ≥ 1, got {self.ppo_run.batch_size}",
-      ),
-      (
-        self.data.max_prompt_len >= 1 and self.data.max_response_len >= 1,
-        "config.data.max_prompt_len and .max_response_len: must be ≥ 1, got "
-        f"{self.data.max_prompt_len} and {self.data.max_response_len}",
-      ),
-      (
-        self.log.samples_every >= 0,
-        f"config.log.samples_every: must be ≥ 0 (0: never), got {self.log.samples_every}",
-      ),
-      *(
-        (False, f"config.ppo.{problem}")
-        for problem in lora_problems(self.ppo_run.lora_rank, self.ppo_run.lora_targets)
-      ),
-      (
-        self.model.init != "scratch" or self.model.hidden_size % self.model.num_heads == 0,
-        f"config.model.hidden_size {self.model.hidden_size} is not divisible by "
-        f"config.model.num_heads {self.model.num_heads}",
-      ),
-      (
-        0.0 < self.raw.ppo.top_p <= 1.0,
-        f"config.ppo.top_p: must be in (0, 1], got {self.raw.ppo.top_p}",
-      ),
-      (
-        self.checkpoint.every >= 1 and self.checkpoint.keep >= 1,
-        "config.checkpoint.every and .keep: must be ≥ 1, got "
-        f"{self.checkpoint.every} and {self.checkpoint.keep}",
-      ),
-      (
-        not self.raw.ppo.critic_warmup or self.raw.ppo.critic_warmup < self.ppo_run.iterations,
-        f"config.ppo.critic_warmup {self.raw.ppo.critic_warmup} ≥ config.ppo.iterations "
-        f"{self.ppo_run.iterations}: the policy would never train",
-      ),
-      (
-        self.reward.source in ("model", "function"),
-        f"config.reward.source: unknown {self.reward.source!r}; expected model or function",
-      ),
-      (
-        self.reward.source != "function" or self.reward.fn,
-        "config.reward.source='function' needs config.reward.fn='package.module:function'",
-      ),
-      (
-        self.algo == "dpo"
-        or self.reward.source != "model"
-        or self.rm_run.enabled
-        or self.reward.model,
-        "config.reward.source='model' needs config.rm.enabled=True or config.reward.model=FOLDER",
-      ),
-      (
-        self.task.name != "files" or self.data.prompts,
-        "config.task.name='files' needs config.data.prompts=FILE.jsonl",
-      ),
-      (
-        self.algo != "ppo"
-        or self.ppo_run.critic_init == "policy"
-        or self.rm_run.enabled
-        or self.reward.model,
-        "config.ppo.critic_init='reward_model' needs a reward model (config.rm.enabled or "
-        "config.reward.model); use critic_init='policy' with a reward function",
-      ),
-      (
-        not self.ppo_run.fuse or self.reward.source == "model",
-        "config.ppo.fuse=True needs reward.source='model' (a Python reward runs on the host)",
-      ),
-    ]
-    checks.append(
-      (
-        self.algo != "dpo" or not (self.distributed.coordinator or self.distributed.auto),
-        "config.algo='dpo' runs in one process for now (unset config.distributed.*)",
-      )
-    )
-    checks.append(
-      (
-        self.ppo_run.batch_size % self.raw.ppo.group_size == 0,
-        f"config.ppo.batch_size {self.ppo_run.batch_size} is not divisible by "
-        f"config.ppo.group_size {self.raw.ppo.group_size} (responses per prompt)",
-      )
-    )
-    for ok, message in checks:
-      if not ok:
-        raise ValueError(message)
+    """Cross-field checks, each naming the fields involved (``ppo_jax.config_checks``)."""
+    from ppo_jax.config_checks import check_settings
+
+    check_settings(self)

@@ -82,7 +82,9 @@ class Layout:
 
   def __post_init__(self):
     if self.overflow not in OVERFLOW:
-      raise ValueError(f"unknown prompt overflow {self.overflow!r}; expected one of {OVERFLOW}")
+      raise ValueError(
+        f"prompt overflow: unknown {self.overflow!r}; expected one of {', '.join(OVERFLOW)}"
+      )
 
 
 def encode_prompts(

@@ -101,5 +101,8 @@ class PPOHparams:
     mb = batch_size // self.num_minibatches
     micro = self.micro_batch_size or mb
     if mb % micro:
-      raise ValueError(f"minibatch size {mb} is not divisible by ppo.micro_batch_size {micro}")
+      raise ValueError(
+        f"ppo.micro_batch_size {micro} does not divide the minibatch size {mb} (ppo.batch_size "
+        "/ ppo.num_minibatches)"
+      )
     return mb, mb // micro

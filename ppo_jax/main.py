@@ -1,7 +1,8 @@
 """Command line: ``python -m ppo_jax.main --config=experiments/default.py --workdir=DIR``.
 
-Any config field can be overridden, ``--config.ppo.kl_coef=0.1``; a config file takes an argument
-after a colon, ``--config=experiments/default.py:smoke``. The ``ppo-jax`` console script is the
+Any config field can be overridden, ``--config.ppo.kl_coef=0.1``, and one that takes None set to it,
+``--config.ppo.vf_clip=None``; a config file takes an argument after a colon,
+``--config=experiments/default.py:smoke``. The ``ppo-jax`` console script is the
 same program.
 
 Compiled XLA programs are cached on disk (``~/.cache/ppo_jax/xla``; set
@@ -38,10 +39,28 @@ def parse_flags(argv: list[str]) -> tuple[Any, str, bool]:
     "latest PPO checkpoint (--noresume refuses a workdir with checkpoints)",
     flag_values=fv,
   )
-  fv(argv)
+  nulls = [a.split("=", 1)[0][len("--config.") :] for a in argv if _sets_none(a)]
+  fv([a for a in argv if not _sets_none(a)])
   if config.value is None or workdir.value is None:
     raise flags.Error("--config and --workdir are required")
+  if nulls:
+    from ppo_jax.config import nullable_fields
+
+    allowed = nullable_fields()
+    for dotted in nulls:
+      if dotted not in allowed:
+        raise ValueError(f"config.{dotted}: cannot be None")
+      *parents, leaf = dotted.split(".")
+      node = config.value
+      for key in parents:
+        node = node[key]
+      node[leaf] = None
   return config.value, workdir.value, resume.value
+
+
+def _sets_none(arg: str) -> bool:
+  """``--config.ppo.vf_clip=None`` (or ``=none``): absl would parse the text as a float."""
+  return arg.startswith("--config.") and arg.partition("=")[2] in ("None", "none")
 
 
 def _one_line(e: BaseException) -> str:

@@ -22,10 +22,12 @@ from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import build_critic
 from ppo_jax.config import Settings, base_config
 from ppo_jax.models import CausalLM, RewardModel, save_pretrained
+from ppo_jax.models.hf import load_hf_config
 from ppo_jax.models.lora import add_lora
 from ppo_jax.rewards import load_reward_fn
 from ppo_jax.stages import (
   check_compatible,
+  check_reward_model,
   has_model_folder,
   init_policy,
   run_dpo,
@@ -197,9 +199,30 @@ def run(config, workdir: str | pathlib.Path, *, resume: bool = True) -> dict[str
     return _run(config, pathlib.Path(workdir), resume=resume)
 
 
+def preflight(s: Settings):
+  """What can fail before any work, checked now: the mesh (returned), the reward and gold
+  functions (imported), and the folders a run would load only after SFT."""
+  mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here
+  for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
+    if path and (field != "config.reward.fn" or s.reward.source == "function"):
+      load_reward_fn(path, what=field)
+  try:
+    if s.reward.model and s.algo != "dpo":
+      check_reward_model(s.reward.model)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.reward.model: {e}") from None
+  if s.model.init != "scratch":
+    try:
+      load_hf_config(s.model.init)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"config.model.init: {e}") from None
+  return mesh
+
+
 def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   t_start = time.perf_counter()
   s = Settings.from_config(config)
+  mesh = preflight(s)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:  # a file in the way, a read-only disk, no permission
@@ -211,12 +234,8 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
       f"{ckpt_dir} holds checkpoints and resuming is off; use a new workdir (or "
       "resume, the default)"
     )
-  for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
-    if path and (field != "config.reward.fn" or s.reward.source == "function"):
-      load_reward_fn(path, what=field)  # imported now, not after the models have trained
   if shd.is_main_process():
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-  mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here
   print(
     f"ppo_jax: workdir {workdir}, jax {jax.__version__} on {jax.devices()[0].platform}, "
     f"mesh {shd.describe(mesh)}, {jax.process_count()} process(es)"
@@ -309,12 +328,8 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   banner("summary")
   _print_summary(summary)
-  outputs = (
-    "metrics.jsonl, dpo_metrics.jsonl"
-    if s.algo == "dpo"
-    else "metrics.jsonl, tensorboard/, plots/, samples/"
-  )
-  print(f"outputs in {workdir}: {outputs}, policy/")
+  outputs = sorted(p.name + ("/" if p.is_dir() else "") for p in workdir.iterdir())
+  print(f"outputs in {workdir}: {', '.join(outputs)}")
   return summary
 
 

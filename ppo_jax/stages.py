@@ -4,6 +4,7 @@ it exists)."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,32 @@ def check_compatible(cfg: ModelConfig, tokenizer: Any, max_len: int, what: str =
     )
 
 
+# A stage's held-out metrics, beside its weights: a resumed run reports them again.
+HELD_OUT = "ppo_jax_held_out.json"
+
+
+def _save(model, out: pathlib.Path, tokenizer: Any, held_out: dict) -> None:
+  save_pretrained(model, out, tokenizer=tokenizer)
+  (out / HELD_OUT).write_text(json.dumps({k: float(v) for k, v in held_out.items()}) + "\n")
+
+
+def _reuse(out: pathlib.Path, **kw) -> tuple[nnx.Module, dict]:
+  """A finished stage's model and held-out metrics (none from before they were saved)."""
+  print(f"found {out}: loading it instead of training")
+  held_out = json.loads((out / HELD_OUT).read_text()) if (out / HELD_OUT).is_file() else {}
+  return from_pretrained(out, **kw), held_out
+
+
+def check_reward_model(folder: str) -> None:
+  """Refuses a folder that is not a Hugging Face sequence classifier (reads config.json only)."""
+  architectures = getattr(load_hf_config(folder), "architectures", None) or []
+  if not any(a.endswith("ForSequenceClassification") for a in architectures):
+    raise ValueError(
+      f"config.reward.model: {folder} is not a reward model (architectures "
+      f"{architectures}; expected a *ForSequenceClassification with its score head)"
+    )
+
+
 def run_sft(
   s: Settings,
   policy: CausalLM,
@@ -109,10 +136,7 @@ def run_sft(
 ) -> tuple[CausalLM, dict]:
   out = workdir / "sft"
   if has_model_folder(out):
-    print(f"found {out}: loading it instead of training")
-    return from_pretrained(
-      out, dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat
-    ), {}
+    return _reuse(out, dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
   if not inputs.sft or s.sft.epochs == 0:
     print("no SFT (no data.sft file, or sft.epochs=0)")
     return policy, {}
@@ -140,7 +164,7 @@ def run_sft(
     mesh=mesh,
   )
   policy = nnx.merge(graphdef, params)
-  save_pretrained(policy, out, tokenizer=inputs.tokenizer)
+  _save(policy, out, inputs.tokenizer, held_out)
   return policy, held_out
 
 
@@ -176,18 +200,12 @@ def run_reward_model(
   kw = dict(dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
   if s.reward.model:
     print(f"reward model: {s.reward.model}")
-    architectures = getattr(load_hf_config(s.reward.model), "architectures", None) or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-      raise ValueError(
-        f"config.reward.model: {s.reward.model} is not a reward model (architectures "
-        f"{architectures}; expected a *ForSequenceClassification with its score head)"
-      )
+    check_reward_model(s.reward.model)
     return from_pretrained(s.reward.model, kind="reward", **kw), {}
   if not s.rm_run.enabled:
     return None, {}
   if has_model_folder(out):
-    print(f"found {out}: loading it instead of training")
-    return from_pretrained(out, kind="reward", **kw), {}
+    return _reuse(out, kind="reward", **kw)
   if not inputs.preferences:
     raise ValueError("config.rm.enabled=True needs config.data.preferences=FILE.jsonl")
   train_pairs, eval_pairs = load_preference_split(inputs, layout, s.rm.eval_fraction, s.seed)
@@ -209,5 +227,5 @@ def run_reward_model(
     mesh=mesh,
   )
   rm = nnx.merge(graphdef, params)
-  save_pretrained(rm, out, tokenizer=inputs.tokenizer)
+  _save(rm, out, inputs.tokenizer, held_out)
   return rm, held_out

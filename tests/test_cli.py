@@ -44,6 +44,13 @@ def _cli(*args):
     ("--config.log.samples_every=-1", "config.log.samples_every: must be ≥ 0 (0: never)"),
     ("--config.ppo.lora_rank=-2", "config.ppo.lora_rank: must be ≥ 0 (0: no LoRA), got -2"),
     ("--config.model.num_heads=3", "hidden_size 64 is not divisible by config.model.num_heads 3"),
+    ("--config.rm.init=foo", "config.rm.init: unknown 'foo'; expected one of policy, scratch"),
+    ("--config.model.remat=full", "config.model.remat: unknown 'full'; expected one of none, bl"),
+    ("--config.model.dtype=float64", "config.model.dtype: unknown 'float64'; expected one of flo"),
+    ("--config.data.prompt_overflow=drop", "config.data.prompt_overflow: unknown 'drop'; expect"),
+    ("--config.task.label_noise=0", "config.task.label_noise: must be > 0"),
+    ("--config.ppo.micro_batch_size=5", "config.ppo.micro_batch_size 5 does not divide the mini"),
+    ("--config.ppo.optim.lr=None", "config.ppo.optim.lr: cannot be None"),
   ],
 )
 def test_config_errors_are_one_line(tmp_path, override, expected):
@@ -108,6 +115,48 @@ def test_a_workdir_that_cannot_be_a_folder_is_one_line(tmp_path, where):
   assert code == 1 and err.count("\n") == 0, err
   assert f"--workdir {tmp_path / where}: cannot create it as a folder" in err
   assert (tmp_path / "file").read_text() == "notes"
+
+
+def test_none_from_the_command_line_sets_none():
+  """``=None`` unsets a field that takes None; absl alone would parse it as a float or 'None'."""
+  from ppo_jax.config import Settings
+
+  config, _, _ = main.parse_flags(
+    ["ppo-jax", f"--config={EXPERIMENT}", "--workdir=w", "--config.ppo.vf_clip=None"]
+    + ["--config.ppo.missing_eos_penalty=none", "--config.ppo.optim.max_grad_norm=None"]
+    + ["--config.data.sft=None", "--config.ppo.kl_coef=0.1"]
+  )
+  hp = Settings.from_config(config).ppo(eos_token_id=1, pad_token_id=0)
+  assert (hp.vf_clip, hp.missing_eos_penalty, hp.kl_coef) == (None, None, 0.1)
+  assert config.ppo.optim.max_grad_norm is None and config.data.sft is None
+
+
+@pytest.mark.parametrize(
+  "override,expected",
+  [
+    ("--config.mesh.shape=(1,1)", "mesh.shape must have 3 entries (data, fsdp, tensor)"),
+    ("--config.model.init=nowhere", "config.model.init: nowhere: not a Hugging Face model folder"),
+  ],
+)
+def test_run_time_problems_found_before_the_workdir_is_touched(tmp_path, override, expected):
+  code, _, err = _cli(f"--config={EXPERIMENT}:smoke", f"--workdir={tmp_path / 'w'}", override)
+  assert code == 1 and err.count("\n") == 0 and expected in err, err
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_causal_lm_as_reward_model_is_refused_before_sft(smoke_run, tmp_path):
+  """reward.model must carry a score head: a causal LM folder would get a random one."""
+  code, _, err = _cli(
+    f"--config={EXPERIMENT}:smoke",
+    f"--workdir={tmp_path / 'w'}",
+    f"--config.reward.model={smoke_run[0] / 'sft'}",
+    "--config.rm.enabled=False",
+  )
+  assert code == 1 and err.count("\n") == 0, err
+  assert (
+    "config.reward.model: " in err and "is not a reward model (architectures ['GPT2LMHead" in err
+  )
+  assert not (tmp_path / "w").exists()
 
 
 def test_missing_workdir(tmp_path):

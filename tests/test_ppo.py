@@ -192,7 +192,7 @@ def test_adaptive_kl_and_kl_as_loss():
 def test_indivisible_batch_is_a_clear_error():
   with pytest.raises(ValueError, match=r"not divisible by ppo\.num_minibatches"):
     dataclasses.replace(HP, num_minibatches=3).minibatch_layout(8)
-  with pytest.raises(ValueError, match=r"not divisible by ppo\.micro_batch_size"):
+  with pytest.raises(ValueError, match=r"ppo\.micro_batch_size 3 does not divide the minibatch"):
     dataclasses.replace(HP, micro_batch_size=3).minibatch_layout(8)
 
 

@@ -1,0 +1,120 @@
+"""The config's cross-field checks: every value a run needs is checked before any work, and each
+problem is one line naming its fields."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ppo_jax.config import ARCHS, CRITIC_INITS, TASKS
+from ppo_jax.data import OVERFLOW
+from ppo_jax.models.config import DTYPES, REMAT, lora_problems
+
+if TYPE_CHECKING:
+  from ppo_jax.config import Settings
+
+# Fields taking one of a few values.
+CHOICES = {
+  "task.name": TASKS,
+  "model.arch": ARCHS,
+  "model.dtype": DTYPES,
+  "model.param_dtype": (None, *DTYPES),
+  "model.remat": REMAT,
+  "data.prompt_overflow": OVERFLOW,
+  "rm.init": ("policy", "scratch"),
+  "reward.source": ("model", "function"),
+  "ppo.critic_init": CRITIC_INITS,
+}
+
+
+def check_settings(s: Settings) -> None:
+  """Raises ValueError for the first problem, named by its config field(s)."""
+  for field, allowed in CHOICES.items():
+    section, name = field.split(".")
+    if (value := s.raw[section][name]) not in allowed:
+      raise ValueError(
+        f"config.{field}: unknown {value!r}; expected one of {', '.join(str(a) for a in allowed)}"
+      )
+  checks = [
+    (
+      s.task.label_noise > 0,
+      f"config.task.label_noise: must be > 0 (the labeller's temperature), got "
+      f"{s.task.label_noise}",
+    ),
+    (
+      s.ppo_run.critic_lr_scale > 0,
+      f"config.ppo.critic_lr_scale: must be > 0, got {s.ppo_run.critic_lr_scale}",
+    ),
+    (
+      s.ppo_run.batch_size >= 1,
+      f"config.ppo.batch_size: must be ≥ 1, got {s.ppo_run.batch_size}",
+    ),
+    (
+      s.data.max_prompt_len >= 1 and s.data.max_response_len >= 1,
+      "config.data.max_prompt_len and .max_response_len: must be ≥ 1, got "
+      f"{s.data.max_prompt_len} and {s.data.max_response_len}",
+    ),
+    (
+      s.log.samples_every >= 0,
+      f"config.log.samples_every: must be ≥ 0 (0: never), got {s.log.samples_every}",
+    ),
+    *(
+      (False, f"config.ppo.{problem}")
+      for problem in lora_problems(s.ppo_run.lora_rank, s.ppo_run.lora_targets)
+    ),
+    (
+      s.model.init != "scratch" or s.model.hidden_size % s.model.num_heads == 0,
+      f"config.model.hidden_size {s.model.hidden_size} is not divisible by "
+      f"config.model.num_heads {s.model.num_heads}",
+    ),
+    (
+      0.0 < s.raw.ppo.top_p <= 1.0,
+      f"config.ppo.top_p: must be in (0, 1], got {s.raw.ppo.top_p}",
+    ),
+    (
+      s.checkpoint.every >= 1 and s.checkpoint.keep >= 1,
+      "config.checkpoint.every and .keep: must be ≥ 1, got "
+      f"{s.checkpoint.every} and {s.checkpoint.keep}",
+    ),
+    (
+      not s.raw.ppo.critic_warmup or s.raw.ppo.critic_warmup < s.ppo_run.iterations,
+      f"config.ppo.critic_warmup {s.raw.ppo.critic_warmup} ≥ config.ppo.iterations "
+      f"{s.ppo_run.iterations}: the policy would never train",
+    ),
+    (
+      s.reward.source != "function" or s.reward.fn,
+      "config.reward.source='function' needs config.reward.fn='package.module:function'",
+    ),
+    (
+      s.algo == "dpo" or s.reward.source != "model" or s.rm_run.enabled or s.reward.model,
+      "config.reward.source='model' needs config.rm.enabled=True or config.reward.model=FOLDER",
+    ),
+    (
+      s.task.name != "files" or s.data.prompts,
+      "config.task.name='files' needs config.data.prompts=FILE.jsonl",
+    ),
+    (
+      s.algo != "ppo" or s.ppo_run.critic_init == "policy" or s.rm_run.enabled or s.reward.model,
+      "config.ppo.critic_init='reward_model' needs a reward model (config.rm.enabled or "
+      "config.reward.model); use critic_init='policy' with a reward function",
+    ),
+    (
+      not s.ppo_run.fuse or s.reward.source == "model",
+      "config.ppo.fuse=True needs reward.source='model' (a Python reward runs on the host)",
+    ),
+  ]
+  checks.append(
+    (
+      s.algo != "dpo" or not (s.distributed.coordinator or s.distributed.auto),
+      "config.algo='dpo' runs in one process for now (unset config.distributed.*)",
+    )
+  )
+  checks.append(
+    (
+      s.ppo_run.batch_size % s.raw.ppo.group_size == 0,
+      f"config.ppo.batch_size {s.ppo_run.batch_size} is not divisible by "
+      f"config.ppo.group_size {s.raw.ppo.group_size} (responses per prompt)",
+    )
+  )
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(message)
