@@ -52,9 +52,11 @@ def main():
     s = json.loads((workdir / "summary.json").read_text())
     summaries.append(s)
     b, a = s["before"], s["after"]
+    accuracy = s["rm_eval"].get("accuracy")  # none from a resumed run of an older ppo_jax
     print(
       f"| {seed} | {b['gold']:.2f} → {a['gold']:.2f} | {b['score']:.2f} → {a['score']:.2f} | "
-      f"{a['kl']:.2f} | {s['rm_eval']['accuracy']:.3f} | {s['seconds']:.0f} |"
+      f"{a['kl']:.2f} | {'n/a' if accuracy is None else f'{accuracy:.3f}'} | "
+      f"{s['seconds']:.0f} |"
     )
     curves.append(
       [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().split("\n") if line]

@@ -86,7 +86,9 @@ GUARD = PreemptionGuard()  # the pipeline enters it; the loops read it
 
 # What a checkpoint cut short fails with, at the root of orbax's chain of errors: tensorstore's
 # status codes, or a JSON file that ends early.
-DAMAGE = re.compile(r"DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|Error decoding|Expecting|Unterminated")
+DAMAGE = re.compile(
+  r"DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|Invalid JSON|Error decoding|Expecting|Unterminated"
+)
 _READ_LOCK = threading.Lock()  # sys.stderr is swapped for the whole process while reading
 
 

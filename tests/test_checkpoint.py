@@ -349,6 +349,11 @@ def test_read_blames_damage_only_for_data_loss(tmp_path, capsys):
   with pytest.raises(ValueError, match=damaged) as e:
     checkpoint.read(fails(ValueError("OUT_OF_RANGE: bytes")), tmp_path / "ck" / "7", "delete it")
   assert e.value.__cause__ is None and "orbax was here" not in capsys.readouterr().err
+  cut = ValueError(
+    'FAILED_PRECONDITION: Error reading local file "ck/7/state/_sharding": Invalid JSON'
+  )
+  with pytest.raises(ValueError, match=r"ck/7 cannot be read, it is damaged .*_sharding"):
+    checkpoint.read(fails(cut), tmp_path / "ck" / "7", "delete it")  # a JSON file cut short
   with pytest.raises(Exception, match="Encountered error") as e:  # not damage: raised as it is
     checkpoint.read(fails(RuntimeError("RESOURCE_EXHAUSTED: out of memory")), tmp_path, "")
   assert isinstance(e.value.__cause__, RuntimeError)
