@@ -133,7 +133,10 @@ def run_dpo_stage(
   bs = s.dpo.batch_size
   ref = [tuple(reference_logprobs(graphdef, ref_params, x, bs) for x in p) for p in pairs]
   total, every = s.dpo.steps(len(train_pairs[0])), s.dpo_run.eval_every
-  curve = writers.MetricsWriter(workdir / "metrics.jsonl", tensorboard_dir=None)
+  curve = writers.MetricsWriter(
+    workdir / "metrics.jsonl",
+    tensorboard_dir=workdir / "tensorboard" if s.log.tensorboard else None,
+  )
   clock = {"eval": 0.0, "done": 0.0}
 
   def on_params(step, p):  # gold/score, objective/kl, response/length as the RL stages log them

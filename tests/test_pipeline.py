@@ -247,6 +247,7 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path):
     "gold/score"
   ] == pytest.approx(summary["after"]["gold"])
   assert all({"gold/score", "objective/kl", "response/length"} <= set(r) for r in curve)
+  assert any((workdir / "tensorboard").glob("events.out.tfevents.*"))  # log.tensorboard: True
   assert (workdir / "policy" / "model.safetensors").exists()
 
 
