@@ -39,28 +39,40 @@ def parse_flags(argv: list[str]) -> tuple[Any, str, bool]:
     "latest PPO checkpoint (--noresume refuses a workdir with checkpoints)",
     flag_values=fv,
   )
-  nulls = [a.split("=", 1)[0][len("--config.") :] for a in argv if _sets_none(a)]
-  fv([a for a in argv if not _sets_none(a)])
+  dropped, nulls = _none_overrides(argv)
+  fv([a for a in argv if a not in dropped])
   if config.value is None or workdir.value is None:
     raise flags.Error("--config and --workdir are required")
-  if nulls:
-    from ppo_jax.config import nullable_fields
-
-    allowed = nullable_fields()
-    for dotted in nulls:
-      if dotted not in allowed:
-        raise ValueError(f"config.{dotted}: cannot be None")
-      *parents, leaf = dotted.split(".")
-      node = config.value
-      for key in parents:
-        node = node[key]
-      node[leaf] = None
+  for dotted in nulls:
+    *parents, leaf = dotted.split(".")
+    node = config.value
+    for key in parents:
+      node = node[key]
+    node[leaf] = None
   return config.value, workdir.value, resume.value
 
 
-def _sets_none(arg: str) -> bool:
-  """``--config.ppo.vf_clip=None`` (or ``=none``): absl would parse the text as a float."""
-  return arg.startswith("--config.") and arg.partition("=")[2] in ("None", "none")
+def _none_overrides(argv: list[str]) -> tuple[set[str], list[str]]:
+  """``(args, fields)``: the ``--config.FIELD=None`` args, kept from absl (which would parse the
+  text as a float or a string), and the fields they set to None (where no later arg sets them).
+  ``=none`` also means None for a field that takes it; for another (``model.remat``) it stays
+  the text "none"."""
+  asked = {
+    a: a.split("=", 1)[0][len("--config.") :]
+    for a in argv
+    if a.startswith("--config.") and a.partition("=")[2] in ("None", "none")
+  }
+  if not asked:
+    return set(), []
+  from ppo_jax.config import nullable_fields
+
+  allowed = nullable_fields()
+  for arg, dotted in asked.items():
+    if dotted not in allowed and arg.endswith("=None"):
+      raise ValueError(f"config.{dotted}: cannot be None")
+  last = {a.split("=", 1)[0]: a for a in argv if a.startswith("--config.")}  # the last one wins
+  dropped = {a for a, d in asked.items() if d in allowed}
+  return dropped, [d for a, d in asked.items() if a in dropped and last[f"--config.{d}"] == a]
 
 
 def _one_line(e: BaseException) -> str:

@@ -200,9 +200,11 @@ def run(config, workdir: str | pathlib.Path, *, resume: bool = True) -> dict[str
 
 
 def preflight(s: Settings):
-  """What can fail before any work, checked now: the mesh (returned), the reward and gold
-  functions (imported), and the folders a run would load only after SFT."""
+  """What can fail before any work, checked now: the mesh (returned) and the PPO batch over it,
+  the reward and gold functions (imported), and the folders a run would load only after SFT."""
   mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here
+  if mesh.size > 1 and s.algo != "dpo":
+    shd.check_batch(s.ppo_run.batch_size, mesh, "config.ppo.batch_size")
   for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
     if path and (field != "config.reward.fn" or s.reward.source == "function"):
       load_reward_fn(path, what=field)

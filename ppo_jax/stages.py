@@ -8,6 +8,7 @@ import json
 import pathlib
 from typing import TYPE_CHECKING, Any
 
+import jax
 from flax import nnx
 
 from ppo_jax import data, dpo, supervised
@@ -76,7 +77,12 @@ def _tokenizer_ids(cfg: ModelConfig, tokenizer: Any, folder: str) -> ModelConfig
   """``cfg`` with the tokenizer's special ids (SFT targets end with its EOS, sampling stops at
   it), saying so when the checkpoint's config.json named others."""
   tok = (tokenizer.eos_token_id, tokenizer.pad_token_id)
-  new = cfg.with_special_ids(eos=tok[0], pad=tok[1], bos=tokenizer.bos_token_id)
+  # A tokenizer without a pad of its own pads with EOS (load_tokenizer); the config keeps no pad
+  # then, as its checkpoint had none (transformers' classifiers skip a trailing pad-valued EOS).
+  fallback = cfg.pad_token_id is None and tok[1] == tok[0]
+  new = cfg.with_special_ids(
+    eos=tok[0], pad=None if fallback else tok[1], bos=tokenizer.bos_token_id
+  )
   if cfg.eos_token_id != tok[0] or cfg.pad_token_id not in (None, tok[1]):
     print(
       f"note: {folder}/config.json has EOS id {cfg.eos_token_id} and pad id "
@@ -106,7 +112,8 @@ HELD_OUT = "ppo_jax_held_out.json"
 
 def _save(model, out: pathlib.Path, tokenizer: Any, held_out: dict) -> None:
   save_pretrained(model, out, tokenizer=tokenizer)
-  (out / HELD_OUT).write_text(json.dumps({k: float(v) for k, v in held_out.items()}) + "\n")
+  if jax.process_index() == 0:
+    (out / HELD_OUT).write_text(json.dumps({k: float(v) for k, v in held_out.items()}) + "\n")
 
 
 def _reuse(out: pathlib.Path, **kw) -> tuple[nnx.Module, dict]:

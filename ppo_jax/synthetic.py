@@ -172,7 +172,7 @@ def write_task(
     p = prompt(rng)
     a, b = compared(p), compared(p)
     ga, gb = gold_score([p, p], [a, b])
-    p_a = 1.0 / (1.0 + math.exp(-(ga - gb) / label_noise))
+    p_a = 1.0 / (1.0 + math.exp(min(-(ga - gb) / label_noise, 700.0)))  # no overflow at tiny τ
     a_wins = rng.random() < p_a
     agree += a_wins == (ga >= gb)
     chosen, rejected = (a, b) if a_wins else (b, a)

@@ -129,6 +129,17 @@ def test_none_from_the_command_line_sets_none():
   hp = Settings.from_config(config).ppo(eos_token_id=1, pad_token_id=0)
   assert (hp.vf_clip, hp.missing_eos_penalty, hp.kl_coef) == (None, None, 0.1)
   assert config.ppo.optim.max_grad_norm is None and config.data.sft is None
+  # model.remat's choices include the text "none": it stays a text, not None.
+  config, _, _ = main.parse_flags(
+    ["ppo-jax", f"--config={EXPERIMENT}", "--workdir=w", "--config.model.remat=none"]
+  )
+  assert config.model.remat == "none" and Settings.from_config(config).model.remat == "none"
+  # The last value given wins, None or not.
+  config, _, _ = main.parse_flags(
+    ["ppo-jax", f"--config={EXPERIMENT}", "--workdir=w", "--config.ppo.vf_clip=None"]
+    + ["--config.ppo.vf_clip=0.3", "--config.ppo.dual_clip=3", "--config.ppo.dual_clip=None"]
+  )
+  assert (config.ppo.vf_clip, config.ppo.dual_clip) == (0.3, None)
 
 
 @pytest.mark.parametrize(

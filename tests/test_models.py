@@ -297,23 +297,30 @@ def test_truncated_weights_file_is_named(tmp_path):
 
 @pytest.mark.parametrize("targets", ["gate", "q,gate"])
 def test_lora_targets_the_model_lacks_are_refused(targets):
-  """GPT-2's MLP has no gate: asking for it would train nothing there, silently."""
+  """GPT-2's MLP has no gate: asking for it would train nothing there, silently. A run refuses
+  it up front (check_targets); add_lora itself refuses only targets that match nothing, so a
+  checkpoint saved with such targets still exports."""
   from ppo_jax.models.layers import LoRAParam
-  from ppo_jax.models.lora import add_lora
+  from ppo_jax.models.lora import add_lora, check_targets
 
-  model = pj.models.CausalLM(ModelConfig.gpt2(num_layers=1), rngs=nnx.Rngs(0))
-  with pytest.raises(
-    ValueError,
-    match=rf"lora_targets '{targets}': this gpt2 model has no gate projection \(it "
-    r"has q, k, v, o, up, down\)",
-  ):
-    add_lora(model, rank=2, targets=targets)
-  llama = pj.models.CausalLM(ModelConfig.llama(num_layers=1), rngs=nnx.Rngs(0))
-  adapted = add_lora(llama, rank=2, targets=targets)
-  adapters = nnx.to_pure_dict(nnx.state(adapted, LoRAParam))
-  assert {p[-2].key for p, _ in jax.tree_util.tree_leaves_with_path(adapters)} == set(
-    targets.split(",")
+  gpt2 = pj.models.CausalLM(ModelConfig.gpt2(num_layers=1), rngs=nnx.Rngs(0))
+  refused = (
+    rf"lora_targets '{targets}': this gpt2 model has no gate projection \(it has q, k, v, o, "
   )
+  with pytest.raises(ValueError, match=refused + r"up, down\)"):
+    check_targets(gpt2.cfg, targets)
+  names = lambda m: {
+    p[-2].key
+    for p, _ in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(m, LoRAParam)))
+  }
+  if targets == "gate":
+    with pytest.raises(ValueError, match=refused):
+      add_lora(gpt2, rank=2, targets=targets)
+  else:
+    assert names(add_lora(gpt2, rank=2, targets=targets)) == {"q"}
+  llama = pj.models.CausalLM(ModelConfig.llama(num_layers=1), rngs=nnx.Rngs(0))
+  check_targets(llama.cfg, targets)
+  assert names(add_lora(llama, rank=2, targets=targets)) == set(targets.split(","))
 
 
 def test_sequence_classifier_cannot_be_a_causal_lm(tmp_path):

@@ -302,3 +302,17 @@ def test_the_tokenizers_special_ids_are_used_and_saved(smoke_run, tmp_path, caps
   )
   assert "note:" not in capsys.readouterr().out
   assert (same.cfg.eos_token_id, same.cfg.extra_eos_token_ids) == (1, ())
+
+
+def test_a_pad_that_is_only_the_eos_fallback_is_not_saved():
+  """GPT-2 and Llama checkpoints have no pad; load_tokenizer pads with EOS. Saving pad = EOS
+  would make transformers' classifiers score before the final EOS, so the config keeps none."""
+  import types
+
+  from ppo_jax.models import ModelConfig
+
+  gpt2 = ModelConfig.gpt2(eos_token_id=5, pad_token_id=None, bos_token_id=5)
+  tok = types.SimpleNamespace(eos_token_id=5, pad_token_id=5, bos_token_id=5)
+  assert stages._tokenizer_ids(gpt2, tok, "gpt2") == gpt2
+  own_pad = types.SimpleNamespace(eos_token_id=5, pad_token_id=0, bos_token_id=None)
+  assert stages._tokenizer_ids(gpt2, own_pad, "gpt2").pad_token_id == 0  # a real pad is kept

@@ -16,7 +16,8 @@ from ppo_jax.models.transformer import CausalLM
 
 
 def check_targets(cfg: ModelConfig, targets: str) -> None:
-  """Refuses LoRA ``targets`` naming a projection the model lacks (it would silently get none)."""
+  """Refuses LoRA ``targets`` naming a projection the model lacks (it would silently get none);
+  a run checks its config with it before any training."""
   missing = [t for t in targets.split(",") if t not in cfg.projections]
   if missing:
     raise ValueError(
@@ -28,8 +29,13 @@ def check_targets(cfg: ModelConfig, targets: str) -> None:
 def add_lora(
   model: CausalLM, *, rank: int, alpha: float = 16.0, targets: str = "q,k,v,o", seed: int = 0
 ) -> CausalLM:
-  """``model`` with fresh adapters (the output is unchanged until they train)."""
-  check_targets(model.cfg, targets)
+  """``model`` with fresh adapters (the output is unchanged until they train).
+
+  Targets the model lacks get none (``gate`` on GPT-2), as in checkpoints written before
+  ``check_targets`` refused them; at least one must match.
+  """
+  if not set(targets.split(",")) & set(model.cfg.projections):
+    check_targets(model.cfg, targets)
   cfg = model.cfg.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
   adapted = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(seed)))
   graphdef, _, _ = nnx.split(adapted, LoRAParam, ...)

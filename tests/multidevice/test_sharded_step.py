@@ -2,6 +2,7 @@
 rules and survive the step; checkpoints restore onto another mesh."""
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -172,9 +173,18 @@ def test_process_rows_and_place_batch_on_one_process():
   assert sorted(len(r) for r in rows) == [2, 2, 2, 2]  # 4 row blocks (data × fsdp), tensor copies
 
 
-def test_indivisible_batch_is_refused():
+def test_indivisible_batch_is_refused(tmp_path):
   with pytest.raises(ValueError, match="not divisible by the mesh's data × fsdp = 8"):
     shd.check_batch(12, shd.make_mesh((2, 4, 1)))
+  from ppo_jax import pipeline
+  from ppo_jax.config import load_experiment
+
+  root = pathlib.Path(__file__).parents[2]
+  config = load_experiment(root / "experiments" / "default.py", "smoke")
+  config.mesh.shape, config.ppo.batch_size = (4, 2, 1), 36  # before any work, not after SFT
+  with pytest.raises(ValueError, match=r"config\.ppo\.batch_size 36 is not divisible by the mesh"):
+    pipeline.run(config, tmp_path / "w")
+  assert not (tmp_path / "w").exists()
 
 
 def test_dimension_that_does_not_divide_is_replicated_not_wrong():

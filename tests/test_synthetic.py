@@ -1,0 +1,14 @@
+"""The embedded review task: its simulated labeller follows τ, at any τ > 0."""
+
+from ppo_jax import synthetic
+
+
+def _accuracy(tmp_path, tau):
+  sizes = dict(num_prompts=8, num_sft=8, num_pairs=400, write_files=False)
+  return synthetic.write_task(tmp_path, seed=0, label_noise=tau, **sizes)["label_accuracy"]
+
+
+def test_a_sharper_labeller_agrees_more_with_gold_and_a_tiny_tau_does_not_overflow(tmp_path):
+  noisy, default, sharp = (_accuracy(tmp_path, tau) for tau in (2.0, 0.2, 1e-4))
+  assert 0.5 < noisy < default < sharp  # τ = 1e-4 overflowed math.exp before
+  assert sharp > 0.95  # only ties (equal gold) are coin flips
