@@ -1,9 +1,8 @@
 """Command line: ``python -m ppo_jax.main --config=experiments/default.py --workdir=DIR``.
 
-Any config field can be overridden, ``--config.ppo.kl_coef=0.1``, and one that takes None set to it,
-``--config.ppo.vf_clip=None``; a config file takes an argument after a colon,
-``--config=experiments/default.py:smoke``. The ``ppo-jax`` console script is the
-same program.
+Any config field can be overridden, ``--config.ppo.kl_coef=0.1``, and one that takes None set to
+it, ``--config.ppo.vf_clip=None``; a config file takes an argument after a colon,
+``--config=experiments/default.py:smoke``. The ``ppo-jax`` console script is the same program.
 
 Compiled XLA programs are cached on disk (``~/.cache/ppo_jax/xla``; set
 ``PPO_JAX_COMPILATION_CACHE`` to another folder, or to an empty string to turn it off), so a second
