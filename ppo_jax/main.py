@@ -38,6 +38,11 @@ def parse_flags(argv: list[str]) -> tuple[Any, str, bool]:
     "latest PPO checkpoint (--noresume refuses a workdir with checkpoints)",
     flag_values=fv,
   )
+  argv = [  # the space form, --config.ppo.vf_clip None, as --config.ppo.vf_clip=None
+    f"{a}={argv[i + 1]}" if _bare(a) and argv[i + 1 : i + 2] in (["None"], ["none"]) else a
+    for i, a in enumerate(argv)
+    if not (i and _bare(argv[i - 1]) and a in ("None", "none"))
+  ]
   dropped, nulls = _none_overrides(argv)
   fv([a for a in argv if a not in dropped])
   if config.value is None or workdir.value is None:
@@ -49,6 +54,10 @@ def parse_flags(argv: list[str]) -> tuple[Any, str, bool]:
       node = node[key]
     node[leaf] = None
   return config.value, workdir.value, resume.value
+
+
+def _bare(arg: str) -> bool:
+  return arg.startswith("--config.") and "=" not in arg
 
 
 def _none_overrides(argv: list[str]) -> tuple[set[str], list[str]]:

@@ -140,6 +140,12 @@ def test_none_from_the_command_line_sets_none():
     + ["--config.ppo.vf_clip=0.3", "--config.ppo.dual_clip=3", "--config.ppo.dual_clip=None"]
   )
   assert (config.ppo.vf_clip, config.ppo.dual_clip) == (0.3, None)
+  # absl's space form too.
+  config, _, _ = main.parse_flags(
+    ["ppo-jax", f"--config={EXPERIMENT}", "--workdir=w", "--config.ppo.vf_clip", "None"]
+    + ["--config.ppo.kl_coef", "0.3"]
+  )
+  assert (config.ppo.vf_clip, config.ppo.kl_coef) == (None, 0.3)
 
 
 @pytest.mark.parametrize(
