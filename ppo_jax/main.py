@@ -200,12 +200,12 @@ def cli(argv: list[str] | None = None) -> int:
     config, workdir, resume = parse_flags(argv)
     from ppo_jax.config import Settings
 
-    Settings.from_config(config)  # every value checked before any work starts
+    settings = Settings.from_config(config)  # every value checked before any work starts
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
     print(f"ppo-jax: config error: {_one_line(e)}", file=sys.stderr)
     return 2
   try:
-    start_distributed(Settings.from_config(config).distributed)
+    start_distributed(settings.distributed)
   except (RuntimeError, ValueError) as e:
     print(f"ppo-jax: error: jax.distributed: {_one_line(e)}", file=sys.stderr)
     return 1

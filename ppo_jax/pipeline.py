@@ -208,11 +208,8 @@ def preflight(s: Settings):
   for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
     if path and (field != "config.reward.fn" or s.reward.source == "function"):
       load_reward_fn(path, what=field)
-  try:
-    if s.reward.model and s.algo != "dpo":
-      check_reward_model(s.reward.model)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"config.reward.model: {e}") from None
+  if s.reward.model and s.algo != "dpo":
+    check_reward_model(s.reward.model)
   if s.model.init != "scratch":
     try:
       load_hf_config(s.model.init)

@@ -125,7 +125,11 @@ def _reuse(out: pathlib.Path, **kw) -> tuple[nnx.Module, dict]:
 
 def check_reward_model(folder: str) -> None:
   """Refuses a folder that is not a Hugging Face sequence classifier (reads config.json only)."""
-  architectures = getattr(load_hf_config(folder), "architectures", None) or []
+  try:
+    hf_config = load_hf_config(folder)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.reward.model: {e}") from None
+  architectures = getattr(hf_config, "architectures", None) or []
   if not any(a.endswith("ForSequenceClassification") for a in architectures):
     raise ValueError(
       f"config.reward.model: {folder} is not a reward model (architectures "
