@@ -1,11 +1,12 @@
-"""PPO checkpoints (orbax): save, resume checks, damaged ones named, preemption (export.py exports).
+"""Checkpoints (orbax): save, resume checks, damaged ones named, preemption (export.py exports).
 
-A checkpoint holds the whole resume state, ``PPOState`` (policy and critic parameters, optimizer
-states, KL coefficient, running score statistics, step, the PRNG key as key data), and a JSON
-record: the config, the model config and tokenizer (for export), the pre-PPO evaluation, and the
-data cursor (the step: batches are a pure function of seed and step). Saves are asynchronous and
-atomic: orbax writes into a temporary folder and renames it when complete, so a process killed
-mid-save leaves the previous checkpoint intact.
+A PPO checkpoint holds the whole resume state, ``PPOState`` (policy and critic parameters,
+optimizer states, KL coefficient, running score statistics, step, the PRNG key as key data), and
+a JSON record: the config, the model config and tokenizer (for export), the pre-PPO evaluation,
+and the data cursor (the step: batches are a pure function of seed and step). A supervised
+stage's (SFT, reward model, DPO) holds its parameters and optimizer state. Saves are asynchronous
+and atomic: orbax writes into a temporary folder and renames it when complete, so a process
+killed mid-save leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ RESUMABLE_CHANGES = ("ppo.iterations", "log.", "checkpoint.", "data.eval_prompts
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
-  every: int = 10  # iterations between checkpoints (also saved at the end and on preemption)
+  every: int = 10  # PPO iterations between checkpoints (also saved at the end and on preemption)
   keep: int = 3  # checkpoints kept
   async_save: bool = True  # write in the background while training goes on
+  # Steps between checkpoints of a supervised stage (SFT, reward model, DPO), also saved at its end
+  # and on preemption; 0: only then. SFT's and the reward model's are deleted once the stage's
+  # model folder is written.
+  supervised_every: int = 500
 
 
 class Preempted(Exception):
@@ -157,8 +162,16 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def config_differences(saved: dict, current: dict, *, defaults: dict | None = None) -> list[str]:
-  """``field: saved → current`` for every field that matters to a resumed run.
+def config_differences(
+  saved: dict,
+  current: dict,
+  *,
+  defaults: dict | None = None,
+  only: tuple[str, ...] | None = None,
+) -> list[str]:
+  """``field: saved → current`` for every field that matters to a resumed run: all but
+  ``RESUMABLE_CHANGES``, or, with ``only``, the fields whose dotted names start with one of those
+  prefixes (what a supervised stage reads).
 
   A field the saved config lacks (one added to ppo_jax after the run was saved) is a difference
   only if its current value is not its value in ``defaults``: new fields default to the old
@@ -169,6 +182,8 @@ def config_differences(saved: dict, current: dict, *, defaults: dict | None = No
   for name in sorted(set(a) | set(b)):
     if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name):
       continue
+    if only is not None and not name.startswith(only):
+      continue
     if name not in a and name in d and b.get(name) == d[name]:
       continue
     diffs.append(f"{name}: {a.get(name, '(absent)')!r} → {b.get(name, '(absent)')!r}")
@@ -176,7 +191,8 @@ def config_differences(saved: dict, current: dict, *, defaults: dict | None = No
 
 
 class Checkpointer:
-  """Saves and restores ``PPOState`` under ``WORKDIR/checkpoints`` (close it, or use ``with``)."""
+  """Saves and restores a training state (a pytree: ``PPOState`` under ``WORKDIR/checkpoints``, a
+  supervised stage's under ``WORKDIR/{stage}_checkpoints``); close it, or use ``with``."""
 
   def __init__(self, directory: pathlib.Path, settings: CheckpointSettings):
     self.directory = pathlib.Path(directory)
@@ -196,7 +212,7 @@ class Checkpointer:
     return self._mgr.latest_step()
 
   def save(self, step: int, state, record: dict[str, Any]) -> None:
-    state = state.replace(key=jax.random.key_data(state.key))
+    state = _key_data(state)
     self._mgr.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)),
@@ -207,37 +223,51 @@ class Checkpointer:
     """``(state, record)`` of ``step`` (default: latest), onto ``like_state``'s shapes and
     shardings (so a checkpoint restores onto another mesh)."""
     step = self._mgr.latest_step() if step is None else step
-    with_data = like_state.replace(key=jax.random.key_data(like_state.key))
     target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), with_data
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _key_data(like_state)
     )
     self._check_layout(step, target)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     out = self._read(step, lambda: self._mgr.restore(step, args=args))
-    state = out.state.replace(key=jax.random.wrap_key_data(out.state.key))
+    state = jax.tree.map(
+      lambda like, x: (
+        jax.random.wrap_key_data(x, impl=jax.random.key_impl(like)) if _is_key(like) else x
+      ),
+      like_state,
+      out.state,
+    )
     return state, out.meta
 
-  def resume(self, like_state, record: dict, iterations: int, defaults: dict | None = None):
+  def resume(
+    self,
+    like_state,
+    record: dict,
+    iterations: int,
+    defaults: dict | None = None,
+    *,
+    only: tuple[str, ...] | None = None,
+  ):
     """``(state, saved record)`` of the latest checkpoint, or None when there is none.
 
-    Refuses (one ValueError line) a checkpoint past step ``iterations`` (the run would do
-    nothing) and one whose config differs from ``record["config"]`` in a field that matters
-    (``config_differences``, with ``defaults`` for fields added since the save).
+    Refuses (one ValueError line) a checkpoint whose config differs from ``record["config"]`` in
+    a field that matters (``config_differences``, with ``defaults`` for fields added since the
+    save, and ``only`` to compare only some sections), and one past step ``iterations`` (the run
+    would do nothing).
     """
     step = self.latest_step()
     if step is None:
       return None
-    if step > iterations:
-      raise ValueError(
-        f"{self.directory} holds step {step}, past ppo.iterations={iterations}; raise it to go"
-        " on, or `ppo-jax export --step` an earlier checkpoint"
-      )
     saved = self.record(step).get("config", {})
-    diffs = config_differences(saved, record.get("config", {}), defaults=defaults)
+    diffs = config_differences(saved, record.get("config", {}), defaults=defaults, only=only)
     if diffs:
       raise ValueError(
         f"{self.directory} holds checkpoints of a different config ({'; '.join(diffs)}); use a"
         " new workdir or the original config"
+      )
+    if step > iterations:
+      raise ValueError(
+        f"{self.directory} holds step {step}, past ppo.iterations={iterations}; raise it to go"
+        " on, or `ppo-jax export --step` an earlier checkpoint"
       )
     out = self.restore(like_state, step)
     print(f"resuming from the checkpoint of step {step} in {self.directory}")
@@ -291,6 +321,15 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _is_key(x) -> bool:
+  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _key_data(tree):
+  """``tree`` with its typed PRNG keys as their raw ``uint32`` data (what orbax can write)."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:

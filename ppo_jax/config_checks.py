@@ -76,6 +76,10 @@ def check_settings(s: Settings) -> None:
       f"{s.checkpoint.every} and {s.checkpoint.keep}",
     ),
     (
+      s.checkpoint.supervised_every >= 0,
+      f"config.checkpoint.supervised_every: must be ≥ 0, got {s.checkpoint.supervised_every}",
+    ),
+    (
       not s.raw.ppo.critic_warmup or s.raw.ppo.critic_warmup < s.ppo_run.iterations,
       f"config.ppo.critic_warmup {s.raw.ppo.critic_warmup} ≥ config.ppo.iterations "
       f"{s.ppo_run.iterations}: the policy would never train",

@@ -133,16 +133,19 @@ def run_dpo_stage(
   bs = s.dpo.batch_size
   ref = [tuple(reference_logprobs(graphdef, ref_params, x, bs) for x in p) for p in pairs]
   total, every = s.dpo.steps(len(train_pairs[0])), s.dpo_run.eval_every
-  curve = writers.MetricsWriter(
-    workdir / "metrics.jsonl",
-    tensorboard_dir=workdir / "tensorboard" if s.log.tensorboard else None,
-  )
-  clock = {"eval": 0.0, "done": 0.0}
+  curve: dict[str, writers.MetricsWriter] = {}  # opened at the first step trained here
+  clock = {"eval": 0.0, "done": None}
 
   def on_params(step, p):  # gold/score, objective/kl, response/length as the RL stages log them
+    if not curve:  # rows past a resumed checkpoint's step are dropped
+      curve["w"] = writers.MetricsWriter(
+        workdir / "metrics.jsonl",
+        tensorboard_dir=workdir / "tensorboard" if s.log.tensorboard else None,
+        resume_step=step - 1,
+      )
     if every and len(eval_prompts) and (step % every == 0 or step == total):
       t = time.perf_counter()
-      curve.write(step, {KEYS.get(k, k): v for k, v in held_out_samples(p).items()})
+      curve["w"].write(step, {KEYS.get(k, k): v for k, v in held_out_samples(p).items()})
       clock["eval"] += time.perf_counter() - t
     if step == total:
       clock["done"] = time.perf_counter()
@@ -150,24 +153,28 @@ def run_dpo_stage(
   before = held_out_samples(ref_params)
   t0 = time.perf_counter()
   try:
-    params, held_out = supervised.fit(
-      "dpo",
-      ref_params,
-      graphdef,
-      functools.partial(
-        dpo_objective, beta=s.dpo_run.beta, label_smoothing=s.dpo_run.label_smoothing
-      ),
-      s.dpo,
-      (lambda i: pair_batch(train_pairs, ref[0], i), len(train_pairs[0])),
-      (lambda i: pair_batch(eval_pairs, ref[1], i), len(eval_pairs[0])),
-      workdir=workdir,
-      seed=s.seed + 4,
-      progress=s.log.progress,
-      on_params=on_params,
-      mesh=mesh,
-    )
+    with supervised.stage_checkpoints(s, workdir, "dpo") as checkpoints:
+      params, held_out = supervised.fit(
+        "dpo",
+        ref_params,
+        graphdef,
+        functools.partial(
+          dpo_objective, beta=s.dpo_run.beta, label_smoothing=s.dpo_run.label_smoothing
+        ),
+        s.dpo,
+        (lambda i: pair_batch(train_pairs, ref[0], i), len(train_pairs[0])),
+        (lambda i: pair_batch(eval_pairs, ref[1], i), len(eval_pairs[0])),
+        workdir=workdir,
+        seed=s.seed + 4,
+        progress=s.log.progress,
+        on_params=on_params,
+        checkpoints=checkpoints,
+        mesh=mesh,
+      )
   finally:
-    curve.close()
-  held_out["train_seconds"] = clock["done"] - t0 - clock["eval"]  # the training steps alone
+    if curve:
+      curve["w"].close()
+  # The training steps alone, of this invocation (a resumed stage's steps after its checkpoint)
+  held_out["train_seconds"] = (clock["done"] or t0) - t0 - clock["eval"]
   after = held_out_samples(params)
   return rl.PPOResult(nnx.merge(graphdef, params), before, after, []), held_out

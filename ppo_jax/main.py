@@ -35,7 +35,7 @@ def parse_flags(argv: list[str]) -> tuple[Any, str, bool]:
     "resume",
     True,
     "continue from the workdir's finished stages and "
-    "latest PPO checkpoint (--noresume refuses a workdir with checkpoints)",
+    "latest checkpoints (--noresume refuses a workdir with checkpoints)",
     flag_values=fv,
   )
   argv = [  # the space form, --config.ppo.vf_clip None, as --config.ppo.vf_clip=None

@@ -227,12 +227,13 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   except OSError as e:  # a file in the way, a read-only disk, no permission
     why = "a file is in the way" if workdir.is_file() else e.strerror
     raise OSError(f"--workdir {workdir}: cannot create it as a folder ({why})") from e
-  ckpt_dir = workdir / "checkpoints"
-  if not resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
-    raise ValueError(
-      f"{ckpt_dir} holds checkpoints and resuming is off; use a new workdir (or "
-      "resume, the default)"
-    )
+  for name in ("checkpoints", *(f"{stage}_checkpoints" for stage in ("sft", "rm", "dpo"))):
+    ckpt_dir = workdir / name
+    if not resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+      raise ValueError(
+        f"{ckpt_dir} holds checkpoints and resuming is off; use a new workdir (or "
+        "resume, the default)"
+      )
   if shd.is_main_process():
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   print(

@@ -147,6 +147,7 @@ def run_sft(
 ) -> tuple[CausalLM, dict]:
   out = workdir / "sft"
   if has_model_folder(out):
+    supervised.drop_checkpoints(workdir, "sft")  # left if a run stopped right after the save
     return _reuse(out, dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
   if not inputs.sft or s.sft.epochs == 0:
     print("no SFT (no data.sft file, or sft.epochs=0)")
@@ -161,21 +162,24 @@ def run_sft(
     )
   )
   graphdef, params = nnx.split(policy)
-  params, held_out = supervised.fit(
-    "sft",
-    nnx.to_pure_dict(params),
-    graphdef,
-    supervised.sft_loss,
-    s.sft,
-    (lambda i: supervised.sft_batch(train_set, i), len(train_set)),
-    (lambda i: supervised.sft_batch(eval_set, i), len(eval_set)),
-    workdir=workdir,
-    seed=s.seed,
-    progress=s.log.progress,
-    mesh=mesh,
-  )
+  with supervised.stage_checkpoints(s, workdir, "sft") as checkpoints:
+    params, held_out = supervised.fit(
+      "sft",
+      nnx.to_pure_dict(params),
+      graphdef,
+      supervised.sft_loss,
+      s.sft,
+      (lambda i: supervised.sft_batch(train_set, i), len(train_set)),
+      (lambda i: supervised.sft_batch(eval_set, i), len(eval_set)),
+      workdir=workdir,
+      seed=s.seed,
+      progress=s.log.progress,
+      checkpoints=checkpoints,
+      mesh=mesh,
+    )
   policy = nnx.merge(graphdef, params)
   _save(policy, out, inputs.tokenizer, held_out)
+  supervised.drop_checkpoints(workdir, "sft")
   return policy, held_out
 
 
@@ -216,6 +220,7 @@ def run_reward_model(
   if not s.rm_run.enabled:
     return None, {}
   if has_model_folder(out):
+    supervised.drop_checkpoints(workdir, "rm")
     return _reuse(out, kind="reward", **kw)
   if not inputs.preferences:
     raise ValueError("config.rm.enabled=True needs config.data.preferences=FILE.jsonl")
@@ -224,19 +229,22 @@ def run_reward_model(
   if s.rm_run.init == "policy":
     nnx.update(rm.trunk, nnx.state(policy.trunk))
   graphdef, params = nnx.split(rm)
-  params, held_out = supervised.fit(
-    "rm",
-    nnx.to_pure_dict(params),
-    graphdef,
-    supervised.reward_loss,
-    s.rm,
-    (lambda i: supervised.pair_batch(train_pairs, i), len(train_pairs[0])),
-    (lambda i: supervised.pair_batch(eval_pairs, i), len(eval_pairs[0])),
-    workdir=workdir,
-    seed=s.seed + 1,
-    progress=s.log.progress,
-    mesh=mesh,
-  )
+  with supervised.stage_checkpoints(s, workdir, "rm") as checkpoints:
+    params, held_out = supervised.fit(
+      "rm",
+      nnx.to_pure_dict(params),
+      graphdef,
+      supervised.reward_loss,
+      s.rm,
+      (lambda i: supervised.pair_batch(train_pairs, i), len(train_pairs[0])),
+      (lambda i: supervised.pair_batch(eval_pairs, i), len(eval_pairs[0])),
+      workdir=workdir,
+      seed=s.seed + 1,
+      progress=s.log.progress,
+      checkpoints=checkpoints,
+      mesh=mesh,
+    )
   rm = nnx.merge(graphdef, params)
   _save(rm, out, inputs.tokenizer, held_out)
+  supervised.drop_checkpoints(workdir, "rm")
   return rm, held_out

@@ -6,11 +6,14 @@ Both train a plain-dict parameter tree with one jitted step over fixed-shape bat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import pathlib
-from collections.abc import Callable
-from typing import Any
+import shutil
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +24,15 @@ from flax import nnx
 from ppo_jax import sharding as shd
 from ppo_jax import writers
 from ppo_jax.actor_critic import policy_logits, reward_scores
-from ppo_jax.checkpoint import GUARD, Preempted
+from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted
 from ppo_jax.data import Sequences, batch_indices
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
 from ppo_jax.optim import OptimHparams, make_optimizer
 from ppo_jax.preference import bradley_terry_loss
+
+if TYPE_CHECKING:
+  from ppo_jax.config import Settings
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -110,6 +116,41 @@ def pair_batch(pairs: tuple[Sequences, Sequences], idx: np.ndarray) -> Batch:
 Rows = tuple[Callable[[np.ndarray], Batch], int]  # (make_batch(row_indices), number of rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpoints:
+  """A supervised stage's checkpoints: written by ``checkpointer`` every
+  ``checkpointer.settings.supervised_every`` steps, at the end and on preemption; a stage resumes
+  from the latest only if its config agrees with ``config`` in the fields under ``fields``
+  (``defaults``: every field's default, for fields added since the save) and its training rows
+  are as many."""
+
+  checkpointer: Checkpointer
+  config: dict[str, Any]
+  fields: tuple[str, ...]
+  defaults: dict[str, Any] | None = None
+
+
+@contextlib.contextmanager
+def stage_checkpoints(s: Settings, workdir: pathlib.Path, name: str) -> Iterator[Checkpoints]:
+  """The ``Checkpoints`` of stage ``name`` (sft, rm, dpo) in ``WORKDIR/{name}_checkpoints``: it
+  must agree with a resumed run in the seed and the task, data, model and ``name`` sections."""
+  from ppo_jax.config import base_config  # config imports this module
+
+  with Checkpointer(pathlib.Path(workdir) / f"{name}_checkpoints", s.checkpoint) as ckpt:
+    yield Checkpoints(
+      ckpt,
+      json.loads(s.raw.to_json_best_effort()),
+      ("seed", "task.", "data.", "model.", f"{name}."),
+      json.loads(base_config().to_json_best_effort()),
+    )
+
+
+def drop_checkpoints(workdir: pathlib.Path, name: str) -> None:
+  """Deletes stage ``name``'s checkpoints (its model folder, now written, supersedes them)."""
+  if shd.is_main_process():
+    shutil.rmtree(pathlib.Path(workdir) / f"{name}_checkpoints", ignore_errors=True)
+
+
 def fit(
   name: str,
   params,
@@ -123,19 +164,22 @@ def fit(
   seed: int,
   progress: bool = True,
   on_params: Callable[[int, Any], None] | None = None,
+  checkpoints: Checkpoints | None = None,
   mesh=None,
 ) -> tuple[Any, dict[str, float]]:
   """A supervised stage: ``train`` on ``train_rows`` with a progress bar and per-step metrics in
-  ``WORKDIR/{name}_metrics.jsonl``, then ``evaluate`` on ``eval_rows``; prints and returns
-  ``(params, held-out metrics)``."""
+  ``WORKDIR/{name}_metrics.jsonl`` (rows past a resumed checkpoint's step dropped), then
+  ``evaluate`` on ``eval_rows``; prints and returns ``(params, held-out metrics)``."""
   total = hp.steps(train_rows[1])
-  writer = writers.MetricsWriter(
-    pathlib.Path(workdir) / f"{name}_metrics.jsonl", tensorboard_dir=None
-  )
   bar = writers.progress_bar(total, name, enabled=progress)
+  out: dict[str, Any] = {}  # the metrics writer, opened at the first step trained here
 
   def on_step(i, n, row):
-    writer.write(i + 1, row)
+    if "writer" not in out:
+      path = pathlib.Path(workdir) / f"{name}_metrics.jsonl"
+      out["writer"] = writers.MetricsWriter(path, tensorboard_dir=None, resume_step=i)
+      bar.update(i)
+    out["writer"].write(i + 1, row)
     bar.update(1)
     if i % 10 == 0 or i + 1 == n:
       bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("nll", "loss", "accuracy")})
@@ -148,13 +192,16 @@ def fit(
       *train_rows,
       hp,
       seed=seed,
+      name=name,
       on_step=on_step,
       on_params=on_params,
+      checkpoints=checkpoints,
       mesh=mesh,
     )
   finally:
     bar.close()
-    writer.close()
+    if "writer" in out:
+      out["writer"].close()
   held_out = evaluate(params, graphdef, loss_fn, *eval_rows, batch_size=hp.batch_size, mesh=mesh)
   fmt = lambda k, v: f"{k} {v:.0f}" if k == "eval_rows" else f"{k} {v:.4f}"  # a count, not a mean
   print("held-out: " + (", ".join(fmt(k, v) for k, v in held_out.items()) or "no rows"))
@@ -170,16 +217,25 @@ def train(
   hp: SupervisedHparams,
   *,
   seed: int,
+  name: str = "supervised",
   on_step: Callable[[int, int, dict[str, float]], None] | None = None,
   on_params: Callable[[int, Any], None] | None = None,
+  checkpoints: Checkpoints | None = None,
   mesh=None,
 ) -> tuple[Any, list[dict[str, float]]]:
-  """Trains ``params`` for ``hp.steps(n_train)`` steps; returns them and the per-step metrics.
+  """Trains ``params`` for ``hp.steps(n_train)`` steps; returns them and the per-step metrics of
+  the steps trained in this call.
 
   ``make_batch(row_indices)`` builds a batch of training rows; ``on_step(step, total, metrics)``
   reports progress; ``on_params(steps_done, params)`` may look at the parameters after each step
   (before the next step donates them). On a ``mesh``, parameters and optimizer states follow
   ``sharding.RULES`` and batch rows are split over ``('data', 'fsdp')``.
+
+  With ``checkpoints`` the stage resumes from its latest checkpoint (batches are a pure function
+  of seed and step, so the steps after it are those of an uninterrupted stage), saves as
+  ``Checkpoints`` says, and on SIGTERM/SIGINT saves after the current step and raises
+  ``Preempted``. Without, a stop request raises ``Preempted`` and the stage starts over when run
+  again.
   """
   total = hp.steps(n_train)
   tx = make_optimizer(hp.optim, total)
@@ -199,6 +255,11 @@ def train(
     put = lambda batch: shd.place_batch(batch, _batch_sh(batch, mesh))
     jit_kw = dict(in_shardings=(param_sh, opt_sh, None), out_shardings=(param_sh, opt_sh, None))
 
+  ckpt, record, start = None, {}, 0
+  if checkpoints is not None:
+    ckpt, record = checkpoints.checkpointer, {"config": checkpoints.config, "rows": n_train}
+    params, opt_state, start = _resume(ckpt, checkpoints, record, params, opt_state, total)
+
   def step(params, opt_state, batch):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -206,13 +267,9 @@ def train(
     return optax.apply_updates(params, updates), opt_state, metrics
 
   step = jax.jit(step, donate_argnums=(0, 1), **jit_kw)
+  every = ckpt.settings.supervised_every if ckpt is not None else 0
   history = []
-  for i in range(total):
-    if GUARD.requested:  # the supervised stages have no checkpoints: they start over on resume
-      raise Preempted(
-        f"stopped by {GUARD.signal_name} at step {i} of {total} of a supervised "
-        "stage; it starts over when the run is resumed"
-      )
+  for i in range(start, total):
     batch = put(make_batch(batch_indices(n_train, batch_size, i, seed=seed)))
     params, opt_state, metrics = step(params, opt_state, batch)
     row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
@@ -221,7 +278,43 @@ def train(
       on_step(i, total, row)
     if on_params is not None:
       on_params(i + 1, params)
+    done, stop = i + 1, GUARD.requested
+    if ckpt is not None and (done == total or stop or (every and done % every == 0)):
+      ckpt.save(done, {"params": params, "opt_state": opt_state}, {**record, "step": done})
+    if stop:
+      if ckpt is not None:
+        ckpt.wait()
+      raise Preempted(
+        f"stopped by {GUARD.signal_name} after step {done} of {total} of the {name} stage; "
+        + (
+          f"checkpoint saved in {ckpt.directory}"
+          if ckpt is not None
+          else "it starts over when the run is resumed"
+        )
+      )
+  if ckpt is not None:
+    ckpt.wait()
   return params, history
+
+
+def _resume(ckpt: Checkpointer, checkpoints: Checkpoints, record, params, opt_state, total: int):
+  """``(params, opt_state, step)`` of the stage's latest checkpoint, or of a fresh start."""
+  if ckpt.latest_step() is None:
+    return params, opt_state, 0
+  rows = ckpt.record().get("rows")
+  if rows != record["rows"]:
+    raise ValueError(
+      f"{ckpt.directory} holds a stage trained on {rows} rows, this run has {record['rows']}"
+      " (the data changed); use a new workdir or the original data"
+    )
+  state, saved = ckpt.resume(
+    {"params": params, "opt_state": opt_state},
+    record,
+    total,
+    checkpoints.defaults,
+    only=checkpoints.fields,
+  )
+  return state["params"], state["opt_state"], int(saved["step"])
 
 
 def _batch_sh(batch: Batch, mesh) -> dict:

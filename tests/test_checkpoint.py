@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -126,6 +127,54 @@ def test_kill_9_then_sigterm_then_resume_end_where_the_uninterrupted_run_ended(s
   assert not any("tmp" in p.name for p in ckpts.iterdir())
   _assert_same_metrics(smoke_run[0], workdir)
   assert (workdir / "policy" / "model.safetensors").exists()
+
+
+def _sigterm_when(predicate, timeout=300):
+  """Sends this process SIGTERM once ``predicate()`` holds (the run's guard turns it into a stop
+  at the next step boundary); gives up after ``timeout`` seconds."""
+
+  def watch():
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+      if predicate():
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.001)
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
+def _lines(path):
+  return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_sigterm_in_sft_and_in_the_reward_model_then_resume_is_bitwise_identical(
+  smoke_run, tmp_path, capsys
+):
+  """SIGTERM during SFT, then (resumed) during reward-model training, then a resume to the end:
+  both stages' weights and per-step metrics equal the uninterrupted run's, bit for bit, and their
+  checkpoints are deleted once the stage's model folder is written."""
+  workdir = tmp_path / "stopped"
+  config = smoke_config(ppo__iterations=1, log__plots=False, log__tensorboard=False)
+  for name, done in (("sft", None), ("rm", "sft")):
+    _sigterm_when(lambda name=name: _lines(workdir / f"{name}_metrics.jsonl") >= 20)
+    with pytest.raises(checkpoint.Preempted, match=f"of the {name} stage; checkpoint saved in"):
+      pipeline.run(config, workdir)
+    assert any((workdir / f"{name}_checkpoints").iterdir())
+    if done:
+      assert not (workdir / f"{done}_checkpoints").exists()
+      assert "resuming from the checkpoint of step" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="rm_checkpoints holds checkpoints and resuming is off"):
+    pipeline.run(config, workdir, resume=False)
+  pipeline.run(config, workdir)
+  assert "rm_checkpoints" in capsys.readouterr().out and not (workdir / "rm_checkpoints").exists()
+  for folder, metrics in (("sft", "sft_metrics.jsonl"), ("reward_model", "rm_metrics.jsonl")):
+    a = safetensors.numpy.load_file(str(workdir / folder / "model.safetensors"))
+    b = safetensors.numpy.load_file(str(smoke_run[0] / folder / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f"{folder}: {k}")
+    assert writers.read_metrics(workdir / metrics) == writers.read_metrics(smoke_run[0] / metrics)
 
 
 def test_nan_rewards_are_never_trained_on(smoke_run, tmp_path):

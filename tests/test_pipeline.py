@@ -225,7 +225,7 @@ def test_critic_free_algorithms_raise_gold(smoke_run, tmp_path, algo):
     assert not any(key in r for r in rows), key
 
 
-def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path):
+def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
   from conftest import ROOT
 
   from ppo_jax.config import load_experiment
@@ -249,6 +249,14 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path):
   assert all({"gold/score", "objective/kl", "response/length"} <= set(r) for r in curve)
   assert any((workdir / "tensorboard").glob("events.out.tfevents.*"))  # log.tensorboard: True
   assert (workdir / "policy" / "model.safetensors").exists()
+  # Its last checkpoint stays (as PPO's do): the same command again trains nothing more and
+  # leaves the logs as they were.
+  assert [p.name for p in (workdir / "dpo_checkpoints").iterdir()] == ["61"]
+  logs = {n: (workdir / n).read_text() for n in ("metrics.jsonl", "dpo_metrics.jsonl")}
+  again = pipeline.run(config, workdir)
+  assert "resuming from the checkpoint of step 61" in capsys.readouterr().out
+  assert again["after"] == summary["after"] and again["dpo_eval"]["train_seconds"] == 0.0
+  assert logs == {n: (workdir / n).read_text() for n in logs}
 
 
 def _rows_of(path):

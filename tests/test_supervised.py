@@ -1,7 +1,18 @@
-"""The supervised stages' step count: epochs over the training rows in batches of the size drawn."""
+"""The supervised stages: their step count (epochs over the training rows in batches of the size
+drawn), and their checkpoints."""
 
+import contextlib
+import signal
+
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+from ppo_jax import checkpoint, supervised
+from ppo_jax.data import Sequences
+from ppo_jax.models import CausalLM, ModelConfig
+from ppo_jax.optim import OptimHparams
 from ppo_jax.supervised import SupervisedHparams
 
 
@@ -17,3 +28,98 @@ from ppo_jax.supervised import SupervisedHparams
 )
 def test_steps_are_epochs_over_the_rows(epochs, batch_size, n, steps):
   assert SupervisedHparams(epochs=epochs, batch_size=batch_size).steps(n) == steps
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: a stopped stage resumes where it stopped, bit for bit.
+
+CFG = ModelConfig.gpt2(
+  vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16
+)
+HP = SupervisedHparams(epochs=2.0, batch_size=4, optim=OptimHparams(lr=1e-2, warmup_steps=2))
+CONFIG = {"seed": 0, "sft": {"epochs": 2.0}, "ppo": {"kl_coef": 0.1}}
+FIELDS = ("seed", "sft.")
+
+
+def _rows(n=12, seed=0):
+  rng = np.random.default_rng(seed)
+  P, R = 3, 4
+  ids = rng.integers(2, 16, (n, P + R)).astype(np.int32)
+  resp = np.ones((n, R), np.float32)
+  resp[::3, 2:] = 0
+  mask = np.concatenate([np.ones((n, P), np.int32), resp.astype(np.int32)], 1)
+  seqs = Sequences(ids, mask, resp)
+  return (lambda i: supervised.sft_batch(seqs, i)), n
+
+
+def _train(folder=None, *, stop_after=None, every=0, config=CONFIG, rows=None):
+  """``train`` of the tiny model, checkpointed in ``folder``; a stop requested after step
+  ``stop_after`` (as SIGTERM would) raises Preempted."""
+  graphdef, state = nnx.split(CausalLM(CFG, rngs=nnx.Rngs(0)))
+
+  def on_step(i, total, row):
+    if stop_after is not None and i + 1 == stop_after:
+      checkpoint.GUARD.signal = signal.SIGTERM
+
+  settings = checkpoint.CheckpointSettings(supervised_every=every, async_save=True)
+  with contextlib.ExitStack() as stack:
+    checkpoints = None
+    if folder is not None:
+      ckpt = stack.enter_context(checkpoint.Checkpointer(folder, settings))
+      checkpoints = supervised.Checkpoints(ckpt, config, FIELDS)
+    try:
+      return supervised.train(
+        nnx.to_pure_dict(state),
+        graphdef,
+        supervised.sft_loss,
+        *(rows or _rows()),
+        HP,
+        seed=0,
+        name="sft",
+        on_step=on_step,
+        checkpoints=checkpoints,
+      )
+    finally:
+      checkpoint.GUARD.signal = None
+
+
+def _equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_stopped_stage_resumes_bit_for_bit(tmp_path):
+  """Stopped after step 2 of 6 (a checkpoint every 4 steps, none yet), then again after step 5
+  (past the step-4 one), then resumed: the parameters and every step's metrics are those of
+  an uninterrupted stage."""
+  whole, history = _train()
+  assert len(history) == HP.steps(12) == 6
+  folder = tmp_path / "sft_checkpoints"
+  with pytest.raises(checkpoint.Preempted, match=r"after step 2 of 6 of the sft stage; checkpoint"):
+    _train(folder, stop_after=2, every=4)
+  with pytest.raises(checkpoint.Preempted, match="after step 5 of 6"):
+    _train(folder, stop_after=5, every=4)
+  assert sorted(int(p.name) for p in folder.iterdir()) == [2, 4, 5]
+  resumed, rest = _train(folder, every=4)
+  _equal(resumed, whole)
+  assert rest == history[5:]
+  assert sorted(int(p.name) for p in folder.iterdir()) == [4, 5, 6]  # the end, 3 kept
+
+
+def test_without_checkpoints_a_stop_says_the_stage_starts_over():
+  with pytest.raises(checkpoint.Preempted, match="after step 3 of 6 of the sft stage; it starts"):
+    _train(stop_after=3)
+
+
+def test_a_stage_of_another_config_or_other_rows_is_refused(tmp_path):
+  folder = tmp_path / "sft_checkpoints"
+  with pytest.raises(checkpoint.Preempted):
+    _train(folder, stop_after=2)
+  other = {**CONFIG, "sft": {"epochs": 3.0}}
+  with pytest.raises(ValueError, match=r"different config \(sft\.epochs: 2\.0 → 3\.0\)"):
+    _train(folder, config=other)
+  with pytest.raises(ValueError, match=r"trained on 12 rows, this run has 14 \(the data changed\)"):
+    _train(folder, rows=_rows(14))
+  # A section the stage does not read may change: PPO's, here.
+  _, rest = _train(folder, config={**CONFIG, "ppo": {"kl_coef": 0.2}})
+  assert len(rest) == 4

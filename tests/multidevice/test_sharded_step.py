@@ -216,3 +216,67 @@ def test_sharded_pipeline_end_to_end(tmp_path):
   assert np.isfinite(summary["after"]["kl"])
   assert (tmp_path / "policy" / "model.safetensors").exists()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
+  assert not any(tmp_path.glob("*_checkpoints"))  # SFT's and the reward model's, dropped
+
+
+def _sft_train(mesh_shape, folder=None, stop_after=None):
+  """``supervised.train`` of SFT on a mesh, checkpointed in ``folder``; a stop requested after
+  step ``stop_after`` raises Preempted."""
+  import signal
+
+  from ppo_jax import checkpoint, supervised
+  from ppo_jax.data import Sequences
+
+  rng = np.random.default_rng(0)
+  ids = rng.integers(2, 32, (16, 8)).astype(np.int32)
+  seqs = Sequences(ids, np.ones_like(ids), np.ones((16, 3), np.float32))
+  hp = supervised.SupervisedHparams(epochs=2.0, batch_size=8, optim=OptimHparams(lr=1e-2))
+  graphdef, state = nnx.split(CausalLM(CFG, rngs=nnx.Rngs(0)))
+
+  def on_step(i, total, row):
+    if i + 1 == stop_after:
+      checkpoint.GUARD.signal = signal.SIGTERM
+
+  checkpoints = None
+  if folder is not None:
+    ckpt = Checkpointer(folder, CheckpointSettings(supervised_every=0))
+    checkpoints = supervised.Checkpoints(ckpt, {"seed": 0}, ("seed",))
+  try:
+    params, _ = supervised.train(
+      nnx.to_pure_dict(state),
+      graphdef,
+      supervised.sft_loss,
+      lambda i: supervised.sft_batch(seqs, i),
+      len(seqs),
+      hp,
+      seed=0,
+      on_step=on_step,
+      checkpoints=checkpoints,
+      mesh=shd.make_mesh(mesh_shape),
+    )
+    return params
+  finally:
+    checkpoint.GUARD.signal = None
+    if checkpoints is not None:
+      ckpt.close()
+
+
+def test_a_stopped_sharded_stage_resumes_on_the_same_mesh_bitwise_and_on_another_closely(
+  tmp_path,
+):
+  from ppo_jax.checkpoint import Preempted
+
+  whole = jax.tree.map(shd.to_host, _sft_train((2, 2, 2)))
+  for name, mesh_shape in (("same", (2, 2, 2)), ("other", (1, 2, 4))):
+    folder = tmp_path / name
+    with pytest.raises(Preempted, match="after step 1 of 4"):
+      _sft_train((2, 2, 2), folder, stop_after=1)
+    resumed = _sft_train(mesh_shape, folder)
+    rules = shd.param_shardings(resumed, shd.make_mesh(mesh_shape))
+    for x, sh in zip(jax.tree.leaves(resumed), jax.tree.leaves(rules), strict=True):
+      assert x.sharding.is_equivalent_to(sh, x.ndim)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
+      if name == "same":
+        np.testing.assert_array_equal(a, shd.to_host(b))
+      else:  # sums over other splits round differently
+        np.testing.assert_allclose(a, shd.to_host(b), rtol=1e-4, atol=1e-6)
