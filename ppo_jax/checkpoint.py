@@ -26,12 +26,20 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 T = TypeVar("T")
 
-# Config fields that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("ppo.iterations", "log.", "checkpoint.", "data.eval_prompts")
+# Config fields that may change between a run and its resumption (model.remat: memory, not maths).
+RESUMABLE_CHANGES = (
+  "ppo.iterations",
+  "log.",
+  "checkpoint.",
+  "data.eval_prompts",
+  "model.remat",
+  "dpo.eval_every",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +55,16 @@ class CheckpointSettings:
 
 class Preempted(Exception):
   """A SIGTERM/SIGINT stopped the run at a step boundary (after saving where possible)."""
+
+
+def stop_requested() -> bool:
+  """Whether SIGTERM/SIGINT asked the run to stop, agreed by every process: each checks at its
+  own step boundary, and one that saved while another stepped on would hang both."""
+  if jax.process_count() == 1:
+    return GUARD.requested
+  from jax.experimental import multihost_utils
+
+  return bool(multihost_utils.process_allgather(np.int32(GUARD.requested)).any())
 
 
 class PreemptionGuard:
@@ -246,24 +264,29 @@ class Checkpointer:
     defaults: dict | None = None,
     *,
     only: tuple[str, ...] | None = None,
+    check: Callable[[dict[str, Any]], None] | None = None,
   ):
     """``(state, saved record)`` of the latest checkpoint, or None when there is none.
 
     Refuses (one ValueError line) a checkpoint whose config differs from ``record["config"]`` in
     a field that matters (``config_differences``, with ``defaults`` for fields added since the
-    save, and ``only`` to compare only some sections), and one past step ``iterations`` (the run
-    would do nothing).
+    save, and ``only`` to compare only some sections), then one that ``check(saved record)``
+    raises for, then one past step ``iterations`` (the run would do nothing). ``like_state`` may
+    hold arrays or ``jax.ShapeDtypeStruct``s with shardings (nothing allocated before the read).
     """
     step = self.latest_step()
     if step is None:
       return None
-    saved = self.record(step).get("config", {})
+    saved_record = self.record(step)
+    saved = saved_record.get("config", {})
     diffs = config_differences(saved, record.get("config", {}), defaults=defaults, only=only)
     if diffs:
       raise ValueError(
         f"{self.directory} holds checkpoints of a different config ({'; '.join(diffs)}); use a"
         " new workdir or the original config"
       )
+    if check is not None:
+      check(saved_record)
     if step > iterations:
       raise ValueError(
         f"{self.directory} holds step {step}, past ppo.iterations={iterations}; raise it to go"

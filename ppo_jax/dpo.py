@@ -153,7 +153,8 @@ def run_dpo_stage(
   before = held_out_samples(ref_params)
   t0 = time.perf_counter()
   try:
-    with supervised.stage_checkpoints(s, workdir, "dpo") as checkpoints:
+    data_arrays = [x for q in train_pairs for x in (q.ids, q.mask, q.response_mask)]
+    with supervised.stage_checkpoints(s, workdir, "dpo", *data_arrays) as checkpoints:
       params, held_out = supervised.fit(
         "dpo",
         ref_params,

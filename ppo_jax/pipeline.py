@@ -191,9 +191,9 @@ def run_ppo_stage(
 def run(config, workdir: str | pathlib.Path, *, resume: bool = True) -> dict[str, Any]:
   """Runs the whole pipeline; returns a summary (also written to ``summary.json``).
 
-  SIGTERM/SIGINT stop it at the next step boundary (``checkpoint.Preempted``), after saving a PPO
-  checkpoint. With ``resume`` (the default) a workdir's finished stages and latest PPO checkpoint
-  are picked up; ``resume=False`` refuses a workdir that holds checkpoints.
+  SIGTERM/SIGINT stop it at the next step boundary (``checkpoint.Preempted``), after saving a
+  checkpoint of the stage it is in. With ``resume`` (the default) a workdir's finished stages and
+  latest checkpoints are picked up; ``resume=False`` refuses a workdir that holds checkpoints.
   """
   with checkpoint.GUARD:
     return _run(config, pathlib.Path(workdir), resume=resume)
@@ -374,4 +374,4 @@ def _print_summary(summary: dict[str, Any]) -> None:
         else ""
       )
     )
-  print(f"total time: {summary['seconds']:.0f} s")
+  print(f"time of this invocation: {summary['seconds']:.0f} s")  # a resumed run's: since the resume

@@ -19,7 +19,7 @@ import numpy as np
 from ppo_jax import ppo, rollout
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic, merge
-from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted
+from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted, stop_requested
 from ppo_jax.data import batch_indices
 from ppo_jax.models.lora import merge_lora
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
@@ -347,7 +347,7 @@ def run_ppo(
           f"non-finite {bad[0]} at step {step}: {streak} consecutive PPO "
           "updates skipped (see nonfinite/* in metrics.jsonl)"
         )
-    stop = GUARD.requested
+    stop = stop_requested()
     if checkpointer is not None and (
       step % checkpointer.settings.every == 0 or step == iterations or stop
     ):

@@ -162,7 +162,8 @@ def run_sft(
     )
   )
   graphdef, params = nnx.split(policy)
-  with supervised.stage_checkpoints(s, workdir, "sft") as checkpoints:
+  data_arrays = (train_set.ids, train_set.mask, train_set.response_mask)
+  with supervised.stage_checkpoints(s, workdir, "sft", *data_arrays) as checkpoints:
     params, held_out = supervised.fit(
       "sft",
       nnx.to_pure_dict(params),
@@ -229,7 +230,8 @@ def run_reward_model(
   if s.rm_run.init == "policy":
     nnx.update(rm.trunk, nnx.state(policy.trunk))
   graphdef, params = nnx.split(rm)
-  with supervised.stage_checkpoints(s, workdir, "rm") as checkpoints:
+  data_arrays = [x for seqs in train_pairs for x in (seqs.ids, seqs.mask)]
+  with supervised.stage_checkpoints(s, workdir, "rm", *data_arrays) as checkpoints:
     params, held_out = supervised.fit(
       "rm",
       nnx.to_pure_dict(params),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import pathlib
@@ -24,7 +25,7 @@ from flax import nnx
 from ppo_jax import sharding as shd
 from ppo_jax import writers
 from ppo_jax.actor_critic import policy_logits, reward_scores
-from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted
+from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted, stop_requested
 from ppo_jax.data import Sequences, batch_indices
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
@@ -119,29 +120,52 @@ Rows = tuple[Callable[[np.ndarray], Batch], int]  # (make_batch(row_indices), nu
 @dataclasses.dataclass(frozen=True)
 class Checkpoints:
   """A supervised stage's checkpoints: written by ``checkpointer`` every
-  ``checkpointer.settings.supervised_every`` steps, at the end and on preemption; a stage resumes
-  from the latest only if its config agrees with ``config`` in the fields under ``fields``
-  (``defaults``: every field's default, for fields added since the save) and its training rows
-  are as many."""
+  ``checkpointer.settings.supervised_every`` steps, on preemption and (``save_at_end``) after the
+  last step. A stage resumes from the latest only if its config agrees with ``config`` in the
+  fields under ``fields`` (``defaults``: every field's default, for fields added since the save)
+  and its training data has the same ``fingerprint``."""
 
   checkpointer: Checkpointer
   config: dict[str, Any]
   fields: tuple[str, ...]
   defaults: dict[str, Any] | None = None
+  fingerprint: str = ""
+  save_at_end: bool = True
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+  """A digest of arrays' dtypes, shapes and values: the training data a checkpoint was made on."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+  return h.hexdigest()[:16]
+
+
+# What each stage reads besides its own section. DPO also reads the SFT policy (its reference, so
+# sft.*) and samples its evaluations as the RL stages do (ppo.*).
+STAGE_FIELDS = ("seed", "task.", "data.", "model.")
+EXTRA_FIELDS = {"dpo": ("sft.", "ppo.")}
 
 
 @contextlib.contextmanager
-def stage_checkpoints(s: Settings, workdir: pathlib.Path, name: str) -> Iterator[Checkpoints]:
-  """The ``Checkpoints`` of stage ``name`` (sft, rm, dpo) in ``WORKDIR/{name}_checkpoints``: it
-  must agree with a resumed run in the seed and the task, data, model and ``name`` sections."""
+def stage_checkpoints(
+  s: Settings, workdir: pathlib.Path, name: str, *data: np.ndarray
+) -> Iterator[Checkpoints]:
+  """The ``Checkpoints`` of stage ``name`` (sft, rm, dpo) in ``WORKDIR/{name}_checkpoints`` over
+  the training arrays ``data``. SFT's and the reward model's are deleted when the stage's folder
+  is written (``drop_checkpoints``), so they skip the save after the last step; DPO's stay."""
   from ppo_jax.config import base_config  # config imports this module
 
   with Checkpointer(pathlib.Path(workdir) / f"{name}_checkpoints", s.checkpoint) as ckpt:
     yield Checkpoints(
       ckpt,
       json.loads(s.raw.to_json_best_effort()),
-      ("seed", "task.", "data.", "model.", f"{name}."),
+      (*STAGE_FIELDS, f"{name}.", *EXTRA_FIELDS.get(name, ())),
       json.loads(base_config().to_json_best_effort()),
+      fingerprint=fingerprint(*data),
+      save_at_end=name == "dpo",
     )
 
 
@@ -172,13 +196,14 @@ def fit(
   ``evaluate`` on ``eval_rows``; prints and returns ``(params, held-out metrics)``."""
   total = hp.steps(train_rows[1])
   bar = writers.progress_bar(total, name, enabled=progress)
+  if checkpoints is not None:  # a resumed stage's bar starts at its checkpoint
+    bar.update(min(checkpoints.checkpointer.latest_step() or 0, total))
   out: dict[str, Any] = {}  # the metrics writer, opened at the first step trained here
 
   def on_step(i, n, row):
     if "writer" not in out:
       path = pathlib.Path(workdir) / f"{name}_metrics.jsonl"
       out["writer"] = writers.MetricsWriter(path, tensorboard_dir=None, resume_step=i)
-      bar.update(i)
     out["writer"].write(i + 1, row)
     bar.update(1)
     if i % 10 == 0 or i + 1 == n:
@@ -242,23 +267,33 @@ def train(
   batch_size = min(hp.batch_size, n_train)
   jit_kw: dict[str, Any] = {}
   if mesh is None:
-    params = jax.tree.map(jnp.copy, params)  # the step donates them
-    opt_state = tx.init(params)
     put = lambda batch: batch
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # where NumPy arrays go
+    param_sh = jax.tree.map(lambda x: getattr(x, "sharding", device), params)
+    opt_sh = jax.tree.map(lambda _: jax.tree.leaves(param_sh)[0], jax.eval_shape(tx.init, params))
   else:
     shd.check_batch(batch_size, mesh, "the supervised batch size")
     param_sh = shd.param_shardings(params, mesh)
     opt_sh = shd.optimizer_shardings(tx, params, param_sh, mesh)
-    # Copied: the step donates them, and they may share buffers with a live model.
-    params = jax.tree.map(jnp.copy, shd.place(params, param_sh))
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     put = lambda batch: shd.place_batch(batch, _batch_sh(batch, mesh))
     jit_kw = dict(in_shardings=(param_sh, opt_sh, None), out_shardings=(param_sh, opt_sh, None))
 
-  ckpt, record, start = None, {}, 0
+  ckpt, record, resumed = None, {}, None
   if checkpoints is not None:
-    ckpt, record = checkpoints.checkpointer, {"config": checkpoints.config, "rows": n_train}
-    params, opt_state, start = _resume(ckpt, checkpoints, record, params, opt_state, total)
+    ckpt = checkpoints.checkpointer
+    record = {"config": checkpoints.config, "rows": n_train, "data": checkpoints.fingerprint}
+    # Restored onto abstract arrays: a fresh state is never allocated beside the saved one.
+    like = {
+      "params": _abstract(params, param_sh),
+      "opt_state": _abstract(jax.eval_shape(tx.init, params), opt_sh),
+    }
+    resumed = _resume(ckpt, checkpoints, record, like, total)
+  if resumed is not None:
+    params, opt_state, start = resumed
+  else:  # copied: the step donates them, and they may share buffers with a live model
+    start = 0
+    params = jax.tree.map(jnp.copy, params if mesh is None else shd.place(params, param_sh))
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
   def step(params, opt_state, batch):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch)
@@ -278,8 +313,9 @@ def train(
       on_step(i, total, row)
     if on_params is not None:
       on_params(i + 1, params)
-    done, stop = i + 1, GUARD.requested
-    if ckpt is not None and (done == total or stop or (every and done % every == 0)):
+    done, stop = i + 1, stop_requested()
+    at_end = done == total and checkpoints is not None and checkpoints.save_at_end
+    if ckpt is not None and (at_end or stop or (every and done % every == 0)):
       ckpt.save(done, {"params": params, "opt_state": opt_state}, {**record, "step": done})
     if stop:
       if ckpt is not None:
@@ -297,24 +333,30 @@ def train(
   return params, history
 
 
-def _resume(ckpt: Checkpointer, checkpoints: Checkpoints, record, params, opt_state, total: int):
-  """``(params, opt_state, step)`` of the stage's latest checkpoint, or of a fresh start."""
-  if ckpt.latest_step() is None:
-    return params, opt_state, 0
-  rows = ckpt.record().get("rows")
-  if rows != record["rows"]:
-    raise ValueError(
-      f"{ckpt.directory} holds a stage trained on {rows} rows, this run has {record['rows']}"
-      " (the data changed); use a new workdir or the original data"
-    )
-  state, saved = ckpt.resume(
-    {"params": params, "opt_state": opt_state},
-    record,
-    total,
-    checkpoints.defaults,
-    only=checkpoints.fields,
+def _resume(ckpt: Checkpointer, checkpoints: Checkpoints, record, like, total: int):
+  """``(params, opt_state, step)`` of the stage's latest checkpoint (None without one), refusing
+  one of another config or of other training data."""
+
+  def same_data(saved):
+    if (saved.get("rows"), saved.get("data")) != (record["rows"], record["data"]):
+      raise ValueError(
+        f"{ckpt.directory} holds a stage trained on other data ({saved.get('rows')} rows then, "
+        f"{record['rows']} now); use a new workdir or the original data"
+      )
+
+  resumed = ckpt.resume(
+    like, record, total, checkpoints.defaults, only=checkpoints.fields, check=same_data
   )
+  if resumed is None:
+    return None
+  state, saved = resumed
   return state["params"], state["opt_state"], int(saved["step"])
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(
+    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings
+  )
 
 
 def _batch_sh(batch: Batch, mesh) -> dict:

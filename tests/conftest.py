@@ -13,8 +13,11 @@ os.environ.setdefault("PPO_JAX_COMPILATION_CACHE", os.environ["JAX_COMPILATION_C
 
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -124,3 +127,22 @@ def reuse_stages(
   for stage in stages:
     shutil.copytree(smoke_workdir / stage, workdir / stage)
   return workdir
+
+
+def sigterm_when(predicate, timeout=300):
+  """Sends this process SIGTERM once ``predicate()`` holds (the run's guard turns it into a stop
+  at the next step boundary); gives up after ``timeout`` seconds."""
+
+  def watch():
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+      if predicate():
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.001)
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
+def count_lines(path):
+  return len(path.read_text().splitlines()) if path.exists() else 0

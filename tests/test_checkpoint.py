@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import jax
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import transformers as tf
-from conftest import ROOT, reuse_stages, smoke_config
+from conftest import ROOT, count_lines, reuse_stages, sigterm_when, smoke_config
 from flax import nnx
 
 import ppo_jax as pj
@@ -129,25 +128,6 @@ def test_kill_9_then_sigterm_then_resume_end_where_the_uninterrupted_run_ended(s
   assert (workdir / "policy" / "model.safetensors").exists()
 
 
-def _sigterm_when(predicate, timeout=300):
-  """Sends this process SIGTERM once ``predicate()`` holds (the run's guard turns it into a stop
-  at the next step boundary); gives up after ``timeout`` seconds."""
-
-  def watch():
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-      if predicate():
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-      time.sleep(0.001)
-
-  threading.Thread(target=watch, daemon=True).start()
-
-
-def _lines(path):
-  return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 def test_sigterm_in_sft_and_in_the_reward_model_then_resume_is_bitwise_identical(
   smoke_run, tmp_path, capsys
 ):
@@ -157,7 +137,7 @@ def test_sigterm_in_sft_and_in_the_reward_model_then_resume_is_bitwise_identical
   workdir = tmp_path / "stopped"
   config = smoke_config(ppo__iterations=1, log__plots=False, log__tensorboard=False)
   for name, done in (("sft", None), ("rm", "sft")):
-    _sigterm_when(lambda name=name: _lines(workdir / f"{name}_metrics.jsonl") >= 20)
+    sigterm_when(lambda name=name: count_lines(workdir / f"{name}_metrics.jsonl") >= 20)
     with pytest.raises(checkpoint.Preempted, match=f"of the {name} stage; checkpoint saved in"):
       pipeline.run(config, workdir)
     assert any((workdir / f"{name}_checkpoints").iterdir())

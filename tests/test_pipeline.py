@@ -5,11 +5,12 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import transformers as tf
-from conftest import reuse_stages, smoke_config
+from conftest import count_lines, reuse_stages, sigterm_when, smoke_config
 
 import ppo_jax as pj
-from ppo_jax import pipeline, stages, writers
+from ppo_jax import checkpoint, pipeline, stages, writers
 from ppo_jax.rewards import RewardError
 
 REQUIRED_METRICS = (
@@ -257,6 +258,17 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
   assert "resuming from the checkpoint of step 61" in capsys.readouterr().out
   assert again["after"] == summary["after"] and again["dpo_eval"]["train_seconds"] == 0.0
   assert logs == {n: (workdir / n).read_text() for n in logs}
+  # Stopped by SIGTERM after step 25, then resumed: the same curves and policy, bit for bit.
+  stopped = reuse_stages(smoke_run[0], tmp_path / "dpo_stopped", stages=("sft",))
+  sigterm_when(lambda: count_lines(stopped / "dpo_metrics.jsonl") >= 25)
+  with pytest.raises(checkpoint.Preempted, match="of the dpo stage; checkpoint saved"):
+    pipeline.run(config, stopped)
+  pipeline.run(config, stopped)
+  for name in logs:
+    assert writers.read_metrics(stopped / name) == writers.read_metrics(workdir / name), name
+  load = lambda w: safetensors.numpy.load_file(str(w / "policy" / "model.safetensors"))
+  a, b = load(stopped), load(workdir)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
 
 
 def _rows_of(path):

@@ -37,8 +37,8 @@ CFG = ModelConfig.gpt2(
   vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16
 )
 HP = SupervisedHparams(epochs=2.0, batch_size=4, optim=OptimHparams(lr=1e-2, warmup_steps=2))
-CONFIG = {"seed": 0, "sft": {"epochs": 2.0}, "ppo": {"kl_coef": 0.1}}
-FIELDS = ("seed", "sft.")
+CONFIG = {"seed": 0, "sft": {"epochs": 2.0}, "ppo": {"kl_coef": 0.1}, "model": {"remat": "none"}}
+FIELDS = ("seed", "sft.", "model.")
 
 
 def _rows(n=12, seed=0):
@@ -52,7 +52,7 @@ def _rows(n=12, seed=0):
   return (lambda i: supervised.sft_batch(seqs, i)), n
 
 
-def _train(folder=None, *, stop_after=None, every=0, config=CONFIG, rows=None):
+def _train(folder=None, *, stop_after=None, every=0, config=CONFIG, rows=None, data="a"):
   """``train`` of the tiny model, checkpointed in ``folder``; a stop requested after step
   ``stop_after`` (as SIGTERM would) raises Preempted."""
   graphdef, state = nnx.split(CausalLM(CFG, rngs=nnx.Rngs(0)))
@@ -66,7 +66,7 @@ def _train(folder=None, *, stop_after=None, every=0, config=CONFIG, rows=None):
     checkpoints = None
     if folder is not None:
       ckpt = stack.enter_context(checkpoint.Checkpointer(folder, settings))
-      checkpoints = supervised.Checkpoints(ckpt, config, FIELDS)
+      checkpoints = supervised.Checkpoints(ckpt, config, FIELDS, fingerprint=data)
     try:
       return supervised.train(
         nnx.to_pure_dict(state),
@@ -111,15 +111,30 @@ def test_without_checkpoints_a_stop_says_the_stage_starts_over():
     _train(stop_after=3)
 
 
-def test_a_stage_of_another_config_or_other_rows_is_refused(tmp_path):
+def test_a_stage_of_another_config_or_other_data_is_refused(tmp_path):
   folder = tmp_path / "sft_checkpoints"
   with pytest.raises(checkpoint.Preempted):
     _train(folder, stop_after=2)
   other = {**CONFIG, "sft": {"epochs": 3.0}}
-  with pytest.raises(ValueError, match=r"different config \(sft\.epochs: 2\.0 → 3\.0\)"):
-    _train(folder, config=other)
-  with pytest.raises(ValueError, match=r"trained on 12 rows, this run has 14 \(the data changed\)"):
+  diff = r"different config \(sft\.epochs: 2\.0 → 3\.0\)"
+  with pytest.raises(ValueError, match=diff):  # named, though the data changed too
+    _train(folder, config=other, data="b")
+  with pytest.raises(ValueError, match=r"trained on other data \(12 rows then, 14 now\)"):
     _train(folder, rows=_rows(14))
-  # A section the stage does not read may change: PPO's, here.
-  _, rest = _train(folder, config={**CONFIG, "ppo": {"kl_coef": 0.2}})
+  with pytest.raises(ValueError, match=r"trained on other data \(12 rows then, 12 now\)"):
+    _train(folder, data="b")
+  # What the stage does not read may change (PPO's section), and what changes no result (remat).
+  _, rest = _train(folder, config={**CONFIG, "ppo": {"kl_coef": 0.2}, "model": {"remat": "block"}})
   assert len(rest) == 4
+
+
+def test_the_fingerprint_tells_values_dtypes_and_shapes_apart():
+  a = np.arange(6, dtype=np.int32)
+  same = supervised.fingerprint(a.reshape(2, 3), a[::2])
+  assert supervised.fingerprint(a.reshape(2, 3).copy(), np.ascontiguousarray(a[::2])) == same
+  others = [
+    (a.reshape(3, 2), a[::2]),  # shape
+    (a.reshape(2, 3), a[1::2]),  # values
+    (a.reshape(2, 3).astype(np.int64), a[::2]),  # dtype
+  ]
+  assert len({supervised.fingerprint(*x) for x in others} | {same}) == 4

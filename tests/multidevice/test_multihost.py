@@ -4,9 +4,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,3 +88,37 @@ def test_two_processes_match_one(tmp_path):
         assert y[k] == pytest.approx(v, rel=1e-3, abs=1e-5), (x["step"], k)
   assert sorted(p.name for p in (multi / "checkpoints").iterdir()) == ["3"]
   assert (multi / "policy" / "model.safetensors").exists()
+
+  # SIGTERM to the second process alone: both agree to stop after the same step, save it, exit 0.
+  stopped = tmp_path / "stopped"
+  stopped.mkdir()
+  for stage in ("sft", "reward_model"):
+    shutil.copytree(single / stage, stopped / stage)
+  port = _free_port()
+  procs = [
+    _launch(
+      stopped,
+      2,
+      f"--config.distributed.coordinator=127.0.0.1:{port}",
+      "--config.distributed.num_processes=2",
+      f"--config.distributed.process_id={i}",
+      "--config.ppo.iterations=200",
+    )
+    for i in range(2)
+  ]
+  metrics = stopped / "metrics.jsonl"
+  t0 = time.time()
+  try:  # before the fix, the two hung: one saving, the other in the next step's collectives
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+      assert all(p.poll() is None for p in procs) and time.time() - t0 < 600
+      time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir())
+  assert saved and saved[-1] < 200 and saved[-1] == len(_rows(stopped))
+  assert f"after step {saved[-1]}; checkpoint saved" in outs[0][0]
