@@ -260,17 +260,35 @@ def run_ppo(
   )
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
   make_state = functools.partial(ppo.init_state, tx=tx, hp=hp, seed=seed)
+  abstract = jax.eval_shape(make_state, params)
   placement = None
   if mesh is None:
-    state = make_state(params)
-  else:  # created straight onto its shardings (a plain tx.init would leave counts on device 0)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state_sh = jax.tree.map(lambda _: device, abstract)
+  else:
     shd.check_batch(batch_size, mesh)
-    placement = rollout.Placement.build(mesh, jax.eval_shape(make_state, params), frozen, tx)
-    params = shd.place(params, placement.state.params)
-    state = jax.jit(make_state, out_shardings=placement.state)(params)
+    placement = rollout.Placement.build(mesh, abstract, frozen, tx)
+    state_sh = placement.state
     frozen = shd.place(frozen, placement.frozen)
   fns = rollout.make_step_fns(models, tx, hp, learning_rate(optim, policy_updates), placement)
   record = dict(record or {})
+
+  resumed = None
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    # Restored onto abstract arrays: a fresh state is never allocated beside the saved one. The
+    # key is concrete (a restore reads its implementation), and placed as the state's would be.
+    like = jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, state_sh
+    )
+    like = like.replace(key=jax.device_put(jax.random.key(seed), state_sh.key))
+    resumed = checkpointer.resume(like, record, iterations, config_defaults)
+  if resumed:
+    state, saved = resumed
+  elif mesh is None:
+    state = make_state(params)
+  else:  # created straight onto its shardings (a plain tx.init would leave counts on device 0)
+    params = shd.place(params, placement.state.params)
+    state = jax.jit(make_state, out_shardings=placement.state)(params)
 
   eval_kw = dict(
     batch_size=batch_size, scorer=scorer, gold=gold, seed=seed + 1, placement=placement
@@ -282,9 +300,7 @@ def run_ppo(
     return evaluate(fns, policy_params, frozen, eval_prompts, tokenizer, **eval_kw)
 
   before, streak = None, 0
-  resumed = checkpointer and checkpointer.resume(state, record, iterations, config_defaults)
   if resumed:
-    state, saved = resumed
     before, streak = saved["before"], saved["nonfinite_streak"]
     was = saved.get("config", {}).get("ppo", {}).get("iterations", iterations)
     change = horizon_change(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ppo_jax import ppo, rollout
+from ppo_jax import ppo, rollout, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.checkpoint import Checkpointer, CheckpointSettings
@@ -217,6 +217,10 @@ def test_sharded_pipeline_end_to_end(tmp_path):
   assert (tmp_path / "policy" / "model.safetensors").exists()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
   assert not any(tmp_path.glob("*_checkpoints"))  # SFT's and the reward model's, dropped
+  # Resumed on the mesh (restored onto abstract arrays placed by the rules) and extended.
+  config.ppo.iterations = 5
+  pipeline.run(config, tmp_path)
+  assert [r["step"] for r in writers.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
 
 def _sft_train(mesh_shape, folder=None, stop_after=None):
