@@ -64,7 +64,9 @@ def stop_requested() -> bool:
     return GUARD.requested
   from jax.experimental import multihost_utils
 
-  return bool(multihost_utils.process_allgather(np.int32(GUARD.requested)).any())
+  stop = bool(multihost_utils.process_allgather(np.int32(GUARD.requested)).any())
+  GUARD.elsewhere = stop and not GUARD.requested
+  return stop
 
 
 class PreemptionGuard:
@@ -72,10 +74,12 @@ class PreemptionGuard:
 
   def __init__(self):
     self.signal: int | None = None
+    self.elsewhere = False  # another process was signalled (``stop_requested``)
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> PreemptionGuard:
     self.signal = None  # a stop requested in an earlier run of this process is done with
+    self.elsewhere = False
     for sig in (signal.SIGTERM, signal.SIGINT):
       with contextlib.suppress(ValueError):  # not the main thread: no handlers, no flag
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -97,7 +101,9 @@ class PreemptionGuard:
 
   @property
   def signal_name(self) -> str:
-    return signal.Signals(self.signal).name if self.signal is not None else "request"
+    if self.signal is not None:
+      return signal.Signals(self.signal).name
+    return "a signal to another process" if self.elsewhere else "request"
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():

@@ -121,4 +121,4 @@ def test_two_processes_match_one(tmp_path):
     assert p.returncode == 0, err[-3000:]
   saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir())
   assert saved and saved[-1] < 200 and saved[-1] == len(_rows(stopped))
-  assert f"after step {saved[-1]}; checkpoint saved" in outs[0][0]
+  assert f"by a signal to another process after step {saved[-1]}; checkpoint saved" in outs[0][0]
