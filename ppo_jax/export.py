@@ -74,6 +74,9 @@ def export_policy(
 # What a run writes into its workdir: an export must not land on any of it.
 RUN_FOLDERS = (
   "checkpoints",
+  "sft_checkpoints",
+  "rm_checkpoints",
+  "dpo_checkpoints",
   "sft",
   "reward_model",
   "policy",

@@ -259,7 +259,8 @@ def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys):
   shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
   elsewhere = reuse_stages(smoke_run[0], tmp_path / "elsewhere", stages=("sft",))
   (workdir / "sft").symlink_to(elsewhere / "sft")  # a stage folder linked in from another disk
-  for out in (workdir, workdir / "checkpoints" / "x", workdir / "sft", workdir / "sft" / "y"):
+  outs = [workdir, workdir / "checkpoints" / "x", workdir / "sft", workdir / "sft" / "y"]
+  for out in [*outs, workdir / "dpo_checkpoints" / "z"]:
     code = main.cli(["ppo-jax", "export", "--workdir", str(workdir), "--out", str(out)])
     assert code == 1 and "--out" in capsys.readouterr().err, out
     assert not (out / "ppo_jax_checkpoint.json").exists()
