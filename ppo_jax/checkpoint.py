@@ -47,9 +47,9 @@ class CheckpointSettings:
   every: int = 10  # PPO iterations between checkpoints (also saved at the end and on preemption)
   keep: int = 3  # checkpoints kept
   async_save: bool = True  # write in the background while training goes on
-  # Steps between checkpoints of a supervised stage (SFT, reward model, DPO), also saved at its end
-  # and on preemption; 0: only then. SFT's and the reward model's are deleted once the stage's
-  # model folder is written.
+  # Steps between checkpoints of a supervised stage (SFT, reward model, DPO), also saved on
+  # preemption and at DPO's end; 0: only then. SFT's and the reward model's are deleted once the
+  # stage's model folder is written.
   supervised_every: int = 500
 
 
