@@ -277,9 +277,7 @@ def run_ppo(
   if checkpointer is not None and checkpointer.latest_step() is not None:
     # Restored onto abstract arrays: a fresh state is never allocated beside the saved one. The
     # key is concrete (a restore reads its implementation), and placed as the state's would be.
-    like = jax.tree.map(
-      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, state_sh
-    )
+    like = shd.abstract(abstract, state_sh)
     like = like.replace(key=jax.device_put(jax.random.key(seed), state_sh.key))
     resumed = checkpointer.resume(like, record, iterations, config_defaults)
   if resumed:

@@ -179,6 +179,14 @@ def place(tree, shardings):
   return jax.tree.map(one, tree, shardings)
 
 
+def abstract(tree, shardings):
+  """``tree``'s shapes and dtypes as ``jax.ShapeDtypeStruct``s on ``shardings`` (a matching
+  pytree): what a checkpoint restores onto without allocating a state first."""
+  return jax.tree.map(
+    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings
+  )
+
+
 def process_rows(sharding: NamedSharding, n_rows: int) -> slice:
   """The block of an ``n_rows`` batch that this process's devices hold under ``sharding``.
 

@@ -161,27 +161,60 @@ def run_sft(
       f" ({seqs.truncated} responses cut at {layout.response_len} tokens)" if seqs.truncated else ""
     )
   )
-  graphdef, params = nnx.split(policy)
-  data_arrays = (train_set.ids, train_set.mask, train_set.response_mask)
-  with supervised.stage_checkpoints(s, workdir, "sft", *data_arrays) as checkpoints:
+  return _train_and_save(
+    s,
+    "sft",
+    policy,
+    supervised.sft_loss,
+    s.sft,
+    (lambda i: supervised.sft_batch(train_set, i), len(train_set)),
+    (lambda i: supervised.sft_batch(eval_set, i), len(eval_set)),
+    (train_set.ids, train_set.mask, train_set.response_mask),
+    out=out,
+    tokenizer=inputs.tokenizer,
+    seed=s.seed,
+    mesh=mesh,
+  )
+
+
+def _train_and_save(
+  s: Settings,
+  name: str,
+  model: nnx.Module,
+  loss_fn,
+  hp: supervised.SupervisedHparams,
+  train_rows: supervised.Rows,
+  eval_rows: supervised.Rows,
+  data_arrays,
+  *,
+  out: pathlib.Path,
+  tokenizer: Any,
+  seed: int,
+  mesh=None,
+) -> tuple[nnx.Module, dict]:
+  """``supervised.fit`` of stage ``name`` (checkpointed over ``data_arrays``, the training
+  arrays), its model saved to ``out``, then its checkpoints dropped."""
+  workdir = out.parent
+  graphdef, params = nnx.split(model)
+  with supervised.stage_checkpoints(s, workdir, name, *data_arrays) as checkpoints:
     params, held_out = supervised.fit(
-      "sft",
+      name,
       nnx.to_pure_dict(params),
       graphdef,
-      supervised.sft_loss,
-      s.sft,
-      (lambda i: supervised.sft_batch(train_set, i), len(train_set)),
-      (lambda i: supervised.sft_batch(eval_set, i), len(eval_set)),
+      loss_fn,
+      hp,
+      train_rows,
+      eval_rows,
       workdir=workdir,
-      seed=s.seed,
+      seed=seed,
       progress=s.log.progress,
       checkpoints=checkpoints,
       mesh=mesh,
     )
-  policy = nnx.merge(graphdef, params)
-  _save(policy, out, inputs.tokenizer, held_out)
-  supervised.drop_checkpoints(workdir, "sft")
-  return policy, held_out
+  model = nnx.merge(graphdef, params)
+  _save(model, out, tokenizer, held_out)
+  supervised.drop_checkpoints(workdir, name)
+  return model, held_out
 
 
 def run_dpo(
@@ -229,24 +262,17 @@ def run_reward_model(
   rm = RewardModel(policy.cfg, rngs=nnx.Rngs(s.seed + 1))
   if s.rm_run.init == "policy":
     nnx.update(rm.trunk, nnx.state(policy.trunk))
-  graphdef, params = nnx.split(rm)
-  data_arrays = [x for seqs in train_pairs for x in (seqs.ids, seqs.mask)]
-  with supervised.stage_checkpoints(s, workdir, "rm", *data_arrays) as checkpoints:
-    params, held_out = supervised.fit(
-      "rm",
-      nnx.to_pure_dict(params),
-      graphdef,
-      supervised.reward_loss,
-      s.rm,
-      (lambda i: supervised.pair_batch(train_pairs, i), len(train_pairs[0])),
-      (lambda i: supervised.pair_batch(eval_pairs, i), len(eval_pairs[0])),
-      workdir=workdir,
-      seed=s.seed + 1,
-      progress=s.log.progress,
-      checkpoints=checkpoints,
-      mesh=mesh,
-    )
-  rm = nnx.merge(graphdef, params)
-  _save(rm, out, inputs.tokenizer, held_out)
-  supervised.drop_checkpoints(workdir, "rm")
-  return rm, held_out
+  return _train_and_save(
+    s,
+    "rm",
+    rm,
+    supervised.reward_loss,
+    s.rm,
+    (lambda i: supervised.pair_batch(train_pairs, i), len(train_pairs[0])),
+    (lambda i: supervised.pair_batch(eval_pairs, i), len(eval_pairs[0])),
+    [x for seqs in train_pairs for x in (seqs.ids, seqs.mask)],
+    out=out,
+    tokenizer=inputs.tokenizer,
+    seed=s.seed + 1,
+    mesh=mesh,
+  )

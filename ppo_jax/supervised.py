@@ -284,8 +284,8 @@ def train(
     record = {"config": checkpoints.config, "rows": n_train, "data": checkpoints.fingerprint}
     # Restored onto abstract arrays: a fresh state is never allocated beside the saved one.
     like = {
-      "params": _abstract(params, param_sh),
-      "opt_state": _abstract(jax.eval_shape(tx.init, params), opt_sh),
+      "params": shd.abstract(params, param_sh),
+      "opt_state": shd.abstract(jax.eval_shape(tx.init, params), opt_sh),
     }
     resumed = _resume(ckpt, checkpoints, record, like, total)
   if resumed is not None:
@@ -351,12 +351,6 @@ def _resume(ckpt: Checkpointer, checkpoints: Checkpoints, record, like, total: i
     return None
   state, saved = resumed
   return state["params"], state["opt_state"], int(saved["step"])
-
-
-def _abstract(tree, shardings):
-  return jax.tree.map(
-    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings
-  )
 
 
 def _batch_sh(batch: Batch, mesh) -> dict:

@@ -43,6 +43,22 @@ def _launch(workdir, devices, *extra):
   )
 
 
+def _launch_two(workdir, *extra):
+  """Processes 0 and 1 of a two-process run, two CPU devices each."""
+  port = _free_port()
+  return [
+    _launch(
+      workdir,
+      2,
+      f"--config.distributed.coordinator=127.0.0.1:{port}",
+      "--config.distributed.num_processes=2",
+      f"--config.distributed.process_id={i}",
+      *extra,
+    )
+    for i in range(2)
+  ]
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -63,17 +79,7 @@ def test_two_processes_match_one(tmp_path):
   multi.mkdir()
   for stage in ("sft", "reward_model"):  # the same starting point: PPO is what is compared
     shutil.copytree(single / stage, multi / stage)
-  port = _free_port()
-  procs = [
-    _launch(
-      multi,
-      2,
-      f"--config.distributed.coordinator=127.0.0.1:{port}",
-      "--config.distributed.num_processes=2",
-      f"--config.distributed.process_id={i}",
-    )
-    for i in range(2)
-  ]
+  procs = _launch_two(multi)
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
@@ -94,18 +100,7 @@ def test_two_processes_match_one(tmp_path):
   stopped.mkdir()
   for stage in ("sft", "reward_model"):
     shutil.copytree(single / stage, stopped / stage)
-  port = _free_port()
-  procs = [
-    _launch(
-      stopped,
-      2,
-      f"--config.distributed.coordinator=127.0.0.1:{port}",
-      "--config.distributed.num_processes=2",
-      f"--config.distributed.process_id={i}",
-      "--config.ppo.iterations=200",
-    )
-    for i in range(2)
-  ]
+  procs = _launch_two(stopped, "--config.ppo.iterations=200")
   metrics = stopped / "metrics.jsonl"
   t0 = time.time()
   try:  # before the fix, the two hung: one saving, the other in the next step's collectives
