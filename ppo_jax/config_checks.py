@@ -85,6 +85,11 @@ def check_settings(s: Settings) -> None:
       f"{s.ppo_run.iterations}: the policy would never train",
     ),
     (
+      s.rm.epochs > 0,
+      "config.rm.epochs: must be > 0 (config.rm.enabled=False skips the reward model)",
+    ),
+    (s.dpo.epochs > 0, f"config.dpo.epochs: must be > 0, got {s.dpo.epochs}"),
+    (
       s.reward.source != "function" or s.reward.fn,
       "config.reward.source='function' needs config.reward.fn='package.module:function'",
     ),

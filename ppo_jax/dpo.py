@@ -24,6 +24,7 @@ from flax import nnx
 from ppo_jax import ppo, rl, rollout, supervised, writers
 from ppo_jax.actor_critic import ActorCritic, policy_logits
 from ppo_jax.data import Sequences
+from ppo_jax.export import export_record
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_sum
 from ppo_jax.models import CausalLM
@@ -105,6 +106,7 @@ def run_dpo_stage(
   workdir: pathlib.Path,
   *,
   gold=None,
+  tokenizer_path: str | None = None,
   mesh=None,
 ) -> tuple[rl.PPOResult, dict[str, float]]:
   """Trains ``policy`` (the SFT policy, also the reference) with DPO on ``pairs``
@@ -113,7 +115,8 @@ def run_dpo_stage(
   Returns ``(result, held-out DPO metrics)``; ``result.before``/``after`` are the held-out
   sampling evaluations (gold score, KL to the reference, length) of the reference and of the
   trained policy, with the RL stages' sampler settings, which are also logged to
-  ``WORKDIR/metrics.jsonl`` every ``dpo.eval_every`` steps.
+  ``WORKDIR/metrics.jsonl`` every ``dpo.eval_every`` steps. Its checkpoints
+  (``WORKDIR/dpo_checkpoints``) name ``policy.cfg`` and ``tokenizer_path`` for ``ppo-jax export``.
   """
   train_pairs, eval_pairs = pairs
   # The reference: the policy's weights, frozen; sampled with the RL stages' machinery (no
@@ -154,7 +157,8 @@ def run_dpo_stage(
   t0 = time.perf_counter()
   try:
     data_arrays = [x for q in train_pairs for x in (q.ids, q.mask, q.response_mask)]
-    with supervised.stage_checkpoints(s, workdir, "dpo", *data_arrays) as checkpoints:
+    meta = export_record(policy.cfg, tokenizer_path)
+    with supervised.stage_checkpoints(s, workdir, "dpo", *data_arrays, meta=meta) as checkpoints:
       params, held_out = supervised.fit(
         "dpo",
         ref_params,

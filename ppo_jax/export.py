@@ -1,4 +1,4 @@
-"""Export: the policy of a PPO checkpoint as a Hugging Face folder (``ppo-jax export``)."""
+"""Export: the policy of a PPO or DPO checkpoint as a Hugging Face folder (``ppo-jax export``)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,33 @@ import orbax.checkpoint as ocp
 from ppo_jax.checkpoint import read
 from ppo_jax.models import ModelConfig
 
+# The checkpoint folder of each stage whose checkpoints hold a policy.
+STAGE_CHECKPOINTS = {"ppo": "checkpoints", "dpo": "dpo_checkpoints"}
+
+
+def export_record(model_config, tokenizer_path, base_policy=None) -> dict:
+  """What a checkpoint's record must hold for ``export_policy``: the policy's ``ModelConfig``,
+  its tokenizer folder and, for LoRA adapters, the folder of the base weights under them."""
+  absolute = lambda path: str(pathlib.Path(path).absolute()) if path else None
+  return {
+    "model_config": model_config.to_dict(),
+    "tokenizer": absolute(tokenizer_path),
+    "base_policy": absolute(base_policy),
+  }
+
 
 def export_policy(
-  workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None
+  workdir: str | pathlib.Path,
+  out: str | pathlib.Path,
+  *,
+  step: int | None = None,
+  stage: str | None = None,
 ) -> int:
-  """Writes the policy of a PPO checkpoint (default: the latest) as a Hugging Face folder."""
+  """Writes the policy of a checkpoint (default: the latest) as a Hugging Face folder.
+
+  ``stage`` is ``"ppo"`` (``WORKDIR/checkpoints``) or ``"dpo"`` (``WORKDIR/dpo_checkpoints``);
+  by default, whichever the workdir holds.
+  """
   from flax import nnx
 
   from ppo_jax.models import CausalLM, from_pretrained, save_pretrained
@@ -23,9 +45,7 @@ def export_policy(
   from ppo_jax.tokenizer import load_tokenizer
 
   _check_export_target(pathlib.Path(workdir), pathlib.Path(out))
-  directory = pathlib.Path(workdir) / "checkpoints"
-  if not directory.is_dir():
-    raise FileNotFoundError(f"{directory}: no checkpoints (is {workdir} a ppo_jax workdir?)")
+  stage, directory = _checkpoint_folder(pathlib.Path(workdir), stage)
   mgr = ocp.CheckpointManager(
     directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
   )
@@ -49,8 +69,14 @@ def export_policy(
   finally:
     mgr.close()
   record = restored.meta
+  if "model_config" not in record:
+    raise ValueError(
+      f"{directory / str(step)}: its record names no model config (written by an older ppo_jax); "
+      "export the policy/ folder a finished run writes instead"
+    )
   cfg = ModelConfig.from_dict(record["model_config"])
-  policy_params = _int_keys(restored.state["params"]["policy"])
+  params = restored.state["params"]
+  policy_params = _int_keys(params["policy"] if stage == "ppo" else params)
   if cfg.lora_rank:  # adapters: merged onto the base weights they were trained over
     base = from_pretrained(record["base_policy"], dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     graphdef, adapters, base_params = split_lora(
@@ -66,7 +92,7 @@ def export_policy(
   tokenizer = load_tokenizer(record["tokenizer"]) if record.get("tokenizer") else None
   save_pretrained(policy, out, tokenizer=tokenizer)
   (pathlib.Path(out) / "ppo_jax_checkpoint.json").write_text(
-    json.dumps({"workdir": str(workdir), "step": step}, indent=2) + "\n"
+    json.dumps({"workdir": str(workdir), "stage": stage, "step": step}, indent=2) + "\n"
   )
   return step
 
@@ -86,6 +112,28 @@ RUN_FOLDERS = (
   "plots",
   "samples",
 )
+
+
+def _checkpoint_folder(workdir: pathlib.Path, stage: str | None) -> tuple[str, pathlib.Path]:
+  """``(stage, folder)`` of the checkpoints to export: ``stage``'s, else the only stage's."""
+  if stage is not None:
+    if stage not in STAGE_CHECKPOINTS:
+      raise ValueError(f"--stage {stage!r}: expected one of {sorted(STAGE_CHECKPOINTS)}")
+    directory = workdir / STAGE_CHECKPOINTS[stage]
+    if not directory.is_dir():
+      raise FileNotFoundError(f"{directory}: no {stage.upper()} checkpoints")
+    return stage, directory
+  found = {k: workdir / v for k, v in STAGE_CHECKPOINTS.items() if (workdir / v).is_dir()}
+  if not found:
+    raise FileNotFoundError(
+      f"{workdir}: no checkpoints/ or dpo_checkpoints/ (is it a ppo_jax workdir?)"
+    )
+  if len(found) > 1:
+    raise ValueError(
+      f"{workdir} holds both PPO (checkpoints/) and DPO (dpo_checkpoints/) checkpoints: choose "
+      "one with --stage ppo or --stage dpo"
+    )
+  return next(iter(found.items()))
 
 
 def _check_export_target(workdir: pathlib.Path, out: pathlib.Path) -> None:

@@ -146,21 +146,44 @@ def check_override_paths(argv: list[str]) -> None:
 
 
 def export(argv: list[str]) -> int:
-  """`ppo-jax export --workdir DIR [--step N] --out DIR`: a checkpointed policy as an HF folder."""
+  """`ppo-jax export --workdir DIR [--stage ppo|dpo] [--step N] --out DIR`: a checkpointed policy
+  as a Hugging Face folder."""
   import argparse
 
   parser = argparse.ArgumentParser(prog="ppo-jax export", description=export.__doc__)
-  parser.add_argument("--workdir", required=True, help="a ppo_jax workdir with checkpoints/")
+  parser.add_argument(
+    "--workdir", required=True, help="a ppo_jax workdir with checkpoints/ or dpo_checkpoints/"
+  )
+  parser.add_argument(
+    "--stage",
+    choices=("ppo", "dpo"),
+    default=None,
+    help="whose checkpoints: PPO's (checkpoints/) or DPO's (default: the one the workdir holds)",
+  )
   parser.add_argument("--step", default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
-  args = parser.parse_args(argv)
+
+  def one_line(message):  # argparse's own error prints the usage first
+    print(f"ppo-jax export: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+  parser.error = one_line
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:  # --help, or a bad flag: the status, as from every other path here
+    return int(e.code or 0)
   if args.step is not None and not args.step.isdigit():
     print(f"ppo-jax export: error: --step {args.step!r}: expected a step number", file=sys.stderr)
     return 2
   from ppo_jax.export import export_policy
 
   try:
-    step = export_policy(args.workdir, args.out, step=None if args.step is None else int(args.step))
+    step = export_policy(
+      args.workdir,
+      args.out,
+      step=None if args.step is None else int(args.step),
+      stage=args.stage,
+    )
   except (ValueError, OSError) as e:
     print(f"ppo-jax export: error: {_one_line(e)}", file=sys.stderr)
     return 1

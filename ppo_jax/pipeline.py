@@ -17,10 +17,11 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ppo_jax import checkpoint, data, rl, synthetic, writers
+from ppo_jax import checkpoint, data, rl, supervised, synthetic, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import build_critic
 from ppo_jax.config import Settings, base_config
+from ppo_jax.export import export_record
 from ppo_jax.models import CausalLM, RewardModel, save_pretrained
 from ppo_jax.models.hf import load_hf_config
 from ppo_jax.models.lora import add_lora
@@ -156,9 +157,7 @@ def run_ppo_stage(
 
     record = {
       "config": json.loads(config.to_json_best_effort()),
-      "model_config": policy.cfg.to_dict(),
-      "tokenizer": str(pathlib.Path(inputs.tokenizer_path).absolute()),
-      "base_policy": str(base_policy.absolute()) if base_policy else None,
+      **export_record(policy.cfg, inputs.tokenizer_path, base_policy),
     }
     try:
       return rl.run_ppo(
@@ -278,6 +277,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   banner("2/3 reward model")
   if s.algo == "dpo":  # whatever rm.* says: DPO learns from the pairs themselves
     print("DPO trains on the preference pairs directly: no reward model")
+    supervised.note_skipped(workdir, "rm")
     reward_model, rm_eval = None, {}
   else:
     reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir, mesh=mesh)

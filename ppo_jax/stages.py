@@ -151,6 +151,7 @@ def run_sft(
     return _reuse(out, dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
   if not inputs.sft or s.sft.epochs == 0:
     print("no SFT (no data.sft file, or sft.epochs=0)")
+    supervised.note_skipped(workdir, "sft")
     return policy, {}
   seqs = data.load_sft(inputs.sft, inputs.tokenizer, layout)
   train_idx, eval_idx = data.split_holdout(len(seqs), s.sft.eval_fraction, seed=s.seed)
@@ -233,6 +234,7 @@ def run_dpo(
     hp,
     workdir,
     gold=load_reward_fn(inputs.gold) if inputs.gold else None,
+    tokenizer_path=inputs.tokenizer_path,
     mesh=mesh,
   )
 
@@ -247,6 +249,8 @@ def run_reward_model(
 ) -> tuple[RewardModel | None, dict]:
   out = workdir / "reward_model"
   kw = dict(dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
+  if s.reward.model or not s.rm_run.enabled:
+    supervised.note_skipped(workdir, "rm")
   if s.reward.model:
     print(f"reward model: {s.reward.model}")
     check_reward_model(s.reward.model)

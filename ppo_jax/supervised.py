@@ -41,7 +41,7 @@ Metrics = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class SupervisedHparams:
-  epochs: float = 1.0  # passes over the training rows
+  epochs: float = 1.0  # passes over the training rows; 0: none (the pipeline skips SFT)
   batch_size: int = 32
   eval_fraction: float = 0.05  # rows held out for evaluation
   optim: OptimHparams = dataclasses.field(
@@ -51,14 +51,16 @@ class SupervisedHparams:
   def __post_init__(self):
     if self.batch_size < 1:
       raise ValueError(f"batch_size: must be ≥ 1, got {self.batch_size}")
-    if self.epochs <= 0:
-      raise ValueError(f"epochs: must be > 0, got {self.epochs}")
+    if not self.epochs >= 0:
+      raise ValueError(f"epochs: must be ≥ 0, got {self.epochs}")
     if not 0.0 <= self.eval_fraction < 1.0:
       raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
 
   def steps(self, n_train: int) -> int:
     """Optimizer steps for ``epochs`` passes over ``n_train`` rows, in batches of ``batch_size``
-    (of all rows when there are fewer: ``train`` draws batches of that size)."""
+    (of all rows when there are fewer: ``train`` draws batches of that size); none for 0 epochs."""
+    if self.epochs == 0:
+      return 0
     return max(1, math.ceil(self.epochs * n_train / min(self.batch_size, max(n_train, 1))))
 
 
@@ -123,7 +125,8 @@ class Checkpoints:
   ``checkpointer.settings.supervised_every`` steps, on preemption and (``save_at_end``) after the
   last step. A stage resumes from the latest only if its config agrees with ``config`` in the
   fields under ``fields`` (``defaults``: every field's default, for fields added since the save)
-  and its training data has the same ``fingerprint``."""
+  and its training data has the same ``fingerprint``. ``meta`` goes into every checkpoint's
+  record (what ``ppo-jax export`` needs of a policy: ``export.export_record``)."""
 
   checkpointer: Checkpointer
   config: dict[str, Any]
@@ -131,6 +134,7 @@ class Checkpoints:
   defaults: dict[str, Any] | None = None
   fingerprint: str = ""
   save_at_end: bool = True
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def fingerprint(*arrays: np.ndarray) -> str:
@@ -151,11 +155,12 @@ EXTRA_FIELDS = {"dpo": ("sft.", "ppo.")}
 
 @contextlib.contextmanager
 def stage_checkpoints(
-  s: Settings, workdir: pathlib.Path, name: str, *data: np.ndarray
+  s: Settings, workdir: pathlib.Path, name: str, *data: np.ndarray, meta: dict | None = None
 ) -> Iterator[Checkpoints]:
   """The ``Checkpoints`` of stage ``name`` (sft, rm, dpo) in ``WORKDIR/{name}_checkpoints`` over
-  the training arrays ``data``. SFT's and the reward model's are deleted when the stage's folder
-  is written (``drop_checkpoints``), so they skip the save after the last step; DPO's stay."""
+  the training arrays ``data``, with ``meta`` in their records. SFT's and the reward model's are
+  deleted when the stage's folder is written (``drop_checkpoints``), so they skip the save after
+  the last step; DPO's stay."""
   from ppo_jax.config import base_config  # config imports this module
 
   with Checkpointer(pathlib.Path(workdir) / f"{name}_checkpoints", s.checkpoint) as ckpt:
@@ -166,6 +171,7 @@ def stage_checkpoints(
       json.loads(base_config().to_json_best_effort()),
       fingerprint=fingerprint(*data),
       save_at_end=name == "dpo",
+      meta=meta or {},
     )
 
 
@@ -173,6 +179,16 @@ def drop_checkpoints(workdir: pathlib.Path, name: str) -> None:
   """Deletes stage ``name``'s checkpoints (its model folder, now written, supersedes them)."""
   if shd.is_main_process():
     shutil.rmtree(pathlib.Path(workdir) / f"{name}_checkpoints", ignore_errors=True)
+
+
+def note_skipped(workdir: pathlib.Path, name: str) -> None:
+  """Names stage ``name``'s checkpoints when a run skips that stage: they are left as they are."""
+  directory = pathlib.Path(workdir) / f"{name}_checkpoints"
+  if directory.is_dir() and any(directory.iterdir()):
+    print(
+      f"note: {directory} holds checkpoints of the {name} stage, which this run skips; they are "
+      "left as they are (--noresume refuses a workdir holding them: delete the folder if stale)"
+    )
 
 
 def fit(
@@ -263,6 +279,8 @@ def train(
   again.
   """
   total = hp.steps(n_train)
+  if total == 0:
+    return params, []
   tx = make_optimizer(hp.optim, total)
   batch_size = min(hp.batch_size, n_train)
   jit_kw: dict[str, Any] = {}
@@ -281,7 +299,12 @@ def train(
   ckpt, record, resumed = None, {}, None
   if checkpoints is not None:
     ckpt = checkpoints.checkpointer
-    record = {"config": checkpoints.config, "rows": n_train, "data": checkpoints.fingerprint}
+    record = {
+      "config": checkpoints.config,
+      "rows": n_train,
+      "data": checkpoints.fingerprint,
+      **checkpoints.meta,
+    }
     # Restored onto abstract arrays: a fresh state is never allocated beside the saved one.
     like = {
       "params": shd.abstract(params, param_sh),

@@ -39,6 +39,9 @@ def _cli(*args):
     ("--config.ppo.top_k=-5", "config.ppo.top_k: must be ≥ 0 (0: off), got -5"),
     ("--config.ppo.num_minibatches=3", "config.ppo.batch_size 64 is not divisible by ppo.num_"),
     ("--config.sft.batch_size=0", "config.sft.batch_size: must be ≥ 1, got 0"),
+    ("--config.sft.epochs=-1", "config.sft.epochs: must be ≥ 0, got -1"),
+    ("--config.rm.epochs=0", "config.rm.epochs: must be > 0 (config.rm.enabled=False skips the"),
+    ("--config.dpo.epochs=0", "config.dpo.epochs: must be > 0, got 0"),
     ("--config.rm.eval_fraction=1.0", "config.rm.eval_fraction: must be in [0, 1), got 1.0"),
     ("--config.data.max_response_len=0", "config.data.max_prompt_len and .max_response_len"),
     ("--config.log.samples_every=-1", "config.log.samples_every: must be ≥ 0 (0: never)"),
@@ -86,6 +89,29 @@ def test_a_config_folder_and_a_bad_export_step_are_one_line(tmp_path):
   assert code == 2 and "experiments is a folder; expected a python file" in err, err
   code, _, err = _cli("export", f"--workdir={tmp_path}", "--step", "latest", "--out", "x")
   assert code == 2 and err == "ppo-jax export: error: --step 'latest': expected a step number"
+
+
+def test_export_names_the_checkpoints_it_cannot_choose_between(tmp_path):
+  export = lambda *a: _cli("export", f"--workdir={tmp_path}", "--out", str(tmp_path / "x"), *a)
+  code, _, err = export()
+  assert code == 1 and err.endswith(
+    "no checkpoints/ or dpo_checkpoints/ (is it a ppo_jax workdir?)"
+  ), err
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "dpo_checkpoints").mkdir()
+  code, _, err = export()
+  assert code == 1 and err.endswith(
+    "holds both PPO (checkpoints/) and DPO (dpo_checkpoints/) checkpoints: choose one with "
+    "--stage ppo or --stage dpo"
+  ), err
+  code, _, err = export("--stage", "dpo")  # chosen: that folder's own complaint
+  assert code == 1 and err.endswith("dpo_checkpoints: no complete checkpoint"), err
+  code, _, err = export("--stage", "sft")
+  assert code == 2 and err.startswith("ppo-jax export: error: argument --stage: invalid choice")
+  code, _, err = _cli("export", "--out", "x")
+  assert (
+    code == 2 and err == "ppo-jax export: error: the following arguments are required: --workdir"
+  )
 
 
 def test_reward_and_gold_functions_are_imported_before_any_training(tmp_path):

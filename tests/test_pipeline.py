@@ -10,7 +10,8 @@ import transformers as tf
 from conftest import count_lines, reuse_stages, sigterm_when, smoke_config
 
 import ppo_jax as pj
-from ppo_jax import checkpoint, pipeline, stages, writers
+from ppo_jax import checkpoint, main, pipeline, stages, writers
+from ppo_jax.export import export_policy
 from ppo_jax.rewards import RewardError
 
 REQUIRED_METRICS = (
@@ -258,17 +259,33 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
   assert "resuming from the checkpoint of step 61" in capsys.readouterr().out
   assert again["after"] == summary["after"] and again["dpo_eval"]["train_seconds"] == 0.0
   assert logs == {n: (workdir / n).read_text() for n in logs}
+  # `ppo-jax export` finds the DPO checkpoint: the policy of step 61 is the policy/ folder.
+  load = lambda w: safetensors.numpy.load_file(str(w / "model.safetensors"))
+  args = ["export", "--workdir", str(workdir), "--out", str(tmp_path / "e")]
+  assert main.cli(["ppo-jax", *args]) == 0
+  assert "wrote the policy of step 61" in capsys.readouterr().out
+  a, b = load(tmp_path / "e"), load(workdir / "policy")
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
+  vocab = lambda w: tf.AutoTokenizer.from_pretrained(str(w)).get_vocab()
+  assert vocab(tmp_path / "e") == vocab(workdir / "policy")
+  with pytest.raises(FileNotFoundError, match="dpo/checkpoints: no PPO checkpoints"):
+    export_policy(workdir, tmp_path / "e2", stage="ppo")
   # Stopped by SIGTERM after step 25, then resumed: the same curves and policy, bit for bit.
   stopped = reuse_stages(smoke_run[0], tmp_path / "dpo_stopped", stages=("sft",))
   sigterm_when(lambda: count_lines(stopped / "dpo_metrics.jsonl") >= 25)
   with pytest.raises(checkpoint.Preempted, match="of the dpo stage; checkpoint saved"):
     pipeline.run(config, stopped)
+  step = export_policy(stopped, tmp_path / "mid")  # the stopped stage's policy, as it stands
+  assert (
+    step >= 25
+    and json.loads((tmp_path / "mid" / "ppo_jax_checkpoint.json").read_text())["stage"] == "dpo"
+  )
   pipeline.run(config, stopped)
   for name in logs:
     assert writers.read_metrics(stopped / name) == writers.read_metrics(workdir / name), name
-  load = lambda w: safetensors.numpy.load_file(str(w / "policy" / "model.safetensors"))
-  a, b = load(stopped), load(workdir)
+  a = load(stopped / "policy")
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
+  assert not all(np.array_equal(load(tmp_path / "mid")[k], b[k]) for k in b)
 
 
 def _rows_of(path):
