@@ -25,6 +25,21 @@ CHOICES = {
   "ppo.critic_init": CRITIC_INITS,
 }
 
+# Counts and sizes: field → smallest value.
+AT_LEAST = {
+  "task.num_prompts": 1,
+  "task.num_sft": 1,
+  "task.num_pairs": 1,
+  "data.eval_prompts": 0,
+  "model.hidden_size": 1,
+  "model.num_layers": 1,
+  "model.num_heads": 1,
+  "model.max_position_embeddings": 1,
+  "ppo.iterations": 1,
+  "ppo.max_nonfinite": 1,
+  "log.num_samples": 0,
+}
+
 
 def check_settings(s: Settings) -> None:
   """Raises ValueError for the first problem, named by its config field(s)."""
@@ -34,6 +49,13 @@ def check_settings(s: Settings) -> None:
       raise ValueError(
         f"config.{field}: unknown {value!r}; expected one of {', '.join(str(a) for a in allowed)}"
       )
+  for field, low in AT_LEAST.items():
+    section, name = field.split(".")
+    if (value := s.raw[section][name]) < low:
+      raise ValueError(f"config.{field}: must be ≥ {low}, got {value}")
+  if (kv := s.raw.model.num_kv_heads) is not None and kv < 1:
+    raise ValueError(f"config.model.num_kv_heads: must be ≥ 1 (none: num_heads), got {kv}")
+  needs_pairs = s.algo == "dpo" or (s.rm_run.enabled and not s.reward.model)
   checks = [
     (
       s.task.label_noise > 0,
@@ -102,7 +124,29 @@ def check_settings(s: Settings) -> None:
       "config.task.name='files' needs config.data.prompts=FILE.jsonl",
     ),
     (
-      s.algo != "ppo" or s.ppo_run.critic_init == "policy" or s.rm_run.enabled or s.reward.model,
+      s.task.name != "files" or s.data.preferences or not needs_pairs,
+      "config.task.name='files' needs config.data.preferences=FILE.jsonl to train "
+      + (
+        "DPO"
+        if s.algo == "dpo"
+        else "a reward model (or set config.rm.enabled=False, with config.reward.model=FOLDER "
+        "or a reward function)"
+      ),
+    ),
+    (
+      s.task.name != "files" or s.model.init != "scratch" or s.model.tokenizer,
+      "config.task.name='files' with config.model.init='scratch' needs config.model.tokenizer",
+    ),
+    (
+      s.algo != "dpo" or not s.ppo_run.lora_rank,
+      "config.ppo.lora_rank: DPO trains the full weights (LoRA adapters are for ppo, grpo, rloo)",
+    ),
+    (
+      s.algo != "ppo"
+      or s.ppo_run.value_head_on_policy
+      or s.ppo_run.critic_init == "policy"
+      or s.rm_run.enabled
+      or s.reward.model,
       "config.ppo.critic_init='reward_model' needs a reward model (config.rm.enabled or "
       "config.reward.model); use critic_init='policy' with a reward function",
     ),

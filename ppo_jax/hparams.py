@@ -84,6 +84,13 @@ class PPOHparams:
       "kl_horizon": (self.kl_horizon > 0, "> 0"),
       "micro_batch_size": (self.micro_batch_size is None or self.micro_batch_size >= 1, "≥ 1"),
       "critic_warmup": (self.critic_warmup >= 0, "≥ 0"),
+      "kl_target": (self.kl_target > 0, "> 0"),
+      "dual_clip": (self.dual_clip is None or self.dual_clip > 1, "> 1 (none: off)"),
+      "clip_eps_high": (self.clip_eps_high is None or self.clip_eps_high > 0, "> 0"),
+      "vf_clip": (self.vf_clip is None or self.vf_clip > 0, "> 0 (none: off)"),
+      "vf_coef": (self.vf_coef >= 0, "≥ 0"),
+      "gamma": (0 <= self.gamma <= 1, "in [0, 1]"),
+      "lam": (0 <= self.lam <= 1, "in [0, 1]"),
     }
     for name, (ok, what) in ranges.items():
       if not ok:

@@ -200,8 +200,13 @@ def run(config, workdir: str | pathlib.Path, *, resume: bool = True) -> dict[str
 
 def preflight(s: Settings):
   """What can fail before any work, checked now: the mesh (returned) and the PPO batch over it,
-  the reward and gold functions (imported), and the folders a run would load only after SFT."""
+  the reward and gold functions (imported), the data files, and the folders a run would load only
+  after SFT."""
   mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here
+  if s.algo == "dpo" and jax.process_count() > 1:  # config_checks sees only distributed.*
+    raise ValueError(
+      f"config.algo='dpo' runs in one process for now ({jax.process_count()} processes here)"
+    )
   if mesh.size > 1 and s.algo != "dpo":
     shd.check_batch(s.ppo_run.batch_size, mesh, "config.ppo.batch_size")
   for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
@@ -209,6 +214,13 @@ def preflight(s: Settings):
       load_reward_fn(path, what=field)
   if s.reward.model and s.algo != "dpo":
     check_reward_model(s.reward.model)
+  if s.task.name == "files":  # the synthetic task writes its own
+    for field in ("prompts", "sft", "preferences"):
+      path = getattr(s.data, field)
+      if path and not pathlib.Path(path).is_file():
+        folder = pathlib.Path(path).is_dir()
+        why = "is a folder; expected a JSONL file" if folder else "no such file"
+        raise data.DataError(f"config.data.{field}: {path}: {why}")
   if s.model.init != "scratch":
     try:
       load_hf_config(s.model.init)

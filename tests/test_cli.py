@@ -54,13 +54,54 @@ def _cli(*args):
     ("--config.task.label_noise=0", "config.task.label_noise: must be > 0"),
     ("--config.ppo.micro_batch_size=5", "config.ppo.micro_batch_size 5 does not divide the mini"),
     ("--config.ppo.optim.lr=None", "config.ppo.optim.lr: cannot be None"),
+    ("--config.model.num_heads=0", "config.model.num_heads: must be ≥ 1, got 0"),
+    ("--config.model.num_kv_heads=0", "config.model.num_kv_heads: must be ≥ 1 (none: num_heads)"),
+    ("--config.ppo.iterations=0", "config.ppo.iterations: must be ≥ 1, got 0"),
+    ("--config.data.eval_prompts=-1", "config.data.eval_prompts: must be ≥ 0, got -1"),
+    ("--config.ppo.dual_clip=1.0", "config.ppo.dual_clip: must be > 1 (none: off), got 1.0"),
+    ("--config.ppo.kl_target=0", "config.ppo.kl_target: must be > 0, got 0.0"),
+    ("--config.ppo.lam=1.5", "config.ppo.lam: must be in [0, 1], got 1.5"),
+    (
+      ["--config.algo=dpo", "--config.ppo.lora_rank=4"],
+      "config.ppo.lora_rank: DPO trains the full weights",
+    ),
   ],
 )
 def test_config_errors_are_one_line(tmp_path, override, expected):
-  code, _, err = _cli(f"--config={EXPERIMENT}", f"--workdir={tmp_path}", override)
+  overrides = override if isinstance(override, list) else [override]
+  code, _, err = _cli(f"--config={EXPERIMENT}", f"--workdir={tmp_path / 'w'}", *overrides)
   assert code == 2
   assert err.count("\n") == 0 and err.startswith("ppo-jax: config error:"), err
   assert expected in err
+  assert not (tmp_path / "w").exists()  # refused before anything is written
+
+
+def test_a_files_run_is_checked_for_its_data_before_any_work(tmp_path):
+  (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n')
+  files = [f"--config={EXPERIMENT}", f"--workdir={tmp_path / 'w'}", "--config.task.name=files"]
+  files += [f"--config.data.prompts={tmp_path / 'p.jsonl'}", "--config.model.tokenizer=/nowhere"]
+  code, _, err = _cli(*files)
+  assert code == 2 and err.endswith(
+    "config.task.name='files' needs config.data.preferences=FILE.jsonl to train a reward model "
+    "(or set config.rm.enabled=False, with config.reward.model=FOLDER or a reward function)"
+  ), err
+  code, _, err = _cli(*files, "--config.algo=dpo")
+  assert code == 2 and err.endswith("needs config.data.preferences=FILE.jsonl to train DPO"), err
+  code, _, err = _cli(*files[:-1], f"--config.data.preferences={tmp_path / 'p.jsonl'}")
+  assert code == 2 and err.endswith(
+    "config.task.name='files' with config.model.init='scratch' needs config.model.tokenizer"
+  ), err
+  code, _, err = _cli(*files, f"--config.data.preferences={tmp_path / 'pairs.jsonl'}")
+  assert code == 1 and err.endswith(
+    f"config.data.preferences: {tmp_path / 'pairs.jsonl'}: no such file"
+  ), err
+  code, _, err = _cli(
+    *files, f"--config.data.preferences={tmp_path / 'p.jsonl'}", f"--config.data.sft={tmp_path}"
+  )
+  assert code == 1 and err.endswith(
+    f"config.data.sft: {tmp_path}: is a folder; expected a JSONL file"
+  ), err
+  assert not (tmp_path / "w").exists()  # all refused before the workdir is made
 
 
 def test_a_config_file_that_does_not_parse_is_one_line(tmp_path):
@@ -208,12 +249,15 @@ def test_missing_workdir(tmp_path):
 
 
 def _files_args(tokenizer, prompts, tmp_path, *extra):
+  pairs = tmp_path / "pairs.jsonl"  # read only by the reward model, after what these tests probe
+  pairs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
   return (
     f"--config={EXPERIMENT}",
     f"--workdir={tmp_path / 'run'}",
     "--config.task.name=files",
     f"--config.data.prompts={prompts}",
     f"--config.model.tokenizer={tokenizer}",
+    f"--config.data.preferences={pairs}",
     "--config.log.progress=False",
     *extra,
   )
