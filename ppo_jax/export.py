@@ -47,7 +47,9 @@ def export_policy(
   _check_export_target(pathlib.Path(workdir), pathlib.Path(out))
   stage, directory = _checkpoint_folder(pathlib.Path(workdir), stage)
   mgr = ocp.CheckpointManager(
-    directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
+    directory.absolute(),
+    options=ocp.CheckpointManagerOptions(read_only=True),
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
   )
   try:
     steps = mgr.all_steps()
@@ -60,12 +62,7 @@ def export_policy(
     then = (
       f"export another step with --step (there are {others})" if others else "it is the only one"
     )
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-    restored = read(
-      lambda: mgr.restore(step, args=args),
-      directory / str(step),
-      then,
-    )
+    restored = read(lambda: _restore_here(mgr, step), directory / str(step), then)
   finally:
     mgr.close()
   record = restored.meta
@@ -112,6 +109,16 @@ RUN_FOLDERS = (
   "plots",
   "samples",
 )
+
+
+def _restore_here(mgr: ocp.CheckpointManager, step: int):
+  """Checkpoint ``step`` with every array on this process's first device, whatever mesh saved it
+  (without a target orbax asks for the saving run's device topology)."""
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  saved = mgr.item_metadata(step)["state"]
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved)
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+  return mgr.restore(step, args=args)
 
 
 def _checkpoint_folder(workdir: pathlib.Path, stage: str | None) -> tuple[str, pathlib.Path]:

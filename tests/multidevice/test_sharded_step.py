@@ -2,12 +2,16 @@
 rules and survive the step; checkpoints restore onto another mesh."""
 
 import functools
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from flax import nnx
 
 from ppo_jax import ppo, rollout, writers
@@ -221,6 +225,16 @@ def test_sharded_pipeline_end_to_end(tmp_path):
   config.ppo.iterations = 5
   pipeline.run(config, tmp_path)
   assert [r["step"] for r in writers.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+  # Exported by a process with one device (the 8-device checkpoint's topology is not there): the
+  # policy of step 5 is the policy/ folder.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = tmp_path.parent / "exported"
+  cmd = [sys.executable, "-m", "ppo_jax.main", "export", f"--workdir={tmp_path}", f"--out={out}"]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "wrote the policy of step 5" in proc.stdout, proc.stderr
+  load = lambda w: safetensors.numpy.load_file(str(w / "model.safetensors"))
+  a, b = load(out), load(tmp_path / "policy")
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
 
 
 def _sft_train(mesh_shape, folder=None, stop_after=None):
