@@ -49,7 +49,7 @@ def export_policy(
   mgr = ocp.CheckpointManager(
     directory.absolute(),
     options=ocp.CheckpointManagerOptions(read_only=True),
-    item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
   )
   try:
     steps = mgr.all_steps()
@@ -62,18 +62,18 @@ def export_policy(
     then = (
       f"export another step with --step (there are {others})" if others else "it is the only one"
     )
-    restored = read(lambda: _restore_here(mgr, step), directory / str(step), then)
+    where = ("params", "policy") if stage == "ppo" else ("params",)
+    restored = read(lambda: _restore_here(mgr, step, where), directory / str(step), then)
   finally:
     mgr.close()
-  record = restored.meta
+  params, record = restored
   if "model_config" not in record:
     raise ValueError(
       f"{directory / str(step)}: its record names no model config (written by an older ppo_jax); "
       "export the policy/ folder a finished run writes instead"
     )
   cfg = ModelConfig.from_dict(record["model_config"])
-  params = restored.state["params"]
-  policy_params = _int_keys(params["policy"] if stage == "ppo" else params)
+  policy_params = _int_keys(params)
   if cfg.lora_rank:  # adapters: merged onto the base weights they were trained over
     base = from_pretrained(record["base_policy"], dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     graphdef, adapters, base_params = split_lora(
@@ -111,14 +111,25 @@ RUN_FOLDERS = (
 )
 
 
-def _restore_here(mgr: ocp.CheckpointManager, step: int):
-  """Checkpoint ``step`` with every array on this process's first device, whatever mesh saved it
-  (without a target orbax asks for the saving run's device topology)."""
+def _restore_here(mgr: ocp.CheckpointManager, step: int, where: tuple[str, ...]):
+  """``(policy parameters, record)`` of checkpoint ``step``: the state's subtree at ``where``
+  alone (not the critic or the optimizer's moments, which would take several times the memory),
+  every array on this process's first device whatever mesh saved it (without a target orbax asks
+  for the saving run's device topology)."""
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   saved = mgr.item_metadata(step)["state"]
+  for key in where:
+    saved = saved[key]
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved)
-  args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-  return mgr.restore(step, args=args)
+  for key in reversed(where):
+    target = {key: target}
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=one), target)
+  state = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+  restored = mgr.restore(step, args=ocp.args.Composite(state=state, meta=ocp.args.JsonRestore()))
+  params = restored.state
+  for key in where:
+    params = params[key]
+  return params, restored.meta
 
 
 def _checkpoint_folder(workdir: pathlib.Path, stage: str | None) -> tuple[str, pathlib.Path]:
