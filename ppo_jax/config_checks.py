@@ -157,12 +157,6 @@ def check_settings(s: Settings) -> None:
   ]
   checks.append(
     (
-      s.algo != "dpo" or not (s.distributed.coordinator or s.distributed.auto),
-      "config.algo='dpo' runs in one process for now (unset config.distributed.*)",
-    )
-  )
-  checks.append(
-    (
       s.ppo_run.batch_size % s.raw.ppo.group_size == 0,
       f"config.ppo.batch_size {s.ppo_run.batch_size} is not divisible by "
       f"config.ppo.group_size {s.raw.ppo.group_size} (responses per prompt)",

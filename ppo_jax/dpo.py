@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from ppo_jax import ppo, rl, rollout, supervised, writers
+from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic, policy_logits
 from ppo_jax.data import Sequences
 from ppo_jax.export import export_record
@@ -82,17 +83,21 @@ def pair_batch(pairs: tuple[Sequences, Sequences], ref: tuple[np.ndarray, np.nda
   return batch
 
 
-def reference_logprobs(graphdef, params, seqs: Sequences, batch_size: int) -> np.ndarray:
-  """Sequence log-probabilities ``[N]`` of ``seqs`` under ``params``, in fixed-size batches."""
+def reference_logprobs(
+  graphdef, params, seqs: Sequences, batch_size: int, *, mesh=None
+) -> np.ndarray:
+  """Sequence log-probabilities ``[N]`` of ``seqs`` under ``params``, in fixed-size batches (on a
+  ``mesh``, rows split over ``('data', 'fsdp')``; every process gets all ``N``)."""
   if not len(seqs):  # no held-out pairs
     return np.zeros(0, np.float32)
   fn = jax.jit(functools.partial(sequence_logprobs, graphdef))
+  put = jnp.asarray if mesh is None else lambda x: shd.place_batch(x, shd.batch_sharding(mesh))
   out = []
   for start in range(0, len(seqs), batch_size):
     idx = np.arange(start, start + batch_size) % len(seqs)  # the last batch padded: one shape
     part = seqs.take(idx)
-    logp = fn(params, part.ids, part.mask, part.response_mask)
-    out.append(np.asarray(logp)[: min(batch_size, len(seqs) - start)])
+    logp = fn(params, put(part.ids), put(part.mask), put(part.response_mask))
+    out.append(shd.to_host(logp)[: min(batch_size, len(seqs) - start)])
   return np.concatenate(out)
 
 
@@ -124,8 +129,22 @@ def run_dpo_stage(
   models, _, ref_params, _ = ActorCritic.build(policy, None, None)
   graphdef = models.policy
   frozen = ppo.Frozen(ref_params=ref_params, reward_params=None)
-  fns = rollout.make_step_fns(models, optax.identity(), hp)
-  kw = dict(batch_size=s.ppo_run.batch_size, scorer=rl.Scorer(), gold=gold, seed=s.seed + 1)
+  placement = None
+  if mesh is not None:  # sampled as PPO samples: the policy and the reference by the rules
+    like = jax.eval_shape(
+      functools.partial(ppo.init_state, tx=optax.identity(), hp=hp, seed=0), {"policy": ref_params}
+    )
+    placement = rollout.Placement.build(mesh, like, frozen, optax.identity())
+    frozen = shd.place(frozen, placement.frozen)
+    ref_params = frozen.ref_params
+  fns = rollout.make_step_fns(models, optax.identity(), hp, placement=placement)
+  kw = dict(
+    batch_size=s.ppo_run.batch_size,
+    scorer=rl.Scorer(),
+    gold=gold,
+    seed=s.seed + 1,
+    placement=placement,
+  )
 
   def held_out_samples(p) -> dict[str, float]:
     if not len(eval_prompts):
@@ -134,7 +153,9 @@ def run_dpo_stage(
     return {k: v for k, v in row.items() if k != "score"}  # nothing scores DPO's samples
 
   bs = s.dpo.batch_size
-  ref = [tuple(reference_logprobs(graphdef, ref_params, x, bs) for x in p) for p in pairs]
+  ref = [
+    tuple(reference_logprobs(graphdef, ref_params, x, bs, mesh=mesh) for x in p) for p in pairs
+  ]
   total, every = s.dpo.steps(len(train_pairs[0])), s.dpo_run.eval_every
   curve: dict[str, writers.MetricsWriter] = {}  # opened at the first step trained here
   clock = {"eval": 0.0, "done": None}
@@ -182,4 +203,6 @@ def run_dpo_stage(
   # The training steps alone, of this invocation (a resumed stage's steps after its checkpoint)
   held_out["train_seconds"] = (clock["done"] or t0) - t0 - clock["eval"]
   after = held_out_samples(params)
+  if jax.process_count() > 1:  # save_pretrained needs whole arrays on this host
+    params = jax.tree.map(shd.to_host, params)
   return rl.PPOResult(nnx.merge(graphdef, params), before, after, []), held_out

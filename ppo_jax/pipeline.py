@@ -203,12 +203,10 @@ def preflight(s: Settings):
   the reward and gold functions (imported), the data files, and the folders a run would load only
   after SFT."""
   mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here
-  if s.algo == "dpo" and jax.process_count() > 1:  # config_checks sees only distributed.*
-    raise ValueError(
-      f"config.algo='dpo' runs in one process for now ({jax.process_count()} processes here)"
-    )
-  if mesh.size > 1 and s.algo != "dpo":
+  if mesh.size > 1:  # DPO samples its evaluations in batches of ppo.batch_size too
     shd.check_batch(s.ppo_run.batch_size, mesh, "config.ppo.batch_size")
+    if s.algo == "dpo":
+      shd.check_batch(s.dpo.batch_size, mesh, "config.dpo.batch_size")
   for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
     if path and (field != "config.reward.fn" or s.reward.source == "function"):
       load_reward_fn(path, what=field)

@@ -117,3 +117,36 @@ def test_two_processes_match_one(tmp_path):
   saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir())
   assert saved and saved[-1] < 200 and saved[-1] == len(_rows(stopped))
   assert f"by a signal to another process after step {saved[-1]}; checkpoint saved" in outs[0][0]
+
+
+def test_dpo_in_two_processes_matches_one(tmp_path):
+  """DPO from the same SFT policy: per-step metrics and the held-out sampling evaluations of two
+  processes × two devices are those of one process × four."""
+  dpo = ["--config.algo=dpo", "--config.dpo.batch_size=16", "--config.dpo.eval_every=5"]
+  dpo += ["--config.data.eval_prompts=32"]  # sampled on the mesh, two batches of 16
+  single = tmp_path / "one_process"
+  proc = _launch(single, 4, *dpo)
+  _, err = proc.communicate(timeout=900)
+  assert proc.returncode == 0, err[-3000:]
+
+  multi = tmp_path / "two_processes"
+  multi.mkdir()
+  shutil.copytree(single / "sft", multi / "sft")
+  procs = _launch_two(multi, *dpo)
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  assert "2 process(es)" in outs[0][0] and outs[1][0] == ""
+  for name in ("dpo_metrics.jsonl", "metrics.jsonl"):  # training steps; held-out samples
+    a, b = (
+      [json.loads(line) for line in (w / name).read_text().splitlines()] for w in (single, multi)
+    )
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) > 1, name
+    for x, y in zip(a, b, strict=True):
+      for k, v in x.items():
+        if not k.startswith(("time/", "tokens_per_s")):
+          assert y[k] == pytest.approx(v, rel=1e-3, abs=1e-5), (name, x["step"], k)
+  assert (multi / "policy" / "model.safetensors").exists()
+  assert sorted(p.name for p in (multi / "dpo_checkpoints").iterdir()) == sorted(
+    p.name for p in (single / "dpo_checkpoints").iterdir()
+  )
