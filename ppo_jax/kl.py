@@ -27,7 +27,10 @@ def kl_estimate(logp_BxT: ArrayLike, ref_logp_BxT: ArrayLike, *, kind: str = "k1
     kind: ``"k1"``, ``"k2"`` or ``"k3"``.
 
   Returns:
-    ``[B, T]`` per-token estimates (mask them before reducing).
+    ``[B, T]`` per-token estimates (mask them before reducing). This function takes no mask: an
+    ``inf`` log-probability gives an ``inf`` estimate, which a masked reduction keeps out of the
+    value but, for k2 and k3, not out of the gradient; select the inputs with ``jnp.where`` first
+    when masked positions may hold one.
 
   >>> [round(float(kl_estimate(jnp.log(0.5), jnp.log(0.25), kind=k)), 4) for k in KL_KINDS]
   [0.6931, 0.2402, 0.1931]

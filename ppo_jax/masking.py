@@ -76,7 +76,7 @@ def masked_var(x: ArrayLike, mask: ArrayLike, *, unbiased: bool = True) -> jax.A
   when fewer than two entries (one, unbiased) are real.
   """
   mean = masked_mean(x, mask)
-  sq = masked_sum(jnp.square(jnp.asarray(x, mean.dtype) - mean), mask)
+  sq = jnp.sum(jnp.square(_centred(x, mask, mean)))
   n = masked_count(mask).astype(mean.dtype)
   denom = n - 1.0 if unbiased else n
   return jnp.where(denom > 0, sq / jnp.maximum(denom, 1.0), 0.0)
@@ -104,10 +104,16 @@ def masked_whiten(x: ArrayLike, mask: ArrayLike, *, shift_mean: bool = True) -> 
   check_same_shape(x=x, mask=mask)
   mean = masked_mean(x, mask)
   var = masked_var(x, mask)
-  w = (jnp.asarray(x, mean.dtype) - mean) * jax.lax.rsqrt(var + 1e-8)
+  w = _centred(x, mask, mean) * jax.lax.rsqrt(var + 1e-8)
   if not shift_mean:
     w = w + mean
   return jnp.where(as_bool_mask(mask), w, 0.0)
+
+
+def _centred(x: ArrayLike, mask: ArrayLike, mean: jax.Array) -> jax.Array:
+  """``x − x̄`` where the mask is 1, 0 elsewhere: selected before anything multiplies it, so an
+  ``inf`` at a masked position sends no ``0·inf`` into the gradient of the mean or variance."""
+  return jnp.where(as_bool_mask(mask), jnp.asarray(x, mean.dtype) - mean, 0.0)
 
 
 def aggregate(loss_BxT: ArrayLike, mask_BxT: ArrayLike, agg: str = "token-mean") -> jax.Array:
