@@ -5,7 +5,8 @@ The maths layer is re-exported here so a notebook needs one import::
   import ppo_jax as pj
   loss, metrics = pj.policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2)
 
-Models, checkpoints and sampling live in ``ppo_jax.models`` and ``ppo_jax.generate``.
+Models live in ``ppo_jax.models``, sampling in ``ppo_jax.sampling`` (``pj.generate``), checkpoints
+in ``ppo_jax.checkpoint``.
 """
 
 from ppo_jax import models, synthetic, tokenizer

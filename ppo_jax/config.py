@@ -87,7 +87,7 @@ class RewardSettings:
 @dataclasses.dataclass(frozen=True)
 class PPORunSettings:
   iterations: int = 100
-  batch_size: int = 64  # prompts per iteration
+  batch_size: int = 64  # responses per iteration (batch_size // group_size prompts)
   value_head_on_policy: bool = False  # critic = a head on the policy's trunk (less memory)
   critic_init: str = "reward_model"  # reward_model | policy (trunk + zero-initialised head)
   critic_lr_scale: float = 1.0  # critic's learning rate / the policy's; ignored without a critic

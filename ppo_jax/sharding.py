@@ -31,7 +31,7 @@ BATCH = ("data", "fsdp")
 RULES: tuple[tuple[str, P], ...] = (
   (r"(^|/)embed/embedding$", P("tensor", "fsdp")),  # [V, D]
   (r"(^|/)pos_embed/embedding$", P(None, "fsdp")),  # [positions, D]
-  (r"/attn/[qkv]/kernel$", P("fsdp", "tensor")),  # [D, heads·hd]: heads over tensor
+  (r"/attn/[qkv]/kernel$", P("fsdp", "tensor")),  # [D, heads·hd]: columns over tensor
   (r"/attn/[qkv]/bias$", P("tensor")),
   (r"/attn/o/kernel$", P("tensor", "fsdp")),  # [heads·hd, D]
   (r"/mlp/(gate|up)/kernel$", P("fsdp", "tensor")),  # [D, F]

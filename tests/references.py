@@ -1,4 +1,5 @@
-"""Float64 NumPy references, written as plain loops straight from DESIGN.md's definitions.
+"""Float64 NumPy references, written as plain loops straight from the definitions
+(the equations in each production function's docstring, and ../shared/DESIGN.md).
 
 They share no code with ppo_jax: each test compares a production function with one of these.
 Masked positions are skipped (never read), so garbage there cannot reach a reference result.
