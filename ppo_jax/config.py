@@ -214,11 +214,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _build(cls: type, node: ml_collections.ConfigDict, path: str, **extra: Any) -> Any:
   kwargs = {}
+  hints = typing.get_type_hints(cls)
   for f in dataclasses.fields(cls):
     if f.name in extra:
       kwargs[f.name] = extra[f.name]
     elif f.name in node:
       value = node[f.name]
+      if value is None and _leaf_type(hints[f.name]) is None:  # an experiment file's None
+        raise ValueError(f"config.{path}.{f.name}: cannot be None")
       if isinstance(value, ml_collections.ConfigDict):
         value = _build(OptimHparams, value, f"{path}.{f.name}")
       kwargs[f.name] = value

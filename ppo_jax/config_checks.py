@@ -55,7 +55,8 @@ def check_settings(s: Settings) -> None:
       raise ValueError(f"config.{field}: must be ≥ {low}, got {value}")
   if (kv := s.raw.model.num_kv_heads) is not None and kv < 1:
     raise ValueError(f"config.model.num_kv_heads: must be ≥ 1 (none: num_heads), got {kv}")
-  needs_pairs = s.algo == "dpo" or (s.rm_run.enabled and not s.reward.model)
+  trains_rm = s.algo != "dpo" and s.rm_run.enabled and not s.reward.model
+  needs_pairs = s.algo == "dpo" or trains_rm
   checks = [
     (
       s.task.label_noise > 0,
@@ -107,10 +108,13 @@ def check_settings(s: Settings) -> None:
       f"{s.ppo_run.iterations}: the policy would never train",
     ),
     (
-      s.rm.epochs > 0,
+      s.rm.epochs > 0 or not trains_rm,
       "config.rm.epochs: must be > 0 (config.rm.enabled=False skips the reward model)",
     ),
-    (s.dpo.epochs > 0, f"config.dpo.epochs: must be > 0, got {s.dpo.epochs}"),
+    (
+      s.dpo.epochs > 0 or s.algo != "dpo",
+      f"config.dpo.epochs: must be > 0, got {s.dpo.epochs}",
+    ),
     (
       s.reward.source != "function" or s.reward.fn,
       "config.reward.source='function' needs config.reward.fn='package.module:function'",
@@ -129,8 +133,8 @@ def check_settings(s: Settings) -> None:
       + (
         "DPO"
         if s.algo == "dpo"
-        else "a reward model (or set config.rm.enabled=False, with config.reward.model=FOLDER "
-        "or a reward function)"
+        else "a reward model (or give one, config.reward.model=FOLDER, or use a reward "
+        "function with config.rm.enabled=False)"
       ),
     ),
     (

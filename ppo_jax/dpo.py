@@ -90,6 +90,8 @@ def reference_logprobs(
   ``mesh``, rows split over ``('data', 'fsdp')``; every process gets all ``N``)."""
   if not len(seqs):  # no held-out pairs
     return np.zeros(0, np.float32)
+  if mesh is not None:
+    shd.check_batch(batch_size, mesh, "the DPO batch size")
   fn = jax.jit(functools.partial(sequence_logprobs, graphdef))
   put = jnp.asarray if mesh is None else lambda x: shd.place_batch(x, shd.batch_sharding(mesh))
   out = []

@@ -62,16 +62,17 @@ def export_policy(
     then = (
       f"export another step with --step (there are {others})" if others else "it is the only one"
     )
+    meta = ocp.args.Composite(meta=ocp.args.JsonRestore())
+    record = read(lambda: mgr.restore(step, args=meta).meta, directory / str(step), then)
+    if "model_config" not in record:  # checked before any array is read
+      raise ValueError(
+        f"{directory / str(step)}: its record names no model config (written by an older "
+        "ppo_jax); export the policy/ folder a finished run writes instead"
+      )
     where = ("params", "policy") if stage == "ppo" else ("params",)
-    restored = read(lambda: _restore_here(mgr, step, where), directory / str(step), then)
+    params = read(lambda: _restore_here(mgr, step, where), directory / str(step), then)
   finally:
     mgr.close()
-  params, record = restored
-  if "model_config" not in record:
-    raise ValueError(
-      f"{directory / str(step)}: its record names no model config (written by an older ppo_jax); "
-      "export the policy/ folder a finished run writes instead"
-    )
   cfg = ModelConfig.from_dict(record["model_config"])
   policy_params = _int_keys(params)
   if cfg.lora_rank:  # adapters: merged onto the base weights they were trained over
@@ -112,7 +113,7 @@ RUN_FOLDERS = (
 
 
 def _restore_here(mgr: ocp.CheckpointManager, step: int, where: tuple[str, ...]):
-  """``(policy parameters, record)`` of checkpoint ``step``: the state's subtree at ``where``
+  """The policy's parameters in checkpoint ``step``: the state's subtree at ``where``
   alone (not the critic or the optimizer's moments, which would take several times the memory),
   every array on this process's first device whatever mesh saved it (without a target orbax asks
   for the saving run's device topology)."""
@@ -125,11 +126,10 @@ def _restore_here(mgr: ocp.CheckpointManager, step: int, where: tuple[str, ...])
     target = {key: target}
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=one), target)
   state = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
-  restored = mgr.restore(step, args=ocp.args.Composite(state=state, meta=ocp.args.JsonRestore()))
-  params = restored.state
+  params = mgr.restore(step, args=ocp.args.Composite(state=state)).state
   for key in where:
     params = params[key]
-  return params, restored.meta
+  return params
 
 
 def _checkpoint_folder(workdir: pathlib.Path, stage: str | None) -> tuple[str, pathlib.Path]:
@@ -141,7 +141,7 @@ def _checkpoint_folder(workdir: pathlib.Path, stage: str | None) -> tuple[str, p
     if not directory.is_dir():
       raise FileNotFoundError(f"{directory}: no {stage.upper()} checkpoints")
     return stage, directory
-  found = {k: workdir / v for k, v in STAGE_CHECKPOINTS.items() if (workdir / v).is_dir()}
+  found = {k: workdir / v for k, v in STAGE_CHECKPOINTS.items() if _holds_any(workdir / v)}
   if not found:
     raise FileNotFoundError(
       f"{workdir}: no checkpoints/ or dpo_checkpoints/ (is it a ppo_jax workdir?)"
@@ -152,6 +152,10 @@ def _checkpoint_folder(workdir: pathlib.Path, stage: str | None) -> tuple[str, p
       "one with --stage ppo or --stage dpo"
     )
   return next(iter(found.items()))
+
+
+def _holds_any(folder: pathlib.Path) -> bool:
+  return folder.is_dir() and any(folder.iterdir())
 
 
 def _check_export_target(workdir: pathlib.Path, out: pathlib.Path) -> None:

@@ -26,11 +26,12 @@ def kl_estimate(logp_BxT: ArrayLike, ref_logp_BxT: ArrayLike, *, kind: str = "k1
     ref_logp_BxT: the same tokens under the reference policy, ``[B, T]``.
     kind: ``"k1"``, ``"k2"`` or ``"k3"``.
 
+  This function takes no mask: an ``inf`` log-probability gives an ``inf`` estimate, which a
+  masked reduction keeps out of the value but, for k2 and k3, not out of the gradient; select the
+  inputs with ``jnp.where`` first when masked positions may hold one.
+
   Returns:
-    ``[B, T]`` per-token estimates (mask them before reducing). This function takes no mask: an
-    ``inf`` log-probability gives an ``inf`` estimate, which a masked reduction keeps out of the
-    value but, for k2 and k3, not out of the gradient; select the inputs with ``jnp.where`` first
-    when masked positions may hold one.
+    ``[B, T]`` per-token estimates (mask them before reducing).
 
   >>> [round(float(kl_estimate(jnp.log(0.5), jnp.log(0.25), kind=k)), 4) for k in KL_KINDS]
   [0.6931, 0.2402, 0.1931]

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ppo_jax import checkpoint, data, rl, supervised, synthetic, writers
+from ppo_jax import checkpoint, data, rl, synthetic, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import build_critic
 from ppo_jax.config import Settings, base_config
@@ -31,6 +31,7 @@ from ppo_jax.stages import (
   check_reward_model,
   has_model_folder,
   init_policy,
+  note_skipped,
   run_dpo,
   run_reward_model,
   run_sft,
@@ -203,8 +204,9 @@ def preflight(s: Settings):
   the reward and gold functions (imported), the data files, and the folders a run would load only
   after SFT."""
   mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here
-  if mesh.size > 1:  # DPO samples its evaluations in batches of ppo.batch_size too
-    shd.check_batch(s.ppo_run.batch_size, mesh, "config.ppo.batch_size")
+  if mesh.size > 1:
+    if s.algo != "dpo" or s.data.eval_prompts:  # DPO samples evaluations in these batches
+      shd.check_batch(s.ppo_run.batch_size, mesh, "config.ppo.batch_size")
     if s.algo == "dpo":
       shd.check_batch(s.dpo.batch_size, mesh, "config.dpo.batch_size")
   for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
@@ -219,6 +221,8 @@ def preflight(s: Settings):
         folder = pathlib.Path(path).is_dir()
         why = "is a folder; expected a JSONL file" if folder else "no such file"
         raise data.DataError(f"config.data.{field}: {path}: {why}")
+  if s.model.tokenizer and not pathlib.Path(s.model.tokenizer).is_dir():
+    raise FileNotFoundError(f"config.model.tokenizer: {s.model.tokenizer}: no such folder")
   if s.model.init != "scratch":
     try:
       load_hf_config(s.model.init)
@@ -287,7 +291,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   banner("2/3 reward model")
   if s.algo == "dpo":  # whatever rm.* says: DPO learns from the pairs themselves
     print("DPO trains on the preference pairs directly: no reward model")
-    supervised.note_skipped(workdir, "rm")
+    note_skipped(workdir, "rm")
     reward_model, rm_eval = None, {}
   else:
     reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir, mesh=mesh)

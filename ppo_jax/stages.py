@@ -137,6 +137,16 @@ def check_reward_model(folder: str) -> None:
     )
 
 
+def note_skipped(workdir: pathlib.Path, name: str) -> None:
+  """Names stage ``name``'s checkpoints when a run skips that stage: they are left as they are."""
+  directory = pathlib.Path(workdir) / f"{name}_checkpoints"
+  if directory.is_dir() and any(directory.iterdir()):
+    print(
+      f"note: {directory} holds checkpoints of the {name} stage, which this run skips; they are "
+      "left as they are (--noresume refuses a workdir holding them: delete the folder if stale)"
+    )
+
+
 def run_sft(
   s: Settings,
   policy: CausalLM,
@@ -151,7 +161,7 @@ def run_sft(
     return _reuse(out, dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
   if not inputs.sft or s.sft.epochs == 0:
     print("no SFT (no data.sft file, or sft.epochs=0)")
-    supervised.note_skipped(workdir, "sft")
+    note_skipped(workdir, "sft")
     return policy, {}
   seqs = data.load_sft(inputs.sft, inputs.tokenizer, layout)
   train_idx, eval_idx = data.split_holdout(len(seqs), s.sft.eval_fraction, seed=s.seed)
@@ -250,7 +260,7 @@ def run_reward_model(
   out = workdir / "reward_model"
   kw = dict(dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
   if s.reward.model or not s.rm_run.enabled:
-    supervised.note_skipped(workdir, "rm")
+    note_skipped(workdir, "rm")
   if s.reward.model:
     print(f"reward model: {s.reward.model}")
     check_reward_model(s.reward.model)

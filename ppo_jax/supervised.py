@@ -181,16 +181,6 @@ def drop_checkpoints(workdir: pathlib.Path, name: str) -> None:
     shutil.rmtree(pathlib.Path(workdir) / f"{name}_checkpoints", ignore_errors=True)
 
 
-def note_skipped(workdir: pathlib.Path, name: str) -> None:
-  """Names stage ``name``'s checkpoints when a run skips that stage: they are left as they are."""
-  directory = pathlib.Path(workdir) / f"{name}_checkpoints"
-  if directory.is_dir() and any(directory.iterdir()):
-    print(
-      f"note: {directory} holds checkpoints of the {name} stage, which this run skips; they are "
-      "left as they are (--noresume refuses a workdir holding them: delete the folder if stale)"
-    )
-
-
 def fit(
   name: str,
   params,

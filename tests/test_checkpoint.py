@@ -18,6 +18,7 @@ from flax import nnx
 
 import ppo_jax as pj
 from ppo_jax import checkpoint, main, optim, pipeline, ppo, writers
+from ppo_jax.export import export_policy
 from ppo_jax.rl import NonFiniteError
 
 TIMING = ("time/", "tokens_per_s")
@@ -225,9 +226,10 @@ def test_iterations_below_the_saved_step_are_refused(smoke_run, tmp_path):
 
 
 def _damage(folder):
-  """Cuts the largest file of a checkpoint in half, as a full disk or an interrupted copy would."""
+  """Cuts the largest file of a checkpoint short, as a full disk or an interrupted copy would: to
+  its first 64 bytes, so that the policy's arrays (all an export reads) are cut off too."""
   largest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+  largest.write_bytes(largest.read_bytes()[:64])
 
 
 # tensorstore's late callbacks into orbax's closed event loop ("Event loop is closed")
@@ -252,6 +254,17 @@ def test_a_damaged_checkpoint_is_named_in_one_line(smoke_run, tmp_path):
   assert "15 cannot be read, it is damaged or incomplete (ValueError: " in proc.stderr
   assert proc.stderr.endswith("; export another step with --step (there are [10])\n")
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "15"]  # untouched
+
+
+def test_a_checkpoint_whose_record_names_no_model_is_refused_before_reading_it(tmp_path):
+  """A DPO checkpoint of an older ppo_jax (its record has no model config): one line, and
+  nothing is written."""
+  settings = checkpoint.CheckpointSettings(async_save=False)
+  with checkpoint.Checkpointer(tmp_path / "dpo_checkpoints", settings) as ckpt:
+    ckpt.save(5, {"params": {"w": jnp.ones((2, 2))}}, {"config": {}, "step": 5})
+  with pytest.raises(ValueError, match=r"dpo_checkpoints/5: its record names no model config"):
+    export_policy(tmp_path, tmp_path / "out")
+  assert not (tmp_path / "out").exists()
 
 
 def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys):

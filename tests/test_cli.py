@@ -41,7 +41,7 @@ def _cli(*args):
     ("--config.sft.batch_size=0", "config.sft.batch_size: must be ≥ 1, got 0"),
     ("--config.sft.epochs=-1", "config.sft.epochs: must be ≥ 0, got -1"),
     ("--config.rm.epochs=0", "config.rm.epochs: must be > 0 (config.rm.enabled=False skips the"),
-    ("--config.dpo.epochs=0", "config.dpo.epochs: must be > 0, got 0"),
+    (["--config.algo=dpo", "--config.dpo.epochs=0"], "config.dpo.epochs: must be > 0, got 0"),
     ("--config.rm.eval_fraction=1.0", "config.rm.eval_fraction: must be in [0, 1), got 1.0"),
     ("--config.data.max_response_len=0", "config.data.max_prompt_len and .max_response_len"),
     ("--config.log.samples_every=-1", "config.log.samples_every: must be ≥ 0 (0: never)"),
@@ -61,6 +61,10 @@ def _cli(*args):
     ("--config.ppo.dual_clip=1.0", "config.ppo.dual_clip: must be > 1 (none: off), got 1.0"),
     ("--config.ppo.kl_target=0", "config.ppo.kl_target: must be > 0, got 0.0"),
     ("--config.ppo.lam=1.5", "config.ppo.lam: must be in [0, 1], got 1.5"),
+    ("--config.ppo.gamma=-0.1", "config.ppo.gamma: must be in [0, 1], got -0.1"),
+    ("--config.ppo.vf_clip=0", "config.ppo.vf_clip: must be > 0 (none: off), got 0.0"),
+    ("--config.ppo.vf_coef=-1", "config.ppo.vf_coef: must be ≥ 0, got -1.0"),
+    ("--config.ppo.clip_eps_high=0", "config.ppo.clip_eps_high: must be > 0, got 0.0"),
     (
       ["--config.algo=dpo", "--config.ppo.lora_rank=4"],
       "config.ppo.lora_rank: DPO trains the full weights",
@@ -76,6 +80,27 @@ def test_config_errors_are_one_line(tmp_path, override, expected):
   assert not (tmp_path / "w").exists()  # refused before anything is written
 
 
+def test_what_a_run_does_not_use_is_not_refused():
+  """rm.epochs=0 without a reward model to train, critic_init='reward_model' with the value head
+  on the policy (which ignores it): accepted. A None an experiment file sets is named."""
+  from ppo_jax.config import Settings, load_experiment
+
+  config = load_experiment(ROOT / "experiments" / "default.py", None)
+  config.reward.update(source="function", fn="reward_fns:length")
+  config.rm.update(enabled=False, epochs=0.0)
+  config.ppo.value_head_on_policy = True
+  assert Settings.from_config(config).ppo_run.critic_init == "reward_model"
+  config.ppo.value_head_on_policy = False
+  with pytest.raises(ValueError, match="critic_init='reward_model' needs a reward model"):
+    Settings.from_config(config)
+  dpo = load_experiment(ROOT / "experiments" / "dpo.py", None)
+  dpo.rm.epochs = 0.0  # DPO trains no reward model
+  Settings.from_config(dpo)
+  dpo.ppo.gamma = None
+  with pytest.raises(ValueError, match=r"^config\.ppo\.gamma: cannot be None$"):
+    Settings.from_config(dpo)
+
+
 def test_a_files_run_is_checked_for_its_data_before_any_work(tmp_path):
   (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n')
   files = [f"--config={EXPERIMENT}", f"--workdir={tmp_path / 'w'}", "--config.task.name=files"]
@@ -83,7 +108,8 @@ def test_a_files_run_is_checked_for_its_data_before_any_work(tmp_path):
   code, _, err = _cli(*files)
   assert code == 2 and err.endswith(
     "config.task.name='files' needs config.data.preferences=FILE.jsonl to train a reward model "
-    "(or set config.rm.enabled=False, with config.reward.model=FOLDER or a reward function)"
+    "(or give one, config.reward.model=FOLDER, or use a reward function with "
+    "config.rm.enabled=False)"
   ), err
   code, _, err = _cli(*files, "--config.algo=dpo")
   assert code == 2 and err.endswith("needs config.data.preferences=FILE.jsonl to train DPO"), err
@@ -101,6 +127,8 @@ def test_a_files_run_is_checked_for_its_data_before_any_work(tmp_path):
   assert code == 1 and err.endswith(
     f"config.data.sft: {tmp_path}: is a folder; expected a JSONL file"
   ), err
+  code, _, err = _cli(*files, f"--config.data.preferences={tmp_path / 'p.jsonl'}")
+  assert code == 1 and err.endswith("config.model.tokenizer: /nowhere: no such folder"), err
   assert not (tmp_path / "w").exists()  # all refused before the workdir is made
 
 
@@ -139,7 +167,11 @@ def test_export_names_the_checkpoints_it_cannot_choose_between(tmp_path):
     "no checkpoints/ or dpo_checkpoints/ (is it a ppo_jax workdir?)"
   ), err
   (tmp_path / "checkpoints").mkdir()
-  (tmp_path / "dpo_checkpoints").mkdir()
+  (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
+  (tmp_path / "dpo_checkpoints").mkdir()  # empty (a stage stopped before its first save): not one
+  code, _, err = export()
+  assert code == 1 and err.endswith("/checkpoints: no complete checkpoint"), err
+  (tmp_path / "dpo_checkpoints" / "notes.txt").write_text("not a checkpoint")
   code, _, err = export()
   assert code == 1 and err.endswith(
     "holds both PPO (checkpoints/) and DPO (dpo_checkpoints/) checkpoints: choose one with "
@@ -149,6 +181,8 @@ def test_export_names_the_checkpoints_it_cannot_choose_between(tmp_path):
   assert code == 1 and err.endswith("dpo_checkpoints: no complete checkpoint"), err
   code, _, err = export("--stage", "sft")
   assert code == 2 and err.startswith("ppo-jax export: error: argument --stage: invalid choice")
+  code, out, _ = _cli("export", "--help")
+  assert code == 0 and "--stage {ppo,dpo}" in out
   code, _, err = _cli("export", "--out", "x")
   assert (
     code == 2 and err == "ppo-jax export: error: the following arguments are required: --workdir"

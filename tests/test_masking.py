@@ -71,23 +71,6 @@ class TestMaskedWhiten:
     )
     np.testing.assert_allclose(got, ref.masked_whiten(x, mask, shift_mean), rtol=1e-5, atol=1e-5)
 
-  @pytest.mark.parametrize("fn", ["var", "whiten", "whiten_keep_mean"])
-  def test_inf_and_nan_at_masked_positions_reach_no_gradient(self, fn):
-    """The gradient with inf/nan where the mask is 0 is the gradient with zeros there."""
-    f = {
-      "var": lambda x, m: masking.masked_var(x, m),
-      "whiten": lambda x, m: jnp.sum(pj.masked_whiten(x, m) * jnp.arange(1.0, 5.0)),
-      "whiten_keep_mean": lambda x, m: jnp.sum(
-        pj.masked_whiten(x, m, shift_mean=False) * jnp.arange(1.0, 5.0)
-      ),
-    }[fn]
-    m = jnp.array([[1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]]).reshape(2, 4)
-    clean = jnp.array([[1.0, 0.0, 0.0, 3.0], [2.0, 0.0, -1.0, 4.0]])
-    dirty = clean.at[0, 1].set(jnp.inf).at[0, 2].set(jnp.nan).at[1, 1].set(-jnp.inf)
-    want = jax.grad(f)(clean, m)
-    assert bool(jnp.all(jnp.isfinite(want))) and float(jnp.abs(want).sum()) > 0
-    np.testing.assert_array_equal(jax.grad(f)(dirty, m), want)
-
   def test_whitened_moments(self):
     rng = np.random.default_rng(4)
     x = rng.normal(loc=5.0, scale=4.0, size=(8, 16))
@@ -129,3 +112,21 @@ class TestAggregate:
       pj.aggregate(jnp.ones((1, 2)), jnp.ones((1, 2)), "mean")
     with pytest.raises(ValueError, match="unknown agg"):
       pj.agg_weight(jnp.ones((1, 2)), "sum")
+
+
+@pytest.mark.parametrize("fn", ["var", "whiten", "whiten_keep_mean"])
+def test_inf_and_nan_at_masked_positions_reach_no_gradient_of_var_or_whiten(fn):
+  """The gradient with inf/nan where the mask is 0 is the gradient with zeros there."""
+  f = {
+    "var": lambda x, m: masking.masked_var(x, m),
+    "whiten": lambda x, m: jnp.sum(masking.masked_whiten(x, m) * jnp.arange(1.0, 5.0)),
+    "whiten_keep_mean": lambda x, m: jnp.sum(
+      masking.masked_whiten(x, m, shift_mean=False) * jnp.arange(1.0, 5.0)
+    ),
+  }[fn]
+  m = jnp.array([[1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]]).reshape(2, 4)
+  clean = jnp.array([[1.0, 0.0, 0.0, 3.0], [2.0, 0.0, -1.0, 4.0]])
+  dirty = clean.at[0, 1].set(jnp.inf).at[0, 2].set(jnp.nan).at[1, 1].set(-jnp.inf)
+  want = jax.grad(f)(clean, m)
+  assert bool(jnp.all(jnp.isfinite(want))) and float(jnp.abs(want).sum()) > 0
+  np.testing.assert_array_equal(jax.grad(f)(dirty, m), want)

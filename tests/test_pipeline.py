@@ -353,3 +353,32 @@ def test_a_pad_that_is_only_the_eos_fallback_is_not_saved():
   assert stages._tokenizer_ids(gpt2, tok, "gpt2") == gpt2
   own_pad = types.SimpleNamespace(eos_token_id=5, pad_token_id=0, bos_token_id=None)
   assert stages._tokenizer_ids(gpt2, own_pad, "gpt2").pad_token_id == 0  # a real pad is kept
+
+
+def test_a_skipped_stage_names_the_checkpoints_it_leaves(tmp_path, capsys):
+  """A stage this config skips (sft.epochs=0, rm.enabled=False) keeps its checkpoints and says so:
+  ``--noresume`` would refuse the workdir for them."""
+  import types
+
+  from conftest import smoke_config
+
+  from ppo_jax import stages
+  from ppo_jax.config import Settings
+
+  config = smoke_config(sft__epochs=0, rm__enabled=False, ppo__critic_init="policy")
+  config.reward.update(source="function", fn="reward_fns:length")  # no reward model needed
+  s = Settings.from_config(config)
+  inputs = types.SimpleNamespace(sft="sft.jsonl", preferences="pairs.jsonl")
+  stages.run_sft(s, None, inputs, None, tmp_path)
+  stages.run_reward_model(s, None, inputs, None, tmp_path)
+  assert "note:" not in capsys.readouterr().out  # nothing left, nothing said
+  for name in ("sft", "rm"):
+    (tmp_path / f"{name}_checkpoints" / "40").mkdir(parents=True)
+  assert stages.run_sft(s, "policy", inputs, None, tmp_path) == ("policy", {})
+  assert stages.run_reward_model(s, None, inputs, None, tmp_path) == (None, {})
+  lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note:")]
+  assert [x.split()[1] for x in lines] == [
+    str(tmp_path / f"{n}_checkpoints") for n in ("sft", "rm")
+  ]
+  assert all("which this run skips; they are left as they are" in x for x in lines)
+  assert (tmp_path / "sft_checkpoints" / "40").is_dir() and (tmp_path / "rm_checkpoints").is_dir()
