@@ -147,10 +147,21 @@ def fingerprint(*arrays: np.ndarray) -> str:
   return h.hexdigest()[:16]
 
 
-# What each stage reads besides its own section. DPO also reads the SFT policy (its reference, so
-# sft.*) and samples its evaluations as the RL stages do (ppo.*).
-STAGE_FIELDS = ("seed", "task.", "data.", "model.")
-EXTRA_FIELDS = {"dpo": ("sft.", "ppo.")}
+# What each stage reads, as config prefixes: the task, the model, its own section, its training
+# file and the layout of its rows (the fingerprint checks the rows themselves). DPO also reads the
+# SFT policy (its reference, so sft.*) and samples its evaluations on the prompts as the RL stages
+# do (ppo.*).
+READ_BY_EVERY_STAGE = ("seed", "task.", "model.", "data.max_", "data.prompt_overflow")
+READ_BY = {
+  "sft": ("data.sft",),
+  "rm": ("data.preferences",),
+  "dpo": ("data.preferences", "data.prompts", "sft.", "ppo."),
+}
+
+
+def stage_fields(name: str) -> tuple[str, ...]:
+  """The config fields (dotted prefixes) a checkpoint of stage ``name`` must agree on."""
+  return (*READ_BY_EVERY_STAGE, f"{name}.", *READ_BY[name])
 
 
 @contextlib.contextmanager
@@ -167,7 +178,7 @@ def stage_checkpoints(
     yield Checkpoints(
       ckpt,
       json.loads(s.raw.to_json_best_effort()),
-      (*STAGE_FIELDS, f"{name}.", *EXTRA_FIELDS.get(name, ())),
+      stage_fields(name),
       json.loads(base_config().to_json_best_effort()),
       fingerprint=fingerprint(*data),
       save_at_end=name == "dpo",

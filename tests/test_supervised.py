@@ -139,3 +139,32 @@ def test_the_fingerprint_tells_values_dtypes_and_shapes_apart():
     (a.reshape(2, 3).astype(np.int64), a[::2]),  # dtype
   ]
   assert len({supervised.fingerprint(*x) for x in others} | {same}) == 4
+
+
+@pytest.mark.parametrize(
+  "field,refused_by",
+  [
+    ("data.sft", {"sft"}),
+    ("data.preferences", {"rm", "dpo"}),
+    ("data.prompts", {"dpo"}),  # DPO samples its evaluations on them
+    ("data.max_response_len", {"sft", "rm", "dpo"}),  # the rows' layout
+    ("sft.batch_size", {"sft", "dpo"}),  # DPO's reference is the SFT policy
+    ("ppo.temperature", {"dpo"}),  # DPO's evaluation sampler
+    ("task.num_pairs", {"sft", "rm", "dpo"}),
+  ],
+)
+def test_a_stage_resumes_after_changes_to_fields_it_does_not_read(field, refused_by):
+  import copy
+  import json
+
+  from ppo_jax.checkpoint import config_differences
+  from ppo_jax.config import base_config
+
+  saved = json.loads(base_config().to_json_best_effort())
+  now = copy.deepcopy(saved)
+  section, name = field.split(".")
+  now[section][name] = "other.jsonl" if name in ("sft", "preferences", "prompts") else 3
+  for stage in ("sft", "rm", "dpo"):
+    diffs = config_differences(saved, now, only=supervised.stage_fields(stage))
+    assert bool(diffs) == (stage in refused_by), (stage, diffs)
+    assert all(d.startswith(f"{field}: ") for d in diffs)
