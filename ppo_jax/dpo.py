@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ppo_jax import ppo, rl, rollout, supervised, writers
+from ppo_jax import ppo, rl, rollout, stage_checkpoints, supervised, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic, policy_logits
 from ppo_jax.data import Sequences
@@ -181,7 +181,7 @@ def run_dpo_stage(
   try:
     data_arrays = [x for q in train_pairs for x in (q.ids, q.mask, q.response_mask)]
     meta = export_record(policy.cfg, tokenizer_path)
-    with supervised.stage_checkpoints(s, workdir, "dpo", *data_arrays, meta=meta) as checkpoints:
+    with stage_checkpoints.for_stage(s, workdir, "dpo", *data_arrays, meta=meta) as checkpoints:
       params, held_out = supervised.fit(
         "dpo",
         ref_params,

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ppo_jax import checkpoint, data, rl, synthetic, writers
+from ppo_jax import checkpoint, data, rl, stage_checkpoints, synthetic, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import build_critic
 from ppo_jax.config import Settings, base_config
@@ -31,7 +31,6 @@ from ppo_jax.stages import (
   check_reward_model,
   has_model_folder,
   init_policy,
-  note_skipped,
   run_dpo,
   run_reward_model,
   run_sft,
@@ -291,7 +290,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   banner("2/3 reward model")
   if s.algo == "dpo":  # whatever rm.* says: DPO learns from the pairs themselves
     print("DPO trains on the preference pairs directly: no reward model")
-    note_skipped(workdir, "rm")
+    stage_checkpoints.note_skipped(workdir, "rm")
     reward_model, rm_eval = None, {}
   else:
     reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir, mesh=mesh)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 from flax import nnx
 
-from ppo_jax import data, dpo, supervised
+from ppo_jax import data, dpo, stage_checkpoints, supervised
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.models.hf import load_hf_config
 from ppo_jax.models.lora import check_targets
@@ -137,16 +137,6 @@ def check_reward_model(folder: str) -> None:
     )
 
 
-def note_skipped(workdir: pathlib.Path, name: str) -> None:
-  """Names stage ``name``'s checkpoints when a run skips that stage: they are left as they are."""
-  directory = pathlib.Path(workdir) / f"{name}_checkpoints"
-  if directory.is_dir() and any(directory.iterdir()):
-    print(
-      f"note: {directory} holds checkpoints of the {name} stage, which this run skips; they are "
-      "left as they are (--noresume refuses a workdir holding them: delete the folder if stale)"
-    )
-
-
 def run_sft(
   s: Settings,
   policy: CausalLM,
@@ -157,11 +147,11 @@ def run_sft(
 ) -> tuple[CausalLM, dict]:
   out = workdir / "sft"
   if has_model_folder(out):
-    supervised.drop_checkpoints(workdir, "sft")  # left if a run stopped right after the save
+    stage_checkpoints.drop_checkpoints(workdir, "sft")  # left if a run stopped right after the save
     return _reuse(out, dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
   if not inputs.sft or s.sft.epochs == 0:
     print("no SFT (no data.sft file, or sft.epochs=0)")
-    note_skipped(workdir, "sft")
+    stage_checkpoints.note_skipped(workdir, "sft")
     return policy, {}
   seqs = data.load_sft(inputs.sft, inputs.tokenizer, layout)
   train_idx, eval_idx = data.split_holdout(len(seqs), s.sft.eval_fraction, seed=s.seed)
@@ -207,7 +197,7 @@ def _train_and_save(
   arrays), its model saved to ``out``, then its checkpoints dropped."""
   workdir = out.parent
   graphdef, params = nnx.split(model)
-  with supervised.stage_checkpoints(s, workdir, name, *data_arrays) as checkpoints:
+  with stage_checkpoints.for_stage(s, workdir, name, *data_arrays) as checkpoints:
     params, held_out = supervised.fit(
       name,
       nnx.to_pure_dict(params),
@@ -224,7 +214,7 @@ def _train_and_save(
     )
   model = nnx.merge(graphdef, params)
   _save(model, out, tokenizer, held_out)
-  supervised.drop_checkpoints(workdir, name)
+  stage_checkpoints.drop_checkpoints(workdir, name)
   return model, held_out
 
 
@@ -260,7 +250,7 @@ def run_reward_model(
   out = workdir / "reward_model"
   kw = dict(dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
   if s.reward.model or not s.rm_run.enabled:
-    note_skipped(workdir, "rm")
+    stage_checkpoints.note_skipped(workdir, "rm")
   if s.reward.model:
     print(f"reward model: {s.reward.model}")
     check_reward_model(s.reward.model)
@@ -268,7 +258,7 @@ def run_reward_model(
   if not s.rm_run.enabled:
     return None, {}
   if has_model_folder(out):
-    supervised.drop_checkpoints(workdir, "rm")
+    stage_checkpoints.drop_checkpoints(workdir, "rm")
     return _reuse(out, kind="reward", **kw)
   if not inputs.preferences:
     raise ValueError("config.rm.enabled=True needs config.data.preferences=FILE.jsonl")

@@ -6,14 +6,10 @@ Both train a plain-dict parameter tree with one jitted step over fixed-shape bat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import pathlib
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -31,9 +27,10 @@ from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
 from ppo_jax.optim import OptimHparams, make_optimizer
 from ppo_jax.preference import bradley_terry_loss
+from ppo_jax.stage_checkpoints import Checkpoints
 
 if TYPE_CHECKING:
-  from ppo_jax.config import Settings
+  pass
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -117,79 +114,6 @@ def pair_batch(pairs: tuple[Sequences, Sequences], idx: np.ndarray) -> Batch:
 
 
 Rows = tuple[Callable[[np.ndarray], Batch], int]  # (make_batch(row_indices), number of rows)
-
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoints:
-  """A supervised stage's checkpoints: written by ``checkpointer`` every
-  ``checkpointer.settings.supervised_every`` steps, on preemption and (``save_at_end``) after the
-  last step. A stage resumes from the latest only if its config agrees with ``config`` in the
-  fields under ``fields`` (``defaults``: every field's default, for fields added since the save)
-  and its training data has the same ``fingerprint``. ``meta`` goes into every checkpoint's
-  record (what ``ppo-jax export`` needs of a policy: ``export.export_record``)."""
-
-  checkpointer: Checkpointer
-  config: dict[str, Any]
-  fields: tuple[str, ...]
-  defaults: dict[str, Any] | None = None
-  fingerprint: str = ""
-  save_at_end: bool = True
-  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def fingerprint(*arrays: np.ndarray) -> str:
-  """A digest of arrays' dtypes, shapes and values: the training data a checkpoint was made on."""
-  h = hashlib.sha256()
-  for a in arrays:
-    a = np.ascontiguousarray(a)
-    h.update(f"{a.dtype}{a.shape}".encode())
-    h.update(memoryview(a).cast("B"))
-  return h.hexdigest()[:16]
-
-
-# What each stage reads, as config prefixes: the task, the model, its own section, its training
-# file and the layout of its rows (the fingerprint checks the rows themselves). DPO also reads the
-# SFT policy (its reference, so sft.*) and samples its evaluations on the prompts as the RL stages
-# do (ppo.*).
-READ_BY_EVERY_STAGE = ("seed", "task.", "model.", "data.max_", "data.prompt_overflow")
-READ_BY = {
-  "sft": ("data.sft",),
-  "rm": ("data.preferences",),
-  "dpo": ("data.preferences", "data.prompts", "sft.", "ppo."),
-}
-
-
-def stage_fields(name: str) -> tuple[str, ...]:
-  """The config fields (dotted prefixes) a checkpoint of stage ``name`` must agree on."""
-  return (*READ_BY_EVERY_STAGE, f"{name}.", *READ_BY[name])
-
-
-@contextlib.contextmanager
-def stage_checkpoints(
-  s: Settings, workdir: pathlib.Path, name: str, *data: np.ndarray, meta: dict | None = None
-) -> Iterator[Checkpoints]:
-  """The ``Checkpoints`` of stage ``name`` (sft, rm, dpo) in ``WORKDIR/{name}_checkpoints`` over
-  the training arrays ``data``, with ``meta`` in their records. SFT's and the reward model's are
-  deleted when the stage's folder is written (``drop_checkpoints``), so they skip the save after
-  the last step; DPO's stay."""
-  from ppo_jax.config import base_config  # config imports this module
-
-  with Checkpointer(pathlib.Path(workdir) / f"{name}_checkpoints", s.checkpoint) as ckpt:
-    yield Checkpoints(
-      ckpt,
-      json.loads(s.raw.to_json_best_effort()),
-      stage_fields(name),
-      json.loads(base_config().to_json_best_effort()),
-      fingerprint=fingerprint(*data),
-      save_at_end=name == "dpo",
-      meta=meta or {},
-    )
-
-
-def drop_checkpoints(workdir: pathlib.Path, name: str) -> None:
-  """Deletes stage ``name``'s checkpoints (its model folder, now written, supersedes them)."""
-  if shd.is_main_process():
-    shutil.rmtree(pathlib.Path(workdir) / f"{name}_checkpoints", ignore_errors=True)
 
 
 def fit(

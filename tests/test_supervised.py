@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ppo_jax import checkpoint, supervised
+from ppo_jax import checkpoint, stage_checkpoints, supervised
 from ppo_jax.data import Sequences
 from ppo_jax.models import CausalLM, ModelConfig
 from ppo_jax.optim import OptimHparams
@@ -67,7 +67,7 @@ def _train(folder=None, *, stop_after=None, every=0, config=CONFIG, rows=None, d
     checkpoints = None
     if folder is not None:
       ckpt = stack.enter_context(checkpoint.Checkpointer(folder, settings))
-      checkpoints = supervised.Checkpoints(ckpt, config, FIELDS, fingerprint=data)
+      checkpoints = stage_checkpoints.Checkpoints(ckpt, config, FIELDS, fingerprint=data)
     try:
       return supervised.train(
         nnx.to_pure_dict(state),
@@ -127,44 +127,3 @@ def test_a_stage_of_another_config_or_other_data_is_refused(tmp_path):
   # What the stage does not read may change (PPO's section), and what changes no result (remat).
   _, rest = _train(folder, config={**CONFIG, "ppo": {"kl_coef": 0.2}, "model": {"remat": "block"}})
   assert len(rest) == 4
-
-
-def test_the_fingerprint_tells_values_dtypes_and_shapes_apart():
-  a = np.arange(6, dtype=np.int32)
-  same = supervised.fingerprint(a.reshape(2, 3), a[::2])
-  assert supervised.fingerprint(a.reshape(2, 3).copy(), np.ascontiguousarray(a[::2])) == same
-  others = [
-    (a.reshape(3, 2), a[::2]),  # shape
-    (a.reshape(2, 3), a[1::2]),  # values
-    (a.reshape(2, 3).astype(np.int64), a[::2]),  # dtype
-  ]
-  assert len({supervised.fingerprint(*x) for x in others} | {same}) == 4
-
-
-@pytest.mark.parametrize(
-  "field,refused_by",
-  [
-    ("data.sft", {"sft"}),
-    ("data.preferences", {"rm", "dpo"}),
-    ("data.prompts", {"dpo"}),  # DPO samples its evaluations on them
-    ("data.max_response_len", {"sft", "rm", "dpo"}),  # the rows' layout
-    ("sft.batch_size", {"sft", "dpo"}),  # DPO's reference is the SFT policy
-    ("ppo.temperature", {"dpo"}),  # DPO's evaluation sampler
-    ("task.num_pairs", {"sft", "rm", "dpo"}),
-  ],
-)
-def test_a_stage_resumes_after_changes_to_fields_it_does_not_read(field, refused_by):
-  import copy
-  import json
-
-  from ppo_jax.checkpoint import config_differences
-  from ppo_jax.config import base_config
-
-  saved = json.loads(base_config().to_json_best_effort())
-  now = copy.deepcopy(saved)
-  section, name = field.split(".")
-  now[section][name] = "other.jsonl" if name in ("sft", "preferences", "prompts") else 3
-  for stage in ("sft", "rm", "dpo"):
-    diffs = config_differences(saved, now, only=supervised.stage_fields(stage))
-    assert bool(diffs) == (stage in refused_by), (stage, diffs)
-    assert all(d.startswith(f"{field}: ") for d in diffs)

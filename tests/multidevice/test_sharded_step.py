@@ -242,7 +242,7 @@ def _sft_train(mesh_shape, folder=None, stop_after=None):
   step ``stop_after`` raises Preempted."""
   import signal
 
-  from ppo_jax import checkpoint, supervised
+  from ppo_jax import checkpoint, stage_checkpoints, supervised
   from ppo_jax.data import Sequences
 
   rng = np.random.default_rng(0)
@@ -258,7 +258,7 @@ def _sft_train(mesh_shape, folder=None, stop_after=None):
   checkpoints = None
   if folder is not None:
     ckpt = Checkpointer(folder, CheckpointSettings(supervised_every=0))
-    checkpoints = supervised.Checkpoints(ckpt, {"seed": 0}, ("seed",))
+    checkpoints = stage_checkpoints.Checkpoints(ckpt, {"seed": 0}, ("seed",))
   try:
     params, _ = supervised.train(
       nnx.to_pure_dict(state),

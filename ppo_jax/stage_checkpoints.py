@@ -1,0 +1,106 @@
+"""A supervised stage's checkpoints (SFT, reward model, DPO) in ``WORKDIR/{stage}_checkpoints``:
+what a resume must agree on (the config fields the stage reads, a fingerprint of its training
+rows), and their life cycle around the stage's model folder. ``supervised.train`` saves and
+resumes them."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import pathlib
+import shutil
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ppo_jax import sharding as shd
+from ppo_jax.checkpoint import Checkpointer
+
+if TYPE_CHECKING:
+  from ppo_jax.config import Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoints:
+  """A supervised stage's checkpoints: written by ``checkpointer`` every
+  ``checkpointer.settings.supervised_every`` steps, on preemption and (``save_at_end``) after the
+  last step. A stage resumes from the latest only if its config agrees with ``config`` in the
+  fields under ``fields`` (``defaults``: every field's default, for fields added since the save)
+  and its training data has the same ``fingerprint``. ``meta`` goes into every checkpoint's
+  record (what ``ppo-jax export`` needs of a policy: ``export.export_record``)."""
+
+  checkpointer: Checkpointer
+  config: dict[str, Any]
+  fields: tuple[str, ...]
+  defaults: dict[str, Any] | None = None
+  fingerprint: str = ""
+  save_at_end: bool = True
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+  """A digest of arrays' dtypes, shapes and values: the training data a checkpoint was made on."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+  return h.hexdigest()[:16]
+
+
+# What each stage reads, as config prefixes: the task, the model, its own section, its training
+# file and the layout of its rows (the fingerprint checks the rows themselves). DPO also reads the
+# SFT policy (its reference, so sft.*) and samples its evaluations on the prompts as the RL stages
+# do (ppo.*).
+READ_BY_EVERY_STAGE = ("seed", "task.", "model.", "data.max_", "data.prompt_overflow")
+READ_BY = {
+  "sft": ("data.sft",),
+  "rm": ("data.preferences",),
+  "dpo": ("data.preferences", "data.prompts", "sft.", "ppo."),
+}
+
+
+def stage_fields(name: str) -> tuple[str, ...]:
+  """The config fields (dotted prefixes) a checkpoint of stage ``name`` must agree on."""
+  return (*READ_BY_EVERY_STAGE, f"{name}.", *READ_BY[name])
+
+
+@contextlib.contextmanager
+def for_stage(
+  s: Settings, workdir: pathlib.Path, name: str, *data: np.ndarray, meta: dict | None = None
+) -> Iterator[Checkpoints]:
+  """The ``Checkpoints`` of stage ``name`` (sft, rm, dpo) in ``WORKDIR/{name}_checkpoints`` over
+  the training arrays ``data``, with ``meta`` in their records. SFT's and the reward model's are
+  deleted when the stage's folder is written (``drop_checkpoints``), so they skip the save after
+  the last step; DPO's stay."""
+  from ppo_jax.config import base_config  # config imports this module
+
+  with Checkpointer(pathlib.Path(workdir) / f"{name}_checkpoints", s.checkpoint) as ckpt:
+    yield Checkpoints(
+      ckpt,
+      json.loads(s.raw.to_json_best_effort()),
+      stage_fields(name),
+      json.loads(base_config().to_json_best_effort()),
+      fingerprint=fingerprint(*data),
+      save_at_end=name == "dpo",
+      meta=meta or {},
+    )
+
+
+def drop_checkpoints(workdir: pathlib.Path, name: str) -> None:
+  """Deletes stage ``name``'s checkpoints (its model folder, now written, supersedes them)."""
+  if shd.is_main_process():
+    shutil.rmtree(pathlib.Path(workdir) / f"{name}_checkpoints", ignore_errors=True)
+
+
+def note_skipped(workdir: pathlib.Path, name: str) -> None:
+  """Names stage ``name``'s checkpoints when a run skips that stage: they are left as they are."""
+  directory = pathlib.Path(workdir) / f"{name}_checkpoints"
+  if directory.is_dir() and any(directory.iterdir()):
+    print(
+      f"note: {directory} holds checkpoints of the {name} stage, which this run skips; they are "
+      "left as they are (--noresume refuses a workdir holding them: delete the folder if stale)"
+    )
