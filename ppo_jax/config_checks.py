@@ -142,10 +142,6 @@ def check_settings(s: Settings) -> None:
       "config.task.name='files' with config.model.init='scratch' needs config.model.tokenizer",
     ),
     (
-      s.algo != "dpo" or not s.ppo_run.lora_rank,
-      "config.ppo.lora_rank: DPO trains the full weights (LoRA adapters are for ppo, grpo, rloo)",
-    ),
-    (
       s.algo != "ppo"
       or s.ppo_run.value_head_on_policy
       or s.ppo_run.critic_init == "policy"

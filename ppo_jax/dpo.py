@@ -19,16 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from ppo_jax import ppo, rl, rollout, stage_checkpoints, supervised, writers
 from ppo_jax import sharding as shd
-from ppo_jax.actor_critic import ActorCritic, policy_logits
+from ppo_jax.actor_critic import ActorCritic, merge, policy_logits
 from ppo_jax.data import Sequences
 from ppo_jax.export import export_record
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_sum
 from ppo_jax.models import CausalLM
+from ppo_jax.models.lora import merge_lora
 from ppo_jax.preference import dpo_loss
 
 KEYS = {"gold": "gold/score", "kl": "objective/kl", "length": "response/length"}
@@ -114,6 +114,7 @@ def run_dpo_stage(
   *,
   gold=None,
   tokenizer_path: str | None = None,
+  base_policy=None,
   mesh=None,
 ) -> tuple[rl.PPOResult, dict[str, float]]:
   """Trains ``policy`` (the SFT policy, also the reference) with DPO on ``pairs``
@@ -124,21 +125,26 @@ def run_dpo_stage(
   trained policy, with the RL stages' sampler settings, which are also logged to
   ``WORKDIR/metrics.jsonl`` every ``dpo.eval_every`` steps. Its checkpoints
   (``WORKDIR/dpo_checkpoints``) name ``policy.cfg`` and ``tokenizer_path`` for ``ppo-jax export``.
+
+  A ``policy`` with LoRA adapters (``models.lora.add_lora``) trains only them: the reference is
+  its base weights with the adapters off, the optimizer holds moments of the adapters alone, the
+  checkpoints hold the adapters (``base_policy``, the base's folder, is named for the export), and
+  the returned policy has them merged.
   """
   train_pairs, eval_pairs = pairs
-  # The reference: the policy's weights, frozen; sampled with the RL stages' machinery (no
-  # critic, no reward model).
-  models, _, ref_params, _ = ActorCritic.build(policy, None, None)
-  graphdef = models.policy
-  frozen = ppo.Frozen(ref_params=ref_params, reward_params=None)
+  # The reference: the policy's weights, frozen (with LoRA: the base under the adapters); sampled
+  # with the RL stages' machinery (no critic, no reward model).
+  models, params, base, _ = ActorCritic.build(policy, None, None)
+  graphdef, start = models.policy, params["policy"]
+  frozen = ppo.Frozen(ref_params=base, reward_params=None)
   placement = None
   if mesh is not None:  # sampled as PPO samples: the policy and the reference by the rules
     like = jax.eval_shape(
-      functools.partial(ppo.init_state, tx=optax.identity(), hp=hp, seed=0), {"policy": ref_params}
+      functools.partial(ppo.init_state, tx=optax.identity(), hp=hp, seed=0), {"policy": start}
     )
     placement = rollout.Placement.build(mesh, like, frozen, optax.identity())
     frozen = shd.place(frozen, placement.frozen)
-    ref_params = frozen.ref_params
+    start = shd.place(start, placement.state.params["policy"])
   fns = rollout.make_step_fns(models, optax.identity(), hp, placement=placement)
   kw = dict(
     batch_size=s.ppo_run.batch_size,
@@ -155,9 +161,8 @@ def run_dpo_stage(
     return {k: v for k, v in row.items() if k != "score"}  # nothing scores DPO's samples
 
   bs = s.dpo.batch_size
-  ref = [
-    tuple(reference_logprobs(graphdef, ref_params, x, bs, mesh=mesh) for x in p) for p in pairs
-  ]
+  reference = models.reference_vars(start, frozen.ref_params)
+  ref = [tuple(reference_logprobs(graphdef, reference, x, bs, mesh=mesh) for x in p) for p in pairs]
   total, every = s.dpo.steps(len(train_pairs[0])), s.dpo_run.eval_every
   curve: dict[str, writers.MetricsWriter] = {}  # opened at the first step trained here
   clock = {"eval": 0.0, "done": None}
@@ -176,15 +181,15 @@ def run_dpo_stage(
     if step == total:
       clock["done"] = time.perf_counter()
 
-  before = held_out_samples(ref_params)
+  before = held_out_samples(start)  # the reference's samples: the adapters start at zero
   t0 = time.perf_counter()
   try:
     data_arrays = [x for q in train_pairs for x in (q.ids, q.mask, q.response_mask)]
-    meta = export_record(policy.cfg, tokenizer_path)
+    meta = export_record(policy.cfg, tokenizer_path, base_policy)
     with stage_checkpoints.for_stage(s, workdir, "dpo", *data_arrays, meta=meta) as checkpoints:
       params, held_out = supervised.fit(
         "dpo",
-        ref_params,
+        start,
         graphdef,
         functools.partial(
           dpo_objective, beta=s.dpo_run.beta, label_smoothing=s.dpo_run.label_smoothing
@@ -198,6 +203,7 @@ def run_dpo_stage(
         on_params=on_params,
         checkpoints=checkpoints,
         mesh=mesh,
+        frozen=frozen.ref_params if models.lora else None,
       )
   finally:
     if curve:
@@ -205,6 +211,8 @@ def run_dpo_stage(
   # The training steps alone, of this invocation (a resumed stage's steps after its checkpoint)
   held_out["train_seconds"] = (clock["done"] or t0) - t0 - clock["eval"]
   after = held_out_samples(params)
+  final = (params, frozen.ref_params) if models.lora else params
   if jax.process_count() > 1:  # save_pretrained needs whole arrays on this host
-    params = jax.tree.map(shd.to_host, params)
-  return rl.PPOResult(nnx.merge(graphdef, params), before, after, []), held_out
+    final = jax.tree.map(shd.to_host, final)
+  trained = merge(graphdef, final)
+  return rl.PPOResult(merge_lora(trained) if models.lora else trained, before, after, []), held_out

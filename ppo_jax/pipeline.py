@@ -24,16 +24,15 @@ from ppo_jax.config import Settings, base_config
 from ppo_jax.export import export_record
 from ppo_jax.models import CausalLM, RewardModel, save_pretrained
 from ppo_jax.models.hf import load_hf_config
-from ppo_jax.models.lora import add_lora
 from ppo_jax.rewards import load_reward_fn
 from ppo_jax.stages import (
   check_compatible,
   check_reward_model,
-  has_model_folder,
   init_policy,
   run_dpo,
   run_reward_model,
   run_sft,
+  with_adapters,
 )
 from ppo_jax.tokenizer import load_tokenizer
 
@@ -121,19 +120,7 @@ def run_ppo_stage(
       init=s.ppo_run.critic_init,
       seed=s.seed + 2,
     )
-  base_policy = None
-  if s.ppo_run.lora_rank:  # adapters over frozen base weights, which are also the reference
-    base_policy = workdir / "sft"
-    if not has_model_folder(base_policy):
-      base_policy = workdir / "ppo_base"  # export needs the base: keep it beside the adapters
-      save_pretrained(policy, base_policy, tokenizer=inputs.tokenizer)
-    policy = add_lora(
-      policy,
-      rank=s.ppo_run.lora_rank,
-      alpha=s.ppo_run.lora_alpha,
-      targets=s.ppo_run.lora_targets,
-      seed=s.seed + 3,
-    )
+  policy, base_policy = with_adapters(s, policy, workdir, inputs.tokenizer)
   with checkpoint.Checkpointer(workdir / "checkpoints", s.checkpoint) as ckpt:
     resume_step = (ckpt.latest_step() or 0) if resume else 0
     writers.truncate_jsonl(workdir / "samples.jsonl", resume_step)

@@ -14,7 +14,7 @@ from flax import nnx
 from ppo_jax import data, dpo, stage_checkpoints, supervised
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.models.hf import load_hf_config
-from ppo_jax.models.lora import check_targets
+from ppo_jax.models.lora import add_lora, check_targets
 from ppo_jax.rewards import load_reward_fn
 
 if TYPE_CHECKING:
@@ -24,6 +24,29 @@ if TYPE_CHECKING:
 
 def has_model_folder(folder: pathlib.Path) -> bool:
   return (folder / "config.json").is_file() and any(folder.glob("*.safetensors*"))
+
+
+def with_adapters(
+  s: Settings, policy: CausalLM, workdir: pathlib.Path, tokenizer
+) -> tuple[CausalLM, pathlib.Path | None]:
+  """``(policy, base folder)``: with ``ppo.lora_rank``, the policy with fresh LoRA adapters and the
+  Hugging Face folder of the base weights under them (``WORKDIR/sft``, or ``WORKDIR/ppo_base``
+  written now when SFT was skipped), which ``ppo-jax export`` merges a checkpoint's adapters
+  onto; without, ``(policy, None)``."""
+  if not s.ppo_run.lora_rank:
+    return policy, None
+  base_policy = workdir / "sft"
+  if not has_model_folder(base_policy):
+    base_policy = workdir / "ppo_base"
+    save_pretrained(policy, base_policy, tokenizer=tokenizer)
+  adapted = add_lora(
+    policy,
+    rank=s.ppo_run.lora_rank,
+    alpha=s.ppo_run.lora_alpha,
+    targets=s.ppo_run.lora_targets,
+    seed=s.seed + 3,
+  )
+  return adapted, base_policy
 
 
 def load_preference_split(
@@ -225,6 +248,7 @@ def run_dpo(
   ``WORKDIR/dpo_metrics.jsonl``."""
   if not inputs.preferences:
     raise ValueError("config.algo='dpo' needs preference pairs (config.data.preferences)")
+  policy, base_policy = with_adapters(s, policy, workdir, inputs.tokenizer)
   return dpo.run_dpo_stage(
     s,
     policy,
@@ -235,6 +259,7 @@ def run_dpo(
     workdir,
     gold=load_reward_fn(inputs.gold) if inputs.gold else None,
     tokenizer_path=inputs.tokenizer_path,
+    base_policy=base_policy,
     mesh=mesh,
   )
 

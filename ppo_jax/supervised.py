@@ -10,7 +10,7 @@ import dataclasses
 import math
 import pathlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +28,6 @@ from ppo_jax.masking import masked_count, masked_mean
 from ppo_jax.optim import OptimHparams, make_optimizer
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.stage_checkpoints import Checkpoints
-
-if TYPE_CHECKING:
-  pass
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -131,6 +128,7 @@ def fit(
   on_params: Callable[[int, Any], None] | None = None,
   checkpoints: Checkpoints | None = None,
   mesh=None,
+  frozen: Any = None,
 ) -> tuple[Any, dict[str, float]]:
   """A supervised stage: ``train`` on ``train_rows`` with a progress bar and per-step metrics in
   ``WORKDIR/{name}_metrics.jsonl`` (rows past a resumed checkpoint's step dropped), then
@@ -163,12 +161,15 @@ def fit(
       on_params=on_params,
       checkpoints=checkpoints,
       mesh=mesh,
+      frozen=frozen,
     )
   finally:
     bar.close()
     if "writer" in out:
       out["writer"].close()
-  held_out = evaluate(params, graphdef, loss_fn, *eval_rows, batch_size=hp.batch_size, mesh=mesh)
+  held_out = evaluate(
+    params, graphdef, loss_fn, *eval_rows, batch_size=hp.batch_size, mesh=mesh, frozen=frozen
+  )
   fmt = lambda k, v: f"{k} {v:.0f}" if k == "eval_rows" else f"{k} {v:.4f}"  # a count, not a mean
   print("held-out: " + (", ".join(fmt(k, v) for k, v in held_out.items()) or "no rows"))
   return params, held_out
@@ -188,6 +189,7 @@ def train(
   on_params: Callable[[int, Any], None] | None = None,
   checkpoints: Checkpoints | None = None,
   mesh=None,
+  frozen: Any = None,
 ) -> tuple[Any, list[dict[str, float]]]:
   """Trains ``params`` for ``hp.steps(n_train)`` steps; returns them and the per-step metrics of
   the steps trained in this call.
@@ -202,6 +204,10 @@ def train(
   ``Checkpoints`` says, and on SIGTERM/SIGINT saves after the current step and raises
   ``Preempted``. Without, a stop request raises ``Preempted`` and the stage starts over when run
   again.
+
+  ``frozen``: weights the loss reads but nothing trains (the base weights under LoRA adapters);
+  the loss then gets ``(params, frozen)``. They are an argument of the jitted step, not a constant
+  baked into it, and are neither saved nor donated.
   """
   total = hp.steps(n_train)
   if total == 0:
@@ -219,7 +225,11 @@ def train(
     param_sh = shd.param_shardings(params, mesh)
     opt_sh = shd.optimizer_shardings(tx, params, param_sh, mesh)
     put = lambda batch: shd.place_batch(batch, _batch_sh(batch, mesh))
-    jit_kw = dict(in_shardings=(param_sh, opt_sh, None), out_shardings=(param_sh, opt_sh, None))
+    frozen_sh = None if frozen is None else shd.param_shardings(frozen, mesh)
+    frozen = None if frozen is None else shd.place(frozen, frozen_sh)
+    jit_kw = dict(
+      in_shardings=(param_sh, opt_sh, frozen_sh, None), out_shardings=(param_sh, opt_sh, None)
+    )
 
   ckpt, record, resumed = None, {}, None
   if checkpoints is not None:
@@ -243,8 +253,9 @@ def train(
     params = jax.tree.map(jnp.copy, params if mesh is None else shd.place(params, param_sh))
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
-  def step(params, opt_state, batch):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch)
+  def step(params, opt_state, frozen, batch):
+    loss = lambda p: loss_fn(p if frozen is None else (p, frozen), graphdef, batch)
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
@@ -254,7 +265,7 @@ def train(
   history = []
   for i in range(start, total):
     batch = put(make_batch(batch_indices(n_train, batch_size, i, seed=seed)))
-    params, opt_state, metrics = step(params, opt_state, batch)
+    params, opt_state, metrics = step(params, opt_state, frozen, batch)
     row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
     history.append(row)
     if on_step is not None:
@@ -314,8 +325,10 @@ def evaluate(
   *,
   batch_size: int,
   mesh=None,
+  frozen: Any = None,
 ) -> dict[str, float]:
-  """Metrics over held-out rows, token-weighted where the loss reports ``num_tokens``.
+  """Metrics over held-out rows, token-weighted where the loss reports ``num_tokens``
+  (``frozen``: as for ``train``).
 
   Only full batches are evaluated (one compilation); a tail of fewer than ``batch_size`` rows is
   left out, and ``eval_rows`` says how many rows were used.
@@ -329,13 +342,15 @@ def evaluate(
     if n < batch_size:
       return {}
   put = (lambda b: b) if mesh is None else (lambda b: shd.place_batch(b, _batch_sh(b, mesh)))
-  fn = jax.jit(lambda p, b: loss_fn(p, graphdef, b)[1])
+  fn = jax.jit(lambda p, f, b: loss_fn(p if f is None else (p, f), graphdef, b)[1])
   sums: dict[str, float] = {}
   weight_total = 0.0
   used = (n // batch_size) * batch_size
   for start in range(0, used, batch_size):
     idx = np.arange(start, start + batch_size)
-    metrics = {k: float(shd.to_host(v)) for k, v in fn(params, put(make_batch(idx))).items()}
+    metrics = {
+      k: float(shd.to_host(v)) for k, v in fn(params, frozen, put(make_batch(idx))).items()
+    }
     w = metrics.get("num_tokens", metrics.get("num_pairs", float(batch_size)))
     weight_total += w
     for k, v in metrics.items():

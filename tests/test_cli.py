@@ -66,8 +66,8 @@ def _cli(*args):
     ("--config.ppo.vf_coef=-1", "config.ppo.vf_coef: must be ≥ 0, got -1.0"),
     ("--config.ppo.clip_eps_high=0", "config.ppo.clip_eps_high: must be > 0, got 0.0"),
     (
-      ["--config.algo=dpo", "--config.ppo.lora_rank=4"],
-      "config.ppo.lora_rank: DPO trains the full weights",
+      ["--config.algo=dpo", "--config.ppo.lora_rank=4", "--config.ppo.lora_targets=q,x"],
+      "config.ppo.lora_targets: 'q,x'; expected a comma-separated subset of",
     ),
   ],
 )

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -286,6 +287,51 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
   a = load(stopped / "policy")
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
   assert not all(np.array_equal(load(tmp_path / "mid")[k], b[k]) for k in b)
+
+
+def test_dpo_with_lora_trains_adapters_over_the_sft_policy(smoke_run, tmp_path, capsys):
+  """``ppo.lora_rank`` with ``algo=dpo``: the reference is the SFT policy (the base with the
+  adapters off, so the first step's implicit reward margin is zero), only the adapters and their
+  moments are trained and checkpointed, and the saved policy (adapters merged) is what
+  ``ppo-jax export`` makes of the last checkpoint over the ``sft/`` folder it names."""
+  import orbax.checkpoint as ocp
+  from conftest import ROOT
+
+  from ppo_jax.config import load_experiment
+
+  config = load_experiment(ROOT / "experiments" / "dpo.py", "smoke")
+  config.log.update(progress=False, tensorboard=False)
+  config.ppo.update(lora_rank=16, lora_targets="q,k,v,o,up,down")
+  config.dpo.optim.lr = 3e-3
+  workdir = reuse_stages(smoke_run[0], tmp_path / "dpo_lora", stages=("sft",))
+  summary = pipeline.run(config, workdir)
+  rows = _rows_of(workdir / "dpo_metrics.jsonl")
+  assert abs(rows[0]["reward_margin"]) < 1e-6  # π = π_ref before the first update
+  assert _mean(rows[-5:], "reward_margin") > _mean(rows[:5], "reward_margin") + 0.02
+  assert summary["dpo_eval"]["accuracy"] > 0.55 and summary["after"]["kl"] > 0.05
+  assert not (workdir / "ppo_base").exists()  # the base is sft/, already there
+  mgr = ocp.CheckpointManager(
+    (workdir / "dpo_checkpoints").absolute(),
+    options=ocp.CheckpointManagerOptions(read_only=True),
+    item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+  )
+  saved = jax.tree_util.tree_flatten_with_path(mgr.item_metadata(61)["state"])[0]
+  mgr.close()
+  arrays = [jax.tree_util.keystr(path) for path, m in saved if np.prod(m.shape) > 1]
+  assert arrays and all("lora_" in name for name in arrays), arrays  # params and Adam moments
+  final = safetensors.numpy.load_file(str(workdir / "policy" / "model.safetensors"))
+  sft = safetensors.numpy.load_file(str(workdir / "sft" / "model.safetensors"))
+  assert final.keys() == sft.keys()  # adapters folded in: a plain GPT-2
+  changed = [k for k in final if not np.array_equal(final[k], sft[k])]
+  assert changed and all(
+    k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for k in changed
+  )
+  assert export_policy(workdir, tmp_path / "e") == 61
+  exported = safetensors.numpy.load_file(str(tmp_path / "e" / "model.safetensors"))
+  assert all(np.array_equal(exported[k], final[k]) for k in final)
+  capsys.readouterr()
+  pipeline.run(config, workdir)  # finished: resumed at its last step, nothing trained
+  assert "resuming from the checkpoint of step 61" in capsys.readouterr().out
 
 
 def _rows_of(path):

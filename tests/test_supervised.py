@@ -127,3 +127,40 @@ def test_a_stage_of_another_config_or_other_data_is_refused(tmp_path):
   # What the stage does not read may change (PPO's section), and what changes no result (remat).
   _, rest = _train(folder, config={**CONFIG, "ppo": {"kl_coef": 0.2}, "model": {"remat": "block"}})
   assert len(rest) == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen weights: LoRA adapters trained over base weights the step reads but never updates.
+
+
+def test_frozen_weights_are_read_not_trained_and_not_baked_into_the_step():
+  """``train(adapters, frozen=base)`` gives the adapters of a loss that closes over the base (the
+  same arithmetic), leaves the base arrays as they were (not donated, not updated), and a
+  different base gives different adapters: it is an argument of the step, not a constant."""
+  from ppo_jax.models.lora import add_lora, split_lora
+
+  model = add_lora(CausalLM(CFG, rngs=nnx.Rngs(0)), rank=2, targets="q,v", seed=1)
+  graphdef, adapters, base = split_lora(model)
+  before = jax.tree.map(np.array, base)
+  rows = _rows()
+
+  def run(frozen, loss_fn=supervised.sft_loss):
+    return supervised.train(adapters, graphdef, loss_fn, *rows, HP, seed=0, frozen=frozen)
+
+  trained, history = run(base)
+  _equal(base, before)  # still readable (not donated) and unchanged
+  assert jax.tree.structure(trained) == jax.tree.structure(adapters)
+  assert history[-1]["nll"] < history[0]["nll"]
+  b = trained["trunk"]["layers"][0]["attn"]["v"]["lora_b"]
+  assert np.abs(np.asarray(b)).max() > 0  # B starts at zero: the adapters trained
+  closed, closed_history = run(None, lambda p, g, batch: supervised.sft_loss((p, base), g, batch))
+  for x, y in zip(jax.tree.leaves(trained), jax.tree.leaves(closed), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  assert [r["nll"] for r in history] == pytest.approx([r["nll"] for r in closed_history], 1e-5)
+  other = jax.tree.map(lambda x: x * 0.5, base)
+  _, other_history = run(other)
+  assert other_history[0]["nll"] != pytest.approx(history[0]["nll"], 1e-3)
+  held_out = supervised.evaluate(
+    trained, graphdef, supervised.sft_loss, *rows, batch_size=4, frozen=base
+  )
+  assert held_out["eval_rows"] == 12 and held_out["nll"] < history[0]["nll"]

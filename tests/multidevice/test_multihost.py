@@ -119,11 +119,14 @@ def test_two_processes_match_one(tmp_path):
   assert f"by a signal to another process after step {saved[-1]}; checkpoint saved" in outs[0][0]
 
 
-def test_dpo_in_two_processes_matches_one(tmp_path):
-  """DPO from the same SFT policy: per-step metrics and the held-out sampling evaluations of two
-  processes × two devices are those of one process × four."""
+@pytest.mark.parametrize("lora_rank", [0, 8])
+def test_dpo_in_two_processes_matches_one(tmp_path, lora_rank):
+  """DPO from the same SFT policy, of the full weights or of LoRA adapters over them: per-step
+  metrics and the held-out sampling evaluations of two processes × two devices are those of one
+  process × four."""
   dpo = ["--config.algo=dpo", "--config.dpo.batch_size=16", "--config.dpo.eval_every=5"]
   dpo += ["--config.data.eval_prompts=32"]  # sampled on the mesh, two batches of 16
+  dpo += [f"--config.ppo.lora_rank={lora_rank}", "--config.ppo.lora_targets=q,k,v,o,up,down"]
   single = tmp_path / "one_process"
   proc = _launch(single, 4, *dpo)
   _, err = proc.communicate(timeout=900)
