@@ -51,15 +51,16 @@ def fingerprint(*arrays: np.ndarray) -> str:
   return h.hexdigest()[:16]
 
 
-# What each stage reads, as config prefixes: the task, the model, its own section, its training
-# file and the layout of its rows (the fingerprint checks the rows themselves). DPO also reads the
-# SFT policy (its reference, so sft.*) and samples its evaluations on the prompts as the RL stages
-# do (ppo.*).
-READ_BY_EVERY_STAGE = ("seed", "task.", "model.", "data.max_", "data.prompt_overflow")
+# What each stage reads, as config prefixes: the model, its own section, its training file (or
+# the synthetic task's fields that make it) and the layout of its rows (the fingerprint checks the
+# rows themselves). DPO also reads the SFT policy (its reference, so sft.*) and samples its
+# evaluations on the prompts as the RL stages do (ppo.*), scored by task.gold.
+READ_BY_EVERY_STAGE = ("seed", "task.name", "model.", "data.max_", "data.prompt_overflow")
+PAIRS = ("data.preferences", "task.num_pairs", "task.label_noise")
 READ_BY = {
-  "sft": ("data.sft",),
-  "rm": ("data.preferences",),
-  "dpo": ("data.preferences", "data.prompts", "sft.", "ppo."),
+  "sft": ("data.sft", "task.num_sft"),
+  "rm": PAIRS,
+  "dpo": (*PAIRS, "data.prompts", "task.num_prompts", "task.gold", "sft.", "ppo."),
 }
 
 

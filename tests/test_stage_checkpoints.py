@@ -33,14 +33,21 @@ def test_the_fingerprint_tells_values_dtypes_and_shapes_apart():
     ("data.max_response_len", {"sft", "rm", "dpo"}),  # the rows' layout
     ("sft.batch_size", {"sft", "dpo"}),  # DPO's reference is the SFT policy
     ("ppo.temperature", {"dpo"}),  # DPO's evaluation sampler
-    ("task.num_pairs", {"sft", "rm", "dpo"}),
+    ("task.num_pairs", {"rm", "dpo"}),  # the synthetic task's preference pairs
+    ("task.label_noise", {"rm", "dpo"}),
+    ("task.num_sft", {"sft"}),
+    ("task.num_prompts", {"dpo"}),
+    ("task.gold", {"dpo"}),  # scores DPO's evaluations
+    ("task.name", {"sft", "rm", "dpo"}),
+    ("seed", {"sft", "rm", "dpo"}),
   ],
 )
 def test_a_stage_resumes_after_changes_to_fields_it_does_not_read(field, refused_by):
   saved = json.loads(base_config().to_json_best_effort())
   now = copy.deepcopy(saved)
-  section, name = field.split(".")
-  now[section][name] = "other.jsonl" if name in ("sft", "preferences", "prompts") else 3
+  *section, name = field.split(".")
+  node = now[section[0]] if section else now
+  node[name] = "other.jsonl" if name in ("sft", "preferences", "prompts") else 3
   for stage in ("sft", "rm", "dpo"):
     diffs = config_differences(saved, now, only=stage_checkpoints.stage_fields(stage))
     assert bool(diffs) == (stage in refused_by), (stage, diffs)
