@@ -134,17 +134,24 @@ def run_dpo_stage(
   train_pairs, eval_pairs = pairs
   # The reference: the policy's weights, frozen (with LoRA: the base under the adapters); sampled
   # with the RL stages' machinery (no critic, no reward model).
-  models, params, base, _ = ActorCritic.build(policy, None, None)
-  graphdef, start = models.policy, params["policy"]
-  frozen = ppo.Frozen(ref_params=base, reward_params=None)
+  models, params, frozen_policy, _ = ActorCritic.build(policy, None, None)
+  graphdef = models.policy
+  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=None)
+  adapters = params["policy"] if models.lora else None
+  del params, frozen_policy  # no unplaced copy outlives the placement
   placement = None
   if mesh is not None:  # sampled as PPO samples: the policy and the reference by the rules
+    trained = adapters if models.lora else frozen.ref_params
     like = jax.eval_shape(
-      functools.partial(ppo.init_state, tx=optax.identity(), hp=hp, seed=0), {"policy": start}
+      functools.partial(ppo.init_state, tx=optax.identity(), hp=hp, seed=0), {"policy": trained}
     )
     placement = rollout.Placement.build(mesh, like, frozen, optax.identity())
     frozen = shd.place(frozen, placement.frozen)
-    start = shd.place(start, placement.state.params["policy"])
+    if models.lora:
+      adapters = shd.place(adapters, placement.state.params["policy"])
+  # What trains from: the adapters, or the reference's weights (train copies them before its step
+  # donates them).
+  start = adapters if models.lora else frozen.ref_params
   fns = rollout.make_step_fns(models, optax.identity(), hp, placement=placement)
   kw = dict(
     batch_size=s.ppo_run.batch_size,

@@ -132,7 +132,8 @@ def fit(
 ) -> tuple[Any, dict[str, float]]:
   """A supervised stage: ``train`` on ``train_rows`` with a progress bar and per-step metrics in
   ``WORKDIR/{name}_metrics.jsonl`` (rows past a resumed checkpoint's step dropped), then
-  ``evaluate`` on ``eval_rows``; prints and returns ``(params, held-out metrics)``."""
+  ``evaluate`` on ``eval_rows``; prints and returns ``(params, held-out metrics)``. ``frozen``: as
+  for ``train``."""
   total = hp.steps(train_rows[1])
   bar = writers.progress_bar(total, name, enabled=progress)
   if checkpoints is not None:  # a resumed stage's bar starts at its checkpoint
@@ -342,6 +343,8 @@ def evaluate(
     if n < batch_size:
       return {}
   put = (lambda b: b) if mesh is None else (lambda b: shd.place_batch(b, _batch_sh(b, mesh)))
+  if mesh is not None and frozen is not None:  # as train places them (no copy if they are)
+    frozen = shd.place(frozen, shd.param_shardings(frozen, mesh))
   fn = jax.jit(lambda p, f, b: loss_fn(p if f is None else (p, f), graphdef, b)[1])
   sums: dict[str, float] = {}
   weight_total = 0.0

@@ -334,6 +334,33 @@ def test_dpo_with_lora_trains_adapters_over_the_sft_policy(smoke_run, tmp_path, 
   assert "resuming from the checkpoint of step 61" in capsys.readouterr().out
 
 
+def test_lora_keeps_its_base_beside_the_adapters_when_sft_was_skipped(tmp_path):
+  """``with_adapters`` (PPO's and DPO's LoRA): without an ``sft/`` folder the base weights are
+  written to ``ppo_base/`` for the export to merge onto; with one, that folder is the base."""
+  from flax import nnx
+
+  from ppo_jax.config import Settings
+  from ppo_jax.models import CausalLM, ModelConfig, from_pretrained
+
+  cfg = ModelConfig.gpt2(
+    vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16
+  )
+  policy = CausalLM(cfg, rngs=nnx.Rngs(0))
+  plain = Settings.from_config(smoke_config())
+  assert stages.with_adapters(plain, policy, tmp_path, None) == (policy, None)
+  s = Settings.from_config(smoke_config(ppo__lora_rank=4))
+  adapted, base = stages.with_adapters(s, policy, tmp_path, None)
+  assert base == tmp_path / "ppo_base" and adapted.cfg.lora_rank == 4
+  saved = nnx.to_pure_dict(nnx.state(from_pretrained(base), nnx.Param))
+  for x, y in zip(
+    jax.tree.leaves(saved), jax.tree.leaves(nnx.to_pure_dict(nnx.state(policy))), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  (tmp_path / "ppo_base").rename(tmp_path / "sft")  # a finished SFT stage's folder
+  _, base = stages.with_adapters(s, policy, tmp_path, None)
+  assert base == tmp_path / "sft" and not (tmp_path / "ppo_base").exists()
+
+
 def _rows_of(path):
   return writers.read_metrics(path)
 

@@ -133,10 +133,10 @@ def test_a_stage_of_another_config_or_other_data_is_refused(tmp_path):
 # Frozen weights: LoRA adapters trained over base weights the step reads but never updates.
 
 
-def test_frozen_weights_are_read_not_trained_and_not_baked_into_the_step():
+def test_frozen_weights_are_read_and_not_trained():
   """``train(adapters, frozen=base)`` gives the adapters of a loss that closes over the base (the
-  same arithmetic), leaves the base arrays as they were (not donated, not updated), and a
-  different base gives different adapters: it is an argument of the step, not a constant."""
+  same arithmetic), leaves the base arrays as they were (not donated, not updated), and another
+  base gives another history: the loss reads the weights it is given."""
   from ppo_jax.models.lora import add_lora, split_lora
 
   model = add_lora(CausalLM(CFG, rngs=nnx.Rngs(0)), rank=2, targets="q,v", seed=1)

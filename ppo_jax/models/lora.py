@@ -1,7 +1,8 @@
 """LoRA for the policy: adapters trained, base weights frozen and shared with the reference.
 
-With adapters, PPO keeps one copy of the base weights: the policy is ``base + adapters`` and the
-reference policy is the same base with the adapters off (zero), so no second model is held.
+With adapters, PPO and DPO keep one copy of the base weights: the policy is ``base + adapters``
+and the reference policy is the same base with the adapters off (zero), so no second model is
+held.
 """
 
 from __future__ import annotations
