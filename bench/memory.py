@@ -1,4 +1,5 @@
-"""Per-device memory of the PPO programs for a ~1B Llama-style model on 8 devices, per saver.
+"""Per-device memory of the PPO programs for a ~1B Llama-style model on 8 devices, per saver,
+and of DPO's training step with the full weights and with LoRA adapters.
 
 Nothing is allocated: the programs are compiled ahead of time from abstract shapes
 (``jax.jit(...).lower(...).compile()``) and XLA reports each one's memory
@@ -9,6 +10,7 @@ of the two programs' arguments + temporaries.
 
   python bench/memory.py                 # 8 simulated CPU devices unless XLA_FLAGS says more
   python bench/memory.py --batch 64 --prompt 256 --response 256
+  python bench/memory.py --dpo           # DPO's step only (batch: preference pairs)
 
 The figures come from XLA's CPU compiler (this machine has no accelerator); GPU and TPU compilers
 schedule differently, so take them as relative.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -29,11 +32,11 @@ import jax.numpy as jnp
 from flax import nnx
 from flops import llama_1b
 
-from ppo_jax import ppo, rollout
+from ppo_jax import dpo, ppo, rollout, supervised
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.models import CausalLM, RewardModel, ScalarHead, ValueModel
-from ppo_jax.optim import OptimHparams, make_actor_critic_optimizer
+from ppo_jax.optim import OptimHparams, make_actor_critic_optimizer, make_optimizer
 from ppo_jax.sampling import Generation
 
 GB = 1024**3
@@ -162,11 +165,60 @@ def measure(saver: Saver, *, batch: int, prompt: int, response: int) -> dict[str
   return out
 
 
+def measure_dpo(lora_rank: int, *, batch: int, prompt: int, response: int) -> dict[str, float]:
+  """DPO's jitted training step (``supervised.make_step`` of ``dpo.dpo_objective``, donated as
+  ``supervised.train`` donates it) on the FSDP mesh 1×8×1, remat, bf16 compute over fp32
+  weights: the policy's weights or, with ``lora_rank``, adapters on q,k,v,o over the frozen base.
+  The reference log-probs come in the batch (DPO computes them once, before training)."""
+  cfg = llama_1b(remat="block", dtype="bfloat16", param_dtype="float32", lora_rank=lora_rank)
+  graphs = {}
+
+  def build():
+    models, params, frozen_policy, _ = ActorCritic.build(CausalLM(cfg, rngs=nnx.Rngs(0)), None)
+    graphs["models"] = models
+    return params["policy"], frozen_policy
+
+  params, base = jax.eval_shape(build)
+  models = graphs["models"]
+  frozen = base if models.lora else None
+  mesh = shd.make_mesh((1, 8, 1))
+  tx = make_optimizer(OptimHparams(lr=1e-6), 1000)
+  param_sh = shd.param_shardings(params, mesh)
+  opt_state = jax.eval_shape(tx.init, params)
+  opt_sh = shd.optimizer_shardings(tx, params, param_sh, mesh)
+  frozen_sh = None if frozen is None else shd.param_shardings(frozen, mesh)
+  L, rows, vector = prompt + response, shd.batch_sharding(mesh, 2), shd.batch_sharding(mesh, 1)
+  shapes = {"ids": (L, jnp.int32), "mask": (L, jnp.int32), "response_mask": (response, jnp.float32)}
+  pairs = {}
+  for side in ("chosen", "rejected"):
+    for k, (n, dtype) in shapes.items():
+      pairs[f"{side}_{k}"] = jax.ShapeDtypeStruct((batch, n), dtype, sharding=rows)
+    pairs[f"ref_{side}"] = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=vector)
+  step = jax.jit(
+    supervised.make_step(functools.partial(dpo.dpo_objective, beta=0.1), models.policy, tx),
+    donate_argnums=(0, 1),
+    in_shardings=(param_sh, opt_sh, frozen_sh, None),
+    out_shardings=(param_sh, opt_sh, None),
+  )
+  t0 = time.perf_counter()
+  args = (abstract(params, param_sh), abstract(opt_state, opt_sh))
+  args += (None if frozen is None else abstract(frozen, frozen_sh), pairs)
+  m = step.lower(*args).compile().memory_analysis()
+  return {
+    "trainable": sum(x.size for x in jax.tree.leaves(params)) / 1e6,
+    "state": per_device_gb(params, param_sh) + per_device_gb(opt_state, opt_sh),
+    "frozen": 0.0 if frozen is None else per_device_gb(frozen, frozen_sh),
+    "peak": (m.argument_size_in_bytes + m.temp_size_in_bytes) / GB,
+    "compile_s": time.perf_counter() - t0,
+  }
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--batch", type=int, default=32, help="rollout batch (prompts)")
+  ap.add_argument("--batch", type=int, default=32, help="rollout batch (prompts); DPO: pairs")
   ap.add_argument("--prompt", type=int, default=128)
   ap.add_argument("--response", type=int, default=128)
+  ap.add_argument("--dpo", action="store_true", help="DPO's step, full weights and LoRA r=16")
   args = ap.parse_args()
   n = sum(
     x.size
@@ -179,6 +231,21 @@ def main():
     f"policy {n / 1e9:.2f} B parameters; batch {args.batch} × ({args.prompt} prompt + "
     f"{args.response} response) tokens; GB per device\n"
   )
+  if args.dpo:
+    print(
+      "| DPO step | trainable (M params) | resident: trained state | resident: frozen base | ",
+      end="",
+    )
+    print("step peak |\n|---|---|---|---|---|")
+    for rank in (0, 16):
+      r = measure_dpo(rank, batch=args.batch, prompt=args.prompt, response=args.response)
+      name = "LoRA r=16 on q,k,v,o (reference = base)" if rank else "full weights"
+      print(
+        f"| {name} | {r['trainable']:.1f} | {r['state']:.2f} | {r['frozen']:.2f} | "
+        f"{r['peak']:.2f} |",
+        flush=True,
+      )
+    return
   print(
     "| saver | trainable (M params) | resident: PPO state | resident: frozen models | "
     "sampler peak | scoring peak | update peak |"

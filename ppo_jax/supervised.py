@@ -254,14 +254,7 @@ def train(
     params = jax.tree.map(jnp.copy, params if mesh is None else shd.place(params, param_sh))
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
-  def step(params, opt_state, frozen, batch):
-    loss = lambda p: loss_fn(p if frozen is None else (p, frozen), graphdef, batch)
-    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
-
-  step = jax.jit(step, donate_argnums=(0, 1), **jit_kw)
+  step = jax.jit(make_step(loss_fn, graphdef, tx), donate_argnums=(0, 1), **jit_kw)
   every = ckpt.settings.supervised_every if ckpt is not None else 0
   history = []
   for i in range(start, total):
@@ -291,6 +284,22 @@ def train(
   if ckpt is not None:
     ckpt.wait()
   return params, history
+
+
+def make_step(loss_fn: Callable[..., tuple[jax.Array, Metrics]], graphdef: nnx.GraphDef, tx):
+  """The supervised step ``(params, opt_state, frozen, batch) → (params, opt_state, metrics)``
+  that ``train`` jits: the gradient of ``loss_fn(params, graphdef, batch)`` (of
+  ``loss_fn((params, frozen), ...)`` when ``frozen`` is not None) and one update of ``tx``;
+  ``metrics`` adds the gradient's global norm."""
+
+  def step(params, opt_state, frozen, batch):
+    loss = lambda p: loss_fn(p if frozen is None else (p, frozen), graphdef, batch)
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  return step
 
 
 def _resume(ckpt: Checkpointer, checkpoints: Checkpoints, record, like, total: int):
