@@ -14,6 +14,7 @@ from flax import nnx
 from ppo_jax import data, dpo, stage_checkpoints, supervised
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.models.hf import load_hf_config
+from ppo_jax.models.layers import LoRAParam
 from ppo_jax.models.lora import add_lora, check_targets
 from ppo_jax.rewards import load_reward_fn
 
@@ -45,6 +46,12 @@ def with_adapters(
     alpha=s.ppo_run.lora_alpha,
     targets=s.ppo_run.lora_targets,
     seed=s.seed + 3,
+  )
+  count = lambda m, kind: sum(x.size for x in jax.tree.leaves(nnx.state(m, kind)))
+  print(
+    f"LoRA rank {s.ppo_run.lora_rank} on {s.ppo_run.lora_targets}: "
+    f"{count(adapted, LoRAParam) / 1e6:.3f}M trainable parameters over the "
+    f"{count(policy, nnx.Param) / 1e6:.2f}M base weights of {base_policy}"
   )
   return adapted, base_policy
 

@@ -334,7 +334,7 @@ def test_dpo_with_lora_trains_adapters_over_the_sft_policy(smoke_run, tmp_path, 
   assert "resuming from the checkpoint of step 61" in capsys.readouterr().out
 
 
-def test_lora_keeps_its_base_beside_the_adapters_when_sft_was_skipped(tmp_path):
+def test_lora_keeps_its_base_beside_the_adapters_when_sft_was_skipped(tmp_path, capsys):
   """``with_adapters`` (PPO's and DPO's LoRA): without an ``sft/`` folder the base weights are
   written to ``ppo_base/`` for the export to merge onto; with one, that folder is the base."""
   from flax import nnx
@@ -351,6 +351,10 @@ def test_lora_keeps_its_base_beside_the_adapters_when_sft_was_skipped(tmp_path):
   s = Settings.from_config(smoke_config(ppo__lora_rank=4))
   adapted, base = stages.with_adapters(s, policy, tmp_path, None)
   assert base == tmp_path / "ppo_base" and adapted.cfg.lora_rank == 4
+  said = capsys.readouterr().out
+  # q,k,v,o (the default): 4 adapters of 16·4 + 4·16 parameters in one layer
+  assert said.startswith("LoRA rank 4 on q,k,v,o: 0.001M trainable parameters over the "), said
+  assert said.rstrip().endswith(f"M base weights of {base}")
   saved = nnx.to_pure_dict(nnx.state(from_pretrained(base), nnx.Param))
   for x, y in zip(
     jax.tree.leaves(saved), jax.tree.leaves(nnx.to_pure_dict(nnx.state(policy))), strict=True
