@@ -137,21 +137,18 @@ def run_dpo_stage(
   models, params, frozen_policy, _ = ActorCritic.build(policy, None, None)
   graphdef = models.policy
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=None)
-  adapters = params["policy"] if models.lora else None
+  # What trains from: the adapters, or the reference's copy of the weights (train copies them
+  # before its step donates them).
+  start = params["policy"] if models.lora else frozen.ref_params
   del params, frozen_policy  # no unplaced copy outlives the placement
   placement = None
   if mesh is not None:  # sampled as PPO samples: the policy and the reference by the rules
-    trained = adapters if models.lora else frozen.ref_params
     like = jax.eval_shape(
-      functools.partial(ppo.init_state, tx=optax.identity(), hp=hp, seed=0), {"policy": trained}
+      functools.partial(ppo.init_state, tx=optax.identity(), hp=hp, seed=0), {"policy": start}
     )
     placement = rollout.Placement.build(mesh, like, frozen, optax.identity())
     frozen = shd.place(frozen, placement.frozen)
-    if models.lora:
-      adapters = shd.place(adapters, placement.state.params["policy"])
-  # What trains from: the adapters, or the reference's weights (train copies them before its step
-  # donates them).
-  start = adapters if models.lora else frozen.ref_params
+    start = shd.place(start, placement.state.params["policy"]) if models.lora else frozen.ref_params
   fns = rollout.make_step_fns(models, optax.identity(), hp, placement=placement)
   kw = dict(
     batch_size=s.ppo_run.batch_size,
@@ -218,7 +215,7 @@ def run_dpo_stage(
   # The training steps alone, of this invocation (a resumed stage's steps after its checkpoint)
   held_out["train_seconds"] = (clock["done"] or t0) - t0 - clock["eval"]
   after = held_out_samples(params)
-  final = (params, frozen.ref_params) if models.lora else params
+  final = models.policy_vars(params, frozen.ref_params)
   if jax.process_count() > 1:  # save_pretrained needs whole arrays on this host
     final = jax.tree.map(shd.to_host, final)
   trained = merge(graphdef, final)

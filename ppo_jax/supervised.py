@@ -293,13 +293,18 @@ def make_step(loss_fn: Callable[..., tuple[jax.Array, Metrics]], graphdef: nnx.G
   ``metrics`` adds the gradient's global norm."""
 
   def step(params, opt_state, frozen, batch):
-    loss = lambda p: loss_fn(p if frozen is None else (p, frozen), graphdef, batch)
+    loss = lambda p: loss_fn(_with_frozen(p, frozen), graphdef, batch)
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 
   return step
+
+
+def _with_frozen(params, frozen):
+  """What a loss reads: ``params``, or ``(params, frozen)`` (``nnx.merge``'s states in order)."""
+  return params if frozen is None else (params, frozen)
 
 
 def _resume(ckpt: Checkpointer, checkpoints: Checkpoints, record, like, total: int):
@@ -354,7 +359,7 @@ def evaluate(
   put = (lambda b: b) if mesh is None else (lambda b: shd.place_batch(b, _batch_sh(b, mesh)))
   if mesh is not None and frozen is not None:  # as train places them (no copy if they are)
     frozen = shd.place(frozen, shd.param_shardings(frozen, mesh))
-  fn = jax.jit(lambda p, f, b: loss_fn(p if f is None else (p, f), graphdef, b)[1])
+  fn = jax.jit(lambda p, f, b: loss_fn(_with_frozen(p, f), graphdef, b)[1])
   sums: dict[str, float] = {}
   weight_total = 0.0
   used = (n // batch_size) * batch_size
