@@ -31,13 +31,15 @@ import orbax.checkpoint as ocp
 
 T = TypeVar("T")
 
-# Config fields that may change between a run and its resumption (model.remat: memory, not maths).
+# Config fields that may change between a run and its resumption (model.remat: memory, not
+# maths; model.attention: the same maths by another kernel).
 RESUMABLE_CHANGES = (
   "ppo.iterations",
   "log.",
   "checkpoint.",
   "data.eval_prompts",
   "model.remat",
+  "model.attention",
   "dpo.eval_every",
 )
 

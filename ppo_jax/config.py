@@ -69,6 +69,13 @@ class ModelSettings:
   dtype: str = "float32"  # compute dtype
   param_dtype: str | None = None  # default: dtype
   remat: str = "none"  # none | block | dots
+  attention: str = "xla"  # full forwards: xla | cudnn (fused; NVIDIA GPU, bfloat16/float16 dtype)
+
+  def numerics(self) -> dict[str, str | None]:
+    """The ``ModelConfig`` fields this section sets on a loaded model (not its architecture)."""
+    return dict(
+      dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, attention=self.attention
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ppo_jax.config import ARCHS, CRITIC_INITS, TASKS
 from ppo_jax.data import OVERFLOW
-from ppo_jax.models.config import DTYPES, REMAT, lora_problems
+from ppo_jax.models.config import ATTENTION, DTYPES, REMAT, lora_problems
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -19,6 +19,7 @@ CHOICES = {
   "model.dtype": DTYPES,
   "model.param_dtype": (None, *DTYPES),
   "model.remat": REMAT,
+  "model.attention": ATTENTION,
   "data.prompt_overflow": OVERFLOW,
   "rm.init": ("policy", "scratch"),
   "reward.source": ("model", "function"),
@@ -88,6 +89,10 @@ def check_settings(s: Settings) -> None:
       s.model.init != "scratch" or s.model.hidden_size % s.model.num_heads == 0,
       f"config.model.hidden_size {s.model.hidden_size} is not divisible by "
       f"config.model.num_heads {s.model.num_heads}",
+    ),
+    (
+      s.model.attention != "cudnn" or s.model.dtype != "float32",
+      "config.model.attention='cudnn' computes in bfloat16 or float16: set config.model.dtype",
     ),
     (
       0.0 < s.raw.ppo.top_p <= 1.0,

@@ -190,6 +190,11 @@ def preflight(s: Settings):
   the reward and gold functions (imported), the data files, and the folders a run would load only
   after SFT."""
   mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here
+  if s.model.attention == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(
+      f"config.model.attention='cudnn' needs an NVIDIA GPU, and this run's devices are "
+      f"{jax.default_backend()}: use 'xla'"
+    )
   if mesh.size > 1:
     if s.algo != "dpo" or s.data.eval_prompts:  # DPO samples evaluations in these batches
       shd.check_batch(s.ppo_run.batch_size, mesh, "config.ppo.batch_size")

@@ -76,7 +76,7 @@ def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
   """The policy before SFT: a Hugging Face folder, or a small model from scratch."""
   m = s.model
   if m.init != "scratch":
-    policy = from_pretrained(m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    policy = from_pretrained(m.init, **m.numerics())
     policy.cfg = _tokenizer_ids(policy.cfg, tokenizer, m.init)
   else:
     common = dict(
@@ -85,9 +85,7 @@ def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
       num_layers=m.num_layers,
       num_heads=m.num_heads,
       max_position_embeddings=m.max_position_embeddings,
-      dtype=m.dtype,
-      param_dtype=m.param_dtype or m.dtype,
-      remat=m.remat,
+      **{**m.numerics(), "param_dtype": m.param_dtype or m.dtype},
       eos_token_id=tokenizer.eos_token_id,
       pad_token_id=tokenizer.pad_token_id,
       bos_token_id=tokenizer.bos_token_id,
@@ -178,7 +176,7 @@ def run_sft(
   out = workdir / "sft"
   if has_model_folder(out):
     stage_checkpoints.drop_checkpoints(workdir, "sft")  # left if a run stopped right after the save
-    return _reuse(out, dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
+    return _reuse(out, **s.model.numerics())
   if not inputs.sft or s.sft.epochs == 0:
     print("no SFT (no data.sft file, or sft.epochs=0)")
     stage_checkpoints.note_skipped(workdir, "sft")
@@ -280,7 +278,7 @@ def run_reward_model(
   mesh=None,
 ) -> tuple[RewardModel | None, dict]:
   out = workdir / "reward_model"
-  kw = dict(dtype=s.model.dtype, param_dtype=s.model.param_dtype, remat=s.model.remat)
+  kw = s.model.numerics()
   if s.reward.model or not s.rm_run.enabled:
     stage_checkpoints.note_skipped(workdir, "rm")
   if s.reward.model:

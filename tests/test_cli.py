@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 
+import jax
 import pytest
 from conftest import ROOT
 
@@ -50,6 +51,11 @@ def _cli(*args):
     ("--config.rm.init=foo", "config.rm.init: unknown 'foo'; expected one of policy, scratch"),
     ("--config.model.remat=full", "config.model.remat: unknown 'full'; expected one of none, bl"),
     ("--config.model.dtype=float64", "config.model.dtype: unknown 'float64'; expected one of flo"),
+    (
+      "--config.model.attention=flash",
+      "config.model.attention: unknown 'flash'; expected one of x",
+    ),
+    ("--config.model.attention=cudnn", "config.model.attention='cudnn' computes in bfloat16 or f"),
     ("--config.data.prompt_overflow=drop", "config.data.prompt_overflow: unknown 'drop'; expect"),
     ("--config.task.label_noise=0", "config.task.label_noise: must be > 0"),
     ("--config.ppo.micro_batch_size=5", "config.ppo.micro_batch_size 5 does not divide the mini"),
@@ -254,10 +260,16 @@ def test_none_from_the_command_line_sets_none():
   [
     ("--config.mesh.shape=(1,1)", "mesh.shape must have 3 entries (data, fsdp, tensor)"),
     ("--config.model.init=nowhere", "config.model.init: nowhere: not a Hugging Face model folder"),
+    pytest.param(
+      ["--config.model.attention=cudnn", "--config.model.dtype=bfloat16"],
+      "config.model.attention='cudnn' needs an NVIDIA GPU, and this run's devices are cpu",
+      marks=pytest.mark.skipif(jax.default_backend() == "gpu", reason="asserts it off a GPU"),
+    ),
   ],
 )
 def test_run_time_problems_found_before_the_workdir_is_touched(tmp_path, override, expected):
-  code, _, err = _cli(f"--config={EXPERIMENT}:smoke", f"--workdir={tmp_path / 'w'}", override)
+  overrides = override if isinstance(override, list) else [override]
+  code, _, err = _cli(f"--config={EXPERIMENT}:smoke", f"--workdir={tmp_path / 'w'}", *overrides)
   assert code == 1 and err.count("\n") == 0 and expected in err, err
   assert not (tmp_path / "w").exists()
 

@@ -334,13 +334,35 @@ def test_config_errors():
     ModelConfig.llama(num_heads=4, num_kv_heads=3)
   with pytest.raises(ValueError, match="remat 'all'"):
     ModelConfig.gpt2(remat="all")
+  with pytest.raises(ValueError, match="attention 'flash'"):
+    ModelConfig.gpt2(attention="flash")
+  with pytest.raises(ValueError, match="attention 'cudnn' computes in bfloat16 or float16"):
+    ModelConfig.gpt2(attention="cudnn")
 
 
-@pytest.mark.parametrize("heads_major", [False, True])
-def test_attend_matches_a_float64_loop(heads_major):
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="asserts the error off a GPU")
+def test_cudnn_attention_off_a_gpu_is_one_clear_error():
+  """Sampling still works (the KV-cache path never takes cuDNN); a full forward says why not."""
+  cfg = ModelConfig.llama(num_layers=1, dtype="bfloat16", attention="cudnn")
+  model = pj.models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.ones((2, 4), jnp.int32)
+  out = pj.generate(model, ids, jnp.ones_like(ids), key=jax.random.key(0), max_new_tokens=2)
+  assert out.tokens.shape == (2, 2)
+  with pytest.raises(
+    ValueError, match=r"attention 'cudnn' needs an NVIDIA GPU.*use attention 'xla'"
+  ):
+    model(ids, None)
+
+
+@pytest.mark.parametrize("impl", ["attend", "attend heads-major", "fused_attend xla"])
+def test_attend_matches_a_float64_loop(impl):
   """Grouped-query attention (6 heads over 2 KV heads) with a causal, left-padded mask, against
-  a float64 loop over rows and heads; a row with no allowed key averages every value."""
-  from ppo_jax.models.layers import attend
+  a float64 loop over rows and heads; a row with no allowed key averages every value.
+
+  ``fused_attend`` is the call ``model.attention = "cudnn"`` makes, here lowered by XLA (cuDNN
+  needs a GPU; docs/benchmarks.md has its figures there).
+  """
+  from ppo_jax.models.layers import attend, fused_attend
 
   rng = np.random.default_rng(0)
   B, T, H, K, D = 2, 5, 6, 2, 4
@@ -362,7 +384,11 @@ def test_attend_matches_a_float64_loop(heads_major):
         else:
           p = np.ones(T)
         want[b, t, h] = (p / p.sum()) @ v[b, :, g]
-  kv = (lambda x: x.transpose(0, 2, 1, 3)) if heads_major else (lambda x: x)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  got = attend(f32(q), f32(kv(k)), f32(kv(v)), jnp.asarray(allowed), heads_major=heads_major)
+  if impl == "fused_attend xla":
+    got = fused_attend(f32(q), f32(k), f32(v), jnp.asarray(allowed), implementation="xla")
+  else:
+    heads_major = impl == "attend heads-major"
+    kv = (lambda x: x.transpose(0, 2, 1, 3)) if heads_major else (lambda x: x)
+    got = attend(f32(q), f32(kv(k)), f32(kv(v)), jnp.asarray(allowed), heads_major=heads_major)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

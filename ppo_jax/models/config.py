@@ -22,6 +22,8 @@ ACTIVATIONS = {
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT = ("none", "block", "dots")
+# Attention of full forwards (training, scoring): ppo_jax's own (XLA) or cuDNN's fused kernel.
+ATTENTION = ("xla", "cudnn")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -71,6 +73,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # none | block (recompute each block) | dots (save matmul outputs)
+  attention: str = "xla"  # full forwards: xla (attend) | cudnn (fused, NVIDIA GPU, bf16/fp16)
   lora_rank: int = 0  # > 0: LoRA adapters on the lora_targets projections
   lora_alpha: float = 16.0
   lora_targets: str = "q,k,v,o"  # comma-separated: q, k, v, o, gate, up, down
@@ -90,6 +93,10 @@ class ModelConfig:
     problems += lora_problems(self.lora_rank, self.lora_targets)
     if self.remat not in REMAT:
       problems.append(f"remat {self.remat!r} (expected one of {', '.join(REMAT)})")
+    if self.attention not in ATTENTION:
+      problems.append(f"attention {self.attention!r} (expected one of {', '.join(ATTENTION)})")
+    elif self.attention == "cudnn" and self.dtype == "float32":
+      problems.append("attention 'cudnn' computes in bfloat16 or float16, not dtype float32")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         problems.append(f"{name} {getattr(self, name)!r} (expected one of {', '.join(DTYPES)})")

@@ -184,6 +184,31 @@ def attend(
   return jnp.einsum(f"bkgts,{kv_dims}->btkgd", probs, v).reshape(B, T, H, D)
 
 
+def fused_attend(
+  q_BxTxHxD: jax.Array,
+  k_BxSxKxD: jax.Array,
+  v_BxSxKxD: jax.Array,
+  allowed_BxTxS: jax.Array,
+  *,
+  implementation: str,
+) -> jax.Array:
+  """``attend`` through ``jax.nn.dot_product_attention`` (keys [B, S, H_kv, D]); returns
+  [B, T, H, D].
+
+  ``implementation="cudnn"``: cuDNN's fused flash attention (Dao et al. 2022, "FlashAttention"),
+  which never writes the [T, S] scores to memory; NVIDIA GPUs, bf16 or fp16 only. ``"xla"``: the
+  same call lowered by XLA on any device (what the CPU tests compare with ``attend``).
+  """
+  if implementation == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(
+      f"model attention 'cudnn' needs an NVIDIA GPU, and this process runs on "
+      f"{jax.default_backend()}: use attention 'xla'"
+    )
+  return jax.nn.dot_product_attention(
+    q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=allowed_BxTxS[:, None], implementation=implementation
+  )
+
+
 class Attention(nnx.Module):
   """Causal grouped-query self-attention over a KV cache (multi-head when H_kv = H)."""
 
@@ -218,7 +243,10 @@ class Attention(nnx.Module):
       )
       k_all, v_all = put(cache.k, k), put(cache.v, v)
 
-    out = attend(q, k_all, v_all, allowed_BxTxS, heads_major=cache is not None)
+    if cache is None and cfg.attention == "cudnn":  # decoding reads the cache: attend below
+      out = fused_attend(q, k_all, v_all, allowed_BxTxS, implementation="cudnn")
+    else:
+      out = attend(q, k_all, v_all, allowed_BxTxS, heads_major=cache is not None)
     return self.o(out.reshape(B, T, -1)), (None if cache is None else KVCache(k_all, v_all))
 
 
