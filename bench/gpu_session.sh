@@ -8,14 +8,16 @@
 # ppo_jax is read from this checkout. Should `import flax.nnx` fail there, carry flax as a wheel:
 # here, `echo /.whl/ >> .git/info/exclude` and `python3 -m pip download --no-deps
 # --only-binary=:all: --python-version 3.12 -d .whl flax==0.12.8`, then pass carry=[".whl"]; the
-# script installs what it finds in .whl.
+# script installs what it finds in .whl when the image's own flax does not import.
 #
 # Everything lands in $OUT (the device tool brings it back): env.txt, accelerator.txt (the 1B
 # run: decode, then the train step), decode_hlo.txt (the compiled sampler, for reading here at
-# no device time), decode_cmdbuf.txt (decode again with while loops captured as CUDA graphs) and
-# attention.txt (attention forward + backward alone: ppo_jax's against cuDNN's fused kernel).
-# Each step has its own time limit, so one that hangs leaves the others' figures. A dry run on
-# the CPU here: `ACCEL_ARGS="--preset tiny" bash bench/gpu_session.sh` (about a minute).
+# no device time), accelerator_cudnn.txt (the same with cuDNN's fused attention in the train
+# step), decode_batch.txt (decode at batch 64 and 128) and attention.txt (attention forward +
+# backward alone: ppo_jax's against cuDNN's fused kernel). Each step has its own time limit, so
+# one that hangs leaves the others' figures (about 4 minutes in all on the H200). A dry run on
+# the CPU here: `ACCEL_ARGS="--preset tiny" bash bench/gpu_session.sh` (about a minute; the cuDNN
+# steps stop there with "needs an NVIDIA GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ppo_jax_gpu}
@@ -24,9 +26,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # `python3 bench/x.py` puts bench/ first on sys.path, not the checkout: ppo_jax comes from here.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+# The image's own flax first (it matches the image's jax); the carried wheels only if that fails.
+if ! python3 -c "import flax.nnx, optax, ppo_jax.rollout" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 
 {
@@ -43,15 +46,19 @@ print("ppo_jax imports")
 EOF
 } 2>&1 | tee "$OUT/env.txt"
 
-echo "== 1B Llama, bf16: decode then train step (default XLA flags)"
-timeout 330 python3 bench/accelerator.py ${ACCEL_ARGS:-} --hlo-out "$OUT/decode_hlo.txt" 2>&1 \
+echo "== 1B Llama, bf16: decode then train step, ppo_jax's attention (attend, XLA)"
+timeout 150 python3 bench/accelerator.py ${ACCEL_ARGS:-} --hlo-out "$OUT/decode_hlo.txt" 2>&1 \
   | tee "$OUT/accelerator.txt"
 
-echo "== decode again, while loops as CUDA graphs (command buffers)"
-CMDBUF=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
-XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF ${XLA_FLAGS:-}" \
-  timeout 170 python3 bench/accelerator.py ${ACCEL_ARGS:-} --decode-only 2>&1 | tee "$OUT/decode_cmdbuf.txt"
+echo "== the same with cuDNN's fused attention in the full forwards (score, update)"
+timeout 150 python3 bench/accelerator.py ${ACCEL_ARGS:-} --attention cudnn 2>&1 \
+  | tee "$OUT/accelerator_cudnn.txt"
+
+echo "== decode at batch 64 and 128: the weights' bytes per token shrink, the per-step overhead not"
+for b in 64 128; do
+  timeout 90 python3 bench/accelerator.py ${ACCEL_ARGS:-} --decode-only --batch $b 2>&1
+done | tee "$OUT/decode_batch.txt"
 
 echo "== attention alone at the train step's shapes: attend (XLA) vs cuDNN flash attention"
-timeout 60 python3 bench/attention.py ${ACCEL_ARGS:-} 2>&1 | tee "$OUT/attention.txt"
+timeout 45 python3 bench/attention.py ${ACCEL_ARGS:-} 2>&1 | tee "$OUT/attention.txt"
 ls -l "$OUT"
