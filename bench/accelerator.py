@@ -12,8 +12,12 @@ shape. One rollout batch: B prompts of P random tokens → R sampled tokens (no 
   step is (t(R) − t(1)) / (R − 1). A step must at least read every bf16 weight once and the KV
   cache at its current length, so bytes per step / step time / memory bandwidth is the fraction
   of the roofline reached.
-- Peaks: measured here (a bf16 n³ matmul; ``x + 1`` over a large bf16 array) and, where the
-  device is known or ``--peak-tflops`` / ``--peak-tbps`` are given, the vendor's figure.
+- Peaks: measured here, the faster of each pair (a bf16 n³ matmul, one and eight per call; a
+  read-only sum and ``x + 1`` over a large bf16 array) and, where the device is known or
+  ``--peak-tflops`` / ``--peak-tbps`` are given, the vendor's figure.
+- ``--attention cudnn``: the score pass and the update with cuDNN's fused attention
+  (``model.attention``); the score line gives the sampled tokens' log-prob drift between the
+  full forward and the sampler either way.
 
 - The decode loop as compiled: whether XLA knows its trip count (else XLA:GPU reads a predicate
   back to the host after every step) and whether a float32 weight is cast inside it (``hlo.py``).
