@@ -68,8 +68,10 @@ def main():
   B, S, H, K, D, L = (p[k] for k in ("batch", "cache", "heads", "kv_heads", "head_dim", "layers"))
   rng = np.random.default_rng(0)
   bf = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
-  k_major, v_major = bf(L, B, K, S, D), bf(L, B, K, S, D)  # heads-major, as decode's cache
-  k_seq, v_seq = (jnp.swapaxes(x, 2, 3) for x in (k_major, v_major))  # [L, B, S, K, D]
+  # One buffer per layer, as the sampler's loop carries them (slices of one stacked array would be
+  # copied out before every kernel that cannot fuse a slice).
+  k_major, v_major = ([bf(B, K, S, D) for _ in range(L)] for _ in range(2))  # heads-major
+  k_seq, v_seq = ([jnp.swapaxes(x, 1, 2) for x in xs] for xs in (k_major, v_major))  # [B,S,K,D]
   q0 = bf(B, H, D)
   # Left padding, then the prompt and the tokens so far: slots [pad, filled) of each row.
   pad = rng.integers(0, S // 4, B)
@@ -105,7 +107,9 @@ def main():
       v_major,
     ),
     **{
-      f"pallas gqa, {n} splits": (pallas(n), k_major, v_major) for n in (4, 8, 16) if S // n >= 16
+      f"pallas gqa, {n} splits": (pallas(n), k_major, v_major)
+      for n in (1, 2, 4, 8, 16)
+      if S // n >= 16
     },
     "cudnn": (
       lambda q, k, v, a: jax.nn.dot_product_attention(
