@@ -293,6 +293,9 @@ class Checkpointer:
         f"{self.directory} holds checkpoints of a different config ({'; '.join(diffs)}); use a"
         " new workdir or the original config"
       )
+    from ppo_jax.export import check_same_base  # export imports this module
+
+    check_same_base(saved_record, record, self.directory)
     if check is not None:
       check(saved_record)
     if step > iterations:

@@ -189,7 +189,7 @@ def run_dpo_stage(
   t0 = time.perf_counter()
   try:
     data_arrays = [x for q in train_pairs for x in (q.ids, q.mask, q.response_mask)]
-    meta = export_record(policy.cfg, tokenizer_path, base_policy)
+    meta = export_record(policy.cfg, tokenizer_path, base_policy, workdir=workdir)
     with stage_checkpoints.for_stage(s, workdir, "dpo", *data_arrays, meta=meta) as checkpoints:
       params, held_out = supervised.fit(
         "dpo",

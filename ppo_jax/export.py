@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 
@@ -15,15 +16,55 @@ from ppo_jax.models import ModelConfig
 STAGE_CHECKPOINTS = {"ppo": "checkpoints", "dpo": "dpo_checkpoints"}
 
 
-def export_record(model_config, tokenizer_path, base_policy=None) -> dict:
+def export_record(model_config, tokenizer_path, base_policy=None, *, workdir=None) -> dict:
   """What a checkpoint's record must hold for ``export_policy``: the policy's ``ModelConfig``,
-  its tokenizer folder and, for LoRA adapters, the folder of the base weights under them."""
+  its tokenizer folder and, for LoRA adapters, the folder of the base weights under them and
+  their ``weights_digest`` (a resume or an export over other base weights is refused). With
+  ``workdir``, paths inside it are found again in a moved or copied workdir."""
   absolute = lambda path: str(pathlib.Path(path).absolute()) if path else None
   return {
     "model_config": model_config.to_dict(),
     "tokenizer": absolute(tokenizer_path),
     "base_policy": absolute(base_policy),
+    "base_digest": weights_digest(base_policy) if base_policy else None,
+    "workdir": absolute(workdir),
   }
+
+
+def weights_digest(folder: str | pathlib.Path) -> str:
+  """SHA-256 of a model folder's safetensors files, names and bytes in name order."""
+  digest = hashlib.sha256()
+  for path in sorted(pathlib.Path(folder).glob("*.safetensors")):
+    digest.update(path.name.encode())
+    with path.open("rb") as f:
+      while chunk := f.read(1 << 24):
+        digest.update(chunk)
+  return digest.hexdigest()
+
+
+def check_same_base(saved: dict, now: dict, where: pathlib.Path) -> None:
+  """Refuses LoRA adapters saved in ``where`` over other base weights than the record ``now``
+  names (records from before digests pass)."""
+  then, current = saved.get("base_digest"), now.get("base_digest")
+  if then and current and then != current:
+    raise ValueError(
+      f"{where} holds LoRA adapters trained over other base weights than {now['base_policy']} "
+      f"holds now (sha256 {then[:12]}… then, {current[:12]}… now); use a new workdir or restore "
+      "those weights"
+    )
+
+
+def _in_this_workdir(path: str | None, record: dict, workdir: pathlib.Path) -> str | None:
+  """``path`` as recorded or, when it lay inside the run's workdir and ``workdir`` (the one being
+  exported: moved or copied since, maybe) has it at the same place, that copy."""
+  saved = record.get("workdir")
+  if not path or not saved:
+    return path
+  try:
+    here = workdir.absolute() / pathlib.Path(path).relative_to(saved)
+  except ValueError:
+    return path
+  return str(here) if here.exists() else path
 
 
 def export_policy(
@@ -76,7 +117,17 @@ def export_policy(
   cfg = ModelConfig.from_dict(record["model_config"])
   policy_params = _int_keys(params)
   if cfg.lora_rank:  # adapters: merged onto the base weights they were trained over
-    base = from_pretrained(record["base_policy"], dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    base_folder = _in_this_workdir(record["base_policy"], record, pathlib.Path(workdir))
+    if not any(pathlib.Path(base_folder).glob("*.safetensors")):
+      raise FileNotFoundError(
+        f"{base_folder}: no base weights, which the LoRA adapters of step {step} need under them"
+      )
+    check_same_base(
+      record,
+      {**record, "base_policy": base_folder, "base_digest": weights_digest(base_folder)},
+      directory / str(step),
+    )
+    base = from_pretrained(base_folder, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     graphdef, adapters, base_params = split_lora(
       add_lora(base, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
     )
@@ -87,7 +138,8 @@ def export_policy(
     policy = nnx.merge(
       graphdef, jax.tree.map(lambda _, x: x, nnx.to_pure_dict(abstract), policy_params)
     )
-  tokenizer = load_tokenizer(record["tokenizer"]) if record.get("tokenizer") else None
+  tokenizer_folder = _in_this_workdir(record.get("tokenizer"), record, pathlib.Path(workdir))
+  tokenizer = load_tokenizer(tokenizer_folder) if tokenizer_folder else None
   save_pretrained(policy, out, tokenizer=tokenizer)
   (pathlib.Path(out) / "ppo_jax_checkpoint.json").write_text(
     json.dumps({"workdir": str(workdir), "stage": stage, "step": step}, indent=2) + "\n"

@@ -144,7 +144,7 @@ def run_ppo_stage(
 
     record = {
       "config": json.loads(config.to_json_best_effort()),
-      **export_record(policy.cfg, inputs.tokenizer_path, base_policy),
+      **export_record(policy.cfg, inputs.tokenizer_path, base_policy, workdir=workdir),
     }
     try:
       return rl.run_ppo(

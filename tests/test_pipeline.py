@@ -204,6 +204,29 @@ def test_lora_run_trains_adapters_and_exports_a_plain_model(smoke_run, tmp_path)
   for k in final:
     np.testing.assert_array_equal(exported[k], final[k])
 
+  # A moved workdir exports from its own base and tokenizer (the record's paths are the old ones).
+  from ppo_jax.export import export_policy
+
+  moved = workdir.rename(tmp_path / "moved")
+  export_policy(moved, tmp_path / "from_moved")
+  again = safetensors.numpy.load_file(str(tmp_path / "from_moved" / "model.safetensors"))
+  assert again.keys() == final.keys() and all(np.array_equal(again[k], final[k]) for k in final)
+  assert (tmp_path / "from_moved" / "tokenizer.json").is_file()
+
+  # Other base weights under the adapters: export and resume both refuse, in one line.
+  base = moved / "sft" / "model.safetensors"
+  tensors = safetensors.numpy.load_file(str(base))
+  name = next(k for k in tensors if k.endswith("c_attn.weight"))
+  tensors[name] = tensors[name] + 1e-3
+  safetensors.numpy.save_file(tensors, str(base), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"LoRA adapters trained over other base weights than .*sft"):
+    export_policy(moved, tmp_path / "refused")
+  assert not (tmp_path / "refused").exists()
+  more = config.copy_and_resolve_references()
+  more.ppo.iterations += 2
+  with pytest.raises(ValueError, match=r"checkpoints holds LoRA adapters trained over other base"):
+    pipeline.run(more, moved)
+
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_critic_free_algorithms_raise_gold(smoke_run, tmp_path, algo):
