@@ -133,6 +133,37 @@ def test_a_stage_of_another_config_or_other_data_is_refused(tmp_path):
 # Frozen weights: LoRA adapters trained over base weights the step reads but never updates.
 
 
+def test_frozen_weights_are_arguments_of_the_compiled_step_not_constants(monkeypatch):
+  """What ``train``'s docstring claims, read from the step program it compiles: every base array
+  is a parameter of the module (one per array), and no constant has a base matrix's shape."""
+  from ppo_jax.models.lora import add_lora, split_lora
+
+  model = add_lora(CausalLM(CFG, rngs=nnx.Rngs(0)), rank=2, targets="q,v", seed=1)
+  graphdef, adapters, base = split_lora(model)
+  real_jit, programs = jax.jit, []
+
+  def spying_jit(fn, **kw):
+    jitted = real_jit(fn, **kw)
+    if kw.get("donate_argnums") != (0, 1):  # not the step (the optimizer's init, say)
+      return jitted
+
+    def call(*args):
+      programs.append((args, jitted.lower(*args).as_text()))
+      return jitted(*args)
+
+    return call
+
+  monkeypatch.setattr(supervised.jax, "jit", spying_jit)
+  supervised.train(adapters, graphdef, supervised.sft_loss, *_rows(), HP, seed=0, frozen=base)
+  args, text = programs[0]
+  assert args[2] is base  # the step's third argument
+  signature = next(line for line in text.splitlines() if "func.func public @main(" in line)
+  assert signature.count("%arg") == len(jax.tree.leaves(args))  # base's arrays among them
+  shapes = {"x".join(map(str, x.shape)) for x in jax.tree.leaves(base) if x.ndim == 2}
+  constants = [line for line in text.splitlines() if "stablehlo.constant" in line]
+  assert shapes and not [c for c in constants for shape in shapes if f"tensor<{shape}x" in c]
+
+
 def test_frozen_weights_are_read_and_not_trained():
   """``train(adapters, frozen=base)`` gives the adapters of a loss that closes over the base (the
   same arithmetic), leaves the base arrays as they were (not donated, not updated), and another
