@@ -325,6 +325,7 @@ def test_dpo_with_lora_trains_adapters_over_the_sft_policy(smoke_run, tmp_path, 
   config = load_experiment(ROOT / "experiments" / "dpo.py", "smoke")
   config.log.update(progress=False, tensorboard=False)
   config.ppo.update(lora_rank=16, lora_targets="q,k,v,o,up,down")
+  config.dpo.update(eval_every=0)  # no held-out curve (the DPO test above reads it): 3 samplings
   config.dpo.optim.lr = 3e-3
   workdir = reuse_stages(smoke_run[0], tmp_path / "dpo_lora", stages=("sft",))
   summary = pipeline.run(config, workdir)
