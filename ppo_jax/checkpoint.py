@@ -216,6 +216,18 @@ def config_differences(
   return diffs
 
 
+def check_same_base(saved: dict, now: dict, where: pathlib.Path) -> None:
+  """Refuses LoRA adapters saved in ``where`` over other base weights than the record ``now``
+  names (``export_record``'s ``base_digest``; records from before digests pass)."""
+  then, current = saved.get("base_digest"), now.get("base_digest")
+  if then and current and then != current:
+    raise ValueError(
+      f"{where} holds LoRA adapters trained over other base weights than {now['base_policy']} "
+      f"holds now (sha256 {then[:12]}… then, {current[:12]}… now); use a new workdir or restore "
+      "those weights"
+    )
+
+
 class Checkpointer:
   """Saves and restores a training state (a pytree: ``PPOState`` under ``WORKDIR/checkpoints``, a
   supervised stage's under ``WORKDIR/{stage}_checkpoints``); close it, or use ``with``."""
@@ -293,8 +305,6 @@ class Checkpointer:
         f"{self.directory} holds checkpoints of a different config ({'; '.join(diffs)}); use a"
         " new workdir or the original config"
       )
-    from ppo_jax.export import check_same_base  # export imports this module
-
     check_same_base(saved_record, record, self.directory)
     if check is not None:
       check(saved_record)

@@ -9,7 +9,7 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
-from ppo_jax.checkpoint import read
+from ppo_jax.checkpoint import check_same_base, read
 from ppo_jax.models import ModelConfig
 
 # The checkpoint folder of each stage whose checkpoints hold a policy.
@@ -40,18 +40,6 @@ def weights_digest(folder: str | pathlib.Path) -> str:
       while chunk := f.read(1 << 24):
         digest.update(chunk)
   return digest.hexdigest()
-
-
-def check_same_base(saved: dict, now: dict, where: pathlib.Path) -> None:
-  """Refuses LoRA adapters saved in ``where`` over other base weights than the record ``now``
-  names (records from before digests pass)."""
-  then, current = saved.get("base_digest"), now.get("base_digest")
-  if then and current and then != current:
-    raise ValueError(
-      f"{where} holds LoRA adapters trained over other base weights than {now['base_policy']} "
-      f"holds now (sha256 {then[:12]}… then, {current[:12]}… now); use a new workdir or restore "
-      "those weights"
-    )
 
 
 def _in_this_workdir(path: str | None, record: dict, workdir: pathlib.Path) -> str | None:
