@@ -94,23 +94,19 @@ def test_the_fixed_length_sampler_of_the_benchmark_model():
 
 
 def test_the_gpu_benchmarks_run_on_the_cpu(monkeypatch, capsys):
-  """The scripts a GPU session runs (bench/gpu_session.sh), at their tiny presets: device time is
-  rare, so a refactor that breaks them must fail here. Each prints its figures; cuDNN, absent
-  here, is reported unavailable rather than fatal."""
+  """The script a GPU session runs first (bench/gpu_session.sh), at its tiny preset: device time
+  is rare, so a refactor that breaks it must fail here. It prints its figures; cuDNN, absent
+  here, is reported unavailable rather than fatal. The two attention microbenchmarks are only
+  imported (what they import from ppo_jax and jax must exist): running them adds ~12 s of
+  compilation to the suite for a few lines of timing code."""
   import accelerator
   import attention
   import decode_attention
 
-  def run(module, *args):
-    monkeypatch.setattr(sys, "argv", [module.__name__, "--preset", "tiny", *args])
-    module.main()
-    return capsys.readouterr().out
-
-  out = run(accelerator, "--repeats", "1")
+  monkeypatch.setattr(sys, "argv", ["accelerator", "--preset", "tiny", "--repeats", "1"])
+  accelerator.main()
+  out = capsys.readouterr().out
   last = out.strip().splitlines()[-1]
   assert last.startswith("accelerator: train_mfu=0.") and " decode_roofline=0." in last, out
   assert "measured peaks: bf16 matmul" in out and "log-probs, full forward (xla)" in out
-  out = run(attention, "--repeats", "1")
-  assert "ppo_jax attend:" in out and "jax.nn cudnn: unavailable" in out
-  out = run(decode_attention, "--repeats", "1", "--chain", "1")
-  assert "attend:" in out and "reduce scores, matmul mix:" in out and "cudnn: unavailable" in out
+  assert callable(attention.main) and callable(decode_attention.main)

@@ -32,7 +32,10 @@ def _launch(workdir, devices, *extra):
   env = {
     **os.environ,
     "HF_HUB_OFFLINE": "1",
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "XLA_FLAGS": " ".join(
+      [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f]
+      + [f"--xla_force_host_platform_device_count={devices}"]
+    ),
   }
   env.pop("PPO_JAX_MULTIDEVICE", None)
   return subprocess.Popen(
@@ -71,16 +74,27 @@ def _rows(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one(tmp_path):
-  single = tmp_path / "one_process"
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> pathlib.Path:
+  """The workdir of the smoke pipeline (SFT, reward model, PPO) in one process × four devices:
+  the reference for PPO, and the SFT policy the DPO tests start from."""
+  single = tmp_path_factory.mktemp("one_process")
   proc = _launch(single, 4)
   _, err = proc.communicate(timeout=900)
   assert proc.returncode == 0, err[-3000:]
+  return single
 
-  multi = tmp_path / "two_processes"
-  multi.mkdir()
-  for stage in ("sft", "reward_model"):  # the same starting point: PPO is what is compared
-    shutil.copytree(single / stage, multi / stage)
+
+def _with_stages(one_process, workdir, stages=("sft", "reward_model")):
+  workdir.mkdir()
+  for stage in stages:  # the same starting point: what follows is what is compared
+    shutil.copytree(one_process / stage, workdir / stage)
+  return workdir
+
+
+def test_two_processes_match_one(tmp_path, one_process):
+  single = one_process
+  multi = _with_stages(single, tmp_path / "two_processes")
   procs = _launch_two(multi)
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outs, strict=True):
@@ -98,10 +112,7 @@ def test_two_processes_match_one(tmp_path):
   assert (multi / "policy" / "model.safetensors").exists()
 
   # SIGTERM to the second process alone: both agree to stop after the same step, save it, exit 0.
-  stopped = tmp_path / "stopped"
-  stopped.mkdir()
-  for stage in ("sft", "reward_model"):
-    shutil.copytree(single / stage, stopped / stage)
+  stopped = _with_stages(single, tmp_path / "stopped")
   procs = _launch_two(stopped, "--config.ppo.iterations=200")
   metrics = stopped / "metrics.jsonl"
   t0 = time.time()
@@ -122,21 +133,20 @@ def test_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.parametrize("lora_rank", [0, 8])
-def test_dpo_in_two_processes_matches_one(tmp_path, lora_rank):
-  """DPO from the same SFT policy, of the full weights or of LoRA adapters over them: per-step
-  metrics and the held-out sampling evaluations of two processes × two devices are those of one
-  process × four."""
+def test_dpo_in_two_processes_matches_one(tmp_path, one_process, lora_rank):
+  """DPO from the same SFT policy (the PPO reference run's), of the full weights or of LoRA
+  adapters over them: per-step metrics and the held-out sampling evaluations of two processes ×
+  two devices are those of one process × four."""
   dpo = ["--config.algo=dpo", "--config.dpo.batch_size=16", "--config.dpo.eval_every=5"]
   dpo += ["--config.data.eval_prompts=32"]  # sampled on the mesh, two batches of 16
   dpo += [f"--config.ppo.lora_rank={lora_rank}", "--config.ppo.lora_targets=q,k,v,o,up,down"]
-  single = tmp_path / "one_process"
+  single = _with_stages(one_process, tmp_path / "one_process", stages=("sft",))
   proc = _launch(single, 4, *dpo)
-  _, err = proc.communicate(timeout=900)
+  out, err = proc.communicate(timeout=900)
   assert proc.returncode == 0, err[-3000:]
+  assert "sft: loading it instead of training" in out  # DPO alone ran here
 
-  multi = tmp_path / "two_processes"
-  multi.mkdir()
-  shutil.copytree(single / "sft", multi / "sft")
+  multi = _with_stages(one_process, tmp_path / "two_processes", stages=("sft",))
   procs = _launch_two(multi, *dpo)
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outs, strict=True):
