@@ -216,6 +216,12 @@ def config_differences(
   return diffs
 
 
+def holds_checkpoints(folder: pathlib.Path) -> bool:
+  """Whether ``folder`` exists and holds anything (a checkpoint, or one being written)."""
+  folder = pathlib.Path(folder)
+  return folder.is_dir() and any(folder.iterdir())
+
+
 def check_same_base(saved: dict, now: dict, where: pathlib.Path) -> None:
   """Refuses LoRA adapters saved in ``where`` over other base weights than the record ``now``
   names (``export_record``'s ``base_digest``; records from before digests pass)."""

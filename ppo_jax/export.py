@@ -9,7 +9,7 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
-from ppo_jax.checkpoint import check_same_base, read
+from ppo_jax.checkpoint import check_same_base, holds_checkpoints, read
 from ppo_jax.models import ModelConfig
 
 # The checkpoint folder of each stage whose checkpoints hold a policy.
@@ -181,7 +181,7 @@ def _checkpoint_folder(workdir: pathlib.Path, stage: str | None) -> tuple[str, p
     if not directory.is_dir():
       raise FileNotFoundError(f"{directory}: no {stage.upper()} checkpoints")
     return stage, directory
-  found = {k: workdir / v for k, v in STAGE_CHECKPOINTS.items() if _holds_any(workdir / v)}
+  found = {k: workdir / v for k, v in STAGE_CHECKPOINTS.items() if holds_checkpoints(workdir / v)}
   if not found:
     raise FileNotFoundError(
       f"{workdir}: no checkpoints/ or dpo_checkpoints/ (is it a ppo_jax workdir?)"
@@ -192,10 +192,6 @@ def _checkpoint_folder(workdir: pathlib.Path, stage: str | None) -> tuple[str, p
       "one with --stage ppo or --stage dpo"
     )
   return next(iter(found.items()))
-
-
-def _holds_any(folder: pathlib.Path) -> bool:
-  return folder.is_dir() and any(folder.iterdir())
 
 
 def _check_export_target(workdir: pathlib.Path, out: pathlib.Path) -> None:

@@ -120,7 +120,9 @@ def run_ppo_stage(
       init=s.ppo_run.critic_init,
       seed=s.seed + 2,
     )
-  policy, base_policy = with_adapters(s, policy, workdir, inputs.tokenizer)
+  policy, base_policy = with_adapters(
+    s, policy, workdir, inputs.tokenizer, checkpoints=workdir / "checkpoints"
+  )
   with checkpoint.Checkpointer(workdir / "checkpoints", s.checkpoint) as ckpt:
     resume_step = (ckpt.latest_step() or 0) if resume else 0
     writers.truncate_jsonl(workdir / "samples.jsonl", resume_step)
@@ -233,7 +235,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     raise OSError(f"--workdir {workdir}: cannot create it as a folder ({why})") from e
   for name in ("checkpoints", *(f"{stage}_checkpoints" for stage in ("sft", "rm", "dpo"))):
     ckpt_dir = workdir / name
-    if not resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+    if not resume and checkpoint.holds_checkpoints(ckpt_dir):
       raise ValueError(
         f"{ckpt_dir} holds checkpoints and resuming is off; use a new workdir (or "
         "resume, the default)"

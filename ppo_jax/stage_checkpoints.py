@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ppo_jax import sharding as shd
-from ppo_jax.checkpoint import Checkpointer
+from ppo_jax.checkpoint import Checkpointer, holds_checkpoints
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -100,7 +100,7 @@ def drop_checkpoints(workdir: pathlib.Path, name: str) -> None:
 def note_skipped(workdir: pathlib.Path, name: str) -> None:
   """Names stage ``name``'s checkpoints when a run skips that stage: they are left as they are."""
   directory = pathlib.Path(workdir) / f"{name}_checkpoints"
-  if directory.is_dir() and any(directory.iterdir()):
+  if holds_checkpoints(directory):
     print(
       f"note: {directory} holds checkpoints of the {name} stage, which this run skips; they are "
       "left as they are (--noresume refuses a workdir holding them: delete the folder if stale)"

@@ -12,6 +12,7 @@ import jax
 from flax import nnx
 
 from ppo_jax import data, dpo, stage_checkpoints, supervised
+from ppo_jax.checkpoint import holds_checkpoints
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.models.hf import load_hf_config
 from ppo_jax.models.layers import LoRAParam
@@ -28,18 +29,27 @@ def has_model_folder(folder: pathlib.Path) -> bool:
 
 
 def with_adapters(
-  s: Settings, policy: CausalLM, workdir: pathlib.Path, tokenizer
+  s: Settings, policy: CausalLM, workdir: pathlib.Path, tokenizer, *, checkpoints: pathlib.Path
 ) -> tuple[CausalLM, pathlib.Path | None]:
   """``(policy, base folder)``: with ``ppo.lora_rank``, the policy with fresh LoRA adapters and the
   Hugging Face folder of the base weights under them (``WORKDIR/sft``, or ``WORKDIR/ppo_base``
-  written now when SFT was skipped), which ``ppo-jax export`` merges a checkpoint's adapters
-  onto; without, ``(policy, None)``."""
+  when SFT was skipped), which ``ppo-jax export`` merges a checkpoint's adapters onto; without,
+  ``(policy, None)``.
+
+  ``ppo_base/`` is written from ``policy`` unless the stage resumes (its ``checkpoints`` folder
+  holds some) and finds it there: then the base is read from it, the weights the saved adapters
+  were trained over. Rebuilt from the seed instead, on another CPU, it could differ in the last
+  bits, and the resume's digest check would refuse it.
+  """
   if not s.ppo_run.lora_rank:
     return policy, None
   base_policy = workdir / "sft"
   if not has_model_folder(base_policy):
     base_policy = workdir / "ppo_base"
-    save_pretrained(policy, base_policy, tokenizer=tokenizer)
+    if holds_checkpoints(checkpoints) and has_model_folder(base_policy):
+      _load_base(policy, base_policy, s.model.numerics())
+    else:
+      save_pretrained(policy, base_policy, tokenizer=tokenizer)
   adapted = add_lora(
     policy,
     rank=s.ppo_run.lora_rank,
@@ -54,6 +64,22 @@ def with_adapters(
     f"{count(policy, nnx.Param) / 1e6:.2f}M base weights of {base_policy}"
   )
   return adapted, base_policy
+
+
+def _load_base(policy: CausalLM, folder: pathlib.Path, numerics: dict) -> None:
+  """Sets ``policy``'s weights to those saved in ``folder``, which must have their shapes."""
+  saved = nnx.state(from_pretrained(folder, **numerics), nnx.Param)
+  now = nnx.state(policy, nnx.Param)
+  shapes = lambda state: [
+    (path, x.shape) for path, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
+  ]
+  if shapes(saved) != shapes(now):
+    raise ValueError(
+      f"{folder} holds a model of other shapes than config.model builds, so the checkpoints beside "
+      "it were trained over another base; use a new workdir or restore that config"
+    )
+  nnx.update(policy, saved)
+  print(f"resuming over the base weights in {folder}")
 
 
 def load_preference_split(
@@ -253,7 +279,9 @@ def run_dpo(
   ``WORKDIR/dpo_metrics.jsonl``."""
   if not inputs.preferences:
     raise ValueError("config.algo='dpo' needs preference pairs (config.data.preferences)")
-  policy, base_policy = with_adapters(s, policy, workdir, inputs.tokenizer)
+  policy, base_policy = with_adapters(
+    s, policy, workdir, inputs.tokenizer, checkpoints=workdir / "dpo_checkpoints"
+  )
   return dpo.run_dpo_stage(
     s,
     policy,

@@ -341,32 +341,57 @@ def test_dpo_with_lora_trains_adapters_over_the_sft_policy(smoke_run, tmp_path, 
 
 def test_lora_keeps_its_base_beside_the_adapters_when_sft_was_skipped(tmp_path, capsys):
   """``with_adapters`` (PPO's and DPO's LoRA): without an ``sft/`` folder the base weights are
-  written to ``ppo_base/`` for the export to merge onto; with one, that folder is the base."""
+  written to ``ppo_base/`` for the export to merge onto, and a resume reads them back from there
+  rather than trusting the seed to rebuild them bit for bit; with ``sft/``, that is the base."""
   from flax import nnx
 
   from ppo_jax.config import Settings
+  from ppo_jax.export import weights_digest
   from ppo_jax.models import CausalLM, ModelConfig, from_pretrained
+  from ppo_jax.models.lora import split_lora
 
   cfg = ModelConfig.gpt2(
     vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16
   )
   policy = CausalLM(cfg, rngs=nnx.Rngs(0))
+  weights = lambda m: jax.tree.leaves(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+  ckpts = tmp_path / "checkpoints"
   plain = Settings.from_config(smoke_config())
-  assert stages.with_adapters(plain, policy, tmp_path, None) == (policy, None)
+  assert stages.with_adapters(plain, policy, tmp_path, None, checkpoints=ckpts) == (policy, None)
   s = Settings.from_config(smoke_config(ppo__lora_rank=4))
-  adapted, base = stages.with_adapters(s, policy, tmp_path, None)
+  adapted, base = stages.with_adapters(s, policy, tmp_path, None, checkpoints=ckpts)
   assert base == tmp_path / "ppo_base" and adapted.cfg.lora_rank == 4
   said = capsys.readouterr().out
   # q,k,v,o (the default): 4 adapters of 16·4 + 4·16 parameters in one layer
   assert said.startswith("LoRA rank 4 on q,k,v,o: 0.001M trainable parameters over the "), said
   assert said.rstrip().endswith(f"M base weights of {base}")
-  saved = nnx.to_pure_dict(nnx.state(from_pretrained(base), nnx.Param))
-  for x, y in zip(
-    jax.tree.leaves(saved), jax.tree.leaves(nnx.to_pure_dict(nnx.state(policy))), strict=True
+  saved = weights(from_pretrained(base))
+  assert same(saved, weights(policy))
+  digest = weights_digest(base)
+
+  # Resumed where the seed rebuilds other bits (another CPU; here another seed): ppo_base/ is
+  # read, not rewritten, and the adapters sit over the weights they were trained over.
+  ckpts.mkdir()
+  (ckpts / "7").mkdir()
+  rebuilt = CausalLM(cfg, rngs=nnx.Rngs(1))
+  adapted, _ = stages.with_adapters(s, rebuilt, tmp_path, None, checkpoints=ckpts)
+  assert f"resuming over the base weights in {base}" in capsys.readouterr().out
+  assert weights_digest(base) == digest and same(weights(rebuilt), saved)
+  assert same(jax.tree.leaves(split_lora(adapted)[2]), saved)
+  wider = CausalLM(cfg.replace(hidden_size=32, head_dim=16), rngs=nnx.Rngs(0))
+  with pytest.raises(
+    ValueError, match=r"ppo_base holds a model of other shapes than config\.model"
   ):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    stages.with_adapters(s, wider, tmp_path, None, checkpoints=ckpts)
+  # A fresh run (no checkpoints) over a stale ppo_base/ writes it anew.
+  (ckpts / "7").rmdir()
+  rebuilt = CausalLM(cfg, rngs=nnx.Rngs(2))
+  stages.with_adapters(s, rebuilt, tmp_path, None, checkpoints=ckpts)
+  assert weights_digest(base) != digest and same(weights(from_pretrained(base)), weights(rebuilt))
+
   (tmp_path / "ppo_base").rename(tmp_path / "sft")  # a finished SFT stage's folder
-  _, base = stages.with_adapters(s, policy, tmp_path, None)
+  _, base = stages.with_adapters(s, policy, tmp_path, None, checkpoints=ckpts)
   assert base == tmp_path / "sft" and not (tmp_path / "ppo_base").exists()
 
 
