@@ -3,9 +3,11 @@
 The GPT-2 configuration of ../shared/BENCHMARK.md (4 layers, width 256, 4 heads, vocab 512,
 128 positions), random weights, batch 16, 16-token prompts, 32 sampled tokens at temperature 0.7,
 no EOS (fixed length), fp32 on CPU. Both models hold the same weights (saved by transformers,
-loaded by ppo_jax). Prints response tokens/s of each and their ratio.
+loaded by ppo_jax). Prints response tokens/s of each and their ratio. With ``--lora R`` it also
+times the same policy with rank-R adapters on every projection (non-zero, as after training),
+what a LoRA run samples with, and prints its cost against the plain policy's.
 
-  python bench/decode.py [--repeats 20] [--threads 2]
+  python bench/decode.py [--repeats 20] [--threads 2] [--lora 16]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+  ap.add_argument("--lora", type=int, default=0, help="also time rank-R adapters (0: no)")
   args = ap.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
@@ -72,7 +75,10 @@ def main():
         pad_token_id=0,
       )
 
-  times = alternate({"ppo_jax": ours, "transformers": theirs}, repeats=args.repeats, warmup=2)
+  contenders = {"ppo_jax": ours, "transformers": theirs}
+  if args.lora:
+    contenders["ppo_jax LoRA"] = lora_sampler(model, ids, keys, rank=args.lora)
+  times = alternate(contenders, repeats=args.repeats, warmup=2)
   tps = {k: B * N / statistics.median(v) for k, v in times.items()}
   print(
     f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
@@ -81,6 +87,31 @@ def main():
   for name, t in times.items():
     print(f"{name:>12}: {summary(t)}  → {tps[name]:,.0f} tokens/s")
   print(f"ratio ppo_jax / transformers: {tps['ppo_jax'] / tps['transformers']:.2f}x")
+  if args.lora:
+    print(
+      f"LoRA rank {args.lora} on q,k,v,o,up,down: sampling takes "
+      f"{tps['ppo_jax'] / tps['ppo_jax LoRA']:.2f}x the plain policy's time"
+    )
+
+
+def lora_sampler(model, ids, keys, *, rank):
+  """``generate`` from ``model`` with rank-``rank`` adapters on every projection, their B made
+  non-zero (fresh ones are zero, which a compiler could fold away)."""
+  from flax import nnx
+
+  from ppo_jax.models.lora import add_lora, split_lora
+
+  graphdef, adapters, base = split_lora(
+    add_lora(model, rank=rank, targets="q,k,v,o,up,down", seed=1)
+  )
+  adapters = jax.tree.map(lambda x: x + 0.01, adapters)
+  adapted = nnx.merge(graphdef, adapters, base)
+
+  def run():
+    gen = pj.generate(adapted, ids, None, key=next(keys), max_new_tokens=N, temperature=0.7)
+    gen.tokens.block_until_ready()
+
+  return run
 
 
 if __name__ == "__main__":

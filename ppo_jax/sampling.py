@@ -12,6 +12,10 @@ The weight matrices (kernels, embedding tables, adapters: every parameter of two
 cast to a narrower compute dtype once, before the loop: with float32 master weights and bfloat16
 compute each decode step then reads 2 bytes per weight, not 4, whatever the compiler decides about
 hoisting the casts. The values are those the model casts to itself, so the samples are unchanged.
+LoRA adapters are folded into their kernels first, ``W + (α/r)·A B`` in float32 (``merge_lora``,
+what the saved policy holds): a decode step then reads each weight once and runs no adapter
+products (two small matmuls per adapted projection per layer, each a kernel launch on a GPU).
+The folded kernel rounds differently from ``x W + (α/r)·(x A) B``: ~1e-7 relative in float32.
 
 The log-probability returned for each sampled token is ``token_logprobs`` of the model's logits at
 the sampling temperature, the very function the trainer applies, so PPO's ratio is 1 on its
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ppo_jax.logprobs import token_logprobs
+from ppo_jax.models.lora import merge_lora
 from ppo_jax.models.transformer import CausalLM, positions_from_mask
 
 
@@ -101,9 +106,12 @@ def sample(
 ) -> Generation:
   """The pure sampling program (trace it inside a larger jit, or call ``generate``)."""
   # One state, or a tuple (LoRA adapters, base weights).
-  merge = lambda p: nnx.merge(graphdef, *p) if isinstance(p, tuple) else nnx.merge(graphdef, p)
-  dtype = jnp.dtype(merge(params).cfg.dtype)
-  model: CausalLM = merge(jax.tree.map(lambda x: _matrix_as(x, dtype), params))
+  model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+  if model.cfg.lora_rank:
+    model = merge_lora(model)  # in full precision, before the cast
+  plain, weights = nnx.split(model)
+  dtype = jnp.dtype(model.cfg.dtype)
+  model = nnx.merge(plain, jax.tree.map(lambda x: _matrix_as(x, dtype), weights))
   B, P = prompt_ids_BxP.shape
   N = max_new_tokens
   prompt_mask = prompt_mask_BxP.astype(jnp.int32)

@@ -260,6 +260,39 @@ def test_decode_loop_reads_weights_in_the_compute_dtype(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_lora_adapters_are_folded_before_the_decode_loop(models):
+  """A policy with adapters samples with ``W + (α/r)·A B`` folded in once: no step of the decode
+  loop multiplies by an adapter, and the log-probs are the unfolded full forward's (to float32
+  rounding), the samples those of the merged model."""
+  from ppo_jax.models.lora import add_lora, merge_lora, split_lora
+
+  model = add_lora(models["llama3"][0], rank=4, targets="q,k,v,o,gate,up,down", seed=1)
+  graphdef, adapters, base = split_lora(model)
+  # Non-zero B (fresh adapters are the identity change): an adapter that were skipped would show.
+  adapters = jax.tree.map(lambda x: x + 0.05 * jnp.sign(x) + 0.05, adapters)
+  model = nnx.merge(graphdef, adapters, base)
+  ids, mask = tiny_hf.batch(seed=13)
+  trace = lambda p, i, m, k: sample(graphdef, p, i, m, k, max_new_tokens=N_NEW)
+  jaxpr = jax.make_jaxpr(trace)((adapters, base), ids, mask, jax.random.key(0))
+  adapter_shapes = {x.shape for x in jax.tree.leaves(adapters)}
+  loops = [e for e in jaxpr.eqns if e.primitive.name in ("while", "scan")]
+  products = [
+    e
+    for loop in loops
+    for body in jaxprs_in_params(loop.params)
+    for e in _eqns(body)
+    if e.primitive.name == "dot_general" and any(v.aval.shape in adapter_shapes for v in e.invars)
+  ]
+  assert loops and not products, f"{len(products)} adapter products in every decode step"
+
+  gen = pj.generate(model, ids, mask, key=jax.random.key(3), max_new_tokens=N_NEW)
+  _, full = _recomputed_logprobs(model, ids, mask, gen, 1.0)
+  np.testing.assert_allclose(gen.logprobs, np.asarray(full) * np.asarray(gen.mask), atol=2e-5)
+  merged = pj.generate(merge_lora(model), ids, mask, key=jax.random.key(3), max_new_tokens=N_NEW)
+  np.testing.assert_array_equal(gen.tokens, merged.tokens)
+  np.testing.assert_allclose(gen.logprobs, merged.logprobs, atol=2e-6)
+
+
 def test_bad_arguments(models):
   model, _ = models["gpt2"]  # 48 learned positions
   ids, mask = tiny_hf.batch(T=40)
