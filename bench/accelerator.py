@@ -15,6 +15,9 @@ shape. One rollout batch: B prompts of P random tokens → R sampled tokens (no 
 - Peaks: measured here, the faster of each pair (a bf16 n³ matmul, one and eight per call; a
   read-only sum and ``x + 1`` over a large bf16 array) and, where the device is known or
   ``--peak-tflops`` / ``--peak-tbps`` are given, the vendor's figure.
+- ``--lora R`` (with ``--decode-only``): the policy carries rank-R adapters on every projection,
+  as in a LoRA run; the sampler folds them into the kernels before the loop, so its steps
+  should cost what the plain policy's do.
 - ``--attention cudnn``: the score pass and the update with cuDNN's fused attention
   (``model.attention``); the score line gives the sampled tokens' log-prob drift between the
   full forward and the sampler either way.
@@ -77,8 +80,9 @@ def tiny_llama(**kw) -> ModelConfig:
   )
 
 
-def build(cfg: ModelConfig, hp: ppo.PPOHparams):
-  policy = CausalLM(cfg, rngs=nnx.Rngs(0))
+def build(cfg: ModelConfig, hp: ppo.PPOHparams, *, lora: int = 0):
+  targets = ",".join(cfg.projections)
+  policy = CausalLM(cfg.replace(lora_rank=lora, lora_targets=targets), rngs=nnx.Rngs(0))
   head = ScalarHead(cfg.hidden_size, zero_init=True, rngs=nnx.Rngs(2))
   reward = RewardModel(cfg, rngs=nnx.Rngs(1))
   models, params, frozen_policy, reward_params = ActorCritic.build(policy, head, reward)
@@ -105,10 +109,13 @@ def main():
     "--attention", default="xla", choices=["xla", "cudnn"], help="of full forwards (score, update)"
   )
   ap.add_argument("--decode-only", action="store_true", help="skip the train step")
+  ap.add_argument("--lora", type=int, default=0, help="rank-R adapters on the policy (decode only)")
   ap.add_argument("--hlo-out", help="write the compiled sampler's optimised HLO text here")
   ap.add_argument("--peak-tflops", type=float, help="the device's bf16 peak (default: SPEC)")
   ap.add_argument("--peak-tbps", type=float, help="the device's memory bandwidth (default: SPEC)")
   args = ap.parse_args()
+  if args.lora and not args.decode_only:  # a LoRA update's FLOPs are not 3 × forward
+    raise SystemExit("--lora times decoding only: add --decode-only")
   pre = PRESETS[args.preset]
   B = args.batch or pre["batch"]
   P = args.prompt or pre["prompt"]
@@ -137,8 +144,9 @@ def main():
   hp = ppo.PPOHparams(
     max_new_tokens=R, temperature=1.0, eos_token_id=None, num_epochs=1, num_minibatches=1
   )
-  models, tx, state, frozen = build(cfg, hp)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params["policy"]))
+  models, tx, state, frozen = build(cfg, hp, lora=args.lora)
+  base = frozen.ref_params if args.lora else state.params["policy"]  # LoRA: the frozen base
+  n_params = sum(x.size for x in jax.tree.leaves(base))
   fns = rollout.make_step_fns(models, tx, hp)
   first = rollout.make_step_fns(models, tx, dataclasses.replace(hp, max_new_tokens=1))
   ids = jnp.asarray(np.random.default_rng(0).integers(4, cfg.vocab_size, (B, P)), jnp.int32)
@@ -148,7 +156,8 @@ def main():
     f"jax {jax.__version__} on {dev.device_kind} ({dev.platform}); Llama L{cfg.num_layers} "
     f"d{cfg.hidden_size} ({n_params / 1e6:,.1f} M params), bf16 compute, fp32 master weights; "
     f"batch {B} × ({P} prompt + {R} response) tokens; attention {cfg.attention}; "
-    f"setup {time.perf_counter() - t0:.0f} s",
+    + (f"LoRA rank {args.lora} on {','.join(cfg.projections)}; " if args.lora else "")
+    + f"setup {time.perf_counter() - t0:.0f} s",
     flush=True,
   )
   print(
@@ -166,7 +175,7 @@ def main():
   if args.hlo_out:
     with open(args.hlo_out, "w") as f:
       f.write(hlo)
-  weights = {x.shape for x in jax.tree.leaves(policy_params) if x.ndim >= 2}
+  weights = {x.shape for x in jax.tree.leaves(base) if x.ndim >= 2}
   print("decode loop as compiled: " + describe(loop_report(hlo, shapes=weights)), flush=True)
   run_all = lambda: jax.block_until_ready(sample_all(policy_params, frozen, key, ids, mask))
   run_one = lambda: jax.block_until_ready(first.sample(policy_params, frozen, key, ids, mask))

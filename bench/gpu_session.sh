@@ -13,9 +13,10 @@
 # Everything lands in $OUT (the device tool brings it back): env.txt, accelerator.txt (the 1B
 # run: decode, then the train step), decode_hlo.txt (the compiled sampler, for reading here at
 # no device time), accelerator_cudnn.txt (the same with cuDNN's fused attention in the train
-# step), decode_batch.txt (decode at batch 64 and 128) and attention.txt (attention forward +
+# step), decode_batch.txt (decode at batch 64 and 128), decode_lora.txt (decode with rank-16
+# adapters: its steps should cost the plain policy's) and attention.txt (attention forward +
 # backward alone: ppo_jax's against cuDNN's fused kernel). Each step has its own time limit, so
-# one that hangs leaves the others' figures (about 4 minutes in all on the H200). A dry run on
+# one that hangs leaves the others' figures (about 5 minutes in all on the H200). A dry run on
 # the CPU here: `ACCEL_ARGS="--preset tiny" bash bench/gpu_session.sh` (about a minute; the cuDNN
 # steps stop there with "needs an NVIDIA GPU").
 set -uo pipefail
@@ -58,6 +59,10 @@ echo "== decode at batch 64 and 128: the weights' bytes per token shrink, the pe
 for b in 64 128; do
   timeout 90 python3 bench/accelerator.py ${ACCEL_ARGS:-} --decode-only --batch $b 2>&1
 done | tee "$OUT/decode_batch.txt"
+
+echo "== decode of a LoRA policy (rank 16, every projection; folded before the loop) at batch 32"
+timeout 75 python3 bench/accelerator.py ${ACCEL_ARGS:-} --decode-only --lora 16 2>&1 \
+  | tee "$OUT/decode_lora.txt"
 
 echo "== attention alone at the train step's shapes: attend (XLA) vs cuDNN flash attention"
 timeout 45 python3 bench/attention.py ${ACCEL_ARGS:-} 2>&1 | tee "$OUT/attention.txt"

@@ -103,10 +103,16 @@ def test_the_gpu_benchmarks_run_on_the_cpu(monkeypatch, capsys):
   import attention
   import decode_attention
 
-  monkeypatch.setattr(sys, "argv", ["accelerator", "--preset", "tiny", "--repeats", "1"])
-  accelerator.main()
-  out = capsys.readouterr().out
+  def run(*args):
+    monkeypatch.setattr(sys, "argv", ["accelerator", "--preset", "tiny", "--repeats", "1", *args])
+    accelerator.main()
+    return capsys.readouterr().out
+
+  out = run()
   last = out.strip().splitlines()[-1]
   assert last.startswith("accelerator: train_mfu=0.") and " decode_roofline=0." in last, out
   assert "measured peaks: bf16 matmul" in out and "log-probs, full forward (xla)" in out
+  out = run("--decode-only", "--lora", "4")  # the adapters folded: no float32 cast in the loop
+  assert "LoRA rank 4 on q,k,v,o,gate,up,down" in out and "15 trips known to XLA" in out, out
+  assert out.strip().splitlines()[-1].startswith("accelerator: train_mfu=skipped decode_roof")
   assert callable(attention.main) and callable(decode_attention.main)
