@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ppo_jax.logprobs import token_logprobs
-from ppo_jax.models.lora import adapters_off, split_lora
+from ppo_jax.models.lora import adapters_off, merge, split_lora
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
 
 Params = Any
@@ -70,15 +70,6 @@ class ActorCritic:
   def reference_vars(self, policy_params: Params, frozen_policy: Params) -> Params:
     """The reference policy: its frozen copy, or the base with the adapters off."""
     return (adapters_off(policy_params), frozen_policy) if self.lora else frozen_policy
-
-
-def merge(graphdef: nnx.GraphDef, variables: Params):
-  """``nnx.merge`` of one state or of a tuple of states (adapters, base)."""
-  return (
-    nnx.merge(graphdef, *variables)
-    if isinstance(variables, tuple)
-    else nnx.merge(graphdef, variables)
-  )
 
 
 def response_hidden(trunk, ids_BxL: jax.Array, mask_BxL: jax.Array, n: int) -> jax.Array:

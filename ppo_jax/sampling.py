@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ppo_jax.logprobs import token_logprobs
-from ppo_jax.models.lora import merge_lora
+from ppo_jax.models.lora import merge, merge_lora
 from ppo_jax.models.transformer import CausalLM, positions_from_mask
 
 
@@ -105,8 +105,7 @@ def sample(
   eos_check_every: int = 8,
 ) -> Generation:
   """The pure sampling program (trace it inside a larger jit, or call ``generate``)."""
-  # One state, or a tuple (LoRA adapters, base weights).
-  model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+  model = merge(graphdef, params)  # one state, or a tuple (LoRA adapters, base weights)
   if model.cfg.lora_rank:
     model = merge_lora(model)  # in full precision, before the cast
   plain, weights = nnx.split(model)

@@ -50,6 +50,15 @@ def split_lora(model: CausalLM) -> tuple[nnx.GraphDef, dict, dict]:
   return graphdef, nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
 
 
+def merge(graphdef: nnx.GraphDef, variables):
+  """``nnx.merge`` of one state or of a tuple of states (adapters, base)."""
+  return (
+    nnx.merge(graphdef, *variables)
+    if isinstance(variables, tuple)
+    else nnx.merge(graphdef, variables)
+  )
+
+
 def adapters_off(adapters: dict) -> dict:
   """Zero adapters: with them the model is exactly its base (the reference policy)."""
   return jax.tree.map(jnp.zeros_like, adapters)
