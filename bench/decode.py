@@ -1,13 +1,14 @@
 """Decode throughput: pj.generate against transformers' generate, side by side in one run.
 
 The GPT-2 configuration of ../shared/BENCHMARK.md (4 layers, width 256, 4 heads, vocab 512,
-128 positions), random weights, batch 16, 16-token prompts, 32 sampled tokens at temperature 0.7,
-no EOS (fixed length), fp32 on CPU. Both models hold the same weights (saved by transformers,
-loaded by ppo_jax). Prints response tokens/s of each and their ratio. With ``--lora R`` it also
-times the same policy with rank-R adapters on every projection (non-zero, as after training),
-what a LoRA run samples with, and prints its cost against the plain policy's.
+128 positions), random weights, batch 16, 16-token prompts (``--prompt-len``), 32 sampled tokens
+(``--new-tokens``) at temperature 0.7, no EOS (fixed length), fp32 on CPU. Both models hold the
+same weights (saved by transformers, loaded by ppo_jax). Prints response tokens/s of each and
+their ratio. With ``--lora R`` it also times the same policy with rank-R adapters on every
+projection (non-zero, as after training), what a LoRA run samples with, and prints its cost
+against the plain policy's.
 
-  python bench/decode.py [--repeats 20] [--threads 2] [--lora 16]
+  python bench/decode.py [--repeats 20] [--threads 2] [--lora 16] [--prompt-len 16 --new-tokens 32]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from timing import alternate, summary
 
 import ppo_jax as pj
 
-B, P, N = 16, 16, 32
+B = 16
 
 
 def main():
@@ -35,7 +36,12 @@ def main():
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
   ap.add_argument("--lora", type=int, default=0, help="also time rank-R adapters (0: no)")
+  ap.add_argument("--prompt-len", type=int, default=16, help="P, prompt tokens")
+  ap.add_argument("--new-tokens", type=int, default=32, help="N, sampled tokens")
   args = ap.parse_args()
+  P, N = args.prompt_len, args.new_tokens
+  if P < 1 or N < 1 or P + N > 128:
+    ap.error(f"need P ≥ 1, N ≥ 1 and P + N ≤ 128 (the model's positions), got {P} + {N}")
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   cfg = tf.GPT2Config(
@@ -77,9 +83,10 @@ def main():
 
   contenders = {"ppo_jax": ours, "transformers": theirs}
   if args.lora:
-    contenders["ppo_jax LoRA"] = lora_sampler(model, ids, keys, rank=args.lora)
+    contenders["ppo_jax LoRA"] = lora_sampler(model, ids, keys, rank=args.lora, new_tokens=N)
   times = alternate(contenders, repeats=args.repeats, warmup=2)
   tps = {k: B * N / statistics.median(v) for k, v in times.items()}
+  print(f"batch {B}, {P}-token prompts, {N} sampled tokens")
   print(
     f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
     f"({args.threads} threads), transformers {tf.__version__}"
@@ -94,7 +101,7 @@ def main():
     )
 
 
-def lora_sampler(model, ids, keys, *, rank):
+def lora_sampler(model, ids, keys, *, rank, new_tokens):
   """``generate`` from ``model`` with rank-``rank`` adapters on every projection, their B made
   non-zero (fresh ones are zero, which a compiler could fold away)."""
   from flax import nnx
@@ -108,7 +115,9 @@ def lora_sampler(model, ids, keys, *, rank):
   adapted = nnx.merge(graphdef, adapters, base)
 
   def run():
-    gen = pj.generate(adapted, ids, None, key=next(keys), max_new_tokens=N, temperature=0.7)
+    gen = pj.generate(
+      adapted, ids, None, key=next(keys), max_new_tokens=new_tokens, temperature=0.7
+    )
     gen.tokens.block_until_ready()
 
   return run

@@ -1,12 +1,13 @@
 """Jitted autoregressive sampling with a KV cache: ``generate`` and its pure core ``sample``.
 
 Prompts are left-padded ``[B, P]``; positions come from the attention mask as in Hugging Face's
-``generate``. The prompt is run once (prefill) into a cache of ``P + N`` slots, then one token per
-step in a loop; the whole loop is a single XLA program over plain-dict parameters. Without a stop
-token the loop runs exactly ``N − 1`` steps (``lax.fori_loop``), a trip count XLA knows, so
-XLA:GPU queues the steps back to back without copying a loop predicate to the host after each
-one. With a stop token it ends once every row has emitted EOS, checked every ``eos_check_every``
-steps: a ``lax.while_loop`` over fixed-length chunks, one predicate read per chunk, not per step.
+``generate``. The prompt is run once (prefill, attending over its own ``P`` keys) into a cache of
+``P + N`` slots, then one token per step in a loop; the whole loop is a single XLA program over
+plain-dict parameters. Without a stop token the loop runs exactly ``N − 1`` steps
+(``lax.fori_loop``), a trip count XLA knows, so XLA:GPU queues the steps back to back without
+copying a loop predicate to the host after each one. With a stop token it ends once every row has
+emitted EOS, checked every ``eos_check_every`` steps: a ``lax.while_loop`` over fixed-length
+chunks, one predicate read per chunk, not per step.
 
 The weight matrices (kernels, embedding tables, adapters: every parameter of two or more dims) are
 cast to a narrower compute dtype once, before the loop: with float32 master weights and bfloat16

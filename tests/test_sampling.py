@@ -293,6 +293,25 @@ def test_lora_adapters_are_folded_before_the_decode_loop(models):
   np.testing.assert_allclose(gen.logprobs, merged.logprobs, atol=2e-6)
 
 
+def test_prefill_attends_over_the_prompt_only(models):
+  """The prefill scores each prompt query against the ``P`` prompt keys, not against all ``P + N``
+  slots of a cache whose slots past the prompt are still empty."""
+  model, _ = models["llama3"]
+  graphdef, params = nnx.split(model)
+  ids, mask = tiny_hf.batch(seed=5)
+  P, S = ids.shape[1], ids.shape[1] + N_NEW
+  trace = lambda p, i, m, k: sample(graphdef, p, i, m, k, max_new_tokens=N_NEW)
+  jaxpr = jax.make_jaxpr(trace)(nnx.to_pure_dict(params), ids, mask, jax.random.key(0))
+  products = [  # the attention products, grouped queries: [B, H_kv, …] with 5 dims
+    e.outvars[0].aval.shape
+    for e in _eqns(jaxpr.jaxpr)
+    if e.primitive.name == "dot_general" and e.outvars[0].aval.ndim == 5
+  ]
+  prefill_scores = [s for s in products if s.count(P) == 2 and S not in s]
+  over_the_cache = [s for s in products if P in s and S in s]
+  assert len(prefill_scores) == model.cfg.num_layers and not over_the_cache, products
+
+
 def test_bad_arguments(models):
   model, _ = models["gpt2"]  # 48 learned positions
   ids, mask = tiny_hf.batch(T=40)

@@ -233,21 +233,26 @@ class Attention(nnx.Module):
     v = self.v(x_BxTxD).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     if not cfg.is_gpt2:
       q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
-    if cache is None:  # a full forward: the keys are this call's tokens
-      k_all, v_all = k, v
-    else:  # write this call's keys at [cache_index, cache_index + T) of the cache
+    new_cache = None
+    if cache is not None:  # write this call's keys at [cache_index, cache_index + T) of the cache
       # Heads-major, so both attention products read the cache in place: stored [B, S, H_kv, D],
       # XLA transposed all of it on every decode step (10–15 % of decode time on CPU).
       put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(
         c, x.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, 2
       )
-      k_all, v_all = put(cache.k, k), put(cache.v, v)
-
-    if cache is None and cfg.attention == "cudnn":  # decoding reads the cache: attend below
-      out = fused_attend(q, k_all, v_all, allowed_BxTxS, implementation="cudnn")
-    else:
-      out = attend(q, k_all, v_all, allowed_BxTxS, heads_major=cache is not None)
-    return self.o(out.reshape(B, T, -1)), (None if cache is None else KVCache(k_all, v_all))
+      new_cache = KVCache(put(cache.k, k), put(cache.v, v))
+    if cache is None and cfg.attention == "cudnn":  # sampling never takes it (below)
+      out = fused_attend(q, k, v, allowed_BxTxS, implementation="cudnn")
+    elif cache is None:
+      out = attend(q, k, v, allowed_BxTxS, heads_major=False)
+    elif isinstance(cache_index, int) and cache_index == 0:
+      # A prefill (a write at the static slot 0): a query may only see this call's keys, so attend
+      # over those T, not over all S slots of the cache (empty past T).
+      k, v = k.astype(new_cache.k.dtype), v.astype(new_cache.v.dtype)  # what decoding reads
+      out = attend(q, k, v, allowed_BxTxS[..., :T], heads_major=False)
+    else:  # decoding: read the cache
+      out = attend(q, new_cache.k, new_cache.v, allowed_BxTxS, heads_major=True)
+    return self.o(out.reshape(B, T, -1)), new_cache
 
 
 class Mlp(nnx.Module):
