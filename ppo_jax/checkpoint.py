@@ -29,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ppo_jax.writers import say
+
 T = TypeVar("T")
 
 # Config fields that may change between a run and its resumption (model.remat: memory, not
@@ -320,7 +322,7 @@ class Checkpointer:
         " on, or `ppo-jax export --step` an earlier checkpoint"
       )
     out = self.restore(like_state, step)
-    print(f"resuming from the checkpoint of step {step} in {self.directory}")
+    say(f"resuming from the checkpoint of step {step} in {self.directory}")
     return out
 
   def _check_layout(self, step: int, target) -> None:

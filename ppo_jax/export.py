@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -128,11 +129,22 @@ def export_policy(
     )
   tokenizer_folder = _in_this_workdir(record.get("tokenizer"), record, pathlib.Path(workdir))
   tokenizer = load_tokenizer(tokenizer_folder) if tokenizer_folder else None
-  save_pretrained(policy, out, tokenizer=tokenizer)
-  (pathlib.Path(out) / "ppo_jax_checkpoint.json").write_text(
+  # Written beside ``out``, then moved in place: a failed export leaves no half-written folder,
+  # and an earlier export there is replaced whole (no stale shards of another layout).
+  out = pathlib.Path(out)
+  staging = out.parent / f".{out.name}.exporting"
+  shutil.rmtree(staging, ignore_errors=True)
+  save_pretrained(policy, staging, tokenizer=tokenizer)
+  (staging / EXPORT_RECORD).write_text(
     json.dumps({"workdir": str(workdir), "stage": stage, "step": step}, indent=2) + "\n"
   )
+  if out.exists():
+    shutil.rmtree(out)
+  staging.rename(out)
   return step
+
+
+EXPORT_RECORD = "ppo_jax_checkpoint.json"  # what an export writes beside the weights
 
 
 # What a run writes into its workdir: an export must not land on any of it.
@@ -201,6 +213,15 @@ def _check_export_target(workdir: pathlib.Path, out: pathlib.Path) -> None:
   for name in RUN_FOLDERS:
     if o.is_relative_to((w / name).resolve()):
       raise ValueError(f"--out {out} is inside the run's {name}/ folder: choose another folder")
+  if o.exists() and not o.is_dir():
+    raise ValueError(f"--out {out} is a file: choose a new or empty folder")
+  if o.is_dir() and not (o / EXPORT_RECORD).is_file():
+    held = sorted(p.name for p in o.iterdir())
+    if held:
+      raise ValueError(
+        f"--out {out} holds other files ({', '.join(held[:3])}{', …' if len(held) > 3 else ''})"
+        ": choose a new or empty folder (only an earlier export there is replaced)"
+      )
 
 
 def _int_keys(tree):

@@ -12,11 +12,15 @@ run of the same config skips most compilation.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers' advice when torch is missing ("PyTorch was not found. Models won't be available"):
+# ppo_jax takes only tokenizers and configs from it, so without torch nothing is missing.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from absl import flags
 from ml_collections import config_flags
@@ -46,7 +50,7 @@ def parse_flags(argv: list[str]) -> tuple[Any, str, bool]:
   dropped, nulls = _none_overrides(argv)
   fv([a for a in argv if a not in dropped])
   if config.value is None or workdir.value is None:
-    raise flags.Error("--config and --workdir are required")
+    raise ValueError("--config and --workdir are required (ppo-jax --help)")
   for dotted in nulls:
     *parents, leaf = dotted.split(".")
     node = config.value
@@ -83,8 +87,18 @@ def _none_overrides(argv: list[str]) -> tuple[set[str], list[str]]:
   return dropped, [d for a, d in asked.items() if a in dropped and last[f"--config.{d}"] == a]
 
 
+_EXPECTED = (("int()", "an integer"), ("float", "a number"), ("boolean", "true or false"))
+
+
 def _one_line(e: BaseException) -> str:
   """The exception as one line (its type too, unless it is plain bad input)."""
+  if isinstance(e, flags.IllegalFlagValueError):  # absl: "flag --config.a.b=v: <parser's error>"
+    match = re.match(r"flag --(config\.)?([^=]+)=(.*?): (.*)$", str(e), re.DOTALL)
+    if match:
+      config, name, value, why = match.groups()
+      expected = next((kind for key, kind in _EXPECTED if key in why), None)
+      field = f"config.{name}" if config else f"--{name}"
+      return f"{field}: expected {expected}, got {value!r}" if expected else f"{field}: {why}"
   raw = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError quotes its message
   text = " ".join(str(raw).replace("\\n", " ").split())
   return text if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {text}"
@@ -211,6 +225,25 @@ def start_distributed(d) -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
 
 
+USAGE = """\
+usage: ppo-jax --config=FILE[:ARG] --workdir=DIR [--config.FIELD=VALUE ...] [--noresume]
+       ppo-jax export --workdir=DIR --out=DIR [--stage ppo|dpo] [--step N]
+
+Runs an experiment config (experiments/*.py: get_config(arg)) end to end: SFT, reward model, then
+PPO (or the algorithm config.algo names), writing everything under --workdir.
+
+  --config=FILE[:ARG]     the experiment, e.g. experiments/default.py (:smoke, a short one)
+  --workdir=DIR           output folder; running again resumes from its finished stages and latest
+                          checkpoints
+  --config.FIELD=VALUE    override any field, e.g. --config.ppo.kl_coef=0.1 --config.seed=3;
+                          --config.FIELD=None for a field that takes None
+  --noresume              refuse a workdir that already holds checkpoints
+
+Every field: docs/config.md. Export a trained policy: ppo-jax export --help.
+Compiled programs are cached in ~/.cache/ppo_jax/xla (PPO_JAX_COMPILATION_CACHE: another folder,
+or empty for none)."""
+
+
 def cli(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   from absl import logging as absl_logging
@@ -218,6 +251,12 @@ def cli(argv: list[str] | None = None) -> int:
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's INFO/WARNING chatter drowns the output
   if len(argv) > 1 and argv[1] == "export":
     return export(argv[2:])
+  if any(a in ("-h", "-help", "--help", "--helpfull", "--helpshort") for a in argv[1:]):
+    print(USAGE)
+    return 0
+  if len(argv) == 1:
+    print(USAGE, file=sys.stderr)
+    return 2
   try:
     check_override_paths(argv)
     config, workdir, resume = parse_flags(argv)

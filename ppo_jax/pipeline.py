@@ -39,8 +39,15 @@ from ppo_jax.tokenizer import load_tokenizer
 _LAST_BANNER = [time.perf_counter()]
 
 
-def banner(title: str) -> None:
-  """A stage heading, with the time the previous stage took."""
+def banner(title: str, *, stage: str | None = None) -> None:
+  """A stage heading, with the time the previous stage took. Before ``stage`` starts, a stop
+  requested meanwhile (SIGTERM during the previous stage's evaluation, say) stops the run here,
+  with the stages before it saved, rather than after ``stage``'s first step."""
+  if stage is not None and checkpoint.stop_requested():
+    raise checkpoint.Preempted(
+      f"stopped by {checkpoint.GUARD.signal_name} before the {stage} stage (the stages before it "
+      "are saved)"
+    )
   now = time.perf_counter()
   took = f" (previous stage {now - _LAST_BANNER[0]:.1f} s)"
   _LAST_BANNER[0] = now
@@ -279,9 +286,9 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     f"policy: {policy.cfg.model_type}, {n_params / 1e6:.2f}M parameters, {policy.cfg.dtype} compute"
   )
 
-  banner("1/3 supervised fine-tuning")
+  banner("1/3 supervised fine-tuning", stage="sft")
   policy, sft_eval = run_sft(s, policy, inputs, layout, workdir, mesh=mesh)
-  banner("2/3 reward model")
+  banner("2/3 reward model", stage="reward model")
   if s.algo == "dpo":  # whatever rm.* says: DPO learns from the pairs themselves
     print("DPO trains on the preference pairs directly: no reward model")
     stage_checkpoints.note_skipped(workdir, "rm")
@@ -291,7 +298,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     if reward_model is not None:
       check_compatible(reward_model.cfg, tok, max_len, what="reward model")
 
-  banner(f"3/3 {s.algo.upper()}")
+  banner(f"3/3 {s.algo.upper()}", stage=s.algo)
   stage_eval = {}
   if s.algo == "dpo":
     result, stage_eval = run_dpo(s, policy, inputs, layout, eval_prompts, hp, workdir, mesh)
@@ -368,7 +375,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
   ]
   source = "held-out prompts" if summary.get("held_out") else "first/last 3 rollouts"
   algo = summary.get("algo", "ppo").upper()
-  print(f"{source:30s} {'before ' + algo:>12s} {'after ' + algo:>12s}")
+  if any(key in before for _, key in rows):
+    print(f"{source:30s} {'before ' + algo:>12s} {'after ' + algo:>12s}")
+  else:  # DPO samples nothing while it trains: its before/after are the held-out prompts'
+    print(f"no before/after scores: {algo} samples no rollouts, and no prompts were held out to")
+    print("evaluate it (data.eval_prompts)")
   for label, key in rows:
     if key in before:
       print(f"{label:30s} {before[key]:12.4f} {after[key]:12.4f}")

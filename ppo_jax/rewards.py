@@ -1,14 +1,17 @@
 """Reward functions given by import path, and the checks on what they return.
 
 ``"package.module:function"`` names ``fn(prompts: list[str], responses: list[str]) ->
-Sequence[float]``. Only that module is imported (the one the user named); nothing is fetched.
+Sequence[float]``. Only that module is imported (the one the user named), from the installed
+packages, ``PYTHONPATH`` or the current folder; nothing is fetched.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import os
 import reprlib
+import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -26,10 +29,12 @@ def load_reward_fn(path: str, *, what: str = "reward function") -> RewardFn:
     raise RewardError(f"{what} {path!r}: expected 'package.module:function'")
   module_name, attr = path.split(":")
   try:
-    module = importlib.import_module(module_name)
+    module = _import(module_name)
   except Exception as e:  # ImportError, or the module's own code failing (SyntaxError, ...)
+    where = "; looked in the installed packages, PYTHONPATH and the current folder"
     raise RewardError(
-      f"{what} {path!r}: cannot import {module_name!r} ({type(e).__name__}: {e})"
+      f"{what} {path!r}: cannot import {module_name!r} ({type(e).__name__}: {e}"
+      f"{where if isinstance(e, ModuleNotFoundError) else ''})"
     ) from None
   if not hasattr(module, attr):
     raise RewardError(f"{what} {path!r}: {module_name} has no function {attr!r}")
@@ -39,6 +44,21 @@ def load_reward_fn(path: str, *, what: str = "reward function") -> RewardFn:
       f"{what} {path!r}: {module_name}.{attr} is a {type(fn).__name__}, not a function"
     )
   return fn
+
+
+def _import(module_name: str):
+  """``importlib.import_module``, also from the current folder, which ``python -m`` puts on
+  ``sys.path`` but a console script (``ppo-jax``) does not; it goes last, so an installed
+  package of the same name wins."""
+  try:
+    return importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    here = os.getcwd()
+    on_path = {os.path.abspath(p or os.curdir) for p in sys.path}
+    if e.name != module_name.split(".")[0] or here in on_path:
+      raise
+    sys.path.append(here)
+    return importlib.import_module(module_name)
 
 
 def call_reward_fn(

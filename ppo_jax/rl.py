@@ -32,6 +32,7 @@ from ppo_jax.optim import (
 )
 from ppo_jax.rewards import RewardFn, call_reward_fn
 from ppo_jax.sampling import Generation
+from ppo_jax.writers import say
 
 
 @dataclasses.dataclass
@@ -308,7 +309,7 @@ def run_ppo(
       new_steps=policy_updates,
     )
     if change:
-      print(
+      say(
         f"ppo.iterations {was} → {iterations}: the learning-rate schedules of policy and critic "
         f"now end at iteration {iterations}; the policy's {change}"
       )
@@ -351,10 +352,9 @@ def run_ppo(
     bad = [q for q in GUARDED if row.get(f"nonfinite/{q}", 0.0) > 0]
     streak = streak + 1 if bad else 0
     if bad:
-      print(
+      say(
         f"step {step}: non-finite {bad[0]}; update skipped ({streak} in a row, "
-        f"{max_nonfinite} allowed)",
-        flush=True,
+        f"{max_nonfinite} allowed)"
       )
       if streak >= max_nonfinite:
         raise NonFiniteError(

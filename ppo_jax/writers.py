@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -167,6 +168,15 @@ def plot_metrics(
   out_png.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out_png, dpi=110)
   return out_png
+
+
+def say(text: str) -> None:
+  """Prints a line of its own while a progress bar may be on screen (``tqdm.write``: the bar is
+  cleared, the line printed, the bar drawn again below it); a plain ``print`` otherwise."""
+  from tqdm.auto import tqdm
+
+  tqdm.write(text)
+  sys.stdout.flush()
 
 
 def progress_bar(total: int, desc: str, *, enabled: bool = True):

@@ -158,6 +158,27 @@ def test_sigterm_in_sft_and_in_the_reward_model_then_resume_is_bitwise_identical
     assert writers.read_metrics(workdir / metrics) == writers.read_metrics(smoke_run[0] / metrics)
 
 
+def test_a_stop_between_stages_starts_no_more_work(smoke_run, tmp_path, monkeypatch):
+  """SIGTERM as a stage ends (in SFT's held-out evaluation, say) stops the run before the next
+  stage starts: no reward-model step, compilation or checkpoint; the next run goes on from there."""
+  import os
+  import signal
+
+  workdir = reuse_stages(smoke_run[0], tmp_path / "w", stages=("sft",))
+  run_sft = pipeline.run_sft
+
+  def sft_then_sigterm(*args, **kwargs):
+    out = run_sft(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(pipeline, "run_sft", sft_then_sigterm)
+  config = smoke_config(ppo__iterations=1, log__plots=False, log__tensorboard=False)
+  with pytest.raises(checkpoint.Preempted, match="by SIGTERM before the reward model stage"):
+    pipeline.run(config, workdir)
+  assert not (workdir / "rm_metrics.jsonl").exists() and not (workdir / "rm_checkpoints").exists()
+
+
 def test_nan_rewards_are_never_trained_on(smoke_run, tmp_path):
   """A reward model that returns NaN: each update is skipped and counted; the third in a row
   stops the run with an error naming the quantity and the step."""
@@ -281,7 +302,25 @@ def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys):
     assert code == 1 and "--out" in capsys.readouterr().err, out
     assert not (out / "ppo_jax_checkpoint.json").exists()
   mine = workdir / "mine"
-  assert main.cli(["ppo-jax", "export", "--workdir", str(workdir), "--out", str(mine)]) == 0
+  export = lambda out: main.cli(["ppo-jax", "export", "--workdir", str(workdir), "--out", str(out)])
+  assert export(mine) == 0
+  # An earlier export is replaced whole (a stale shard of another layout goes); a folder of other
+  # files, or a file, is refused and left as it was.
+  (mine / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+  assert export(mine) == 0 and not (mine / "model-00001-of-00002.safetensors").exists()
+  assert (mine / "model.safetensors").exists() and not list(tmp_path.glob("**/.*exporting"))
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "prompts.jsonl").write_text("{}\n")
+  (tmp_path / "notes.txt").write_text("mine")
+  capsys.readouterr()
+  assert export(tmp_path / "data") == 1 and export(tmp_path / "notes.txt") == 1
+  err = capsys.readouterr().err.splitlines()
+  assert err[0].endswith(
+    "--out " + str(tmp_path / "data") + " holds other files (prompts.jsonl)"
+    ": choose a new or empty folder (only an earlier export there is replaced)"
+  )
+  assert err[1].endswith("notes.txt is a file: choose a new or empty folder")
+  assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prompts.jsonl"]
 
 
 def test_export_a_checkpoint(smoke_run, tmp_path, capsys):

@@ -28,7 +28,9 @@ def _cli(*args):
     ("--config.ppo.lrr=1e-5", "unknown config field 'ppo.lrr'"),
     ("--config.ppo.optim.lrr=1e-5", "field 'ppo.optim.lrr'; did you mean 'ppo.optim.lr'?"),
     ("--config.pppo.lr=1", "unknown config field 'pppo.lr'; did you mean 'ppo'?"),
-    ("--config.ppo.clip_eps=abc", "could not convert string to float: 'abc'"),
+    ("--config.ppo.clip_eps=abc", "config.ppo.clip_eps: expected a number, got 'abc'"),
+    ("--config.ppo.iterations=1.5", "config.ppo.iterations: expected an integer, got '1.5'"),
+    ("--config.log.progress=maybe", "config.log.progress: expected true or false, got 'maybe'"),
     ("--config.ppo.agg=mean", "config.ppo.agg: unknown 'mean'"),
     ("--config.reward.source=function", "needs config.reward.fn="),
     ("--config.ppo.critic_warmup=100000", "critic_warmup 100000 ≥ config.ppo.iterations"),
@@ -291,7 +293,18 @@ def test_a_causal_lm_as_reward_model_is_refused_before_sft(smoke_run, tmp_path):
 
 def test_missing_workdir(tmp_path):
   code, _, err = _cli(f"--config={EXPERIMENT}")
-  assert code == 2 and "--config and --workdir are required" in err
+  assert code == 2 and err == (
+    "ppo-jax: config error: --config and --workdir are required (ppo-jax --help)"
+  )
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_help_prints_the_usage(flag):
+  code, out, err = _cli(flag, f"--config={EXPERIMENT}")  # help wins over the rest
+  assert code == 0 and not err
+  assert out.startswith("usage: ppo-jax --config=FILE[:ARG] --workdir=DIR") and "--noresume" in out
+  code, out, err = _cli()  # no arguments: the usage, as an error
+  assert code == 2 and not out and err.startswith("usage: ppo-jax")
 
 
 def _files_args(tokenizer, prompts, tmp_path, *extra):

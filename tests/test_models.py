@@ -68,6 +68,9 @@ def test_bf16_checkpoint(checkpoints):
   # fp32 master weights with bf16 compute.
   mixed = pj.models.from_pretrained(folder, dtype="bfloat16", param_dtype="float32")
   assert mixed.trunk.embed.embedding[...].dtype == jnp.float32
+  # Dtypes as objects are taken by name: the same model, config equal (a jit static) too.
+  same = pj.models.from_pretrained(folder, dtype=jnp.bfloat16, param_dtype=np.dtype("float32"))
+  assert same.cfg == mixed.cfg and same.cfg.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -338,6 +341,8 @@ def test_config_errors():
     ModelConfig.gpt2(attention="flash")
   with pytest.raises(ValueError, match="attention 'cudnn' computes in bfloat16 or float16"):
     ModelConfig.gpt2(attention="cudnn")
+  with pytest.raises(ValueError, match="dtype 'int8' \\(expected one of float32, bfloat16"):
+    ModelConfig.gpt2(dtype=jnp.int8)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="asserts the error off a GPU")

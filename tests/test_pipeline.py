@@ -489,3 +489,18 @@ def test_a_skipped_stage_names_the_checkpoints_it_leaves(tmp_path, capsys):
   ]
   assert all("which this run skips; they are left as they are" in x for x in lines)
   assert (tmp_path / "sft_checkpoints" / "40").is_dir() and (tmp_path / "rm_checkpoints").is_dir()
+
+
+def test_a_summary_without_scores_says_why(capsys):
+  """DPO with no held-out prompts has no before/after scores: one line says so, not an empty
+  table under a header."""
+  summary = {"before": {}, "after": {}, "algo": "dpo", "seconds": 3.0}
+  pipeline._print_summary(summary)
+  out = capsys.readouterr().out
+  assert (
+    out.startswith("no before/after scores: DPO samples no rollouts") and "before DPO" not in out
+  )
+  summary.update(before={"score": 0.5}, after={"score": 1.5}, algo="ppo")
+  pipeline._print_summary(summary)
+  out = capsys.readouterr().out
+  assert "before PPO" in out and "0.5000       1.5000" in out

@@ -51,3 +51,22 @@ def test_import_errors_name_the_path(tmp_path, monkeypatch):
   ]:
     with pytest.raises(RewardError, match=message):
       load_reward_fn(path)
+
+
+def test_a_module_in_the_current_folder_is_found_without_pythonpath(tmp_path, monkeypatch):
+  """The ``ppo-jax`` console script does not put the current folder on ``sys.path`` (``python -m``
+  does); a reward module there, as the README's example has it, is still found."""
+  import sys
+
+  package = tmp_path / "cwd_rewards_pkg"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "rewards.py").write_text("def score(prompts, responses):\n  return [2.0] * 3\n")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+  monkeypatch.delitem(sys.modules, "cwd_rewards_pkg", raising=False)
+  fn = load_reward_fn("cwd_rewards_pkg.rewards:score")
+  np.testing.assert_array_equal(call_reward_fn(fn, PROMPTS, RESPONSES), 2.0)
+  assert sys.path[-1] == str(tmp_path)  # last: an installed package of the same name wins
+  with pytest.raises(RewardError, match=r"cannot import 'cwd_rewards_pkg.nope'.*current folder"):
+    load_reward_fn("cwd_rewards_pkg.nope:score")

@@ -42,6 +42,17 @@ def lora_problems(rank: int, targets: str) -> list[str]:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _dtype_name(value: Any) -> Any:
+  """The name of a dtype given as an object (``jnp.bfloat16``, ``np.dtype("float32")``), or the
+  value unchanged when it is none (the check then names it)."""
+  import numpy as np
+
+  try:
+    return np.dtype(value).name
+  except TypeError:
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture and numerics of a decoder-only transformer (hashable: usable as a jit static)."""
@@ -79,6 +90,10 @@ class ModelConfig:
   lora_targets: str = "q,k,v,o"  # comma-separated: q, k, v, o, gate, up, down
 
   def __post_init__(self):
+    for name in ("dtype", "param_dtype"):  # jnp.bfloat16, np.float32, …: stored by name
+      value = getattr(self, name)
+      if not isinstance(value, str):
+        object.__setattr__(self, name, _dtype_name(value))
     problems = []
     if self.model_type not in SUPPORTED:
       problems.append(f"model_type {self.model_type!r} (supported: {', '.join(SUPPORTED)})")
