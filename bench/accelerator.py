@@ -18,9 +18,9 @@ shape. One rollout batch: B prompts of P random tokens → R sampled tokens (no 
 - ``--lora R`` (with ``--decode-only``): the policy carries rank-R adapters on every projection,
   as in a LoRA run; the sampler folds them into the kernels before the loop, so its steps
   should cost what the plain policy's do.
-- ``--attention cudnn``: the score pass and the update with cuDNN's fused attention
-  (``model.attention``); the score line gives the sampled tokens' log-prob drift between the
-  full forward and the sampler either way.
+- ``--attention cudnn``: cuDNN's fused attention (``model.attention``) in the score pass, the
+  update and the sampler's decode steps (over a sequence-major cache); the score line gives the
+  sampled tokens' log-prob drift between the full forward and the sampler either way.
 
 - The decode loop as compiled: whether XLA knows its trip count (else XLA:GPU reads a predicate
   back to the host after every step) and whether a float32 weight is cast inside it (``hlo.py``).
@@ -106,7 +106,10 @@ def main():
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--remat", default="none", choices=["none", "block", "dots"])
   ap.add_argument(
-    "--attention", default="xla", choices=["xla", "cudnn"], help="of full forwards (score, update)"
+    "--attention",
+    default="xla",
+    choices=["xla", "cudnn"],
+    help="model.attention: score, update, decode steps",
   )
   ap.add_argument("--decode-only", action="store_true", help="skip the train step")
   ap.add_argument("--lora", type=int, default=0, help="rank-R adapters on the policy (decode only)")
@@ -210,8 +213,8 @@ def main():
   exp, state, roll = fns.score(state, frozen, ids, mask, gen, None)
   jax.block_until_ready(exp.advantages)
   t_score = time.perf_counter() - t_score
-  # The score pass recomputes the sampled tokens' log-probs with a full forward (attention
-  # ``cfg.attention``); the sampler got them from the KV-cache path (``attend``).
+  # The score pass recomputes the sampled tokens' log-probs with a full forward; the sampler got
+  # them from the KV-cache path (both with attention ``cfg.attention``, the prefill with attend).
   drift = jnp.max(jnp.abs(exp.old_logprobs - gen.logprobs) * exp.response_mask)
   kl = roll["objective/kl"]
   holder = {"state": state}

@@ -13,7 +13,7 @@
 # Everything lands in $OUT (the device tool brings it back): env.txt, accelerator.txt (the 1B
 # run: decode, then the train step), decode_hlo.txt (the compiled sampler, for reading here at
 # no device time), accelerator_cudnn.txt (the same with cuDNN's fused attention in the train
-# step), decode_batch.txt (decode at batch 64 and 128), decode_lora.txt (decode with rank-16
+# step and in decoding: its decode line against accelerator.txt's is the fused kernel's gain), decode_batch.txt (decode at batch 64 and 128), decode_lora.txt (decode with rank-16
 # adapters: its steps should cost the plain policy's) and attention.txt (attention forward +
 # backward alone: ppo_jax's against cuDNN's fused kernel). Each step has its own time limit, so
 # one that hangs leaves the others' figures (about 5 minutes in all on the H200). A dry run on
@@ -51,7 +51,7 @@ echo "== 1B Llama, bf16: decode then train step, ppo_jax's attention (attend, XL
 timeout 150 python3 bench/accelerator.py ${ACCEL_ARGS:-} --hlo-out "$OUT/decode_hlo.txt" 2>&1 \
   | tee "$OUT/accelerator.txt"
 
-echo "== the same with cuDNN's fused attention in the full forwards (score, update)"
+echo "== the same with cuDNN's fused attention (score, update, and the sampler's decode steps)"
 timeout 150 python3 bench/accelerator.py ${ACCEL_ARGS:-} --attention cudnn 2>&1 \
   | tee "$OUT/accelerator_cudnn.txt"
 

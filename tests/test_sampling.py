@@ -312,6 +312,31 @@ def test_prefill_attends_over_the_prompt_only(models):
   assert len(prefill_scores) == model.cfg.num_layers and not over_the_cache, products
 
 
+def test_cudnn_decoding_reads_a_sequence_major_cache(models, monkeypatch):
+  """``attention="cudnn"`` decodes through ``jax.nn.dot_product_attention`` over a ``[B, S, H_kv,
+  D]`` cache. Off a GPU that call's XLA lowering stands in for cuDNN's kernel (``FUSED`` patched,
+  and the config's bf16/fp16 rule, which is the kernel's, lifted so float32 can be compared), so
+  everything runs but the kernel: the cache's layout and writes and the masks. Same samples and
+  log-probs as ``attend`` over the heads-major cache."""
+  import dataclasses
+
+  from ppo_jax.models import layers
+
+  model, _ = models["llama3"]
+  monkeypatch.setitem(layers.FUSED, "cudnn", "xla")
+  cfg = dataclasses.replace(model.cfg)
+  object.__setattr__(cfg, "attention", "cudnn")  # in float32: the kernel's dtype rule lifted
+  fused = pj.models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  nnx.update(fused, nnx.state(model))
+  assert fused.trunk.init_cache(2, 5)[0].k.shape == (2, 5, cfg.num_kv_heads, cfg.head_dim)
+  ids, mask = tiny_hf.batch(seed=7, B=4, T=7, left_pad=(0, 2, 4, 1))
+  kw = dict(key=jax.random.key(2), max_new_tokens=N_NEW, eos_token_id=tiny_hf.EOS)
+  want, got = pj.generate(model, ids, mask, **kw), pj.generate(fused, ids, mask, **kw)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+  assert np.asarray(got.mask).sum() > 2 * ids.shape[0]  # several steps decoded, not only EOS
+
+
 def test_bad_arguments(models):
   model, _ = models["gpt2"]  # 48 learned positions
   ids, mask = tiny_hf.batch(T=40)

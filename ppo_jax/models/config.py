@@ -22,7 +22,7 @@ ACTIVATIONS = {
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT = ("none", "block", "dots")
-# Attention of full forwards (training, scoring): ppo_jax's own (XLA) or cuDNN's fused kernel.
+# Attention: ppo_jax's own (XLA), or cuDNN's fused kernel (full forwards and decode steps).
 ATTENTION = ("xla", "cudnn")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -84,7 +84,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # none | block (recompute each block) | dots (save matmul outputs)
-  attention: str = "xla"  # full forwards: xla (attend) | cudnn (fused, NVIDIA GPU, bf16/fp16)
+  attention: str = "xla"  # xla (attend) | cudnn (fused: full forwards, decoding; NVIDIA, bf16/16)
   lora_rank: int = 0  # > 0: LoRA adapters on the lora_targets projections
   lora_alpha: float = 16.0
   lora_targets: str = "q,k,v,o"  # comma-separated: q, k, v, o, gate, up, down

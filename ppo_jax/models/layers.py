@@ -2,8 +2,9 @@
 
 Kernels are stored ``[in, out]``; parameters in ``param_dtype``, matmuls in the compute ``dtype``
 with float32 accumulation where it matters (norm statistics, attention softmax, logits).
-Attention takes an explicit cache ``(k, v)`` of ``[B, H_kv, S, D]`` arrays (heads-major) and returns
-the updated one, so decoding is a pure function that a loop can carry.
+Attention takes an explicit cache ``(k, v)`` of ``[B, H_kv, S, D]`` arrays (heads-major;
+``[B, S, H_kv, D]`` for cuDNN's kernel) and returns the updated one, so decoding is a pure function
+that a loop can carry.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ _ACT = {
 
 
 class KVCache(NamedTuple):
-  """One layer's cache. k, v: [B, H_kv, S, D] in the compute dtype."""
+  """One layer's cache. k, v: [B, H_kv, S, D] (heads-major, what ``attend`` reads in place), or
+  [B, S, H_kv, D] with ``attention="cudnn"`` (what cuDNN's kernel reads); the compute dtype."""
 
   k: jax.Array
   v: jax.Array
@@ -209,6 +211,10 @@ def fused_attend(
   )
 
 
+# ``ModelConfig.attention`` values run by ``jax.nn.dot_product_attention``, and its implementation.
+FUSED = {"cudnn": "cudnn"}
+
+
 class Attention(nnx.Module):
   """Causal grouped-query self-attention over a KV cache (multi-head when H_kv = H)."""
 
@@ -233,23 +239,28 @@ class Attention(nnx.Module):
     v = self.v(x_BxTxD).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     if not cfg.is_gpt2:
       q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+    fused = FUSED.get(cfg.attention)  # None: ppo_jax's own ``attend``
     new_cache = None
     if cache is not None:  # write this call's keys at [cache_index, cache_index + T) of the cache
-      # Heads-major, so both attention products read the cache in place: stored [B, S, H_kv, D],
-      # XLA transposed all of it on every decode step (10–15 % of decode time on CPU).
+      # Heads-major for ``attend``, so both its products read the cache in place: stored
+      # [B, S, H_kv, D], XLA transposed all of it on every decode step (10–15 % of decode time on
+      # CPU). cuDNN's kernel takes [B, S, H_kv, D] as it is.
       put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(
-        c, x.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, 2
+        c, (x if fused else x.transpose(0, 2, 1, 3)).astype(c.dtype), cache_index, 1 if fused else 2
       )
       new_cache = KVCache(put(cache.k, k), put(cache.v, v))
-    if cache is None and cfg.attention == "cudnn":  # sampling never takes it (below)
-      out = fused_attend(q, k, v, allowed_BxTxS, implementation="cudnn")
+    if cache is None and fused:
+      out = fused_attend(q, k, v, allowed_BxTxS, implementation=fused)
     elif cache is None:
       out = attend(q, k, v, allowed_BxTxS, heads_major=False)
     elif isinstance(cache_index, int) and cache_index == 0:
       # A prefill (a write at the static slot 0): a query may only see this call's keys, so attend
-      # over those T, not over all S slots of the cache (empty past T).
+      # over those T, not over all S slots of the cache (empty past T). ``attend`` whatever
+      # ``cfg.attention``: left padding leaves queries with no key at all, which it averages.
       k, v = k.astype(new_cache.k.dtype), v.astype(new_cache.v.dtype)  # what decoding reads
       out = attend(q, k, v, allowed_BxTxS[..., :T], heads_major=False)
+    elif fused:  # decoding with cuDNN: one query per row over the cache (bench/decode_attention.py)
+      out = fused_attend(q, new_cache.k, new_cache.v, allowed_BxTxS, implementation=fused)
     else:  # decoding: read the cache
       out = attend(q, new_cache.k, new_cache.v, allowed_BxTxS, heads_major=True)
     return self.o(out.reshape(B, T, -1)), new_cache

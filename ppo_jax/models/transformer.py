@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ppo_jax.models.config import ModelConfig
-from ppo_jax.models.layers import Block, Dense, Embed, KVCache, Norm, rope_inv_freq
+from ppo_jax.models.layers import FUSED, Block, Dense, Embed, KVCache, Norm, rope_inv_freq
 
 _REMAT_POLICY = {
   "block": None,  # save nothing inside a block: recompute it all in the backward pass
@@ -68,7 +68,7 @@ class Transformer(nnx.Module):
       positions_BxT: position of each token (see ``positions_from_mask``).
       kv_mask_BxS: 1 on the key slots that hold real tokens; ``S = T`` without a cache, else the
         cache length.
-      cache: per-layer ``KVCache`` of ``[B, H_kv, S, D]``, or None for a full forward.
+      cache: per-layer ``KVCache`` (``init_cache``), or None for a full forward.
       cache_index: the slot of the first token of this call.
 
     Returns:
@@ -101,7 +101,10 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, length: int) -> list[KVCache]:
     """An empty cache of ``length`` slots for ``batch`` rows."""
     cfg = self.cfg
-    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    if cfg.attention in FUSED:  # what cuDNN reads: sequence-major
+      shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    else:  # what ``attend`` reads in place: heads-major
+      shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     return [
       KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
       for _ in range(cfg.num_layers)
