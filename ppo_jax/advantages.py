@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -29,7 +31,7 @@ def gae(
 
   Args:
     rewards_BxT: per-token rewards ``rₜ`` ``[B, T]`` (e.g. −β·KL per token plus the score on the
-      last real token).
+      last real token), or one sequence's ``[T]`` (then values, mask and results are ``[T]``).
     values_BxT: critic values ``Vₜ`` ``[B, T]``.
     mask_BxT: 1.0 on real response tokens ``[B, T]``; rewards and values elsewhere are ignored.
     gamma: discount γ.
@@ -39,8 +41,12 @@ def gae(
     ``(advantages_BxT, returns_BxT)``, both 0 where masked.
   """
   check_same_shape(rewards=rewards_BxT, values=values_BxT, mask=mask_BxT)
+  if jnp.ndim(rewards_BxT) == 1:  # one sequence [T] (``jax.vmap`` over rows gives these)
+    one = lambda x: jnp.asarray(x)[None]
+    adv, ret = gae(one(rewards_BxT), one(values_BxT), one(mask_BxT), gamma=gamma, lam=lam)
+    return adv[0], ret[0]
   if jnp.ndim(rewards_BxT) != 2:
-    raise ValueError(f"expected rewards [B, T], got shape {list(jnp.shape(rewards_BxT))}")
+    raise ValueError(f"expected rewards [B, T] or [T], got shape {list(jnp.shape(rewards_BxT))}")
   dtype = float_dtype(rewards_BxT, values_BxT)
   m = as_bool_mask(mask_BxT)
   r = jnp.where(m, jnp.asarray(rewards_BxT, dtype), 0.0)
@@ -65,7 +71,11 @@ def _groups(scores_N: ArrayLike, group_size: int, *, min_size: int) -> jax.Array
   scores = jnp.asarray(scores_N)
   if scores.ndim != 1:
     raise ValueError(f"expected scores [N], got shape {list(scores.shape)}")
-  if not isinstance(group_size, int) or group_size < min_size:
+  try:
+    group_size = operator.index(group_size)  # an int, NumPy's too; not a float or a tracer
+  except TypeError:
+    raise ValueError(f"group_size must be an int ≥ {min_size}, got {group_size!r}") from None
+  if group_size < min_size:
     raise ValueError(f"group_size must be an int ≥ {min_size}, got {group_size!r}")
   if scores.shape[0] % group_size:
     raise ValueError(

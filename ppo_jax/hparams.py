@@ -79,6 +79,7 @@ class PPOHparams:
       },
       "temperature": (self.temperature > 0, "> 0"),
       "top_k": (self.top_k >= 0, "≥ 0 (0: off)"),
+      "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
       "clip_eps": (self.clip_eps > 0, "> 0"),
       "kl_coef": (self.kl_coef >= 0, "≥ 0"),
       "kl_horizon": (self.kl_horizon > 0, "> 0"),

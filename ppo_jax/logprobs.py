@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ppo_jax.masking import float_dtype
+from ppo_jax.masking import float_dtype, is_concrete
 
 
 def _scaled_logits(logits: ArrayLike, temperature: float) -> jax.Array:
   logits = jnp.asarray(logits)
   if logits.ndim < 1:
     raise ValueError(f"expected logits [..., V], got shape {list(logits.shape)}")
-  if isinstance(temperature, (int, float)) and temperature <= 0:
+  if is_concrete(temperature) and not float(temperature) > 0:  # a Python or NumPy number
     raise ValueError(f"temperature must be > 0, got {temperature}")
   return logits.astype(float_dtype(logits)) / temperature
 
@@ -50,6 +50,12 @@ def token_logprobs(
       f"tokens shape {list(tokens.shape)} does not match logits shape {list(z.shape)} "
       "(expected tokens [B, T] for logits [B, T, V])"
     )
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+  if is_concrete(tokens) and tokens.size:  # out of range: nan, or (negative) another token's
+    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+    if lo < 0 or hi >= z.shape[-1]:
+      raise ValueError(f"tokens hold ids outside [0, {z.shape[-1]}) (min {lo}, max {hi})")
   picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return picked - jax.nn.logsumexp(z, axis=-1)
 
@@ -71,5 +77,9 @@ def entropy_from_logits(logits_BxTxV: ArrayLike, *, temperature: float = 1.0) ->
   """
   z = _scaled_logits(logits_BxTxV, temperature)
   p = jax.nn.softmax(z, axis=-1)
-  # Where p = 0 (a logit of −inf, e.g. a filtered vocabulary) the term pᵥzᵥ is 0, not nan.
-  return jax.nn.logsumexp(z, axis=-1) - jnp.sum(jnp.where(p > 0, p * z, 0.0), axis=-1)
+  # Where p = 0 (a logit of −inf, e.g. a filtered vocabulary) the term pᵥzᵥ is 0, not nan; z is
+  # replaced there before the product, or its gradient would hold 0 · (−inf).
+  kept = p > 0
+  return jax.nn.logsumexp(z, axis=-1) - jnp.sum(
+    jnp.where(kept, p * jnp.where(kept, z, 0.0), 0.0), axis=-1
+  )

@@ -13,6 +13,7 @@ from ppo_jax.masking import (
   check_same_shape,
   counts,
   float_dtype,
+  is_concrete,
   masked_mean,
 )
 
@@ -64,7 +65,10 @@ def policy_loss(
   check_same_shape(logp=logp_BxT, old_logp=old_logp_BxT, advantages=advantages_BxT, mask=mask_BxT)
   eps_low = clip_eps
   eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-  if dual_clip is not None and dual_clip <= 1.0:
+  for name, value in (("clip_eps", eps_low), ("clip_eps_high", eps_high)):
+    if is_concrete(value) and not float(value) >= 0:  # a traced one (a vmapped sweep) unchecked
+      raise ValueError(f"{name} must be ≥ 0, got {value}")
+  if dual_clip is not None and is_concrete(dual_clip) and not float(dual_clip) > 1.0:
     raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
   dtype = float_dtype(logp_BxT, old_logp_BxT, advantages_BxT)
   m = as_bool_mask(mask_BxT)
@@ -92,7 +96,7 @@ def policy_loss(
     # KL(π_old ‖ π) from samples of π_old: d = log π_old − log π = −log r.
     "approx_kl": masked_mean(kl_estimate(jnp.zeros_like(log_ratio), log_ratio, kind="k3"), m),
     "ratio": masked_mean(ratio, m),
-    "ratio_max": jnp.max(jnp.where(m, ratio, 0.0)),
+    "ratio_max": jnp.max(jnp.where(m, ratio, 0.0), initial=0.0),  # initial: T = 0 too
     **counts(m),
   }
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
@@ -143,6 +147,8 @@ def value_loss(
   ret = jnp.where(m, jax.lax.stop_gradient(jnp.asarray(returns_BxT, dtype)), 0.0)
 
   unclipped = jnp.square(v - ret)
+  if clip_eps is not None and is_concrete(clip_eps) and not float(clip_eps) >= 0:
+    raise ValueError(f"clip_eps must be ≥ 0 (None: no clip), got {clip_eps}")
   if clip_eps is None:
     sq_BxT = unclipped
     clipped_binds = jnp.zeros_like(m)

@@ -1,15 +1,17 @@
 """Masked reductions over token batches.
 
 Every tensor of per-token quantities in ppo_jax comes with a ``mask_BxT`` that is 1.0 on real
-response tokens and 0.0 elsewhere (prompt, padding, tokens after EOS). Positions where the mask is
-0 may hold anything, even ``inf`` or ``nan``: these functions select with ``jnp.where`` rather
-than multiplying by the mask, so such values reach neither the results nor the gradients.
+response tokens and 0.0 elsewhere (prompt, padding, tokens after EOS). A mask selects, it does not
+weigh: any entry > 0 counts as 1 (``m = 1[mask > 0]`` in the formulas below). Positions where the
+mask is 0 may hold anything, even ``inf`` or ``nan``: these functions select with ``jnp.where``
+rather than multiplying by the mask, so such values reach neither the results nor the gradients.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -17,7 +19,13 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 def float_dtype(*xs: ArrayLike) -> jnp.dtype:
   """The compute dtype for ``xs``: their common float type, at least float32."""
-  return jnp.result_type(jnp.float32, *[jnp.result_type(x) for x in xs])
+  return jnp.result_type(jnp.float32, *[jnp.asarray(x).dtype for x in xs])
+
+
+def is_concrete(x: object) -> bool:
+  """Whether ``x`` holds a value now (a number or an array, not a tracer inside jit/vmap/grad):
+  then its value can be checked in Python."""
+  return not isinstance(x, jax.core.Tracer)
 
 
 def as_bool_mask(mask: ArrayLike) -> jax.Array:
@@ -28,7 +36,7 @@ def as_bool_mask(mask: ArrayLike) -> jax.Array:
 
 def check_same_shape(**arrays: ArrayLike) -> None:
   """Raises ValueError naming the arrays when their shapes differ."""
-  shapes = {name: jnp.shape(x) for name, x in arrays.items()}
+  shapes = {name: np.shape(x) for name, x in arrays.items()}  # lists too
   if len(set(shapes.values())) > 1:
     listed = ", ".join(f"{name}{list(shape)}" for name, shape in shapes.items())
     raise ValueError(f"expected arrays of one shape, got {listed}")
@@ -46,10 +54,11 @@ def masked_count(mask: ArrayLike, axis=None) -> jax.Array:
 
 
 def masked_mean(x: ArrayLike, mask: ArrayLike, axis=None) -> jax.Array:
-  """Mean of ``x`` over the entries where ``mask`` is 1.
+  """Mean of ``x`` over the entries where ``mask`` is 1 (any entry > 0 counts as 1).
 
-  ``masked_mean(x, m) = Σ x·m / Σ m``; over ``axis`` when given (``axis=-1`` gives one mean per
-  row). Where ``Σ m = 0`` the result is 0, with zero (finite) gradients.
+  ``masked_mean(x, m) = Σ x·m / Σ m`` with ``m = 1[mask > 0]``; over ``axis`` when given
+  (``axis=-1`` gives one mean per row). Where ``Σ m = 0`` the result is 0, with zero (finite)
+  gradients.
 
   Args:
     x: values, any shape, e.g. ``[B, T]``.

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ppo_jax.masking import check_same_shape, float_dtype
+from ppo_jax.masking import check_same_shape, float_dtype, is_concrete
 
 Metrics = dict[str, jax.Array]
 
@@ -16,6 +16,8 @@ def _pairs(**arrays: ArrayLike) -> list[jax.Array]:
   for name, x in arrays.items():
     if jnp.ndim(x) != 1:
       raise ValueError(f"expected {name} of shape [B], got {list(jnp.shape(x))}")
+    if not jnp.size(x):  # a mean over no pairs is nan
+      raise ValueError(f"{name} is empty: expected at least one pair")
   dtype = float_dtype(*arrays.values())
   return [jnp.asarray(x, dtype) for x in arrays.values()]
 
@@ -90,7 +92,7 @@ def dpo_loss(
   >>> round(float(loss), 4)  # softplus(−1)
   0.3133
   """
-  if not 0.0 <= label_smoothing < 0.5:
+  if is_concrete(label_smoothing) and not 0.0 <= float(label_smoothing) < 0.5:
     raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
   pol_c, pol_r, ref_c, ref_r = _pairs(
     pol_chosen_logp_B=pol_chosen_logp_B,

@@ -28,15 +28,18 @@ that of the full tempered softmax (what the trainer recomputes).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ppo_jax.logprobs import token_logprobs
+from ppo_jax.masking import is_concrete
 from ppo_jax.models.lora import merge, merge_lora
 from ppo_jax.models.transformer import CausalLM, positions_from_mask
 
@@ -236,19 +239,32 @@ def generate(
   Returns:
     ``Generation(tokens, logprobs, mask)``, each ``[B, N]``.
   """
-  input_ids = jnp.asarray(input_ids, jnp.int32)
+  input_ids = jnp.asarray(input_ids)
+  if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+  input_ids = input_ids.astype(jnp.int32)
   if input_ids.ndim != 2:
     raise ValueError(f"expected input_ids [B, P], got shape {list(input_ids.shape)}")
-  if attention_mask is None:
-    attention_mask = jnp.ones_like(input_ids)
+  attention_mask = (
+    jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
+  )
   if tuple(jnp.shape(attention_mask)) != input_ids.shape:
     raise ValueError(
       f"attention_mask shape {list(jnp.shape(attention_mask))} does not match "
       f"input_ids {list(input_ids.shape)}"
     )
+  if is_concrete(attention_mask):  # a real token after a padded slot: right padding, whose
+    # continuation would start from a padding slot's logits
+    real = np.asarray(attention_mask) > 0
+    padded_after = np.any(real[:, :-1] & ~real[:, 1:], axis=1)
+    if padded_after.any():
+      raise ValueError(
+        f"attention_mask row {int(np.argmax(padded_after))} has padding after a real token: "
+        "generate needs left-padded prompts (a tokenizer's padding_side='left')"
+      )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-  if not temperature > 0:  # greedy too: the log-probs are at this temperature
+  if is_concrete(temperature) and not float(temperature) > 0:  # greedy too: the log-probs use it
     raise ValueError(
       f"temperature must be > 0 (with greedy too: the log-probs use it), got {temperature}"
     )
@@ -272,10 +288,12 @@ def generate(
     )
   if eos_token_id is None:
     eos = ()
-  elif isinstance(eos_token_id, int):
-    eos = (eos_token_id,)
+  elif isinstance(eos_token_id, numbers.Integral):  # NumPy's ints too
+    eos = (int(eos_token_id),)
   else:
     eos = tuple(int(e) for e in eos_token_id)
+  if not 0 <= pad_token_id < cfg.vocab_size:  # written after EOS, and read back as a token
+    raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
   graphdef, params = nnx.split(model)
   return _sample_jit(
     graphdef,

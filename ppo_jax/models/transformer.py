@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ppo_jax.masking import is_concrete
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.layers import FUSED, Block, Dense, Embed, KVCache, Norm, rope_inv_freq
 
@@ -77,6 +78,16 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     T = input_ids_BxT.shape[1]
     S = kv_mask_BxS.shape[1]
+    if cfg.is_gpt2 and S > cfg.max_position_embeddings:  # past them the embedding reads nan
+      raise ValueError(
+        f"{S} tokens exceed the model's {cfg.max_position_embeddings} learned positions"
+      )
+    if is_concrete(input_ids_BxT) and input_ids_BxT.size:  # eager calls: an id out of range
+      lo, hi = int(jnp.min(input_ids_BxT)), int(jnp.max(input_ids_BxT))  # embeds as nan
+      if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(
+          f"input ids outside the vocabulary [0, {cfg.vocab_size}) (min {lo}, max {hi})"
+        )
     q_slot = cache_index + jnp.arange(T)
     k_slot = jnp.arange(S)
     allowed = (k_slot[None, :] <= q_slot[:, None])[None] & (kv_mask_BxS[:, None, :] > 0)

@@ -1,0 +1,138 @@
+"""The public functions at their edges, as a notebook meets them: traced hyperparameters (a
+vmapped sweep), one sequence under vmap, empty batches, NumPy scalars, ids out of range,
+right-padded prompts, filtered (−inf) logits. Each either gives the right value or one clear
+error, never a silent nan or a wrong number."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import references as ref
+from flax import nnx
+
+import ppo_jax as pj
+from ppo_jax.hparams import PPOHparams
+
+
+def test_entropy_gradient_is_finite_with_filtered_logits():
+  """A −inf logit (a filtered vocabulary) has p = 0: its term and its gradient are 0, the others
+  are the entropy's gradient over the remaining tokens (which a float64 central difference
+  checks)."""
+  z = jnp.array([[[0.0, 1.0, -jnp.inf]]])
+  grad = jax.grad(lambda z: pj.entropy_from_logits(z).sum())(z)
+  assert np.all(np.isfinite(grad)) and grad[0, 0, 2] == 0.0
+  entropy = lambda a, b: -sum(p * np.log(p) for p in np.exp([a, b]) / np.exp([a, b]).sum())
+  h = 1e-6
+  want = [
+    (entropy(h, 1.0) - entropy(-h, 1.0)) / (2 * h),
+    (entropy(0, 1 + h) - entropy(0, 1 - h)) / (2 * h),
+  ]
+  np.testing.assert_allclose(grad[0, 0, :2], want, atol=1e-5)
+
+
+def test_token_logprobs_refuses_ids_out_of_range_and_a_zero_temperature():
+  logits = jnp.ones((1, 2, 4))
+  for tokens in ([[7, 1]], [[-1, 1]]):  # nan, or (negative) another token's log-prob
+    with pytest.raises(ValueError, match=r"tokens hold ids outside \[0, 4\)"):
+      pj.token_logprobs(logits, jnp.array(tokens))
+  with pytest.raises(ValueError, match="tokens must be integer ids, got dtype float32"):
+    pj.token_logprobs(logits, jnp.array([[1.0, 2.0]]))
+  with pytest.raises(ValueError, match=r"temperature must be > 0, got 0\.0"):
+    pj.token_logprobs(logits, jnp.array([[1, 2]]), temperature=np.float32(0))
+  traced = jax.jit(pj.token_logprobs)(logits, jnp.array([[1, 3]]))  # no check under jit
+  np.testing.assert_allclose(traced, np.log(0.25), rtol=1e-6)
+
+
+def test_loss_hyperparameters_can_be_swept_with_vmap():
+  """``dual_clip``, ``clip_eps`` and DPO's ``label_smoothing`` traced: each lane equals the call
+  with that value; negative clip ranges are refused when given as numbers."""
+  rng = np.random.default_rng(0)
+  lp, old, adv = (jnp.asarray(rng.normal(size=(3, 5)), jnp.float32) for _ in range(3))
+  m = jnp.ones((3, 5))
+  for name, values in (("dual_clip", [2.0, 3.0]), ("clip_eps", [0.1, 0.3])):
+    swept = jax.vmap(lambda c, n=name: pj.policy_loss(lp, old, adv, m, **{n: c})[0])(
+      jnp.array(values)
+    )
+    each = [pj.policy_loss(lp, old, adv, m, **{name: v})[0] for v in values]
+    np.testing.assert_allclose(swept, each, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"clip_eps must be ≥ 0, got -0\.1"):
+    pj.policy_loss(lp, old, adv, m, clip_eps=-0.1)
+  with pytest.raises(ValueError, match="clip_eps must be ≥ 0"):
+    pj.value_loss(lp, old, adv, m, clip_eps=-0.1)
+  pairs = [jnp.asarray(rng.normal(size=4), jnp.float32) for _ in range(4)]
+  swept = jax.vmap(lambda e: pj.dpo_loss(*pairs, label_smoothing=e)[0])(jnp.array([0.0, 0.2]))
+  each = [pj.dpo_loss(*pairs, label_smoothing=e)[0] for e in (0.0, 0.2)]
+  np.testing.assert_allclose(swept, each, rtol=1e-6)
+
+
+def test_gae_takes_one_sequence_and_vmaps_over_rows():
+  rng = np.random.default_rng(1)
+  r, v = rng.normal(size=(2, 3, 6))
+  m = np.ones((3, 6))
+  m[1, 4:] = 0
+  adv, ret = pj.gae(r, v, m, gamma=0.99, lam=0.9)
+  rows = jax.vmap(lambda r, v, m: pj.gae(r, v, m, gamma=0.99, lam=0.9))(r, v, m)
+  np.testing.assert_allclose(rows[0], adv, rtol=1e-6)
+  np.testing.assert_allclose(rows[1], ret, rtol=1e-6)
+  want = ref.gae(r[1:2], v[1:2], m[1:2], 0.99, 0.9)[0][0]  # float64 loop, one row
+  np.testing.assert_allclose(pj.gae(r[1], v[1], m[1], gamma=0.99, lam=0.9)[0], want, atol=1e-6)
+
+
+def test_empty_batches():
+  """No tokens: the policy loss and its metrics are 0 (as for an all-masked batch). No pairs: an
+  error, since a mean over nothing is nan."""
+  empty = jnp.zeros((2, 0))
+  loss, metrics = pj.policy_loss(empty, empty, empty, empty)
+  assert float(loss) == 0.0 and all(float(x) == 0.0 for x in metrics.values())
+  with pytest.raises(ValueError, match="chosen_scores_B is empty: expected at least one pair"):
+    pj.bradley_terry_loss(jnp.zeros(0), jnp.zeros(0))
+  with pytest.raises(ValueError, match="is empty"):
+    pj.dpo_loss(*[jnp.zeros(0)] * 4)
+
+
+def test_numpy_scalars_and_lists_are_taken():
+  np.testing.assert_allclose(
+    pj.group_advantages(jnp.arange(4.0), np.int64(2)), pj.group_advantages(jnp.arange(4.0), 2)
+  )
+  with pytest.raises(ValueError, match=r"group_size must be an int ≥ 2, got 2\.0"):
+    pj.group_advantages(jnp.arange(4.0), 2.0)
+  assert float(pj.masked_mean([[1.0, 2.0, 9.0]], [[1, 1, 0]])) == 1.5
+  assert float(pj.masked_mean([1.0, 3.0], [1.0, 0.5])) == 2.0  # a mask selects: 0.5 counts as 1
+  with pytest.raises(ValueError, match="top_p: must be in"):
+    PPOHparams(top_p=0.0)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+  cfg = pj.models.ModelConfig.gpt2(
+    num_layers=1, hidden_size=32, num_heads=2, vocab_size=64, max_position_embeddings=32
+  )
+  return pj.models.CausalLM(cfg, rngs=nnx.Rngs(0))
+
+
+def test_generate_refuses_what_it_would_get_wrong(gpt2):
+  key = jax.random.key(0)
+  cases = [
+    (([[7, 8, 9, 0, 0]], [[1, 1, 1, 0, 0]]), {}, "row 0 has padding after a real token"),
+    (([[7.5, 8, 9]], None), {}, "input_ids must be integer token ids, got dtype float32"),
+    (([[7, 8, 9]], None), {"pad_token_id": 64}, r"pad_token_id 64 is outside .*\[0, 64\)"),
+  ]
+  for (ids, mask), kw, message in cases:
+    with pytest.raises(ValueError, match=message):
+      pj.generate(gpt2, ids, mask, key=key, max_new_tokens=3, **kw)
+  # Left padding is what it takes; a NumPy int is a stop token like a Python one.
+  a = pj.generate(gpt2, [[0, 8, 9]], [[0, 1, 1]], key=key, max_new_tokens=3, eos_token_id=5)
+  b = pj.generate(
+    gpt2, [[0, 8, 9]], [[0, 1, 1]], key=key, max_new_tokens=3, eos_token_id=np.int64(5)
+  )
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_a_full_forward_refuses_what_would_be_nan(gpt2):
+  with pytest.raises(ValueError, match="40 tokens exceed the model's 32 learned positions"):
+    gpt2(jnp.ones((1, 40), jnp.int32), None)
+  with pytest.raises(
+    ValueError, match=r"input ids outside the vocabulary \[0, 64\) \(min 3, max 70\)"
+  ):
+    gpt2(jnp.array([[3, 70]]), None)
+  assert np.all(np.isfinite(jax.jit(lambda i: gpt2(i, None))(jnp.ones((1, 32), jnp.int32))))
