@@ -298,3 +298,16 @@ def test_a_stopped_sharded_stage_resumes_on_the_same_mesh_bitwise_and_on_another
         np.testing.assert_array_equal(a, shd.to_host(b))
       else:  # sums over other splits round differently
         np.testing.assert_allclose(a, shd.to_host(b), rtol=1e-4, atol=1e-6)
+
+
+def test_the_python_example_of_scaling_md_runs(capsys):
+  """docs/scaling.md § From Python, as written: three sharded iterations, the policy's q kernel
+  split as the rules say."""
+  text = (pathlib.Path(__file__).parents[2] / "docs" / "scaling.md").read_text()
+  section = text.split("## From Python", 1)[1]
+  code = section.split("```python\n", 1)[1].split("```", 1)[0]
+  exec(compile(code, "docs/scaling.md", "exec"), {})
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 4 and all(line.startswith("score ") for line in lines[:3])
+  assert all(np.isfinite(float(line.split()[-1])) for line in lines[:3])
+  assert lines[3] == "P('fsdp', 'tensor')"
