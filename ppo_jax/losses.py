@@ -39,7 +39,7 @@ def policy_loss(
   https://arxiv.org/abs/1707.06347; the asymmetric ``ε_high`` is DAPO's clip-higher,
   Yu et al. 2025, https://arxiv.org/abs/2503.14476). With ``dual_clip = c > 1``, tokens with
   ``Â < 0`` take ``min(ℓ, −Â·c)`` so a huge ratio cannot blow up the loss (Ye et al. 2020,
-  https://arxiv.org/abs/1912.09729). Tokens are reduced by ``aggregate(ℓ, m, agg)``.
+  https://arxiv.org/abs/1912.09729). Tokens are reduced by ``aggregate(ℓ, m, agg=agg)``.
 
   Args:
     logp_BxT: log-probabilities of the taken tokens under the current policy ``[B, T]``.
@@ -89,7 +89,7 @@ def policy_loss(
     dual_binds = (adv < 0) & (cap < loss_BxT)
     loss_BxT = jnp.where(adv < 0, jnp.minimum(loss_BxT, cap), loss_BxT)
 
-  loss = aggregate(loss_BxT, m, agg)
+  loss = aggregate(loss_BxT, m, agg=agg)
   metrics = {
     "clipfrac": masked_mean(clipped_binds, m),
     "dual_clipfrac": masked_mean(dual_binds, m),
@@ -119,7 +119,7 @@ def value_loss(
 
   (the value clipping of OpenAI's ``baselines`` PPO2 and ``lm-human-preferences``; see Huang et
   al. 2022, "The 37 implementation details of PPO", detail 9). ``clip_eps=None`` gives the plain
-  ``½ (V − R)²``. Tokens are reduced by ``aggregate(ℓ, m, agg)``.
+  ``½ (V − R)²``. Tokens are reduced by ``aggregate(ℓ, m, agg=agg)``.
 
   Args:
     values_BxT: current critic values ``[B, T]``.
@@ -156,7 +156,7 @@ def value_loss(
     clipped = jnp.square(jnp.clip(v, v_old - clip_eps, v_old + clip_eps) - ret)
     sq_BxT = jnp.maximum(unclipped, clipped)
     clipped_binds = clipped > unclipped
-  loss = aggregate(0.5 * sq_BxT, m, agg)
+  loss = aggregate(0.5 * sq_BxT, m, agg=agg)
   metrics = {
     "clipfrac": masked_mean(clipped_binds, m),
     "error": masked_mean(unclipped, m),

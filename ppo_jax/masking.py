@@ -125,7 +125,7 @@ def _centred(x: ArrayLike, mask: ArrayLike, mean: jax.Array) -> jax.Array:
   return jnp.where(as_bool_mask(mask), jnp.asarray(x, mean.dtype) - mean, 0.0)
 
 
-def aggregate(loss_BxT: ArrayLike, mask_BxT: ArrayLike, agg: str = "token-mean") -> jax.Array:
+def aggregate(loss_BxT: ArrayLike, mask_BxT: ArrayLike, *, agg: str = "token-mean") -> jax.Array:
   """Reduces per-token losses ``[B, T]`` to a scalar.
 
   - ``"token-mean"``: ``Σ_bt ℓ·m / Σ_bt m``, every real token weighs the same (DAPO; Dr. GRPO).
@@ -135,7 +135,7 @@ def aggregate(loss_BxT: ArrayLike, mask_BxT: ArrayLike, agg: str = "token-mean")
     Liu et al. 2025, up to its constant): no length normalisation.
 
   An all-masked batch gives 0 with zero gradients. To combine micro-batches exactly, weigh each
-  micro-batch's result by ``agg_weight(mask, agg)``.
+  micro-batch's result by ``agg_weight(mask, agg=agg)``.
   """
   check_same_shape(loss=loss_BxT, mask=mask_BxT)
   if jnp.ndim(loss_BxT) != 2:
@@ -159,7 +159,7 @@ def counts(mask_BxT: ArrayLike) -> dict[str, jax.Array]:
   }
 
 
-def agg_weight(mask_BxT: ArrayLike, agg: str = "token-mean") -> jax.Array:
+def agg_weight(mask_BxT: ArrayLike, *, agg: str = "token-mean") -> jax.Array:
   """The denominator of ``aggregate``: real tokens (token-mean) or non-empty rows (seq-mean-*).
 
   Micro-batches ``i`` with results ``Lᵢ`` and weights ``wᵢ`` recombine exactly into the full

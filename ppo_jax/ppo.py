@@ -171,7 +171,7 @@ def _loss(
     # d = 0 at masked tokens, so nothing there reaches the gradient (k3's e^{−d} could be inf).
     ref = micro.ref_logprobs
     kl_loss = masking.aggregate(
-      kl_estimate(jnp.where(m > 0, logp, ref), ref, kind=hp.kl_kind), m, hp.agg
+      kl_estimate(jnp.where(m > 0, logp, ref), ref, kind=hp.kl_kind), m, agg=hp.agg
     )
     loss = loss + policy_on * share_agg * kl_coef * kl_loss
   metrics = {
@@ -212,8 +212,8 @@ def minibatch_gradients(
   """
   policy_on = jnp.asarray(train_policy, jnp.float32)
   weights = {
-    "agg": masking.agg_weight(mb.response_mask, hp.agg),
-    "tokens": masking.agg_weight(mb.response_mask, "token-mean"),
+    "agg": masking.agg_weight(mb.response_mask, agg=hp.agg),
+    "tokens": masking.agg_weight(mb.response_mask, agg="token-mean"),
   }
 
   def micro_step(grads, micro):

@@ -95,23 +95,23 @@ class TestAggregate:
   def test_reference(self, mask, agg):
     loss = np.random.default_rng(5).normal(size=(B, T))
     as_dict = {(b, t): loss[b, t] for b in range(B) for t in range(T)}
-    got = jax.jit(pj.aggregate, static_argnames="agg")(with_garbage(loss, mask), mask, agg)
+    got = jax.jit(pj.aggregate, static_argnames="agg")(with_garbage(loss, mask), mask, agg=agg)
     assert float(got) == pytest.approx(ref.aggregate(as_dict, mask, agg), abs=1e-5)
 
   def test_hand_computed(self):
     loss = jnp.array([[1.0, 3.0, 0.0], [6.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
     m = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    assert float(pj.aggregate(loss, m, "token-mean")) == pytest.approx(10 / 3)
-    assert float(pj.aggregate(loss, m, "seq-mean-token-mean")) == pytest.approx((2 + 6) / 2)
-    assert float(pj.aggregate(loss, m, "seq-mean-token-sum")) == pytest.approx((4 + 6) / 2)
-    assert float(pj.agg_weight(m, "token-mean")) == 3.0
-    assert float(pj.agg_weight(m, "seq-mean-token-sum")) == 2.0
+    assert float(pj.aggregate(loss, m, agg="token-mean")) == pytest.approx(10 / 3)
+    assert float(pj.aggregate(loss, m, agg="seq-mean-token-mean")) == pytest.approx((2 + 6) / 2)
+    assert float(pj.aggregate(loss, m, agg="seq-mean-token-sum")) == pytest.approx((4 + 6) / 2)
+    assert float(pj.agg_weight(m, agg="token-mean")) == 3.0
+    assert float(pj.agg_weight(m, agg="seq-mean-token-sum")) == 2.0
 
   def test_unknown_mode(self):
     with pytest.raises(ValueError, match="unknown agg 'mean'"):
-      pj.aggregate(jnp.ones((1, 2)), jnp.ones((1, 2)), "mean")
+      pj.aggregate(jnp.ones((1, 2)), jnp.ones((1, 2)), agg="mean")
     with pytest.raises(ValueError, match="unknown agg"):
-      pj.agg_weight(jnp.ones((1, 2)), "sum")
+      pj.agg_weight(jnp.ones((1, 2)), agg="sum")
 
 
 @pytest.mark.parametrize("fn", ["var", "whiten", "whiten_keep_mean"])
