@@ -129,22 +129,36 @@ def export_policy(
     )
   tokenizer_folder = _in_this_workdir(record.get("tokenizer"), record, pathlib.Path(workdir))
   tokenizer = load_tokenizer(tokenizer_folder) if tokenizer_folder else None
-  # Written beside ``out``, then moved in place: a failed export leaves no half-written folder,
-  # and an earlier export there is replaced whole (no stale shards of another layout).
-  out = pathlib.Path(out)
-  staging = out.parent / f".{out.name}.exporting"
+  # Written into a hidden folder inside ``out``, then moved up: a failed export leaves the
+  # earlier export there as it was, and an earlier export is replaced whole (no stale shards of
+  # another layout). ``out`` itself stays (the current folder, or a link, may be it).
+  out = pathlib.Path(out).resolve()
+  created = not out.exists()
+  staging = out / STAGING
   shutil.rmtree(staging, ignore_errors=True)
-  save_pretrained(policy, staging, tokenizer=tokenizer)
-  (staging / EXPORT_RECORD).write_text(
-    json.dumps({"workdir": str(workdir), "stage": stage, "step": step}, indent=2) + "\n"
-  )
-  if out.exists():
-    shutil.rmtree(out)
-  staging.rename(out)
+  try:
+    save_pretrained(policy, staging, tokenizer=tokenizer)
+    (staging / EXPORT_RECORD).write_text(
+      json.dumps({"workdir": str(workdir), "stage": stage, "step": step}, indent=2) + "\n"
+    )
+    for old in out.iterdir():  # an earlier export's files: _check_export_target refused others
+      if old == staging:
+        continue
+      if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+      else:
+        old.unlink()
+    for new in staging.iterdir():
+      new.rename(out / new.name)
+  except BaseException:
+    shutil.rmtree(out if created else staging, ignore_errors=True)
+    raise
+  staging.rmdir()
   return step
 
 
 EXPORT_RECORD = "ppo_jax_checkpoint.json"  # what an export writes beside the weights
+STAGING = ".ppo_jax_exporting"  # inside --out while an export is written
 
 
 # What a run writes into its workdir: an export must not land on any of it.
@@ -210,13 +224,15 @@ def _check_export_target(workdir: pathlib.Path, out: pathlib.Path) -> None:
   w, o = workdir.resolve(), out.resolve()
   if o == w:
     raise ValueError(f"--out {out} is the workdir: the export would overwrite the run's files")
+  if w.is_relative_to(o):
+    raise ValueError(f"--out {out} holds the workdir: choose a folder outside the run")
   for name in RUN_FOLDERS:
     if o.is_relative_to((w / name).resolve()):
       raise ValueError(f"--out {out} is inside the run's {name}/ folder: choose another folder")
   if o.exists() and not o.is_dir():
     raise ValueError(f"--out {out} is a file: choose a new or empty folder")
   if o.is_dir() and not (o / EXPORT_RECORD).is_file():
-    held = sorted(p.name for p in o.iterdir())
+    held = sorted(p.name for p in o.iterdir() if p.name != STAGING)  # STAGING: a killed export's
     if held:
       raise ValueError(
         f"--out {out} holds other files ({', '.join(held[:3])}{', …' if len(held) > 3 else ''})"

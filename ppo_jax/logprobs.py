@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
-from ppo_jax.masking import float_dtype, is_concrete
+from ppo_jax.masking import concrete, float_dtype, shown
 
 
 def _scaled_logits(logits: ArrayLike, temperature: float) -> jax.Array:
   logits = jnp.asarray(logits)
   if logits.ndim < 1:
     raise ValueError(f"expected logits [..., V], got shape {list(logits.shape)}")
-  if is_concrete(temperature) and not float(temperature) > 0:  # a Python or NumPy number
-    raise ValueError(f"temperature must be > 0, got {temperature}")
+  tau = concrete(temperature)
+  if tau is not None and not np.all(tau > 0):
+    raise ValueError(f"temperature must be > 0, got {shown(tau)}")
   return logits.astype(float_dtype(logits)) / temperature
 
 
@@ -52,8 +54,9 @@ def token_logprobs(
     )
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-  if is_concrete(tokens) and tokens.size:  # out of range: nan, or (negative) another token's
-    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+  ids = concrete(tokens_BxT)
+  if ids is not None and ids.size:  # out of range: nan, or (negative) another token's value
+    lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= z.shape[-1]:
       raise ValueError(f"tokens hold ids outside [0, {z.shape[-1]}) (min {lo}, max {hi})")
   picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]

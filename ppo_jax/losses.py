@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from ppo_jax.kl import kl_estimate
@@ -11,10 +12,11 @@ from ppo_jax.masking import (
   aggregate,
   as_bool_mask,
   check_same_shape,
+  concrete,
   counts,
   float_dtype,
-  is_concrete,
   masked_mean,
+  shown,
 )
 
 Metrics = dict[str, jax.Array]
@@ -66,10 +68,12 @@ def policy_loss(
   eps_low = clip_eps
   eps_high = clip_eps if clip_eps_high is None else clip_eps_high
   for name, value in (("clip_eps", eps_low), ("clip_eps_high", eps_high)):
-    if is_concrete(value) and not float(value) >= 0:  # a traced one (a vmapped sweep) unchecked
-      raise ValueError(f"{name} must be ≥ 0, got {value}")
-  if dual_clip is not None and is_concrete(dual_clip) and not float(dual_clip) > 1.0:
-    raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    v = concrete(value)  # None when traced (a vmapped sweep): unchecked
+    if v is not None and not np.all(v >= 0):
+      raise ValueError(f"{name} must be ≥ 0, got {shown(v)}")
+  dual = concrete(dual_clip)
+  if dual_clip is not None and dual is not None and not np.all(dual > 1.0):
+    raise ValueError(f"dual_clip must be > 1, got {shown(dual)}")
   dtype = float_dtype(logp_BxT, old_logp_BxT, advantages_BxT)
   m = as_bool_mask(mask_BxT)
   old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp_BxT, dtype))
@@ -147,8 +151,9 @@ def value_loss(
   ret = jnp.where(m, jax.lax.stop_gradient(jnp.asarray(returns_BxT, dtype)), 0.0)
 
   unclipped = jnp.square(v - ret)
-  if clip_eps is not None and is_concrete(clip_eps) and not float(clip_eps) >= 0:
-    raise ValueError(f"clip_eps must be ≥ 0 (None: no clip), got {clip_eps}")
+  eps = concrete(clip_eps)
+  if clip_eps is not None and eps is not None and not np.all(eps >= 0):
+    raise ValueError(f"clip_eps must be ≥ 0 (None: no clip), got {shown(eps)}")
   if clip_eps is None:
     sq_BxT = unclipped
     clipped_binds = jnp.zeros_like(m)

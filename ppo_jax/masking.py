@@ -22,10 +22,17 @@ def float_dtype(*xs: ArrayLike) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *[jnp.asarray(x).dtype for x in xs])
 
 
-def is_concrete(x: object) -> bool:
-  """Whether ``x`` holds a value now (a number or an array, not a tracer inside jit/vmap/grad):
-  then its value can be checked in Python."""
-  return not isinstance(x, jax.core.Tracer)
+def concrete(x: object) -> np.ndarray | None:
+  """``x``'s value as a NumPy array when it has one now (a number, a list, an array, even one a
+  jitted function closes over), for checks in Python; None for a tracer (inside jit, vmap, grad),
+  which goes unchecked. Read with NumPy, so nothing is staged into a trace."""
+  return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def shown(value: np.ndarray) -> str:
+  """A checked value in an error message: the number, or an array's range on one line."""
+  value = np.asarray(value)
+  return f"{value.item()}" if value.ndim == 0 else f"an array from {value.min()} to {value.max()}"
 
 
 def as_bool_mask(mask: ArrayLike) -> jax.Array:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
-from ppo_jax.masking import check_same_shape, float_dtype, is_concrete
+from ppo_jax.masking import check_same_shape, concrete, float_dtype, shown
 
 Metrics = dict[str, jax.Array]
 
@@ -92,8 +93,9 @@ def dpo_loss(
   >>> round(float(loss), 4)  # softplus(−1)
   0.3133
   """
-  if is_concrete(label_smoothing) and not 0.0 <= float(label_smoothing) < 0.5:
-    raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+  eps = concrete(label_smoothing)
+  if eps is not None and not np.all((eps >= 0.0) & (eps < 0.5)):
+    raise ValueError(f"label_smoothing must be in [0, 0.5), got {shown(eps)}")
   pol_c, pol_r, ref_c, ref_r = _pairs(
     pol_chosen_logp_B=pol_chosen_logp_B,
     pol_rejected_logp_B=pol_rejected_logp_B,

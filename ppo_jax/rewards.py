@@ -31,10 +31,12 @@ def load_reward_fn(path: str, *, what: str = "reward function") -> RewardFn:
   try:
     module = _import(module_name)
   except Exception as e:  # ImportError, or the module's own code failing (SyntaxError, ...)
+    # Where it looked, when the module itself was not found (not a package it imports).
+    unfound = isinstance(e, ModuleNotFoundError) and f"{module_name}.".startswith(f"{e.name}.")
     where = "; looked in the installed packages, PYTHONPATH and the current folder"
     raise RewardError(
       f"{what} {path!r}: cannot import {module_name!r} ({type(e).__name__}: {e}"
-      f"{where if isinstance(e, ModuleNotFoundError) else ''})"
+      f"{where if unfound else ''})"
     ) from None
   if not hasattr(module, attr):
     raise RewardError(f"{what} {path!r}: {module_name} has no function {attr!r}")
@@ -49,7 +51,7 @@ def load_reward_fn(path: str, *, what: str = "reward function") -> RewardFn:
 def _import(module_name: str):
   """``importlib.import_module``, also from the current folder, which ``python -m`` puts on
   ``sys.path`` but a console script (``ppo-jax``) does not; it goes last, so an installed
-  package of the same name wins."""
+  package of the same name wins, and stays there for the rest of the process."""
   try:
     return importlib.import_module(module_name)
   except ModuleNotFoundError as e:

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from ppo_jax.logprobs import token_logprobs
-from ppo_jax.masking import is_concrete
+from ppo_jax.masking import concrete, shown
 from ppo_jax.models.lora import merge, merge_lora
 from ppo_jax.models.transformer import CausalLM, positions_from_mask
 
@@ -253,9 +253,10 @@ def generate(
       f"attention_mask shape {list(jnp.shape(attention_mask))} does not match "
       f"input_ids {list(input_ids.shape)}"
     )
-  if is_concrete(attention_mask):  # a real token after a padded slot: right padding, whose
-    # continuation would start from a padding slot's logits
-    real = np.asarray(attention_mask) > 0
+  mask_now = concrete(attention_mask)
+  if mask_now is not None:  # a real token after a padded slot: right padding, whose continuation
+    # would start from a padding slot's logits
+    real = mask_now > 0
     padded_after = np.any(real[:, :-1] & ~real[:, 1:], axis=1)
     if padded_after.any():
       raise ValueError(
@@ -264,18 +265,20 @@ def generate(
       )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-  if is_concrete(temperature) and not float(temperature) > 0:  # greedy too: the log-probs use it
+  tau = concrete(temperature)
+  if tau is not None and not np.all(tau > 0):  # greedy too: the log-probs use it
     raise ValueError(
-      f"temperature must be > 0 (with greedy too: the log-probs use it), got {temperature}"
+      f"temperature must be > 0 (with greedy too: the log-probs use it), got {shown(tau)}"
     )
   if eos_check_every < 1:
     raise ValueError(f"eos_check_every must be ≥ 1, got {eos_check_every}")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   cfg = model.cfg
-  if not isinstance(input_ids, jax.core.Tracer):  # an id out of range embeds as NaN, and a NaN at
-    # a masked (padding) position still reaches every query of its row through 0 · NaN
-    lo, hi = int(jnp.min(input_ids)), int(jnp.max(input_ids))
+  ids_now = concrete(input_ids)  # an id out of range embeds as NaN, and a NaN at a masked
+  # (padding) position still reaches every query of its row through 0 · NaN
+  if ids_now is not None and ids_now.size:
+    lo, hi = int(ids_now.min()), int(ids_now.max())
     if lo < 0 or hi >= cfg.vocab_size:
       raise ValueError(
         f"input_ids hold ids outside the vocabulary [0, {cfg.vocab_size}) (min {lo}, max {hi}); "

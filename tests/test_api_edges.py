@@ -41,6 +41,20 @@ def test_token_logprobs_refuses_ids_out_of_range_and_a_zero_temperature():
     pj.token_logprobs(logits, jnp.array([[1, 2]]), temperature=np.float32(0))
   traced = jax.jit(pj.token_logprobs)(logits, jnp.array([[1, 3]]))  # no check under jit
   np.testing.assert_allclose(traced, np.log(0.25), rtol=1e-6)
+  # Ids a jitted function closes over are concrete: checked, and nothing staged for the check.
+  good, bad = jnp.array([[1, 3]]), jnp.array([[1, 9]])
+  np.testing.assert_array_equal(jax.jit(lambda: pj.token_logprobs(logits, good))(), traced)
+  with pytest.raises(ValueError, match="tokens hold ids outside"):
+    jax.jit(lambda: pj.token_logprobs(logits, bad))()
+  # A temperature per row is an array: checked whole.
+  tau = jnp.array([0.5, 2.0])[:, None, None]
+  np.testing.assert_allclose(
+    pj.token_logprobs(jnp.ones((2, 2, 4)), jnp.ones((2, 2), jnp.int32), temperature=tau),
+    np.log(0.25),
+    rtol=1e-6,
+  )
+  with pytest.raises(ValueError, match=r"temperature must be > 0, got an array from 0\.0 to 2\.0"):
+    pj.token_logprobs(jnp.ones((2, 2, 4)), jnp.ones((2, 2), jnp.int32), temperature=tau * (tau > 1))
 
 
 def test_loss_hyperparameters_can_be_swept_with_vmap():
@@ -126,6 +140,18 @@ def test_generate_refuses_what_it_would_get_wrong(gpt2):
     gpt2, [[0, 8, 9]], [[0, 1, 1]], key=key, max_new_tokens=3, eos_token_id=np.int64(5)
   )
   np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_a_jitted_function_may_close_over_concrete_ids(gpt2):
+  """The eager id check reads closed-over ids with NumPy: ``jax.jit(lambda: model(ids))`` and
+  ``nnx.jit`` work as before the check existed, and give the eager logits."""
+  ids = jnp.array([[1, 2, 3, 4]])
+  eager = gpt2(ids, None)
+  np.testing.assert_allclose(jax.jit(lambda: gpt2(ids, None))(), eager, atol=1e-6)
+  loss = nnx.jit(lambda m: m(ids, None).mean())(gpt2)
+  np.testing.assert_allclose(loss, eager.mean(), atol=1e-6)
+  with pytest.raises(ValueError, match="dtype None"):
+    pj.models.ModelConfig.gpt2(dtype=None)
 
 
 def test_a_full_forward_refuses_what_would_be_nan(gpt2):

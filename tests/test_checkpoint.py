@@ -291,7 +291,7 @@ def test_a_checkpoint_whose_record_names_no_model_is_refused_before_reading_it(t
   assert not (tmp_path / "out").exists()
 
 
-def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys):
+def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys, monkeypatch):
   workdir = tmp_path / "run"
   shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
   elsewhere = reuse_stages(smoke_run[0], tmp_path / "elsewhere", stages=("sft",))
@@ -309,6 +309,7 @@ def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys):
   (mine / "model-00001-of-00002.safetensors").write_bytes(b"stale")
   assert export(mine) == 0 and not (mine / "model-00001-of-00002.safetensors").exists()
   assert (mine / "model.safetensors").exists() and not list(tmp_path.glob("**/.*exporting"))
+  assert not (mine / "model-00001-of-00002.safetensors").exists()
   (tmp_path / "data").mkdir()
   (tmp_path / "data" / "prompts.jsonl").write_text("{}\n")
   (tmp_path / "notes.txt").write_text("mine")
@@ -321,6 +322,22 @@ def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys):
   )
   assert err[1].endswith("notes.txt is a file: choose a new or empty folder")
   assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prompts.jsonl"]
+  # The current folder (empty), then again over its export; a link to a folder; a folder that
+  # holds the workdir: refused.
+  here = tmp_path / "here"
+  here.mkdir()
+  monkeypatch.chdir(here)
+  assert export(".") == 0 and export(".") == 0 and (here / "model.safetensors").exists()
+  assert sorted(p.name for p in here.iterdir()) == sorted(p.name for p in mine.iterdir())
+  (tmp_path / "link").symlink_to(here)
+  assert export(tmp_path / "link") == 0 and (tmp_path / "link").is_symlink()
+  assert not list(tmp_path.glob("**/.ppo_jax_exporting"))
+  shutil.copytree(mine, tmp_path / "old_export")
+  shutil.copytree(workdir / "checkpoints", tmp_path / "old_export" / "run" / "checkpoints")
+  capsys.readouterr()
+  assert main.cli(["ppo-jax", "export", "--workdir", str(tmp_path / "old_export" / "run"),
+                   "--out", str(tmp_path / "old_export")]) == 1  # fmt: skip
+  assert "holds the workdir" in capsys.readouterr().err
 
 
 def test_export_a_checkpoint(smoke_run, tmp_path, capsys):

@@ -70,3 +70,10 @@ def test_a_module_in_the_current_folder_is_found_without_pythonpath(tmp_path, mo
   assert sys.path[-1] == str(tmp_path)  # last: an installed package of the same name wins
   with pytest.raises(RewardError, match=r"cannot import 'cwd_rewards_pkg.nope'.*current folder"):
     load_reward_fn("cwd_rewards_pkg.nope:score")
+  # Found, but it imports a package that is missing: that package is named, no "looked in".
+  (package / "needs.py").write_text("import no_such_dependency_xyz\n")
+  with pytest.raises(RewardError) as e:
+    load_reward_fn("cwd_rewards_pkg.needs:score")
+  assert "No module named 'no_such_dependency_xyz')" in str(e.value) and "looked" not in str(
+    e.value
+  )

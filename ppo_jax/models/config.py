@@ -47,6 +47,8 @@ def _dtype_name(value: Any) -> Any:
   value unchanged when it is none (the check then names it)."""
   import numpy as np
 
+  if value is None:  # np.dtype(None) is float64
+    return value
   try:
     return np.dtype(value).name
   except TypeError:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ppo_jax.masking import is_concrete
+from ppo_jax.masking import concrete
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.layers import FUSED, Block, Dense, Embed, KVCache, Norm, rope_inv_freq
 
@@ -82,8 +82,9 @@ class Transformer(nnx.Module):
       raise ValueError(
         f"{S} tokens exceed the model's {cfg.max_position_embeddings} learned positions"
       )
-    if is_concrete(input_ids_BxT) and input_ids_BxT.size:  # eager calls: an id out of range
-      lo, hi = int(jnp.min(input_ids_BxT)), int(jnp.max(input_ids_BxT))  # embeds as nan
+    ids = concrete(input_ids_BxT)  # eager calls, or ids a jitted function closes over
+    if ids is not None and ids.size:  # an id out of range embeds as nan
+      lo, hi = int(ids.min()), int(ids.max())
       if lo < 0 or hi >= cfg.vocab_size:
         raise ValueError(
           f"input ids outside the vocabulary [0, {cfg.vocab_size}) (min {lo}, max {hi})"
