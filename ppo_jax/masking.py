@@ -25,8 +25,13 @@ def float_dtype(*xs: ArrayLike) -> jnp.dtype:
 def concrete(x: object) -> np.ndarray | None:
   """``x``'s value as a NumPy array when it has one now (a number, a list, an array, even one a
   jitted function closes over), for checks in Python; None for a tracer (inside jit, vmap, grad),
-  which goes unchecked. Read with NumPy, so nothing is staged into a trace."""
-  return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+  which goes unchecked, as does an array spread over several processes (no one process holds
+  it). Read with NumPy, so nothing is staged into a trace."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  return np.asarray(x)
 
 
 def shown(value: np.ndarray) -> str:
