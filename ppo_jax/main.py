@@ -238,10 +238,27 @@ PPO (or the algorithm config.algo names), writing everything under --workdir.
   --config.FIELD=VALUE    override any field, e.g. --config.ppo.kl_coef=0.1 --config.seed=3;
                           --config.FIELD=None for a field that takes None
   --noresume              refuse a workdir that already holds checkpoints
+  --version               ppo_jax's version and its libraries'
 
 Every field: docs/config.md. Export a trained policy: ppo-jax export --help.
 Compiled programs are cached in ~/.cache/ppo_jax/xla (PPO_JAX_COMPILATION_CACHE: another folder,
 or empty for none)."""
+
+
+def versions() -> str:
+  """ppo_jax's version and those of the libraries it runs on, on one line."""
+  import importlib.metadata
+
+  import ppo_jax
+
+  libs = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers")
+  found = []
+  for name in libs:
+    try:
+      found.append(f"{name} {importlib.metadata.version(name)}")
+    except importlib.metadata.PackageNotFoundError:
+      found.append(f"{name} missing")
+  return f"ppo_jax {ppo_jax.__version__} ({', '.join(found)}; python {sys.version.split()[0]})"
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -253,6 +270,9 @@ def cli(argv: list[str] | None = None) -> int:
     return export(argv[2:])
   if any(a in ("-h", "-help", "--help", "--helpfull", "--helpshort") for a in argv[1:]):
     print(USAGE)
+    return 0
+  if "--version" in argv[1:]:  # what a bug report needs
+    print(versions())
     return 0
   if len(argv) == 1:
     print(USAGE, file=sys.stderr)

@@ -8,6 +8,7 @@ import jax
 import pytest
 from conftest import ROOT
 
+import ppo_jax as pj
 from ppo_jax import main
 
 EXPERIMENT = str(ROOT / "experiments" / "default.py")
@@ -305,6 +306,14 @@ def test_help_prints_the_usage(flag):
   assert out.startswith("usage: ppo-jax --config=FILE[:ARG] --workdir=DIR") and "--noresume" in out
   code, out, err = _cli()  # no arguments: the usage, as an error
   assert code == 2 and not out and err.startswith("usage: ppo-jax")
+
+
+def test_version_names_the_libraries():
+  code, out, err = _cli("--version")
+  assert (
+    code == 0 and not err and out.startswith(f"ppo_jax {pj.__version__} (jax {jax.__version__}")
+  )
+  assert "flax " in out and "orbax-checkpoint " in out and "python 3." in out
 
 
 def _files_args(tokenizer, prompts, tmp_path, *extra):
