@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
-from ppo_jax.masking import concrete, float_dtype, shown
+from ppo_jax.masking import check_ids, check_value, float_dtype
 
 
 def _scaled_logits(logits: ArrayLike, temperature: float) -> jax.Array:
   logits = jnp.asarray(logits)
   if logits.ndim < 1:
     raise ValueError(f"expected logits [..., V], got shape {list(logits.shape)}")
-  tau = concrete(temperature)
-  if tau is not None and not np.all(tau > 0):
-    raise ValueError(f"temperature must be > 0, got {shown(tau)}")
+  check_value("temperature", temperature, lambda t: t > 0, "> 0")
   return logits.astype(float_dtype(logits)) / temperature
 
 
@@ -54,11 +51,7 @@ def token_logprobs(
     )
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-  ids = concrete(tokens_BxT)
-  if ids is not None and ids.size:  # out of range: nan, or (negative) another token's value
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= z.shape[-1]:
-      raise ValueError(f"tokens hold ids outside [0, {z.shape[-1]}) (min {lo}, max {hi})")
+  check_ids(tokens_BxT, z.shape[-1], what="tokens hold ids outside")
   picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return picked - jax.nn.logsumexp(z, axis=-1)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from ppo_jax.kl import kl_estimate
@@ -12,11 +11,10 @@ from ppo_jax.masking import (
   aggregate,
   as_bool_mask,
   check_same_shape,
-  concrete,
+  check_value,
   counts,
   float_dtype,
   masked_mean,
-  shown,
 )
 
 Metrics = dict[str, jax.Array]
@@ -67,13 +65,10 @@ def policy_loss(
   check_same_shape(logp=logp_BxT, old_logp=old_logp_BxT, advantages=advantages_BxT, mask=mask_BxT)
   eps_low = clip_eps
   eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-  for name, value in (("clip_eps", eps_low), ("clip_eps_high", eps_high)):
-    v = concrete(value)  # None when traced (a vmapped sweep): unchecked
-    if v is not None and not np.all(v >= 0):
-      raise ValueError(f"{name} must be ≥ 0, got {shown(v)}")
-  dual = concrete(dual_clip)
-  if dual_clip is not None and dual is not None and not np.all(dual > 1.0):
-    raise ValueError(f"dual_clip must be > 1, got {shown(dual)}")
+  # Checked when given as values; traced ones (a vmapped sweep) go unchecked.
+  check_value("clip_eps", eps_low, lambda e: e >= 0, "≥ 0")
+  check_value("clip_eps_high", eps_high, lambda e: e >= 0, "≥ 0")
+  check_value("dual_clip", dual_clip, lambda c: c > 1.0, "> 1")
   dtype = float_dtype(logp_BxT, old_logp_BxT, advantages_BxT)
   m = as_bool_mask(mask_BxT)
   old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp_BxT, dtype))
@@ -151,9 +146,7 @@ def value_loss(
   ret = jnp.where(m, jax.lax.stop_gradient(jnp.asarray(returns_BxT, dtype)), 0.0)
 
   unclipped = jnp.square(v - ret)
-  eps = concrete(clip_eps)
-  if clip_eps is not None and eps is not None and not np.all(eps >= 0):
-    raise ValueError(f"clip_eps must be ≥ 0 (None: no clip), got {shown(eps)}")
+  check_value("clip_eps", clip_eps, lambda e: e >= 0, "≥ 0 (None: no clip)")
   if clip_eps is None:
     sq_BxT = unclipped
     clipped_binds = jnp.zeros_like(m)

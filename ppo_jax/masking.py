@@ -9,6 +9,8 @@ rather than multiplying by the mask, so such values reach neither the results no
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,10 +36,23 @@ def concrete(x: object) -> np.ndarray | None:
   return np.asarray(x)
 
 
-def shown(value: np.ndarray) -> str:
-  """A checked value in an error message: the number, or an array's range on one line."""
-  value = np.asarray(value)
-  return f"{value.item()}" if value.ndim == 0 else f"an array from {value.min()} to {value.max()}"
+def check_value(name: str, value: object, ok: Callable[[np.ndarray], np.ndarray], what: str):
+  """Raises ``ValueError("{name} must be {what}, got …")`` unless ``ok`` holds for every entry of
+  ``value``; None and values without one now (``concrete``) pass unchecked."""
+  v = None if value is None else concrete(value)
+  if v is not None and not np.all(ok(v)):
+    got = f"{v.item()}" if v.ndim == 0 else f"an array from {v.min()} to {v.max()}"
+    raise ValueError(f"{name} must be {what}, got {got}")
+
+
+def check_ids(ids: object, vocab_size: int, *, what: str, hint: str = "") -> None:
+  """Raises ``ValueError("{what} [0, V) (min …, max …){hint}")`` when concrete ``ids`` leave the
+  vocabulary (an id past it embeds or picks nan; a negative one wraps to another token)."""
+  v = concrete(ids)
+  if v is not None and v.size:
+    lo, hi = int(v.min()), int(v.max())
+    if lo < 0 or hi >= vocab_size:
+      raise ValueError(f"{what} [0, {vocab_size}) (min {lo}, max {hi}){hint}")
 
 
 def as_bool_mask(mask: ArrayLike) -> jax.Array:

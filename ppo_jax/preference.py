@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
-from ppo_jax.masking import check_same_shape, concrete, float_dtype, shown
+from ppo_jax.masking import check_same_shape, check_value, float_dtype
 
 Metrics = dict[str, jax.Array]
 
@@ -93,9 +92,7 @@ def dpo_loss(
   >>> round(float(loss), 4)  # softplus(−1)
   0.3133
   """
-  eps = concrete(label_smoothing)
-  if eps is not None and not np.all((eps >= 0.0) & (eps < 0.5)):
-    raise ValueError(f"label_smoothing must be in [0, 0.5), got {shown(eps)}")
+  check_value("label_smoothing", label_smoothing, lambda e: (e >= 0.0) & (e < 0.5), "in [0, 0.5)")
   pol_c, pol_r, ref_c, ref_r = _pairs(
     pol_chosen_logp_B=pol_chosen_logp_B,
     pol_rejected_logp_B=pol_rejected_logp_B,

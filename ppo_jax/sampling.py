@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from ppo_jax.logprobs import token_logprobs
-from ppo_jax.masking import concrete, shown
+from ppo_jax.masking import check_ids, check_value, concrete
 from ppo_jax.models.lora import merge, merge_lora
 from ppo_jax.models.transformer import CausalLM, positions_from_mask
 
@@ -265,25 +265,21 @@ def generate(
       )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-  tau = concrete(temperature)
-  if tau is not None and not np.all(tau > 0):  # greedy too: the log-probs use it
-    raise ValueError(
-      f"temperature must be > 0 (with greedy too: the log-probs use it), got {shown(tau)}"
-    )
+  check_value(
+    "temperature", temperature, lambda t: t > 0, "> 0 (with greedy too: the log-probs use it)"
+  )
   if eos_check_every < 1:
     raise ValueError(f"eos_check_every must be ≥ 1, got {eos_check_every}")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   cfg = model.cfg
-  ids_now = concrete(input_ids)  # an id out of range embeds as NaN, and a NaN at a masked
-  # (padding) position still reaches every query of its row through 0 · NaN
-  if ids_now is not None and ids_now.size:
-    lo, hi = int(ids_now.min()), int(ids_now.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-      raise ValueError(
-        f"input_ids hold ids outside the vocabulary [0, {cfg.vocab_size}) (min {lo}, max {hi}); "
-        "padding is embedded too: pad with a real id"
-      )
+  # A NaN embedded at a masked (padding) position still reaches every query of its row (0 · NaN).
+  check_ids(
+    input_ids,
+    cfg.vocab_size,
+    what="input_ids hold ids outside the vocabulary",
+    hint="; padding is embedded too: pad with a real id",
+  )
   if cfg.is_gpt2 and input_ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
     raise ValueError(
       f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ppo_jax.masking import concrete
+from ppo_jax.masking import check_ids
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.layers import FUSED, Block, Dense, Embed, KVCache, Norm, rope_inv_freq
 
@@ -82,13 +82,8 @@ class Transformer(nnx.Module):
       raise ValueError(
         f"{S} tokens exceed the model's {cfg.max_position_embeddings} learned positions"
       )
-    ids = concrete(input_ids_BxT)  # eager calls, or ids a jitted function closes over
-    if ids is not None and ids.size:  # an id out of range embeds as nan
-      lo, hi = int(ids.min()), int(ids.max())
-      if lo < 0 or hi >= cfg.vocab_size:
-        raise ValueError(
-          f"input ids outside the vocabulary [0, {cfg.vocab_size}) (min {lo}, max {hi})"
-        )
+    # Eager calls, or ids a jitted function closes over (traced ids go unchecked).
+    check_ids(input_ids_BxT, cfg.vocab_size, what="input ids outside the vocabulary")
     q_slot = cache_index + jnp.arange(T)
     k_slot = jnp.arange(S)
     allowed = (k_slot[None, :] <= q_slot[:, None])[None] & (kv_mask_BxS[:, None, :] > 0)
