@@ -69,7 +69,7 @@ class ModelSettings:
   dtype: str = "float32"  # compute dtype
   param_dtype: str | None = None  # default: dtype
   remat: str = "none"  # none | block | dots
-  attention: str = "xla"  # full forwards: xla | cudnn (fused; NVIDIA GPU, bfloat16/float16 dtype)
+  attention: str = "xla"  # xla | cudnn (fused forwards and decoding; NVIDIA GPU, bf16/fp16 dtype)
 
   def numerics(self) -> dict[str, str | None]:
     """The ``ModelConfig`` fields this section sets on a loaded model (not its architecture)."""

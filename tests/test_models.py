@@ -89,7 +89,7 @@ def test_save_then_transformers_loads_the_same_model(checkpoints, tmp_path, name
   assert tf.AutoTokenizer.from_pretrained(str(tmp_path)).pad_token_id == 0
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen3"])
 def test_reward_model_matches_sequence_classification(tmp_path, name):
   hf_rm = tiny_hf.make(name, tmp_path / "rm", seed=3, kind="reward")
   rm = pj.models.from_pretrained(tmp_path / "rm")
@@ -268,6 +268,16 @@ def test_unsupported_architecture(tmp_path):
     hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
   ).save_pretrained(str(tmp_path))
   with pytest.raises(ValueError, match="unsupported architecture 'bert'"):
+    pj.models.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("config", [tf.Qwen2Config, tf.Qwen3Config])
+def test_qwen_sliding_window_is_refused(tmp_path, config):
+  """Qwen2/3 put the window on some layers only (``max_window_layers``): not modelled, so said."""
+  config(
+    hidden_size=8, num_hidden_layers=1, num_attention_heads=2, head_dim=4, use_sliding_window=True
+  ).save_pretrained(str(tmp_path))
+  with pytest.raises(ValueError, match=rf"unsupported {config.__name__} option use_sliding_window"):
     pj.models.from_pretrained(tmp_path)
 
 

@@ -29,6 +29,9 @@ CONFIGS = {
   "qwen2": ModelConfig.llama(
     vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, qkv_bias=True
   ).replace(model_type="qwen2"),
+  "qwen3": ModelConfig.llama(
+    vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2
+  ).replace(model_type="qwen3"),
 }
 
 

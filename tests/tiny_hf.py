@@ -1,7 +1,8 @@
 """Tiny random Hugging Face checkpoints, made with torch at test time (nothing is downloaded).
 
 An init scale of 0.2 (HF's default is 0.02) keeps logits far from uniform, so a comparison of
-logits or greedy tokens has teeth.
+logits or greedy tokens has teeth; norm scales and biases are perturbed from their constant init
+for the same reason (a map that swapped two of them would otherwise load the same numbers).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ CONFIGS = {
     **_LLAMA_LIKE,
   ),
   "qwen2": lambda: tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **_LLAMA_LIKE),
+  # Per-head q/k RMSNorm, head_dim 16 ≠ hidden/heads, untied head.
+  "qwen3": lambda: tf.Qwen3Config(
+    num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, **_LLAMA_LIKE
+  ),
   # One KV head, head_dim 16 ≠ hidden/heads, and a sliding window shorter than the sequences.
   "mistral": lambda: tf.MistralConfig(
     num_key_value_heads=1, head_dim=16, sliding_window=4, **_LLAMA_LIKE
@@ -71,6 +76,10 @@ def make(
   else:
     cfg.num_labels = 1
     model = tf.AutoModelForSequenceClassification.from_config(cfg)
+  with torch.no_grad():  # norm scales start at 1 and biases at 0: a swap of two would not show
+    for param in model.parameters():
+      if param.ndim == 1 and bool((param == param[0]).all()):
+        param.add_(0.2 * torch.randn_like(param))
   model = model.to(dtype).eval()
   kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
   model.save_pretrained(str(folder), **kw)

@@ -1,8 +1,8 @@
 """One frozen config for every supported decoder, and its mapping to and from Hugging Face.
 
 GPT-2 (learned positions, LayerNorm with bias, tanh-GELU MLP, tied embeddings) and the Llama
-family (Llama 2/3, Qwen2/2.5, Mistral: RoPE, RMSNorm, SwiGLU, grouped-query attention) differ only
-in the fields below, so one module tree serves them all.
+family (Llama 2/3, Qwen2/2.5, Qwen3, Mistral: RoPE, RMSNorm, SwiGLU, grouped-query attention)
+differ only in the fields below, so one module tree serves them all.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED = ("gpt2", "llama", "qwen2", "mistral")
+SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
 ACTIVATIONS = {
   "gelu_new": "gelu_tanh",
   "gelu_pytorch_tanh": "gelu_tanh",
@@ -59,7 +59,7 @@ def _dtype_name(value: Any) -> Any:
 class ModelConfig:
   """Architecture and numerics of a decoder-only transformer (hashable: usable as a jit static)."""
 
-  model_type: str  # Hugging Face model_type: gpt2 | llama | qwen2 | mistral
+  model_type: str  # Hugging Face model_type: gpt2 | llama | qwen2 | qwen3 | mistral
   vocab_size: int
   hidden_size: int
   num_layers: int
@@ -130,6 +130,11 @@ class ModelConfig:
   def projections(self) -> tuple[str, ...]:
     """Each block's linear projections, by their LoRA target names (GPT-2's MLP has no gate)."""
     return tuple(t for t in LORA_TARGETS if not (self.is_gpt2 and t == "gate"))
+
+  @property
+  def qk_norm(self) -> bool:
+    """Qwen3: an RMSNorm over each head's query and key (``head_dim`` features) before RoPE."""
+    return self.model_type == "qwen3"
 
   @property
   def is_gpt2(self) -> bool:
@@ -278,12 +283,12 @@ class ModelConfig:
         )
       head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
       attention_bias = bool(getattr(hf, "attention_bias", False))
-      qwen = model_type == "qwen2"
+      qwen = model_type == "qwen2"  # q, k, v biases always, none on o
       window = None
       if model_type == "mistral":
         window = getattr(hf, "sliding_window", None)
-      elif qwen and getattr(hf, "use_sliding_window", False):
-        raise ValueError("unsupported Qwen2 option use_sliding_window=True")
+      elif getattr(hf, "use_sliding_window", False):  # Qwen2/3: a window on some layers only
+        raise ValueError(f"unsupported {hf.__class__.__name__} option use_sliding_window=True")
       fields = dict(
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
@@ -315,6 +320,7 @@ class ModelConfig:
       "gpt2": ("GPT2Config", "GPT2LMHeadModel", "GPT2ForSequenceClassification"),
       "llama": ("LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification"),
       "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+      "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
       "mistral": ("MistralConfig", "MistralForCausalLM", "MistralForSequenceClassification"),
     }[self.model_type]
     hf_act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
@@ -360,6 +366,8 @@ class ModelConfig:
       )
       if self.model_type == "llama":
         fields.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+      if self.model_type == "qwen3":
+        fields.update(attention_bias=self.qkv_bias)
       if self.model_type == "mistral":
         fields.update(sliding_window=self.sliding_window)
     return getattr(transformers, names[0])(**fields, **common)

@@ -68,7 +68,8 @@ def _split(paths: tuple[Path, ...], hf_shape, sizes: list[int]) -> Callable[...,
 def tensor_maps(cfg: ModelConfig, kind: str) -> list[TensorMap]:
   """The Hugging Face tensors of a ``kind`` model (causal_lm | value | reward) and their maps."""
   d, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-  q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  hd = cfg.head_dim
+  q_dim, kv_dim = cfg.num_heads * hd, cfg.num_kv_heads * hd
   T = ("trunk",)
   maps: dict[str, Callable[..., TensorMap]] = {}
   if cfg.is_gpt2:
@@ -111,6 +112,9 @@ def tensor_maps(cfg: ModelConfig, kind: str) -> list[TensorMap]:
         maps[h + f"self_attn.{n}_proj.weight"] = _transposed(L + ("attn", n, "kernel"), (out, d_in))
         if bias:
           maps[h + f"self_attn.{n}_proj.bias"] = _same(L + ("attn", n, "bias"), (out,))
+      if cfg.qk_norm:
+        for n in "qk":
+          maps[h + f"self_attn.{n}_norm.weight"] = _same(L + ("attn", f"{n}_norm", "scale"), (hd,))
       for n, out, d_in in (("gate", f, d), ("up", f, d), ("down", d, f)):
         maps[h + f"mlp.{n}_proj.weight"] = _transposed(L + ("mlp", n, "kernel"), (out, d_in))
         if cfg.mlp_bias:
