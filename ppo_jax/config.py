@@ -287,7 +287,8 @@ class Settings:
       raise ValueError(
         f"config.algo: unknown {settings.algo!r}; expected one of {', '.join(ALGOS)}"
       )
-    hp = settings.ppo(eos_token_id=None, pad_token_id=0)  # validates the PPO fields now
+    # Validates the PPO fields now; the tokenizer's ids come later (an EOS stands in for one).
+    hp = settings.ppo(eos_token_id=0, pad_token_id=0)
     settings.validate()
     try:
       hp.minibatch_layout(settings.ppo_run.batch_size)

@@ -48,7 +48,7 @@ class PPOHparams:
   recompute_logprobs: bool = True  # old log-probs from a training-style forward, not the sampler
   # KL to the reference policy.
   kl_coef: float = 0.05
-  kl_kind: str = "k1"
+  kl_kind: str = "k1"  # in the loss: k2 or k3 (k1's gradient there ignores the reference)
   kl_mode: str = "reward"  # reward: −β·KL per token in the reward; loss: β·KL added to the loss
   kl_adaptive: bool = False
   kl_target: float = 6.0
@@ -96,6 +96,20 @@ class PPOHparams:
     for name, (ok, what) in ranges.items():
       if not ok:
         raise ValueError(f"{name}: must be {what}, got {getattr(self, name)}")
+    if self.kl_mode == "loss" and self.kl_kind == "k1":
+      # ∇ of β·(log π − log π_ref) is β·∇log π: π_ref drops out, and over tokens drawn from the
+      # policy its mean is zero (Tang & Munos 2025, https://arxiv.org/abs/2506.09477).
+      raise ValueError(
+        "kl_kind: k1 as a loss term (kl_mode loss) has no gradient towards the reference "
+        "(its gradient β·∇log π ignores π_ref); use k2 (gradient of KL(π‖π_ref)) or k3 (GRPO's), "
+        "or kl_mode reward"
+      )
+    if self.kl_adaptive and self.kl_coef == 0:
+      raise ValueError("kl_coef: the adaptive controller scales β, so it cannot start at 0")
+    if self.missing_eos_penalty is not None and self.eos_token_id is None:
+      raise ValueError(
+        "missing_eos_penalty: needs eos_token_id (with no EOS every response would be penalised)"
+      )
     if self.critic_warmup and self.estimator != "gae":
       raise ValueError(f"critic_warmup: the {self.estimator} estimator has no critic to warm up")
 

@@ -107,9 +107,9 @@ def masked_mean(x: ArrayLike, mask: ArrayLike, axis=None) -> jax.Array:
 def masked_var(x: ArrayLike, mask: ArrayLike, *, unbiased: bool = True) -> jax.Array:
   """Variance of the masked entries of ``x`` (one scalar over all axes).
 
-  ``var = Σ m·(x − x̄)² / (n − 1)`` with ``n = Σ m`` (Bessel's correction, as TRL and the
-  OpenAI ``lm-human-preferences`` code whiten); ``unbiased=False`` divides by ``n``. Returns 0
-  when fewer than two entries (one, unbiased) are real.
+  ``var = Σ m·(x − x̄)² / (n − 1)`` with ``n = Σ m`` (Bessel's correction, as TRL whitens);
+  ``unbiased=False`` divides by ``n``, as OpenAI's ``lm-human-preferences`` (``tf.nn.moments``).
+  Returns 0 when fewer than two entries (one, unbiased) are real.
   """
   mean = masked_mean(x, mask)
   sq = jnp.sum(jnp.square(_centred(x, mask, mean)))
@@ -155,7 +155,8 @@ def _centred(x: ArrayLike, mask: ArrayLike, mean: jax.Array) -> jax.Array:
 def aggregate(loss_BxT: ArrayLike, mask_BxT: ArrayLike, *, agg: str = "token-mean") -> jax.Array:
   """Reduces per-token losses ``[B, T]`` to a scalar.
 
-  - ``"token-mean"``: ``Σ_bt ℓ·m / Σ_bt m``, every real token weighs the same (DAPO; Dr. GRPO).
+  - ``"token-mean"``: ``Σ_bt ℓ·m / Σ_bt m``, every real token weighs the same (DAPO, Yu et al.
+    2025).
   - ``"seq-mean-token-mean"``: the mean over non-empty rows of each row's token mean (GRPO,
     Shao et al. 2024): every sequence weighs the same.
   - ``"seq-mean-token-sum"``: the mean over non-empty rows of each row's token sum (Dr. GRPO,

@@ -69,6 +69,11 @@ def _cli(*args):
     ("--config.data.eval_prompts=-1", "config.data.eval_prompts: must be ≥ 0, got -1"),
     ("--config.ppo.dual_clip=1.0", "config.ppo.dual_clip: must be > 1 (none: off), got 1.0"),
     ("--config.ppo.kl_target=0", "config.ppo.kl_target: must be > 0, got 0.0"),
+    ("--config.ppo.kl_mode=loss", "config.ppo.kl_kind: k1 as a loss term (kl_mode loss) has no"),
+    (
+      ["--config.ppo.kl_adaptive=True", "--config.ppo.kl_coef=0"],
+      "config.ppo.kl_coef: the adaptive controller scales β, so it cannot start at 0",
+    ),
     ("--config.ppo.lam=1.5", "config.ppo.lam: must be in [0, 1], got 1.5"),
     ("--config.ppo.gamma=-0.1", "config.ppo.gamma: must be in [0, 1], got -0.1"),
     ("--config.ppo.vf_clip=0", "config.ppo.vf_clip: must be > 0 (none: off), got 0.0"),

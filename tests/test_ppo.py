@@ -94,7 +94,7 @@ def test_missing_eos_penalty_and_running_score_statistics():
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
 def test_micro_batch_gradients_equal_the_full_minibatch_gradient(agg):
   """Gradient and metrics of a minibatch of 8 in 4 micro-batches equal those in one."""
-  hp = dataclasses.replace(HP, agg=agg, kl_mode="loss", entropy_coef=0.01)
+  hp = dataclasses.replace(HP, agg=agg, kl_mode="loss", kl_kind="k2", entropy_coef=0.01)
   models, _, state, frozen, fns = build(hp)
   frozen = frozen.replace(ref_params=jax.tree.map(lambda x: x * 1.5, frozen.ref_params))
   gen = fns.sample(state.params["policy"], frozen, jax.random.key(5), PROMPTS, PROMPT_MASK)
@@ -178,7 +178,9 @@ def test_value_head_on_the_policy_trunk():
 
 
 def test_adaptive_kl_and_kl_as_loss():
-  hp = dataclasses.replace(HP, kl_adaptive=True, kl_target=1e-3, kl_horizon=100.0, kl_mode="loss")
+  hp = dataclasses.replace(
+    HP, kl_adaptive=True, kl_target=1e-3, kl_horizon=100.0, kl_mode="loss", kl_kind="k2"
+  )
   _, _, state, frozen, fns = build(hp, lr=1e-2)
   coefs = []
   for _ in range(4):
@@ -319,7 +321,7 @@ def test_critic_warmup_trains_only_the_critic_then_both(shared):
 def test_critic_warmup_gradient_is_the_value_loss_alone():
   """train_policy=False drops the policy's terms from the loss: with a separate critic the
   policy's gradient is exactly zero and the critic's is the one it gets with them."""
-  hp = dataclasses.replace(HP, kl_mode="loss", entropy_coef=0.01)
+  hp = dataclasses.replace(HP, kl_mode="loss", kl_kind="k3", entropy_coef=0.01)
   models, _, state, frozen, fns = build(hp)
   frozen = frozen.replace(ref_params=jax.tree.map(lambda x: x * 1.5, frozen.ref_params))
   gen = fns.sample(state.params["policy"], frozen, jax.random.key(5), PROMPTS, PROMPT_MASK)
@@ -346,7 +348,16 @@ def test_critic_warmup_needs_a_critic():
     dataclasses.replace(HP, critic_warmup=-1)
 
 
-@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_hyperparameters_that_would_train_silently_wrong_are_refused():
+  with pytest.raises(ValueError, match=r"kl_kind: k1 as a loss term .* use k2 .* or k3"):
+    dataclasses.replace(HP, kl_mode="loss", kl_kind="k1")
+  with pytest.raises(ValueError, match=r"kl_coef: the adaptive controller .* cannot start at 0"):
+    dataclasses.replace(HP, kl_adaptive=True, kl_coef=0.0)
+  with pytest.raises(ValueError, match="missing_eos_penalty: needs eos_token_id"):
+    dataclasses.replace(HP, eos_token_id=None, missing_eos_penalty=1.0)
+
+
+@pytest.mark.parametrize("kind", ["k2", "k3"])
 def test_kl_loss_ignores_what_sits_at_masked_positions(kind):
   """kl_mode=loss: a reference log-prob far off at a masked token (k3's e^{−d} overflows there)
   changes neither the loss nor the gradient."""
