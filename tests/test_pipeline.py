@@ -504,3 +504,64 @@ def test_a_summary_without_scores_says_why(capsys):
   pipeline._print_summary(summary)
   out = capsys.readouterr().out
   assert "before PPO" in out and "0.5000       1.5000" in out
+
+
+def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
+  """`model.init` = a Qwen3 folder (per-head q/k norms, GQA, head_dim ≠ hidden/heads, untied),
+  with its tokenizer and JSONL data: SFT → reward model → PPO run, and the exported policy is a
+  Qwen3 that transformers loads with the same logits as ppo_jax."""
+  import tiny_hf
+
+  from ppo_jax.tokenizer import build_word_tokenizer
+
+  folder = tmp_path / "qwen3"
+  tiny_hf.make("qwen3", folder, seed=11)
+  words = [f"w{i}" for i in range(tiny_hf.VOCAB - 4)]
+  build_word_tokenizer(words).save_pretrained(str(folder))
+  rng = np.random.default_rng(0)
+  line = lambda n: " ".join(rng.choice(words[:20], n))
+  files = {
+    "prompts": [{"prompt": line(4)} for _ in range(64)],
+    "sft": [{"prompt": line(4), "response": line(6)} for _ in range(64)],
+    "preferences": [{"prompt": line(4), "chosen": line(5), "rejected": line(5)} for _ in range(64)],
+  }
+  for name, rows in files.items():
+    (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  config = smoke_config(
+    task__name="files",
+    model__init=str(folder),
+    data__prompts=str(tmp_path / "prompts.jsonl"),
+    data__sft=str(tmp_path / "sft.jsonl"),
+    data__preferences=str(tmp_path / "preferences.jsonl"),
+    data__max_prompt_len=6,
+    data__max_response_len=8,
+    data__eval_prompts=0,
+    sft__epochs=1.0,
+    rm__epochs=1.0,
+    ppo__iterations=2,
+    ppo__batch_size=16,
+    ppo__max_new_tokens=8,
+    log__tensorboard=False,
+    log__plots=False,
+  )
+  workdir = tmp_path / "run"
+  pipeline.run(config, workdir)
+  rows = _rows(workdir)
+  assert len(rows) == 2 and all(np.isfinite(r["objective/kl"]) for r in rows)
+  assert rows[0]["policy/approxkl_first_minibatch"] < 1e-6
+  hf_config = json.loads((workdir / "policy" / "config.json").read_text())
+  assert hf_config["model_type"] == "qwen3" and hf_config["architectures"] == ["Qwen3ForCausalLM"]
+  rm_config = json.loads((workdir / "reward_model" / "config.json").read_text())
+  assert rm_config["architectures"] == ["Qwen3ForSequenceClassification"]
+  policy = safetensors.numpy.load_file(str(workdir / "policy" / "model.safetensors"))
+  start = safetensors.numpy.load_file(str(folder / "model.safetensors"))
+  norm = "model.layers.0.self_attn.q_norm.weight"
+  assert not np.array_equal(policy[norm], start[norm])  # the q/k norms were trained too
+  hf_model = tf.AutoModelForCausalLM.from_pretrained(str(workdir / "policy")).eval()
+  ours = pj.models.from_pretrained(workdir / "policy")
+  ids, mask = tiny_hf.batch(seed=12)
+  np.testing.assert_allclose(
+    np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))[mask > 0],
+    tiny_hf.torch_logits(hf_model, ids, mask)[mask > 0],
+    atol=1e-4,
+  )
