@@ -54,6 +54,8 @@ class DataSettings:
   max_response_len: int = 16  # R of SFT and preference responses (EOS included)
   prompt_overflow: str = "error"  # error | truncate (keep the last tokens)
   eval_prompts: int = 256  # held-out prompts for the before/after evaluation
+  chat_template: bool = False  # each prompt as a user turn of the tokenizer's chat template
+  system_prompt: str | None = None  # with chat_template: a system turn before each prompt
 
 
 @dataclasses.dataclass(frozen=True)

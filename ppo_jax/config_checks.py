@@ -78,6 +78,15 @@ def check_settings(s: Settings) -> None:
       f"{s.data.max_prompt_len} and {s.data.max_response_len}",
     ),
     (
+      not (s.data.chat_template and s.task.name == "synthetic"),
+      "config.data.chat_template: the synthetic task's word tokenizer has no chat template",
+    ),
+    (
+      s.data.system_prompt is None or s.data.chat_template,
+      "config.data.system_prompt: needs config.data.chat_template=True (only a chat template has "
+      "a system turn)",
+    ),
+    (
       s.log.samples_every >= 0,
       f"config.log.samples_every: must be ≥ 0 (0: never), got {s.log.samples_every}",
     ),

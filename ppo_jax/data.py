@@ -8,7 +8,10 @@ Formats (one JSON object per line; other fields are ignored):
 
 Every sequence has one layout: the prompt left-padded to ``P`` tokens, then the response
 right-padded to ``R`` tokens (EOS appended), ``[B, P + R]`` with an attention mask; positions come
-from the mask. Prompts get the tokenizer's special tokens (e.g. BOS), responses do not.
+from the mask. Prompts get the tokenizer's special tokens (e.g. BOS), responses do not. With
+``Layout.chat``, each prompt is first put in the tokenizer's chat template as one user turn
+(after an optional system turn), ending with the assistant's header: the response follows it,
+and its EOS (for chat models the end-of-turn token) closes the turn.
 """
 
 from __future__ import annotations
@@ -72,13 +75,15 @@ def read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[str,
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Sequence shape: ``P`` prompt tokens (left-padded) then ``R`` response tokens."""
+  """How texts become sequences: ``P`` prompt tokens (left-padded) then ``R`` response tokens."""
 
   prompt_len: int
   response_len: int
   pad_id: int
   eos_id: int
   overflow: str = "error"  # prompts longer than P: error | truncate (keep the last P tokens)
+  chat: bool = False  # prompts as a user turn of the tokenizer's chat template
+  system: str | None = None  # with ``chat``: a system turn before each prompt
 
   def __post_init__(self):
     if self.overflow not in OVERFLOW:
@@ -94,7 +99,11 @@ def encode_prompts(
   P = layout.prompt_len
   ids = np.full((len(texts), P), layout.pad_id, np.int32)
   mask = np.zeros((len(texts), P), np.int32)
-  encoded = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+  if layout.chat:  # the template writes the special tokens it wants (BOS, turn headers)
+    encoded = tokenizer(chat_prompts(tokenizer, texts, layout.system), add_special_tokens=False)
+  else:
+    encoded = tokenizer(list(texts), add_special_tokens=True)
+  encoded = encoded["input_ids"]
   for i, toks in enumerate(encoded):
     if len(toks) > P:
       if layout.overflow == "error":
@@ -107,6 +116,23 @@ def encode_prompts(
       ids[i, P - len(toks) :] = toks
       mask[i, P - len(toks) :] = 1
   return ids, mask
+
+
+def chat_prompts(tokenizer: Any, texts: Sequence[str], system: str | None = None) -> list[str]:
+  """Each text as a user turn (after a ``system`` turn, if given) in the tokenizer's chat template,
+  ending with the assistant's header (``add_generation_prompt``)."""
+  if not getattr(tokenizer, "chat_template", None):
+    raise DataError(
+      "data.chat_template: the tokenizer has no chat template (tokenizer_config.json or "
+      "chat_template.jinja of its folder sets none)"
+    )
+  head = [{"role": "system", "content": system}] if system is not None else []
+  return [
+    tokenizer.apply_chat_template(
+      [*head, {"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+    )
+    for t in texts
+  ]
 
 
 def encode_responses(

@@ -265,6 +265,8 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     tok.pad_token_id,
     tok.eos_token_id,
     s.data.prompt_overflow,
+    s.data.chat_template,
+    s.data.system_prompt,
   )
   texts, ids, mask = data.load_prompts(inputs.prompts, tok, layout)
   n_eval = min(s.data.eval_prompts, len(texts) // 4)

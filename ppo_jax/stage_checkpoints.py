@@ -55,7 +55,15 @@ def fingerprint(*arrays: np.ndarray) -> str:
 # the synthetic task's fields that make it) and the layout of its rows (the fingerprint checks the
 # rows themselves). DPO also reads the SFT policy (its reference, so sft.*) and samples its
 # evaluations on the prompts as the RL stages do (ppo.*), scored by task.gold.
-READ_BY_EVERY_STAGE = ("seed", "task.name", "model.", "data.max_", "data.prompt_overflow")
+READ_BY_EVERY_STAGE = (
+  "seed",
+  "task.name",
+  "model.",
+  "data.max_",
+  "data.prompt_overflow",
+  "data.chat_template",
+  "data.system_prompt",
+)
 PAIRS = ("data.preferences", "task.num_pairs", "task.label_noise")
 READ_BY = {
   "sft": ("data.sft", "task.num_sft"),

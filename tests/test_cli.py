@@ -69,6 +69,8 @@ def _cli(*args):
     ("--config.data.eval_prompts=-1", "config.data.eval_prompts: must be ≥ 0, got -1"),
     ("--config.ppo.dual_clip=1.0", "config.ppo.dual_clip: must be > 1 (none: off), got 1.0"),
     ("--config.ppo.kl_target=0", "config.ppo.kl_target: must be > 0, got 0.0"),
+    ("--config.data.chat_template=True", "config.data.chat_template: the synthetic task's word"),
+    ("--config.data.system_prompt=Be brief.", "config.data.system_prompt: needs config.data.chat_"),
     ("--config.ppo.kl_mode=loss", "config.ppo.kl_kind: k1 as a loss term (kl_mode loss) has no"),
     (
       ["--config.ppo.kl_adaptive=True", "--config.ppo.kl_coef=0"],

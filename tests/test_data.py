@@ -42,6 +42,34 @@ def test_long_prompt_is_refused_or_keeps_its_end():
   np.testing.assert_array_equal(mask, [[1, 1, 1]])
 
 
+CHAT_TOK = build_word_tokenizer(
+  ["good", "film", "bad", "plot", "<sys>", "<user>", "<bot>", "<end>"]
+)
+CHAT_TOK.chat_template = (  # ids: <sys> 8, <user> 9, <bot> 10, <end> 11
+  "{% for m in messages %}<{{ 'sys' if m.role == 'system' else m.role }}> {{ m.content }} <end> "
+  "{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
+)
+
+
+def test_chat_template_wraps_prompts_and_the_response_closes_the_turn(tmp_path):
+  path = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "good", "response": "bad plot"}])
+  chat = data.Layout(prompt_len=6, response_len=3, pad_id=0, eos_id=11, chat=True)
+  seqs = data.load_sft(path, CHAT_TOK, chat)
+  np.testing.assert_array_equal(seqs.ids, [[0, 0, 9, 4, 11, 10, 6, 7, 11]])
+  np.testing.assert_array_equal(seqs.mask, [[0, 0, 1, 1, 1, 1, 1, 1, 1]])
+  with_system = data.Layout(8, 3, 0, 11, chat=True, system="film")
+  ids, mask = data.encode_prompts(CHAT_TOK, ["good"], with_system)
+  np.testing.assert_array_equal(ids, [[0, 8, 5, 11, 9, 4, 11, 10]])
+  np.testing.assert_array_equal(mask, [[0, 1, 1, 1, 1, 1, 1, 1]])
+  # The template's tokens count towards data.max_prompt_len.
+  with pytest.raises(data.DataError, match=r"row 1: prompt of 4 tokens .* data\.max_prompt_len=3"):
+    data.encode_prompts(CHAT_TOK, ["good"], data.Layout(3, 3, 0, 11, chat=True))
+  with pytest.raises(
+    data.DataError, match=r"data\.chat_template: the tokenizer has no chat template"
+  ):
+    data.encode_prompts(TOK, ["good"], data.Layout(6, 3, 0, 1, chat=True))
+
+
 def test_a_leading_byte_order_mark_is_accepted(tmp_path):
   path = tmp_path / "p.jsonl"
   path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "good film"}).encode() + b"\n")

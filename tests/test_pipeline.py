@@ -508,16 +508,21 @@ def test_a_summary_without_scores_says_why(capsys):
 
 def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
   """`model.init` = a Qwen3 folder (per-head q/k norms, GQA, head_dim ≠ hidden/heads, untied),
-  with its tokenizer and JSONL data: SFT → reward model → PPO run, and the exported policy is a
-  Qwen3 that transformers loads with the same logits as ppo_jax."""
+  with its tokenizer (and chat template) and JSONL data: SFT → reward model → PPO run on chat
+  prompts, and the exported policy is a Qwen3 that transformers loads with ppo_jax's logits."""
   import tiny_hf
 
   from ppo_jax.tokenizer import build_word_tokenizer
 
   folder = tmp_path / "qwen3"
   tiny_hf.make("qwen3", folder, seed=11)
-  words = [f"w{i}" for i in range(tiny_hf.VOCAB - 4)]
-  build_word_tokenizer(words).save_pretrained(str(folder))
+  words = [f"w{i}" for i in range(tiny_hf.VOCAB - 7)]
+  tok = build_word_tokenizer([*words, "<user>", "<bot>", "<end>"])
+  tok.chat_template = (
+    "{% for m in messages %}<user> {{ m.content }} <end> {% endfor %}"
+    "{% if add_generation_prompt %}<bot>{% endif %}"
+  )
+  tok.save_pretrained(str(folder))
   rng = np.random.default_rng(0)
   line = lambda n: " ".join(rng.choice(words[:20], n))
   files = {
@@ -533,7 +538,8 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
     data__prompts=str(tmp_path / "prompts.jsonl"),
     data__sft=str(tmp_path / "sft.jsonl"),
     data__preferences=str(tmp_path / "preferences.jsonl"),
-    data__max_prompt_len=6,
+    data__chat_template=True,
+    data__max_prompt_len=8,  # 4 words in the template's 3 tokens
     data__max_response_len=8,
     data__eval_prompts=0,
     sft__epochs=1.0,
@@ -541,6 +547,7 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
     ppo__iterations=2,
     ppo__batch_size=16,
     ppo__max_new_tokens=8,
+    log__samples_every=1,
     log__tensorboard=False,
     log__plots=False,
   )
@@ -549,6 +556,10 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
   rows = _rows(workdir)
   assert len(rows) == 2 and all(np.isfinite(r["objective/kl"]) for r in rows)
   assert rows[0]["policy/approxkl_first_minibatch"] < 1e-6
+  samples = [json.loads(x) for x in (workdir / "samples.jsonl").read_text().splitlines()]
+  assert samples and all(x["prompt"].count(" ") == 3 for x in samples)  # the user's text
+  exported_tok = tf.AutoTokenizer.from_pretrained(str(workdir / "policy"))
+  assert exported_tok.chat_template == tok.chat_template
   hf_config = json.loads((workdir / "policy" / "config.json").read_text())
   assert hf_config["model_type"] == "qwen3" and hf_config["architectures"] == ["Qwen3ForCausalLM"]
   rm_config = json.loads((workdir / "reward_model" / "config.json").read_text())
