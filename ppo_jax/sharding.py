@@ -41,7 +41,11 @@ RULES: tuple[tuple[str, P], ...] = (
   (r"(^|/)(attn_norm|mlp_norm|final_norm|q_norm|k_norm)/(scale|bias)$", P()),
   (r"(^|/)lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
   (r"(^|/)(head/)?kernel$", P("fsdp", None)),  # scalar heads [D, 1]
-  # LoRA adapters: A [in, r], B [r, out] follow the kernel they adapt.
+  # LoRA adapters: A [in, r], B [r, out] split like the kernel they adapt: its rows and columns.
+  # (Row-parallel o and down sharded as the column-parallel ones, the PPO update on a 2×2×2 mesh
+  # came out wrong: XLA's partitioner, 2026-12-05, tests/multidevice.)
+  (r"/(attn/o|mlp/down)/lora_a$", P("tensor", None)),
+  (r"/(attn/o|mlp/down)/lora_b$", P(None, "fsdp")),
   (r"/lora_a$", P("fsdp", None)),
   (r"/lora_b$", P(None, "tensor")),
 )
