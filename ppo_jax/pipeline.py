@@ -327,12 +327,14 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   before, after = result.before, result.after
   metrics_path = workdir / "metrics.jsonl"  # RL stages only
   rows = writers.read_metrics(metrics_path) if metrics_path.exists() else []
+  k = max(1, min(3, len(rows) // 2))  # rollouts on each side, none on both (but with one)
   if not before and rows:  # no held-out prompts: the first and last rollouts
-    before, after = rollout_summary(rows[:3]), rollout_summary(rows[-3:])
+    before, after = rollout_summary(rows[:k]), rollout_summary(rows[-k:])
   summary = {
     "before": before,
     "after": after,
     "held_out": bool(result.before),
+    **({} if result.before else {"rollouts_compared": k}),
     "sft_eval": sft_eval,
     "rm_eval": rm_eval,
     **({"dpo_eval": stage_eval} if stage_eval else {}),
@@ -375,7 +377,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     ("KL to reference (nats/seq)", "kl"),
     ("response length", "length"),
   ]
-  source = "held-out prompts" if summary.get("held_out") else "first/last 3 rollouts"
+  k = summary.get("rollouts_compared", 3)
+  source = "held-out prompts" if summary.get("held_out") else f"first/last {k} rollouts"
   algo = summary.get("algo", "ppo").upper()
   if any(key in before for _, key in rows):
     print(f"{source:30s} {'before ' + algo:>12s} {'after ' + algo:>12s}")

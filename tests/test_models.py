@@ -273,12 +273,17 @@ def test_unsupported_architecture(tmp_path):
 
 @pytest.mark.parametrize("config", [tf.Qwen2Config, tf.Qwen3Config])
 def test_qwen_sliding_window_is_refused(tmp_path, config):
-  """Qwen2/3 put the window on some layers only (``max_window_layers``): not modelled, so said."""
-  config(
-    hidden_size=8, num_hidden_layers=1, num_attention_heads=2, head_dim=4, use_sliding_window=True
-  ).save_pretrained(str(tmp_path))
-  with pytest.raises(ValueError, match=rf"unsupported {config.__name__} option use_sliding_window"):
+  """Qwen2/3 put the window on the layers from ``max_window_layers`` on: not modelled, so said
+  (and a window on no layer is none)."""
+  kw = dict(hidden_size=8, num_attention_heads=2, num_key_value_heads=2, head_dim=4)
+  kw.update(use_sliding_window=True)
+  config(num_hidden_layers=2, max_window_layers=1, **kw).save_pretrained(str(tmp_path))
+  with pytest.raises(ValueError, match=rf"{config.__name__} option use_sliding_window=.* \[1\]"):
     pj.models.from_pretrained(tmp_path)
+  # The window starts at layer max_window_layers: none when that is past the last layer.
+  assert ModelConfig.from_hf(config(num_hidden_layers=2, max_window_layers=2, **kw)) == (
+    ModelConfig.from_hf(config(num_hidden_layers=2, **{**kw, "use_sliding_window": False}))
+  )
 
 
 def test_not_a_model_folder(tmp_path):

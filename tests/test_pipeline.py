@@ -552,9 +552,11 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
     log__plots=False,
   )
   workdir = tmp_path / "run"
-  pipeline.run(config, workdir)
+  summary = pipeline.run(config, workdir)
   rows = _rows(workdir)
   assert len(rows) == 2 and all(np.isfinite(r["objective/kl"]) for r in rows)
+  # No held-out prompts and two iterations: the first rollout against the last, not both twice.
+  assert summary["rollouts_compared"] == 1 and summary["before"] != summary["after"]
   assert rows[0]["policy/approxkl_first_minibatch"] < 1e-6
   samples = [json.loads(x) for x in (workdir / "samples.jsonl").read_text().splitlines()]
   assert samples and all(x["prompt"].count(" ") == 3 for x in samples)  # the user's text

@@ -288,7 +288,15 @@ class ModelConfig:
       if model_type == "mistral":
         window = getattr(hf, "sliding_window", None)
       elif getattr(hf, "use_sliding_window", False):  # Qwen2/3: a window on some layers only
-        raise ValueError(f"unsupported {hf.__class__.__name__} option use_sliding_window=True")
+        kinds = getattr(hf, "layer_types", None) or [
+          "sliding_attention" if i >= hf.max_window_layers else "full_attention"
+          for i in range(hf.num_hidden_layers)
+        ]
+        if "sliding_attention" in kinds:
+          raise ValueError(
+            f"unsupported {hf.__class__.__name__} option use_sliding_window=True (a window on "
+            f"layers {[i for i, k in enumerate(kinds) if k == 'sliding_attention']})"
+          )
       fields = dict(
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
