@@ -135,15 +135,18 @@ def test_several_eos_ids_are_kept_and_saved_back(tmp_path):
   assert tf.AutoConfig.from_pretrained(str(tmp_path / "out")).eos_token_id == [5, 7]
 
 
-def test_saving_a_reward_model_whose_pad_is_its_eos_warns(tmp_path):
-  """transformers' classifier reads the score before a final EOS when pad == EOS: said on save
-  (a causal LM has no such reading and saves quietly)."""
+def test_saving_a_reward_model_whose_pad_is_its_eos_or_none_warns(tmp_path):
+  """transformers' classifier reads the score before a final EOS when pad == EOS, and scores no
+  batch without a pad id: said on save (a causal LM has no such reading and saves quietly)."""
   import warnings
 
   kw = dict(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16)
   same = ModelConfig.gpt2(**kw, eos_token_id=1, pad_token_id=1)
   with pytest.warns(UserWarning, match="pad and EOS share id 1"):
     pj.models.save_pretrained(pj.models.RewardModel(same, rngs=nnx.Rngs(0)), tmp_path / "rm")
+  none = ModelConfig.gpt2(**kw, eos_token_id=1)
+  with pytest.warns(UserWarning, match="no pad id; .*a batch raises"):
+    pj.models.save_pretrained(pj.models.RewardModel(none, rngs=nnx.Rngs(0)), tmp_path / "rm0")
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     pj.models.save_pretrained(pj.models.CausalLM(same, rngs=nnx.Rngs(0)), tmp_path / "lm")

@@ -334,6 +334,13 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, tokenizer: An
       "(ppo_jax.models.lora.merge_lora) to write a plain model"
     )
   folder = pathlib.Path(path)
+  if kind != "causal_lm" and cfg.pad_token_id is None:
+    warnings.warn(
+      f"{folder}: no pad id; transformers' sequence classifier finds each row's last token by "
+      "its pad id, and without one scores a single sequence at a time (a batch raises): give the "
+      "tokenizer a pad token of its own",
+      stacklevel=2,
+    )
   if kind != "causal_lm" and cfg.pad_token_id is not None and cfg.pad_token_id == cfg.eos_token_id:
     warnings.warn(
       f"{folder}: pad and EOS share id {cfg.pad_token_id}; transformers' sequence classifier "
