@@ -25,8 +25,8 @@ from ppo_jax.hparams import PPOHparams
 from ppo_jax.optim import OptimHparams
 from ppo_jax.supervised import SupervisedHparams
 
-# Fields of PPOHparams that come from the tokenizer, not the config.
-_FROM_TOKENIZER = ("eos_token_id", "pad_token_id")
+# Fields of PPOHparams that come from the tokenizer (and the model's stop ids), not the config.
+_FROM_TOKENIZER = ("eos_token_id", "pad_token_id", "extra_eos_token_ids")
 TASKS = ("synthetic", "files")
 CRITIC_INITS = ("reward_model", "policy")
 # config.algo → the advantage estimator of the RL stage (PPOHparams.estimator)

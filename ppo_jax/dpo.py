@@ -24,7 +24,7 @@ from ppo_jax import ppo, rl, rollout, stage_checkpoints, supervised, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic, merge, policy_logits
 from ppo_jax.data import Sequences
-from ppo_jax.export import export_record
+from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_sum
 from ppo_jax.models import CausalLM
@@ -189,7 +189,13 @@ def run_dpo_stage(
   t0 = time.perf_counter()
   try:
     data_arrays = [x for q in train_pairs for x in (q.ids, q.mask, q.response_mask)]
-    meta = export_record(policy.cfg, tokenizer_path, base_policy, workdir=workdir)
+    meta = export_record(
+      policy.cfg,
+      tokenizer_path,
+      base_policy,
+      workdir=workdir,
+      generation_config=generation_defaults(s),
+    )
     with stage_checkpoints.for_stage(s, workdir, "dpo", *data_arrays, meta=meta) as checkpoints:
       params, held_out = supervised.fit(
         "dpo",

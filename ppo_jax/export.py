@@ -17,13 +17,25 @@ from ppo_jax.models import ModelConfig
 STAGE_CHECKPOINTS = {"ppo": "checkpoints", "dpo": "dpo_checkpoints"}
 
 
-def export_record(model_config, tokenizer_path, base_policy=None, *, workdir=None) -> dict:
+def generation_defaults(s) -> dict | None:
+  """The ``generation_config.json`` of the checkpoint run ``s`` starts from (sampling defaults,
+  stop ids), written again with its final policy and exports; None from scratch."""
+  from ppo_jax.models.hf import read_generation_config
+
+  return None if s.model.init == "scratch" else read_generation_config(s.model.init)
+
+
+def export_record(
+  model_config, tokenizer_path, base_policy=None, *, workdir=None, generation_config=None
+) -> dict:
   """What a checkpoint's record must hold for ``export_policy``: the policy's ``ModelConfig``,
   its tokenizer folder and, for LoRA adapters, the folder of the base weights under them and
   their ``weights_digest`` (a resume or an export over other base weights is refused). With
-  ``workdir``, paths inside it are found again in a moved or copied workdir."""
+  ``workdir``, paths inside it are found again in a moved or copied workdir. The
+  ``generation_config`` of the checkpoint the run started from is written with the export."""
   absolute = lambda path: str(pathlib.Path(path).absolute()) if path else None
   return {
+    "generation_config": generation_config,
     "model_config": model_config.to_dict(),
     "tokenizer": absolute(tokenizer_path),
     "base_policy": absolute(base_policy),
@@ -137,7 +149,9 @@ def export_policy(
   staging = out / STAGING
   shutil.rmtree(staging, ignore_errors=True)
   try:
-    save_pretrained(policy, staging, tokenizer=tokenizer)
+    save_pretrained(
+      policy, staging, tokenizer=tokenizer, generation_config=record.get("generation_config")
+    )
     (staging / EXPORT_RECORD).write_text(
       json.dumps({"workdir": str(workdir), "stage": stage, "step": step}, indent=2) + "\n"
     )

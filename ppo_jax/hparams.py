@@ -21,6 +21,9 @@ class PPOHparams:
   top_k: int = 0
   top_p: float = 1.0
   eos_token_id: int | None = None
+  # The model's other stop ids (an Instruct model's end of text beside its end of turn): sampling
+  # stops at them too, and a response ending there has its EOS (missing_eos_penalty).
+  extra_eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
   # Update.
   num_epochs: int = 4
@@ -112,6 +115,11 @@ class PPOHparams:
       )
     if self.critic_warmup and self.estimator != "gae":
       raise ValueError(f"critic_warmup: the {self.estimator} estimator has no critic to warm up")
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Every id a response stops at: ``eos_token_id`` then ``extra_eos_token_ids``."""
+    return () if self.eos_token_id is None else (self.eos_token_id, *self.extra_eos_token_ids)
 
   def minibatch_layout(self, batch_size: int) -> tuple[int, int]:
     """``(minibatch size, micro-batches per minibatch)`` for a rollout of ``batch_size``."""

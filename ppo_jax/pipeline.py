@@ -21,7 +21,7 @@ from ppo_jax import checkpoint, data, rl, stage_checkpoints, synthetic, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import build_critic
 from ppo_jax.config import Settings, base_config
-from ppo_jax.export import export_record
+from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.models import CausalLM, RewardModel, save_pretrained
 from ppo_jax.models.hf import load_hf_config
 from ppo_jax.rewards import load_reward_fn
@@ -153,7 +153,13 @@ def run_ppo_stage(
 
     record = {
       "config": json.loads(config.to_json_best_effort()),
-      **export_record(policy.cfg, inputs.tokenizer_path, base_policy, workdir=workdir),
+      **export_record(
+        policy.cfg,
+        inputs.tokenizer_path,
+        base_policy,
+        workdir=workdir,
+        generation_config=generation_defaults(s),
+      ),
     }
     try:
       return rl.run_ppo(
@@ -283,6 +289,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   )
   max_len = layout.prompt_len + max(hp.max_new_tokens, layout.response_len)
   policy = init_policy(s, tok, max_len)
+  hp = dataclasses.replace(hp, extra_eos_token_ids=policy.cfg.extra_eos_token_ids)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))
   print(
     f"policy: {policy.cfg.model_type}, {n_params / 1e6:.2f}M parameters, {policy.cfg.dtype} compute"
@@ -318,7 +325,9 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
       resume=resume,
       mesh=mesh,
     )
-  save_pretrained(result.policy, workdir / "policy", tokenizer=tok)
+  save_pretrained(
+    result.policy, workdir / "policy", tokenizer=tok, generation_config=generation_defaults(s)
+  )
   if s.log.plots and s.algo != "dpo":
     writers.plot_metrics(
       workdir / "metrics.jsonl", workdir / "plots" / "ppo.png", title=f"PPO, {workdir.name}"

@@ -61,7 +61,6 @@ def sample_responses(
   *,
   hp: PPOHparams,
 ) -> Generation:
-  eos = () if hp.eos_token_id is None else (hp.eos_token_id,)
   return sample(
     models.policy,
     policy_params,
@@ -72,7 +71,7 @@ def sample_responses(
     temperature=hp.temperature,
     top_k=hp.top_k,
     top_p=hp.top_p,
-    eos_token_ids=eos,
+    eos_token_ids=hp.stop_ids,
     pad_token_id=hp.pad_token_id,
   )
 
@@ -111,11 +110,7 @@ def make_experience(
     scores_B = reward_scores(models.reward, frozen.reward_params, ids, mask)
   scores_B = scores_B.astype(jnp.float32)
 
-  has_eos = (
-    jnp.any((gen.tokens == hp.eos_token_id) & (m > 0), axis=-1)
-    if hp.eos_token_id is not None
-    else jnp.zeros(m.shape[:1], bool)
-  )
+  has_eos = jnp.any(jnp.isin(gen.tokens, jnp.asarray(hp.stop_ids, jnp.int32)) & (m > 0), axis=-1)
   if hp.missing_eos_penalty is not None:
     scores_B = jnp.where(has_eos, scores_B, scores_B - hp.missing_eos_penalty)
   finite_scores = jnp.all(jnp.isfinite(scores_B))

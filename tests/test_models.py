@@ -135,6 +135,42 @@ def test_several_eos_ids_are_kept_and_saved_back(tmp_path):
   assert tf.AutoConfig.from_pretrained(str(tmp_path / "out")).eos_token_id == [5, 7]
 
 
+def test_generation_config_stop_ids_are_read_and_written_with_sampling_defaults(tmp_path):
+  """Instruct checkpoints list their end-of-turn token in generation_config.json, beside sampling
+  defaults: the ids join ``extra_eos_token_ids``; a saved causal LM gets the file back, its ids
+  ours, the defaults given kept, and transformers' generate stops at every id."""
+  hf_model = tiny_hf.make("qwen3", tmp_path / "src")
+  gen = {"eos_token_id": [5, 9], "do_sample": True, "temperature": 0.6, "top_p": 0.95}
+  (tmp_path / "src" / "generation_config.json").write_text(json.dumps(gen))
+  model = pj.models.from_pretrained(tmp_path / "src")
+  assert model.cfg.eos_token_id == 5 and model.cfg.extra_eos_token_ids == (9,)
+  assert pj.models.read_generation_config(tmp_path / "src") == gen
+  pj.models.save_pretrained(model, tmp_path / "out", generation_config=gen)
+  written = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+  assert written == {**gen, "eos_token_id": [5, 9], "bos_token_id": 2, "pad_token_id": 0}
+  assert tf.GenerationConfig.from_pretrained(str(tmp_path / "out")).eos_token_id == [5, 9]
+  # transformers' generate stops at the file's ids, which config.json does not list: made one the
+  # greedy run emits third.
+  ids, _ = tiny_hf.batch(seed=6, B=1, T=7, left_pad=(0,))
+  with torch.no_grad():
+    free = hf_model.generate(
+      torch.tensor(ids), do_sample=False, max_new_tokens=8, eos_token_id=None
+    )
+  stop = int(free[0, ids.shape[1] + 2])
+  (tmp_path / "out" / "generation_config.json").write_text(
+    json.dumps({**written, "eos_token_id": [5, stop], "do_sample": False})
+  )
+  exported = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  with torch.no_grad():
+    out = exported.generate(torch.tensor(ids), max_new_tokens=8, pad_token_id=0)
+  assert out.shape[1] - ids.shape[1] <= 3 and int(out[0, -1]) in (5, stop)
+  # A reward model has no generation: no file.
+  pj.models.save_pretrained(
+    pj.models.from_pretrained(tmp_path / "src", kind="reward"), tmp_path / "rm"
+  )
+  assert not (tmp_path / "rm" / "generation_config.json").exists()
+
+
 def test_saving_a_reward_model_whose_pad_is_its_eos_or_none_warns(tmp_path):
   """transformers' classifier reads the score before a final EOS when pad == EOS, and scores no
   batch without a pad id: said on save (a causal LM has no such reading and saves quietly)."""

@@ -523,6 +523,8 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
     "{% if add_generation_prompt %}<bot>{% endif %}"
   )
   tok.save_pretrained(str(folder))
+  defaults = {"eos_token_id": [5, 7], "do_sample": True, "temperature": 0.6}
+  (folder / "generation_config.json").write_text(json.dumps(defaults))
   rng = np.random.default_rng(0)
   line = lambda n: " ".join(rng.choice(words[:20], n))
   files = {
@@ -562,6 +564,12 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
   assert samples and all(x["prompt"].count(" ") == 3 for x in samples)  # the user's text
   exported_tok = tf.AutoTokenizer.from_pretrained(str(workdir / "policy"))
   assert exported_tok.chat_template == tok.chat_template
+  # The tokenizer's EOS first, the checkpoint's stop ids after; its sampling defaults kept.
+  gen = json.loads((workdir / "policy" / "generation_config.json").read_text())
+  assert gen["eos_token_id"] == [tok.eos_token_id, 5, 7] and gen["temperature"] == 0.6
+  export_policy(workdir, tmp_path / "exported")  # from the last checkpoint: the same file
+  exported = tmp_path / "exported" / "generation_config.json"
+  assert json.loads(exported.read_text()) == gen
   hf_config = json.loads((workdir / "policy" / "config.json").read_text())
   assert hf_config["model_type"] == "qwen3" and hf_config["architectures"] == ["Qwen3ForCausalLM"]
   rm_config = json.loads((workdir / "reward_model" / "config.json").read_text())

@@ -75,6 +75,29 @@ def test_returns_are_score_minus_kl_penalty_with_gamma_and_lambda_one():
   np.testing.assert_array_equal(exp.advantages * (1 - gen.mask), 0.0)
 
 
+def test_the_models_other_stop_ids_end_responses_and_count_as_eos():
+  """``extra_eos_token_ids`` (an Instruct model's end of text beside its end of turn): sampling
+  stops at the first of any stop id, and such a response escapes the missing-EOS penalty."""
+  free = dataclasses.replace(HP, eos_token_id=None)  # no stop: where would each row go?
+  _, _, state, frozen, fns = build(free)
+  key = jax.random.key(4)
+  tokens = np.asarray(fns.sample(state.params["policy"], frozen, key, PROMPTS, PROMPT_MASK).tokens)
+  other = int(tokens[0, 2])  # a token row 0 emits third
+  hp = dataclasses.replace(HP, extra_eos_token_ids=(other,), missing_eos_penalty=2.0)
+  _, _, state, frozen, fns = build(hp)
+  gen = fns.sample(state.params["policy"], frozen, key, PROMPTS, PROMPT_MASK)
+  stop = np.isin(tokens, (EOS, other))
+  ends = np.where(stop.any(-1), stop.argmax(-1) + 1, N)  # each row's first stop, included
+  np.testing.assert_array_equal(np.asarray(gen.lengths), ends)
+  assert ends[0] <= 3
+  scores = jnp.arange(B, dtype=jnp.float32)
+  _, _, m = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, scores)
+  np.testing.assert_allclose(
+    m["sample/score"], np.where(stop.any(-1), np.arange(B), np.arange(B) - 2.0)
+  )
+  assert hp.stop_ids == (EOS, other) and free.stop_ids == ()
+
+
 def test_missing_eos_penalty_and_running_score_statistics():
   hp = dataclasses.replace(HP, missing_eos_penalty=2.0, normalize_scores=True)
   _, _, state, frozen, fns = build(hp)

@@ -1,7 +1,12 @@
 """Flax NNX decoders (GPT-2, Llama, Qwen2, Qwen3, Mistral), Hugging Face checkpoints in and out."""
 
 from ppo_jax.models.config import ModelConfig
-from ppo_jax.models.hf import from_pretrained, read_safetensors, save_pretrained
+from ppo_jax.models.hf import (
+  from_pretrained,
+  read_generation_config,
+  read_safetensors,
+  save_pretrained,
+)
 from ppo_jax.models.transformer import (
   CausalLM,
   RewardModel,
@@ -22,6 +27,7 @@ __all__ = [
   "from_pretrained",
   "last_token_index",
   "positions_from_mask",
+  "read_generation_config",
   "read_safetensors",
   "save_pretrained",
 ]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ppo_jax.models.config import ModelConfig
+from ppo_jax.models.config import ModelConfig, _listed
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
 from ppo_jax.sharding import to_host
 
@@ -132,6 +132,36 @@ def tensor_maps(cfg: ModelConfig, kind: str) -> list[TensorMap]:
 # Loading.
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def read_generation_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+  """A folder's ``generation_config.json`` (transformers' sampling defaults and stop ids) as a
+  dict, or None when it has none."""
+  path = pathlib.Path(folder) / GENERATION_CONFIG
+  if not path.is_file():
+    return None
+  try:
+    d = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(d, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+  return d
+
+
+def _with_generation_stop_ids(cfg: ModelConfig, folder: pathlib.Path) -> ModelConfig:
+  """``cfg`` with the stop ids ``generation_config.json`` adds to config.json's (Instruct models
+  list their end-of-turn token there) as ``extra_eos_token_ids``."""
+  ids = [int(i) for i in _listed((read_generation_config(folder) or {}).get("eos_token_id"))]
+  new = [i for i in ids if i not in (cfg.eos_token_id, *cfg.extra_eos_token_ids)]
+  if not new:
+    return cfg
+  if cfg.eos_token_id is None:
+    return cfg.replace(eos_token_id=new[0], extra_eos_token_ids=tuple(new[1:]))
+  return cfg.replace(extra_eos_token_ids=(*cfg.extra_eos_token_ids, *new))
+
+
 def _checkpoint_kind(hf_config: Any) -> str:
   archs = getattr(hf_config, "architectures", None) or []
   return "reward" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
@@ -229,6 +259,7 @@ def from_pretrained(
   cfg = ModelConfig.from_hf(
     hf_config, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides
   )
+  cfg = _with_generation_stop_ids(cfg, folder)
   stored_kind = _checkpoint_kind(hf_config)
   kind = kind or stored_kind
   if kind not in KINDS:
@@ -318,10 +349,19 @@ def kind_of(model: nnx.Module) -> str:
   raise TypeError(f"not a ppo_jax model: {type(model).__name__}")
 
 
-def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, tokenizer: Any = None) -> None:
+def save_pretrained(
+  model: nnx.Module,
+  path: str | os.PathLike,
+  *,
+  tokenizer: Any = None,
+  generation_config: dict[str, Any] | None = None,
+) -> None:
   """Writes ``model`` as a Hugging Face folder: config.json, model.safetensors (+ tokenizer).
 
-  Causal LMs load with ``AutoModelForCausalLM``; value and reward models with
+  Causal LMs load with ``AutoModelForCausalLM``, and get a ``generation_config.json`` with the
+  model's stop ids (``eos_token_id`` and ``extra_eos_token_ids``), BOS and pad over the
+  ``generation_config`` given (e.g. ``read_generation_config`` of the checkpoint it came from,
+  whose sampling defaults are kept). Value and reward models load with
   ``AutoModelForSequenceClassification`` (``num_labels=1``, the head as ``score.weight``).
   """
   from safetensors.flax import save_file
@@ -358,6 +398,15 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, tokenizer: An
   hf_config = cfg.to_hf(architecture="causal_lm" if kind == "causal_lm" else "sequence_cls")
   hf_config.dtype = cfg.param_dtype
   hf_config.save_pretrained(str(folder))
+  if kind == "causal_lm":
+    stops = [i for i in (cfg.eos_token_id, *cfg.extra_eos_token_ids) if i is not None]
+    ids = dict(
+      bos_token_id=cfg.bos_token_id,
+      eos_token_id=stops if len(stops) > 1 else (stops or [None])[0],
+      pad_token_id=cfg.pad_token_id,
+    )
+    gen = {**(generation_config or {}), **{k: v for k, v in ids.items() if v is not None}}
+    (folder / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
   save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
   if tokenizer is not None:
     tokenizer.save_pretrained(str(folder))
