@@ -230,7 +230,8 @@ def generate(
     top_k: keep the k most likely tokens (0: all).
     top_p: nucleus mass in (0, 1] (1: all).
     greedy: take the argmax instead of sampling.
-    eos_token_id: the stop token(s); a row's mask is 0 after its first one.
+    eos_token_id: the stop token(s); a row's mask is 0 after its first one. None: no stop
+      (a checkpoint's own are ``(model.cfg.eos_token_id, *model.cfg.extra_eos_token_ids)``).
     pad_token_id: written after EOS.
     eos_check_every: with a stop token, check whether every row is done after each k steps
       (runs at most k − 1 steps past the last EOS; their tokens are padding, so the result does
