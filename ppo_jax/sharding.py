@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,8 +43,11 @@ RULES: tuple[tuple[str, P], ...] = (
   (r"(^|/)lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
   (r"(^|/)(head/)?kernel$", P("fsdp", None)),  # scalar heads [D, 1]
   # LoRA adapters: A [in, r], B [r, out] split like the kernel they adapt: its rows and columns.
-  # (Row-parallel o and down sharded as the column-parallel ones, the PPO update on a 2×2×2 mesh
-  # came out wrong: XLA's partitioner, 2026-12-05, tests/multidevice.)
+  # Every rule keeps the model width D on fsdp and inner widths on tensor: where a producer and
+  # its consumer split a dimension over different axes, XLA miscompiles the backward pass of the
+  # log-prob gather (row blocks swapped on data × fsdp > 1; bench/xla_partitioner_bug.py). With
+  # the adapters of o and down split as the column-parallel ones, PPO's LoRA update on a 2×2×2
+  # mesh came out wrong (2026-12-05, tests/multidevice).
   (r"/(attn/o|mlp/down)/lora_a$", P("tensor", None)),
   (r"/(attn/o|mlp/down)/lora_b$", P(None, "fsdp")),
   (r"/lora_a$", P("fsdp", None)),
@@ -110,7 +114,17 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
 
 
 def param_shardings(params, mesh: Mesh, rules=RULES):
-  """A NamedSharding for every parameter (a pytree of arrays or ShapeDtypeStructs)."""
+  """A NamedSharding for every parameter (a pytree of arrays or ShapeDtypeStructs).
+
+  Custom ``rules`` must keep each dimension on one mesh axis from the layer that makes it to the
+  one that reads it (see ``RULES``): XLA miscompiles some backward passes otherwise.
+  """
+  if mesh.size > 1 and not jax.config.jax_use_shardy_partitioner:
+    warnings.warn(
+      "jax_use_shardy_partitioner is off: XLA's GSPMD partitioner computed wrong LoRA gradients "
+      "on a data × fsdp × tensor mesh with these rules (bench/xla_partitioner_bug.py); keep Shardy",
+      stacklevel=2,
+    )
   return jax.tree_util.tree_map_with_path(
     lambda path, x: NamedSharding(mesh, spec_for(path_string(path), x.shape, mesh, rules)), params
   )

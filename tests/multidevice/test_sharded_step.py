@@ -349,3 +349,21 @@ def test_the_python_example_of_scaling_md_runs(capsys):
   assert len(lines) == 4 and all(line.startswith("score ") for line in lines[:3])
   assert all(np.isfinite(float(line.split()[-1])) for line in lines[:3])
   assert lines[3] == "P('fsdp', 'tensor')"
+
+
+def test_gspmd_is_warned_against():
+  """With Shardy off, XLA's GSPMD computed wrong LoRA gradients under these rules: said."""
+  params = {"policy": {"trunk": {"final_norm": {"scale": jax.ShapeDtypeStruct((4,), "float32")}}}}
+  mesh = shd.make_mesh((2, 2, 2))
+  shardy = jax.config.jax_use_shardy_partitioner
+  jax.config.update("jax_use_shardy_partitioner", False)
+  try:
+    with pytest.warns(UserWarning, match="jax_use_shardy_partitioner is off: .* keep Shardy"):
+      shd.param_shardings(params, mesh)
+  finally:
+    jax.config.update("jax_use_shardy_partitioner", shardy)
+  import warnings
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    shd.param_shardings(params, mesh)
