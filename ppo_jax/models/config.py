@@ -289,7 +289,7 @@ class ModelConfig:
         window = getattr(hf, "sliding_window", None)
       elif getattr(hf, "use_sliding_window", False):  # Qwen2/3: a window on some layers only
         kinds = getattr(hf, "layer_types", None) or [
-          "sliding_attention" if i >= hf.max_window_layers else "full_attention"
+          "sliding_attention" if i >= getattr(hf, "max_window_layers", 0) else "full_attention"
           for i in range(hf.num_hidden_layers)
         ]
         if "sliding_attention" in kinds:
