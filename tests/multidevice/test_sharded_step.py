@@ -338,17 +338,26 @@ def test_a_stopped_sharded_stage_resumes_on_the_same_mesh_bitwise_and_on_another
         np.testing.assert_allclose(a, shd.to_host(b), rtol=1e-4, atol=1e-6)
 
 
-def test_the_python_example_of_scaling_md_runs(capsys):
+def test_the_python_example_of_scaling_md_runs(capsys, tmp_path, monkeypatch):
   """docs/scaling.md § From Python, as written: three sharded iterations, the policy's q kernel
-  split as the rules say."""
+  split as the rules say, and the trained policy written as a folder that loads back."""
   text = (pathlib.Path(__file__).parents[2] / "docs" / "scaling.md").read_text()
-  section = text.split("## From Python", 1)[1]
-  code = section.split("```python\n", 1)[1].split("```", 1)[0]
-  exec(compile(code, "docs/scaling.md", "exec"), {})
+  section = text.split("## From Python", 1)[1].split("\n## ", 1)[0]
+  run, save = (block.split("```", 1)[0] for block in section.split("```python\n")[1:3])
+  monkeypatch.chdir(tmp_path)
+  namespace = {}
+  exec(compile(run, "docs/scaling.md", "exec"), namespace)
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 4 and all(line.startswith("score ") for line in lines[:3])
   assert all(np.isfinite(float(line.split()[-1])) for line in lines[:3])
   assert lines[3] == "P('fsdp', 'tensor')"
+  exec(compile(save, "docs/scaling.md", "exec"), namespace)
+  from ppo_jax.models import from_pretrained
+
+  loaded = nnx.to_pure_dict(nnx.state(from_pretrained(tmp_path / "trained_policy"), nnx.Param))
+  trained = namespace["state"].params["policy"]
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(trained), strict=True):
+    np.testing.assert_array_equal(a, shd.to_host(b))
 
 
 def test_gspmd_is_warned_against():
