@@ -82,6 +82,11 @@ def check_settings(s: Settings) -> None:
       "config.data.chat_template: the synthetic task's word tokenizer has no chat template",
     ),
     (
+      not (s.data.chat_template and s.data.prompt_overflow == "truncate"),
+      "config.data.prompt_overflow='truncate' would cut the chat template's start with "
+      "config.data.chat_template: raise config.data.max_prompt_len or shorten the prompts",
+    ),
+    (
       s.data.system_prompt is None or s.data.chat_template,
       "config.data.system_prompt: needs config.data.chat_template=True (only a chat template has "
       "a system turn)",

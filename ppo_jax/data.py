@@ -90,6 +90,11 @@ class Layout:
       raise ValueError(
         f"prompt overflow: unknown {self.overflow!r}; expected one of {', '.join(OVERFLOW)}"
       )
+    if self.chat and self.overflow == "truncate":  # its last tokens would drop the turn's start
+      raise ValueError(
+        "data.prompt_overflow='truncate' would cut the chat template's start (BOS, the turn "
+        "headers) with data.chat_template: raise data.max_prompt_len or shorten the prompts"
+      )
 
 
 def encode_prompts(
@@ -127,12 +132,16 @@ def chat_prompts(tokenizer: Any, texts: Sequence[str], system: str | None = None
       "chat_template.jinja of its folder sets none)"
     )
   head = [{"role": "system", "content": system}] if system is not None else []
-  return [
-    tokenizer.apply_chat_template(
-      [*head, {"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
-    )
-    for t in texts
-  ]
+  try:
+    return [
+      tokenizer.apply_chat_template(
+        [*head, {"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+      )
+      for t in texts
+    ]
+  except Exception as e:  # jinja2's TemplateError, or what the template raises itself
+    what = "data.system_prompt: " if system is not None else ""
+    raise DataError(f"data.chat_template: {what}the tokenizer's template refused: {e}") from None
 
 
 def encode_responses(

@@ -61,6 +61,8 @@ class PPOHparams:
   critic_warmup: int = 0
 
   def __post_init__(self):
+    # A jit static must hash: ids given as a list are kept as a tuple, each once.
+    object.__setattr__(self, "extra_eos_token_ids", tuple(dict.fromkeys(self.extra_eos_token_ids)))
     checks = {
       "agg": (self.agg, masking.AGG_MODES),
       "kl_kind": (self.kl_kind, KL_KINDS),

@@ -124,6 +124,8 @@ def check_override_paths(argv: list[str]) -> None:
 
   import ml_collections
 
+  from ppo_jax.config import _FROM_TOKENIZER
+
   spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec_arg is None:
     return
@@ -149,6 +151,11 @@ def check_override_paths(argv: list[str]) -> None:
     if not a.startswith("--config."):
       continue
     dotted = a[len("--config.") :].split("=", 1)[0]
+    if dotted.startswith("ppo.") and dotted[4:] in _FROM_TOKENIZER:
+      raise ValueError(
+        f"config field '{dotted}' is not set by the config: it comes from the tokenizer (and the "
+        "checkpoint's config.json and generation_config.json)"
+      )
     node, walked = config, []
     for key in dotted.split("."):
       if not hasattr(node, "keys") or key not in node:

@@ -343,7 +343,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     "before": before,
     "after": after,
     "held_out": bool(result.before),
-    **({} if result.before else {"rollouts_compared": k}),
+    **({"rollouts_compared": k} if rows and not result.before else {}),
     "sft_eval": sft_eval,
     "rm_eval": rm_eval,
     **({"dpo_eval": stage_eval} if stage_eval else {}),

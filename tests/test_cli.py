@@ -71,6 +71,17 @@ def _cli(*args):
     ("--config.ppo.kl_target=0", "config.ppo.kl_target: must be > 0, got 0.0"),
     ("--config.data.chat_template=True", "config.data.chat_template: the synthetic task's word"),
     ("--config.data.system_prompt=Be brief.", "config.data.system_prompt: needs config.data.chat_"),
+    (
+      [
+        "--config.task.name=files",
+        "--config.data.prompts=p.jsonl",
+        "--config.model.tokenizer=t",
+        "--config.data.chat_template=True",
+        "--config.data.prompt_overflow=truncate",
+      ],
+      "config.data.prompt_overflow='truncate' would cut the chat template's start",
+    ),
+    ("--config.ppo.extra_eos_token_ids=(3,)", "'ppo.extra_eos_token_ids' is not set by the config"),
     ("--config.ppo.kl_mode=loss", "config.ppo.kl_kind: k1 as a loss term (kl_mode loss) has no"),
     (
       ["--config.ppo.kl_adaptive=True", "--config.ppo.kl_coef=0"],

@@ -64,6 +64,15 @@ def test_chat_template_wraps_prompts_and_the_response_closes_the_turn(tmp_path):
   # The template's tokens count towards data.max_prompt_len.
   with pytest.raises(data.DataError, match=r"row 1: prompt of 4 tokens .* data\.max_prompt_len=3"):
     data.encode_prompts(CHAT_TOK, ["good"], data.Layout(3, 3, 0, 11, chat=True))
+  with pytest.raises(ValueError, match=r"'truncate' would cut the chat template's start"):
+    data.Layout(3, 3, 0, 11, overflow="truncate", chat=True)
+  strict = build_word_tokenizer(["good"])
+  strict.chat_template = (
+    "{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    "{{ messages[0].content }}"
+  )
+  with pytest.raises(data.DataError, match=r"system_prompt: the tokenizer's template refused: no"):
+    data.encode_prompts(strict, ["good"], data.Layout(6, 3, 0, 1, chat=True, system="be kind"))
   with pytest.raises(
     data.DataError, match=r"data\.chat_template: the tokenizer has no chat template"
   ):

@@ -164,6 +164,15 @@ def test_generation_config_stop_ids_are_read_and_written_with_sampling_defaults(
   with torch.no_grad():
     out = exported.generate(torch.tensor(ids), max_new_tokens=8, pad_token_id=0)
   assert out.shape[1] - ids.shape[1] <= 3 and int(out[0, -1]) in (5, stop)
+  # Repeated ids count once; a file that does not parse, or whose ids are not ids, is skipped
+  # with a warning (transformers skips it too).
+  gen_file = tmp_path / "src" / "generation_config.json"
+  gen_file.write_text(json.dumps({"eos_token_id": [9, 9, 5, 11]}))
+  assert pj.models.from_pretrained(tmp_path / "src").cfg.extra_eos_token_ids == (9, 11)
+  for bad, why in (("{", "not valid JSON"), ('{"eos_token_id": [7, null]}', "not token ids")):
+    gen_file.write_text(bad)
+    with pytest.warns(UserWarning, match=f"generation_config.json: .*{why}.*; ignored"):
+      assert pj.models.from_pretrained(tmp_path / "src").cfg.extra_eos_token_ids == ()
   # A reward model has no generation: no file.
   pj.models.save_pretrained(
     pj.models.from_pretrained(tmp_path / "src", kind="reward"), tmp_path / "rm"

@@ -96,6 +96,9 @@ def test_the_models_other_stop_ids_end_responses_and_count_as_eos():
     m["sample/score"], np.where(stop.any(-1), np.arange(B), np.arange(B) - 2.0)
   )
   assert hp.stop_ids == (EOS, other) and free.stop_ids == ()
+  listed = dataclasses.replace(HP, extra_eos_token_ids=[other, other])  # a jit static: hashable
+  assert listed == dataclasses.replace(HP, extra_eos_token_ids=(other,))
+  assert hash(listed) == hash(dataclasses.replace(HP, extra_eos_token_ids=(other,)))
 
 
 def test_missing_eos_penalty_and_running_score_statistics():

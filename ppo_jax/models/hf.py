@@ -137,24 +137,36 @@ GENERATION_CONFIG = "generation_config.json"
 
 def read_generation_config(folder: str | os.PathLike) -> dict[str, Any] | None:
   """A folder's ``generation_config.json`` (transformers' sampling defaults and stop ids) as a
-  dict, or None when it has none."""
+  dict, or None when it has none. One that does not parse, or whose ``eos_token_id`` is not ids,
+  is skipped with a warning, as transformers skips it."""
   path = pathlib.Path(folder) / GENERATION_CONFIG
   if not path.is_file():
     return None
   try:
     d = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(d, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    problem = f"not valid JSON ({e})"
+  else:
+    ids = _listed(d.get("eos_token_id")) if isinstance(d, dict) else []
+    problem = (
+      f"expected a JSON object, got {type(d).__name__}"
+      if not isinstance(d, dict)
+      else None
+      if all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+      else f"eos_token_id {d['eos_token_id']!r} is not token ids"
+    )
+  if problem:
+    warnings.warn(f"{path}: {problem}; ignored (config.json's ids only)", stacklevel=2)
+    return None
   return d
 
 
 def _with_generation_stop_ids(cfg: ModelConfig, folder: pathlib.Path) -> ModelConfig:
   """``cfg`` with the stop ids ``generation_config.json`` adds to config.json's (Instruct models
   list their end-of-turn token there) as ``extra_eos_token_ids``."""
-  ids = [int(i) for i in _listed((read_generation_config(folder) or {}).get("eos_token_id"))]
-  new = [i for i in ids if i not in (cfg.eos_token_id, *cfg.extra_eos_token_ids)]
+  ids = _listed((read_generation_config(folder) or {}).get("eos_token_id"))
+  own = (cfg.eos_token_id, *cfg.extra_eos_token_ids)
+  new = list(dict.fromkeys(i for i in ids if i not in own))
   if not new:
     return cfg
   if cfg.eos_token_id is None:
@@ -259,9 +271,10 @@ def from_pretrained(
   cfg = ModelConfig.from_hf(
     hf_config, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides
   )
-  cfg = _with_generation_stop_ids(cfg, folder)
   stored_kind = _checkpoint_kind(hf_config)
   kind = kind or stored_kind
+  if kind == "causal_lm":  # reward and value models never generate
+    cfg = _with_generation_stop_ids(cfg, folder)
   if kind not in KINDS:
     raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
   if stored_kind == "reward" and kind == "causal_lm":
