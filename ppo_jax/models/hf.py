@@ -147,18 +147,14 @@ def read_generation_config(folder: str | os.PathLike) -> dict[str, Any] | None:
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     problem = f"not valid JSON ({e})"
   else:
-    ids = _listed(d.get("eos_token_id")) if isinstance(d, dict) else []
-    problem = (
-      f"expected a JSON object, got {type(d).__name__}"
-      if not isinstance(d, dict)
-      else None
-      if all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
-      else f"eos_token_id {d['eos_token_id']!r} is not token ids"
-    )
-  if problem:
-    warnings.warn(f"{path}: {problem}; ignored (config.json's ids only)", stacklevel=2)
-    return None
-  return d
+    if not isinstance(d, dict):
+      problem = f"expected a JSON object, got {type(d).__name__}"
+    elif any(type(i) is not int for i in _listed(d.get("eos_token_id"))):
+      problem = f"eos_token_id {d['eos_token_id']!r} is not token ids"
+    else:
+      return d
+  warnings.warn(f"{path}: {problem}; ignored (config.json's ids only)", stacklevel=2)
+  return None
 
 
 def _with_generation_stop_ids(cfg: ModelConfig, folder: pathlib.Path) -> ModelConfig:
