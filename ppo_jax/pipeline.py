@@ -2,7 +2,8 @@
 
 Each stage writes a Hugging Face folder into the workdir (``sft/``, ``reward_model/``,
 ``policy/``); a stage whose folder already exists is loaded instead of trained again, so a run
-that stopped after its reward model resumes at PPO.
+that stopped after its reward model resumes at PPO (``stage_checkpoints.check_record`` refuses a
+folder trained under another config than the run's).
 """
 
 from __future__ import annotations

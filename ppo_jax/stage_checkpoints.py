@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ppo_jax import sharding as shd
-from ppo_jax.checkpoint import Checkpointer, holds_checkpoints
+from ppo_jax.checkpoint import Checkpointer, config_differences, holds_checkpoints
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -72,9 +72,24 @@ READ_BY = {
 }
 
 
-def stage_fields(name: str) -> tuple[str, ...]:
-  """The config fields (dotted prefixes) a checkpoint of stage ``name`` must agree on."""
-  return (*READ_BY_EVERY_STAGE, f"{name}.", *READ_BY[name])
+def stage_fields(name: str, config: dict | None = None) -> tuple[str, ...]:
+  """The config fields (dotted prefixes) a checkpoint or model folder of stage ``name`` must agree
+  on. With ``config`` (a run's, as a dict), a reward model that starts from the SFT policy
+  (``rm.init='policy'``, the default) also reads SFT's fields."""
+  fields = (*READ_BY_EVERY_STAGE, f"{name}.", *READ_BY[name])
+  if name == "rm" and (config or {}).get("rm", {}).get("init", "policy") == "policy":
+    fields += ("sft.", *READ_BY["sft"])
+  return fields
+
+
+def _config_of(s: Settings) -> dict[str, Any]:
+  return json.loads(s.raw.to_json_best_effort())
+
+
+def _defaults() -> dict[str, Any]:
+  from ppo_jax.config import base_config  # config imports this module
+
+  return json.loads(base_config().to_json_best_effort())
 
 
 @contextlib.contextmanager
@@ -85,14 +100,13 @@ def for_stage(
   the training arrays ``data``, with ``meta`` in their records. SFT's and the reward model's are
   deleted when the stage's folder is written (``drop_checkpoints``), so they skip the save after
   the last step; DPO's stay."""
-  from ppo_jax.config import base_config  # config imports this module
-
+  config = _config_of(s)
   with Checkpointer(pathlib.Path(workdir) / f"{name}_checkpoints", s.checkpoint) as ckpt:
     yield Checkpoints(
       ckpt,
-      json.loads(s.raw.to_json_best_effort()),
-      stage_fields(name),
-      json.loads(base_config().to_json_best_effort()),
+      config,
+      stage_fields(name, config),
+      _defaults(),
       fingerprint=fingerprint(*data),
       save_at_end=name == "dpo",
       meta=meta or {},
@@ -112,4 +126,48 @@ def note_skipped(workdir: pathlib.Path, name: str) -> None:
     print(
       f"note: {directory} holds checkpoints of the {name} stage, which this run skips; they are "
       "left as they are (--noresume refuses a workdir holding them: delete the folder if stale)"
+    )
+
+
+# Beside a finished stage's weights (sft/, reward_model/): the config it was trained under and a
+# digest of its training file, so a later run reuses the folder only if it would train the same.
+STAGE_RECORD = "ppo_jax_stage.json"
+
+
+def file_digest(path: str | pathlib.Path) -> str:
+  """The sha256 of a file's bytes (first 16 hex digits)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      h.update(chunk)
+  return h.hexdigest()[:16]
+
+
+def write_record(out: pathlib.Path, s: Settings, name: str, data_file: str) -> None:
+  """Writes ``out/ppo_jax_stage.json``: stage ``name`` was trained under ``s`` on ``data_file``."""
+  if shd.is_main_process():
+    record = {"stage": name, "config": _config_of(s), "data_digest": file_digest(data_file)}
+    (pathlib.Path(out) / STAGE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def check_record(out: pathlib.Path, s: Settings, name: str, data_file: str | None) -> None:
+  """Refuses (one ValueError line) to reuse the finished stage in ``out`` when this run would
+  train it otherwise: a config field the stage reads differs (``stage_fields``), or its training
+  file's bytes do. A folder without a record (another tool's, or ppo_jax's before records) is
+  reused with a note."""
+  path = pathlib.Path(out) / STAGE_RECORD
+  if not path.is_file():
+    print(f"note: {out} has no record of the config it was trained under; reusing it as it is")
+    return
+  saved = json.loads(path.read_text())
+  config = _config_of(s)
+  diffs = config_differences(
+    saved.get("config", {}), config, defaults=_defaults(), only=stage_fields(name, config)
+  )
+  if data_file and saved.get("data_digest") not in (None, file_digest(data_file)):
+    diffs.append(f"the bytes of {data_file}")
+  if diffs:
+    raise ValueError(
+      f"{out} was trained under another config than this run's ({'; '.join(diffs)}); delete "
+      "that folder to train the stage again, or restore the config"
     )

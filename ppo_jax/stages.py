@@ -170,8 +170,13 @@ def _save(model, out: pathlib.Path, tokenizer: Any, held_out: dict) -> None:
     (out / HELD_OUT).write_text(json.dumps({k: float(v) for k, v in held_out.items()}) + "\n")
 
 
-def _reuse(out: pathlib.Path, **kw) -> tuple[nnx.Module, dict]:
-  """A finished stage's model and held-out metrics (none from before they were saved)."""
+def _reuse(
+  s: Settings, name: str, out: pathlib.Path, data_file: str | None, **kw
+) -> tuple[nnx.Module, dict]:
+  """A finished stage's model and held-out metrics (none from before they were saved), unless
+  this run would have trained it otherwise (``stage_checkpoints.check_record``)."""
+  stage_checkpoints.check_record(out, s, name, data_file)
+  stage_checkpoints.drop_checkpoints(out.parent, name)  # left if a run stopped after the save
   print(f"found {out}: loading it instead of training")
   held_out = json.loads((out / HELD_OUT).read_text()) if (out / HELD_OUT).is_file() else {}
   return from_pretrained(out, **kw), held_out
@@ -201,8 +206,7 @@ def run_sft(
 ) -> tuple[CausalLM, dict]:
   out = workdir / "sft"
   if has_model_folder(out):
-    stage_checkpoints.drop_checkpoints(workdir, "sft")  # left if a run stopped right after the save
-    return _reuse(out, **s.model.numerics())
+    return _reuse(s, "sft", out, inputs.sft, **s.model.numerics())
   if not inputs.sft or s.sft.epochs == 0:
     print("no SFT (no data.sft file, or sft.epochs=0)")
     stage_checkpoints.note_skipped(workdir, "sft")
@@ -226,6 +230,7 @@ def run_sft(
     (lambda i: supervised.sft_batch(eval_set, i), len(eval_set)),
     (train_set.ids, train_set.mask, train_set.response_mask),
     out=out,
+    data_file=inputs.sft,
     tokenizer=inputs.tokenizer,
     seed=s.seed,
     mesh=mesh,
@@ -243,12 +248,14 @@ def _train_and_save(
   data_arrays,
   *,
   out: pathlib.Path,
+  data_file: str,
   tokenizer: Any,
   seed: int,
   mesh=None,
 ) -> tuple[nnx.Module, dict]:
   """``supervised.fit`` of stage ``name`` (checkpointed over ``data_arrays``, the training
-  arrays), its model saved to ``out``, then its checkpoints dropped."""
+  arrays, read from ``data_file``), its model saved to ``out`` with the record of how it was
+  trained, then its checkpoints dropped."""
   workdir = out.parent
   graphdef, params = nnx.split(model)
   with stage_checkpoints.for_stage(s, workdir, name, *data_arrays) as checkpoints:
@@ -268,6 +275,7 @@ def _train_and_save(
     )
   model = nnx.merge(graphdef, params)
   _save(model, out, tokenizer, held_out)
+  stage_checkpoints.write_record(out, s, name, data_file)
   stage_checkpoints.drop_checkpoints(workdir, name)
   return model, held_out
 
@@ -316,8 +324,7 @@ def run_reward_model(
   if not s.rm_run.enabled:
     return None, {}
   if has_model_folder(out):
-    stage_checkpoints.drop_checkpoints(workdir, "rm")
-    return _reuse(out, kind="reward", **kw)
+    return _reuse(s, "rm", out, inputs.preferences, kind="reward", **kw)
   if not inputs.preferences:
     raise ValueError("config.rm.enabled=True needs config.data.preferences=FILE.jsonl")
   train_pairs, eval_pairs = load_preference_split(inputs, layout, s.rm.eval_fraction, s.seed)
@@ -334,6 +341,7 @@ def run_reward_model(
     (lambda i: supervised.pair_batch(eval_pairs, i), len(eval_pairs[0])),
     [x for seqs in train_pairs for x in (seqs.ids, seqs.mask)],
     out=out,
+    data_file=inputs.preferences,
     tokenizer=inputs.tokenizer,
     seed=s.seed + 1,
     mesh=mesh,

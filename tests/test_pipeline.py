@@ -491,6 +491,26 @@ def test_a_skipped_stage_names_the_checkpoints_it_leaves(tmp_path, capsys):
   assert (tmp_path / "sft_checkpoints" / "40").is_dir() and (tmp_path / "rm_checkpoints").is_dir()
 
 
+def test_a_finished_stage_is_reused_only_under_its_own_config(smoke_run, tmp_path):
+  """sft/ and reward_model/ carry the config they were trained under: a run that would train them
+  otherwise refuses in one line, before any training, and deletes nothing."""
+  workdir = reuse_stages(smoke_run[0], tmp_path / "changed")
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+  for overrides, refused in [
+    ({"sft__optim__lr": 3e-4}, r"sft was trained under .*\(sft\.optim\.lr: 0\.01 → 0\.0003\)"),
+    (
+      {"task__label_noise": 0.3},
+      r"reward_model was trained under .*\(task\.label_noise: 0\.2 → 0\.3; the bytes of .*"
+      r"preferences\.jsonl\)",
+    ),
+    ({"rm__epochs": 3.0}, r"reward_model was trained under .*\(rm\.epochs: "),
+  ]:
+    with pytest.raises(ValueError, match=refused) as err:
+      pipeline.run(smoke_config(**overrides), workdir)
+    assert "\n" not in str(err.value) and "delete that folder" in str(err.value)
+  assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+
+
 def test_a_summary_without_scores_says_why(capsys):
   """DPO with no held-out prompts has no before/after scores: one line says so, not an empty
   table under a header."""

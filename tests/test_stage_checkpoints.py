@@ -27,15 +27,15 @@ def test_the_fingerprint_tells_values_dtypes_and_shapes_apart():
 @pytest.mark.parametrize(
   "field,refused_by",
   [
-    ("data.sft", {"sft"}),
+    ("data.sft", {"sft", "rm"}),  # the reward model starts from the SFT policy
     ("data.preferences", {"rm", "dpo"}),
     ("data.prompts", {"dpo"}),  # DPO samples its evaluations on them
     ("data.max_response_len", {"sft", "rm", "dpo"}),  # the rows' layout
-    ("sft.batch_size", {"sft", "dpo"}),  # DPO's reference is the SFT policy
+    ("sft.batch_size", {"sft", "rm", "dpo"}),  # DPO's reference is the SFT policy
     ("ppo.temperature", {"dpo"}),  # DPO's evaluation sampler
     ("task.num_pairs", {"rm", "dpo"}),  # the synthetic task's preference pairs
     ("task.label_noise", {"rm", "dpo"}),
-    ("task.num_sft", {"sft"}),
+    ("task.num_sft", {"sft", "rm"}),
     ("task.num_prompts", {"dpo"}),
     ("task.gold", {"dpo"}),  # scores DPO's evaluations
     ("task.name", {"sft", "rm", "dpo"}),
@@ -49,6 +49,40 @@ def test_a_stage_resumes_after_changes_to_fields_it_does_not_read(field, refused
   node = now[section[0]] if section else now
   node[name] = "other.jsonl" if name in ("sft", "preferences", "prompts") else 3
   for stage in ("sft", "rm", "dpo"):
-    diffs = config_differences(saved, now, only=stage_checkpoints.stage_fields(stage))
+    diffs = config_differences(saved, now, only=stage_checkpoints.stage_fields(stage, now))
     assert bool(diffs) == (stage in refused_by), (stage, diffs)
     assert all(d.startswith(f"{field}: ") for d in diffs)
+  # A reward model from scratch does not read SFT's fields.
+  saved["rm"]["init"] = now["rm"]["init"] = "scratch"
+  diffs = config_differences(saved, now, only=stage_checkpoints.stage_fields("rm", now))
+  from_sft = field in ("data.sft", "sft.batch_size", "task.num_sft")
+  assert bool(diffs) == ("rm" in refused_by and not from_sft), diffs
+
+
+def test_a_finished_stage_names_what_it_was_trained_on(tmp_path, capsys):
+  """The record beside sft/ refuses a changed training file (its bytes) and a changed field the
+  stage reads; a folder without a record is reused with a note."""
+  from conftest import smoke_config
+
+  from ppo_jax.config import Settings
+
+  s = Settings.from_config(smoke_config())
+  data = tmp_path / "sft.jsonl"
+  data.write_text('{"prompt": "a", "response": "b"}\n')
+  out = tmp_path / "sft"
+  out.mkdir()
+  stage_checkpoints.check_record(out, s, "sft", str(data))
+  assert capsys.readouterr().out.startswith(f"note: {out} has no record of the config")
+  stage_checkpoints.write_record(out, s, "sft", str(data))
+  stage_checkpoints.check_record(out, s, "sft", str(data))  # the same: reused
+  stage_checkpoints.check_record(
+    out, Settings.from_config(smoke_config(ppo__kl_coef=0.5)), "sft", str(data)
+  )
+  data.write_text('{"prompt": "a", "response": "c"}\n')
+  with pytest.raises(
+    ValueError, match=rf"^{out} was trained under .*\(the bytes of {data}\); delete"
+  ):
+    stage_checkpoints.check_record(out, s, "sft", str(data))
+  changed = Settings.from_config(smoke_config(data__max_prompt_len=24))
+  with pytest.raises(ValueError, match=r"\(data\.max_prompt_len: \d+ → 24; the bytes of "):
+    stage_checkpoints.check_record(out, changed, "sft", str(data))
