@@ -6,6 +6,10 @@ Formats (one JSON object per line; other fields are ignored):
 - SFT pairs: ``{"prompt": str, "response": str}``
 - preference pairs: ``{"prompt": str, "chosen": str, "rejected": str}``
 
+or, with ``Layout.chat``, the conversational forms of chat datasets (lists of ``{"role",
+"content"}`` messages: ``{"messages": [...]}``, ``{"prompt": [...], "completion": [...]}``,
+implicit-prompt preference pairs; ``ppo_jax.conversations``).
+
 Every sequence has one layout: the prompt left-padded to ``P`` tokens, then the response
 right-padded to ``R`` tokens (EOS appended), ``[B, P + R]`` with an attention mask; positions come
 from the mask. Prompts get the tokenizer's special tokens (e.g. BOS), responses do not. With
@@ -25,11 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from ppo_jax import conversations
+from ppo_jax.conversations import DataError, Prompt
+
 OVERFLOW = ("error", "truncate")
-
-
-class DataError(ValueError):
-  """Bad input data; the message names the file and line."""
 
 
 def read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[str, str]]:
@@ -37,6 +40,24 @@ def read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[str,
 
   Raises:
     DataError: naming the file and line of the first malformed row.
+  """
+  rows = []
+  for where, row in read_objects(path):
+    for name in fields:
+      if name not in row:
+        raise DataError(f"{where}: missing field {name!r} (expected {list(fields)})")
+      if not isinstance(row[name], str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(row[name]).__name__}")
+    rows.append({name: row[name] for name in fields})
+  return rows
+
+
+def read_objects(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+  """``("FILE:LINE", object)`` of each non-blank line of a JSONL file.
+
+  Raises:
+    DataError: naming the file and line of the first line that is not a JSON object, or the
+      file when it has none.
   """
   path = pathlib.Path(path)
   if path.is_dir():
@@ -60,14 +81,7 @@ def read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[str,
         raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
       if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-      for name in fields:
-        if name not in row:
-          raise DataError(f"{path}:{lineno}: missing field {name!r} (expected {list(fields)})")
-        if not isinstance(row[name], str):
-          raise DataError(
-            f"{path}:{lineno}: field {name!r} must be a string, got {type(row[name]).__name__}"
-          )
-      rows.append({name: row[name] for name in fields})
+      rows.append((f"{path}:{lineno}", row))
   if not rows:
     raise DataError(f"{path}: no rows")
   return rows
@@ -98,16 +112,19 @@ class Layout:
 
 
 def encode_prompts(
-  tokenizer: Any, texts: Sequence[str], layout: Layout, *, source: str = "prompts"
+  tokenizer: Any, prompts: Sequence[Prompt], layout: Layout, *, source: str = "prompts"
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Left-padded prompt ids and mask ``[N, P]`` (int32)."""
+  """Left-padded prompt ids and mask ``[N, P]`` (int32) of texts, or (with ``layout.chat``) of
+  texts and conversations."""
   P = layout.prompt_len
-  ids = np.full((len(texts), P), layout.pad_id, np.int32)
-  mask = np.zeros((len(texts), P), np.int32)
+  ids = np.full((len(prompts), P), layout.pad_id, np.int32)
+  mask = np.zeros((len(prompts), P), np.int32)
   if layout.chat:  # the template writes the special tokens it wants (BOS, turn headers)
-    encoded = tokenizer(chat_prompts(tokenizer, texts, layout.system), add_special_tokens=False)
+    encoded = tokenizer(chat_prompts(tokenizer, prompts, layout.system), add_special_tokens=False)
   else:
-    encoded = tokenizer(list(texts), add_special_tokens=True)
+    if any(conversations.is_conversation(p) for p in prompts):
+      raise DataError(f"{source}: conversations (lists of messages) need data.chat_template=True")
+    encoded = tokenizer(list(prompts), add_special_tokens=True)
   encoded = encoded["input_ids"]
   for i, toks in enumerate(encoded):
     if len(toks) > P:
@@ -123,21 +140,26 @@ def encode_prompts(
   return ids, mask
 
 
-def chat_prompts(tokenizer: Any, texts: Sequence[str], system: str | None = None) -> list[str]:
-  """Each text as a user turn (after a ``system`` turn, if given) in the tokenizer's chat template,
-  ending with the assistant's header (``add_generation_prompt``)."""
+def chat_prompts(tokenizer: Any, prompts: Sequence[Prompt], system: str | None = None) -> list[str]:
+  """Each prompt in the tokenizer's chat template, ending with the assistant's header
+  (``add_generation_prompt``): a text as a user turn, a conversation as it is; a ``system``
+  turn goes first where the conversation has none of its own."""
   if not getattr(tokenizer, "chat_template", None):
     raise DataError(
       "data.chat_template: the tokenizer has no chat template (tokenizer_config.json or "
       "chat_template.jinja of its folder sets none)"
     )
   head = [{"role": "system", "content": system}] if system is not None else []
+
+  def turns(p: Prompt) -> list[conversations.Message]:
+    if isinstance(p, str):
+      return [*head, {"role": "user", "content": p}]
+    return p if p[0]["role"] == "system" else [*head, *p]
+
   try:
     return [
-      tokenizer.apply_chat_template(
-        [*head, {"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
-      )
-      for t in texts
+      tokenizer.apply_chat_template(turns(p), tokenize=False, add_generation_prompt=True)
+      for p in prompts
     ]
   except Exception as e:  # jinja2's TemplateError, or what the template raises itself
     what = "data.system_prompt: " if system is not None else ""
@@ -178,7 +200,12 @@ class Sequences:
 
 
 def encode_pairs(
-  tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], layout: Layout, *, source: str
+  tokenizer: Any,
+  prompts: Sequence[Prompt],
+  responses: Sequence[str],
+  layout: Layout,
+  *,
+  source: str,
 ) -> Sequences:
   """Prompt/response pairs in the sequence layout."""
   p_ids, p_mask = encode_prompts(tokenizer, prompts, layout, source=source)
@@ -191,29 +218,41 @@ def encode_pairs(
   )
 
 
+def _read(path, layout: Layout, parse) -> list[tuple]:
+  """``parse(row, where)`` of each row, refusing conversations without ``layout.chat``."""
+  out = []
+  for where, row in read_objects(path):
+    parsed = parse(row, where)
+    if not layout.chat and conversations.is_conversation(parsed[0]):
+      raise DataError(f"{where}: a conversation (a list of messages) needs data.chat_template=True")
+    out.append(parsed)
+  return out
+
+
 def load_prompts(path, tokenizer, layout: Layout) -> tuple[list[str], np.ndarray, np.ndarray]:
-  texts = [r["prompt"] for r in read_jsonl(path, ["prompt"])]
-  ids, mask = encode_prompts(tokenizer, texts, layout, source=str(path))
+  """``(texts, ids, mask)``: the prompts as reward functions and sample tables see them (as
+  written; a conversation as the chat template writes it out, the text the policy reads) and
+  their ``encode_prompts`` arrays."""
+  prompts = [p for (p,) in _read(path, layout, lambda r, w: (conversations.prompt_row(r, w),))]
+  ids, mask = encode_prompts(tokenizer, prompts, layout, source=str(path))
+  texts = [
+    p if isinstance(p, str) else chat_prompts(tokenizer, [p], layout.system)[0] for p in prompts
+  ]
   return texts, ids, mask
 
 
 def load_sft(path, tokenizer, layout: Layout) -> Sequences:
-  rows = read_jsonl(path, ["prompt", "response"])
-  return encode_pairs(
-    tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], layout, source=str(path)
-  )
+  prompts, responses = zip(*_read(path, layout, conversations.sft_row), strict=True)
+  return encode_pairs(tokenizer, prompts, responses, layout, source=str(path))
 
 
 def load_preferences(path, tokenizer, layout: Layout) -> tuple[Sequences, Sequences]:
   """(chosen, rejected) sequences, row-aligned."""
-  rows = read_jsonl(path, ["prompt", "chosen", "rejected"])
-  if all(r["chosen"] == r["rejected"] for r in rows):
+  prompts, good, bad = zip(*_read(path, layout, conversations.preference_row), strict=True)
+  if good == bad:
     raise DataError(f"{path}: every pair has chosen == rejected: there is no preference to learn")
-  prompts = [r["prompt"] for r in rows]
-  chosen = encode_pairs(tokenizer, prompts, [r["chosen"] for r in rows], layout, source=str(path))
-  rejected = encode_pairs(
-    tokenizer, prompts, [r["rejected"] for r in rows], layout, source=str(path)
-  )
+  chosen = encode_pairs(tokenizer, prompts, good, layout, source=str(path))
+  rejected = encode_pairs(tokenizer, prompts, bad, layout, source=str(path))
   return chosen, rejected
 
 

@@ -46,7 +46,8 @@ CHAT_TOK = build_word_tokenizer(
   ["good", "film", "bad", "plot", "<sys>", "<user>", "<bot>", "<end>"]
 )
 CHAT_TOK.chat_template = (  # ids: <sys> 8, <user> 9, <bot> 10, <end> 11
-  "{% for m in messages %}<{{ 'sys' if m.role == 'system' else m.role }}> {{ m.content }} <end> "
+  "{% for m in messages %}<{{ {'system': 'sys', 'assistant': 'bot'}.get(m.role, m.role) }}> "
+  "{{ m.content }} <end> "
   "{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
 )
 
@@ -77,6 +78,133 @@ def test_chat_template_wraps_prompts_and_the_response_closes_the_turn(tmp_path):
     data.DataError, match=r"data\.chat_template: the tokenizer has no chat template"
   ):
     data.encode_prompts(TOK, ["good"], data.Layout(6, 3, 0, 1, chat=True))
+
+
+CHAT = data.Layout(prompt_len=12, response_len=3, pad_id=0, eos_id=11, chat=True)
+USER = lambda text: {"role": "user", "content": text}
+BOT = lambda text: {"role": "assistant", "content": text}
+
+
+def _arrays(seqs):
+  return seqs.ids.tolist(), seqs.mask.tolist(), seqs.response_mask.tolist()
+
+
+def test_conversations_encode_as_the_texts_they_hold(tmp_path):
+  """Each conversational form of an SFT row gives the arrays of its plain form; an earlier turn
+  stays in the prompt, the last assistant message is the response."""
+  plain = data.load_sft(
+    _jsonl(tmp_path / "a.jsonl", [{"prompt": "good", "response": "bad"}]), CHAT_TOK, CHAT
+  )
+  for row in [
+    {"messages": [USER("good"), BOT("bad")]},
+    {"prompt": [USER("good")], "completion": [BOT("bad")]},
+    {"prompt": "good", "completion": [BOT("bad")]},
+    {"prompt": [USER("good")], "response": "bad"},
+  ]:
+    assert _arrays(data.load_sft(_jsonl(tmp_path / "b.jsonl", [row]), CHAT_TOK, CHAT)) == _arrays(
+      plain
+    ), row
+  turns = [{"messages": [USER("good"), BOT("film"), USER("plot"), BOT("bad")]}]
+  seqs = data.load_sft(_jsonl(tmp_path / "c.jsonl", turns), CHAT_TOK, CHAT)
+  # <user> good <end> <bot> film <end> <user> plot <end> <bot> | bad <end>
+  assert seqs.ids[0, :12].tolist() == [0, 0, 9, 4, 11, 10, 5, 11, 9, 7, 11, 10]
+  assert seqs.ids[0, 12:].tolist() == [6, 11, 0]
+
+
+def test_preference_conversations_with_and_without_a_prompt_field(tmp_path):
+  plain = [{"prompt": "good", "chosen": "film", "rejected": "bad"}]
+  explicit = [{"prompt": [USER("good")], "chosen": [BOT("film")], "rejected": [BOT("bad")]}]
+  implicit = [{"chosen": [USER("good"), BOT("film")], "rejected": [USER("good"), BOT("bad")]}]
+  want = [
+    _arrays(x) for x in data.load_preferences(_jsonl(tmp_path / "p.jsonl", plain), CHAT_TOK, CHAT)
+  ]
+  for rows in (explicit, implicit):
+    got = data.load_preferences(_jsonl(tmp_path / "q.jsonl", rows), CHAT_TOK, CHAT)
+    assert [_arrays(x) for x in got] == want
+  apart = [{"chosen": [USER("good"), BOT("film")], "rejected": [USER("plot"), BOT("bad")]}]
+  with pytest.raises(data.DataError, match=r"q\.jsonl:1: 'chosen' and 'rejected' differ before"):
+    data.load_preferences(_jsonl(tmp_path / "q.jsonl", apart), CHAT_TOK, CHAT)
+
+
+def test_prompt_conversations_read_as_the_template_writes_them(tmp_path):
+  rows = [
+    {"messages": [USER("good"), BOT("film"), USER("plot")]},
+    {"prompt": [USER("bad")]},
+    {"prompt": "bad"},
+  ]
+  texts, ids, mask = data.load_prompts(_jsonl(tmp_path / "p.jsonl", rows), CHAT_TOK, CHAT)
+  assert texts == [
+    "<user> good <end> <bot> film <end> <user> plot <end> <bot>",
+    "<user> bad <end> <bot>",
+    "bad",
+  ]
+  assert ids[0].tolist() == [0, 0, 9, 4, 11, 10, 5, 11, 9, 7, 11, 10]
+  np.testing.assert_array_equal(ids[1], ids[2])
+  np.testing.assert_array_equal(mask[1], mask[2])
+  # data.system_prompt goes first unless the conversation has a system turn of its own.
+  system = data.Layout(12, 3, 0, 11, chat=True, system="film")
+  own = [
+    {"prompt": [{"role": "system", "content": "plot"}, USER("good")]},
+    {"prompt": [USER("good")]},
+  ]
+  texts = data.load_prompts(_jsonl(tmp_path / "s.jsonl", own), CHAT_TOK, system)[0]
+  assert texts == [
+    "<sys> plot <end> <user> good <end> <bot>",
+    "<sys> film <end> <user> good <end> <bot>",
+  ]
+
+
+@pytest.mark.parametrize(
+  "loader,row,message",
+  [
+    ("prompts", {"prompt": [USER("good"), BOT("film")]}, r"prompt ends with an assistant message"),
+    ("prompts", {"messages": []}, r"field 'messages' must be a string or a non-empty list"),
+    (
+      "prompts",
+      {"prompt": [{"role": "user"}]},
+      r"prompt\[1\] \(user\) must have a string 'content'",
+    ),
+    (
+      "prompts",
+      {"prompt": [{"content": "good"}]},
+      r"prompt\[1\] must be an object with a string 'role'",
+    ),
+    ("prompts", {"text": "good"}, r"missing field 'prompt' \(expected 'prompt', or 'messages'\)"),
+    ("sft", {"messages": [BOT("film")]}, r"messages must end with an assistant message after"),
+    (
+      "sft",
+      {"messages": [USER("good"), USER("film")]},
+      r"messages must end .* got roles \['user', 'user'\]",
+    ),
+    ("sft", {"prompt": "good", "completion": [USER("film")]}, r"completion must be one assistant"),
+    ("sft", {"prompt": "good"}, r"missing field 'response' \(expected 'prompt' and 'response'"),
+    (
+      "pairs",
+      {"chosen": "film", "rejected": "bad"},
+      r"missing field 'prompt' \(expected 'prompt', 'chosen'",
+    ),
+    (
+      "pairs",
+      {"prompt": "good", "chosen": [BOT("a"), BOT("b")], "rejected": "bad"},
+      r"chosen must be one assistant message, got roles \['assistant', 'assistant'\]",
+    ),
+  ],
+)
+def test_bad_conversations_are_named_with_their_line(tmp_path, loader, row, message):
+  path = _jsonl(tmp_path / "f.jsonl", [row])
+  load = {"prompts": data.load_prompts, "sft": data.load_sft, "pairs": data.load_preferences}
+  with pytest.raises(data.DataError, match=rf"f\.jsonl:1: {message}"):
+    load[loader](path, CHAT_TOK, CHAT)
+
+
+def test_a_conversation_needs_the_chat_template(tmp_path):
+  path = _jsonl(tmp_path / "f.jsonl", [{"prompt": "good"}, {"messages": [USER("good")]}])
+  with pytest.raises(
+    data.DataError, match=r"f\.jsonl:2: a conversation .* needs data\.chat_template=True"
+  ):
+    data.load_prompts(path, TOK, LAYOUT)
+  with pytest.raises(data.DataError, match=r"conversations .* need data\.chat_template=True"):
+    data.encode_prompts(TOK, [[USER("good")]], LAYOUT)
 
 
 def test_a_leading_byte_order_mark_is_accepted(tmp_path):

@@ -528,8 +528,9 @@ def test_a_summary_without_scores_says_why(capsys):
 
 def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
   """`model.init` = a Qwen3 folder (per-head q/k norms, GQA, head_dim ≠ hidden/heads, untied),
-  with its tokenizer (and chat template) and JSONL data: SFT → reward model → PPO run on chat
-  prompts, and the exported policy is a Qwen3 that transformers loads with ppo_jax's logits."""
+  with its tokenizer (and chat template) and JSONL data (SFT and preference rows as
+  conversations): SFT → reward model → PPO run on chat prompts, and the exported policy is a
+  Qwen3 that transformers loads with ppo_jax's logits."""
   import tiny_hf
 
   from ppo_jax.tokenizer import build_word_tokenizer
@@ -547,10 +548,18 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
   (folder / "generation_config.json").write_text(json.dumps(defaults))
   rng = np.random.default_rng(0)
   line = lambda n: " ".join(rng.choice(words[:20], n))
+  turn = lambda role, n: {"role": role, "content": line(n)}
+  # SFT and preference rows in the conversational forms of chat datasets.
   files = {
     "prompts": [{"prompt": line(4)} for _ in range(64)],
-    "sft": [{"prompt": line(4), "response": line(6)} for _ in range(64)],
-    "preferences": [{"prompt": line(4), "chosen": line(5), "rejected": line(5)} for _ in range(64)],
+    "sft": [{"messages": [turn("user", 4), turn("assistant", 6)]} for _ in range(64)],
+    "preferences": [
+      {
+        "chosen": [user := turn("user", 4), turn("assistant", 5)],
+        "rejected": [user, turn("assistant", 5)],
+      }
+      for _ in range(64)
+    ],
   }
   for name, rows in files.items():
     (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
