@@ -56,6 +56,8 @@ class DataSettings:
   eval_prompts: int = 256  # held-out prompts for the before/after evaluation
   chat_template: bool = False  # each prompt as a user turn of the tokenizer's chat template
   system_prompt: str | None = None  # with chat_template: a system turn before each prompt
+  # With chat_template: the template's own variables, a JSON object ('{"enable_thinking": false}')
+  chat_template_kwargs: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ppo_jax.config import ARCHS, CRITIC_INITS, TASKS
-from ppo_jax.data import OVERFLOW
+from ppo_jax.data import OVERFLOW, template_kwargs
 from ppo_jax.models.config import ATTENTION, DTYPES, REMAT, lora_problems
 
 if TYPE_CHECKING:
@@ -56,6 +56,10 @@ def check_settings(s: Settings) -> None:
       raise ValueError(f"config.{field}: must be ≥ {low}, got {value}")
   if (kv := s.raw.model.num_kv_heads) is not None and kv < 1:
     raise ValueError(f"config.model.num_kv_heads: must be ≥ 1 (none: num_heads), got {kv}")
+  try:
+    template_kwargs(s.data.chat_template_kwargs)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
   trains_rm = s.algo != "dpo" and s.rm_run.enabled and not s.reward.model
   needs_pairs = s.algo == "dpo" or trains_rm
   checks = [
@@ -90,6 +94,10 @@ def check_settings(s: Settings) -> None:
       s.data.system_prompt is None or s.data.chat_template,
       "config.data.system_prompt: needs config.data.chat_template=True (only a chat template has "
       "a system turn)",
+    ),
+    (
+      s.data.chat_template_kwargs is None or s.data.chat_template,
+      "config.data.chat_template_kwargs: needs config.data.chat_template=True",
     ),
     (
       s.log.samples_every >= 0,

@@ -98,6 +98,7 @@ class Layout:
   overflow: str = "error"  # prompts longer than P: error | truncate (keep the last P tokens)
   chat: bool = False  # prompts as a user turn of the tokenizer's chat template
   system: str | None = None  # with ``chat``: a system turn before each prompt
+  chat_kwargs: str | None = None  # with ``chat``: the template's variables, a JSON object
 
   def __post_init__(self):
     if self.overflow not in OVERFLOW:
@@ -109,6 +110,27 @@ class Layout:
         "data.prompt_overflow='truncate' would cut the chat template's start (BOS, the turn "
         "headers) with data.chat_template: raise data.max_prompt_len or shorten the prompts"
       )
+    template_kwargs(self.chat_kwargs)
+
+
+def template_kwargs(text: str | None) -> dict[str, Any]:
+  """``data.chat_template_kwargs`` (a JSON object, or None) as keyword arguments of the template.
+
+  Raises:
+    ValueError: naming the field, when ``text`` is not a JSON object.
+  """
+  if text is None:
+    return {}
+  try:
+    kwargs = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"data.chat_template_kwargs: not valid JSON ({e.msg}): {text!r}") from None
+  if not isinstance(kwargs, dict):
+    raise ValueError(
+      f'data.chat_template_kwargs: expected a JSON object such as \'{{"enable_thinking": '
+      f"false}}', got {text!r}"
+    )
+  return kwargs
 
 
 def encode_prompts(
@@ -120,7 +142,8 @@ def encode_prompts(
   ids = np.full((len(prompts), P), layout.pad_id, np.int32)
   mask = np.zeros((len(prompts), P), np.int32)
   if layout.chat:  # the template writes the special tokens it wants (BOS, turn headers)
-    encoded = tokenizer(chat_prompts(tokenizer, prompts, layout.system), add_special_tokens=False)
+    texts = chat_prompts(tokenizer, prompts, layout.system, template_kwargs(layout.chat_kwargs))
+    encoded = tokenizer(texts, add_special_tokens=False)
   else:
     if any(conversations.is_conversation(p) for p in prompts):
       raise DataError(f"{source}: conversations (lists of messages) need data.chat_template=True")
@@ -140,10 +163,16 @@ def encode_prompts(
   return ids, mask
 
 
-def chat_prompts(tokenizer: Any, prompts: Sequence[Prompt], system: str | None = None) -> list[str]:
+def chat_prompts(
+  tokenizer: Any,
+  prompts: Sequence[Prompt],
+  system: str | None = None,
+  kwargs: dict[str, Any] | None = None,
+) -> list[str]:
   """Each prompt in the tokenizer's chat template, ending with the assistant's header
   (``add_generation_prompt``): a text as a user turn, a conversation as it is; a ``system``
-  turn goes first where the conversation has none of its own."""
+  turn goes first where the conversation has none of its own. ``kwargs`` are the template's
+  own variables (Qwen3's ``enable_thinking``, say)."""
   if not getattr(tokenizer, "chat_template", None):
     raise DataError(
       "data.chat_template: the tokenizer has no chat template (tokenizer_config.json or "
@@ -158,7 +187,9 @@ def chat_prompts(tokenizer: Any, prompts: Sequence[Prompt], system: str | None =
 
   try:
     return [
-      tokenizer.apply_chat_template(turns(p), tokenize=False, add_generation_prompt=True)
+      tokenizer.apply_chat_template(
+        turns(p), tokenize=False, add_generation_prompt=True, **(kwargs or {})
+      )
       for p in prompts
     ]
   except Exception as e:  # jinja2's TemplateError, or what the template raises itself
@@ -236,7 +267,10 @@ def load_prompts(path, tokenizer, layout: Layout) -> tuple[list[str], np.ndarray
   prompts = [p for (p,) in _read(path, layout, lambda r, w: (conversations.prompt_row(r, w),))]
   ids, mask = encode_prompts(tokenizer, prompts, layout, source=str(path))
   texts = [
-    p if isinstance(p, str) else chat_prompts(tokenizer, [p], layout.system)[0] for p in prompts
+    p
+    if isinstance(p, str)
+    else chat_prompts(tokenizer, [p], layout.system, template_kwargs(layout.chat_kwargs))[0]
+    for p in prompts
   ]
   return texts, ids, mask
 

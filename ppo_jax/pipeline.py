@@ -274,6 +274,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     s.data.prompt_overflow,
     s.data.chat_template,
     s.data.system_prompt,
+    s.data.chat_template_kwargs,
   )
   texts, ids, mask = data.load_prompts(inputs.prompts, tok, layout)
   n_eval = min(s.data.eval_prompts, len(texts) // 4)

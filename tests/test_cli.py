@@ -81,6 +81,20 @@ def _cli(*args):
       ],
       "config.data.prompt_overflow='truncate' would cut the chat template's start",
     ),
+    (
+      '--config.data.chat_template_kwargs={"enable_thinking": false}',
+      "config.data.chat_template_kwargs: needs config.data.chat_template=True",
+    ),
+    (
+      [
+        "--config.task.name=files",
+        "--config.data.prompts=p.jsonl",
+        "--config.model.tokenizer=t",
+        "--config.data.chat_template=True",
+        "--config.data.chat_template_kwargs={enable_thinking: false}",
+      ],
+      "config.data.chat_template_kwargs: not valid JSON (Expecting property name enclosed in",
+    ),
     ("--config.ppo.extra_eos_token_ids=(3,)", "'ppo.extra_eos_token_ids' is not set by the config"),
     ("--config.ppo.kl_mode=loss", "config.ppo.kl_kind: k1 as a loss term (kl_mode loss) has no"),
     (

@@ -280,3 +280,18 @@ def test_preferences_with_no_preference_are_refused(tmp_path):
   one_tie = [*same[:1], {"prompt": "good", "chosen": "film", "rejected": "bad plot"}]
   chosen, rejected = data.load_preferences(_jsonl(tmp_path / "p2.jsonl", one_tie), TOK, LAYOUT)
   assert len(chosen) == len(rejected) == 2  # a tie among real pairs is harmless
+
+
+def test_the_templates_own_variables_reach_it():
+  """data.chat_template_kwargs, Qwen3's enable_thinking say: an empty thought after the header."""
+  tok = build_word_tokenizer(["good", "<user>", "<bot>", "<think>", "</think>"])
+  tok.chat_template = (  # ids: good 4, <user> 5, <bot> 6, <think> 7, </think> 8
+    "{% for m in messages %}<user> {{ m.content }} {% endfor %}<bot>"
+    "{% if enable_thinking is defined and not enable_thinking %} <think> </think>{% endif %}"
+  )
+  plain = data.Layout(6, 3, 0, 1, chat=True)
+  no_thinking = data.Layout(6, 3, 0, 1, chat=True, chat_kwargs='{"enable_thinking": false}')
+  assert data.encode_prompts(tok, ["good"], plain)[0].tolist() == [[0, 0, 0, 5, 4, 6]]
+  assert data.encode_prompts(tok, ["good"], no_thinking)[0].tolist() == [[0, 5, 4, 6, 7, 8]]
+  with pytest.raises(ValueError, match=r"chat_template_kwargs: expected a JSON object such as"):
+    data.Layout(6, 3, 0, 1, chat=True, chat_kwargs="[1]")
