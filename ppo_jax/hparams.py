@@ -120,8 +120,9 @@ class PPOHparams:
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
-    """Every id a response stops at: ``eos_token_id`` then ``extra_eos_token_ids``."""
-    return () if self.eos_token_id is None else (self.eos_token_id, *self.extra_eos_token_ids)
+    """Every id a response stops at: ``eos_token_id`` (if any) then ``extra_eos_token_ids``."""
+    head = () if self.eos_token_id is None else (self.eos_token_id,)
+    return tuple(dict.fromkeys((*head, *self.extra_eos_token_ids)))
 
   def minibatch_layout(self, batch_size: int) -> tuple[int, int]:
     """``(minibatch size, micro-batches per minibatch)`` for a rollout of ``batch_size``."""

@@ -96,6 +96,9 @@ def test_the_models_other_stop_ids_end_responses_and_count_as_eos():
     m["sample/score"], np.where(stop.any(-1), np.arange(B), np.arange(B) - 2.0)
   )
   assert hp.stop_ids == (EOS, other) and free.stop_ids == ()
+  # Without an EOS the extra ids still stop; one equal to the EOS is listed once.
+  assert dataclasses.replace(free, extra_eos_token_ids=(other,)).stop_ids == (other,)
+  assert dataclasses.replace(HP, extra_eos_token_ids=(other, EOS)).stop_ids == (EOS, other)
   listed = dataclasses.replace(HP, extra_eos_token_ids=[other, other])  # a jit static: hashable
   assert listed == dataclasses.replace(HP, extra_eos_token_ids=(other,))
   assert hash(listed) == hash(dataclasses.replace(HP, extra_eos_token_ids=(other,)))
