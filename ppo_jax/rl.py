@@ -48,6 +48,23 @@ class Prompts:
     return len(self.texts)
 
 
+def _note_stop_ids(saved: dict, now: tuple[int, ...]) -> None:
+  """Says so when a resumed run's responses stop at other ids than its checkpoint's did (its
+  record's ``stop_ids``; from before they were recorded, the policy config's EOS ids): a run
+  saved before ppo_jax read generation_config.json, say."""
+  then = saved.get("stop_ids")
+  if then is None and "model_config" in saved:
+    cfg = saved["model_config"]
+    then = [
+      i for i in (cfg.get("eos_token_id"), *cfg.get("extra_eos_token_ids", ())) if i is not None
+    ]
+  if then is not None and list(dict.fromkeys(then)) != list(now):
+    say(
+      f"note: the checkpoint's responses stopped at token ids {list(dict.fromkeys(then))}; from "
+      f"here they stop at {list(now)} (the policy checkpoint's and its generation_config.json's)"
+    )
+
+
 def decode_responses(tokenizer: Any, tokens_BxN, mask_BxN) -> list[str]:
   """Response texts without padding or special tokens."""
   tokens, mask = np.asarray(tokens_BxN), np.asarray(mask_BxN)
@@ -272,7 +289,7 @@ def run_ppo(
     state_sh = placement.state
     frozen = shd.place(frozen, placement.frozen)
   fns = rollout.make_step_fns(models, tx, hp, learning_rate(optim, policy_updates), placement)
-  record = dict(record or {})
+  record = {**(record or {}), "stop_ids": list(hp.stop_ids)}
 
   resumed = None
   if checkpointer is not None and checkpointer.latest_step() is not None:
@@ -283,6 +300,7 @@ def run_ppo(
     resumed = checkpointer.resume(like, record, iterations, config_defaults)
   if resumed:
     state, saved = resumed
+    _note_stop_ids(saved, hp.stop_ids)
   elif mesh is None:
     state = make_state(params)
   else:  # created straight onto its shardings (a plain tx.init would leave counts on device 0)

@@ -104,6 +104,28 @@ def test_the_models_other_stop_ids_end_responses_and_count_as_eos():
   assert hash(listed) == hash(dataclasses.replace(HP, extra_eos_token_ids=(other,)))
 
 
+def test_a_resume_says_when_the_stop_ids_changed(capsys):
+  """A checkpoint records the ids its responses stopped at; one from before that record is read
+  from its policy config. A resume that stops at others says so, in one line."""
+  from ppo_jax.rl import _note_stop_ids
+
+  _note_stop_ids({"stop_ids": [2, 7]}, (2, 7))
+  _note_stop_ids({"model_config": {"eos_token_id": 2, "extra_eos_token_ids": [7]}}, (2, 7))
+  _note_stop_ids({}, (2, 7))  # a record with neither: nothing to compare
+  assert capsys.readouterr().out == ""
+  _note_stop_ids({"model_config": {"eos_token_id": 2, "extra_eos_token_ids": []}}, (2, 7))
+  _note_stop_ids({"stop_ids": [2]}, (2, 7))
+  lines = capsys.readouterr().out.splitlines()
+  assert (
+    lines
+    == [
+      "note: the checkpoint's responses stopped at token ids [2]; from here they stop "
+      "at [2, 7] (the policy checkpoint's and its generation_config.json's)"
+    ]
+    * 2
+  )
+
+
 def test_missing_eos_penalty_and_running_score_statistics():
   hp = dataclasses.replace(HP, missing_eos_penalty=2.0, normalize_scores=True)
   _, _, state, frozen, fns = build(hp)
