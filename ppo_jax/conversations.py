@@ -9,10 +9,18 @@ as a conversation is one assistant message):
 - prompts: ``{"prompt": [...]}`` or ``{"messages": [...]}``, ending on a turn that is not the
   assistant's;
 - SFT: ``{"messages": [..., assistant]}`` (the last message is the response, the rest the
-  prompt), or ``{"prompt": [...], "completion": [assistant]}`` (``"response"`` also reads);
+  prompt; also beside a ``"prompt"`` string, as ultrachat_200k has it), or ``{"prompt": [...],
+  "completion": [assistant]}`` (``"response"`` also reads);
 - preferences: ``{"prompt": [...], "chosen": [assistant], "rejected": [assistant]}``, or
   ``{"chosen": [..., assistant], "rejected": [..., assistant]}`` whose messages before the last
-  are the same (the shared prompt).
+  are the same (the shared prompt; a ``"prompt"`` beside them, as ultrafeedback_binarized has
+  it, is then not read).
+
+ShareGPT's ``{"conversations": [{"from", "value"}]}`` reads as ``"messages"`` (``human`` is the
+user, ``gpt`` the assistant). A message's content is a string, or a list of text parts
+(``{"type": "text", "text": ...}``, joined); an earlier assistant turn that calls tools may have
+no content. A response is the text of one assistant message, which may hold nothing else (no
+tool calls, no separate reasoning): those would not be trained on.
 
 Every error is a ``DataError`` naming the file and line (``where``).
 """
@@ -34,16 +42,52 @@ def is_conversation(value: Any) -> bool:
 
 
 def messages(value: Any, where: str, field: str) -> list[Message]:
-  """``value`` checked as a non-empty list of messages with string ``role`` and ``content``
-  (other keys, a tool call's say, go to the chat template as they are)."""
+  """``value`` checked as a non-empty list of messages with a string ``role`` and a string
+  ``content`` (text parts joined; none where an assistant turn calls tools). Other keys, a tool
+  call's say, go to the chat template as they are."""
   if not isinstance(value, list) or not value:
     raise DataError(f"{where}: field {field!r} must be a string or a non-empty list of messages")
+  out = []
   for i, m in enumerate(value, 1):
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
       raise DataError(f"{where}: {field}[{i}] must be an object with a string 'role'")
-    if not isinstance(m.get("content"), str):
-      raise DataError(f"{where}: {field}[{i}] ({m['role']}) must have a string 'content'")
-  return value
+    content = m.get("content")
+    if isinstance(content, list):
+      m = {**m, "content": _text_parts(content, where, f"{field}[{i}]")}
+    elif not (isinstance(content, str) or (content is None and m.get("tool_calls"))):
+      raise DataError(
+        f"{where}: {field}[{i}] ({m['role']}) must have a string 'content' (or a list of text "
+        "parts)"
+      )
+    out.append(m)
+  return out
+
+
+def _text_parts(parts: list, where: str, field: str) -> str:
+  """The text of ``[{"type": "text", "text": ...}, ...]`` content, joined."""
+  for j, part in enumerate(parts, 1):
+    if not (isinstance(part, dict) and part.get("type") == "text"):
+      kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+      raise DataError(f"{where}: {field} content part {j} is {kind!r}; only text parts are read")
+    if not isinstance(part.get("text"), str):
+      raise DataError(f"{where}: {field} content part {j} must have a string 'text'")
+  return "".join(part["text"] for part in parts)
+
+
+def sharegpt(value: Any, where: str) -> list[Message]:
+  """ShareGPT's ``[{"from", "value"}]`` as messages (human → user, gpt → assistant)."""
+  if not isinstance(value, list) or not value:
+    raise DataError(f"{where}: field 'conversations' must be a non-empty list of turns")
+  turns = []
+  for i, turn in enumerate(value, 1):
+    if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)):
+      raise DataError(f"{where}: conversations[{i}] must be an object with a string 'from'")
+    role = SHAREGPT_ROLES.get(turn["from"], turn["from"])
+    turns.append({"role": role, "content": turn.get("value")})
+  return messages(turns, where, "conversations")
+
+
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 
 
 def prompt(value: Any, where: str, field: str = "prompt") -> Prompt:
@@ -67,19 +111,33 @@ def response(value: Any, where: str, field: str) -> str:
   if len(turns) != 1 or turns[0]["role"] != "assistant":
     roles = [m["role"] for m in turns]
     raise DataError(f"{where}: {field} must be one assistant message, got roles {roles}")
-  return turns[0]["content"]
+  return _response_text(turns[0], where, field)
+
+
+def _response_text(m: Message, where: str, field: str) -> str:
+  """The content of the assistant message ``m``, which must hold nothing else a template would
+  write out (and training would then miss)."""
+  if m["role"] != "assistant":
+    raise DataError(f"{where}: {field} must end with an assistant message, got {m['role']!r}")
+  extra = sorted(set(m) - {"role", "content"})
+  if extra or m["content"] is None:
+    raise DataError(
+      f"{where}: {field}: the assistant message carries {extra or 'no content'}; a response is "
+      "the text of its 'content' alone"
+    )
+  return m["content"]
 
 
 def split_last(value: Any, where: str, field: str) -> tuple[list[Message], str]:
   """``(the messages before the last, the last one's content)`` of a conversation that ends
   with the assistant's response to at least one earlier message."""
   turns = messages(value, where, field)
-  if turns[-1]["role"] != "assistant" or len(turns) < 2:
+  if len(turns) < 2:
     raise DataError(
       f"{where}: {field} must end with an assistant message after the prompt's messages, got "
       f"roles {[m['role'] for m in turns]}"
     )
-  return turns[:-1], turns[-1]["content"]
+  return turns[:-1], _response_text(turns[-1], where, field)
 
 
 def _get(row: dict, field: str, where: str, expected: str) -> Any:
@@ -88,20 +146,25 @@ def _get(row: dict, field: str, where: str, expected: str) -> Any:
   return row[field]
 
 
-PROMPT_FORMS = "'prompt', or 'messages'"
-SFT_FORMS = "'prompt' and 'response' (or 'completion'), or 'messages'"
+PROMPT_FORMS = "'prompt', 'messages' or 'conversations'"
+SFT_FORMS = "'prompt' and 'response' (or 'completion'), 'messages' or 'conversations'"
 PAIR_FORMS = "'prompt', 'chosen' and 'rejected', or conversations in 'chosen' and 'rejected'"
 
 
 def prompt_row(row: dict, where: str) -> Prompt:
   if "prompt" not in row and "messages" in row:
     return prompt(row["messages"], where, "messages")
+  if "prompt" not in row and "conversations" in row:
+    return prompt(sharegpt(row["conversations"], where), where, "conversations")
   return prompt(_get(row, "prompt", where, PROMPT_FORMS), where)
 
 
 def sft_row(row: dict, where: str) -> tuple[Prompt, str]:
-  if "prompt" not in row and "messages" in row:
-    return split_last(row["messages"], where, "messages")
+  if "response" not in row and "completion" not in row:
+    if "messages" in row:
+      return split_last(row["messages"], where, "messages")
+    if "conversations" in row:
+      return split_last(sharegpt(row["conversations"], where), where, "conversations")
   head = prompt(_get(row, "prompt", where, SFT_FORMS), where)
   field = "response" if "response" in row or "completion" not in row else "completion"
   return head, response(_get(row, field, where, SFT_FORMS), where, field)
@@ -109,16 +172,24 @@ def sft_row(row: dict, where: str) -> tuple[Prompt, str]:
 
 def preference_row(row: dict, where: str) -> tuple[Prompt, str, str]:
   chosen, rejected = (_get(row, f, where, PAIR_FORMS) for f in ("chosen", "rejected"))
-  if "prompt" in row:
-    head = prompt(row["prompt"], where)
-    return head, response(chosen, where, "chosen"), response(rejected, where, "rejected")
-  if not (is_conversation(chosen) and is_conversation(rejected)):
+  # A whole conversation, not one assistant message: the prompt is the pair's shared start.
+  whole = lambda v: is_conversation(v) and v != [] and (len(v) > 1 or _role(v[0]) != "assistant")
+  if whole(chosen) or whole(rejected):
+    if not (is_conversation(chosen) and is_conversation(rejected)):
+      raise DataError(f"{where}: one of 'chosen' and 'rejected' is a conversation, the other not")
+    head, good = split_last(chosen, where, "chosen")
+    other, bad = split_last(rejected, where, "rejected")
+    if other != head:
+      raise DataError(
+        f"{where}: 'chosen' and 'rejected' differ before their last message; without a 'prompt' "
+        "field the messages before it are the shared prompt"
+      )
+    return head, good, bad
+  if "prompt" not in row:
     raise DataError(f"{where}: missing field 'prompt' (expected {PAIR_FORMS})")
-  head, good = split_last(chosen, where, "chosen")
-  other, bad = split_last(rejected, where, "rejected")
-  if other != head:
-    raise DataError(
-      f"{where}: 'chosen' and 'rejected' differ before their last message; without a 'prompt' "
-      "field the messages before it are the shared prompt"
-    )
-  return head, good, bad
+  head = prompt(row["prompt"], where)
+  return head, response(chosen, where, "chosen"), response(rejected, where, "rejected")
+
+
+def _role(m: Any) -> Any:
+  return m.get("role") if isinstance(m, dict) else None

@@ -142,7 +142,8 @@ def encode_prompts(
   ids = np.full((len(prompts), P), layout.pad_id, np.int32)
   mask = np.zeros((len(prompts), P), np.int32)
   if layout.chat:  # the template writes the special tokens it wants (BOS, turn headers)
-    texts = chat_prompts(tokenizer, prompts, layout.system, template_kwargs(layout.chat_kwargs))
+    kwargs = template_kwargs(layout.chat_kwargs)
+    texts = chat_prompts(tokenizer, prompts, layout.system, kwargs, source=source)
     encoded = tokenizer(texts, add_special_tokens=False)
   else:
     if any(conversations.is_conversation(p) for p in prompts):
@@ -168,33 +169,37 @@ def chat_prompts(
   prompts: Sequence[Prompt],
   system: str | None = None,
   kwargs: dict[str, Any] | None = None,
+  *,
+  source: str = "prompts",
 ) -> list[str]:
   """Each prompt in the tokenizer's chat template, ending with the assistant's header
   (``add_generation_prompt``): a text as a user turn, a conversation as it is; a ``system``
   turn goes first where the conversation has none of its own. ``kwargs`` are the template's
-  own variables (Qwen3's ``enable_thinking``, say)."""
+  own variables (Qwen3's ``enable_thinking``, say). A template that refuses a prompt is named
+  with ``source`` and the prompt's row."""
   if not getattr(tokenizer, "chat_template", None):
     raise DataError(
       "data.chat_template: the tokenizer has no chat template (tokenizer_config.json or "
       "chat_template.jinja of its folder sets none)"
     )
   head = [{"role": "system", "content": system}] if system is not None else []
-
-  def turns(p: Prompt) -> list[conversations.Message]:
-    if isinstance(p, str):
-      return [*head, {"role": "user", "content": p}]
-    return p if p[0]["role"] == "system" else [*head, *p]
-
-  try:
-    return [
-      tokenizer.apply_chat_template(
-        turns(p), tokenize=False, add_generation_prompt=True, **(kwargs or {})
+  out = []
+  for i, p in enumerate(prompts):
+    turns = [{"role": "user", "content": p}] if isinstance(p, str) else p
+    if not any(m["role"] == "system" for m in turns):
+      turns = [*head, *turns]
+    try:
+      out.append(
+        tokenizer.apply_chat_template(
+          turns, tokenize=False, add_generation_prompt=True, **(kwargs or {})
+        )
       )
-      for p in prompts
-    ]
-  except Exception as e:  # jinja2's TemplateError, or what the template raises itself
-    what = "data.system_prompt: " if system is not None else ""
-    raise DataError(f"data.chat_template: {what}the tokenizer's template refused: {e}") from None
+    except Exception as e:  # jinja2's TemplateError, or what the template raises itself
+      what = "data.system_prompt: " if head and turns[0] is head[0] else ""
+      raise DataError(
+        f"{source}: row {i + 1}: data.chat_template: {what}the tokenizer's template refused: {e}"
+      ) from None
+  return out
 
 
 def encode_responses(
@@ -266,10 +271,9 @@ def load_prompts(path, tokenizer, layout: Layout) -> tuple[list[str], np.ndarray
   their ``encode_prompts`` arrays."""
   prompts = [p for (p,) in _read(path, layout, lambda r, w: (conversations.prompt_row(r, w),))]
   ids, mask = encode_prompts(tokenizer, prompts, layout, source=str(path))
+  kwargs = template_kwargs(layout.chat_kwargs)
   texts = [
-    p
-    if isinstance(p, str)
-    else chat_prompts(tokenizer, [p], layout.system, template_kwargs(layout.chat_kwargs))[0]
+    p if isinstance(p, str) else chat_prompts(tokenizer, [p], layout.system, kwargs)[0]
     for p in prompts
   ]
   return texts, ids, mask

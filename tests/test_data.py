@@ -169,12 +169,16 @@ def test_prompt_conversations_read_as_the_template_writes_them(tmp_path):
       {"prompt": [{"content": "good"}]},
       r"prompt\[1\] must be an object with a string 'role'",
     ),
-    ("prompts", {"text": "good"}, r"missing field 'prompt' \(expected 'prompt', or 'messages'\)"),
+    (
+      "prompts",
+      {"text": "good"},
+      r"missing field 'prompt' \(expected 'prompt', 'messages' or 'conv",
+    ),
     ("sft", {"messages": [BOT("film")]}, r"messages must end with an assistant message after"),
     (
       "sft",
       {"messages": [USER("good"), USER("film")]},
-      r"messages must end .* got roles \['user', 'user'\]",
+      r"messages must end with an assistant message, got 'user'",
     ),
     ("sft", {"prompt": "good", "completion": [USER("film")]}, r"completion must be one assistant"),
     ("sft", {"prompt": "good"}, r"missing field 'response' \(expected 'prompt' and 'response'"),
@@ -186,7 +190,7 @@ def test_prompt_conversations_read_as_the_template_writes_them(tmp_path):
     (
       "pairs",
       {"prompt": "good", "chosen": [BOT("a"), BOT("b")], "rejected": "bad"},
-      r"chosen must be one assistant message, got roles \['assistant', 'assistant'\]",
+      r"one of 'chosen' and 'rejected' is a conversation, the other not",
     ),
   ],
 )
@@ -195,6 +199,105 @@ def test_bad_conversations_are_named_with_their_line(tmp_path, loader, row, mess
   load = {"prompts": data.load_prompts, "sft": data.load_sft, "pairs": data.load_preferences}
   with pytest.raises(data.DataError, match=rf"f\.jsonl:1: {message}"):
     load[loader](path, CHAT_TOK, CHAT)
+
+
+def test_the_shapes_of_common_hub_datasets(tmp_path):
+  """ultrachat_200k (a prompt string beside the messages), ultrafeedback_binarized (a prompt
+  string beside whole conversations), ShareGPT, text parts, a tool call earlier in the prompt."""
+  plain = _arrays(
+    data.load_sft(
+      _jsonl(tmp_path / "a.jsonl", [{"prompt": "good", "response": "bad"}]), CHAT_TOK, CHAT
+    )
+  )
+  for row in [
+    {"prompt": "good", "prompt_id": "x", "messages": [USER("good"), BOT("bad")]},
+    {"conversations": [{"from": "human", "value": "good"}, {"from": "gpt", "value": "bad"}]},
+    {
+      "messages": [
+        {
+          "role": "user",
+          "content": [{"type": "text", "text": "go"}, {"type": "text", "text": "od"}],
+        },
+        BOT("bad"),
+      ]
+    },
+  ]:
+    assert _arrays(data.load_sft(_jsonl(tmp_path / "b.jsonl", [row]), CHAT_TOK, CHAT)) == plain, row
+  pairs = [
+    {
+      "prompt": "good",
+      "chosen": [USER("good"), BOT("film")],
+      "rejected": [USER("good"), BOT("bad")],
+    }
+  ]
+  want = [{"prompt": "good", "chosen": "film", "rejected": "bad"}]
+  assert [
+    _arrays(x) for x in data.load_preferences(_jsonl(tmp_path / "p.jsonl", pairs), CHAT_TOK, CHAT)
+  ] == [
+    _arrays(x) for x in data.load_preferences(_jsonl(tmp_path / "q.jsonl", want), CHAT_TOK, CHAT)
+  ]
+  call = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [{"type": "function", "function": {"name": "f"}}],
+  }
+  texts = data.load_prompts(
+    _jsonl(tmp_path / "t.jsonl", [{"messages": [USER("good"), call, USER("plot")]}]), CHAT_TOK, CHAT
+  )[0]
+  assert texts == [
+    "<user> good <end> <bot>  <end> <user> plot <end> <bot>"
+  ]  # the template's choice
+
+
+@pytest.mark.parametrize(
+  "row,message",
+  [
+    (
+      {"messages": [USER("good"), {**BOT(""), "tool_calls": []}]},
+      r"messages: the assistant message carries \['tool_calls'\]; a response is the text",
+    ),
+    (
+      {"messages": [USER("good"), {"role": "assistant", "content": None, "tool_calls": [1]}]},
+      r"messages: the assistant message carries \['tool_calls'\]",
+    ),
+    (
+      {"messages": [{"role": "user", "content": [{"type": "image"}]}, BOT("a")]},
+      r"messages\[1\] content part 1 is 'image'; only text parts are read",
+    ),
+    (
+      {"conversations": [{"value": "good"}]},
+      r"conversations\[1\] must be an object with a string 'from'",
+    ),
+  ],
+)
+def test_what_a_response_cannot_hold_is_refused(tmp_path, row, message):
+  with pytest.raises(data.DataError, match=rf"f\.jsonl:1: {message}"):
+    data.load_sft(_jsonl(tmp_path / "f.jsonl", [row]), CHAT_TOK, CHAT)
+
+
+def test_a_template_that_refuses_a_row_names_it():
+  strict = build_word_tokenizer(["good"])
+  strict.chat_template = (
+    "{% for m in messages %}{% if loop.index0 and m.role == messages[loop.index0 - 1].role %}"
+    "{{ raise_exception('roles must alternate') }}{% endif %}{{ m.content }} {% endfor %}"
+  )
+  rows = ["good", [USER("good"), USER("good")]]
+  with pytest.raises(
+    data.DataError,
+    match=r"^f\.jsonl: row 2: data\.chat_template: the tokenizer's template refused: roles must "
+    r"alternate$",
+  ):
+    data.encode_prompts(strict, rows, CHAT, source="f.jsonl")
+  # A system prompt is blamed only where it was added; one of the row's own is kept, wherever.
+  with_system = data.Layout(12, 3, 0, 11, chat=True, system="film")
+  own = [{"role": "system", "content": "x"}, USER("good"), USER("good")]
+  with pytest.raises(
+    data.DataError, match=r"row 1: data\.chat_template: the tokenizer's template refused: roles"
+  ):
+    data.encode_prompts(strict, [own], with_system, source="f.jsonl")
+  assert data.chat_prompts(
+    CHAT_TOK, [[USER("good"), {"role": "system", "content": "plot"}]], "film"
+  ) == ["<user> good <end> <sys> plot <end> <bot>"]
 
 
 def test_a_conversation_needs_the_chat_template(tmp_path):
