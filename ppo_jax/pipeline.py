@@ -28,6 +28,7 @@ from ppo_jax.models.hf import load_hf_config
 from ppo_jax.rewards import load_reward_fn
 from ppo_jax.stages import (
   check_compatible,
+  check_finished,
   check_reward_model,
   init_policy,
   run_dpo,
@@ -297,6 +298,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     f"policy: {policy.cfg.model_type}, {n_params / 1e6:.2f}M parameters, {policy.cfg.dtype} compute"
   )
 
+  check_finished(s, inputs, workdir)
   banner("1/3 supervised fine-tuning", stage="sft")
   policy, sft_eval = run_sft(s, policy, inputs, layout, workdir, mesh=mesh)
   banner("2/3 reward model", stage="reward model")

@@ -9,8 +9,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 import shutil
+import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -132,6 +134,8 @@ def note_skipped(workdir: pathlib.Path, name: str) -> None:
 # Beside a finished stage's weights (sft/, reward_model/): the config it was trained under and a
 # digest of its training file, so a later run reuses the folder only if it would train the same.
 STAGE_RECORD = "ppo_jax_stage.json"
+# Paths compared as the files they name (the digest compares their bytes).
+PATH_FIELDS = (("data", "prompts"), ("data", "sft"), ("data", "preferences"), ("model", "init"))
 
 
 def file_digest(path: str | pathlib.Path) -> str:
@@ -143,31 +147,88 @@ def file_digest(path: str | pathlib.Path) -> str:
   return h.hexdigest()[:16]
 
 
-def write_record(out: pathlib.Path, s: Settings, name: str, data_file: str) -> None:
-  """Writes ``out/ppo_jax_stage.json``: stage ``name`` was trained under ``s`` on ``data_file``."""
-  if shd.is_main_process():
-    record = {"stage": name, "config": _config_of(s), "data_digest": file_digest(data_file)}
-    (pathlib.Path(out) / STAGE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
-
-
-def check_record(out: pathlib.Path, s: Settings, name: str, data_file: str | None) -> None:
-  """Refuses (one ValueError line) to reuse the finished stage in ``out`` when this run would
-  train it otherwise: a config field the stage reads differs (``stage_fields``), or its training
-  file's bytes do. A folder without a record (another tool's, or ppo_jax's before records) is
-  reused with a note."""
-  path = pathlib.Path(out) / STAGE_RECORD
-  if not path.is_file():
-    print(f"note: {out} has no record of the config it was trained under; reusing it as it is")
-    return
-  saved = json.loads(path.read_text())
+def _record_config(s: Settings) -> dict[str, Any]:
+  """The run's config with its file and folder paths resolved (a relative path from another
+  folder names the same file)."""
   config = _config_of(s)
+  for section, key in PATH_FIELDS:
+    value = config.get(section, {}).get(key)
+    if isinstance(value, str) and value != "scratch":
+      config[section][key] = str(pathlib.Path(value).resolve())
+  return config
+
+
+def _stage_id(folder: pathlib.Path) -> str | None:
+  """The id of the training that wrote ``folder`` (None: no such folder, or no record)."""
+  try:
+    return json.loads((folder / STAGE_RECORD).read_text()).get("id")
+  except (OSError, ValueError):
+    return None
+
+
+def _starts_from_sft(s: Settings) -> bool:
+  return s.rm_run.init == "policy"
+
+
+def write_record(out: pathlib.Path, s: Settings, name: str, data_file: str) -> None:
+  """Writes ``out/ppo_jax_stage.json`` (whole or not at all): stage ``name`` is being trained
+  under ``s`` on ``data_file`` (a reward model from the SFT policy: from the one in ``sft/``)."""
+  if not shd.is_main_process():
+    return
+  out = pathlib.Path(out)
+  record = {
+    "stage": name,
+    "id": uuid.uuid4().hex,
+    "config": _record_config(s),
+    "data_digest": file_digest(data_file),
+  }
+  if name == "rm" and _starts_from_sft(s):
+    record["sft_id"] = _stage_id(out.parent / "sft")
+  out.mkdir(parents=True, exist_ok=True)
+  partial = out / f".{STAGE_RECORD}.partial"
+  partial.write_text(json.dumps(record, indent=1) + "\n")
+  os.replace(partial, out / STAGE_RECORD)
+
+
+def check_record(
+  out: pathlib.Path,
+  s: Settings,
+  name: str,
+  data_file: str | None,
+  *,
+  note: bool = True,
+  delete_also: str = "",
+) -> None:
+  """Refuses (one ValueError line) to reuse the finished stage in ``out`` when this run would
+  train it otherwise: a config field the stage reads differs (``stage_fields``; paths as the
+  files they name), its training file's bytes do, or (a reward model from the SFT policy)
+  ``sft/`` holds another SFT policy than the one it started from. A folder without a record
+  (another tool's, or ppo_jax's before records) is reused, with a note if ``note``.
+  ``delete_also`` follows "delete that folder" in the refusal (what depends on it)."""
+  out = pathlib.Path(out)
+  path = out / STAGE_RECORD
+  if not path.is_file():
+    if note:
+      print(f"note: {out} has no record of the config it was trained under; reusing it as it is")
+    return
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(
+      f"{path}: not a readable record ({e}); delete {out} to train the stage again"
+    ) from None
+  config = _record_config(s)
   diffs = config_differences(
     saved.get("config", {}), config, defaults=_defaults(), only=stage_fields(name, config)
   )
   if data_file and saved.get("data_digest") not in (None, file_digest(data_file)):
     diffs.append(f"the bytes of {data_file}")
+  sft = out.parent / "sft"
+  if "sft_id" in saved and _starts_from_sft(s) and saved["sft_id"] != _stage_id(sft):
+    diffs.append(f"the SFT policy it started from ({sft} was trained again or replaced since)")
   if diffs:
     raise ValueError(
       f"{out} was trained under another config than this run's ({'; '.join(diffs)}); delete "
-      "that folder to train the stage again, or restore the config"
+      f"that folder{delete_also} to train the stage again (or to go without it), or restore the "
+      "config"
     )

@@ -182,6 +182,23 @@ def _reuse(
   return from_pretrained(out, **kw), held_out
 
 
+def check_finished(s: Settings, inputs: Inputs, workdir: pathlib.Path) -> None:
+  """Before any training: refuses a finished ``sft/`` or ``reward_model/`` this run would train
+  otherwise, so the reward model's is not found out only after SFT has trained again (each
+  stage checks its own again when it comes)."""
+  sft, rm = workdir / "sft", workdir / "reward_model"
+  uses_rm = s.algo != "dpo" and s.rm_run.enabled and not s.reward.model and has_model_folder(rm)
+  if has_model_folder(sft):
+    after = (
+      f" (and {rm}: it started from that SFT policy)"
+      if uses_rm and s.rm_run.init == "policy"
+      else ""
+    )
+    stage_checkpoints.check_record(sft, s, "sft", inputs.sft, note=False, delete_also=after)
+  if uses_rm:
+    stage_checkpoints.check_record(rm, s, "rm", inputs.preferences, note=False)
+
+
 def check_reward_model(folder: str) -> None:
   """Refuses a folder that is not a Hugging Face sequence classifier (reads config.json only)."""
   try:
@@ -274,8 +291,8 @@ def _train_and_save(
       mesh=mesh,
     )
   model = nnx.merge(graphdef, params)
+  stage_checkpoints.write_record(out, s, name, data_file)  # first: weights are never unrecorded
   _save(model, out, tokenizer, held_out)
-  stage_checkpoints.write_record(out, s, name, data_file)
   stage_checkpoints.drop_checkpoints(workdir, name)
   return model, held_out
 

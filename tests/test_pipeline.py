@@ -1,6 +1,7 @@
 """The whole pipeline on the smoke config: it learns, it logs, it is reproducible."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -497,7 +498,11 @@ def test_a_finished_stage_is_reused_only_under_its_own_config(smoke_run, tmp_pat
   workdir = reuse_stages(smoke_run[0], tmp_path / "changed")
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
   for overrides, refused in [
-    ({"sft__optim__lr": 3e-4}, r"sft was trained under .*\(sft\.optim\.lr: 0\.01 → 0\.0003\)"),
+    (
+      {"sft__optim__lr": 3e-4},
+      r"sft was trained under .*\(sft\.optim\.lr: 0\.01 → 0\.0003\); delete that folder \(and "
+      r".*reward_model: it started from that SFT policy\)",
+    ),
     (
       {"task__label_noise": 0.3},
       r"reward_model was trained under .*\(task\.label_noise: 0\.2 → 0\.3; the bytes of .*"
@@ -509,6 +514,11 @@ def test_a_finished_stage_is_reused_only_under_its_own_config(smoke_run, tmp_pat
       pipeline.run(smoke_config(**overrides), workdir)
     assert "\n" not in str(err.value) and "delete that folder" in str(err.value)
   assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+  # sft/ deleted to train it again: the reward model it started from is refused before SFT runs.
+  shutil.rmtree(workdir / "sft")
+  with pytest.raises(ValueError, match=r"reward_model was trained .*\(the SFT policy it started"):
+    pipeline.run(smoke_config(), workdir)
+  assert not (workdir / "sft").exists() and not (workdir / "sft_checkpoints").exists()
 
 
 def test_a_summary_without_scores_says_why(capsys):

@@ -59,7 +59,7 @@ def test_a_stage_resumes_after_changes_to_fields_it_does_not_read(field, refused
   assert bool(diffs) == ("rm" in refused_by and not from_sft), diffs
 
 
-def test_a_finished_stage_names_what_it_was_trained_on(tmp_path, capsys):
+def test_a_finished_stage_names_what_it_was_trained_on(tmp_path, capsys, monkeypatch):
   """The record beside sft/ refuses a changed training file (its bytes) and a changed field the
   stage reads; a folder without a record is reused with a note."""
   from conftest import smoke_config
@@ -83,6 +83,24 @@ def test_a_finished_stage_names_what_it_was_trained_on(tmp_path, capsys):
     ValueError, match=rf"^{out} was trained under .*\(the bytes of {data}\); delete"
   ):
     stage_checkpoints.check_record(out, s, "sft", str(data))
+  # A relative path to the same file is the same file; a damaged record is named.
+  files = lambda path: smoke_config(
+    task__name="files",
+    model__tokenizer="t",
+    data__sft=path,
+    data__prompts=path,
+    data__preferences=path,
+  )
+  stage_checkpoints.write_record(out, Settings.from_config(files(str(data))), "sft", str(data))
+  monkeypatch.chdir(out)
+  relative = Settings.from_config(files("../sft.jsonl"))
+  stage_checkpoints.check_record(out, relative, "sft", "../sft.jsonl")
+  (out / stage_checkpoints.STAGE_RECORD).write_text('{"stage": "sf')
+  with pytest.raises(
+    ValueError, match=r"ppo_jax_stage\.json: not a readable record \(.*\); delete"
+  ):
+    stage_checkpoints.check_record(out, relative, "sft", "../sft.jsonl")
+  stage_checkpoints.write_record(out, s, "sft", str(data))
   changed = Settings.from_config(smoke_config(data__max_prompt_len=24))
-  with pytest.raises(ValueError, match=r"\(data\.max_prompt_len: \d+ → 24; the bytes of "):
+  with pytest.raises(ValueError, match=r"\(data\.max_prompt_len: \d+ → 24\); delete that folder"):
     stage_checkpoints.check_record(out, changed, "sft", str(data))
