@@ -236,6 +236,18 @@ def check_same_base(saved: dict, now: dict, where: pathlib.Path) -> None:
     )
 
 
+def check_same_start(saved: dict, now: dict, where: pathlib.Path) -> None:
+  """Refuses checkpoints in ``where`` of a run that started from another SFT policy than the
+  record ``now`` names (``sft_id``, the id of the training that wrote ``WORKDIR/sft``; records
+  from before ids pass)."""
+  if "sft_id" in saved and "sft_id" in now and saved["sft_id"] != now["sft_id"]:
+    raise ValueError(
+      f"{where} holds checkpoints of a run that started from another SFT policy than the workdir's "
+      "sft/ holds now (trained again, replaced or removed since); use a new workdir, or delete "
+      f"{where} to start this stage over"
+    )
+
+
 class Checkpointer:
   """Saves and restores a training state (a pytree: ``PPOState`` under ``WORKDIR/checkpoints``, a
   supervised stage's under ``WORKDIR/{stage}_checkpoints``); close it, or use ``with``."""
@@ -314,6 +326,7 @@ class Checkpointer:
         " new workdir or the original config"
       )
     check_same_base(saved_record, record, self.directory)
+    check_same_start(saved_record, record, self.directory)
     if check is not None:
       check(saved_record)
     if step > iterations:

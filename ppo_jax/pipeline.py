@@ -155,6 +155,7 @@ def run_ppo_stage(
 
     record = {
       "config": json.loads(config.to_json_best_effort()),
+      **stage_checkpoints.sft_from(workdir),
       **export_record(
         policy.cfg,
         inputs.tokenizer_path,

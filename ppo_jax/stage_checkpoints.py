@@ -101,8 +101,11 @@ def for_stage(
   """The ``Checkpoints`` of stage ``name`` (sft, rm, dpo) in ``WORKDIR/{name}_checkpoints`` over
   the training arrays ``data``, with ``meta`` in their records. SFT's and the reward model's are
   deleted when the stage's folder is written (``drop_checkpoints``), so they skip the save after
-  the last step; DPO's stay."""
+  the last step; DPO's stay. A stage that starts from the SFT policy records which
+  (``sft_from``)."""
   config = _config_of(s)
+  if name == "dpo" or (name == "rm" and _starts_from_sft(s)):
+    meta = {**(meta or {}), **sft_from(workdir)}
   with Checkpointer(pathlib.Path(workdir) / f"{name}_checkpoints", s.checkpoint) as ckpt:
     yield Checkpoints(
       ckpt,
@@ -166,6 +169,12 @@ def _stage_id(folder: pathlib.Path) -> str | None:
     return None
 
 
+def sft_from(workdir: pathlib.Path) -> dict[str, str | None]:
+  """``{"sft_id": ...}``: which training wrote ``WORKDIR/sft`` (None: none, or no record), for the
+  records of what starts from it; ``checkpoint.check_same_start`` compares them on resume."""
+  return {"sft_id": _stage_id(pathlib.Path(workdir) / "sft")}
+
+
 def _starts_from_sft(s: Settings) -> bool:
   return s.rm_run.init == "policy"
 
@@ -183,7 +192,7 @@ def write_record(out: pathlib.Path, s: Settings, name: str, data_file: str) -> N
     "data_digest": file_digest(data_file),
   }
   if name == "rm" and _starts_from_sft(s):
-    record["sft_id"] = _stage_id(out.parent / "sft")
+    record.update(sft_from(out.parent))
   out.mkdir(parents=True, exist_ok=True)
   partial = out / f".{STAGE_RECORD}.partial"
   partial.write_text(json.dumps(record, indent=1) + "\n")

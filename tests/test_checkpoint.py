@@ -470,3 +470,16 @@ def test_a_stop_requested_in_an_earlier_run_is_forgotten():
     assert guard.requested
   with guard:
     assert not guard.requested
+
+
+def test_checkpoints_of_a_run_from_another_sft_policy_are_refused(tmp_path):
+  """PPO's, DPO's and the reward model's records name the SFT training they started from."""
+  from ppo_jax.checkpoint import check_same_start
+
+  check_same_start({"sft_id": "a"}, {"sft_id": "a"}, tmp_path)
+  check_same_start({}, {"sft_id": "a"}, tmp_path)  # a record from before ids
+  for then, now in [("a", "b"), ("a", None), (None, "b")]:
+    with pytest.raises(
+      ValueError, match=r"started from another SFT policy than the workdir's sft/"
+    ):
+      check_same_start({"sft_id": then}, {"sft_id": now}, tmp_path)
