@@ -97,6 +97,21 @@ def median_time(fn, repeats: int) -> float:
   return statistics.median(alternate({"fn": fn}, repeats=repeats)["fn"])
 
 
+def write_profile(path: str, fn, title: str) -> None:
+  """Traces one ``fn()`` (compiled and warm) and writes its time per op family to ``path``."""
+  import tempfile
+
+  from profile_ops import summarize
+
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      fn()
+    text = summarize(trace_dir, title=title)
+  with open(path, "w") as f:
+    f.write(text)
+  print(f"profile of {title}: {path}", flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")
@@ -114,6 +129,9 @@ def main():
   ap.add_argument("--decode-only", action="store_true", help="skip the train step")
   ap.add_argument("--lora", type=int, default=0, help="rank-R adapters on the policy (decode only)")
   ap.add_argument("--hlo-out", help="write the compiled sampler's optimised HLO text here")
+  ap.add_argument(
+    "--profile-out", help="trace one sampler call and write its time per op family here"
+  )
   ap.add_argument("--peak-tflops", type=float, help="the device's bf16 peak (default: SPEC)")
   ap.add_argument("--peak-tbps", type=float, help="the device's memory bandwidth (default: SPEC)")
   args = ap.parse_args()
@@ -203,6 +221,8 @@ def main():
     flush=True,
   )
   decode_roofline = step_bytes / step_s / peak_bw
+  if args.profile_out:
+    write_profile(args.profile_out, run_all, f"one sampler call: prefill + {R - 1} decode steps")
   if args.decode_only:
     print(f"accelerator: train_mfu=skipped decode_roofline={decode_roofline:.3f}")
     return

@@ -13,8 +13,11 @@
 # Everything lands in $OUT (the device tool brings it back): env.txt, accelerator.txt (the 1B
 # run: decode, then the train step), decode_hlo.txt (the compiled sampler, for reading here at
 # no device time), accelerator_cudnn.txt (the same with cuDNN's fused attention in the train
-# step and in decoding: its decode line against accelerator.txt's is the fused kernel's gain), decode_batch.txt (decode at batch 64 and 128), decode_lora.txt (decode with rank-16
-# adapters: its steps should cost the plain policy's) and attention.txt (attention forward +
+# step and in decoding: its decode line against accelerator.txt's is the fused kernel's gain),
+# decode_profile.txt (one sampler call's time per kernel family, from a jax.profiler trace, with
+# XLA's attention then cuDNN's: where the decode step's time goes), decode_batch.txt (decode at
+# batch 64 and 128), decode_lora.txt (decode with rank-16 adapters: its steps should cost the
+# plain policy's) and attention.txt (attention forward +
 # backward alone: ppo_jax's against cuDNN's fused kernel). Each step has its own time limit, so
 # one that hangs leaves the others' figures (about 5 minutes in all on the H200). A dry run on
 # the CPU here: `ACCEL_ARGS="--preset tiny" bash bench/gpu_session.sh` (about a minute; the cuDNN
@@ -48,12 +51,15 @@ EOF
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== 1B Llama, bf16: decode then train step, ppo_jax's attention (attend, XLA)"
-timeout 150 python3 bench/accelerator.py ${ACCEL_ARGS:-} --hlo-out "$OUT/decode_hlo.txt" 2>&1 \
-  | tee "$OUT/accelerator.txt"
+timeout 150 python3 bench/accelerator.py ${ACCEL_ARGS:-} --hlo-out "$OUT/decode_hlo.txt" \
+  --profile-out "$OUT/decode_profile.txt" 2>&1 | tee "$OUT/accelerator.txt"
 
 echo "== the same with cuDNN's fused attention (score, update, and the sampler's decode steps)"
-timeout 150 python3 bench/accelerator.py ${ACCEL_ARGS:-} --attention cudnn 2>&1 \
-  | tee "$OUT/accelerator_cudnn.txt"
+rm -f /tmp/decode_profile_cudnn.txt
+timeout 150 python3 bench/accelerator.py ${ACCEL_ARGS:-} --attention cudnn \
+  --profile-out /tmp/decode_profile_cudnn.txt 2>&1 | tee "$OUT/accelerator_cudnn.txt"
+# One file for both profiles: the device tool brings back 8 files at most.
+[ -f /tmp/decode_profile_cudnn.txt ] && { echo; echo "== model.attention=cudnn"; cat /tmp/decode_profile_cudnn.txt; } >> "$OUT/decode_profile.txt"
 
 echo "== decode at batch 64 and 128: the weights' bytes per token shrink, the per-step overhead not"
 for b in 64 128; do

@@ -116,3 +116,23 @@ def test_the_gpu_benchmarks_run_on_the_cpu(monkeypatch, capsys):
   assert "LoRA rank 4 on q,k,v,o,gate,up,down" in out and "15 trips known to XLA" in out, out
   assert out.strip().splitlines()[-1].startswith("accelerator: train_mfu=skipped decode_roof")
   assert callable(attention.main) and callable(decode_attention.main)
+
+
+def test_a_trace_is_summed_per_op_family(tmp_path):
+  """bench/profile_ops.py: the ops of a traced XLA program, summed by family, largest first."""
+  from profile_ops import family, summarize
+
+  assert family("loop_add_fusion.12") == "loop_add_fusion"
+  assert family("sm90_xmma_gemm<bf16, 128>(...)") == "sm90_xmma_gemm"
+  f = jax.jit(lambda x: jax.lax.fori_loop(0, 5, lambda i, y: jnp.tanh(y @ y), x))
+  x = jnp.eye(64)
+  f(x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    f(x).block_until_ready()
+  rows = [
+    r.split() for r in summarize(str(tmp_path)).splitlines() if r.startswith("  ") and "%" in r
+  ]
+  assert rows, summarize(str(tmp_path))
+  ms = [float(r[0]) for r in rows]
+  assert ms == sorted(ms, reverse=True) and all(int(r[2]) >= 1 for r in rows)
+  assert summarize(str(tmp_path / "none")).startswith("no trace under")
