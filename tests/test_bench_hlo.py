@@ -93,7 +93,7 @@ def test_the_fixed_length_sampler_of_the_benchmark_model():
   assert loop.trip_count == 5 and loop.converts == ()
 
 
-def test_the_gpu_benchmarks_run_on_the_cpu(monkeypatch, capsys):
+def test_the_gpu_benchmarks_run_on_the_cpu(monkeypatch, capsys, tmp_path):
   """The script a GPU session runs first (bench/gpu_session.sh), at its tiny preset: device time
   is rare, so a refactor that breaks it must fail here. It prints its figures; cuDNN, absent
   here, is reported unavailable rather than fatal. The two attention microbenchmarks are only
@@ -112,8 +112,12 @@ def test_the_gpu_benchmarks_run_on_the_cpu(monkeypatch, capsys):
   last = out.strip().splitlines()[-1]
   assert last.startswith("accelerator: train_mfu=0.") and " decode_roofline=0." in last, out
   assert "measured peaks: bf16 matmul" in out and "log-probs, full forward (xla)" in out
-  out = run("--decode-only", "--lora", "4")  # the adapters folded: no float32 cast in the loop
+  profile = tmp_path / "profile.txt"
+  out = run("--decode-only", "--lora", "4", "--profile-out", str(profile))
+  # The adapters folded: no float32 cast in the loop.
   assert "LoRA rank 4 on q,k,v,o,gate,up,down" in out and "15 trips known to XLA" in out, out
+  assert profile.read_text().startswith("one sampler call: prefill + 15 decode steps\n")
+  assert "op family" in profile.read_text()
   assert out.strip().splitlines()[-1].startswith("accelerator: train_mfu=skipped decode_roof")
   assert callable(attention.main) and callable(decode_attention.main)
 
