@@ -39,7 +39,10 @@ RULES: tuple[tuple[str, P], ...] = (
   (r"/mlp/(gate|up)/bias$", P("tensor")),
   (r"/mlp/down/kernel$", P("tensor", "fsdp")),  # [F, D]
   (r"/(attn/o|mlp/down)/bias$", P()),
-  (r"(^|/)(attn_norm|mlp_norm|final_norm|q_norm|k_norm)/(scale|bias)$", P()),
+  (
+    r"(^|/)(attn_norm|mlp_norm|attn_post_norm|mlp_post_norm|final_norm|q_norm|k_norm)/(scale|bias)$",
+    P(),
+  ),
   (r"(^|/)lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
   (r"(^|/)(head/)?kernel$", P("fsdp", None)),  # scalar heads [D, 1]
   # LoRA adapters: A [in, r], B [r, out] split like the kernel they adapt: its rows and columns.

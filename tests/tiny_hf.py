@@ -56,6 +56,17 @@ CONFIGS = {
   "mistral": lambda: tf.MistralConfig(
     num_key_value_heads=1, head_dim=16, sliding_window=4, **_LLAMA_LIKE
   ),
+  # Gemma 2: head_dim 16 ≠ hidden/heads, scores scaled by 1/√24 (not 1/√16), a window of 4 on the
+  # even layers, and soft caps low enough to bite at this init.
+  "gemma2": lambda: tf.Gemma2Config(
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window=4,
+    attn_logit_softcapping=5.0,
+    final_logit_softcapping=3.0,
+    **_LLAMA_LIKE,
+  ),
 }
 
 

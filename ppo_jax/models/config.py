@@ -1,8 +1,10 @@
 """One frozen config for every supported decoder, and its mapping to and from Hugging Face.
 
-GPT-2 (learned positions, LayerNorm with bias, tanh-GELU MLP, tied embeddings) and the Llama
-family (Llama 2/3, Qwen2/2.5, Qwen3, Mistral: RoPE, RMSNorm, SwiGLU, grouped-query attention)
-differ only in the fields below, so one module tree serves them all.
+GPT-2 (learned positions, LayerNorm with bias, tanh-GELU MLP, tied embeddings), the Llama
+family (Llama 2/3, Qwen2/2.5, Qwen3, Mistral: RoPE, RMSNorm, SwiGLU, grouped-query attention) and
+Gemma 2 (the Llama layout plus an embedding scaled by √d, RMSNorm scaled by 1 + w, GeGLU, a norm
+after each sublayer too, soft-capped attention scores and logits, a sliding window on every other
+layer) differ only in the fields below, so one module tree serves them all.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
+SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma2")
 ACTIVATIONS = {
   "gelu_new": "gelu_tanh",
   "gelu_pytorch_tanh": "gelu_tanh",
@@ -59,7 +61,7 @@ def _dtype_name(value: Any) -> Any:
 class ModelConfig:
   """Architecture and numerics of a decoder-only transformer (hashable: usable as a jit static)."""
 
-  model_type: str  # Hugging Face model_type: gpt2 | llama | qwen2 | qwen3 | mistral
+  model_type: str  # Hugging Face model_type: gpt2 | llama | qwen2 | qwen3 | mistral | gemma2
   vocab_size: int
   hidden_size: int
   num_layers: int
@@ -78,7 +80,11 @@ class ModelConfig:
   rope_theta: float = 10000.0
   rope_type: str = "default"  # default | linear | llama3
   rope_params: tuple[tuple[str, float], ...] = ()  # factor, low/high_freq_factor, original_max...
-  sliding_window: int | None = None
+  sliding_window: int | None = None  # keys within this many positions of the query only
+  full_attention_layers: tuple[int, ...] = ()  # layers the window spares (Gemma 2: the odd ones)
+  query_pre_attn_scalar: float | None = None  # scores scaled by 1/√this (Gemma 2); None: 1/√D
+  attn_logit_softcap: float | None = None  # scores → c·tanh(scores / c) before the mask (Gemma 2)
+  final_logit_softcap: float | None = None  # logits → c·tanh(logits / c) (Gemma 2)
   bos_token_id: int | None = None
   eos_token_id: int | None = None
   extra_eos_token_ids: tuple[int, ...] = ()  # the checkpoint's other stop ids, saved back with it
@@ -114,6 +120,8 @@ class ModelConfig:
       problems.append(f"attention {self.attention!r} (expected one of {', '.join(ATTENTION)})")
     elif self.attention == "cudnn" and self.dtype == "float32":
       problems.append("attention 'cudnn' computes in bfloat16 or float16, not dtype float32")
+    elif self.attention == "cudnn" and self.attn_logit_softcap is not None:
+      problems.append("attention 'cudnn' cannot soft-cap attention scores (Gemma 2): use 'xla'")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         problems.append(f"{name} {getattr(self, name)!r} (expected one of {', '.join(DTYPES)})")
@@ -135,6 +143,16 @@ class ModelConfig:
   def qk_norm(self) -> bool:
     """Qwen3: an RMSNorm over each head's query and key (``head_dim`` features) before RoPE."""
     return self.model_type == "qwen3"
+
+  @property
+  def is_gemma(self) -> bool:
+    """Gemma layout: embedding × √d, RMSNorm weights ``w`` scaling by ``1 + w`` in float32, and
+    each sublayer's output normalised again before the residual add."""
+    return self.model_type == "gemma2"
+
+  def sliding(self, layer: int) -> bool:
+    """Whether ``layer`` attends only within ``sliding_window`` positions."""
+    return self.sliding_window is not None and layer not in self.full_attention_layers
 
   @property
   def is_gpt2(self) -> bool:
@@ -168,6 +186,7 @@ class ModelConfig:
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     d = dict(d)
     d["rope_params"] = tuple(tuple(p) for p in d.get("rope_params", ()))
+    d["full_attention_layers"] = tuple(d.get("full_attention_layers", ()))
     d["extra_eos_token_ids"] = tuple(d.get("extra_eos_token_ids", ()))
     return cls(**d)
 
@@ -284,9 +303,19 @@ class ModelConfig:
       head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
       attention_bias = bool(getattr(hf, "attention_bias", False))
       qwen = model_type == "qwen2"  # q, k, v biases always, none on o
-      window = None
+      window, gemma, full = None, {}, ()
       if model_type == "mistral":
         window = getattr(hf, "sliding_window", None)
+      elif model_type == "gemma2":
+        kinds = list(hf.layer_types)
+        if "sliding_attention" in kinds:
+          window = hf.sliding_window
+          full = tuple(i for i, kind in enumerate(kinds) if kind == "full_attention")
+        gemma = dict(
+          query_pre_attn_scalar=float(hf.query_pre_attn_scalar),
+          attn_logit_softcap=_float_or_none(hf.attn_logit_softcapping),
+          final_logit_softcap=_float_or_none(hf.final_logit_softcapping),
+        )
       elif getattr(hf, "use_sliding_window", False):  # Qwen2/3: a window on some layers only
         kinds = getattr(hf, "layer_types", None) or [
           "sliding_attention" if i >= getattr(hf, "max_window_layers", 0) else "full_attention"
@@ -307,7 +336,7 @@ class ModelConfig:
         intermediate_size=hf.intermediate_size,
         max_position_embeddings=hf.max_position_embeddings,
         norm_eps=hf.rms_norm_eps,
-        activation=_activation(hf.hidden_act),
+        activation=_activation(getattr(hf, "hidden_activation", None) or hf.hidden_act),
         initializer_range=hf.initializer_range,
         tie_word_embeddings=bool(hf.tie_word_embeddings),
         qkv_bias=qwen or attention_bias,
@@ -317,6 +346,8 @@ class ModelConfig:
         rope_type=rope_type,
         rope_params=tuple(sorted((k, float(v)) for k, v in rope.items() if v is not None)),
         sliding_window=window,
+        full_attention_layers=full,
+        **gemma,
       )
     return cls(model_type=model_type, **fields, **ids, **overrides)
 
@@ -330,6 +361,7 @@ class ModelConfig:
       "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
       "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
       "mistral": ("MistralConfig", "MistralForCausalLM", "MistralForSequenceClassification"),
+      "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
     }[self.model_type]
     hf_act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
     common = dict(
@@ -378,6 +410,21 @@ class ModelConfig:
         fields.update(attention_bias=self.qkv_bias)
       if self.model_type == "mistral":
         fields.update(sliding_window=self.sliding_window)
+      if self.model_type == "gemma2":
+        fields["hidden_activation"] = fields.pop("hidden_act").replace(
+          "gelu_new", "gelu_pytorch_tanh"
+        )
+        fields.update(
+          attention_bias=self.qkv_bias,
+          query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar),
+          attn_logit_softcapping=self.attn_logit_softcap,
+          final_logit_softcapping=self.final_logit_softcap,
+          sliding_window=self.sliding_window,
+          layer_types=[
+            "sliding_attention" if self.sliding(i) else "full_attention"
+            for i in range(self.num_layers)
+          ],
+        )
     return getattr(transformers, names[0])(**fields, **common)
 
 
@@ -389,6 +436,15 @@ def _activation(name: str) -> str:
 
 def _listed(x: Any) -> list:
   return list(x) if isinstance(x, (list, tuple)) else ([] if x is None else [x])
+
+
+def _int_if_whole(x: float | None) -> float | int | None:
+  """``x`` as an int when it is whole (transformers types Gemma's ``query_pre_attn_scalar`` so)."""
+  return int(x) if x is not None and float(x).is_integer() else x
+
+
+def _float_or_none(x: Any) -> float | None:
+  return None if x is None else float(x)
 
 
 def _int_or_none(x: Any) -> int | None:

@@ -101,7 +101,15 @@ def tensor_maps(cfg: ModelConfig, kind: str) -> list[TensorMap]:
     for i in range(cfg.num_layers):
       L, h = T + ("layers", i), f"layers.{i}."
       maps[h + "input_layernorm.weight"] = _same(L + ("attn_norm", "scale"), (d,))
-      maps[h + "post_attention_layernorm.weight"] = _same(L + ("mlp_norm", "scale"), (d,))
+      if cfg.is_gemma:  # a norm after each sublayer too; the MLP's own is "pre_feedforward"
+        for ours, hf in (
+          ("attn_post_norm", "post_attention"),
+          ("mlp_norm", "pre_feedforward"),
+          ("mlp_post_norm", "post_feedforward"),
+        ):
+          maps[h + f"{hf}_layernorm.weight"] = _same(L + (ours, "scale"), (d,))
+      else:
+        maps[h + "post_attention_layernorm.weight"] = _same(L + ("mlp_norm", "scale"), (d,))
       for n, out, bias in (
         ("q", q_dim, cfg.qkv_bias),
         ("k", kv_dim, cfg.qkv_bias),

@@ -108,17 +108,23 @@ class Embed(nnx.Module):
 
 
 class Norm(nnx.Module):
-  """LayerNorm (``bias=True``: GPT-2) or RMSNorm (``bias=False``: Llama), statistics in float32."""
+  """LayerNorm (``rms=False``: GPT-2) or RMSNorm (``rms=True``: Llama), statistics in float32.
 
-  def __init__(self, features: int, *, eps: float, rms: bool, dtype, param_dtype):
-    self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+  ``offset`` (Gemma): the weight ``w`` starts at 0 and scales by ``1 + w``, in float32.
+  """
+
+  def __init__(self, features: int, *, eps: float, rms: bool, dtype, param_dtype, offset=False):
+    init = jnp.zeros if offset else jnp.ones
+    self.scale = nnx.Param(init((features,), param_dtype))
     self.bias = None if rms else nnx.Param(jnp.zeros((features,), param_dtype))
-    self.eps, self.rms, self.dtype = eps, rms, dtype
+    self.eps, self.rms, self.dtype, self.offset = eps, rms, dtype, offset
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     if self.rms:
       y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+      if self.offset:  # as Gemma: scale in float32, then cast
+        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
       # As Llama: normalise in float32, cast, then scale in the compute dtype.
       return jnp.asarray(self.scale[...], self.dtype) * y.astype(self.dtype)
     mean = jnp.mean(x32, -1, keepdims=True)
@@ -168,19 +174,25 @@ def attend(
   allowed_BxTxS: jax.Array,
   *,
   heads_major: bool,
+  scale: float | None = None,
+  softcap: float | None = None,
 ) -> jax.Array:
   """``softmax(q kᵀ / √D, masked) v`` with grouped queries (H = G · H_kv); returns [B, T, H, D].
 
   ``k``, ``v``: [B, S, H_kv, D], or [B, H_kv, S, D] with ``heads_major`` (the KV cache's layout).
   Scores and softmax in float32; disallowed keys get float32's most negative finite value, so a
   row with no allowed key (left padding) averages uniformly instead of turning into nan.
+  ``scale`` replaces 1/√D; with ``softcap`` c the scores become c·tanh(scores / c) before the
+  mask (Gemma 2).
   """
   B, T, H, D = q_BxTxHxD.shape
   kv_heads = k.shape[1] if heads_major else k.shape[2]
   kv_dims = "bksd" if heads_major else "bskd"
   q = q_BxTxHxD.reshape(B, T, kv_heads, H // kv_heads, D)
   scores = jnp.einsum(f"btkgd,{kv_dims}->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(D)
+  scores = scores * (1 / math.sqrt(D) if scale is None else scale)
+  if softcap is not None:
+    scores = softcap * jnp.tanh(scores / softcap)
   scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum(f"bkgts,{kv_dims}->btkgd", probs, v).reshape(B, T, H, D)
@@ -193,6 +205,7 @@ def fused_attend(
   allowed_BxTxS: jax.Array,
   *,
   implementation: str,
+  scale: float | None = None,
 ) -> jax.Array:
   """``attend`` through ``jax.nn.dot_product_attention`` (keys [B, S, H_kv, D]); returns
   [B, T, H, D].
@@ -207,7 +220,12 @@ def fused_attend(
       f"{jax.default_backend()}: use attention 'xla'"
     )
   return jax.nn.dot_product_attention(
-    q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=allowed_BxTxS[:, None], implementation=implementation
+    q_BxTxHxD,
+    k_BxSxKxD,
+    v_BxSxKxD,
+    mask=allowed_BxTxS[:, None],
+    scale=scale,
+    implementation=implementation,
   )
 
 
@@ -250,6 +268,8 @@ class Attention(nnx.Module):
     if not cfg.is_gpt2:
       q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
     fused = FUSED.get(cfg.attention)  # None: ppo_jax's own ``attend``
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+    own = dict(scale=scale, softcap=cfg.attn_logit_softcap)  # ``attend``'s options
     new_cache = None
     if cache is not None:  # write this call's keys at [cache_index, cache_index + T) of the cache
       # Heads-major for ``attend``, so both its products read the cache in place: stored
@@ -260,19 +280,21 @@ class Attention(nnx.Module):
       )
       new_cache = KVCache(put(cache.k, k), put(cache.v, v))
     if cache is None and fused:
-      out = fused_attend(q, k, v, allowed_BxTxS, implementation=fused)
+      out = fused_attend(q, k, v, allowed_BxTxS, implementation=fused, scale=scale)
     elif cache is None:
-      out = attend(q, k, v, allowed_BxTxS, heads_major=False)
+      out = attend(q, k, v, allowed_BxTxS, heads_major=False, **own)
     elif isinstance(cache_index, int) and cache_index == 0:
       # A prefill (a write at the static slot 0): a query may only see this call's keys, so attend
       # over those T, not over all S slots of the cache (empty past T). ``attend`` whatever
       # ``cfg.attention``: left padding leaves queries with no key at all, which it averages.
       k, v = k.astype(new_cache.k.dtype), v.astype(new_cache.v.dtype)  # what decoding reads
-      out = attend(q, k, v, allowed_BxTxS[..., :T], heads_major=False)
+      out = attend(q, k, v, allowed_BxTxS[..., :T], heads_major=False, **own)
     elif fused:  # decoding with cuDNN: one query per row over the cache (bench/decode_attention.py)
-      out = fused_attend(q, new_cache.k, new_cache.v, allowed_BxTxS, implementation=fused)
+      out = fused_attend(
+        q, new_cache.k, new_cache.v, allowed_BxTxS, implementation=fused, scale=scale
+      )
     else:  # decoding: read the cache
-      out = attend(q, new_cache.k, new_cache.v, allowed_BxTxS, heads_major=True)
+      out = attend(q, new_cache.k, new_cache.v, allowed_BxTxS, heads_major=True, **own)
     return self.o(out.reshape(B, T, -1)), new_cache
 
 
@@ -297,19 +319,29 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: ``x + attn(norm x)``, then ``x + mlp(norm x)``."""
+  """Pre-norm residual block: ``x + attn(norm x)``, then ``x + mlp(norm x)``; Gemma normalises
+  each sublayer's output too: ``x + post_norm(attn(norm x))``, and the MLP alike."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    kw = dict(eps=cfg.norm_eps, rms=not cfg.is_gpt2, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    kw = dict(
+      eps=cfg.norm_eps,
+      rms=not cfg.is_gpt2,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      offset=cfg.is_gemma,
+    )
     # GPT-2 scales the residual projections' init by 1/√(2L) (Radford et al. 2019).
     out_std = cfg.initializer_range / (math.sqrt(2 * cfg.num_layers) if cfg.is_gpt2 else 1.0)
     self.attn_norm = Norm(cfg.hidden_size, **kw)
     self.attn = Attention(cfg, rngs=rngs, out_std=out_std)
     self.mlp_norm = Norm(cfg.hidden_size, **kw)
     self.mlp = Mlp(cfg, rngs=rngs, out_std=out_std)
+    post = lambda: Norm(cfg.hidden_size, **kw) if cfg.is_gemma else None
+    self.attn_post_norm, self.mlp_post_norm = post(), post()
 
   def __call__(self, x, positions, allowed, cache, cache_index, inv_freq):
     h, cache = self.attn(self.attn_norm(x), positions, allowed, cache, cache_index, inv_freq)
-    x = x + h
-    x = x + self.mlp(self.mlp_norm(x))
+    x = x + (h if self.attn_post_norm is None else self.attn_post_norm(h))
+    h = self.mlp(self.mlp_norm(x))
+    x = x + (h if self.mlp_post_norm is None else self.mlp_post_norm(h))
     return x, cache

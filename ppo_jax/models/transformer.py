@@ -50,6 +50,7 @@ class Transformer(nnx.Module):
       rms=not cfg.is_gpt2,
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
+      offset=cfg.is_gemma,
     )
     self.cfg = cfg
 
@@ -87,21 +88,25 @@ class Transformer(nnx.Module):
     q_slot = cache_index + jnp.arange(T)
     k_slot = jnp.arange(S)
     allowed = (k_slot[None, :] <= q_slot[:, None])[None] & (kv_mask_BxS[:, None, :] > 0)
+    local = allowed  # what a layer with a sliding window sees
     if cfg.sliding_window is not None:
-      allowed &= (q_slot[:, None] - k_slot[None, :] < cfg.sliding_window)[None]
+      local = allowed & (q_slot[:, None] - k_slot[None, :] < cfg.sliding_window)[None]
 
     x = self.embed(input_ids_BxT)
+    if cfg.is_gemma:  # √d in the compute dtype, as Gemma rounds it
+      x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
     if self.pos_embed is not None:
       x = x + self.pos_embed(positions_BxT)
     inv_freq = None if cfg.is_gpt2 else rope_inv_freq(cfg)
     new_cache = []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
+      mask = local if cfg.sliding(i) else allowed
       if cfg.remat != "none" and cache is None:
         run = nnx.remat(lambda b, *a: b(*a), policy=_REMAT_POLICY[cfg.remat])
-        x, layer_cache = run(block, x, positions_BxT, allowed, None, cache_index, inv_freq)
+        x, layer_cache = run(block, x, positions_BxT, mask, None, cache_index, inv_freq)
       else:
-        x, layer_cache = block(x, positions_BxT, allowed, layer_cache, cache_index, inv_freq)
+        x, layer_cache = block(x, positions_BxT, mask, layer_cache, cache_index, inv_freq)
       new_cache.append(layer_cache)
     return self.final_norm(x), (None if cache is None else new_cache)
 
@@ -155,15 +160,19 @@ class CausalLM(nnx.Module):
     return self.unembed(self.trunk.hidden(input_ids_BxT, attention_mask_BxT))
 
   def unembed(self, hidden: jax.Array) -> jax.Array:
-    """Hidden states → float32 logits (tied: ``h Eᵀ``)."""
+    """Hidden states → float32 logits (tied: ``h Eᵀ``), soft-capped to ``c·tanh(logits / c)``
+    with ``cfg.final_logit_softcap`` c (Gemma 2)."""
     if self.lm_head is None:
-      return self.trunk.embed.attend(hidden)
-    return jnp.einsum(
-      "...d,dv->...v",
-      hidden,
-      jnp.asarray(self.lm_head.kernel[...], hidden.dtype),
-      preferred_element_type=jnp.float32,
-    )
+      logits = self.trunk.embed.attend(hidden)
+    else:
+      logits = jnp.einsum(
+        "...d,dv->...v",
+        hidden,
+        jnp.asarray(self.lm_head.kernel[...], hidden.dtype),
+        preferred_element_type=jnp.float32,
+      )
+    cap = self.cfg.final_logit_softcap
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 class ScalarHead(nnx.Module):
