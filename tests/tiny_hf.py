@@ -67,6 +67,20 @@ CONFIGS = {
     final_logit_softcapping=3.0,
     **_LLAMA_LIKE,
   ),
+  # Gemma 3: per-head q/k norms (scaled by 1 + w), a window of 4 on all layers but every third,
+  # with a RoPE base of their own; the others' RoPE linearly scaled.
+  "gemma3": lambda: tf.Gemma3TextConfig(
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=4,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    rope_parameters={
+      "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 8.0},
+      "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+    },
+    **{**_LLAMA_LIKE, "num_hidden_layers": 3},
+  ),
 }
 
 

@@ -1,5 +1,5 @@
-"""Flax NNX decoders (GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 2), Hugging Face checkpoints in
-and out."""
+"""Flax NNX decoders (GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 2 and 3), Hugging Face
+checkpoints in and out."""
 
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.hf import (

@@ -2,9 +2,10 @@
 
 GPT-2 (learned positions, LayerNorm with bias, tanh-GELU MLP, tied embeddings), the Llama
 family (Llama 2/3, Qwen2/2.5, Qwen3, Mistral: RoPE, RMSNorm, SwiGLU, grouped-query attention) and
-Gemma 2 (the Llama layout plus an embedding scaled by √d, RMSNorm scaled by 1 + w, GeGLU, a norm
-after each sublayer too, soft-capped attention scores and logits, a sliding window on every other
-layer) differ only in the fields below, so one module tree serves them all.
+Gemma 2 and 3 (the Llama layout plus an embedding scaled by √d, RMSNorm scaled by 1 + w, GeGLU, a
+norm after each sublayer too, a sliding window on some layers; Gemma 2 soft-caps attention scores
+and logits, Gemma 3 normalises queries and keys and rotates the windowed layers with a RoPE base of
+their own) differ only in the fields below, so one module tree serves them all.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma2")
+SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
 ACTIVATIONS = {
   "gelu_new": "gelu_tanh",
   "gelu_pytorch_tanh": "gelu_tanh",
@@ -61,7 +62,7 @@ def _dtype_name(value: Any) -> Any:
 class ModelConfig:
   """Architecture and numerics of a decoder-only transformer (hashable: usable as a jit static)."""
 
-  model_type: str  # Hugging Face model_type: gpt2 | llama | qwen2 | qwen3 | mistral | gemma2
+  model_type: str  # gpt2 | llama | qwen2 | qwen3 | mistral | gemma2 | gemma3_text (Hugging Face's)
   vocab_size: int
   hidden_size: int
   num_layers: int
@@ -82,6 +83,7 @@ class ModelConfig:
   rope_params: tuple[tuple[str, float], ...] = ()  # factor, low/high_freq_factor, original_max...
   sliding_window: int | None = None  # keys within this many positions of the query only
   full_attention_layers: tuple[int, ...] = ()  # layers the window spares (Gemma 2: the odd ones)
+  local_rope_theta: float | None = None  # the windowed layers' RoPE base (Gemma 3); None: rope_*
   query_pre_attn_scalar: float | None = None  # scores scaled by 1/√this (Gemma 2); None: 1/√D
   attn_logit_softcap: float | None = None  # scores → c·tanh(scores / c) before the mask (Gemma 2)
   final_logit_softcap: float | None = None  # logits → c·tanh(logits / c) (Gemma 2)
@@ -141,14 +143,15 @@ class ModelConfig:
 
   @property
   def qk_norm(self) -> bool:
-    """Qwen3: an RMSNorm over each head's query and key (``head_dim`` features) before RoPE."""
-    return self.model_type == "qwen3"
+    """Qwen3, Gemma 3: an RMSNorm over each head's query and key (``head_dim`` features) before
+    RoPE."""
+    return self.model_type in ("qwen3", "gemma3_text")
 
   @property
   def is_gemma(self) -> bool:
     """Gemma layout: embedding × √d, RMSNorm weights ``w`` scaling by ``1 + w`` in float32, and
     each sublayer's output normalised again before the residual add."""
-    return self.model_type == "gemma2"
+    return self.model_type in ("gemma2", "gemma3_text")
 
   def sliding(self, layer: int) -> bool:
     """Whether ``layer`` attends only within ``sliding_window`` positions."""
@@ -292,6 +295,17 @@ class ModelConfig:
       )
     else:
       rope = dict(getattr(hf, "rope_parameters", None) or {})
+      local_theta = None
+      if model_type == "gemma3_text":  # a RoPE per kind of layer
+        if getattr(hf, "use_bidirectional_attention", False):
+          raise ValueError("unsupported Gemma 3 option use_bidirectional_attention=True")
+        local = dict(rope.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+          raise ValueError(
+            f"unsupported rope_type {local['rope_type']!r} on Gemma 3's local layers"
+          )
+        local_theta = float(local["rope_theta"])
+        rope = dict(rope.get("full_attention") or {})
       rope_type = rope.pop("rope_type", rope.pop("type", "default"))
       theta = rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0))
       if rope.pop("partial_rotary_factor", 1.0) != 1.0:
@@ -306,7 +320,7 @@ class ModelConfig:
       window, gemma, full = None, {}, ()
       if model_type == "mistral":
         window = getattr(hf, "sliding_window", None)
-      elif model_type == "gemma2":
+      elif model_type in ("gemma2", "gemma3_text"):
         kinds = list(hf.layer_types)
         if "sliding_attention" in kinds:
           window = hf.sliding_window
@@ -347,6 +361,7 @@ class ModelConfig:
         rope_params=tuple(sorted((k, float(v)) for k, v in rope.items() if v is not None)),
         sliding_window=window,
         full_attention_layers=full,
+        local_rope_theta=local_theta,
         **gemma,
       )
     return cls(model_type=model_type, **fields, **ids, **overrides)
@@ -362,6 +377,11 @@ class ModelConfig:
       "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
       "mistral": ("MistralConfig", "MistralForCausalLM", "MistralForSequenceClassification"),
       "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+      "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        "Gemma3TextForSequenceClassification",
+      ),
     }[self.model_type]
     hf_act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
     common = dict(
@@ -410,7 +430,7 @@ class ModelConfig:
         fields.update(attention_bias=self.qkv_bias)
       if self.model_type == "mistral":
         fields.update(sliding_window=self.sliding_window)
-      if self.model_type == "gemma2":
+      if self.is_gemma:
         fields["hidden_activation"] = fields.pop("hidden_act").replace(
           "gelu_new", "gelu_pytorch_tanh"
         )
@@ -425,6 +445,9 @@ class ModelConfig:
             for i in range(self.num_layers)
           ],
         )
+      if self.model_type == "gemma3_text":
+        local = {"rope_type": "default", "rope_theta": self.local_rope_theta or self.rope_theta}
+        fields["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
     return getattr(transformers, names[0])(**fields, **common)
 
 

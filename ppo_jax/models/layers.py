@@ -236,8 +236,9 @@ FUSED = {"cudnn": "cudnn"}
 class Attention(nnx.Module):
   """Causal grouped-query self-attention over a KV cache (multi-head when H_kv = H).
 
-  With ``cfg.qk_norm`` (Qwen3), queries and keys pass an RMSNorm over each head's ``D`` features
-  (weights shared by the heads) before RoPE: ``q = RoPE(RMSNorm(x W_q))``, and ``k`` alike.
+  With ``cfg.qk_norm`` (Qwen3, Gemma 3), queries and keys pass an RMSNorm over each head's ``D``
+  features (weights shared by the heads) before RoPE: ``q = RoPE(RMSNorm(x W_q))``, and ``k``
+  alike.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float):
@@ -250,7 +251,12 @@ class Attention(nnx.Module):
     self.v = Dense(d, hkv * hd, bias=cfg.qkv_bias, std=std, **kw, **lora("v"))
     self.o = Dense(h * hd, d, bias=cfg.o_bias, std=out_std, **kw, **lora("o"))
     norm = lambda: Norm(
-      hd, eps=cfg.norm_eps, rms=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+      hd,
+      eps=cfg.norm_eps,
+      rms=True,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      offset=cfg.is_gemma,
     )
     self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (None, None)
     self.cfg = cfg
@@ -263,7 +269,7 @@ class Attention(nnx.Module):
     q = self.q(x_BxTxD).reshape(B, T, cfg.num_heads, cfg.head_dim)
     k = self.k(x_BxTxD).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     v = self.v(x_BxTxD).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    if self.q_norm is not None:  # Qwen3: each head's query and key normalised, then rotated
+    if self.q_norm is not None:  # Qwen3, Gemma 3: each head's query and key normalised, rotated
       q, k = self.q_norm(q), self.k_norm(k)
     if not cfg.is_gpt2:
       q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)

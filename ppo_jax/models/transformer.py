@@ -98,15 +98,20 @@ class Transformer(nnx.Module):
     if self.pos_embed is not None:
       x = x + self.pos_embed(positions_BxT)
     inv_freq = None if cfg.is_gpt2 else rope_inv_freq(cfg)
+    local_freq = inv_freq  # the windowed layers' (Gemma 3: a base of their own, no scaling)
+    if cfg.local_rope_theta is not None:
+      local_freq = rope_inv_freq(
+        cfg.replace(rope_theta=cfg.local_rope_theta, rope_type="default", rope_params=())
+      )
     new_cache = []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
-      mask = local if cfg.sliding(i) else allowed
+      mask, freq = (local, local_freq) if cfg.sliding(i) else (allowed, inv_freq)
       if cfg.remat != "none" and cache is None:
         run = nnx.remat(lambda b, *a: b(*a), policy=_REMAT_POLICY[cfg.remat])
-        x, layer_cache = run(block, x, positions_BxT, mask, None, cache_index, inv_freq)
+        x, layer_cache = run(block, x, positions_BxT, mask, None, cache_index, freq)
       else:
-        x, layer_cache = block(x, positions_BxT, mask, layer_cache, cache_index, inv_freq)
+        x, layer_cache = block(x, positions_BxT, mask, layer_cache, cache_index, freq)
       new_cache.append(layer_cache)
     return self.final_norm(x), (None if cache is None else new_cache)
 
