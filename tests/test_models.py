@@ -44,6 +44,29 @@ def test_logits_match_transformers(checkpoints, name, padded):
   np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
 
 
+def test_gemma_configs_read_as_transformers_runs_them(tmp_path):
+  """Gemma 3's attention ignores attn_logit_softcapping in transformers (so ppo_jax does too); a
+  Gemma with no windowed layer keeps its window, which transformers needs to run the saved copy;
+  a vision-language Gemma 3 is refused with what to use instead."""
+  ids, mask = tiny_hf.batch(seed=4)
+  for name, changes in [
+    ("gemma3", {"attn_logit_softcapping": 5.0}),
+    ("gemma2", {"layer_types": ["full_attention", "full_attention"]}),
+  ]:
+    hf_model = tiny_hf.make(name, tmp_path / name, **changes)
+    model = pj.models.from_pretrained(tmp_path / name)
+    want = tiny_hf.torch_logits(hf_model, ids, mask)
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(got[mask > 0], want[mask > 0], atol=1e-4, rtol=1e-4)
+    pj.models.save_pretrained(model, tmp_path / f"{name}_saved")
+    back = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / f"{name}_saved")).eval()
+    np.testing.assert_allclose(
+      tiny_hf.torch_logits(back, ids, mask)[mask > 0], want[mask > 0], atol=1e-5
+    )
+  with pytest.raises(ValueError, match=r"'gemma3' .*use a text-only Gemma3ForCausalLM checkpoint"):
+    ModelConfig.from_hf(tf.Gemma3Config())
+
+
 def test_sharded_checkpoint_has_an_index(checkpoints):
   folder, _ = checkpoints["sharded"]
   index = json.loads((folder / "model.safetensors.index.json").read_text())

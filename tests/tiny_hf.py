@@ -92,10 +92,14 @@ def make(
   kind: str = "causal_lm",
   dtype: torch.dtype = torch.float32,
   max_shard_size: str | None = None,
+  **config_changes,
 ):
-  """Saves a random ``name`` model under ``folder`` and returns the torch model (eval mode)."""
+  """Saves a random ``name`` model (its config with ``config_changes``) under ``folder`` and
+  returns the torch model (eval mode)."""
   torch.manual_seed(seed)
   cfg = CONFIGS[name]()
+  for key, value in config_changes.items():
+    setattr(cfg, key, value)
   if kind == "causal_lm":
     model = tf.AutoModelForCausalLM.from_config(cfg)
   else:

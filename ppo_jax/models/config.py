@@ -123,7 +123,7 @@ class ModelConfig:
     elif self.attention == "cudnn" and self.dtype == "float32":
       problems.append("attention 'cudnn' computes in bfloat16 or float16, not dtype float32")
     elif self.attention == "cudnn" and self.attn_logit_softcap is not None:
-      problems.append("attention 'cudnn' cannot soft-cap attention scores (Gemma 2): use 'xla'")
+      problems.append("attention 'cudnn' cannot soft-cap attention scores: use 'xla'")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         problems.append(f"{name} {getattr(self, name)!r} (expected one of {', '.join(DTYPES)})")
@@ -261,9 +261,15 @@ class ModelConfig:
     """From a ``transformers`` config object (``AutoConfig.from_pretrained(folder)``)."""
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED:
+      hint = (
+        " (a vision-language Gemma 3: use a text-only Gemma3ForCausalLM checkpoint, model_type "
+        "gemma3_text)"
+        if model_type == "gemma3"
+        else ""
+      )
       raise ValueError(
         f"unsupported architecture {model_type!r} ({getattr(hf, 'architectures', None)}); "
-        f"ppo_jax supports {', '.join(SUPPORTED)}"
+        f"ppo_jax supports {', '.join(SUPPORTED)}{hint}"
       )
     ids = dict(
       bos_token_id=_int_or_none(hf.bos_token_id),
@@ -297,8 +303,6 @@ class ModelConfig:
       rope = dict(getattr(hf, "rope_parameters", None) or {})
       local_theta = None
       if model_type == "gemma3_text":  # a RoPE per kind of layer
-        if getattr(hf, "use_bidirectional_attention", False):
-          raise ValueError("unsupported Gemma 3 option use_bidirectional_attention=True")
         local = dict(rope.get("sliding_attention") or {})
         if local.get("rope_type", "default") != "default":
           raise ValueError(
@@ -321,13 +325,17 @@ class ModelConfig:
       if model_type == "mistral":
         window = getattr(hf, "sliding_window", None)
       elif model_type in ("gemma2", "gemma3_text"):
-        kinds = list(hf.layer_types)
-        if "sliding_attention" in kinds:
-          window = hf.sliding_window
-          full = tuple(i for i, kind in enumerate(kinds) if kind == "full_attention")
+        if getattr(hf, "use_bidirectional_attention", False):
+          raise ValueError(f"unsupported {model_type} option use_bidirectional_attention=True")
+        # The window is kept even when no layer uses it: transformers' Gemma models need one.
+        window = hf.sliding_window
+        full = tuple(i for i, kind in enumerate(hf.layer_types) if kind == "full_attention")
         gemma = dict(
           query_pre_attn_scalar=float(hf.query_pre_attn_scalar),
-          attn_logit_softcap=_float_or_none(hf.attn_logit_softcapping),
+          # Gemma 3's attention ignores attn_logit_softcapping (transformers 5): so do we.
+          attn_logit_softcap=_float_or_none(hf.attn_logit_softcapping)
+          if model_type == "gemma2"
+          else None,
           final_logit_softcap=_float_or_none(hf.final_logit_softcapping),
         )
       elif getattr(hf, "use_sliding_window", False):  # Qwen2/3: a window on some layers only

@@ -134,14 +134,17 @@ class Norm(nnx.Module):
     return y.astype(self.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-  """Inverse frequencies ``θ^(−2i/D)``, with linear or Llama-3.1 scaling ([D/2], float32).
+def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> jax.Array:
+  """Inverse frequencies ``θ^(−2i/D)``, with linear or Llama-3.1 scaling ([D/2], float32);
+  ``local``: the windowed layers' (``cfg.local_rope_theta``, unscaled), where the config has one.
 
   Llama 3.1 (``rope_type="llama3"``): wavelengths longer than ``L_orig / low_freq_factor`` are
   divided by ``factor``, those shorter than ``L_orig / high_freq_factor`` kept, and those between
   interpolated smoothly (Meta's ``apply_scaling``; as ``transformers``' ``rope_parameters``).
   """
   d = cfg.head_dim
+  if local and cfg.local_rope_theta is not None:
+    return 1.0 / (cfg.local_rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   p = dict(cfg.rope_params)
   if cfg.rope_type == "linear":

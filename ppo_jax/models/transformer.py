@@ -98,11 +98,8 @@ class Transformer(nnx.Module):
     if self.pos_embed is not None:
       x = x + self.pos_embed(positions_BxT)
     inv_freq = None if cfg.is_gpt2 else rope_inv_freq(cfg)
-    local_freq = inv_freq  # the windowed layers' (Gemma 3: a base of their own, no scaling)
-    if cfg.local_rope_theta is not None:
-      local_freq = rope_inv_freq(
-        cfg.replace(rope_theta=cfg.local_rope_theta, rope_type="default", rope_params=())
-      )
+    # The windowed layers' (Gemma 3: a base of their own, no scaling).
+    local_freq = None if cfg.is_gpt2 else rope_inv_freq(cfg, local=True)
     new_cache = []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
