@@ -74,6 +74,9 @@ def _text_parts(parts: list, where: str, field: str) -> str:
   return "".join(part["text"] for part in parts)
 
 
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
 def sharegpt(value: Any, where: str) -> list[Message]:
   """ShareGPT's ``[{"from", "value"}]`` as messages (human → user, gpt → assistant)."""
   if not isinstance(value, list) or not value:
@@ -85,9 +88,6 @@ def sharegpt(value: Any, where: str) -> list[Message]:
     role = SHAREGPT_ROLES.get(turn["from"], turn["from"])
     turns.append({"role": role, "content": turn.get("value")})
   return messages(turns, where, "conversations")
-
-
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 
 
 def prompt(value: Any, where: str, field: str = "prompt") -> Prompt:
