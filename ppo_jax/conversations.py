@@ -7,14 +7,17 @@ Accepted rows (a text field may be a string anywhere a conversation is shown; a 
 as a conversation is one assistant message):
 
 - prompts: ``{"prompt": [...]}`` or ``{"messages": [...]}``, ending on a turn that is not the
-  assistant's;
+  assistant's; an SFT or preference row also reads as its prompt (``messages`` ending on the
+  assistant's turn without it), so the SFT or preference file can serve as the prompts file;
 - SFT: ``{"messages": [..., assistant]}`` (the last message is the response, the rest the
   prompt; also beside a ``"prompt"`` string, as ultrachat_200k has it), or ``{"prompt": [...],
   "completion": [assistant]}`` (``"response"`` also reads);
 - preferences: ``{"prompt": [...], "chosen": [assistant], "rejected": [assistant]}``, or
   ``{"chosen": [..., assistant], "rejected": [..., assistant]}`` whose messages before the last
   are the same (the shared prompt; a ``"prompt"`` beside them, as ultrafeedback_binarized has
-  it, is then not read).
+  it, is then not read), or ``{"chosen": str, "rejected": str}`` with no prompt field
+  (Anthropic's HH-RLHF): the prompt is the texts' common start, up to the last speaker label
+  (``Assistant:``) or else the last whitespace before they differ (``shared_start``).
 
 ShareGPT's ``{"conversations": [{"from", "value"}]}`` reads as ``"messages"`` (``human`` is the
 user, ``gpt`` the assistant). A message's content is a string, or a list of text parts
@@ -27,6 +30,7 @@ Every error is a ``DataError`` naming the file and line (``where``).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 Message = dict[str, Any]
@@ -146,17 +150,26 @@ def _get(row: dict, field: str, where: str, expected: str) -> Any:
   return row[field]
 
 
-PROMPT_FORMS = "'prompt', 'messages' or 'conversations'"
+PROMPT_FORMS = "'prompt', 'messages' or 'conversations', or an SFT or preference row"
 SFT_FORMS = "'prompt' and 'response' (or 'completion'), 'messages' or 'conversations'"
-PAIR_FORMS = "'prompt', 'chosen' and 'rejected', or conversations in 'chosen' and 'rejected'"
+PAIR_FORMS = "'prompt', 'chosen' and 'rejected', or 'chosen' and 'rejected' alone"
 
 
 def prompt_row(row: dict, where: str) -> Prompt:
-  if "prompt" not in row and "messages" in row:
-    return prompt(row["messages"], where, "messages")
-  if "prompt" not in row and "conversations" in row:
-    return prompt(sharegpt(row["conversations"], where), where, "conversations")
-  return prompt(_get(row, "prompt", where, PROMPT_FORMS), where)
+  """A prompts-file row's prompt; an SFT or preference row gives the prompt its response
+  continues."""
+  if "prompt" in row:
+    return prompt(row["prompt"], where)
+  for field in ("messages", "conversations"):
+    if field in row:
+      turns = row[field]
+      turns = sharegpt(turns, where) if field == "conversations" else messages(turns, where, field)
+      if turns[-1]["role"] == "assistant":  # an SFT row: the prompt is what comes before
+        turns = split_last(turns, where, field)[0]
+      return prompt(turns, where, field)
+  if "chosen" in row and "rejected" in row:
+    return preference_row(row, where)[0]
+  raise DataError(f"{where}: missing field 'prompt' (expected {PROMPT_FORMS})")
 
 
 def sft_row(row: dict, where: str) -> tuple[Prompt, str]:
@@ -186,9 +199,47 @@ def preference_row(row: dict, where: str) -> tuple[Prompt, str, str]:
       )
     return head, good, bad
   if "prompt" not in row:
+    if isinstance(chosen, str) and isinstance(rejected, str):
+      return shared_start(chosen, rejected, where)
     raise DataError(f"{where}: missing field 'prompt' (expected {PAIR_FORMS})")
   head = prompt(row["prompt"], where)
   return head, response(chosen, where, "chosen"), response(rejected, where, "rejected")
+
+
+# A speaker's label at the start of a line, as in HH-RLHF's "\n\nHuman: ...\n\nAssistant: ...".
+_LABEL = re.compile(r"^[ \t]*[A-Za-z][\w-]{0,31}:", re.MULTILINE)
+
+
+def shared_start(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
+  """``(prompt, chosen response, rejected response)`` of two whole texts that share their start:
+  the prompt ends after the last speaker label (a line opening with ``Name:``, HH-RLHF's
+  ``Assistant:``) before the first character where they differ or, with no label there, before
+  the last whitespace there, so that a word is never cut in two. Each response is the rest.
+
+  Two equal texts (a tie) split the same way at their end. Without a label, answers that begin
+  alike leave their common first words in the prompt: the
+  same tokens in both sequences, which the Bradley–Terry and DPO losses see alike.
+  """
+  n = 0
+  for a, b in zip(chosen, rejected, strict=False):
+    if a != b:
+      break
+    n += 1
+  labels = list(_LABEL.finditer(chosen, 0, n))
+  if labels:
+    cut = labels[-1].end()
+  else:  # back to the start of the last whitespace run at or before the first difference
+    cut = n
+    while cut > 0 and not chosen[cut - 1].isspace():
+      cut -= 1
+    while cut > 0 and chosen[cut - 1].isspace():
+      cut -= 1
+  if cut == 0:
+    raise DataError(
+      f"{where}: without a 'prompt' field, 'chosen' and 'rejected' must start with the same "
+      "prompt, ending in whitespace or a speaker label before their answers; these share none"
+    )
+  return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def _role(m: Any) -> Any:

@@ -138,18 +138,27 @@ def encode_prompts(
 ) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded prompt ids and mask ``[N, P]`` (int32) of texts, or (with ``layout.chat``) of
   texts and conversations."""
-  P = layout.prompt_len
-  ids = np.full((len(prompts), P), layout.pad_id, np.int32)
-  mask = np.zeros((len(prompts), P), np.int32)
-  if layout.chat:  # the template writes the special tokens it wants (BOS, turn headers)
+  return _encode_rendered(tokenizer, _render(tokenizer, prompts, layout, source), layout, source)
+
+
+def _render(tokenizer: Any, prompts: Sequence[Prompt], layout: Layout, source: str) -> list[str]:
+  """The texts the prompts are tokenized from: with ``layout.chat``, as the template writes them."""
+  if layout.chat:
     kwargs = template_kwargs(layout.chat_kwargs)
-    texts = chat_prompts(tokenizer, prompts, layout.system, kwargs, source=source)
-    encoded = tokenizer(texts, add_special_tokens=False)
-  else:
-    if any(conversations.is_conversation(p) for p in prompts):
-      raise DataError(f"{source}: conversations (lists of messages) need data.chat_template=True")
-    encoded = tokenizer(list(prompts), add_special_tokens=True)
-  encoded = encoded["input_ids"]
+    return chat_prompts(tokenizer, prompts, layout.system, kwargs, source=source)
+  if any(conversations.is_conversation(p) for p in prompts):
+    raise DataError(f"{source}: conversations (lists of messages) need data.chat_template=True")
+  return list(prompts)
+
+
+def _encode_rendered(
+  tokenizer: Any, texts: list[str], layout: Layout, source: str
+) -> tuple[np.ndarray, np.ndarray]:
+  P = layout.prompt_len
+  ids = np.full((len(texts), P), layout.pad_id, np.int32)
+  mask = np.zeros((len(texts), P), np.int32)
+  # The chat template writes the special tokens it wants (BOS, turn headers).
+  encoded = tokenizer(texts, add_special_tokens=not layout.chat)["input_ids"]
   for i, toks in enumerate(encoded):
     if len(toks) > P:
       if layout.overflow == "error":
@@ -270,12 +279,9 @@ def load_prompts(path, tokenizer, layout: Layout) -> tuple[list[str], np.ndarray
   written; a conversation as the chat template writes it out, the text the policy reads) and
   their ``encode_prompts`` arrays."""
   prompts = [p for (p,) in _read(path, layout, lambda r, w: (conversations.prompt_row(r, w),))]
-  ids, mask = encode_prompts(tokenizer, prompts, layout, source=str(path))
-  kwargs = template_kwargs(layout.chat_kwargs)
-  texts = [
-    p if isinstance(p, str) else chat_prompts(tokenizer, [p], layout.system, kwargs)[0]
-    for p in prompts
-  ]
+  rendered = _render(tokenizer, prompts, layout, str(path))
+  ids, mask = _encode_rendered(tokenizer, rendered, layout, str(path))
+  texts = [p if isinstance(p, str) else r for p, r in zip(prompts, rendered, strict=True)]
   return texts, ids, mask
 
 

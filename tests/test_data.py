@@ -126,6 +126,52 @@ def test_preference_conversations_with_and_without_a_prompt_field(tmp_path):
     data.load_preferences(_jsonl(tmp_path / "q.jsonl", apart), CHAT_TOK, CHAT)
 
 
+@pytest.mark.parametrize(
+  "chosen,rejected,want",
+  [  # HH-RLHF's form: the prompt ends after the last speaker label before the answers differ
+    (
+      "\n\nHuman: hi\n\nAssistant: It is 4.",
+      "\n\nHuman: hi\n\nAssistant: It is 5.",
+      ("\n\nHuman: hi\n\nAssistant:", " It is 4.", " It is 5."),
+    ),
+    (  # a label inside a line is not a speaker's
+      "Q: a\nA: yes\nQ: Note: b",
+      "Q: a\nA: yes\nQ: Note: c",
+      ("Q: a\nA: yes\nQ:", " Note: b", " Note: c"),
+    ),
+    # with no label, at the last whitespace before they differ (a word is not cut)
+    ("good film bad", "good film badly", ("good film", " bad", " badly")),
+    ("good film  bad", "good film plot", ("good film", "  bad", " plot")),
+    ("good film", "good film", ("good", " film", " film")),  # a tie
+  ],
+)
+def test_pairs_without_a_prompt_field_share_their_start(chosen, rejected, want):
+  from ppo_jax.conversations import preference_row
+
+  assert preference_row({"chosen": chosen, "rejected": rejected}, "f:1") == want
+
+
+def test_sft_and_preference_rows_serve_as_prompts(tmp_path):
+  """An SFT or preference file read as the prompts file gives the prompts of its rows."""
+  rows = [
+    {"prompt": "good film", "response": "bad"},
+    {"messages": [USER("good"), BOT("film"), USER("plot"), BOT("bad")]},
+    {"conversations": [{"from": "human", "value": "good"}, {"from": "gpt", "value": "bad"}]},
+    {"chosen": [USER("good"), BOT("film")], "rejected": [USER("good"), BOT("bad")]},
+    {"chosen": "good film bad", "rejected": "good film plot"},
+  ]
+  texts = data.load_prompts(_jsonl(tmp_path / "p.jsonl", rows), CHAT_TOK, CHAT)[0]
+  assert texts == [
+    "good film",
+    "<user> good <end> <bot> film <end> <user> plot <end> <bot>",
+    "<user> good <end> <bot>",
+    "<user> good <end> <bot>",
+    "good film",
+  ]
+  with pytest.raises(data.DataError, match=r"p\.jsonl:1: messages must end with an assistant"):
+    data.load_prompts(_jsonl(tmp_path / "p.jsonl", [{"messages": [BOT("a")]}]), CHAT_TOK, CHAT)
+
+
 def test_prompt_conversations_read_as_the_template_writes_them(tmp_path):
   rows = [
     {"messages": [USER("good"), BOT("film"), USER("plot")]},
@@ -185,7 +231,12 @@ def test_prompt_conversations_read_as_the_template_writes_them(tmp_path):
     (
       "pairs",
       {"chosen": "film", "rejected": "bad"},
-      r"missing field 'prompt' \(expected 'prompt', 'chosen'",
+      r"without a 'prompt' field, 'chosen' and 'rejected' must start with the same prompt",
+    ),
+    (
+      "pairs",
+      {"chosen": [BOT("film")], "rejected": [BOT("bad")]},
+      r"missing field 'prompt' \(expected 'prompt', 'chosen' and 'rejected', or",
     ),
     (
       "pairs",
