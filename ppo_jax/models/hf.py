@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ppo_jax.models.config import ModelConfig, _listed
+from ppo_jax.models.config import ModelConfig
+from ppo_jax.models.hf_config import _listed
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
 from ppo_jax.sharding import to_host
 
