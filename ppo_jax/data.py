@@ -152,13 +152,15 @@ def _render(tokenizer: Any, prompts: Sequence[Prompt], layout: Layout, source: s
 
 
 def _encode_rendered(
-  tokenizer: Any, texts: list[str], layout: Layout, source: str
+  tokenizer: Any, texts: list[str], layout: Layout, source: str, *, fit: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-  P = layout.prompt_len
-  ids = np.full((len(texts), P), layout.pad_id, np.int32)
-  mask = np.zeros((len(texts), P), np.int32)
   # The chat template writes the special tokens it wants (BOS, turn headers).
   encoded = tokenizer(texts, add_special_tokens=not layout.chat)["input_ids"]
+  P = layout.prompt_len
+  if fit:
+    P = min(P, max(map(len, encoded), default=1))
+  ids = np.full((len(texts), P), layout.pad_id, np.int32)
+  mask = np.zeros((len(texts), P), np.int32)
   for i, toks in enumerate(encoded):
     if len(toks) > P:
       if layout.overflow == "error":
@@ -274,13 +276,16 @@ def _read(path, layout: Layout, parse) -> list[tuple]:
   return out
 
 
-def load_prompts(path, tokenizer, layout: Layout) -> tuple[list[str], np.ndarray, np.ndarray]:
+def load_prompts(
+  path, tokenizer, layout: Layout, *, fit: bool = False
+) -> tuple[list[str], np.ndarray, np.ndarray]:
   """``(texts, ids, mask)``: the prompts as reward functions and sample tables see them (as
   written; a conversation as the chat template writes it out, the text the policy reads) and
-  their ``encode_prompts`` arrays."""
+  their ``encode_prompts`` arrays. ``fit``: as wide as the longest prompt, at most
+  ``layout.prompt_len`` (beyond which ``layout.overflow`` applies)."""
   prompts = [p for (p,) in _read(path, layout, lambda r, w: (conversations.prompt_row(r, w),))]
   rendered = _render(tokenizer, prompts, layout, str(path))
-  ids, mask = _encode_rendered(tokenizer, rendered, layout, str(path))
+  ids, mask = _encode_rendered(tokenizer, rendered, layout, str(path), fit=fit)
   texts = [p if isinstance(p, str) else r for p, r in zip(prompts, rendered, strict=True)]
   return texts, ids, mask
 

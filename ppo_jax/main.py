@@ -235,6 +235,7 @@ def start_distributed(d) -> None:
 USAGE = """\
 usage: ppo-jax --config=FILE[:ARG] --workdir=DIR [--config.FIELD=VALUE ...] [--noresume]
        ppo-jax export --workdir=DIR --out=DIR [--stage ppo|dpo] [--step N]
+       ppo-jax sample --model=DIR --prompts=FILE --out=FILE [--n=K] [--reward-model=DIR] [...]
 
 Runs an experiment config (experiments/*.py: get_config(arg)) end to end: SFT, reward model, then
 PPO (or the algorithm config.algo names), writing everything under --workdir.
@@ -247,7 +248,8 @@ PPO (or the algorithm config.algo names), writing everything under --workdir.
   --noresume              refuse a workdir that already holds checkpoints
   --version               ppo_jax's version and its libraries'
 
-Every field: docs/config.md. Export a trained policy: ppo-jax export --help.
+Every field: docs/config.md. Export a trained policy: ppo-jax export --help. Sample a policy on a
+prompts file, scored by a reward model or function (best-of-n too): ppo-jax sample --help.
 Compiled programs are cached in ~/.cache/ppo_jax/xla (PPO_JAX_COMPILATION_CACHE: another folder,
 or empty for none)."""
 
@@ -275,6 +277,10 @@ def cli(argv: list[str] | None = None) -> int:
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's INFO/WARNING chatter drowns the output
   if len(argv) > 1 and argv[1] == "export":
     return export(argv[2:])
+  if len(argv) > 1 and argv[1] == "sample":
+    from ppo_jax.inference import cli as sample
+
+    return sample(argv[2:])
   if any(a in ("-h", "-help", "--help", "--helpfull", "--helpshort") for a in argv[1:]):
     print(USAGE)
     return 0

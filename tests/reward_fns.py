@@ -10,3 +10,8 @@ def superlatives(prompts, responses):
 
 def raises(prompts, responses):
   raise RuntimeError("reward server unreachable")
+
+
+def words_minus_prompt(prompts, responses):
+  """The response's word count less a tenth of the prompt's: depends on both arguments."""
+  return [len(r.split()) - 0.1 * len(p.split()) for p, r in zip(prompts, responses, strict=True)]

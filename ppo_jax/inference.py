@@ -1,0 +1,328 @@
+"""Sampling a trained policy on a prompts file, scored: ``ppo-jax sample`` and ``sample_file``.
+
+Each prompt gets ``n`` responses from the jitted KV-cache sampler (``sampling.generate``), scored
+by a reward model (a ``*ForSequenceClassification`` folder, on device) or a reward function (on
+the host), and written to a JSONL file as they come. With ``n > 1`` the summary also gives the
+best-of-n score, the mean over prompts of the best of their ``n`` scores: how far rejection
+sampling against the scorer would get (Nakano et al., 2021, "WebGPT"; Gao et al., 2023, "Scaling
+Laws for Reward Model Overoptimization"), the usual yardstick beside a PPO policy's mean score.
+
+Batches all have ``batch_size`` rows (the last one padded with copies of a row whose samples are
+dropped), so one program is compiled for the whole file; batch ``b`` samples with the key
+``fold_in(key(seed), b)``: the same command writes the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ppo_jax import data
+from ppo_jax.models import CausalLM, RewardModel, from_pretrained
+from ppo_jax.models.hf import load_hf_config, read_generation_config
+from ppo_jax.rewards import call_reward_fn, load_reward_fn
+from ppo_jax.sampling import generate
+from ppo_jax.tokenizer import load_tokenizer
+
+
+def sampling_settings(
+  folder: str | pathlib.Path, temperature=None, top_p=None, top_k=None
+) -> dict[str, Any]:
+  """``temperature``, ``top_p`` and ``top_k`` as given, else as the folder's
+  ``generation_config.json`` sets them, else 1.0, 1.0 and 0 (no filter)."""
+  defaults = read_generation_config(folder) or {}
+  pick = lambda given, key, none: (
+    given if given is not None else (defaults.get(key) if defaults.get(key) is not None else none)
+  )
+  return {
+    "temperature": float(pick(temperature, "temperature", 1.0)),
+    "top_p": float(pick(top_p, "top_p", 1.0)),
+    "top_k": int(pick(top_k, "top_k", 0)),
+  }
+
+
+def _load_policy(folder: str, dtype: str) -> CausalLM:
+  architectures = getattr(load_hf_config(folder), "architectures", None) or []
+  if any(a.endswith("ForSequenceClassification") for a in architectures):
+    raise ValueError(f"{folder} is a reward model ({architectures}); --model needs a causal LM")
+  return from_pretrained(folder, dtype=dtype, kind="causal_lm")
+
+
+def _load_reward_model(folder: str, dtype: str, tokenizer: Any) -> RewardModel:
+  architectures = getattr(load_hf_config(folder), "architectures", None) or []
+  if not any(a.endswith("ForSequenceClassification") for a in architectures):
+    raise ValueError(
+      f"reward model {folder}: not a *ForSequenceClassification checkpoint ({architectures})"
+    )
+  rm = from_pretrained(folder, dtype=dtype, kind="reward")
+  if len(tokenizer) > rm.cfg.vocab_size:
+    raise ValueError(
+      f"reward model {folder}: its embedding has {rm.cfg.vocab_size} rows, the policy's "
+      f"tokenizer {len(tokenizer)} tokens: it reads another vocabulary"
+    )
+  return rm
+
+
+def sample_file(
+  model: str | pathlib.Path,
+  prompts: str | pathlib.Path,
+  out: str | pathlib.Path,
+  *,
+  n: int = 1,
+  max_new_tokens: int = 64,
+  reward_model: str | pathlib.Path | None = None,
+  reward_fn: str | None = None,
+  tokenizer: str | pathlib.Path | None = None,
+  temperature: float | None = None,
+  top_p: float | None = None,
+  top_k: int | None = None,
+  greedy: bool = False,
+  batch_size: int = 16,
+  max_prompt_len: int | None = None,
+  prompt_overflow: str = "error",
+  chat_template: bool = False,
+  system_prompt: str | None = None,
+  chat_template_kwargs: str | None = None,
+  seed: int = 0,
+  dtype: str = "float32",
+  progress: bool = True,
+) -> dict[str, float]:
+  """Writes ``n`` sampled responses to each prompt of ``prompts`` (a prompts, SFT or preference
+  JSONL file, read as ``data.load_prompts`` reads it) to ``out`` (JSONL, one row per response:
+  ``prompt``, ``response``, ``index`` of the prompt, ``sample``, ``tokens``, ``stopped`` at a stop
+  id, and ``score`` with a scorer) and returns the summary it prints.
+
+  ``model`` is a Hugging Face causal-LM folder (a ppo_jax policy or export, or any supported
+  checkpoint); its tokenizer comes from ``tokenizer`` or the same folder. Responses stop at the
+  tokenizer's EOS and the checkpoint's stop ids (config.json's and generation_config.json's).
+  Unset sampling settings come from its ``generation_config.json`` (``sampling_settings``).
+  Prompts are left-padded to the longest one, at most ``max_prompt_len`` tokens (default: what
+  the model's positions leave beside ``max_new_tokens``; ``prompt_overflow``: error | truncate).
+
+  Raises:
+    ValueError: bad arguments, an existing ``out``, a model or reward model that does not fit
+      (one line each); ``data.DataError`` for bad prompt rows; ``RewardError`` for a reward
+      function that fails.
+  """
+  out = pathlib.Path(out)
+  if out.exists():
+    raise ValueError(f"--out {out} exists; pick another file or delete it")
+  if n < 1 or batch_size < 1 or max_new_tokens < 1:
+    raise ValueError(
+      f"n, batch_size and max_new_tokens must be ≥ 1, got {n}, {batch_size}, {max_new_tokens}"
+    )
+  if reward_model and reward_fn:
+    raise ValueError("give a reward model or a reward function, not both")
+  fn = load_reward_fn(reward_fn, what="--reward-fn") if reward_fn else None
+  model, tok_dir = str(model), str(tokenizer or model)
+  tok = load_tokenizer(tok_dir)
+  policy = _load_policy(model, dtype)
+  cfg = policy.cfg
+  if len(tok) > cfg.vocab_size:
+    raise ValueError(
+      f"the tokenizer of {tok_dir} has {len(tok)} tokens but {model}'s embedding only "
+      f"{cfg.vocab_size} rows"
+    )
+  rm = _load_reward_model(str(reward_model), dtype, tok) if reward_model else None
+  positions = min(c.max_position_embeddings for c in [cfg] + ([rm.cfg] if rm else []))
+  cap = max_prompt_len or positions - max_new_tokens
+  if cap < 1:
+    raise ValueError(
+      f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {positions} positions "
+      "of the model" + (" and reward model" if rm else "") + " (lower --max-new-tokens)"
+    )
+  layout = data.Layout(
+    cap,
+    max_new_tokens,
+    tok.pad_token_id,
+    tok.eos_token_id,
+    prompt_overflow,
+    chat_template,
+    system_prompt,
+    chat_template_kwargs,
+  )
+  texts, ids, mask = data.load_prompts(prompts, tok, layout, fit=True)
+  stops = tuple(
+    dict.fromkeys(
+      i for i in (tok.eos_token_id, cfg.eos_token_id, *cfg.extra_eos_token_ids) if i is not None
+    )
+  )
+  settings = sampling_settings(model, temperature, top_p, top_k)
+  rows = np.repeat(np.arange(len(texts)), n)  # prompt-major: prompt 0's n samples first
+  B = min(batch_size, len(rows))
+  say = print if progress else (lambda *a, **k: None)
+  say(
+    f"sampling {len(texts)} prompts × {n} from {model} ({len(rows)} responses of at most "
+    f"{max_new_tokens} tokens, batches of {B}; "
+    + ("greedy" if greedy else ", ".join(f"{k} {v}" for k, v in settings.items()))
+    + f"; stop ids {list(stops)})",
+    flush=True,
+  )
+  score = _rm_scorer(rm) if rm is not None else None
+  key = jax.random.key(seed)
+  results: dict[str, list] = {"tokens": [], "stopped": [], "score": []}
+  t0 = shown_at = time.perf_counter()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with out.open("x") as f:
+    for b, start in enumerate(range(0, len(rows), B)):
+      take = rows[start : start + B]
+      real = len(take)
+      take = np.concatenate([take, np.full(B - real, take[0])])
+      gen = generate(
+        policy,
+        ids[take],
+        mask[take],
+        key=jax.random.fold_in(key, b),
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        eos_token_id=stops,
+        pad_token_id=tok.pad_token_id,
+        **settings,
+      )
+      tokens, gen_mask = np.asarray(gen.tokens)[:real], np.asarray(gen.mask)[:real]
+      responses = _decode(tok, tokens, gen_mask)
+      prompt_texts = [texts[i] for i in take[:real]]
+      if fn is not None:
+        scores = call_reward_fn(fn, prompt_texts, responses, name=f"reward function {reward_fn}")
+      elif score is not None:
+        full_ids = np.concatenate([ids[take], np.asarray(gen.tokens)], 1)
+        full_mask = np.concatenate([mask[take], np.asarray(gen.mask, np.int32)], 1)
+        scores = np.asarray(score(full_ids, full_mask))[:real]
+      else:
+        scores = None
+      for j in range(real):
+        length = int(gen_mask[j].sum())
+        stopped = bool(length and int(tokens[j, length - 1]) in stops)
+        row = {
+          "index": int(take[j]),
+          "sample": int((start + j) % n),
+          "prompt": prompt_texts[j],
+          "response": responses[j],
+          "tokens": length,
+          "stopped": stopped,
+        }
+        if scores is not None:
+          row["score"] = float(scores[j])
+          results["score"].append(float(scores[j]))
+        results["tokens"].append(length)
+        results["stopped"].append(stopped)
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      f.flush()
+      done, now = start + real, time.perf_counter()
+      if now - shown_at > 10 or done == len(rows):  # a line every 10 s or so
+        say(f"  {done}/{len(rows)} responses, {now - t0:.1f} s", flush=True)
+        shown_at = now
+  summary = _summary(results, n)
+  say(
+    f"wrote {len(rows)} responses to {out}: " + ", ".join(_shown(k, v) for k, v in summary.items())
+  )
+  return summary
+
+
+def _rm_scorer(rm: RewardModel):
+  graphdef, state = nnx.split(rm)
+
+  @jax.jit
+  def score(state, ids, mask):
+    return nnx.merge(graphdef, state)(ids, mask)
+
+  return lambda ids, mask: score(state, jnp.asarray(ids), jnp.asarray(mask))
+
+
+def _decode(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+  return tokenizer.batch_decode(
+    [t[m > 0].tolist() for t, m in zip(tokens, mask, strict=True)], skip_special_tokens=True
+  )
+
+
+def _summary(results: dict[str, list], n: int) -> dict[str, float]:
+  summary = {
+    "mean_tokens": float(np.mean(results["tokens"])),
+    "stopped": float(np.mean(results["stopped"])),
+  }
+  scores = np.asarray(results["score"], np.float64)
+  if scores.size:
+    summary["score_mean"] = float(scores.mean())
+    summary["score_std"] = float(scores.std())
+    if n > 1:
+      summary[f"best_of_{n}"] = float(scores.reshape(-1, n).max(1).mean())
+  return summary
+
+
+def _shown(key: str, value: float) -> str:
+  if key == "stopped":
+    return f"{value:.0%} stopped at a stop id"
+  return f"{key} {value:.4g}" if math.isfinite(value) else f"{key} {value}"
+
+
+# The config fields data.py names in its errors, each set here by the flag of its name (longest
+# first: one name starts another).
+FLAG_FIELDS = (
+  "chat_template_kwargs", "chat_template", "system_prompt", "max_prompt_len", "prompt_overflow"
+)  # fmt: skip
+
+
+def cli(argv: list[str]) -> int:
+  """``ppo-jax sample --model=DIR --prompts=FILE --out=FILE [...]``: ``sample_file`` from the
+  command line; errors are one line, with exit status 2 for bad flags and 1 for bad input."""
+  import argparse
+  import sys
+
+  from ppo_jax.main import _one_line, enable_compilation_cache
+  from ppo_jax.rewards import RewardError
+
+  p = argparse.ArgumentParser(
+    prog="ppo-jax sample",
+    description="Sample a policy on a prompts file; write the responses (scored, with a reward "
+    "model or function) as JSONL and print their mean score, and the best-of-n score with --n.",
+  )
+  p.add_argument(
+    "--model", required=True, help="Hugging Face causal-LM folder (e.g. WORKDIR/policy)"
+  )
+  p.add_argument("--prompts", required=True, help="JSONL prompts (or SFT or preference) file")
+  p.add_argument("--out", required=True, help="JSONL file to write (must not exist)")
+  p.add_argument("--n", type=int, default=1, help="responses per prompt (default 1)")
+  p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap (64)")
+  p.add_argument("--reward-model", help="*ForSequenceClassification folder to score with")
+  p.add_argument("--reward-fn", help="package.module:function to score with")
+  p.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+  p.add_argument("--temperature", type=float, help="default: generation_config.json's, else 1")
+  p.add_argument("--top-p", type=float, help="default: generation_config.json's, else 1")
+  p.add_argument("--top-k", type=int, help="default: generation_config.json's, else 0 (all)")
+  p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+  p.add_argument("--batch-size", type=int, default=16, help="rows per sampler call (16)")
+  p.add_argument("--max-prompt-len", type=int, help="default: the model's positions left")
+  p.add_argument("--prompt-overflow", choices=data.OVERFLOW, default="error")
+  p.add_argument("--chat-template", action="store_true", help="prompts in the chat template")
+  p.add_argument("--system-prompt", help="with --chat-template: a system turn first")
+  p.add_argument("--chat-template-kwargs", help="with --chat-template: a JSON object")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+
+  def one_line(message):  # argparse's own error prints the usage first
+    print(f"ppo-jax sample: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+  p.error = one_line
+  try:
+    args = p.parse_args(argv)
+  except SystemExit as e:  # --help, or a bad flag
+    return int(e.code or 0)
+  enable_compilation_cache()
+  try:
+    sample_file(**vars(args))
+  except (ValueError, OSError, RewardError) as e:
+    message = _one_line(e)
+    for field in FLAG_FIELDS:
+      message = message.replace(f"data.{field}", "--" + field.replace("_", "-"))
+    print(f"ppo-jax sample: error: {message}", file=sys.stderr)
+    return 1
+  return 0

@@ -1,0 +1,145 @@
+"""ppo-jax sample (ppo_jax.inference): greedy responses and reward-model scores equal
+transformers', a reward function's scores and the best-of-n summary recomputed from the written
+rows, one output per seed, and bad input named in one line."""
+
+import json
+
+import numpy as np
+import pytest
+import tiny_hf
+import torch
+
+from ppo_jax import inference
+from ppo_jax.main import cli
+from ppo_jax.tokenizer import build_word_tokenizer, load_tokenizer
+
+WORDS = [f"w{i}" for i in range(tiny_hf.VOCAB - 8)]
+PROMPTS = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9", "w10 w11", "w3 w3 w3 w3"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  """(policy folder, reward-model folder, prompts file, torch policy, torch reward model)."""
+  root = tmp_path_factory.mktemp("sample")
+  tok = build_word_tokenizer(WORDS)
+  policy = tiny_hf.make("gpt2", root / "policy", seed=3)
+  rm = tiny_hf.make("gpt2", root / "rm", seed=4, kind="sequence_cls")
+  # The tokenizer's EOS: a word the policy says greedily after the third prompt, so that
+  # responses stop at it as well as at config.json's EOS.
+  ids = torch.tensor([tok(PROMPTS[2])["input_ids"]])
+  with torch.no_grad():
+    for _ in range(4):
+      ids = torch.cat([ids, policy(ids).logits[:, -1:].argmax(-1)], 1)
+  said = [
+    t for t in ids[0, -4:].tolist() if t != tiny_hf.EOS and tok.convert_ids_to_tokens(t) in WORDS
+  ]
+  tok.eos_token = tok.convert_ids_to_tokens(said[0])
+  for folder in ("policy", "rm"):
+    tok.save_pretrained(str(root / folder))
+  prompts = root / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+  return root / "policy", root / "rm", prompts, policy, rm
+
+
+def _rows(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_greedy_responses_and_scores_equal_transformers(folders, tmp_path):
+  """Each prompt alone, unpadded, through torch: greedy tokens up to the first stop id, and the
+  reward model's score at the last token; here in batches of 2 (the last one padded)."""
+  policy_dir, rm_dir, prompts, policy, rm = folders
+  out = tmp_path / "greedy.jsonl"
+  summary = inference.sample_file(
+    policy_dir, prompts, out, greedy=True, max_new_tokens=6, reward_model=rm_dir, batch_size=2
+  )
+  rows = _rows(out)
+  tok = load_tokenizer(policy_dir)
+  stops = [tok.eos_token_id, tiny_hf.EOS]  # the tokenizer's, then the checkpoint's config.json
+  assert [(r["index"], r["sample"], r["prompt"]) for r in rows] == [
+    (i, 0, p) for i, p in enumerate(PROMPTS)
+  ]
+  for row, text in zip(rows, PROMPTS, strict=True):
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+      full = policy.generate(
+        ids, do_sample=False, max_new_tokens=6, eos_token_id=stops, pad_token_id=tiny_hf.PAD
+      )[0]
+      new = full[ids.shape[1] :].tolist()
+      length = next((k + 1 for k, t in enumerate(new) if t in stops), len(new))
+      scored = torch.tensor([ids[0].tolist() + new[:length]])
+      want = rm.score(rm.transformer(scored).last_hidden_state)[0, -1, 0].item()
+    assert row["response"] == tok.decode(new[:length], skip_special_tokens=True)
+    assert (row["tokens"], row["stopped"]) == (length, new[length - 1] in stops)
+    np.testing.assert_allclose(row["score"], want, rtol=1e-4, atol=1e-4)
+  assert rows[2]["stopped"] and rows[2]["tokens"] < 6  # at the tokenizer's EOS
+  scores = np.array([r["score"] for r in rows], np.float64)
+  assert summary["score_mean"] == pytest.approx(scores.mean())
+  assert summary["mean_tokens"] == pytest.approx(np.mean([r["tokens"] for r in rows]))
+  assert "best_of_1" not in summary
+
+
+def test_best_of_n_and_a_reward_function(folders, tmp_path):
+  policy_dir, _, prompts, _, _ = folders
+  kw = dict(n=3, max_new_tokens=5, reward_fn="reward_fns:words_minus_prompt", batch_size=4)
+  summary = inference.sample_file(policy_dir, prompts, tmp_path / "a.jsonl", seed=7, **kw)
+  rows = _rows(tmp_path / "a.jsonl")
+  assert [(r["index"], r["sample"]) for r in rows] == [(i, j) for i in range(5) for j in range(3)]
+  for r in rows:
+    assert r["score"] == pytest.approx(len(r["response"].split()) - 0.1 * len(r["prompt"].split()))
+  best = np.mean([max(r["score"] for r in rows if r["index"] == i) for i in range(5)])
+  assert summary["best_of_3"] == pytest.approx(best)
+  assert summary["best_of_3"] > summary["score_mean"]  # not a tie here: the test has teeth
+  assert len({r["response"] for r in rows if r["index"] == 2}) > 1  # samples, not one greedy
+  # The same seed writes the same file; another seed other responses.
+  inference.sample_file(policy_dir, prompts, tmp_path / "b.jsonl", seed=7, **kw)
+  assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
+  inference.sample_file(policy_dir, prompts, tmp_path / "c.jsonl", seed=8, **kw)
+  assert _rows(tmp_path / "c.jsonl") != rows
+
+
+def test_sampling_settings_default_to_the_checkpoints(tmp_path):
+  assert inference.sampling_settings(tmp_path) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+  (tmp_path / "generation_config.json").write_text(
+    json.dumps({"temperature": 0.6, "top_p": 0.95, "top_k": None})
+  )
+  assert inference.sampling_settings(tmp_path, top_p=0.5) == {
+    "temperature": 0.6,
+    "top_p": 0.5,
+    "top_k": 0,
+  }
+
+
+def test_bad_input_is_one_line(folders, tmp_path, capsys):
+  policy_dir, rm_dir, prompts, _, _ = folders
+  base = ["ppo-jax", "sample", f"--prompts={prompts}", "--max-new-tokens=4"]
+  taken = tmp_path / "taken.jsonl"
+  taken.write_text("keep me\n")
+  cases = [
+    ([f"--model={policy_dir}", f"--out={taken}"], 1, f"--out {taken} exists; pick another"),
+    ([f"--model={rm_dir}", f"--out={tmp_path / 'o'}"], 1, "is a reward model (['GPT2ForSequence"),
+    (
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", f"--reward-model={policy_dir}"],
+      1,
+      "not a *ForSequenceClassification checkpoint (['GPT2LMHeadModel'])",
+    ),
+    (
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--reward-fn=reward_fns:nothing"],
+      1,
+      "--reward-fn 'reward_fns:nothing': reward_fns has no function 'nothing'",
+    ),
+    (
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--max-prompt-len=2"],
+      1,
+      "row 1: prompt of 3 tokens is longer than --max-prompt-len=2",
+    ),
+    ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=x"], 2, "argument --n: invalid int"),
+  ]
+  for args, status, message in cases:
+    assert cli([*base, *args]) == status, args
+    err = capsys.readouterr().err
+    assert err.startswith("ppo-jax sample: error: ") and message in err, err
+    assert err.count("\n") == 1
+  assert taken.read_text() == "keep me\n" and not (tmp_path / "o").exists()
+  assert cli(["ppo-jax", "sample", "--help"]) == 0
+  assert "--reward-model" in capsys.readouterr().out
