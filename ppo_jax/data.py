@@ -134,11 +134,18 @@ def template_kwargs(text: str | None) -> dict[str, Any]:
 
 
 def encode_prompts(
-  tokenizer: Any, prompts: Sequence[Prompt], layout: Layout, *, source: str = "prompts"
+  tokenizer: Any,
+  prompts: Sequence[Prompt],
+  layout: Layout,
+  *,
+  source: str = "prompts",
+  fit: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded prompt ids and mask ``[N, P]`` (int32) of texts, or (with ``layout.chat``) of
-  texts and conversations."""
-  return _encode_rendered(tokenizer, _render(tokenizer, prompts, layout, source), layout, source)
+  texts and conversations. ``fit``: ``P`` is the longest prompt's length, at most
+  ``layout.prompt_len`` (beyond which ``layout.overflow`` applies)."""
+  texts = _render(tokenizer, prompts, layout, source)
+  return _encode_rendered(tokenizer, texts, layout, source, fit=fit)
 
 
 def _render(tokenizer: Any, prompts: Sequence[Prompt], layout: Layout, source: str) -> list[str]:
@@ -214,14 +221,18 @@ def chat_prompts(
 
 
 def encode_responses(
-  tokenizer: Any, texts: Sequence[str], layout: Layout
+  tokenizer: Any, texts: Sequence[str], layout: Layout, *, fit: bool = False
 ) -> tuple[np.ndarray, np.ndarray, int]:
-  """Right-padded response ids and mask ``[N, R]`` with EOS appended; also how many were cut."""
+  """Right-padded response ids and mask ``[N, R]`` with EOS appended; also how many were cut.
+  ``fit``: ``R`` is the longest response's length, at most ``layout.response_len``."""
+  encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
   R = layout.response_len
+  if fit:
+    R = min(R, 1 + max(map(len, encoded), default=0))
   ids = np.full((len(texts), R), layout.pad_id, np.int32)
   mask = np.zeros((len(texts), R), np.int32)
   cut = 0
-  for i, toks in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+  for i, toks in enumerate(encoded):
     toks = [*toks, layout.eos_id]
     if len(toks) > R:
       toks, cut = toks[:R], cut + 1
@@ -253,10 +264,16 @@ def encode_pairs(
   layout: Layout,
   *,
   source: str,
+  fit: bool = False,
 ) -> Sequences:
-  """Prompt/response pairs in the sequence layout."""
-  p_ids, p_mask = encode_prompts(tokenizer, prompts, layout, source=source)
-  r_ids, r_mask, cut = encode_responses(tokenizer, responses, layout)
+  """Prompt/response pairs in the sequence layout (``fit``: each part as wide as its longest)."""
+  prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=source, fit=fit)
+  return _with_responses(tokenizer, prompt_arrays, responses, layout, fit)
+
+
+def _with_responses(tokenizer, prompt_arrays, responses, layout: Layout, fit: bool) -> Sequences:
+  p_ids, p_mask = prompt_arrays
+  r_ids, r_mask, cut = encode_responses(tokenizer, responses, layout, fit=fit)
   return Sequences(
     np.concatenate([p_ids, r_ids], 1),
     np.concatenate([p_mask, r_mask], 1),
@@ -295,13 +312,17 @@ def load_sft(path, tokenizer, layout: Layout) -> Sequences:
   return encode_pairs(tokenizer, prompts, responses, layout, source=str(path))
 
 
-def load_preferences(path, tokenizer, layout: Layout) -> tuple[Sequences, Sequences]:
-  """(chosen, rejected) sequences, row-aligned."""
+def load_preferences(
+  path, tokenizer, layout: Layout, *, fit: bool = False
+) -> tuple[Sequences, Sequences]:
+  """(chosen, rejected) sequences, row-aligned, sharing their prompt arrays (``fit``: as
+  ``encode_pairs``; the two responses' widths may then differ)."""
   prompts, good, bad = zip(*_read(path, layout, conversations.preference_row), strict=True)
   if good == bad:
     raise DataError(f"{path}: every pair has chosen == rejected: there is no preference to learn")
-  chosen = encode_pairs(tokenizer, prompts, good, layout, source=str(path))
-  rejected = encode_pairs(tokenizer, prompts, bad, layout, source=str(path))
+  prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=str(path), fit=fit)
+  chosen = _with_responses(tokenizer, prompt_arrays, good, layout, fit)
+  rejected = _with_responses(tokenizer, prompt_arrays, bad, layout, fit)
   return chosen, rejected
 
 

@@ -56,7 +56,7 @@ def _load_policy(folder: str, dtype: str) -> CausalLM:
   return from_pretrained(folder, dtype=dtype, kind="causal_lm")
 
 
-def _load_reward_model(folder: str, dtype: str, tokenizer: Any) -> RewardModel:
+def load_reward_model(folder: str, dtype: str, tokenizer: Any) -> RewardModel:
   architectures = getattr(load_hf_config(folder), "architectures", None) or []
   if not any(a.endswith("ForSequenceClassification") for a in architectures):
     raise ValueError(
@@ -131,7 +131,7 @@ def sample_file(
       f"the tokenizer of {tok_dir} has {len(tok)} tokens but {model}'s embedding only "
       f"{cfg.vocab_size} rows"
     )
-  rm = _load_reward_model(str(reward_model), dtype, tok) if reward_model else None
+  rm = load_reward_model(str(reward_model), dtype, tok) if reward_model else None
   positions = min(c.max_position_embeddings for c in [cfg] + ([rm.cfg] if rm else []))
   cap = max_prompt_len or positions - max_new_tokens
   if cap < 1:
@@ -166,7 +166,7 @@ def sample_file(
     + f"; stop ids {list(stops)})",
     flush=True,
   )
-  score = _rm_scorer(rm) if rm is not None else None
+  score = rm_scorer(rm) if rm is not None else None
   key = jax.random.key(seed)
   results: dict[str, list] = {"tokens": [], "stopped": [], "score": []}
   t0 = shown_at = time.perf_counter()
@@ -227,7 +227,7 @@ def sample_file(
   return summary
 
 
-def _rm_scorer(rm: RewardModel):
+def rm_scorer(rm: RewardModel):
   graphdef, state = nnx.split(rm)
 
   @jax.jit
@@ -263,30 +263,17 @@ def _shown(key: str, value: float) -> str:
   return f"{key} {value:.4g}" if math.isfinite(value) else f"{key} {value}"
 
 
-# The config fields data.py names in its errors, each set here by the flag of its name (longest
-# first: one name starts another).
-FLAG_FIELDS = (
-  "chat_template_kwargs", "chat_template", "system_prompt", "max_prompt_len", "prompt_overflow"
-)  # fmt: skip
-
-
 def cli(argv: list[str]) -> int:
   """``ppo-jax sample --model=DIR --prompts=FILE --out=FILE [...]``: ``sample_file`` from the
-  command line; errors are one line, with exit status 2 for bad flags and 1 for bad input."""
+  command line."""
   import argparse
-  import sys
-
-  from ppo_jax.main import _one_line, enable_compilation_cache
-  from ppo_jax.rewards import RewardError
 
   p = argparse.ArgumentParser(
     prog="ppo-jax sample",
     description="Sample a policy on a prompts file; write the responses (scored, with a reward "
     "model or function) as JSONL and print their mean score, and the best-of-n score with --n.",
   )
-  p.add_argument(
-    "--model", required=True, help="Hugging Face causal-LM folder (e.g. WORKDIR/policy)"
-  )
+  p.add_argument("--model", required=True, help="causal-LM folder (WORKDIR/policy, an export)")
   p.add_argument("--prompts", required=True, help="JSONL prompts (or SFT or preference) file")
   p.add_argument("--out", required=True, help="JSONL file to write (must not exist)")
   p.add_argument("--n", type=int, default=1, help="responses per prompt (default 1)")
@@ -300,29 +287,51 @@ def cli(argv: list[str]) -> int:
   p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
   p.add_argument("--batch-size", type=int, default=16, help="rows per sampler call (16)")
   p.add_argument("--max-prompt-len", type=int, help="default: the model's positions left")
+  add_prompt_flags(p)
+  p.add_argument("--seed", type=int, default=0)
+  return run_command(p, sample_file, argv)
+
+
+def add_prompt_flags(p) -> None:
+  """The flags of how prompts are read and the numerics, shared by the commands of files."""
   p.add_argument("--prompt-overflow", choices=data.OVERFLOW, default="error")
   p.add_argument("--chat-template", action="store_true", help="prompts in the chat template")
   p.add_argument("--system-prompt", help="with --chat-template: a system turn first")
   p.add_argument("--chat-template-kwargs", help="with --chat-template: a JSON object")
-  p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
 
+
+# The config fields data.py names in its errors, each set here by the flag of its name (longest
+# first: one name starts another).
+FLAG_FIELDS = (
+  "chat_template_kwargs", "chat_template", "system_prompt", "max_prompt_len",
+  "max_response_len", "prompt_overflow",
+)  # fmt: skip
+
+
+def run_command(parser, fn, argv: list[str]) -> int:
+  """``fn(**flags)``; errors are one line, exit status 2 for bad flags and 1 for bad input."""
+  import sys
+
+  from ppo_jax.main import _one_line, enable_compilation_cache
+  from ppo_jax.rewards import RewardError
+
   def one_line(message):  # argparse's own error prints the usage first
-    print(f"ppo-jax sample: error: {message}", file=sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
-  p.error = one_line
+  parser.error = one_line
   try:
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
   except SystemExit as e:  # --help, or a bad flag
     return int(e.code or 0)
   enable_compilation_cache()
   try:
-    sample_file(**vars(args))
+    fn(**vars(args))
   except (ValueError, OSError, RewardError) as e:
     message = _one_line(e)
     for field in FLAG_FIELDS:
       message = message.replace(f"data.{field}", "--" + field.replace("_", "-"))
-    print(f"ppo-jax sample: error: {message}", file=sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
     return 1
   return 0

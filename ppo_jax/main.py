@@ -236,6 +236,7 @@ USAGE = """\
 usage: ppo-jax --config=FILE[:ARG] --workdir=DIR [--config.FIELD=VALUE ...] [--noresume]
        ppo-jax export --workdir=DIR --out=DIR [--stage ppo|dpo] [--step N]
        ppo-jax sample --model=DIR --prompts=FILE --out=FILE [--n=K] [--reward-model=DIR] [...]
+       ppo-jax rm-eval --reward-model=DIR --pairs=FILE [--out=FILE] [...]
 
 Runs an experiment config (experiments/*.py: get_config(arg)) end to end: SFT, reward model, then
 PPO (or the algorithm config.algo names), writing everything under --workdir.
@@ -249,7 +250,8 @@ PPO (or the algorithm config.algo names), writing everything under --workdir.
   --version               ppo_jax's version and its libraries'
 
 Every field: docs/config.md. Export a trained policy: ppo-jax export --help. Sample a policy on a
-prompts file, scored by a reward model or function (best-of-n too): ppo-jax sample --help.
+prompts file, scored by a reward model or function (best-of-n too): ppo-jax sample --help. A
+reward model's accuracy on a preference file: ppo-jax rm-eval --help.
 Compiled programs are cached in ~/.cache/ppo_jax/xla (PPO_JAX_COMPILATION_CACHE: another folder,
 or empty for none)."""
 
@@ -281,6 +283,10 @@ def cli(argv: list[str] | None = None) -> int:
     from ppo_jax.inference import cli as sample
 
     return sample(argv[2:])
+  if len(argv) > 1 and argv[1] == "rm-eval":
+    from ppo_jax.rm_eval import cli as rm_eval
+
+    return rm_eval(argv[2:])
   if any(a in ("-h", "-help", "--help", "--helpfull", "--helpshort") for a in argv[1:]):
     print(USAGE)
     return 0

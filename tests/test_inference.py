@@ -143,3 +143,48 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
   assert taken.read_text() == "keep me\n" and not (tmp_path / "o").exists()
   assert cli(["ppo-jax", "sample", "--help"]) == 0
   assert "--reward-model" in capsys.readouterr().out
+
+
+def test_rm_eval_scores_equal_transformers(folders, tmp_path, capsys):
+  """ppo-jax rm-eval: each side of each pair (prompt, response, EOS: reward-model training's
+  encoding; a response over --max-response-len cut there) scored by torch at its last token,
+  and the summary's Bradley–Terry metrics from those scores in float64."""
+  from ppo_jax import rm_eval
+
+  _, rm_dir, _, _, rm = folders
+  pairs = [
+    {"prompt": "w1 w2", "chosen": "w3", "rejected": "w4 w5"},
+    {"prompt": "w6", "chosen": "w7 w8 w9 w10 w11 w12", "rejected": "w13"},  # cut at 4
+    {"chosen": "Q: w1 w1\nA: w2 w3", "rejected": "Q: w1 w1\nA: w4"},  # HH-RLHF's form
+  ]
+  split = [("w1 w2", "w3", "w4 w5"), ("w6", "w7 w8 w9 w10 w11 w12", "w13")]
+  split.append(("Q: w1 w1\nA:", " w2 w3", " w4"))
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+  out = tmp_path / "scores.jsonl"
+  args = ["ppo-jax", "rm-eval", f"--reward-model={rm_dir}", f"--pairs={path}", f"--out={out}"]
+  assert cli([*args, "--max-response-len=4", "--batch-size=2"]) == 0
+  printed = capsys.readouterr().out
+  tok = load_tokenizer(rm_dir)
+
+  def torch_score(prompt, response):
+    eos = tok.eos_token_id
+    ids = (
+      tok(prompt)["input_ids"] + [*tok(response, add_special_tokens=False)["input_ids"], eos][:4]
+    )
+    with torch.no_grad():
+      x = torch.tensor([ids])
+      return rm.score(rm.transformer(x).last_hidden_state)[0, -1, 0].item()
+
+  want = np.array([[torch_score(p, c), torch_score(p, r)] for p, c, r in split], np.float64)
+  got = np.array([[r["chosen"], r["rejected"]] for r in _rows(out)])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  margin = want[:, 0] - want[:, 1]
+  summary = rm_eval.evaluate_pairs(rm_dir, path, max_response_len=4, progress=False)
+  assert summary["accuracy"] == pytest.approx(np.mean(margin > 0))
+  assert summary["margin"] == pytest.approx(margin.mean(), abs=1e-5)
+  assert summary["loss"] == pytest.approx(np.mean(np.log1p(np.exp(-margin))), abs=1e-5)
+  assert (summary["pairs"], summary["ties"], summary["cut"]) == (3, 0, 1)
+  assert f"3 pairs: accuracy {summary['accuracy']:.4f}" in printed and "1 responses cut" in printed
+  assert cli(args) == 1  # --out exists
+  assert "scores.jsonl exists; pick another file" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""A reward model's accuracy on a preference file: ``ppo-jax rm-eval`` and ``evaluate_pairs``.
+
+Each pair's chosen and rejected sequences (prompt, response and EOS, as reward-model training
+encodes them) are scored at their last token; the summary is Bradley–Terry's held-out metrics
+(``preference.bradley_terry_loss``: the loss, the accuracy, the fraction with ``s_c > s_r``, and
+the mean margin), what a reward model trained by the pipeline prints for its held-out split, so
+the two compare. Ties (equal scores) count as errors there and are counted apart here.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import numpy as np
+
+from ppo_jax import data
+from ppo_jax.inference import add_prompt_flags, load_reward_model, rm_scorer, run_command
+from ppo_jax.preference import bradley_terry_loss
+from ppo_jax.tokenizer import load_tokenizer
+
+
+def evaluate_pairs(
+  reward_model: str | pathlib.Path,
+  pairs: str | pathlib.Path,
+  *,
+  out: str | pathlib.Path | None = None,
+  tokenizer: str | pathlib.Path | None = None,
+  batch_size: int = 16,
+  max_prompt_len: int | None = None,
+  max_response_len: int = 256,
+  prompt_overflow: str = "error",
+  chat_template: bool = False,
+  system_prompt: str | None = None,
+  chat_template_kwargs: str | None = None,
+  dtype: str = "float32",
+  progress: bool = True,
+) -> dict[str, float]:
+  """Scores every pair of ``pairs`` (a preference JSONL file, in any form
+  ``data.load_preferences`` reads) with ``reward_model`` (a ``*ForSequenceClassification``
+  folder; its tokenizer from ``tokenizer`` or the same folder) and returns the summary it
+  prints: ``pairs``, ``loss``, ``accuracy``, ``margin``, ``ties``, ``cut`` (responses cut at
+  ``max_response_len`` tokens, EOS included; they are scored as cut). With ``out``, writes one
+  JSONL row per pair: ``index``, ``chosen``, ``rejected`` (scores) and ``margin``.
+
+  Sequences are as wide as the file's longest prompt and response, at most ``max_prompt_len``
+  (default: what the model's positions leave beside ``max_response_len``) and
+  ``max_response_len``.
+  """
+  out = pathlib.Path(out) if out else None
+  if out is not None and out.exists():
+    raise ValueError(f"--out {out} exists; pick another file or delete it")
+  if batch_size < 1 or max_response_len < 1:
+    raise ValueError(
+      f"batch_size and max_response_len must be ≥ 1: {batch_size}, {max_response_len}"
+    )
+  tok_dir = str(tokenizer or reward_model)
+  tok = load_tokenizer(tok_dir)
+  rm = load_reward_model(str(reward_model), dtype, tok)
+  cap = max_prompt_len or rm.cfg.max_position_embeddings - max_response_len
+  if cap < 1:
+    raise ValueError(
+      f"max_response_len {max_response_len} leaves no room for a prompt in the reward model's "
+      f"{rm.cfg.max_position_embeddings} positions (lower --max-response-len)"
+    )
+  layout = data.Layout(
+    cap,
+    max_response_len,
+    tok.pad_token_id,
+    tok.eos_token_id,
+    prompt_overflow,
+    chat_template,
+    system_prompt,
+    chat_template_kwargs,
+  )
+  chosen, rejected = data.load_preferences(pairs, tok, layout, fit=True)
+  say = print if progress else (lambda *a, **k: None)
+  n = len(chosen)
+  B = min(batch_size, n)
+  say(f"scoring {n} pairs from {pairs} with {reward_model} (batches of {B})", flush=True)
+  score = rm_scorer(rm)
+  t0 = shown_at = time.perf_counter()
+  scores = {"chosen": [], "rejected": []}
+  for start in range(0, n, B):
+    take = np.arange(start, start + B) % n  # the last batch padded with the first rows
+    real = min(B, n - start)
+    for name, seqs in (("chosen", chosen), ("rejected", rejected)):
+      batch = seqs.take(take)
+      scores[name] += np.asarray(score(batch.ids, batch.mask))[:real].tolist()
+    now = time.perf_counter()
+    if now - shown_at > 10 and start + real < n:
+      say(f"  {start + real}/{n} pairs, {now - t0:.1f} s", flush=True)
+      shown_at = now
+  good, bad = (np.asarray(scores[k], np.float64) for k in ("chosen", "rejected"))
+  loss, metrics = bradley_terry_loss(good, bad)
+  summary = {
+    "pairs": n,
+    "loss": float(loss),
+    "accuracy": float(metrics["accuracy"]),
+    "margin": float(metrics["margin"]),
+    "ties": int(np.sum(good == bad)),
+    "cut": chosen.truncated + rejected.truncated,
+  }
+  if out is not None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("x") as f:
+      for i, (g, b) in enumerate(zip(good, bad, strict=True)):
+        row = {"index": i, "chosen": g, "rejected": b, "margin": g - b}
+        f.write(json.dumps(row) + "\n")
+  say(
+    f"{n} pairs: accuracy {summary['accuracy']:.4f}, margin {summary['margin']:.4f}, "
+    f"loss {summary['loss']:.4f}, {summary['ties']} ties"
+    + (f", {summary['cut']} responses cut at {max_response_len} tokens" if summary["cut"] else "")
+    + (f"; per-pair scores in {out}" if out else ""),
+    flush=True,
+  )
+  return summary
+
+
+def cli(argv: list[str]) -> int:
+  """``ppo-jax rm-eval --reward-model=DIR --pairs=FILE [--out=FILE] [...]``."""
+  import argparse
+
+  p = argparse.ArgumentParser(
+    prog="ppo-jax rm-eval",
+    description="A reward model's accuracy, margin and Bradley-Terry loss on a preference file.",
+  )
+  p.add_argument("--reward-model", required=True, help="*ForSequenceClassification folder")
+  p.add_argument("--pairs", required=True, help="JSONL preference file (any accepted form)")
+  p.add_argument("--out", help="JSONL file for per-pair scores (must not exist)")
+  p.add_argument("--tokenizer", help="tokenizer folder (default: --reward-model)")
+  p.add_argument("--batch-size", type=int, default=16, help="pairs per forward (16)")
+  p.add_argument("--max-prompt-len", type=int, help="default: the model's positions left")
+  p.add_argument("--max-response-len", type=int, default=256, help="responses cut here (256)")
+  add_prompt_flags(p)
+  return run_command(p, evaluate_pairs, argv)
