@@ -30,23 +30,39 @@ from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import load_hf_config, read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
 from ppo_jax.sampling import generate
-from ppo_jax.tokenizer import load_tokenizer
+from ppo_jax.tokenizer import has_tokenizer, load_tokenizer
 
 
 def sampling_settings(
-  folder: str | pathlib.Path, temperature=None, top_p=None, top_k=None
+  folder: str | pathlib.Path, temperature=None, top_p=None, top_k=None, *, greedy: bool = False
 ) -> dict[str, Any]:
-  """``temperature``, ``top_p`` and ``top_k`` as given, else as the folder's
-  ``generation_config.json`` sets them, else 1.0, 1.0 and 0 (no filter)."""
-  defaults = read_generation_config(folder) or {}
-  pick = lambda given, key, none: (
-    given if given is not None else (defaults.get(key) if defaults.get(key) is not None else none)
-  )
-  return {
-    "temperature": float(pick(temperature, "temperature", 1.0)),
-    "top_p": float(pick(top_p, "top_p", 1.0)),
-    "top_k": int(pick(top_k, "top_k", 0)),
-  }
+  """``temperature``, ``top_p``, ``top_k`` and ``greedy`` as given, else as the folder's
+  ``generation_config.json`` sets them (its ``do_sample: false``, or a temperature of 0, meaning
+  greedy, as in transformers), else sampling at 1.0, 1.0 and 0 (no filter; transformers' own
+  default is 50, vLLM's none).
+
+  Raises:
+    ValueError: a value out of range, naming the flag or the file it came from.
+  """
+  file = read_generation_config(folder) or {}
+  where = f"{pathlib.Path(folder) / 'generation_config.json'}"
+  if temperature is None and not greedy:
+    t = file.get("temperature")
+    greedy = file.get("do_sample") is False or (t is not None and t <= 0)
+  chosen = {}
+  for name, given, default, ok, expected in (
+    ("temperature", temperature, 1.0, lambda t: t > 0, "> 0 (--greedy for the argmax)"),
+    ("top_p", top_p, 1.0, lambda p: 0 < p <= 1, "in (0, 1]"),
+    ("top_k", top_k, 0, lambda k: k >= 0, "≥ 0"),
+  ):
+    value, source = given, f"--{name.replace('_', '-')}"
+    if value is None and file.get(name) is not None and not (greedy and name == "temperature"):
+      value, source = file[name], f"{where}'s {name} (--{name.replace('_', '-')} to override)"
+    value = default if value is None else value
+    if not ok(value):
+      raise ValueError(f"{source}: {value} must be {expected}")
+    chosen[name] = type(default)(value)
+  return {**chosen, "greedy": greedy}
 
 
 def _load_policy(folder: str, dtype: str) -> CausalLM:
@@ -63,6 +79,11 @@ def load_reward_model(folder: str, dtype: str, tokenizer: Any) -> RewardModel:
       f"reward model {folder}: not a *ForSequenceClassification checkpoint ({architectures})"
     )
   rm = from_pretrained(folder, dtype=dtype, kind="reward")
+  if has_tokenizer(folder) and load_tokenizer(folder).get_vocab() != tokenizer.get_vocab():
+    raise ValueError(
+      f"reward model {folder}: its tokenizer is not the one the texts are encoded with (another "
+      "vocabulary): a reward model reads the token ids of its own"
+    )
   if len(tokenizer) > rm.cfg.vocab_size:
     raise ValueError(
       f"reward model {folder}: its embedding has {rm.cfg.vocab_size} rows, the policy's "
@@ -121,6 +142,12 @@ def sample_file(
     )
   if reward_model and reward_fn:
     raise ValueError("give a reward model or a reward function, not both")
+  settings = sampling_settings(model, temperature, top_p, top_k, greedy=greedy)
+  if settings["greedy"] and n > 1:
+    raise ValueError(
+      f"greedy decoding gives one response per prompt, not --n {n}: sample (--temperature), or "
+      "--n 1"
+    )
   fn = load_reward_fn(reward_fn, what="--reward-fn") if reward_fn else None
   model, tok_dir = str(model), str(tokenizer or model)
   tok = load_tokenizer(tok_dir)
@@ -155,14 +182,22 @@ def sample_file(
       i for i in (tok.eos_token_id, cfg.eos_token_id, *cfg.extra_eos_token_ids) if i is not None
     )
   )
-  settings = sampling_settings(model, temperature, top_p, top_k)
+  if rm is not None and rm.cfg.is_gpt2 and ids.shape[1] + max_new_tokens > positions:
+    raise ValueError(
+      f"the longest prompt ({ids.shape[1]} tokens) + max_new_tokens {max_new_tokens} exceeds the "
+      f"reward model's {rm.cfg.max_position_embeddings} positions (lower --max-prompt-len)"
+    )
   rows = np.repeat(np.arange(len(texts)), n)  # prompt-major: prompt 0's n samples first
   B = min(batch_size, len(rows))
   say = print if progress else (lambda *a, **k: None)
   say(
     f"sampling {len(texts)} prompts × {n} from {model} ({len(rows)} responses of at most "
     f"{max_new_tokens} tokens, batches of {B}; "
-    + ("greedy" if greedy else ", ".join(f"{k} {v}" for k, v in settings.items()))
+    + (
+      "greedy"
+      if settings["greedy"]
+      else ", ".join(f"{k} {settings[k]}" for k in ("temperature", "top_p", "top_k"))
+    )
     + f"; stop ids {list(stops)})",
     flush=True,
   )
@@ -182,7 +217,6 @@ def sample_file(
         mask[take],
         key=jax.random.fold_in(key, b),
         max_new_tokens=max_new_tokens,
-        greedy=greedy,
         eos_token_id=stops,
         pad_token_id=tok.pad_token_id,
         **settings,

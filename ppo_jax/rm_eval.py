@@ -29,7 +29,7 @@ def evaluate_pairs(
   tokenizer: str | pathlib.Path | None = None,
   batch_size: int = 16,
   max_prompt_len: int | None = None,
-  max_response_len: int = 256,
+  max_response_len: int | None = None,
   prompt_overflow: str = "error",
   chat_template: bool = False,
   system_prompt: str | None = None,
@@ -46,18 +46,19 @@ def evaluate_pairs(
 
   Sequences are as wide as the file's longest prompt and response, at most ``max_prompt_len``
   (default: what the model's positions leave beside ``max_response_len``) and
-  ``max_response_len``.
+  ``max_response_len`` (default: half the positions).
   """
   out = pathlib.Path(out) if out else None
   if out is not None and out.exists():
     raise ValueError(f"--out {out} exists; pick another file or delete it")
+  tok_dir = str(tokenizer or reward_model)
+  tok = load_tokenizer(tok_dir)
+  rm = load_reward_model(str(reward_model), dtype, tok)
+  max_response_len = max_response_len or rm.cfg.max_position_embeddings // 2
   if batch_size < 1 or max_response_len < 1:
     raise ValueError(
       f"batch_size and max_response_len must be ≥ 1: {batch_size}, {max_response_len}"
     )
-  tok_dir = str(tokenizer or reward_model)
-  tok = load_tokenizer(tok_dir)
-  rm = load_reward_model(str(reward_model), dtype, tok)
   cap = max_prompt_len or rm.cfg.max_position_embeddings - max_response_len
   if cap < 1:
     raise ValueError(
@@ -132,6 +133,6 @@ def cli(argv: list[str]) -> int:
   p.add_argument("--tokenizer", help="tokenizer folder (default: --reward-model)")
   p.add_argument("--batch-size", type=int, default=16, help="pairs per forward (16)")
   p.add_argument("--max-prompt-len", type=int, help="default: the model's positions left")
-  p.add_argument("--max-response-len", type=int, default=256, help="responses cut here (256)")
+  p.add_argument("--max-response-len", type=int, help="responses cut here (half the positions)")
   add_prompt_flags(p)
   return run_command(p, evaluate_pairs, argv)

@@ -16,6 +16,11 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 
 
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+  """Whether ``folder`` holds any tokenizer file."""
+  return any((pathlib.Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> Any:
   """``transformers.AutoTokenizer`` from a local folder, never the hub, never remote code.
 
@@ -35,7 +40,7 @@ def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> 
       str(folder), local_files_only=True, trust_remote_code=False, padding_side=padding_side
     )
   except Exception:
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(folder):
       raise FileNotFoundError(
         f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})"
       ) from None

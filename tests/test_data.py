@@ -126,22 +126,24 @@ def test_preference_conversations_with_and_without_a_prompt_field(tmp_path):
     data.load_preferences(_jsonl(tmp_path / "q.jsonl", apart), CHAT_TOK, CHAT)
 
 
+H, A = "\n\nHuman:", "\n\nAssistant:"
+
+
 @pytest.mark.parametrize(
   "chosen,rejected,want",
-  [  # HH-RLHF's form: the prompt ends after the last speaker label before the answers differ
-    (
-      "\n\nHuman: hi\n\nAssistant: It is 4.",
-      "\n\nHuman: hi\n\nAssistant: It is 5.",
-      ("\n\nHuman: hi\n\nAssistant:", " It is 4.", " It is 5."),
+  [  # HH-RLHF's form: the prompt ends after the last "Assistant:" before the texts differ
+    (f"{H} hi{A} It is 4.", f"{H} hi{A} It is 5.", (f"{H} hi{A}", " It is 4.", " It is 5.")),
+    (  # they differ in the last human turn: the cut is at the assistant's turn before it
+      f"{H} hi{A} yo{H} w1{A} w2",
+      f"{H} hi{A} yo{H} w3{A} w4",
+      (f"{H} hi{A}", f" yo{H} w1{A} w2", f" yo{H} w3{A} w4"),
     ),
-    (  # a label inside a line is not a speaker's
-      "Q: a\nA: yes\nQ: Note: b",
-      "Q: a\nA: yes\nQ: Note: c",
-      ("Q: a\nA: yes\nQ:", " Note: b", " Note: c"),
-    ),
-    # with no label, at the last whitespace before they differ (a word is not cut)
+    ("Assistant: w1 w2", "Assistant: w1 w3", ("Assistant:", " w1 w2", " w1 w3")),
+    # with no marker, at the last whitespace before they differ (a word is not cut)
     ("good film bad", "good film badly", ("good film", " bad", " badly")),
     ("good film  bad", "good film plot", ("good film", "  bad", " plot")),
+    ("see https://a.b/c", "see https://a.b/d", ("see", " https://a.b/c", " https://a.b/d")),
+    ("Note: w1 w2", "Note: w1 w3", ("Note: w1", " w2", " w3")),  # only Assistant: is a turn
     ("good film", "good film", ("good", " film", " film")),  # a tie
   ],
 )
@@ -168,8 +170,14 @@ def test_sft_and_preference_rows_serve_as_prompts(tmp_path):
     "<user> good <end> <bot>",
     "good film",
   ]
-  with pytest.raises(data.DataError, match=r"p\.jsonl:1: messages must end with an assistant"):
-    data.load_prompts(_jsonl(tmp_path / "p.jsonl", [{"messages": [BOT("a")]}]), CHAT_TOK, CHAT)
+  for turns, what in (
+    ([BOT("a")], "holds only"),
+    ([USER("a"), BOT("b"), BOT("c")], "ends with two"),
+  ):
+    with pytest.raises(data.DataError, match=rf"p\.jsonl:1: messages {what} assistant messages; a"):
+      data.load_prompts(_jsonl(tmp_path / "p.jsonl", [{"messages": turns}]), CHAT_TOK, CHAT)
+  texts = data.load_prompts(_jsonl(tmp_path / "p.jsonl", [{"messages": "good"}]), TOK, LAYOUT)[0]
+  assert texts == ["good"]
 
 
 def test_prompt_conversations_read_as_the_template_writes_them(tmp_path):
@@ -232,6 +240,11 @@ def test_prompt_conversations_read_as_the_template_writes_them(tmp_path):
       "pairs",
       {"chosen": "film", "rejected": "bad"},
       r"without a 'prompt' field, 'chosen' and 'rejected' must start with the same prompt",
+    ),
+    (
+      "pairs",
+      {"chosen": 3, "rejected": "bad"},
+      r"'chosen' and 'rejected' must be texts or conversations, got int and str",
     ),
     (
       "pairs",

@@ -3,6 +3,7 @@ transformers', a reward function's scores and the best-of-n summary recomputed f
 rows, one output per seed, and bad input named in one line."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -99,22 +100,38 @@ def test_best_of_n_and_a_reward_function(folders, tmp_path):
 
 
 def test_sampling_settings_default_to_the_checkpoints(tmp_path):
-  assert inference.sampling_settings(tmp_path) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
-  (tmp_path / "generation_config.json").write_text(
-    json.dumps({"temperature": 0.6, "top_p": 0.95, "top_k": None})
-  )
-  assert inference.sampling_settings(tmp_path, top_p=0.5) == {
-    "temperature": 0.6,
-    "top_p": 0.5,
-    "top_k": 0,
-  }
+  settings = lambda **kw: inference.sampling_settings(tmp_path, **kw)
+  plain = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "greedy": False}
+  assert settings() == plain
+  config = tmp_path / "generation_config.json"
+  config.write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.95}))
+  assert settings(top_p=0.5) == {**plain, "temperature": 0.6, "top_p": 0.5}
+  assert settings(greedy=True) == {**plain, "top_p": 0.95, "greedy": True}
+  # transformers' greedy: do_sample false, or a temperature of 0; a flag's temperature samples.
+  for greedy in ({"do_sample": False, "temperature": 0.6}, {"temperature": 0.0}):
+    config.write_text(json.dumps(greedy))
+    assert settings() == {**plain, "greedy": True}
+    assert settings(temperature=0.7) == {**plain, "temperature": 0.7}
+  config.write_text(json.dumps({"top_p": 0.0}))
+  with pytest.raises(
+    ValueError, match=r"generation_config\.json's top_p \(--top-p to override\): 0"
+  ):
+    settings()
+  with pytest.raises(ValueError, match=r"^--temperature: 0 must be > 0 \(--greedy for the argmax"):
+    settings(temperature=0)
 
 
 def test_bad_input_is_one_line(folders, tmp_path, capsys):
   policy_dir, rm_dir, prompts, _, _ = folders
   base = ["ppo-jax", "sample", f"--prompts={prompts}", "--max-new-tokens=4"]
+  other = tmp_path / "other_rm"  # the reward model's weights, another vocabulary
+  shutil.copytree(rm_dir, other)
+  build_word_tokenizer([f"x{i}" for i in range(50)]).save_pretrained(str(other))
+  short = tmp_path / "short_rm"  # 8 learned positions: a 5-token prompt + 4 do not fit
+  tiny_hf.make("gpt2", short, kind="sequence_cls", n_positions=8)
   taken = tmp_path / "taken.jsonl"
   taken.write_text("keep me\n")
+  capsys.readouterr()  # transformers' progress bar as it saved the short model
   cases = [
     ([f"--model={policy_dir}", f"--out={taken}"], 1, f"--out {taken} exists; pick another"),
     ([f"--model={rm_dir}", f"--out={tmp_path / 'o'}"], 1, "is a reward model (['GPT2ForSequence"),
@@ -134,6 +151,26 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
       "row 1: prompt of 3 tokens is longer than --max-prompt-len=2",
     ),
     ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=x"], 2, "argument --n: invalid int"),
+    (
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", f"--reward-model={other}"],
+      1,
+      "its tokenizer is not the one the texts are encoded with",
+    ),
+    (
+      [
+        f"--model={policy_dir}",
+        f"--out={tmp_path / 'o'}",
+        f"--reward-model={short}",
+        "--max-prompt-len=9",
+      ],
+      1,
+      "the longest prompt (5 tokens) + max_new_tokens 4 exceeds the reward model's 8 positions",
+    ),
+    (
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=2", "--greedy"],
+      1,
+      "greedy decoding gives one response per prompt, not --n 2",
+    ),
   ]
   for args, status, message in cases:
     assert cli([*base, *args]) == status, args
