@@ -316,13 +316,16 @@ def load_preferences(
   path, tokenizer, layout: Layout, *, fit: bool = False
 ) -> tuple[Sequences, Sequences]:
   """(chosen, rejected) sequences, row-aligned, sharing their prompt arrays (``fit``: as
-  ``encode_pairs``; the two responses' widths may then differ)."""
+  ``encode_pairs``, one response width for both)."""
   prompts, good, bad = zip(*_read(path, layout, conversations.preference_row), strict=True)
   if good == bad:
     raise DataError(f"{path}: every pair has chosen == rejected: there is no preference to learn")
   prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=str(path), fit=fit)
-  chosen = _with_responses(tokenizer, prompt_arrays, good, layout, fit)
-  rejected = _with_responses(tokenizer, prompt_arrays, bad, layout, fit)
+  if fit:  # one width for both sides: an equal pair then makes equal sequences (a tie)
+    lengths = map(len, tokenizer([*good, *bad], add_special_tokens=False)["input_ids"])
+    layout = dataclasses.replace(layout, response_len=min(layout.response_len, 1 + max(lengths)))
+  chosen = _with_responses(tokenizer, prompt_arrays, good, layout, False)
+  rejected = _with_responses(tokenizer, prompt_arrays, bad, layout, False)
   return chosen, rejected
 
 

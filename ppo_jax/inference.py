@@ -37,32 +37,43 @@ def sampling_settings(
   folder: str | pathlib.Path, temperature=None, top_p=None, top_k=None, *, greedy: bool = False
 ) -> dict[str, Any]:
   """``temperature``, ``top_p``, ``top_k`` and ``greedy`` as given, else as the folder's
-  ``generation_config.json`` sets them (its ``do_sample: false``, or a temperature of 0, meaning
-  greedy, as in transformers), else sampling at 1.0, 1.0 and 0 (no filter; transformers' own
-  default is 50, vLLM's none).
+  ``generation_config.json`` sets them, else sampling at 1.0, 1.0 and 0 (no filter;
+  transformers' own default is 50, vLLM's none). The file's ``do_sample: false``, or its
+  temperature of 0, mean greedy unless a sampling flag is given; a file without ``do_sample``
+  samples (transformers would take the argmax).
 
   Raises:
-    ValueError: a value out of range, naming the flag or the file it came from.
+    ValueError: a value of the wrong type or out of range, naming the flag or the file.
   """
   file = read_generation_config(folder) or {}
   where = f"{pathlib.Path(folder) / 'generation_config.json'}"
-  if temperature is None and not greedy:
-    t = file.get("temperature")
-    greedy = file.get("do_sample") is False or (t is not None and t <= 0)
   chosen = {}
   for name, given, default, ok, expected in (
-    ("temperature", temperature, 1.0, lambda t: t > 0, "> 0 (--greedy for the argmax)"),
+    ("temperature", temperature, 1.0, lambda t: t >= 0, "≥ 0 (0: greedy)"),
     ("top_p", top_p, 1.0, lambda p: 0 < p <= 1, "in (0, 1]"),
     ("top_k", top_k, 0, lambda k: k >= 0, "≥ 0"),
   ):
-    value, source = given, f"--{name.replace('_', '-')}"
-    if value is None and file.get(name) is not None and not (greedy and name == "temperature"):
-      value, source = file[name], f"{where}'s {name} (--{name.replace('_', '-')} to override)"
+    flag = "--" + name.replace("_", "-")
+    value, source = given, flag
+    if value is None and file.get(name) is not None:
+      value, source = file[name], f"{where}'s {name} ({flag} to override)"
     value = default if value is None else value
-    if not ok(value):
-      raise ValueError(f"{source}: {value} must be {expected}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError(f"{source}: {value!r} is not a number")
+    if not ok(value) or (source == "--temperature" and value == 0):
+      raise ValueError(
+        f"{source}: {value} must be {'> 0 (--greedy)' if source == '--temperature' else expected}"
+      )
     chosen[name] = type(default)(value)
-  return {**chosen, "greedy": greedy}
+  asked = any(v is not None for v in (temperature, top_p, top_k))
+  greedy_from = None
+  if not greedy and not asked and (file.get("do_sample") is False or chosen["temperature"] == 0):
+    greedy, greedy_from = True, where  # the file's own choice
+  if not greedy and chosen["temperature"] == 0:
+    raise ValueError(f"{where}'s temperature 0 means greedy decoding: give --temperature to sample")
+  if greedy:
+    chosen["temperature"] = 1.0  # for the log-probs only: the argmax does not read it
+  return {**chosen, "greedy": greedy, "greedy_from": greedy_from}
 
 
 def _load_policy(folder: str, dtype: str) -> CausalLM:
@@ -78,18 +89,25 @@ def load_reward_model(folder: str, dtype: str, tokenizer: Any) -> RewardModel:
     raise ValueError(
       f"reward model {folder}: not a *ForSequenceClassification checkpoint ({architectures})"
     )
-  rm = from_pretrained(folder, dtype=dtype, kind="reward")
-  if has_tokenizer(folder) and load_tokenizer(folder).get_vocab() != tokenizer.get_vocab():
+  if has_tokenizer(folder) and not _same_ids(load_tokenizer(folder), tokenizer):
     raise ValueError(
-      f"reward model {folder}: its tokenizer is not the one the texts are encoded with (another "
-      "vocabulary): a reward model reads the token ids of its own"
+      f"reward model {folder}: its tokenizer gives other ids to the tokens the texts are "
+      "encoded with (another vocabulary): a reward model reads the ids of its own"
     )
+  rm = from_pretrained(folder, dtype=dtype, kind="reward")
   if len(tokenizer) > rm.cfg.vocab_size:
     raise ValueError(
-      f"reward model {folder}: its embedding has {rm.cfg.vocab_size} rows, the policy's "
-      f"tokenizer {len(tokenizer)} tokens: it reads another vocabulary"
+      f"reward model {folder}: its embedding has {rm.cfg.vocab_size} rows, the tokenizer "
+      f"{len(tokenizer)} tokens: it reads another vocabulary"
     )
   return rm
+
+
+def _same_ids(own: Any, texts: Any) -> bool:
+  """Whether every token of ``texts`` (the tokenizer the texts are encoded with) has the same id
+  in ``own`` (a reward model's, which may add tokens of its own, a pad say)."""
+  vocab = own.get_vocab()
+  return all(vocab.get(token) == i for token, i in texts.get_vocab().items())
 
 
 def sample_file(
@@ -144,9 +162,10 @@ def sample_file(
     raise ValueError("give a reward model or a reward function, not both")
   settings = sampling_settings(model, temperature, top_p, top_k, greedy=greedy)
   if settings["greedy"] and n > 1:
+    why = f" ({settings['greedy_from']} says so)" if settings["greedy_from"] else ""
     raise ValueError(
-      f"greedy decoding gives one response per prompt, not --n {n}: sample (--temperature), or "
-      "--n 1"
+      f"greedy decoding{why} gives one response per prompt, not --n {n}: sample "
+      "(--temperature), or --n 1"
     )
   fn = load_reward_fn(reward_fn, what="--reward-fn") if reward_fn else None
   model, tok_dir = str(model), str(tokenizer or model)
@@ -182,7 +201,8 @@ def sample_file(
       i for i in (tok.eos_token_id, cfg.eos_token_id, *cfg.extra_eos_token_ids) if i is not None
     )
   )
-  if rm is not None and rm.cfg.is_gpt2 and ids.shape[1] + max_new_tokens > positions:
+  rm_positions = rm.cfg.max_position_embeddings if rm is not None else 0
+  if rm is not None and rm.cfg.is_gpt2 and ids.shape[1] + max_new_tokens > rm_positions:
     raise ValueError(
       f"the longest prompt ({ids.shape[1]} tokens) + max_new_tokens {max_new_tokens} exceeds the "
       f"reward model's {rm.cfg.max_position_embeddings} positions (lower --max-prompt-len)"
@@ -219,7 +239,7 @@ def sample_file(
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,
         pad_token_id=tok.pad_token_id,
-        **settings,
+        **{k: settings[k] for k in ("temperature", "top_p", "top_k", "greedy")},
       )
       tokens, gen_mask = np.asarray(gen.tokens)[:real], np.asarray(gen.mask)[:real]
       responses = _decode(tok, tokens, gen_mask)

@@ -3,8 +3,10 @@
 Each pair's chosen and rejected sequences (prompt, response and EOS, as reward-model training
 encodes them) are scored at their last token; the summary is Bradley–Terry's held-out metrics
 (``preference.bradley_terry_loss``: the loss, the accuracy, the fraction with ``s_c > s_r``, and
-the mean margin), what a reward model trained by the pipeline prints for its held-out split, so
-the two compare. Ties (equal scores) count as errors there and are counted apart here.
+the mean margin), what a reward model trained by the pipeline prints for its held-out split (to
+compare the two, pass the run's ``data.max_prompt_len``, ``data.max_response_len``,
+``data.chat_template`` and ``data.system_prompt`` as the flags of those names). A tie (equal
+scores) counts as an error in the accuracy, as in training; ``ties`` says how many there were.
 """
 
 from __future__ import annotations
@@ -54,20 +56,27 @@ def evaluate_pairs(
   tok_dir = str(tokenizer or reward_model)
   tok = load_tokenizer(tok_dir)
   rm = load_reward_model(str(reward_model), dtype, tok)
-  max_response_len = max_response_len or rm.cfg.max_position_embeddings // 2
-  if batch_size < 1 or max_response_len < 1:
+  positions = rm.cfg.max_position_embeddings
+  R = positions // 2 if max_response_len is None else max_response_len
+  P = positions - R if max_prompt_len is None else max_prompt_len
+  for flag, value in (("--batch-size", batch_size), ("--max-response-len", R)):
+    if value < 1:
+      raise ValueError(f"{flag} must be ≥ 1, got {value}")
+  if P < 1:
     raise ValueError(
-      f"batch_size and max_response_len must be ≥ 1: {batch_size}, {max_response_len}"
+      f"--max-prompt-len must be ≥ 1, got {P}"
+      if max_prompt_len is not None
+      else f"--max-response-len {R} leaves no room for a prompt in the reward model's "
+      f"{positions} positions"
     )
-  cap = max_prompt_len or rm.cfg.max_position_embeddings - max_response_len
-  if cap < 1:
+  if rm.cfg.is_gpt2 and P + R > positions:  # learned positions end there
     raise ValueError(
-      f"max_response_len {max_response_len} leaves no room for a prompt in the reward model's "
-      f"{rm.cfg.max_position_embeddings} positions (lower --max-response-len)"
+      f"--max-prompt-len {P} + --max-response-len {R} exceed the reward model's {positions} "
+      "positions"
     )
   layout = data.Layout(
-    cap,
-    max_response_len,
+    P,
+    R,
     tok.pad_token_id,
     tok.eos_token_id,
     prompt_overflow,
@@ -86,9 +95,11 @@ def evaluate_pairs(
   for start in range(0, n, B):
     take = np.arange(start, start + B) % n  # the last batch padded with the first rows
     real = min(B, n - start)
-    for name, seqs in (("chosen", chosen), ("rejected", rejected)):
-      batch = seqs.take(take)
-      scores[name] += np.asarray(score(batch.ids, batch.mask))[:real].tolist()
+    # One forward of both sides, as training scores them.
+    ids = np.concatenate([chosen.ids[take], rejected.ids[take]])
+    both = np.asarray(score(ids, np.concatenate([chosen.mask[take], rejected.mask[take]])))
+    scores["chosen"] += both[:real].tolist()
+    scores["rejected"] += both[B : B + real].tolist()
     now = time.perf_counter()
     if now - shown_at > 10 and start + real < n:
       say(f"  {start + real}/{n} pairs, {now - t0:.1f} s", flush=True)
@@ -112,7 +123,7 @@ def evaluate_pairs(
   say(
     f"{n} pairs: accuracy {summary['accuracy']:.4f}, margin {summary['margin']:.4f}, "
     f"loss {summary['loss']:.4f}, {summary['ties']} ties"
-    + (f", {summary['cut']} responses cut at {max_response_len} tokens" if summary["cut"] else "")
+    + (f", {summary['cut']} responses cut at {R} tokens" if summary["cut"] else "")
     + (f"; per-pair scores in {out}" if out else ""),
     flush=True,
   )

@@ -101,23 +101,30 @@ def test_best_of_n_and_a_reward_function(folders, tmp_path):
 
 def test_sampling_settings_default_to_the_checkpoints(tmp_path):
   settings = lambda **kw: inference.sampling_settings(tmp_path, **kw)
-  plain = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "greedy": False}
+  plain = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "greedy": False, "greedy_from": None}
   assert settings() == plain
   config = tmp_path / "generation_config.json"
   config.write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.95}))
   assert settings(top_p=0.5) == {**plain, "temperature": 0.6, "top_p": 0.5}
   assert settings(greedy=True) == {**plain, "top_p": 0.95, "greedy": True}
-  # transformers' greedy: do_sample false, or a temperature of 0; a flag's temperature samples.
-  for greedy in ({"do_sample": False, "temperature": 0.6}, {"temperature": 0.0}):
-    config.write_text(json.dumps(greedy))
-    assert settings() == {**plain, "greedy": True}
-    assert settings(temperature=0.7) == {**plain, "temperature": 0.7}
-  config.write_text(json.dumps({"top_p": 0.0}))
-  with pytest.raises(
-    ValueError, match=r"generation_config\.json's top_p \(--top-p to override\): 0"
+  # The file's greedy (do_sample false, or a temperature of 0) holds until a sampling flag.
+  config.write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+  assert settings() == {**plain, "greedy": True, "greedy_from": str(config)}
+  assert settings(temperature=0.7) == {**plain, "temperature": 0.7}
+  assert settings(top_k=5) == {**plain, "temperature": 0.6, "top_k": 5}
+  config.write_text(json.dumps({"temperature": 0}))
+  assert settings() == {**plain, "greedy": True, "greedy_from": str(config)}
+  with pytest.raises(ValueError, match=r"temperature 0 means greedy decoding: give --temperature"):
+    settings(top_k=5)
+  for bad, message in (
+    ({"top_p": 0.0}, r"json's top_p \(--top-p to override\): 0.0 must be in \(0, 1\]"),
+    ({"temperature": "0.7"}, r"json's temperature \(--temperature to override\): '0.7' is not a"),
+    ({"temperature": -1}, r"json's temperature \(--temperature to override\): -1 must be ≥ 0"),
   ):
-    settings()
-  with pytest.raises(ValueError, match=r"^--temperature: 0 must be > 0 \(--greedy for the argmax"):
+    config.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=message):
+      settings()
+  with pytest.raises(ValueError, match=r"^--temperature: 0 must be > 0 \(--greedy\)"):
     settings(temperature=0)
 
 
@@ -154,7 +161,7 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
     (
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", f"--reward-model={other}"],
       1,
-      "its tokenizer is not the one the texts are encoded with",
+      "its tokenizer gives other ids to the tokens the texts are encoded with",
     ),
     (
       [
@@ -188,14 +195,16 @@ def test_rm_eval_scores_equal_transformers(folders, tmp_path, capsys):
   and the summary's Bradley–Terry metrics from those scores in float64."""
   from ppo_jax import rm_eval
 
+  HH = "\n\nHuman: w1 w1\n\nAssistant:"
   _, rm_dir, _, _, rm = folders
   pairs = [
     {"prompt": "w1 w2", "chosen": "w3", "rejected": "w4 w5"},
     {"prompt": "w6", "chosen": "w7 w8 w9 w10 w11 w12", "rejected": "w13"},  # cut at 4
-    {"chosen": "Q: w1 w1\nA: w2 w3", "rejected": "Q: w1 w1\nA: w4"},  # HH-RLHF's form
+    {"chosen": f"{HH} w2 w3", "rejected": f"{HH} w4"},  # HH-RLHF's form
+    {"prompt": "w9", "chosen": "w2", "rejected": "w2"},  # a tie
   ]
   split = [("w1 w2", "w3", "w4 w5"), ("w6", "w7 w8 w9 w10 w11 w12", "w13")]
-  split.append(("Q: w1 w1\nA:", " w2 w3", " w4"))
+  split += [(HH, " w2 w3", " w4"), ("w9", "w2", "w2")]
   path = tmp_path / "pairs.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
   out = tmp_path / "scores.jsonl"
@@ -216,12 +225,13 @@ def test_rm_eval_scores_equal_transformers(folders, tmp_path, capsys):
   want = np.array([[torch_score(p, c), torch_score(p, r)] for p, c, r in split], np.float64)
   got = np.array([[r["chosen"], r["rejected"]] for r in _rows(out)])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-  margin = want[:, 0] - want[:, 1]
+  assert _rows(out)[3]["margin"] == 0.0  # the two sides of a tie score alike
+  margin = got[:, 0] - got[:, 1]  # float32 scores, as the summary reads them
   summary = rm_eval.evaluate_pairs(rm_dir, path, max_response_len=4, progress=False)
   assert summary["accuracy"] == pytest.approx(np.mean(margin > 0))
   assert summary["margin"] == pytest.approx(margin.mean(), abs=1e-5)
   assert summary["loss"] == pytest.approx(np.mean(np.log1p(np.exp(-margin))), abs=1e-5)
-  assert (summary["pairs"], summary["ties"], summary["cut"]) == (3, 0, 1)
-  assert f"3 pairs: accuracy {summary['accuracy']:.4f}" in printed and "1 responses cut" in printed
+  assert (summary["pairs"], summary["ties"], summary["cut"]) == (4, 1, 1)
+  assert f"4 pairs: accuracy {summary['accuracy']:.4f}" in printed and "1 responses cut" in printed
   assert cli(args) == 1  # --out exists
   assert "scores.jsonl exists; pick another file" in capsys.readouterr().err
