@@ -166,52 +166,6 @@ def check_override_paths(argv: list[str]) -> None:
       node, walked = node[key], [*walked, key]
 
 
-def export(argv: list[str]) -> int:
-  """`ppo-jax export --workdir DIR [--stage ppo|dpo] [--step N] --out DIR`: a checkpointed policy
-  as a Hugging Face folder."""
-  import argparse
-
-  parser = argparse.ArgumentParser(prog="ppo-jax export", description=export.__doc__)
-  parser.add_argument(
-    "--workdir", required=True, help="a ppo_jax workdir with checkpoints/ or dpo_checkpoints/"
-  )
-  parser.add_argument(
-    "--stage",
-    choices=("ppo", "dpo"),
-    default=None,
-    help="whose checkpoints: PPO's (checkpoints/) or DPO's (default: the one the workdir holds)",
-  )
-  parser.add_argument("--step", default=None, help="checkpoint step (default: latest)")
-  parser.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
-
-  def one_line(message):  # argparse's own error prints the usage first
-    print(f"ppo-jax export: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-  parser.error = one_line
-  try:
-    args = parser.parse_args(argv)
-  except SystemExit as e:  # --help, or a bad flag: the status, as from every other path here
-    return int(e.code or 0)
-  if args.step is not None and not args.step.isdigit():
-    print(f"ppo-jax export: error: --step {args.step!r}: expected a step number", file=sys.stderr)
-    return 2
-  from ppo_jax.export import export_policy
-
-  try:
-    step = export_policy(
-      args.workdir,
-      args.out,
-      step=None if args.step is None else int(args.step),
-      stage=args.stage,
-    )
-  except (ValueError, OSError) as e:
-    print(f"ppo-jax export: error: {_one_line(e)}", file=sys.stderr)
-    return 1
-  print(f"wrote the policy of step {step} to {args.out}")
-  return 0
-
-
 def start_distributed(d) -> None:
   """``jax.distributed.initialize`` from config, else environment; nothing if neither says so.
 
@@ -277,16 +231,10 @@ def cli(argv: list[str] | None = None) -> int:
   from absl import logging as absl_logging
 
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's INFO/WARNING chatter drowns the output
-  if len(argv) > 1 and argv[1] == "export":
-    return export(argv[2:])
-  if len(argv) > 1 and argv[1] == "sample":
-    from ppo_jax.inference import cli as sample
+  if len(argv) > 1 and argv[1] in ("export", "sample", "rm-eval"):
+    from ppo_jax import commands
 
-    return sample(argv[2:])
-  if len(argv) > 1 and argv[1] == "rm-eval":
-    from ppo_jax.rm_eval import cli as rm_eval
-
-    return rm_eval(argv[2:])
+    return getattr(commands, argv[1].replace("-", "_"))(argv[2:])
   if any(a in ("-h", "-help", "--help", "--helpfull", "--helpshort") for a in argv[1:]):
     print(USAGE)
     return 0

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ppo_jax import data
-from ppo_jax.inference import add_prompt_flags, load_reward_model, rm_scorer, run_command
+from ppo_jax.inference import load_reward_model, rm_scorer
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.tokenizer import load_tokenizer
 
@@ -128,22 +128,3 @@ def evaluate_pairs(
     flush=True,
   )
   return summary
-
-
-def cli(argv: list[str]) -> int:
-  """``ppo-jax rm-eval --reward-model=DIR --pairs=FILE [--out=FILE] [...]``."""
-  import argparse
-
-  p = argparse.ArgumentParser(
-    prog="ppo-jax rm-eval",
-    description="A reward model's accuracy, margin and Bradley-Terry loss on a preference file.",
-  )
-  p.add_argument("--reward-model", required=True, help="*ForSequenceClassification folder")
-  p.add_argument("--pairs", required=True, help="JSONL preference file (any accepted form)")
-  p.add_argument("--out", help="JSONL file for per-pair scores (must not exist)")
-  p.add_argument("--tokenizer", help="tokenizer folder (default: --reward-model)")
-  p.add_argument("--batch-size", type=int, default=16, help="pairs per forward (16)")
-  p.add_argument("--max-prompt-len", type=int, help="default: the model's positions left")
-  p.add_argument("--max-response-len", type=int, help="responses cut here (half the positions)")
-  add_prompt_flags(p)
-  return run_command(p, evaluate_pairs, argv)

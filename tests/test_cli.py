@@ -198,7 +198,9 @@ def test_a_config_folder_and_a_bad_export_step_are_one_line(tmp_path):
   code, _, err = _cli(f"--config={ROOT / 'experiments'}", f"--workdir={tmp_path / 'w'}")
   assert code == 2 and "experiments is a folder; expected a python file" in err, err
   code, _, err = _cli("export", f"--workdir={tmp_path}", "--step", "latest", "--out", "x")
-  assert code == 2 and err == "ppo-jax export: error: --step 'latest': expected a step number"
+  assert (
+    code == 2 and err == "ppo-jax export: error: argument --step: 'latest' is not a step number"
+  )
 
 
 def test_export_names_the_checkpoints_it_cannot_choose_between(tmp_path):

@@ -1,0 +1,134 @@
+"""The commands beside the experiment runner: ``ppo-jax export``, ``ppo-jax sample`` and
+``ppo-jax rm-eval``, each an argparse front to a library function (``export.export_policy``,
+``inference.sample_file``, ``rm_eval.evaluate_pairs``). Errors are one line: exit status 2 for
+bad flags, 1 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ppo_jax import data
+from ppo_jax.main import _one_line, enable_compilation_cache
+
+
+def export(argv: list[str]) -> int:
+  """`ppo-jax export --workdir DIR [--stage ppo|dpo] [--step N] --out DIR`: a checkpointed policy
+  as a Hugging Face folder."""
+  p = argparse.ArgumentParser(prog="ppo-jax export", description=export.__doc__)
+  p.add_argument(
+    "--workdir", required=True, help="a ppo_jax workdir with checkpoints/ or dpo_checkpoints/"
+  )
+  p.add_argument(
+    "--stage",
+    choices=("ppo", "dpo"),
+    default=None,
+    help="whose checkpoints: PPO's (checkpoints/) or DPO's (default: the one the workdir holds)",
+  )
+  p.add_argument("--step", type=_step, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
+
+  def run(workdir, out, step, stage):
+    from ppo_jax.export import export_policy
+
+    done = export_policy(workdir, out, step=step, stage=stage)
+    print(f"wrote the policy of step {done} to {out}")
+
+  return run_command(p, run, argv)
+
+
+def _step(text: str) -> int:
+  if not text.isdigit():
+    raise argparse.ArgumentTypeError(f"{text!r} is not a step number")
+  return int(text)
+
+
+def rm_eval(argv: list[str]) -> int:
+  """``ppo-jax rm-eval --reward-model=DIR --pairs=FILE [--out=FILE] [...]``."""
+  p = argparse.ArgumentParser(
+    prog="ppo-jax rm-eval",
+    description="A reward model's accuracy, margin and Bradley-Terry loss on a preference file.",
+  )
+  p.add_argument("--reward-model", required=True, help="*ForSequenceClassification folder")
+  p.add_argument("--pairs", required=True, help="JSONL preference file (any accepted form)")
+  p.add_argument("--out", help="JSONL file for per-pair scores (must not exist)")
+  p.add_argument("--tokenizer", help="tokenizer folder (default: --reward-model)")
+  p.add_argument("--batch-size", type=int, default=16, help="pairs per forward (16)")
+  p.add_argument("--max-prompt-len", type=int, help="default: the model's positions left")
+  p.add_argument("--max-response-len", type=int, help="responses cut here (half the positions)")
+  add_prompt_flags(p)
+  from ppo_jax.rm_eval import evaluate_pairs
+
+  return run_command(p, evaluate_pairs, argv)
+
+
+def sample(argv: list[str]) -> int:
+  """``ppo-jax sample --model=DIR --prompts=FILE --out=FILE [...]``: ``sample_file`` from the
+  command line."""
+  p = argparse.ArgumentParser(
+    prog="ppo-jax sample",
+    description="Sample a policy on a prompts file; write the responses (scored, with a reward "
+    "model or function) as JSONL and print their mean score, and the best-of-n score with --n.",
+  )
+  p.add_argument("--model", required=True, help="causal-LM folder (WORKDIR/policy, an export)")
+  p.add_argument("--prompts", required=True, help="JSONL prompts (or SFT or preference) file")
+  p.add_argument("--out", required=True, help="JSONL file to write (must not exist)")
+  p.add_argument("--n", type=int, default=1, help="responses per prompt (default 1)")
+  p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap (64)")
+  p.add_argument("--reward-model", help="*ForSequenceClassification folder to score with")
+  p.add_argument("--reward-fn", help="package.module:function to score with")
+  p.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+  p.add_argument("--temperature", type=float, help="default: generation_config.json's, else 1")
+  p.add_argument("--top-p", type=float, help="default: generation_config.json's, else 1")
+  p.add_argument("--top-k", type=int, help="default: generation_config.json's, else 0 (all)")
+  p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+  p.add_argument("--batch-size", type=int, default=16, help="rows per sampler call (16)")
+  p.add_argument("--max-prompt-len", type=int, help="default: the model's positions left")
+  add_prompt_flags(p)
+  p.add_argument("--seed", type=int, default=0)
+  from ppo_jax.inference import sample_file
+
+  return run_command(p, sample_file, argv)
+
+
+def add_prompt_flags(p) -> None:
+  """The flags of how prompts are read and the numerics, shared by the commands of files."""
+  p.add_argument("--prompt-overflow", choices=data.OVERFLOW, default="error")
+  p.add_argument("--chat-template", action="store_true", help="prompts in the chat template")
+  p.add_argument("--system-prompt", help="with --chat-template: a system turn first")
+  p.add_argument("--chat-template-kwargs", help="with --chat-template: a JSON object")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+
+
+# The config fields data.py names in its errors, each set here by the flag of its name (longest
+# first: one name starts another).
+FLAG_FIELDS = (
+  "chat_template_kwargs", "chat_template", "system_prompt", "max_prompt_len",
+  "max_response_len", "prompt_overflow",
+)  # fmt: skip
+
+
+def run_command(parser, fn, argv: list[str]) -> int:
+  """``fn(**flags)``; errors are one line, exit status 2 for bad flags and 1 for bad input."""
+  from ppo_jax.rewards import RewardError
+
+  def one_line(message):  # argparse's own error prints the usage first
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+  parser.error = one_line
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:  # --help, or a bad flag
+    return int(e.code or 0)
+  enable_compilation_cache()
+  try:
+    fn(**vars(args))
+  except (ValueError, OSError, RewardError) as e:
+    message = _one_line(e)
+    for field in FLAG_FIELDS:
+      message = message.replace(f"data.{field}", "--" + field.replace("_", "-"))
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 1
+  return 0
