@@ -307,6 +307,17 @@ def load_prompts(
   return texts, ids, mask
 
 
+PROMPT_FIELDS = ("prompt", "messages", "conversations")  # what a prompt is read from
+
+
+def prompt_columns(path) -> dict[str, list]:
+  """The prompt rows' other fields (a reference answer, say), one list per field in row order,
+  None where a row lacks it: what reward functions may take besides the texts."""
+  rows = [row for _, row in read_objects(path)]
+  names = dict.fromkeys(k for row in rows for k in row if k not in PROMPT_FIELDS)
+  return {k: [row.get(k) for row in rows] for k in names}
+
+
 def load_sft(path, tokenizer, layout: Layout) -> Sequences:
   prompts, responses = zip(*_read(path, layout, conversations.sft_row), strict=True)
   return encode_pairs(tokenizer, prompts, responses, layout, source=str(path))

@@ -196,6 +196,7 @@ def sample_file(
     chat_template_kwargs,
   )
   texts, ids, mask = data.load_prompts(prompts, tok, layout, fit=True)
+  columns = data.prompt_columns(prompts) if fn is not None else {}
   stops = tuple(
     dict.fromkeys(
       i for i in (tok.eos_token_id, cfg.eos_token_id, *cfg.extra_eos_token_ids) if i is not None
@@ -245,7 +246,13 @@ def sample_file(
       responses = _decode(tok, tokens, gen_mask)
       prompt_texts = [texts[i] for i in take[:real]]
       if fn is not None:
-        scores = call_reward_fn(fn, prompt_texts, responses, name=f"reward function {reward_fn}")
+        scores = call_reward_fn(
+          fn,
+          prompt_texts,
+          responses,
+          columns={k: [v[i] for i in take[:real]] for k, v in columns.items()},
+          name=f"reward function {reward_fn}",
+        )
       elif score is not None:
         full_ids = np.concatenate([ids[take], np.asarray(gen.tokens)], 1)
         full_mask = np.concatenate([mask[take], np.asarray(gen.mask, np.int32)], 1)

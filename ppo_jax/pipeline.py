@@ -25,7 +25,7 @@ from ppo_jax.config import Settings, base_config
 from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.models import CausalLM, RewardModel, save_pretrained
 from ppo_jax.models.hf import load_hf_config
-from ppo_jax.rewards import load_reward_fn
+from ppo_jax.rewards import fields_taken, load_reward_fn
 from ppo_jax.stages import (
   check_compatible,
   check_finished,
@@ -285,8 +285,17 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
       f"data.eval_prompts={s.data.eval_prompts} but {len(texts)} prompts: holding out {n_eval} "
       "(at most a quarter)"
     )
-  prompts = rl.Prompts(texts[n_eval:], ids[n_eval:], mask[n_eval:])
-  eval_prompts = rl.Prompts(texts[:n_eval], ids[:n_eval], mask[:n_eval])
+  columns = data.prompt_columns(inputs.prompts)
+  fn = s.reward.fn if s.reward.source == "function" else None
+  for field, path in (("config.reward.fn", fn), ("config.task.gold", inputs.gold)):
+    if path:  # a field it takes that the rows lack: now, not after SFT and the reward model
+      fields_taken(load_reward_fn(path, what=field), columns, field)
+  prompts = rl.Prompts(
+    texts[n_eval:], ids[n_eval:], mask[n_eval:], {k: v[n_eval:] for k, v in columns.items()}
+  )
+  eval_prompts = rl.Prompts(
+    texts[:n_eval], ids[:n_eval], mask[:n_eval], {k: v[:n_eval] for k, v in columns.items()}
+  )
   print(
     f"{len(prompts)} training and {len(eval_prompts)} evaluation prompts from "
     f"{inputs.prompts}; vocabulary {len(tok)}"

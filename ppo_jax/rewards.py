@@ -1,13 +1,19 @@
 """Reward functions given by import path, and the checks on what they return.
 
-``"package.module:function"`` names ``fn(prompts: list[str], responses: list[str]) ->
+``"package.module:function"`` names ``fn(prompts: list[str], responses: list[str], **fields) ->
 Sequence[float]``. Only that module is imported (the one the user named), from the installed
 packages, ``PYTHONPATH`` or the current folder; nothing is fetched.
+
+The prompt rows' other fields reach the function as keyword arguments, one list per field aligned
+with ``prompts``, as TRL passes a dataset's columns: ``def score(prompts, responses, answer)`` for
+rows ``{"prompt": ..., "answer": ...}`` (a verifiable reward), or ``**fields`` for all of them. A
+function that names no field gets none.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import reprlib
@@ -68,13 +74,17 @@ def call_reward_fn(
   prompts: Sequence[str],
   responses: Sequence[str],
   *,
+  columns: dict[str, Sequence] | None = None,
   name: str = "reward function",
   step: int | None = None,
 ) -> np.ndarray:
-  """``fn(prompts, responses)`` as float32 ``[B]``; raises RewardError naming what went wrong."""
+  """``fn(prompts, responses, **fields)`` as float32 ``[B]``, ``fields`` the ``columns`` (the
+  prompt rows' other fields, aligned with ``prompts``) its signature takes; raises RewardError
+  naming what went wrong."""
   where = f"{name}" + (f" at step {step}" if step is not None else "")
+  fields = fields_taken(fn, columns or {}, where)
   try:
-    out = fn(list(prompts), list(responses))
+    out = fn(list(prompts), list(responses), **fields)
   except Exception as e:  # the user's code: report it on one line, keep the cause chained
     raise RewardError(f"{where} raised {type(e).__name__}: {e}") from e
   n = len(responses)
@@ -92,3 +102,29 @@ def call_reward_fn(
   if bad:
     raise RewardError(f"{where} returned non-finite scores (NaN or inf) for responses {bad[:8]}")
   return scores.astype(np.float32)
+
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def fields_taken(fn: RewardFn, columns: dict[str, Sequence], where: str) -> dict[str, list]:
+  """The ``columns`` ``fn`` takes as keyword arguments, after its two positional ones (all of
+  them with ``**kwargs``); RewardError when it requires one the rows do not have."""
+  try:
+    params = list(inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError):  # a builtin without a signature: the two texts only
+    return {}
+  positional = [p for p in params if p.kind != inspect.Parameter.KEYWORD_ONLY][:2]
+  rest = [p for p in params if p not in positional]
+  names = {p.name for p in rest if p.kind in _NAMED}
+  missing = [
+    p.name for p in rest if p.kind in _NAMED and p.default is p.empty and p.name not in columns
+  ]
+  if missing:
+    have = ", ".join(sorted(columns)) or "none besides the prompt"
+    raise RewardError(
+      f"{where} takes {missing[0]!r}, a field the prompt rows do not have (theirs: {have})"
+    )
+  everything = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in rest)
+  taken = {p.name for p in positional}
+  return {k: list(v) for k, v in columns.items() if k not in taken and (everything or k in names)}

@@ -40,9 +40,20 @@ class Prompts:
   texts: list[str]
   ids: np.ndarray  # [N, P] int32, left-padded
   mask: np.ndarray  # [N, P] int32
+  # The rows' other fields, one list each, for reward functions (data.prompt_columns).
+  columns: dict[str, list] = dataclasses.field(default_factory=dict)
 
   def take(self, idx) -> Prompts:
-    return Prompts([self.texts[i] for i in idx], self.ids[idx], self.mask[idx])
+    return Prompts(
+      [self.texts[i] for i in idx],
+      self.ids[idx],
+      self.mask[idx],
+      {k: [v[i] for i in idx] for k, v in self.columns.items()},
+    )
+
+  def head(self, k: int) -> dict[str, list]:
+    """The first ``k`` rows' columns."""
+    return {name: v[:k] for name, v in self.columns.items()}
 
   def __len__(self) -> int:
     return len(self.texts)
@@ -135,12 +146,17 @@ def evaluate(
       else None
     )
     if scorer.fn is not None:
-      scores = call_reward_fn(scorer.fn, part.texts[:real], texts, name=scorer.fn_name)
+      scores = call_reward_fn(
+        scorer.fn, part.texts[:real], texts, columns=part.head(real), name=scorer.fn_name
+      )
     totals["score"] += np.asarray(scores)[:real].tolist()
     totals["kl"] += kl[:real].tolist()
     totals["length"] += gen.mask.sum(-1)[:real].tolist()
     if gold is not None:
-      totals["gold"] += call_reward_fn(gold, part.texts[:real], texts, name="gold scorer").tolist()
+      golds = call_reward_fn(
+        gold, part.texts[:real], texts, columns=part.head(real), name="gold scorer"
+      )
+      totals["gold"] += golds.tolist()
   return {k: float(np.mean(v)) for k, v in totals.items() if v}
 
 
@@ -187,7 +203,9 @@ def run_iteration(
       host = _host(gen)
       texts = decode_responses(tokenizer, host.tokens, host.mask)
       scores = _put(
-        call_reward_fn(scorer.fn, batch.texts, texts, name=scorer.fn_name, step=step),
+        call_reward_fn(
+          scorer.fn, batch.texts, texts, columns=batch.columns, name=scorer.fn_name, step=step
+        ),
         placement,
         vector=True,
       )
@@ -355,7 +373,7 @@ def run_ppo(
     if gold is not None:
       texts = decode_responses(tokenizer, gen.tokens, gen.mask)
       row["gold/score"] = float(
-        np.mean(call_reward_fn(gold, batch.texts, texts, name="gold scorer"))
+        np.mean(call_reward_fn(gold, batch.texts, texts, columns=batch.columns, name="gold scorer"))
       )
     history.append(row)
     if log is not None:
@@ -410,7 +428,9 @@ def _sample_rows(tokenizer, batch: Prompts, gen, texts, per_sample, gold, k: int
   """The first ``k`` samples: prompt, response, score, KL to the reference (and gold score)."""
   texts = texts or decode_responses(tokenizer, gen.tokens, gen.mask)
   k = min(k, len(texts))
-  golds = call_reward_fn(gold, batch.texts[:k], texts[:k]) if gold is not None else None
+  golds = None
+  if gold is not None:
+    golds = call_reward_fn(gold, batch.texts[:k], texts[:k], columns=batch.head(k))
   rows = []
   for i in range(k):
     row = {

@@ -462,3 +462,15 @@ def test_the_templates_own_variables_reach_it():
   assert data.encode_prompts(tok, ["good"], no_thinking)[0].tolist() == [[0, 5, 4, 6, 7, 8]]
   with pytest.raises(ValueError, match=r"chat_template_kwargs: expected a JSON object such as"):
     data.Layout(6, 3, 0, 1, chat=True, chat_kwargs="[1]")
+
+
+def test_the_prompt_rows_other_fields_are_columns(tmp_path):
+  rows = [
+    {"prompt": "good", "answer": "film", "id": 1},
+    {"messages": [USER("bad")], "answer": "plot"},
+    {"prompt": "plot", "id": 3},
+  ]
+  assert data.prompt_columns(_jsonl(tmp_path / "p.jsonl", rows)) == {
+    "answer": ["film", "plot", None],
+    "id": [1, None, 3],
+  }

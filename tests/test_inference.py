@@ -97,6 +97,14 @@ def test_best_of_n_and_a_reward_function(folders, tmp_path):
   assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
   inference.sample_file(policy_dir, prompts, tmp_path / "c.jsonl", seed=8, **kw)
   assert _rows(tmp_path / "c.jsonl") != rows
+  # The rows' other fields reach the function, each with its own prompt (reward_fns.keyed).
+  keyed = tmp_path / "keyed.jsonl"
+  keyed.write_text("".join(json.dumps({"prompt": p, "key": p}) + "\n" for p in PROMPTS))
+  kw["reward_fn"] = "reward_fns:keyed"
+  inference.sample_file(policy_dir, keyed, tmp_path / "d.jsonl", seed=7, **kw)
+  assert [r["score"] for r in _rows(tmp_path / "d.jsonl")] == [
+    len(r["response"].split()) for r in rows
+  ]
 
 
 def test_sampling_settings_default_to_the_checkpoints(tmp_path):

@@ -210,6 +210,43 @@ def test_lora_run_trains_adapters_and_exports_a_plain_model(smoke_run, tmp_path)
     pipeline.run(more, moved)
 
 
+def test_reward_functions_get_the_prompt_rows_other_fields(smoke_run, tmp_path, capsys):
+  """GRPO on a prompts file whose rows carry a field ("key", the prompt itself): the reward and
+  gold functions take it and check it arrives with its own prompt, through the batches, the
+  groups and the held-out evaluation. A function that takes a field the rows lack is refused
+  before any training."""
+  from conftest import ROOT
+
+  from ppo_jax.config import load_experiment
+
+  texts = [json.loads(line)["prompt"] for line in (smoke_run[0] / "data" / "prompts.jsonl").open()]
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": t, "key": t}) + "\n" for t in texts[:64]))
+  config = load_experiment(ROOT / "experiments" / "grpo.py", "smoke")
+  config.task.name, config.task.gold = "files", "reward_fns:keyed"
+  config.model.tokenizer = str(smoke_run[0] / "data" / "tokenizer")
+  config.data.prompts, config.data.eval_prompts = str(prompts), 16
+  config.reward.source, config.reward.fn = "function", "reward_fns:keyed"
+  config.rm.enabled = False
+  config.ppo.iterations = 2
+  config.log.progress = config.log.tensorboard = config.log.plots = False
+  config.log.samples_every = 1
+  summary = pipeline.run(config, tmp_path / "run")
+  rows = _rows(tmp_path / "run")
+  # The same function twice; the training score is less its missing-EOS penalty.
+  assert len(rows) == 2 and all(r["gold/score"] >= r["objective/scores"] for r in rows)
+  assert summary["after"]["gold"] == summary["after"]["score"]
+  capsys.readouterr()
+  prompts.write_text(
+    "".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts))
+  )
+  with pytest.raises(
+    RewardError, match=r"^config.reward.fn takes 'key', a field the prompt rows do"
+  ):
+    pipeline.run(config, tmp_path / "lacking")
+  assert "1/3 supervised" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_critic_free_algorithms_raise_gold(smoke_run, tmp_path, algo):
   from conftest import ROOT

@@ -77,3 +77,35 @@ def test_a_module_in_the_current_folder_is_found_without_pythonpath(tmp_path, mo
   assert "No module named 'no_such_dependency_xyz')" in str(e.value) and "looked" not in str(
     e.value
   )
+
+
+def test_the_prompt_rows_other_fields_reach_a_function_that_takes_them():
+  """As TRL passes dataset columns: by name, all with **kwargs, none to a function of two."""
+  columns = {"answer": ["x", "q", "z"], "level": [1, 2, 3]}
+  exact = lambda prompts, responses, answer: [
+    float(r == a) for r, a in zip(responses, answer, strict=True)
+  ]
+  np.testing.assert_array_equal(
+    call_reward_fn(exact, PROMPTS, RESPONSES, columns=columns), [1.0, 0.0, 1.0]
+  )
+  seen = {}
+
+  def everything(prompts, responses, **fields):
+    seen.update(fields)
+    return [0.0] * len(responses)
+
+  call_reward_fn(everything, PROMPTS, RESPONSES, columns=columns)
+  assert seen == columns
+  # An optional field it names but the rows lack keeps its default; two texts only stay two.
+  optional = lambda p, r, tolerance=0.5: [tolerance] * 3
+  np.testing.assert_array_equal(call_reward_fn(optional, PROMPTS, RESPONSES, columns=columns), 0.5)
+  np.testing.assert_array_equal(
+    call_reward_fn(lambda p, r: [1] * 3, PROMPTS, RESPONSES, columns=columns), 1
+  )
+  with pytest.raises(
+    RewardError,
+    match=r"^my fn takes 'solution', a field the prompt rows do not have \(theirs: answer, level",
+  ):
+    call_reward_fn(
+      lambda p, r, solution: [0] * 3, PROMPTS, RESPONSES, columns=columns, name="my fn"
+    )
