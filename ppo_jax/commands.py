@@ -78,6 +78,7 @@ def sample(argv: list[str]) -> int:
   p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap (64)")
   p.add_argument("--reward-model", help="*ForSequenceClassification folder to score with")
   p.add_argument("--reward-fn", help="package.module:function to score with")
+  p.add_argument("--gold-fn", help="package.module:function that judges (best-of-n picks by score)")
   p.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
   p.add_argument("--temperature", type=float, help="default: generation_config.json's, else 1")
   p.add_argument("--top-p", type=float, help="default: generation_config.json's, else 1")

@@ -119,6 +119,7 @@ def sample_file(
   max_new_tokens: int = 64,
   reward_model: str | pathlib.Path | None = None,
   reward_fn: str | None = None,
+  gold_fn: str | None = None,
   tokenizer: str | pathlib.Path | None = None,
   temperature: float | None = None,
   top_p: float | None = None,
@@ -137,7 +138,11 @@ def sample_file(
   """Writes ``n`` sampled responses to each prompt of ``prompts`` (a prompts, SFT or preference
   JSONL file, read as ``data.load_prompts`` reads it) to ``out`` (JSONL, one row per response:
   ``prompt``, ``response``, ``index`` of the prompt, ``sample``, ``tokens``, ``stopped`` at a stop
-  id, and ``score`` with a scorer) and returns the summary it prints.
+  id, ``score`` with a scorer and ``gold`` with ``gold_fn``) and returns the summary it prints.
+
+  ``gold_fn`` is a second function, the one that judges (a held-out reward, a human proxy): with
+  ``n > 1`` and a scorer, ``best_of_{n}_gold`` is the mean gold score of the responses the scorer
+  picked, the proxy-against-gold reading of rejection sampling (Gao et al., 2023).
 
   ``model`` is a Hugging Face causal-LM folder (a ppo_jax policy or export, or any supported
   checkpoint); its tokenizer comes from ``tokenizer`` or the same folder. Responses stop at the
@@ -168,6 +173,7 @@ def sample_file(
       "(--temperature), or --n 1"
     )
   fn = load_reward_fn(reward_fn, what="--reward-fn") if reward_fn else None
+  gold = load_reward_fn(gold_fn, what="--gold-fn") if gold_fn else None
   model, tok_dir = str(model), str(tokenizer or model)
   tok = load_tokenizer(tok_dir)
   policy = _load_policy(model, dtype)
@@ -196,7 +202,7 @@ def sample_file(
     chat_template_kwargs,
   )
   texts, ids, mask = data.load_prompts(prompts, tok, layout, fit=True)
-  columns = data.prompt_columns(prompts) if fn is not None else {}
+  columns = data.prompt_columns(prompts) if (fn or gold) is not None else {}
   stops = tuple(
     dict.fromkeys(
       i for i in (tok.eos_token_id, cfg.eos_token_id, *cfg.extra_eos_token_ids) if i is not None
@@ -224,7 +230,7 @@ def sample_file(
   )
   score = rm_scorer(rm) if rm is not None else None
   key = jax.random.key(seed)
-  results: dict[str, list] = {"tokens": [], "stopped": [], "score": []}
+  results: dict[str, list] = {"tokens": [], "stopped": [], "score": [], "gold": []}
   t0 = shown_at = time.perf_counter()
   out.parent.mkdir(parents=True, exist_ok=True)
   with out.open("x") as f:
@@ -245,13 +251,10 @@ def sample_file(
       tokens, gen_mask = np.asarray(gen.tokens)[:real], np.asarray(gen.mask)[:real]
       responses = _decode(tok, tokens, gen_mask)
       prompt_texts = [texts[i] for i in take[:real]]
+      batch_columns = {k: [v[i] for i in take[:real]] for k, v in columns.items()}
       if fn is not None:
         scores = call_reward_fn(
-          fn,
-          prompt_texts,
-          responses,
-          columns={k: [v[i] for i in take[:real]] for k, v in columns.items()},
-          name=f"reward function {reward_fn}",
+          fn, prompt_texts, responses, columns=batch_columns, name=f"--reward-fn {reward_fn}"
         )
       elif score is not None:
         full_ids = np.concatenate([ids[take], np.asarray(gen.tokens)], 1)
@@ -259,6 +262,11 @@ def sample_file(
         scores = np.asarray(score(full_ids, full_mask))[:real]
       else:
         scores = None
+      golds = None
+      if gold is not None:
+        golds = call_reward_fn(
+          gold, prompt_texts, responses, columns=batch_columns, name=f"--gold-fn {gold_fn}"
+        )
       for j in range(real):
         length = int(gen_mask[j].sum())
         stopped = bool(length and int(tokens[j, length - 1]) in stops)
@@ -273,6 +281,9 @@ def sample_file(
         if scores is not None:
           row["score"] = float(scores[j])
           results["score"].append(float(scores[j]))
+        if golds is not None:
+          row["gold"] = float(golds[j])
+          results["gold"].append(float(golds[j]))
         results["tokens"].append(length)
         results["stopped"].append(stopped)
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -309,12 +320,18 @@ def _summary(results: dict[str, list], n: int) -> dict[str, float]:
     "mean_tokens": float(np.mean(results["tokens"])),
     "stopped": float(np.mean(results["stopped"])),
   }
-  scores = np.asarray(results["score"], np.float64)
+  scores = np.asarray(results["score"], np.float64).reshape(-1, n)
+  golds = np.asarray(results["gold"], np.float64).reshape(-1, n)
   if scores.size:
     summary["score_mean"] = float(scores.mean())
     summary["score_std"] = float(scores.std())
     if n > 1:
-      summary[f"best_of_{n}"] = float(scores.reshape(-1, n).max(1).mean())
+      summary[f"best_of_{n}"] = float(scores.max(1).mean())
+  if golds.size:
+    summary["gold_mean"] = float(golds.mean())
+    if n > 1 and scores.size:  # the gold score of each prompt's pick by the scorer
+      picked = np.take_along_axis(golds, scores.argmax(1)[:, None], 1)
+      summary[f"best_of_{n}_gold"] = float(picked.mean())
   return summary
 
 

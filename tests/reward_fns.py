@@ -24,3 +24,9 @@ def keyed(prompts, responses, key):
     if p != k:
       raise AssertionError(f"key {k!r} arrived with prompt {p!r}")
   return [float(len(r.split())) for r in responses]
+
+
+def shortness(prompts, responses):
+  """Minus the response's word count: a judge that disagrees with ``keyed``'s length reward."""
+  del prompts
+  return [-float(len(r.split())) for r in responses]

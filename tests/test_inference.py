@@ -101,10 +101,18 @@ def test_best_of_n_and_a_reward_function(folders, tmp_path):
   keyed = tmp_path / "keyed.jsonl"
   keyed.write_text("".join(json.dumps({"prompt": p, "key": p}) + "\n" for p in PROMPTS))
   kw["reward_fn"] = "reward_fns:keyed"
-  inference.sample_file(policy_dir, keyed, tmp_path / "d.jsonl", seed=7, **kw)
-  assert [r["score"] for r in _rows(tmp_path / "d.jsonl")] == [
-    len(r["response"].split()) for r in rows
-  ]
+  gold = "reward_fns:shortness"
+  judged = inference.sample_file(
+    policy_dir, keyed, tmp_path / "d.jsonl", seed=7, gold_fn=gold, **kw
+  )
+  got = _rows(tmp_path / "d.jsonl")
+  assert [r["score"] for r in got] == [len(r["response"].split()) for r in rows]
+  # A judge of its own: the best of n by the score, read on the judge's scale.
+  assert [r["gold"] for r in got] == [-r["score"] for r in got]
+  longest = [max(r["score"] for r in got if r["index"] == i) for i in range(5)]
+  assert judged["best_of_3_gold"] == pytest.approx(-np.mean(longest))
+  assert judged["gold_mean"] == pytest.approx(-judged["score_mean"])
+  assert judged["best_of_3_gold"] < judged["gold_mean"]  # the judge disagrees: picks score worse
 
 
 def test_sampling_settings_default_to_the_checkpoints(tmp_path):
