@@ -342,10 +342,8 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   save_pretrained(
     result.policy, workdir / "policy", tokenizer=tok, generation_config=generation_defaults(s)
   )
-  if s.log.plots and s.algo != "dpo":
-    writers.plot_metrics(
-      workdir / "metrics.jsonl", workdir / "plots" / "ppo.png", title=f"PPO, {workdir.name}"
-    )
+  if s.log.plots:
+    writers.plot_stages(workdir, s.algo)
 
   before, after = result.before, result.after
   metrics_path = workdir / "metrics.jsonl"  # RL stages only

@@ -170,6 +170,36 @@ def plot_metrics(
   return out_png
 
 
+# Each stage's metrics file, its plot and the curves in it ("metrics.jsonl": PLOTTED).
+STAGE_PLOTS = (
+  ("sft", "sft_metrics.jsonl", ("nll", "token_accuracy", "grad_norm")),
+  ("rm", "rm_metrics.jsonl", ("accuracy", "margin", "score_mean", "grad_norm")),
+  (
+    "dpo",
+    "dpo_metrics.jsonl",
+    ("loss", "reward_margin", "accuracy", "reward_chosen", "reward_rejected", "grad_norm"),
+  ),
+)
+
+
+def plot_stages(workdir: pathlib.Path, algo: str) -> list[pathlib.Path]:
+  """``plots/{sft,rm,dpo}.png`` of the stages this workdir holds metrics of, and the RL stage's
+  ``plots/{algo}.png`` of ``metrics.jsonl`` (for DPO, its held-out evaluations): the PNGs
+  written."""
+  workdir, done = pathlib.Path(workdir), []
+  stages = [(name, file, names) for name, file, names in STAGE_PLOTS if name != algo]
+  stages.append((algo if algo != "dpo" else "dpo_eval", "metrics.jsonl", PLOTTED))
+  stages += [(name, file, names) for name, file, names in STAGE_PLOTS if name == algo]
+  for name, file, names in stages:
+    if (workdir / file).is_file():
+      title = f"{name.upper().replace('_EVAL', ' held-out')}, {workdir.name}"
+      png = plot_metrics(
+        workdir / file, workdir / "plots" / f"{name}.png", names=names, title=title
+      )
+      done += [png] if png else []
+  return done
+
+
 def say(text: str) -> None:
   """Prints a line of its own while a progress bar may be on screen (``tqdm.write``: the bar is
   cleared, the line printed, the bar drawn again below it); a plain ``print`` otherwise."""

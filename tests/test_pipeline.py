@@ -81,7 +81,8 @@ def test_outputs_in_the_workdir(smoke_run):
   config = json.loads((workdir / "config.json").read_text())
   assert config["ppo"]["iterations"] == 15 and config["seed"] == 0
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
-  assert (workdir / "plots" / "ppo.png").stat().st_size > 10_000
+  for stage in ("sft", "rm", "ppo"):  # each stage's curves
+    assert (workdir / "plots" / f"{stage}.png").stat().st_size > 10_000, stage
   table = (workdir / "samples" / "step_000015.md").read_text()
   assert "| prompt | response | score | kl | gold |" in table
   samples = [json.loads(line) for line in (workdir / "samples.jsonl").read_text().splitlines()]
@@ -293,6 +294,9 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
   ] == pytest.approx(summary["after"]["gold"])
   assert all({"gold/score", "objective/kl", "response/length"} <= set(r) for r in curve)
   assert any((workdir / "tensorboard").glob("events.out.tfevents.*"))  # log.tensorboard: True
+  for plot in ("dpo", "dpo_eval"):  # its training curves and the held-out ones
+    assert (workdir / "plots" / f"{plot}.png").stat().st_size > 10_000, plot
+  assert not (workdir / "plots" / "ppo.png").exists()
   assert (workdir / "policy" / "model.safetensors").exists()
   # Its last checkpoint stays (as PPO's do): the same command again trains nothing more and
   # leaves the logs as they were.
