@@ -100,6 +100,21 @@ class Layout:
   system: str | None = None  # with ``chat``: a system turn before each prompt
   chat_kwargs: str | None = None  # with ``chat``: the template's variables, a JSON object
 
+  @classmethod
+  def of(
+    cls,
+    tokenizer: Any,
+    prompt_len: int,
+    response_len: int,
+    overflow: str = "error",
+    chat: bool = False,
+    system: str | None = None,
+    chat_kwargs: str | None = None,
+  ) -> Layout:
+    """The layout with ``tokenizer``'s pad and EOS ids."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    return cls(prompt_len, response_len, pad, eos, overflow, chat, system, chat_kwargs)
+
   def __post_init__(self):
     if self.overflow not in OVERFLOW:
       raise ValueError(
@@ -225,14 +240,27 @@ def encode_responses(
 ) -> tuple[np.ndarray, np.ndarray, int]:
   """Right-padded response ids and mask ``[N, R]`` with EOS appended; also how many were cut.
   ``fit``: ``R`` is the longest response's length, at most ``layout.response_len``."""
-  encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+  tokens = _response_tokens(tokenizer, texts)
+  return _right_padded(tokens, layout, _width(tokens, layout, fit))
+
+
+def _response_tokens(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+  return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _width(tokens: list[list[int]], layout: Layout, fit: bool) -> int:
+  """``R``: ``layout.response_len``, or with ``fit`` the longest response and its EOS below it."""
   R = layout.response_len
-  if fit:
-    R = min(R, 1 + max(map(len, encoded), default=0))
-  ids = np.full((len(texts), R), layout.pad_id, np.int32)
-  mask = np.zeros((len(texts), R), np.int32)
+  return min(R, 1 + max(map(len, tokens), default=0)) if fit else R
+
+
+def _right_padded(
+  tokens: list[list[int]], layout: Layout, R: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+  ids = np.full((len(tokens), R), layout.pad_id, np.int32)
+  mask = np.zeros((len(tokens), R), np.int32)
   cut = 0
-  for i, toks in enumerate(encoded):
+  for i, toks in enumerate(tokens):
     toks = [*toks, layout.eos_id]
     if len(toks) > R:
       toks, cut = toks[:R], cut + 1
@@ -268,12 +296,11 @@ def encode_pairs(
 ) -> Sequences:
   """Prompt/response pairs in the sequence layout (``fit``: each part as wide as its longest)."""
   prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=source, fit=fit)
-  return _with_responses(tokenizer, prompt_arrays, responses, layout, fit)
+  return _joined(prompt_arrays, encode_responses(tokenizer, responses, layout, fit=fit))
 
 
-def _with_responses(tokenizer, prompt_arrays, responses, layout: Layout, fit: bool) -> Sequences:
-  p_ids, p_mask = prompt_arrays
-  r_ids, r_mask, cut = encode_responses(tokenizer, responses, layout, fit=fit)
+def _joined(prompt_arrays, response_arrays) -> Sequences:
+  (p_ids, p_mask), (r_ids, r_mask, cut) = prompt_arrays, response_arrays
   return Sequences(
     np.concatenate([p_ids, r_ids], 1),
     np.concatenate([p_mask, r_mask], 1),
@@ -332,11 +359,10 @@ def load_preferences(
   if good == bad:
     raise DataError(f"{path}: every pair has chosen == rejected: there is no preference to learn")
   prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=str(path), fit=fit)
-  if fit:  # one width for both sides: an equal pair then makes equal sequences (a tie)
-    lengths = map(len, tokenizer([*good, *bad], add_special_tokens=False)["input_ids"])
-    layout = dataclasses.replace(layout, response_len=min(layout.response_len, 1 + max(lengths)))
-  chosen = _with_responses(tokenizer, prompt_arrays, good, layout, False)
-  rejected = _with_responses(tokenizer, prompt_arrays, bad, layout, False)
+  tokens = [_response_tokens(tokenizer, side) for side in (good, bad)]
+  # One width for both sides: an equal pair then makes equal sequences (a tie).
+  R = _width([*tokens[0], *tokens[1]], layout, fit)
+  chosen, rejected = (_joined(prompt_arrays, _right_padded(t, layout, R)) for t in tokens)
   return chosen, rejected
 
 

@@ -14,6 +14,7 @@ dropped), so one program is compiled for the whole file; batch ``b`` samples wit
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -26,10 +27,13 @@ import numpy as np
 from flax import nnx
 
 from ppo_jax import data
+from ppo_jax.actor_critic import reward_scores
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import load_hf_config, read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
+from ppo_jax.rl import decode_responses
 from ppo_jax.sampling import generate
+from ppo_jax.stages import check_reward_model
 from ppo_jax.tokenizer import has_tokenizer, load_tokenizer
 
 
@@ -84,11 +88,7 @@ def _load_policy(folder: str, dtype: str) -> CausalLM:
 
 
 def load_reward_model(folder: str, dtype: str, tokenizer: Any) -> RewardModel:
-  architectures = getattr(load_hf_config(folder), "architectures", None) or []
-  if not any(a.endswith("ForSequenceClassification") for a in architectures):
-    raise ValueError(
-      f"reward model {folder}: not a *ForSequenceClassification checkpoint ({architectures})"
-    )
+  check_reward_model(folder, what="--reward-model")
   if has_tokenizer(folder) and not _same_ids(load_tokenizer(folder), tokenizer):
     raise ValueError(
       f"reward model {folder}: its tokenizer gives other ids to the tokens the texts are "
@@ -191,15 +191,8 @@ def sample_file(
       f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {positions} positions "
       "of the model" + (" and reward model" if rm else "") + " (lower --max-new-tokens)"
     )
-  layout = data.Layout(
-    cap,
-    max_new_tokens,
-    tok.pad_token_id,
-    tok.eos_token_id,
-    prompt_overflow,
-    chat_template,
-    system_prompt,
-    chat_template_kwargs,
+  layout = data.Layout.of(
+    tok, cap, max_new_tokens, prompt_overflow, chat_template, system_prompt, chat_template_kwargs
   )
   texts, ids, mask = data.load_prompts(prompts, tok, layout, fit=True)
   columns = data.prompt_columns(prompts) if (fn or gold) is not None else {}
@@ -249,7 +242,7 @@ def sample_file(
         **{k: settings[k] for k in ("temperature", "top_p", "top_k", "greedy")},
       )
       tokens, gen_mask = np.asarray(gen.tokens)[:real], np.asarray(gen.mask)[:real]
-      responses = _decode(tok, tokens, gen_mask)
+      responses = decode_responses(tok, tokens, gen_mask)
       prompt_texts = [texts[i] for i in take[:real]]
       batch_columns = {k: [v[i] for i in take[:real]] for k, v in columns.items()}
       if fn is not None:
@@ -300,19 +293,10 @@ def sample_file(
 
 
 def rm_scorer(rm: RewardModel):
+  """``score(ids, mask) → [B]``: the reward model's scores, jitted (``reward_scores``)."""
   graphdef, state = nnx.split(rm)
-
-  @jax.jit
-  def score(state, ids, mask):
-    return nnx.merge(graphdef, state)(ids, mask)
-
+  score = jax.jit(functools.partial(reward_scores, graphdef))
   return lambda ids, mask: score(state, jnp.asarray(ids), jnp.asarray(mask))
-
-
-def _decode(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-  return tokenizer.batch_decode(
-    [t[m > 0].tolist() for t, m in zip(tokens, mask, strict=True)], skip_special_tokens=True
-  )
 
 
 def _summary(results: dict[str, list], n: int) -> dict[str, float]:

@@ -268,11 +268,10 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   inputs = prepare_inputs(s, workdir)
   tok = inputs.tokenizer
   hp = s.ppo(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-  layout = data.Layout(
+  layout = data.Layout.of(
+    tok,
     s.data.max_prompt_len,
     s.data.max_response_len,
-    tok.pad_token_id,
-    tok.eos_token_id,
     s.data.prompt_overflow,
     s.data.chat_template,
     s.data.system_prompt,

@@ -74,15 +74,8 @@ def evaluate_pairs(
       f"--max-prompt-len {P} + --max-response-len {R} exceed the reward model's {positions} "
       "positions"
     )
-  layout = data.Layout(
-    P,
-    R,
-    tok.pad_token_id,
-    tok.eos_token_id,
-    prompt_overflow,
-    chat_template,
-    system_prompt,
-    chat_template_kwargs,
+  layout = data.Layout.of(
+    tok, P, R, prompt_overflow, chat_template, system_prompt, chat_template_kwargs
   )
   chosen, rejected = data.load_preferences(pairs, tok, layout, fit=True)
   say = print if progress else (lambda *a, **k: None)

@@ -199,16 +199,17 @@ def check_finished(s: Settings, inputs: Inputs, workdir: pathlib.Path) -> None:
     stage_checkpoints.check_record(rm, s, "rm", inputs.preferences, note=False)
 
 
-def check_reward_model(folder: str) -> None:
-  """Refuses a folder that is not a Hugging Face sequence classifier (reads config.json only)."""
+def check_reward_model(folder: str, *, what: str = "config.reward.model") -> None:
+  """Refuses a folder that is not a Hugging Face sequence classifier (reads config.json only);
+  errors start with ``what``, the setting that named it."""
   try:
     hf_config = load_hf_config(folder)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"config.reward.model: {e}") from None
+    raise FileNotFoundError(f"{what}: {e}") from None
   architectures = getattr(hf_config, "architectures", None) or []
   if not any(a.endswith("ForSequenceClassification") for a in architectures):
     raise ValueError(
-      f"config.reward.model: {folder} is not a reward model (architectures "
+      f"{what}: {folder} is not a reward model (architectures "
       f"{architectures}; expected a *ForSequenceClassification with its score head)"
     )
 

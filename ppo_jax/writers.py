@@ -184,20 +184,18 @@ STAGE_PLOTS = (
 
 def plot_stages(workdir: pathlib.Path, algo: str) -> list[pathlib.Path]:
   """``plots/{sft,rm,dpo}.png`` of the stages this workdir holds metrics of, and the RL stage's
-  ``plots/{algo}.png`` of ``metrics.jsonl`` (for DPO, its held-out evaluations): the PNGs
-  written."""
-  workdir, done = pathlib.Path(workdir), []
-  stages = [(name, file, names) for name, file, names in STAGE_PLOTS if name != algo]
-  stages.append((algo if algo != "dpo" else "dpo_eval", "metrics.jsonl", PLOTTED))
-  stages += [(name, file, names) for name, file, names in STAGE_PLOTS if name == algo]
-  for name, file, names in stages:
+  ``plots/{algo}.png`` of ``metrics.jsonl`` (for DPO, ``dpo_eval.png``: its held-out
+  evaluations): the PNGs written."""
+  workdir = pathlib.Path(workdir)
+  rl = ("dpo_eval" if algo == "dpo" else algo, "metrics.jsonl", PLOTTED)
+  written = []
+  for name, file, names in (*STAGE_PLOTS, rl):
     if (workdir / file).is_file():
       title = f"{name.upper().replace('_EVAL', ' held-out')}, {workdir.name}"
-      png = plot_metrics(
-        workdir / file, workdir / "plots" / f"{name}.png", names=names, title=title
+      written.append(
+        plot_metrics(workdir / file, workdir / "plots" / f"{name}.png", names=names, title=title)
       )
-      done += [png] if png else []
-  return done
+  return [png for png in written if png]
 
 
 def say(text: str) -> None:

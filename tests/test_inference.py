@@ -161,7 +161,7 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
     (
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", f"--reward-model={policy_dir}"],
       1,
-      "not a *ForSequenceClassification checkpoint (['GPT2LMHeadModel'])",
+      "is not a reward model (architectures ['GPT2LMHeadModel']; expected a *ForSequence",
     ),
     (
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--reward-fn=reward_fns:nothing"],
