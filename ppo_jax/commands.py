@@ -38,6 +38,16 @@ def export(argv: list[str]) -> int:
   return run_command(p, run, argv)
 
 
+def _mesh(text: str) -> tuple[int, ...]:
+  try:
+    shape = tuple(int(part) for part in text.split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3:
+    raise argparse.ArgumentTypeError(f"{text!r} is not DATA,FSDP,TENSOR (three integers)")
+  return shape
+
+
 def _step(text: str) -> int:
   if not text.isdigit():
     raise argparse.ArgumentTypeError(f"{text!r} is not a step number")
@@ -100,6 +110,11 @@ def add_prompt_flags(p) -> None:
   p.add_argument("--system-prompt", help="with --chat-template: a system turn first")
   p.add_argument("--chat-template-kwargs", help="with --chat-template: a JSON object")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument(
+    "--mesh",
+    type=_mesh,
+    help="devices as DATA,FSDP,TENSOR, one -1 for the rest (default: all on data; 1,1,1: one)",
+  )
 
 
 # The config fields data.py names in its errors, each set here by the flag of its name (longest
@@ -130,6 +145,7 @@ def run_command(parser, fn, argv: list[str]) -> int:
     message = _one_line(e)
     for field in FLAG_FIELDS:
       message = message.replace(f"data.{field}", "--" + field.replace("_", "-"))
+    message = message.replace("mesh.shape", "--mesh")
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
     return 1
   return 0

@@ -10,6 +10,13 @@ Laws for Reward Model Overoptimization"), the usual yardstick beside a PPO polic
 Batches all have ``batch_size`` rows (the last one padded with copies of a row whose samples are
 dropped), so one program is compiled for the whole file; batch ``b`` samples with the key
 ``fold_in(key(seed), b)``: the same command writes the same file.
+
+On several devices (``mesh``, by default all of them on the ``data`` axis) each batch's rows are
+split over ``('data', 'fsdp')`` and the weights placed by ``sharding.RULES`` (replicated on
+``data``, sharded on ``fsdp`` and ``tensor``), as the training step places them; the batch size is
+rounded up to a multiple of the batch devices. The random bits do not depend on the placement
+(``jax_threefry_partitionable``), so a mesh samples what one device samples, up to the rounding
+of sums split differently.
 """
 
 from __future__ import annotations
@@ -19,14 +26,17 @@ import json
 import math
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from ppo_jax import data
+from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import reward_scores
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import load_hf_config, read_generation_config
@@ -103,6 +113,49 @@ def load_reward_model(folder: str, dtype: str, tokenizer: Any) -> RewardModel:
   return rm
 
 
+def inference_mesh(shape: Sequence[int] | None = None) -> Mesh | None:
+  """The ``(data, fsdp, tensor)`` mesh of a command on this process's devices: ``shape`` as
+  ``mesh.shape`` reads (one −1 takes the devices left), a shape that asks for fewer devices than
+  there are runs on the first ones (``1,1,1``: one device); None: all devices on ``data``. One
+  device gives None (nothing to place).
+
+  Raises:
+    ValueError: a shape that does not fit, or several processes (these commands run in one).
+  """
+  if jax.process_count() > 1:
+    raise ValueError(
+      f"this command runs in one process (of any number of devices), not {jax.process_count()}"
+    )
+  devices = jax.devices()
+  shape = (-1, 1, 1) if shape is None else tuple(int(s) for s in shape)
+  if len(shape) == 3 and -1 not in shape and 0 < math.prod(shape) < len(devices):
+    devices = devices[: math.prod(shape)]
+  mesh = shd.make_mesh(shape, devices)
+  return None if mesh.size == 1 else mesh
+
+
+def placed(module, mesh: Mesh | None):
+  """``module`` with its parameters on ``mesh`` by ``sharding.RULES`` (as is without a mesh)."""
+  if mesh is None:
+    return module
+  graphdef, state = nnx.split(module)
+  pure = nnx.to_pure_dict(state)
+  nnx.replace_by_pure_dict(state, shd.place(pure, shd.param_shardings(pure, mesh)))
+  return nnx.merge(graphdef, state)
+
+
+def batch_rows(batch_size: int, rows: int, mesh: Mesh | None) -> int:
+  """Rows per call: ``batch_size`` (at most ``rows``) rounded up to a multiple of the mesh's batch
+  devices (``data × fsdp``), so that every device holds as many."""
+  split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  return -(-min(batch_size, rows) // split) * split
+
+
+def on_rows(x, mesh: Mesh | None) -> jax.Array:
+  """Host rows onto the devices, split over ``('data', 'fsdp')`` on a mesh."""
+  return jnp.asarray(x) if mesh is None else shd.place_batch(x, shd.batch_sharding(mesh, x.ndim))
+
+
 def _same_ids(own: Any, texts: Any) -> bool:
   """Whether every token of ``texts`` (the tokenizer the texts are encoded with) has the same id
   in ``own`` (a reward model's, which may add tokens of its own, a pad say)."""
@@ -133,6 +186,7 @@ def sample_file(
   chat_template_kwargs: str | None = None,
   seed: int = 0,
   dtype: str = "float32",
+  mesh: Sequence[int] | None = None,
   progress: bool = True,
 ) -> dict[str, float]:
   """Writes ``n`` sampled responses to each prompt of ``prompts`` (a prompts, SFT or preference
@@ -150,6 +204,8 @@ def sample_file(
   Unset sampling settings come from its ``generation_config.json`` (``sampling_settings``).
   Prompts are left-padded to the longest one, at most ``max_prompt_len`` tokens (default: what
   the model's positions leave beside ``max_new_tokens``; ``prompt_overflow``: error | truncate).
+  ``mesh``: the devices' ``(data, fsdp, tensor)`` shape (``inference_mesh``; default all on
+  ``data``).
 
   Raises:
     ValueError: bad arguments, an existing ``out``, a model or reward model that does not fit
@@ -174,6 +230,7 @@ def sample_file(
     )
   fn = load_reward_fn(reward_fn, what="--reward-fn") if reward_fn else None
   gold = load_reward_fn(gold_fn, what="--gold-fn") if gold_fn else None
+  mesh = inference_mesh(mesh)
   model, tok_dir = str(model), str(tokenizer or model)
   tok = load_tokenizer(tok_dir)
   policy = _load_policy(model, dtype)
@@ -208,11 +265,13 @@ def sample_file(
       f"reward model's {rm.cfg.max_position_embeddings} positions (lower --max-prompt-len)"
     )
   rows = np.repeat(np.arange(len(texts)), n)  # prompt-major: prompt 0's n samples first
-  B = min(batch_size, len(rows))
+  B = batch_rows(batch_size, len(rows), mesh)
   say = print if progress else (lambda *a, **k: None)
   say(
     f"sampling {len(texts)} prompts × {n} from {model} ({len(rows)} responses of at most "
-    f"{max_new_tokens} tokens, batches of {B}; "
+    f"{max_new_tokens} tokens, batches of {B}"
+    + (f" on {shd.describe(mesh)}" if mesh is not None else "")
+    + "; "
     + (
       "greedy"
       if settings["greedy"]
@@ -221,7 +280,8 @@ def sample_file(
     + f"; stop ids {list(stops)})",
     flush=True,
   )
-  score = rm_scorer(rm) if rm is not None else None
+  policy, rm = placed(policy, mesh), (placed(rm, mesh) if rm is not None else None)
+  score = rm_scorer(rm, mesh) if rm is not None else None
   key = jax.random.key(seed)
   results: dict[str, list] = {"tokens": [], "stopped": [], "score": [], "gold": []}
   t0 = shown_at = time.perf_counter()
@@ -233,15 +293,16 @@ def sample_file(
       take = np.concatenate([take, np.full(B - real, take[0])])
       gen = generate(
         policy,
-        ids[take],
-        mask[take],
+        on_rows(ids[take], mesh),
+        on_rows(mask[take], mesh),
         key=jax.random.fold_in(key, b),
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,
         pad_token_id=tok.pad_token_id,
         **{k: settings[k] for k in ("temperature", "top_p", "top_k", "greedy")},
       )
-      tokens, gen_mask = np.asarray(gen.tokens)[:real], np.asarray(gen.mask)[:real]
+      gen_tokens, gen_mask = np.asarray(gen.tokens), np.asarray(gen.mask)
+      tokens, gen_mask = gen_tokens[:real], gen_mask[:real]
       responses = decode_responses(tok, tokens, gen_mask)
       prompt_texts = [texts[i] for i in take[:real]]
       batch_columns = {k: [v[i] for i in take[:real]] for k, v in columns.items()}
@@ -250,7 +311,7 @@ def sample_file(
           fn, prompt_texts, responses, columns=batch_columns, name=f"--reward-fn {reward_fn}"
         )
       elif score is not None:
-        full_ids = np.concatenate([ids[take], np.asarray(gen.tokens)], 1)
+        full_ids = np.concatenate([ids[take], gen_tokens], 1)
         full_mask = np.concatenate([mask[take], np.asarray(gen.mask, np.int32)], 1)
         scores = np.asarray(score(full_ids, full_mask))[:real]
       else:
@@ -292,11 +353,12 @@ def sample_file(
   return summary
 
 
-def rm_scorer(rm: RewardModel):
-  """``score(ids, mask) → [B]``: the reward model's scores, jitted (``reward_scores``)."""
+def rm_scorer(rm: RewardModel, mesh: Mesh | None = None):
+  """``score(ids, mask) → [B]``: the reward model's scores, jitted (``reward_scores``), the host
+  rows split over the mesh's batch devices (``rm`` placed with ``placed``)."""
   graphdef, state = nnx.split(rm)
   score = jax.jit(functools.partial(reward_scores, graphdef))
-  return lambda ids, mask: score(state, jnp.asarray(ids), jnp.asarray(mask))
+  return lambda ids, mask: score(state, on_rows(ids, mesh), on_rows(mask, mesh))
 
 
 def _summary(results: dict[str, list], n: int) -> dict[str, float]:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import pathlib
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
 from ppo_jax import data
-from ppo_jax.inference import load_reward_model, rm_scorer
+from ppo_jax import sharding as shd
+from ppo_jax.inference import batch_rows, inference_mesh, load_reward_model, placed, rm_scorer
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.tokenizer import load_tokenizer
 
@@ -37,6 +39,7 @@ def evaluate_pairs(
   system_prompt: str | None = None,
   chat_template_kwargs: str | None = None,
   dtype: str = "float32",
+  mesh: Sequence[int] | None = None,
   progress: bool = True,
 ) -> dict[str, float]:
   """Scores every pair of ``pairs`` (a preference JSONL file, in any form
@@ -48,12 +51,15 @@ def evaluate_pairs(
 
   Sequences are as wide as the file's longest prompt and response, at most ``max_prompt_len``
   (default: what the model's positions leave beside ``max_response_len``) and
-  ``max_response_len`` (default: half the positions).
+  ``max_response_len`` (default: half the positions). ``mesh``: the devices' ``(data, fsdp,
+  tensor)`` shape (``inference.inference_mesh``; default all on ``data``); each forward's rows are
+  split over the batch devices, ``batch_size`` rounded up to a multiple of them.
   """
   out = pathlib.Path(out) if out else None
   if out is not None and out.exists():
     raise ValueError(f"--out {out} exists; pick another file or delete it")
   tok_dir = str(tokenizer or reward_model)
+  mesh = inference_mesh(mesh)
   tok = load_tokenizer(tok_dir)
   rm = load_reward_model(str(reward_model), dtype, tok)
   positions = rm.cfg.max_position_embeddings
@@ -80,9 +86,11 @@ def evaluate_pairs(
   chosen, rejected = data.load_preferences(pairs, tok, layout, fit=True)
   say = print if progress else (lambda *a, **k: None)
   n = len(chosen)
-  B = min(batch_size, n)
-  say(f"scoring {n} pairs from {pairs} with {reward_model} (batches of {B})", flush=True)
-  score = rm_scorer(rm)
+  # Both sides of B pairs in one forward: 2·B rows over the batch devices.
+  B = batch_rows(batch_size, n, mesh)
+  on = f" on {shd.describe(mesh)}" if mesh is not None else ""
+  say(f"scoring {n} pairs from {pairs} with {reward_model} (batches of {B}{on})", flush=True)
+  score = rm_scorer(placed(rm, mesh), mesh)
   t0 = shown_at = time.perf_counter()
   scores = {"chosen": [], "rejected": []}
   for start in range(0, n, B):

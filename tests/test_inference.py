@@ -194,6 +194,16 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
       1,
       "greedy decoding gives one response per prompt, not --n 2",
     ),
+    (
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--mesh=1,2"],
+      2,
+      "argument --mesh: '1,2' is not DATA,FSDP,TENSOR (three integers)",
+    ),
+    (
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--mesh=2,-1,1"],
+      1,
+      "--mesh (2, -1, 1) does not divide the 1 devices",
+    ),
   ]
   for args, status, message in cases:
     assert cli([*base, *args]) == status, args
