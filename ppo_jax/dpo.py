@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppo_jax import ppo, rl, rollout, stage_checkpoints, supervised, writers
+from ppo_jax import evaluation, ppo, rl, rollout, stage_checkpoints, supervised, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic, merge, policy_logits
 from ppo_jax.data import Sequences
@@ -107,7 +107,7 @@ def run_dpo_stage(
   s,
   policy: CausalLM,
   pairs: tuple[tuple[Sequences, Sequences], tuple[Sequences, Sequences]],
-  eval_prompts: rl.Prompts,
+  eval_prompts: evaluation.Prompts,
   tokenizer: Any,
   hp: ppo.PPOHparams,
   workdir: pathlib.Path,
@@ -152,7 +152,7 @@ def run_dpo_stage(
   fns = rollout.make_step_fns(models, optax.identity(), hp, placement=placement)
   kw = dict(
     batch_size=s.ppo_run.batch_size,
-    scorer=rl.Scorer(),
+    scorer=evaluation.Scorer(),
     gold=gold,
     seed=s.seed + 1,
     placement=placement,
@@ -161,7 +161,7 @@ def run_dpo_stage(
   def held_out_samples(p) -> dict[str, float]:
     if not len(eval_prompts):
       return {}
-    row = rl.evaluate(fns, p, frozen, eval_prompts, tokenizer, **kw)
+    row = evaluation.evaluate(fns, p, frozen, eval_prompts, tokenizer, **kw)
     return {k: v for k, v in row.items() if k != "score"}  # nothing scores DPO's samples
 
   bs = s.dpo.batch_size

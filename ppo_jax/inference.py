@@ -38,10 +38,10 @@ from jax.sharding import Mesh
 from ppo_jax import data
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import reward_scores
+from ppo_jax.evaluation import decode_responses
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import load_hf_config, read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
-from ppo_jax.rl import decode_responses
 from ppo_jax.sampling import generate
 from ppo_jax.stages import check_reward_model
 from ppo_jax.tokenizer import has_tokenizer, load_tokenizer

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ppo_jax import checkpoint, data, rl, stage_checkpoints, synthetic, writers
+from ppo_jax import checkpoint, data, evaluation, rl, stage_checkpoints, synthetic, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import build_critic
 from ppo_jax.config import Settings, base_config
@@ -105,8 +105,8 @@ def run_ppo_stage(
   policy: CausalLM,
   reward_model: RewardModel | None,
   inputs: Inputs,
-  prompts: rl.Prompts,
-  eval_prompts: rl.Prompts,
+  prompts: evaluation.Prompts,
+  eval_prompts: evaluation.Prompts,
   hp,
   workdir: pathlib.Path,
   *,
@@ -114,7 +114,7 @@ def run_ppo_stage(
   mesh=None,
 ) -> rl.PPOResult:
   """PPO with its logs and checkpoints (resumed from ``WORKDIR/checkpoints`` when present)."""
-  scorer = rl.Scorer(
+  scorer = evaluation.Scorer(
     reward_model=reward_model if s.reward.source == "model" else None,
     fn=load_reward_fn(s.reward.fn) if s.reward.source == "function" else None,
     fn_name=s.reward.fn or "",
@@ -289,10 +289,10 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   for field, path in (("config.reward.fn", fn), ("config.task.gold", inputs.gold)):
     if path:  # a field it takes that the rows lack: now, not after SFT and the reward model
       fields_taken(load_reward_fn(path, what=field), columns, field)
-  prompts = rl.Prompts(
+  prompts = evaluation.Prompts(
     texts[n_eval:], ids[n_eval:], mask[n_eval:], {k: v[n_eval:] for k, v in columns.items()}
   )
-  eval_prompts = rl.Prompts(
+  eval_prompts = evaluation.Prompts(
     texts[:n_eval], ids[:n_eval], mask[:n_eval], {k: v[:n_eval] for k, v in columns.items()}
   )
   print(

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ppo_jax import ppo, rollout
@@ -21,8 +20,17 @@ from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic, merge
 from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted, stop_requested
 from ppo_jax.data import batch_indices
+from ppo_jax.evaluation import (
+  Prompts,
+  Scorer,
+  decode_responses,
+  evaluate,
+  host_generation,
+  put_rows,
+  sample_rows,
+)
 from ppo_jax.models.lora import merge_lora
-from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
+from ppo_jax.models.transformer import CausalLM, ScalarHead, ValueModel
 from ppo_jax.optim import (
   OptimHparams,
   horizon_change,
@@ -31,32 +39,7 @@ from ppo_jax.optim import (
   schedule_count,
 )
 from ppo_jax.rewards import RewardFn, call_reward_fn
-from ppo_jax.sampling import Generation
 from ppo_jax.writers import say
-
-
-@dataclasses.dataclass
-class Prompts:
-  texts: list[str]
-  ids: np.ndarray  # [N, P] int32, left-padded
-  mask: np.ndarray  # [N, P] int32
-  # The rows' other fields, one list each, for reward functions (data.prompt_columns).
-  columns: dict[str, list] = dataclasses.field(default_factory=dict)
-
-  def take(self, idx) -> Prompts:
-    return Prompts(
-      [self.texts[i] for i in idx],
-      self.ids[idx],
-      self.mask[idx],
-      {k: [v[i] for i in idx] for k, v in self.columns.items()},
-    )
-
-  def head(self, k: int) -> dict[str, list]:
-    """The first ``k`` rows' columns."""
-    return {name: v[:k] for name, v in self.columns.items()}
-
-  def __len__(self) -> int:
-    return len(self.texts)
 
 
 def _note_stop_ids(saved: dict, now: tuple[int, ...]) -> None:
@@ -74,90 +57,6 @@ def _note_stop_ids(saved: dict, now: tuple[int, ...]) -> None:
       f"note: the checkpoint's responses stopped at token ids {list(dict.fromkeys(then))}; from "
       f"here they stop at {list(now)} (the policy checkpoint's and its generation_config.json's)"
     )
-
-
-def decode_responses(tokenizer: Any, tokens_BxN, mask_BxN) -> list[str]:
-  """Response texts without padding or special tokens."""
-  tokens, mask = np.asarray(tokens_BxN), np.asarray(mask_BxN)
-  return tokenizer.batch_decode(
-    [t[m > 0].tolist() for t, m in zip(tokens, mask, strict=True)], skip_special_tokens=True
-  )
-
-
-@dataclasses.dataclass
-class Scorer:
-  """Where scores come from: the reward model (on device) or a Python function (on the host)."""
-
-  reward_model: RewardModel | None = None
-  fn: RewardFn | None = None
-  fn_name: str = "reward function"
-
-
-def _put(x, placement: rollout.Placement | None, *, vector: bool = False) -> jax.Array:
-  """Host rows onto the devices: split over ('data', 'fsdp') when sharded."""
-  if placement is None:
-    return jnp.asarray(x)
-  return shd.place_batch(x, placement.vector if vector else placement.batch)
-
-
-def _host(gen: Generation) -> Generation:
-  return Generation(
-    tokens=shd.to_host(gen.tokens), logprobs=shd.to_host(gen.logprobs), mask=shd.to_host(gen.mask)
-  )
-
-
-def evaluate(
-  fns: rollout.StepFns,
-  policy_params,
-  frozen: ppo.Frozen,
-  prompts: Prompts,
-  tokenizer: Any,
-  *,
-  batch_size: int,
-  scorer: Scorer,
-  gold: RewardFn | None,
-  seed: int,
-  placement: rollout.Placement | None = None,
-) -> dict[str, float]:
-  """Mean score (reward model or function), gold score, KL to the reference and response length
-  of the policy's samples on held-out prompts, with the training sampler and settings.
-
-  Batches have the training batch size (the last one padded), so nothing new is compiled.
-  """
-  totals: dict[str, list[float]] = {"score": [], "kl": [], "length": [], "gold": []}
-  for start in range(0, len(prompts), batch_size):
-    real = min(batch_size, len(prompts) - start)
-    part = prompts.take([start + (i if i < real else 0) for i in range(batch_size)])
-    gen = _host(
-      fns.sample(
-        policy_params,
-        frozen,
-        jax.random.key(seed + start),
-        _put(part.ids, placement),
-        _put(part.mask, placement),
-      )
-    )
-    full_ids = _put(np.concatenate([part.ids, gen.tokens], 1), placement)
-    full_mask = _put(np.concatenate([part.mask, gen.mask.astype(np.int32)], 1), placement)
-    scores, kl = (shd.to_host(x) for x in fns.evaluate(policy_params, frozen, full_ids, full_mask))
-    texts = (
-      decode_responses(tokenizer, gen.tokens[:real], gen.mask[:real])
-      if (scorer.fn or gold)
-      else None
-    )
-    if scorer.fn is not None:
-      scores = call_reward_fn(
-        scorer.fn, part.texts[:real], texts, columns=part.head(real), name=scorer.fn_name
-      )
-    totals["score"] += np.asarray(scores)[:real].tolist()
-    totals["kl"] += kl[:real].tolist()
-    totals["length"] += gen.mask.sum(-1)[:real].tolist()
-    if gold is not None:
-      golds = call_reward_fn(
-        gold, part.texts[:real], texts, columns=part.head(real), name="gold scorer"
-      )
-      totals["gold"] += golds.tolist()
-  return {k: float(np.mean(v)) for k, v in totals.items() if v}
 
 
 @dataclasses.dataclass
@@ -188,7 +87,7 @@ def run_iteration(
   placement: rollout.Placement | None = None,
 ):
   """One PPO iteration: ``(state, scalar metrics, per-sample metrics, host generation)``."""
-  pids, pmask = _put(batch.ids, placement), _put(batch.mask, placement)
+  pids, pmask = put_rows(batch.ids, placement), put_rows(batch.mask, placement)
   t0 = time.perf_counter()
   timings = {}
   if fuse:
@@ -200,9 +99,9 @@ def run_iteration(
     timings["time/generate"] = time.perf_counter() - t0
     scores = None
     if scorer.fn is not None:
-      host = _host(gen)
+      host = host_generation(gen)
       texts = decode_responses(tokenizer, host.tokens, host.mask)
-      scores = _put(
+      scores = put_rows(
         call_reward_fn(
           scorer.fn, batch.texts, texts, columns=batch.columns, name=scorer.fn_name, step=step
         ),
@@ -224,7 +123,7 @@ def run_iteration(
   per_sample = {k: v for k, v in fetched.items() if np.ndim(v) == 1}
   row.update(timings)
   row["time/iteration"] = elapsed
-  gen = _host(gen)
+  gen = host_generation(gen)
   row["tokens_per_s"] = float(gen.mask.sum()) / elapsed
   return state, row, per_sample, gen
 
@@ -314,7 +213,7 @@ def run_ppo(
     # Restored onto abstract arrays: a fresh state is never allocated beside the saved one. The
     # key is concrete (a restore reads its implementation), and placed as the state's would be.
     like = shd.abstract(abstract, state_sh)
-    like = like.replace(key=jax.device_put(jax.random.key(seed), state_sh.key))
+    like = like.replace(key=jax.deviceput_rows(jax.random.key(seed), state_sh.key))
     resumed = checkpointer.resume(like, record, iterations, config_defaults)
   if resumed:
     state, saved = resumed
@@ -380,7 +279,7 @@ def run_ppo(
       log(
         step,
         row,
-        lambda k, b=batch, g=gen, t=texts, s=per_sample: _sample_rows(
+        lambda k, b=batch, g=gen, t=texts, s=per_sample: sample_rows(
           tokenizer, b, g, t, s, gold, k
         ),
       )
@@ -422,24 +321,3 @@ def run_ppo(
   return PPOResult(
     policy=final, before=before, after=held_out(state.params["policy"]), history=history
   )
-
-
-def _sample_rows(tokenizer, batch: Prompts, gen, texts, per_sample, gold, k: int) -> list[dict]:
-  """The first ``k`` samples: prompt, response, score, KL to the reference (and gold score)."""
-  texts = texts or decode_responses(tokenizer, gen.tokens, gen.mask)
-  k = min(k, len(texts))
-  golds = None
-  if gold is not None:
-    golds = call_reward_fn(gold, batch.texts[:k], texts[:k], columns=batch.head(k))
-  rows = []
-  for i in range(k):
-    row = {
-      "prompt": batch.texts[i],
-      "response": texts[i],
-      "score": float(per_sample["sample/score"][i]),
-      "kl": float(per_sample["sample/kl"][i]),
-    }
-    if golds is not None:
-      row["gold"] = float(golds[i])
-    rows.append(row)
-  return rows

@@ -1,0 +1,147 @@
+"""A policy's held-out evaluation and sample rows, shared by the RL stages (``rl``) and DPO: the
+prompts, where scores come from, and the sampled-and-scored metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppo_jax import ppo, rollout
+from ppo_jax import sharding as shd
+from ppo_jax.models.transformer import RewardModel
+from ppo_jax.rewards import RewardFn, call_reward_fn
+from ppo_jax.sampling import Generation
+
+
+@dataclasses.dataclass
+class Prompts:
+  texts: list[str]
+  ids: np.ndarray  # [N, P] int32, left-padded
+  mask: np.ndarray  # [N, P] int32
+  # The rows' other fields, one list each, for reward functions (data.prompt_columns).
+  columns: dict[str, list] = dataclasses.field(default_factory=dict)
+
+  def take(self, idx) -> Prompts:
+    return Prompts(
+      [self.texts[i] for i in idx],
+      self.ids[idx],
+      self.mask[idx],
+      {k: [v[i] for i in idx] for k, v in self.columns.items()},
+    )
+
+  def head(self, k: int) -> dict[str, list]:
+    """The first ``k`` rows' columns."""
+    return {name: v[:k] for name, v in self.columns.items()}
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+
+def decode_responses(tokenizer: Any, tokens_BxN, mask_BxN) -> list[str]:
+  """Response texts without padding or special tokens."""
+  tokens, mask = np.asarray(tokens_BxN), np.asarray(mask_BxN)
+  return tokenizer.batch_decode(
+    [t[m > 0].tolist() for t, m in zip(tokens, mask, strict=True)], skip_special_tokens=True
+  )
+
+
+@dataclasses.dataclass
+class Scorer:
+  """Where scores come from: the reward model (on device) or a Python function (on the host)."""
+
+  reward_model: RewardModel | None = None
+  fn: RewardFn | None = None
+  fn_name: str = "reward function"
+
+
+def put_rows(x, placement: rollout.Placement | None, *, vector: bool = False) -> jax.Array:
+  """Host rows onto the devices: split over ('data', 'fsdp') when sharded."""
+  if placement is None:
+    return jnp.asarray(x)
+  return shd.place_batch(x, placement.vector if vector else placement.batch)
+
+
+def host_generation(gen: Generation) -> Generation:
+  return Generation(
+    tokens=shd.to_host(gen.tokens), logprobs=shd.to_host(gen.logprobs), mask=shd.to_host(gen.mask)
+  )
+
+
+def evaluate(
+  fns: rollout.StepFns,
+  policy_params,
+  frozen: ppo.Frozen,
+  prompts: Prompts,
+  tokenizer: Any,
+  *,
+  batch_size: int,
+  scorer: Scorer,
+  gold: RewardFn | None,
+  seed: int,
+  placement: rollout.Placement | None = None,
+) -> dict[str, float]:
+  """Mean score (reward model or function), gold score, KL to the reference and response length
+  of the policy's samples on held-out prompts, with the training sampler and settings.
+
+  Batches have the training batch size (the last one padded), so nothing new is compiled.
+  """
+  totals: dict[str, list[float]] = {"score": [], "kl": [], "length": [], "gold": []}
+  for start in range(0, len(prompts), batch_size):
+    real = min(batch_size, len(prompts) - start)
+    part = prompts.take([start + (i if i < real else 0) for i in range(batch_size)])
+    gen = host_generation(
+      fns.sample(
+        policy_params,
+        frozen,
+        jax.random.key(seed + start),
+        put_rows(part.ids, placement),
+        put_rows(part.mask, placement),
+      )
+    )
+    full_ids = put_rows(np.concatenate([part.ids, gen.tokens], 1), placement)
+    full_mask = put_rows(np.concatenate([part.mask, gen.mask.astype(np.int32)], 1), placement)
+    scores, kl = (shd.to_host(x) for x in fns.evaluate(policy_params, frozen, full_ids, full_mask))
+    texts = (
+      decode_responses(tokenizer, gen.tokens[:real], gen.mask[:real])
+      if (scorer.fn or gold)
+      else None
+    )
+    if scorer.fn is not None:
+      scores = call_reward_fn(
+        scorer.fn, part.texts[:real], texts, columns=part.head(real), name=scorer.fn_name
+      )
+    totals["score"] += np.asarray(scores)[:real].tolist()
+    totals["kl"] += kl[:real].tolist()
+    totals["length"] += gen.mask.sum(-1)[:real].tolist()
+    if gold is not None:
+      golds = call_reward_fn(
+        gold, part.texts[:real], texts, columns=part.head(real), name="gold scorer"
+      )
+      totals["gold"] += golds.tolist()
+  return {k: float(np.mean(v)) for k, v in totals.items() if v}
+
+
+def sample_rows(tokenizer, batch: Prompts, gen, texts, per_sample, gold, k: int) -> list[dict]:
+  """The first ``k`` samples: prompt, response, score, KL to the reference (and gold score)."""
+  texts = texts or decode_responses(tokenizer, gen.tokens, gen.mask)
+  k = min(k, len(texts))
+  golds = None
+  if gold is not None:
+    golds = call_reward_fn(gold, batch.texts[:k], texts[:k], columns=batch.head(k))
+  rows = []
+  for i in range(k):
+    row = {
+      "prompt": batch.texts[i],
+      "response": texts[i],
+      "score": float(per_sample["sample/score"][i]),
+      "kl": float(per_sample["sample/kl"][i]),
+    }
+    if golds is not None:
+      row["gold"] = float(golds[i])
+    rows.append(row)
+  return rows
