@@ -1,4 +1,5 @@
-"""Checkpoints (orbax): save, resume checks, damaged ones named, preemption (export.py exports).
+"""Checkpoints (orbax): save, resume checks, damaged ones named (preemption.py stops a run at a
+step boundary, export.py exports).
 
 A PPO checkpoint holds the whole resume state, ``PPOState`` (policy and critic parameters,
 optimizer states, KL coefficient, running score statistics, step, the PRNG key as key data), and
@@ -18,7 +19,6 @@ import io
 import logging
 import pathlib
 import re
-import signal
 import sys
 import threading
 import time
@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from ppo_jax.writers import say
@@ -55,66 +54,6 @@ class CheckpointSettings:
   # preemption and at DPO's end; 0: only then. SFT's and the reward model's are deleted once the
   # stage's model folder is written.
   supervised_every: int = 500
-
-
-class Preempted(Exception):
-  """A SIGTERM/SIGINT stopped the run at a step boundary (after saving where possible)."""
-
-
-def stop_requested() -> bool:
-  """Whether SIGTERM/SIGINT asked the run to stop, agreed by every process: each checks at its
-  own step boundary, and one that saved while another stepped on would hang both."""
-  if jax.process_count() == 1:
-    return GUARD.requested
-  from jax.experimental import multihost_utils
-
-  stop = bool(multihost_utils.process_allgather(np.int32(GUARD.requested)).any())
-  GUARD.elsewhere = stop and not GUARD.requested
-  return stop
-
-
-class PreemptionGuard:
-  """Turns SIGTERM and SIGINT into a flag that the training loops check between steps."""
-
-  def __init__(self):
-    self.signal: int | None = None
-    self.elsewhere = False  # another process was signalled (``stop_requested``)
-    self._previous: dict[int, Any] = {}
-
-  def __enter__(self) -> PreemptionGuard:
-    self.signal = None  # a stop requested in an earlier run of this process is done with
-    self.elsewhere = False
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      with contextlib.suppress(ValueError):  # not the main thread: no handlers, no flag
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-      raise KeyboardInterrupt
-    self.signal = signum
-    print(
-      f"\nppo_jax: received {signal.Signals(signum).name}; stopping at the next step boundary",
-      flush=True,
-    )
-
-  @property
-  def requested(self) -> bool:
-    return self.signal is not None
-
-  @property
-  def signal_name(self) -> str:
-    if self.signal is not None:
-      return signal.Signals(self.signal).name
-    return "a signal to another process" if self.elsewhere else "request"
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
-GUARD = PreemptionGuard()  # the pipeline enters it; the loops read it
 
 
 # What a checkpoint cut short fails with, at the root of orbax's chain of errors: tensorstore's

@@ -113,7 +113,8 @@ def add_prompt_flags(p) -> None:
   p.add_argument(
     "--mesh",
     type=_mesh,
-    help="devices as DATA,FSDP,TENSOR, one -1 for the rest (default: all on data; 1,1,1: one)",
+    help="devices as --mesh=DATA,FSDP,TENSOR, one -1 for the rest (default: all on data; 1,1,1: "
+    "one device)",
   )
 
 

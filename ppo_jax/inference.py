@@ -8,15 +8,19 @@ sampling against the scorer would get (Nakano et al., 2021, "WebGPT"; Gao et al.
 Laws for Reward Model Overoptimization"), the usual yardstick beside a PPO policy's mean score.
 
 Batches all have ``batch_size`` rows (the last one padded with copies of a row whose samples are
-dropped), so one program is compiled for the whole file; batch ``b`` samples with the key
-``fold_in(key(seed), b)``: the same command writes the same file.
+dropped), and each is as wide as its longest prompt rounded up to a power of two (``trimmed``),
+so a file of short prompts and a few long ones compiles a handful of programs and pads only the
+batches that hold a long one; batch ``b`` samples with the key ``fold_in(key(seed), b)``: the
+same command writes the same file.
 
-On several devices (``mesh``, by default all of them on the ``data`` axis) each batch's rows are
-split over ``('data', 'fsdp')`` and the weights placed by ``sharding.RULES`` (replicated on
-``data``, sharded on ``fsdp`` and ``tensor``), as the training step places them; the batch size is
-rounded up to a multiple of the batch devices. The random bits do not depend on the placement
-(``jax_threefry_partitionable``), so a mesh samples what one device samples, up to the rounding
-of sums split differently.
+On several devices (``mesh``, by default all of them on the ``data`` axis) the weights are placed
+by ``sharding.RULES`` (replicated on ``data``, sharded on ``fsdp`` and ``tensor``), as the training
+step places them, and each batch's rows are handed over split on ``('data', 'fsdp')`` (GSPMD keeps
+them split on ``data``; on ``fsdp`` it splits the products' contractions instead:
+docs/scaling.md). Batches hold the rows one device's would; a call whose rows do not split evenly
+is padded at the end. Random bits depend on neither (``jax_threefry_partitionable``: a row's bits
+are those of its place in the batch), so a mesh samples what one device samples, up to the
+rounding of sums split differently.
 """
 
 from __future__ import annotations
@@ -144,11 +148,25 @@ def placed(module, mesh: Mesh | None):
   return nnx.merge(graphdef, state)
 
 
-def batch_rows(batch_size: int, rows: int, mesh: Mesh | None) -> int:
-  """Rows per call: ``batch_size`` (at most ``rows``) rounded up to a multiple of the mesh's batch
-  devices (``data × fsdp``), so that every device holds as many."""
+def trimmed(lengths, width: int, *, floor: int = 16) -> int:
+  """The width a batch is cut to whose rows hold ``lengths`` real tokens, out of ``width``: the
+  longest rounded up to a power of two, at least ``floor`` and at most ``width``. Left padding
+  changes nothing but the cost (positions and attention come from the mask)."""
+  longest = max(1, int(np.max(lengths)))
+  return min(width, max(floor, 1 << (longest - 1).bit_length()))
+
+
+def batch_rows(batch_size: int, rows: int, mesh: Mesh | None) -> tuple[int, int, str]:
+  """``(rows per batch, rows per call, what to say)``: a batch holds ``batch_size`` rows (at most
+  ``rows``), whatever the devices; a call pads it to a multiple of the mesh's ``data × fsdp``, so
+  that the rows split evenly."""
+  chunk = min(batch_size, rows)
   split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  return -(-min(batch_size, rows) // split) * split
+  width = -(-chunk // split) * split
+  said = f"batches of {chunk}"
+  if width != chunk:
+    said += f" (padded to {width} rows: data × fsdp = {split})"
+  return chunk, width, said + (f" on {shd.describe(mesh)}" if mesh is not None else "")
 
 
 def on_rows(x, mesh: Mesh | None) -> jax.Array:
@@ -233,14 +251,16 @@ def sample_file(
   mesh = inference_mesh(mesh)
   model, tok_dir = str(model), str(tokenizer or model)
   tok = load_tokenizer(tok_dir)
-  policy = _load_policy(model, dtype)
+  with shd.staged_on_host(mesh):
+    policy = _load_policy(model, dtype)
   cfg = policy.cfg
   if len(tok) > cfg.vocab_size:
     raise ValueError(
       f"the tokenizer of {tok_dir} has {len(tok)} tokens but {model}'s embedding only "
       f"{cfg.vocab_size} rows"
     )
-  rm = load_reward_model(str(reward_model), dtype, tok) if reward_model else None
+  with shd.staged_on_host(mesh):
+    rm = load_reward_model(str(reward_model), dtype, tok) if reward_model else None
   positions = min(c.max_position_embeddings for c in [cfg] + ([rm.cfg] if rm else []))
   cap = max_prompt_len or positions - max_new_tokens
   if cap < 1:
@@ -265,13 +285,12 @@ def sample_file(
       f"reward model's {rm.cfg.max_position_embeddings} positions (lower --max-prompt-len)"
     )
   rows = np.repeat(np.arange(len(texts)), n)  # prompt-major: prompt 0's n samples first
-  B = batch_rows(batch_size, len(rows), mesh)
+  lengths = mask.sum(1)
+  chunk, B, batches = batch_rows(batch_size, len(rows), mesh)
   say = print if progress else (lambda *a, **k: None)
   say(
     f"sampling {len(texts)} prompts × {n} from {model} ({len(rows)} responses of at most "
-    f"{max_new_tokens} tokens, batches of {B}"
-    + (f" on {shd.describe(mesh)}" if mesh is not None else "")
-    + "; "
+    f"{max_new_tokens} tokens, {batches}; "
     + (
       "greedy"
       if settings["greedy"]
@@ -287,14 +306,16 @@ def sample_file(
   t0 = shown_at = time.perf_counter()
   out.parent.mkdir(parents=True, exist_ok=True)
   with out.open("x") as f:
-    for b, start in enumerate(range(0, len(rows), B)):
-      take = rows[start : start + B]
+    for b, start in enumerate(range(0, len(rows), chunk)):
+      take = rows[start : start + chunk]
       real = len(take)
       take = np.concatenate([take, np.full(B - real, take[0])])
+      W = trimmed(lengths[take], ids.shape[1])  # the prompts' last W columns: left padding
+      prompt_ids, prompt_mask = ids[take, -W:], mask[take, -W:]
       gen = generate(
         policy,
-        on_rows(ids[take], mesh),
-        on_rows(mask[take], mesh),
+        on_rows(prompt_ids, mesh),
+        on_rows(prompt_mask, mesh),
         key=jax.random.fold_in(key, b),
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,
@@ -311,8 +332,8 @@ def sample_file(
           fn, prompt_texts, responses, columns=batch_columns, name=f"--reward-fn {reward_fn}"
         )
       elif score is not None:
-        full_ids = np.concatenate([ids[take], gen_tokens], 1)
-        full_mask = np.concatenate([mask[take], np.asarray(gen.mask, np.int32)], 1)
+        full_ids = np.concatenate([prompt_ids, gen_tokens], 1)
+        full_mask = np.concatenate([prompt_mask, np.asarray(gen.mask, np.int32)], 1)
         scores = np.asarray(score(full_ids, full_mask))[:real]
       else:
         scores = None

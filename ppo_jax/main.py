@@ -258,8 +258,8 @@ def cli(argv: list[str] | None = None) -> int:
   except (RuntimeError, ValueError) as e:
     print(f"ppo-jax: error: jax.distributed: {_one_line(e)}", file=sys.stderr)
     return 1
-  from ppo_jax.checkpoint import Preempted
   from ppo_jax.pipeline import run
+  from ppo_jax.preemption import Preempted
   from ppo_jax.rl import NonFiniteError
 
   enable_compilation_cache()

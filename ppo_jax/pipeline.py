@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import time
 from typing import Any
@@ -18,7 +17,16 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ppo_jax import checkpoint, data, evaluation, rl, stage_checkpoints, synthetic, writers
+from ppo_jax import (
+  checkpoint,
+  data,
+  evaluation,
+  preemption,
+  rl,
+  stage_checkpoints,
+  synthetic,
+  writers,
+)
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import build_critic
 from ppo_jax.config import Settings, base_config
@@ -45,9 +53,9 @@ def banner(title: str, *, stage: str | None = None) -> None:
   """A stage heading, with the time the previous stage took. Before ``stage`` starts, a stop
   requested meanwhile (SIGTERM during the previous stage's evaluation, say) stops the run here,
   with the stages before it saved, rather than after ``stage``'s first step."""
-  if stage is not None and checkpoint.stop_requested():
-    raise checkpoint.Preempted(
-      f"stopped by {checkpoint.GUARD.signal_name} before the {stage} stage (the stages before it "
+  if stage is not None and preemption.stop_requested():
+    raise preemption.Preempted(
+      f"stopped by {preemption.GUARD.signal_name} before the {stage} stage (the stages before it "
       "are saved)"
     )
   now = time.perf_counter()
@@ -121,17 +129,18 @@ def run_ppo_stage(
   )
   gold = load_reward_fn(inputs.gold) if inputs.gold else None
   critic = None  # GRPO and RLOO have none
-  if hp.estimator == "gae":
-    critic = build_critic(
-      policy,
-      reward_model,
-      shared_trunk=s.ppo_run.value_head_on_policy,
-      init=s.ppo_run.critic_init,
-      seed=s.seed + 2,
+  with shd.staged_on_host(mesh):  # built here, placed by rl.run_ppo
+    if hp.estimator == "gae":
+      critic = build_critic(
+        policy,
+        reward_model,
+        shared_trunk=s.ppo_run.value_head_on_policy,
+        init=s.ppo_run.critic_init,
+        seed=s.seed + 2,
+      )
+    policy, base_policy = with_adapters(
+      s, policy, workdir, inputs.tokenizer, checkpoints=workdir / "checkpoints"
     )
-  policy, base_policy = with_adapters(
-    s, policy, workdir, inputs.tokenizer, checkpoints=workdir / "checkpoints"
-  )
   with checkpoint.Checkpointer(workdir / "checkpoints", s.checkpoint) as ckpt:
     resume_step = (ckpt.latest_step() or 0) if resume else 0
     writers.truncate_jsonl(workdir / "samples.jsonl", resume_step)
@@ -195,11 +204,11 @@ def run_ppo_stage(
 def run(config, workdir: str | pathlib.Path, *, resume: bool = True) -> dict[str, Any]:
   """Runs the whole pipeline; returns a summary (also written to ``summary.json``).
 
-  SIGTERM/SIGINT stop it at the next step boundary (``checkpoint.Preempted``), after saving a
+  SIGTERM/SIGINT stop it at the next step boundary (``preemption.Preempted``), after saving a
   checkpoint of the stage it is in. With ``resume`` (the default) a workdir's finished stages and
   latest checkpoints are picked up; ``resume=False`` refuses a workdir that holds checkpoints.
   """
-  with checkpoint.GUARD:
+  with preemption.GUARD:
     return _run(config, pathlib.Path(workdir), resume=resume)
 
 
@@ -300,7 +309,8 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     f"{inputs.prompts}; vocabulary {len(tok)}"
   )
   max_len = layout.prompt_len + max(hp.max_new_tokens, layout.response_len)
-  policy = init_policy(s, tok, max_len)
+  with shd.staged_on_host(mesh):  # each stage places the models it trains
+    policy = init_policy(s, tok, max_len)
   hp = dataclasses.replace(hp, extra_eos_token_ids=policy.cfg.extra_eos_token_ids)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))
   print(
@@ -349,7 +359,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   rows = writers.read_metrics(metrics_path) if metrics_path.exists() else []
   k = max(1, min(3, len(rows) // 2))  # rollouts on each side, none on both (but with one)
   if not before and rows:  # no held-out prompts: the first and last rollouts
-    before, after = rollout_summary(rows[:k]), rollout_summary(rows[-k:])
+    before, after = writers.rollout_summary(rows[:k]), writers.rollout_summary(rows[-k:])
   summary = {
     "before": before,
     "after": after,
@@ -365,56 +375,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   if shd.is_main_process():
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   banner("summary")
-  _print_summary(summary)
+  writers.print_summary(summary)
   outputs = sorted(p.name + ("/" if p.is_dir() else "") for p in workdir.iterdir())
   print(f"outputs in {workdir}: {', '.join(outputs)}")
   return summary
-
-
-def rollout_summary(rows: list[dict[str, float]]) -> dict[str, float]:
-  """Score, gold score, KL and length averaged over some iterations' rollouts."""
-  keys = (
-    ("score", "objective/scores"),
-    ("gold", "gold/score"),
-    ("kl", "objective/kl"),
-    ("length", "response/length"),
-  )
-  out = {}
-  for k, m in keys:
-    # metrics.jsonl writes a non-finite value as a string ("nan"); a skipped iteration's is left out
-    values = [float(r[m]) for r in rows if m in r]
-    finite = [v for v in values if math.isfinite(v)]
-    if values:
-      out[k] = sum(finite) / len(finite) if finite else float("nan")
-  return out
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-  before, after = summary["before"], summary["after"]
-  rows = [
-    ("score (reward model or fn)", "score"),
-    ("gold score", "gold"),
-    ("KL to reference (nats/seq)", "kl"),
-    ("response length", "length"),
-  ]
-  k = summary.get("rollouts_compared", 3)
-  source = "held-out prompts" if summary.get("held_out") else f"first/last {k} rollouts"
-  algo = summary.get("algo", "ppo").upper()
-  if any(key in before for _, key in rows):
-    print(f"{source:30s} {'before ' + algo:>12s} {'after ' + algo:>12s}")
-  else:  # DPO samples nothing while it trains: its before/after are the held-out prompts'
-    print(f"no before/after scores: {algo} samples no rollouts, and no prompts were held out to")
-    print("evaluate it (data.eval_prompts)")
-  for label, key in rows:
-    if key in before:
-      print(f"{label:30s} {before[key]:12.4f} {after[key]:12.4f}")
-  if "accuracy" in summary.get("rm_eval", {}):
-    print(
-      f"reward model held-out accuracy: {summary['rm_eval']['accuracy']:.3f}"
-      + (
-        f" (labeller agrees with gold on {summary['label_accuracy']:.3f})"
-        if "label_accuracy" in summary
-        else ""
-      )
-    )
-  print(f"time of this invocation: {summary['seconds']:.0f} s")  # a resumed run's: since the resume

@@ -18,7 +18,7 @@ import numpy as np
 from ppo_jax import ppo, rollout
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic, merge
-from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted, stop_requested
+from ppo_jax.checkpoint import Checkpointer
 from ppo_jax.data import batch_indices
 from ppo_jax.evaluation import (
   Prompts,
@@ -38,6 +38,7 @@ from ppo_jax.optim import (
   make_actor_critic_optimizer,
   schedule_count,
 )
+from ppo_jax.preemption import GUARD, Preempted, stop_requested
 from ppo_jax.rewards import RewardFn, call_reward_fn
 from ppo_jax.writers import say
 
@@ -213,7 +214,7 @@ def run_ppo(
     # Restored onto abstract arrays: a fresh state is never allocated beside the saved one. The
     # key is concrete (a restore reads its implementation), and placed as the state's would be.
     like = shd.abstract(abstract, state_sh)
-    like = like.replace(key=jax.deviceput_rows(jax.random.key(seed), state_sh.key))
+    like = like.replace(key=jax.device_put(jax.random.key(seed), state_sh.key))
     resumed = checkpointer.resume(like, record, iterations, config_defaults)
   if resumed:
     state, saved = resumed

@@ -20,7 +20,14 @@ import numpy as np
 
 from ppo_jax import data
 from ppo_jax import sharding as shd
-from ppo_jax.inference import batch_rows, inference_mesh, load_reward_model, placed, rm_scorer
+from ppo_jax.inference import (
+  batch_rows,
+  inference_mesh,
+  load_reward_model,
+  placed,
+  rm_scorer,
+  trimmed,
+)
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.tokenizer import load_tokenizer
 
@@ -61,7 +68,8 @@ def evaluate_pairs(
   tok_dir = str(tokenizer or reward_model)
   mesh = inference_mesh(mesh)
   tok = load_tokenizer(tok_dir)
-  rm = load_reward_model(str(reward_model), dtype, tok)
+  with shd.staged_on_host(mesh):
+    rm = load_reward_model(str(reward_model), dtype, tok)
   positions = rm.cfg.max_position_embeddings
   R = positions // 2 if max_response_len is None else max_response_len
   P = positions - R if max_prompt_len is None else max_prompt_len
@@ -87,18 +95,24 @@ def evaluate_pairs(
   say = print if progress else (lambda *a, **k: None)
   n = len(chosen)
   # Both sides of B pairs in one forward: 2·B rows over the batch devices.
-  B = batch_rows(batch_size, n, mesh)
-  on = f" on {shd.describe(mesh)}" if mesh is not None else ""
-  say(f"scoring {n} pairs from {pairs} with {reward_model} (batches of {B}{on})", flush=True)
+  chunk, B, batches = batch_rows(batch_size, n, mesh)
+  say(f"scoring {n} pairs from {pairs} with {reward_model} ({batches})", flush=True)
   score = rm_scorer(placed(rm, mesh), mesh)
   t0 = shown_at = time.perf_counter()
   scores = {"chosen": [], "rejected": []}
-  for start in range(0, n, B):
-    take = np.arange(start, start + B) % n  # the last batch padded with the first rows
-    real = min(B, n - start)
-    # One forward of both sides, as training scores them.
-    ids = np.concatenate([chosen.ids[take], rejected.ids[take]])
-    both = np.asarray(score(ids, np.concatenate([chosen.mask[take], rejected.mask[take]])))
+  R = chosen.response_mask.shape[1]
+  P = chosen.ids.shape[1] - R  # [left-padded prompt | right-padded response]
+  for start in range(0, n, chunk):
+    real = min(chunk, n - start)
+    take = np.concatenate([np.arange(start, start + real), np.full(B - real, start)])
+    # One forward of both sides, as training scores them, at one width: the batch's longest
+    # prompt and response, each rounded up to a power of two (inference.trimmed).
+    sides = [(x.ids[take], x.mask[take], x.response_mask[take]) for x in (chosen, rejected)]
+    Wp = trimmed([m[:, :P].sum(1).max() for _, m, _ in sides], P)
+    Wr = trimmed([r.sum(1).max() for _, _, r in sides], R)
+    cols = slice(P - Wp, P + Wr)
+    ids = np.concatenate([i[:, cols] for i, _, _ in sides])
+    both = np.asarray(score(ids, np.concatenate([m[:, cols] for _, m, _ in sides])))
     scores["chosen"] += both[:real].tolist()
     scores["rejected"] += both[B : B + real].tolist()
     now = time.perf_counter()

@@ -12,6 +12,7 @@ replicated. The compiled programs then follow GSPMD from these input shardings; 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
@@ -161,6 +162,22 @@ def optimizer_shardings(tx: optax.GradientTransformation, params, param_sh, mesh
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
+
+
+def staged_on_host(mesh: Mesh | None):
+  """A context in which models are built or loaded before ``place`` puts them on ``mesh``: the
+  host's memory, so that a model to be sharded never lands whole on the mesh's first device (a
+  policy, reference, reward model and critic of 8 B parameters in fp32 are 128 GB). Without a mesh
+  (one device), or where ``JAX_PLATFORMS`` leaves the CPU out, the default device as before.
+  Arrays made inside are uncommitted: a computation that reads them before they are placed moves
+  them where it runs."""
+  try:
+    host = jax.local_devices(backend="cpu")[0]
+  except RuntimeError:
+    host = None
+  if mesh is None or mesh.size == 1 or host is None:
+    return contextlib.nullcontext()
+  return jax.default_device(host)
 
 
 def check_batch(batch_size: int, mesh: Mesh, what: str = "ppo.batch_size") -> None:

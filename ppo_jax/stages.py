@@ -12,6 +12,7 @@ import jax
 from flax import nnx
 
 from ppo_jax import data, dpo, stage_checkpoints, supervised
+from ppo_jax import sharding as shd
 from ppo_jax.checkpoint import holds_checkpoints
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.models.hf import load_hf_config
@@ -224,7 +225,8 @@ def run_sft(
 ) -> tuple[CausalLM, dict]:
   out = workdir / "sft"
   if has_model_folder(out):
-    return _reuse(s, "sft", out, inputs.sft, **s.model.numerics())
+    with shd.staged_on_host(mesh):
+      return _reuse(s, "sft", out, inputs.sft, **s.model.numerics())
   if not inputs.sft or s.sft.epochs == 0:
     print("no SFT (no data.sft file, or sft.epochs=0)")
     stage_checkpoints.note_skipped(workdir, "sft")
@@ -305,9 +307,10 @@ def run_dpo(
   ``WORKDIR/dpo_metrics.jsonl``."""
   if not inputs.preferences:
     raise ValueError("config.algo='dpo' needs preference pairs (config.data.preferences)")
-  policy, base_policy = with_adapters(
-    s, policy, workdir, inputs.tokenizer, checkpoints=workdir / "dpo_checkpoints"
-  )
+  with shd.staged_on_host(mesh):
+    policy, base_policy = with_adapters(
+      s, policy, workdir, inputs.tokenizer, checkpoints=workdir / "dpo_checkpoints"
+    )
   return dpo.run_dpo_stage(
     s,
     policy,
@@ -338,15 +341,18 @@ def run_reward_model(
   if s.reward.model:
     print(f"reward model: {s.reward.model}")
     check_reward_model(s.reward.model)
-    return from_pretrained(s.reward.model, kind="reward", **kw), {}
+    with shd.staged_on_host(mesh):
+      return from_pretrained(s.reward.model, kind="reward", **kw), {}
   if not s.rm_run.enabled:
     return None, {}
   if has_model_folder(out):
-    return _reuse(s, "rm", out, inputs.preferences, kind="reward", **kw)
+    with shd.staged_on_host(mesh):
+      return _reuse(s, "rm", out, inputs.preferences, kind="reward", **kw)
   if not inputs.preferences:
     raise ValueError("config.rm.enabled=True needs config.data.preferences=FILE.jsonl")
   train_pairs, eval_pairs = load_preference_split(inputs, layout, s.rm.eval_fraction, s.seed)
-  rm = RewardModel(policy.cfg, rngs=nnx.Rngs(s.seed + 1))
+  with shd.staged_on_host(mesh):
+    rm = RewardModel(policy.cfg, rngs=nnx.Rngs(s.seed + 1))
   if s.rm_run.init == "policy":
     nnx.update(rm.trunk, nnx.state(policy.trunk))
   return _train_and_save(

@@ -21,11 +21,12 @@ from flax import nnx
 from ppo_jax import sharding as shd
 from ppo_jax import writers
 from ppo_jax.actor_critic import policy_logits, reward_scores
-from ppo_jax.checkpoint import GUARD, Checkpointer, Preempted, stop_requested
+from ppo_jax.checkpoint import Checkpointer
 from ppo_jax.data import Sequences, batch_indices
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
 from ppo_jax.optim import OptimHparams, make_optimizer
+from ppo_jax.preemption import GUARD, Preempted, stop_requested
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.stage_checkpoints import Checkpoints
 

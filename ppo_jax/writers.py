@@ -1,5 +1,5 @@
 """What a run leaves in its workdir: metrics.jsonl, TensorBoard events, sample tables, PNG plots,
-and a progress bar on the terminal."""
+and on the terminal a progress bar and the closing summary."""
 
 from __future__ import annotations
 
@@ -212,3 +212,53 @@ def progress_bar(total: int, desc: str, *, enabled: bool = True):
   from tqdm.auto import tqdm
 
   return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def rollout_summary(rows: list[dict[str, float]]) -> dict[str, float]:
+  """Score, gold score, KL and length averaged over some iterations' rollouts."""
+  keys = (
+    ("score", "objective/scores"),
+    ("gold", "gold/score"),
+    ("kl", "objective/kl"),
+    ("length", "response/length"),
+  )
+  out = {}
+  for k, m in keys:
+    # metrics.jsonl writes a non-finite value as a string ("nan"); a skipped iteration's is left out
+    values = [float(r[m]) for r in rows if m in r]
+    finite = [v for v in values if math.isfinite(v)]
+    if values:
+      out[k] = sum(finite) / len(finite) if finite else float("nan")
+  return out
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+  """The run's closing table: score, gold score, KL and length before and after the RL stage."""
+  before, after = summary["before"], summary["after"]
+  rows = [
+    ("score (reward model or fn)", "score"),
+    ("gold score", "gold"),
+    ("KL to reference (nats/seq)", "kl"),
+    ("response length", "length"),
+  ]
+  k = summary.get("rollouts_compared", 3)
+  source = "held-out prompts" if summary.get("held_out") else f"first/last {k} rollouts"
+  algo = summary.get("algo", "ppo").upper()
+  if any(key in before for _, key in rows):
+    print(f"{source:30s} {'before ' + algo:>12s} {'after ' + algo:>12s}")
+  else:  # DPO samples nothing while it trains: its before/after are the held-out prompts'
+    print(f"no before/after scores: {algo} samples no rollouts, and no prompts were held out to")
+    print("evaluate it (data.eval_prompts)")
+  for label, key in rows:
+    if key in before:
+      print(f"{label:30s} {before[key]:12.4f} {after[key]:12.4f}")
+  if "accuracy" in summary.get("rm_eval", {}):
+    print(
+      f"reward model held-out accuracy: {summary['rm_eval']['accuracy']:.3f}"
+      + (
+        f" (labeller agrees with gold on {summary['label_accuracy']:.3f})"
+        if "label_accuracy" in summary
+        else ""
+      )
+    )
+  print(f"time of this invocation: {summary['seconds']:.0f} s")  # a resumed run's: since the resume

@@ -17,7 +17,7 @@ from conftest import ROOT, count_lines, reuse_stages, sigterm_when, smoke_config
 from flax import nnx
 
 import ppo_jax as pj
-from ppo_jax import checkpoint, main, optim, pipeline, ppo, writers
+from ppo_jax import checkpoint, main, optim, pipeline, ppo, preemption, writers
 from ppo_jax.export import export_policy
 from ppo_jax.rl import NonFiniteError
 
@@ -141,7 +141,7 @@ def test_sigterm_in_sft_and_in_the_reward_model_then_resume_is_bitwise_identical
   config = smoke_config(ppo__iterations=1, log__plots=False, log__tensorboard=False)
   for name, done in (("sft", None), ("rm", "sft")):
     sigterm_when(lambda name=name: count_lines(workdir / f"{name}_metrics.jsonl") >= 20)
-    with pytest.raises(checkpoint.Preempted, match=f"of the {name} stage; checkpoint saved in"):
+    with pytest.raises(preemption.Preempted, match=f"of the {name} stage; checkpoint saved in"):
       pipeline.run(config, workdir)
     assert any((workdir / f"{name}_checkpoints").iterdir())
     if done:
@@ -176,7 +176,7 @@ def test_a_stop_between_stages_starts_no_more_work(smoke_run, tmp_path, monkeypa
 
   monkeypatch.setattr(pipeline, "run_sft", sft_then_sigterm)
   config = smoke_config(ppo__iterations=1, log__plots=False, log__tensorboard=False)
-  with pytest.raises(checkpoint.Preempted, match="by SIGTERM before the reward model stage"):
+  with pytest.raises(preemption.Preempted, match="by SIGTERM before the reward model stage"):
     pipeline.run(config, workdir)
   assert not (workdir / "rm_metrics.jsonl").exists() and not (workdir / "rm_checkpoints").exists()
 
@@ -466,7 +466,7 @@ def test_read_blames_damage_only_for_data_loss(tmp_path, capsys):
 
 
 def test_a_stop_requested_in_an_earlier_run_is_forgotten():
-  guard = checkpoint.PreemptionGuard()
+  guard = preemption.PreemptionGuard()
   with guard:
     guard._handle(signal.SIGTERM, None)
     assert guard.requested

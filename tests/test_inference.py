@@ -261,3 +261,62 @@ def test_rm_eval_scores_equal_transformers(folders, tmp_path, capsys):
   assert f"4 pairs: accuracy {summary['accuracy']:.4f}" in printed and "1 responses cut" in printed
   assert cli(args) == 1  # --out exists
   assert "scores.jsonl exists; pick another file" in capsys.readouterr().err
+
+
+def test_batches_are_cut_to_their_longest_prompt(folders, tmp_path, monkeypatch):
+  """A batch of short prompts is not padded to the file's longest: it is cut to 16 columns (its
+  longest rounded up to a power of two); the samples and scores are those of each prompt in a
+  batch of its own, at another width. rm-eval alike."""
+  from ppo_jax import rm_eval
+
+  policy_dir, rm_dir, _, _, _ = folders
+  long = " ".join(f"w{i}" for i in range(20, 45))  # 25 tokens
+  texts = ["w1 w2", long, "w3", "w4 w5 w6", "w7"]
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+  widths, generate = [], inference.generate
+
+  def spy(model, ids, mask, **kw):
+    widths.append(ids.shape[1])
+    return generate(model, ids, mask, **kw)
+
+  monkeypatch.setattr(inference, "generate", spy)
+  kw = dict(n=2, max_new_tokens=5, reward_model=rm_dir, seed=3, progress=False)
+  inference.sample_file(policy_dir, path, tmp_path / "a.jsonl", batch_size=4, **kw)
+  assert widths == [25, 16, 16]  # (w1 w2, w1 w2, long, long), (w3, w3, w4…, w4…), (w7, w7)
+  assert len({r["response"] for r in _rows(tmp_path / "a.jsonl")}) > 2
+  # Other batches sample with other keys: compare each row's greedy continuation instead.
+  kw["n"] = 1
+  for name, batch_size in (("c", 3), ("d", 1)):
+    inference.sample_file(
+      policy_dir, path, tmp_path / f"{name}.jsonl", batch_size=batch_size, greedy=True, **kw
+    )
+  assert widths[3:] == [25, 16] + [16, 25, 16, 16, 16]  # (w1 w2, long, w3), (w4…, w7); one each
+  c, d = _rows(tmp_path / "c.jsonl"), _rows(tmp_path / "d.jsonl")
+  assert [r["response"] for r in c] == [r["response"] for r in d]
+  np.testing.assert_allclose([r["score"] for r in c], [r["score"] for r in d], rtol=1e-5, atol=1e-5)
+
+  pairs = tmp_path / "pairs.jsonl"
+  rows = [{"prompt": t, "chosen": "w2 w3", "rejected": "w4"} for t in texts]
+  pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  seen, scorer = [], rm_eval.rm_scorer
+
+  def spy_scorer(rm, mesh):
+    score = scorer(rm, mesh)
+    return lambda ids, mask: seen.append(ids.shape) or score(ids, mask)
+
+  monkeypatch.setattr(rm_eval, "rm_scorer", spy_scorer)
+  for name, batch_size in (("e", 2), ("f", 1)):
+    rm_eval.evaluate_pairs(
+      rm_dir,
+      pairs,
+      out=tmp_path / f"{name}.jsonl",
+      batch_size=batch_size,
+      max_response_len=4,
+      progress=False,
+    )
+  # [prompt | response] columns: 25 + 3 for the long prompt's batch, 16 + 3 for the others.
+  assert seen[:3] == [(4, 28), (4, 19), (4, 19)] and set(seen[3:]) == {(2, 28), (2, 19)}
+  e, f = _rows(tmp_path / "e.jsonl"), _rows(tmp_path / "f.jsonl")
+  for side in ("chosen", "rejected"):
+    np.testing.assert_allclose([r[side] for r in e], [r[side] for r in f], rtol=1e-5, atol=1e-5)

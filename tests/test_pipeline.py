@@ -12,7 +12,7 @@ import transformers as tf
 from conftest import count_lines, reuse_stages, sigterm_when, smoke_config
 
 import ppo_jax as pj
-from ppo_jax import checkpoint, main, pipeline, stages, writers
+from ppo_jax import main, pipeline, preemption, stages, writers
 from ppo_jax.export import export_policy
 from ppo_jax.rewards import RewardError
 
@@ -320,7 +320,7 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
   # Stopped by SIGTERM after step 25, then resumed: the same curves and policy, bit for bit.
   stopped = reuse_stages(smoke_run[0], tmp_path / "dpo_stopped", stages=("sft",))
   sigterm_when(lambda: count_lines(stopped / "dpo_metrics.jsonl") >= 25)
-  with pytest.raises(checkpoint.Preempted, match="of the dpo stage; checkpoint saved"):
+  with pytest.raises(preemption.Preempted, match="of the dpo stage; checkpoint saved"):
     pipeline.run(config, stopped)
   step = export_policy(stopped, tmp_path / "mid")  # the stopped stage's policy, as it stands
   assert (
@@ -448,8 +448,8 @@ def test_rollout_summary_skips_non_finite_entries():
     {"objective/scores": "nan", "objective/kl": 0.7},
     {"objective/scores": 3.0, "objective/kl": 0.9},
   ]
-  assert pipeline.rollout_summary(rows) == pytest.approx({"score": 2.0, "kl": 0.7})
-  assert np.isnan(pipeline.rollout_summary(rows[1:2])["score"])
+  assert writers.rollout_summary(rows) == pytest.approx({"score": 2.0, "kl": 0.7})
+  assert np.isnan(writers.rollout_summary(rows[1:2])["score"])
 
 
 def test_the_tokenizers_special_ids_are_used_and_saved(smoke_run, tmp_path, capsys):
@@ -566,13 +566,13 @@ def test_a_summary_without_scores_says_why(capsys):
   """DPO with no held-out prompts has no before/after scores: one line says so, not an empty
   table under a header."""
   summary = {"before": {}, "after": {}, "algo": "dpo", "seconds": 3.0}
-  pipeline._print_summary(summary)
+  writers.print_summary(summary)
   out = capsys.readouterr().out
   assert (
     out.startswith("no before/after scores: DPO samples no rollouts") and "before DPO" not in out
   )
   summary.update(before={"score": 0.5}, after={"score": 1.5}, algo="ppo")
-  pipeline._print_summary(summary)
+  writers.print_summary(summary)
   out = capsys.readouterr().out
   assert "before PPO" in out and "0.5000       1.5000" in out
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ppo_jax import checkpoint, stage_checkpoints, supervised
+from ppo_jax import checkpoint, preemption, stage_checkpoints, supervised
 from ppo_jax.data import Sequences
 from ppo_jax.models import CausalLM, ModelConfig
 from ppo_jax.optim import OptimHparams
@@ -60,7 +60,7 @@ def _train(folder=None, *, stop_after=None, every=0, config=CONFIG, rows=None, d
 
   def on_step(i, total, row):
     if stop_after is not None and i + 1 == stop_after:
-      checkpoint.GUARD.signal = signal.SIGTERM
+      preemption.GUARD.signal = signal.SIGTERM
 
   settings = checkpoint.CheckpointSettings(supervised_every=every, async_save=True)
   with contextlib.ExitStack() as stack:
@@ -81,7 +81,7 @@ def _train(folder=None, *, stop_after=None, every=0, config=CONFIG, rows=None, d
         checkpoints=checkpoints,
       )
     finally:
-      checkpoint.GUARD.signal = None
+      preemption.GUARD.signal = None
 
 
 def _equal(a, b):
@@ -96,9 +96,9 @@ def test_a_stopped_stage_resumes_bit_for_bit(tmp_path):
   whole, history = _train()
   assert len(history) == HP.steps(12) == 6
   folder = tmp_path / "sft_checkpoints"
-  with pytest.raises(checkpoint.Preempted, match=r"after step 2 of 6 of the sft stage; checkpoint"):
+  with pytest.raises(preemption.Preempted, match=r"after step 2 of 6 of the sft stage; checkpoint"):
     _train(folder, stop_after=2, every=4)
-  with pytest.raises(checkpoint.Preempted, match="after step 5 of 6"):
+  with pytest.raises(preemption.Preempted, match="after step 5 of 6"):
     _train(folder, stop_after=5, every=4)
   assert sorted(int(p.name) for p in folder.iterdir()) == [2, 4, 5]
   resumed, rest = _train(folder, every=4)
@@ -108,13 +108,13 @@ def test_a_stopped_stage_resumes_bit_for_bit(tmp_path):
 
 
 def test_without_checkpoints_a_stop_says_the_stage_starts_over():
-  with pytest.raises(checkpoint.Preempted, match="after step 3 of 6 of the sft stage; it starts"):
+  with pytest.raises(preemption.Preempted, match="after step 3 of 6 of the sft stage; it starts"):
     _train(stop_after=3)
 
 
 def test_a_stage_of_another_config_or_other_data_is_refused(tmp_path):
   folder = tmp_path / "sft_checkpoints"
-  with pytest.raises(checkpoint.Preempted):
+  with pytest.raises(preemption.Preempted):
     _train(folder, stop_after=2)
   other = {**CONFIG, "sft": {"epochs": 3.0}}
   diff = r"different config \(sft\.epochs: 2\.0 → 3\.0\)"

@@ -48,26 +48,38 @@ def _rows(path):
 
 @pytest.fixture(scope="module")
 def one_device(folders, tmp_path_factory):
-  """Samples, scored by the reward model, and the per-pair scores, on one device."""
+  """``{batch size: (summary, sample rows, rm-eval summary, pair rows)}`` on one device."""
   policy, rm, prompts, pairs = folders
-  out = tmp_path_factory.mktemp("one")
-  kw = dict(n=3, max_new_tokens=6, reward_model=rm, batch_size=8, seed=5, mesh=(1, 1, 1))
-  summary = inference.sample_file(policy, prompts, out / "samples.jsonl", **kw)
-  evaluated = rm_eval.evaluate_pairs(
-    rm, pairs, out=out / "pairs.jsonl", batch_size=8, mesh=(1, 1, 1)
-  )
-  return summary, _rows(out / "samples.jsonl"), evaluated, _rows(out / "pairs.jsonl")
+  done = {}
+  for batch_size in (6, 8):
+    out = tmp_path_factory.mktemp(f"one{batch_size}")
+    kw = dict(n=3, max_new_tokens=6, reward_model=rm, seed=5, mesh=(1, 1, 1))
+    summary = inference.sample_file(
+      policy, prompts, out / "samples.jsonl", batch_size=batch_size, **kw
+    )
+    evaluated = rm_eval.evaluate_pairs(
+      rm, pairs, out=out / "pairs.jsonl", batch_size=batch_size, mesh=(1, 1, 1)
+    )
+    done[batch_size] = summary, _rows(out / "samples.jsonl"), evaluated, _rows(out / "pairs.jsonl")
+  return done
 
 
-@pytest.mark.parametrize("shape", [(-1, 1, 1), (2, 2, 2)])
+@pytest.mark.parametrize(
+  "shape, batch_size, said",
+  [
+    ((-1, 1, 1), 8, "batches of 8 on data 8 × fsdp 1 × tensor 1 (8 devices)"),
+    # 21 responses in batches of 6, each call padded to 8 rows for the 4 batch devices.
+    ((2, 2, 2), 6, "batches of 6 (padded to 8 rows: data × fsdp = 4) on data 2 × fsdp 2 × "),
+  ],
+)
 def test_sample_and_rm_eval_on_a_mesh_match_one_device(
-  folders, one_device, tmp_path, shape, capsys
+  folders, one_device, tmp_path, shape, batch_size, said, capsys
 ):
   policy, rm, prompts, pairs = folders
-  summary, rows, evaluated, scored = one_device
-  kw = dict(n=3, max_new_tokens=6, reward_model=rm, batch_size=8, seed=5, mesh=shape)
+  summary, rows, evaluated, scored = one_device[batch_size]
+  kw = dict(n=3, max_new_tokens=6, reward_model=rm, batch_size=batch_size, seed=5, mesh=shape)
   got_summary = inference.sample_file(policy, prompts, tmp_path / "samples.jsonl", **kw)
-  assert "(8 devices)" in capsys.readouterr().out
+  assert said in capsys.readouterr().out
   got = _rows(tmp_path / "samples.jsonl")
   assert len({r["response"] for r in got}) > 3  # sampled, not one greedy answer
   assert [{k: v for k, v in r.items() if k != "score"} for r in got] == [
@@ -78,23 +90,23 @@ def test_sample_and_rm_eval_on_a_mesh_match_one_device(
   )
   assert got_summary.keys() == summary.keys()
   got_eval = rm_eval.evaluate_pairs(
-    rm, pairs, out=tmp_path / "pairs.jsonl", batch_size=8, mesh=shape
+    rm, pairs, out=tmp_path / "pairs.jsonl", batch_size=batch_size, mesh=shape
   )
-  assert got_eval["accuracy"] == evaluated["accuracy"]
-  np.testing.assert_allclose(
-    [r["chosen"] for r in _rows(tmp_path / "pairs.jsonl")],
-    [r["chosen"] for r in scored],
-    rtol=1e-5,
-    atol=1e-5,
-  )
+  assert said in capsys.readouterr().out
+  assert (got_eval["accuracy"], got_eval["ties"]) == (evaluated["accuracy"], evaluated["ties"])
+  got_pairs = _rows(tmp_path / "pairs.jsonl")
+  assert [r["index"] for r in got_pairs] == list(range(len(scored)))
+  for side in ("chosen", "rejected", "margin"):
+    np.testing.assert_allclose(
+      [r[side] for r in got_pairs], [r[side] for r in scored], rtol=1e-5, atol=1e-5, err_msg=side
+    )
 
 
-def test_rows_stay_split_and_the_batch_rounds_up(folders, tmp_path, capsys):
-  """On a data mesh each device samples its own rows (GSPMD did not replicate the batch), and a
-  batch of 6 on 4 batch devices becomes 8. (On fsdp GSPMD keeps the weights where they are and
-  splits each product's contraction instead, with every device on every row: no weight
-  all-gather per decode step; docs/scaling.md.)"""
-  policy, _, prompts, _ = folders
+def test_rows_stay_split_on_data(folders):
+  """On a data mesh each device samples its own rows (GSPMD did not replicate the batch). On fsdp
+  GSPMD keeps the weights where they are and splits each product's contraction instead, every
+  device on every row: no weight all-gather per decode step (docs/scaling.md)."""
+  policy = folders[0]
   mesh = inference.inference_mesh((8, 1, 1))
   model = inference.placed(from_pretrained(policy, kind="causal_lm"), mesh)
   ids = np.full((8, 3), 7, np.int32)
@@ -106,10 +118,5 @@ def test_rows_stay_split_and_the_batch_rounds_up(folders, tmp_path, capsys):
     max_new_tokens=4,
   )
   assert gen.tokens.sharding.shard_shape(gen.tokens.shape) == (1, 4)
-  inference.sample_file(
-    policy, prompts, tmp_path / "s.jsonl", batch_size=6, max_new_tokens=3, mesh=(2, 2, 2)
-  )
-  assert "batches of 8 on data 2 × fsdp 2 × tensor 2 (8 devices)" in capsys.readouterr().out
-  assert len(_rows(tmp_path / "s.jsonl")) == len(PROMPTS)
   with pytest.raises(ValueError, match="needs 16 devices"):
     inference.inference_mesh((2, 8, 1))

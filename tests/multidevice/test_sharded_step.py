@@ -235,12 +235,32 @@ def test_dimension_that_does_not_divide_is_replicated_not_wrong():
   assert spec == jax.sharding.PartitionSpec(None, "fsdp")
 
 
-def test_sharded_pipeline_end_to_end(tmp_path):
-  """The smoke pipeline on a (2, 2, 2) mesh: SFT, reward model and PPO all sharded."""
+def test_sharded_pipeline_end_to_end(tmp_path, monkeypatch):
+  """The smoke pipeline on a (2, 2, 2) mesh: SFT, reward model and PPO all sharded; every model
+  built or loaded in the host's memory, before a stage places it (``shd.staged_on_host``)."""
   import importlib.util
   import pathlib
 
-  from ppo_jax import pipeline
+  from ppo_jax import pipeline, stages
+
+  built = []
+
+  def spy(module, name):
+    make = getattr(module, name)
+
+    def made(*args, **kwargs):
+      built.append((name, jax.config.jax_default_device))
+      return make(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, made)
+
+  for module, name in (
+    (pipeline, "init_policy"),
+    (pipeline, "build_critic"),
+    (stages, "RewardModel"),
+    (stages, "from_pretrained"),
+  ):
+    spy(module, name)
 
   root = pathlib.Path(__file__).parents[2]
   spec = importlib.util.spec_from_file_location("default", root / "experiments" / "default.py")
@@ -263,6 +283,12 @@ def test_sharded_pipeline_end_to_end(tmp_path):
   config.ppo.iterations = 5
   pipeline.run(config, tmp_path)
   assert [r["step"] for r in writers.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+  # Built: the policy, reward model and critic; then (resumed) the policy, and the finished SFT
+  # policy and reward model loaded, and the critic again.
+  host = jax.local_devices(backend="cpu")[0]
+  names = ["init_policy", "RewardModel", "build_critic", "init_policy"]
+  assert [n for n, _ in built] == names + ["from_pretrained"] * 2 + ["build_critic"]
+  assert all(device == host for _, device in built) and jax.config.jax_default_device is None
   # Exported by a process with one device (the 8-device checkpoint's topology is not there): the
   # policy of step 5 is the policy/ folder.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -280,7 +306,7 @@ def _sft_train(mesh_shape, folder=None, stop_after=None):
   step ``stop_after`` raises Preempted."""
   import signal
 
-  from ppo_jax import checkpoint, stage_checkpoints, supervised
+  from ppo_jax import preemption, stage_checkpoints, supervised
   from ppo_jax.data import Sequences
 
   rng = np.random.default_rng(0)
@@ -291,7 +317,7 @@ def _sft_train(mesh_shape, folder=None, stop_after=None):
 
   def on_step(i, total, row):
     if i + 1 == stop_after:
-      checkpoint.GUARD.signal = signal.SIGTERM
+      preemption.GUARD.signal = signal.SIGTERM
 
   checkpoints = None
   if folder is not None:
@@ -312,7 +338,7 @@ def _sft_train(mesh_shape, folder=None, stop_after=None):
     )
     return params
   finally:
-    checkpoint.GUARD.signal = None
+    preemption.GUARD.signal = None
     if checkpoints is not None:
       ckpt.close()
 
@@ -320,7 +346,7 @@ def _sft_train(mesh_shape, folder=None, stop_after=None):
 def test_a_stopped_sharded_stage_resumes_on_the_same_mesh_bitwise_and_on_another_closely(
   tmp_path,
 ):
-  from ppo_jax.checkpoint import Preempted
+  from ppo_jax.preemption import Preempted
 
   whole = jax.tree.map(shd.to_host, _sft_train((2, 2, 2)))
   for name, mesh_shape in (("same", (2, 2, 2)), ("other", (1, 2, 4))):

@@ -1,0 +1,73 @@
+"""Preemption: SIGTERM or SIGINT (a scheduler's notice, Ctrl-C) becomes a flag that the training
+loops read between steps; they save a checkpoint where they can and raise ``Preempted``, and the
+same command resumes. With several processes the stop is agreed by all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class Preempted(Exception):
+  """A SIGTERM/SIGINT stopped the run at a step boundary (after saving where possible)."""
+
+
+def stop_requested() -> bool:
+  """Whether SIGTERM/SIGINT asked the run to stop, agreed by every process: each checks at its
+  own step boundary, and one that saved while another stepped on would hang both."""
+  if jax.process_count() == 1:
+    return GUARD.requested
+  from jax.experimental import multihost_utils
+
+  stop = bool(multihost_utils.process_allgather(np.int32(GUARD.requested)).any())
+  GUARD.elsewhere = stop and not GUARD.requested
+  return stop
+
+
+class PreemptionGuard:
+  """Turns SIGTERM and SIGINT into a flag that the training loops check between steps."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self.elsewhere = False  # another process was signalled (``stop_requested``)
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> PreemptionGuard:
+    self.signal = None  # a stop requested in an earlier run of this process is done with
+    self.elsewhere = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      with contextlib.suppress(ValueError):  # not the main thread: no handlers, no flag
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    self.signal = signum
+    print(
+      f"\nppo_jax: received {signal.Signals(signum).name}; stopping at the next step boundary",
+      flush=True,
+    )
+
+  @property
+  def requested(self) -> bool:
+    return self.signal is not None
+
+  @property
+  def signal_name(self) -> str:
+    if self.signal is not None:
+      return signal.Signals(self.signal).name
+    return "a signal to another process" if self.elsewhere else "request"
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+GUARD = PreemptionGuard()  # the pipeline enters it; the loops read it
