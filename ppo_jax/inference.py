@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -117,37 +116,6 @@ def load_reward_model(folder: str, dtype: str, tokenizer: Any) -> RewardModel:
   return rm
 
 
-def inference_mesh(shape: Sequence[int] | None = None) -> Mesh | None:
-  """The ``(data, fsdp, tensor)`` mesh of a command on this process's devices: ``shape`` as
-  ``mesh.shape`` reads (one −1 takes the devices left), a shape that asks for fewer devices than
-  there are runs on the first ones (``1,1,1``: one device); None: all devices on ``data``. One
-  device gives None (nothing to place).
-
-  Raises:
-    ValueError: a shape that does not fit, or several processes (these commands run in one).
-  """
-  if jax.process_count() > 1:
-    raise ValueError(
-      f"this command runs in one process (of any number of devices), not {jax.process_count()}"
-    )
-  devices = jax.devices()
-  shape = (-1, 1, 1) if shape is None else tuple(int(s) for s in shape)
-  if len(shape) == 3 and -1 not in shape and 0 < math.prod(shape) < len(devices):
-    devices = devices[: math.prod(shape)]
-  mesh = shd.make_mesh(shape, devices)
-  return None if mesh.size == 1 else mesh
-
-
-def placed(module, mesh: Mesh | None):
-  """``module`` with its parameters on ``mesh`` by ``sharding.RULES`` (as is without a mesh)."""
-  if mesh is None:
-    return module
-  graphdef, state = nnx.split(module)
-  pure = nnx.to_pure_dict(state)
-  nnx.replace_by_pure_dict(state, shd.place(pure, shd.param_shardings(pure, mesh)))
-  return nnx.merge(graphdef, state)
-
-
 def trimmed(lengths, width: int, *, floor: int = 16) -> int:
   """The width a batch is cut to whose rows hold ``lengths`` real tokens, out of ``width``: the
   longest rounded up to a power of two, at least ``floor`` and at most ``width``. Left padding
@@ -167,11 +135,6 @@ def batch_rows(batch_size: int, rows: int, mesh: Mesh | None) -> tuple[int, int,
   if width != chunk:
     said += f" (padded to {width} rows: data × fsdp = {split})"
   return chunk, width, said + (f" on {shd.describe(mesh)}" if mesh is not None else "")
-
-
-def on_rows(x, mesh: Mesh | None) -> jax.Array:
-  """Host rows onto the devices, split over ``('data', 'fsdp')`` on a mesh."""
-  return jnp.asarray(x) if mesh is None else shd.place_batch(x, shd.batch_sharding(mesh, x.ndim))
 
 
 def _same_ids(own: Any, texts: Any) -> bool:
@@ -222,7 +185,7 @@ def sample_file(
   Unset sampling settings come from its ``generation_config.json`` (``sampling_settings``).
   Prompts are left-padded to the longest one, at most ``max_prompt_len`` tokens (default: what
   the model's positions leave beside ``max_new_tokens``; ``prompt_overflow``: error | truncate).
-  ``mesh``: the devices' ``(data, fsdp, tensor)`` shape (``inference_mesh``; default all on
+  ``mesh``: the devices' ``(data, fsdp, tensor)`` shape (``sharding.command_mesh``; default all on
   ``data``).
 
   Raises:
@@ -248,7 +211,7 @@ def sample_file(
     )
   fn = load_reward_fn(reward_fn, what="--reward-fn") if reward_fn else None
   gold = load_reward_fn(gold_fn, what="--gold-fn") if gold_fn else None
-  mesh = inference_mesh(mesh)
+  mesh = shd.command_mesh(mesh)
   model, tok_dir = str(model), str(tokenizer or model)
   tok = load_tokenizer(tok_dir)
   with shd.staged_on_host(mesh):
@@ -299,7 +262,7 @@ def sample_file(
     + f"; stop ids {list(stops)})",
     flush=True,
   )
-  policy, rm = placed(policy, mesh), (placed(rm, mesh) if rm is not None else None)
+  policy, rm = shd.placed(policy, mesh), (shd.placed(rm, mesh) if rm is not None else None)
   score = rm_scorer(rm, mesh) if rm is not None else None
   key = jax.random.key(seed)
   results: dict[str, list] = {"tokens": [], "stopped": [], "score": [], "gold": []}
@@ -314,8 +277,8 @@ def sample_file(
       prompt_ids, prompt_mask = ids[take, -W:], mask[take, -W:]
       gen = generate(
         policy,
-        on_rows(prompt_ids, mesh),
-        on_rows(prompt_mask, mesh),
+        shd.on_rows(prompt_ids, mesh),
+        shd.on_rows(prompt_mask, mesh),
         key=jax.random.fold_in(key, b),
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,
@@ -379,7 +342,7 @@ def rm_scorer(rm: RewardModel, mesh: Mesh | None = None):
   rows split over the mesh's batch devices (``rm`` placed with ``placed``)."""
   graphdef, state = nnx.split(rm)
   score = jax.jit(functools.partial(reward_scores, graphdef))
-  return lambda ids, mask: score(state, on_rows(ids, mesh), on_rows(mask, mesh))
+  return lambda ids, mask: score(state, shd.on_rows(ids, mesh), shd.on_rows(mask, mesh))
 
 
 def _summary(results: dict[str, list], n: int) -> dict[str, float]:

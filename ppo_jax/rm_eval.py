@@ -22,9 +22,7 @@ from ppo_jax import data
 from ppo_jax import sharding as shd
 from ppo_jax.inference import (
   batch_rows,
-  inference_mesh,
   load_reward_model,
-  placed,
   rm_scorer,
   trimmed,
 )
@@ -59,14 +57,14 @@ def evaluate_pairs(
   Sequences are as wide as the file's longest prompt and response, at most ``max_prompt_len``
   (default: what the model's positions leave beside ``max_response_len``) and
   ``max_response_len`` (default: half the positions). ``mesh``: the devices' ``(data, fsdp,
-  tensor)`` shape (``inference.inference_mesh``; default all on ``data``); each forward's rows are
+  tensor)`` shape (``sharding.command_mesh``; default all on ``data``); each forward's rows are
   split over the batch devices, ``batch_size`` rounded up to a multiple of them.
   """
   out = pathlib.Path(out) if out else None
   if out is not None and out.exists():
     raise ValueError(f"--out {out} exists; pick another file or delete it")
   tok_dir = str(tokenizer or reward_model)
-  mesh = inference_mesh(mesh)
+  mesh = shd.command_mesh(mesh)
   tok = load_tokenizer(tok_dir)
   with shd.staged_on_host(mesh):
     rm = load_reward_model(str(reward_model), dtype, tok)
@@ -97,7 +95,7 @@ def evaluate_pairs(
   # Both sides of B pairs in one forward: 2·B rows over the batch devices.
   chunk, B, batches = batch_rows(batch_size, n, mesh)
   say(f"scoring {n} pairs from {pairs} with {reward_model} ({batches})", flush=True)
-  score = rm_scorer(placed(rm, mesh), mesh)
+  score = rm_scorer(shd.placed(rm, mesh), mesh)
   t0 = shown_at = time.perf_counter()
   scores = {"chosen": [], "rejected": []}
   R = chosen.response_mask.shape[1]

@@ -21,8 +21,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -283,6 +285,46 @@ def split_rows(tree, parts: int, mesh: Mesh | None = None):
   """``[B, ...]`` → ``[parts, B / parts, ...]`` (rows stay split over the mesh's batch axes)."""
   split = jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), tree)
   return pin_rows(split, mesh, leading=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The commands of files (ppo-jax sample, rm-eval): one process, any number of devices.
+
+
+def command_mesh(shape: Sequence[int] | None = None) -> Mesh | None:
+  """The ``(data, fsdp, tensor)`` mesh of a command on this process's devices: ``shape`` as
+  ``mesh.shape`` reads (one −1 takes the devices left), a shape that asks for fewer devices than
+  there are runs on the first ones (``1,1,1``: one device); None: all devices on ``data``. One
+  device gives None (nothing to place).
+
+  Raises:
+    ValueError: a shape that does not fit, or several processes (these commands run in one).
+  """
+  if jax.process_count() > 1:
+    raise ValueError(
+      f"this command runs in one process (of any number of devices), not {jax.process_count()}"
+    )
+  devices = jax.devices()
+  shape = (-1, 1, 1) if shape is None else tuple(int(s) for s in shape)
+  if len(shape) == 3 and -1 not in shape and 0 < math.prod(shape) < len(devices):
+    devices = devices[: math.prod(shape)]
+  mesh = make_mesh(shape, devices)
+  return None if mesh.size == 1 else mesh
+
+
+def placed(module, mesh: Mesh | None):
+  """``module`` with its parameters on ``mesh`` by ``sharding.RULES`` (as is without a mesh)."""
+  if mesh is None:
+    return module
+  graphdef, state = nnx.split(module)
+  pure = nnx.to_pure_dict(state)
+  nnx.replace_by_pure_dict(state, place(pure, param_shardings(pure, mesh)))
+  return nnx.merge(graphdef, state)
+
+
+def on_rows(x, mesh: Mesh | None) -> jax.Array:
+  """Host rows onto the devices, split over ``('data', 'fsdp')`` on a mesh."""
+  return jnp.asarray(x) if mesh is None else place_batch(x, batch_sharding(mesh, x.ndim))
 
 
 def to_host(x) -> np.ndarray:

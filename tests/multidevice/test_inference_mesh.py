@@ -8,6 +8,7 @@ import pytest
 import tiny_hf
 
 from ppo_jax import inference, rm_eval
+from ppo_jax import sharding as shd
 from ppo_jax.models import from_pretrained
 from ppo_jax.sampling import generate
 from ppo_jax.tokenizer import build_word_tokenizer
@@ -107,16 +108,16 @@ def test_rows_stay_split_on_data(folders):
   GSPMD keeps the weights where they are and splits each product's contraction instead, every
   device on every row: no weight all-gather per decode step (docs/scaling.md)."""
   policy = folders[0]
-  mesh = inference.inference_mesh((8, 1, 1))
-  model = inference.placed(from_pretrained(policy, kind="causal_lm"), mesh)
+  mesh = shd.command_mesh((8, 1, 1))
+  model = shd.placed(from_pretrained(policy, kind="causal_lm"), mesh)
   ids = np.full((8, 3), 7, np.int32)
   gen = generate(
     model,
-    inference.on_rows(ids, mesh),
-    inference.on_rows(np.ones_like(ids), mesh),
+    shd.on_rows(ids, mesh),
+    shd.on_rows(np.ones_like(ids), mesh),
     key=jax.random.key(0),
     max_new_tokens=4,
   )
   assert gen.tokens.sharding.shard_shape(gen.tokens.shape) == (1, 4)
   with pytest.raises(ValueError, match="needs 16 devices"):
-    inference.inference_mesh((2, 8, 1))
+    shd.command_mesh((2, 8, 1))
