@@ -134,7 +134,8 @@ def run_dpo_stage(
   train_pairs, eval_pairs = pairs
   # The reference: the policy's weights, frozen (with LoRA: the base under the adapters); sampled
   # with the RL stages' machinery (no critic, no reward model).
-  models, params, frozen_policy, _ = ActorCritic.build(policy, None, None)
+  with shd.staged_on_host(mesh):  # the reference's copy of a policy still on the host stays there
+    models, params, frozen_policy, _ = ActorCritic.build(policy, None, None)
   graphdef = models.policy
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=None)
   # What trains from: the adapters, or the reference's copy of the weights (train copies them

@@ -183,8 +183,9 @@ def sample_file(
   checkpoint); its tokenizer comes from ``tokenizer`` or the same folder. Responses stop at the
   tokenizer's EOS and the checkpoint's stop ids (config.json's and generation_config.json's).
   Unset sampling settings come from its ``generation_config.json`` (``sampling_settings``).
-  Prompts are left-padded to the longest one, at most ``max_prompt_len`` tokens (default: what
-  the model's positions leave beside ``max_new_tokens``; ``prompt_overflow``: error | truncate).
+  Prompts are at most ``max_prompt_len`` tokens (default: what the model's positions leave beside
+  ``max_new_tokens``; ``prompt_overflow``: error | truncate), left-padded in each batch to its
+  longest rounded up to a power of two (``trimmed``).
   ``mesh``: the devices' ``(data, fsdp, tensor)`` shape (``sharding.command_mesh``; default all on
   ``data``).
 

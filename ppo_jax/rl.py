@@ -177,9 +177,10 @@ def run_ppo(
     )
   if (critic is None) != (hp.estimator != "gae"):
     raise ValueError(f"the {hp.estimator} estimator needs {'a' if critic is None else 'no'} critic")
-  models, params, frozen_policy, reward_params = ActorCritic.build(
-    policy, critic, scorer.reward_model
-  )
+  with shd.staged_on_host(mesh):  # the reference's copy of a policy still on the host stays there
+    models, params, frozen_policy, reward_params = ActorCritic.build(
+      policy, critic, scorer.reward_model
+    )
   if hp.critic_warmup and hp.critic_warmup >= iterations:
     raise ValueError(
       f"ppo.critic_warmup {hp.critic_warmup} ≥ ppo.iterations {iterations}: the policy would never"

@@ -54,11 +54,12 @@ def evaluate_pairs(
   ``max_response_len`` tokens, EOS included; they are scored as cut). With ``out``, writes one
   JSONL row per pair: ``index``, ``chosen``, ``rejected`` (scores) and ``margin``.
 
-  Sequences are as wide as the file's longest prompt and response, at most ``max_prompt_len``
-  (default: what the model's positions leave beside ``max_response_len``) and
-  ``max_response_len`` (default: half the positions). ``mesh``: the devices' ``(data, fsdp,
-  tensor)`` shape (``sharding.command_mesh``; default all on ``data``); each forward's rows are
-  split over the batch devices, ``batch_size`` rounded up to a multiple of them.
+  Prompts are cut at ``max_prompt_len`` tokens (default: what the model's positions leave beside
+  ``max_response_len``), responses at ``max_response_len`` (default: half the positions); each
+  batch is as wide as its longest prompt and response, each rounded up to a power of two
+  (``inference.trimmed``). ``mesh``: the devices' ``(data, fsdp, tensor)`` shape
+  (``sharding.command_mesh``; default all on ``data``); a batch holds ``batch_size`` pairs
+  whatever the devices, each forward padded to split evenly over the batch devices.
   """
   out = pathlib.Path(out) if out else None
   if out is not None and out.exists():

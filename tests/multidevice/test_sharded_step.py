@@ -402,3 +402,50 @@ def test_gspmd_is_warned_against():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     shd.param_shardings(params, mesh)
+
+
+class _Built(Exception):
+  """Stops rl.run_ppo once its models are built."""
+
+
+def test_the_reference_copy_of_a_host_policy_stays_on_the_host(monkeypatch):
+  """A policy still in host memory (SFT reused or skipped) is copied for the reference in the
+  host's memory too, not on the first accelerator. Here device 0 stands for the host, the mesh is
+  devices 4–7, and device 4 is the default device, as the first GPU would be."""
+  from ppo_jax import rl
+  from ppo_jax.evaluation import Prompts, Scorer
+
+  devices = jax.devices()
+  mesh = shd.make_mesh((4, 1, 1), devices[4:])
+  with shd.staged_on_host(mesh):
+    policy = CausalLM(CFG, rngs=nnx.Rngs(0))
+  seen, real = {}, ActorCritic.build
+
+  def build(*args):
+    built = real(*args)
+    seen["reference"] = {d for x in jax.tree.leaves(built[2]) for d in x.devices()}
+    seen["policy"] = {d for x in jax.tree.leaves(built[1]["policy"]) for d in x.devices()}
+    raise _Built
+
+  monkeypatch.setattr(rl.ActorCritic, "build", build)
+  prompts = Prompts(["p"] * B, PROMPTS, PROMPT_MASK)
+  jax.config.update("jax_default_device", devices[4])
+  try:
+    with pytest.raises(_Built):
+      rl.run_ppo(
+        policy,
+        Scorer(reward_model=RewardModel(CFG, rngs=nnx.Rngs(1))),
+        prompts,
+        prompts,
+        None,
+        hp=HP,
+        optim=OptimHparams(lr=LR),
+        iterations=1,
+        batch_size=B,
+        critic=None if HP.estimator != "gae" else ValueModel(CFG, rngs=nnx.Rngs(3)),
+        seed=0,
+        mesh=mesh,
+      )
+  finally:
+    jax.config.update("jax_default_device", None)
+  assert seen == {"reference": {devices[0]}, "policy": {devices[0]}}
