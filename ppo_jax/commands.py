@@ -146,7 +146,8 @@ def run_command(parser, fn, argv: list[str]) -> int:
     message = _one_line(e)
     for field in FLAG_FIELDS:
       message = message.replace(f"data.{field}", "--" + field.replace("_", "-"))
-    message = message.replace("mesh.shape", "--mesh")
+    for field, flag in (("mesh.shape", "--mesh"), ("ppo.max_new_tokens", "--max-new-tokens")):
+      message = message.replace(field, flag)
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
     return 1
   return 0

@@ -236,12 +236,10 @@ def chat_prompts(
 
 
 def encode_responses(
-  tokenizer: Any, texts: Sequence[str], layout: Layout, *, fit: bool = False
+  tokenizer: Any, texts: Sequence[str], layout: Layout
 ) -> tuple[np.ndarray, np.ndarray, int]:
-  """Right-padded response ids and mask ``[N, R]`` with EOS appended; also how many were cut.
-  ``fit``: ``R`` is the longest response's length, at most ``layout.response_len``."""
-  tokens = _response_tokens(tokenizer, texts)
-  return _right_padded(tokens, layout, _width(tokens, layout, fit))
+  """Right-padded response ids and mask ``[N, R]`` with EOS appended; also how many were cut."""
+  return _right_padded(_response_tokens(tokenizer, texts), layout, layout.response_len)
 
 
 def _response_tokens(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -292,11 +290,10 @@ def encode_pairs(
   layout: Layout,
   *,
   source: str,
-  fit: bool = False,
 ) -> Sequences:
-  """Prompt/response pairs in the sequence layout (``fit``: each part as wide as its longest)."""
-  prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=source, fit=fit)
-  return _joined(prompt_arrays, encode_responses(tokenizer, responses, layout, fit=fit))
+  """Prompt/response pairs in the sequence layout."""
+  prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=source)
+  return _joined(prompt_arrays, encode_responses(tokenizer, responses, layout))
 
 
 def _joined(prompt_arrays, response_arrays) -> Sequences:
@@ -309,10 +306,13 @@ def _joined(prompt_arrays, response_arrays) -> Sequences:
   )
 
 
-def _read(path, layout: Layout, parse) -> list[tuple]:
-  """``parse(row, where)`` of each row, refusing conversations without ``layout.chat``."""
+def _read(path, layout: Layout, parse, *, rows: list | None = None) -> list[tuple]:
+  """``parse(row, where)`` of each row, refusing conversations without ``layout.chat``; the rows
+  as read are appended to ``rows`` when given."""
   out = []
   for where, row in read_objects(path):
+    if rows is not None:
+      rows.append(row)
     parsed = parse(row, where)
     if not layout.chat and conversations.is_conversation(parsed[0]):
       raise DataError(f"{where}: a conversation (a list of messages) needs data.chat_template=True")
@@ -327,22 +327,26 @@ def load_prompts(
   written; a conversation as the chat template writes it out, the text the policy reads) and
   their ``encode_prompts`` arrays. ``fit``: as wide as the longest prompt, at most
   ``layout.prompt_len`` (beyond which ``layout.overflow`` applies)."""
-  prompts = [p for (p,) in _read(path, layout, lambda r, w: (conversations.prompt_row(r, w),))]
-  rendered = _render(tokenizer, prompts, layout, str(path))
-  ids, mask = _encode_rendered(tokenizer, rendered, layout, str(path), fit=fit)
-  texts = [p if isinstance(p, str) else r for p, r in zip(prompts, rendered, strict=True)]
-  return texts, ids, mask
+  return load_prompts_and_columns(path, tokenizer, layout, fit=fit)[:3]
 
 
 PROMPT_FIELDS = ("prompt", "messages", "conversations")  # what a prompt is read from
 
 
-def prompt_columns(path) -> dict[str, list]:
-  """The prompt rows' other fields (a reference answer, say), one list per field in row order,
-  None where a row lacks it: what reward functions may take besides the texts."""
-  rows = [row for _, row in read_objects(path)]
+def load_prompts_and_columns(
+  path, tokenizer, layout: Layout, *, fit: bool = False
+) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, list]]:
+  """``load_prompts`` and, from the same reading of the file, the rows' other fields (a
+  reference answer, say): one list per field in row order, None where a row lacks it, what
+  reward functions may take besides the texts."""
+  rows: list[dict] = []
+  parse = lambda r, w: (conversations.prompt_row(r, w),)
+  prompts = [p for (p,) in _read(path, layout, parse, rows=rows)]
+  rendered = _render(tokenizer, prompts, layout, str(path))
+  ids, mask = _encode_rendered(tokenizer, rendered, layout, str(path), fit=fit)
+  texts = [p if isinstance(p, str) else r for p, r in zip(prompts, rendered, strict=True)]
   names = dict.fromkeys(k for row in rows for k in row if k not in PROMPT_FIELDS)
-  return {k: [row.get(k) for row in rows] for k in names}
+  return texts, ids, mask, {k: [row.get(k) for row in rows] for k in names}
 
 
 def load_sft(path, tokenizer, layout: Layout) -> Sequences:
@@ -353,8 +357,8 @@ def load_sft(path, tokenizer, layout: Layout) -> Sequences:
 def load_preferences(
   path, tokenizer, layout: Layout, *, fit: bool = False
 ) -> tuple[Sequences, Sequences]:
-  """(chosen, rejected) sequences, row-aligned, sharing their prompt arrays (``fit``: as
-  ``encode_pairs``, one response width for both)."""
+  """(chosen, rejected) sequences, row-aligned, sharing their prompt arrays (``fit``: the prompts
+  as wide as the longest, the responses as the longest of both sides, within the layout's)."""
   prompts, good, bad = zip(*_read(path, layout, conversations.preference_row), strict=True)
   if good == bad:
     raise DataError(f"{path}: every pair has chosen == rejected: there is no preference to learn")

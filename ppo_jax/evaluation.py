@@ -23,7 +23,7 @@ class Prompts:
   texts: list[str]
   ids: np.ndarray  # [N, P] int32, left-padded
   mask: np.ndarray  # [N, P] int32
-  # The rows' other fields, one list each, for reward functions (data.prompt_columns).
+  # The rows' other fields, one list each, for reward functions (data.load_prompts_and_columns).
   columns: dict[str, list] = dataclasses.field(default_factory=dict)
 
   def take(self, idx) -> Prompts:
@@ -59,6 +59,20 @@ class Scorer:
   fn_name: str = "reward function"
 
 
+def padded_batches(n: int, rows: int, width: int | None = None):
+  """``(start, real, take)`` for each batch of ``rows`` of ``n`` (the last one shorter): ``take``
+  holds its ``real`` row indices, then copies of the first up to ``width`` (default ``rows``), so
+  every call has one shape; what the padding rows give is dropped."""
+  width = rows if width is None else width
+  for start in range(0, n, rows):
+    real = min(rows, n - start)
+    yield (
+      start,
+      real,
+      np.concatenate([np.arange(start, start + real), np.full(width - real, start)]),
+    )
+
+
 def put_rows(x, placement: rollout.Placement | None, *, vector: bool = False) -> jax.Array:
   """Host rows onto the devices: split over ('data', 'fsdp') when sharded."""
   if placement is None:
@@ -91,9 +105,8 @@ def evaluate(
   Batches have the training batch size (the last one padded), so nothing new is compiled.
   """
   totals: dict[str, list[float]] = {"score": [], "kl": [], "length": [], "gold": []}
-  for start in range(0, len(prompts), batch_size):
-    real = min(batch_size, len(prompts) - start)
-    part = prompts.take([start + (i if i < real else 0) for i in range(batch_size)])
+  for start, real, take in padded_batches(len(prompts), batch_size):
+    part = prompts.take(take)
     gen = host_generation(
       fns.sample(
         policy_params,

@@ -26,10 +26,8 @@ rounding of sums split differently.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import pathlib
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,16 +36,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from ppo_jax import data
+from ppo_jax import data, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import reward_scores
-from ppo_jax.evaluation import decode_responses
-from ppo_jax.models import CausalLM, RewardModel, from_pretrained
-from ppo_jax.models.hf import load_hf_config, read_generation_config
+from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
+from ppo_jax.models import RewardModel, from_pretrained
+from ppo_jax.models.hf import read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
 from ppo_jax.sampling import generate
-from ppo_jax.stages import check_reward_model
-from ppo_jax.tokenizer import has_tokenizer, load_tokenizer
+from ppo_jax.stages import check_compatible, check_reward_model
+from ppo_jax.tokenizer import load_tokenizer
 
 
 def sampling_settings(
@@ -93,26 +91,16 @@ def sampling_settings(
   return {**chosen, "greedy": greedy, "greedy_from": greedy_from}
 
 
-def _load_policy(folder: str, dtype: str) -> CausalLM:
-  architectures = getattr(load_hf_config(folder), "architectures", None) or []
-  if any(a.endswith("ForSequenceClassification") for a in architectures):
-    raise ValueError(f"{folder} is a reward model ({architectures}); --model needs a causal LM")
-  return from_pretrained(folder, dtype=dtype, kind="causal_lm")
-
-
-def load_reward_model(folder: str, dtype: str, tokenizer: Any) -> RewardModel:
-  check_reward_model(folder, what="--reward-model")
-  if has_tokenizer(folder) and not _same_ids(load_tokenizer(folder), tokenizer):
-    raise ValueError(
-      f"reward model {folder}: its tokenizer gives other ids to the tokens the texts are "
-      "encoded with (another vocabulary): a reward model reads the ids of its own"
-    )
+def load_reward_model(
+  folder: str, dtype: str, tokenizer: Any, tokenizer_folder: str | None = None
+) -> RewardModel:
+  """A reward-model folder that reads ``tokenizer``'s ids (``stages.check_reward_model``,
+  ``stages.check_compatible``)."""
+  check_reward_model(
+    folder, what="--reward-model", tokenizer=tokenizer, tokenizer_folder=tokenizer_folder
+  )
   rm = from_pretrained(folder, dtype=dtype, kind="reward")
-  if len(tokenizer) > rm.cfg.vocab_size:
-    raise ValueError(
-      f"reward model {folder}: its embedding has {rm.cfg.vocab_size} rows, the tokenizer "
-      f"{len(tokenizer)} tokens: it reads another vocabulary"
-    )
+  check_compatible(rm.cfg, tokenizer, None, what=f"reward model {folder}")
   return rm
 
 
@@ -135,13 +123,6 @@ def batch_rows(batch_size: int, rows: int, mesh: Mesh | None) -> tuple[int, int,
   if width != chunk:
     said += f" (padded to {width} rows: data × fsdp = {split})"
   return chunk, width, said + (f" on {shd.describe(mesh)}" if mesh is not None else "")
-
-
-def _same_ids(own: Any, texts: Any) -> bool:
-  """Whether every token of ``texts`` (the tokenizer the texts are encoded with) has the same id
-  in ``own`` (a reward model's, which may add tokens of its own, a pad say)."""
-  vocab = own.get_vocab()
-  return all(vocab.get(token) == i for token, i in texts.get_vocab().items())
 
 
 def sample_file(
@@ -216,15 +197,10 @@ def sample_file(
   model, tok_dir = str(model), str(tokenizer or model)
   tok = load_tokenizer(tok_dir)
   with shd.staged_on_host(mesh):
-    policy = _load_policy(model, dtype)
+    policy = from_pretrained(model, dtype=dtype, kind="causal_lm")
+    check_compatible(policy.cfg, tok, None, what=f"model {model}")
+    rm = load_reward_model(str(reward_model), dtype, tok, tok_dir) if reward_model else None
   cfg = policy.cfg
-  if len(tok) > cfg.vocab_size:
-    raise ValueError(
-      f"the tokenizer of {tok_dir} has {len(tok)} tokens but {model}'s embedding only "
-      f"{cfg.vocab_size} rows"
-    )
-  with shd.staged_on_host(mesh):
-    rm = load_reward_model(str(reward_model), dtype, tok) if reward_model else None
   positions = min(c.max_position_embeddings for c in [cfg] + ([rm.cfg] if rm else []))
   cap = max_prompt_len or positions - max_new_tokens
   if cap < 1:
@@ -235,25 +211,18 @@ def sample_file(
   layout = data.Layout.of(
     tok, cap, max_new_tokens, prompt_overflow, chat_template, system_prompt, chat_template_kwargs
   )
-  texts, ids, mask = data.load_prompts(prompts, tok, layout, fit=True)
-  columns = data.prompt_columns(prompts) if (fn or gold) is not None else {}
-  stops = tuple(
-    dict.fromkeys(
-      i for i in (tok.eos_token_id, cfg.eos_token_id, *cfg.extra_eos_token_ids) if i is not None
-    )
-  )
-  rm_positions = rm.cfg.max_position_embeddings if rm is not None else 0
-  if rm is not None and rm.cfg.is_gpt2 and ids.shape[1] + max_new_tokens > rm_positions:
-    raise ValueError(
-      f"the longest prompt ({ids.shape[1]} tokens) + max_new_tokens {max_new_tokens} exceeds the "
-      f"reward model's {rm.cfg.max_position_embeddings} positions (lower --max-prompt-len)"
-    )
-  rows = np.repeat(np.arange(len(texts)), n)  # prompt-major: prompt 0's n samples first
-  lengths = mask.sum(1)
+  file = Prompts(*data.load_prompts_and_columns(prompts, tok, layout, fit=True))
+  ids = file.ids
+  for m, what in ((policy, "model"), (rm, "reward model")):  # the longest prompt + response
+    if m is not None:
+      check_compatible(m.cfg, tok, ids.shape[1] + max_new_tokens, what=what)
+  stops = tuple(dict.fromkeys(i for i in (tok.eos_token_id, *cfg.stop_ids) if i is not None))
+  rows = np.repeat(np.arange(len(file)), n)  # prompt-major: prompt 0's n samples first
+  lengths = file.mask.sum(1)
   chunk, B, batches = batch_rows(batch_size, len(rows), mesh)
   say = print if progress else (lambda *a, **k: None)
   say(
-    f"sampling {len(texts)} prompts × {n} from {model} ({len(rows)} responses of at most "
+    f"sampling {len(file)} prompts × {n} from {model} ({len(rows)} responses of at most "
     f"{max_new_tokens} tokens, {batches}; "
     + (
       "greedy"
@@ -267,15 +236,14 @@ def sample_file(
   score = rm_scorer(rm, mesh) if rm is not None else None
   key = jax.random.key(seed)
   results: dict[str, list] = {"tokens": [], "stopped": [], "score": [], "gold": []}
-  t0 = shown_at = time.perf_counter()
+  tick = writers.ticker(say, len(rows), "responses")
   out.parent.mkdir(parents=True, exist_ok=True)
   with out.open("x") as f:
-    for b, start in enumerate(range(0, len(rows), chunk)):
-      take = rows[start : start + chunk]
-      real = len(take)
-      take = np.concatenate([take, np.full(B - real, take[0])])
+    for b, (start, real, picked) in enumerate(padded_batches(len(rows), chunk, B)):
+      take = rows[picked]
+      batch = file.take(take)
       W = trimmed(lengths[take], ids.shape[1])  # the prompts' last W columns: left padding
-      prompt_ids, prompt_mask = ids[take, -W:], mask[take, -W:]
+      prompt_ids, prompt_mask = batch.ids[:, -W:], batch.mask[:, -W:]
       gen = generate(
         policy,
         shd.on_rows(prompt_ids, mesh),
@@ -286,18 +254,17 @@ def sample_file(
         pad_token_id=tok.pad_token_id,
         **{k: settings[k] for k in ("temperature", "top_p", "top_k", "greedy")},
       )
-      gen_tokens, gen_mask = np.asarray(gen.tokens), np.asarray(gen.mask)
-      tokens, gen_mask = gen_tokens[:real], gen_mask[:real]
+      all_tokens, all_mask = np.asarray(gen.tokens), np.asarray(gen.mask, np.int32)
+      tokens, gen_mask = all_tokens[:real], all_mask[:real]
       responses = decode_responses(tok, tokens, gen_mask)
-      prompt_texts = [texts[i] for i in take[:real]]
-      batch_columns = {k: [v[i] for i in take[:real]] for k, v in columns.items()}
+      prompt_texts, batch_columns = batch.texts[:real], batch.head(real)
       if fn is not None:
         scores = call_reward_fn(
           fn, prompt_texts, responses, columns=batch_columns, name=f"--reward-fn {reward_fn}"
         )
       elif score is not None:
-        full_ids = np.concatenate([prompt_ids, gen_tokens], 1)
-        full_mask = np.concatenate([prompt_mask, np.asarray(gen.mask, np.int32)], 1)
+        full_ids = np.concatenate([prompt_ids, all_tokens], 1)
+        full_mask = np.concatenate([prompt_mask, all_mask], 1)
         scores = np.asarray(score(full_ids, full_mask))[:real]
       else:
         scores = None
@@ -325,12 +292,9 @@ def sample_file(
           results["gold"].append(float(golds[j]))
         results["tokens"].append(length)
         results["stopped"].append(stopped)
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(writers.json_line(row))
       f.flush()
-      done, now = start + real, time.perf_counter()
-      if now - shown_at > 10 or done == len(rows):  # a line every 10 s or so
-        say(f"  {done}/{len(rows)} responses, {now - t0:.1f} s", flush=True)
-        shown_at = now
+      tick(start + real)
   summary = _summary(results, n)
   say(
     f"wrote {len(rows)} responses to {out}: " + ", ".join(_shown(k, v) for k, v in summary.items())

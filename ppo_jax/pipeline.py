@@ -286,14 +286,13 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     s.data.system_prompt,
     s.data.chat_template_kwargs,
   )
-  texts, ids, mask = data.load_prompts(inputs.prompts, tok, layout)
+  texts, ids, mask, columns = data.load_prompts_and_columns(inputs.prompts, tok, layout)
   n_eval = min(s.data.eval_prompts, len(texts) // 4)
   if n_eval < s.data.eval_prompts:
     print(
       f"data.eval_prompts={s.data.eval_prompts} but {len(texts)} prompts: holding out {n_eval} "
       "(at most a quarter)"
     )
-  columns = data.prompt_columns(inputs.prompts)
   fn = s.reward.fn if s.reward.source == "function" else None
   for field, path in (("config.reward.fn", fn), ("config.task.gold", inputs.gold)):
     if path:  # a field it takes that the rows lack: now, not after SFT and the reward model

@@ -11,15 +11,14 @@ scores) counts as an error in the accuracy, as in training; ``ties`` says how ma
 
 from __future__ import annotations
 
-import json
 import pathlib
-import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from ppo_jax import data
+from ppo_jax import data, writers
 from ppo_jax import sharding as shd
+from ppo_jax.evaluation import padded_batches
 from ppo_jax.inference import (
   batch_rows,
   load_reward_model,
@@ -97,27 +96,22 @@ def evaluate_pairs(
   chunk, B, batches = batch_rows(batch_size, n, mesh)
   say(f"scoring {n} pairs from {pairs} with {reward_model} ({batches})", flush=True)
   score = rm_scorer(shd.placed(rm, mesh), mesh)
-  t0 = shown_at = time.perf_counter()
+  tick = writers.ticker(say, n, "pairs")
   scores = {"chosen": [], "rejected": []}
-  R = chosen.response_mask.shape[1]
-  P = chosen.ids.shape[1] - R  # [left-padded prompt | right-padded response]
-  for start in range(0, n, chunk):
-    real = min(chunk, n - start)
-    take = np.concatenate([np.arange(start, start + real), np.full(B - real, start)])
+  r_width = chosen.response_mask.shape[1]
+  p_width = chosen.ids.shape[1] - r_width  # [left-padded prompt | right-padded response]
+  for start, real, take in padded_batches(n, chunk, B):
     # One forward of both sides, as training scores them, at one width: the batch's longest
     # prompt and response, each rounded up to a power of two (inference.trimmed).
     sides = [(x.ids[take], x.mask[take], x.response_mask[take]) for x in (chosen, rejected)]
-    Wp = trimmed([m[:, :P].sum(1).max() for _, m, _ in sides], P)
-    Wr = trimmed([r.sum(1).max() for _, _, r in sides], R)
-    cols = slice(P - Wp, P + Wr)
+    Wp = trimmed([m[:, :p_width].sum(1).max() for _, m, _ in sides], p_width)
+    Wr = trimmed([r.sum(1).max() for _, _, r in sides], r_width)
+    cols = slice(p_width - Wp, p_width + Wr)
     ids = np.concatenate([i[:, cols] for i, _, _ in sides])
     both = np.asarray(score(ids, np.concatenate([m[:, cols] for _, m, _ in sides])))
     scores["chosen"] += both[:real].tolist()
     scores["rejected"] += both[B : B + real].tolist()
-    now = time.perf_counter()
-    if now - shown_at > 10 and start + real < n:
-      say(f"  {start + real}/{n} pairs, {now - t0:.1f} s", flush=True)
-      shown_at = now
+    tick(start + real)
   good, bad = (np.asarray(scores[k], np.float64) for k in ("chosen", "rejected"))
   loss, metrics = bradley_terry_loss(good, bad)
   summary = {
@@ -133,7 +127,7 @@ def evaluate_pairs(
     with out.open("x") as f:
       for i, (g, b) in enumerate(zip(good, bad, strict=True)):
         row = {"index": i, "chosen": g, "rejected": b, "margin": g - b}
-        f.write(json.dumps(row) + "\n")
+        f.write(writers.json_line(row))
   say(
     f"{n} pairs: accuracy {summary['accuracy']:.4f}, margin {summary['margin']:.4f}, "
     f"loss {summary['loss']:.4f}, {summary['ties']} ties"

@@ -19,6 +19,7 @@ from ppo_jax.models.hf import load_hf_config
 from ppo_jax.models.layers import LoRAParam
 from ppo_jax.models.lora import add_lora, check_targets
 from ppo_jax.rewards import load_reward_fn
+from ppo_jax.tokenizer import has_tokenizer, load_tokenizer, same_ids
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -147,15 +148,19 @@ def _tokenizer_ids(cfg: ModelConfig, tokenizer: Any, folder: str) -> ModelConfig
   return new
 
 
-def check_compatible(cfg: ModelConfig, tokenizer: Any, max_len: int, what: str = "model") -> None:
+def check_compatible(
+  cfg: ModelConfig, tokenizer: Any, max_len: int | None, what: str = "model"
+) -> None:
+  """Refuses a tokenizer with more tokens than ``cfg``'s embedding has rows, and sequences of
+  ``max_len`` tokens (None: not checked) past a GPT-2's learned positions."""
   if len(tokenizer) > cfg.vocab_size:
     raise ValueError(
       f"tokenizer has {len(tokenizer)} tokens but the {what}'s embedding has only "
       f"{cfg.vocab_size} rows"
     )
-  if cfg.is_gpt2 and max_len > cfg.max_position_embeddings:
+  if max_len is not None and cfg.is_gpt2 and max_len > cfg.max_position_embeddings:
     raise ValueError(
-      f"data.max_prompt_len + max response length = {max_len} exceeds the model's "
+      f"data.max_prompt_len + max response length = {max_len} exceeds the {what}'s "
       f"{cfg.max_position_embeddings} positions (lower ppo.max_new_tokens or "
       "data.max_prompt_len)"
     )
@@ -200,9 +205,16 @@ def check_finished(s: Settings, inputs: Inputs, workdir: pathlib.Path) -> None:
     stage_checkpoints.check_record(rm, s, "rm", inputs.preferences, note=False)
 
 
-def check_reward_model(folder: str, *, what: str = "config.reward.model") -> None:
-  """Refuses a folder that is not a Hugging Face sequence classifier (reads config.json only);
-  errors start with ``what``, the setting that named it."""
+def check_reward_model(
+  folder: str,
+  *,
+  what: str = "config.reward.model",
+  tokenizer: Any = None,
+  tokenizer_folder: str | None = None,
+) -> None:
+  """Refuses a folder that is not a Hugging Face sequence classifier (reads config.json), and one
+  whose own tokenizer gives other ids to ``tokenizer``'s tokens (the one the texts are encoded
+  with, read from ``tokenizer_folder``); errors start with ``what``, the setting that named it."""
   try:
     hf_config = load_hf_config(folder)
   except FileNotFoundError as e:
@@ -213,6 +225,16 @@ def check_reward_model(folder: str, *, what: str = "config.reward.model") -> Non
       f"{what}: {folder} is not a reward model (architectures "
       f"{architectures}; expected a *ForSequenceClassification with its score head)"
     )
+  own = has_tokenizer(folder) and not _same_folder(folder, tokenizer_folder)
+  if tokenizer is not None and own and not same_ids(load_tokenizer(folder), tokenizer):
+    raise ValueError(
+      f"{what}: {folder}: its tokenizer gives other ids to the tokens the texts are encoded with "
+      "(another vocabulary): a reward model reads the ids of its own"
+    )
+
+
+def _same_folder(a: str, b: str | None) -> bool:
+  return b is not None and pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
 
 
 def run_sft(
@@ -340,7 +362,9 @@ def run_reward_model(
     stage_checkpoints.note_skipped(workdir, "rm")
   if s.reward.model:
     print(f"reward model: {s.reward.model}")
-    check_reward_model(s.reward.model)
+    check_reward_model(
+      s.reward.model, tokenizer=inputs.tokenizer, tokenizer_folder=inputs.tokenizer_path
+    )
     with shd.staged_on_host(mesh):
       return from_pretrained(s.reward.model, kind="reward", **kw), {}
   if not s.rm_run.enabled:

@@ -52,6 +52,13 @@ def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> 
   return tok
 
 
+def same_ids(own: Any, texts: Any) -> bool:
+  """Whether every token of ``texts`` (the tokenizer the texts are encoded with) has the same id
+  in ``own`` (a reward model's, say, which may add tokens of its own, a pad)."""
+  vocab = own.get_vocab()
+  return all(vocab.get(token) == i for token, i in texts.get_vocab().items())
+
+
 def build_word_tokenizer(words: Iterable[str], *, padding_side: str = "left") -> Any:
   """A word-level tokenizer over ``words``, built offline (tests, the embedded default task).
 

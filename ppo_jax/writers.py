@@ -7,6 +7,7 @@ import json
 import math
 import pathlib
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,8 +62,7 @@ class MetricsWriter:
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if self._file is None:
       return
-    row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(row) + "\n")
+    self._file.write(json_line({"step": int(step), **metrics}))
     self._file.flush()
     if self._tb is not None:
       for name, value in metrics.items():
@@ -80,10 +80,11 @@ class MetricsWriter:
       self._tb.close()
 
 
-def _jsonable(v: Any) -> Any:
-  if isinstance(v, float) and not math.isfinite(v):
-    return str(v)  # JSON has no NaN; keep it visible rather than dropping the key
-  return v
+def json_line(row: dict[str, Any]) -> str:
+  """``row`` as a JSONL line; a non-finite float as its string ("nan", "inf"): JSON has no NaN,
+  and the value stays visible rather than its key dropped."""
+  jsonable = lambda v: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+  return json.dumps({k: jsonable(v) for k, v in row.items()}, ensure_ascii=False) + "\n"
 
 
 def truncate_jsonl(path: pathlib.Path, max_step: int) -> None:
@@ -168,6 +169,21 @@ def plot_metrics(
   out_png.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out_png, dpi=110)
   return out_png
+
+
+def ticker(say, total: int, unit: str):
+  """``tick(done)``: says ``done/total unit, seconds`` at most every 10 s, and once all are done
+  (the progress of a command over a file)."""
+  t0 = shown = time.perf_counter()
+
+  def tick(done: int) -> None:
+    nonlocal shown
+    now = time.perf_counter()
+    if now - shown > 10 or done == total:
+      say(f"  {done}/{total} {unit}, {now - t0:.1f} s", flush=True)
+      shown = now
+
+  return tick
 
 
 # Each stage's metrics file, its plot and the curves in it ("metrics.jsonl": PLOTTED).

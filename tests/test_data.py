@@ -470,7 +470,12 @@ def test_the_prompt_rows_other_fields_are_columns(tmp_path):
     {"messages": [USER("bad")], "answer": "plot"},
     {"prompt": "plot", "id": 3},
   ]
-  assert data.prompt_columns(_jsonl(tmp_path / "p.jsonl", rows)) == {
+  path = _jsonl(tmp_path / "p.jsonl", rows)
+  texts, ids, mask, columns = data.load_prompts_and_columns(path, CHAT_TOK, CHAT)
+  assert (texts, ids.tolist(), mask.tolist()) == tuple(
+    x if isinstance(x, list) else x.tolist() for x in data.load_prompts(path, CHAT_TOK, CHAT)
+  )
+  assert columns == {
     "answer": ["film", "plot", None],
     "id": [1, None, 3],
   }

@@ -157,7 +157,11 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
   capsys.readouterr()  # transformers' progress bar as it saved the short model
   cases = [
     ([f"--model={policy_dir}", f"--out={taken}"], 1, f"--out {taken} exists; pick another"),
-    ([f"--model={rm_dir}", f"--out={tmp_path / 'o'}"], 1, "is a reward model (['GPT2ForSequence"),
+    (
+      [f"--model={rm_dir}", f"--out={tmp_path / 'o'}"],
+      1,
+      "rm: holds a sequence-classification model; it has no LM head",
+    ),
     (
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", f"--reward-model={policy_dir}"],
       1,
@@ -187,7 +191,8 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
         "--max-prompt-len=9",
       ],
       1,
-      "the longest prompt (5 tokens) + max_new_tokens 4 exceeds the reward model's 8 positions",
+      "--max-prompt-len + max response length = 9 exceeds the reward model's 8 positions (lower "
+      "--max-new-tokens or --max-prompt-len)",
     ),
     (
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=2", "--greedy"],

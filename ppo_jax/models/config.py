@@ -162,6 +162,12 @@ class ModelConfig:
     """GPT-2 layout: learned positions, LayerNorm with bias, plain GELU MLP."""
     return self.model_type == "gpt2"
 
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Every id generation stops at: ``eos_token_id`` (if any), then ``extra_eos_token_ids``."""
+    ids = (self.eos_token_id, *self.extra_eos_token_ids)
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
   def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
 

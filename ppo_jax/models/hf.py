@@ -310,7 +310,7 @@ def save_pretrained(
   hf_config.dtype = cfg.param_dtype
   hf_config.save_pretrained(str(folder))
   if kind == "causal_lm":
-    stops = [i for i in (cfg.eos_token_id, *cfg.extra_eos_token_ids) if i is not None]
+    stops = list(cfg.stop_ids)
     ids = dict(
       bos_token_id=cfg.bos_token_id,
       eos_token_id=stops if len(stops) > 1 else (stops or [None])[0],
