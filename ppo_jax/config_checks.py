@@ -184,6 +184,14 @@ def check_settings(s: Settings) -> None:
   ]
   checks.append(
     (
+      not s.raw.ppo.kl_adaptive or s.raw.ppo.kl_horizon > 0.2 * s.ppo_run.batch_size,
+      f"config.ppo.kl_horizon {s.raw.ppo.kl_horizon:g} must exceed 0.2 × config.ppo.batch_size "
+      f"({0.2 * s.ppo_run.batch_size:g}): below its target KL the adaptive controller would make "
+      "the KL coefficient zero or negative",
+    )
+  )
+  checks.append(
+    (
       s.ppo_run.batch_size % s.raw.ppo.group_size == 0,
       f"config.ppo.batch_size {s.ppo_run.batch_size} is not divisible by "
       f"config.ppo.group_size {s.raw.ppo.group_size} (responses per prompt)",

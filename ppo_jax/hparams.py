@@ -115,6 +115,11 @@ class PPOHparams:
       raise ValueError(
         "missing_eos_penalty: needs eos_token_id (with no EOS every response would be penalised)"
       )
+    if self.whiten_rewards and self.estimator != "gae":
+      raise ValueError(
+        f"whiten_rewards: the {self.estimator} estimator compares each score with its group's, "
+        "so it does not read per-token rewards; leave whiten_rewards off"
+      )
     if self.critic_warmup and self.estimator != "gae":
       raise ValueError(f"critic_warmup: the {self.estimator} estimator has no critic to warm up")
 

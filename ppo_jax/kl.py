@@ -62,7 +62,8 @@ def adaptive_kl_update(
     observed_kl: the KL measured on the last rollout batch, per sequence (scalar).
     n_steps: number of samples (episodes) since the last update.
     target: the KL the controller aims for, > 0.
-    horizon: how many samples a full ±20 % correction takes, > 0.
+    horizon: how many samples a full ±20 % correction takes; > 0.2 · n_steps, or a KL below the
+      target would make β zero or negative (refused when both are Python numbers).
 
   Returns:
     The new coefficient, a scalar float32 array.
@@ -74,6 +75,12 @@ def adaptive_kl_update(
     raise ValueError(f"target KL must be > 0, got {target}")
   if isinstance(horizon, (int, float)) and horizon <= 0:
     raise ValueError(f"horizon must be > 0, got {horizon}")
+  if isinstance(n_steps, (int, float)) and isinstance(horizon, (int, float)):
+    if 0.2 * n_steps >= horizon:  # the factor 1 + e·n/H must stay > 0 for e down to −0.2
+      raise ValueError(
+        f"horizon {horizon} must exceed 0.2 × n_steps ({0.2 * n_steps:g}): below the target "
+        f"KL the coefficient would be multiplied by 1 − 0.2·{n_steps}/{horizon:g} ≤ 0"
+      )
   dtype = float_dtype(kl_coef, observed_kl)
   error = jnp.clip(jnp.asarray(observed_kl, dtype) / target - 1.0, -0.2, 0.2)
   return jnp.asarray(kl_coef, dtype) * (1.0 + error * jnp.asarray(n_steps, dtype) / horizon)

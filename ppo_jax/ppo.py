@@ -322,11 +322,14 @@ def finish_iteration(
   state: PPOState, metrics: Metrics, batch_size: int, *, hp: PPOHparams
 ) -> PPOState:
   """Advances the step (the data cursor moves on even if the update was skipped) and, if
-  adaptive, the KL coefficient (from the rollout's KL)."""
+  adaptive, the KL coefficient (from the rollout's KL), except during the critic's warm-up: the
+  policy does not move then, so its KL says nothing about β (from the reference it is 0, and
+  the controller would only shrink β)."""
   kl_coef = state.kl_coef
   if hp.kl_adaptive:
     new = adaptive_kl_update(
       kl_coef, metrics["objective/kl"], batch_size, target=hp.kl_target, horizon=hp.kl_horizon
     )
-    kl_coef = jnp.where(jnp.isfinite(new), new, kl_coef)  # a non-finite KL leaves β alone
+    # A non-finite KL leaves β alone, as does an iteration of the critic's warm-up.
+    kl_coef = jnp.where(jnp.isfinite(new) & policy_trains(state, hp), new, kl_coef)
   return state.replace(step=state.step + 1, kl_coef=kl_coef)

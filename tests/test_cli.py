@@ -101,6 +101,14 @@ def _cli(*args):
       ["--config.ppo.kl_adaptive=True", "--config.ppo.kl_coef=0"],
       "config.ppo.kl_coef: the adaptive controller scales β, so it cannot start at 0",
     ),
+    (
+      ["--config.ppo.kl_adaptive=True", "--config.ppo.kl_horizon=10"],
+      "config.ppo.kl_horizon 10 must exceed 0.2 × config.ppo.batch_size (12.8): below its target",
+    ),
+    (
+      ["--config.algo=grpo", "--config.ppo.group_size=4", "--config.ppo.whiten_rewards=True"],
+      "config.ppo.whiten_rewards: the grpo estimator compares each score with its group's",
+    ),
     ("--config.ppo.lam=1.5", "config.ppo.lam: must be in [0, 1], got 1.5"),
     ("--config.ppo.gamma=-0.1", "config.ppo.gamma: must be in [0, 1], got -0.1"),
     ("--config.ppo.vf_clip=0", "config.ppo.vf_clip: must be > 0 (none: off), got 0.0"),

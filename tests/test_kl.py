@@ -106,3 +106,11 @@ class TestAdaptiveKl:
       pj.adaptive_kl_update(0.1, 1.0, 1, target=0.0, horizon=10)
     with pytest.raises(ValueError, match="horizon must be > 0"):
       pj.adaptive_kl_update(0.1, 1.0, 1, target=1.0, horizon=-1)
+    # 1024 samples over a horizon of 100: a KL below target would multiply β by 1 − 2.048.
+    with pytest.raises(ValueError, match=r"horizon 100 must exceed 0.2 × n_steps \(204.8\)"):
+      pj.adaptive_kl_update(0.1, 0.5, 1024, target=6.0, horizon=100)
+    with pytest.raises(ValueError, match=r"must exceed 0\.2 × n_steps \(100\)"):
+      pj.adaptive_kl_update(0.1, 0.5, 500, target=6.0, horizon=100)  # 5: β → 0
+    # Just inside the bound the coefficient shrinks as far as it can and stays positive.
+    low = float(pj.adaptive_kl_update(0.1, 0.0, 499, target=6.0, horizon=100))
+    assert low == pytest.approx(0.1 * (1 - 0.2 * 4.99), rel=1e-3) and low > 0  # float32: 1 − 0.998

@@ -242,6 +242,23 @@ def test_adaptive_kl_and_kl_as_loss():
   assert coefs[-1] > coefs[0]  # KL above its tiny target: the coefficient rises
 
 
+def test_adaptive_kl_coefficient_holds_during_the_critic_warm_up():
+  """finish_iteration: β stays put while the policy is frozen (its KL to the reference says
+  nothing about β), then follows Ziegler et al.'s update; a non-finite KL leaves it alone."""
+  hp = dataclasses.replace(
+    HP, kl_adaptive=True, kl_coef=0.1, kl_target=6.0, kl_horizon=100.0, critic_warmup=2
+  )
+  state = ppo.init_state({"policy": {"w": jnp.zeros(2)}, "value": {}}, optax.sgd(0.1), hp, seed=0)
+  coefs = []
+  for kl in (0.0, 0.0, 0.0, float("nan"), 12.0):
+    state = ppo.finish_iteration(state, {"objective/kl": jnp.asarray(kl)}, 50, hp=hp)
+    coefs.append(float(state.kl_coef))
+  # KL 0 is below target (e = −0.2): 0.1·(1 − 0.2·50/100) = 0.09 once the warm-up is over.
+  assert coefs[:4] == pytest.approx([0.1, 0.1, 0.09, 0.09], rel=1e-6)
+  assert coefs[4] == pytest.approx(0.09 * 1.1, rel=1e-6)  # KL twice the target: e = +0.2
+  assert int(state.step) == 5
+
+
 def test_indivisible_batch_is_a_clear_error():
   with pytest.raises(ValueError, match=r"not divisible by ppo\.num_minibatches"):
     dataclasses.replace(HP, num_minibatches=3).minibatch_layout(8)
