@@ -256,26 +256,41 @@ class Checkpointer:
     step = self.latest_step()
     if step is None:
       return None
+    saved_record = self.check_config(record.get("config", {}), iterations, defaults, only=only)
+    check_same_base(saved_record, record, self.directory)
+    check_same_start(saved_record, record, self.directory)
+    if check is not None:
+      check(saved_record)
+    out = self.restore(like_state, step)
+    say(f"resuming from the checkpoint of step {step} in {self.directory}")
+    return out
+
+  def check_config(
+    self,
+    config: dict,
+    iterations: int,
+    defaults: dict | None = None,
+    *,
+    only: tuple[str, ...] | None = None,
+  ) -> dict[str, Any]:
+    """The latest checkpoint's record, after refusing (one ValueError line) one whose config
+    differs from ``config`` in a field that matters (``config_differences``) and one past step
+    ``iterations`` (the run would do nothing). Reads the record only: a run calls it before
+    writing anything, and ``resume`` calls it again."""
+    step = self.latest_step()
     saved_record = self.record(step)
-    saved = saved_record.get("config", {})
-    diffs = config_differences(saved, record.get("config", {}), defaults=defaults, only=only)
+    diffs = config_differences(saved_record.get("config", {}), config, defaults=defaults, only=only)
     if diffs:
       raise ValueError(
         f"{self.directory} holds checkpoints of a different config ({'; '.join(diffs)}); use a"
         " new workdir or the original config"
       )
-    check_same_base(saved_record, record, self.directory)
-    check_same_start(saved_record, record, self.directory)
-    if check is not None:
-      check(saved_record)
     if step > iterations:
       raise ValueError(
         f"{self.directory} holds step {step}, past ppo.iterations={iterations}; raise it to go"
         " on, or `ppo-jax export --step` an earlier checkpoint"
       )
-    out = self.restore(like_state, step)
-    say(f"resuming from the checkpoint of step {step} in {self.directory}")
-    return out
+    return saved_record
 
   def _check_layout(self, step: int, target) -> None:
     """One line naming the first difference when the saved arrays are not the ones ``target``

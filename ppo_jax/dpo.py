@@ -215,6 +215,7 @@ def run_dpo_stage(
         checkpoints=checkpoints,
         mesh=mesh,
         frozen=frozen.ref_params if models.lora else None,
+        max_nonfinite=s.ppo_run.max_nonfinite,
       )
   finally:
     if curve:

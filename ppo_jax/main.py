@@ -259,8 +259,7 @@ def cli(argv: list[str] | None = None) -> int:
     print(f"ppo-jax: error: jax.distributed: {_one_line(e)}", file=sys.stderr)
     return 1
   from ppo_jax.pipeline import run
-  from ppo_jax.preemption import Preempted
-  from ppo_jax.rl import NonFiniteError
+  from ppo_jax.preemption import NonFiniteError, Preempted
 
   enable_compilation_cache()
   try:

@@ -45,6 +45,7 @@ from ppo_jax.stages import (
   with_adapters,
 )
 from ppo_jax.tokenizer import load_tokenizer
+from ppo_jax.workdir import check_workdir
 
 _LAST_BANNER = [time.perf_counter()]
 
@@ -258,15 +259,10 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   except OSError as e:  # a file in the way, a read-only disk, no permission
     why = "a file is in the way" if workdir.is_file() else e.strerror
     raise OSError(f"--workdir {workdir}: cannot create it as a folder ({why})") from e
-  for name in ("checkpoints", *(f"{stage}_checkpoints" for stage in ("sft", "rm", "dpo"))):
-    ckpt_dir = workdir / name
-    if not resume and checkpoint.holds_checkpoints(ckpt_dir):
-      raise ValueError(
-        f"{ckpt_dir} holds checkpoints and resuming is off; use a new workdir (or "
-        "resume, the default)"
-      )
-  if shd.is_main_process():
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  defaults = json.loads(base_config().to_json_best_effort())
+  check_workdir(
+    s, json.loads(config.to_json_best_effort()), workdir, resume=resume, defaults=defaults
+  )
   print(
     f"ppo_jax: workdir {workdir}, jax {jax.__version__} on {jax.devices()[0].platform}, "
     f"mesh {shd.describe(mesh)}, {jax.process_count()} process(es)"
@@ -317,6 +313,8 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   )
 
   check_finished(s, inputs, workdir)
+  if shd.is_main_process():  # after the refusals that need no training: the config of the outputs
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   banner("1/3 supervised fine-tuning", stage="sft")
   policy, sft_eval = run_sft(s, policy, inputs, layout, workdir, mesh=mesh)
   banner("2/3 reward model", stage="reward model")

@@ -17,6 +17,11 @@ class Preempted(Exception):
   """A SIGTERM/SIGINT stopped the run at a step boundary (after saving where possible)."""
 
 
+class NonFiniteError(RuntimeError):
+  """Too many consecutive updates skipped for non-finite values (``ppo.max_nonfinite``), in PPO
+  or a supervised stage."""
+
+
 def stop_requested() -> bool:
   """Whether SIGTERM/SIGINT asked the run to stop, agreed by every process: each checks at its
   own step boundary, and one that saved while another stepped on would hang both."""

@@ -38,7 +38,7 @@ from ppo_jax.optim import (
   make_actor_critic_optimizer,
   schedule_count,
 )
-from ppo_jax.preemption import GUARD, Preempted, stop_requested
+from ppo_jax.preemption import GUARD, NonFiniteError, Preempted, stop_requested
 from ppo_jax.rewards import RewardFn, call_reward_fn
 from ppo_jax.writers import say
 
@@ -66,10 +66,6 @@ class PPOResult:
   before: dict[str, float]
   after: dict[str, float]
   history: list[dict[str, float]]
-
-
-class NonFiniteError(RuntimeError):
-  """Too many consecutive PPO updates skipped for non-finite values."""
 
 
 GUARDED = ("scores", "advantages", "loss", "grads")  # in the order they arise
@@ -289,10 +285,13 @@ def run_ppo(
     bad = [q for q in GUARDED if row.get(f"nonfinite/{q}", 0.0) > 0]
     streak = streak + 1 if bad else 0
     if bad:
-      say(
-        f"step {step}: non-finite {bad[0]}; update skipped ({streak} in a row, "
-        f"{max_nonfinite} allowed)"
+      skipped = round(row.get("update/skipped", 1.0) * per_iteration)
+      what = (
+        "update skipped"
+        if skipped >= per_iteration
+        else f"{skipped} of {per_iteration} minibatch updates skipped, the others applied"
       )
+      say(f"step {step}: non-finite {bad[0]}; {what} ({streak} in a row, {max_nonfinite} allowed)")
       if streak >= max_nonfinite:
         raise NonFiniteError(
           f"non-finite {bad[0]} at step {step}: {streak} consecutive PPO "

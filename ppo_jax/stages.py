@@ -314,6 +314,7 @@ def _train_and_save(
       progress=s.log.progress,
       checkpoints=checkpoints,
       mesh=mesh,
+      max_nonfinite=s.ppo_run.max_nonfinite,
     )
   model = nnx.merge(graphdef, params)
   stage_checkpoints.write_record(out, s, name, data_file)  # first: weights are never unrecorded

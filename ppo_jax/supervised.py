@@ -26,7 +26,7 @@ from ppo_jax.data import Sequences, batch_indices
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
 from ppo_jax.optim import OptimHparams, make_optimizer
-from ppo_jax.preemption import GUARD, Preempted, stop_requested
+from ppo_jax.preemption import GUARD, NonFiniteError, Preempted, stop_requested
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.stage_checkpoints import Checkpoints
 
@@ -130,6 +130,7 @@ def fit(
   checkpoints: Checkpoints | None = None,
   mesh=None,
   frozen: Any = None,
+  max_nonfinite: int = 3,
 ) -> tuple[Any, dict[str, float]]:
   """A supervised stage: ``train`` on ``train_rows`` with a progress bar and per-step metrics in
   ``WORKDIR/{name}_metrics.jsonl`` (rows past a resumed checkpoint's step dropped), then
@@ -164,6 +165,7 @@ def fit(
       checkpoints=checkpoints,
       mesh=mesh,
       frozen=frozen,
+      max_nonfinite=max_nonfinite,
     )
   finally:
     bar.close()
@@ -192,6 +194,7 @@ def train(
   checkpoints: Checkpoints | None = None,
   mesh=None,
   frozen: Any = None,
+  max_nonfinite: int = 3,
 ) -> tuple[Any, list[dict[str, float]]]:
   """Trains ``params`` for ``hp.steps(n_train)`` steps; returns them and the per-step metrics of
   the steps trained in this call.
@@ -210,6 +213,9 @@ def train(
   ``frozen``: weights the loss reads but nothing trains (the base weights under LoRA adapters);
   the loss then gets ``(params, frozen)``. They are an argument of the jitted step, not a constant
   baked into it, and are neither saved nor donated.
+
+  A step whose loss or gradient is not finite changes nothing (metric ``skipped``);
+  ``max_nonfinite`` in a row raise ``NonFiniteError``.
   """
   total = hp.steps(n_train)
   if total == 0:
@@ -257,7 +263,7 @@ def train(
 
   step = jax.jit(make_step(loss_fn, graphdef, tx), donate_argnums=(0, 1), **jit_kw)
   every = ckpt.settings.supervised_every if ckpt is not None else 0
-  history = []
+  history, streak = [], 0
   for i in range(start, total):
     batch = put(make_batch(batch_indices(n_train, batch_size, i, seed=seed)))
     params, opt_state, metrics = step(params, opt_state, frozen, batch)
@@ -265,6 +271,17 @@ def train(
     history.append(row)
     if on_step is not None:
       on_step(i, total, row)
+    streak = streak + 1 if row["skipped"] else 0
+    if streak:
+      writers.say(
+        f"{name} step {i + 1}: non-finite loss or gradient; update skipped ({streak} in a row, "
+        f"{max_nonfinite} allowed)"
+      )
+    if streak >= max_nonfinite:  # what was saved stays; the weights are not written as a model
+      raise NonFiniteError(
+        f"non-finite loss or gradient at step {i + 1} of the {name} stage: {streak} consecutive "
+        f"updates skipped (see {name}_metrics.jsonl); lower {name}.optim.lr, or check the data"
+      )
     if on_params is not None:
       on_params(i + 1, params)
     done, stop = i + 1, stop_requested()
@@ -295,10 +312,18 @@ def make_step(loss_fn: Callable[..., tuple[jax.Array, Metrics]], graphdef: nnx.G
 
   def step(params, opt_state, frozen, batch):
     loss = lambda p: loss_fn(_with_frozen(p, frozen), graphdef, batch)
-    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    # A non-finite loss or gradient leaves parameters and optimizer state as they were.
+    ok = jnp.isfinite(value) & jnp.isfinite(metrics["grad_norm"])
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    metrics["skipped"] = (~ok).astype(jnp.float32)
+    return (
+      keep(optax.apply_updates(params, updates), params),
+      keep(new_opt_state, opt_state),
+      metrics,
+    )
 
   return step
 

@@ -224,13 +224,35 @@ def test_one_nan_rollout_is_skipped_and_training_goes_on():
   )
 
 
-def test_checkpoint_of_a_different_config_is_refused(smoke_run, tmp_path):
-  workdir = reuse_stages(smoke_run[0], tmp_path / "other")
-  shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
+def _copy_of_the_smoke_run(smoke_workdir, workdir, names):
+  """``workdir`` holding the smoke run's ``names`` (folders and files), and a snapshot of every
+  file in it (path → bytes) to compare with after a refusal."""
+  workdir.mkdir(parents=True)
+  for name in names:
+    src = smoke_workdir / name
+    (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / name)
+  return {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+
+
+def _unchanged(workdir, snapshot):
+  """Nothing written, rewritten or deleted in ``workdir`` since ``snapshot``."""
+  now = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  assert sorted(map(str, now)) == sorted(map(str, snapshot))
+  assert [p for p in now if now[p] != snapshot[p]] == []
+
+
+RUN_FILES = ("sft", "reward_model", "checkpoints", "config.json", "metrics.jsonl", "samples.jsonl")
+
+
+def test_checkpoint_of_a_different_config_is_refused_before_anything_is_written(
+  smoke_run, tmp_path
+):
+  workdir = tmp_path / "other"
+  before = _copy_of_the_smoke_run(smoke_run[0], workdir, RUN_FILES)
   with pytest.raises(ValueError, match=r"different config \(ppo\.kl_coef: 0\.1 → 0\.2\)") as e:
     pipeline.run(smoke_config(ppo__kl_coef=0.2), workdir)
   assert "\n" not in str(e.value)
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "15"]  # untouched
+  _unchanged(workdir, before)  # config.json, the metrics, the checkpoints; no data/ made
 
 
 def test_noresume_refuses_a_workdir_with_checkpoints(smoke_run, tmp_path):
@@ -241,11 +263,38 @@ def test_noresume_refuses_a_workdir_with_checkpoints(smoke_run, tmp_path):
 
 
 def test_iterations_below_the_saved_step_are_refused(smoke_run, tmp_path):
-  workdir = reuse_stages(smoke_run[0], tmp_path / "shorter")
-  shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
+  workdir = tmp_path / "shorter"
+  before = _copy_of_the_smoke_run(smoke_run[0], workdir, RUN_FILES)
   with pytest.raises(ValueError, match=r"holds step 15, past ppo\.iterations=12; raise it") as e:
     pipeline.run(smoke_config(ppo__iterations=12), workdir)
-  assert "\n" not in str(e.value) and not (workdir / "policy").exists()
+  assert "\n" not in str(e.value)
+  _unchanged(workdir, before)  # metrics.jsonl still runs to step 15
+
+
+def test_another_algorithm_is_refused_where_a_run_left_its_outputs(smoke_run, tmp_path):
+  """DPO in a PPO run's workdir would overwrite policy/ and metrics.jsonl: refused, with nothing
+  written."""
+  workdir = tmp_path / "ppo_then_dpo"
+  before = _copy_of_the_smoke_run(smoke_run[0], workdir, (*RUN_FILES, "policy", "summary.json"))
+  with pytest.raises(
+    ValueError, match=r"holds a ppo run \(checkpoints/, policy/, metrics\.jso"
+  ) as e:
+    pipeline.run(smoke_config(algo="dpo"), workdir)
+  assert "\n" not in str(e.value) and "config.algo=dpo would overwrite it" in str(e.value)
+  _unchanged(workdir, before)
+
+
+def test_remaking_the_task_data_under_trained_stages_is_refused(smoke_run, tmp_path):
+  """Another seed would rewrite data/ (the embedded task's files) that sft/ and reward_model/
+  learned from: refused before, naming the field, rather than after by the bytes it rewrote."""
+  workdir = tmp_path / "seed"
+  before = _copy_of_the_smoke_run(
+    smoke_run[0], workdir, ("sft", "reward_model", "data", "config.json")
+  )
+  with pytest.raises(ValueError, match=r"data was made under other settings \(seed: 0 → 3\)") as e:
+    pipeline.run(smoke_config(seed=3), workdir)
+  assert "\n" not in str(e.value) and "sft/, reward_model/ learned from it" in str(e.value)
+  _unchanged(workdir, before)
 
 
 def _damage(folder):

@@ -109,6 +109,8 @@ def _cli(*args):
       ["--config.algo=grpo", "--config.ppo.group_size=4", "--config.ppo.whiten_rewards=True"],
       "config.ppo.whiten_rewards: the grpo estimator compares each score with its group's",
     ),
+    ("--config.sft.optim.lr=nan", "config.sft.optim.lr: must be a finite number, got nan"),
+    ("--config.ppo.optim.lr=inf", "config.ppo.optim.lr: must be a finite number, got inf"),
     ("--config.ppo.lam=1.5", "config.ppo.lam: must be in [0, 1], got 1.5"),
     ("--config.ppo.gamma=-0.1", "config.ppo.gamma: must be in [0, 1], got -0.1"),
     ("--config.ppo.vf_clip=0", "config.ppo.vf_clip: must be > 0 (none: off), got 0.0"),

@@ -5,6 +5,7 @@ import contextlib
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -195,3 +196,37 @@ def test_frozen_weights_are_read_and_not_trained():
     trained, graphdef, supervised.sft_loss, *rows, batch_size=4, frozen=base
   )
   assert held_out["eval_rows"] == 12 and held_out["nll"] < history[0]["nll"]
+
+
+def _nan_rows(bad_steps, *, n=4):
+  """Rows of a least-squares fit, one row per step (batch size 1, no shuffle matters): the rows
+  whose step is in ``bad_steps`` hold a NaN target."""
+  x = np.arange(1.0, n + 1, dtype=np.float32)
+
+  def make_batch(idx):
+    return {"x": x[idx], "bad": np.isin(idx, list(bad_steps)).astype(np.float32)}
+
+  def loss_fn(params, graphdef, batch):
+    target = jnp.where(batch["bad"] > 0, jnp.nan, 2.0 * batch["x"])
+    loss = jnp.mean((params["w"] * batch["x"] - target) ** 2)
+    return loss, {"loss": loss}
+
+  return loss_fn, make_batch, n
+
+
+def test_a_non_finite_step_changes_nothing_and_a_run_of_them_stops_the_stage(capsys):
+  """A NaN loss skips its update (parameters and Adam's moments as before, ``skipped`` = 1) and
+  training goes on; ``max_nonfinite`` of them in a row raise NonFiniteError naming the stage."""
+  hp = SupervisedHparams(batch_size=1, epochs=3.0, optim=OptimHparams(lr=0.1, schedule="constant"))
+  params = {"w": jnp.zeros(())}
+  loss_fn, make_batch, n = _nan_rows({1})  # one row in four: one bad step per epoch
+  trained, history = supervised.train(params, None, loss_fn, make_batch, n, hp, seed=0)
+  skipped = [r["skipped"] for r in history]
+  assert sum(skipped) == 3 and all(np.isnan(r["loss"]) for r in history if r["skipped"])
+  # Finite after the steps that followed each bad one: no NaN reached w or Adam's moments.
+  assert 0.5 < float(trained["w"]) <= 2.0  # on its way from 0 to the fit, 2
+  assert capsys.readouterr().out.count("non-finite loss or gradient; update skipped (1 in a row")
+  # Every row bad, at most 2 in a row: the second step stops the stage.
+  loss_fn, make_batch, n = _nan_rows({0, 1, 2, 3})
+  with pytest.raises(preemption.NonFiniteError, match=r"at step 2 of the sft stage: 2 consec"):
+    supervised.train(params, None, loss_fn, make_batch, n, hp, seed=0, name="sft", max_nonfinite=2)

@@ -1,0 +1,112 @@
+"""What a run checks in its workdir before writing anything there: checkpoints it was told not to
+resume, another algorithm's outputs it would overwrite, data it would remake under stages trained
+on it, and PPO checkpoints of another config. Each refusal is one line and leaves the workdir as
+it was (the stages check the rest when they come: ``stages.check_finished``, ``Checkpointer``)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import TYPE_CHECKING, Any
+
+from ppo_jax import checkpoint
+from ppo_jax.stages import has_model_folder
+
+if TYPE_CHECKING:
+  from ppo_jax.config import Settings
+
+CHECKPOINT_DIRS = ("checkpoints", "sft_checkpoints", "rm_checkpoints", "dpo_checkpoints")
+# What synthetic.write_task makes WORKDIR/data from.
+TASK_DATA_FIELDS = (
+  "seed",
+  "task.num_prompts",
+  "task.num_sft",
+  "task.num_pairs",
+  "task.label_noise",
+)
+
+
+def previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
+  """The config.json an earlier run wrote in ``workdir`` (None: none, or not readable JSON)."""
+  try:
+    return json.loads((workdir / "config.json").read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def check_workdir(
+  s: Settings, config: dict, workdir: pathlib.Path, *, resume: bool, defaults: dict
+) -> None:
+  """Raises ValueError (one line) for a workdir this run must not write into; ``config`` is the
+  run's config as JSON, ``defaults`` every field's default (for fields added since a save)."""
+  for name in CHECKPOINT_DIRS:
+    if not resume and checkpoint.holds_checkpoints(workdir / name):
+      raise ValueError(
+        f"{workdir / name} holds checkpoints and resuming is off; use a new workdir (or "
+        "resume, the default)"
+      )
+  then = previous_config(workdir)
+  if then is not None:
+    _check_algo(then.get("algo", "ppo"), s.algo, workdir)
+    if s.task.name == "synthetic" and then.get("task", {}).get("name") == "synthetic":
+      _check_task_data(then, config, workdir)
+  ppo_dir = workdir / "checkpoints"
+  if resume and s.algo != "dpo" and checkpoint.holds_checkpoints(ppo_dir):
+    with checkpoint.Checkpointer(ppo_dir, s.checkpoint) as ckpt:
+      if ckpt.latest_step() is not None:
+        ckpt.check_config(config, s.ppo_run.iterations, defaults)
+
+
+def _outputs(workdir: pathlib.Path, names) -> list[str]:
+  """Which of ``names`` (model folders, checkpoint folders, files) hold something."""
+  found = []
+  for name in names:
+    path = workdir / name
+    if name.endswith("checkpoints"):
+      held = checkpoint.holds_checkpoints(path)
+    elif name.endswith(".jsonl"):
+      held = path.is_file() and path.stat().st_size > 0
+    else:
+      held = has_model_folder(path)
+    if held:
+      found.append(f"{name}/" if not name.endswith(".jsonl") else name)
+  return found
+
+
+def _check_algo(then: str, now: str, workdir: pathlib.Path) -> None:
+  """A run of another algorithm would overwrite the last stage's outputs (``policy/``,
+  ``metrics.jsonl``, the summary) of the one the workdir holds."""
+  if then == now:
+    return
+  held = _outputs(workdir, ("checkpoints", "dpo_checkpoints", "policy", "metrics.jsonl"))
+  if held:
+    raise ValueError(
+      f"{workdir} holds a {then} run ({', '.join(held)}); config.algo={now} would overwrite it: "
+      "use a new workdir (copy sft/ and reward_model/ into it to reuse them)"
+    )
+
+
+def _check_task_data(then: dict, now: dict, workdir: pathlib.Path) -> None:
+  """The embedded task's data/ made from other settings, with stages trained on it: remaking it
+  would change the files their records name (and this run is refused by them anyway)."""
+
+  def get(config, field):
+    node = config
+    for part in field.split("."):
+      if not isinstance(node, dict) or part not in node:
+        return None
+      node = node[part]
+    return node
+
+  diffs = [
+    f"{f}: {get(then, f)!r} → {get(now, f)!r}"
+    for f in TASK_DATA_FIELDS
+    if get(then, f) is not None and get(then, f) != get(now, f)
+  ]
+  trained = _outputs(workdir, ("sft", "reward_model", *CHECKPOINT_DIRS, "policy"))
+  if diffs and trained and (workdir / "data").is_dir():
+    raise ValueError(
+      f"{workdir / 'data'} was made under other settings ({'; '.join(diffs)}) and "
+      f"{', '.join(trained)} learned from it; this run would remake it: use a new workdir or "
+      "the original values"
+    )
