@@ -85,7 +85,12 @@ def sample(argv: list[str]) -> int:
   p.add_argument("--prompts", required=True, help="JSONL prompts (or SFT or preference) file")
   p.add_argument("--out", required=True, help="JSONL file to write (must not exist)")
   p.add_argument("--n", type=int, default=1, help="responses per prompt (default 1)")
-  p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap (64)")
+  p.add_argument(
+    "--max-new-tokens",
+    type=int,
+    help="response length cap (the model's generation_config.json max_new_tokens, else 64, or "
+    "half the positions of model and reward model if fewer)",
+  )
   p.add_argument("--reward-model", help="*ForSequenceClassification folder to score with")
   p.add_argument("--reward-fn", help="package.module:function to score with")
   p.add_argument("--gold-fn", help="package.module:function that judges (best-of-n picks by score)")
@@ -142,6 +147,9 @@ def run_command(parser, fn, argv: list[str]) -> int:
   enable_compilation_cache()
   try:
     fn(**vars(args))
+  except KeyboardInterrupt:  # Ctrl-C: no traceback (what was written is said by the command)
+    print(f"{parser.prog}: interrupted", file=sys.stderr)
+    return 130
   except (ValueError, OSError, RewardError) as e:
     message = _one_line(e)
     for field in FLAG_FIELDS:

@@ -131,7 +131,7 @@ def sample_file(
   out: str | pathlib.Path,
   *,
   n: int = 1,
-  max_new_tokens: int = 64,
+  max_new_tokens: int | None = None,
   reward_model: str | pathlib.Path | None = None,
   reward_fn: str | None = None,
   gold_fn: str | None = None,
@@ -164,6 +164,8 @@ def sample_file(
   checkpoint); its tokenizer comes from ``tokenizer`` or the same folder. Responses stop at the
   tokenizer's EOS and the checkpoint's stop ids (config.json's and generation_config.json's).
   Unset sampling settings come from its ``generation_config.json`` (``sampling_settings``).
+  Responses are at most ``max_new_tokens`` tokens (default: ``generation_config.json``'s
+  ``max_new_tokens``, else 64 or half the positions of model and reward model if fewer).
   Prompts are at most ``max_prompt_len`` tokens (default: what the model's positions leave beside
   ``max_new_tokens``; ``prompt_overflow``: error | truncate), left-padded in each batch to its
   longest rounded up to a power of two (``trimmed``).
@@ -178,10 +180,13 @@ def sample_file(
   out = pathlib.Path(out)
   if out.exists():
     raise ValueError(f"--out {out} exists; pick another file or delete it")
-  if n < 1 or batch_size < 1 or max_new_tokens < 1:
-    raise ValueError(
-      f"n, batch_size and max_new_tokens must be ≥ 1, got {n}, {batch_size}, {max_new_tokens}"
-    )
+  for flag, value in (
+    ("--n", n),
+    ("--batch-size", batch_size),
+    ("--max-new-tokens", max_new_tokens),
+  ):
+    if value is not None and value < 1:
+      raise ValueError(f"{flag} must be ≥ 1, got {value}")
   if reward_model and reward_fn:
     raise ValueError("give a reward model or a reward function, not both")
   settings = sampling_settings(model, temperature, top_p, top_k, greedy=greedy)
@@ -202,6 +207,9 @@ def sample_file(
     rm = load_reward_model(str(reward_model), dtype, tok, tok_dir) if reward_model else None
   cfg = policy.cfg
   positions = min(c.max_position_embeddings for c in [cfg] + ([rm.cfg] if rm else []))
+  if max_new_tokens is None:  # the checkpoint's own cap, else 64 within half the positions
+    own = (read_generation_config(model) or {}).get("max_new_tokens")
+    max_new_tokens = int(own) if isinstance(own, int) and own > 0 else min(64, positions // 2)
   cap = max_prompt_len or positions - max_new_tokens
   if cap < 1:
     raise ValueError(
@@ -238,7 +246,7 @@ def sample_file(
   results: dict[str, list] = {"tokens": [], "stopped": [], "score": [], "gold": []}
   tick = writers.ticker(say, len(rows), "responses")
   out.parent.mkdir(parents=True, exist_ok=True)
-  with out.open("x") as f:
+  with writers.written_when_done(out, "responses") as f:
     for b, (start, real, picked) in enumerate(padded_batches(len(rows), chunk, B)):
       take = rows[picked]
       batch = file.take(take)

@@ -11,6 +11,7 @@ run of the same config skips most compilation.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -186,6 +187,7 @@ def start_distributed(d) -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
 
 
+COMMANDS = ("export", "sample", "rm-eval")
 USAGE = """\
 usage: ppo-jax --config=FILE[:ARG] --workdir=DIR [--config.FIELD=VALUE ...] [--noresume]
        ppo-jax export --workdir=DIR --out=DIR [--stage ppo|dpo] [--step N]
@@ -231,10 +233,19 @@ def cli(argv: list[str] | None = None) -> int:
   from absl import logging as absl_logging
 
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's INFO/WARNING chatter drowns the output
-  if len(argv) > 1 and argv[1] in ("export", "sample", "rm-eval"):
+  if len(argv) > 1 and argv[1] in COMMANDS:
     from ppo_jax import commands
 
     return getattr(commands, argv[1].replace("-", "_"))(argv[2:])
+  if len(argv) > 1 and not argv[1].startswith("-"):  # a misspelt command, not a flag
+    close = difflib.get_close_matches(argv[1], COMMANDS, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    print(
+      f"ppo-jax: error: unknown command '{argv[1]}'; {hint}commands: {', '.join(COMMANDS)}, or "
+      "none to run an experiment (--config=... --workdir=...)",
+      file=sys.stderr,
+    )
+    return 2
   if any(a in ("-h", "-help", "--help", "--helpfull", "--helpshort") for a in argv[1:]):
     print(USAGE)
     return 0

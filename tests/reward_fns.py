@@ -30,3 +30,10 @@ def shortness(prompts, responses):
   """Minus the response's word count: a judge that disagrees with ``keyed``'s length reward."""
   del prompts
   return [-float(len(r.split())) for r in responses]
+
+
+def fails_at_w10(prompts, responses):
+  """0 for each response, but raises for a batch holding a prompt that starts with w10."""
+  if any(p.startswith("w10") for p in prompts):
+    raise RuntimeError("judge crashed")
+  return [0.0] * len(responses)

@@ -110,6 +110,8 @@ def _cli(*args):
       "config.ppo.whiten_rewards: the grpo estimator compares each score with its group's",
     ),
     ("--config.sft.optim.lr=nan", "config.sft.optim.lr: must be a finite number, got nan"),
+    ("--config.mesh.shape=(a,1,1)", "config.mesh.shape: expected three integers (data, fsdp, te"),
+    ("--config.mesh.shape=(1,1)", "config.mesh.shape: expected three integers (data, fsdp, tens"),
     ("--config.ppo.optim.lr=inf", "config.ppo.optim.lr: must be a finite number, got inf"),
     ("--config.ppo.lam=1.5", "config.ppo.lam: must be in [0, 1], got 1.5"),
     ("--config.ppo.gamma=-0.1", "config.ppo.gamma: must be in [0, 1], got -0.1"),
@@ -305,7 +307,7 @@ def test_none_from_the_command_line_sets_none():
 @pytest.mark.parametrize(
   "override,expected",
   [
-    ("--config.mesh.shape=(1,1)", "mesh.shape must have 3 entries (data, fsdp, tensor)"),
+    ("--config.mesh.shape=(2,1,1)", "mesh.shape (2, 1, 1) needs 2 devices, but there are 1"),
     ("--config.model.init=nowhere", "config.model.init: nowhere: not a Hugging Face model folder"),
     pytest.param(
       ["--config.model.attention=cudnn", "--config.model.dtype=bfloat16"],
@@ -350,6 +352,22 @@ def test_help_prints_the_usage(flag):
   assert out.startswith("usage: ppo-jax --config=FILE[:ARG] --workdir=DIR") and "--noresume" in out
   code, out, err = _cli()  # no arguments: the usage, as an error
   assert code == 2 and not out and err.startswith("usage: ppo-jax")
+
+
+def test_an_unknown_command_is_named(tmp_path):
+  """A first word that is no command is refused (it was ignored, the run going ahead)."""
+  code, out, err = _cli("sampel", "--model=x")
+  assert (
+    code == 2
+    and not out
+    and err
+    == (
+      "ppo-jax: error: unknown command 'sampel'; did you mean 'sample'? commands: export, sample, "
+      "rm-eval, or none to run an experiment (--config=... --workdir=...)"
+    )
+  )
+  code, _, err = _cli("foo", f"--config={EXPERIMENT}", f"--workdir={tmp_path / 'w'}")
+  assert code == 2 and "unknown command 'foo'; commands:" in err and not (tmp_path / "w").exists()
 
 
 def test_version_names_the_libraries():

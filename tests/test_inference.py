@@ -178,6 +178,7 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
       "row 1: prompt of 3 tokens is longer than --max-prompt-len=2",
     ),
     ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=x"], 2, "argument --n: invalid int"),
+    ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=0"], 1, "--n must be ≥ 1, got 0"),
     (
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", f"--reward-model={other}"],
       1,
@@ -218,6 +219,44 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
   assert taken.read_text() == "keep me\n" and not (tmp_path / "o").exists()
   assert cli(["ppo-jax", "sample", "--help"]) == 0
   assert "--reward-model" in capsys.readouterr().out
+
+
+def test_a_failed_sample_keeps_what_it_wrote_beside_the_file_it_would_write(
+  folders, tmp_path, capsys
+):
+  """The scorer fails on the second batch: --out is not written (a rerun may write it), the
+  first batch's rows are kept in OUT.partial and stderr says so; the rerun replaces the partial."""
+  policy_dir, _, prompts, _, _ = folders  # the fourth prompt, w10 w11, is in the second batch
+  out = tmp_path / "s.jsonl"
+  base = ["ppo-jax", "sample", f"--model={policy_dir}", f"--prompts={prompts}", f"--out={out}"]
+  base += ["--max-new-tokens=3", "--batch-size=3"]
+  assert cli([*base, "--reward-fn=reward_fns:fails_at_w10"]) == 1
+  err = capsys.readouterr().err.splitlines()
+  partial = tmp_path / "s.jsonl.partial"
+  assert err[0] == f"kept the 3 responses written before the stop in {partial} (a new run " + (
+    f"writing {out} replaces it)"
+  )
+  assert err[1].startswith("ppo-jax sample: error: ") and "judge crashed" in err[1]
+  assert not out.exists() and [r["index"] for r in _rows(partial)] == [0, 1, 2]
+  assert cli([*base, "--reward-fn=reward_fns:superlatives"]) == 0
+  assert [r["index"] for r in _rows(out)] == [0, 1, 2, 3, 4] and not partial.exists()
+
+
+def test_the_default_response_length_fits_the_model(tmp_path, capsys):
+  """Without --max-new-tokens: the checkpoint's generation_config.json max_new_tokens, else 64,
+  or half the positions when the model has fewer than 128 (the default run's 32: 16)."""
+  model = tmp_path / "short"
+  tiny_hf.make("gpt2", model, n_positions=20)
+  build_word_tokenizer(WORDS).save_pretrained(str(model))
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text(json.dumps({"prompt": "w1 w2"}) + "\n")
+  base = ["ppo-jax", "sample", f"--model={model}", f"--prompts={prompts}", "--greedy"]
+  assert cli([*base, f"--out={tmp_path / 'a.jsonl'}"]) == 0
+  assert "responses of at most 10 tokens" in capsys.readouterr().out
+  (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3}))
+  assert cli([*base, f"--out={tmp_path / 'b.jsonl'}"]) == 0
+  assert "responses of at most 3 tokens" in capsys.readouterr().out
+  assert _rows(tmp_path / "b.jsonl")[0]["tokens"] <= 3
 
 
 def test_rm_eval_scores_equal_transformers(folders, tmp_path, capsys):
