@@ -371,16 +371,17 @@ def evaluate(
   """Metrics over held-out rows, token-weighted where the loss reports ``num_tokens``
   (``frozen``: as for ``train``).
 
-  Only full batches are evaluated (one compilation); a tail of fewer than ``batch_size`` rows is
-  left out, and ``eval_rows`` says how many rows were used.
+  Full batches, then the tail of fewer than ``batch_size`` rows as one more call (a second
+  compilation). On a mesh every call's rows split evenly over the batch axes, so the last
+  ``n mod (data × fsdp)`` rows are left out; ``eval_rows`` says how many rows were used.
   """
   if n == 0:
     return {}
   batch_size = min(batch_size, n)
-  if mesh is not None:  # rows must split evenly over the batch axes
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch_size = max(rows, batch_size // rows * rows)
-    if n < batch_size:
+  split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  if split > 1:  # rows must split evenly over the batch axes
+    batch_size = max(split, batch_size // split * split)
+    if n < split:
       return {}
   put = (lambda b: b) if mesh is None else (lambda b: shd.place_batch(b, _batch_sh(b, mesh)))
   if mesh is not None and frozen is not None:  # as train places them (no copy if they are)
@@ -388,13 +389,13 @@ def evaluate(
   fn = jax.jit(lambda p, f, b: loss_fn(_with_frozen(p, f), graphdef, b)[1])
   sums: dict[str, float] = {}
   weight_total = 0.0
-  used = (n // batch_size) * batch_size
+  used = n // split * split
   for start in range(0, used, batch_size):
-    idx = np.arange(start, start + batch_size)
+    idx = np.arange(start, min(start + batch_size, used))
     metrics = {
       k: float(shd.to_host(v)) for k, v in fn(params, frozen, put(make_batch(idx))).items()
     }
-    w = metrics.get("num_tokens", metrics.get("num_pairs", float(batch_size)))
+    w = metrics.get("num_tokens", metrics.get("num_pairs", float(len(idx))))
     weight_total += w
     for k, v in metrics.items():
       sums[k] = sums.get(k, 0.0) + v * w

@@ -230,3 +230,28 @@ def test_a_non_finite_step_changes_nothing_and_a_run_of_them_stops_the_stage(cap
   loss_fn, make_batch, n = _nan_rows({0, 1, 2, 3})
   with pytest.raises(preemption.NonFiniteError, match=r"at step 2 of the sft stage: 2 consec"):
     supervised.train(params, None, loss_fn, make_batch, n, hp, seed=0, name="sft", max_nonfinite=2)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_held_out_metrics_cover_every_row_whatever_the_batch_size(stage):
+  """Batches of 5 over 12 rows (5, 5, then the tail of 2): the metrics (token-weighted for SFT,
+  pair-weighted for the reward model) of one batch of all 12 rows, not of the first 10."""
+  from ppo_jax.models import RewardModel
+
+  if stage == "sft":
+    model, loss_fn, rows = CausalLM(CFG, rngs=nnx.Rngs(0)), supervised.sft_loss, _rows()
+    key = "nll"
+  else:
+    model, loss_fn, key = RewardModel(CFG, rngs=nnx.Rngs(0)), supervised.reward_loss, "margin"
+    rng = np.random.default_rng(1)
+    sides = [Sequences(rng.integers(2, 16, (12, 6)).astype(np.int32), *[np.ones((12, 6))] * 2)]
+    sides.append(Sequences(rng.integers(2, 16, (12, 6)).astype(np.int32), *[np.ones((12, 6))] * 2))
+    rows = ((lambda i: supervised.pair_batch(tuple(sides), i)), 12)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  whole = supervised.evaluate(params, graphdef, loss_fn, *rows, batch_size=12)
+  batched = supervised.evaluate(params, graphdef, loss_fn, *rows, batch_size=5)
+  first_ten = supervised.evaluate(params, graphdef, loss_fn, rows[0], 10, batch_size=5)
+  assert batched["eval_rows"] == whole["eval_rows"] == 12
+  assert batched == pytest.approx(whole, rel=1e-5)
+  assert first_ten[key] != pytest.approx(whole[key], rel=1e-5)  # the tail counts
