@@ -248,10 +248,49 @@ def say(text: str) -> None:
   sys.stdout.flush()
 
 
+class LineProgress:
+  """tqdm's ``update``/``set_postfix``/``close`` as whole lines on stderr, one at most every
+  ``every`` seconds and one at the end: progress for a log file or a batch scheduler, where a
+  bar's carriage returns pile up as one endless line."""
+
+  def __init__(self, total: int, desc: str, *, every: float = 30.0, file=None):
+    self.total, self.desc, self.every = total, desc, every
+    self.file = file if file is not None else sys.stderr
+    self.n, self.postfix = 0, ""
+    self.t0 = self.shown = time.perf_counter()
+
+  def update(self, n: int = 1) -> None:
+    self.n += n
+    now = time.perf_counter()
+    if n and (now - self.shown >= self.every or self.n == self.total):
+      self._say(now)
+
+  def set_postfix(self, values: dict[str, Any]) -> None:
+    self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+  def close(self) -> None:
+    if self.n and self.shown == self.t0:  # nothing said yet: one line, however short the work
+      self._say(time.perf_counter())
+
+  def _say(self, now: float) -> None:
+    rate = (now - self.t0) / max(self.n, 1)
+    left = f", ~{rate * (self.total - self.n):.0f} s left" if self.n < self.total else ""
+    tail = f"; {self.postfix}" if self.postfix else ""
+    print(
+      f"{self.desc} {self.n}/{self.total}, {now - self.t0:.0f} s{left}{tail}",
+      file=self.file,
+      flush=True,
+    )
+    self.shown = now
+
+
 def progress_bar(total: int, desc: str, *, enabled: bool = True):
-  """A tqdm bar (disabled: a no-op object with the same methods)."""
+  """A tqdm bar on a terminal, ``LineProgress`` lines when stderr is a file or a pipe (a log, a
+  batch job); disabled: a no-op object with the same methods."""
   from tqdm.auto import tqdm
 
+  if enabled and not sys.stderr.isatty() and "ipykernel" not in sys.modules:  # not a notebook
+    return LineProgress(total, desc)
   return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
 
 

@@ -452,6 +452,32 @@ def test_rollout_summary_skips_non_finite_entries():
   assert np.isnan(writers.rollout_summary(rows[1:2])["score"])
 
 
+def test_progress_into_a_log_is_whole_lines(capsys, monkeypatch):
+  """stderr that is no terminal (here pytest's capture; a log file, a batch job): each stage's
+  progress is whole lines, one per 30 s and one at the end, not a bar's carriage returns."""
+  import sys
+
+  monkeypatch.delitem(sys.modules, "ipykernel", raising=False)  # as outside a notebook
+  bar = writers.progress_bar(4, "ppo")
+  bar.set_postfix({"score": "0.500", "kl": "0.100"})
+  for _ in range(4):
+    bar.update(1)
+  bar.close()
+  assert capsys.readouterr().err == "ppo 4/4, 0 s; score 0.500, kl 0.100\n"
+  bar = writers.LineProgress(3, "sft", every=0.0)  # a line at every step
+  for _ in range(3):
+    bar.update(1)
+  bar.close()
+  err = capsys.readouterr().err
+  assert "\r" not in err and err.splitlines() == [
+    "sft 1/3, 0 s, ~0 s left",
+    "sft 2/3, 0 s, ~0 s left",
+    "sft 3/3, 0 s",
+  ]
+  writers.progress_bar(2, "rm", enabled=False).update(2)  # off: nothing
+  assert capsys.readouterr().err == ""
+
+
 def test_the_tokenizers_special_ids_are_used_and_saved(smoke_run, tmp_path, capsys):
   """A checkpoint whose config.json names other EOS and pad ids than its tokenizer. SFT targets
   end with the tokenizer's EOS and sampling stops at it, so the saved model must list it first
