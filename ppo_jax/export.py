@@ -153,7 +153,10 @@ def export_policy(
       policy, staging, tokenizer=tokenizer, generation_config=record.get("generation_config")
     )
     (staging / EXPORT_RECORD).write_text(
-      json.dumps({"workdir": str(workdir), "stage": stage, "step": step}, indent=2) + "\n"
+      json.dumps(
+        {"workdir": str(pathlib.Path(workdir).absolute()), "stage": stage, "step": step}, indent=2
+      )
+      + "\n"
     )
     for old in out.iterdir():  # an earlier export's files: _check_export_target refused others
       if old == staging:

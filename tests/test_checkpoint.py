@@ -1,5 +1,6 @@
 """Checkpoints, resume, preemption, the non-finite guard and export."""
 
+import json
 import os
 import shutil
 import signal
@@ -392,13 +393,16 @@ def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys, monkeypat
 
 
 def test_export_a_checkpoint(smoke_run, tmp_path, capsys):
-  proc = subprocess.run(  # the program itself once; in this process below
-    [sys.executable, "-m", "ppo_jax.main", "export", "--workdir", str(smoke_run[0]), "--out",
+  proc = subprocess.run(  # the program itself once (a relative --workdir); in this process below
+    [sys.executable, "-m", "ppo_jax.main", "export", "--workdir", smoke_run[0].name, "--out",
      str(tmp_path / "latest")],
     capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    cwd=smoke_run[0].parent,
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
   assert "wrote the policy of step 15" in proc.stdout
+  record = json.loads((tmp_path / "latest" / "ppo_jax_checkpoint.json").read_text())
+  assert record == {"workdir": str(smoke_run[0].absolute()), "stage": "ppo", "step": 15}
 
   def run(*args):
     capsys.readouterr()  # what came before (transformers' progress bars) is not the export's
