@@ -114,7 +114,7 @@ def add_prompt_flags(p) -> None:
   p.add_argument("--chat-template", action="store_true", help="prompts in the chat template")
   p.add_argument("--system-prompt", help="with --chat-template: a system turn first")
   p.add_argument("--chat-template-kwargs", help="with --chat-template: a JSON object")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
   p.add_argument(
     "--mesh",
     type=_mesh,

@@ -229,8 +229,12 @@ def chat_prompts(
       )
     except Exception as e:  # jinja2's TemplateError, or what the template raises itself
       what = "data.system_prompt: " if head and turns[0] is head[0] else ""
+      broken = type(e).__name__ == "TemplateSyntaxError"  # the template, not this row
       raise DataError(
-        f"{source}: row {i + 1}: data.chat_template: {what}the tokenizer's template refused: {e}"
+        f"data.chat_template: the tokenizer's chat template does not parse: {e}"
+        if broken
+        else f"{source}: row {i + 1}: data.chat_template: {what}the tokenizer's template "
+        f"refused: {e}"
       ) from None
   return out
 
@@ -361,7 +365,7 @@ def load_preferences(
   as wide as the longest, the responses as the longest of both sides, within the layout's)."""
   prompts, good, bad = zip(*_read(path, layout, conversations.preference_row), strict=True)
   if good == bad:
-    raise DataError(f"{path}: every pair has chosen == rejected: there is no preference to learn")
+    raise DataError(f"{path}: every pair has chosen == rejected: no pair prefers one response")
   prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=str(path), fit=fit)
   tokens = [_response_tokens(tokenizer, side) for side in (good, bad)]
   # One width for both sides: an equal pair then makes equal sequences (a tie).

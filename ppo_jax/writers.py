@@ -233,9 +233,12 @@ def plot_stages(workdir: pathlib.Path, algo: str) -> list[pathlib.Path]:
   for name, file, names in (*STAGE_PLOTS, rl):
     if (workdir / file).is_file():
       title = f"{name.upper().replace('_EVAL', ' held-out')}, {workdir.name}"
-      written.append(
-        plot_metrics(workdir / file, workdir / "plots" / f"{name}.png", names=names, title=title)
+      png = plot_metrics(
+        workdir / file, workdir / "plots" / f"{name}.png", names=names, title=title
       )
+      if png is None and jax.process_index() == 0:  # all NaN, one step, or nothing moved
+        say(f"plots: no {name}.png: no curve in {workdir / file} has two different finite values")
+      written.append(png)
   return [png for png in written if png]
 
 

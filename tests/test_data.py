@@ -362,6 +362,12 @@ def test_a_template_that_refuses_a_row_names_it():
   assert data.chat_prompts(
     CHAT_TOK, [[USER("good"), {"role": "system", "content": "plot"}]], "film"
   ) == ["<user> good <end> <sys> plot <end> <bot>"]
+  broken = build_word_tokenizer(["good"])
+  broken.chat_template = "{% for m in messages %}{{ m.content }"  # the template's fault
+  with pytest.raises(
+    data.DataError, match=r"^data\.chat_template: the tokenizer's chat template does not parse: "
+  ):
+    data.encode_prompts(broken, ["good"], CHAT, source="f.jsonl")
 
 
 def test_a_conversation_needs_the_chat_template(tmp_path):

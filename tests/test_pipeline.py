@@ -478,6 +478,19 @@ def test_progress_into_a_log_is_whole_lines(capsys, monkeypatch):
   assert capsys.readouterr().err == ""
 
 
+def test_a_stage_without_a_curve_to_plot_says_so(tmp_path, capsys):
+  """SFT's metrics all NaN (a diverged stage): no sft.png, and a line saying why; the reward
+  model's curves are plotted."""
+  nan_rows = [{"step": i, "nll": "nan", "grad_norm": "nan"} for i in (1, 2, 3)]
+  rm_rows = [{"step": i, "accuracy": 0.5 + 0.1 * i} for i in (1, 2, 3)]
+  for name, rows in (("sft", nan_rows), ("rm", rm_rows)):
+    (tmp_path / f"{name}_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert writers.plot_stages(tmp_path, "ppo") == [tmp_path / "plots" / "rm.png"]
+  out = capsys.readouterr().out
+  assert f"plots: no sft.png: no curve in {tmp_path / 'sft_metrics.jsonl'} has two different" in out
+  assert "rm.png" not in out
+
+
 def test_the_tokenizers_special_ids_are_used_and_saved(smoke_run, tmp_path, capsys):
   """A checkpoint whose config.json names other EOS and pad ids than its tokenizer. SFT targets
   end with the tokenizer's EOS and sampling stops at it, so the saved model must list it first
