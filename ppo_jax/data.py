@@ -183,6 +183,7 @@ def _encode_rendered(
     P = min(P, max(map(len, encoded), default=1))
   ids = np.full((len(texts), P), layout.pad_id, np.int32)
   mask = np.zeros((len(texts), P), np.int32)
+  cut = 0
   for i, toks in enumerate(encoded):
     if len(toks) > P:
       if layout.overflow == "error":
@@ -190,10 +191,12 @@ def _encode_rendered(
           f"{source}: row {i + 1}: prompt of {len(toks)} tokens is longer than "
           f"data.max_prompt_len={P} (raise it, or set data.prompt_overflow='truncate')"
         )
-      toks = toks[-P:]
+      toks, cut = toks[-P:], cut + 1
     if toks:
       ids[i, P - len(toks) :] = toks
       mask[i, P - len(toks) :] = 1
+  if cut:
+    print(f"{source}: {cut} of {len(texts)} prompts longer than {P} tokens keep their last {P}")
   return ids, mask
 
 

@@ -33,13 +33,16 @@ def test_long_response_is_cut_and_counted(tmp_path):
   assert seqs.truncated == 1
 
 
-def test_long_prompt_is_refused_or_keeps_its_end():
+def test_long_prompt_is_refused_or_keeps_its_end(capsys):
   with pytest.raises(data.DataError, match=r"row 1: prompt of 4 tokens .* data.max_prompt_len=3"):
     data.encode_prompts(TOK, ["good film bad plot"], LAYOUT)
   cut = data.Layout(3, 3, 0, 1, overflow="truncate")
-  ids, mask = data.encode_prompts(TOK, ["good film bad plot"], cut)
-  np.testing.assert_array_equal(ids, [[5, 6, 7]])
-  np.testing.assert_array_equal(mask, [[1, 1, 1]])
+  ids, mask = data.encode_prompts(TOK, ["good film bad plot", "good"], cut, source="p.jsonl")
+  np.testing.assert_array_equal(ids, [[5, 6, 7], [0, 0, 4]])
+  np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
+  assert (
+    capsys.readouterr().out == "p.jsonl: 1 of 2 prompts longer than 3 tokens keep their last 3\n"
+  )
 
 
 CHAT_TOK = build_word_tokenizer(
