@@ -85,14 +85,18 @@ def _load_base(policy: CausalLM, folder: pathlib.Path, numerics: dict) -> None:
 
 
 def load_preference_split(
-  inputs: Inputs, layout: data.Layout, eval_fraction: float, seed: int
+  inputs: Inputs, layout: data.Layout, eval_fraction: float, seed: int, held_out: pathlib.Path
 ) -> tuple[tuple[data.Sequences, data.Sequences], tuple[data.Sequences, data.Sequences]]:
-  """``(train pairs, held-out pairs)``, each ``(chosen, rejected)``, of the preference file."""
+  """``(train pairs, held-out pairs)``, each ``(chosen, rejected)``, of the preference file; the
+  held-out rows, as the file has them, are written to ``held_out`` (for ``ppo-jax rm-eval``)."""
   chosen, rejected = data.load_preferences(inputs.preferences, inputs.tokenizer, layout)
   train_idx, eval_idx = data.split_holdout(len(chosen), eval_fraction, seed=seed)
+  if len(eval_idx) and shd.is_main_process():
+    rows = data.read_objects(inputs.preferences)
+    held_out.write_text("".join(json.dumps(rows[i][1]) + "\n" for i in eval_idx))
   print(
     f"{len(train_idx)} training and {len(eval_idx)} held-out preference pairs from "
-    f"{inputs.preferences}"
+    f"{inputs.preferences}" + (f" (held-out rows in {held_out})" if len(eval_idx) else "")
   )
   return (chosen.take(train_idx), rejected.take(train_idx)), (
     chosen.take(eval_idx),
@@ -337,7 +341,9 @@ def run_dpo(
   return dpo.run_dpo_stage(
     s,
     policy,
-    load_preference_split(inputs, layout, s.dpo.eval_fraction, s.seed),
+    load_preference_split(
+      inputs, layout, s.dpo.eval_fraction, s.seed, workdir / "dpo_held_out_pairs.jsonl"
+    ),
     eval_prompts,
     inputs.tokenizer,
     hp,
@@ -375,7 +381,9 @@ def run_reward_model(
       return _reuse(s, "rm", out, inputs.preferences, kind="reward", **kw)
   if not inputs.preferences:
     raise ValueError("config.rm.enabled=True needs config.data.preferences=FILE.jsonl")
-  train_pairs, eval_pairs = load_preference_split(inputs, layout, s.rm.eval_fraction, s.seed)
+  train_pairs, eval_pairs = load_preference_split(
+    inputs, layout, s.rm.eval_fraction, s.seed, workdir / "rm_held_out_pairs.jsonl"
+  )
   with shd.staged_on_host(mesh):
     rm = RewardModel(policy.cfg, rngs=nnx.Rngs(s.seed + 1))
   if s.rm_run.init == "policy":

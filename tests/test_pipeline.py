@@ -92,6 +92,32 @@ def test_outputs_in_the_workdir(smoke_run):
   assert set(summary["after"]) == {"score", "gold", "kl", "length"}
 
 
+def test_rm_eval_on_the_written_held_out_pairs_gives_the_runs_held_out_metrics(smoke_run):
+  """rm_held_out_pairs.jsonl holds the held-out rows as the file had them: ppo-jax rm-eval on it,
+  with the run's lengths, reads the accuracy and margin the run printed."""
+  from ppo_jax import rm_eval
+
+  workdir, summary = smoke_run
+  held_out = workdir / "rm_held_out_pairs.jsonl"
+  rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+  assert len(rows) == summary["rm_eval"]["eval_rows"] and set(rows[0]) == {
+    "prompt",
+    "chosen",
+    "rejected",
+  }
+  config = smoke_config()
+  got = rm_eval.evaluate_pairs(
+    workdir / "reward_model",
+    held_out,
+    max_prompt_len=config.data.max_prompt_len,
+    max_response_len=config.data.max_response_len,
+    progress=False,
+  )
+  assert got["pairs"] == len(rows)
+  assert got["accuracy"] == pytest.approx(summary["rm_eval"]["accuracy"], abs=1e-6)  # 1 pair: 0.01
+  assert got["margin"] == pytest.approx(summary["rm_eval"]["margin"], rel=1e-4)
+
+
 def test_final_policy_loads_in_transformers(smoke_run):
   workdir, _ = smoke_run
   tok = tf.AutoTokenizer.from_pretrained(str(workdir / "policy"))
