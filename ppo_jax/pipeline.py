@@ -36,7 +36,6 @@ from ppo_jax.models.hf import load_hf_config
 from ppo_jax.rewards import fields_taken, load_reward_fn
 from ppo_jax.stages import (
   check_compatible,
-  check_finished,
   check_reward_model,
   init_policy,
   run_dpo,
@@ -45,7 +44,7 @@ from ppo_jax.stages import (
   with_adapters,
 )
 from ppo_jax.tokenizer import load_tokenizer
-from ppo_jax.workdir import check_workdir
+from ppo_jax.workdir import check_finished, check_workdir
 
 _LAST_BANNER = [time.perf_counter()]
 

@@ -19,7 +19,6 @@ from ppo_jax import ppo, rollout
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import ActorCritic, merge
 from ppo_jax.checkpoint import Checkpointer
-from ppo_jax.data import batch_indices
 from ppo_jax.evaluation import (
   Prompts,
   Scorer,
@@ -40,6 +39,7 @@ from ppo_jax.optim import (
 )
 from ppo_jax.preemption import GUARD, NonFiniteError, Preempted, stop_requested
 from ppo_jax.rewards import RewardFn, call_reward_fn
+from ppo_jax.rows import batch_indices
 from ppo_jax.writers import say
 
 

@@ -42,6 +42,26 @@ class Checkpoints:
   save_at_end: bool = True
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+  def resume(self, record: dict[str, Any], like, total: int):
+    """``(params, opt_state, step)`` of the stage's latest checkpoint (None without one), read
+    onto ``like``'s shapes; refuses one of another config or of other training data."""
+
+    def same_data(saved):
+      if (saved.get("rows"), saved.get("data")) != (record["rows"], record["data"]):
+        raise ValueError(
+          f"{self.checkpointer.directory} holds a stage trained on other data "
+          f"({saved.get('rows')} rows then, {record['rows']} now); use a new workdir or the "
+          "original data"
+        )
+
+    resumed = self.checkpointer.resume(
+      like, record, total, self.defaults, only=self.fields, check=same_data
+    )
+    if resumed is None:
+      return None
+    state, saved = resumed
+    return state["params"], state["opt_state"], int(saved["step"])
+
 
 def fingerprint(*arrays: np.ndarray) -> str:
   """A digest of arrays' dtypes, shapes and values: the training data a checkpoint was made on."""

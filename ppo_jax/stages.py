@@ -19,6 +19,7 @@ from ppo_jax.models.hf import load_hf_config
 from ppo_jax.models.layers import LoRAParam
 from ppo_jax.models.lora import add_lora, check_targets
 from ppo_jax.rewards import load_reward_fn
+from ppo_jax.rows import split_holdout
 from ppo_jax.tokenizer import has_tokenizer, load_tokenizer, same_ids
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ def load_preference_split(
   """``(train pairs, held-out pairs)``, each ``(chosen, rejected)``, of the preference file; the
   held-out rows, as the file has them, are written to ``held_out`` (for ``ppo-jax rm-eval``)."""
   chosen, rejected = data.load_preferences(inputs.preferences, inputs.tokenizer, layout)
-  train_idx, eval_idx = data.split_holdout(len(chosen), eval_fraction, seed=seed)
+  train_idx, eval_idx = split_holdout(len(chosen), eval_fraction, seed=seed)
   if len(eval_idx) and shd.is_main_process():
     rows = data.read_objects(inputs.preferences)
     held_out.write_text("".join(json.dumps(rows[i][1]) + "\n" for i in eval_idx))
@@ -192,23 +193,6 @@ def _reuse(
   return from_pretrained(out, **kw), held_out
 
 
-def check_finished(s: Settings, inputs: Inputs, workdir: pathlib.Path) -> None:
-  """Before any training: refuses a finished ``sft/`` or ``reward_model/`` this run would train
-  otherwise, so the reward model's is not found out only after SFT has trained again (each
-  stage checks its own again when it comes)."""
-  sft, rm = workdir / "sft", workdir / "reward_model"
-  uses_rm = s.algo != "dpo" and s.rm_run.enabled and not s.reward.model and has_model_folder(rm)
-  if has_model_folder(sft):
-    after = (
-      f" (and {rm}: it started from that SFT policy)"
-      if uses_rm and s.rm_run.init == "policy"
-      else ""
-    )
-    stage_checkpoints.check_record(sft, s, "sft", inputs.sft, note=False, delete_also=after)
-  if uses_rm:
-    stage_checkpoints.check_record(rm, s, "rm", inputs.preferences, note=False)
-
-
 def check_reward_model(
   folder: str,
   *,
@@ -258,7 +242,7 @@ def run_sft(
     stage_checkpoints.note_skipped(workdir, "sft")
     return policy, {}
   seqs = data.load_sft(inputs.sft, inputs.tokenizer, layout)
-  train_idx, eval_idx = data.split_holdout(len(seqs), s.sft.eval_fraction, seed=s.seed)
+  train_idx, eval_idx = split_holdout(len(seqs), s.sft.eval_fraction, seed=s.seed)
   train_set, eval_set = seqs.take(train_idx), seqs.take(eval_idx)
   print(
     f"{len(train_set)} training and {len(eval_set)} held-out pairs from {inputs.sft}"

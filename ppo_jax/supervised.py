@@ -1,7 +1,7 @@
 """The supervised stages of RLHF: SFT (masked next-token loss) and the Bradley–Terry reward model.
 
 Both train a plain-dict parameter tree with one jitted step over fixed-shape batches drawn by
-``data.batch_indices`` (deterministic in seed and step) and report held-out metrics.
+``rows.batch_indices`` (deterministic in seed and step) and report held-out metrics.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from flax import nnx
 from ppo_jax import sharding as shd
 from ppo_jax import writers
 from ppo_jax.actor_critic import policy_logits, reward_scores
-from ppo_jax.checkpoint import Checkpointer
-from ppo_jax.data import Sequences, batch_indices
+from ppo_jax.data import Sequences
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
 from ppo_jax.optim import OptimHparams, make_optimizer
 from ppo_jax.preemption import GUARD, NonFiniteError, Preempted, stop_requested
 from ppo_jax.preference import bradley_terry_loss
+from ppo_jax.rows import batch_indices
 from ppo_jax.stage_checkpoints import Checkpoints
 
 Batch = dict[str, jax.Array]
@@ -253,7 +253,7 @@ def train(
       "params": shd.abstract(params, param_sh),
       "opt_state": shd.abstract(jax.eval_shape(tx.init, params), opt_sh),
     }
-    resumed = _resume(ckpt, checkpoints, record, like, total)
+    resumed = checkpoints.resume(record, like, total)
   if resumed is not None:
     params, opt_state, start = resumed
   else:  # copied: the step donates them, and they may share buffers with a live model
@@ -331,26 +331,6 @@ def make_step(loss_fn: Callable[..., tuple[jax.Array, Metrics]], graphdef: nnx.G
 def _with_frozen(params, frozen):
   """What a loss reads: ``params``, or ``(params, frozen)`` (``nnx.merge``'s states in order)."""
   return params if frozen is None else (params, frozen)
-
-
-def _resume(ckpt: Checkpointer, checkpoints: Checkpoints, record, like, total: int):
-  """``(params, opt_state, step)`` of the stage's latest checkpoint (None without one), refusing
-  one of another config or of other training data."""
-
-  def same_data(saved):
-    if (saved.get("rows"), saved.get("data")) != (record["rows"], record["data"]):
-      raise ValueError(
-        f"{ckpt.directory} holds a stage trained on other data ({saved.get('rows')} rows then, "
-        f"{record['rows']} now); use a new workdir or the original data"
-      )
-
-  resumed = ckpt.resume(
-    like, record, total, checkpoints.defaults, only=checkpoints.fields, check=same_data
-  )
-  if resumed is None:
-    return None
-  state, saved = resumed
-  return state["params"], state["opt_state"], int(saved["step"])
 
 
 def _batch_sh(batch: Batch, mesh) -> dict:

@@ -1,7 +1,8 @@
 """What a run checks in its workdir before writing anything there: checkpoints it was told not to
 resume, another algorithm's outputs it would overwrite, data it would remake under stages trained
 on it, and PPO checkpoints of another config. Each refusal is one line and leaves the workdir as
-it was (the stages check the rest when they come: ``stages.check_finished``, ``Checkpointer``)."""
+it was (``check_finished`` runs once the data are ready; each stage checks its own when it
+comes)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import json
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from ppo_jax import checkpoint
+from ppo_jax import checkpoint, stage_checkpoints
 from ppo_jax.stages import has_model_folder
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
+  from ppo_jax.pipeline import Inputs
 
 CHECKPOINT_DIRS = ("checkpoints", "sft_checkpoints", "rm_checkpoints", "dpo_checkpoints")
 # What synthetic.write_task makes WORKDIR/data from.
@@ -110,3 +112,20 @@ def _check_task_data(then: dict, now: dict, workdir: pathlib.Path) -> None:
       f"{', '.join(trained)} learned from it; this run would remake it: use a new workdir or "
       "the original values"
     )
+
+
+def check_finished(s: Settings, inputs: Inputs, workdir: pathlib.Path) -> None:
+  """Before any training: refuses a finished ``sft/`` or ``reward_model/`` this run would train
+  otherwise, so the reward model's is not found out only after SFT has trained again (each
+  stage checks its own again when it comes)."""
+  sft, rm = workdir / "sft", workdir / "reward_model"
+  uses_rm = s.algo != "dpo" and s.rm_run.enabled and not s.reward.model and has_model_folder(rm)
+  if has_model_folder(sft):
+    after = (
+      f" (and {rm}: it started from that SFT policy)"
+      if uses_rm and s.rm_run.init == "policy"
+      else ""
+    )
+    stage_checkpoints.check_record(sft, s, "sft", inputs.sft, note=False, delete_also=after)
+  if uses_rm:
+    stage_checkpoints.check_record(rm, s, "rm", inputs.preferences, note=False)

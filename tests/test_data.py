@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ppo_jax import data
+from ppo_jax import rows as row_order
 from ppo_jax.tokenizer import build_word_tokenizer
 
 TOK = build_word_tokenizer(["good", "film", "bad", "plot"])  # ids: good 4, film 5, bad 6, plot 7
@@ -427,26 +428,26 @@ def test_a_folder_or_a_missing_file_is_named(tmp_path):
 
 def test_batches_cover_each_epoch_once_and_depend_on_the_step_alone():
   n, b = 10, 5
-  epoch = np.concatenate([data.batch_indices(n, b, step, seed=3) for step in range(2)])
+  epoch = np.concatenate([row_order.batch_indices(n, b, step, seed=3) for step in range(2)])
   assert sorted(epoch.tolist()) == list(range(n))  # two batches: a permutation of the rows
   np.testing.assert_array_equal(
-    data.batch_indices(n, b, 7, seed=3), data.batch_indices(n, b, 7, seed=3)
+    row_order.batch_indices(n, b, 7, seed=3), row_order.batch_indices(n, b, 7, seed=3)
   )
   assert not np.array_equal(
-    data.batch_indices(n, b, 2, seed=3), data.batch_indices(n, b, 0, seed=3)
+    row_order.batch_indices(n, b, 2, seed=3), row_order.batch_indices(n, b, 0, seed=3)
   )
   # batch size not dividing n: the stream is still one shuffle per epoch, read in order
-  stream = np.concatenate([data.batch_indices(n, 4, step, seed=3) for step in range(5)])
+  stream = np.concatenate([row_order.batch_indices(n, 4, step, seed=3) for step in range(5)])
   assert sorted(stream[:n].tolist()) == list(range(n))
   assert sorted(stream[n:].tolist()) == list(range(n))
 
 
 def test_holdout_split_is_disjoint_and_keeps_a_training_row():
-  train, held = data.split_holdout(10, 0.25, seed=0)
+  train, held = row_order.split_holdout(10, 0.25, seed=0)
   assert len(held) == 2 and not set(train) & set(held) and len(train) + len(held) == 10
-  assert len(data.split_holdout(3, 0.01, seed=0)[1]) == 1  # at least one when asked for any
-  assert len(data.split_holdout(2, 0.9, seed=0)[0]) == 1  # never all of them
-  assert len(data.split_holdout(10, 0.0, seed=0)[1]) == 0
+  assert len(row_order.split_holdout(3, 0.01, seed=0)[1]) == 1  # at least one when asked for any
+  assert len(row_order.split_holdout(2, 0.9, seed=0)[0]) == 1  # never all of them
+  assert len(row_order.split_holdout(10, 0.0, seed=0)[1]) == 0
 
 
 def test_preferences_with_no_preference_are_refused(tmp_path):
