@@ -172,8 +172,11 @@ def run_dpo_stage(
   curve: dict[str, writers.MetricsWriter] = {}  # opened at the first step trained here
   clock = {"eval": 0.0, "done": None}
 
+  if not len(eval_prompts):
+    print("data.eval_prompts=0: no held-out sampling evaluations (DPO writes no metrics.jsonl)")
+
   def on_params(step, p):  # gold/score, objective/kl, response/length as the RL stages log them
-    if not curve:  # rows past a resumed checkpoint's step are dropped
+    if not curve and len(eval_prompts):  # rows past a resumed checkpoint's step are dropped
       curve["w"] = writers.MetricsWriter(
         workdir / "metrics.jsonl",
         tensorboard_dir=workdir / "tensorboard" if s.log.tensorboard else None,
