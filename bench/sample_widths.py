@@ -1,5 +1,7 @@
-"""``ppo-jax sample`` on prompts of mixed lengths: batches cut to their longest prompt (rounded up
-to a power of two, ``inference.trimmed``) against every batch padded to the file's longest.
+"""``ppo-jax sample`` on prompts of mixed lengths, three ways: rows sorted longest prompt first
+and each batch cut to its longest prompt (rounded up to a power of two: ``inference.batch_order``
+and ``inference.trimmed``, what the command does); the rows in file order, cut; and in file order
+with every batch padded to the file's longest.
 
   python bench/sample_widths.py [--prompts 256] [--long-every 16] [--repeats 3]
 
@@ -61,12 +63,14 @@ def main():
       "".join(json.dumps({"prompt": " ".join(rng.choice(words, lengths[i]))}) + "\n" for i in order)
     )
     full = lambda lengths, width, **kw: width
+    file_order = lambda lengths: np.arange(len(lengths))
     calls = iter(range(10**6))
 
-    def run(cut: bool):
+    def run(cut: bool, sort: bool):
       def go():
-        saved = inference.trimmed
-        inference.trimmed = saved if cut else full
+        saved = inference.trimmed, inference.batch_order
+        inference.trimmed = saved[0] if cut else full
+        inference.batch_order = saved[1] if sort else file_order
         try:
           inference.sample_file(
             root / "policy",
@@ -78,25 +82,23 @@ def main():
             progress=False,
           )
         finally:
-          inference.trimmed = saved
+          inference.trimmed, inference.batch_order = saved
 
       return go
 
-    times = alternate({"cut": run(True), "padded": run(False)}, repeats=args.repeats)
-  cut, padded = (statistics.median(times[k]) for k in ("cut", "padded"))
+    variants = {"sorted": run(True, True), "cut": run(True, False), "padded": run(False, False)}
+    times = alternate(variants, repeats=args.repeats)
+  srt, cut, padded = (statistics.median(times[k]) for k in ("sorted", "cut", "padded"))
   mean_len = np.mean(lengths)
   print(
     f"{args.prompts} prompts (mean {mean_len:.0f} tokens, longest {max(lengths)}; one in "
     f"{args.long_every} long), batches of {args.batch_size}, 32 new tokens"
   )
-  print(
-    f"cut to each batch's longest: {cut:.2f} s (runs {', '.join(f'{t:.2f}' for t in times['cut'])})"
-  )
-  print(
-    f"padded to the file's longest: {padded:.2f} s "
-    f"(runs {', '.join(f'{t:.2f}' for t in times['padded'])})"
-  )
-  print(f"speed-up {padded / cut:.2f}×")
+  runs = lambda k: ", ".join(f"{t:.2f}" for t in times[k])
+  print(f"sorted longest first, cut to each batch's longest: {srt:.2f} s (runs {runs('sorted')})")
+  print(f"file order, cut to each batch's longest: {cut:.2f} s (runs {runs('cut')})")
+  print(f"file order, padded to the file's longest: {padded:.2f} s (runs {runs('padded')})")
+  print(f"sorting: {cut / srt:.2f}× over file order, {padded / srt:.2f}× over padded")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ RESUMABLE_CHANGES = (
   "model.attention",
   "dpo.eval_every",
 )
+# Fields an algorithm never read: a run saved with them set resumes with them unset (they are
+# refused for it now, and were ignored then).
+UNREAD_BY = {"grpo": ("ppo.whiten_rewards",), "rloo": ("ppo.whiten_rewards",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +148,10 @@ def config_differences(
   behaviour, so upgrading ppo_jax does not lock a run out of its checkpoints.
   """
   a, b, d = _flatten(saved), _flatten(current), _flatten(defaults or {})
+  unread = UNREAD_BY.get(b.get("algo"), ()) if a.get("algo") == b.get("algo") else ()
   diffs = []
   for name in sorted(set(a) | set(b)):
-    if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name):
+    if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name) or name in unread:
       continue
     if only is not None and not name.startswith(only):
       continue
@@ -256,11 +260,12 @@ class Checkpointer:
     step = self.latest_step()
     if step is None:
       return None
-    saved_record = self.check_config(record.get("config", {}), iterations, defaults, only=only)
+    saved_record = self.check_config(record.get("config", {}), None, defaults, only=only)
     check_same_base(saved_record, record, self.directory)
     check_same_start(saved_record, record, self.directory)
     if check is not None:
       check(saved_record)
+    self.check_config(record.get("config", {}), iterations, defaults, only=only)
     out = self.restore(like_state, step)
     say(f"resuming from the checkpoint of step {step} in {self.directory}")
     return out
@@ -268,15 +273,15 @@ class Checkpointer:
   def check_config(
     self,
     config: dict,
-    iterations: int,
+    iterations: int | None,
     defaults: dict | None = None,
     *,
     only: tuple[str, ...] | None = None,
   ) -> dict[str, Any]:
     """The latest checkpoint's record, after refusing (one ValueError line) one whose config
-    differs from ``config`` in a field that matters (``config_differences``) and one past step
-    ``iterations`` (the run would do nothing). Reads the record only: a run calls it before
-    writing anything, and ``resume`` calls it again."""
+    differs from ``config`` in a field that matters (``config_differences``) and (unless
+    ``iterations`` is None) one past step ``iterations`` (the run would do nothing). Reads the
+    record only: a run calls it before writing anything, and ``resume`` calls it again."""
     step = self.latest_step()
     saved_record = self.record(step)
     diffs = config_differences(saved_record.get("config", {}), config, defaults=defaults, only=only)
@@ -285,7 +290,7 @@ class Checkpointer:
         f"{self.directory} holds checkpoints of a different config ({'; '.join(diffs)}); use a"
         " new workdir or the original config"
       )
-    if step > iterations:
+    if iterations is not None and step > iterations:
       raise ValueError(
         f"{self.directory} holds step {step}, past ppo.iterations={iterations}; raise it to go"
         " on, or `ppo-jax export --step` an earlier checkpoint"

@@ -88,8 +88,8 @@ def sample(argv: list[str]) -> int:
   p.add_argument(
     "--max-new-tokens",
     type=int,
-    help="response length cap (the model's generation_config.json max_new_tokens, else 64, or "
-    "half the positions of model and reward model if fewer)",
+    help="response length cap (the model's generation_config.json max_new_tokens, else 64; at "
+    "most half the positions of model and reward model)",
   )
   p.add_argument("--reward-model", help="*ForSequenceClassification folder to score with")
   p.add_argument("--reward-fn", help="package.module:function to score with")

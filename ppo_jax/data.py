@@ -362,11 +362,14 @@ def load_sft(path, tokenizer, layout: Layout) -> Sequences:
 
 
 def load_preferences(
-  path, tokenizer, layout: Layout, *, fit: bool = False
+  path, tokenizer, layout: Layout, *, fit: bool = False, rows: list | None = None
 ) -> tuple[Sequences, Sequences]:
   """(chosen, rejected) sequences, row-aligned, sharing their prompt arrays (``fit``: the prompts
-  as wide as the longest, the responses as the longest of both sides, within the layout's)."""
-  prompts, good, bad = zip(*_read(path, layout, conversations.preference_row), strict=True)
+  as wide as the longest, the responses as the longest of both sides, within the layout's); the
+  rows as read are appended to ``rows`` when given."""
+  prompts, good, bad = zip(
+    *_read(path, layout, conversations.preference_row, rows=rows), strict=True
+  )
   if good == bad:
     raise DataError(f"{path}: every pair has chosen == rejected: no pair prefers one response")
   prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=str(path), fit=fit)

@@ -112,6 +112,13 @@ def trimmed(lengths, width: int, *, floor: int = 16) -> int:
   return min(width, max(floor, 1 << (longest - 1).bit_length()))
 
 
+def batch_order(lengths_R: np.ndarray) -> np.ndarray:
+  """The order rows of these prompt lengths are sampled in: longest first (a stable sort), so a
+  batch holds prompts of about one length and ``trimmed`` cuts it narrow; a batch too big for
+  the devices fails at once, not at the end."""
+  return np.argsort(-np.asarray(lengths_R), kind="stable")
+
+
 def batch_rows(batch_size: int, rows: int, mesh: Mesh | None) -> tuple[int, int, str]:
   """``(rows per batch, rows per call, what to say)``: a batch holds ``batch_size`` rows (at most
   ``rows``), whatever the devices; a call pads it to a multiple of the mesh's ``data × fsdp``, so
@@ -165,10 +172,11 @@ def sample_file(
   tokenizer's EOS and the checkpoint's stop ids (config.json's and generation_config.json's).
   Unset sampling settings come from its ``generation_config.json`` (``sampling_settings``).
   Responses are at most ``max_new_tokens`` tokens (default: ``generation_config.json``'s
-  ``max_new_tokens``, else 64 or half the positions of model and reward model if fewer).
+  ``max_new_tokens``, else 64; at most half the positions of model and reward model).
   Prompts are at most ``max_prompt_len`` tokens (default: what the model's positions leave beside
-  ``max_new_tokens``; ``prompt_overflow``: error | truncate), left-padded in each batch to its
-  longest rounded up to a power of two (``trimmed``).
+  ``max_new_tokens``; ``prompt_overflow``: error | truncate). Rows are sampled longest prompt
+  first (``batch_order``), each batch left-padded to its longest rounded up to a power of two
+  (``trimmed``), and written in prompt order.
   ``mesh``: the devices' ``(data, fsdp, tensor)`` shape (``sharding.command_mesh``; default all on
   ``data``).
 
@@ -207,9 +215,10 @@ def sample_file(
     rm = load_reward_model(str(reward_model), dtype, tok, tok_dir) if reward_model else None
   cfg = policy.cfg
   positions = min(c.max_position_embeddings for c in [cfg] + ([rm.cfg] if rm else []))
-  if max_new_tokens is None:  # the checkpoint's own cap, else 64 within half the positions
+  if max_new_tokens is None:  # the checkpoint's own cap, else 64; within half the positions
     own = (read_generation_config(model) or {}).get("max_new_tokens")
-    max_new_tokens = int(own) if isinstance(own, int) and own > 0 else min(64, positions // 2)
+    own = own if isinstance(own, int) and not isinstance(own, bool) and own > 0 else 64
+    max_new_tokens = max(1, min(own, positions // 2))
   cap = max_prompt_len or positions - max_new_tokens
   if cap < 1:
     raise ValueError(
@@ -225,8 +234,11 @@ def sample_file(
     if m is not None:
       check_compatible(m.cfg, tok, ids.shape[1] + max_new_tokens, what=what)
   stops = tuple(dict.fromkeys(i for i in (tok.eos_token_id, *cfg.stop_ids) if i is not None))
-  rows = np.repeat(np.arange(len(file)), n)  # prompt-major: prompt 0's n samples first
   lengths = file.mask.sum(1)
+  # The file is written in prompt-major order (prompt 0's n samples first) at the end.
+  major = np.repeat(np.arange(len(file)), n)
+  order = batch_order(lengths[major])
+  rows, samples = major[order], np.tile(np.arange(n), len(file))[order]
   chunk, B, batches = batch_rows(batch_size, len(rows), mesh)
   say = print if progress else (lambda *a, **k: None)
   say(
@@ -243,7 +255,8 @@ def sample_file(
   policy, rm = shd.placed(policy, mesh), (shd.placed(rm, mesh) if rm is not None else None)
   score = rm_scorer(rm, mesh) if rm is not None else None
   key = jax.random.key(seed)
-  results: dict[str, list] = {"tokens": [], "stopped": [], "score": [], "gold": []}
+  results = {k: np.full(len(rows), np.nan) for k in ("tokens", "stopped", "score", "gold")}
+  lines: list[str] = [""] * len(rows)  # by prompt-major position
   tick = writers.ticker(say, len(rows), "responses")
   out.parent.mkdir(parents=True, exist_ok=True)
   with writers.written_when_done(out, "responses") as f:
@@ -286,24 +299,25 @@ def sample_file(
         stopped = bool(length and int(tokens[j, length - 1]) in stops)
         row = {
           "index": int(take[j]),
-          "sample": int((start + j) % n),
+          "sample": int(samples[start + j]),
           "prompt": prompt_texts[j],
           "response": responses[j],
           "tokens": length,
           "stopped": stopped,
         }
-        if scores is not None:
-          row["score"] = float(scores[j])
-          results["score"].append(float(scores[j]))
-        if golds is not None:
-          row["gold"] = float(golds[j])
-          results["gold"].append(float(golds[j]))
-        results["tokens"].append(length)
-        results["stopped"].append(stopped)
-        f.write(writers.json_line(row))
+        pos = order[start + j]
+        results["tokens"][pos], results["stopped"][pos] = length, stopped
+        for name, values in (("score", scores), ("gold", golds)):
+          if values is not None:
+            row[name] = results[name][pos] = float(values[j])
+        lines[pos] = writers.json_line(row)
+        f.write(lines[pos])
       f.flush()
       tick(start + real)
-  summary = _summary(results, n)
+    f.seek(0)  # the rows as they came (kept should this stop), now in prompt-major order
+    f.truncate()
+    f.writelines(lines)
+  summary = _summary(results, n, scored=fn is not None or rm is not None, judged=gold is not None)
   say(
     f"wrote {len(rows)} responses to {out}: " + ", ".join(_shown(k, v) for k, v in summary.items())
   )
@@ -318,13 +332,19 @@ def rm_scorer(rm: RewardModel, mesh: Mesh | None = None):
   return lambda ids, mask: score(state, shd.on_rows(ids, mesh), shd.on_rows(mask, mesh))
 
 
-def _summary(results: dict[str, list], n: int) -> dict[str, float]:
+def _summary(
+  results: dict[str, np.ndarray], n: int, *, scored: bool, judged: bool
+) -> dict[str, float]:
+  """What ``sample_file`` prints of its rows, in prompt-major order (``scored``: with a scorer,
+  ``judged``: with a gold function)."""
   summary = {
     "mean_tokens": float(np.mean(results["tokens"])),
     "stopped": float(np.mean(results["stopped"])),
   }
-  scores = np.asarray(results["score"], np.float64).reshape(-1, n)
-  golds = np.asarray(results["gold"], np.float64).reshape(-1, n)
+  scores, golds = (
+    np.asarray(results[k], np.float64).reshape(-1, n) if has else np.zeros((0, n))
+    for k, has in (("score", scored), ("gold", judged))
+  )
   if scores.size:
     summary["score_mean"] = float(scores.mean())
     summary["score_std"] = float(scores.std())

@@ -20,6 +20,7 @@ from ppo_jax import data, writers
 from ppo_jax import sharding as shd
 from ppo_jax.evaluation import padded_batches
 from ppo_jax.inference import (
+  batch_order,
   batch_rows,
   load_reward_model,
   rm_scorer,
@@ -97,22 +98,23 @@ def evaluate_pairs(
   say(f"scoring {n} pairs from {pairs} with {reward_model} ({batches})", flush=True)
   score = rm_scorer(shd.placed(rm, mesh), mesh)
   tick = writers.ticker(say, n, "pairs")
-  scores = {"chosen": [], "rejected": []}
+  good, bad = np.zeros(n), np.zeros(n)
   r_width = chosen.response_mask.shape[1]
   p_width = chosen.ids.shape[1] - r_width  # [left-padded prompt | right-padded response]
-  for start, real, take in padded_batches(n, chunk, B):
+  # Longest pairs first, so that a batch holds pairs of about one length (batch_order).
+  order = batch_order(np.maximum(chosen.mask.sum(1), rejected.mask.sum(1)))
+  for start, real, picked in padded_batches(n, chunk, B):
     # One forward of both sides, as training scores them, at one width: the batch's longest
     # prompt and response, each rounded up to a power of two (inference.trimmed).
+    take = order[picked]
     sides = [(x.ids[take], x.mask[take], x.response_mask[take]) for x in (chosen, rejected)]
     Wp = trimmed([m[:, :p_width].sum(1).max() for _, m, _ in sides], p_width)
     Wr = trimmed([r.sum(1).max() for _, _, r in sides], r_width)
     cols = slice(p_width - Wp, p_width + Wr)
     ids = np.concatenate([i[:, cols] for i, _, _ in sides])
     both = np.asarray(score(ids, np.concatenate([m[:, cols] for _, m, _ in sides])))
-    scores["chosen"] += both[:real].tolist()
-    scores["rejected"] += both[B : B + real].tolist()
+    good[take[:real]], bad[take[:real]] = both[:real], both[B : B + real]
     tick(start + real)
-  good, bad = (np.asarray(scores[k], np.float64) for k in ("chosen", "rejected"))
   loss, metrics = bradley_terry_loss(good, bad)
   summary = {
     "pairs": n,

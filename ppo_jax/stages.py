@@ -90,11 +90,13 @@ def load_preference_split(
 ) -> tuple[tuple[data.Sequences, data.Sequences], tuple[data.Sequences, data.Sequences]]:
   """``(train pairs, held-out pairs)``, each ``(chosen, rejected)``, of the preference file; the
   held-out rows, as the file has them, are written to ``held_out`` (for ``ppo-jax rm-eval``)."""
-  chosen, rejected = data.load_preferences(inputs.preferences, inputs.tokenizer, layout)
+  rows: list[dict] = []
+  chosen, rejected = data.load_preferences(inputs.preferences, inputs.tokenizer, layout, rows=rows)
   train_idx, eval_idx = split_holdout(len(chosen), eval_fraction, seed=seed)
-  if len(eval_idx) and shd.is_main_process():
-    rows = data.read_objects(inputs.preferences)
-    held_out.write_text("".join(json.dumps(rows[i][1]) + "\n" for i in eval_idx))
+  if shd.is_main_process():  # none held out: an earlier run's file would name training rows
+    held_out.unlink(missing_ok=True)
+    if len(eval_idx):
+      held_out.write_text("".join(json.dumps(rows[i]) + "\n" for i in eval_idx))
   print(
     f"{len(train_idx)} training and {len(eval_idx)} held-out preference pairs from "
     f"{inputs.preferences}" + (f" (held-out rows in {held_out})" if len(eval_idx) else "")

@@ -280,7 +280,8 @@ def train(
     if streak >= max_nonfinite:  # what was saved stays; the weights are not written as a model
       raise NonFiniteError(
         f"non-finite loss or gradient at step {i + 1} of the {name} stage: {streak} consecutive "
-        f"updates skipped (see {name}_metrics.jsonl); lower {name}.optim.lr, or check the data"
+        f"updates skipped (ppo.max_nonfinite; see {name}_metrics.jsonl); lower {name}.optim.lr, "
+        "or check the data"
       )
     if on_params is not None:
       on_params(i + 1, params)

@@ -18,14 +18,10 @@ if TYPE_CHECKING:
   from ppo_jax.pipeline import Inputs
 
 CHECKPOINT_DIRS = ("checkpoints", "sft_checkpoints", "rm_checkpoints", "dpo_checkpoints")
-# What synthetic.write_task makes WORKDIR/data from.
-TASK_DATA_FIELDS = (
-  "seed",
-  "task.num_prompts",
-  "task.num_sft",
-  "task.num_pairs",
-  "task.label_noise",
-)
+# What synthetic.write_task makes WORKDIR/data's files from: one random stream draws the prompts,
+# then the SFT rows, then the preference pairs.
+SFT_DATA = ("seed", "task.num_prompts", "task.num_sft")
+PAIR_DATA = (*SFT_DATA, "task.num_pairs", "task.label_noise")
 
 
 def previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
@@ -51,7 +47,7 @@ def check_workdir(
   if then is not None:
     _check_algo(then.get("algo", "ppo"), s.algo, workdir)
     if s.task.name == "synthetic" and then.get("task", {}).get("name") == "synthetic":
-      _check_task_data(then, config, workdir)
+      _check_task_data(s, then, config, workdir)
   ppo_dir = workdir / "checkpoints"
   if resume and s.algo != "dpo" and checkpoint.holds_checkpoints(ppo_dir):
     with checkpoint.Checkpointer(ppo_dir, s.checkpoint) as ckpt:
@@ -88,9 +84,10 @@ def _check_algo(then: str, now: str, workdir: pathlib.Path) -> None:
     )
 
 
-def _check_task_data(then: dict, now: dict, workdir: pathlib.Path) -> None:
-  """The embedded task's data/ made from other settings, with stages trained on it: remaking it
-  would change the files their records name (and this run is refused by them anyway)."""
+def _check_task_data(s: Settings, then: dict, now: dict, workdir: pathlib.Path) -> None:
+  """The embedded task's data/ made from other settings beneath a stage this run would reuse or
+  resume: remaking it would change the files that stage's record names (and the stage refuses
+  the run anyway, after the data are rewritten)."""
 
   def get(config, field):
     node = config
@@ -100,18 +97,21 @@ def _check_task_data(then: dict, now: dict, workdir: pathlib.Path) -> None:
       node = node[part]
     return node
 
-  diffs = [
-    f"{f}: {get(then, f)!r} → {get(now, f)!r}"
-    for f in TASK_DATA_FIELDS
-    if get(then, f) is not None and get(then, f) != get(now, f)
-  ]
-  trained = _outputs(workdir, ("sft", "reward_model", *CHECKPOINT_DIRS, "policy"))
-  if diffs and trained and (workdir / "data").is_dir():
-    raise ValueError(
-      f"{workdir / 'data'} was made under other settings ({'; '.join(diffs)}) and "
-      f"{', '.join(trained)} learned from it; this run would remake it: use a new workdir or "
-      "the original values"
-    )
+  uses_rm = s.algo != "dpo" and s.rm_run.enabled and not s.reward.model
+  learned = [("sft", SFT_DATA), ("sft_checkpoints", SFT_DATA)]
+  learned += [("reward_model", PAIR_DATA), ("rm_checkpoints", PAIR_DATA)] if uses_rm else []
+  learned += [("dpo_checkpoints", PAIR_DATA)] if s.algo == "dpo" else []
+  for name, fields in learned:
+    diffs = [
+      f"{f}: {get(then, f)!r} → {get(now, f)!r}"
+      for f in fields
+      if get(then, f) is not None and get(then, f) != get(now, f)
+    ]
+    if diffs and _outputs(workdir, (name,)) and (workdir / "data").is_dir():
+      raise ValueError(
+        f"{workdir / 'data'} was made under other settings ({'; '.join(diffs)}) and {name}/ "
+        "learned from it; this run would remake it: use a new workdir or the original values"
+      )
 
 
 def check_finished(s: Settings, inputs: Inputs, workdir: pathlib.Path) -> None:

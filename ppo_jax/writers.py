@@ -254,37 +254,44 @@ def say(text: str) -> None:
 class LineProgress:
   """tqdm's ``update``/``set_postfix``/``close`` as whole lines on stderr, one at most every
   ``every`` seconds and one at the end: progress for a log file or a batch scheduler, where a
-  bar's carriage returns pile up as one endless line."""
+  bar's carriage returns pile up as one endless line. A line falls due in ``update`` and is
+  printed by the ``set_postfix`` that follows (the callers' order: the step's own metrics), or
+  by ``close``. The time left counts from the first ``update`` (a resumed stage's steps, or the
+  first step's compilation, do not set the pace)."""
 
   def __init__(self, total: int, desc: str, *, every: float = 30.0, file=None):
     self.total, self.desc, self.every = total, desc, every
     self.file = file if file is not None else sys.stderr
-    self.n, self.postfix = 0, ""
+    self.n, self.postfix, self.due, self.said = 0, "", False, False
     self.t0 = self.shown = time.perf_counter()
+    self.pace: tuple[int, float] | None = None  # (steps, time) at the first update
 
   def update(self, n: int = 1) -> None:
     self.n += n
     now = time.perf_counter()
-    if n and (now - self.shown >= self.every or self.n == self.total):
-      self._say(now)
+    if self.pace is None:
+      self.pace = (self.n, now)
+    self.due |= bool(n) and (now - self.shown >= self.every or self.n >= self.total)
 
   def set_postfix(self, values: dict[str, Any]) -> None:
     self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+    if self.due:
+      self._say()
 
   def close(self) -> None:
-    if self.n and self.shown == self.t0:  # nothing said yet: one line, however short the work
-      self._say(time.perf_counter())
+    if self.due or (self.n and not self.said):  # the end, however short the work
+      self._say()
 
-  def _say(self, now: float) -> None:
-    rate = (now - self.t0) / max(self.n, 1)
-    left = f", ~{rate * (self.total - self.n):.0f} s left" if self.n < self.total else ""
+  def _say(self) -> None:
+    now = time.perf_counter()
+    steps, since = self.pace or (0, self.t0)
+    left = ""
+    if self.n < self.total and self.n > steps:
+      left = f", ~{(now - since) / (self.n - steps) * (self.total - self.n):.0f} s left"
     tail = f"; {self.postfix}" if self.postfix else ""
-    print(
-      f"{self.desc} {self.n}/{self.total}, {now - self.t0:.0f} s{left}{tail}",
-      file=self.file,
-      flush=True,
-    )
-    self.shown = now
+    print(f"{self.desc} {self.n}/{self.total}, {now - self.t0:.0f} s{left}{tail}", file=self.file)
+    self.file.flush()
+    self.shown, self.due, self.said = now, False, True
 
 
 def progress_bar(total: int, desc: str, *, enabled: bool = True):

@@ -37,3 +37,10 @@ def fails_at_w10(prompts, responses):
   if any(p.startswith("w10") for p in prompts):
     raise RuntimeError("judge crashed")
   return [0.0] * len(responses)
+
+
+def interrupted_at_w10(prompts, responses):
+  """As ``fails_at_w10``, with the Ctrl-C of a user who stops the command there."""
+  if any(p.startswith("w10") for p in prompts):
+    raise KeyboardInterrupt
+  return [0.0] * len(responses)

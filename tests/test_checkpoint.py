@@ -294,8 +294,23 @@ def test_remaking_the_task_data_under_trained_stages_is_refused(smoke_run, tmp_p
   )
   with pytest.raises(ValueError, match=r"data was made under other settings \(seed: 0 → 3\)") as e:
     pipeline.run(smoke_config(seed=3), workdir)
-  assert "\n" not in str(e.value) and "sft/, reward_model/ learned from it" in str(e.value)
+  assert "\n" not in str(e.value) and "and sft/ learned from it" in str(e.value)
   _unchanged(workdir, before)
+  # The pairs' settings change preferences.jsonl alone (drawn after the SFT rows): sft/ does not
+  # stand in the way, the reward model this run would reuse does, one it would not read does not.
+  from ppo_jax.config import Settings
+  from ppo_jax.workdir import check_workdir
+
+  def check(config):
+    as_json = json.loads(config.to_json_best_effort())
+    check_workdir(Settings.from_config(config), as_json, workdir, resume=True, defaults=as_json)
+
+  with pytest.raises(ValueError, match=r"\(task\.label_noise: 0\.2 → 0\.5\) and reward_model/ l"):
+    check(smoke_config(task__label_noise=0.5))
+  check(smoke_config(task__label_noise=0.5, rm__enabled=False, ppo__critic_init="policy",
+                     reward__source="function", reward__fn="reward_fns:superlatives"))  # fmt: skip
+  shutil.rmtree(workdir / "reward_model")
+  check(smoke_config(task__label_noise=0.5))
 
 
 def _damage(folder):
@@ -439,6 +454,11 @@ def test_config_differences_ignore_what_may_change():
   saved = {"ppo": {"iterations": 10, "kl_coef": 0.05}, "log": {"progress": True}, "seed": 0}
   now = {"ppo": {"iterations": 20, "kl_coef": 0.05}, "log": {"progress": False}, "seed": 1}
   assert checkpoint.config_differences(saved, now) == ["seed: 0 → 1"]
+  # GRPO never read ppo.whiten_rewards (now refused for it): a run saved with it resumes without.
+  grpo = {"algo": "grpo", "ppo": {"whiten_rewards": True}}
+  for algo, diffs in (("grpo", []), ("ppo", ["ppo.whiten_rewards: True → False"])):
+    now = {"algo": algo, "ppo": {"whiten_rewards": False}}
+    assert checkpoint.config_differences({**grpo, "algo": algo}, now) == diffs
 
 
 def test_a_field_added_since_the_save_counts_only_off_its_default():

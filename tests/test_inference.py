@@ -226,7 +226,8 @@ def test_a_failed_sample_keeps_what_it_wrote_beside_the_file_it_would_write(
 ):
   """The scorer fails on the second batch: --out is not written (a rerun may write it), the
   first batch's rows are kept in OUT.partial and stderr says so; the rerun replaces the partial."""
-  policy_dir, _, prompts, _, _ = folders  # the fourth prompt, w10 w11, is in the second batch
+  # Longest prompts first: 5, 4 and 3 tokens (prompts 2, 4, 0), then 2 (w10 w11) and 1 token.
+  policy_dir, _, prompts, _, _ = folders
   out = tmp_path / "s.jsonl"
   base = ["ppo-jax", "sample", f"--model={policy_dir}", f"--prompts={prompts}", f"--out={out}"]
   base += ["--max-new-tokens=3", "--batch-size=3"]
@@ -237,9 +238,15 @@ def test_a_failed_sample_keeps_what_it_wrote_beside_the_file_it_would_write(
     f"writing {out} replaces it)"
   )
   assert err[1].startswith("ppo-jax sample: error: ") and "judge crashed" in err[1]
-  assert not out.exists() and [r["index"] for r in _rows(partial)] == [0, 1, 2]
+  assert not out.exists() and [r["index"] for r in _rows(partial)] == [2, 4, 0]
   assert cli([*base, "--reward-fn=reward_fns:superlatives"]) == 0
   assert [r["index"] for r in _rows(out)] == [0, 1, 2, 3, 4] and not partial.exists()
+  out.unlink()
+  assert cli([*base, "--reward-fn=reward_fns:interrupted_at_w10"]) == 130  # Ctrl-C: no traceback
+  err = capsys.readouterr().err.splitlines()
+  assert err == [f"kept the 3 responses written before the stop in {partial} (a new run writing "
+                 f"{out} replaces it)", "ppo-jax sample: interrupted"]  # fmt: skip
+  assert not out.exists() and len(_rows(partial)) == 3
 
 
 def test_the_default_response_length_fits_the_model(tmp_path, capsys):
@@ -308,9 +315,10 @@ def test_rm_eval_scores_equal_transformers(folders, tmp_path, capsys):
 
 
 def test_batches_are_cut_to_their_longest_prompt(folders, tmp_path, monkeypatch):
-  """A batch of short prompts is not padded to the file's longest: it is cut to 16 columns (its
-  longest rounded up to a power of two); the samples and scores are those of each prompt in a
-  batch of its own, at another width. rm-eval alike."""
+  """Rows go longest prompt first, and a batch of short prompts is not padded to the file's
+  longest: it is cut to 16 columns (its longest rounded up to a power of two); the samples and
+  scores are those of each prompt in a batch of its own, at another width, and the file is in
+  prompt order. rm-eval alike."""
   from ppo_jax import rm_eval
 
   policy_dir, rm_dir, _, _, _ = folders
@@ -327,15 +335,17 @@ def test_batches_are_cut_to_their_longest_prompt(folders, tmp_path, monkeypatch)
   monkeypatch.setattr(inference, "generate", spy)
   kw = dict(n=2, max_new_tokens=5, reward_model=rm_dir, seed=3, progress=False)
   inference.sample_file(policy_dir, path, tmp_path / "a.jsonl", batch_size=4, **kw)
-  assert widths == [25, 16, 16]  # (w1 w2, w1 w2, long, long), (w3, w3, w4…, w4…), (w7, w7)
-  assert len({r["response"] for r in _rows(tmp_path / "a.jsonl")}) > 2
+  assert widths == [25, 16, 16]  # (long, long, w4…, w4…), (w1 w2, w1 w2, w3, w3), (w7, w7)
+  a = _rows(tmp_path / "a.jsonl")
+  assert [(r["index"], r["sample"]) for r in a] == [(i, k) for i in range(5) for k in range(2)]
+  assert [r["prompt"] for r in a[::2]] == texts and len({r["response"] for r in a}) > 2
   # Other batches sample with other keys: compare each row's greedy continuation instead.
   kw["n"] = 1
   for name, batch_size in (("c", 3), ("d", 1)):
     inference.sample_file(
       policy_dir, path, tmp_path / f"{name}.jsonl", batch_size=batch_size, greedy=True, **kw
     )
-  assert widths[3:] == [25, 16] + [16, 25, 16, 16, 16]  # (w1 w2, long, w3), (w4…, w7); one each
+  assert widths[3:] == [25, 16] + [25, 16, 16, 16, 16]  # (long, w4…, w1 w2), (w3, w7); one each
   c, d = _rows(tmp_path / "c.jsonl"), _rows(tmp_path / "d.jsonl")
   assert [r["response"] for r in c] == [r["response"] for r in d]
   np.testing.assert_allclose([r["score"] for r in c], [r["score"] for r in d], rtol=1e-5, atol=1e-5)
@@ -362,5 +372,6 @@ def test_batches_are_cut_to_their_longest_prompt(folders, tmp_path, monkeypatch)
   # [prompt | response] columns: 25 + 3 for the long prompt's batch, 16 + 3 for the others.
   assert seen[:3] == [(4, 28), (4, 19), (4, 19)] and set(seen[3:]) == {(2, 28), (2, 19)}
   e, f = _rows(tmp_path / "e.jsonl"), _rows(tmp_path / "f.jsonl")
+  assert [r["index"] for r in e] == list(range(5))  # in file order, whatever the batches
   for side in ("chosen", "rejected"):
     np.testing.assert_allclose([r[side] for r in e], [r[side] for r in f], rtol=1e-5, atol=1e-5)

@@ -480,25 +480,29 @@ def test_rollout_summary_skips_non_finite_entries():
 
 def test_progress_into_a_log_is_whole_lines(capsys, monkeypatch):
   """stderr that is no terminal (here pytest's capture; a log file, a batch job): each stage's
-  progress is whole lines, one per 30 s and one at the end, not a bar's carriage returns."""
+  progress is whole lines, one per 30 s and one at the end, not a bar's carriage returns. A line
+  shows the metrics of its own step (callers update, then set the postfix), and the time left
+  counts from the first update, not from a resumed stage's start."""
   import sys
 
   monkeypatch.delitem(sys.modules, "ipykernel", raising=False)  # as outside a notebook
   bar = writers.progress_bar(4, "ppo")
-  bar.set_postfix({"score": "0.500", "kl": "0.100"})
-  for _ in range(4):
+  for i in range(4):
     bar.update(1)
+    bar.set_postfix({"score": f"{i}.5", "kl": "0.1"})
   bar.close()
-  assert capsys.readouterr().err == "ppo 4/4, 0 s; score 0.500, kl 0.100\n"
-  bar = writers.LineProgress(3, "sft", every=0.0)  # a line at every step
-  for _ in range(3):
+  assert capsys.readouterr().err == "ppo 4/4, 0 s; score 3.5, kl 0.1\n"
+  clock = iter([0.0, 0.0, 3.0, 3.0, 5.0, 5.0])  # construction, update(90), update(1), the line…
+  monkeypatch.setattr(writers.time, "perf_counter", lambda: next(clock))
+  bar = writers.LineProgress(100, "sft", every=0.0)
+  bar.update(90)  # resumed at step 90
+  for i in range(2):
     bar.update(1)
-  bar.close()
+    bar.set_postfix({"nll": i})
   err = capsys.readouterr().err
   assert "\r" not in err and err.splitlines() == [
-    "sft 1/3, 0 s, ~0 s left",
-    "sft 2/3, 0 s, ~0 s left",
-    "sft 3/3, 0 s",
+    "sft 91/100, 3 s, ~27 s left; nll 0",  # 3 s for the step since the resume, 9 to go
+    "sft 92/100, 5 s, ~20 s left; nll 1",  # 5 s for 2 steps
   ]
   writers.progress_bar(2, "rm", enabled=False).update(2)  # off: nothing
   assert capsys.readouterr().err == ""
