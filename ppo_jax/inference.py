@@ -44,7 +44,7 @@ from ppo_jax.models import RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
 from ppo_jax.sampling import generate
-from ppo_jax.stages import check_compatible, check_reward_model
+from ppo_jax.stages import check_compatible, check_reward_model, has_model_folder
 from ppo_jax.tokenizer import load_tokenizer
 
 
@@ -89,6 +89,17 @@ def sampling_settings(
   if greedy:
     chosen["temperature"] = 1.0  # for the log-probs only: the argmax does not read it
   return {**chosen, "greedy": greedy, "greedy_from": greedy_from}
+
+
+def model_folder(path: str | pathlib.Path, flag: str, inside: str) -> str:
+  """``path`` as a string, refusing in one line naming ``flag`` a folder that does not exist and
+  a ppo_jax workdir, whose models are in folders of their own (``inside``: the one meant)."""
+  folder = pathlib.Path(path)
+  if not folder.is_dir():
+    raise ValueError(f"{flag} {path}: no such folder")
+  if has_model_folder(folder / inside) and not has_model_folder(folder):
+    raise ValueError(f"{flag} {path} is a ppo_jax workdir; its model is {folder / inside}")
+  return str(path)
 
 
 def load_reward_model(
@@ -207,7 +218,10 @@ def sample_file(
   fn = load_reward_fn(reward_fn, what="--reward-fn") if reward_fn else None
   gold = load_reward_fn(gold_fn, what="--gold-fn") if gold_fn else None
   mesh = shd.command_mesh(mesh)
-  model, tok_dir = str(model), str(tokenizer or model)
+  model = model_folder(model, "--model", "policy")
+  if reward_model:
+    reward_model = model_folder(reward_model, "--reward-model", "reward_model")
+  tok_dir = str(tokenizer or model)
   tok = load_tokenizer(tok_dir)
   with shd.staged_on_host(mesh):
     policy = from_pretrained(model, dtype=dtype, kind="causal_lm")

@@ -23,6 +23,7 @@ from ppo_jax.inference import (
   batch_order,
   batch_rows,
   load_reward_model,
+  model_folder,
   rm_scorer,
   trimmed,
 )
@@ -64,6 +65,7 @@ def evaluate_pairs(
   out = pathlib.Path(out) if out else None
   if out is not None and out.exists():
     raise ValueError(f"--out {out} exists; pick another file or delete it")
+  reward_model = model_folder(reward_model, "--reward-model", "reward_model")
   tok_dir = str(tokenizer or reward_model)
   mesh = shd.command_mesh(mesh)
   tok = load_tokenizer(tok_dir)
