@@ -1,8 +1,8 @@
 """What a run checks in its workdir before writing anything there: checkpoints it was told not to
 resume, another algorithm's outputs it would overwrite, data it would remake under stages trained
-on it, and PPO checkpoints of another config. Each refusal is one line and leaves the workdir as
-it was (``check_finished`` runs once the data are ready; each stage checks its own when it
-comes)."""
+on it, and checkpoints of another config (PPO's, and those of each stage it would train). Each
+refusal is one line and leaves the workdir as it was (``check_finished`` runs once the data are
+ready; each stage compares its training data when it comes)."""
 
 from __future__ import annotations
 
@@ -48,11 +48,28 @@ def check_workdir(
     _check_algo(then.get("algo", "ppo"), s.algo, workdir)
     if s.task.name == "synthetic" and then.get("task", {}).get("name") == "synthetic":
       _check_task_data(s, then, config, workdir)
-  ppo_dir = workdir / "checkpoints"
-  if resume and s.algo != "dpo" and checkpoint.holds_checkpoints(ppo_dir):
-    with checkpoint.Checkpointer(ppo_dir, s.checkpoint) as ckpt:
-      if ckpt.latest_step() is not None:
-        ckpt.check_config(config, s.ppo_run.iterations, defaults)
+  # The checkpoints of each stage this run would train, on the fields that stage reads (their
+  # training data is compared by the stage, once it has read it).
+  trains = {
+    "": s.algo != "dpo",
+    "sft_": s.sft.epochs > 0 and not has_model_folder(workdir / "sft"),
+    "rm_": s.algo != "dpo"
+    and s.rm_run.enabled
+    and not s.reward.model
+    and not has_model_folder(workdir / "reward_model"),
+    "dpo_": s.algo == "dpo",
+  }
+  for prefix, will in trains.items():
+    folder = workdir / f"{prefix}checkpoints"
+    if resume and will and checkpoint.holds_checkpoints(folder):
+      with checkpoint.Checkpointer(folder, s.checkpoint) as ckpt:
+        if ckpt.latest_step() is None:
+          continue
+        if prefix:
+          only = stage_checkpoints.stage_fields(prefix[:-1], config)
+          ckpt.check_config(config, None, defaults, only=only)
+        else:
+          ckpt.check_config(config, s.ppo_run.iterations, defaults)
 
 
 def _outputs(workdir: pathlib.Path, names) -> list[str]:

@@ -313,6 +313,32 @@ def test_remaking_the_task_data_under_trained_stages_is_refused(smoke_run, tmp_p
   check(smoke_config(task__label_noise=0.5))
 
 
+def test_a_stage_checkpoint_of_another_config_is_refused_before_anything_is_written(tmp_path):
+  """An SFT checkpoint saved under another sft.* is refused by check_workdir (before config.json
+  or data/ are written), not once SFT starts; a field SFT does not read, or a finished sft/ (SFT
+  will not train), lets the run go on."""
+  from ppo_jax.config import Settings
+  from ppo_jax.workdir import check_workdir
+
+  saved = json.loads(smoke_config().to_json_best_effort())
+  with checkpoint.Checkpointer(tmp_path / "sft_checkpoints", smoke_config().checkpoint) as ckpt:
+    ckpt.save(4, {"params": np.zeros(2)}, {"config": saved, "step": 4})
+    ckpt.wait()
+
+  def check(config):
+    as_json = json.loads(config.to_json_best_effort())
+    check_workdir(Settings.from_config(config), as_json, tmp_path, resume=True, defaults=saved)
+
+  with pytest.raises(ValueError, match=r"sft_checkpoints holds checkpoints of a different config "
+                     r"\(sft\.optim\.lr: 0\.01 → 0\.002\)"):  # fmt: skip
+    check(smoke_config(sft__optim__lr=0.002))
+  check(smoke_config(ppo__kl_coef=0.3))  # not an SFT field
+  (tmp_path / "sft").mkdir()  # what has_model_folder looks for
+  (tmp_path / "sft" / "config.json").write_text("{}")
+  (tmp_path / "sft" / "model.safetensors").write_bytes(b"")
+  check(smoke_config(sft__optim__lr=0.002))
+
+
 def _damage(folder):
   """Cuts every array data file of a checkpoint short, as a full disk or an interrupted copy would:
   to its first 64 bytes. All of them, not the largest: which data file holds the policy's arrays
