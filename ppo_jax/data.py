@@ -197,6 +197,15 @@ def _encode_rendered(
       mask[i, P - len(toks) :] = 1
   if cut:
     print(f"{source}: {cut} of {len(texts)} prompts longer than {P} tokens keep their last {P}")
+  unk = getattr(tokenizer, "unk_token_id", None)
+  special = {getattr(tokenizer, f"{k}_token_id", None) for k in ("eos", "bos", "pad")}
+  if unk in special:  # GPT-2's unknown token is its EOS: an id a template may write
+    unk = None
+  if unknown := 0 if unk is None else sum(unk in toks for toks in encoded):
+    print(
+      f"{source}: {unknown} of {len(texts)} prompts hold text the tokenizer does not know (read "
+      f"as {tokenizer.unk_token})"
+    )
   return ids, mask
 
 

@@ -44,6 +44,10 @@ def test_long_prompt_is_refused_or_keeps_its_end(capsys):
   assert (
     capsys.readouterr().out == "p.jsonl: 1 of 2 prompts longer than 3 tokens keep their last 3\n"
   )
+  data.encode_prompts(TOK, ["good zebra", "good", "okapi"], LAYOUT, source="p.jsonl")
+  assert capsys.readouterr().out == (
+    f"p.jsonl: 2 of 3 prompts hold text the tokenizer does not know (read as {TOK.unk_token})\n"
+  )
 
 
 CHAT_TOK = build_word_tokenizer(
