@@ -300,6 +300,11 @@ class Settings:
       raise ValueError(f"config.{e}") from None
     return settings
 
+  @property
+  def own_reward_model(self) -> bool:
+    """Whether the run trains, or reuses, a reward model of its own (``WORKDIR/reward_model``)."""
+    return self.algo != "dpo" and self.rm_run.enabled and not self.reward.model
+
   def ppo(self, *, eos_token_id: int | None, pad_token_id: int) -> PPOHparams:
     return _build(
       PPOHparams,

@@ -81,7 +81,7 @@ def check_settings(s: Settings) -> None:
     template_kwargs(s.data.chat_template_kwargs)
   except ValueError as e:
     raise ValueError(f"config.{e}") from None
-  trains_rm = s.algo != "dpo" and s.rm_run.enabled and not s.reward.model
+  trains_rm = s.own_reward_model
   needs_pairs = s.algo == "dpo" or trains_rm
   checks = [
     (

@@ -53,10 +53,7 @@ def check_workdir(
   trains = {
     "": s.algo != "dpo",
     "sft_": s.sft.epochs > 0 and not has_model_folder(workdir / "sft"),
-    "rm_": s.algo != "dpo"
-    and s.rm_run.enabled
-    and not s.reward.model
-    and not has_model_folder(workdir / "reward_model"),
+    "rm_": s.own_reward_model and not has_model_folder(workdir / "reward_model"),
     "dpo_": s.algo == "dpo",
   }
   for prefix, will in trains.items():
@@ -114,9 +111,9 @@ def _check_task_data(s: Settings, then: dict, now: dict, workdir: pathlib.Path) 
       node = node[part]
     return node
 
-  uses_rm = s.algo != "dpo" and s.rm_run.enabled and not s.reward.model
   learned = [("sft", SFT_DATA), ("sft_checkpoints", SFT_DATA)]
-  learned += [("reward_model", PAIR_DATA), ("rm_checkpoints", PAIR_DATA)] if uses_rm else []
+  if s.own_reward_model:
+    learned += [("reward_model", PAIR_DATA), ("rm_checkpoints", PAIR_DATA)]
   learned += [("dpo_checkpoints", PAIR_DATA)] if s.algo == "dpo" else []
   for name, fields in learned:
     diffs = [
@@ -136,7 +133,7 @@ def check_finished(s: Settings, inputs: Inputs, workdir: pathlib.Path) -> None:
   otherwise, so the reward model's is not found out only after SFT has trained again (each
   stage checks its own again when it comes)."""
   sft, rm = workdir / "sft", workdir / "reward_model"
-  uses_rm = s.algo != "dpo" and s.rm_run.enabled and not s.reward.model and has_model_folder(rm)
+  uses_rm = s.own_reward_model and has_model_folder(rm)
   if has_model_folder(sft):
     after = (
       f" (and {rm}: it started from that SFT policy)"
