@@ -122,11 +122,12 @@ def _until_quiet(stream: io.StringIO, *, quiet_s: float, limit_s: float) -> None
       size, last_change = stream.tell(), time.monotonic()
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  """A nested config as ``{dotted field: value}``."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -147,7 +148,7 @@ def config_differences(
   only if its current value is not its value in ``defaults``: new fields default to the old
   behaviour, so upgrading ppo_jax does not lock a run out of its checkpoints.
   """
-  a, b, d = _flatten(saved), _flatten(current), _flatten(defaults or {})
+  a, b, d = flatten(saved), flatten(current), flatten(defaults or {})
   unread = UNREAD_BY.get(b.get("algo"), ()) if a.get("algo") == b.get("algo") else ()
   diffs = []
   for name in sorted(set(a) | set(b)):
@@ -265,7 +266,7 @@ class Checkpointer:
     check_same_start(saved_record, record, self.directory)
     if check is not None:
       check(saved_record)
-    self.check_config(record.get("config", {}), iterations, defaults, only=only)
+    self._check_step(step, iterations)
     out = self.restore(like_state, step)
     say(f"resuming from the checkpoint of step {step} in {self.directory}")
     return out
@@ -290,12 +291,16 @@ class Checkpointer:
         f"{self.directory} holds checkpoints of a different config ({'; '.join(diffs)}); use a"
         " new workdir or the original config"
       )
-    if iterations is not None and step > iterations:
+    if iterations is not None:
+      self._check_step(step, iterations)
+    return saved_record
+
+  def _check_step(self, step: int, iterations: int) -> None:
+    if step > iterations:
       raise ValueError(
         f"{self.directory} holds step {step}, past ppo.iterations={iterations}; raise it to go"
         " on, or `ppo-jax export --step` an earlier checkpoint"
       )
-    return saved_record
 
   def _check_layout(self, step: int, target) -> None:
     """One line naming the first difference when the saved arrays are not the ones ``target``

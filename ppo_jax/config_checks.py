@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from ppo_jax.checkpoint import flatten
 from ppo_jax.config import ARCHS, CRITIC_INITS, TASKS
 from ppo_jax.data import OVERFLOW, template_kwargs
 from ppo_jax.models.config import ATTENTION, DTYPES, REMAT, lora_problems
@@ -43,21 +44,10 @@ AT_LEAST = {
 }
 
 
-def _numbers(node, prefix: str = ""):
-  """``(dotted field, value)`` of every number in a nested config (lists and tuples included)."""
-  items = node.items() if hasattr(node, "items") else enumerate(node)
-  for key, value in items:
-    name = f"{prefix}{key}" if hasattr(node, "items") else f"{prefix[:-1]}[{key}]"
-    if hasattr(value, "items") or isinstance(value, (list, tuple)):
-      yield from _numbers(value, f"{name}.")
-    elif isinstance(value, float):
-      yield name, value
-
-
 def check_settings(s: Settings) -> None:
   """Raises ValueError for the first problem, named by its config field(s)."""
-  for field, value in _numbers(s.raw):  # a NaN passes every range check (all comparisons fail)
-    if not math.isfinite(value):
+  for field, value in flatten(s.raw.to_dict()).items():  # a NaN passes every range check
+    if isinstance(value, float) and not math.isfinite(value):
       raise ValueError(f"config.{field}: must be a finite number, got {value}")
   for field, allowed in CHOICES.items():
     section, name = field.split(".")

@@ -22,6 +22,34 @@ class NonFiniteError(RuntimeError):
   or a supervised stage."""
 
 
+def nonfinite_streak(
+  streak: int,
+  what: str | None,
+  *,
+  step: int,
+  limit: int,
+  stage: str,
+  see: str,
+  skipped: str = "update skipped",
+  hint: str = "",
+) -> int:
+  """The count of consecutive skipped updates after ``step`` (``what``: the quantity that was not
+  finite, None when all were). Each skip is said in one line; the ``limit``-th in a row raises
+  ``NonFiniteError`` naming the quantity, the step, the stage and where its metrics are."""
+  if what is None:
+    return 0
+  from ppo_jax.writers import say  # writers reads jax's process index: not at import
+
+  streak += 1
+  say(f"{stage} step {step}: non-finite {what}; {skipped} ({streak} in a row, {limit} allowed)")
+  if streak >= limit:
+    raise NonFiniteError(
+      f"non-finite {what} at step {step} of the {stage} stage: {streak} consecutive updates "
+      f"skipped (ppo.max_nonfinite; see {see}){hint}"
+    )
+  return streak
+
+
 def stop_requested() -> bool:
   """Whether SIGTERM/SIGINT asked the run to stop, agreed by every process: each checks at its
   own step boundary, and one that saved while another stepped on would hang both."""

@@ -37,7 +37,7 @@ from ppo_jax.optim import (
   make_actor_critic_optimizer,
   schedule_count,
 )
-from ppo_jax.preemption import GUARD, NonFiniteError, Preempted, stop_requested
+from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requested
 from ppo_jax.rewards import RewardFn, call_reward_fn
 from ppo_jax.rows import batch_indices
 from ppo_jax.writers import say
@@ -283,20 +283,18 @@ def run_ppo(
       )
 
     bad = [q for q in GUARDED if row.get(f"nonfinite/{q}", 0.0) > 0]
-    streak = streak + 1 if bad else 0
-    if bad:
-      skipped = round(row.get("update/skipped", 1.0) * per_iteration)
-      what = (
-        "update skipped"
-        if skipped >= per_iteration
-        else f"{skipped} of {per_iteration} minibatch updates skipped, the others applied"
-      )
-      say(f"step {step}: non-finite {bad[0]}; {what} ({streak} in a row, {max_nonfinite} allowed)")
-      if streak >= max_nonfinite:
-        raise NonFiniteError(
-          f"non-finite {bad[0]} at step {step}: {streak} consecutive PPO "
-          "updates skipped (see nonfinite/* in metrics.jsonl)"
-        )
+    skipped = round(row.get("update/skipped", 1.0) * per_iteration)
+    streak = nonfinite_streak(
+      streak,
+      bad[0] if bad else None,
+      step=step,
+      limit=max_nonfinite,
+      stage="ppo",
+      see="nonfinite/* in metrics.jsonl",
+      skipped="update skipped"
+      if skipped >= per_iteration
+      else f"{skipped} of {per_iteration} minibatch updates skipped, the others applied",
+    )
     stop = stop_requested()
     if checkpointer is not None and (
       step % checkpointer.settings.every == 0 or step == iterations or stop

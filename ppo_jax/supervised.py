@@ -25,7 +25,7 @@ from ppo_jax.data import Sequences
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
 from ppo_jax.optim import OptimHparams, make_optimizer
-from ppo_jax.preemption import GUARD, NonFiniteError, Preempted, stop_requested
+from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requested
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.rows import batch_indices
 from ppo_jax.stage_checkpoints import Checkpoints
@@ -271,18 +271,16 @@ def train(
     history.append(row)
     if on_step is not None:
       on_step(i, total, row)
-    streak = streak + 1 if row["skipped"] else 0
-    if streak:
-      writers.say(
-        f"{name} step {i + 1}: non-finite loss or gradient; update skipped ({streak} in a row, "
-        f"{max_nonfinite} allowed)"
-      )
-    if streak >= max_nonfinite:  # what was saved stays; the weights are not written as a model
-      raise NonFiniteError(
-        f"non-finite loss or gradient at step {i + 1} of the {name} stage: {streak} consecutive "
-        f"updates skipped (ppo.max_nonfinite; see {name}_metrics.jsonl); lower {name}.optim.lr, "
-        "or check the data"
-      )
+    # At the limit it raises: what was saved stays, and the weights are not written as a model.
+    streak = nonfinite_streak(
+      streak,
+      "loss or gradient" if row["skipped"] else None,
+      step=i + 1,
+      limit=max_nonfinite,
+      stage=name,
+      see=f"{name}_metrics.jsonl",
+      hint=f"; lower {name}.optim.lr, or check the data",
+    )
     if on_params is not None:
       on_params(i + 1, params)
     done, stop = i + 1, stop_requested()

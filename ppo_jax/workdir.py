@@ -103,23 +103,14 @@ def _check_task_data(s: Settings, then: dict, now: dict, workdir: pathlib.Path) 
   resume: remaking it would change the files that stage's record names (and the stage refuses
   the run anyway, after the data are rewritten)."""
 
-  def get(config, field):
-    node = config
-    for part in field.split("."):
-      if not isinstance(node, dict) or part not in node:
-        return None
-      node = node[part]
-    return node
-
+  then, now = checkpoint.flatten(then), checkpoint.flatten(now)
   learned = [("sft", SFT_DATA), ("sft_checkpoints", SFT_DATA)]
   if s.own_reward_model:
     learned += [("reward_model", PAIR_DATA), ("rm_checkpoints", PAIR_DATA)]
   learned += [("dpo_checkpoints", PAIR_DATA)] if s.algo == "dpo" else []
   for name, fields in learned:
     diffs = [
-      f"{f}: {get(then, f)!r} → {get(now, f)!r}"
-      for f in fields
-      if get(then, f) is not None and get(then, f) != get(now, f)
+      f"{f}: {then[f]!r} → {now.get(f)!r}" for f in fields if f in then and then[f] != now.get(f)
     ]
     if diffs and _outputs(workdir, (name,)) and (workdir / "data").is_dir():
       raise ValueError(

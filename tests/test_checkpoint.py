@@ -20,7 +20,7 @@ from flax import nnx
 import ppo_jax as pj
 from ppo_jax import checkpoint, main, optim, pipeline, ppo, preemption, writers
 from ppo_jax.export import export_policy
-from ppo_jax.rl import NonFiniteError
+from ppo_jax.preemption import NonFiniteError
 
 TIMING = ("time/", "tokens_per_s")
 EXPERIMENT = str(ROOT / "experiments" / "default.py")
@@ -195,7 +195,9 @@ def test_nan_rewards_are_never_trained_on(smoke_run, tmp_path):
     ppo__critic_init="policy",
     log__tensorboard=False,
   )
-  with pytest.raises(NonFiniteError, match=r"non-finite scores at step 3: 3 consecutive"):
+  with pytest.raises(
+    NonFiniteError, match=r"non-finite scores at step 3 of the ppo stage: 3 consecutive"
+  ):
     pipeline.run(config, workdir)
   rows = writers.read_metrics(workdir / "metrics.jsonl")
   assert [r["nonfinite/scores"] for r in rows] == [1.0, 1.0, 1.0]
