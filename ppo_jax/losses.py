@@ -20,6 +20,10 @@ from ppo_jax.masking import (
 Metrics = dict[str, jax.Array]
 
 
+# |log π − log π_old| beyond which policy_loss holds the log-ratio (exp(20) ≈ 4.9e8).
+LOG_RATIO_MAX = 20.0
+
+
 def policy_loss(
   logp_BxT: ArrayLike,
   old_logp_BxT: ArrayLike,
@@ -39,7 +43,9 @@ def policy_loss(
   https://arxiv.org/abs/1707.06347; the asymmetric ``ε_high`` is DAPO's clip-higher,
   Yu et al. 2025, https://arxiv.org/abs/2503.14476). With ``dual_clip = c > 1``, tokens with
   ``Â < 0`` take ``min(ℓ, −Â·c)`` so a huge ratio cannot blow up the loss (Ye et al. 2020,
-  https://arxiv.org/abs/1912.09729). Tokens are reduced by ``aggregate(ℓ, m, agg=agg)``.
+  https://arxiv.org/abs/1912.09729). Tokens are reduced by ``aggregate(ℓ, m, agg=agg)``. The
+  log-ratio is held to ``±LOG_RATIO_MAX`` (20: r within [2e-9, 4.9e8]) before the exponential, so
+  a token whose ratio leaves that range adds a finite loss and no gradient, never inf or nan.
 
   Args:
     logp_BxT: log-probabilities of the taken tokens under the current policy ``[B, T]``.
@@ -74,8 +80,11 @@ def policy_loss(
   old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp_BxT, dtype))
   adv = jnp.where(m, jax.lax.stop_gradient(jnp.asarray(advantages_BxT, dtype)), 0.0)
   # Masked positions get log-ratio 0 before exp, so garbage there cannot overflow into a nan
-  # gradient through the where below.
+  # gradient through the where below; real ones are held to ±LOG_RATIO_MAX, so a ratio past it
+  # (an old log-prob of −inf, say) passes no gradient rather than inf·0 = nan through the branch
+  # the max does not take.
   log_ratio = jnp.where(m, jnp.asarray(logp_BxT, dtype) - old_logp, 0.0)
+  log_ratio = jnp.clip(log_ratio, -LOG_RATIO_MAX, LOG_RATIO_MAX)
   ratio = jnp.exp(log_ratio)
 
   unclipped = -adv * ratio

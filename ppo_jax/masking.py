@@ -111,11 +111,15 @@ def masked_var(x: ArrayLike, mask: ArrayLike, *, unbiased: bool = True) -> jax.A
   ``unbiased=False`` divides by ``n``, as OpenAI's ``lm-human-preferences`` (``tf.nn.moments``).
   Returns 0 when fewer than two entries (one, unbiased) are real.
   """
+  x, _ = _shifted(x, mask)
   mean = masked_mean(x, mask)
-  sq = jnp.sum(jnp.square(_centred(x, mask, mean)))
-  n = masked_count(mask).astype(mean.dtype)
+  return _var(_centred(x, mask, mean), mask, unbiased=unbiased)
+
+
+def _var(centred: jax.Array, mask: ArrayLike, *, unbiased: bool) -> jax.Array:
+  n = masked_count(mask).astype(centred.dtype)
   denom = n - 1.0 if unbiased else n
-  return jnp.where(denom > 0, sq / jnp.maximum(denom, 1.0), 0.0)
+  return jnp.where(denom > 0, jnp.sum(jnp.square(centred)) / jnp.maximum(denom, 1.0), 0.0)
 
 
 def masked_whiten(x: ArrayLike, mask: ArrayLike, *, shift_mean: bool = True) -> jax.Array:
@@ -138,12 +142,23 @@ def masked_whiten(x: ArrayLike, mask: ArrayLike, *, shift_mean: bool = True) -> 
     Array of ``x``'s shape, float32 (float64 for float64 inputs), 0 where masked.
   """
   check_same_shape(x=x, mask=mask)
+  x, shift = _shifted(x, mask)
   mean = masked_mean(x, mask)
-  var = masked_var(x, mask)
-  w = _centred(x, mask, mean) * jax.lax.rsqrt(var + 1e-8)
+  centred = _centred(x, mask, mean)
+  w = centred * jax.lax.rsqrt(_var(centred, mask, unbiased=True) + 1e-8)
   if not shift_mean:
-    w = w + mean
+    w = w + (mean + shift)
   return jnp.where(as_bool_mask(mask), w, 0.0)
+
+
+def _shifted(x: ArrayLike, mask: ArrayLike) -> tuple[jax.Array, jax.Array]:
+  """``(x − s, s)`` with ``s`` the largest real entry (0 without a finite one), a constant to the
+  gradient: mean and variance do not change, but equal entries centre to exactly 0. (The float32
+  mean of equal values can be off by an ulp, which ``1/√(0 + 1e-8)`` would blow up to ±1.)"""
+  x = jnp.asarray(x, float_dtype(x))
+  s = jnp.max(jnp.where(as_bool_mask(mask), x, -jnp.inf), initial=-jnp.inf)
+  s = jax.lax.stop_gradient(jnp.where(jnp.isfinite(s), s, 0.0))
+  return x - s, s
 
 
 def _centred(x: ArrayLike, mask: ArrayLike, mean: jax.Array) -> jax.Array:

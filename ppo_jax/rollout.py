@@ -34,7 +34,7 @@ from ppo_jax.actor_critic import (
 from ppo_jax.advantages import gae, group_advantages, rloo_advantages
 from ppo_jax.kl import kl_estimate
 from ppo_jax.logprobs import token_logprobs
-from ppo_jax.masking import masked_mean, masked_sum, masked_whiten
+from ppo_jax.masking import masked_mean, masked_sum, masked_var, masked_whiten
 from ppo_jax.models.transformer import last_token_index
 from ppo_jax.optim import schedule_count
 from ppo_jax.ppo import (
@@ -173,8 +173,10 @@ def make_experience(
   }
   if hp.estimator == "gae":  # only PPO has a critic (critic-free values and returns are zeros)
     metrics["val/mean"] = masked_mean(values, m)
-    resid_var = _masked_var(returns - values, m)
-    metrics["val/var_explained"] = 1.0 - resid_var / jnp.maximum(_masked_var(returns, m), 1e-8)
+    resid_var = masked_var(returns - values, m, unbiased=False)
+    metrics["val/var_explained"] = 1.0 - resid_var / jnp.maximum(
+      masked_var(returns, m, unbiased=False), 1e-8
+    )
   if logp is not None:  # how far the sampler's log-probs are from the trainer's
     metrics["sampler/logprob_mismatch"] = jnp.max(jnp.where(m > 0, jnp.abs(gen.logprobs - logp), 0))
   return exp, state.replace(score_stats=stats), metrics
@@ -191,11 +193,6 @@ def group_relative(scores_B: jax.Array, mask_BxN: jax.Array, *, hp: PPOHparams):
     adv_B = rloo_advantages(scores_B, hp.group_size)
   advantages = adv_B[:, None] * mask_BxN
   return advantages, jnp.zeros_like(advantages)
-
-
-def _masked_var(x, m):
-  mean = masked_mean(x, m)
-  return masked_mean(jnp.square(x - mean), m)
 
 
 def evaluation_scores(

@@ -130,6 +130,22 @@ class TestPolicyLoss:
     grad = jax.grad(lambda lp: pj.policy_loss(lp, -junk, junk, m, agg=agg)[0])(junk)
     np.testing.assert_array_equal(grad, 0.0)
 
+  @pytest.mark.parametrize("adv", [1.0, 0.0, -1.0])
+  def test_overflowing_ratio_gives_finite_loss_and_gradient(self, adv):
+    """A real token with log-ratio 89 (exp overflows float32) or an old log-prob of −inf: the
+    log-ratio is held to ±20, so that token adds a finite loss and no gradient (the other tokens
+    keep theirs), for every sign of Â (Â = 0: a GRPO group of equal rewards)."""
+    old = jnp.array([[0.0, -jnp.inf, 0.0]])
+    logp = jnp.array([[89.0, -1.0, 0.0]])
+    a = jnp.array([[adv, adv, 1.0]])
+    for kw in (dict(), dict(dual_clip=3.0)):
+      f = lambda lp, kw=kw: pj.policy_loss(lp, old, a, jnp.ones((1, 3)), **kw)
+      (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(logp)
+      assert bool(jnp.isfinite(loss)) and all(bool(jnp.isfinite(v)) for v in metrics.values())
+      np.testing.assert_array_equal(grad[0, :2], 0.0)
+      assert float(grad[0, 2]) == pytest.approx(-1 / 3)  # −Â·r/N at r = 1
+    assert float(metrics["ratio_max"]) == pytest.approx(np.exp(pj.losses.LOG_RATIO_MAX), rel=1e-6)
+
   def test_advantages_and_old_logp_get_no_gradient(self):
     logp, old, adv = _policy_inputs(seed=6, shape=(2, 3))
     f = lambda o, a: pj.policy_loss(logp, o, a, np.ones((2, 3)))[0]

@@ -89,6 +89,26 @@ class TestMaskedWhiten:
       assert bool(jnp.all(jnp.isfinite(out))) and bool(jnp.all(jnp.isfinite(grad)))
       np.testing.assert_array_equal(out, 0.0)
 
+  @pytest.mark.parametrize("value", [5.3, 1000.1, 12345.6, -7e5])
+  def test_equal_entries_whiten_to_exactly_zero(self, value):
+    """The float32 mean of equal values can be off by an ulp; 1/√(0 + 1e-8) must not blow that up
+    (it made ±0.87 out of 100 copies of 1000.1)."""
+    x = jnp.full((4, 25), value, jnp.float32).at[0, 0].set(jnp.nan)
+    m = jnp.ones((4, 25)).at[0, 0].set(0.0)
+    np.testing.assert_array_equal(pj.masked_whiten(x, m), 0.0)
+    np.testing.assert_array_equal(
+      pj.masked_whiten(x, m, shift_mean=False)[m > 0], np.float32(value)
+    )
+    assert float(masking.masked_var(x, m)) == 0.0
+
+  def test_large_offset_keeps_float32_accuracy(self):
+    """Centred on a real entry first: an offset of 1e4 costs no more than its ulp (1e-3)."""
+    rng = np.random.default_rng(8)
+    x = 1e4 + rng.normal(size=(6, 9))
+    m = (rng.random((6, 9)) < 0.7).astype(np.float64)
+    got = pj.masked_whiten(x.astype(np.float32), m)
+    np.testing.assert_allclose(got, ref.masked_whiten(x, m, True), atol=2e-3)
+
 
 class TestAggregate:
   @pytest.mark.parametrize("agg", masking.AGG_MODES)
