@@ -26,8 +26,11 @@ def gae(
   ``δₜ = rₜ + γ mₜ₊₁ Vₜ₊₁ − Vₜ``,  ``Âₜ = δₜ + γλ mₜ₊₁ Âₜ₊₁``,  ``Âₜ = 0`` where ``mₜ = 0``,
 
   with ``m_T = 0``: there is no bootstrap past the last real token, so a response's episode ends
-  there. Returns ``Rₜ = (Âₜ + Vₜ)·mₜ``. Schulman et al. 2016, "High-Dimensional Continuous Control
-  Using Generalized Advantage Estimation", https://arxiv.org/abs/1506.02438.
+  there (a response cut at ``max_new_tokens`` too: it is scored as it stands). Every masked
+  position ends an episode, not only the last: with a hole in a row's mask (tool output inside a
+  response, say) no credit crosses it. Returns ``Rₜ = (Âₜ + Vₜ)·mₜ``. Schulman et al. 2016,
+  "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
+  https://arxiv.org/abs/1506.02438.
 
   Args:
     rewards_BxT: per-token rewards ``rₜ`` ``[B, T]`` (e.g. −β·KL per token plus the score on the
@@ -74,7 +77,9 @@ def _groups(scores_N: ArrayLike, group_size: int, *, min_size: int) -> jax.Array
   try:
     group_size = operator.index(group_size)  # an int, NumPy's too; not a float or a tracer
   except TypeError:
-    raise ValueError(f"group_size must be an int ≥ {min_size}, got {group_size!r}") from None
+    traced = isinstance(group_size, jax.core.Tracer)
+    hint = " (under jit, pass it in static_argnames: it sets the shapes)" if traced else ""
+    raise ValueError(f"group_size must be an int ≥ {min_size}, got {group_size!r}{hint}") from None
   if group_size < min_size:
     raise ValueError(f"group_size must be an int ≥ {min_size}, got {group_size!r}")
   if scores.shape[0] % group_size:

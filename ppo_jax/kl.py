@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
-from ppo_jax.masking import check_same_shape, float_dtype
+from ppo_jax.masking import check_same_shape, check_value, concrete, float_dtype
 
 KL_KINDS = ("k1", "k2", "k3")
 
@@ -63,7 +64,7 @@ def adaptive_kl_update(
     n_steps: number of samples (episodes) since the last update.
     target: the KL the controller aims for, > 0.
     horizon: how many samples a full ±20 % correction takes; > 0.2 · n_steps, or a KL below the
-      target would make β zero or negative (refused when both are Python numbers).
+      target would make β zero or negative (refused when both have values now, not traced).
 
   Returns:
     The new coefficient, a scalar float32 array.
@@ -71,16 +72,16 @@ def adaptive_kl_update(
   >>> round(float(adaptive_kl_update(0.1, 12.0, 256, target=6.0, horizon=10000)), 6)
   0.100512
   """
-  if isinstance(target, (int, float)) and target <= 0:
-    raise ValueError(f"target KL must be > 0, got {target}")
-  if isinstance(horizon, (int, float)) and horizon <= 0:
-    raise ValueError(f"horizon must be > 0, got {horizon}")
-  if isinstance(n_steps, (int, float)) and isinstance(horizon, (int, float)):
-    if 0.2 * n_steps >= horizon:  # the factor 1 + e·n/H must stay > 0 for e down to −0.2
-      raise ValueError(
-        f"horizon {horizon} must exceed 0.2 × n_steps ({0.2 * n_steps:g}): below the target "
-        f"KL the coefficient would be multiplied by 1 − 0.2·{n_steps}/{horizon:g} ≤ 0"
-      )
+  check_value("target KL", target, lambda t: t > 0, "> 0")
+  check_value("horizon", horizon, lambda h: h > 0, "> 0")
+  n, h = concrete(n_steps), concrete(horizon)
+  if n is not None and h is not None and np.any(0.2 * n >= h):
+    # the factor 1 + e·n/H must stay > 0 for e down to −0.2
+    n, h = n.max().item(), h.min().item()
+    raise ValueError(
+      f"horizon {h:g} must exceed 0.2 × n_steps ({0.2 * n:g}): below the target "
+      f"KL the coefficient would be multiplied by 1 − 0.2·{n:g}/{h:g} ≤ 0"
+    )
   dtype = float_dtype(kl_coef, observed_kl)
   error = jnp.clip(jnp.asarray(observed_kl, dtype) / target - 1.0, -0.2, 0.2)
   return jnp.asarray(kl_coef, dtype) * (1.0 + error * jnp.asarray(n_steps, dtype) / horizon)

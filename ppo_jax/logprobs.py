@@ -52,7 +52,10 @@ def token_logprobs(
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
   check_ids(tokens_BxT, z.shape[-1], what="tokens hold ids outside")
-  picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  # Under jit (ids unchecked) a negative id gives nan, as one past the vocabulary does, rather than
+  # wrapping round to the vocabulary's end.
+  ids = jnp.where(tokens < 0, z.shape[-1], tokens).astype(jnp.int32)
+  picked = jnp.take_along_axis(z, ids[..., None], axis=-1)[..., 0]
   return picked - jax.nn.logsumexp(z, axis=-1)
 
 
@@ -72,6 +75,10 @@ def entropy_from_logits(logits_BxTxV: ArrayLike, *, temperature: float = 1.0) ->
   1.3863
   """
   z = _scaled_logits(logits_BxTxV, temperature)
+  # Shifted by the row's largest logit (H does not change): Σ pz then sums numbers near 0, not
+  # near the logits, whose ulp (1e-2 at 1e5) would show in the difference.
+  top = jnp.max(z, axis=-1, keepdims=True)
+  z = z - jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
   p = jax.nn.softmax(z, axis=-1)
   # Where p = 0 (a logit of −inf, e.g. a filtered vocabulary) the term pᵥzᵥ is 0, not nan; z is
   # replaced there before the product, or its gradient would hold 0 · (−inf).

@@ -92,6 +92,8 @@ def call_reward_fn(
     raise RewardError(
       f"{where} returned {reprlib.repr(out)}, not a sequence of {n} scores (one per response)"
     )
+  if isinstance(out, str | bytes) or any(isinstance(x, str | bytes) for x in out):
+    raise RewardError(f"{where} returned text ({reprlib.repr(out)}), not numbers")
   try:
     scores = np.asarray(out, dtype=np.float64)
   except (TypeError, ValueError):  # text, or ragged nesting
@@ -101,6 +103,11 @@ def call_reward_fn(
   bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
   if bad:
     raise RewardError(f"{where} returned non-finite scores (NaN or inf) for responses {bad[:8]}")
+  big = np.flatnonzero(np.abs(scores) > np.finfo(np.float32).max).tolist()
+  if big:
+    raise RewardError(
+      f"{where} returned scores beyond float32's range (±3.4e38) for responses {big[:8]}"
+    )
   return scores.astype(np.float32)
 
 

@@ -111,6 +111,11 @@ class TestAdaptiveKl:
       pj.adaptive_kl_update(0.1, 0.5, 1024, target=6.0, horizon=100)
     with pytest.raises(ValueError, match=r"must exceed 0\.2 × n_steps \(100\)"):
       pj.adaptive_kl_update(0.1, 0.5, 500, target=6.0, horizon=100)  # 5: β → 0
+    # NumPy and JAX scalars are checked as Python numbers are.
+    with pytest.raises(ValueError, match=r"target KL must be > 0, got -1\.0"):
+      pj.adaptive_kl_update(0.1, 1.0, 1, target=np.float32(-1), horizon=10)
+    with pytest.raises(ValueError, match=r"must exceed 0\.2 × n_steps \(100\)"):
+      pj.adaptive_kl_update(0.1, 0.5, jnp.asarray(500), target=6.0, horizon=np.int64(100))
     # Just inside the bound the coefficient shrinks as far as it can and stays positive.
     low = float(pj.adaptive_kl_update(0.1, 0.0, 499, target=6.0, horizon=100))
     assert low == pytest.approx(0.1 * (1 - 0.2 * 4.99), rel=1e-3) and low > 0  # float32: 1 − 0.998

@@ -61,6 +61,11 @@ class TestTokenLogprobs:
     with pytest.raises(ValueError, match="temperature must be > 0"):
       pj.token_logprobs(jnp.zeros((3, 5, 11)), jnp.zeros((3, 5), jnp.int32), temperature=0.0)
 
+  def test_ids_outside_the_vocabulary_give_nan_under_jit(self):
+    """Unchecked under jit: −1 must not wrap round to the last token's log-prob."""
+    got = jax.jit(pj.token_logprobs)(jnp.zeros((1, 3, 4)), jnp.array([[-1, 4, 1]]))
+    assert np.isnan(got[0, :2]).all() and float(got[0, 2]) == pytest.approx(-math.log(4))
+
 
 class TestEntropy:
   def test_hand_computed(self):
@@ -86,3 +91,10 @@ class TestEntropy:
     np.testing.assert_allclose(
       pj.entropy_from_logits(logits), -(jnp.exp(lp) * lp).sum(0), rtol=1e-5
     )
+
+  @pytest.mark.parametrize("offset", [1e3, 1e5])
+  def test_large_logits_lose_no_accuracy(self, offset):
+    """Σ p·z summed near the logits' size would lose their ulp (8e-3 at 1e5) in the difference."""
+    logits = (_logits(seed=5, shape=(2, 3, 7)) + offset).astype(np.float32)
+    want = [[ref.entropy(logits[b, t].astype(np.float64), 1.0) for t in range(3)] for b in range(2)]
+    np.testing.assert_allclose(pj.entropy_from_logits(logits), want, atol=1e-5)

@@ -81,3 +81,9 @@ class TestDpo:
   def test_bad_label_smoothing(self):
     with pytest.raises(ValueError, match="label_smoothing must be in"):
       pj.dpo_loss(*[jnp.zeros(2)] * 4, label_smoothing=0.5)
+
+  @pytest.mark.parametrize("beta", [0.0, -1.0])
+  def test_bad_beta(self, beta):
+    """β ≤ 0 would flatten or reverse the objective (prefer the rejected response)."""
+    with pytest.raises(ValueError, match=f"beta must be > 0, got {beta}"):
+      pj.dpo_loss(*[jnp.zeros(2)] * 4, beta=beta)

@@ -27,7 +27,9 @@ def _raises(prompts, responses):
     (lambda p, r: [[0.0], [1.0], [2.0]], r"returned an array of shape \(3, 1\); expected \(3,\)"),
     (lambda p, r: None, r"returned None, not a sequence of 3 scores \(one per response\)"),
     (lambda p, r: 0.5, r"returned 0\.5, not a sequence of 3 scores"),
-    (lambda p, r: ["good", "bad", "ok"], r"returned list, not a sequence of numbers"),
+    (lambda p, r: ["good", "bad", "ok"], r"returned text \(\['good', 'bad', 'ok'\]\), not numbers"),
+    (lambda p, r: ["1.5", 2, 3], r"returned text .*, not numbers"),  # not read as 1.5
+    (lambda p, r: [0.0, 1e39, 1.0], r"beyond float32's range \(±3\.4e38\) for responses \[1\]"),
     (lambda p, r: [[1.0], [2.0, 3.0], [4.0]], r"returned list, not a sequence of numbers"),
     (lambda p, r: [0.0, float("nan"), float("inf")], r"non-finite scores .* responses \[1, 2\]"),
   ],
