@@ -194,12 +194,16 @@ def test_lora_run_trains_adapters_and_exports_a_plain_model(smoke_run, tmp_path)
     ppo__lora_rank=8,
     ppo__lora_targets="q,k,v,o,up,down",
     ppo__optim__lr=3e-3,
+    data__eval_prompts=128,
     log__tensorboard=False,
     log__plots=False,
   )
-  pipeline.run(config, workdir)
-  rows = _rows(workdir)
-  assert _mean(rows[-3:], "objective/scores") > _mean(rows[:3], "objective/scores") + 0.2
+  summary = pipeline.run(config, workdir)
+  # Held-out prompts sampled with the same keys before and after PPO: an untrained policy scores
+  # exactly the same. (The first and last rollouts, batches of 32 drawn afresh, rose by 0.16–0.46
+  # over small changes of the CPU's rounding or the learning rate: too noisy to test.) Held-out
+  # gains at learning rates 2.5e-3, 3e-3 and 3.5e-3: 0.46, 0.45, 0.22.
+  assert summary["held_out"] and summary["after"]["score"] > summary["before"]["score"] + 0.1
   final = safetensors.numpy.load_file(str(workdir / "policy" / "model.safetensors"))
   assert not any("lora" in k for k in final)  # adapters folded in: a plain GPT-2
   sft = safetensors.numpy.load_file(str(workdir / "sft" / "model.safetensors"))
