@@ -142,8 +142,9 @@ def export_policy(
   tokenizer_folder = _in_this_workdir(record.get("tokenizer"), record, pathlib.Path(workdir))
   tokenizer = load_tokenizer(tokenizer_folder) if tokenizer_folder else None
   # Written into a hidden folder inside ``out``, then moved up: a failed export leaves the
-  # earlier export there as it was, and an earlier export is replaced whole (no stale shards of
-  # another layout). ``out`` itself stays (the current folder, or a link, may be it).
+  # earlier export there as it was, and an earlier export's files are replaced whole (no stale
+  # shards of another layout), the user's kept. ``out`` itself stays (the current folder, or a
+  # link, may be it).
   out = pathlib.Path(out).resolve()
   created = not out.exists()
   staging = out / STAGING
@@ -152,26 +153,56 @@ def export_policy(
     save_pretrained(
       policy, staging, tokenizer=tokenizer, generation_config=record.get("generation_config")
     )
+    files = sorted([p.name for p in staging.iterdir()] + [EXPORT_RECORD])
     (staging / EXPORT_RECORD).write_text(
       json.dumps(
-        {"workdir": str(pathlib.Path(workdir).absolute()), "stage": stage, "step": step}, indent=2
+        {
+          "workdir": str(pathlib.Path(workdir).absolute()),
+          "stage": stage,
+          "step": step,
+          "files": files,
+        },
+        indent=2,
       )
       + "\n"
     )
-    for old in out.iterdir():  # an earlier export's files: _check_export_target refused others
-      if old == staging:
-        continue
+    for old in _earlier_export(out, files):
       if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old)
       else:
         old.unlink()
+    kept = sorted(p.name for p in out.iterdir() if p != staging)
     for new in staging.iterdir():
       new.rename(out / new.name)
   except BaseException:
     shutil.rmtree(out if created else staging, ignore_errors=True)
     raise
   staging.rmdir()
+  if kept:
+    print(f"note: kept the files in {out} that the earlier export did not write: {_listed(kept)}")
   return step
+
+
+def _earlier_export(out: pathlib.Path, files: list[str]) -> list[pathlib.Path]:
+  """What an earlier export in ``out`` wrote, which this one replaces: the files its record lists
+  (a record from before the lists: the names this export writes, and weight shards of any
+  layout). Anything else there (a model card, notes) is the user's and stays."""
+  try:
+    listed = set(json.loads((out / EXPORT_RECORD).read_text()).get("files", []))
+  except (OSError, ValueError, AttributeError):
+    listed = set()
+  shard = lambda n: (
+    n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))
+  )
+  return [
+    p
+    for p in out.iterdir()
+    if p.name != STAGING and (p.name in listed or p.name in files or shard(p.name))
+  ]
+
+
+def _listed(names: list[str]) -> str:
+  return f"{', '.join(names[:3])}{', …' if len(names) > 3 else ''}"
 
 
 EXPORT_RECORD = "ppo_jax_checkpoint.json"  # what an export writes beside the weights
@@ -252,7 +283,7 @@ def _check_export_target(workdir: pathlib.Path, out: pathlib.Path) -> None:
     held = sorted(p.name for p in o.iterdir() if p.name != STAGING)  # STAGING: a killed export's
     if held:
       raise ValueError(
-        f"--out {out} holds other files ({', '.join(held[:3])}{', …' if len(held) > 3 else ''})"
+        f"--out {out} holds other files ({_listed(held)})"
         ": choose a new or empty folder (only an earlier export there is replaced)"
       )
 

@@ -399,12 +399,25 @@ def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys, monkeypat
   mine = workdir / "mine"
   export = lambda out: main.cli(["ppo-jax", "export", "--workdir", str(workdir), "--out", str(out)])
   assert export(mine) == 0
-  # An earlier export is replaced whole (a stale shard of another layout goes); a folder of other
-  # files, or a file, is refused and left as it was.
+  # An earlier export's files are replaced whole (a stale shard of another layout goes, and a
+  # file the record lists), the user's stay; a folder of other files, or a file, is refused and
+  # left as it was.
   (mine / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+  (mine / "README.md").write_text("my model card")
+  record = json.loads((mine / "ppo_jax_checkpoint.json").read_text())
+  assert "model.safetensors" in record["files"] and "config.json" in record["files"]
+  (mine / "old_extra.txt").write_text("written by the earlier export")
+  record["files"].append("old_extra.txt")
+  (mine / "ppo_jax_checkpoint.json").write_text(json.dumps(record))
+  capsys.readouterr()
   assert export(mine) == 0 and not (mine / "model-00001-of-00002.safetensors").exists()
+  assert "kept the files in " + str(mine) + " that the earlier export did not write: README.md" in (
+    capsys.readouterr().out
+  )
+  assert (mine / "README.md").read_text() == "my model card" and not (
+    mine / "old_extra.txt"
+  ).exists()
   assert (mine / "model.safetensors").exists() and not list(tmp_path.glob("**/.*exporting"))
-  assert not (mine / "model-00001-of-00002.safetensors").exists()
   (tmp_path / "data").mkdir()
   (tmp_path / "data" / "prompts.jsonl").write_text("{}\n")
   (tmp_path / "notes.txt").write_text("mine")
@@ -423,7 +436,8 @@ def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys, monkeypat
   here.mkdir()
   monkeypatch.chdir(here)
   assert export(".") == 0 and export(".") == 0 and (here / "model.safetensors").exists()
-  assert sorted(p.name for p in here.iterdir()) == sorted(p.name for p in mine.iterdir())
+  exported = sorted(p.name for p in here.iterdir())
+  assert exported == sorted(p.name for p in mine.iterdir() if p.name != "README.md")
   (tmp_path / "link").symlink_to(here)
   assert export(tmp_path / "link") == 0 and (tmp_path / "link").is_symlink()
   assert not list(tmp_path.glob("**/.ppo_jax_exporting"))
