@@ -99,6 +99,8 @@ class Layout:
   chat: bool = False  # prompts as a user turn of the tokenizer's chat template
   system: str | None = None  # with ``chat``: a system turn before each prompt
   chat_kwargs: str | None = None  # with ``chat``: the template's variables, a JSON object
+  # What sets P and how to give a longer prompt room, for the error (default: the config's).
+  limit: str = "data.max_prompt_len={P} (raise it, or set data.prompt_overflow='truncate')"
 
   @classmethod
   def of(
@@ -110,10 +112,11 @@ class Layout:
     chat: bool = False,
     system: str | None = None,
     chat_kwargs: str | None = None,
+    **limit: str,
   ) -> Layout:
     """The layout with ``tokenizer``'s pad and EOS ids."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    return cls(prompt_len, response_len, pad, eos, overflow, chat, system, chat_kwargs)
+    return cls(prompt_len, response_len, pad, eos, overflow, chat, system, chat_kwargs, **limit)
 
   def __post_init__(self):
     if self.overflow not in OVERFLOW:
@@ -155,12 +158,14 @@ def encode_prompts(
   *,
   source: str = "prompts",
   fit: bool = False,
+  places: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded prompt ids and mask ``[N, P]`` (int32) of texts, or (with ``layout.chat``) of
-  texts and conversations. ``fit``: ``P`` is the longest prompt's length, at most
-  ``layout.prompt_len`` (beyond which ``layout.overflow`` applies)."""
+  texts and conversations. ``fit``: ``P`` is the longest prompt's length (at least 1), at most
+  ``layout.prompt_len`` (beyond which ``layout.overflow`` applies). ``places``: each row's
+  ``FILE:LINE`` for errors (else ``source: row N``)."""
   texts = _render(tokenizer, prompts, layout, source)
-  return _encode_rendered(tokenizer, texts, layout, source, fit=fit)
+  return _encode_rendered(tokenizer, texts, layout, source, fit=fit, places=places)
 
 
 def _render(tokenizer: Any, prompts: Sequence[Prompt], layout: Layout, source: str) -> list[str]:
@@ -174,13 +179,19 @@ def _render(tokenizer: Any, prompts: Sequence[Prompt], layout: Layout, source: s
 
 
 def _encode_rendered(
-  tokenizer: Any, texts: list[str], layout: Layout, source: str, *, fit: bool = False
+  tokenizer: Any,
+  texts: list[str],
+  layout: Layout,
+  source: str,
+  *,
+  fit: bool = False,
+  places: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   # The chat template writes the special tokens it wants (BOS, turn headers).
   encoded = tokenizer(texts, add_special_tokens=not layout.chat)["input_ids"]
   P = layout.prompt_len
   if fit:
-    P = min(P, max(map(len, encoded), default=1))
+    P = min(P, max(1, *map(len, encoded)))  # one column even if every prompt is empty
   ids = np.full((len(texts), P), layout.pad_id, np.int32)
   mask = np.zeros((len(texts), P), np.int32)
   cut = 0
@@ -188,8 +199,8 @@ def _encode_rendered(
     if len(toks) > P:
       if layout.overflow == "error":
         raise DataError(
-          f"{source}: row {i + 1}: prompt of {len(toks)} tokens is longer than "
-          f"data.max_prompt_len={P} (raise it, or set data.prompt_overflow='truncate')"
+          f"{places[i] if places else f'{source}: row {i + 1}'}: prompt of {len(toks)} tokens "
+          f"is longer than {layout.limit.format(P=P)}"
         )
       toks, cut = toks[-P:], cut + 1
     if toks:
@@ -306,9 +317,10 @@ def encode_pairs(
   layout: Layout,
   *,
   source: str,
+  places: Sequence[str] | None = None,
 ) -> Sequences:
-  """Prompt/response pairs in the sequence layout."""
-  prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=source)
+  """Prompt/response pairs in the sequence layout (``places``: as ``encode_prompts``)."""
+  prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=source, places=places)
   return _joined(prompt_arrays, encode_responses(tokenizer, responses, layout))
 
 
@@ -322,13 +334,17 @@ def _joined(prompt_arrays, response_arrays) -> Sequences:
   )
 
 
-def _read(path, layout: Layout, parse, *, rows: list | None = None) -> list[tuple]:
+def _read(
+  path, layout: Layout, parse, *, rows: list | None = None, places: list | None = None
+) -> list[tuple]:
   """``parse(row, where)`` of each row, refusing conversations without ``layout.chat``; the rows
-  as read are appended to ``rows`` when given."""
+  as read, and their ``FILE:LINE``, are appended to ``rows`` and ``places`` when given."""
   out = []
   for where, row in read_objects(path):
     if rows is not None:
       rows.append(row)
+    if places is not None:
+      places.append(where)
     parsed = parse(row, where)
     if not layout.chat and conversations.is_conversation(parsed[0]):
       raise DataError(f"{where}: a conversation (a list of messages) needs data.chat_template=True")
@@ -356,18 +372,28 @@ def load_prompts_and_columns(
   reference answer, say): one list per field in row order, None where a row lacks it, what
   reward functions may take besides the texts."""
   rows: list[dict] = []
+  places: list[str] = []
   parse = lambda r, w: (conversations.prompt_row(r, w),)
-  prompts = [p for (p,) in _read(path, layout, parse, rows=rows)]
+  prompts = [p for (p,) in _read(path, layout, parse, rows=rows, places=places)]
   rendered = _render(tokenizer, prompts, layout, str(path))
-  ids, mask = _encode_rendered(tokenizer, rendered, layout, str(path), fit=fit)
+  ids, mask = _encode_rendered(tokenizer, rendered, layout, str(path), fit=fit, places=places)
   texts = [p if isinstance(p, str) else r for p, r in zip(prompts, rendered, strict=True)]
   names = dict.fromkeys(k for row in rows for k in row if k not in PROMPT_FIELDS)
   return texts, ids, mask, {k: [row.get(k) for row in rows] for k in names}
 
 
+def check_rows(path, kind: str, layout: Layout) -> None:
+  """Reads every row of an SFT (``kind="sft"``) or preference file as its stage will, without
+  tokenizing: a malformed one fails now, not after the stages before it have trained."""
+  _read(
+    path, layout, {"sft": conversations.sft_row, "preferences": conversations.preference_row}[kind]
+  )
+
+
 def load_sft(path, tokenizer, layout: Layout) -> Sequences:
-  prompts, responses = zip(*_read(path, layout, conversations.sft_row), strict=True)
-  return encode_pairs(tokenizer, prompts, responses, layout, source=str(path))
+  places: list[str] = []
+  prompts, responses = zip(*_read(path, layout, conversations.sft_row, places=places), strict=True)
+  return encode_pairs(tokenizer, prompts, responses, layout, source=str(path), places=places)
 
 
 def load_preferences(
@@ -376,12 +402,15 @@ def load_preferences(
   """(chosen, rejected) sequences, row-aligned, sharing their prompt arrays (``fit``: the prompts
   as wide as the longest, the responses as the longest of both sides, within the layout's); the
   rows as read are appended to ``rows`` when given."""
+  places: list[str] = []
   prompts, good, bad = zip(
-    *_read(path, layout, conversations.preference_row, rows=rows), strict=True
+    *_read(path, layout, conversations.preference_row, rows=rows, places=places), strict=True
   )
   if good == bad:
     raise DataError(f"{path}: every pair has chosen == rejected: no pair prefers one response")
-  prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=str(path), fit=fit)
+  prompt_arrays = encode_prompts(
+    tokenizer, prompts, layout, source=str(path), fit=fit, places=places
+  )
   tokens = [_response_tokens(tokenizer, side) for side in (good, bad)]
   # One width for both sides: an equal pair then makes equal sequences (a tie).
   R = _width([*tokens[0], *tokens[1]], layout, fit)

@@ -239,8 +239,16 @@ def sample_file(
       f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {positions} positions "
       "of the model" + (" and reward model" if rm else "") + " (lower --max-new-tokens)"
     )
+  left = {} if max_prompt_len else {"limit": _positions_left(positions, max_new_tokens, rm)}
   layout = data.Layout.of(
-    tok, cap, max_new_tokens, prompt_overflow, chat_template, system_prompt, chat_template_kwargs
+    tok,
+    cap,
+    max_new_tokens,
+    prompt_overflow,
+    chat_template,
+    system_prompt,
+    chat_template_kwargs,
+    **left,
   )
   file = Prompts(*data.load_prompts_and_columns(prompts, tok, layout, fit=True))
   ids = file.ids
@@ -336,6 +344,15 @@ def sample_file(
     f"wrote {len(rows)} responses to {out}: " + ", ".join(_shown(k, v) for k, v in summary.items())
   )
   return summary
+
+
+def _positions_left(positions: int, max_new_tokens: int, rm) -> str:
+  """The prompt limit when --max-prompt-len is not given: what the responses leave."""
+  models = "model and reward model" if rm is not None else "model"
+  return (
+    f"the {{P}} positions --max-new-tokens {max_new_tokens} leaves of the {models}'s {positions} "
+    "(lower --max-new-tokens, or set --prompt-overflow=truncate)"
+  )
 
 
 def rm_scorer(rm: RewardModel, mesh: Mesh | None = None):

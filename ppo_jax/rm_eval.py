@@ -89,8 +89,16 @@ def evaluate_pairs(
       f"--max-prompt-len {P} + --max-response-len {R} exceed the reward model's {positions} "
       "positions"
     )
+  left = (
+    {}
+    if max_prompt_len
+    else {
+      "limit": f"the {{P}} positions --max-response-len {R} leaves of the reward model's "
+      f"{positions} (lower --max-response-len, or set --prompt-overflow=truncate)"
+    }
+  )
   layout = data.Layout.of(
-    tok, P, R, prompt_overflow, chat_template, system_prompt, chat_template_kwargs
+    tok, P, R, prompt_overflow, chat_template, system_prompt, chat_template_kwargs, **left
   )
   chosen, rejected = data.load_preferences(pairs, tok, layout, fit=True)
   say = print if progress else (lambda *a, **k: None)

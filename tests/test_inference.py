@@ -175,7 +175,13 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
     (
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--max-prompt-len=2"],
       1,
-      "row 1: prompt of 3 tokens is longer than --max-prompt-len=2",
+      ":1: prompt of 3 tokens is longer than --max-prompt-len=2",
+    ),
+    (  # no --max-prompt-len: the fix is fewer new tokens
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--max-new-tokens=45"],
+      1,
+      f"{prompts}:3: prompt of 5 tokens is longer than the 3 positions --max-new-tokens 45 leaves "
+      "of the model's 48 (lower --max-new-tokens, or set --prompt-overflow=truncate)",
     ),
     ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=x"], 2, "argument --n: invalid int"),
     ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=0"], 1, "--n must be ≥ 1, got 0"),
@@ -253,6 +259,19 @@ def test_a_failed_sample_keeps_what_it_wrote_beside_the_file_it_would_write(
   assert err == [f"kept the 3 responses written before the stop in {partial} (a new run writing "
                  f"{out} replaces it)", "ppo-jax sample: interrupted"]  # fmt: skip
   assert not out.exists() and len(_rows(partial)) == 3
+
+
+def test_empty_prompts_are_sampled_from_nothing(folders, tmp_path):
+  """A prompt of no tokens (a file of them alone: batches one padding column wide)."""
+  policy_dir = folders[0]
+  for name, texts in (("mixed", ["", "w1 w2"]), ("empty", [""])):
+    prompts = tmp_path / f"{name}.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    out = tmp_path / f"{name}_out.jsonl"
+    args = [f"--model={policy_dir}", f"--prompts={prompts}", f"--out={out}", "--max-new-tokens=3"]
+    assert cli(["ppo-jax", "sample", *args, "--seed=1"]) == 0
+    rows = _rows(out)
+    assert [r["prompt"] for r in rows] == texts and all(1 <= r["tokens"] <= 3 for r in rows)
 
 
 def test_the_default_response_length_fits_the_model(tmp_path, capsys):
