@@ -165,6 +165,19 @@ def check_settings(s: Settings) -> None:
       s.task.name != "files" or s.data.prompts,
       "config.task.name='files' needs config.data.prompts=FILE.jsonl",
     ),
+    *(
+      (
+        s.task.name == "files" or not getattr(s.data, name),
+        f"config.data.{name} is set, but config.task.name='{s.task.name}' makes its own data: "
+        f"add config.task.name=files to train on the file (or drop config.data.{name})",
+      )
+      for name in ("prompts", "sft", "preferences")
+    ),
+    (
+      s.reward.source == "function" or not s.reward.fn,
+      "config.reward.fn is set, but config.reward.source='model' scores with a reward model: add "
+      "config.reward.source=function (and config.rm.enabled=False) to use the function",
+    ),
     (
       s.task.name != "files" or s.data.preferences or not needs_pairs,
       "config.task.name='files' needs config.data.preferences=FILE.jsonl to train "

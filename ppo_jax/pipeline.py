@@ -36,6 +36,7 @@ from ppo_jax.models.hf import load_hf_config
 from ppo_jax.rewards import fields_taken, load_reward_fn
 from ppo_jax.stages import (
   check_compatible,
+  check_positions,
   check_reward_model,
   init_policy,
   run_dpo,
@@ -44,7 +45,7 @@ from ppo_jax.stages import (
   with_adapters,
 )
 from ppo_jax.tokenizer import load_tokenizer
-from ppo_jax.workdir import check_finished, check_workdir
+from ppo_jax.workdir import check_finished, check_workdir, stages_trained
 
 _LAST_BANNER = [time.perf_counter()]
 
@@ -241,11 +242,17 @@ def preflight(s: Settings):
         raise data.DataError(f"config.data.{field}: {path}: {why}")
   if s.model.tokenizer and not pathlib.Path(s.model.tokenizer).is_dir():
     raise FileNotFoundError(f"config.model.tokenizer: {s.model.tokenizer}: no such folder")
+  # The longest sequence against a GPT-2's learned positions, before the task's data are written.
+  max_len = s.data.max_prompt_len + max(s.raw.ppo.max_new_tokens, s.data.max_response_len)
   if s.model.init != "scratch":
     try:
-      load_hf_config(s.model.init)
+      hf = load_hf_config(s.model.init)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"config.model.init: {e}") from None
+    if hf.model_type == "gpt2":
+      check_positions(max_len, hf.n_positions)
+  elif s.model.arch == "gpt2":
+    check_positions(max_len, s.model.max_position_embeddings)
   return mesh
 
 
@@ -291,7 +298,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   fn = s.reward.fn if s.reward.source == "function" else None
   for field, path in (("config.reward.fn", fn), ("config.task.gold", inputs.gold)):
     if path:  # a field it takes that the rows lack: now, not after SFT and the reward model
-      fields_taken(load_reward_fn(path, what=field), columns, field)
+      fields_taken(load_reward_fn(path, what=field), columns, field, every_row=True)
   prompts = evaluation.Prompts(
     texts[n_eval:], ids[n_eval:], mask[n_eval:], {k: v[n_eval:] for k, v in columns.items()}
   )
@@ -312,6 +319,13 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   )
 
   check_finished(s, inputs, workdir)
+  will = stages_trained(s, workdir)  # their files' rows now, not after the stages before them
+  for kind, path, read in (
+    ("sft", inputs.sft, will["sft"]),
+    ("preferences", inputs.preferences, will["rm"] or will["dpo"]),
+  ):
+    if path and read and s.task.name == "files":
+      data.check_rows(path, kind, layout)
   if shd.is_main_process():  # after the refusals that need no training: the config of the outputs
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   banner("1/3 supervised fine-tuning", stage="sft")

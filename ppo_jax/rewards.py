@@ -114,9 +114,12 @@ def call_reward_fn(
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
-def fields_taken(fn: RewardFn, columns: dict[str, Sequence], where: str) -> dict[str, list]:
+def fields_taken(
+  fn: RewardFn, columns: dict[str, Sequence], where: str, *, every_row: bool = False
+) -> dict[str, list]:
   """The ``columns`` ``fn`` takes as keyword arguments, after its two positional ones (all of
-  them with ``**kwargs``); RewardError when it requires one the rows do not have."""
+  them with ``**kwargs``); RewardError when it requires one the rows do not have (``every_row``:
+  that some row lacks, None in its column)."""
   try:
     params = list(inspect.signature(fn).parameters.values())
   except (TypeError, ValueError):  # a builtin without a signature: the two texts only
@@ -124,14 +127,18 @@ def fields_taken(fn: RewardFn, columns: dict[str, Sequence], where: str) -> dict
   positional = [p for p in params if p.kind != inspect.Parameter.KEYWORD_ONLY][:2]
   rest = [p for p in params if p not in positional]
   names = {p.name for p in rest if p.kind in _NAMED}
-  missing = [
-    p.name for p in rest if p.kind in _NAMED and p.default is p.empty and p.name not in columns
-  ]
-  if missing:
+  required = [p.name for p in rest if p.kind in _NAMED and p.default is p.empty]
+  if missing := [name for name in required if name not in columns]:
     have = ", ".join(sorted(columns)) or "none besides the prompt"
     raise RewardError(
       f"{where} takes {missing[0]!r}, a field the prompt rows do not have (theirs: {have})"
     )
+  for name in required if every_row else ():
+    if lacking := [i for i, v in enumerate(columns[name]) if v is None]:
+      raise RewardError(
+        f"{where} takes {name!r}, a field {len(lacking)} of the {len(columns[name])} prompt rows "
+        f"lack (the first: prompt row {lacking[0] + 1}); give every row one"
+      )
   everything = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in rest)
   taken = {p.name for p in positional}
   return {k: list(v) for k, v in columns.items() if k not in taken and (everything or k in names)}

@@ -165,11 +165,16 @@ def check_compatible(
       f"tokenizer has {len(tokenizer)} tokens but the {what}'s embedding has only "
       f"{cfg.vocab_size} rows"
     )
-  if max_len is not None and cfg.is_gpt2 and max_len > cfg.max_position_embeddings:
+  if max_len is not None and cfg.is_gpt2:
+    check_positions(max_len, cfg.max_position_embeddings, what)
+
+
+def check_positions(max_len: int, positions: int, what: str = "model") -> None:
+  """Refuses sequences of ``max_len`` tokens past a GPT-2's ``positions`` learned ones."""
+  if max_len > positions:
     raise ValueError(
       f"data.max_prompt_len + max response length = {max_len} exceeds the {what}'s "
-      f"{cfg.max_position_embeddings} positions (lower ppo.max_new_tokens or "
-      "data.max_prompt_len)"
+      f"{positions} positions (lower ppo.max_new_tokens or data.max_prompt_len)"
     )
 
 

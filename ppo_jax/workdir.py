@@ -50,13 +50,8 @@ def check_workdir(
       _check_task_data(s, then, config, workdir)
   # The checkpoints of each stage this run would train, on the fields that stage reads (their
   # training data is compared by the stage, once it has read it).
-  trains = {
-    "": s.algo != "dpo",
-    "sft_": s.sft.epochs > 0 and not has_model_folder(workdir / "sft"),
-    "rm_": s.own_reward_model and not has_model_folder(workdir / "reward_model"),
-    "dpo_": s.algo == "dpo",
-  }
-  for prefix, will in trains.items():
+  for stage, will in stages_trained(s, workdir).items():
+    prefix = "" if stage == "ppo" else f"{stage}_"
     folder = workdir / f"{prefix}checkpoints"
     if resume and will and checkpoint.holds_checkpoints(folder):
       with checkpoint.Checkpointer(folder, s.checkpoint) as ckpt:
@@ -67,6 +62,17 @@ def check_workdir(
           ckpt.check_config(config, None, defaults, only=only)
         else:
           ckpt.check_config(config, s.ppo_run.iterations, defaults)
+
+
+def stages_trained(s: Settings, workdir: pathlib.Path) -> dict[str, bool]:
+  """Which stages (ppo, sft, rm, dpo) this run would train in ``workdir``: not one it skips, nor
+  SFT or the reward model when their finished folder is there to be reused."""
+  return {
+    "ppo": s.algo != "dpo",
+    "sft": s.sft.epochs > 0 and not has_model_folder(workdir / "sft"),
+    "rm": s.own_reward_model and not has_model_folder(workdir / "reward_model"),
+    "dpo": s.algo == "dpo",
+  }
 
 
 def _outputs(workdir: pathlib.Path, names) -> list[str]:

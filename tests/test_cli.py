@@ -34,6 +34,17 @@ def _cli(*args):
     ("--config.log.progress=maybe", "config.log.progress: expected true or false, got 'maybe'"),
     ("--config.ppo.agg=mean", "config.ppo.agg: unknown 'mean'"),
     ("--config.reward.source=function", "needs config.reward.fn="),
+    (
+      "--config.data.prompts=/nowhere.jsonl",
+      "config.data.prompts is set, but config.task.name='synthetic' makes its own data: add "
+      "config.task.name=files to train on the file (or drop config.data.prompts)",
+    ),
+    ("--config.data.preferences=p.jsonl", "config.data.preferences is set, but config.task.name="),
+    (
+      "--config.reward.fn=m:f",
+      "config.reward.fn is set, but config.reward.source='model' scores with a reward model: add "
+      "config.reward.source=function",
+    ),
     ("--config.ppo.critic_warmup=100000", "critic_warmup 100000 ≥ config.ppo.iterations"),
     ("--config.ppo.batch_size=0", "config.ppo.batch_size: must be ≥ 1, got 0"),
     ("--config.ppo.top_p=1.5", "config.ppo.top_p: must be in (0, 1], got 1.5"),
@@ -309,6 +320,10 @@ def test_none_from_the_command_line_sets_none():
   [
     ("--config.mesh.shape=(2,1,1)", "mesh.shape (2, 1, 1) needs 2 devices, but there are 1"),
     ("--config.model.init=nowhere", "config.model.init: nowhere: not a Hugging Face model folder"),
+    (  # before the task's data are written, not after
+      "--config.ppo.max_new_tokens=40",
+      "data.max_prompt_len + max response length = 48 exceeds the model's 32 positions",
+    ),
     pytest.param(
       ["--config.model.attention=cudnn", "--config.model.dtype=bfloat16"],
       "config.model.attention='cudnn' needs an NVIDIA GPU, and this run's devices are cpu",
@@ -401,13 +416,29 @@ def test_malformed_jsonl_names_file_and_line(smoke_run, tmp_path):
   assert f"{prompts}:2: not valid JSON" in err
 
 
+def test_a_bad_preference_row_is_found_before_sft_trains(smoke_run, tmp_path):
+  prompts, sft = tmp_path / "prompts.jsonl", tmp_path / "sft.jsonl"
+  prompts.write_text(json.dumps({"prompt": "review the film :"}) + "\n")
+  sft.write_text(json.dumps({"prompt": "review the film :", "response": "good"}) + "\n")
+  tokenizer = smoke_run[0] / "data" / "tokenizer"
+  args = _files_args(tokenizer, prompts, tmp_path, f"--config.data.sft={sft}")
+  pairs = tmp_path / "pairs.jsonl"  # a blank line, a good row, one without its rejected response
+  pairs.write_text(
+    '\n{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n'
+  )
+  code, _, err = _cli(*args)
+  assert code == 1 and err.count("\n") == 0 and f"{pairs}:3: missing field 'rejected'" in err, err
+  assert not list((tmp_path / "run").iterdir())  # SFT never started
+
+
 def test_prompt_longer_than_allowed(smoke_run, tmp_path):
   prompts = tmp_path / "prompts.jsonl"
   long = " ".join(["the"] * 30)
-  prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["review the film :", long]))
+  # A blank line between: the error names the line, not the row.
+  prompts.write_text("\n\n".join(json.dumps({"prompt": p}) for p in ["review the film :", long]))
   code, _, err = _cli(*_files_args(smoke_run[0] / "data" / "tokenizer", prompts, tmp_path))
   assert code == 1 and err.count("\n") == 0
-  assert "row 2: prompt of 30 tokens is longer than data.max_prompt_len=8" in err
+  assert f"{prompts}:3: prompt of 30 tokens is longer than data.max_prompt_len=8" in err
 
 
 def test_tokenizer_larger_than_the_embedding(smoke_run, tmp_path):

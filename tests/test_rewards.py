@@ -111,3 +111,20 @@ def test_the_prompt_rows_other_fields_reach_a_function_that_takes_them():
     call_reward_fn(
       lambda p, r, solution: [0] * 3, PROMPTS, RESPONSES, columns=columns, name="my fn"
     )
+
+
+def test_a_required_field_some_rows_lack_is_refused_before_training():
+  """The run's check (``every_row``) before any training; a batch call passes the None on."""
+  from ppo_jax.rewards import fields_taken
+
+  columns = {"answer": ["x", None, "z", None], "note": [None, None, "n", None]}
+  fn = lambda prompts, responses, answer, note=None: [0.0] * len(responses)
+  with pytest.raises(
+    RewardError,
+    match=r"^cfg takes 'answer', a field 2 of the 4 prompt rows lack \(the first: prompt row 2\); "
+    "give every row one$",
+  ):
+    fields_taken(fn, columns, "cfg", every_row=True)
+  assert fields_taken(fn, columns, "cfg") == columns  # optional 'note' may be None
+  columns["answer"][1] = columns["answer"][3] = "y"
+  assert fields_taken(fn, columns, "cfg", every_row=True)["answer"] == ["x", "y", "z", "y"]
