@@ -32,12 +32,9 @@ from ppo_jax.actor_critic import build_critic
 from ppo_jax.config import Settings, base_config
 from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.models import CausalLM, RewardModel, save_pretrained
-from ppo_jax.models.hf import load_hf_config
 from ppo_jax.rewards import fields_taken, load_reward_fn
 from ppo_jax.stages import (
   check_compatible,
-  check_positions,
-  check_reward_model,
   init_policy,
   run_dpo,
   run_reward_model,
@@ -45,7 +42,14 @@ from ppo_jax.stages import (
   with_adapters,
 )
 from ppo_jax.tokenizer import load_tokenizer
-from ppo_jax.workdir import check_finished, check_workdir, stages_trained
+from ppo_jax.workdir import (
+  check_finished,
+  check_workdir,
+  finished_summary,
+  preflight,
+  previous_config,
+  stages_trained,
+)
 
 _LAST_BANNER = [time.perf_counter()]
 
@@ -149,8 +153,9 @@ def run_ppo_stage(
     writer = writers.MetricsWriter(
       workdir / "metrics.jsonl", tensorboard_dir=tb_dir, resume_step=resume_step
     )
-    bar = writers.progress_bar(s.ppo_run.iterations, "ppo", enabled=s.log.progress)
-    bar.update(resume_step)
+    bar = writers.progress_bar(
+      s.ppo_run.iterations, s.algo, initial=resume_step, enabled=s.log.progress
+    )
 
     def log(step, row, samples):
       writer.write(step, row)
@@ -213,49 +218,6 @@ def run(config, workdir: str | pathlib.Path, *, resume: bool = True) -> dict[str
     return _run(config, pathlib.Path(workdir), resume=resume)
 
 
-def preflight(s: Settings):
-  """What can fail before any work, checked now: the mesh (returned) and the PPO batch over it,
-  the reward and gold functions (imported), the data files, and the folders a run would load only
-  after SFT."""
-  mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here
-  if s.model.attention == "cudnn" and jax.default_backend() != "gpu":
-    raise ValueError(
-      f"config.model.attention='cudnn' needs an NVIDIA GPU, and this run's devices are "
-      f"{jax.default_backend()}: use 'xla'"
-    )
-  if mesh.size > 1:
-    if s.algo != "dpo" or s.data.eval_prompts:  # DPO samples evaluations in these batches
-      shd.check_batch(s.ppo_run.batch_size, mesh, "config.ppo.batch_size")
-    if s.algo == "dpo":
-      shd.check_batch(s.dpo.batch_size, mesh, "config.dpo.batch_size")
-  for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
-    if path and (field != "config.reward.fn" or s.reward.source == "function"):
-      load_reward_fn(path, what=field)
-  if s.reward.model and s.algo != "dpo":
-    check_reward_model(s.reward.model)
-  if s.task.name == "files":  # the synthetic task writes its own
-    for field in ("prompts", "sft", "preferences"):
-      path = getattr(s.data, field)
-      if path and not pathlib.Path(path).is_file():
-        folder = pathlib.Path(path).is_dir()
-        why = "is a folder; expected a JSONL file" if folder else "no such file"
-        raise data.DataError(f"config.data.{field}: {path}: {why}")
-  if s.model.tokenizer and not pathlib.Path(s.model.tokenizer).is_dir():
-    raise FileNotFoundError(f"config.model.tokenizer: {s.model.tokenizer}: no such folder")
-  # The longest sequence against a GPT-2's learned positions, before the task's data are written.
-  max_len = s.data.max_prompt_len + max(s.raw.ppo.max_new_tokens, s.data.max_response_len)
-  if s.model.init != "scratch":
-    try:
-      hf = load_hf_config(s.model.init)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"config.model.init: {e}") from None
-    if hf.model_type == "gpt2":
-      check_positions(max_len, hf.n_positions)
-  elif s.model.arch == "gpt2":
-    check_positions(max_len, s.model.max_position_embeddings)
-  return mesh
-
-
 def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   t_start = time.perf_counter()
   s = Settings.from_config(config)
@@ -266,9 +228,15 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     why = "a file is in the way" if workdir.is_file() else e.strerror
     raise OSError(f"--workdir {workdir}: cannot create it as a folder ({why})") from e
   defaults = json.loads(base_config().to_json_best_effort())
-  check_workdir(
-    s, json.loads(config.to_json_best_effort()), workdir, resume=resume, defaults=defaults
-  )
+  now = json.loads(config.to_json_best_effort())
+  check_workdir(s, now, workdir, resume=resume, defaults=defaults)
+  if resume and (done := finished_summary(workdir, now)) is not None:
+    print(
+      f"{workdir} holds the finished run of this very config: nothing to do (change the config "
+      "to train on, e.g. raise ppo.iterations, or use a new workdir). Its summary:"
+    )
+    writers.print_summary(done, this_invocation=False)
+    return done
   print(
     f"ppo_jax: workdir {workdir}, jax {jax.__version__} on {jax.devices()[0].platform}, "
     f"mesh {shd.describe(mesh)}, {jax.process_count()} process(es)"
@@ -327,6 +295,8 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     if path and read and s.task.name == "files":
       data.check_rows(path, kind, layout)
   if shd.is_main_process():  # after the refusals that need no training: the config of the outputs
+    if previous_config(workdir) != now:  # a summary of another config's run is stale now
+      (workdir / "summary.json").unlink(missing_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   banner("1/3 supervised fine-tuning", stage="sft")
   policy, sft_eval = run_sft(s, policy, inputs, layout, workdir, mesh=mesh)
@@ -367,9 +337,10 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   before, after = result.before, result.after
   metrics_path = workdir / "metrics.jsonl"  # RL stages only
   rows = writers.read_metrics(metrics_path) if metrics_path.exists() else []
-  k = max(1, min(3, len(rows) // 2))  # rollouts on each side, none on both (but with one)
-  if not before and rows:  # no held-out prompts: the first and last rollouts
-    before, after = writers.rollout_summary(rows[:k]), writers.rollout_summary(rows[-k:])
+  k = max(1, min(3, len(rows) // 2))  # rollouts on each side, none on both
+  if not before and rows:  # no held-out prompts: the first and last rollouts (one: no after)
+    before = writers.rollout_summary(rows[:k])
+    after = writers.rollout_summary(rows[-k:]) if len(rows) > 1 else {}
   summary = {
     "before": before,
     "after": after,

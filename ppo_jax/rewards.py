@@ -102,11 +102,16 @@ def call_reward_fn(
     raise RewardError(f"{where} returned an array of shape {scores.shape}; expected ({n},)")
   bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
   if bad:
-    raise RewardError(f"{where} returned non-finite scores (NaN or inf) for responses {bad[:8]}")
+    more = ", …" if len(bad) > 8 else ""
+    raise RewardError(
+      f"{where} returned non-finite scores (NaN or inf) for {len(bad)} of {n} responses "
+      f"(indices {str(bad[:8])[1:-1]}{more})"
+    )
   big = np.flatnonzero(np.abs(scores) > np.finfo(np.float32).max).tolist()
   if big:
     raise RewardError(
-      f"{where} returned scores beyond float32's range (±3.4e38) for responses {big[:8]}"
+      f"{where} returned scores beyond float32's range (±3.4e38) for {len(big)} of {n} "
+      f"responses (indices {str(big[:8])[1:-1]}{', …' if len(big) > 8 else ''})"
     )
   return scores.astype(np.float32)
 

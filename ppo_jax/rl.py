@@ -40,6 +40,7 @@ from ppo_jax.optim import (
 from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requested
 from ppo_jax.rewards import RewardFn, call_reward_fn
 from ppo_jax.rows import batch_indices
+from ppo_jax.stage_checkpoints import fingerprint
 from ppo_jax.writers import say
 
 
@@ -125,6 +126,14 @@ def run_iteration(
   return state, row, per_sample, gen
 
 
+def _same_prompts(prompts: str, directory, saved: dict[str, Any]) -> None:
+  if saved.get("prompts") not in (None, prompts):  # None: saved before prompts were recorded
+    raise ValueError(
+      f"{directory} holds checkpoints trained on other prompts (the prompts file changed since): "
+      "use a new workdir, or the original prompts"
+    )
+
+
 def run_ppo(
   policy: CausalLM,
   scorer: Scorer,
@@ -204,7 +213,13 @@ def run_ppo(
     state_sh = placement.state
     frozen = shd.place(frozen, placement.frozen)
   fns = rollout.make_step_fns(models, tx, hp, learning_rate(optim, policy_updates), placement)
-  record = {**(record or {}), "stop_ids": list(hp.stop_ids)}
+  # The prompt file's rows (whatever data.eval_prompts holds out, which may change): a resume on
+  # others is refused, as a supervised stage's is.
+  both = [
+    np.concatenate([e, t])
+    for e, t in ((eval_prompts.ids, prompts.ids), (eval_prompts.mask, prompts.mask))
+  ]
+  record = {**(record or {}), "stop_ids": list(hp.stop_ids), "prompts": fingerprint(*both)}
 
   resumed = None
   if checkpointer is not None and checkpointer.latest_step() is not None:
@@ -212,7 +227,8 @@ def run_ppo(
     # key is concrete (a restore reads its implementation), and placed as the state's would be.
     like = shd.abstract(abstract, state_sh)
     like = like.replace(key=jax.device_put(jax.random.key(seed), state_sh.key))
-    resumed = checkpointer.resume(like, record, iterations, config_defaults)
+    same = functools.partial(_same_prompts, record["prompts"], checkpointer.directory)
+    resumed = checkpointer.resume(like, record, iterations, config_defaults, check=same)
   if resumed:
     state, saved = resumed
     _note_stop_ids(saved, hp.stop_ids)

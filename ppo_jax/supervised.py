@@ -137,9 +137,9 @@ def fit(
   ``evaluate`` on ``eval_rows``; prints and returns ``(params, held-out metrics)``. ``frozen``: as
   for ``train``."""
   total = hp.steps(train_rows[1])
-  bar = writers.progress_bar(total, name, enabled=progress)
-  if checkpoints is not None:  # a resumed stage's bar starts at its checkpoint
-    bar.update(min(checkpoints.checkpointer.latest_step() or 0, total))
+  # A resumed stage's bar starts at its checkpoint.
+  done = min(checkpoints.checkpointer.latest_step() or 0, total) if checkpoints is not None else 0
+  bar = writers.progress_bar(total, name, initial=done, enabled=progress)
   out: dict[str, Any] = {}  # the metrics writer, opened at the first step trained here
 
   def on_step(i, n, row):

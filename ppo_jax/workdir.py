@@ -1,8 +1,9 @@
-"""What a run checks in its workdir before writing anything there: checkpoints it was told not to
-resume, another algorithm's outputs it would overwrite, data it would remake under stages trained
-on it, and checkpoints of another config (PPO's, and those of each stage it would train). Each
-refusal is one line and leaves the workdir as it was (``check_finished`` runs once the data are
-ready; each stage compares its training data when it comes)."""
+"""What a run checks before writing anything: its inputs (``preflight``: devices, functions,
+files, model folders), then its workdir: checkpoints it was told not to resume, another
+algorithm's outputs it would overwrite, data it would remake under stages trained on it, and
+checkpoints of another config (PPO's, and those of each stage it would train). Each refusal is
+one line and leaves the workdir as it was (``check_finished`` runs once the data are ready; each
+stage compares its training data when it comes)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import json
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from ppo_jax import checkpoint, stage_checkpoints
-from ppo_jax.stages import has_model_folder
+import jax
+
+from ppo_jax import checkpoint, data, stage_checkpoints
+from ppo_jax import sharding as shd
+from ppo_jax.models.hf import load_hf_config
+from ppo_jax.rewards import load_reward_fn
+from ppo_jax.stages import check_positions, check_reward_model, has_model_folder
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -24,10 +30,65 @@ SFT_DATA = ("seed", "task.num_prompts", "task.num_sft")
 PAIR_DATA = (*SFT_DATA, "task.num_pairs", "task.label_noise")
 
 
+def preflight(s: Settings):
+  """What can fail before any work, checked now: the mesh (returned) and the PPO batch over it,
+  the reward and gold functions (imported), the data files, and the folders a run would load only
+  after SFT."""
+  mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here
+  if s.model.attention == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(
+      f"config.model.attention='cudnn' needs an NVIDIA GPU, and this run's devices are "
+      f"{jax.default_backend()}: use 'xla'"
+    )
+  if mesh.size > 1:
+    if s.algo != "dpo" or s.data.eval_prompts:  # DPO samples evaluations in these batches
+      shd.check_batch(s.ppo_run.batch_size, mesh, "config.ppo.batch_size")
+    if s.algo == "dpo":
+      shd.check_batch(s.dpo.batch_size, mesh, "config.dpo.batch_size")
+  for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
+    if path and (field != "config.reward.fn" or s.reward.source == "function"):
+      load_reward_fn(path, what=field)
+  if s.reward.model and s.algo != "dpo":
+    check_reward_model(s.reward.model)
+  if s.task.name == "files":  # the synthetic task writes its own
+    for field in ("prompts", "sft", "preferences"):
+      path = getattr(s.data, field)
+      if path and not pathlib.Path(path).is_file():
+        folder = pathlib.Path(path).is_dir()
+        why = "is a folder; expected a JSONL file" if folder else "no such file"
+        raise data.DataError(f"config.data.{field}: {path}: {why}")
+  if s.model.tokenizer and not pathlib.Path(s.model.tokenizer).is_dir():
+    raise FileNotFoundError(f"config.model.tokenizer: {s.model.tokenizer}: no such folder")
+  # The longest sequence against a GPT-2's learned positions, before the task's data are written.
+  max_len = s.data.max_prompt_len + max(s.raw.ppo.max_new_tokens, s.data.max_response_len)
+  if s.model.init != "scratch":
+    try:
+      hf = load_hf_config(s.model.init)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"config.model.init: {e}") from None
+    if hf.model_type == "gpt2":
+      check_positions(max_len, hf.n_positions)
+  elif s.model.arch == "gpt2":
+    check_positions(max_len, s.model.max_position_embeddings)
+  return mesh
+
+
 def previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
   """The config.json an earlier run wrote in ``workdir`` (None: none, or not readable JSON)."""
   try:
     return json.loads((workdir / "config.json").read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def finished_summary(workdir: pathlib.Path, config: dict) -> dict[str, Any] | None:
+  """The summary of a finished run of ``config`` (as JSON) in ``workdir``: its config.json is
+  this one and its summary.json is there (written last; removed when another config's run
+  starts). None otherwise."""
+  if previous_config(workdir) != config:
+    return None
+  try:
+    return json.loads((workdir / "summary.json").read_text())
   except (OSError, ValueError):
     return None
 

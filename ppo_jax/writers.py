@@ -256,15 +256,17 @@ class LineProgress:
   ``every`` seconds and one at the end: progress for a log file or a batch scheduler, where a
   bar's carriage returns pile up as one endless line. A line falls due in ``update`` and is
   printed by the ``set_postfix`` that follows (the callers' order: the step's own metrics), or
-  by ``close``. The time left counts from the first ``update`` (a resumed stage's steps, or the
-  first step's compilation, do not set the pace)."""
+  by ``close``. ``initial``: the steps done before (a resumed stage's). The time left is paced by
+  the steps after the first one trained here (the first one's compilation does not count)."""
 
-  def __init__(self, total: int, desc: str, *, every: float = 30.0, file=None):
+  def __init__(
+    self, total: int, desc: str, *, initial: int = 0, every: float = 30.0, file=None
+  ) -> None:
     self.total, self.desc, self.every = total, desc, every
     self.file = file if file is not None else sys.stderr
-    self.n, self.postfix, self.due, self.said = 0, "", False, False
+    self.n, self.postfix, self.due, self.said = initial, "", False, False
     self.t0 = self.shown = time.perf_counter()
-    self.pace: tuple[int, float] | None = None  # (steps, time) at the first update
+    self.pace: tuple[int, float] | None = None  # (steps, time) at the end of the first step
 
   def update(self, n: int = 1) -> None:
     self.n += n
@@ -294,14 +296,16 @@ class LineProgress:
     self.shown, self.due, self.said = now, False, True
 
 
-def progress_bar(total: int, desc: str, *, enabled: bool = True):
+def progress_bar(total: int, desc: str, *, initial: int = 0, enabled: bool = True):
   """A tqdm bar on a terminal, ``LineProgress`` lines when stderr is a file or a pipe (a log, a
-  batch job); disabled: a no-op object with the same methods."""
+  batch job); disabled: a no-op object with the same methods. ``initial``: steps already done."""
   from tqdm.auto import tqdm
 
   if enabled and not sys.stderr.isatty() and "ipykernel" not in sys.modules:  # not a notebook
-    return LineProgress(total, desc)
-  return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+    return LineProgress(total, desc, initial=initial)
+  return tqdm(
+    total=total, desc=desc, initial=initial, disable=not enabled, dynamic_ncols=True, leave=True
+  )
 
 
 def rollout_summary(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -322,8 +326,9 @@ def rollout_summary(rows: list[dict[str, float]]) -> dict[str, float]:
   return out
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-  """The run's closing table: score, gold score, KL and length before and after the RL stage."""
+def print_summary(summary: dict[str, Any], *, this_invocation: bool = True) -> None:
+  """The run's closing table: score, gold score, KL and length before and after the RL stage
+  (``this_invocation=False``: a summary an earlier invocation wrote)."""
   before, after = summary["before"], summary["after"]
   rows = [
     ("score (reward model or fn)", "score"),
@@ -333,6 +338,8 @@ def print_summary(summary: dict[str, Any]) -> None:
   ]
   k = summary.get("rollouts_compared", 3)
   source = "held-out prompts" if summary.get("held_out") else f"first/last {k} rollouts"
+  if not summary.get("held_out") and not after:
+    source = "the one rollout"
   algo = summary.get("algo", "ppo").upper()
   if any(key in before for _, key in rows):
     print(f"{source:30s} {'before ' + algo:>12s} {'after ' + algo:>12s}")
@@ -340,8 +347,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"no before/after scores: {algo} samples no rollouts, and no prompts were held out to")
     print("evaluate it (data.eval_prompts)")
   for label, key in rows:
-    if key in before:
-      print(f"{label:30s} {before[key]:12.4f} {after[key]:12.4f}")
+    if key in before:  # after: none from a run of one rollout
+      then = f"{after[key]:12.4f}" if key in after else f"{'—':>12s}"
+      print(f"{label:30s} {before[key]:12.4f} {then}")
   if "accuracy" in summary.get("rm_eval", {}):
     print(
       f"reward model held-out accuracy: {summary['rm_eval']['accuracy']:.3f}"
@@ -351,4 +359,5 @@ def print_summary(summary: dict[str, Any]) -> None:
         else ""
       )
     )
-  print(f"time of this invocation: {summary['seconds']:.0f} s")  # a resumed run's: since the resume
+  which = "this invocation" if this_invocation else "the invocation that finished it"
+  print(f"time of {which}: {summary['seconds']:.0f} s")  # a resumed run's: since the resume

@@ -63,6 +63,38 @@ def test_resume_is_bitwise_identical(smoke_run, tmp_path):
   )
 
 
+def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path):
+  """The checkpoints record a fingerprint of the prompt file's rows, as a supervised stage's do:
+  an edited prompts file is refused, and the run's files are left as they were."""
+  prompts = tmp_path / "prompts.jsonl"
+  shutil.copy(smoke_run[0] / "data" / "prompts.jsonl", prompts)
+  config = lambda iterations: smoke_config(
+    task__name="files",
+    data__prompts=str(prompts),
+    model__tokenizer=str(smoke_run[0] / "data" / "tokenizer"),
+    sft__epochs=0.0,
+    rm__enabled=False,
+    reward__source="function",
+    reward__fn="reward_fns:superlatives",
+    ppo__critic_init="policy",
+    ppo__iterations=iterations,
+    ppo__batch_size=8,
+    log__tensorboard=False,
+    log__plots=False,
+  )
+  workdir = tmp_path / "run"
+  pipeline.run(config(1), workdir)
+  metrics = (workdir / "metrics.jsonl").read_text()
+  with prompts.open("a") as f:
+    f.write(json.dumps({"prompt": "one more"}) + "\n")
+  with pytest.raises(ValueError, match=r"checkpoints holds checkpoints trained on other prompts"):
+    pipeline.run(config(2), workdir)
+  assert (workdir / "metrics.jsonl").read_text() == metrics
+  prompts.write_text("".join(prompts.read_text().splitlines(keepends=True)[:-1]))
+  pipeline.run(config(2), workdir)  # the original prompts: resumed
+  assert count_lines(workdir / "metrics.jsonl") == 2
+
+
 def _start(workdir, *args, console_script=False):
   """The smoke config in a process of its own: ``python -m ppo_jax.main``, or ``ppo-jax``."""
   program = (

@@ -328,14 +328,21 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
     assert (workdir / "plots" / f"{plot}.png").stat().st_size > 10_000, plot
   assert not (workdir / "plots" / "ppo.png").exists()
   assert (workdir / "policy" / "model.safetensors").exists()
-  # Its last checkpoint stays (as PPO's do): the same command again trains nothing more and
-  # leaves the logs as they were.
+  # Its last checkpoint stays (as PPO's do). The same command again does nothing: it prints the
+  # finished run's summary and leaves the logs, the summary and TensorBoard's files as they were.
   assert [p.name for p in (workdir / "dpo_checkpoints").iterdir()] == ["61"]
   logs = {n: (workdir / n).read_text() for n in ("metrics.jsonl", "dpo_metrics.jsonl")}
+  written = (workdir / "summary.json").read_text()
+  events = sorted((workdir / "tensorboard").rglob("*"))
+  capsys.readouterr()
   again = pipeline.run(config, workdir)
-  assert "resuming from the checkpoint of step 61" in capsys.readouterr().out
-  assert again["after"] == summary["after"] and again["dpo_eval"]["train_seconds"] == 0.0
+  out = capsys.readouterr().out
+  assert "holds the finished run of this very config: nothing to do" in out
+  assert "time of the invocation that finished it" in out and "resuming" not in out
+  assert again["after"] == summary["after"] and again["seconds"] == summary["seconds"]
   assert logs == {n: (workdir / n).read_text() for n in logs}
+  assert (workdir / "summary.json").read_text() == written
+  assert sorted((workdir / "tensorboard").rglob("*")) == events
   # `ppo-jax export` finds the DPO checkpoint: the policy of step 61 is the policy/ folder.
   load = lambda w: safetensors.numpy.load_file(str(w / "model.safetensors"))
   args = ["export", "--workdir", str(workdir), "--out", str(tmp_path / "e")]
@@ -407,7 +414,9 @@ def test_dpo_with_lora_trains_adapters_over_the_sft_policy(smoke_run, tmp_path, 
   exported = safetensors.numpy.load_file(str(tmp_path / "e" / "model.safetensors"))
   assert all(np.array_equal(exported[k], final[k]) for k in final)
   capsys.readouterr()
-  pipeline.run(config, workdir)  # finished: resumed at its last step, nothing trained
+  # Another config that trains the same (a log field): resumed at its last step, nothing trained.
+  config.log.samples_every = config.log.samples_every + 1
+  pipeline.run(config, workdir)
   assert "resuming from the checkpoint of step 61" in capsys.readouterr().out
 
 
@@ -486,7 +495,8 @@ def test_progress_into_a_log_is_whole_lines(capsys, monkeypatch):
   """stderr that is no terminal (here pytest's capture; a log file, a batch job): each stage's
   progress is whole lines, one per 30 s and one at the end, not a bar's carriage returns. A line
   shows the metrics of its own step (callers update, then set the postfix), and the time left
-  counts from the first update, not from a resumed stage's start."""
+  is paced by the steps after the first one trained (not a resumed stage's start, nor the first
+  step's compilation)."""
   import sys
 
   monkeypatch.delitem(sys.modules, "ipykernel", raising=False)  # as outside a notebook
@@ -496,17 +506,17 @@ def test_progress_into_a_log_is_whole_lines(capsys, monkeypatch):
     bar.set_postfix({"score": f"{i}.5", "kl": "0.1"})
   bar.close()
   assert capsys.readouterr().err == "ppo 4/4, 0 s; score 3.5, kl 0.1\n"
-  clock = iter([0.0, 0.0, 3.0, 3.0, 5.0, 5.0])  # construction, update(90), update(1), the line…
+  clock = iter([0.0, 3.0, 3.0, 5.0, 5.0, 6.0, 6.0])  # construction, update(1), the line, …
   monkeypatch.setattr(writers.time, "perf_counter", lambda: next(clock))
-  bar = writers.LineProgress(100, "sft", every=0.0)
-  bar.update(90)  # resumed at step 90
-  for i in range(2):
+  bar = writers.LineProgress(100, "sft", initial=90, every=0.0)  # resumed at step 90
+  for i in range(3):
     bar.update(1)
     bar.set_postfix({"nll": i})
   err = capsys.readouterr().err
   assert "\r" not in err and err.splitlines() == [
-    "sft 91/100, 3 s, ~27 s left; nll 0",  # 3 s for the step since the resume, 9 to go
-    "sft 92/100, 5 s, ~20 s left; nll 1",  # 5 s for 2 steps
+    "sft 91/100, 3 s; nll 0",  # the first step (compiling): no pace yet
+    "sft 92/100, 5 s, ~16 s left; nll 1",  # 2 s for the step after it, 8 to go
+    "sft 93/100, 6 s, ~10 s left; nll 2",  # 3 s for 2 steps, 7 to go
   ]
   writers.progress_bar(2, "rm", enabled=False).update(2)  # off: nothing
   assert capsys.readouterr().err == ""
@@ -648,6 +658,11 @@ def test_a_summary_without_scores_says_why(capsys):
   writers.print_summary(summary)
   out = capsys.readouterr().out
   assert "before PPO" in out and "0.5000       1.5000" in out
+  # One rollout (one iteration, no held-out prompts): a before, no after.
+  summary.update(before={"score": 0.5}, after={}, rollouts_compared=1)
+  writers.print_summary(summary)
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("the one rollout ") and out[1].split()[-2:] == ["0.5000", "—"]
 
 
 def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):

@@ -29,9 +29,15 @@ def _raises(prompts, responses):
     (lambda p, r: 0.5, r"returned 0\.5, not a sequence of 3 scores"),
     (lambda p, r: ["good", "bad", "ok"], r"returned text \(\['good', 'bad', 'ok'\]\), not numbers"),
     (lambda p, r: ["1.5", 2, 3], r"returned text .*, not numbers"),  # not read as 1.5
-    (lambda p, r: [0.0, 1e39, 1.0], r"beyond float32's range \(±3\.4e38\) for responses \[1\]"),
+    (
+      lambda p, r: [0.0, 1e39, 1.0],
+      r"beyond float32's range \(±3\.4e38\) for 1 of 3 responses \(indices 1\)",
+    ),
     (lambda p, r: [[1.0], [2.0, 3.0], [4.0]], r"returned list, not a sequence of numbers"),
-    (lambda p, r: [0.0, float("nan"), float("inf")], r"non-finite scores .* responses \[1, 2\]"),
+    (
+      lambda p, r: [0.0, float("nan"), float("inf")],
+      r"non-finite scores \(NaN or inf\) for 2 of 3 responses \(indices 1, 2\)$",
+    ),
   ],
 )
 def test_bad_return_values_are_one_line(fn, message):
@@ -128,3 +134,10 @@ def test_a_required_field_some_rows_lack_is_refused_before_training():
   assert fields_taken(fn, columns, "cfg") == columns  # optional 'note' may be None
   columns["answer"][1] = columns["answer"][3] = "y"
   assert fields_taken(fn, columns, "cfg", every_row=True)["answer"] == ["x", "y", "z", "y"]
+
+
+def test_many_bad_scores_are_counted_and_the_first_named():
+  with pytest.raises(
+    RewardError, match=r"for 12 of 12 responses \(indices 0, 1, 2, 3, 4, 5, 6, 7, …\)$"
+  ):
+    call_reward_fn(lambda p, r: [float("nan")] * 12, ["a"] * 12, ["b"] * 12)
