@@ -26,11 +26,12 @@ def gae(
   ``δₜ = rₜ + γ mₜ₊₁ Vₜ₊₁ − Vₜ``,  ``Âₜ = δₜ + γλ mₜ₊₁ Âₜ₊₁``,  ``Âₜ = 0`` where ``mₜ = 0``,
 
   with ``m_T = 0``: there is no bootstrap past the last real token, so a response's episode ends
-  there (a response cut at ``max_new_tokens`` too: it is scored as it stands). Every masked
-  position ends an episode, not only the last: with a hole in a row's mask (tool output inside a
-  response, say) no credit crosses it. Returns ``Rₜ = (Âₜ + Vₜ)·mₜ``. Schulman et al. 2016,
-  "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
-  https://arxiv.org/abs/1506.02438.
+  there (a response cut at ``max_new_tokens`` too: it is scored as it stands). Beware: every
+  masked position ends an episode, not only the last, so no credit crosses a hole in a row's
+  mask; to mask tokens out of the loss (tool output inside a response, say) but carry credit
+  across them, compute GAE on the whole response and mask the loss instead. Returns
+  ``Rₜ = (Âₜ + Vₜ)·mₜ``. Schulman et al. 2016, "High-Dimensional Continuous Control Using
+  Generalized Advantage Estimation", https://arxiv.org/abs/1506.02438.
 
   Args:
     rewards_BxT: per-token rewards ``rₜ`` ``[B, T]`` (e.g. −β·KL per token plus the score on the

@@ -43,9 +43,13 @@ RESUMABLE_CHANGES = (
   "model.attention",
   "dpo.eval_every",
 )
-# Fields an algorithm never read: a run saved with them set resumes with them unset (they are
-# refused for it now, and were ignored then).
+# Fields a run never read, by algorithm, task and reward source: a run saved with them set
+# resumes with them unset (they are refused for it now, and were ignored then).
 UNREAD_BY = {"grpo": ("ppo.whiten_rewards",), "rloo": ("ppo.whiten_rewards",)}
+UNREAD_UNLESS = {
+  ("task.name", "files"): ("data.prompts", "data.sft", "data.preferences"),
+  ("reward.source", "function"): ("reward.fn",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +153,10 @@ def config_differences(
   behaviour, so upgrading ppo_jax does not lock a run out of its checkpoints.
   """
   a, b, d = flatten(saved), flatten(current), flatten(defaults or {})
-  unread = UNREAD_BY.get(b.get("algo"), ()) if a.get("algo") == b.get("algo") else ()
+  unread = set(UNREAD_BY.get(b.get("algo"), ()) if a.get("algo") == b.get("algo") else ())
+  for (field, value), names in UNREAD_UNLESS.items():
+    if a.get(field, d.get(field)) != value:
+      unread.update(name for name in names if b.get(name) is None)
   diffs = []
   for name in sorted(set(a) | set(b)):
     if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name) or name in unread:

@@ -175,8 +175,12 @@ def check_settings(s: Settings) -> None:
     ),
     (
       s.reward.source == "function" or not s.reward.fn,
-      "config.reward.fn is set, but config.reward.source='model' scores with a reward model: add "
-      "config.reward.source=function (and config.rm.enabled=False) to use the function",
+      (
+        "config.reward.fn is set, but DPO uses no reward: drop it"
+        if s.algo == "dpo"
+        else "config.reward.fn is set, but config.reward.source='model' scores with a reward "
+        "model: add config.reward.source=function (and config.rm.enabled=False) to use the function"
+      ),
     ),
     (
       s.task.name != "files" or s.data.preferences or not needs_pairs,

@@ -191,7 +191,7 @@ def _encode_rendered(
   encoded = tokenizer(texts, add_special_tokens=not layout.chat)["input_ids"]
   P = layout.prompt_len
   if fit:
-    P = min(P, max(1, *map(len, encoded)))  # one column even if every prompt is empty
+    P = min(P, max(1, max(map(len, encoded), default=0)))  # a column even for empty prompts
   ids = np.full((len(texts), P), layout.pad_id, np.int32)
   mask = np.zeros((len(texts), P), np.int32)
   cut = 0

@@ -188,17 +188,17 @@ def _earlier_export(out: pathlib.Path, files: list[str]) -> list[pathlib.Path]:
   (a record from before the lists: the names this export writes, and weight shards of any
   layout). Anything else there (a model card, notes) is the user's and stays."""
   try:
-    listed = set(json.loads((out / EXPORT_RECORD).read_text()).get("files", []))
+    listed = json.loads((out / EXPORT_RECORD).read_text()).get("files")
   except (OSError, ValueError, AttributeError):
-    listed = set()
-  shard = lambda n: (
-    n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))
-  )
-  return [
-    p
-    for p in out.iterdir()
-    if p.name != STAGING and (p.name in listed or p.name in files or shard(p.name))
-  ]
+    listed = None
+  if isinstance(listed, list):
+    ours = lambda n: n in listed or n in files
+  else:  # a record from before the lists
+    ours = lambda n: (
+      n in files
+      or (n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json")))
+    )
+  return [p for p in out.iterdir() if p.name != STAGING and ours(p.name)]
 
 
 def _listed(names: list[str]) -> str:

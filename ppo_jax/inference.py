@@ -350,7 +350,8 @@ def _positions_left(positions: int, max_new_tokens: int, rm) -> str:
   """The prompt limit when --max-prompt-len is not given: what the responses leave."""
   models = "model and reward model" if rm is not None else "model"
   return (
-    f"the {{P}} positions --max-new-tokens {max_new_tokens} leaves of the {models}'s {positions} "
+    f"the {{P}} positions {max_new_tokens} new tokens (--max-new-tokens) leave of the {models}'s "
+    f"{positions} "
     "(lower --max-new-tokens, or set --prompt-overflow=truncate)"
   )
 

@@ -47,7 +47,6 @@ from ppo_jax.workdir import (
   check_workdir,
   finished_summary,
   preflight,
-  previous_config,
   stages_trained,
 )
 
@@ -230,10 +229,11 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   defaults = json.loads(base_config().to_json_best_effort())
   now = json.loads(config.to_json_best_effort())
   check_workdir(s, now, workdir, resume=resume, defaults=defaults)
-  if resume and (done := finished_summary(workdir, now)) is not None:
+  if resume and (done := finished_summary(s, workdir, now)) is not None:
     print(
-      f"{workdir} holds the finished run of this very config: nothing to do (change the config "
-      "to train on, e.g. raise ppo.iterations, or use a new workdir). Its summary:"
+      f"{workdir} holds the finished run of this very config: nothing to do (its data files "
+      "are not read again; to train on, change the config, e.g. raise ppo.iterations, or use a "
+      "new workdir). Its summary:"
     )
     writers.print_summary(done, this_invocation=False)
     return done
@@ -277,6 +277,11 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     f"{len(prompts)} training and {len(eval_prompts)} evaluation prompts from "
     f"{inputs.prompts}; vocabulary {len(tok)}"
   )
+  if resume and s.algo != "dpo" and checkpoint.holds_checkpoints(workdir / "checkpoints"):
+    with checkpoint.Checkpointer(workdir / "checkpoints", s.checkpoint) as ckpt:
+      if ckpt.latest_step() is not None:  # now, not once the models are built and placed
+        prints = rl.prompts_fingerprint(prompts, eval_prompts)
+        rl.check_same_prompts(prints, ckpt.directory, ckpt.record())
   max_len = layout.prompt_len + max(hp.max_new_tokens, layout.response_len)
   with shd.staged_on_host(mesh):  # each stage places the models it trains
     policy = init_policy(s, tok, max_len)
@@ -295,8 +300,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     if path and read and s.task.name == "files":
       data.check_rows(path, kind, layout)
   if shd.is_main_process():  # after the refusals that need no training: the config of the outputs
-    if previous_config(workdir) != now:  # a summary of another config's run is stale now
-      (workdir / "summary.json").unlink(missing_ok=True)
+    (workdir / "summary.json").unlink(missing_ok=True)  # an earlier run's: this one writes its own
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   banner("1/3 supervised fine-tuning", stage="sft")
   policy, sft_eval = run_sft(s, policy, inputs, layout, workdir, mesh=mesh)
@@ -352,6 +356,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
     "algo": s.algo,
     **inputs.notes,
     "seconds": time.perf_counter() - t_start,
+    "config": now,  # what finished_summary compares a later run's config with
   }
   if shd.is_main_process():
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -126,11 +127,26 @@ def run_iteration(
   return state, row, per_sample, gen
 
 
-def _same_prompts(prompts: str, directory, saved: dict[str, Any]) -> None:
-  if saved.get("prompts") not in (None, prompts):  # None: saved before prompts were recorded
+def prompts_fingerprint(prompts: Prompts, eval_prompts: Prompts) -> str:
+  """A fingerprint of the prompt file's rows: their tokens and their other fields (the held-out
+  rows first, so it is the same whatever ``data.eval_prompts`` holds out, which may change)."""
+  ids, mask = (
+    np.concatenate([getattr(eval_prompts, a), getattr(prompts, a)]) for a in ("ids", "mask")
+  )
+  names = sorted({*prompts.columns, *eval_prompts.columns})
+  fields = {k: [*eval_prompts.columns.get(k, []), *prompts.columns.get(k, [])] for k in names}
+  text = json.dumps(fields, sort_keys=True, default=repr).encode()
+  return fingerprint(ids, mask, np.frombuffer(text, np.uint8))
+
+
+def check_same_prompts(prompts: str, directory, saved: dict[str, Any]) -> None:
+  """Refuses to resume the checkpoints in ``directory`` (latest record ``saved``) on prompts of
+  another ``prompts_fingerprint`` (records from before the fingerprint pass)."""
+  if saved.get("prompts") not in (None, prompts):
     raise ValueError(
-      f"{directory} holds checkpoints trained on other prompts (the prompts file changed since): "
-      "use a new workdir, or the original prompts"
+      f"{directory} holds checkpoints trained on other prompts (their tokens or fields differ: "
+      "the prompts file, the tokenizer or the chat template changed since); use a new workdir, "
+      "or the original prompts"
     )
 
 
@@ -213,13 +229,9 @@ def run_ppo(
     state_sh = placement.state
     frozen = shd.place(frozen, placement.frozen)
   fns = rollout.make_step_fns(models, tx, hp, learning_rate(optim, policy_updates), placement)
-  # The prompt file's rows (whatever data.eval_prompts holds out, which may change): a resume on
-  # others is refused, as a supervised stage's is.
-  both = [
-    np.concatenate([e, t])
-    for e, t in ((eval_prompts.ids, prompts.ids), (eval_prompts.mask, prompts.mask))
-  ]
-  record = {**(record or {}), "stop_ids": list(hp.stop_ids), "prompts": fingerprint(*both)}
+  # A resume on other prompts is refused, as a supervised stage's on other data is.
+  prints = prompts_fingerprint(prompts, eval_prompts)
+  record = {**(record or {}), "stop_ids": list(hp.stop_ids), "prompts": prints}
 
   resumed = None
   if checkpointer is not None and checkpointer.latest_step() is not None:
@@ -227,7 +239,7 @@ def run_ppo(
     # key is concrete (a restore reads its implementation), and placed as the state's would be.
     like = shd.abstract(abstract, state_sh)
     like = like.replace(key=jax.device_put(jax.random.key(seed), state_sh.key))
-    same = functools.partial(_same_prompts, record["prompts"], checkpointer.directory)
+    same = functools.partial(check_same_prompts, prints, checkpointer.directory)
     resumed = checkpointer.resume(like, record, iterations, config_defaults, check=same)
   if resumed:
     state, saved = resumed

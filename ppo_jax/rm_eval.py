@@ -93,7 +93,8 @@ def evaluate_pairs(
     {}
     if max_prompt_len
     else {
-      "limit": f"the {{P}} positions --max-response-len {R} leaves of the reward model's "
+      "limit": f"the {{P}} positions {R} response tokens (--max-response-len) leave of the "
+      "reward model's "
       f"{positions} (lower --max-response-len, or set --prompt-overflow=truncate)"
     }
   )

@@ -338,6 +338,17 @@ def to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def all_agree(flag: bool) -> bool:
+  """Whether ``flag`` holds on every process (``flag`` itself with one process): a decision each
+  process makes from files, made the same everywhere (one host's failed read must not split
+  them)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(multihost_utils.process_allgather(np.int32(flag)).all())
+
+
 def sync(name: str) -> None:
   """A barrier across processes (nothing with one process)."""
   if jax.process_count() > 1:

@@ -81,16 +81,29 @@ def previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
     return None
 
 
-def finished_summary(workdir: pathlib.Path, config: dict) -> dict[str, Any] | None:
-  """The summary of a finished run of ``config`` (as JSON) in ``workdir``: its config.json is
-  this one and its summary.json is there (written last; removed when another config's run
-  starts). None otherwise."""
-  if previous_config(workdir) != config:
-    return None
-  try:
-    return json.loads((workdir / "summary.json").read_text())
-  except (OSError, ValueError):
-    return None
+def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[str, Any] | None:
+  """The summary of the finished run of ``config`` (as JSON) in ``workdir``, on every process;
+  None if anything is missing to call it finished: the config.json and the summary.json of this
+  config (written last; removed when a run starts), the stages' folders (deleted ones are
+  trained again), ``policy/``, and the last stage's checkpoints (PPO's of the last step)."""
+  summary = None
+  if previous_config(workdir) == config:
+    try:
+      summary = json.loads((workdir / "summary.json").read_text())
+    except (OSError, ValueError):
+      summary = None
+  will = stages_trained(s, workdir)
+  last = workdir / "checkpoints" / str(s.ppo_run.iterations)
+  done = (
+    isinstance(summary, dict)
+    and summary.get("config") == config
+    and not (will["sft"] or will["rm"])
+    and has_model_folder(workdir / "policy")
+    and (
+      checkpoint.holds_checkpoints(workdir / "dpo_checkpoints") if will["dpo"] else last.is_dir()
+    )
+  )
+  return summary if shd.all_agree(done) else None
 
 
 def check_workdir(
@@ -130,7 +143,9 @@ def stages_trained(s: Settings, workdir: pathlib.Path) -> dict[str, bool]:
   SFT or the reward model when their finished folder is there to be reused."""
   return {
     "ppo": s.algo != "dpo",
-    "sft": s.sft.epochs > 0 and not has_model_folder(workdir / "sft"),
+    "sft": s.sft.epochs > 0
+    and (s.task.name != "files" or bool(s.data.sft))
+    and not has_model_folder(workdir / "sft"),
     "rm": s.own_reward_model and not has_model_folder(workdir / "reward_model"),
     "dpo": s.algo == "dpo",
   }

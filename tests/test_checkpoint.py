@@ -90,9 +90,40 @@ def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path):
   with pytest.raises(ValueError, match=r"checkpoints holds checkpoints trained on other prompts"):
     pipeline.run(config(2), workdir)
   assert (workdir / "metrics.jsonl").read_text() == metrics
-  prompts.write_text("".join(prompts.read_text().splitlines(keepends=True)[:-1]))
+  # Its fields too (what a reward function may read), whichever rows are held out.
+  rows = prompts.read_text().splitlines(keepends=True)
+  prompts.write_text("".join(rows[:-2]) + json.dumps({**json.loads(rows[-2]), "answer": 1}) + "\n")
+  with pytest.raises(ValueError, match=r"checkpoints trained on other prompts"):
+    pipeline.run(config(2), workdir)
+  prompts.write_text("".join(rows[:-1]))
   pipeline.run(config(2), workdir)  # the original prompts: resumed
   assert count_lines(workdir / "metrics.jsonl") == 2
+
+
+def test_a_run_is_finished_only_with_its_summary_outputs_and_last_checkpoint(smoke_run, tmp_path):
+  """``workdir.finished_summary``: the same config's summary (a stale one of another config, as an
+  older ppo_jax left it, does not count), the stage folders, policy/ and the last checkpoint; one
+  deleted is remade by the next run rather than skipped."""
+  from ppo_jax.config import Settings
+  from ppo_jax.workdir import finished_summary
+
+  workdir = tmp_path / "w"
+  shutil.copytree(smoke_run[0], workdir, ignore=shutil.ignore_patterns("tensorboard", "plots"))
+  config = smoke_config()
+  now, s = json.loads(config.to_json_best_effort()), Settings.from_config(config)
+  assert finished_summary(s, workdir, now) == json.loads((workdir / "summary.json").read_text())
+  config.ppo.iterations = 20
+  later = json.loads(config.to_json_best_effort())
+  assert finished_summary(Settings.from_config(config), workdir, later) is None
+  (workdir / "config.json").write_text(json.dumps(later))  # a longer run, interrupted
+  assert finished_summary(Settings.from_config(config), workdir, later) is None  # stale summary
+  (workdir / "config.json").write_text(json.dumps(now))
+  for name in ("checkpoints/15", "policy", "reward_model", "sft"):
+    moved = tmp_path / "moved"
+    (workdir / name).rename(moved)
+    assert finished_summary(s, workdir, now) is None, name
+    moved.rename(workdir / name)
+  assert finished_summary(s, workdir, now) is not None
 
 
 def _start(workdir, *args, console_script=False):
@@ -431,24 +462,30 @@ def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys, monkeypat
   mine = workdir / "mine"
   export = lambda out: main.cli(["ppo-jax", "export", "--workdir", str(workdir), "--out", str(out)])
   assert export(mine) == 0
-  # An earlier export's files are replaced whole (a stale shard of another layout goes, and a
-  # file the record lists), the user's stay; a folder of other files, or a file, is refused and
-  # left as it was.
+  # An earlier export's files, those its record lists, are replaced whole (a shard of another
+  # layout goes); the user's stay, weights too. A record from before the lists: the names this
+  # export writes and weight shards go. A folder of other files, or a file, is refused and left
+  # as it was.
   (mine / "model-00001-of-00002.safetensors").write_bytes(b"stale")
   (mine / "README.md").write_text("my model card")
+  (mine / "model_int8.safetensors").write_bytes(b"mine")
   record = json.loads((mine / "ppo_jax_checkpoint.json").read_text())
   assert "model.safetensors" in record["files"] and "config.json" in record["files"]
-  (mine / "old_extra.txt").write_text("written by the earlier export")
-  record["files"].append("old_extra.txt")
+  record["files"].append("model-00001-of-00002.safetensors")
   (mine / "ppo_jax_checkpoint.json").write_text(json.dumps(record))
   capsys.readouterr()
   assert export(mine) == 0 and not (mine / "model-00001-of-00002.safetensors").exists()
-  assert "kept the files in " + str(mine) + " that the earlier export did not write: README.md" in (
-    capsys.readouterr().out
+  assert (
+    f"kept the files in {mine} that the earlier export did not write: README.md, "
+    "model_int8.safetensors" in capsys.readouterr().out
   )
-  assert (mine / "README.md").read_text() == "my model card" and not (
-    mine / "old_extra.txt"
-  ).exists()
+  assert (mine / "README.md").read_text() == "my model card"
+  (mine / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+  record = json.loads((mine / "ppo_jax_checkpoint.json").read_text())
+  (mine / "ppo_jax_checkpoint.json").write_text(json.dumps({**record, "files": None}))
+  assert export(mine) == 0 and not (mine / "model-00001-of-00002.safetensors").exists()
+  assert not (mine / "model_int8.safetensors").exists()  # an old record: taken for a shard
+  (mine / "README.md").unlink()
   assert (mine / "model.safetensors").exists() and not list(tmp_path.glob("**/.*exporting"))
   (tmp_path / "data").mkdir()
   (tmp_path / "data" / "prompts.jsonl").write_text("{}\n")
@@ -468,8 +505,7 @@ def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys, monkeypat
   here.mkdir()
   monkeypatch.chdir(here)
   assert export(".") == 0 and export(".") == 0 and (here / "model.safetensors").exists()
-  exported = sorted(p.name for p in here.iterdir())
-  assert exported == sorted(p.name for p in mine.iterdir() if p.name != "README.md")
+  assert sorted(p.name for p in here.iterdir()) == sorted(p.name for p in mine.iterdir())
   (tmp_path / "link").symlink_to(here)
   assert export(tmp_path / "link") == 0 and (tmp_path / "link").is_symlink()
   assert not list(tmp_path.glob("**/.ppo_jax_exporting"))
@@ -491,7 +527,13 @@ def test_export_a_checkpoint(smoke_run, tmp_path, capsys):
   assert proc.returncode == 0, proc.stderr
   assert "wrote the policy of step 15" in proc.stdout
   record = json.loads((tmp_path / "latest" / "ppo_jax_checkpoint.json").read_text())
-  assert record == {"workdir": str(smoke_run[0].absolute()), "stage": "ppo", "step": 15}
+  files = sorted(p.name for p in (tmp_path / "latest").iterdir())
+  assert record == {
+    "workdir": str(smoke_run[0].absolute()),
+    "stage": "ppo",
+    "step": 15,
+    "files": files,  # all it wrote, what a later export there replaces
+  }
 
   def run(*args):
     capsys.readouterr()  # what came before (transformers' progress bars) is not the export's
@@ -533,6 +575,16 @@ def test_config_differences_ignore_what_may_change():
   for algo, diffs in (("grpo", []), ("ppo", ["ppo.whiten_rewards: True → False"])):
     now = {"algo": algo, "ppo": {"whiten_rewards": False}}
     assert checkpoint.config_differences({**grpo, "algo": algo}, now) == diffs
+  # Data files under the synthetic task, reward.fn under reward.source='model': never read, now
+  # refused; a run saved with them resumes with them unset, not with other values.
+  saved = {"task": {"name": "synthetic"}, "data": {"sft": "s.jsonl"}, "reward": {"fn": "m:f"}}
+  now = {"task": {"name": "synthetic"}, "data": {"sft": None}, "reward": {"fn": None}}
+  assert checkpoint.config_differences(saved, now) == []
+  now["reward"]["fn"] = "m:g"
+  assert checkpoint.config_differences(saved, now) == ["reward.fn: 'm:f' → 'm:g'"]
+  saved["reward"]["source"] = now["reward"]["source"] = "function"
+  now["reward"]["fn"] = None
+  assert checkpoint.config_differences(saved, now) == ["reward.fn: 'm:f' → None"]
 
 
 def test_a_field_added_since_the_save_counts_only_off_its_default():

@@ -180,8 +180,9 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
     (  # no --max-prompt-len: the fix is fewer new tokens
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--max-new-tokens=45"],
       1,
-      f"{prompts}:3: prompt of 5 tokens is longer than the 3 positions --max-new-tokens 45 leaves "
-      "of the model's 48 (lower --max-new-tokens, or set --prompt-overflow=truncate)",
+      f"{prompts}:3: prompt of 5 tokens is longer than the 3 positions 45 new tokens "
+      "(--max-new-tokens) leave of the model's 48 (lower --max-new-tokens, or set "
+      "--prompt-overflow=truncate)",
     ),
     ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=x"], 2, "argument --n: invalid int"),
     ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=0"], 1, "--n must be ≥ 1, got 0"),
