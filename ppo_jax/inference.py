@@ -264,8 +264,8 @@ def sample_file(
   chunk, B, batches = batch_rows(batch_size, len(rows), mesh)
   say = print if progress else (lambda *a, **k: None)
   say(
-    f"sampling {len(file)} prompts × {n} from {model} ({len(rows)} responses of at most "
-    f"{max_new_tokens} tokens, {batches}; "
+    f"sampling {_count(len(file), 'prompt')} × {n} from {model} "
+    f"({_count(len(rows), 'response')} of at most {_count(max_new_tokens, 'token')}, {batches}; "
     + (
       "greedy"
       if settings["greedy"]
@@ -344,6 +344,10 @@ def sample_file(
     f"wrote {len(rows)} responses to {out}: " + ", ".join(_shown(k, v) for k, v in summary.items())
   )
   return summary
+
+
+def _count(n: int, word: str) -> str:
+  return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _positions_left(positions: int, max_new_tokens: int, rm) -> str:

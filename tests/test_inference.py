@@ -285,10 +285,11 @@ def test_the_default_response_length_fits_the_model(tmp_path, capsys):
   prompts.write_text(json.dumps({"prompt": "w1 w2"}) + "\n")
   base = ["ppo-jax", "sample", f"--model={model}", f"--prompts={prompts}", "--greedy"]
   assert cli([*base, f"--out={tmp_path / 'a.jsonl'}"]) == 0
-  assert "responses of at most 10 tokens" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "sampling 1 prompt × 1 from" in out and "(1 response of at most 10 tokens" in out
   (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3}))
   assert cli([*base, f"--out={tmp_path / 'b.jsonl'}"]) == 0
-  assert "responses of at most 3 tokens" in capsys.readouterr().out
+  assert "1 response of at most 3 tokens" in capsys.readouterr().out
   assert _rows(tmp_path / "b.jsonl")[0]["tokens"] <= 3
 
 
