@@ -60,7 +60,8 @@ def policy_loss(
   Returns:
     ``(loss, metrics)``. Metrics (token means unless noted): ``clipfrac`` (fraction of tokens
     where the clipped term is the larger), ``approx_kl`` (k3 estimate of KL(π_old ‖ π)),
-    ``ratio`` (mean r), ``ratio_max``, ``dual_clipfrac``, and the counts ``num_tokens`` and
+    ``ratio`` (mean r), ``ratio_max``, ``dual_clipfrac``, ``ratio_clamped`` (fraction of tokens
+    whose log-ratio was held to ±``LOG_RATIO_MAX``), and the counts ``num_tokens`` and
     ``num_seqs`` (see ``masking.agg_weight``).
 
   >>> loss, m = policy_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.array([[1.0, -3.0]]),
@@ -84,6 +85,7 @@ def policy_loss(
   # (an old log-prob of −inf, say) passes no gradient rather than inf·0 = nan through the branch
   # the max does not take.
   log_ratio = jnp.where(m, jnp.asarray(logp_BxT, dtype) - old_logp, 0.0)
+  clamped = jnp.abs(log_ratio) > LOG_RATIO_MAX  # nan: not clamped, and not hidden either
   log_ratio = jnp.clip(log_ratio, -LOG_RATIO_MAX, LOG_RATIO_MAX)
   ratio = jnp.exp(log_ratio)
 
@@ -101,6 +103,7 @@ def policy_loss(
   metrics = {
     "clipfrac": masked_mean(clipped_binds, m),
     "dual_clipfrac": masked_mean(dual_binds, m),
+    "ratio_clamped": masked_mean(clamped, m),
     # KL(π_old ‖ π) from samples of π_old: d = log π_old − log π = −log r.
     "approx_kl": masked_mean(kl_estimate(jnp.zeros_like(log_ratio), log_ratio, kind="k3"), m),
     "ratio": masked_mean(ratio, m),

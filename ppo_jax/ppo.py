@@ -180,6 +180,7 @@ def _loss(
     "policy/approxkl_avg": share_tok * pg_m["approx_kl"],
     "policy/clipfrac_avg": share_tok * pg_m["clipfrac"],
     "policy/dual_clipfrac_avg": share_tok * pg_m["dual_clipfrac"],
+    "policy/ratio_clamped_avg": share_tok * pg_m["ratio_clamped"],
     "policy/entropy_avg": share_tok * entropy,
     "val/ratio": share_tok * pg_m["ratio"],
   }

@@ -145,6 +145,7 @@ class TestPolicyLoss:
       np.testing.assert_array_equal(grad[0, :2], 0.0)
       assert float(grad[0, 2]) == pytest.approx(-1 / 3)  # −Â·r/N at r = 1
     assert float(metrics["ratio_max"]) == pytest.approx(np.exp(pj.losses.LOG_RATIO_MAX), rel=1e-6)
+    assert float(metrics["ratio_clamped"]) == pytest.approx(2 / 3)
 
   def test_advantages_and_old_logp_get_no_gradient(self):
     logp, old, adv = _policy_inputs(seed=6, shape=(2, 3))

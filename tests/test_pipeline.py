@@ -23,6 +23,7 @@ REQUIRED_METRICS = (
   "objective/rlhf_reward",
   "policy/approxkl_avg",
   "policy/clipfrac_avg",
+  "policy/ratio_clamped_avg",
   "policy/entropy_avg",
   "loss/policy_avg",
   "loss/value_avg",
