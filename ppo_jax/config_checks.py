@@ -63,7 +63,7 @@ def check_settings(s: Settings) -> None:
   if len(shape) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) for x in shape):
     raise ValueError(
       f"config.mesh.shape: expected three integers (data, fsdp, tensor), e.g. '(1,-1,1)', got "
-      f"{shape!r}"
+      f"{','.join(map(str, shape))!r}"
     )
   if (kv := s.raw.model.num_kv_heads) is not None and kv < 1:
     raise ValueError(f"config.model.num_kv_heads: must be ≥ 1 (none: num_heads), got {kv}")

@@ -100,9 +100,18 @@ def _one_line(e: BaseException) -> str:
       expected = next((kind for key, kind in _EXPECTED if key in why), None)
       field = f"config.{name}" if config else f"--{name}"
       return f"{field}: expected {expected}, got {value!r}" if expected else f"{field}: {why}"
+  if isinstance(e, flags.UnrecognizedFlagError):  # absl: "Unknown command line flag 'x'. Did…"
+    match = re.match(r"Unknown command line flag '([^']+)'(?:\. Did you mean: (.+?) \?)?", str(e))
+    if match:
+      name, near = match.groups()
+      return f"unknown flag --{name}" + (f"; did you mean --{near}?" if near else "")
   raw = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError quotes its message
-  text = " ".join(str(raw).replace("\\n", " ").split())
-  return text if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {text}"
+  text = " ".join(str(raw).replace("\\n", " ").split()).removeprefix("Error: ")
+  if text.startswith("Missing value for flag "):  # a section given as a field: --config.ppo
+    return f"{text.split()[-1]}: no value (a field is --config.SECTION.FIELD=VALUE)"
+  ours = text.startswith(("--", "config."))  # our own messages name the flag or field
+  plain = ours or isinstance(e, (ValueError, FileNotFoundError))
+  return text if plain else f"{type(e).__name__}: {text}"
 
 
 def enable_compilation_cache() -> None:

@@ -121,7 +121,12 @@ def _cli(*args):
       "config.ppo.whiten_rewards: the grpo estimator compares each score with its group's",
     ),
     ("--config.sft.optim.lr=nan", "config.sft.optim.lr: must be a finite number, got nan"),
-    ("--config.mesh.shape=(a,1,1)", "config.mesh.shape: expected three integers (data, fsdp, te"),
+    (
+      "--config.mesh.shape=(a,1,1)",
+      "expected three integers (data, fsdp, tensor), e.g. '(1,-1,1)', got '(a,1,1)'",
+    ),
+    ("--config.ppo", "--config.ppo: no value (a field is --config.SECTION.FIELD=VALUE)"),
+    ("--workdirr=w", "config error: unknown flag --workdirr; did you mean --workdir?"),
     ("--config.mesh.shape=(1,1)", "config.mesh.shape: expected three integers (data, fsdp, tens"),
     ("--config.ppo.optim.lr=inf", "config.ppo.optim.lr: must be a finite number, got inf"),
     ("--config.ppo.lam=1.5", "config.ppo.lam: must be in [0, 1], got 1.5"),
