@@ -27,11 +27,16 @@ user, ``gpt`` the assistant). A message's content is a string, or a list of text
 no content. A response is the text of one assistant message, which may hold nothing else (no
 tool calls, no separate reasoning): those would not be trained on.
 
+Prompts are put in the tokenizer's chat template by ``chat_prompts`` (its variables from
+``data.chat_template_kwargs``: ``template_kwargs``).
+
 Every error is a ``DataError`` naming the file and line (``where``).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
 
 Message = dict[str, Any]
@@ -267,3 +272,65 @@ def _common_length(a: str, b: str) -> int:
 
 def _role(m: Any) -> Any:
   return m.get("role") if isinstance(m, dict) else None
+
+
+def template_kwargs(text: str | None) -> dict[str, Any]:
+  """``data.chat_template_kwargs`` (a JSON object, or None) as keyword arguments of the template.
+
+  Raises:
+    ValueError: naming the field, when ``text`` is not a JSON object.
+  """
+  if text is None:
+    return {}
+  try:
+    kwargs = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"data.chat_template_kwargs: not valid JSON ({e.msg}): {text!r}") from None
+  if not isinstance(kwargs, dict):
+    raise ValueError(
+      f'data.chat_template_kwargs: expected a JSON object such as \'{{"enable_thinking": '
+      f"false}}', got {text!r}"
+    )
+  return kwargs
+
+
+def chat_prompts(
+  tokenizer: Any,
+  prompts: Sequence[Prompt],
+  system: str | None = None,
+  kwargs: dict[str, Any] | None = None,
+  *,
+  source: str = "prompts",
+) -> list[str]:
+  """Each prompt in the tokenizer's chat template, ending with the assistant's header
+  (``add_generation_prompt``): a text as a user turn, a conversation as it is; a ``system``
+  turn goes first where the conversation has none of its own. ``kwargs`` are the template's
+  own variables (Qwen3's ``enable_thinking``, say). A template that refuses a prompt is named
+  with ``source`` and the prompt's row."""
+  if not getattr(tokenizer, "chat_template", None):
+    raise DataError(
+      "data.chat_template: the tokenizer has no chat template (tokenizer_config.json or "
+      "chat_template.jinja of its folder sets none)"
+    )
+  head = [{"role": "system", "content": system}] if system is not None else []
+  out = []
+  for i, p in enumerate(prompts):
+    turns = [{"role": "user", "content": p}] if isinstance(p, str) else p
+    if not any(m["role"] == "system" for m in turns):
+      turns = [*head, *turns]
+    try:
+      out.append(
+        tokenizer.apply_chat_template(
+          turns, tokenize=False, add_generation_prompt=True, **(kwargs or {})
+        )
+      )
+    except Exception as e:  # jinja2's TemplateError, or what the template raises itself
+      what = "data.system_prompt: " if head and turns[0] is head[0] else ""
+      broken = type(e).__name__ == "TemplateSyntaxError"  # the template, not this row
+      raise DataError(
+        f"data.chat_template: the tokenizer's chat template does not parse: {e}"
+        if broken
+        else f"{source}: row {i + 1}: data.chat_template: {what}the tokenizer's template "
+        f"refused: {e}"
+      ) from None
+  return out

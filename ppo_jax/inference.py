@@ -239,7 +239,9 @@ def sample_file(
       f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {positions} positions "
       "of the model" + (" and reward model" if rm else "") + " (lower --max-new-tokens)"
     )
-  left = {} if max_prompt_len else {"limit": _positions_left(positions, max_new_tokens, rm)}
+  models = "model and reward model" if rm is not None else "model"
+  used = (max_new_tokens, "new tokens", "--max-new-tokens")
+  left = {} if max_prompt_len else {"limit": positions_left(positions, *used, models)}
   layout = data.Layout.of(
     tok,
     cap,
@@ -350,13 +352,12 @@ def _count(n: int, word: str) -> str:
   return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _positions_left(positions: int, max_new_tokens: int, rm) -> str:
-  """The prompt limit when --max-prompt-len is not given: what the responses leave."""
-  models = "model and reward model" if rm is not None else "model"
+def positions_left(positions: int, tokens: int, what: str, flag: str, models: str) -> str:
+  """``data.Layout.limit`` when --max-prompt-len is not given: the positions that ``tokens``
+  response tokens (``what``, set by ``flag``) leave of the ``models``' ``positions``."""
   return (
-    f"the {{P}} positions {max_new_tokens} new tokens (--max-new-tokens) leave of the {models}'s "
-    f"{positions} "
-    "(lower --max-new-tokens, or set --prompt-overflow=truncate)"
+    f"the {{P}} positions {tokens} {what} ({flag}) leave of the {models}'s {positions} (lower "
+    f"{flag}, or set --prompt-overflow=truncate)"
   )
 
 

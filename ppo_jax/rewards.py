@@ -102,18 +102,17 @@ def call_reward_fn(
     raise RewardError(f"{where} returned an array of shape {scores.shape}; expected ({n},)")
   bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
   if bad:
-    more = ", …" if len(bad) > 8 else ""
-    raise RewardError(
-      f"{where} returned non-finite scores (NaN or inf) for {len(bad)} of {n} responses "
-      f"(indices {str(bad[:8])[1:-1]}{more})"
-    )
+    raise RewardError(f"{where} returned non-finite scores (NaN or inf) {_which(bad, n)}")
   big = np.flatnonzero(np.abs(scores) > np.finfo(np.float32).max).tolist()
   if big:
-    raise RewardError(
-      f"{where} returned scores beyond float32's range (±3.4e38) for {len(big)} of {n} "
-      f"responses (indices {str(big[:8])[1:-1]}{', …' if len(big) > 8 else ''})"
-    )
+    raise RewardError(f"{where} returned scores beyond float32's range (±3.4e38) {_which(big, n)}")
   return scores.astype(np.float32)
+
+
+def _which(indices: list[int], n: int) -> str:
+  """``for k of n responses (indices i, j, …)``, the first 8 named."""
+  named = ", ".join(map(str, indices[:8])) + (", …" if len(indices) > 8 else "")
+  return f"for {len(indices)} of {n} responses (indices {named})"
 
 
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)

@@ -24,6 +24,7 @@ from ppo_jax.inference import (
   batch_rows,
   load_reward_model,
   model_folder,
+  positions_left,
   rm_scorer,
   trimmed,
 )
@@ -89,15 +90,8 @@ def evaluate_pairs(
       f"--max-prompt-len {P} + --max-response-len {R} exceed the reward model's {positions} "
       "positions"
     )
-  left = (
-    {}
-    if max_prompt_len
-    else {
-      "limit": f"the {{P}} positions {R} response tokens (--max-response-len) leave of the "
-      "reward model's "
-      f"{positions} (lower --max-response-len, or set --prompt-overflow=truncate)"
-    }
-  )
+  used = (R, "response tokens", "--max-response-len")
+  left = {} if max_prompt_len else {"limit": positions_left(positions, *used, "reward model")}
   layout = data.Layout.of(
     tok, P, R, prompt_overflow, chat_template, system_prompt, chat_template_kwargs, **left
   )
