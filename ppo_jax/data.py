@@ -320,14 +320,6 @@ def load_prompts_and_columns(
   return texts, ids, mask, {k: [row.get(k) for row in rows] for k in names}
 
 
-def check_rows(path, kind: str, layout: Layout) -> None:
-  """Reads every row of an SFT (``kind="sft"``) or preference file as its stage will, without
-  tokenizing: a malformed one fails now, not after the stages before it have trained."""
-  _read(
-    path, layout, {"sft": conversations.sft_row, "preferences": conversations.preference_row}[kind]
-  )
-
-
 def load_sft(path, tokenizer, layout: Layout) -> Sequences:
   places: list[str] = []
   prompts, responses = zip(*_read(path, layout, conversations.sft_row, places=places), strict=True)

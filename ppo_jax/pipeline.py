@@ -36,6 +36,7 @@ from ppo_jax.rewards import fields_taken, load_reward_fn
 from ppo_jax.stages import (
   check_compatible,
   init_policy,
+  read_preferences,
   run_dpo,
   run_reward_model,
   run_sft,
@@ -77,6 +78,9 @@ class Inputs:
   preferences: str | None
   gold: str | None
   notes: dict[str, float]
+  # The SFT sequences and preference pairs, read and tokenized before any stage trains (so a bad
+  # row or a prompt over P fails first) and taken by the stage that trains on them.
+  loaded: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def prepare_inputs(s: Settings, workdir: pathlib.Path) -> Inputs:
@@ -293,12 +297,10 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
 
   check_finished(s, inputs, workdir)
   will = stages_trained(s, workdir)  # their files' rows now, not after the stages before them
-  for kind, path, read in (
-    ("sft", inputs.sft, will["sft"]),
-    ("preferences", inputs.preferences, will["rm"] or will["dpo"]),
-  ):
-    if path and read and s.task.name == "files":
-      data.check_rows(path, kind, layout)
+  if inputs.sft and will["sft"]:
+    inputs.loaded["sft"] = data.load_sft(inputs.sft, tok, layout)
+  if inputs.preferences and (will["rm"] or will["dpo"]):
+    inputs.loaded["preferences"] = read_preferences(inputs, layout)
   if shd.is_main_process():  # after the refusals that need no training: the config of the outputs
     (workdir / "summary.json").unlink(missing_ok=True)  # an earlier run's: this one writes its own
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")

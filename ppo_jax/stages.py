@@ -85,13 +85,21 @@ def _load_base(policy: CausalLM, folder: pathlib.Path, numerics: dict) -> None:
   print(f"resuming over the base weights in {folder}")
 
 
+def read_preferences(inputs: Inputs, layout: data.Layout) -> tuple:
+  """``(chosen, rejected, rows)`` of the preference file: the pairs' sequences and its rows."""
+  rows: list[dict] = []
+  pairs = data.load_preferences(inputs.preferences, inputs.tokenizer, layout, rows=rows)
+  return (*pairs, rows)
+
+
 def load_preference_split(
   inputs: Inputs, layout: data.Layout, eval_fraction: float, seed: int, held_out: pathlib.Path
 ) -> tuple[tuple[data.Sequences, data.Sequences], tuple[data.Sequences, data.Sequences]]:
   """``(train pairs, held-out pairs)``, each ``(chosen, rejected)``, of the preference file; the
   held-out rows, as the file has them, are written to ``held_out`` (for ``ppo-jax rm-eval``)."""
-  rows: list[dict] = []
-  chosen, rejected = data.load_preferences(inputs.preferences, inputs.tokenizer, layout, rows=rows)
+  chosen, rejected, rows = inputs.loaded.pop("preferences", None) or read_preferences(
+    inputs, layout
+  )
   train_idx, eval_idx = split_holdout(len(chosen), eval_fraction, seed=seed)
   if shd.is_main_process():  # none held out: an earlier run's file would name training rows
     held_out.unlink(missing_ok=True)
@@ -248,7 +256,9 @@ def run_sft(
     print("no SFT (no data.sft file, or sft.epochs=0)")
     stage_checkpoints.note_skipped(workdir, "sft")
     return policy, {}
-  seqs = data.load_sft(inputs.sft, inputs.tokenizer, layout)
+  seqs = inputs.loaded.pop("sft", None)
+  if seqs is None:  # a library caller's Inputs: the pipeline reads it before any stage trains
+    seqs = data.load_sft(inputs.sft, inputs.tokenizer, layout)
   train_idx, eval_idx = split_holdout(len(seqs), s.sft.eval_fraction, seed=s.seed)
   train_set, eval_set = seqs.take(train_idx), seqs.take(eval_idx)
   print(
