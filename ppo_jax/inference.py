@@ -10,8 +10,9 @@ Laws for Reward Model Overoptimization"), the usual yardstick beside a PPO polic
 Batches all have ``batch_size`` rows (the last one padded with copies of a row whose samples are
 dropped), and each is as wide as its longest prompt rounded up to a power of two (``trimmed``),
 so a file of short prompts and a few long ones compiles a handful of programs and pads only the
-batches that hold a long one; batch ``b`` samples with the key ``fold_in(key(seed), b)``: the
-same command writes the same file.
+batches that hold a long one. The ``j``-th response to prompt ``i`` samples with the key
+``fold_in(fold_in(key(seed), i), j)`` whatever batch it falls in: the same seed writes the same
+file, with any batch size or devices (up to the rounding of other shapes).
 
 On several devices (``mesh``, by default all of them on the ``data`` axis) the weights are placed
 by ``sharding.RULES`` (replicated on ``data``, sharded on ``fsdp`` and ``tensor``), as the training
@@ -284,8 +285,10 @@ def sample_file(
   tick = writers.ticker(say, len(rows), "responses")
   out.parent.mkdir(parents=True, exist_ok=True)
   with writers.written_when_done(out, "responses") as f:
-    for b, (start, real, picked) in enumerate(padded_batches(len(rows), chunk, B)):
+    for start, real, picked in padded_batches(len(rows), chunk, B):
       take = rows[picked]
+      # Each response's own key, of its prompt and sample number: not of the batch it falls in.
+      keys = row_keys(key, take, samples[picked])
       batch = file.take(take)
       W = trimmed(lengths[take], ids.shape[1])  # the prompts' last W columns: left padding
       prompt_ids, prompt_mask = batch.ids[:, -W:], batch.mask[:, -W:]
@@ -293,7 +296,7 @@ def sample_file(
         policy,
         shd.on_rows(prompt_ids, mesh),
         shd.on_rows(prompt_mask, mesh),
-        key=jax.random.fold_in(key, b),
+        key=shd.on_rows(keys, mesh),
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,
         pad_token_id=tok.pad_token_id,
@@ -393,6 +396,12 @@ def _summary(
       picked = np.take_along_axis(golds, scores.argmax(1)[:, None], 1)
       summary[f"best_of_{n}_gold"] = float(picked.mean())
   return summary
+
+
+def row_keys(key: jax.Array, prompts: np.ndarray, samples: np.ndarray) -> np.ndarray:
+  """Raw key data ``[B, 2]``: ``fold_in(fold_in(key, prompt), sample)`` of each row."""
+  fold = lambda i, j: jax.random.fold_in(jax.random.fold_in(key, i), j)
+  return np.asarray(jax.random.key_data(jax.vmap(fold)(prompts, samples)))
 
 
 def _shown(key: str, value: float) -> str:

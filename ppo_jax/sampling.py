@@ -86,10 +86,25 @@ def _pick(logits_BxV, key, *, temperature, top_k, top_p, greedy):
     tokens = jnp.argmax(logits_BxV, axis=-1)
   else:
     z = filter_logits(logits_BxV / temperature, top_k=top_k, top_p=top_p)
-    tokens = jax.random.categorical(key, z, axis=-1)
+    draw = lambda k, z_V: jax.random.categorical(k, z_V, axis=-1)
+    tokens = draw(key, z) if key.ndim == 0 else jax.vmap(draw)(key, z)
   tokens = tokens.astype(jnp.int32)
   logp = token_logprobs(logits_BxV[:, None], tokens[:, None], temperature=temperature)[:, 0]
   return tokens, logp
+
+
+def _folded(key: jax.Array, i) -> jax.Array:
+  """``fold_in(key, i)`` of one key, or of each row's."""
+  if key.ndim == 0:
+    return jax.random.fold_in(key, i)
+  return jax.vmap(jax.random.fold_in, (0, None))(key, i)
+
+
+def typed_keys(key: jax.Array) -> jax.Array:
+  """A typed key ``[]`` or ``[B]`` from a typed key or raw key data (``[2]`` or ``[B, 2]`` of
+  ``jax.random.PRNGKey``)."""
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
 
 
 def sample(
@@ -110,6 +125,7 @@ def sample(
 ) -> Generation:
   """The pure sampling program (trace it inside a larger jit, or call ``generate``)."""
   model = merge(graphdef, params)  # one state, or a tuple (LoRA adapters, base weights)
+  key = typed_keys(key)
   if model.cfg.lora_rank:
     model = merge_lora(model)  # in full precision, before the cast
   plain, weights = nnx.split(model)
@@ -133,7 +149,7 @@ def sample(
     cache=model.trunk.init_cache(B, P + N),
     cache_index=0,
   )
-  tok, logp = pick(model.unembed(hidden[:, -1]), jax.random.fold_in(key, 0))
+  tok, logp = pick(model.unembed(hidden[:, -1]), _folded(key, 0))
   tokens = jnp.full((B, N), pad_token_id, jnp.int32).at[:, 0].set(tok)
   logps = jnp.zeros((B, N), jnp.float32).at[:, 0].set(logp)
   mask = jnp.zeros((B, N), jnp.float32).at[:, 0].set(1.0)
@@ -148,7 +164,7 @@ def sample(
       cache=cache,
       cache_index=P + i - 1,
     )
-    tok, logp = pick(model.unembed(hidden[:, 0]), jax.random.fold_in(key, i))
+    tok, logp = pick(model.unembed(hidden[:, 0]), _folded(key, i))
     tok = jnp.where(done, pad_token_id, tok)
     tokens = tokens.at[:, i].set(tok)
     logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
@@ -224,7 +240,9 @@ def generate(
     model: a ``ppo_jax.models.CausalLM``.
     input_ids: ``[B, P]`` prompt ids, left-padded.
     attention_mask: ``[B, P]``, 1 on prompt tokens (None: all real).
-    key: a JAX PRNG key; the same key gives the same sample.
+    key: a JAX PRNG key; the same key gives the same sample. Or one key per row (``[B]``, or
+      raw ``[B, 2]`` key data): a row's sample then depends on its key alone, not on the other
+      rows nor its place in the batch (up to the rounding of different shapes).
     max_new_tokens: N, the response length (static).
     temperature: τ > 0; ignored for the choice when ``greedy`` but used for the log-probs.
     top_k: keep the k most likely tokens (0: all).
@@ -294,6 +312,12 @@ def generate(
     eos = tuple(int(e) for e in eos_token_id)
   if not 0 <= pad_token_id < cfg.vocab_size:  # written after EOS, and read back as a token
     raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
+  key = typed_keys(key)
+  if key.shape not in ((), input_ids.shape[:1]):
+    raise ValueError(
+      f"key must be one PRNG key or one per row ([{input_ids.shape[0]}]), got shape "
+      f"{list(key.shape)}"
+    )
   graphdef, params = nnx.split(model)
   return _sample_jit(
     graphdef,

@@ -97,6 +97,14 @@ def test_best_of_n_and_a_reward_function(folders, tmp_path):
   assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
   inference.sample_file(policy_dir, prompts, tmp_path / "c.jsonl", seed=8, **kw)
   assert _rows(tmp_path / "c.jsonl") != rows
+  # Each response has its own key: other batch sizes (other batches, other places in them, other
+  # widths) sample the same responses.
+  for batch_size in (1, 8):
+    kw["batch_size"] = batch_size
+    out = tmp_path / f"e{batch_size}.jsonl"
+    inference.sample_file(policy_dir, prompts, out, seed=7, **kw)
+    assert [r["response"] for r in _rows(out)] == [r["response"] for r in rows]
+  kw["batch_size"] = 4
   # The rows' other fields reach the function, each with its own prompt (reward_fns.keyed).
   keyed = tmp_path / "keyed.jsonl"
   keyed.write_text("".join(json.dumps({"prompt": p, "key": p}) + "\n" for p in PROMPTS))

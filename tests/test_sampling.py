@@ -142,6 +142,29 @@ def test_same_key_same_sample(models):
   assert not np.array_equal(a.tokens, c.tokens)
 
 
+def test_row_keys_make_a_row_independent_of_the_batch(models):
+  """With one key per row a row samples the same whatever rows share its batch and where it
+  sits; raw key data (``[B, 2]``) means the same keys."""
+  model, _ = models["llama3"]
+  ids, mask = tiny_hf.batch(seed=9)  # [3, T], left-padded to different lengths
+  keys = jax.random.split(jax.random.key(3), len(ids))
+  run = lambda rows, k: pj.generate(model, ids[rows], mask[rows], key=k, max_new_tokens=N_NEW)
+  whole = run(np.arange(len(ids)), keys)
+  order = np.array([2, 0, 1])
+  shuffled = run(order, keys[order])
+  np.testing.assert_array_equal(shuffled.tokens, whole.tokens[order])
+  np.testing.assert_allclose(shuffled.logprobs, whole.logprobs[order], rtol=1e-5, atol=1e-6)
+  alone = run(np.array([1]), keys[1:2])
+  np.testing.assert_array_equal(alone.tokens, whole.tokens[1:2])
+  raw = run(np.arange(len(ids)), jax.random.key_data(keys))
+  np.testing.assert_array_equal(raw.tokens, whole.tokens)
+  # Not one stream for all rows: one key for the batch samples otherwise.
+  shared = run(np.arange(len(ids)), keys[0])
+  assert not np.array_equal(shared.tokens, whole.tokens)
+  with pytest.raises(ValueError, match=r"one PRNG key or one per row \(\[3\]\), got shape \[2\]"):
+    run(np.arange(len(ids)), keys[:2])
+
+
 def test_decode_loop_is_one_program(models):
   model, _ = models["gpt2"]
   graphdef, params = nnx.split(model)
