@@ -102,7 +102,9 @@ def sample(argv: list[str]) -> int:
   p.add_argument("--batch-size", type=int, default=16, help="rows per sampler call (16)")
   p.add_argument("--max-prompt-len", type=int, help="default: the model's positions left")
   add_prompt_flags(p)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--seed", type=int, default=0, help="the same seed samples the same file, any batch size (0)"
+  )
   from ppo_jax.inference import sample_file
 
   return run_command(p, sample_file, argv)
