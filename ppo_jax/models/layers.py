@@ -184,7 +184,8 @@ def attend(
 
   ``k``, ``v``: [B, S, H_kv, D], or [B, H_kv, S, D] with ``heads_major`` (the KV cache's layout).
   Scores and softmax in float32; disallowed keys get float32's most negative finite value, so a
-  row with no allowed key (left padding) averages uniformly instead of turning into nan.
+  row with no allowed key averages uniformly instead of turning into nan (the trunk lets every
+  query see its own slot, so none of its rows is empty).
   ``scale`` replaces 1/√D; with ``softcap`` c the scores become c·tanh(scores / c) before the
   mask (Gemma 2).
   """

@@ -87,7 +87,11 @@ class Transformer(nnx.Module):
     check_ids(input_ids_BxT, cfg.vocab_size, what="input ids outside the vocabulary")
     q_slot = cache_index + jnp.arange(T)
     k_slot = jnp.arange(S)
-    allowed = (k_slot[None, :] <= q_slot[:, None])[None] & (kv_mask_BxS[:, None, :] > 0)
+    # A query sees the real keys up to its slot, and its own: a padding query would otherwise see
+    # none and average over every key (the last slot of an empty prompt, which predicts the first
+    # response token, would read the response itself).
+    own = (k_slot[None, :] == q_slot[:, None])[None]
+    allowed = (k_slot[None, :] <= q_slot[:, None])[None] & ((kv_mask_BxS[:, None, :] > 0) | own)
     local = allowed  # what a layer with a sliding window sees
     if cfg.sliding_window is not None:
       local = allowed & (q_slot[:, None] - k_slot[None, :] < cfg.sliding_window)[None]
