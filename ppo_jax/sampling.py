@@ -28,7 +28,7 @@ that of the full tempered softmax (what the trainer recomputes).
 
 from __future__ import annotations
 
-import numbers
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -219,6 +219,14 @@ _sample_jit = jax.jit(
 )
 
 
+def _int(name: str, value: Any) -> int:
+  """``value`` as a Python int (NumPy's and JAX's integer scalars too), or one line naming it."""
+  try:
+    return operator.index(value if not isinstance(value, np.ndarray | jax.Array) else value.item())
+  except TypeError:
+    raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
 def generate(
   model: CausalLM,
   input_ids: jax.Array,
@@ -231,7 +239,7 @@ def generate(
   top_p: float = 1.0,
   greedy: bool = False,
   eos_token_id: int | Sequence[int] | None = None,
-  pad_token_id: int = 0,
+  pad_token_id: int | None = 0,
   eos_check_every: int = 8,
 ) -> Generation:
   """Samples ``max_new_tokens`` continuations of left-padded prompts.
@@ -250,7 +258,7 @@ def generate(
     greedy: take the argmax instead of sampling.
     eos_token_id: the stop token(s); a row's mask is 0 after its first one. None: no stop
       (a checkpoint's own are ``(model.cfg.eos_token_id, *model.cfg.extra_eos_token_ids)``).
-    pad_token_id: written after EOS.
+    pad_token_id: written after EOS; None: the first stop token (0 without one).
     eos_check_every: with a stop token, check whether every row is done after each k steps
       (runs at most k − 1 steps past the last EOS; their tokens are padding, so the result does
       not depend on k).
@@ -264,6 +272,11 @@ def generate(
   input_ids = input_ids.astype(jnp.int32)
   if input_ids.ndim != 2:
     raise ValueError(f"expected input_ids [B, P], got shape {list(input_ids.shape)}")
+  if 0 in input_ids.shape:
+    raise ValueError(
+      f"input_ids {list(input_ids.shape)} needs at least one row and one column (an empty prompt "
+      "is one padding column, mask 0)"
+    )
   attention_mask = (
     jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
   )
@@ -282,8 +295,13 @@ def generate(
         f"attention_mask row {int(np.argmax(padded_after))} has padding after a real token: "
         "generate needs left-padded prompts (a tokenizer's padding_side='left')"
       )
+  max_new_tokens, top_k = _int("max_new_tokens", max_new_tokens), _int("top_k", top_k)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be ≥ 0 (0: no top-k filter), got {top_k}")
+  if temperature is None:
+    raise ValueError("temperature must be a number > 0, got None")
   check_value(
     "temperature", temperature, lambda t: t > 0, "> 0 (with greedy too: the log-probs use it)"
   )
@@ -306,10 +324,12 @@ def generate(
     )
   if eos_token_id is None:
     eos = ()
-  elif isinstance(eos_token_id, numbers.Integral):  # NumPy's ints too
-    eos = (int(eos_token_id),)
+  elif np.ndim(eos_token_id) == 0:  # NumPy's and JAX's scalars too
+    eos = (_int("eos_token_id", eos_token_id),)
   else:
-    eos = tuple(int(e) for e in eos_token_id)
+    eos = tuple(_int("eos_token_id", e) for e in np.ravel(eos_token_id))
+  # None (a tokenizer without a pad token): the stop token, as transformers pads then.
+  pad_token_id = _int("pad_token_id", eos[0] if pad_token_id is None and eos else pad_token_id or 0)
   if not 0 <= pad_token_id < cfg.vocab_size:  # written after EOS, and read back as a token
     raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
   key = typed_keys(key)

@@ -73,6 +73,8 @@ def build_word_tokenizer(words: Iterable[str], *, padding_side: str = "left") ->
   for w in words:
     if any(c.isspace() for c in w) or not w:
       raise ValueError(f"word {w!r} is empty or contains whitespace")
+    if w.startswith("##"):  # the decoder's continuation mark: it would decode glued to the last
+      raise ValueError(f"word {w!r} starts with '##', which decodes as part of the word before")
     vocab.setdefault(w, len(vocab))
   core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
   core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -385,6 +385,31 @@ def test_bad_arguments(models):
       greedy=True,
       temperature=0.0,
     )
+  # Sizes and integer arguments: one line each, not a crash deep in the trace.
+  run = lambda i, m, **kw: pj.generate(model, i, m, key=jax.random.key(0), **kw)
+  for shape in ((0, 4), (2, 0)):
+    with pytest.raises(ValueError, match=r"needs at least one row and one column"):
+      run(np.zeros(shape, np.int32), None, max_new_tokens=2)
+  few, few_mask = ids[:, :4], mask[:, :4]
+  with pytest.raises(ValueError, match=r"top_k must be ≥ 0 \(0: no top-k filter\), got -1"):
+    run(few, few_mask, max_new_tokens=2, top_k=-1)
+  with pytest.raises(ValueError, match=r"^top_k must be an integer, got 2.5"):
+    run(few, few_mask, max_new_tokens=2, top_k=2.5)
+  with pytest.raises(ValueError, match=r"^max_new_tokens must be an integer, got 5.0"):
+    run(few, few_mask, max_new_tokens=5.0)
+  with pytest.raises(ValueError, match=r"^temperature must be a number > 0, got None"):
+    run(few, few_mask, max_new_tokens=2, temperature=None)
+  # NumPy's and JAX's integer scalars are integers; a missing pad id pads with the stop token.
+  base = run(few, few_mask, max_new_tokens=8, eos_token_id=tiny_hf.EOS, pad_token_id=tiny_hf.EOS)
+  same = run(
+    few,
+    few_mask,
+    max_new_tokens=np.int64(8),
+    eos_token_id=jnp.int32(tiny_hf.EOS),
+    pad_token_id=None,
+    top_k=jnp.array(0),
+  )
+  np.testing.assert_array_equal(same.tokens, base.tokens)
   # An id outside the vocabulary, even in the left padding, would make the row NaN.
   bad = np.asarray(ids[:, :4]).copy()
   bad[0, 0] = -100

@@ -21,6 +21,14 @@ def test_word_tokenizer_round_trips_through_a_folder(tmp_path):
   assert tok.decode([4, 5]) == "good film"
 
 
+@pytest.mark.parametrize("word", ["", "two words", "##dull"])
+def test_word_tokenizer_refuses_words_it_cannot_decode(word):
+  """A word with whitespace would never be one token; one starting with '##' decoded glued to
+  the word before ('the ##dull film' → 'thedull film')."""
+  with pytest.raises(ValueError, match=r"^word .* (is empty|starts with '##')"):
+    build_word_tokenizer(["the", word, "film"])
+
+
 def test_missing_pad_token_becomes_eos(tmp_path):
   tok = load_tokenizer(_saved(tmp_path, pad_token=None))
   assert tok.pad_token_id == tok.eos_token_id == 1
