@@ -182,6 +182,8 @@ def run_dpo_stage(
         tensorboard_dir=workdir / "tensorboard" if s.log.tensorboard else None,
         resume_step=step - 1,
       )
+      if every and step == 1:  # a fresh stage: the reference's samples are step 0
+        curve["w"].write(0, {KEYS.get(k, k): v for k, v in before.items()})
     if every and len(eval_prompts) and (step % every == 0 or step == total):
       t = time.perf_counter()
       curve["w"].write(step, {KEYS.get(k, k): v for k, v in held_out_samples(p).items()})

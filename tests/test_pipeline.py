@@ -320,9 +320,9 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
   assert len(rows) > 10 and _mean(rows[-5:], "reward_margin") > _mean(rows[:5], "reward_margin")
   assert _mean(rows[-5:], "accuracy") > 0.6  # the training pairs are ranked too
   curve = _rows(workdir)  # held-out samples every dpo.eval_every steps, keyed as for PPO
-  assert [r["step"] for r in curve] == [20, 40, 60, 61] and curve[-1][
-    "gold/score"
-  ] == pytest.approx(summary["after"]["gold"])
+  assert [r["step"] for r in curve] == [0, 20, 40, 60, 61]  # from the reference's samples
+  assert curve[0]["gold/score"] == pytest.approx(summary["before"]["gold"])
+  assert curve[-1]["gold/score"] == pytest.approx(summary["after"]["gold"])
   assert all({"gold/score", "objective/kl", "response/length"} <= set(r) for r in curve)
   assert any((workdir / "tensorboard").glob("events.out.tfevents.*"))  # log.tensorboard: True
   for plot in ("dpo", "dpo_eval"):  # its training curves and the held-out ones
