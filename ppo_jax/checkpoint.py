@@ -67,6 +67,7 @@ class CheckpointSettings:
 # status codes, or a JSON file that ends early.
 DAMAGE = re.compile(
   r"DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|Invalid JSON|Error decoding|Expecting|Unterminated"
+  r"|Unknown key: |was not found"  # a step folder without its state/ or meta/
 )
 _READ_LOCK = threading.Lock()  # sys.stderr is swapped for the whole process while reading
 
@@ -312,8 +313,7 @@ class Checkpointer:
   def _check_layout(self, step: int, target) -> None:
     """One line naming the first difference when the saved arrays are not the ones ``target``
     has (names and shapes): a checkpoint of another ppo_jax version's state layout, say."""
-    metadata = self._read(step, lambda: self._mgr.item_metadata(step))
-    saved = _shapes(metadata["state"])
+    saved = _shapes(self._read(step, lambda: self._mgr.item_metadata(step)["state"]))
     wanted = _shapes(target)
     only_saved, only_here = sorted(saved.keys() - wanted), sorted(wanted.keys() - saved)
     reshaped = [k for k in sorted(saved.keys() & wanted) if saved[k] != wanted[k]]

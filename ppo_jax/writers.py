@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -89,14 +90,25 @@ def json_line(row: dict[str, Any]) -> str:
 
 
 def truncate_jsonl(path: pathlib.Path, max_step: int) -> None:
-  """Keeps the rows of a JSONL log whose ``step`` is at most ``max_step``."""
-  if path.exists() and jax.process_index() == 0:
-    rows = [
-      line
-      for line in path.read_text().splitlines()
-      if line.strip() and json.loads(line)["step"] <= max_step
-    ]
-    path.write_text("".join(r + "\n" for r in rows))
+  """Keeps the rows of a JSONL log whose ``step`` is at most ``max_step``, and drops (with a note)
+  lines that are not a row: one cut short when a full disk or a kill stopped its write. The file
+  is replaced whole, never left half rewritten."""
+  if not path.exists() or jax.process_index() != 0:
+    return
+  kept, bad = [], 0
+  for line in path.read_text(errors="replace").splitlines():
+    if not line.strip():
+      continue
+    try:
+      step = json.loads(line)["step"]
+      kept += [line] if step <= max_step else []
+    except (ValueError, TypeError, KeyError):
+      bad += 1
+  if bad:
+    print(f"note: {path}: dropped {bad} unreadable line{'s' * (bad > 1)} (a write cut short)")
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(r + "\n" for r in kept))
+  os.replace(tmp, path)
 
 
 def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:

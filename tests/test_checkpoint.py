@@ -186,10 +186,13 @@ def test_kill_9_then_sigterm_then_resume_end_where_the_uninterrupted_run_ended(
   assert sorted(int(p.name) for p in ckpts.iterdir()) == [2, 3, stopped]  # the last 3 kept
   assert stopped < 15 and not (workdir / "policy").exists()
 
+  with metrics.open("a") as f:  # a row cut short, as a kill or a full disk mid-write leaves one
+    f.write('{"step": 99, "objective/sco')
   capsys.readouterr()
   pipeline.run(smoke_config(log__plots=False, log__tensorboard=False), workdir)
   out = capsys.readouterr().out
   assert f"resuming from the checkpoint of step {stopped}" in out and "summary" in out
+  assert f"note: {metrics}: dropped 1 unreadable line (a write cut short)" in out
   assert not any("tmp" in p.name for p in ckpts.iterdir())
   _assert_same_metrics(smoke_run[0], workdir)
   assert (workdir / "policy" / "model.safetensors").exists()
@@ -436,6 +439,13 @@ def test_a_damaged_checkpoint_is_named_in_one_line(smoke_run, tmp_path):
   assert "15 cannot be read, it is damaged or incomplete (ValueError: " in proc.stderr
   assert proc.stderr.endswith("; export another step with --step (there are [10])\n")
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "15"]  # untouched
+  for part in ("state", "meta"):  # a step folder without one of its items (a copy cut short)
+    shutil.rmtree(workdir / "checkpoints")
+    shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
+    shutil.rmtree(workdir / "checkpoints" / "15" / part)
+    with pytest.raises(ValueError, match=r"checkpoints/15 cannot be read, it is damaged") as e:
+      pipeline.run(smoke_config(), workdir)
+    assert "\n" not in str(e.value) and str(e.value).endswith("(nothing else is touched)")
 
 
 def test_a_checkpoint_whose_record_names_no_model_is_refused_before_reading_it(tmp_path):
