@@ -374,6 +374,11 @@ def test_missing_shard(tmp_path):
   next(tmp_path.glob("model-00002-*.safetensors")).unlink()
   with pytest.raises(FileNotFoundError, match="shard"):
     pj.models.from_pretrained(tmp_path)
+  index = tmp_path / "model.safetensors.index.json"
+  for text in ('{"weight_map": {', '["a"]', '{"metadata": {}}'):  # cut short, or not an index
+    index.write_text(text)
+    with pytest.raises(ValueError, match=r"index\.json: not a valid safetensors index \("):
+      pj.models.from_pretrained(tmp_path)
 
 
 def test_truncated_weights_file_is_named(tmp_path):

@@ -80,8 +80,12 @@ def _checkpoint_kind(hf_config: Any) -> str:
 def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
   index = folder / "model.safetensors.index.json"
   if index.exists():
-    weight_map = json.loads(index.read_text()).get("weight_map", {})
-    files = sorted({folder / f for f in weight_map.values()})
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+      files = sorted({folder / f for f in weight_map.values()})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      why = e if isinstance(e, ValueError) else "no 'weight_map' object of tensor → file"
+      raise ValueError(f"{index}: not a valid safetensors index ({why})") from None
     missing = [f.name for f in files if not f.exists()]
     if missing:
       raise FileNotFoundError(f"{folder}: shard(s) named in {index.name} are missing: {missing}")
