@@ -46,6 +46,16 @@ RESUMABLE_CHANGES = (
 # Fields a run never read, by algorithm, task and reward source: a run saved with them set
 # resumes with them unset (they are refused for it now, and were ignored then).
 UNREAD_BY = {"grpo": ("ppo.whiten_rewards",), "rloo": ("ppo.whiten_rewards",)}
+# Paths compared as the files they name: a relative path from another folder, or the absolute
+# one, is the same field (the data's digests and fingerprints compare the contents).
+PATH_FIELDS = (
+  "data.prompts",
+  "data.sft",
+  "data.preferences",
+  "model.init",
+  "model.tokenizer",
+  "reward.model",
+)
 UNREAD_UNLESS = {
   ("task.name", "files"): ("data.prompts", "data.sft", "data.preferences"),
   ("reward.source", "function"): ("reward.fn",),
@@ -162,12 +172,23 @@ def config_differences(
   for name in sorted(set(a) | set(b)):
     if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name) or name in unread:
       continue
+    if name in PATH_FIELDS and same_path(a.get(name), b.get(name)):
+      continue
     if only is not None and not name.startswith(only):
       continue
     if name not in a and name in d and b.get(name) == d[name]:
       continue
     diffs.append(f"{name}: {a.get(name, '(absent)')!r} → {b.get(name, '(absent)')!r}")
   return diffs
+
+
+def same_path(a: object, b: object) -> bool:
+  """Whether ``a`` and ``b`` are paths (strings) naming the same file from this folder."""
+  return (
+    isinstance(a, str)
+    and isinstance(b, str)
+    and pathlib.Path(a).expanduser().resolve() == pathlib.Path(b).expanduser().resolve()
+  )
 
 
 def holds_checkpoints(folder: pathlib.Path) -> bool:

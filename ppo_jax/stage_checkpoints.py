@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ppo_jax import sharding as shd
-from ppo_jax.checkpoint import Checkpointer, config_differences, holds_checkpoints
+from ppo_jax.checkpoint import PATH_FIELDS, Checkpointer, config_differences, holds_checkpoints
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -157,8 +157,6 @@ def note_skipped(workdir: pathlib.Path, name: str) -> None:
 # Beside a finished stage's weights (sft/, reward_model/): the config it was trained under and a
 # digest of its training file, so a later run reuses the folder only if it would train the same.
 STAGE_RECORD = "ppo_jax_stage.json"
-# Paths compared as the files they name (the digest compares their bytes).
-PATH_FIELDS = (("data", "prompts"), ("data", "sft"), ("data", "preferences"), ("model", "init"))
 
 
 def file_digest(path: str | pathlib.Path) -> str:
@@ -174,7 +172,7 @@ def _record_config(s: Settings) -> dict[str, Any]:
   """The run's config with its file and folder paths resolved (a relative path from another
   folder names the same file)."""
   config = _config_of(s)
-  for section, key in PATH_FIELDS:
+  for section, key in (name.split(".") for name in PATH_FIELDS):
     value = config.get(section, {}).get(key)
     if isinstance(value, str) and value != "scratch":
       config[section][key] = str(pathlib.Path(value).resolve())
@@ -254,7 +252,8 @@ def check_record(
     diffs.append(f"the bytes of {data_file}")
   sft = out.parent / "sft"
   if "sft_id" in saved and _starts_from_sft(s) and saved["sft_id"] != _stage_id(sft):
-    diffs.append(f"the SFT policy it started from ({sft} was trained again or replaced since)")
+    since = "trained again or replaced" if sft.is_dir() else "deleted"
+    diffs.append(f"the SFT policy it started from ({sft} was {since} since)")
   if diffs:
     raise ValueError(
       f"{out} was trained under another config than this run's ({'; '.join(diffs)}); delete "

@@ -124,7 +124,8 @@ def check_workdir(
       _check_task_data(s, then, config, workdir)
   # The checkpoints of each stage this run would train, on the fields that stage reads (their
   # training data is compared by the stage, once it has read it).
-  for stage, will in stages_trained(s, workdir).items():
+  trained = stages_trained(s, workdir)
+  for stage, will in trained.items():
     prefix = "" if stage == "ppo" else f"{stage}_"
     folder = workdir / f"{prefix}checkpoints"
     if resume and will and checkpoint.holds_checkpoints(folder):
@@ -133,9 +134,23 @@ def check_workdir(
           continue
         if prefix:
           only = stage_checkpoints.stage_fields(prefix[:-1], config)
-          ckpt.check_config(config, None, defaults, only=only)
+          saved = ckpt.check_config(config, None, defaults, only=only)
         else:
-          ckpt.check_config(config, s.ppo_run.iterations, defaults)
+          saved = ckpt.check_config(config, s.ppo_run.iterations, defaults)
+      if stage != "sft":  # and the SFT policy they started from, before SFT trains again
+        _check_sft_start(saved, folder, workdir, sft_trains=trained["sft"])
+
+
+def _check_sft_start(saved: dict, folder: pathlib.Path, workdir: pathlib.Path, *, sft_trains):
+  """Refuses the checkpoints in ``folder`` (latest record ``saved``) of a run that started from
+  another SFT policy than ``sft/`` holds, or from one this run would train again (deleted)."""
+  if sft_trains and saved.get("sft_id") is not None:
+    raise ValueError(
+      f"{folder} holds checkpoints of a run that started from the SFT policy in "
+      f"{workdir / 'sft'}, which is gone and this run would train again; restore that folder, "
+      f"or delete {folder} to start this stage over"
+    )
+  checkpoint.check_same_start(saved, stage_checkpoints.sft_from(workdir), folder)
 
 
 def stages_trained(s: Settings, workdir: pathlib.Path) -> dict[str, bool]:

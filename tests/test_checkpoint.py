@@ -597,6 +597,22 @@ def test_config_differences_ignore_what_may_change():
   assert checkpoint.config_differences(saved, now) == ["reward.fn: 'm:f' → None"]
 
 
+def test_paths_compare_as_the_files_they_name(tmp_path, monkeypatch):
+  """A run saved with ``data.prompts=data/p.jsonl`` resumes from elsewhere with the absolute path
+  (or ``./data/../data/p.jsonl``); another file is a difference."""
+  monkeypatch.chdir(tmp_path)
+  for field in ("data.prompts", "model.tokenizer", "model.init", "reward.model"):
+    section, key = field.split(".")
+    saved = {section: {key: "data/p.jsonl"}}
+    for same in (str(tmp_path / "data" / "p.jsonl"), "./data/../data/p.jsonl"):
+      assert checkpoint.config_differences(saved, {section: {key: same}}) == [], (field, same)
+    other = str(tmp_path / "data" / "q.jsonl")
+    assert checkpoint.config_differences(saved, {section: {key: other}}) == [
+      f"{field}: 'data/p.jsonl' → {other!r}"
+    ]
+  assert checkpoint.config_differences({"seed": "a"}, {"seed": str(tmp_path / "a")}) != []
+
+
 def test_a_field_added_since_the_save_counts_only_off_its_default():
   """A checkpoint written before ``ppo.critic_warmup`` existed resumes under a config that
   leaves it at its default, and is refused under one that sets it."""

@@ -641,7 +641,21 @@ def test_a_finished_stage_is_reused_only_under_its_own_config(smoke_run, tmp_pat
   assert all(p.stat().st_mtime_ns == t for p, t in before.items())
   # sft/ deleted to train it again: the reward model it started from is refused before SFT runs.
   shutil.rmtree(workdir / "sft")
-  with pytest.raises(ValueError, match=r"reward_model was trained .*\(the SFT policy it started"):
+  with pytest.raises(
+    ValueError,
+    match=r"reward_model was trained .*\(the SFT policy it started from \(.*sft was deleted",
+  ):
+    pipeline.run(smoke_config(), workdir)
+  assert not (workdir / "sft").exists() and not (workdir / "sft_checkpoints").exists()
+  # Both deleted, PPO's checkpoints (which started from that sft/) there: refused before SFT
+  # trains again, not once SFT and the reward model have trained and PPO would resume.
+  shutil.rmtree(workdir / "reward_model")
+  shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
+  with pytest.raises(
+    ValueError,
+    match=r"checkpoints holds checkpoints of a run that started from"
+    r" the SFT policy in .*sft, which is gone and this run would train again",
+  ):
     pipeline.run(smoke_config(), workdir)
   assert not (workdir / "sft").exists() and not (workdir / "sft_checkpoints").exists()
 
