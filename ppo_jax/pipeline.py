@@ -47,6 +47,7 @@ from ppo_jax.workdir import (
   check_finished,
   check_workdir,
   finished_summary,
+  in_use,
   preflight,
   stages_trained,
 )
@@ -230,6 +231,11 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   except OSError as e:  # a file in the way, a read-only disk, no permission
     why = "a file is in the way" if workdir.is_file() else e.strerror
     raise OSError(f"--workdir {workdir}: cannot create it as a folder ({why})") from e
+  with in_use(workdir):
+    return _run_in(config, s, mesh, workdir, resume=resume, t_start=t_start)
+
+
+def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t_start: float):
   defaults = json.loads(base_config().to_json_best_effort())
   now = json.loads(config.to_json_best_effort())
   check_workdir(s, now, workdir, resume=resume, defaults=defaults)

@@ -7,8 +7,13 @@ stage compares its training data when it comes)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
 import pathlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -104,6 +109,33 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
     )
   )
   return summary if shd.all_agree(done) else None
+
+
+@contextlib.contextmanager
+def in_use(workdir: pathlib.Path) -> Iterator[None]:
+  """Holds ``workdir`` for this run (an exclusive ``flock`` on the folder itself, released when
+  the run ends or its process dies); a second run on it, a scheduler's requeue while the first
+  still runs, is refused in one line before it reads or deletes anything (orbax would clean up
+  the other run's checkpoint in flight). Taken by the first process only; a file system without
+  locks (some network mounts) runs unguarded."""
+  fd, busy = None, False
+  if shd.is_main_process():
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      fd, busy = None, e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+  if not shd.all_agree(not busy):  # every process refuses, none waits for the others
+    raise ValueError(
+      f"{workdir} is in use by another run (a process on this machine or one sharing its disk "
+      "holds it); wait for that run to end or stop it, or use another workdir"
+    )
+  try:
+    yield
+  finally:
+    if fd is not None:
+      os.close(fd)  # releases the lock
 
 
 def check_workdir(

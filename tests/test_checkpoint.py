@@ -331,6 +331,22 @@ def test_noresume_refuses_a_workdir_with_checkpoints(smoke_run, tmp_path):
     pipeline.run(smoke_config(), workdir, resume=False)
 
 
+def test_a_workdir_in_use_by_another_run_is_refused(smoke_run, tmp_path):
+  """A second run on a workdir (a requeued job while the first still runs) would interleave
+  metrics and delete the other's checkpoint in flight: refused before it reads anything."""
+  from ppo_jax.workdir import in_use
+
+  workdir = reuse_stages(smoke_run[0], tmp_path / "busy")
+  shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
+  (workdir / "checkpoints" / "20.orbax-checkpoint-tmp").mkdir()  # the other run's save
+  with in_use(workdir):
+    with pytest.raises(ValueError, match=r"busy is in use by another run .*use another workdir$"):
+      pipeline.run(smoke_config(), workdir)
+    assert (workdir / "checkpoints" / "20.orbax-checkpoint-tmp").is_dir()
+  with in_use(workdir):  # released: taken again
+    pass
+
+
 def test_iterations_below_the_saved_step_are_refused(smoke_run, tmp_path):
   workdir = tmp_path / "shorter"
   before = _copy_of_the_smoke_run(smoke_run[0], workdir, RUN_FILES)
