@@ -40,12 +40,13 @@ from jax.sharding import Mesh
 from ppo_jax import data, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import reward_scores
+from ppo_jax.compat import check_compatible, check_reward_model
 from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
 from ppo_jax.models import RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
 from ppo_jax.sampling import generate
-from ppo_jax.stages import check_compatible, check_reward_model, has_model_folder
+from ppo_jax.stages import has_model_folder
 from ppo_jax.tokenizer import load_tokenizer
 
 
@@ -106,8 +107,8 @@ def model_folder(path: str | pathlib.Path, flag: str, inside: str) -> str:
 def load_reward_model(
   folder: str, dtype: str, tokenizer: Any, tokenizer_folder: str | None = None
 ) -> RewardModel:
-  """A reward-model folder that reads ``tokenizer``'s ids (``stages.check_reward_model``,
-  ``stages.check_compatible``)."""
+  """A reward-model folder that reads ``tokenizer``'s ids (``compat.check_reward_model``,
+  ``compat.check_compatible``)."""
   check_reward_model(
     folder, what="--reward-model", tokenizer=tokenizer, tokenizer_folder=tokenizer_folder
   )

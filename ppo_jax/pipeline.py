@@ -29,12 +29,12 @@ from ppo_jax import (
 )
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import build_critic
+from ppo_jax.compat import check_compatible
 from ppo_jax.config import Settings, base_config
 from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.models import CausalLM, RewardModel, save_pretrained
 from ppo_jax.rewards import fields_taken, load_reward_fn
 from ppo_jax.stages import (
-  check_compatible,
   init_policy,
   read_preferences,
   run_dpo,

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 import uuid
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ppo_jax import sharding as shd
+from ppo_jax import writers
 from ppo_jax.checkpoint import PATH_FIELDS, Checkpointer, config_differences, holds_checkpoints
 
 if TYPE_CHECKING:
@@ -212,9 +212,7 @@ def write_record(out: pathlib.Path, s: Settings, name: str, data_file: str) -> N
   if name == "rm" and _starts_from_sft(s):
     record.update(sft_from(out.parent))
   out.mkdir(parents=True, exist_ok=True)
-  partial = out / f".{STAGE_RECORD}.partial"
-  partial.write_text(json.dumps(record, indent=1) + "\n")
-  os.replace(partial, out / STAGE_RECORD)
+  writers.write_whole(out / STAGE_RECORD, json.dumps(record, indent=1) + "\n")
 
 
 def check_record(

@@ -11,16 +11,15 @@ from typing import TYPE_CHECKING, Any
 import jax
 from flax import nnx
 
-from ppo_jax import data, dpo, stage_checkpoints, supervised
+from ppo_jax import data, dpo, stage_checkpoints, supervised, writers
 from ppo_jax import sharding as shd
 from ppo_jax.checkpoint import holds_checkpoints
+from ppo_jax.compat import check_compatible, check_reward_model
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
-from ppo_jax.models.hf import load_hf_config
 from ppo_jax.models.layers import LoRAParam
 from ppo_jax.models.lora import add_lora, check_targets
 from ppo_jax.rewards import load_reward_fn
 from ppo_jax.rows import split_holdout
-from ppo_jax.tokenizer import has_tokenizer, load_tokenizer, same_ids
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -163,29 +162,6 @@ def _tokenizer_ids(cfg: ModelConfig, tokenizer: Any, folder: str) -> ModelConfig
   return new
 
 
-def check_compatible(
-  cfg: ModelConfig, tokenizer: Any, max_len: int | None, what: str = "model"
-) -> None:
-  """Refuses a tokenizer with more tokens than ``cfg``'s embedding has rows, and sequences of
-  ``max_len`` tokens (None: not checked) past a GPT-2's learned positions."""
-  if len(tokenizer) > cfg.vocab_size:
-    raise ValueError(
-      f"tokenizer has {len(tokenizer)} tokens but the {what}'s embedding has only "
-      f"{cfg.vocab_size} rows"
-    )
-  if max_len is not None and cfg.is_gpt2:
-    check_positions(max_len, cfg.max_position_embeddings, what)
-
-
-def check_positions(max_len: int, positions: int, what: str = "model") -> None:
-  """Refuses sequences of ``max_len`` tokens past a GPT-2's ``positions`` learned ones."""
-  if max_len > positions:
-    raise ValueError(
-      f"data.max_prompt_len + max response length = {max_len} exceeds the {what}'s "
-      f"{positions} positions (lower ppo.max_new_tokens or data.max_prompt_len)"
-    )
-
-
 # A stage's held-out metrics, beside its weights: a resumed run reports them again.
 HELD_OUT = "ppo_jax_held_out.json"
 
@@ -193,7 +169,8 @@ HELD_OUT = "ppo_jax_held_out.json"
 def _save(model, out: pathlib.Path, tokenizer: Any, held_out: dict) -> None:
   save_pretrained(model, out, tokenizer=tokenizer)
   if jax.process_index() == 0:
-    (out / HELD_OUT).write_text(json.dumps({k: float(v) for k, v in held_out.items()}) + "\n")
+    text = json.dumps({k: float(v) for k, v in held_out.items()}) + "\n"
+    writers.write_whole(out / HELD_OUT, text)
 
 
 def _reuse(
@@ -204,40 +181,20 @@ def _reuse(
   stage_checkpoints.check_record(out, s, name, data_file)
   stage_checkpoints.drop_checkpoints(out.parent, name)  # left if a run stopped after the save
   print(f"found {out}: loading it instead of training")
-  held_out = json.loads((out / HELD_OUT).read_text()) if (out / HELD_OUT).is_file() else {}
-  return from_pretrained(out, **kw), held_out
+  return from_pretrained(out, **kw), _held_out(out / HELD_OUT)
 
 
-def check_reward_model(
-  folder: str,
-  *,
-  what: str = "config.reward.model",
-  tokenizer: Any = None,
-  tokenizer_folder: str | None = None,
-) -> None:
-  """Refuses a folder that is not a Hugging Face sequence classifier (reads config.json), and one
-  whose own tokenizer gives other ids to ``tokenizer``'s tokens (the one the texts are encoded
-  with, read from ``tokenizer_folder``); errors start with ``what``, the setting that named it."""
+def _held_out(path: pathlib.Path) -> dict[str, float]:
+  """A finished stage's held-out metrics; none (with a note) when the file is missing (saved
+  before they were) or unreadable: they are reported, never trained on."""
+  if not path.is_file():
+    return {}
   try:
-    hf_config = load_hf_config(folder)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{what}: {e}") from None
-  architectures = getattr(hf_config, "architectures", None) or []
-  if not any(a.endswith("ForSequenceClassification") for a in architectures):
-    raise ValueError(
-      f"{what}: {folder} is not a reward model (architectures "
-      f"{architectures}; expected a *ForSequenceClassification with its score head)"
-    )
-  own = has_tokenizer(folder) and not _same_folder(folder, tokenizer_folder)
-  if tokenizer is not None and own and not same_ids(load_tokenizer(folder), tokenizer):
-    raise ValueError(
-      f"{what}: {folder}: its tokenizer gives other ids to the tokens the texts are encoded with "
-      "(another vocabulary): a reward model reads the ids of its own"
-    )
-
-
-def _same_folder(a: str, b: str | None) -> bool:
-  return b is not None and pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
+    held_out = json.loads(path.read_text())
+    return {str(k): float(v) for k, v in held_out.items()}
+  except (ValueError, TypeError, AttributeError, OSError) as e:
+    print(f"note: {path} is unreadable ({e}); the stage's held-out metrics go unreported")
+    return {}
 
 
 def run_sft(

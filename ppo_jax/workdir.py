@@ -20,9 +20,10 @@ import jax
 
 from ppo_jax import checkpoint, data, stage_checkpoints
 from ppo_jax import sharding as shd
+from ppo_jax.compat import check_positions, check_reward_model
 from ppo_jax.models.hf import load_hf_config
 from ppo_jax.rewards import load_reward_fn
-from ppo_jax.stages import check_positions, check_reward_model, has_model_folder
+from ppo_jax.stages import has_model_folder
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings

@@ -106,9 +106,15 @@ def truncate_jsonl(path: pathlib.Path, max_step: int) -> None:
       bad += 1
   if bad:
     print(f"note: {path}: dropped {bad} unreadable line{'s' * (bad > 1)} (a write cut short)")
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(r + "\n" for r in kept))
-  os.replace(tmp, path)
+  write_whole(path, "".join(r + "\n" for r in kept))
+
+
+def write_whole(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` whole or not at all (a hidden partial file, then renamed): a
+  kill or a full disk mid-write leaves the old file, never half of the new one."""
+  partial = path.with_name(f".{path.name}.partial")
+  partial.write_text(text)
+  os.replace(partial, path)
 
 
 def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -86,7 +86,7 @@ def test_a_finished_stage_names_what_it_was_trained_on(tmp_path, capsys, monkeyp
   # A relative path to the same file is the same file; a damaged record is named.
   files = lambda path: smoke_config(
     task__name="files",
-    model__tokenizer="t",
+    model__tokenizer=str(tmp_path / "t"),
     data__sft=path,
     data__prompts=path,
     data__preferences=path,
@@ -104,3 +104,19 @@ def test_a_finished_stage_names_what_it_was_trained_on(tmp_path, capsys, monkeyp
   changed = Settings.from_config(smoke_config(data__max_prompt_len=24))
   with pytest.raises(ValueError, match=r"\(data\.max_prompt_len: \d+ → 24\); delete that folder"):
     stage_checkpoints.check_record(out, changed, "sft", str(data))
+
+
+def test_held_out_metrics_are_written_whole_and_a_bad_file_is_named(tmp_path, capsys):
+  """A finished stage's held-out metrics are reported, never trained on: an unreadable file (one
+  cut short before writes were atomic) costs a note, not the run."""
+  from ppo_jax import stages, writers
+
+  path = tmp_path / stages.HELD_OUT
+  writers.write_whole(path, json.dumps({"nll": 1.5, "accuracy": 0.25}))
+  assert stages._held_out(path) == {"nll": 1.5, "accuracy": 0.25}
+  assert [p.name for p in tmp_path.iterdir()] == [stages.HELD_OUT]  # no partial file left
+  assert stages._held_out(tmp_path / "absent.json") == {}
+  for text in ("", '{"nll": ', "[1, 2]", '{"nll": "x"}'):
+    path.write_text(text)
+    assert stages._held_out(path) == {}
+    assert f"note: {path} is unreadable (" in capsys.readouterr().out, text

@@ -1,0 +1,67 @@
+"""Whether a model, its tokenizer and the run's lengths fit together: checked before anything
+trains (``workdir.preflight``), when a stage builds or loads a model, and by the commands that
+sample or score with a folder."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from ppo_jax.models import ModelConfig
+from ppo_jax.models.hf import load_hf_config
+from ppo_jax.tokenizer import has_tokenizer, load_tokenizer, same_ids
+
+
+def check_compatible(
+  cfg: ModelConfig, tokenizer: Any, max_len: int | None, what: str = "model"
+) -> None:
+  """Refuses a tokenizer with more tokens than ``cfg``'s embedding has rows, and sequences of
+  ``max_len`` tokens (None: not checked) past a GPT-2's learned positions."""
+  if len(tokenizer) > cfg.vocab_size:
+    raise ValueError(
+      f"tokenizer has {len(tokenizer)} tokens but the {what}'s embedding has only "
+      f"{cfg.vocab_size} rows"
+    )
+  if max_len is not None and cfg.is_gpt2:
+    check_positions(max_len, cfg.max_position_embeddings, what)
+
+
+def check_positions(max_len: int, positions: int, what: str = "model") -> None:
+  """Refuses sequences of ``max_len`` tokens past a GPT-2's ``positions`` learned ones."""
+  if max_len > positions:
+    raise ValueError(
+      f"data.max_prompt_len + max response length = {max_len} exceeds the {what}'s "
+      f"{positions} positions (lower ppo.max_new_tokens or data.max_prompt_len)"
+    )
+
+
+def check_reward_model(
+  folder: str,
+  *,
+  what: str = "config.reward.model",
+  tokenizer: Any = None,
+  tokenizer_folder: str | None = None,
+) -> None:
+  """Refuses a folder that is not a Hugging Face sequence classifier (reads config.json), and one
+  whose own tokenizer gives other ids to ``tokenizer``'s tokens (the one the texts are encoded
+  with, read from ``tokenizer_folder``); errors start with ``what``, the setting that named it."""
+  try:
+    hf_config = load_hf_config(folder)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{what}: {e}") from None
+  architectures = getattr(hf_config, "architectures", None) or []
+  if not any(a.endswith("ForSequenceClassification") for a in architectures):
+    raise ValueError(
+      f"{what}: {folder} is not a reward model (architectures "
+      f"{architectures}; expected a *ForSequenceClassification with its score head)"
+    )
+  own = has_tokenizer(folder) and not _same_folder(folder, tokenizer_folder)
+  if tokenizer is not None and own and not same_ids(load_tokenizer(folder), tokenizer):
+    raise ValueError(
+      f"{what}: {folder}: its tokenizer gives other ids to the tokens the texts are encoded with "
+      "(another vocabulary): a reward model reads the ids of its own"
+    )
+
+
+def _same_folder(a: str, b: str | None) -> bool:
+  return b is not None and pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
