@@ -147,8 +147,9 @@ def export_policy(
   # link, may be it).
   out = pathlib.Path(out).resolve()
   created = not out.exists()
-  staging = out / STAGING
+  staging, previous, moved = out / STAGING, out / PREVIOUS, []
   shutil.rmtree(staging, ignore_errors=True)
+  _restore_previous(out, previous)  # an export killed while it swapped the files
   try:
     save_pretrained(
       policy, staging, tokenizer=tokenizer, generation_config=record.get("generation_config")
@@ -166,21 +167,49 @@ def export_policy(
       )
       + "\n"
     )
-    for old in _earlier_export(out, files):
-      if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-      else:
-        old.unlink()
-    kept = sorted(p.name for p in out.iterdir() if p != staging)
-    for new in staging.iterdir():
+    earlier = _earlier_export(out, files)
+    if earlier:  # set aside, not deleted, until the new export is whole
+      previous.mkdir()
+    for old in earlier:
+      old.rename(previous / old.name)
+    kept = sorted(p.name for p in out.iterdir() if p not in (staging, previous))
+    for new in sorted(staging.iterdir(), key=lambda p: p.name == EXPORT_RECORD):  # record last
       new.rename(out / new.name)
+      moved.append(out / new.name)
   except BaseException:
-    shutil.rmtree(out if created else staging, ignore_errors=True)
+    if created:
+      shutil.rmtree(out, ignore_errors=True)
+    else:  # the earlier export back as it was
+      for path in moved:
+        _remove(path)
+      for old in previous.iterdir() if previous.is_dir() else ():
+        old.rename(out / old.name)
+      shutil.rmtree(previous, ignore_errors=True)
+      shutil.rmtree(staging, ignore_errors=True)
     raise
+  shutil.rmtree(previous, ignore_errors=True)
   staging.rmdir()
   if kept:
     print(f"note: kept the files in {out} that the earlier export did not write: {_listed(kept)}")
   return step
+
+
+def _remove(path: pathlib.Path) -> None:
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path)
+  else:
+    path.unlink(missing_ok=True)
+
+
+def _restore_previous(out: pathlib.Path, previous: pathlib.Path) -> None:
+  """After an export killed (``kill -9``) while it swapped its files: the earlier export's files
+  set aside in ``previous`` go back in place of whatever half of the new one had moved in."""
+  if not previous.is_dir():
+    return
+  for old in previous.iterdir():
+    _remove(out / old.name)
+    old.rename(out / old.name)
+  previous.rmdir()
 
 
 def _earlier_export(out: pathlib.Path, files: list[str]) -> list[pathlib.Path]:
@@ -198,7 +227,7 @@ def _earlier_export(out: pathlib.Path, files: list[str]) -> list[pathlib.Path]:
       n in files
       or (n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json")))
     )
-  return [p for p in out.iterdir() if p.name != STAGING and ours(p.name)]
+  return [p for p in out.iterdir() if p.name not in (STAGING, PREVIOUS) and ours(p.name)]
 
 
 def _listed(names: list[str]) -> str:
@@ -207,6 +236,7 @@ def _listed(names: list[str]) -> str:
 
 EXPORT_RECORD = "ppo_jax_checkpoint.json"  # what an export writes beside the weights
 STAGING = ".ppo_jax_exporting"  # inside --out while an export is written
+PREVIOUS = ".ppo_jax_previous_export"  # the earlier export's files, while they are replaced
 
 
 # What a run writes into its workdir: an export must not land on any of it.
@@ -279,8 +309,9 @@ def _check_export_target(workdir: pathlib.Path, out: pathlib.Path) -> None:
       raise ValueError(f"--out {out} is inside the run's {name}/ folder: choose another folder")
   if o.exists() and not o.is_dir():
     raise ValueError(f"--out {out} is a file: choose a new or empty folder")
-  if o.is_dir() and not (o / EXPORT_RECORD).is_file():
-    held = sorted(p.name for p in o.iterdir() if p.name != STAGING)  # STAGING: a killed export's
+  # A killed export's STAGING and PREVIOUS (the earlier export, put back before writing).
+  if o.is_dir() and not ((o / EXPORT_RECORD).is_file() or (o / PREVIOUS).is_dir()):
+    held = sorted(p.name for p in o.iterdir() if p.name != STAGING)
     if held:
       raise ValueError(
         f"--out {out} holds other files ({_listed(held)})"

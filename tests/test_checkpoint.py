@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -506,6 +507,30 @@ def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys, monkeypat
     "model_int8.safetensors" in capsys.readouterr().out
   )
   assert (mine / "README.md").read_text() == "my model card"
+  # Ctrl-C while the new files move in: the earlier export is back as it was. A kill -9 there
+  # (the earlier one's files set aside in a hidden folder): the next export puts them back first.
+  from ppo_jax.export import PREVIOUS, STAGING
+
+  snapshot = lambda: {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file()}
+  was, rename, calls = snapshot(), pathlib.Path.rename, []
+
+  def interrupted(self, target):
+    if self.parent.name == STAGING:
+      calls.append(self.name)
+      if len(calls) == 3:
+        raise KeyboardInterrupt
+    return rename(self, target)
+
+  monkeypatch.setattr(pathlib.Path, "rename", interrupted)
+  assert export(mine) == 130 and len(calls) == 3
+  monkeypatch.setattr(pathlib.Path, "rename", rename)
+  assert snapshot() == was and not list(mine.glob(".ppo_jax*"))
+  (mine / PREVIOUS).mkdir()
+  for name in ("model.safetensors", "ppo_jax_checkpoint.json"):
+    (mine / name).rename(mine / PREVIOUS / name)
+  (mine / "model.safetensors").write_bytes(b"half of a new export")
+  assert export(mine) == 0 and snapshot().keys() == was.keys()
+  assert not list(mine.glob(".ppo_jax*"))
   (mine / "model-00001-of-00002.safetensors").write_bytes(b"stale")
   record = json.loads((mine / "ppo_jax_checkpoint.json").read_text())
   (mine / "ppo_jax_checkpoint.json").write_text(json.dumps({**record, "files": None}))
