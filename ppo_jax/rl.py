@@ -127,6 +127,14 @@ def run_iteration(
   return state, row, per_sample, gen
 
 
+def _other_held_out(saved: dict[str, Any], rows: int) -> bool:
+  """Whether a resumed run holds out other prompts than the run it resumes (records from before
+  ``held_out_rows``: whether one side held out none)."""
+  if "held_out_rows" in saved:
+    return saved["held_out_rows"] != rows
+  return bool(saved.get("before")) != bool(rows)
+
+
 def prompts_fingerprint(prompts: Prompts, eval_prompts: Prompts) -> str:
   """A fingerprint of the prompt file's rows: their tokens and their other fields (the held-out
   rows first, so it is the same whatever ``data.eval_prompts`` holds out, which may change)."""
@@ -231,7 +239,12 @@ def run_ppo(
   fns = rollout.make_step_fns(models, tx, hp, learning_rate(optim, policy_updates), placement)
   # A resume on other prompts is refused, as a supervised stage's on other data is.
   prints = prompts_fingerprint(prompts, eval_prompts)
-  record = {**(record or {}), "stop_ids": list(hp.stop_ids), "prompts": prints}
+  record = {
+    **(record or {}),
+    "stop_ids": list(hp.stop_ids),
+    "prompts": prints,
+    "held_out_rows": len(eval_prompts),
+  }
 
   resumed = None
   if checkpointer is not None and checkpointer.latest_step() is not None:
@@ -274,6 +287,15 @@ def run_ppo(
         f"ppo.iterations {was} → {iterations}: the learning-rate schedules of policy and critic "
         f"now end at iteration {iterations}; the policy's {change}"
       )
+  if resumed and _other_held_out(saved, len(eval_prompts)):
+    # data.eval_prompts changed since the run started: its before was of other prompts (or of
+    # none), so the summary compares the first and last rollouts instead, on both sides.
+    say(
+      f"data.eval_prompts holds out {len(eval_prompts)} prompts, not the run's first "
+      f"{saved.get('held_out_rows', 'set')}: the summary compares rollouts, not held-out samples"
+    )
+    before, eval_prompts = {}, eval_prompts.take(np.arange(0))
+    record["held_out_rows"] = 0  # and so will its resumes
   if before is None:
     before = held_out(state.params["policy"])
 

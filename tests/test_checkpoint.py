@@ -64,6 +64,22 @@ def test_resume_is_bitwise_identical(smoke_run, tmp_path):
   )
 
 
+def test_a_resume_holding_out_other_prompts_compares_rollouts(smoke_run, tmp_path, capsys):
+  """data.eval_prompts may change on a resume, but the saved before was of the old held-out set:
+  the summary then compares the first and last rollouts on both sides (it showed the old
+  held-out before against no after)."""
+  workdir = reuse_stages(smoke_run[0], tmp_path / "held_out")
+  first = pipeline.run(smoke_config(data__eval_prompts=32, ppo__iterations=4), workdir)
+  assert first["held_out"] and first["before"] and first["after"]
+  capsys.readouterr()
+  summary = pipeline.run(smoke_config(data__eval_prompts=0, ppo__iterations=5), workdir)
+  assert "holds out 0 prompts, not the run's first 32: the summary compares rollouts" in (
+    capsys.readouterr().out
+  )
+  assert not summary["held_out"] and summary["rollouts_compared"] == 2
+  assert summary["before"].keys() == summary["after"].keys() and summary["after"]
+
+
 def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path):
   """The checkpoints record a fingerprint of the prompt file's rows, as a supervised stage's do:
   an edited prompts file is refused, and the run's files are left as they were."""
