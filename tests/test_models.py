@@ -102,6 +102,8 @@ def test_save_then_transformers_loads_the_same_model(checkpoints, tmp_path, name
   model = pj.models.from_pretrained(folder)
   tok = pj.tokenizer.build_word_tokenizer([f"w{i}" for i in range(tiny_hf.VOCAB - 4)])
   pj.models.save_pretrained(model, tmp_path, tokenizer=tok)
+  mode = lambda name: (tmp_path / name).stat().st_mode & 0o777
+  assert mode("model.safetensors") == mode("config.json")  # not 0600: others may read it
   reloaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
   ids, mask = tiny_hf.batch(seed=2)
   np.testing.assert_allclose(

@@ -322,6 +322,9 @@ def save_pretrained(
     )
     gen = {**(generation_config or {}), **{k: v for k, v in ids.items() if v is not None}}
     (folder / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
-  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+  weights = folder / "model.safetensors"
+  save_file(tensors, str(weights), metadata={"format": "pt"})
+  # safetensors writes through a private temporary file (mode 0600): readable as config.json is.
+  weights.chmod((folder / "config.json").stat().st_mode & 0o777)
   if tokenizer is not None:
     tokenizer.save_pretrained(str(folder))
