@@ -33,7 +33,8 @@ from ppo_jax.writers import say
 T = TypeVar("T")
 
 # Config fields that may change between a run and its resumption (model.remat: memory, not
-# maths; model.attention: the same maths by another kernel).
+# maths; model.attention: the same maths by another kernel; mesh and distributed: the devices
+# and processes, whose checkpoints restore onto another mesh, with the rounding of other sums).
 RESUMABLE_CHANGES = (
   "ppo.iterations",
   "log.",
@@ -42,6 +43,8 @@ RESUMABLE_CHANGES = (
   "model.remat",
   "model.attention",
   "dpo.eval_every",
+  "mesh.",
+  "distributed.",
 )
 # Fields a run never read, by algorithm, task and reward source: a run saved with them set
 # resumes with them unset (they are refused for it now, and were ignored then).

@@ -238,7 +238,13 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
 def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t_start: float):
   defaults = json.loads(base_config().to_json_best_effort())
   now = json.loads(config.to_json_best_effort())
-  check_workdir(s, now, workdir, resume=resume, defaults=defaults)
+  try:  # refused by every process or none: one alone would leave the others in a collective
+    check_workdir(s, now, workdir, resume=resume, defaults=defaults)
+    refused = None
+  except ValueError as e:
+    refused = e
+  if not shd.all_agree(refused is None):
+    raise refused or ValueError(f"another process refuses the workdir {workdir} (see its error)")
   if resume and (done := finished_summary(s, workdir, now)) is not None:
     print(
       f"{workdir} holds the finished run of this very config: nothing to do (its data files "

@@ -251,7 +251,9 @@ def run_ppo(
     # Restored onto abstract arrays: a fresh state is never allocated beside the saved one. The
     # key is concrete (a restore reads its implementation), and placed as the state's would be.
     like = shd.abstract(abstract, state_sh)
-    like = like.replace(key=jax.device_put(jax.random.key(seed), state_sh.key))
+    # Made by a program: device_put cannot place onto other processes' devices.
+    key = jax.jit(lambda: jax.random.key(seed), out_shardings=state_sh.key)()
+    like = like.replace(key=key)
     same = functools.partial(check_same_prompts, prints, checkpointer.directory)
     resumed = checkpointer.resume(like, record, iterations, config_defaults, check=same)
   if resumed:

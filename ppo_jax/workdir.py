@@ -92,8 +92,17 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
   None if anything is missing to call it finished: the config.json and the summary.json of this
   config (written last; removed when a run starts), the stages' folders (deleted ones are
   trained again), ``policy/``, and the last stage's checkpoints (PPO's of the last step)."""
+  # Which process this is, and where the coordinator listens, are not what was run.
+  same = lambda then: (
+    isinstance(then, dict)
+    and {**then, "distributed": None}
+    == {
+      **config,
+      "distributed": None,
+    }
+  )
   summary = None
-  if previous_config(workdir) == config:
+  if same(previous_config(workdir)):
     try:
       summary = json.loads((workdir / "summary.json").read_text())
     except (OSError, ValueError):
@@ -102,7 +111,7 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
   last = workdir / "checkpoints" / str(s.ppo_run.iterations)
   done = (
     isinstance(summary, dict)
-    and summary.get("config") == config
+    and same(summary.get("config"))
     and not (will["sft"] or will["rm"])
     and has_model_folder(workdir / "policy")
     and (

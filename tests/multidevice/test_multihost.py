@@ -130,6 +130,17 @@ def test_two_processes_match_one(tmp_path, one_process):
   saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir())
   assert saved and saved[-1] < 200 and saved[-1] == len(_rows(stopped))
   assert f"by a signal to another process after step {saved[-1]}; checkpoint saved" in outs[0][0]
+  # Resumed (to one more step) under another coordinator port, then run again once finished:
+  # each process's own distributed.* is no config change (process 1 refused alone, and process 0
+  # hung in the next collective), and the resumed key is placed across processes (it crashed).
+  end = saved[-1] + 1
+  for _ in range(2):
+    procs = _launch_two(stopped, f"--config.ppo.iterations={end}")
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+      assert p.returncode == 0, err[-3000:]
+  assert [r["step"] for r in _rows(stopped)] == list(range(1, end + 1))
+  assert "holds the finished run of this very config: nothing to do" in outs[0][0]
 
 
 @pytest.mark.parametrize("lora_rank", [0, 8])
