@@ -309,6 +309,9 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
 
   check_finished(s, inputs, workdir)
   will = stages_trained(s, workdir)  # their files' rows now, not after the stages before them
+  for stage in ("sft", "rm"):  # and their batches over the mesh
+    if will[stage] and mesh is not None:
+      shd.check_batch(getattr(s, stage).batch_size, mesh, f"config.{stage}.batch_size")
   if inputs.sft and will["sft"]:
     inputs.loaded["sft"] = data.load_sft(inputs.sft, tok, layout)
   if inputs.preferences and (will["rm"] or will["dpo"]):

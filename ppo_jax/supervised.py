@@ -229,7 +229,8 @@ def train(
     param_sh = jax.tree.map(lambda x: getattr(x, "sharding", device), params)
     opt_sh = jax.tree.map(lambda _: jax.tree.leaves(param_sh)[0], jax.eval_shape(tx.init, params))
   else:
-    shd.check_batch(batch_size, mesh, "the supervised batch size")
+    cut = f" (cut to its {n_train} training rows)" if batch_size < hp.batch_size else ""
+    shd.check_batch(batch_size, mesh, f"config.{name}.batch_size{cut}")
     param_sh = shd.param_shardings(params, mesh)
     opt_sh = shd.optimizer_shardings(tx, params, param_sh, mesh)
     put = lambda batch: shd.place_batch(batch, _batch_sh(batch, mesh))

@@ -227,6 +227,10 @@ def test_indivisible_batch_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"config\.ppo\.batch_size 36 is not divisible by the mesh"):
     pipeline.run(config, tmp_path / "w")
   assert not (tmp_path / "w").exists()
+  config.ppo.batch_size, config.rm.batch_size = 32, 12  # named, and found before SFT trains
+  with pytest.raises(ValueError, match=r"config\.rm\.batch_size 12 is not divisible by the mesh"):
+    pipeline.run(config, tmp_path / "w")
+  assert not (tmp_path / "w" / "sft").exists() and not (tmp_path / "w" / "sft_checkpoints").exists()
 
 
 def test_dimension_that_does_not_divide_is_replicated_not_wrong():
