@@ -352,8 +352,10 @@ def evaluate(
   (``frozen``: as for ``train``).
 
   Full batches, then the tail of fewer than ``batch_size`` rows as one more call (a second
-  compilation). On a mesh every call's rows split evenly over the batch axes, so the last
-  ``n mod (data × fsdp)`` rows are left out; ``eval_rows`` says how many rows were used.
+  compilation). On a mesh the placed calls' rows split evenly over the batch axes; the last
+  ``n mod (data × fsdp)`` rows go in one call of their own, handed over whole (every device
+  computes them), so a mesh evaluates every row as one device does. With several processes
+  they are left out (``eval_rows`` says how many rows were used).
   """
   if n == 0:
     return {}
@@ -361,19 +363,22 @@ def evaluate(
   split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
   if split > 1:  # rows must split evenly over the batch axes
     batch_size = max(split, batch_size // split * split)
-    if n < split:
-      return {}
   put = (lambda b: b) if mesh is None else (lambda b: shd.place_batch(b, _batch_sh(b, mesh)))
   if mesh is not None and frozen is not None:  # as train places them (no copy if they are)
     frozen = shd.place(frozen, shd.param_shardings(frozen, mesh))
   fn = jax.jit(lambda p, f, b: loss_fn(_with_frozen(p, f), graphdef, b)[1])
   sums: dict[str, float] = {}
   weight_total = 0.0
-  used = n // split * split
-  for start in range(0, used, batch_size):
-    idx = np.arange(start, min(start + batch_size, used))
+  placed = n // split * split
+  used = n if jax.process_count() == 1 else placed
+  calls = [(np.arange(s, min(s + batch_size, placed)), put) for s in range(0, placed, batch_size)]
+  if used > placed:  # one process: its arrays as they are, replicated by the call
+    calls.append((np.arange(placed, used), lambda b: b))
+  if not calls:
+    return {}
+  for idx, hand_over in calls:
     metrics = {
-      k: float(shd.to_host(v)) for k, v in fn(params, frozen, put(make_batch(idx))).items()
+      k: float(shd.to_host(v)) for k, v in fn(params, frozen, hand_over(make_batch(idx))).items()
     }
     w = metrics.get("num_tokens", metrics.get("num_pairs", float(len(idx))))
     weight_total += w

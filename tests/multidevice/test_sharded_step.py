@@ -347,6 +347,27 @@ def _sft_train(mesh_shape, folder=None, stop_after=None):
       ckpt.close()
 
 
+@pytest.mark.parametrize("n", [13, 5])
+def test_held_out_metrics_on_a_mesh_cover_every_row(n):
+  """13 held-out rows on data × fsdp = 8 (5: fewer than the split): the rows that do not split
+  evenly are evaluated too (they were dropped: 5 printed 'held-out: no rows'), as on one device."""
+  from ppo_jax import supervised
+  from ppo_jax.data import Sequences
+
+  rng = np.random.default_rng(3)
+  ids = rng.integers(2, 32, (n, 8)).astype(np.int32)
+  seqs = Sequences(ids, np.ones_like(ids), rng.integers(0, 2, (n, 3)).astype(np.float32))
+  graphdef, state = nnx.split(CausalLM(CFG, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(state)
+  rows = (lambda i: supervised.sft_batch(seqs, i), n)
+  one = supervised.evaluate(params, graphdef, supervised.sft_loss, *rows, batch_size=8)
+  mesh = shd.make_mesh((2, 4, 1))
+  placed = shd.place(params, shd.param_shardings(params, mesh))
+  many = supervised.evaluate(placed, graphdef, supervised.sft_loss, *rows, batch_size=8, mesh=mesh)
+  assert one["eval_rows"] == many["eval_rows"] == n
+  assert many == pytest.approx(one, rel=1e-5)
+
+
 def test_a_stopped_sharded_stage_resumes_on_the_same_mesh_bitwise_and_on_another_closely(
   tmp_path,
 ):
