@@ -92,15 +92,11 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
   None if anything is missing to call it finished: the config.json and the summary.json of this
   config (written last; removed when a run starts), the stages' folders (deleted ones are
   trained again), ``policy/``, and the last stage's checkpoints (PPO's of the last step)."""
-  # Which process this is, and where the coordinator listens, are not what was run.
-  same = lambda then: (
-    isinstance(then, dict)
-    and {**then, "distributed": None}
-    == {
-      **config,
-      "distributed": None,
-    }
-  )
+
+  def same(then: Any) -> bool:  # which process this is, or the coordinator's port, aside
+    aside = lambda c: {**c, "distributed": None}
+    return isinstance(then, dict) and aside(then) == aside(config)
+
   summary = None
   if same(previous_config(workdir)):
     try:
