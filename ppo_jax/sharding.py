@@ -99,6 +99,11 @@ def path_string(path) -> str:
 
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
   """The first matching rule's spec, with an axis dropped where it does not divide the dim."""
+  return _fitted(path, shape, mesh, rules)[0]
+
+
+def _fitted(path: str, shape: Sequence[int], mesh: Mesh, rules) -> tuple[P, list[tuple]]:
+  """``spec_for``'s spec, and the ``(axis, dim)`` pairs it dropped."""
   match = next(((pat, spec) for pat, spec in rules if re.search(pat, path)), None)
   if match is None:
     raise ValueError(
@@ -108,15 +113,17 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
   pattern, spec = match
   if len(spec) > len(shape):
     raise ValueError(f"partition rule {pattern!r} gives {spec} to {path!r} of rank {len(shape)}")
-  fitted = []
+  fitted, dropped = [], []
   for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
     size = mesh.shape[axis] if axis is not None else 1
     fitted.append(axis if size == 1 or dim % size == 0 else None)
+    if fitted[-1] is None and axis is not None:
+      dropped.append((axis, dim))
   while (
     fitted and fitted[-1] is None
   ):  # canonical: P() for replicated, P('fsdp') not P('fsdp', None)
     fitted.pop()
-  return P(*fitted)
+  return P(*fitted), dropped
 
 
 def param_shardings(params, mesh: Mesh, rules=RULES):
@@ -131,9 +138,27 @@ def param_shardings(params, mesh: Mesh, rules=RULES):
       "on a data × fsdp × tensor mesh with these rules (bench/xla_partitioner_bug.py); keep Shardy",
       stacklevel=2,
     )
-  return jax.tree_util.tree_map_with_path(
-    lambda path, x: NamedSharding(mesh, spec_for(path_string(path), x.shape, mesh, rules)), params
-  )
+  dropped: dict[str, list[str]] = {}
+
+  def one(path, x):
+    spec, lost = _fitted(path_string(path), x.shape, mesh, rules)
+    for axis, dim in lost:
+      dropped.setdefault(axis, []).append(f"{path_string(path)}: {dim}")
+    return NamedSharding(mesh, spec)
+
+  shardings = jax.tree_util.tree_map_with_path(one, params)
+  for axis, where in dropped.items():  # once per model and mesh: the memory is not divided
+    note = (
+      f"note: {len(where)} of {len(jax.tree.leaves(params))} parameters stay whole on mesh axis "
+      f"{axis} ({mesh.shape[axis]}): a dimension of theirs does not divide it (e.g. {where[0]})"
+    )
+    if note not in _NOTED and is_main_process():
+      _NOTED.add(note)
+      print(note)
+  return shardings
+
+
+_NOTED: set[str] = set()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -233,10 +233,18 @@ def test_indivisible_batch_is_refused(tmp_path):
   assert not (tmp_path / "w" / "sft").exists() and not (tmp_path / "w" / "sft_checkpoints").exists()
 
 
-def test_dimension_that_does_not_divide_is_replicated_not_wrong():
+def test_dimension_that_does_not_divide_is_replicated_not_wrong(capsys):
   mesh = shd.make_mesh((1, 1, 8))
   spec = shd.spec_for("policy/trunk/embed/embedding", (12, 32), mesh)  # 12 rows over 8
   assert spec == jax.sharding.PartitionSpec(None, "fsdp")
+  # Said once, as a note: those parameters' memory is not divided over that axis.
+  params = {"trunk": {"embed": {"embedding": jnp.zeros((12, 32))}}}
+  for _ in range(2):
+    shd.param_shardings(params, mesh)
+  assert capsys.readouterr().out == (
+    "note: 1 of 1 parameters stay whole on mesh axis tensor (8): a dimension of theirs does not "
+    "divide it (e.g. trunk/embed/embedding: 12)\n"
+  )
 
 
 def test_sharded_pipeline_end_to_end(tmp_path, monkeypatch):
