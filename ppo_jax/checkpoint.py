@@ -28,41 +28,10 @@ from typing import Any, TypeVar
 import jax
 import orbax.checkpoint as ocp
 
+from ppo_jax.resume_rules import check_same_base, check_same_start, config_differences
 from ppo_jax.writers import say
 
 T = TypeVar("T")
-
-# Config fields that may change between a run and its resumption (model.remat: memory, not
-# maths; model.attention: the same maths by another kernel; mesh and distributed: the devices
-# and processes, whose checkpoints restore onto another mesh, with the rounding of other sums).
-RESUMABLE_CHANGES = (
-  "ppo.iterations",
-  "log.",
-  "checkpoint.",
-  "data.eval_prompts",
-  "model.remat",
-  "model.attention",
-  "dpo.eval_every",
-  "mesh.",
-  "distributed.",
-)
-# Fields a run never read, by algorithm, task and reward source: a run saved with them set
-# resumes with them unset (they are refused for it now, and were ignored then).
-UNREAD_BY = {"grpo": ("ppo.whiten_rewards",), "rloo": ("ppo.whiten_rewards",)}
-# Paths compared as the files they name: a relative path from another folder, or the absolute
-# one, is the same field (the data's digests and fingerprints compare the contents).
-PATH_FIELDS = (
-  "data.prompts",
-  "data.sft",
-  "data.preferences",
-  "model.init",
-  "model.tokenizer",
-  "reward.model",
-)
-UNREAD_UNLESS = {
-  ("task.name", "files"): ("data.prompts", "data.sft", "data.preferences"),
-  ("reward.source", "function"): ("reward.fn",),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +51,27 @@ DAMAGE = re.compile(
   r"DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|Invalid JSON|Error decoding|Expecting|Unterminated"
   r"|Unknown key: |was not found"  # a step folder without its state/ or meta/
 )
+_NO_SPACE = re.compile(r"No space left on device|os_error_code='28'|ENOSPC")
+
+
+class _NoSpaceReports(logging.Filter):
+  """Drops orbax's thread reports (absl ERROR records, a traceback each) of a write that failed
+  for want of disk space: ``Checkpointer`` says it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(_NO_SPACE.search(str(e)) for e in (record.getMessage(), *_chain(record)))
+
+
+def _chain(record: logging.LogRecord) -> list[BaseException]:
+  """The exception a log record carries and its causes."""
+  e, out = record.exc_info[1] if record.exc_info else None, []
+  while e is not None and len(out) < 20:
+    out.append(e)
+    e = e.__cause__ or e.__context__
+  return out
+
+
+logging.getLogger("absl").addFilter(_NoSpaceReports())
 _READ_LOCK = threading.Lock()  # sys.stderr is swapped for the whole process while reading
 
 
@@ -140,88 +130,10 @@ def _until_quiet(stream: io.StringIO, *, quiet_s: float, limit_s: float) -> None
       size, last_change = stream.tell(), time.monotonic()
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  """A nested config as ``{dotted field: value}``."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def config_differences(
-  saved: dict,
-  current: dict,
-  *,
-  defaults: dict | None = None,
-  only: tuple[str, ...] | None = None,
-) -> list[str]:
-  """``field: saved → current`` for every field that matters to a resumed run: all but
-  ``RESUMABLE_CHANGES``, or, with ``only``, the fields whose dotted names start with one of those
-  prefixes (what a supervised stage reads).
-
-  A field the saved config lacks (one added to ppo_jax after the run was saved) is a difference
-  only if its current value is not its value in ``defaults``: new fields default to the old
-  behaviour, so upgrading ppo_jax does not lock a run out of its checkpoints.
-  """
-  a, b, d = flatten(saved), flatten(current), flatten(defaults or {})
-  unread = set(UNREAD_BY.get(b.get("algo"), ()) if a.get("algo") == b.get("algo") else ())
-  for (field, value), names in UNREAD_UNLESS.items():
-    if a.get(field, d.get(field)) != value:
-      unread.update(name for name in names if b.get(name) is None)
-  diffs = []
-  for name in sorted(set(a) | set(b)):
-    if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name) or name in unread:
-      continue
-    if name in PATH_FIELDS and same_path(a.get(name), b.get(name)):
-      continue
-    if only is not None and not name.startswith(only):
-      continue
-    if name not in a and name in d and b.get(name) == d[name]:
-      continue
-    diffs.append(f"{name}: {a.get(name, '(absent)')!r} → {b.get(name, '(absent)')!r}")
-  return diffs
-
-
-def same_path(a: object, b: object) -> bool:
-  """Whether ``a`` and ``b`` are paths (strings) naming the same file from this folder."""
-  return (
-    isinstance(a, str)
-    and isinstance(b, str)
-    and pathlib.Path(a).expanduser().resolve() == pathlib.Path(b).expanduser().resolve()
-  )
-
-
 def holds_checkpoints(folder: pathlib.Path) -> bool:
   """Whether ``folder`` exists and holds anything (a checkpoint, or one being written)."""
   folder = pathlib.Path(folder)
   return folder.is_dir() and any(folder.iterdir())
-
-
-def check_same_base(saved: dict, now: dict, where: pathlib.Path) -> None:
-  """Refuses LoRA adapters saved in ``where`` over other base weights than the record ``now``
-  names (``export_record``'s ``base_digest``; records from before digests pass)."""
-  then, current = saved.get("base_digest"), now.get("base_digest")
-  if then and current and then != current:
-    raise ValueError(
-      f"{where} holds LoRA adapters trained over other base weights than {now['base_policy']} "
-      f"holds now (sha256 {then[:12]}… then, {current[:12]}… now); use a new workdir or restore "
-      "those weights"
-    )
-
-
-def check_same_start(saved: dict, now: dict, where: pathlib.Path) -> None:
-  """Refuses checkpoints in ``where`` of a run that started from another SFT policy than the
-  record ``now`` names (``sft_id``, the id of the training that wrote ``WORKDIR/sft``; records
-  from before ids pass)."""
-  if "sft_id" in saved and "sft_id" in now and saved["sft_id"] != now["sft_id"]:
-    raise ValueError(
-      f"{where} holds checkpoints of a run that started from another SFT policy than the workdir's "
-      "sft/ holds now (trained again, replaced or removed since); use a new workdir, or delete "
-      f"{where} to start this stage over"
-    )
 
 
 class Checkpointer:
@@ -247,11 +159,33 @@ class Checkpointer:
 
   def save(self, step: int, state, record: dict[str, Any]) -> None:
     state = _key_data(state)
-    self._mgr.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)),
-      force=True,
-    )
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record))
+    with self._writing():  # an earlier background save's failure surfaces here too
+      self._mgr.save(step, args=args, force=True)
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """A save that failed for want of disk space as one line (OSError) naming the folder: the
+    checkpoint it wrote is incomplete, the ones before are whole. Orbax's threads' own reports
+    of it (a traceback each, hundreds of lines) are dropped."""
+    failed = False
+    try:
+      yield
+    except Exception as e:
+      if not _NO_SPACE.search(str(e)):
+        raise
+      failed = True
+    if failed:  # the failed writes' late callbacks, once their frames are released: dropped
+      held = io.StringIO()
+      with contextlib.redirect_stderr(held):
+        _until_quiet(held, quiet_s=0.3, limit_s=5.0)
+        gc.collect()
+      whole = [s for s in self._mgr.all_steps() if (self.directory / str(s)).is_dir()]
+      raise OSError(
+        f"no space left on the device of {self.directory} while writing a checkpoint; "
+        + (f"the one of step {max(whole)} is whole: " if whole else "")
+        + "free some space and run the same command again to resume"
+      )
 
   def restore(self, like_state, step: int | None = None):
     """``(state, record)`` of ``step`` (default: latest), onto ``like_state``'s shapes and
@@ -371,10 +305,12 @@ class Checkpointer:
     )
 
   def wait(self) -> None:
-    self._mgr.wait_until_finished()
+    with self._writing():
+      self._mgr.wait_until_finished()
 
   def close(self) -> None:
-    self._mgr.close()
+    with self._writing():
+      self._mgr.close()
 
   def __enter__(self) -> Checkpointer:
     return self

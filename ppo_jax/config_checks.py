@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from ppo_jax.checkpoint import flatten
 from ppo_jax.config import ARCHS, CRITIC_INITS, TASKS
 from ppo_jax.data import OVERFLOW, template_kwargs
 from ppo_jax.models.config import ATTENTION, DTYPES, REMAT, lora_problems
+from ppo_jax.resume_rules import flatten
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings

@@ -10,8 +10,9 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from ppo_jax.checkpoint import check_same_base, holds_checkpoints, read
+from ppo_jax.checkpoint import holds_checkpoints, read
 from ppo_jax.models import ModelConfig
+from ppo_jax.resume_rules import check_same_base
 
 # The checkpoint folder of each stage whose checkpoints hold a policy.
 STAGE_CHECKPOINTS = {"ppo": "checkpoints", "dpo": "dpo_checkpoints"}

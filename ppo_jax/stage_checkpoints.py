@@ -19,7 +19,8 @@ import numpy as np
 
 from ppo_jax import sharding as shd
 from ppo_jax import writers
-from ppo_jax.checkpoint import PATH_FIELDS, Checkpointer, config_differences, holds_checkpoints
+from ppo_jax.checkpoint import Checkpointer, holds_checkpoints
+from ppo_jax.resume_rules import PATH_FIELDS, config_differences
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -189,7 +190,7 @@ def _stage_id(folder: pathlib.Path) -> str | None:
 
 def sft_from(workdir: pathlib.Path) -> dict[str, str | None]:
   """``{"sft_id": ...}``: which training wrote ``WORKDIR/sft`` (None: none, or no record), for the
-  records of what starts from it; ``checkpoint.check_same_start`` compares them on resume."""
+  records of what starts from it; ``resume_rules.check_same_start`` compares them on resume."""
   return {"sft_id": _stage_id(pathlib.Path(workdir) / "sft")}
 
 

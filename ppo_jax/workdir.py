@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from ppo_jax import checkpoint, data, stage_checkpoints
+from ppo_jax import checkpoint, data, resume_rules, stage_checkpoints
 from ppo_jax import sharding as shd
 from ppo_jax.compat import check_positions, check_reward_model
 from ppo_jax.models.hf import load_hf_config
@@ -188,7 +188,7 @@ def _check_sft_start(saved: dict, folder: pathlib.Path, workdir: pathlib.Path, *
       f"{workdir / 'sft'}, which is gone and this run would train again; restore that folder, "
       f"or delete {folder} to start this stage over"
     )
-  checkpoint.check_same_start(saved, stage_checkpoints.sft_from(workdir), folder)
+  resume_rules.check_same_start(saved, stage_checkpoints.sft_from(workdir), folder)
 
 
 def stages_trained(s: Settings, workdir: pathlib.Path) -> dict[str, bool]:
@@ -238,7 +238,7 @@ def _check_task_data(s: Settings, then: dict, now: dict, workdir: pathlib.Path) 
   resume: remaking it would change the files that stage's record names (and the stage refuses
   the run anyway, after the data are rewritten)."""
 
-  then, now = checkpoint.flatten(then), checkpoint.flatten(now)
+  then, now = resume_rules.flatten(then), resume_rules.flatten(now)
   learned = [("sft", SFT_DATA), ("sft_checkpoints", SFT_DATA)]
   if s.own_reward_model:
     learned += [("reward_model", PAIR_DATA), ("rm_checkpoints", PAIR_DATA)]

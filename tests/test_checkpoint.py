@@ -19,7 +19,7 @@ from conftest import ROOT, count_lines, reuse_stages, sigterm_when, smoke_config
 from flax import nnx
 
 import ppo_jax as pj
-from ppo_jax import checkpoint, main, optim, pipeline, ppo, preemption, writers
+from ppo_jax import checkpoint, main, optim, pipeline, ppo, preemption, resume_rules, writers
 from ppo_jax.export import export_policy
 from ppo_jax.preemption import NonFiniteError
 
@@ -636,22 +636,22 @@ def test_export_a_checkpoint(smoke_run, tmp_path, capsys):
 def test_config_differences_ignore_what_may_change():
   saved = {"ppo": {"iterations": 10, "kl_coef": 0.05}, "log": {"progress": True}, "seed": 0}
   now = {"ppo": {"iterations": 20, "kl_coef": 0.05}, "log": {"progress": False}, "seed": 1}
-  assert checkpoint.config_differences(saved, now) == ["seed: 0 → 1"]
+  assert resume_rules.config_differences(saved, now) == ["seed: 0 → 1"]
   # GRPO never read ppo.whiten_rewards (now refused for it): a run saved with it resumes without.
   grpo = {"algo": "grpo", "ppo": {"whiten_rewards": True}}
   for algo, diffs in (("grpo", []), ("ppo", ["ppo.whiten_rewards: True → False"])):
     now = {"algo": algo, "ppo": {"whiten_rewards": False}}
-    assert checkpoint.config_differences({**grpo, "algo": algo}, now) == diffs
+    assert resume_rules.config_differences({**grpo, "algo": algo}, now) == diffs
   # Data files under the synthetic task, reward.fn under reward.source='model': never read, now
   # refused; a run saved with them resumes with them unset, not with other values.
   saved = {"task": {"name": "synthetic"}, "data": {"sft": "s.jsonl"}, "reward": {"fn": "m:f"}}
   now = {"task": {"name": "synthetic"}, "data": {"sft": None}, "reward": {"fn": None}}
-  assert checkpoint.config_differences(saved, now) == []
+  assert resume_rules.config_differences(saved, now) == []
   now["reward"]["fn"] = "m:g"
-  assert checkpoint.config_differences(saved, now) == ["reward.fn: 'm:f' → 'm:g'"]
+  assert resume_rules.config_differences(saved, now) == ["reward.fn: 'm:f' → 'm:g'"]
   saved["reward"]["source"] = now["reward"]["source"] = "function"
   now["reward"]["fn"] = None
-  assert checkpoint.config_differences(saved, now) == ["reward.fn: 'm:f' → None"]
+  assert resume_rules.config_differences(saved, now) == ["reward.fn: 'm:f' → None"]
 
 
 def test_paths_compare_as_the_files_they_name(tmp_path, monkeypatch):
@@ -662,12 +662,12 @@ def test_paths_compare_as_the_files_they_name(tmp_path, monkeypatch):
     section, key = field.split(".")
     saved = {section: {key: "data/p.jsonl"}}
     for same in (str(tmp_path / "data" / "p.jsonl"), "./data/../data/p.jsonl"):
-      assert checkpoint.config_differences(saved, {section: {key: same}}) == [], (field, same)
+      assert resume_rules.config_differences(saved, {section: {key: same}}) == [], (field, same)
     other = str(tmp_path / "data" / "q.jsonl")
-    assert checkpoint.config_differences(saved, {section: {key: other}}) == [
+    assert resume_rules.config_differences(saved, {section: {key: other}}) == [
       f"{field}: 'data/p.jsonl' → {other!r}"
     ]
-  assert checkpoint.config_differences({"seed": "a"}, {"seed": str(tmp_path / "a")}) != []
+  assert resume_rules.config_differences({"seed": "a"}, {"seed": str(tmp_path / "a")}) != []
 
 
 def test_a_field_added_since_the_save_counts_only_off_its_default():
@@ -676,14 +676,14 @@ def test_a_field_added_since_the_save_counts_only_off_its_default():
   saved = {"ppo": {"kl_coef": 0.05}, "seed": 0}
   defaults = {"ppo": {"kl_coef": 0.05, "critic_warmup": 0}, "seed": 0}
   at_default = {"ppo": {"kl_coef": 0.05, "critic_warmup": 0}, "seed": 0}
-  assert checkpoint.config_differences(saved, at_default, defaults=defaults) == []
-  assert checkpoint.config_differences(saved, at_default) == ["ppo.critic_warmup: '(absent)' → 0"]
+  assert resume_rules.config_differences(saved, at_default, defaults=defaults) == []
+  assert resume_rules.config_differences(saved, at_default) == ["ppo.critic_warmup: '(absent)' → 0"]
   changed = {"ppo": {"kl_coef": 0.05, "critic_warmup": 5}, "seed": 0}
-  assert checkpoint.config_differences(saved, changed, defaults=defaults) == [
+  assert resume_rules.config_differences(saved, changed, defaults=defaults) == [
     "ppo.critic_warmup: '(absent)' → 5"
   ]
   # A field the current config lacks (removed since) still counts.
-  assert checkpoint.config_differences(defaults, saved, defaults=defaults) == [
+  assert resume_rules.config_differences(defaults, saved, defaults=defaults) == [
     "ppo.critic_warmup: 0 → '(absent)'"
   ]
 
@@ -718,6 +718,50 @@ def test_a_state_of_another_layout_is_refused_in_one_line(tmp_path):
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved.params), strict=True):
     np.testing.assert_array_equal(a, b)
   assert record == {"config": {}}
+
+
+def test_a_full_disk_during_a_save_is_one_line_naming_the_whole_checkpoint(tmp_path, monkeypatch):
+  """A save that fails for want of space (tensorstore's RESOURCE_EXHAUSTED … ENOSPC, raised by
+  the save or by the wait for an earlier background one) is one OSError line; orbax's threads'
+  log records of it are dropped; other failures pass as they are."""
+  import logging
+
+  full = "RESOURCE_EXHAUSTED: Failed to write 8 bytes: No space left on device [os_error_code='28']"
+  settings = checkpoint.CheckpointSettings(async_save=False)
+  with checkpoint.Checkpointer(tmp_path / "ck", settings) as ck:
+    ck.save(1, {"w": jnp.ones(3)}, {"step": 1})
+
+    def fails(message):
+      def fn(*args, **kwargs):
+        raise ValueError(message)
+
+      return fn
+
+    monkeypatch.setattr(ck._mgr, "save", fails(full))
+    with pytest.raises(
+      OSError,
+      match=r"no space left on the device of .*ck while writing a "
+      r"checkpoint; the one of step 1 is whole: free some space",
+    ) as e:
+      ck.save(2, {"w": jnp.ones(3)}, {"step": 2})
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(ck._mgr, "wait_until_finished", fails(full))
+    with pytest.raises(OSError, match="no space left on the device"):
+      ck.wait()
+    monkeypatch.setattr(ck._mgr, "wait_until_finished", fails("something else"))
+    with pytest.raises(ValueError, match=r"^something else$"):
+      ck.wait()
+    monkeypatch.undo()
+  record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "save failed", None, None)
+  try:
+    raise RuntimeError("commit") from ValueError(full)
+  except RuntimeError:
+    record.exc_info = sys.exc_info()
+  reports = checkpoint._NoSpaceReports
+  assert any(isinstance(f, reports) for f in logging.getLogger("absl").filters)
+  assert not reports().filter(record)
+  record.exc_info = None
+  assert reports().filter(record)
 
 
 def test_read_blames_damage_only_for_data_loss(tmp_path, capsys):
@@ -758,7 +802,7 @@ def test_a_stop_requested_in_an_earlier_run_is_forgotten():
 
 def test_checkpoints_of_a_run_from_another_sft_policy_are_refused(tmp_path):
   """PPO's, DPO's and the reward model's records name the SFT training they started from."""
-  from ppo_jax.checkpoint import check_same_start
+  from ppo_jax.resume_rules import check_same_start
 
   check_same_start({"sft_id": "a"}, {"sft_id": "a"}, tmp_path)
   check_same_start({}, {"sft_id": "a"}, tmp_path)  # a record from before ids

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ppo_jax import stage_checkpoints
-from ppo_jax.checkpoint import config_differences
 from ppo_jax.config import base_config
+from ppo_jax.resume_rules import config_differences
 
 
 def test_the_fingerprint_tells_values_dtypes_and_shapes_apart():
