@@ -180,7 +180,7 @@ def run_dpo_stage(
       curve["w"] = writers.MetricsWriter(
         workdir / "metrics.jsonl",
         tensorboard_dir=workdir / "tensorboard" if s.log.tensorboard else None,
-        resume_step=step - 1,
+        resume_step=step - 1 if step > 1 else -1,  # a fresh stage drops an earlier try's rows
       )
       if every and step == 1:  # a fresh stage: the reference's samples are step 0
         curve["w"].write(0, {KEYS.get(k, k): v for k, v in before.items()})

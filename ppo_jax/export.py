@@ -188,7 +188,9 @@ def export_policy(
       shutil.rmtree(previous, ignore_errors=True)
       shutil.rmtree(staging, ignore_errors=True)
     raise
-  shutil.rmtree(previous, ignore_errors=True)
+  if previous.is_dir():  # renamed first: a kill while it is deleted leaves nothing to put back
+    previous.rename(out / DISCARDED)
+    shutil.rmtree(out / DISCARDED, ignore_errors=True)
   staging.rmdir()
   if kept:
     print(f"note: kept the files in {out} that the earlier export did not write: {_listed(kept)}")
@@ -205,6 +207,7 @@ def _remove(path: pathlib.Path) -> None:
 def _restore_previous(out: pathlib.Path, previous: pathlib.Path) -> None:
   """After an export killed (``kill -9``) while it swapped its files: the earlier export's files
   set aside in ``previous`` go back in place of whatever half of the new one had moved in."""
+  shutil.rmtree(out / DISCARDED, ignore_errors=True)  # a whole export's, partly deleted
   if not previous.is_dir():
     return
   for old in previous.iterdir():
@@ -228,7 +231,7 @@ def _earlier_export(out: pathlib.Path, files: list[str]) -> list[pathlib.Path]:
       n in files
       or (n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json")))
     )
-  return [p for p in out.iterdir() if p.name not in (STAGING, PREVIOUS) and ours(p.name)]
+  return [p for p in out.iterdir() if p.name not in (STAGING, PREVIOUS, DISCARDED) and ours(p.name)]
 
 
 def _listed(names: list[str]) -> str:
@@ -238,6 +241,7 @@ def _listed(names: list[str]) -> str:
 EXPORT_RECORD = "ppo_jax_checkpoint.json"  # what an export writes beside the weights
 STAGING = ".ppo_jax_exporting"  # inside --out while an export is written
 PREVIOUS = ".ppo_jax_previous_export"  # the earlier export's files, while they are replaced
+DISCARDED = ".ppo_jax_discarded_export"  # those files, being deleted once the new export is whole
 
 
 # What a run writes into its workdir: an export must not land on any of it.

@@ -33,7 +33,9 @@ from ppo_jax.compat import check_compatible
 from ppo_jax.config import Settings, base_config
 from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.models import CausalLM, RewardModel, save_pretrained
+from ppo_jax.resume_rules import with_paths_resolved
 from ppo_jax.rewards import fields_taken, load_reward_fn
+from ppo_jax.rows import split_holdout
 from ppo_jax.stages import (
   init_policy,
   read_preferences,
@@ -44,6 +46,7 @@ from ppo_jax.stages import (
 )
 from ppo_jax.tokenizer import load_tokenizer
 from ppo_jax.workdir import (
+  LOCK,
   check_finished,
   check_workdir,
   finished_summary,
@@ -173,7 +176,7 @@ def run_ppo_stage(
         writers.write_samples(workdir / "samples", step, samples(s.log.num_samples), writer)
 
     record = {
-      "config": json.loads(config.to_json_best_effort()),
+      "config": with_paths_resolved(json.loads(config.to_json_best_effort())),
       **stage_checkpoints.sft_from(workdir),
       **export_record(
         policy.cfg,
@@ -309,13 +312,17 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
 
   check_finished(s, inputs, workdir)
   will = stages_trained(s, workdir)  # their files' rows now, not after the stages before them
-  for stage in ("sft", "rm"):  # and their batches over the mesh
-    if will[stage] and mesh is not None:
-      shd.check_batch(getattr(s, stage).batch_size, mesh, f"config.{stage}.batch_size")
   if inputs.sft and will["sft"]:
     inputs.loaded["sft"] = data.load_sft(inputs.sft, tok, layout)
   if inputs.preferences and (will["rm"] or will["dpo"]):
     inputs.loaded["preferences"] = read_preferences(inputs, layout)
+  for stage, key in (("sft", "sft"), ("rm", "preferences")):  # and their batches over the mesh
+    if will[stage] and mesh is not None and key in inputs.loaded:
+      section, rows = getattr(s, stage), inputs.loaded[key]
+      total = len(rows[0] if key == "preferences" else rows)
+      n = len(split_holdout(total, section.eval_fraction, seed=s.seed)[0])
+      cut = f" (cut to its {n} training rows)" if n < section.batch_size else ""
+      shd.check_batch(min(section.batch_size, n), mesh, f"config.{stage}.batch_size{cut}")
   if shd.is_main_process():  # after the refusals that need no training: the config of the outputs
     (workdir / "summary.json").unlink(missing_ok=True)  # an earlier run's: this one writes its own
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -379,6 +386,6 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   banner("summary")
   writers.print_summary(summary)
-  outputs = sorted(p.name + ("/" if p.is_dir() else "") for p in workdir.iterdir())
+  outputs = sorted(p.name + "/" * p.is_dir() for p in workdir.iterdir() if p.name != LOCK)
   print(f"outputs in {workdir}: {', '.join(outputs)}")
   return summary

@@ -85,6 +85,17 @@ def config_differences(
   return diffs
 
 
+def with_paths_resolved(config: dict[str, Any]) -> dict[str, Any]:
+  """``config`` (as JSON) with its ``PATH_FIELDS`` resolved, for a record: a relative path means
+  the file it named from the folder the run started in, whichever folder a resume starts in."""
+  config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+  for section, key in (name.split(".") for name in PATH_FIELDS):
+    value = config.get(section, {}).get(key)
+    if isinstance(value, str) and value != "scratch":
+      config[section][key] = str(pathlib.Path(value).expanduser().resolve())
+  return config
+
+
 def same_path(a: object, b: object) -> bool:
   """Whether ``a`` and ``b`` are paths (strings) naming the same file from this folder."""
   return (

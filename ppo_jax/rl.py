@@ -293,8 +293,9 @@ def run_ppo(
     # data.eval_prompts changed since the run started: its before was of other prompts (or of
     # none), so the summary compares the first and last rollouts instead, on both sides.
     say(
-      f"data.eval_prompts holds out {len(eval_prompts)} prompts, not the run's first "
-      f"{saved.get('held_out_rows', 'set')}: the summary compares rollouts, not held-out samples"
+      f"data.eval_prompts holds out {len(eval_prompts)} prompts, not the "
+      f"{saved.get('held_out_rows', 'other number')} of the checkpoint's run: the summary "
+      "compares rollouts, not held-out samples"
     )
     before, eval_prompts = {}, eval_prompts.take(np.arange(0))
     record["held_out_rows"] = 0  # and so will its resumes

@@ -20,7 +20,7 @@ import numpy as np
 from ppo_jax import sharding as shd
 from ppo_jax import writers
 from ppo_jax.checkpoint import Checkpointer, holds_checkpoints
-from ppo_jax.resume_rules import PATH_FIELDS, config_differences
+from ppo_jax.resume_rules import config_differences, with_paths_resolved
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -124,7 +124,7 @@ def for_stage(
   deleted when the stage's folder is written (``drop_checkpoints``), so they skip the save after
   the last step; DPO's stay. A stage that starts from the SFT policy records which
   (``sft_from``)."""
-  config = _config_of(s)
+  config = with_paths_resolved(_config_of(s))
   if name == "dpo" or (name == "rm" and _starts_from_sft(s)):
     meta = {**(meta or {}), **sft_from(workdir)}
   with Checkpointer(pathlib.Path(workdir) / f"{name}_checkpoints", s.checkpoint) as ckpt:
@@ -169,17 +169,6 @@ def file_digest(path: str | pathlib.Path) -> str:
   return h.hexdigest()[:16]
 
 
-def _record_config(s: Settings) -> dict[str, Any]:
-  """The run's config with its file and folder paths resolved (a relative path from another
-  folder names the same file)."""
-  config = _config_of(s)
-  for section, key in (name.split(".") for name in PATH_FIELDS):
-    value = config.get(section, {}).get(key)
-    if isinstance(value, str) and value != "scratch":
-      config[section][key] = str(pathlib.Path(value).resolve())
-  return config
-
-
 def _stage_id(folder: pathlib.Path) -> str | None:
   """The id of the training that wrote ``folder`` (None: no such folder, or no record)."""
   try:
@@ -207,7 +196,7 @@ def write_record(out: pathlib.Path, s: Settings, name: str, data_file: str) -> N
   record = {
     "stage": name,
     "id": uuid.uuid4().hex,
-    "config": _record_config(s),
+    "config": with_paths_resolved(_config_of(s)),
     "data_digest": file_digest(data_file),
   }
   if name == "rm" and _starts_from_sft(s):
@@ -243,7 +232,7 @@ def check_record(
     raise ValueError(
       f"{path}: not a readable record ({e}); delete {out} to train the stage again"
     ) from None
-  config = _record_config(s)
+  config = with_paths_resolved(_config_of(s))
   diffs = config_differences(
     saved.get("config", {}), config, defaults=_defaults(), only=stage_fields(name, config)
   )

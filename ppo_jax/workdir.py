@@ -117,25 +117,31 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
   return summary if shd.all_agree(done) else None
 
 
+LOCK = ".ppo_jax.lock"  # in the workdir: held while a run uses it
+
+
 @contextlib.contextmanager
 def in_use(workdir: pathlib.Path) -> Iterator[None]:
-  """Holds ``workdir`` for this run (an exclusive ``flock`` on the folder itself, released when
-  the run ends or its process dies); a second run on it, a scheduler's requeue while the first
-  still runs, is refused in one line before it reads or deletes anything (orbax would clean up
-  the other run's checkpoint in flight). Taken by the first process only; a file system without
-  locks (some network mounts) runs unguarded."""
+  """Holds ``workdir`` for this run (an exclusive ``flock`` on ``WORKDIR/.ppo_jax.lock``,
+  released when the run ends or its process dies; NFS clients take it on the server, so it holds
+  across machines); a second run on it, a scheduler's requeue while the first still runs, is
+  refused in one line before it reads or deletes anything (orbax would clean up the other run's
+  checkpoint in flight). Taken by the first process only; where the file system refuses locks,
+  a note says the run goes unguarded."""
   fd, busy = None, False
   if shd.is_main_process():
-    fd = os.open(workdir, os.O_RDONLY)
+    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       os.close(fd)
       fd, busy = None, e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+      if not busy:
+        print(f"note: {workdir} cannot be locked ({e.strerror}): nothing stops a second run on it")
   if not shd.all_agree(not busy):  # every process refuses, none waits for the others
     raise ValueError(
-      f"{workdir} is in use by another run (a process on this machine or one sharing its disk "
-      "holds it); wait for that run to end or stop it, or use another workdir"
+      f"{workdir} is in use by another run (its {LOCK} is held); wait for that run to end or "
+      "stop it, or use another workdir"
     )
   try:
     yield

@@ -73,7 +73,7 @@ def test_a_resume_holding_out_other_prompts_compares_rollouts(smoke_run, tmp_pat
   assert first["held_out"] and first["before"] and first["after"]
   capsys.readouterr()
   summary = pipeline.run(smoke_config(data__eval_prompts=0, ppo__iterations=5), workdir)
-  assert "holds out 0 prompts, not the run's first 32: the summary compares rollouts" in (
+  assert "holds out 0 prompts, not the 32 of the checkpoint's run: the summary compares" in (
     capsys.readouterr().out
   )
   assert not summary["held_out"] and summary["rollouts_compared"] == 2
@@ -668,6 +668,14 @@ def test_paths_compare_as_the_files_they_name(tmp_path, monkeypatch):
       f"{field}: 'data/p.jsonl' → {other!r}"
     ]
   assert resume_rules.config_differences({"seed": "a"}, {"seed": str(tmp_path / "a")}) != []
+  # Records hold the paths resolved: a resume from another folder, by another relative path.
+  (tmp_path / "proj").mkdir()
+  monkeypatch.chdir(tmp_path / "proj")
+  saved = resume_rules.with_paths_resolved({"data": {"prompts": "p.jsonl", "sft": None}})
+  assert saved == {"data": {"prompts": str(tmp_path / "proj" / "p.jsonl"), "sft": None}}
+  monkeypatch.chdir(tmp_path)
+  now = {"data": {"prompts": "proj/p.jsonl", "sft": None}}
+  assert resume_rules.config_differences(saved, now) == []
 
 
 def test_a_field_added_since_the_save_counts_only_off_its_default():

@@ -433,12 +433,12 @@ def test_a_bad_preference_row_is_found_before_sft_trains(smoke_run, tmp_path):
   )
   code, _, err = _cli(*args)
   assert code == 1 and err.count("\n") == 0 and f"{pairs}:3: missing field 'rejected'" in err, err
-  assert not list((tmp_path / "run").iterdir())  # SFT never started
+  assert [p.name for p in (tmp_path / "run").iterdir()] == [".ppo_jax.lock"]  # SFT never ran
   # A prompt over data.max_prompt_len: found too (the file is read and tokenized before SFT).
   pairs.write_text(json.dumps({"prompt": " ".join(["a"] * 30), "chosen": "b", "rejected": "c"}))
   code, _, err = _cli(*args)
   assert code == 1 and f"{pairs}:1: prompt of 30 tokens is longer than data.max_prompt" in err, err
-  assert not list((tmp_path / "run").iterdir())
+  assert [p.name for p in (tmp_path / "run").iterdir()] == [".ppo_jax.lock"]
 
 
 def test_prompt_longer_than_allowed(smoke_run, tmp_path):
