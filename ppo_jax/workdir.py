@@ -130,11 +130,12 @@ def in_use(workdir: pathlib.Path) -> Iterator[None]:
   a note says the run goes unguarded."""
   fd, busy = None, False
   if shd.is_main_process():
-    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    try:  # a read-only workdir, say, goes on: a finished run there still prints its summary
+      fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-      os.close(fd)
+      if fd is not None:
+        os.close(fd)
       fd, busy = None, e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
       if not busy:
         print(f"note: {workdir} cannot be locked ({e.strerror}): nothing stops a second run on it")

@@ -348,7 +348,7 @@ def test_noresume_refuses_a_workdir_with_checkpoints(smoke_run, tmp_path):
     pipeline.run(smoke_config(), workdir, resume=False)
 
 
-def test_a_workdir_in_use_by_another_run_is_refused(smoke_run, tmp_path):
+def test_a_workdir_in_use_by_another_run_is_refused(smoke_run, tmp_path, monkeypatch, capsys):
   """A second run on a workdir (a requeued job while the first still runs) would interleave
   metrics and delete the other's checkpoint in flight: refused before it reads anything."""
   from ppo_jax.workdir import in_use
@@ -362,6 +362,20 @@ def test_a_workdir_in_use_by_another_run_is_refused(smoke_run, tmp_path):
     assert (workdir / "checkpoints" / "20.orbax-checkpoint-tmp").is_dir()
   with in_use(workdir):  # released: taken again
     pass
+  # A workdir where the lock cannot be made (read-only): the run goes on, and says so.
+  real_open = os.open
+
+  def refused(path, *args, **kwargs):
+    if str(path).endswith(".ppo_jax.lock"):
+      raise PermissionError(13, "Permission denied")
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr(os, "open", refused)
+  with in_use(workdir):
+    pass
+  assert "cannot be locked (Permission denied): nothing stops a second run" in (
+    capsys.readouterr().out
+  )
 
 
 def test_iterations_below_the_saved_step_are_refused(smoke_run, tmp_path):
