@@ -321,8 +321,12 @@ def _copy_of_the_smoke_run(smoke_workdir, workdir, names):
 
 
 def _unchanged(workdir, snapshot):
-  """Nothing written, rewritten or deleted in ``workdir`` since ``snapshot``."""
-  now = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  """Nothing written, rewritten or deleted in ``workdir`` since ``snapshot`` (but the run's empty
+  lock file, ``workdir.LOCK``)."""
+  from ppo_jax.workdir import LOCK
+
+  assert not (workdir / LOCK).exists() or (workdir / LOCK).read_bytes() == b""
+  now = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != LOCK}
   assert sorted(map(str, now)) == sorted(map(str, snapshot))
   assert [p for p in now if now[p] != snapshot[p]] == []
 
