@@ -45,7 +45,7 @@ from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
 from ppo_jax.models import RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
-from ppo_jax.sampling import generate
+from ppo_jax.sampling import generate, row_keys
 from ppo_jax.stages import has_model_folder
 from ppo_jax.tokenizer import load_tokenizer
 
@@ -397,12 +397,6 @@ def _summary(
       picked = np.take_along_axis(golds, scores.argmax(1)[:, None], 1)
       summary[f"best_of_{n}_gold"] = float(picked.mean())
   return summary
-
-
-def row_keys(key: jax.Array, prompts: np.ndarray, samples: np.ndarray) -> np.ndarray:
-  """Raw key data ``[B, 2]``: ``fold_in(fold_in(key, prompt), sample)`` of each row."""
-  fold = lambda i, j: jax.random.fold_in(jax.random.fold_in(key, i), j)
-  return np.asarray(jax.random.key_data(jax.vmap(fold)(prompts, samples)))
 
 
 def _shown(key: str, value: float) -> str:

@@ -107,6 +107,12 @@ def typed_keys(key: jax.Array) -> jax.Array:
   return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
 
 
+def row_keys(key: jax.Array, prompts: np.ndarray, samples: np.ndarray) -> np.ndarray:
+  """Raw key data ``[B, 2]``: ``fold_in(fold_in(key, prompt), sample)`` of each row."""
+  fold = lambda i, j: jax.random.fold_in(jax.random.fold_in(key, i), j)
+  return np.asarray(jax.random.key_data(jax.vmap(fold)(prompts, samples)))
+
+
 def sample(
   graphdef: nnx.GraphDef,
   params: Any,
