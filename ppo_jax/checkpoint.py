@@ -71,7 +71,32 @@ def _chain(record: logging.LogRecord) -> list[BaseException]:
   return out
 
 
-logging.getLogger("absl").addFilter(_NoSpaceReports())
+def _closed_loop_callback(unraisable) -> bool:
+  """Whether an unraisable exception is a native thread's (tensorstore's) callback into orbax's
+  event loop after it closed: ``RuntimeError('Event loop is closed')`` raised in
+  ``call_soon_threadsafe`` with no Python caller. A failed save leaves hundreds of them."""
+  tb = unraisable.exc_traceback
+  return (
+    isinstance(unraisable.exc_value, RuntimeError)
+    and str(unraisable.exc_value) == "Event loop is closed"
+    and tb is not None
+    and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+  )
+
+
+def _quiet_closed_loop_callbacks(previous: Callable) -> Callable:
+  def hook(unraisable) -> None:
+    if not _closed_loop_callback(unraisable):
+      previous(unraisable)
+
+  hook.ppo_jax = True
+  return hook
+
+
+logging.getLogger("absl").addFilter(_NoSpaceReports())  # orbax's thread reports
+logging.getLogger("asyncio").addFilter(_NoSpaceReports())  # "Task exception was never retrieved"
+if not getattr(sys.unraisablehook, "ppo_jax", False):
+  sys.unraisablehook = _quiet_closed_loop_callbacks(sys.unraisablehook)
 _READ_LOCK = threading.Lock()  # sys.stderr is swapped for the whole process while reading
 
 

@@ -790,6 +790,42 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_whole_checkpoint(tmp_p
   assert reports().filter(record)
 
 
+def test_a_failed_saves_late_reports_are_dropped_and_nothing_else():
+  """After a save fails for want of space, asyncio reports each abandoned write ("Task exception
+  was never retrieved") and tensorstore's threads call back into orbax's closed loop (an
+  unraisable RuntimeError each): hundreds of tracebacks. Both are dropped; other reports pass."""
+  import asyncio
+  import logging
+  import types
+
+  assert any(
+    isinstance(f, checkpoint._NoSpaceReports) for f in logging.getLogger("asyncio").filters
+  )
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as e:
+    error = e
+  seen = []
+  hook = checkpoint._quiet_closed_loop_callbacks(seen.append)
+
+  def unraisable(exc_value, tb):
+    return types.SimpleNamespace(
+      exc_type=type(exc_value), exc_value=exc_value, exc_traceback=tb, err_msg=None, object=None
+    )
+
+  native = unraisable(error, error.__traceback__.tb_next)  # call_soon_threadsafe called from C
+  hook(native)
+  assert seen == []
+  from_python = unraisable(error, error.__traceback__)  # a Python caller: reported
+  other = unraisable(RuntimeError("something else"), error.__traceback__.tb_next)
+  hook(from_python)
+  hook(other)
+  assert seen == [from_python, other]
+  assert getattr(sys.unraisablehook, "ppo_jax", False)
+
+
 def test_read_blames_damage_only_for_data_loss(tmp_path, capsys):
   def fails(error):
     def fn():
