@@ -44,8 +44,9 @@ class Checkpoints:
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def resume(self, record: dict[str, Any], like, total: int):
-    """``(params, opt_state, step)`` of the stage's latest checkpoint (None without one), read
-    onto ``like``'s shapes; refuses one of another config or of other training data."""
+    """``(params, opt_state, step, nonfinite_streak)`` of the stage's latest checkpoint (None
+    without one), read onto ``like``'s shapes; refuses one of another config or of other training
+    data. ``nonfinite_streak``: the updates skipped in a row just before it was saved."""
 
     def same_data(saved):
       if (saved.get("rows"), saved.get("data")) != (record["rows"], record["data"]):
@@ -61,7 +62,8 @@ class Checkpoints:
     if resumed is None:
       return None
     state, saved = resumed
-    return state["params"], state["opt_state"], int(saved["step"])
+    streak = int(saved.get("nonfinite_streak", 0))  # absent from older checkpoints
+    return state["params"], state["opt_state"], int(saved["step"]), streak
 
 
 def fingerprint(*arrays: np.ndarray) -> str:

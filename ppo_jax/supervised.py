@@ -255,8 +255,9 @@ def train(
       "opt_state": shd.abstract(jax.eval_shape(tx.init, params), opt_sh),
     }
     resumed = checkpoints.resume(record, like, total)
+  streak = 0  # updates skipped in a row, carried over a resume
   if resumed is not None:
-    params, opt_state, start = resumed
+    params, opt_state, start, streak = resumed
   else:  # copied: the step donates them, and they may share buffers with a live model
     start = 0
     params = jax.tree.map(jnp.copy, params if mesh is None else shd.place(params, param_sh))
@@ -264,7 +265,7 @@ def train(
 
   step = jax.jit(make_step(loss_fn, graphdef, tx), donate_argnums=(0, 1), **jit_kw)
   every = ckpt.settings.supervised_every if ckpt is not None else 0
-  history, streak = [], 0
+  history = []
   for i in range(start, total):
     batch = put(make_batch(batch_indices(n_train, batch_size, i, seed=seed)))
     params, opt_state, metrics = step(params, opt_state, frozen, batch)
@@ -287,7 +288,8 @@ def train(
     done, stop = i + 1, stop_requested()
     at_end = done == total and checkpoints is not None and checkpoints.save_at_end
     if ckpt is not None and (at_end or stop or (every and done % every == 0)):
-      ckpt.save(done, {"params": params, "opt_state": opt_state}, {**record, "step": done})
+      state = {"params": params, "opt_state": opt_state}
+      ckpt.save(done, state, {**record, "step": done, "nonfinite_streak": streak})
     if stop:
       if ckpt is not None:
         ckpt.wait()

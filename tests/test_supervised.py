@@ -232,6 +232,32 @@ def test_a_non_finite_step_changes_nothing_and_a_run_of_them_stops_the_stage(cap
     supervised.train(params, None, loss_fn, make_batch, n, hp, seed=0, name="sft", max_nonfinite=2)
 
 
+def test_the_count_of_skipped_updates_in_a_row_survives_a_resume(tmp_path):
+  """Stopped after 2 skipped updates in a row, the resumed stage stops at the third
+  (``max_nonfinite`` = 3): the count is saved with the checkpoint, not restarted at 0."""
+  hp = SupervisedHparams(batch_size=1, epochs=2.0, optim=OptimHparams(lr=0.1, schedule="constant"))
+  loss_fn, make_batch, n = _nan_rows({0, 1, 2, 3})
+
+  def stop_after_2(i, total, row):
+    if i + 1 == 2:
+      preemption.GUARD.signal = signal.SIGTERM
+
+  settings = checkpoint.CheckpointSettings(supervised_every=0, async_save=False)
+  with checkpoint.Checkpointer(tmp_path / "ck", settings) as ck:
+    checkpoints = stage_checkpoints.Checkpoints(ck, CONFIG, FIELDS)
+    run = lambda **kw: supervised.train(
+      {"w": jnp.zeros(())}, None, loss_fn, make_batch, n, hp, seed=0, name="sft",
+      max_nonfinite=3, checkpoints=checkpoints, **kw
+    )  # fmt: skip
+    try:
+      with pytest.raises(preemption.Preempted, match="after step 2 of 8"):
+        run(on_step=stop_after_2)
+    finally:
+      preemption.GUARD.signal = None
+    with pytest.raises(preemption.NonFiniteError, match=r"at step 3 of the sft stage: 3 consec"):
+      run()
+
+
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_held_out_metrics_cover_every_row_whatever_the_batch_size(stage):
   """Batches of 5 over 12 rows (5, 5, then the tail of 2): the metrics (token-weighted for SFT,
