@@ -166,14 +166,29 @@ def check_override_paths(argv: list[str]) -> None:
         f"config field '{dotted}' is not set by the config: it comes from the tokenizer (and the "
         "checkpoint's config.json and generation_config.json)"
       )
-    node, walked = config, []
-    for key in dotted.split("."):
+    node, walked, keys = config, [], dotted.split(".")
+    for i, key in enumerate(keys):
       if not hasattr(node, "keys") or key not in node:
-        siblings = list(node.keys()) if hasattr(node, "keys") else []
-        near = difflib.get_close_matches(key, siblings, n=1)
-        hint = f"; did you mean '{'.'.join([*walked, near[0]])}'?" if near else ""
+        siblings = {k.lower(): k for k in node.keys()} if hasattr(node, "keys") else {}
+        near = difflib.get_close_matches(key.lower(), siblings, n=1)
+        hint = ""
+        if near:  # the whole field where the rest of the path exists under the suggestion
+          rest = keys[i + 1 :]
+          whole = _exists(node[siblings[near[0]]], rest)
+          hint = (
+            f"; did you mean '{'.'.join([*walked, siblings[near[0]], *(rest if whole else [])])}'?"
+          )
         raise ValueError(f"unknown config field '{dotted}'{hint}")
       node, walked = node[key], [*walked, key]
+
+
+def _exists(node, keys: list[str]) -> bool:
+  """Whether the config path ``keys`` exists under ``node``."""
+  for key in keys:
+    if not hasattr(node, "keys") or key not in node:
+      return False
+    node = node[key]
+  return True
 
 
 def start_distributed(d) -> None:

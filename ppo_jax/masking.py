@@ -131,7 +131,8 @@ def masked_whiten(x: ArrayLike, mask: ArrayLike, *, shift_mean: bool = True) -> 
   carries meaning). Entries where the mask is 0 are set to 0.
 
   Used for advantages (Schulman et al. 2017, PPO; Huang et al. 2022, "The 37 implementation details
-  of PPO") and rewards (Ziegler et al. 2019).
+  of PPO") and per-token rewards (``ppo.whiten_rewards``, as TRL's PPO trainer; Ziegler et al.
+  2019 instead normalise the reward model's score once, to mean 0 and variance 1).
 
   Args:
     x: values ``[B, T]`` (any shape).

@@ -212,9 +212,9 @@ def minibatch_gradients(
   warm-up); a critic on the policy's trunk still sends its gradient there.
   """
   policy_on = jnp.asarray(train_policy, jnp.float32)
-  weights = {
-    "agg": masking.agg_weight(mb.response_mask, agg=hp.agg),
-    "tokens": masking.agg_weight(mb.response_mask, agg="token-mean"),
+  weights = {  # counts; at least 1, so an all-masked minibatch gives 0 with zero gradients
+    "agg": jnp.maximum(masking.agg_weight(mb.response_mask, agg=hp.agg), 1.0),
+    "tokens": jnp.maximum(masking.agg_weight(mb.response_mask, agg="token-mean"), 1.0),
   }
 
   def micro_step(grads, micro):

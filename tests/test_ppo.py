@@ -165,6 +165,24 @@ def test_micro_batch_gradients_equal_the_full_minibatch_gradient(agg):
     assert float(m1[k]) == pytest.approx(float(m4[k]), rel=1e-5, abs=1e-6), k
 
 
+def test_an_all_masked_minibatch_gives_zero_loss_and_zero_gradients():
+  """A minibatch whose rows have no response token (a caller's batch of empty responses): 0 with
+  zero gradients, as ``masking.aggregate`` promises, not 0/0 (a NaN the run counts as a
+  non-finite loss)."""
+  hp = dataclasses.replace(HP, kl_mode="loss", kl_kind="k3", entropy_coef=0.01)
+  models, _, state, frozen, fns = build(hp)
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(3), PROMPTS, PROMPT_MASK)
+  exp, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, jnp.linspace(-1, 2, B))
+  n = exp.response_mask.shape[1]
+  empty = exp.replace(
+    response_mask=jnp.zeros_like(exp.response_mask), mask=exp.mask.at[:, -n:].set(0)
+  )
+  grads, metrics = ppo.minibatch_gradients(models, state.params, empty, state.kl_coef, 2, hp=hp)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+  for k in ("loss/policy_avg", "loss/value_avg", "loss/kl_avg"):
+    assert float(metrics[k]) == 0.0, k
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_sampler_logprobs_skip_the_policy_pass_and_change_only_old_logprobs(shared):
   """recompute_logprobs=False: old log-probs are the sampler's; values, reference log-probs and
