@@ -29,6 +29,8 @@ def _cli(*args):
     ("--config.ppo.lrr=1e-5", "unknown config field 'ppo.lrr'"),
     ("--config.ppo.optim.lrr=1e-5", "field 'ppo.optim.lrr'; did you mean 'ppo.optim.lr'?"),
     ("--config.pppo.lr=1", "unknown config field 'pppo.lr'; did you mean 'ppo'?"),
+    ("--config.PPO.kl_coef=1", "unknown config field 'PPO.kl_coef'; did you mean 'ppo.kl_coef'?"),
+    ("--config.ppo.KL_coef=1", "field 'ppo.KL_coef'; did you mean 'ppo.kl_coef'?"),
     ("--config.ppo.clip_eps=abc", "config.ppo.clip_eps: expected a number, got 'abc'"),
     ("--config.ppo.iterations=1.5", "config.ppo.iterations: expected an integer, got '1.5'"),
     ("--config.log.progress=maybe", "config.log.progress: expected true or false, got 'maybe'"),
