@@ -355,9 +355,8 @@ def evaluate(
 
   Full batches, then the tail of fewer than ``batch_size`` rows as one more call (a second
   compilation). On a mesh the placed calls' rows split evenly over the batch axes; the last
-  ``n mod (data × fsdp)`` rows go in one call of their own, handed over whole (every device
-  computes them), so a mesh evaluates every row as one device does. With several processes
-  they are left out (``eval_rows`` says how many rows were used).
+  ``n mod (data × fsdp)`` rows go in one call of their own, replicated (every device computes
+  them), so a mesh, on one process or several, evaluates every row as one device does.
   """
   if n == 0:
     return {}
@@ -372,12 +371,9 @@ def evaluate(
   sums: dict[str, float] = {}
   weight_total = 0.0
   placed = n // split * split
-  used = n if jax.process_count() == 1 else placed
   calls = [(np.arange(s, min(s + batch_size, placed)), put) for s in range(0, placed, batch_size)]
-  if used > placed:  # one process: its arrays as they are, replicated by the call
-    calls.append((np.arange(placed, used), lambda b: b))
-  if not calls:
-    return {}
+  if n > placed:  # every process hands over the whole tail, each device holds all of it
+    calls.append((np.arange(placed, n), lambda b: shd.place_batch(b, shd.replicated(mesh))))
   for idx, hand_over in calls:
     metrics = {
       k: float(shd.to_host(v)) for k, v in fn(params, frozen, hand_over(make_batch(idx))).items()
@@ -387,5 +383,5 @@ def evaluate(
     for k, v in metrics.items():
       sums[k] = sums.get(k, 0.0) + v * w
   out = {k: v / weight_total for k, v in sums.items() if k not in ("num_tokens", "num_pairs")}
-  out["eval_rows"] = float(used)
+  out["eval_rows"] = float(n)
   return out

@@ -85,6 +85,14 @@ def one_process(tmp_path_factory) -> pathlib.Path:
   return single
 
 
+def _held_out(out: str) -> dict[str, float]:
+  """The metrics of the last ``held-out: k v, …`` line a run printed."""
+  line = [t for t in out.splitlines() if t.startswith("held-out: ")][-1]
+  return {
+    k: float(v) for k, v in (kv.rsplit(" ", 1) for kv in line[len("held-out: ") :].split(", "))
+  }
+
+
 def _with_stages(one_process, workdir, stages=("sft", "reward_model")):
   workdir.mkdir()
   for stage in stages:  # the same starting point: what follows is what is compared
@@ -163,6 +171,12 @@ def test_dpo_in_two_processes_matches_one(tmp_path, one_process, lora_rank):
   for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert "2 process(es)" in outs[0][0] and outs[1][0] == ""
+  # Held-out DPO metrics of all 13 held-out pairs (256 × 0.05), 13 mod 4 = 1 of them replicated:
+  # two processes left it out.
+  a, b = _held_out(out), _held_out(outs[0][0])
+  assert a.keys() == b.keys() and a["eval_rows"] == b["eval_rows"] == 13
+  for k in a:
+    assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4), k
   for name in ("dpo_metrics.jsonl", "metrics.jsonl"):  # training steps; held-out samples
     a, b = (
       [json.loads(line) for line in (w / name).read_text().splitlines()] for w in (single, multi)
