@@ -36,6 +36,10 @@ class PPOHparams:
   vf_coef: float = 0.1
   entropy_coef: float = 0.0
   agg: str = "token-mean"
+  # Early stopping: once a minibatch's policy/approxkl_avg (KL(π_old ‖ π), k3, at the parameters
+  # before its update) exceeds this, its update and the iteration's later ones are skipped
+  # (None: off). Stable-Baselines3's and Spinning Up's target_kl t stop at 1.5·t.
+  early_stop_kl: float | None = None
   # Advantages.
   gamma: float = 1.0
   lam: float = 0.95
@@ -95,6 +99,7 @@ class PPOHparams:
       "clip_eps_high": (self.clip_eps_high is None or self.clip_eps_high > 0, "> 0"),
       "vf_clip": (self.vf_clip is None or self.vf_clip > 0, "> 0 (none: off)"),
       "vf_coef": (self.vf_coef >= 0, "≥ 0"),
+      "early_stop_kl": (self.early_stop_kl is None or self.early_stop_kl > 0, "> 0 (none: off)"),
       "gamma": (0 <= self.gamma <= 1, "in [0, 1]"),
       "lam": (0 <= self.lam <= 1, "in [0, 1]"),
     }

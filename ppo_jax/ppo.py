@@ -247,7 +247,10 @@ def train_step(
   may be accumulated over micro-batches (``minibatch_gradients``). ``frozen`` is needed when the
   policy trains LoRA adapters (its base weights are there). While ``state.step`` is below
   ``hp.critic_warmup`` only the critic trains: the policy's loss terms are left out and its
-  parameters and optimizer state kept, so its first update uses a critic trained that long. Jit with
+  parameters and optimizer state kept, so its first update uses a critic trained that long. With
+  ``hp.early_stop_kl``, a minibatch whose approximate KL(π_old ‖ π) (before its update) exceeds it
+  is not applied, nor is any later one of the iteration (their computation still runs: one
+  program; ``update/early_stopped`` is the fraction skipped). Jit with
   ``jax.jit(train_step, static_argnames="hparams", donate_argnums=0)``.
   """
   models, tx, hp, mesh = hparams.models, hparams.tx, hparams.ppo, hparams.mesh
@@ -261,7 +264,7 @@ def train_step(
   train_policy = policy_trains(state, hp)
 
   def minibatch_step(carry, mb: Experience):
-    params, opt_state = carry
+    params, opt_state, stopped = carry
     grads, metrics = minibatch_gradients(
       models,
       params,
@@ -280,7 +283,10 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     loss_finite = jnp.isfinite(sum(v for k, v in metrics.items() if k.startswith("loss/")))
     rollout_ok = jnp.all(mb.ok)
-    apply = rollout_ok & loss_finite & jnp.isfinite(grad_norm)
+    if hp.early_stop_kl is not None:
+      stopped = stopped | (metrics["policy/approxkl_avg"] > hp.early_stop_kl)
+    finite = rollout_ok & loss_finite & jnp.isfinite(grad_norm)
+    apply = finite & ~stopped
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
 
@@ -303,15 +309,17 @@ def train_step(
     metrics["nonfinite/grads"] = (rollout_ok & loss_finite & ~jnp.isfinite(grad_norm)).astype(
       jnp.float32
     )
-    metrics["update/skipped"] = (~apply).astype(jnp.float32)
-    return (keep(new_params, params), keep(new_opt_state, opt_state)), metrics
+    metrics["update/skipped"] = (~finite).astype(jnp.float32)  # for non-finite values
+    metrics["update/early_stopped"] = stopped.astype(jnp.float32)
+    return (keep(new_params, params), keep(new_opt_state, opt_state), stopped), metrics
 
   def epoch(carry, key):
     shuffled = shd.pin_rows(jax.tree.map(lambda x: x[jax.random.permutation(key, B)], exp), mesh)
     return jax.lax.scan(minibatch_step, carry, shd.split_rows(shuffled, hp.num_minibatches, mesh))
 
   keys = jax.random.split(perm_key, hp.num_epochs)
-  (params, opt_state), metrics = jax.lax.scan(epoch, (state.params, state.opt_state), keys)
+  carry = (state.params, state.opt_state, jnp.zeros([], bool))
+  (params, opt_state, _), metrics = jax.lax.scan(epoch, carry, keys)
   # metrics: [epochs, minibatches] each.
   out = {k: jnp.mean(v) for k, v in metrics.items()}
   out["policy/approxkl_first_minibatch"] = metrics["policy/approxkl_avg"][0, 0]

@@ -477,3 +477,24 @@ def test_lr_metric_is_the_rate_of_the_updates_applied():
     skipped.append(float(metrics["update/skipped"]))
   assert skipped == [0.0, 1.0, 0.0]
   np.testing.assert_allclose(lrs, [1.0, 0.8, 0.8], rtol=1e-6)  # not 0.6: nothing was applied
+
+
+def test_early_stopping_skips_every_update_after_the_kl_passes_the_limit():
+  """2 epochs × 2 minibatches. A limit never reached changes nothing (the parameters of no
+  limit); a limit below any KL stops from the second minibatch on: the first minibatch sees the
+  rollout's own policy (KL exactly 0), so one Adam step is taken and three are skipped."""
+  runs = {}
+  for limit in (None, 1e9, 1e-12):
+    _, _, state, frozen, fns = build(dataclasses.replace(HP, early_stop_kl=limit))
+    state, metrics, _, _ = one_iteration(fns, state, frozen)
+    counts = {
+      int(x)
+      for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+      if "count" in jax.tree_util.keystr(path)
+    }
+    runs[limit] = state.params, counts, float(metrics["update/early_stopped"])
+    assert float(metrics["update/skipped"]) == 0.0  # counts non-finite values alone
+  assert runs[None][1:] == runs[1e9][1:] == ({4}, 0.0)
+  for a, b in zip(jax.tree.leaves(runs[None][0]), jax.tree.leaves(runs[1e9][0]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert runs[1e-12][1:] == ({1}, 0.75)
