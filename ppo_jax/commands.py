@@ -7,6 +7,7 @@ bad flags, 1 for bad input.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ppo_jax import data
@@ -147,11 +148,20 @@ def run_command(parser, fn, argv: list[str]) -> int:
   except SystemExit as e:  # --help, or a bad flag
     return int(e.code or 0)
   enable_compilation_cache()
+
+  def terminated(signum, frame):  # a scheduler's stop: as Ctrl-C, what was written is kept
+    raise _Terminated
+
+  try:
+    previous = signal.signal(signal.SIGTERM, terminated)
+  except ValueError:  # not the main thread: SIGTERM keeps its handler
+    previous = None
   try:
     fn(**vars(args))
-  except KeyboardInterrupt:  # Ctrl-C: no traceback (what was written is said by the command)
-    print(f"{parser.prog}: interrupted", file=sys.stderr)
-    return 130
+  except KeyboardInterrupt as e:  # Ctrl-C: no traceback (what was written is said by the command)
+    by = "SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"
+    print(f"{parser.prog}: interrupted by {by}", file=sys.stderr)
+    return 143 if by == "SIGTERM" else 130
   except (ValueError, OSError, RewardError) as e:
     message = _one_line(e)
     for field in FLAG_FIELDS:
@@ -160,4 +170,11 @@ def run_command(parser, fn, argv: list[str]) -> int:
       message = message.replace(field, flag)
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
     return 1
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   return 0
+
+
+class _Terminated(KeyboardInterrupt):
+  """SIGTERM, raised where the command is, so its partial output is kept and said."""

@@ -302,6 +302,14 @@ def cli(argv: list[str] | None = None) -> int:
   except Preempted as e:  # a requested stop: what could be saved is saved
     print(f"ppo-jax: {e}; run the same command again to resume", flush=True)
     return 0
+  except KeyboardInterrupt:  # a second Ctrl-C (or one outside the training loops)
+    print(
+      "\nppo-jax: stopped at once by Ctrl-C, without saving; the checkpoints and stage folders "
+      "saved before stay: run the same command again to resume",
+      file=sys.stderr,
+      flush=True,
+    )
+    return 130
   except (ValueError, OSError, NonFiniteError) as e:  # one line, no traceback
     print(f"ppo-jax: error: {_one_line(e)}", file=sys.stderr)
     return 1

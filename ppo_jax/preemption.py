@@ -83,8 +83,10 @@ class PreemptionGuard:
     if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
       raise KeyboardInterrupt
     self.signal = signum
+    again = " (Ctrl-C again: stop at once, without saving)" if signum == signal.SIGINT else ""
     print(
-      f"\nppo_jax: received {signal.Signals(signum).name}; stopping at the next step boundary",
+      f"\nppo_jax: received {signal.Signals(signum).name}; stopping at the next step boundary"
+      + again,
       flush=True,
     )
 

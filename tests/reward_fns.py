@@ -1,5 +1,8 @@
 """Reward functions imported by path in the tests ("reward_fns:...")."""
 
+import os
+import signal
+
 
 def superlatives(prompts, responses):
   """+1 for each "superb" or "wonderful", −0.5 for each "terrible" or "awful"."""
@@ -36,6 +39,13 @@ def fails_at_w10(prompts, responses):
   """0 for each response, but raises for a batch holding a prompt that starts with w10."""
   if any(p.startswith("w10") for p in prompts):
     raise RuntimeError("judge crashed")
+  return [0.0] * len(responses)
+
+
+def terminated_at_w10(prompts, responses):
+  """As ``fails_at_w10``, with the SIGTERM of a scheduler that stops the command there."""
+  if any(p.startswith("w10") for p in prompts):
+    os.kill(os.getpid(), signal.SIGTERM)
   return [0.0] * len(responses)
 
 

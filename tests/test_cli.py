@@ -487,3 +487,26 @@ def test_broken_model_folder_names_the_tensors(smoke_run, tmp_path):
   assert code == 1 and err.count("\n") == 0, err
   assert "missing tensors: transformer.h.1.mlp.c_fc.weight" in err
   assert "misshaped tensors: transformer.ln_f.bias [3] (expected [64])" in err
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(monkeypatch, tmp_path):
+  """The first Ctrl-C asks for a stop at the next step boundary (and says a second one stops at
+  once); the second raises KeyboardInterrupt wherever the run is (inside a checkpoint save,
+  say): one line and exit status 130, not a traceback."""
+  import signal
+
+  from ppo_jax import pipeline, preemption
+
+  def run(config, workdir, *, resume):
+    with preemption.GUARD:
+      preemption.GUARD._handle(signal.SIGINT, None)
+      preemption.GUARD._handle(signal.SIGINT, None)
+
+  monkeypatch.setattr(pipeline, "run", run)
+  code, out, err = _cli("--config=experiments/default.py", f"--workdir={tmp_path / 'w'}")
+  assert code == 130
+  assert "received SIGINT; stopping at the next step boundary (Ctrl-C again: stop at once" in out
+  assert err == (
+    "ppo-jax: stopped at once by Ctrl-C, without saving; the checkpoints and stage folders saved "
+    "before stay: run the same command again to resume"
+  )

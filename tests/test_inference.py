@@ -4,6 +4,7 @@ rows, one output per seed, and bad input named in one line."""
 
 import json
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -266,8 +267,12 @@ def test_a_failed_sample_keeps_what_it_wrote_beside_the_file_it_would_write(
   assert cli([*base, "--reward-fn=reward_fns:interrupted_at_w10"]) == 130  # Ctrl-C: no traceback
   err = capsys.readouterr().err.splitlines()
   assert err == [f"kept the 3 responses written before the stop in {partial} (a new run writing "
-                 f"{out} replaces it)", "ppo-jax sample: interrupted"]  # fmt: skip
+                 f"{out} replaces it)", "ppo-jax sample: interrupted by Ctrl-C"]  # fmt: skip
   assert not out.exists() and len(_rows(partial)) == 3
+  assert cli([*base, "--reward-fn=reward_fns:terminated_at_w10"]) == 143  # a scheduler's stop
+  err = capsys.readouterr().err.splitlines()
+  assert err[-1] == "ppo-jax sample: interrupted by SIGTERM" and len(_rows(partial)) == 3
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
 def test_empty_prompts_are_sampled_from_nothing(folders, tmp_path):
