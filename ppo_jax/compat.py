@@ -35,6 +35,22 @@ def check_positions(max_len: int, positions: int, what: str = "model") -> None:
     )
 
 
+def has_model_folder(folder: pathlib.Path) -> bool:
+  """Whether ``folder`` holds a Hugging Face model (its config.json and safetensors weights)."""
+  return (folder / "config.json").is_file() and any(folder.glob("*.safetensors*"))
+
+
+def model_folder(path: str | pathlib.Path, flag: str, inside: str) -> str:
+  """``path`` as a string, refusing in one line naming ``flag`` a folder that does not exist and
+  a ppo_jax workdir, whose models are in folders of their own (``inside``: the one meant)."""
+  folder = pathlib.Path(path)
+  if not folder.is_dir():
+    raise ValueError(f"{flag} {path}: no such folder")
+  if has_model_folder(folder / inside) and not has_model_folder(folder):
+    raise ValueError(f"{flag} {path} is a ppo_jax workdir; its model is {folder / inside}")
+  return str(path)
+
+
 def check_reward_model(
   folder: str,
   *,
@@ -45,6 +61,7 @@ def check_reward_model(
   """Refuses a folder that is not a Hugging Face sequence classifier (reads config.json), and one
   whose own tokenizer gives other ids to ``tokenizer``'s tokens (the one the texts are encoded
   with, read from ``tokenizer_folder``); errors start with ``what``, the setting that named it."""
+  model_folder(folder, what, "reward_model")
   try:
     hf_config = load_hf_config(folder)
   except FileNotFoundError as e:

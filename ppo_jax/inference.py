@@ -40,13 +40,12 @@ from jax.sharding import Mesh
 from ppo_jax import data, writers
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import reward_scores
-from ppo_jax.compat import check_compatible, check_reward_model
+from ppo_jax.compat import check_compatible, check_reward_model, model_folder
 from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
 from ppo_jax.models import RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
 from ppo_jax.sampling import generate, row_keys
-from ppo_jax.stages import has_model_folder
 from ppo_jax.tokenizer import load_tokenizer
 
 
@@ -91,17 +90,6 @@ def sampling_settings(
   if greedy:
     chosen["temperature"] = 1.0  # for the log-probs only: the argmax does not read it
   return {**chosen, "greedy": greedy, "greedy_from": greedy_from}
-
-
-def model_folder(path: str | pathlib.Path, flag: str, inside: str) -> str:
-  """``path`` as a string, refusing in one line naming ``flag`` a folder that does not exist and
-  a ppo_jax workdir, whose models are in folders of their own (``inside``: the one meant)."""
-  folder = pathlib.Path(path)
-  if not folder.is_dir():
-    raise ValueError(f"{flag} {path}: no such folder")
-  if has_model_folder(folder / inside) and not has_model_folder(folder):
-    raise ValueError(f"{flag} {path} is a ppo_jax workdir; its model is {folder / inside}")
-  return str(path)
 
 
 def load_reward_model(

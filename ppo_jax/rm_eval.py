@@ -18,12 +18,12 @@ import numpy as np
 
 from ppo_jax import data, writers
 from ppo_jax import sharding as shd
+from ppo_jax.compat import model_folder
 from ppo_jax.evaluation import padded_batches
 from ppo_jax.inference import (
   batch_order,
   batch_rows,
   load_reward_model,
-  model_folder,
   positions_left,
   rm_scorer,
   trimmed,

@@ -14,7 +14,7 @@ from flax import nnx
 from ppo_jax import data, dpo, stage_checkpoints, supervised, writers
 from ppo_jax import sharding as shd
 from ppo_jax.checkpoint import holds_checkpoints
-from ppo_jax.compat import check_compatible, check_reward_model
+from ppo_jax.compat import check_compatible, check_reward_model, has_model_folder
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
 from ppo_jax.models.layers import LoRAParam
 from ppo_jax.models.lora import add_lora, check_targets
@@ -24,10 +24,6 @@ from ppo_jax.rows import split_holdout
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
   from ppo_jax.pipeline import Inputs
-
-
-def has_model_folder(folder: pathlib.Path) -> bool:
-  return (folder / "config.json").is_file() and any(folder.glob("*.safetensors*"))
 
 
 def with_adapters(

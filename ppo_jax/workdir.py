@@ -20,10 +20,10 @@ import jax
 
 from ppo_jax import checkpoint, data, resume_rules, stage_checkpoints
 from ppo_jax import sharding as shd
-from ppo_jax.compat import check_positions, check_reward_model
-from ppo_jax.models.hf import load_hf_config
+from ppo_jax.compat import check_positions, check_reward_model, has_model_folder, model_folder
+from ppo_jax.models.hf import checkpoint_kind, load_hf_config
 from ppo_jax.rewards import load_reward_fn
-from ppo_jax.stages import has_model_folder
+from ppo_jax.tokenizer import has_tokenizer
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -63,15 +63,27 @@ def preflight(s: Settings):
         folder = pathlib.Path(path).is_dir()
         why = "is a folder; expected a JSONL file" if folder else "no such file"
         raise data.DataError(f"config.data.{field}: {path}: {why}")
-  if s.model.tokenizer and not pathlib.Path(s.model.tokenizer).is_dir():
-    raise FileNotFoundError(f"config.model.tokenizer: {s.model.tokenizer}: no such folder")
+  if s.model.tokenizer:
+    folder = pathlib.Path(s.model.tokenizer)
+    if not folder.is_dir():
+      raise FileNotFoundError(f"config.model.tokenizer: {folder}: no such folder")
+    if not has_tokenizer(folder):
+      inside = next((folder / n for n in ("policy", "sft") if has_tokenizer(folder / n)), None)
+      hint = f"; it is a ppo_jax workdir, its tokenizer is in {inside}" if inside else ""
+      raise FileNotFoundError(f"config.model.tokenizer: {folder}: no tokenizer files{hint}")
   # The longest sequence against a GPT-2's learned positions, before the task's data are written.
   max_len = s.data.max_prompt_len + max(s.raw.ppo.max_new_tokens, s.data.max_response_len)
   if s.model.init != "scratch":
+    model_folder(s.model.init, "config.model.init", "policy")
     try:
       hf = load_hf_config(s.model.init)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"config.model.init: {e}") from None
+    if checkpoint_kind(hf) == "reward":
+      raise ValueError(
+        f"config.model.init {s.model.init}: holds a sequence-classification model (a reward "
+        "model: no LM head); the policy starts from a causal LM"
+      )
     if hf.model_type == "gpt2":
       check_positions(max_len, hf.n_positions)
   elif s.model.arch == "gpt2":

@@ -326,7 +326,7 @@ def test_none_from_the_command_line_sets_none():
   "override,expected",
   [
     ("--config.mesh.shape=(2,1,1)", "mesh.shape (2, 1, 1) needs 2 devices, but there are 1"),
-    ("--config.model.init=nowhere", "config.model.init: nowhere: not a Hugging Face model folder"),
+    ("--config.model.init=nowhere", "config.model.init nowhere: no such folder"),
     (  # before the task's data are written, not after
       "--config.ppo.max_new_tokens=40",
       "data.max_prompt_len + max response length = 48 exceeds the model's 32 positions",
@@ -345,18 +345,29 @@ def test_run_time_problems_found_before_the_workdir_is_touched(tmp_path, overrid
   assert not (tmp_path / "w").exists()
 
 
-def test_a_causal_lm_as_reward_model_is_refused_before_sft(smoke_run, tmp_path):
-  """reward.model must carry a score head: a causal LM folder would get a random one."""
+@pytest.mark.parametrize(
+  "field,inside,expected",
+  [  # a causal LM as the reward model would get a random score head
+    ("reward.model", "sft", "config.reward.model: {w}/sft is not a reward model (architectures "),
+    ("reward.model", "", "config.reward.model {w} is a ppo_jax workdir; its model is {w}/reward_m"),
+    ("model.init", "", "config.model.init {w} is a ppo_jax workdir; its model is {w}/policy"),
+    ("model.init", "reward_model", "config.model.init {w}/reward_model: holds a sequence-class"),
+    ("model.tokenizer", "", "config.model.tokenizer: {w}: no tokenizer files; it is a ppo_jax wor"),
+  ],
+)
+def test_a_model_folder_of_the_wrong_kind_is_refused_before_sft(
+  smoke_run, tmp_path, field, inside, expected
+):
+  """A reward model where the policy starts, a causal LM as the reward model, a workdir for a
+  model or tokenizer folder: one line naming the field, and nothing written."""
+  w = smoke_run[0]
   code, _, err = _cli(
     f"--config={EXPERIMENT}:smoke",
     f"--workdir={tmp_path / 'w'}",
-    f"--config.reward.model={smoke_run[0] / 'sft'}",
-    "--config.rm.enabled=False",
+    f"--config.{field}={w / inside if inside else w}",
+    *(["--config.rm.enabled=False"] if field == "reward.model" else []),
   )
-  assert code == 1 and err.count("\n") == 0, err
-  assert (
-    "config.reward.model: " in err and "is not a reward model (architectures ['GPT2LMHead" in err
-  )
+  assert code == 1 and err.count("\n") == 0 and expected.format(w=w) in err, err
   assert not (tmp_path / "w").exists()
 
 

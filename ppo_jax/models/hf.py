@@ -72,7 +72,8 @@ def _with_generation_stop_ids(cfg: ModelConfig, folder: pathlib.Path) -> ModelCo
   return cfg.replace(extra_eos_token_ids=(*cfg.extra_eos_token_ids, *new))
 
 
-def _checkpoint_kind(hf_config: Any) -> str:
+def checkpoint_kind(hf_config: Any) -> str:
+  """ "reward" for a saved *ForSequenceClassification, else "causal_lm"."""
   archs = getattr(hf_config, "architectures", None) or []
   return "reward" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
 
@@ -173,7 +174,7 @@ def from_pretrained(
   cfg = ModelConfig.from_hf(
     hf_config, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides
   )
-  stored_kind = _checkpoint_kind(hf_config)
+  stored_kind = checkpoint_kind(hf_config)
   kind = kind or stored_kind
   if kind == "causal_lm":  # reward and value models never generate
     cfg = _with_generation_stop_ids(cfg, folder)
