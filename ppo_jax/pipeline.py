@@ -249,10 +249,15 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
   if not shd.all_agree(refused is None):
     raise refused or ValueError(f"another process refuses the workdir {workdir} (see its error)")
   if resume and (done := finished_summary(s, workdir, now)) is not None:
+    more = (
+      "to train longer, use a new workdir with more dpo.epochs (a resume cannot change them: the "
+      "learning-rate schedule spans them)"
+      if s.algo == "dpo"
+      else "to train on, raise ppo.iterations, or use a new workdir"
+    )
     print(
       f"{workdir} holds the finished run of this very config: nothing to do (its data files "
-      "are not read again; to train on, change the config, e.g. raise ppo.iterations, or use a "
-      "new workdir). Its summary:"
+      f"are not read again; {more}). Its summary:"
     )
     writers.print_summary(done, this_invocation=False)
     return done
