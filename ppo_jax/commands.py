@@ -145,6 +145,7 @@ def run_command(parser, fn, argv: list[str]) -> int:
   parser.error = one_line
   try:
     args = parser.parse_args(argv)
+    _check_together(vars(args), parser.error)
   except SystemExit as e:  # --help, or a bad flag
     return int(e.code or 0)
   enable_compilation_cache()
@@ -174,6 +175,24 @@ def run_command(parser, fn, argv: list[str]) -> int:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
   return 0
+
+
+def _check_together(flags: dict, error) -> None:
+  """Refuses flags that would be ignored: chat flags without --chat-template, sampling
+  settings with --greedy."""
+  if not flags.get("chat_template", True):
+    for name in ("system_prompt", "chat_template_kwargs"):
+      if flags.get(name) is not None:
+        flag = "--" + name.replace("_", "-")
+        error(f"{flag} needs --chat-template (without it prompts are read as plain text)")
+  if flags.get("greedy"):
+    given = [
+      f"--{n.replace('_', '-')}"
+      for n in ("temperature", "top_p", "top_k")
+      if flags.get(n) is not None
+    ]
+    if given:
+      error(f"--greedy takes the most likely token: {', '.join(given)} would not apply")
 
 
 class _Terminated(KeyboardInterrupt):

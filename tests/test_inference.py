@@ -223,6 +223,16 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
       "greedy decoding gives one response per prompt, not --n 2",
     ),
     (
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--greedy", "--top-k=0"],
+      2,
+      "--greedy takes the most likely token: --top-k would not apply",
+    ),
+    (
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--system-prompt=Be brief."],
+      2,
+      "--system-prompt needs --chat-template (without it prompts are read as plain text)",
+    ),
+    (
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--mesh=1,2"],
       2,
       "argument --mesh: '1,2' is not DATA,FSDP,TENSOR (three integers)",
