@@ -36,8 +36,8 @@ def bradley_terry_loss(
     rejected_scores_B: scores of the other responses ``[B]``.
 
   Returns:
-    ``(loss, metrics)`` with ``accuracy`` (fraction with ``s_c > s_r``), ``margin`` (mean
-    ``s_c − s_r``) and ``num_pairs``.
+    ``(loss, metrics)`` with ``loss``, ``accuracy`` (fraction with ``s_c > s_r``), ``margin``
+    (mean ``s_c − s_r``) and ``num_pairs``.
 
   >>> loss, m = bradley_terry_loss(jnp.array([1.0, 0.0]), jnp.array([0.0, 0.0]))
   >>> round(float(loss), 4), float(m["accuracy"])  # (softplus(−1) + log 2) / 2
@@ -47,6 +47,7 @@ def bradley_terry_loss(
   margin = chosen - rejected
   loss = jnp.mean(jax.nn.softplus(-margin))
   metrics = {
+    "loss": loss,
     "accuracy": jnp.mean(margin > 0, dtype=jnp.float32),
     "margin": jnp.mean(margin),
     "num_pairs": jnp.asarray(margin.shape[0], jnp.float32),
@@ -83,9 +84,9 @@ def dpo_loss(
     label_smoothing: ε in ``[0, 0.5)``.
 
   Returns:
-    ``(loss, metrics)`` with the implicit rewards ``reward_chosen`` (mean ``β(log π − log π_ref)``
-    of the chosen) and ``reward_rejected``, ``reward_margin``, ``accuracy`` (fraction with the
-    chosen reward the larger) and ``num_pairs``.
+    ``(loss, metrics)`` with ``loss``, the implicit rewards ``reward_chosen`` (mean
+    ``β(log π − log π_ref)`` of the chosen) and ``reward_rejected``, ``reward_margin``,
+    ``accuracy`` (fraction with the chosen reward the larger) and ``num_pairs``.
 
   >>> loss, _ = dpo_loss(jnp.array([-1.0]), jnp.array([-2.0]), jnp.array([-1.0]),
   ...                    jnp.array([-1.0]), beta=1.0)
@@ -107,6 +108,7 @@ def dpo_loss(
     (1.0 - label_smoothing) * jax.nn.softplus(-h) + label_smoothing * jax.nn.softplus(h)
   )
   metrics = {
+    "loss": loss,
     "reward_chosen": jnp.mean(reward_c),
     "reward_rejected": jnp.mean(reward_r),
     "reward_margin": jnp.mean(h),

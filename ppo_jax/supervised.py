@@ -24,7 +24,7 @@ from ppo_jax.actor_critic import policy_logits, reward_scores
 from ppo_jax.data import Sequences
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
-from ppo_jax.optim import OptimHparams, make_optimizer
+from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer
 from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requested
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.rows import batch_indices
@@ -221,6 +221,7 @@ def train(
   if total == 0:
     return params, []
   tx = make_optimizer(hp.optim, total)
+  schedule = learning_rate(hp.optim, total)
   batch_size = min(hp.batch_size, n_train)
   jit_kw: dict[str, Any] = {}
   if mesh is None:
@@ -270,6 +271,7 @@ def train(
     batch = put(make_batch(batch_indices(n_train, batch_size, i, seed=seed)))
     params, opt_state, metrics = step(params, opt_state, frozen, batch)
     row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
+    row["lr"] = float(schedule(i))  # the schedule's rate at this step
     history.append(row)
     if on_step is not None:
       on_step(i, total, row)

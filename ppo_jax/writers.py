@@ -232,7 +232,7 @@ def ticker(say, total: int, unit: str):
 # Each stage's metrics file, its plot and the curves in it ("metrics.jsonl": PLOTTED).
 STAGE_PLOTS = (
   ("sft", "sft_metrics.jsonl", ("nll", "token_accuracy", "grad_norm")),
-  ("rm", "rm_metrics.jsonl", ("accuracy", "margin", "score_mean", "grad_norm")),
+  ("rm", "rm_metrics.jsonl", ("loss", "accuracy", "margin", "score_mean", "grad_norm")),
   (
     "dpo",
     "dpo_metrics.jsonl",

@@ -96,6 +96,9 @@ def test_a_stopped_stage_resumes_bit_for_bit(tmp_path):
   an uninterrupted stage."""
   whole, history = _train()
   assert len(history) == HP.steps(12) == 6
+  # Each step's learning rate: the warm-up from 0 to 1e-2 over 2 steps, then the decay.
+  assert [r["lr"] for r in history[:3]] == pytest.approx([0.0, 5e-3, 1e-2])
+  assert 0 < history[5]["lr"] < history[3]["lr"] < 1e-2
   folder = tmp_path / "sft_checkpoints"
   with pytest.raises(preemption.Preempted, match=r"after step 2 of 6 of the sft stage; checkpoint"):
     _train(folder, stop_after=2, every=4)
