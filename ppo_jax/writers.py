@@ -355,12 +355,15 @@ def print_summary(summary: dict[str, Any], *, this_invocation: bool = True) -> N
     ("response length", "length"),
   ]
   k = summary.get("rollouts_compared", 3)
-  source = "held-out prompts" if summary.get("held_out") else f"first/last {k} rollouts"
-  if not summary.get("held_out") and not after:
-    source = "the one rollout"
   algo = summary.get("algo", "ppo").upper()
+  # Held-out prompts: sampled before and after the RL stage; otherwise its own rollouts
+  source, columns = "held-out prompts", (f"before {algo}", f"after {algo}")
+  if not summary.get("held_out"):
+    source, columns = f"{algo} rollouts", (f"first {k}", f"last {k}")
+    if not after:
+      source, columns = "the one rollout", (f"{algo} rollout", "")
   if any(key in before for _, key in rows):
-    print(f"{source:30s} {'before ' + algo:>12s} {'after ' + algo:>12s}")
+    print(f"{source:30s} {columns[0]:>12s} {columns[1]:>12s}".rstrip())
   else:  # DPO samples nothing while it trains: its before/after are the held-out prompts'
     print(f"no before/after scores: {algo} samples no rollouts, and no prompts were held out to")
     print("evaluate it (data.eval_prompts)")

@@ -669,10 +669,16 @@ def test_a_summary_without_scores_says_why(capsys):
   assert (
     out.startswith("no before/after scores: DPO samples no rollouts") and "before DPO" not in out
   )
-  summary.update(before={"score": 0.5}, after={"score": 1.5}, algo="ppo")
+  summary.update(before={"score": 0.5}, after={"score": 1.5}, algo="ppo", held_out=True)
   writers.print_summary(summary)
   out = capsys.readouterr().out
-  assert "before PPO" in out and "0.5000       1.5000" in out
+  assert out.startswith("held-out prompts") and "before PPO    after PPO" in out
+  assert "0.5000       1.5000" in out
+  # No held-out prompts: the first and last rollouts, labelled so (not "before PPO").
+  summary.update(held_out=False, rollouts_compared=3)
+  writers.print_summary(summary)
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].split() == ["PPO", "rollouts", "first", "3", "last", "3"]
   # One rollout (one iteration, no held-out prompts): a before, no after.
   summary.update(before={"score": 0.5}, after={}, rollouts_compared=1)
   writers.print_summary(summary)
