@@ -171,15 +171,35 @@ def check_override_paths(argv: list[str]) -> None:
       if not hasattr(node, "keys") or key not in node:
         siblings = {k.lower(): k for k in node.keys()} if hasattr(node, "keys") else {}
         near = difflib.get_close_matches(key.lower(), siblings, n=1)
-        hint = ""
+        rest, paths = keys[i + 1 :], []
         if near:  # the whole field where the rest of the path exists under the suggestion
-          rest = keys[i + 1 :]
           whole = _exists(node[siblings[near[0]]], rest)
-          hint = (
-            f"; did you mean '{'.'.join([*walked, siblings[near[0]], *(rest if whole else [])])}'?"
-          )
+          paths = [".".join([*walked, siblings[near[0]], *(rest if whole else [])])]
+        elif not rest and hasattr(node, "keys"):  # fields of (nearly) that name deeper down
+          for cutoff in (1.0, 0.75):
+            found = [f for f in _fields(node) if _near(key, f.rsplit(".", 1)[-1], cutoff)]
+            if found:
+              paths = [".".join([*walked, f]) for f in found]
+              break
+        quoted = ", ".join(f"'{p}'" for p in paths[:4])
+        hint = f"; did you mean {'one of ' * (len(paths) > 1)}{quoted}?" if paths else ""
         raise ValueError(f"unknown config field '{dotted}'{hint}")
       node, walked = node[key], [*walked, key]
+
+
+def _fields(node, prefix: str = "") -> list[str]:
+  """The dotted paths of every leaf field under ``node``."""
+  out = []
+  for k in node.keys():
+    child = node[k]
+    out += _fields(child, f"{prefix}{k}.") if hasattr(child, "keys") else [f"{prefix}{k}"]
+  return out
+
+
+def _near(a: str, b: str, cutoff: float) -> bool:
+  import difflib
+
+  return difflib.SequenceMatcher(None, a.lower(), b.lower()).ratio() >= cutoff
 
 
 def _exists(node, keys: list[str]) -> bool:

@@ -35,7 +35,7 @@ def lora_problems(rank: int, targets: str) -> list[str]:
   problems = []
   if rank < 0:
     problems.append(f"lora_rank: must be ≥ 0 (0: no LoRA), got {rank}")
-  if rank and not set(targets.split(",")) <= set(LORA_TARGETS):
+  if not set(targets.split(",")) <= set(LORA_TARGETS):  # a typo, even with LoRA off
     problems.append(
       f"lora_targets: {targets!r}; expected a comma-separated subset of {', '.join(LORA_TARGETS)}"
     )
