@@ -95,6 +95,10 @@ def sample(argv: list[str]) -> int:
   p.add_argument("--reward-model", help="*ForSequenceClassification folder to score with")
   p.add_argument("--reward-fn", help="package.module:function to score with")
   p.add_argument("--gold-fn", help="package.module:function that judges (best-of-n picks by score)")
+  p.add_argument(
+    "--ref-model",
+    help="causal-LM folder (WORKDIR/sft, say) to measure each response's KL to (k1, in nats)",
+  )
   p.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
   p.add_argument("--temperature", type=float, help="default: generation_config.json's, else 1")
   p.add_argument("--top-p", type=float, help="default: generation_config.json's, else 1")

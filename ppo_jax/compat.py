@@ -72,11 +72,21 @@ def check_reward_model(
       f"{what}: {folder} is not a reward model (architectures "
       f"{architectures}; expected a *ForSequenceClassification with its score head)"
     )
+  check_same_ids(
+    folder, tokenizer, tokenizer_folder, what=what, why="a reward model reads the ids of its own"
+  )
+
+
+def check_same_ids(
+  folder: str, tokenizer: Any, tokenizer_folder: str | None, *, what: str, why: str
+) -> None:
+  """Refuses a model ``folder`` with a tokenizer of its own (not ``tokenizer_folder``) that gives
+  other ids to ``tokenizer``'s tokens; ``why`` it matters ends the line."""
   own = has_tokenizer(folder) and not _same_folder(folder, tokenizer_folder)
   if tokenizer is not None and own and not same_ids(load_tokenizer(folder), tokenizer):
     raise ValueError(
       f"{what}: {folder}: its tokenizer gives other ids to the tokens the texts are encoded with "
-      "(another vocabulary): a reward model reads the ids of its own"
+      f"(another vocabulary): {why}"
     )
 
 

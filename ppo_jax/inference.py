@@ -26,7 +26,6 @@ rounding of sums split differently.
 
 from __future__ import annotations
 
-import functools
 import math
 import pathlib
 from collections.abc import Sequence
@@ -34,15 +33,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh
 
 from ppo_jax import data, writers
 from ppo_jax import sharding as shd
-from ppo_jax.actor_critic import reward_scores
-from ppo_jax.compat import check_compatible, check_reward_model, model_folder
+from ppo_jax.compat import check_compatible, check_reward_model, check_same_ids, model_folder
 from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
-from ppo_jax.models import RewardModel, from_pretrained
+from ppo_jax.file_batches import batch_order, batch_rows, logprob_scorer, rm_scorer, trimmed
+from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
 from ppo_jax.sampling import generate, row_keys
@@ -105,34 +102,6 @@ def load_reward_model(
   return rm
 
 
-def trimmed(lengths, width: int, *, floor: int = 16) -> int:
-  """The width a batch is cut to whose rows hold ``lengths`` real tokens, out of ``width``: the
-  longest rounded up to a power of two, at least ``floor`` and at most ``width``. Left padding
-  changes nothing but the cost (positions and attention come from the mask)."""
-  longest = max(1, int(np.max(lengths)))
-  return min(width, max(floor, 1 << (longest - 1).bit_length()))
-
-
-def batch_order(lengths_R: np.ndarray) -> np.ndarray:
-  """The order rows of these prompt lengths are sampled in: longest first (a stable sort), so a
-  batch holds prompts of about one length and ``trimmed`` cuts it narrow; a batch too big for
-  the devices fails at once, not at the end."""
-  return np.argsort(-np.asarray(lengths_R), kind="stable")
-
-
-def batch_rows(batch_size: int, rows: int, mesh: Mesh | None) -> tuple[int, int, str]:
-  """``(rows per batch, rows per call, what to say)``: a batch holds ``batch_size`` rows (at most
-  ``rows``), whatever the devices; a call pads it to a multiple of the mesh's ``data × fsdp``, so
-  that the rows split evenly."""
-  chunk = min(batch_size, rows)
-  split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  width = -(-chunk // split) * split
-  said = f"batches of {chunk}"
-  if width != chunk:
-    said += f" (padded to {width} rows: data × fsdp = {split})"
-  return chunk, width, said + (f" on {shd.describe(mesh)}" if mesh is not None else "")
-
-
 def sample_file(
   model: str | pathlib.Path,
   prompts: str | pathlib.Path,
@@ -143,6 +112,7 @@ def sample_file(
   reward_model: str | pathlib.Path | None = None,
   reward_fn: str | None = None,
   gold_fn: str | None = None,
+  ref_model: str | pathlib.Path | None = None,
   tokenizer: str | pathlib.Path | None = None,
   temperature: float | None = None,
   top_p: float | None = None,
@@ -167,6 +137,11 @@ def sample_file(
   ``gold_fn`` is a second function, the one that judges (a held-out reward, a human proxy): with
   ``n > 1`` and a scorer, ``best_of_{n}_gold`` is the mean gold score of the responses the scorer
   picked, the proxy-against-gold reading of rejection sampling (Gao et al., 2023).
+
+  ``ref_model`` (a causal LM of the same vocabulary: the SFT policy, say) adds each response's
+  ``kl``, Σₜ log π(yₜ) − log π_ref(yₜ) over its tokens (k1, EOS included, both at the sampling
+  temperature: PPO's ``objective/kl``), and their mean: an estimate of KL(π ‖ π_ref), to compare
+  policies at equal KL.
 
   ``model`` is a Hugging Face causal-LM folder (a ppo_jax policy or export, or any supported
   checkpoint); its tokenizer comes from ``tokenizer`` or the same folder. Responses stop at the
@@ -211,14 +186,18 @@ def sample_file(
   model = model_folder(model, "--model", "policy")
   if reward_model:
     reward_model = model_folder(reward_model, "--reward-model", "reward_model")
+  if ref_model:
+    ref_model = model_folder(ref_model, "--ref-model", "sft")
   tok_dir = str(tokenizer or model)
   tok = load_tokenizer(tok_dir)
   with shd.staged_on_host(mesh):
     policy = from_pretrained(model, dtype=dtype, kind="causal_lm")
     check_compatible(policy.cfg, tok, None, what=f"model {model}")
     rm = load_reward_model(str(reward_model), dtype, tok, tok_dir) if reward_model else None
+    ref = load_reference(str(ref_model), dtype, tok, tok_dir) if ref_model else None
   cfg = policy.cfg
-  positions = min(c.max_position_embeddings for c in [cfg] + ([rm.cfg] if rm else []))
+  others = [m.cfg for m in (rm, ref) if m is not None]
+  positions = min(c.max_position_embeddings for c in [cfg, *others])
   if max_new_tokens is None:  # the checkpoint's own cap, else 64; within half the positions
     own = (read_generation_config(model) or {}).get("max_new_tokens")
     own = own if isinstance(own, int) and not isinstance(own, bool) and own > 0 else 64
@@ -229,7 +208,9 @@ def sample_file(
       f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {positions} positions "
       "of the model" + (" and reward model" if rm else "") + " (lower --max-new-tokens)"
     )
-  models = "model and reward model" if rm is not None else "model"
+  models = " and ".join(
+    w for w, m in (("model", policy), ("reward model", rm), ("reference", ref)) if m is not None
+  )
   used = (max_new_tokens, "new tokens", "--max-new-tokens")
   left = {} if max_prompt_len else {"limit": positions_left(positions, *used, models)}
   layout = data.Layout.of(
@@ -244,7 +225,7 @@ def sample_file(
   )
   file = Prompts(*data.load_prompts_and_columns(prompts, tok, layout, fit=True))
   ids = file.ids
-  for m, what in ((policy, "model"), (rm, "reward model")):  # the longest prompt + response
+  for m, what in ((policy, "model"), (rm, "reward model"), (ref, "reference")):  # the longest
     if m is not None:
       check_compatible(m.cfg, tok, ids.shape[1] + max_new_tokens, what=what)
   stops = tuple(dict.fromkeys(i for i in (tok.eos_token_id, *cfg.stop_ids) if i is not None))
@@ -268,8 +249,11 @@ def sample_file(
   )
   policy, rm = shd.placed(policy, mesh), (shd.placed(rm, mesh) if rm is not None else None)
   score = rm_scorer(rm, mesh) if rm is not None else None
+  ref_logprobs = None
+  if ref is not None:  # at the temperature of the sampler's log-probs (1 when greedy)
+    ref_logprobs = logprob_scorer(shd.placed(ref, mesh), mesh, temperature=settings["temperature"])
+  results = {k: np.full(len(rows), np.nan) for k in ("tokens", "stopped", "score", "gold", "kl")}
   key = jax.random.key(seed)
-  results = {k: np.full(len(rows), np.nan) for k in ("tokens", "stopped", "score", "gold")}
   lines: list[str] = [""] * len(rows)  # by prompt-major position
   tick = writers.ticker(say, len(rows), "responses")
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +277,13 @@ def sample_file(
       )
       all_tokens, all_mask = np.asarray(gen.tokens), np.asarray(gen.mask, np.int32)
       tokens, gen_mask = all_tokens[:real], all_mask[:real]
+      full_ids = np.concatenate([prompt_ids, all_tokens], 1)
+      full_mask = np.concatenate([prompt_mask, all_mask], 1)
+      kls = None
+      if ref_logprobs is not None:
+        ref_logp = np.asarray(ref_logprobs(full_ids, full_mask, max_new_tokens))
+        own = np.asarray(gen.logprobs)
+        kls = ((own - ref_logp) * all_mask).sum(1, dtype=np.float64)[:real]
       responses = decode_responses(tok, tokens, gen_mask)
       prompt_texts, batch_columns = batch.texts[:real], batch.head(real)
       if fn is not None:
@@ -300,8 +291,6 @@ def sample_file(
           fn, prompt_texts, responses, columns=batch_columns, name=f"--reward-fn {reward_fn}"
         )
       elif score is not None:
-        full_ids = np.concatenate([prompt_ids, all_tokens], 1)
-        full_mask = np.concatenate([prompt_mask, all_mask], 1)
         scores = np.asarray(score(full_ids, full_mask))[:real]
       else:
         scores = None
@@ -323,7 +312,7 @@ def sample_file(
         }
         pos = order[start + j]
         results["tokens"][pos], results["stopped"][pos] = length, stopped
-        for name, values in (("score", scores), ("gold", golds)):
+        for name, values in (("score", scores), ("gold", golds), ("kl", kls)):
           if values is not None:
             row[name] = results[name][pos] = float(values[j])
         lines[pos] = writers.json_line(row)
@@ -334,10 +323,23 @@ def sample_file(
     f.truncate()
     f.writelines(lines)
   summary = _summary(results, n, scored=fn is not None or rm is not None, judged=gold is not None)
+  if ref is not None:
+    summary["kl_mean"] = float(np.mean(results["kl"]))
   say(
     f"wrote {len(rows)} responses to {out}: " + ", ".join(_shown(k, v) for k, v in summary.items())
   )
   return summary
+
+
+def load_reference(folder: str, dtype: str, tokenizer: Any, tokenizer_folder: str) -> CausalLM:
+  """A causal LM to measure the KL to, refused in one line if its own tokenizer gives other ids
+  to ``tokenizer``'s tokens or its vocabulary does not hold them."""
+  check_same_ids(
+    folder, tokenizer, tokenizer_folder, what="--ref-model", why="the KL would compare other tokens"
+  )
+  ref = from_pretrained(folder, dtype=dtype, kind="causal_lm")
+  check_compatible(ref.cfg, tokenizer, None, what=f"reference {folder}")
+  return ref
 
 
 def _count(n: int, word: str) -> str:
@@ -351,14 +353,6 @@ def positions_left(positions: int, tokens: int, what: str, flag: str, models: st
     f"the {{P}} positions {tokens} {what} ({flag}) leave of the {models}'s {positions} (lower "
     f"{flag}, or set --prompt-overflow=truncate)"
   )
-
-
-def rm_scorer(rm: RewardModel, mesh: Mesh | None = None):
-  """``score(ids, mask) → [B]``: the reward model's scores, jitted (``reward_scores``), the host
-  rows split over the mesh's batch devices (``rm`` placed with ``placed``)."""
-  graphdef, state = nnx.split(rm)
-  score = jax.jit(functools.partial(reward_scores, graphdef))
-  return lambda ids, mask: score(state, shd.on_rows(ids, mesh), shd.on_rows(mask, mesh))
 
 
 def _summary(

@@ -20,14 +20,8 @@ from ppo_jax import data, writers
 from ppo_jax import sharding as shd
 from ppo_jax.compat import model_folder
 from ppo_jax.evaluation import padded_batches
-from ppo_jax.inference import (
-  batch_order,
-  batch_rows,
-  load_reward_model,
-  positions_left,
-  rm_scorer,
-  trimmed,
-)
+from ppo_jax.file_batches import batch_order, batch_rows, rm_scorer, trimmed
+from ppo_jax.inference import load_reward_model, positions_left
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.tokenizer import load_tokenizer
 
@@ -59,7 +53,7 @@ def evaluate_pairs(
   Prompts are cut at ``max_prompt_len`` tokens (default: what the model's positions leave beside
   ``max_response_len``), responses at ``max_response_len`` (default: half the positions); each
   batch is as wide as its longest prompt and response, each rounded up to a power of two
-  (``inference.trimmed``). ``mesh``: the devices' ``(data, fsdp, tensor)`` shape
+  (``file_batches.trimmed``). ``mesh``: the devices' ``(data, fsdp, tensor)`` shape
   (``sharding.command_mesh``; default all on ``data``); a batch holds ``batch_size`` pairs
   whatever the devices, each forward padded to split evenly over the batch devices.
   """

@@ -2,6 +2,7 @@
 transformers', a reward function's scores and the best-of-n summary recomputed from the written
 rows, one output per seed, and bad input named in one line."""
 
+import copy
 import json
 import shutil
 import signal
@@ -79,6 +80,42 @@ def test_greedy_responses_and_scores_equal_transformers(folders, tmp_path):
   assert summary["score_mean"] == pytest.approx(scores.mean())
   assert summary["mean_tokens"] == pytest.approx(np.mean([r["tokens"] for r in rows]))
   assert "best_of_1" not in summary
+
+
+def test_kl_to_a_reference_equals_transformers(folders, tmp_path):
+  """--ref-model: each greedy response's Σₜ log π(yₜ) − log π_ref(yₜ) (EOS included), against
+  both models in torch float64 on the unpadded sequence; the mean in the summary; the model as
+  its own reference: 0."""
+  policy_dir, _, prompts, policy, _ = folders
+  reference = tiny_hf.make("gpt2", tmp_path / "ref", seed=5)
+  out = tmp_path / "kl.jsonl"
+  summary = inference.sample_file(
+    policy_dir, prompts, out, greedy=True, max_new_tokens=6, ref_model=tmp_path / "ref",
+    batch_size=2,
+  )  # fmt: skip
+  rows, tok = _rows(out), load_tokenizer(policy_dir)
+  stops = [tok.eos_token_id, tiny_hf.EOS]
+  for row, text in zip(rows, PROMPTS, strict=True):
+    ids = tok(text)["input_ids"]
+    with torch.no_grad():
+      full = policy.generate(
+        torch.tensor([ids]), do_sample=False, max_new_tokens=6, eos_token_id=stops,
+        pad_token_id=tiny_hf.PAD,
+      )[0, len(ids) :].tolist()  # fmt: skip
+      new = full[: next((k + 1 for k, t in enumerate(full) if t in stops), len(full))]
+      seq = torch.tensor([ids + new])
+      logp = [
+        torch.log_softmax(m(seq).logits[0, len(ids) - 1 : -1], -1)[range(len(new)), new]
+        for m in (copy.deepcopy(policy).double(), reference.double())  # the fixture's stays fp32
+      ]
+    assert row["tokens"] == len(new)
+    np.testing.assert_allclose(row["kl"], float((logp[0] - logp[1]).sum()), rtol=1e-4, atol=1e-4)
+  assert summary["kl_mean"] == pytest.approx(np.mean([r["kl"] for r in rows]))
+  assert abs(summary["kl_mean"]) > 0.1  # two different models: the test has teeth
+  itself = inference.sample_file(
+    policy_dir, prompts, tmp_path / "self.jsonl", max_new_tokens=6, ref_model=policy_dir, seed=3
+  )
+  assert abs(itself["kl_mean"]) < 1e-4
 
 
 def test_best_of_n_and_a_reward_function(folders, tmp_path):

@@ -1,0 +1,62 @@
+"""How the commands of files (``ppo-jax sample``, ``ppo-jax rm-eval``) batch their rows and
+score them: longest first, each batch cut to its longest row, padded to split over the mesh."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from ppo_jax import sharding as shd
+from ppo_jax.actor_critic import response_logprobs, reward_scores
+from ppo_jax.models import CausalLM, RewardModel
+
+
+def trimmed(lengths, width: int, *, floor: int = 16) -> int:
+  """The width a batch is cut to whose rows hold ``lengths`` real tokens, out of ``width``: the
+  longest rounded up to a power of two, at least ``floor`` and at most ``width``. Left padding
+  changes nothing but the cost (positions and attention come from the mask)."""
+  longest = max(1, int(np.max(lengths)))
+  return min(width, max(floor, 1 << (longest - 1).bit_length()))
+
+
+def batch_order(lengths_R: np.ndarray) -> np.ndarray:
+  """The order rows of these prompt lengths are sampled in: longest first (a stable sort), so a
+  batch holds prompts of about one length and ``trimmed`` cuts it narrow; a batch too big for
+  the devices fails at once, not at the end."""
+  return np.argsort(-np.asarray(lengths_R), kind="stable")
+
+
+def batch_rows(batch_size: int, rows: int, mesh: Mesh | None) -> tuple[int, int, str]:
+  """``(rows per batch, rows per call, what to say)``: a batch holds ``batch_size`` rows (at most
+  ``rows``), whatever the devices; a call pads it to a multiple of the mesh's ``data × fsdp``, so
+  that the rows split evenly."""
+  chunk = min(batch_size, rows)
+  split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  width = -(-chunk // split) * split
+  said = f"batches of {chunk}"
+  if width != chunk:
+    said += f" (padded to {width} rows: data × fsdp = {split})"
+  return chunk, width, said + (f" on {shd.describe(mesh)}" if mesh is not None else "")
+
+
+def rm_scorer(rm: RewardModel, mesh: Mesh | None = None):
+  """``score(ids, mask) → [B]``: the reward model's scores, jitted (``reward_scores``), the host
+  rows split over the mesh's batch devices (``rm`` placed with ``placed``)."""
+  graphdef, state = nnx.split(rm)
+  score = jax.jit(functools.partial(reward_scores, graphdef))
+  return lambda ids, mask: score(state, shd.on_rows(ids, mesh), shd.on_rows(mask, mesh))
+
+
+def logprob_scorer(model: CausalLM, mesh: Mesh | None = None, *, temperature: float):
+  """``logprobs(ids, mask, n) → [B, n]``: ``token_logprobs`` of the last ``n`` tokens under
+  ``model`` (a reference policy, say) at ``temperature``, jitted, the host rows split over the
+  mesh's batch devices (``model`` placed with ``placed``)."""
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(
+    functools.partial(response_logprobs, graphdef, temperature=temperature), static_argnums=3
+  )
+  return lambda ids, mask, n: fn(state, shd.on_rows(ids, mesh), shd.on_rows(mask, mesh), n)
