@@ -135,7 +135,7 @@ def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
     policy = CausalLM(cfg, rngs=nnx.Rngs(s.seed))
   check_compatible(policy.cfg, tokenizer, max_len)
   if s.ppo_run.lora_rank:  # now, not after SFT and the reward model have trained
-    check_targets(policy.cfg, s.ppo_run.lora_targets)
+    check_targets(policy.cfg.model_type, policy.cfg.projections, s.ppo_run.lora_targets)
   return policy
 
 

@@ -21,9 +21,11 @@ import jax
 from ppo_jax import checkpoint, data, resume_rules, stage_checkpoints
 from ppo_jax import sharding as shd
 from ppo_jax.compat import check_positions, check_reward_model, has_model_folder, model_folder
+from ppo_jax.models.config import projections
 from ppo_jax.models.hf import checkpoint_kind, load_hf_config
+from ppo_jax.models.lora import check_targets
 from ppo_jax.rewards import load_reward_fn
-from ppo_jax.tokenizer import has_tokenizer
+from ppo_jax.tokenizer import has_tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -54,8 +56,6 @@ def preflight(s: Settings):
   for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
     if path and (field != "config.reward.fn" or s.reward.source == "function"):
       load_reward_fn(path, what=field)
-  if s.reward.model and s.algo != "dpo":
-    check_reward_model(s.reward.model)
   if s.task.name == "files":  # the synthetic task writes its own
     for field in ("prompts", "sft", "preferences"):
       path = getattr(s.data, field)
@@ -84,10 +84,27 @@ def preflight(s: Settings):
         f"config.model.init {s.model.init}: holds a sequence-classification model (a reward "
         "model: no LM head); the policy starts from a causal LM"
       )
+    model_type = hf.model_type
     if hf.model_type == "gpt2":
       check_positions(max_len, hf.n_positions)
-  elif s.model.arch == "gpt2":
-    check_positions(max_len, s.model.max_position_embeddings)
+  else:
+    model_type = s.model.arch
+    if s.model.arch == "gpt2":
+      check_positions(max_len, s.model.max_position_embeddings)
+  if s.ppo_run.lora_rank:
+    try:
+      check_targets(model_type, projections(gpt2=model_type == "gpt2"), s.ppo_run.lora_targets)
+    except ValueError as e:
+      raise ValueError(f"config.ppo.{e}") from None
+  if s.reward.model and s.algo != "dpo":  # its tokenizer's ids and positions, when known now
+    # model.init's tokenizer where it is the run's (the synthetic task writes one of its own)
+    from_init = s.task.name == "files" and s.model.init != "scratch"
+    tok_folder = s.model.tokenizer or (s.model.init if from_init else None)
+    tok = load_tokenizer(tok_folder) if tok_folder is not None else None
+    check_reward_model(s.reward.model, tokenizer=tok, tokenizer_folder=tok_folder)
+    rm_hf = load_hf_config(s.reward.model)
+    if rm_hf.model_type == "gpt2":
+      check_positions(max_len, rm_hf.n_positions, "reward model")
   return mesh
 
 

@@ -374,6 +374,41 @@ def test_a_model_folder_of_the_wrong_kind_is_refused_before_sft(
   assert not (tmp_path / "w").exists()
 
 
+def test_a_reward_model_that_cannot_read_the_run_is_refused_before_anything_is_written(
+  smoke_run, tmp_path
+):
+  """A reward model with a tokenizer of other ids, or too few positions for the run's sequences:
+  refused before the workdir is made (they were found once config.json and the task's data
+  were written)."""
+  import json
+  import shutil
+
+  from ppo_jax.tokenizer import build_word_tokenizer
+
+  w = smoke_run[0]
+  other = shutil.copytree(w / "reward_model", tmp_path / "other_vocab")
+  for name in other.iterdir():
+    if name.name.startswith(("tokenizer", "vocab", "special_tokens")):
+      name.unlink()
+  build_word_tokenizer(["x", "y"]).save_pretrained(str(other))
+  short = shutil.copytree(w / "reward_model", tmp_path / "short")
+  config = json.loads((short / "config.json").read_text())
+  (short / "config.json").write_text(json.dumps({**config, "n_positions": 8}))
+  for folder, expected in (
+    (other, f"config.reward.model: {other}: its tokenizer gives other ids to the tokens"),
+    (short, "exceeds the reward model's 8 positions"),
+  ):
+    code, _, err = _cli(
+      f"--config={EXPERIMENT}:smoke",
+      f"--workdir={tmp_path / 'w'}",
+      f"--config.reward.model={folder}",
+      f"--config.model.tokenizer={w / 'sft'}",
+      "--config.rm.enabled=False",
+    )
+    assert code == 1 and err.count("\n") == 0 and expected in err, err
+    assert not (tmp_path / "w").exists()
+
+
 def test_missing_workdir(tmp_path):
   code, _, err = _cli(f"--config={EXPERIMENT}")
   assert code == 2 and err == (

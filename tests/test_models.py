@@ -404,7 +404,7 @@ def test_lora_targets_the_model_lacks_are_refused(targets):
     rf"lora_targets '{targets}': this gpt2 model has no gate projection \(it has q, k, v, o, "
   )
   with pytest.raises(ValueError, match=refused + r"up, down\)"):
-    check_targets(gpt2.cfg, targets)
+    check_targets(gpt2.cfg.model_type, gpt2.cfg.projections, targets)
   names = lambda m: {
     p[-2].key
     for p, _ in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(m, LoRAParam)))
@@ -415,7 +415,7 @@ def test_lora_targets_the_model_lacks_are_refused(targets):
   else:
     assert names(add_lora(gpt2, rank=2, targets=targets)) == {"q"}
   llama = pj.models.CausalLM(ModelConfig.llama(num_layers=1), rngs=nnx.Rngs(0))
-  check_targets(llama.cfg, targets)
+  check_targets(llama.cfg.model_type, llama.cfg.projections, targets)
   assert names(add_lora(llama, rank=2, targets=targets)) == set(targets.split(","))
 
 

@@ -42,6 +42,11 @@ def lora_problems(rank: int, targets: str) -> list[str]:
   return problems
 
 
+def projections(*, gpt2: bool) -> tuple[str, ...]:
+  """A block's linear projections, by their LoRA target names (GPT-2's MLP has no gate)."""
+  return tuple(t for t in LORA_TARGETS if not (gpt2 and t == "gate"))
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -139,7 +144,7 @@ class ModelConfig:
   @property
   def projections(self) -> tuple[str, ...]:
     """Each block's linear projections, by their LoRA target names (GPT-2's MLP has no gate)."""
-    return tuple(t for t in LORA_TARGETS if not (self.is_gpt2 and t == "gate"))
+    return projections(gpt2=self.is_gpt2)
 
   @property
   def qk_norm(self) -> bool:

@@ -11,19 +11,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.layers import LoRAParam
 from ppo_jax.models.transformer import CausalLM
 
 
-def check_targets(cfg: ModelConfig, targets: str) -> None:
-  """Refuses LoRA ``targets`` naming a projection the model lacks (it would silently get none);
-  a run checks its config with it before any training."""
-  missing = [t for t in targets.split(",") if t not in cfg.projections]
+def check_targets(model_type: str, projections: tuple[str, ...], targets: str) -> None:
+  """Refuses LoRA ``targets`` naming a projection the model (of ``projections``) lacks (it would
+  silently get none); a run checks its config with it before anything is written."""
+  missing = [t for t in targets.split(",") if t not in projections]
   if missing:
     raise ValueError(
-      f"lora_targets {targets!r}: this {cfg.model_type} model has no {', '.join(missing)} "
-      f"projection (it has {', '.join(cfg.projections)})"
+      f"lora_targets {targets!r}: this {model_type} model has no {', '.join(missing)} "
+      f"projection (it has {', '.join(projections)})"
     )
 
 
@@ -36,7 +35,7 @@ def add_lora(
   ``check_targets`` refused them; at least one must match.
   """
   if not set(targets.split(",")) & set(model.cfg.projections):
-    check_targets(model.cfg, targets)
+    check_targets(model.cfg.model_type, model.cfg.projections, targets)
   cfg = model.cfg.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
   adapted = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(seed)))
   graphdef, _, _ = nnx.split(adapted, LoRAParam, ...)
