@@ -116,15 +116,27 @@ def previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
     return None
 
 
+# Fields that change no trained weight or metric: a finished run rerun with other values of them
+# has nothing to do (which process this is, the coordinator's port, the mesh, logging, …).
+NO_RESULT = ("log", "checkpoint", "mesh", "distributed", "model.remat", "model.attention")
+
+
+def _results_config(config: dict) -> dict:
+  """``config`` without the ``NO_RESULT`` fields."""
+  flat = resume_rules.flatten(config)
+  return {
+    k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in NO_RESULT)
+  }
+
+
 def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[str, Any] | None:
   """The summary of the finished run of ``config`` (as JSON) in ``workdir``, on every process;
   None if anything is missing to call it finished: the config.json and the summary.json of this
   config (written last; removed when a run starts), the stages' folders (deleted ones are
   trained again), ``policy/``, and the last stage's checkpoints (PPO's of the last step)."""
 
-  def same(then: Any) -> bool:  # which process this is, or the coordinator's port, aside
-    aside = lambda c: {**c, "distributed": None}
-    return isinstance(then, dict) and aside(then) == aside(config)
+  def same(then: Any) -> bool:  # what changes no result aside (logging, the devices, …)
+    return isinstance(then, dict) and _results_config(then) == _results_config(config)
 
   summary = None
   if same(previous_config(workdir)):

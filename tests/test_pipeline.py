@@ -329,14 +329,17 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
     assert (workdir / "plots" / f"{plot}.png").stat().st_size > 10_000, plot
   assert not (workdir / "plots" / "ppo.png").exists()
   assert (workdir / "policy" / "model.safetensors").exists()
-  # Its last checkpoint stays (as PPO's do). The same command again does nothing: it prints the
-  # finished run's summary and leaves the logs, the summary and TensorBoard's files as they were.
+  # Its last checkpoint stays (as PPO's do). The same command again does nothing, also with other
+  # logging settings (they change no result): it prints the finished run's summary and leaves the
+  # logs, the summary and TensorBoard's files as they were.
   assert [p.name for p in (workdir / "dpo_checkpoints").iterdir()] == ["61"]
   logs = {n: (workdir / n).read_text() for n in ("metrics.jsonl", "dpo_metrics.jsonl")}
   written = (workdir / "summary.json").read_text()
   events = sorted((workdir / "tensorboard").rglob("*"))
   capsys.readouterr()
-  again = pipeline.run(config, workdir)
+  other_logging = config.copy_and_resolve_references()
+  other_logging.log.progress = not config.log.progress
+  again = pipeline.run(other_logging, workdir)
   out = capsys.readouterr().out
   assert "holds the finished run of this very config: nothing to do" in out
   assert "time of the invocation that finished it" in out and "resuming" not in out
