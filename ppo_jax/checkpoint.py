@@ -22,6 +22,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -59,7 +60,22 @@ class _NoSpaceReports(logging.Filter):
   for want of disk space: ``Checkpointer`` says it in one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not any(_NO_SPACE.search(str(e)) for e in (record.getMessage(), *_chain(record)))
+    chain = _chain(record)
+    texts = (record.getMessage(), *map(str, chain))
+    no_space = any(_NO_SPACE.search(t) for t in texts)
+    return not (no_space and _from_orbax(record, chain))
+
+
+def _from_orbax(record: logging.LogRecord, chain: list[BaseException]) -> bool:
+  """Whether a log record reports orbax's (or tensorstore's) own work: logged from its code, or
+  about a coroutine or a traceback of it. A user's program's reports of a full disk stay."""
+  places = [record.pathname, record.getMessage()]
+  for e in chain:
+    tb = e.__traceback__
+    while tb is not None:
+      places.append(tb.tb_frame.f_code.co_filename)
+      tb = tb.tb_next
+  return any(("orbax" in p or "tensorstore" in p) for p in places)
 
 
 def _chain(record: logging.LogRecord) -> list[BaseException]:
@@ -201,6 +217,8 @@ class Checkpointer:
         raise
       failed = True
     if failed:  # the failed writes' late callbacks, once their frames are released: dropped
+      # and at exit, the writes never awaited (orbax's coroutines; a RuntimeWarning each)
+      warnings.filterwarnings("ignore", r"coroutine 'async_serialize", RuntimeWarning)
       held = io.StringIO()
       with contextlib.redirect_stderr(held):
         _until_quiet(held, quiet_s=0.3, limit_s=5.0)

@@ -159,8 +159,9 @@ def run_command(parser, fn, argv: list[str]) -> int:
 
   try:
     previous = signal.signal(signal.SIGTERM, terminated)
+    installed = True
   except ValueError:  # not the main thread: SIGTERM keeps its handler
-    previous = None
+    installed = False
   try:
     fn(**vars(args))
   except KeyboardInterrupt as e:  # Ctrl-C: no traceback (what was written is said by the command)
@@ -176,8 +177,8 @@ def run_command(parser, fn, argv: list[str]) -> int:
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
     return 1
   finally:
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+    if installed:  # None: a handler installed from C, which Python cannot put back
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
   return 0
 
 

@@ -250,7 +250,8 @@ def train_step(
   parameters and optimizer state kept, so its first update uses a critic trained that long. With
   ``hp.early_stop_kl``, a minibatch whose approximate KL(π_old ‖ π) (before its update) exceeds it
   is not applied, nor is any later one of the iteration (their computation still runs: one
-  program; ``update/early_stopped`` is the fraction skipped). Jit with
+  program; ``update/early_stopped`` is the fraction skipped; as any skipped update, they do not
+  advance the learning-rate schedule). Jit with
   ``jax.jit(train_step, static_argnames="hparams", donate_argnums=0)``.
   """
   models, tx, hp, mesh = hparams.models, hparams.tx, hparams.ppo, hparams.mesh
@@ -283,8 +284,9 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     loss_finite = jnp.isfinite(sum(v for k, v in metrics.items() if k.startswith("loss/")))
     rollout_ok = jnp.all(mb.ok)
-    if hp.early_stop_kl is not None:
-      stopped = stopped | (metrics["policy/approxkl_avg"] > hp.early_stop_kl)
+    if hp.early_stop_kl is not None:  # while the critic warms up the policy does not move
+      over = metrics["policy/approxkl_avg"] > hp.early_stop_kl
+      stopped = stopped | (over if train_policy is True else over & train_policy)
     finite = rollout_ok & loss_finite & jnp.isfinite(grad_norm)
     apply = finite & ~stopped
     updates, new_opt_state = tx.update(grads, opt_state, params)

@@ -71,6 +71,8 @@ def config_differences(
   for (field, value), names in UNREAD_UNLESS.items():
     if a.get(field, d.get(field)) != value:
       unread.update(name for name in names if b.get(name) is None)
+  if not a.get("ppo.lora_rank") and not b.get("ppo.lora_rank"):  # no adapters: targets unread
+    unread.add("ppo.lora_targets")
   diffs = []
   for name in sorted(set(a) | set(b)):
     if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name) or name in unread:

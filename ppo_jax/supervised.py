@@ -24,7 +24,7 @@ from ppo_jax.actor_critic import policy_logits, reward_scores
 from ppo_jax.data import Sequences
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
-from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer
+from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer, schedule_count
 from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requested
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.rows import batch_indices
@@ -269,9 +269,10 @@ def train(
   history = []
   for i in range(start, total):
     batch = put(make_batch(batch_indices(n_train, batch_size, i, seed=seed)))
+    rate = float(schedule(shd.to_host(schedule_count(opt_state))))  # skipped steps: no count
     params, opt_state, metrics = step(params, opt_state, frozen, batch)
     row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
-    row["lr"] = float(schedule(i))  # the schedule's rate at this step
+    row["lr"] = rate  # the rate of this step's update
     history.append(row)
     if on_step is not None:
       on_step(i, total, row)

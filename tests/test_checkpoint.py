@@ -670,6 +670,11 @@ def test_config_differences_ignore_what_may_change():
   saved["reward"]["source"] = now["reward"]["source"] = "function"
   now["reward"]["fn"] = None
   assert resume_rules.config_differences(saved, now) == ["reward.fn: 'm:f' → None"]
+  # LoRA off: its targets were never read (a typo there, refused now, may be mended on a resume).
+  saved, now = ({"ppo": {"lora_rank": r, "lora_targets": t}} for r, t in ((0, "q,x"), (0, "q")))
+  assert resume_rules.config_differences(saved, now) == []
+  saved["ppo"]["lora_rank"] = now["ppo"]["lora_rank"] = 4
+  assert resume_rules.config_differences(saved, now) == ["ppo.lora_targets: 'q,x' → 'q'"]
 
 
 def test_paths_compare_as_the_files_they_name(tmp_path, monkeypatch):
@@ -778,16 +783,22 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_whole_checkpoint(tmp_p
     with pytest.raises(ValueError, match=r"^something else$"):
       ck.wait()
     monkeypatch.undo()
-  record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "save failed", None, None)
+  import orbax.checkpoint
+
+  record = logging.LogRecord(
+    "absl", logging.ERROR, orbax.checkpoint.__file__, 1, "save failed", None, None
+  )
   try:
     raise RuntimeError("commit") from ValueError(full)
   except RuntimeError:
     record.exc_info = sys.exc_info()
   reports = checkpoint._NoSpaceReports
   assert any(isinstance(f, reports) for f in logging.getLogger("absl").filters)
-  assert not reports().filter(record)
-  record.exc_info = None
-  assert reports().filter(record)
+  assert not reports().filter(record)  # orbax's report of a full disk: dropped
+  record.pathname = __file__
+  assert reports().filter(record)  # a full disk the user's own program reports: kept
+  record.pathname, record.exc_info = orbax.checkpoint.__file__, None
+  assert reports().filter(record)  # orbax's report of anything else: kept
 
 
 def test_a_failed_saves_late_reports_are_dropped_and_nothing_else():

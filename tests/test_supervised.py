@@ -229,6 +229,15 @@ def test_a_non_finite_step_changes_nothing_and_a_run_of_them_stops_the_stage(cap
   # Finite after the steps that followed each bad one: no NaN reached w or Adam's moments.
   assert 0.5 < float(trained["w"]) <= 2.0  # on its way from 0 to the fit, 2
   assert capsys.readouterr().out.count("non-finite loss or gradient; update skipped (1 in a row")
+  # Each step's lr is the rate its update uses: a skipped step does not advance the schedule
+  # (linear from 1 to 0 over 12 steps: 1 − applied/12, applied = the updates before it).
+  linear = SupervisedHparams(
+    batch_size=1, epochs=3.0, optim=OptimHparams(lr=1.0, schedule="linear")
+  )
+  _, history = supervised.train(params, None, loss_fn, make_batch, n, linear, seed=0)
+  applied = np.cumsum([0.0] + [1.0 - r["skipped"] for r in history[:-1]])
+  assert [r["lr"] for r in history] == pytest.approx(list(1.0 - applied / 12))
+  assert applied[-1] < len(history) - 1  # a step was skipped before the last: the test has teeth
   # Every row bad, at most 2 in a row: the second step stops the stage.
   loss_fn, make_batch, n = _nan_rows({0, 1, 2, 3})
   with pytest.raises(preemption.NonFiniteError, match=r"at step 2 of the sft stage: 2 consec"):
