@@ -316,14 +316,24 @@ class LineProgress:
 
 def progress_bar(total: int, desc: str, *, initial: int = 0, enabled: bool = True):
   """A tqdm bar on a terminal, ``LineProgress`` lines when stderr is a file or a pipe (a log, a
-  batch job); disabled: a no-op object with the same methods. ``initial``: steps already done."""
+  batch job) or a terminal of no width (a pty nobody sized: tqdm would draw nothing there);
+  disabled: a no-op object with the same methods. ``initial``: steps already done."""
   from tqdm.auto import tqdm
 
-  if enabled and not sys.stderr.isatty() and "ipykernel" not in sys.modules:  # not a notebook
+  lines = not sys.stderr.isatty() or _columns(sys.stderr) == 0
+  if enabled and lines and "ipykernel" not in sys.modules:  # not a notebook
     return LineProgress(total, desc, initial=initial)
   return tqdm(
     total=total, desc=desc, initial=initial, disable=not enabled, dynamic_ncols=True, leave=True
   )
+
+
+def _columns(stream) -> int:
+  """The width of the terminal ``stream`` writes to (0: unknown or unsized)."""
+  try:
+    return os.get_terminal_size(stream.fileno()).columns
+  except (OSError, ValueError, AttributeError):
+    return 0
 
 
 def rollout_summary(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -526,6 +526,27 @@ def test_progress_into_a_log_is_whole_lines(capsys, monkeypatch):
   assert capsys.readouterr().err == ""
 
 
+def test_a_terminal_of_no_width_gets_lines_and_a_sized_one_a_bar(monkeypatch):
+  """A pty nobody sized (0 columns: some job runners) is a terminal where tqdm draws nothing:
+  progress goes there as lines; on a terminal with columns, a bar."""
+  import fcntl
+  import os
+  import struct
+  import sys
+  import termios
+
+  monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+  leader, follower = os.openpty()
+  with os.fdopen(follower, "w") as tty, os.fdopen(leader, "rb", buffering=0):
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert tty.isatty() and os.get_terminal_size(follower).columns == 0
+    assert isinstance(writers.progress_bar(3, "ppo"), writers.LineProgress)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    bar = writers.progress_bar(3, "ppo")
+    assert not isinstance(bar, writers.LineProgress)
+    bar.close()
+
+
 def test_a_stage_without_a_curve_to_plot_says_so(tmp_path, capsys):
   """SFT's metrics all NaN (a diverged stage): no sft.png, and a line saying why; the reward
   model's curves are plotted."""
