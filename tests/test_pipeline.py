@@ -418,8 +418,12 @@ def test_dpo_with_lora_trains_adapters_over_the_sft_policy(smoke_run, tmp_path, 
   exported = safetensors.numpy.load_file(str(tmp_path / "e" / "model.safetensors"))
   assert all(np.array_equal(exported[k], final[k]) for k in final)
   capsys.readouterr()
-  # Another config that trains the same (a log field): resumed at its last step, nothing trained.
+  # Another config that trains the same but evaluates otherwise (dpo.eval_every): resumed at its
+  # last step, nothing trained. (Only logging changed: nothing to do, not even a resume.)
   config.log.samples_every = config.log.samples_every + 1
+  pipeline.run(config, workdir)
+  assert "holds the finished run of this very config: nothing to do" in capsys.readouterr().out
+  config.dpo.eval_every = config.dpo.eval_every + 1
   pipeline.run(config, workdir)
   assert "resuming from the checkpoint of step 61" in capsys.readouterr().out
 
