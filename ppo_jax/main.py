@@ -129,7 +129,6 @@ def check_override_paths(argv: list[str]) -> None:
   The config file is loaded here once more, only to know its fields, so a typo is reported as
   ``unknown config field 'ppo.lrr'; did you mean 'ppo.lr'?`` rather than a bare KeyError.
   """
-  import difflib
   import importlib.util
 
   import ml_collections
@@ -197,8 +196,7 @@ def _fields(node, prefix: str = "") -> list[str]:
 
 
 def _near(a: str, b: str, cutoff: float) -> bool:
-  import difflib
-
+  """Whether ``a`` and ``b`` are alike at ``cutoff`` (difflib's ratio), case aside."""
   return difflib.SequenceMatcher(None, a.lower(), b.lower()).ratio() >= cutoff
 
 
