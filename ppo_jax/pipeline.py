@@ -51,6 +51,7 @@ from ppo_jax.workdir import (
   check_workdir,
   finished_summary,
   in_use,
+  nothing_to_do,
   preflight,
   stages_trained,
 )
@@ -249,16 +250,7 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
   if not shd.all_agree(refused is None):
     raise refused or ValueError(f"another process refuses the workdir {workdir} (see its error)")
   if resume and (done := finished_summary(s, workdir, now)) is not None:
-    more = (
-      "to train longer, use a new workdir with more dpo.epochs (a resume cannot change them: the "
-      "learning-rate schedule spans them)"
-      if s.algo == "dpo"
-      else "to train on, raise ppo.iterations, or use a new workdir"
-    )
-    print(
-      f"{workdir} holds the finished run of this very config: nothing to do (its data files "
-      f"are not read again; {more}). Its summary:"
-    )
+    print(nothing_to_do(s, workdir, done, now))
     writers.print_summary(done, this_invocation=False)
     return done
   print(

@@ -108,6 +108,26 @@ def preflight(s: Settings):
   return mesh
 
 
+def nothing_to_do(s: Settings, workdir: pathlib.Path, done: dict, config: dict) -> str:
+  """The line a finished run rerun prints before its summary ``done``: what differs in
+  ``config`` (as JSON; only fields that change no result, or ``finished_summary`` would not have
+  found it finished), and how to train on."""
+  more = (
+    "to train longer, use a new workdir with more dpo.epochs (a resume cannot change them: the "
+    "learning-rate schedule spans them)"
+    if s.algo == "dpo"
+    else "to train on, raise ppo.iterations, or use a new workdir"
+  )
+  then, now = (resume_rules.flatten(c) for c in (done["config"], config))
+  other = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+  other = [k for k in other if not k.startswith("distributed.")]  # each process's own
+  aside = f"it differs only in {', '.join(other[:4])}, which change no result; " if other else ""
+  return (
+    f"{workdir} holds the finished run of this very config: nothing to do ({aside}its data "
+    f"files are not read again; {more}). Its summary:"
+  )
+
+
 def previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
   """The config.json an earlier run wrote in ``workdir`` (None: none, or not readable JSON)."""
   try:

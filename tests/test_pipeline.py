@@ -341,7 +341,11 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
   other_logging.log.progress = not config.log.progress
   again = pipeline.run(other_logging, workdir)
   out = capsys.readouterr().out
-  assert "holds the finished run of this very config: nothing to do" in out
+  assert (
+    "holds the finished run of this very config: nothing to do (it differs only in "
+    + ("log.progress, which change no result;")
+    in out
+  )
   assert "time of the invocation that finished it" in out and "resuming" not in out
   assert again["after"] == summary["after"] and again["seconds"] == summary["seconds"]
   assert logs == {n: (workdir / n).read_text() for n in logs}
