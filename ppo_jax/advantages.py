@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ppo_jax.masking import as_bool_mask, check_same_shape, float_dtype
+from ppo_jax.masking import as_bool_mask, check_same_shape, check_value, float_dtype
 
 
 def gae(
@@ -45,6 +45,8 @@ def gae(
     ``(advantages_BxT, returns_BxT)``, both 0 where masked.
   """
   check_same_shape(rewards=rewards_BxT, values=values_BxT, mask=mask_BxT)
+  for name, value in (("gamma", gamma), ("lam", lam)):
+    check_value(name, value, lambda v: (v >= 0) & (v <= 1), "in [0, 1]")
   if jnp.ndim(rewards_BxT) == 1:  # one sequence [T] (``jax.vmap`` over rows gives these)
     one = lambda x: jnp.asarray(x)[None]
     adv, ret = gae(one(rewards_BxT), one(values_BxT), one(mask_BxT), gamma=gamma, lam=lam)

@@ -253,6 +253,10 @@ def train_step(
   program; ``update/early_stopped`` is the fraction skipped; as any skipped update, they do not
   advance the learning-rate schedule). Jit with
   ``jax.jit(train_step, static_argnames="hparams", donate_argnums=0)``.
+
+  It leaves ``state.step`` (which the next iteration's keys, the critic warm-up and the data
+  order read) and the adaptive β as they were: end each iteration with ``finish_iteration(state,
+  rollout_metrics, B, hp=hp)``, as ``rollout.make_step_fns``' ``update`` does.
   """
   models, tx, hp, mesh = hparams.models, hparams.tx, hparams.ppo, hparams.mesh
   if models.lora and frozen is None:

@@ -106,9 +106,16 @@ def make_experience(
   old_logp = logp if hp.recompute_logprobs else gen.logprobs
   ref_vars = models.reference_vars(state.params["policy"], frozen.ref_params)
   ref_logp = response_logprobs(models.policy, ref_vars, ids, mask, n, temperature=hp.temperature)
+  B = ids.shape[0]
   if scores_B is None:
+    if models.reward is None or frozen.reward_params is None:
+      raise ValueError("scores_B is None and there is no reward model: pass the scores [B]")
     scores_B = reward_scores(models.reward, frozen.reward_params, ids, mask)
-  scores_B = scores_B.astype(jnp.float32)
+  scores_B = jnp.asarray(scores_B, jnp.float32)
+  if scores_B.shape != (B,):
+    raise ValueError(
+      f"scores_B: expected one score per response, shape [{B}], got {list(scores_B.shape)}"
+    )
 
   has_eos = jnp.any(jnp.isin(gen.tokens, jnp.asarray(hp.stop_ids, jnp.int32)) & (m > 0), axis=-1)
   if hp.missing_eos_penalty is not None:

@@ -238,7 +238,7 @@ def generate(
   input_ids: jax.Array,
   attention_mask: jax.Array | None,
   *,
-  key: jax.Array,
+  key: jax.Array | None = None,
   max_new_tokens: int,
   temperature: float = 1.0,
   top_k: int = 0,
@@ -256,7 +256,8 @@ def generate(
     attention_mask: ``[B, P]``, 1 on prompt tokens (None: all real).
     key: a JAX PRNG key; the same key gives the same sample. Or one key per row (``[B]``, or
       raw ``[B, 2]`` key data): a row's sample then depends on its key alone, not on the other
-      rows nor its place in the batch (up to the rounding of different shapes).
+      rows nor its place in the batch (up to the rounding of different shapes). None: only
+      with ``greedy``, which draws nothing.
     max_new_tokens: N, the response length (static).
     temperature: τ > 0; ignored for the choice when ``greedy`` but used for the log-probs.
     top_k: keep the k most likely tokens (0: all).
@@ -338,6 +339,12 @@ def generate(
   pad_token_id = _int("pad_token_id", eos[0] if pad_token_id is None and eos else pad_token_id or 0)
   if not 0 <= pad_token_id < cfg.vocab_size:  # written after EOS, and read back as a token
     raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
+  if key is None:
+    if not greedy:
+      raise ValueError("key is None: sampling needs a PRNG key (jax.random.key(seed)); or greedy")
+    key = jax.random.key(0)  # never drawn from
+  if isinstance(key, int | np.integer):
+    raise ValueError(f"key must be a PRNG key (jax.random.key({key})), not the integer {key}")
   key = typed_keys(key)
   if key.shape not in ((), input_ids.shape[:1]):
     raise ValueError(

@@ -75,6 +75,11 @@ class TestGae:
   def test_shape_error(self):
     with pytest.raises(ValueError, match=r"rewards\[2, 3\], values\[2, 4\]"):
       pj.gae(jnp.ones((2, 3)), jnp.ones((2, 4)), jnp.ones((2, 3)), gamma=1.0, lam=1.0)
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\], got 1.5"):
+      pj.gae(x, x, x, gamma=1.5, lam=1.0)
+    with pytest.raises(ValueError, match=r"lam must be in \[0, 1\], got -1"):
+      pj.gae(x, x, x, gamma=1.0, lam=-1.0)
 
 
 class TestGroupAdvantages:

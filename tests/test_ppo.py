@@ -165,6 +165,22 @@ def test_micro_batch_gradients_equal_the_full_minibatch_gradient(agg):
     assert float(m1[k]) == pytest.approx(float(m4[k]), rel=1e-5, abs=1e-6), k
 
 
+def test_scores_are_checked_before_they_are_used():
+  """No scores and no reward model, or scores of another shape than [B]: one line each (a
+  GraphDef error and a broadcast deep inside, before)."""
+  models, _, state, frozen, fns = build(HP)
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(3), PROMPTS, PROMPT_MASK)
+  make = lambda scores, fr: rollout.make_experience(
+    models, state, fr, PROMPTS, PROMPT_MASK, gen, scores, hp=HP
+  )
+  with pytest.raises(ValueError, match="scores_B is None and there is no reward model"):
+    make(None, frozen.replace(reward_params=None))
+  with pytest.raises(ValueError, match=rf"one score per response, shape \[{B}\], got \[{B}, 1\]"):
+    make(np.zeros((B, 1)), frozen)
+  exp, _, _ = make([1.0] * B, frozen)  # a list serves
+  assert exp.ids.shape[0] == B
+
+
 def test_an_all_masked_minibatch_gives_zero_loss_and_zero_gradients():
   """A minibatch whose rows have no response token (a caller's batch of empty responses): 0 with
   zero gradients, as ``masking.aggregate`` promises, not 0/0 (a NaN the run counts as a

@@ -370,6 +370,16 @@ def test_bad_arguments(models):
     pj.generate(model, ids[:, :4], mask[:, :4], key=jax.random.key(0), max_new_tokens=2, top_p=0.0)
   with pytest.raises(ValueError, match="attention_mask shape"):
     pj.generate(model, ids[:, :4], mask[:, :3], key=jax.random.key(0), max_new_tokens=2)
+  # Greedy draws nothing: no key needed (the same tokens as with one); sampling needs one.
+  small = dict(max_new_tokens=3, greedy=True)
+  np.testing.assert_array_equal(
+    pj.generate(model, ids[:, :4], mask[:, :4], **small).tokens,
+    pj.generate(model, ids[:, :4], mask[:, :4], key=jax.random.key(5), **small).tokens,
+  )
+  with pytest.raises(ValueError, match="key is None: sampling needs a PRNG key"):
+    pj.generate(model, ids[:, :4], mask[:, :4], max_new_tokens=2)
+  with pytest.raises(ValueError, match=r"key must be a PRNG key \(jax.random.key\(0\)\)"):
+    pj.generate(model, ids[:, :4], mask[:, :4], key=0, max_new_tokens=2)
   with pytest.raises(ValueError, match="eos_check_every must be ≥ 1"):
     pj.generate(
       model, ids[:, :4], mask[:, :4], key=jax.random.key(0), max_new_tokens=2, eos_check_every=0
