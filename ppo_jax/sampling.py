@@ -316,6 +316,10 @@ def generate(
     raise ValueError(f"eos_check_every must be ≥ 1, got {eos_check_every}")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if not hasattr(model, "unembed"):  # a reward or value model: no LM head to sample from
+    raise ValueError(
+      f"model: a {type(model).__name__} has no LM head to sample from; pass a CausalLM"
+    )
   cfg = model.cfg
   # A NaN embedded at a masked (padding) position still reaches every query of its row (0 · NaN).
   check_ids(

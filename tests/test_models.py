@@ -417,6 +417,9 @@ def test_lora_targets_the_model_lacks_are_refused(targets):
   llama = pj.models.CausalLM(ModelConfig.llama(num_layers=1), rngs=nnx.Rngs(0))
   check_targets(llama.cfg.model_type, llama.cfg.projections, targets)
   assert names(add_lora(llama, rank=2, targets=targets)) == set(targets.split(","))
+  for rank in (0, 1.5):  # no adapters at all, silently, before
+    with pytest.raises(ValueError, match=rf"rank must be an integer ≥ 1 .*, got {rank}"):
+      add_lora(llama, rank=rank, targets=targets)
 
 
 def test_sequence_classifier_cannot_be_a_causal_lm(tmp_path):

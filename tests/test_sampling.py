@@ -376,6 +376,9 @@ def test_bad_arguments(models):
     pj.generate(model, ids[:, :4], mask[:, :4], **small).tokens,
     pj.generate(model, ids[:, :4], mask[:, :4], key=jax.random.key(5), **small).tokens,
   )
+  value_model = pj.models.ValueModel(model.cfg, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="a ValueModel has no LM head to sample from"):
+    pj.generate(value_model, ids[:, :4], mask[:, :4], **small)
   with pytest.raises(ValueError, match="key is None: sampling needs a PRNG key"):
     pj.generate(model, ids[:, :4], mask[:, :4], max_new_tokens=2)
   with pytest.raises(ValueError, match=r"key must be a PRNG key \(jax.random.key\(0\)\)"):

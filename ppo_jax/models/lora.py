@@ -34,6 +34,10 @@ def add_lora(
   Targets the model lacks get none (``gate`` on GPT-2), as in checkpoints written before
   ``check_targets`` refused them; at least one must match.
   """
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ValueError(
+      f"rank must be an integer ≥ 1 (no adapters: do not call add_lora), got {rank!r}"
+    )
   if not set(targets.split(",")) & set(model.cfg.projections):
     check_targets(model.cfg.model_type, model.cfg.projections, targets)
   cfg = model.cfg.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
