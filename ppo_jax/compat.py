@@ -8,7 +8,7 @@ import pathlib
 from typing import Any
 
 from ppo_jax.models import ModelConfig
-from ppo_jax.models.hf import load_hf_config
+from ppo_jax.models.hf import checkpoint_kind, load_hf_config
 from ppo_jax.tokenizer import has_tokenizer, load_tokenizer, same_ids
 
 
@@ -57,17 +57,18 @@ def check_reward_model(
   what: str = "config.reward.model",
   tokenizer: Any = None,
   tokenizer_folder: str | None = None,
-) -> None:
-  """Refuses a folder that is not a Hugging Face sequence classifier (reads config.json), and one
-  whose own tokenizer gives other ids to ``tokenizer``'s tokens (the one the texts are encoded
-  with, read from ``tokenizer_folder``); errors start with ``what``, the setting that named it."""
+) -> Any:
+  """Its config.json, read as transformers does; refuses a folder that is not a Hugging Face
+  sequence classifier, and one whose own tokenizer gives other ids to ``tokenizer``'s tokens (the
+  one the texts are encoded with, read from ``tokenizer_folder``); errors start with ``what``,
+  the setting that named it."""
   model_folder(folder, what, "reward_model")
   try:
     hf_config = load_hf_config(folder)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{what}: {e}") from None
-  architectures = getattr(hf_config, "architectures", None) or []
-  if not any(a.endswith("ForSequenceClassification") for a in architectures):
+  if checkpoint_kind(hf_config) != "reward":
+    architectures = getattr(hf_config, "architectures", None) or []
     raise ValueError(
       f"{what}: {folder} is not a reward model (architectures "
       f"{architectures}; expected a *ForSequenceClassification with its score head)"
@@ -75,6 +76,7 @@ def check_reward_model(
   check_same_ids(
     folder, tokenizer, tokenizer_folder, what=what, why="a reward model reads the ids of its own"
   )
+  return hf_config
 
 
 def check_same_ids(

@@ -46,17 +46,22 @@ def batch_rows(batch_size: int, rows: int, mesh: Mesh | None) -> tuple[int, int,
 def rm_scorer(rm: RewardModel, mesh: Mesh | None = None):
   """``score(ids, mask) → [B]``: the reward model's scores, jitted (``reward_scores``), the host
   rows split over the mesh's batch devices (``rm`` placed with ``placed``)."""
-  graphdef, state = nnx.split(rm)
-  score = jax.jit(functools.partial(reward_scores, graphdef))
-  return lambda ids, mask: score(state, shd.on_rows(ids, mesh), shd.on_rows(mask, mesh))
+  return _on_rows(reward_scores, rm, mesh)
 
 
 def logprob_scorer(model: CausalLM, mesh: Mesh | None = None, *, temperature: float):
   """``logprobs(ids, mask, n) → [B, n]``: ``token_logprobs`` of the last ``n`` tokens under
   ``model`` (a reference policy, say) at ``temperature``, jitted, the host rows split over the
   mesh's batch devices (``model`` placed with ``placed``)."""
+  fn = functools.partial(response_logprobs, temperature=temperature)
+  return _on_rows(fn, model, mesh, static_argnums=3)
+
+
+def _on_rows(fn, model, mesh: Mesh | None, **jit_kw):
+  """``fn(graphdef, state, ids, mask, *rest)`` of ``model``, jitted, as ``(ids, mask, *rest) →``
+  with the host rows split over the mesh's batch devices."""
   graphdef, state = nnx.split(model)
-  fn = jax.jit(
-    functools.partial(response_logprobs, graphdef, temperature=temperature), static_argnums=3
+  jitted = jax.jit(functools.partial(fn, graphdef), **jit_kw)
+  return lambda ids, mask, *rest: jitted(
+    state, shd.on_rows(ids, mesh), shd.on_rows(mask, mesh), *rest
   )
-  return lambda ids, mask, n: fn(state, shd.on_rows(ids, mesh), shd.on_rows(mask, mesh), n)

@@ -7,20 +7,14 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-# Config fields that may change between a run and its resumption (model.remat: memory, not
-# maths; model.attention: the same maths by another kernel; mesh and distributed: the devices
-# and processes, whose checkpoints restore onto another mesh, with the rounding of other sums).
-RESUMABLE_CHANGES = (
-  "ppo.iterations",
-  "log.",
-  "checkpoint.",
-  "data.eval_prompts",
-  "model.remat",
-  "model.attention",
-  "dpo.eval_every",
-  "mesh.",
-  "distributed.",
-)
+# Config fields that change no trained weight or metric (model.remat: memory, not maths;
+# model.attention: the same maths by another kernel; mesh and distributed: the devices and
+# processes, whose checkpoints restore onto another mesh, with the rounding of other sums): a
+# finished run rerun with other values of them has nothing to do.
+NO_RESULT = ("log.", "checkpoint.", "model.remat", "model.attention", "mesh.", "distributed.")
+# Config fields that may change between a run and its resumption: those, and what extends or
+# evaluates the run otherwise.
+RESUMABLE_CHANGES = ("ppo.iterations", "data.eval_prompts", "dpo.eval_every", *NO_RESULT)
 # Fields a run never read, by algorithm, task and reward source: a run saved with them set
 # resumes with them unset (they are refused for it now, and were ignored then).
 UNREAD_BY = {"grpo": ("ppo.whiten_rewards",), "rloo": ("ppo.whiten_rewards",)}

@@ -221,7 +221,6 @@ def train(
   if total == 0:
     return params, []
   tx = make_optimizer(hp.optim, total)
-  schedule = learning_rate(hp.optim, total)
   batch_size = min(hp.batch_size, n_train)
   jit_kw: dict[str, Any] = {}
   if mesh is None:
@@ -264,15 +263,14 @@ def train(
     params = jax.tree.map(jnp.copy, params if mesh is None else shd.place(params, param_sh))
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
-  step = jax.jit(make_step(loss_fn, graphdef, tx), donate_argnums=(0, 1), **jit_kw)
+  schedule = learning_rate(hp.optim, total)
+  step = jax.jit(make_step(loss_fn, graphdef, tx, schedule), donate_argnums=(0, 1), **jit_kw)
   every = ckpt.settings.supervised_every if ckpt is not None else 0
   history = []
   for i in range(start, total):
     batch = put(make_batch(batch_indices(n_train, batch_size, i, seed=seed)))
-    rate = float(schedule(shd.to_host(schedule_count(opt_state))))  # skipped steps: no count
     params, opt_state, metrics = step(params, opt_state, frozen, batch)
     row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
-    row["lr"] = rate  # the rate of this step's update
     history.append(row)
     if on_step is not None:
       on_step(i, total, row)
@@ -309,16 +307,24 @@ def train(
   return params, history
 
 
-def make_step(loss_fn: Callable[..., tuple[jax.Array, Metrics]], graphdef: nnx.GraphDef, tx):
+def make_step(
+  loss_fn: Callable[..., tuple[jax.Array, Metrics]],
+  graphdef: nnx.GraphDef,
+  tx,
+  schedule: optax.Schedule | None = None,
+):
   """The supervised step ``(params, opt_state, frozen, batch) → (params, opt_state, metrics)``
   that ``train`` jits: the gradient of ``loss_fn(params, graphdef, batch)`` (of
   ``loss_fn((params, frozen), ...)`` when ``frozen`` is not None) and one update of ``tx``;
-  ``metrics`` adds the gradient's global norm."""
+  ``metrics`` adds the gradient's global norm and, with ``tx``'s learning-rate ``schedule``, the
+  rate of this update (``lr``: a skipped update does not advance the schedule's count)."""
 
   def step(params, opt_state, frozen, batch):
     loss = lambda p: loss_fn(_with_frozen(p, frozen), graphdef, batch)
     (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    if schedule is not None:
+      metrics["lr"] = jnp.asarray(schedule(schedule_count(opt_state)), jnp.float32)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     # A non-finite loss or gradient leaves parameters and optimizer state as they were.
     ok = jnp.isfinite(value) & jnp.isfinite(metrics["grad_norm"])

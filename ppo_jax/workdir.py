@@ -101,8 +101,7 @@ def preflight(s: Settings):
     from_init = s.task.name == "files" and s.model.init != "scratch"
     tok_folder = s.model.tokenizer or (s.model.init if from_init else None)
     tok = load_tokenizer(tok_folder) if tok_folder is not None else None
-    check_reward_model(s.reward.model, tokenizer=tok, tokenizer_folder=tok_folder)
-    rm_hf = load_hf_config(s.reward.model)
+    rm_hf = check_reward_model(s.reward.model, tokenizer=tok, tokenizer_folder=tok_folder)
     if rm_hf.model_type == "gpt2":
       check_positions(max_len, rm_hf.n_positions, "reward model")
   return mesh
@@ -136,17 +135,10 @@ def previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
     return None
 
 
-# Fields that change no trained weight or metric: a finished run rerun with other values of them
-# has nothing to do (which process this is, the coordinator's port, the mesh, logging, …).
-NO_RESULT = ("log", "checkpoint", "mesh", "distributed", "model.remat", "model.attention")
-
-
 def _results_config(config: dict) -> dict:
-  """``config`` without the ``NO_RESULT`` fields."""
+  """``config`` flattened, without the fields that change no result (``NO_RESULT``)."""
   flat = resume_rules.flatten(config)
-  return {
-    k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in NO_RESULT)
-  }
+  return {k: v for k, v in flat.items() if not k.startswith(resume_rules.NO_RESULT)}
 
 
 def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[str, Any] | None:
