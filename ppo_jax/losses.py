@@ -10,7 +10,7 @@ from ppo_jax.kl import kl_estimate
 from ppo_jax.masking import (
   aggregate,
   as_bool_mask,
-  check_same_shape,
+  check_BxT,
   check_value,
   counts,
   float_dtype,
@@ -69,7 +69,7 @@ def policy_loss(
   >>> float(loss), float(m["clipfrac"]), float(m["approx_kl"])
   (1.0, 0.0, 0.0)
   """
-  check_same_shape(logp=logp_BxT, old_logp=old_logp_BxT, advantages=advantages_BxT, mask=mask_BxT)
+  check_BxT(logp=logp_BxT, old_logp=old_logp_BxT, advantages=advantages_BxT, mask=mask_BxT)
   eps_low = clip_eps
   eps_high = clip_eps if clip_eps_high is None else clip_eps_high
   # Checked when given as values; traced ones (a vmapped sweep) go unchecked.
@@ -149,7 +149,7 @@ def value_loss(
   >>> round(float(loss), 4), float(m["clipfrac"])  # ½·max(1², (0.2 − 3)²)
   (3.92, 1.0)
   """
-  check_same_shape(values=values_BxT, old_values=old_values_BxT, returns=returns_BxT, mask=mask_BxT)
+  check_BxT(values=values_BxT, old_values=old_values_BxT, returns=returns_BxT, mask=mask_BxT)
   dtype = float_dtype(values_BxT, old_values_BxT, returns_BxT)
   m = as_bool_mask(mask_BxT)
   # Garbage at masked positions is replaced before any arithmetic that could overflow.

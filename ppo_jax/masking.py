@@ -69,6 +69,18 @@ def check_same_shape(**arrays: ArrayLike) -> None:
     raise ValueError(f"expected arrays of one shape, got {listed}")
 
 
+def check_BxT(**arrays: ArrayLike) -> None:
+  """``check_same_shape``, and the shape is ``[B, T]`` (``jax.vmap`` maps any axis before)."""
+  check_same_shape(**arrays)
+  name, x = next(iter(arrays.items()))
+  if np.ndim(x) != 2:
+    names = ", ".join(arrays)
+    raise ValueError(
+      f"expected {names} of shape [B, T] (jax.vmap for more leading axes), "
+      f"got {name}{list(np.shape(x))}"
+    )
+
+
 def masked_sum(x: ArrayLike, mask: ArrayLike, axis=None) -> jax.Array:
   """Σ x·m over ``axis`` (all axes when None); masked entries never enter the sum."""
   x = jnp.asarray(x, float_dtype(x))
@@ -181,9 +193,7 @@ def aggregate(loss_BxT: ArrayLike, mask_BxT: ArrayLike, *, agg: str = "token-mea
   An all-masked batch gives 0 with zero gradients. To combine micro-batches exactly, weigh each
   micro-batch's result by ``agg_weight(mask, agg=agg)``.
   """
-  check_same_shape(loss=loss_BxT, mask=mask_BxT)
-  if jnp.ndim(loss_BxT) != 2:
-    raise ValueError(f"expected per-token losses of shape [B, T], got {list(jnp.shape(loss_BxT))}")
+  check_BxT(loss=loss_BxT, mask=mask_BxT)
   if agg == "token-mean":
     return masked_mean(loss_BxT, mask_BxT)
   if agg == "seq-mean-token-mean":

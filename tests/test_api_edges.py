@@ -92,6 +92,23 @@ def test_gae_takes_one_sequence_and_vmaps_over_rows():
   np.testing.assert_allclose(pj.gae(r[1], v[1], m[1], gamma=0.99, lam=0.9)[0], want, atol=1e-6)
 
 
+def test_losses_name_their_arrays_when_not_BxT():
+  """One sequence ([T]) is vmapped by the caller: the losses say so, naming the arrays (they
+  reduce over the batch, so a silent [T] → [1, T] would change what a mean means)."""
+  x, m = jnp.zeros(5), jnp.ones(5)
+  with pytest.raises(
+    ValueError,
+    match=r"expected logp, old_logp, advantages, mask of shape \[B, T\] \(jax\.vmap.*got logp\[5\]",
+  ):
+    pj.policy_loss(x, x, x, m)
+  with pytest.raises(
+    ValueError, match=r"values, old_values, returns, mask of shape \[B, T\].*got values\[5\]"
+  ):
+    pj.value_loss(x, x, x, m)
+  loss, _ = jax.vmap(pj.policy_loss)(*[jnp.zeros((3, 2, 5))] * 3, jnp.ones((3, 2, 5)))
+  assert loss.shape == (3,)
+
+
 def test_empty_batches():
   """No tokens: the policy loss and its metrics are 0 (as for an all-masked batch). No pairs: an
   error, since a mean over nothing is nan."""
