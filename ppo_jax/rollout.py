@@ -93,6 +93,18 @@ def make_experience(
   the state with updated score statistics, and the rollout's metrics.
   """
   n = hp.max_new_tokens
+  if gen.tokens.shape[1] != n:
+    raise ValueError(
+      f"gen has {gen.tokens.shape[1]} response tokens per row, hp.max_new_tokens is {n}: sample "
+      "with the same max_new_tokens (ppo_jax.rollout.sample_responses does)"
+    )
+  if (
+    gen.tokens.shape[0] != prompt_ids_BxP.shape[0] or prompt_ids_BxP.shape != prompt_mask_BxP.shape
+  ):
+    raise ValueError(
+      f"expected one response per prompt row: prompt_ids {list(prompt_ids_BxP.shape)}, "
+      f"prompt_mask {list(prompt_mask_BxP.shape)}, gen.tokens {list(gen.tokens.shape)}"
+    )
   ids = jnp.concatenate([prompt_ids_BxP, gen.tokens], axis=1)
   mask = jnp.concatenate([prompt_mask_BxP.astype(jnp.int32), gen.mask.astype(jnp.int32)], axis=1)
   m = gen.mask

@@ -166,8 +166,9 @@ def test_micro_batch_gradients_equal_the_full_minibatch_gradient(agg):
 
 
 def test_scores_are_checked_before_they_are_used():
-  """No scores and no reward model, or scores of another shape than [B]: one line each (a
-  GraphDef error and a broadcast deep inside, before)."""
+  """No scores and no reward model, or scores of another shape than [B], responses of another
+  width than max_new_tokens or rows than the prompts: one line each (a GraphDef error and shape
+  errors deep inside, before)."""
   models, _, state, frozen, fns = build(HP)
   gen = fns.sample(state.params["policy"], frozen, jax.random.key(3), PROMPTS, PROMPT_MASK)
   make = lambda scores, fr: rollout.make_experience(
@@ -179,6 +180,15 @@ def test_scores_are_checked_before_they_are_used():
     make(np.zeros((B, 1)), frozen)
   exp, _, _ = make([1.0] * B, frozen)  # a list serves
   assert exp.ids.shape[0] == B
+  N = HP.max_new_tokens
+  short = gen.replace(**{k: getattr(gen, k)[:, :-1] for k in ("tokens", "logprobs", "mask")})
+  with pytest.raises(
+    ValueError,
+    match=rf"gen has {N - 1} response tokens per row, hp.max_new_tokens is {N}",
+  ):
+    rollout.make_experience(models, state, frozen, PROMPTS, PROMPT_MASK, short, None, hp=HP)
+  with pytest.raises(ValueError, match="expected one response per prompt row"):
+    rollout.make_experience(models, state, frozen, PROMPTS[:-1], PROMPT_MASK[:-1], gen, None, hp=HP)
 
 
 def test_an_all_masked_minibatch_gives_zero_loss_and_zero_gradients():
