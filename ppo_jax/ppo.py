@@ -249,9 +249,9 @@ def train_step(
   ``hp.critic_warmup`` only the critic trains: the policy's loss terms are left out and its
   parameters and optimizer state kept, so its first update uses a critic trained that long. With
   ``hp.early_stop_kl``, a minibatch whose approximate KL(π_old ‖ π) (before its update) exceeds it
-  is not applied, nor is any later one of the iteration (their computation still runs: one
-  program; ``update/early_stopped`` is the fraction skipped; as any skipped update, they do not
-  advance the learning-rate schedule). Jit with
+  is not applied, and the iteration's later ones are not computed (a ``lax.cond``: the metrics
+  average the minibatches computed; ``update/early_stopped`` is the fraction not applied; as any
+  skipped update, they do not advance the learning-rate schedule). Jit with
   ``jax.jit(train_step, static_argnames="hparams", donate_argnums=0)``.
 
   It leaves ``state.step`` (which the next iteration's keys, the critic warm-up and the data
@@ -270,7 +270,7 @@ def train_step(
 
   def minibatch_step(carry, mb: Experience):
     params, opt_state, stopped = carry
-    grads, metrics = minibatch_gradients(
+    gradients = lambda: minibatch_gradients(
       models,
       params,
       mb,
@@ -281,6 +281,12 @@ def train_step(
       mesh=mesh,
       train_policy=train_policy,
     )
+    if hp.early_stop_kl is None:
+      grads, metrics = gradients()
+    else:  # once stopped, a minibatch's gradient is not computed: zeros stand in, unused
+      zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(gradients))
+      grads, metrics = jax.lax.cond(stopped, zeros, gradients)
+      metrics["update/not_run"] = stopped.astype(jnp.float32)
     if train_policy is not True:  # warming up: what a critic on the policy's trunk sends there is
       # not applied, and must not shrink the critic's step through the joint clipping norm
       zero = lambda g: jnp.where(train_policy, g, jnp.zeros_like(g))
@@ -326,8 +332,15 @@ def train_step(
   keys = jax.random.split(perm_key, hp.num_epochs)
   carry = (state.params, state.opt_state, jnp.zeros([], bool))
   (params, opt_state, _), metrics = jax.lax.scan(epoch, carry, keys)
-  # metrics: [epochs, minibatches] each.
+  # metrics: [epochs, minibatches] each; the means are over the minibatches computed (early
+  # stopping computes none after it stops; the first is always computed).
   out = {k: jnp.mean(v) for k, v in metrics.items()}
+  if hp.early_stop_kl is not None:
+    ran = 1.0 - metrics.pop("update/not_run")
+    out.pop("update/not_run")
+    for k, v in metrics.items():
+      if not k.startswith("update/"):
+        out[k] = jnp.sum(v * ran) / jnp.sum(ran)
   out["policy/approxkl_first_minibatch"] = metrics["policy/approxkl_avg"][0, 0]
   out["policy/clipfrac_first_minibatch"] = metrics["policy/clipfrac_avg"][0, 0]
   return state.replace(params=params, opt_state=opt_state), out
