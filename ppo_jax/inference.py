@@ -36,7 +36,13 @@ import numpy as np
 
 from ppo_jax import data, writers
 from ppo_jax import sharding as shd
-from ppo_jax.compat import check_compatible, check_reward_model, check_same_ids, model_folder
+from ppo_jax.compat import (
+  check_compatible,
+  check_reward_model,
+  check_same_ids,
+  model_folder,
+  tokenizer_folder,
+)
 from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
 from ppo_jax.file_batches import batch_order, batch_rows, logprob_scorer, rm_scorer, trimmed
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained
@@ -188,7 +194,7 @@ def sample_file(
     reward_model = model_folder(reward_model, "--reward-model", "reward_model")
   if ref_model:
     ref_model = model_folder(ref_model, "--ref-model", "sft")
-  tok_dir = str(tokenizer or model)
+  tok_dir = tokenizer_folder(tokenizer, "--tokenizer") if tokenizer else model
   tok = load_tokenizer(tok_dir)
   with shd.staged_on_host(mesh):
     policy = from_pretrained(model, dtype=dtype, kind="causal_lm")

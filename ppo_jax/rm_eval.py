@@ -18,7 +18,7 @@ import numpy as np
 
 from ppo_jax import data, writers
 from ppo_jax import sharding as shd
-from ppo_jax.compat import model_folder
+from ppo_jax.compat import model_folder, tokenizer_folder
 from ppo_jax.evaluation import padded_batches
 from ppo_jax.file_batches import batch_order, batch_rows, rm_scorer, trimmed
 from ppo_jax.inference import load_reward_model, positions_left
@@ -61,7 +61,7 @@ def evaluate_pairs(
   if out is not None and out.exists():
     raise ValueError(f"--out {out} exists; pick another file or delete it")
   reward_model = model_folder(reward_model, "--reward-model", "reward_model")
-  tok_dir = str(tokenizer or reward_model)
+  tok_dir = tokenizer_folder(tokenizer, "--tokenizer") if tokenizer else reward_model
   mesh = shd.command_mesh(mesh)
   tok = load_tokenizer(tok_dir)
   with shd.staged_on_host(mesh):

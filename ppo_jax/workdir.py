@@ -20,12 +20,18 @@ import jax
 
 from ppo_jax import checkpoint, data, resume_rules, stage_checkpoints
 from ppo_jax import sharding as shd
-from ppo_jax.compat import check_positions, check_reward_model, has_model_folder, model_folder
+from ppo_jax.compat import (
+  check_positions,
+  check_reward_model,
+  has_model_folder,
+  model_folder,
+  tokenizer_folder,
+)
 from ppo_jax.models.config import projections
 from ppo_jax.models.hf import checkpoint_kind, load_hf_config
 from ppo_jax.models.lora import check_targets
 from ppo_jax.rewards import load_reward_fn
-from ppo_jax.tokenizer import has_tokenizer, load_tokenizer
+from ppo_jax.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -64,13 +70,7 @@ def preflight(s: Settings):
         why = "is a folder; expected a JSONL file" if folder else "no such file"
         raise data.DataError(f"config.data.{field}: {path}: {why}")
   if s.model.tokenizer:
-    folder = pathlib.Path(s.model.tokenizer)
-    if not folder.is_dir():
-      raise FileNotFoundError(f"config.model.tokenizer: {folder}: no such folder")
-    if not has_tokenizer(folder):
-      inside = next((folder / n for n in ("policy", "sft") if has_tokenizer(folder / n)), None)
-      hint = f"; it is a ppo_jax workdir, its tokenizer is in {inside}" if inside else ""
-      raise FileNotFoundError(f"config.model.tokenizer: {folder}: no tokenizer files{hint}")
+    tokenizer_folder(s.model.tokenizer, "config.model.tokenizer:")
   # The longest sequence against a GPT-2's learned positions, before the task's data are written.
   max_len = s.data.max_prompt_len + max(s.raw.ppo.max_new_tokens, s.data.max_response_len)
   if s.model.init != "scratch":

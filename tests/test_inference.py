@@ -238,6 +238,12 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
       1,
       f"--model {policy_dir.parent} is a ppo_jax workdir; its model is {policy_dir}",
     ),
+    (  # the same for its tokenizer
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", f"--tokenizer={policy_dir.parent}"],
+      1,
+      f"--tokenizer {policy_dir.parent}: no tokenizer files; it is a ppo_jax workdir, its "
+      f"tokenizer is in {policy_dir}",
+    ),
     (
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", f"--reward-model={other}"],
       1,
