@@ -311,22 +311,18 @@ def cli(argv: list[str] | None = None) -> int:
   except (RuntimeError, ValueError) as e:
     print(f"ppo-jax: error: jax.distributed: {_one_line(e)}", file=sys.stderr)
     return 1
-  from ppo_jax.pipeline import run
-  from ppo_jax.preemption import NonFiniteError, Preempted
+  from ppo_jax.preemption import STOPPED_AT_ONCE, NonFiniteError, Preempted
 
   enable_compilation_cache()
   try:
+    from ppo_jax.pipeline import run  # seconds of imports: a Ctrl-C there is one line too
+
     run(config, workdir, resume=resume)
   except Preempted as e:  # a requested stop: what could be saved is saved
     print(f"ppo-jax: {e}; run the same command again to resume", flush=True)
     return 0
-  except KeyboardInterrupt:  # a second Ctrl-C (or one outside the training loops)
-    print(
-      "\nppo-jax: stopped at once by Ctrl-C, without saving; the checkpoints and stage folders "
-      "saved before stay: run the same command again to resume",
-      file=sys.stderr,
-      flush=True,
-    )
+  except KeyboardInterrupt:  # a Ctrl-C outside the training loops (a second one exits at once)
+    print("\n" + STOPPED_AT_ONCE, file=sys.stderr, flush=True)
     return 130
   except (ValueError, OSError, NonFiniteError) as e:  # one line, no traceback
     print(f"ppo-jax: error: {_one_line(e)}", file=sys.stderr)

@@ -32,7 +32,7 @@ from ppo_jax.actor_critic import build_critic
 from ppo_jax.compat import check_compatible
 from ppo_jax.config import Settings, base_config
 from ppo_jax.export import export_record, generation_defaults
-from ppo_jax.models import CausalLM, RewardModel, save_pretrained
+from ppo_jax.models import CausalLM, RewardModel
 from ppo_jax.resume_rules import with_paths_resolved
 from ppo_jax.rewards import fields_taken, load_reward_fn
 from ppo_jax.rows import split_holdout
@@ -42,6 +42,7 @@ from ppo_jax.stages import (
   run_dpo,
   run_reward_model,
   run_sft,
+  save_whole,
   with_adapters,
 )
 from ppo_jax.tokenizer import load_tokenizer
@@ -353,9 +354,7 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
       resume=resume,
       mesh=mesh,
     )
-  save_pretrained(
-    result.policy, workdir / "policy", tokenizer=tok, generation_config=generation_defaults(s)
-  )
+  save_whole(result.policy, workdir / "policy", tok, generation_config=generation_defaults(s))
   if s.log.plots:
     writers.plot_stages(workdir, s.algo)
 

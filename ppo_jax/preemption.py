@@ -6,7 +6,9 @@ same command resumes. With several processes the stop is agreed by all of them.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 from typing import Any
 
 import jax
@@ -62,6 +64,22 @@ def stop_requested() -> bool:
   return stop
 
 
+STOPPED_AT_ONCE = (
+  "ppo-jax: stopped at once by Ctrl-C; a save in progress is dropped, the checkpoints and stage "
+  "folders saved before stay: run the same command again to resume"
+)
+
+
+def stop_at_once() -> None:
+  """Exits with status 130 now, saying so in one line. Not an exception: raised inside a
+  checkpoint save, it left orbax's threads mid-save (tracebacks, and an exit that waited minutes
+  for their timeouts). What a save was writing stays in its temporary folder, which resuming
+  ignores; stage folders are written whole or not at all (``stages.saved_whole``)."""
+  sys.stdout.flush()
+  print("\n" + STOPPED_AT_ONCE, file=sys.stderr, flush=True)
+  os._exit(130)
+
+
 class PreemptionGuard:
   """Turns SIGTERM and SIGINT into a flag that the training loops check between steps."""
 
@@ -81,7 +99,7 @@ class PreemptionGuard:
   def _handle(self, signum, frame):
     del frame
     if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-      raise KeyboardInterrupt
+      stop_at_once()
     self.signal = signum
     again = " (Ctrl-C again: stop at once, without saving)" if signum == signal.SIGINT else ""
     print(

@@ -4,8 +4,11 @@ it exists)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
+import shutil
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -47,7 +50,7 @@ def with_adapters(
     if holds_checkpoints(checkpoints) and has_model_folder(base_policy):
       _load_base(policy, base_policy, s.model.numerics())
     else:
-      save_pretrained(policy, base_policy, tokenizer=tokenizer)
+      save_whole(policy, base_policy, tokenizer)
   adapted = add_lora(
     policy,
     rank=s.ppo_run.lora_rank,
@@ -162,11 +165,40 @@ def _tokenizer_ids(cfg: ModelConfig, tokenizer: Any, folder: str) -> ModelConfig
 HELD_OUT = "ppo_jax_held_out.json"
 
 
-def _save(model, out: pathlib.Path, tokenizer: Any, held_out: dict) -> None:
-  save_pretrained(model, out, tokenizer=tokenizer)
-  if jax.process_index() == 0:
-    text = json.dumps({k: float(v) for k, v in held_out.items()}) + "\n"
-    writers.write_whole(out / HELD_OUT, text)
+@contextlib.contextmanager
+def saved_whole(out: pathlib.Path):
+  """Yields the hidden folder ``.NAME.partial`` beside ``out`` to write a model folder into; once
+  written it becomes ``out``, replacing the one there (a run rewrites only an unfinished one, or
+  its own earlier result). A kill mid-write leaves the partial folder, never an ``out`` with
+  weights but no tokenizer or record, which a resumed run would take for finished."""
+  staging = out.with_name(f".{out.name}.partial")
+  main = shd.is_main_process()  # every process writes into it (save_pretrained), the first moves
+  if main:
+    shutil.rmtree(staging, ignore_errors=True)
+  yield staging
+  if main:
+    if out.is_symlink() or out.is_file():
+      out.unlink()
+    elif out.exists():
+      shutil.rmtree(out)
+    os.replace(staging, out)
+
+
+def save_whole(model, out: pathlib.Path, tokenizer: Any, **kw) -> None:
+  """``save_pretrained`` into ``out``, whole or not at all (``saved_whole``)."""
+  with saved_whole(out) as staging:
+    save_pretrained(model, staging, tokenizer=tokenizer, **kw)
+
+
+def _save(s: Settings, name: str, data_file: str, model, out, tokenizer: Any, held_out) -> None:
+  """A stage's folder, whole or not at all: the record of how it was trained (first: weights
+  are never unrecorded), the model, its held-out metrics."""
+  with saved_whole(out) as staging:
+    stage_checkpoints.write_record(staging, s, name, data_file)
+    save_pretrained(model, staging, tokenizer=tokenizer)
+    if jax.process_index() == 0:
+      text = json.dumps({k: float(v) for k, v in held_out.items()}) + "\n"
+      writers.write_whole(staging / HELD_OUT, text)
 
 
 def _reuse(
@@ -275,8 +307,7 @@ def _train_and_save(
       max_nonfinite=s.ppo_run.max_nonfinite,
     )
   model = nnx.merge(graphdef, params)
-  stage_checkpoints.write_record(out, s, name, data_file)  # first: weights are never unrecorded
-  _save(model, out, tokenizer, held_out)
+  _save(s, name, data_file, model, out, tokenizer, held_out)
   stage_checkpoints.drop_checkpoints(workdir, name)
   return model, held_out
 

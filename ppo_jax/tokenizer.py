@@ -35,16 +35,13 @@ def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> 
     raise FileNotFoundError(
       f"tokenizer folder {folder} does not exist (ppo_jax loads local folders only)"
     )
-  try:
-    tok = AutoTokenizer.from_pretrained(
-      str(folder), local_files_only=True, trust_remote_code=False, padding_side=padding_side
-    )
-  except Exception:
-    if not has_tokenizer(folder):
-      raise FileNotFoundError(
-        f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})"
-      ) from None
-    raise
+  # Checked first: from a folder of a config.json alone, transformers builds an empty tokenizer
+  # (one token), which would sample nothing but empty responses.
+  if not has_tokenizer(folder):
+    raise FileNotFoundError(f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
+  tok = AutoTokenizer.from_pretrained(
+    str(folder), local_files_only=True, trust_remote_code=False, padding_side=padding_side
+  )
   if tok.eos_token is None:  # SFT targets end with it, and sampled responses stop at it
     raise ValueError(f"{folder}: the tokenizer has no EOS token; responses need one to end")
   if tok.pad_token is None:

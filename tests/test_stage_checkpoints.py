@@ -120,3 +120,42 @@ def test_held_out_metrics_are_written_whole_and_a_bad_file_is_named(tmp_path, ca
     path.write_text(text)
     assert stages._held_out(path) == {}
     assert f"note: {path} is unreadable (" in capsys.readouterr().out, text
+
+
+def test_a_stage_folder_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+  """A run killed while it saves sft/ (its weights written, not yet its held-out metrics or
+  tokenizer) leaves no sft/ a resumed run would take for finished; the next save replaces an
+  unfinished one whole and leaves no partial folder."""
+  from conftest import smoke_config
+  from flax import nnx
+
+  from ppo_jax import stages
+  from ppo_jax.compat import has_model_folder
+  from ppo_jax.config import Settings
+  from ppo_jax.models import CausalLM, ModelConfig
+
+  s = Settings.from_config(smoke_config())
+  data = tmp_path / "sft.jsonl"
+  data.write_text('{"prompt": "a", "response": "b"}\n')
+  cfg = ModelConfig.gpt2(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2)
+  model = CausalLM(cfg, rngs=nnx.Rngs(0))
+  out = tmp_path / "sft"
+  out.mkdir()
+  (out / "stale.txt").write_text("from an earlier, unfinished save")
+  real = stages.save_pretrained
+
+  def killed(*args, **kw):
+    real(*args, **kw)  # the weights are written...
+    raise KeyboardInterrupt  # ...and the run stops before the held-out metrics
+
+  monkeypatch.setattr(stages, "save_pretrained", killed)
+  with pytest.raises(KeyboardInterrupt):
+    stages._save(s, "sft", str(data), model, out, None, {"nll": 1.5})
+  assert not has_model_folder(out) and (out / "stale.txt").exists()
+  monkeypatch.setattr(stages, "save_pretrained", real)
+  stages._save(s, "sft", str(data), model, out, None, {"nll": 1.5})
+  assert has_model_folder(out) and not (out / "stale.txt").exists()
+  assert {stages.HELD_OUT, stage_checkpoints.STAGE_RECORD} <= {p.name for p in out.iterdir()}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["sft", "sft.jsonl"]  # no partial left
+  assert stages._held_out(out / stages.HELD_OUT) == {"nll": 1.5}
+  stage_checkpoints.check_record(out, s, "sft", str(data))  # its record: reused as finished

@@ -47,6 +47,8 @@ def test_missing_folder_is_named(tmp_path):
 
 
 def test_a_folder_without_tokenizer_files_says_so(tmp_path):
-  (tmp_path / "config.json").write_text("{}")  # a model folder saved without its tokenizer
+  # A model folder saved without its tokenizer: from its config.json alone transformers builds
+  # an empty GPT-2 tokenizer (one token), which sampled empty responses.
+  (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
   with pytest.raises(FileNotFoundError, match=r"no tokenizer files \(none of tokenizer.json"):
     load_tokenizer(tmp_path)
