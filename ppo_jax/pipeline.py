@@ -298,7 +298,7 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
     with checkpoint.Checkpointer(workdir / "checkpoints", s.checkpoint) as ckpt:
       if ckpt.latest_step() is not None:  # now, not once the models are built and placed
         prints = rl.prompts_fingerprint(prompts, eval_prompts)
-        rl.check_same_prompts(prints, ckpt.directory, ckpt.record())
+        rl.check_same_prompts(prints, len(eval_prompts), ckpt.directory, ckpt.record())
   max_len = layout.prompt_len + max(hp.max_new_tokens, layout.response_len)
   with shd.staged_on_host(mesh):  # each stage places the models it trains
     policy = init_policy(s, tok, max_len)

@@ -13,7 +13,8 @@ from typing import Any
 # finished run rerun with other values of them has nothing to do.
 NO_RESULT = ("log.", "checkpoint.", "model.remat", "model.attention", "mesh.", "distributed.")
 # Config fields that may change between a run and its resumption: those, and what extends or
-# evaluates the run otherwise.
+# evaluates the run otherwise (data.eval_prompts: DPO's; PPO's checkpoints refuse another number
+# of held-out rows, rl.check_same_prompts, since they are the prompt file's first rows).
 RESUMABLE_CHANGES = ("ppo.iterations", "data.eval_prompts", "dpo.eval_every", *NO_RESULT)
 # Fields a run never read, by algorithm, task and reward source: a run saved with them set
 # resumes with them unset (they are refused for it now, and were ignored then).

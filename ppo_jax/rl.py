@@ -128,11 +128,10 @@ def run_iteration(
 
 
 def _other_held_out(saved: dict[str, Any], rows: int) -> bool:
-  """Whether a resumed run holds out other prompts than the run it resumes (records from before
-  ``held_out_rows``: whether one side held out none)."""
-  if "held_out_rows" in saved:
-    return saved["held_out_rows"] != rows
-  return bool(saved.get("before")) != bool(rows)
+  """Whether a resumed run holds out other prompts than the run it resumes: records from before
+  ``held_out_rows`` (``check_same_prompts`` refuses another count since) tell only whether one
+  side held out none."""
+  return "held_out_rows" not in saved and bool(saved.get("before")) != bool(rows)
 
 
 def prompts_fingerprint(prompts: Prompts, eval_prompts: Prompts) -> str:
@@ -147,9 +146,18 @@ def prompts_fingerprint(prompts: Prompts, eval_prompts: Prompts) -> str:
   return fingerprint(ids, mask, np.frombuffer(text, np.uint8))
 
 
-def check_same_prompts(prompts: str, directory, saved: dict[str, Any]) -> None:
+def check_same_prompts(prompts: str, held_out: int, directory, saved: dict[str, Any]) -> None:
   """Refuses to resume the checkpoints in ``directory`` (latest record ``saved``) on prompts of
-  another ``prompts_fingerprint`` (records from before the fingerprint pass)."""
+  another ``prompts_fingerprint`` (records from before the fingerprint pass), or holding out
+  another number of them: the held-out prompts are the file's first rows, so another count
+  trains on other prompts."""
+  was = saved.get("held_out_rows", held_out)
+  if was != held_out:
+    raise ValueError(
+      f"data.eval_prompts: {directory} holds checkpoints of a run that held out {was} prompts, "
+      f"this one {held_out}: the held-out prompts are the file's first rows, so another count "
+      f"trains on other prompts; resume with data.eval_prompts={was}, or use a new workdir"
+    )
   if saved.get("prompts") not in (None, prompts):
     raise ValueError(
       f"{directory} holds checkpoints trained on other prompts (their tokens or fields differ: "
@@ -254,7 +262,7 @@ def run_ppo(
     # Made by a program: device_put cannot place onto other processes' devices.
     key = jax.jit(lambda: jax.random.key(seed), out_shardings=state_sh.key)()
     like = like.replace(key=key)
-    same = functools.partial(check_same_prompts, prints, checkpointer.directory)
+    same = functools.partial(check_same_prompts, prints, len(eval_prompts), checkpointer.directory)
     resumed = checkpointer.resume(like, record, iterations, config_defaults, check=same)
   if resumed:
     state, saved = resumed

@@ -64,20 +64,21 @@ def test_resume_is_bitwise_identical(smoke_run, tmp_path):
   )
 
 
-def test_a_resume_holding_out_other_prompts_compares_rollouts(smoke_run, tmp_path, capsys):
-  """data.eval_prompts may change on a resume, but the saved before was of the old held-out set:
-  the summary then compares the first and last rollouts on both sides (it showed the old
-  held-out before against no after)."""
+def test_a_resume_holding_out_another_number_of_prompts_is_refused(smoke_run, tmp_path):
+  """The held-out prompts are the file's first rows: holding out another number on a resume
+  would train on other prompts (it did, silently, when data.eval_prompts could change). Refused
+  in one line naming the count to resume with, before anything is written."""
   workdir = reuse_stages(smoke_run[0], tmp_path / "held_out")
   first = pipeline.run(smoke_config(data__eval_prompts=32, ppo__iterations=4), workdir)
-  assert first["held_out"] and first["before"] and first["after"]
-  capsys.readouterr()
-  summary = pipeline.run(smoke_config(data__eval_prompts=0, ppo__iterations=5), workdir)
-  assert "holds out 0 prompts, not the 32 of the checkpoint's run: the summary compares" in (
-    capsys.readouterr().out
-  )
-  assert not summary["held_out"] and summary["rollouts_compared"] == 2
-  assert summary["before"].keys() == summary["after"].keys() and summary["after"]
+  assert first["held_out"]
+  files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  with pytest.raises(
+    ValueError,
+    match=r"^data\.eval_prompts: .* held out 32 prompts, this one 0: .* resume with "
+    r"data\.eval_prompts=32, or use a new workdir$",
+  ):
+    pipeline.run(smoke_config(data__eval_prompts=0, ppo__iterations=5), workdir)
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files  # as they were
 
 
 def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path):
