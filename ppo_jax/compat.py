@@ -78,8 +78,8 @@ def check_reward_model(
   model_folder(folder, what, "reward_model")
   try:
     hf_config = load_hf_config(folder)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{what}: {e}") from None
+  except (FileNotFoundError, ValueError) as e:
+    raise type(e)(f"{what}: {e}") from None
   if checkpoint_kind(hf_config) != "reward":
     architectures = getattr(hf_config, "architectures", None) or []
     raise ValueError(

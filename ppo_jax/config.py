@@ -81,6 +81,24 @@ class ModelSettings:
       dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, attention=self.attention
     )
 
+  def scratch_config(self, vocab_size: int, **special_ids: int | None):
+    """The ``ModelConfig`` of a model from scratch (``init="scratch"``); ``special_ids``: its
+    ``eos_token_id``, ``pad_token_id``, ``bos_token_id``."""
+    from ppo_jax.models import ModelConfig
+
+    common = dict(
+      vocab_size=vocab_size,
+      hidden_size=self.hidden_size,
+      num_layers=self.num_layers,
+      num_heads=self.num_heads,
+      max_position_embeddings=self.max_position_embeddings,
+      **{**self.numerics(), "param_dtype": self.param_dtype or self.dtype},
+      **special_ids,
+    )
+    if self.arch == "gpt2":
+      return ModelConfig.gpt2(**common)
+    return ModelConfig.llama(num_kv_heads=self.num_kv_heads or self.num_heads, **common)
+
 
 @dataclasses.dataclass(frozen=True)
 class RMSettings:

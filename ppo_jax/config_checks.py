@@ -65,8 +65,15 @@ def check_settings(s: Settings) -> None:
       f"config.mesh.shape: expected three integers (data, fsdp, tensor), e.g. '(1,-1,1)', got "
       f"{','.join(map(str, shape))!r}"
     )
+  if s.raw.seed < 0:  # NumPy's generators take none
+    raise ValueError(f"config.seed: must be ≥ 0, got {s.raw.seed}")
   if (kv := s.raw.model.num_kv_heads) is not None and kv < 1:
     raise ValueError(f"config.model.num_kv_heads: must be ≥ 1 (none: num_heads), got {kv}")
+  if kv is not None and s.model.arch == "gpt2" and s.model.init == "scratch":
+    raise ValueError(
+      "config.model.num_kv_heads: GPT-2 has as many key/value heads as heads (model.num_heads); "
+      "leave it unset, or use model.arch='llama'"
+    )
   try:
     template_kwargs(s.data.chat_template_kwargs)
   except ValueError as e:

@@ -174,6 +174,7 @@ def sample_file(
     ("--n", n),
     ("--batch-size", batch_size),
     ("--max-new-tokens", max_new_tokens),
+    ("--max-prompt-len", max_prompt_len),
   ):
     if value is not None and value < 1:
       raise ValueError(f"{flag} must be ≥ 1, got {value}")
@@ -208,7 +209,7 @@ def sample_file(
     own = (read_generation_config(model) or {}).get("max_new_tokens")
     own = own if isinstance(own, int) and not isinstance(own, bool) and own > 0 else 64
     max_new_tokens = max(1, min(own, positions // 2))
-  cap = max_prompt_len or positions - max_new_tokens
+  cap = positions - max_new_tokens if max_prompt_len is None else max_prompt_len
   if cap < 1:
     raise ValueError(
       f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {positions} positions "

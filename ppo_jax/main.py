@@ -135,7 +135,10 @@ def check_override_paths(argv: list[str]) -> None:
 
   from ppo_jax.config import _FROM_TOKENIZER
 
-  spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  if len(specs) > 1:  # absl would take the last, unchecked
+    raise ValueError(f"--config given {len(specs)} times ({', '.join(specs)}): give one")
+  spec_arg = specs[0] if specs else None
   if spec_arg is None:
     return
   path, _, arg = spec_arg.partition(":")

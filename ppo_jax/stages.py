@@ -120,21 +120,12 @@ def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
     policy = from_pretrained(m.init, **m.numerics())
     policy.cfg = _tokenizer_ids(policy.cfg, tokenizer, m.init)
   else:
-    common = dict(
-      vocab_size=len(tokenizer),
-      hidden_size=m.hidden_size,
-      num_layers=m.num_layers,
-      num_heads=m.num_heads,
-      max_position_embeddings=m.max_position_embeddings,
-      **{**m.numerics(), "param_dtype": m.param_dtype or m.dtype},
+    cfg = m.scratch_config(
+      len(tokenizer),
       eos_token_id=tokenizer.eos_token_id,
       pad_token_id=tokenizer.pad_token_id,
       bos_token_id=tokenizer.bos_token_id,
     )
-    if m.arch == "gpt2":
-      cfg = ModelConfig.gpt2(**common)
-    else:
-      cfg = ModelConfig.llama(num_kv_heads=m.num_kv_heads or m.num_heads, **common)
     policy = CausalLM(cfg, rngs=nnx.Rngs(s.seed))
   check_compatible(policy.cfg, tokenizer, max_len)
   if s.ppo_run.lora_rank:  # now, not after SFT and the reward model have trained

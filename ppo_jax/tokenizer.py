@@ -39,9 +39,13 @@ def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> 
   # (one token), which would sample nothing but empty responses.
   if not has_tokenizer(folder):
     raise FileNotFoundError(f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
-  tok = AutoTokenizer.from_pretrained(
-    str(folder), local_files_only=True, trust_remote_code=False, padding_side=padding_side
-  )
+  try:
+    tok = AutoTokenizer.from_pretrained(
+      str(folder), local_files_only=True, trust_remote_code=False, padding_side=padding_side
+    )
+    tok("a")  # a vocabulary without its unknown token fails at the first text, not here
+  except Exception as e:  # a damaged tokenizer.json, say: transformers' error names no file
+    raise ValueError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
   if tok.eos_token is None:  # SFT targets end with it, and sampled responses stop at it
     raise ValueError(f"{folder}: the tokenizer has no EOS token; responses need one to end")
   if tok.pad_token is None:

@@ -27,7 +27,7 @@ from ppo_jax.compat import (
   model_folder,
   tokenizer_folder,
 )
-from ppo_jax.models.config import projections
+from ppo_jax.models.config import ModelConfig, projections
 from ppo_jax.models.hf import checkpoint_kind, load_hf_config
 from ppo_jax.models.lora import check_targets
 from ppo_jax.rewards import load_reward_fn
@@ -77,8 +77,9 @@ def preflight(s: Settings):
     model_folder(s.model.init, "config.model.init", "policy")
     try:
       hf = load_hf_config(s.model.init)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"config.model.init: {e}") from None
+      ModelConfig.from_hf(hf, **s.model.numerics())  # an architecture ppo_jax runs
+    except (FileNotFoundError, ValueError) as e:
+      raise type(e)(f"config.model.init: {e}") from None
     if checkpoint_kind(hf) == "reward":
       raise ValueError(
         f"config.model.init {s.model.init}: holds a sequence-classification model (a reward "
@@ -88,6 +89,10 @@ def preflight(s: Settings):
     if hf.model_type == "gpt2":
       check_positions(max_len, hf.n_positions)
   else:
+    try:
+      s.model.scratch_config(vocab_size=1)  # its shapes fit together
+    except ValueError as e:
+      raise ValueError(f"config.model: {e}") from None
     model_type = s.model.arch
     if s.model.arch == "gpt2":
       check_positions(max_len, s.model.max_position_embeddings)

@@ -145,6 +145,9 @@ def _cli(*args):
       ["--config.algo=dpo", "--config.ppo.lora_rank=4", "--config.ppo.lora_targets=q,x"],
       "config.ppo.lora_targets: 'q,x'; expected a comma-separated subset of",
     ),
+    ("--config.seed=-1", "config.seed: must be ≥ 0, got -1"),  # was an error mid-SFT
+    ("--config.model.num_kv_heads=2", "config.model.num_kv_heads: GPT-2 has as many key/value"),
+    ("--config=experiments/dpo.py", f"--config given 2 times ({EXPERIMENT}, experiments/dpo.py)"),
   ],
 )
 def test_config_errors_are_one_line(tmp_path, override, expected):
@@ -332,6 +335,10 @@ def test_none_from_the_command_line_sets_none():
   [
     ("--config.mesh.shape=(2,1,1)", "mesh.shape (2, 1, 1) needs 2 devices, but there are 1"),
     ("--config.model.init=nowhere", "config.model.init nowhere: no such folder"),
+    (  # was refused once the task's data were written
+      ["--config.model.arch=llama", "--config.model.num_kv_heads=3"],
+      "config.model: unsupported model config: num_heads 4 not a multiple of num_kv_heads 3",
+    ),
     (  # before the task's data are written, not after
       "--config.ppo.max_new_tokens=40",
       "data.max_prompt_len + max response length = 48 exceeds the model's 32 positions",

@@ -232,6 +232,11 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
     ),
     ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=x"], 2, "argument --n: invalid int"),
     ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=0"], 1, "--n must be ≥ 1, got 0"),
+    (  # 0 read as "the default", -3 blamed --max-new-tokens
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--max-prompt-len=0"],
+      1,
+      "--max-prompt-len must be ≥ 1, got 0",
+    ),
     ([f"--model={tmp_path / 'nope'}", f"--out={tmp_path / 'o'}"], 1, "nope: no such folder"),
     (  # a workdir, which holds the policy in policy/
       [f"--model={policy_dir.parent}", f"--out={tmp_path / 'o'}"],

@@ -336,6 +336,28 @@ def test_missing_unexpected_and_misshaped_tensors_are_all_named(tmp_path):
     assert part in msg
 
 
+def test_integer_weights_and_config_fields_of_the_wrong_type_are_named(tmp_path):
+  """An int32 checkpoint was converted and trained silently; a config.json field of the wrong
+  type, or a GPT-2 width its head count does not divide, raised tracebacks (transformers'
+  validator's own exception type; a reshape deep in the first forward)."""
+  tiny_hf.make("gpt2", tmp_path)
+
+  def to_int(t):
+    t["transformer.ln_f.weight"] = t["transformer.ln_f.weight"].astype(np.int32)
+
+  _rewrite(tmp_path, to_int)
+  with pytest.raises(ValueError, match=r"non-float tensors: transformer\.ln_f\.weight int32"):
+    pj.models.from_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  for edit, message in (
+    ({"n_layer": "2"}, r"config\.json: .*n_layer"),
+    ({"n_head": 5, "n_embd": 32}, r"gpt2's hidden_size 32 is not num_heads 5 × head_dim 6"),
+  ):
+    (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError, match=message):
+      pj.models.from_pretrained(tmp_path)
+
+
 def test_unsupported_architecture(tmp_path):
   tf.BertConfig(
     hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
@@ -439,6 +461,8 @@ def test_config_errors():
     ModelConfig.gpt2(attention="cudnn")
   with pytest.raises(ValueError, match="dtype 'int8' \\(expected one of float32, bfloat16"):
     ModelConfig.gpt2(dtype=jnp.int8)
+  with pytest.raises(ValueError, match=r"num_kv_heads 0 \(expected ≥ 1\)"):
+    ModelConfig.llama(num_kv_heads=0)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="asserts the error off a GPU")

@@ -52,3 +52,14 @@ def test_a_folder_without_tokenizer_files_says_so(tmp_path):
   (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
   with pytest.raises(FileNotFoundError, match=r"no tokenizer files \(none of tokenizer.json"):
     load_tokenizer(tmp_path)
+
+
+def test_a_damaged_tokenizer_is_one_line_naming_its_folder(tmp_path):
+  """transformers' own errors named no file (a JSON decode error), or were a KeyError traceback;
+  a vocabulary without its unknown token failed only at the first text."""
+  (tmp_path / "tokenizer.json").write_text("{")
+  with pytest.raises(ValueError, match=rf"^{tmp_path}: cannot load its tokenizer \(.*Error: "):
+    load_tokenizer(tmp_path)
+  (tmp_path / "tokenizer.json").write_text("{}")
+  with pytest.raises(ValueError, match=rf"^{tmp_path}: cannot load its tokenizer \("):
+    load_tokenizer(tmp_path)

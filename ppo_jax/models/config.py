@@ -114,6 +114,15 @@ class ModelConfig:
       problems.append(f"model_type {self.model_type!r} (supported: {', '.join(SUPPORTED)})")
     if self.activation not in set(ACTIVATIONS.values()):
       problems.append(f"activation {self.activation!r}")
+    sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+    problems += [f"{n} {getattr(self, n)} (expected ≥ 1)" for n in sizes if getattr(self, n) < 1]
+    if problems:
+      raise ValueError("unsupported model config: " + "; ".join(problems))
+    if self.is_gpt2 and self.num_heads * self.head_dim != self.hidden_size:
+      problems.append(
+        f"gpt2's hidden_size {self.hidden_size} is not num_heads {self.num_heads} × head_dim "
+        f"{self.head_dim} (a width its head count does not divide)"
+      )
     if self.num_heads % self.num_kv_heads:
       problems.append(
         f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}"

@@ -135,7 +135,12 @@ def load_hf_config(folder: str | os.PathLike) -> Any:
       f"{folder}: not a Hugging Face model folder (no config.json); ppo_jax loads local folders "
       "only, never from the hub"
     )
-  return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+  try:
+    return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+  except (OSError, ValueError) as e:  # an unknown model_type, say: transformers' own line
+    raise ValueError(f"{folder}/config.json: {e}") from None
+  except Exception as e:  # its validators' (a field of the wrong type): not a ValueError
+    raise ValueError(f"{folder}/config.json: {type(e).__name__}: {e}") from None
 
 
 def from_pretrained(
@@ -201,9 +206,19 @@ def from_pretrained(
     for n in sorted(set(found) & set(expected))
     if tuple(tensors[found[n]].shape) != expected[n].hf_shape
   ]
+  not_float = [  # an integer checkpoint would be converted, silently, and trained
+    f"{found[n]} {tensors[found[n]].dtype}"
+    for n in sorted(set(found) & set(expected))
+    if not jnp.issubdtype(tensors[found[n]].dtype, jnp.floating)
+  ]
   problems = [
     f"{label} tensors: {', '.join(names)}"
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
+    for label, names in (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("misshaped", misshaped),
+      ("non-float", not_float),
+    )
     if names
   ]
   if problems:
