@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import gc
 import io
+import json
 import logging
 import pathlib
 import re
@@ -52,6 +53,25 @@ DAMAGE = re.compile(
   r"DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|Invalid JSON|Error decoding|Expecting|Unterminated"
   r"|Unknown key: |was not found"  # a step folder without its state/ or meta/
 )
+
+
+class IncompleteCheckpoint(Exception):
+  """A step folder lacks a file orbax reads without complaint (it returns None instead)."""
+
+
+def state_metadata(mgr: ocp.CheckpointManager, step: int):
+  """The metadata of checkpoint ``step``'s state arrays (names, shapes, dtypes); read through
+  ``read``, whose one line a folder without it gets."""
+  meta = mgr.item_metadata(step)
+  try:
+    state = meta["state"]
+  except (KeyError, TypeError):
+    state = None
+  if state is None:
+    raise IncompleteCheckpoint("no metadata of its arrays: state/_METADATA is missing")
+  return state
+
+
 _NO_SPACE = re.compile(r"No space left on device|os_error_code='28'|ENOSPC")
 
 
@@ -139,7 +159,8 @@ def read(fn: Callable[[], T], folder: pathlib.Path, what_then: str) -> T:
           while root.__cause__ is not None:  # orbax wraps tensorstore's error, naming the file
             root = root.__cause__
           text = re.split(r" \[tensorstore_spec=| See full TensorStore details", str(root))[0]
-          if not DAMAGE.search(text):
+          known = isinstance(root, (IncompleteCheckpoint, json.JSONDecodeError))
+          if not (known or DAMAGE.search(text)):
             raise
           failure = f"{type(root).__name__}: {(text.strip().splitlines() or [''])[0][:300]}"
           del e, root
@@ -314,7 +335,7 @@ class Checkpointer:
   def _check_layout(self, step: int, target) -> None:
     """One line naming the first difference when the saved arrays are not the ones ``target``
     has (names and shapes): a checkpoint of another ppo_jax version's state layout, say."""
-    saved = _shapes(self._read(step, lambda: self._mgr.item_metadata(step)["state"]))
+    saved = _shapes(self._read(step, lambda: state_metadata(self._mgr, step)))
     wanted = _shapes(target)
     only_saved, only_here = sorted(saved.keys() - wanted), sorted(wanted.keys() - saved)
     reshaped = [k for k in sorted(saved.keys() & wanted) if saved[k] != wanted[k]]

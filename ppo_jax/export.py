@@ -10,7 +10,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from ppo_jax.checkpoint import holds_checkpoints, read
+from ppo_jax.checkpoint import holds_checkpoints, read, state_metadata
 from ppo_jax.models import ModelConfig
 from ppo_jax.resume_rules import check_same_base
 
@@ -267,7 +267,7 @@ def _restore_here(mgr: ocp.CheckpointManager, step: int, where: tuple[str, ...])
   every array on this process's first device whatever mesh saved it (without a target orbax asks
   for the saving run's device topology)."""
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  saved = mgr.item_metadata(step)["state"]
+  saved = state_metadata(mgr, step)
   for key in where:
     saved = saved[key]
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved)

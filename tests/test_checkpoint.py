@@ -498,6 +498,17 @@ def test_a_damaged_checkpoint_is_named_in_one_line(smoke_run, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoints/15 cannot be read, it is damaged") as e:
       pipeline.run(smoke_config(), workdir)
     assert "\n" not in str(e.value) and str(e.value).endswith("(nothing else is touched)")
+  # Files orbax reads without complaint when missing (None: a TypeError traceback, and a resume
+  # that blamed "another ppo_jax version"), or that hold no JSON (its error named no folder).
+  for damage, why in (
+    (lambda step: (step / "state" / "_METADATA").unlink(), "state/_METADATA is missing"),
+    (lambda step: (step / "meta" / "metadata").write_text('{"a\x01": 1}'), "JSONDecodeError"),
+  ):
+    shutil.rmtree(workdir / "checkpoints")
+    shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")
+    damage(workdir / "checkpoints" / "15")
+    with pytest.raises(ValueError, match=rf"checkpoints/15 cannot be read, it is damaged .*{why}"):
+      export_policy(workdir, tmp_path / "out")
 
 
 def test_a_checkpoint_whose_record_names_no_model_is_refused_before_reading_it(tmp_path):
