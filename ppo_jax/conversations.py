@@ -301,12 +301,13 @@ def chat_prompts(
   kwargs: dict[str, Any] | None = None,
   *,
   source: str = "prompts",
+  places: Sequence[str] | None = None,
 ) -> list[str]:
   """Each prompt in the tokenizer's chat template, ending with the assistant's header
   (``add_generation_prompt``): a text as a user turn, a conversation as it is; a ``system``
   turn goes first where the conversation has none of its own. ``kwargs`` are the template's
   own variables (Qwen3's ``enable_thinking``, say). A template that refuses a prompt is named
-  with ``source`` and the prompt's row."""
+  with the prompt's ``places`` entry (its ``FILE:LINE``), else ``source`` and its row."""
   if not getattr(tokenizer, "chat_template", None):
     raise DataError(
       "data.chat_template: the tokenizer has no chat template (tokenizer_config.json or "
@@ -330,7 +331,8 @@ def chat_prompts(
       raise DataError(
         f"data.chat_template: the tokenizer's chat template does not parse: {e}"
         if broken
-        else f"{source}: row {i + 1}: data.chat_template: {what}the tokenizer's template "
+        else f"{places[i] if places else f'{source}: row {i + 1}'}: data.chat_template: "
+        f"{what}the tokenizer's template "
         f"refused: {e}"
       ) from None
   return out

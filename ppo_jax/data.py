@@ -144,15 +144,17 @@ def encode_prompts(
   texts and conversations. ``fit``: ``P`` is the longest prompt's length (at least 1), at most
   ``layout.prompt_len`` (beyond which ``layout.overflow`` applies). ``places``: each row's
   ``FILE:LINE`` for errors (else ``source: row N``)."""
-  texts = _render(tokenizer, prompts, layout, source)
+  texts = _render(tokenizer, prompts, layout, source, places)
   return _encode_rendered(tokenizer, texts, layout, source, fit=fit, places=places)
 
 
-def _render(tokenizer: Any, prompts: Sequence[Prompt], layout: Layout, source: str) -> list[str]:
+def _render(
+  tokenizer: Any, prompts: Sequence[Prompt], layout: Layout, source: str, places=None
+) -> list[str]:
   """The texts the prompts are tokenized from: with ``layout.chat``, as the template writes them."""
   if layout.chat:
     kwargs = template_kwargs(layout.chat_kwargs)
-    return chat_prompts(tokenizer, prompts, layout.system, kwargs, source=source)
+    return chat_prompts(tokenizer, prompts, layout.system, kwargs, source=source, places=places)
   if any(conversations.is_conversation(p) for p in prompts):
     raise DataError(f"{source}: conversations (lists of messages) need data.chat_template=True")
   return list(prompts)
@@ -313,7 +315,7 @@ def load_prompts_and_columns(
   places: list[str] = []
   parse = lambda r, w: (conversations.prompt_row(r, w),)
   prompts = [p for (p,) in _read(path, layout, parse, rows=rows, places=places)]
-  rendered = _render(tokenizer, prompts, layout, str(path))
+  rendered = _render(tokenizer, prompts, layout, str(path), places)
   ids, mask = _encode_rendered(tokenizer, rendered, layout, str(path), fit=fit, places=places)
   texts = [p if isinstance(p, str) else r for p, r in zip(prompts, rendered, strict=True)]
   names = dict.fromkeys(k for row in rows for k in row if k not in PROMPT_FIELDS)

@@ -347,7 +347,7 @@ def test_what_a_response_cannot_hold_is_refused(tmp_path, row, message):
     data.load_sft(_jsonl(tmp_path / "f.jsonl", [row]), CHAT_TOK, CHAT)
 
 
-def test_a_template_that_refuses_a_row_names_it():
+def test_a_template_that_refuses_a_row_names_it(tmp_path):
   strict = build_word_tokenizer(["good"])
   strict.chat_template = (
     "{% for m in messages %}{% if loop.index0 and m.role == messages[loop.index0 - 1].role %}"
@@ -360,6 +360,11 @@ def test_a_template_that_refuses_a_row_names_it():
     r"alternate$",
   ):
     data.encode_prompts(strict, rows, CHAT, source="f.jsonl")
+  # Read from a file: its line (a blank line before it), as every other data error names it.
+  path = tmp_path / "f.jsonl"
+  path.write_text('{"prompt": "good"}\n\n' + json.dumps({"messages": [USER("good")] * 2}) + "\n")
+  with pytest.raises(data.DataError, match=rf"^{path}:3: data\.chat_template: .* roles must"):
+    data.load_prompts_and_columns(path, strict, CHAT)
   # A system prompt is blamed only where it was added; one of the row's own is kept, wherever.
   with_system = data.Layout(12, 3, 0, 11, chat=True, system="film")
   own = [{"role": "system", "content": "x"}, USER("good"), USER("good")]
