@@ -159,7 +159,7 @@ def read(fn: Callable[[], T], folder: pathlib.Path, what_then: str) -> T:
           while root.__cause__ is not None:  # orbax wraps tensorstore's error, naming the file
             root = root.__cause__
           text = re.split(r" \[tensorstore_spec=| See full TensorStore details", str(root))[0]
-          known = isinstance(root, (IncompleteCheckpoint, json.JSONDecodeError))
+          known = isinstance(root, (IncompleteCheckpoint, json.JSONDecodeError, FileNotFoundError))
           if not (known or DAMAGE.search(text)):
             raise
           failure = f"{type(root).__name__}: {(text.strip().splitlines() or [''])[0][:300]}"

@@ -51,19 +51,6 @@ def model_folder(path: str | pathlib.Path, flag: str, inside: str) -> str:
   return str(path)
 
 
-def tokenizer_folder(path: str | pathlib.Path, flag: str) -> str:
-  """``path`` as a string, refusing in one line naming ``flag`` a folder that does not exist or
-  holds no tokenizer (a ppo_jax workdir's is in its ``policy/`` or ``sft/``: named)."""
-  folder = pathlib.Path(path)
-  if not folder.is_dir():
-    raise FileNotFoundError(f"{flag} {path}: no such folder")
-  if not has_tokenizer(folder):
-    inside = next((folder / n for n in ("policy", "sft") if has_tokenizer(folder / n)), None)
-    hint = f"; it is a ppo_jax workdir, its tokenizer is in {inside}" if inside else ""
-    raise FileNotFoundError(f"{flag} {path}: no tokenizer files{hint}")
-  return str(path)
-
-
 def check_reward_model(
   folder: str,
   *,
@@ -78,8 +65,10 @@ def check_reward_model(
   model_folder(folder, what, "reward_model")
   try:
     hf_config = load_hf_config(folder)
-  except (FileNotFoundError, ValueError) as e:
-    raise type(e)(f"{what}: {e}") from None
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{what}: {e}") from None
+  except ValueError as e:
+    raise ValueError(f"{what}: {e}") from None
   if checkpoint_kind(hf_config) != "reward":
     architectures = getattr(hf_config, "architectures", None) or []
     raise ValueError(

@@ -81,6 +81,10 @@ class ModelSettings:
       dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, attention=self.attention
     )
 
+  def param_dtype_or(self) -> str:
+    """The parameters' dtype: ``param_dtype``, else the compute ``dtype``."""
+    return self.param_dtype or self.dtype
+
   def scratch_config(self, vocab_size: int, **special_ids: int | None):
     """The ``ModelConfig`` of a model from scratch (``init="scratch"``); ``special_ids``: its
     ``eos_token_id``, ``pad_token_id``, ``bos_token_id``."""
@@ -92,7 +96,7 @@ class ModelSettings:
       num_layers=self.num_layers,
       num_heads=self.num_heads,
       max_position_embeddings=self.max_position_embeddings,
-      **{**self.numerics(), "param_dtype": self.param_dtype or self.dtype},
+      **{**self.numerics(), "param_dtype": self.param_dtype_or()},
       **special_ids,
     )
     if self.arch == "gpt2":

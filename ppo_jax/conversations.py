@@ -294,6 +294,11 @@ def template_kwargs(text: str | None) -> dict[str, Any]:
   return kwargs
 
 
+def place(places: Sequence[str] | None, i: int, source: str) -> str:
+  """How errors name row ``i``: its ``FILE:LINE`` in ``places``, else ``source: row N``."""
+  return places[i] if places else f"{source}: row {i + 1}"
+
+
 def chat_prompts(
   tokenizer: Any,
   prompts: Sequence[Prompt],
@@ -331,7 +336,7 @@ def chat_prompts(
       raise DataError(
         f"data.chat_template: the tokenizer's chat template does not parse: {e}"
         if broken
-        else f"{places[i] if places else f'{source}: row {i + 1}'}: data.chat_template: "
+        else f"{place(places, i, source)}: data.chat_template: "
         f"{what}the tokenizer's template "
         f"refused: {e}"
       ) from None

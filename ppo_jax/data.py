@@ -181,7 +181,7 @@ def _encode_rendered(
     if len(toks) > P:
       if layout.overflow == "error":
         raise DataError(
-          f"{places[i] if places else f'{source}: row {i + 1}'}: prompt of {len(toks)} tokens "
+          f"{conversations.place(places, i, source)}: prompt of {len(toks)} tokens "
           f"is longer than {layout.limit.format(P=P)}"
         )
       toks, cut = toks[-P:], cut + 1

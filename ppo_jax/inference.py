@@ -41,7 +41,6 @@ from ppo_jax.compat import (
   check_reward_model,
   check_same_ids,
   model_folder,
-  tokenizer_folder,
 )
 from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
 from ppo_jax.file_batches import batch_order, batch_rows, logprob_scorer, rm_scorer, trimmed
@@ -49,7 +48,7 @@ from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
 from ppo_jax.sampling import generate, row_keys
-from ppo_jax.tokenizer import load_tokenizer
+from ppo_jax.tokenizer import load_tokenizer, tokenizer_folder
 
 
 def sampling_settings(

@@ -12,6 +12,7 @@ run of the same config skips most compilation.
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 import re
 import sys
@@ -136,6 +137,7 @@ def check_override_paths(argv: list[str]) -> None:
   from ppo_jax.config import _FROM_TOKENIZER
 
   specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  specs += [b for a, b in itertools.pairwise(argv) if a == "--config"]  # absl's space form
   if len(specs) > 1:  # absl would take the last, unchecked
     raise ValueError(f"--config given {len(specs)} times ({', '.join(specs)}): give one")
   spec_arg = specs[0] if specs else None
@@ -314,13 +316,17 @@ def cli(argv: list[str] | None = None) -> int:
   except (RuntimeError, ValueError) as e:
     print(f"ppo-jax: error: jax.distributed: {_one_line(e)}", file=sys.stderr)
     return 1
-  from ppo_jax.preemption import STOPPED_AT_ONCE, NonFiniteError, Preempted
+  from ppo_jax.preemption import GUARD, STOPPED_AT_ONCE, NonFiniteError, Preempted
 
   enable_compilation_cache()
   try:
     from ppo_jax.pipeline import run  # seconds of imports: a Ctrl-C there is one line too
 
-    run(config, workdir, resume=resume)
+    GUARD.exit_at_once = True  # a second Ctrl-C: this process exits, mid-save or not
+    try:
+      run(config, workdir, resume=resume)
+    finally:
+      GUARD.exit_at_once = False
   except Preempted as e:  # a requested stop: what could be saved is saved
     print(f"ppo-jax: {e}; run the same command again to resume", flush=True)
     return 0

@@ -249,9 +249,9 @@ def train_step(
   ``hp.critic_warmup`` only the critic trains: the policy's loss terms are left out and its
   parameters and optimizer state kept, so its first update uses a critic trained that long. With
   ``hp.early_stop_kl``, a minibatch whose approximate KL(π_old ‖ π) (before its update) exceeds it
-  is not applied, and the iteration's later ones are not computed (a ``lax.cond``: the metrics
-  average the minibatches computed; ``update/early_stopped`` is the fraction not applied; as any
-  skipped update, they do not advance the learning-rate schedule). Jit with
+  is not applied, and the iteration's later ones' gradients are not computed (a ``lax.cond``;
+  the metrics average the minibatches computed; ``update/early_stopped`` is the fraction not
+  applied; as any skipped update, they do not advance the learning-rate schedule). Jit with
   ``jax.jit(train_step, static_argnames="hparams", donate_argnums=0)``.
 
   It leaves ``state.step`` (which the next iteration's keys, the critic warm-up and the data

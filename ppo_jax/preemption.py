@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 from typing import Any
 
 import jax
@@ -71,13 +70,25 @@ STOPPED_AT_ONCE = (
 
 
 def stop_at_once() -> None:
-  """Exits with status 130 now, saying so in one line. Not an exception: raised inside a
-  checkpoint save, it left orbax's threads mid-save (tracebacks, and an exit that waited minutes
-  for their timeouts). What a save was writing stays in its temporary folder, which resuming
-  ignores; stage folders are written whole or not at all (``stages.saved_whole``)."""
-  sys.stdout.flush()
-  print("\n" + STOPPED_AT_ONCE, file=sys.stderr, flush=True)
-  os._exit(130)
+  """Exits with status 130 now, saying so in one line (the CLI's second Ctrl-C). Not an
+  exception: raised inside a checkpoint save, it left orbax's threads mid-save (tracebacks, and
+  an exit that waited minutes for their timeouts). What a save was writing stays in its
+  temporary folder, which resuming ignores; a stage folder being written stays in its
+  ``.NAME.partial`` (``stages.saved_whole``). Written straight to the file descriptor: a signal
+  handler that interrupted a write to ``sys.stderr``'s buffer would fail to flush it."""
+  try:
+    os.write(2, ("\n" + STOPPED_AT_ONCE + "\n").encode())
+  finally:
+    os._exit(130)
+
+
+def _say(line: str) -> None:
+  """``print`` from a signal handler, which may have interrupted a print (a progress line) whose
+  buffer is locked: then straight to the file descriptor."""
+  try:
+    print(line, flush=True)
+  except RuntimeError:  # "reentrant call inside <_io.BufferedWriter>"
+    os.write(1, (line + "\n").encode())
 
 
 class PreemptionGuard:
@@ -86,6 +97,9 @@ class PreemptionGuard:
   def __init__(self):
     self.signal: int | None = None
     self.elsewhere = False  # another process was signalled (``stop_requested``)
+    # The CLI's second Ctrl-C exits the process at once; in Python (a notebook's kernel, which
+    # an exit would take down) it raises KeyboardInterrupt wherever the run is.
+    self.exit_at_once = False
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> PreemptionGuard:
@@ -99,13 +113,14 @@ class PreemptionGuard:
   def _handle(self, signum, frame):
     del frame
     if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-      stop_at_once()
+      if self.exit_at_once:
+        stop_at_once()
+      raise KeyboardInterrupt
     self.signal = signum
     again = " (Ctrl-C again: stop at once, without saving)" if signum == signal.SIGINT else ""
-    print(
+    _say(
       f"\nppo_jax: received {signal.Signals(signum).name}; stopping at the next step boundary"
-      + again,
-      flush=True,
+      + again
     )
 
   @property

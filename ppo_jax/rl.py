@@ -127,13 +127,6 @@ def run_iteration(
   return state, row, per_sample, gen
 
 
-def _other_held_out(saved: dict[str, Any], rows: int) -> bool:
-  """Whether a resumed run holds out other prompts than the run it resumes: records from before
-  ``held_out_rows`` (``check_same_prompts`` refuses another count since) tell only whether one
-  side held out none."""
-  return "held_out_rows" not in saved and bool(saved.get("before")) != bool(rows)
-
-
 def prompts_fingerprint(prompts: Prompts, eval_prompts: Prompts) -> str:
   """A fingerprint of the prompt file's rows: their tokens and their other fields (the held-out
   rows first, so it is the same whatever ``data.eval_prompts`` holds out, which may change)."""
@@ -151,12 +144,17 @@ def check_same_prompts(prompts: str, held_out: int, directory, saved: dict[str, 
   another ``prompts_fingerprint`` (records from before the fingerprint pass), or holding out
   another number of them: the held-out prompts are the file's first rows, so another count
   trains on other prompts."""
-  was = saved.get("held_out_rows", held_out)
-  if was != held_out:
+  if "held_out_rows" in saved:
+    was = saved["held_out_rows"]
+    other, fix = was != held_out, f"data.eval_prompts={was}"
+  else:  # a record from before the count: whether it held out any (its before is empty if not)
+    was = "some" if saved.get("before") else "no"
+    other, fix = bool(saved.get("before")) != bool(held_out), "its data.eval_prompts"
+  if other:
     raise ValueError(
       f"data.eval_prompts: {directory} holds checkpoints of a run that held out {was} prompts, "
       f"this one {held_out}: the held-out prompts are the file's first rows, so another count "
-      f"trains on other prompts; resume with data.eval_prompts={was}, or use a new workdir"
+      f"trains on other prompts; resume with {fix}, or use a new workdir"
     )
   if saved.get("prompts") not in (None, prompts):
     raise ValueError(
@@ -297,16 +295,6 @@ def run_ppo(
         f"ppo.iterations {was} → {iterations}: the learning-rate schedules of policy and critic "
         f"now end at iteration {iterations}; the policy's {change}"
       )
-  if resumed and _other_held_out(saved, len(eval_prompts)):
-    # data.eval_prompts changed since the run started: its before was of other prompts (or of
-    # none), so the summary compares the first and last rollouts instead, on both sides.
-    say(
-      f"data.eval_prompts holds out {len(eval_prompts)} prompts, not the "
-      f"{saved.get('held_out_rows', 'other number')} of the checkpoint's run: the summary "
-      "compares rollouts, not held-out samples"
-    )
-    before, eval_prompts = {}, eval_prompts.take(np.arange(0))
-    record["held_out_rows"] = 0  # and so will its resumes
   if before is None:
     before = held_out(state.params["policy"])
 

@@ -18,12 +18,12 @@ import numpy as np
 
 from ppo_jax import data, writers
 from ppo_jax import sharding as shd
-from ppo_jax.compat import model_folder, tokenizer_folder
+from ppo_jax.compat import model_folder
 from ppo_jax.evaluation import padded_batches
 from ppo_jax.file_batches import batch_order, batch_rows, rm_scorer, trimmed
 from ppo_jax.inference import load_reward_model, positions_left
 from ppo_jax.preference import bradley_terry_loss
-from ppo_jax.tokenizer import load_tokenizer
+from ppo_jax.tokenizer import load_tokenizer, tokenizer_folder
 
 
 def evaluate_pairs(

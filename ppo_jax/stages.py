@@ -159,11 +159,12 @@ HELD_OUT = "ppo_jax_held_out.json"
 @contextlib.contextmanager
 def saved_whole(out: pathlib.Path):
   """Yields the hidden folder ``.NAME.partial`` beside ``out`` to write a model folder into; once
-  written it becomes ``out``, replacing the one there (a run rewrites only an unfinished one, or
-  its own earlier result). A kill mid-write leaves the partial folder, never an ``out`` with
-  weights but no tokenizer or record, which a resumed run would take for finished."""
+  written it becomes ``out``, and every process waits for it. A kill mid-write leaves the partial
+  folder, never an ``out`` with weights but no tokenizer or record, which a resumed run would take
+  for finished. An ``out`` already there is removed just before the rename (a run rewrites only
+  an unfinished one, or its own result, which it writes again if killed in between)."""
   staging = out.with_name(f".{out.name}.partial")
-  main = shd.is_main_process()  # every process writes into it (save_pretrained), the first moves
+  main = shd.is_main_process()  # the first process writes (save_pretrained) and moves
   if main:
     shutil.rmtree(staging, ignore_errors=True)
   yield staging
@@ -173,6 +174,7 @@ def saved_whole(out: pathlib.Path):
     elif out.exists():
       shutil.rmtree(out)
     os.replace(staging, out)
+  shd.sync(f"saved {out.name}")  # no process reads out (its record, say) before it is there
 
 
 def save_whole(model, out: pathlib.Path, tokenizer: Any, **kw) -> None:

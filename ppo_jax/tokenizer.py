@@ -21,6 +21,29 @@ def has_tokenizer(folder: str | os.PathLike) -> bool:
   return any((pathlib.Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
+def tokenizer_folder(path: str | os.PathLike, flag: str | None = None) -> str:
+  """``path`` as a string, refusing in one line (naming ``flag``, the setting that gave it) a
+  folder that does not exist or holds no tokenizer files (a ppo_jax workdir's tokenizer is in its
+  ``policy/`` or ``sft/``: named)."""
+  folder = pathlib.Path(path)
+  name = f"{flag} {path}" if flag else str(path)
+  if not folder.is_dir():
+    raise FileNotFoundError(
+      f"{name}: no such folder"
+      if flag
+      else f"tokenizer folder {path} does not exist (ppo_jax loads local folders only)"
+    )
+  if not has_tokenizer(folder):
+    inside = next((folder / n for n in ("policy", "sft") if has_tokenizer(folder / n)), None)
+    hint = f"it is a ppo_jax workdir, its tokenizer is in {inside}" if inside else None
+    raise FileNotFoundError(
+      f"{name}: no tokenizer files; {hint}"
+      if hint
+      else f"{name}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})"
+    )
+  return str(path)
+
+
 def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> Any:
   """``transformers.AutoTokenizer`` from a local folder, never the hub, never remote code.
 
@@ -30,15 +53,9 @@ def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> 
   """
   from transformers import AutoTokenizer
 
-  folder = pathlib.Path(folder)
-  if not folder.is_dir():
-    raise FileNotFoundError(
-      f"tokenizer folder {folder} does not exist (ppo_jax loads local folders only)"
-    )
   # Checked first: from a folder of a config.json alone, transformers builds an empty tokenizer
   # (one token), which would sample nothing but empty responses.
-  if not has_tokenizer(folder):
-    raise FileNotFoundError(f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
+  folder = pathlib.Path(tokenizer_folder(folder))
   try:
     tok = AutoTokenizer.from_pretrained(
       str(folder), local_files_only=True, trust_remote_code=False, padding_side=padding_side

@@ -25,13 +25,12 @@ from ppo_jax.compat import (
   check_reward_model,
   has_model_folder,
   model_folder,
-  tokenizer_folder,
 )
 from ppo_jax.models.config import ModelConfig, projections
 from ppo_jax.models.hf import checkpoint_kind, load_hf_config
 from ppo_jax.models.lora import check_targets
 from ppo_jax.rewards import load_reward_fn
-from ppo_jax.tokenizer import load_tokenizer
+from ppo_jax.tokenizer import load_tokenizer, tokenizer_folder
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -77,14 +76,19 @@ def preflight(s: Settings):
     model_folder(s.model.init, "config.model.init", "policy")
     try:
       hf = load_hf_config(s.model.init)
-      ModelConfig.from_hf(hf, **s.model.numerics())  # an architecture ppo_jax runs
-    except (FileNotFoundError, ValueError) as e:
-      raise type(e)(f"config.model.init: {e}") from None
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"config.model.init: {e}") from None
+    except ValueError as e:
+      raise ValueError(f"config.model.init: {e}") from None
     if checkpoint_kind(hf) == "reward":
       raise ValueError(
         f"config.model.init {s.model.init}: holds a sequence-classification model (a reward "
         "model: no LM head); the policy starts from a causal LM"
       )
+    try:  # an architecture ppo_jax runs, at these numerics
+      ModelConfig.from_hf(hf, **{**s.model.numerics(), "param_dtype": s.model.param_dtype_or()})
+    except ValueError as e:
+      raise ValueError(f"config.model.init {s.model.init}: {e}") from None
     model_type = hf.model_type
     if hf.model_type == "gpt2":
       check_positions(max_len, hf.n_positions)

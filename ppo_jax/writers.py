@@ -70,6 +70,9 @@ class MetricsWriter:
       for name, value in metrics.items():
         if isinstance(value, (int, float)) and math.isfinite(value):
           self._tb.add_scalar(self.prefix + name, value, int(step))
+      # Now, not every 2 min: a process that exits at once (a second Ctrl-C) keeps its events,
+      # and a resume logs again only the steps after its checkpoint.
+      self._tb.flush()
 
   def text(self, tag: str, markdown: str, step: int) -> None:
     if self._tb is not None:

@@ -81,6 +81,22 @@ def test_a_resume_holding_out_another_number_of_prompts_is_refused(smoke_run, tm
   assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files  # as they were
 
 
+def test_a_record_from_before_the_held_out_count_is_checked_by_its_before(tmp_path):
+  """Checkpoints from before ``held_out_rows`` was recorded tell only whether the run held out
+  prompts (its before is empty if not): holding out some then and none now, or the reverse,
+  trains on other prompts, refused; the same, resumed."""
+  from ppo_jax import rl
+
+  rl.check_same_prompts("f", 0, tmp_path, {"before": {}})
+  rl.check_same_prompts("f", 8, tmp_path, {"before": {"score": 1.0}})
+  with pytest.raises(ValueError, match=r"held out some prompts, this one 0: .*resume with its da"):
+    rl.check_same_prompts("f", 0, tmp_path, {"before": {"score": 1.0}})
+  with pytest.raises(ValueError, match=r"held out no prompts, this one 8: "):
+    rl.check_same_prompts("f", 8, tmp_path, {"before": {}})
+  with pytest.raises(ValueError, match=r"held out 8 prompts, this one 4: .*data\.eval_prompts=8"):
+    rl.check_same_prompts("f", 4, tmp_path, {"before": {}, "held_out_rows": 8})
+
+
 def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path):
   """The checkpoints record a fingerprint of the prompt file's rows, as a supervised stage's do:
   an edited prompts file is refused, and the run's files are left as they were."""

@@ -357,6 +357,20 @@ def test_run_time_problems_found_before_the_workdir_is_touched(tmp_path, overrid
   assert not (tmp_path / "w").exists()
 
 
+def test_a_model_init_ppo_jax_cannot_run_is_refused_before_anything_is_written(tmp_path):
+  """A config.json of a GPT-2 whose width its head count does not divide failed in SFT's first
+  forward (a reshape traceback), after config.json and the task's data were written."""
+  folder = tmp_path / "m"
+  folder.mkdir()
+  (folder / "config.json").write_text('{"model_type": "gpt2", "n_embd": 32, "n_head": 5}')
+  code, _, err = _cli(
+    f"--config={EXPERIMENT}:smoke", f"--workdir={tmp_path / 'w'}", f"--config.model.init={folder}"
+  )
+  assert code == 1 and err.count("\n") == 0, err
+  assert f"config.model.init {folder}: unsupported model config: gpt2's hidden_size 32" in err
+  assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize(
   "field,inside,expected",
   [  # a causal LM as the reward model would get a random score head
@@ -552,6 +566,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(monkeypatch, tmp_path):
   once); the second exits 130 at once in one line, wherever the run is: inside a checkpoint save,
   whose threads (here one that would sleep a minute) must not hold the exit up nor print
   tracebacks. A Ctrl-C outside the training loops (KeyboardInterrupt) is the same line."""
+  import signal
   import subprocess
   import textwrap
 
@@ -561,6 +576,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(monkeypatch, tmp_path):
     """
     import os, signal, threading, time
     from ppo_jax import preemption
+    preemption.GUARD.exit_at_once = True  # as the CLI sets it
     with preemption.GUARD:
       threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon: as orbax's
       os.kill(os.getpid(), signal.SIGINT)
@@ -578,10 +594,12 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(monkeypatch, tmp_path):
     done.stdout
   )
   assert done.stderr.strip() == preemption.STOPPED_AT_ONCE
-  assert preemption.STOPPED_AT_ONCE == (
-    "ppo-jax: stopped at once by Ctrl-C; a save in progress is dropped, the checkpoints and stage "
-    "folders saved before stay: run the same command again to resume"
-  )
+  assert "stopped at once by Ctrl-C; a save in progress is dropped" in done.stderr
+  # In Python (a notebook's kernel, which an exit would take down) it is a KeyboardInterrupt.
+  with preemption.GUARD:
+    preemption.GUARD._handle(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+      preemption.GUARD._handle(signal.SIGINT, None)
 
   def run(config, workdir, *, resume):
     raise KeyboardInterrupt

@@ -319,13 +319,13 @@ def save_pretrained(
       "one (the EOS): give the tokenizer a pad token of its own for scores that agree",
       stacklevel=2,
     )
-  folder.mkdir(parents=True, exist_ok=True)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   tensors = {}
   for m in tensor_maps(cfg, kind):  # whole arrays on this host, however they are sharded
     tensors[m.hf_name] = jnp.asarray(m.to_hf([to_host(_get(params, p)) for p in m.paths]))
   if jax.process_index() != 0:  # every process gathers; the first writes
     return
+  folder.mkdir(parents=True, exist_ok=True)
   hf_config = cfg.to_hf(architecture="causal_lm" if kind == "causal_lm" else "sequence_cls")
   hf_config.dtype = cfg.param_dtype
   hf_config.save_pretrained(str(folder))
