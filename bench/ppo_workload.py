@@ -21,6 +21,7 @@ model FLOP utilisation against a matmul peak measured in the same run. The last 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -82,11 +83,17 @@ def main():
   ap.add_argument("--heads", type=int, default=4)
   ap.add_argument("--iterations", type=int, default=20, help="timed, after one warm-up")
   ap.add_argument("--no-phases", action="store_true", help="skip the per-phase timing")
+  ap.add_argument(
+    "--early-stop-kl",
+    type=float,
+    help="ppo.early_stop_kl; 1e-30 stops at the first minibatch (the sampler's log-probs round "
+    "off the update's): the cost of an iteration whose update stops at once (not the workload)",
+  )
   args = ap.parse_args()
   cfg = ModelConfig.gpt2(
     vocab_size=512, hidden_size=args.width, num_layers=args.layers, num_heads=args.heads
   )
-  hp = HPARAMS
+  hp = dataclasses.replace(HPARAMS, early_stop_kl=args.early_stop_kl)
   fns, state, frozen = build(cfg, hp)
   prompts = np.random.default_rng(0).integers(4, 512, size=(NUM_PROMPTS, P)).astype(np.int32)
   mask = jnp.ones((B, P), jnp.int32)
@@ -98,10 +105,12 @@ def main():
   times = []
   for i in range(args.iterations + 1):
     t0 = time.perf_counter()
-    state, _, _ = compiled(state, frozen, batches[i % len(batches)], mask)
+    state, metrics, _ = compiled(state, frozen, batches[i % len(batches)], mask)
     jax.block_until_ready(state.step)
     times.append(time.perf_counter() - t0)
   iter_s = statistics.median(times[1:])
+  if hp.early_stop_kl is not None:
+    print(f"early stopping: update/early_stopped {float(metrics['update/early_stopped']):.2f}")
 
   flops = iteration_flops(cfg, hp.num_epochs)
   peak = matmul_peak()
