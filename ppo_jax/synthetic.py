@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import random
+import tempfile
 from collections.abc import Sequence
 
 ITEMS = (
@@ -105,6 +107,17 @@ def _item_of(prompt_text: str) -> str:
   return words[-2] if len(words) >= 2 else ""
 
 
+def _write_if_other(path: pathlib.Path, content: bytes) -> None:
+  """Writes ``content`` to ``path`` (whole: a partial file, renamed) unless it holds it already: a
+  finished run rerun writes nothing (its workdir may be read-only), and a kill mid-write leaves
+  the old file."""
+  if path.is_file() and path.read_bytes() == content:
+    return
+  partial = path.with_name(f".{path.name}.partial")
+  partial.write_bytes(content)
+  os.replace(partial, path)
+
+
 def write_task(
   folder: str | pathlib.Path,
   *,
@@ -144,11 +157,8 @@ def write_task(
 
   def write(name, rows):
     path = folder / name
-    if not write_files:
-      return str(path)
-    with path.open("w") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
+    if write_files:
+      _write_if_other(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
     return str(path)
 
   prompts = [prompt(rng) for _ in range(num_prompts)]
@@ -179,7 +189,11 @@ def write_task(
     pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected})
   tok_dir = folder / "tokenizer"
   if write_files:
-    build_word_tokenizer(WORDS).save_pretrained(str(tok_dir))
+    with tempfile.TemporaryDirectory() as built:
+      build_word_tokenizer(WORDS).save_pretrained(built)
+      tok_dir.mkdir(exist_ok=True)
+      for file in sorted(pathlib.Path(built).iterdir()):
+        _write_if_other(tok_dir / file.name, file.read_bytes())
   return {
     "prompts": write("prompts.jsonl", [{"prompt": p} for p in prompts]),
     "sft": write("sft.jsonl", sft),

@@ -12,3 +12,19 @@ def test_a_sharper_labeller_agrees_more_with_gold_and_a_tiny_tau_does_not_overfl
   noisy, default, sharp = (_accuracy(tmp_path, tau) for tau in (2.0, 0.2, 1e-4))
   assert 0.5 < noisy < default < sharp  # τ = 1e-4 overflowed math.exp before
   assert sharp > 0.95  # only ties (equal gold) are coin flips
+
+
+def test_the_task_is_written_once_and_not_again_when_it_is_the_same(tmp_path):
+  """A finished run rerun (its workdir read-only, say) rewrote data/ and its tokenizer each
+  time: the same files are left alone now, and other ones replaced."""
+  sizes = dict(num_prompts=8, num_sft=8, num_pairs=8)
+  paths = synthetic.write_task(tmp_path, seed=0, **sizes)
+  files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+  assert {p.name for p in files} >= {"prompts.jsonl", "sft.jsonl", "tokenizer.json"}
+  stamps = {p: p.stat().st_mtime_ns for p in files}
+  assert synthetic.write_task(tmp_path, seed=0, **sizes) == paths
+  assert {p: p.stat().st_mtime_ns for p in files} == stamps
+  before = (tmp_path / "prompts.jsonl").read_text()
+  synthetic.write_task(tmp_path, seed=1, **sizes)
+  assert (tmp_path / "prompts.jsonl").read_text() != before
+  assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files  # no partial files left
