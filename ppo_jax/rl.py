@@ -129,7 +129,8 @@ def run_iteration(
 
 def prompts_fingerprint(prompts: Prompts, eval_prompts: Prompts) -> str:
   """A fingerprint of the prompt file's rows: their tokens and their other fields (the held-out
-  rows first, so it is the same whatever ``data.eval_prompts`` holds out, which may change)."""
+  rows first: it is the file's whatever ``data.eval_prompts`` holds out, whose count
+  ``check_same_prompts`` compares on its own)."""
   ids, mask = (
     np.concatenate([getattr(eval_prompts, a), getattr(prompts, a)]) for a in ("ids", "mask")
   )
