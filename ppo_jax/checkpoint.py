@@ -22,7 +22,6 @@ import pathlib
 import re
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 import jax
 import orbax.checkpoint as ocp
 
+from ppo_jax.orbax_noise import NO_SPACE, until_quiet
 from ppo_jax.resume_rules import check_same_base, check_same_start, config_differences
 from ppo_jax.writers import say
 
@@ -72,67 +72,6 @@ def state_metadata(mgr: ocp.CheckpointManager, step: int):
   return state
 
 
-_NO_SPACE = re.compile(r"No space left on device|os_error_code='28'|ENOSPC")
-
-
-class _NoSpaceReports(logging.Filter):
-  """Drops orbax's thread reports (absl ERROR records, a traceback each) of a write that failed
-  for want of disk space: ``Checkpointer`` says it in one line."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    chain = _chain(record)
-    texts = (record.getMessage(), *map(str, chain))
-    no_space = any(_NO_SPACE.search(t) for t in texts)
-    return not (no_space and _from_orbax(record, chain))
-
-
-def _from_orbax(record: logging.LogRecord, chain: list[BaseException]) -> bool:
-  """Whether a log record reports orbax's (or tensorstore's) own work: logged from its code, or
-  about a coroutine or a traceback of it. A user's program's reports of a full disk stay."""
-  places = [record.pathname, record.getMessage()]
-  for e in chain:
-    tb = e.__traceback__
-    while tb is not None:
-      places.append(tb.tb_frame.f_code.co_filename)
-      tb = tb.tb_next
-  return any(("orbax" in p or "tensorstore" in p) for p in places)
-
-
-def _chain(record: logging.LogRecord) -> list[BaseException]:
-  """The exception a log record carries and its causes."""
-  e, out = record.exc_info[1] if record.exc_info else None, []
-  while e is not None and len(out) < 20:
-    out.append(e)
-    e = e.__cause__ or e.__context__
-  return out
-
-
-def _closed_loop_callback(unraisable) -> bool:
-  """Whether an unraisable exception is a native thread's (tensorstore's) callback into orbax's
-  event loop after it closed: ``RuntimeError('Event loop is closed')`` raised in
-  ``call_soon_threadsafe`` with no Python caller. A failed save leaves hundreds of them."""
-  tb = unraisable.exc_traceback
-  return (
-    isinstance(unraisable.exc_value, RuntimeError)
-    and str(unraisable.exc_value) == "Event loop is closed"
-    and tb is not None
-    and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
-  )
-
-
-def _quiet_closed_loop_callbacks(previous: Callable) -> Callable:
-  def hook(unraisable) -> None:
-    if not _closed_loop_callback(unraisable):
-      previous(unraisable)
-
-  hook.ppo_jax = True
-  return hook
-
-
-logging.getLogger("absl").addFilter(_NoSpaceReports())  # orbax's thread reports
-logging.getLogger("asyncio").addFilter(_NoSpaceReports())  # "Task exception was never retrieved"
-if not getattr(sys.unraisablehook, "ppo_jax", False):
-  sys.unraisablehook = _quiet_closed_loop_callbacks(sys.unraisablehook)
 _READ_LOCK = threading.Lock()  # sys.stderr is swapped for the whole process while reading
 
 
@@ -168,7 +107,7 @@ def read(fn: Callable[[], T], folder: pathlib.Path, what_then: str) -> T:
           asyncio_log = logging.getLogger("asyncio")  # "Future exception was never retrieved"
           asyncio_log.disabled, was = True, asyncio_log.disabled
           try:
-            _until_quiet(held, quiet_s=0.3, limit_s=5.0)
+            until_quiet(held, quiet_s=0.3, limit_s=5.0)
             gc.collect()
           finally:
             asyncio_log.disabled = was
@@ -180,16 +119,6 @@ def read(fn: Callable[[], T], folder: pathlib.Path, what_then: str) -> T:
       f"{folder} cannot be read, it is damaged or incomplete ({failure}); {what_then}"
     )
   return value
-
-
-def _until_quiet(stream: io.StringIO, *, quiet_s: float, limit_s: float) -> None:
-  """Returns once nothing was written to ``stream`` for ``quiet_s`` (at most ``limit_s``)."""
-  start = last_change = time.monotonic()
-  size = stream.tell()
-  while time.monotonic() - last_change < quiet_s and time.monotonic() - start < limit_s:
-    time.sleep(0.05)
-    if stream.tell() != size:
-      size, last_change = stream.tell(), time.monotonic()
 
 
 def holds_checkpoints(folder: pathlib.Path) -> bool:
@@ -234,7 +163,7 @@ class Checkpointer:
     try:
       yield
     except Exception as e:
-      if not _NO_SPACE.search(str(e)):
+      if not NO_SPACE.search(str(e)):
         raise
       failed = True
     if failed:  # the failed writes' late callbacks, once their frames are released: dropped
@@ -242,7 +171,7 @@ class Checkpointer:
       warnings.filterwarnings("ignore", r"coroutine 'async_serialize", RuntimeWarning)
       held = io.StringIO()
       with contextlib.redirect_stderr(held):
-        _until_quiet(held, quiet_s=0.3, limit_s=5.0)
+        until_quiet(held, quiet_s=0.3, limit_s=5.0)
         gc.collect()
       whole = [s for s in self._mgr.all_steps() if (self.directory / str(s)).is_dir()]
       raise OSError(

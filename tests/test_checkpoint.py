@@ -19,7 +19,17 @@ from conftest import ROOT, count_lines, reuse_stages, sigterm_when, smoke_config
 from flax import nnx
 
 import ppo_jax as pj
-from ppo_jax import checkpoint, main, optim, pipeline, ppo, preemption, resume_rules, writers
+from ppo_jax import (
+  checkpoint,
+  main,
+  optim,
+  orbax_noise,
+  pipeline,
+  ppo,
+  preemption,
+  resume_rules,
+  writers,
+)
 from ppo_jax.export import export_policy
 from ppo_jax.preemption import NonFiniteError
 
@@ -819,7 +829,7 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_whole_checkpoint(tmp_p
     raise RuntimeError("commit") from ValueError(full)
   except RuntimeError:
     record.exc_info = sys.exc_info()
-  reports = checkpoint._NoSpaceReports
+  reports = orbax_noise.NoSpaceReports
   assert any(isinstance(f, reports) for f in logging.getLogger("absl").filters)
   assert not reports().filter(record)  # orbax's report of a full disk: dropped
   record.pathname = __file__
@@ -837,7 +847,7 @@ def test_a_failed_saves_late_reports_are_dropped_and_nothing_else():
   import types
 
   assert any(
-    isinstance(f, checkpoint._NoSpaceReports) for f in logging.getLogger("asyncio").filters
+    isinstance(f, orbax_noise.NoSpaceReports) for f in logging.getLogger("asyncio").filters
   )
   loop = asyncio.new_event_loop()
   loop.close()
@@ -846,7 +856,7 @@ def test_a_failed_saves_late_reports_are_dropped_and_nothing_else():
   except RuntimeError as e:
     error = e
   seen = []
-  hook = checkpoint._quiet_closed_loop_callbacks(seen.append)
+  hook = orbax_noise.quiet_closed_loop_callbacks(seen.append)
 
   def unraisable(exc_value, tb):
     return types.SimpleNamespace(
