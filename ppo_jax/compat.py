@@ -5,6 +5,7 @@ sample or score with a folder."""
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 from ppo_jax.models import ModelConfig
@@ -49,6 +50,22 @@ def model_folder(path: str | pathlib.Path, flag: str, inside: str) -> str:
   if has_model_folder(folder / inside) and not has_model_folder(folder):
     raise ValueError(f"{flag} {path} is a ppo_jax workdir; its model is {folder / inside}")
   return str(path)
+
+
+def ordinary_stop_ids(tokenizer: Any, ids: Sequence[int]) -> str | None:
+  """A note naming the stop ids among ``ids`` that are ordinary tokens of ``tokenizer`` (not one
+  of its special tokens, nor an added token marked special): responses would end at a word (a
+  checkpoint's ``eos_token_id`` of another vocabulary, say). None when all are special."""
+  special = set(tokenizer.all_special_ids)
+  special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+  odd = [i for i in ids if i not in special and 0 <= i < len(tokenizer)]
+  if not odd:
+    return None
+  named = ", ".join(f"{i} ({tokenizer.convert_ids_to_tokens(i)!r})" for i in odd)
+  return (
+    f"note: stop ids {named} are ordinary tokens of the tokenizer, not special ones: responses "
+    "end wherever they appear (config.json's or generation_config.json's eos_token_id)"
+  )
 
 
 def check_reward_model(

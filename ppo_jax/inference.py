@@ -41,6 +41,7 @@ from ppo_jax.compat import (
   check_reward_model,
   check_same_ids,
   model_folder,
+  ordinary_stop_ids,
 )
 from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
 from ppo_jax.file_batches import batch_order, batch_rows, logprob_scorer, rm_scorer, trimmed
@@ -235,6 +236,8 @@ def sample_file(
     if m is not None:
       check_compatible(m.cfg, tok, ids.shape[1] + max_new_tokens, what=what)
   stops = tuple(dict.fromkeys(i for i in (tok.eos_token_id, *cfg.stop_ids) if i is not None))
+  if progress and (note := ordinary_stop_ids(tok, stops)):
+    print(note)
   lengths = file.mask.sum(1)
   # The file is written in prompt-major order (prompt 0's n samples first) at the end.
   major = np.repeat(np.arange(len(file)), n)

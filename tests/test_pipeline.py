@@ -12,7 +12,7 @@ import transformers as tf
 from conftest import count_lines, reuse_stages, sigterm_when, smoke_config
 
 import ppo_jax as pj
-from ppo_jax import main, pipeline, preemption, stages, writers
+from ppo_jax import compat, main, pipeline, preemption, stages, writers
 from ppo_jax.export import export_policy
 from ppo_jax.rewards import RewardError
 
@@ -594,6 +594,10 @@ def test_the_tokenizers_special_ids_are_used_and_saved(smoke_run, tmp_path, caps
   )
   cfg = policy.cfg
   assert (cfg.eos_token_id, cfg.extra_eos_token_ids, cfg.pad_token_id) == (1, (7,), 0)
+  # Id 7 is a word of this tokenizer: responses would end at it, which the run notes.
+  word = tok.convert_ids_to_tokens(7)
+  assert compat.ordinary_stop_ids(tok, (1, 7)).startswith(f"note: stop ids 7 ({word!r}) are ordin")
+  assert compat.ordinary_stop_ids(tok, (1,)) is None  # its EOS is a special token
   save_pretrained(policy, tmp_path / "saved")
   saved = tf.AutoConfig.from_pretrained(str(tmp_path / "saved"))
   assert (saved.eos_token_id, saved.pad_token_id) == ([1, 7], 0)
