@@ -334,13 +334,12 @@ def train_step(
   (params, opt_state, _), metrics = jax.lax.scan(epoch, carry, keys)
   # metrics: [epochs, minibatches] each; the means are over the minibatches computed (early
   # stopping computes none after it stops; the first is always computed).
+  not_run = metrics.pop("update/not_run", None)  # with early stopping
   out = {k: jnp.mean(v) for k, v in metrics.items()}
-  if hp.early_stop_kl is not None:
-    ran = 1.0 - metrics.pop("update/not_run")
-    out.pop("update/not_run")
-    for k, v in metrics.items():
-      if not k.startswith("update/"):
-        out[k] = jnp.sum(v * ran) / jnp.sum(ran)
+  if not_run is not None:
+    ran = 1.0 - not_run
+    computed = {k: v for k, v in metrics.items() if not k.startswith("update/")}
+    out |= {k: jnp.sum(v * ran) / jnp.sum(ran) for k, v in computed.items()}
   out["policy/approxkl_first_minibatch"] = metrics["policy/approxkl_avg"][0, 0]
   out["policy/clipfrac_first_minibatch"] = metrics["policy/clipfrac_avg"][0, 0]
   return state.replace(params=params, opt_state=opt_state), out

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import random
 import tempfile
 from collections.abc import Sequence
+
+from ppo_jax import writers
 
 ITEMS = (
   "film",
@@ -108,14 +109,10 @@ def _item_of(prompt_text: str) -> str:
 
 
 def _write_if_other(path: pathlib.Path, content: bytes) -> None:
-  """Writes ``content`` to ``path`` (whole: a partial file, renamed) unless it holds it already: a
-  finished run rerun writes nothing (its workdir may be read-only), and a kill mid-write leaves
-  the old file."""
-  if path.is_file() and path.read_bytes() == content:
-    return
-  partial = path.with_name(f".{path.name}.partial")
-  partial.write_bytes(content)
-  os.replace(partial, path)
+  """``writers.write_whole`` unless ``path`` holds ``content`` already: a finished run rerun
+  writes nothing (its workdir may be read-only)."""
+  if not (path.is_file() and path.read_bytes() == content):
+    writers.write_whole(path, content)
 
 
 def write_task(

@@ -112,11 +112,11 @@ def truncate_jsonl(path: pathlib.Path, max_step: int) -> None:
   write_whole(path, "".join(r + "\n" for r in kept))
 
 
-def write_whole(path: pathlib.Path, text: str) -> None:
+def write_whole(path: pathlib.Path, text: str | bytes) -> None:
   """Writes ``text`` to ``path`` whole or not at all (a hidden partial file, then renamed): a
   kill or a full disk mid-write leaves the old file, never half of the new one."""
   partial = path.with_name(f".{path.name}.partial")
-  partial.write_text(text)
+  partial.write_bytes(text.encode() if isinstance(text, str) else text)
   os.replace(partial, path)
 
 
