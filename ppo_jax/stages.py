@@ -161,19 +161,24 @@ def saved_whole(out: pathlib.Path):
   """Yields the hidden folder ``.NAME.partial`` beside ``out`` to write a model folder into; once
   written it becomes ``out``, and every process waits for it. A kill mid-write leaves the partial
   folder, never an ``out`` with weights but no tokenizer or record, which a resumed run would take
-  for finished. An ``out`` already there is removed just before the rename (a run rewrites only
-  an unfinished one, or its own result, which it writes again if killed in between)."""
+  for finished. An ``out`` already there is renamed aside just before, and deleted after (a run
+  rewrites only an unfinished one, or its own result, which it writes again if killed between)."""
   staging = out.with_name(f".{out.name}.partial")
+  aside = out.with_name(f".{out.name}.old")
   main = shd.is_main_process()  # the first process writes (save_pretrained) and moves
   if main:
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
   yield staging
   if main:
+    # Renamed aside, then deleted: ``out`` is missing only between two renames, not for the
+    # seconds a large folder takes to delete.
     if out.is_symlink() or out.is_file():
       out.unlink()
     elif out.exists():
-      shutil.rmtree(out)
+      os.replace(out, aside)
     os.replace(staging, out)
+    shutil.rmtree(aside, ignore_errors=True)
   shd.sync(f"saved {out.name}")  # no process reads out (its record, say) before it is there
 
 
