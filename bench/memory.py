@@ -10,7 +10,8 @@ of the two programs' arguments + temporaries.
 
   python bench/memory.py                 # 8 simulated CPU devices unless XLA_FLAGS says more
   python bench/memory.py --batch 64 --prompt 256 --response 256
-  python bench/memory.py --dpo           # DPO's step only (batch: preference pairs)
+  python bench/memory.py --dpo           # DPO's step only (batch: preference pairs), whole
+                                         # and in micro-batches of a quarter of the batch
 
 The figures come from XLA's CPU compiler (this machine has no accelerator); GPU and TPU compilers
 schedule differently, so take them as relative.
@@ -165,11 +166,15 @@ def measure(saver: Saver, *, batch: int, prompt: int, response: int) -> dict[str
   return out
 
 
-def measure_dpo(lora_rank: int, *, batch: int, prompt: int, response: int) -> dict[str, float]:
+def measure_dpo(
+  lora_rank: int, *, batch: int, prompt: int, response: int, micro: int | None = None
+) -> dict[str, float]:
   """DPO's jitted training step (``supervised.make_step`` of ``dpo.dpo_objective``, donated as
   ``supervised.train`` donates it) on the FSDP mesh 1×8×1, remat, bf16 compute over fp32
-  weights: the policy's weights or, with ``lora_rank``, adapters on q,k,v,o over the frozen base.
-  The reference log-probs come in the batch (DPO computes them once, before training)."""
+  weights: the policy's weights or, with ``lora_rank``, adapters on q,k,v,o over the frozen base;
+  with ``micro``, the batch's gradient accumulated over micro-batches of that many pairs
+  (``dpo.micro_batch_size``). The reference log-probs come in the batch (DPO computes them once,
+  before training)."""
   cfg = llama_1b(remat="block", dtype="bfloat16", param_dtype="float32", lora_rank=lora_rank)
   graphs = {}
 
@@ -194,8 +199,12 @@ def measure_dpo(lora_rank: int, *, batch: int, prompt: int, response: int) -> di
     for k, (n, dtype) in shapes.items():
       pairs[f"{side}_{k}"] = jax.ShapeDtypeStruct((batch, n), dtype, sharding=rows)
     pairs[f"ref_{side}"] = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=vector)
+  objective = functools.partial(dpo.dpo_objective, beta=0.1)
+  n_micro = supervised.SupervisedHparams(batch_size=batch, micro_batch_size=micro).micro_batches(
+    batch
+  )
   step = jax.jit(
-    supervised.make_step(functools.partial(dpo.dpo_objective, beta=0.1), models.policy, tx),
+    supervised.make_step(objective, models.policy, tx, n_micro=n_micro, mesh=mesh),
     donate_argnums=(0, 1),
     in_shardings=(param_sh, opt_sh, frozen_sh, None),
     out_shardings=(param_sh, opt_sh, None),
@@ -218,7 +227,9 @@ def main():
   ap.add_argument("--batch", type=int, default=32, help="rollout batch (prompts); DPO: pairs")
   ap.add_argument("--prompt", type=int, default=128)
   ap.add_argument("--response", type=int, default=128)
-  ap.add_argument("--dpo", action="store_true", help="DPO's step, full weights and LoRA r=16")
+  ap.add_argument(
+    "--dpo", action="store_true", help="DPO's step: full weights, micro-batched, LoRA r=16"
+  )
   args = ap.parse_args()
   n = sum(
     x.size
@@ -237,9 +248,14 @@ def main():
       end="",
     )
     print("step peak |\n|---|---|---|---|---|")
-    for rank in (0, 16):
-      r = measure_dpo(rank, batch=args.batch, prompt=args.prompt, response=args.response)
-      name = "LoRA r=16 on q,k,v,o (reference = base)" if rank else "full weights"
+    micro = max(8, args.batch // 4)  # a quarter of the batch, split over the 8 devices
+    rows = [
+      ("full weights", 0, None),
+      (f"full weights, micro-batches of {micro} pairs", 0, micro),
+      ("LoRA r=16 on q,k,v,o (reference = base)", 16, None),
+    ]
+    for name, rank, m in rows:
+      r = measure_dpo(rank, batch=args.batch, prompt=args.prompt, response=args.response, micro=m)
       print(
         f"| {name} | {r['trainable']:.1f} | {r['state']:.2f} | {r['frozen']:.2f} | "
         f"{r['peak']:.2f} |",

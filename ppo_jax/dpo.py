@@ -165,7 +165,7 @@ def run_dpo_stage(
     row = evaluation.evaluate(fns, p, frozen, eval_prompts, tokenizer, **kw)
     return {k: v for k, v in row.items() if k != "score"}  # nothing scores DPO's samples
 
-  bs = s.dpo.batch_size
+  bs = s.dpo.micro_batch_size or s.dpo.batch_size  # what fits in training fits here
   reference = models.reference_vars(start, frozen.ref_params)
   ref = [tuple(reference_logprobs(graphdef, reference, x, bs, mesh=mesh) for x in p) for p in pairs]
   total, every = s.dpo.steps(len(train_pairs[0])), s.dpo_run.eval_every

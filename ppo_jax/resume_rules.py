@@ -7,11 +7,20 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-# Config fields that change no trained weight or metric (model.remat: memory, not maths;
-# model.attention: the same maths by another kernel; mesh and distributed: the devices and
-# processes, whose checkpoints restore onto another mesh, with the rounding of other sums): a
-# finished run rerun with other values of them has nothing to do.
-NO_RESULT = ("log.", "checkpoint.", "model.remat", "model.attention", "mesh.", "distributed.")
+# Config fields that change no trained weight or metric (model.remat and the micro-batch sizes:
+# memory, not maths; model.attention: the same maths by another kernel; mesh and distributed: the
+# devices and processes, whose checkpoints restore onto another mesh; all with the rounding of
+# other sums): a finished run rerun with other values of them has nothing to do.
+MICRO_BATCHES = tuple(f"{s}.micro_batch_size" for s in ("sft", "rm", "dpo", "ppo"))
+NO_RESULT = (
+  "log.",
+  "checkpoint.",
+  "model.remat",
+  "model.attention",
+  *MICRO_BATCHES,
+  "mesh.",
+  "distributed.",
+)
 # Config fields that may change between a run and its resumption: those, and what extends or
 # evaluates the run otherwise (data.eval_prompts: DPO's; PPO's checkpoints refuse another number
 # of held-out rows, rl.check_same_prompts, since they are the prompt file's first rows).

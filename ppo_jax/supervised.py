@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from ppo_jax import sharding as shd
@@ -24,11 +23,12 @@ from ppo_jax.actor_critic import policy_logits, reward_scores
 from ppo_jax.data import Sequences
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
-from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer, schedule_count
+from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer
 from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requested
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.rows import batch_indices
 from ppo_jax.stage_checkpoints import Checkpoints
+from ppo_jax.supervised_step import COUNTS, make_step, weight_of, with_frozen
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -39,6 +39,9 @@ class SupervisedHparams:
   epochs: float = 1.0  # passes over the training rows; 0: none (the pipeline skips SFT)
   batch_size: int = 32
   eval_fraction: float = 0.05  # rows held out for evaluation
+  # Rows per forward and backward pass (None: the whole batch); the gradients of a step's
+  # micro-batches are accumulated, so the step is the same, with their activations only.
+  micro_batch_size: int | None = None
   optim: OptimHparams = dataclasses.field(
     default_factory=lambda: OptimHparams(lr=1e-4, warmup_steps=10)
   )
@@ -50,6 +53,21 @@ class SupervisedHparams:
       raise ValueError(f"epochs: must be ≥ 0, got {self.epochs}")
     if not 0.0 <= self.eval_fraction < 1.0:
       raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+    if self.micro_batch_size is not None:
+      if self.micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size: must be ≥ 1, got {self.micro_batch_size}")
+      if self.batch_size % self.micro_batch_size:
+        raise ValueError(
+          f"micro_batch_size: {self.micro_batch_size} does not divide batch_size {self.batch_size}"
+        )
+
+  def micro_batches(self, rows: int) -> int:
+    """Micro-batches of a step of ``rows`` (``batch_size``, or all training rows when fewer): the
+    fewest that split it evenly into at most ``micro_batch_size`` rows each."""
+    n = math.ceil(rows / (self.micro_batch_size or rows))
+    while rows % n:
+      n += 1
+    return n
 
   def steps(self, n_train: int) -> int:
     """Optimizer steps for ``epochs`` passes over ``n_train`` rows, in batches of ``batch_size``
@@ -172,7 +190,13 @@ def fit(
     if "writer" in out:
       out["writer"].close()
   held_out = evaluate(
-    params, graphdef, loss_fn, *eval_rows, batch_size=hp.batch_size, mesh=mesh, frozen=frozen
+    params,
+    graphdef,
+    loss_fn,
+    *eval_rows,
+    batch_size=hp.micro_batch_size or hp.batch_size,  # what fits in training fits here
+    mesh=mesh,
+    frozen=frozen,
   )
   fmt = lambda k, v: f"{k} {v:.0f}" if k == "eval_rows" else f"{k} {v:.4f}"  # a count, not a mean
   print("held-out: " + (", ".join(fmt(k, v) for k, v in held_out.items()) or "no rows"))
@@ -222,6 +246,7 @@ def train(
     return params, []
   tx = make_optimizer(hp.optim, total)
   batch_size = min(hp.batch_size, n_train)
+  n_micro = hp.micro_batches(batch_size)
   jit_kw: dict[str, Any] = {}
   if mesh is None:
     put = lambda batch: batch
@@ -229,8 +254,7 @@ def train(
     param_sh = jax.tree.map(lambda x: getattr(x, "sharding", device), params)
     opt_sh = jax.tree.map(lambda _: jax.tree.leaves(param_sh)[0], jax.eval_shape(tx.init, params))
   else:
-    cut = f" (cut to its {n_train} training rows)" if batch_size < hp.batch_size else ""
-    shd.check_batch(batch_size, mesh, f"config.{name}.batch_size{cut}")
+    check_mesh_rows(hp, n_train, mesh, name)
     param_sh = shd.param_shardings(params, mesh)
     opt_sh = shd.optimizer_shardings(tx, params, param_sh, mesh)
     put = lambda batch: shd.place_batch(batch, _batch_sh(batch, mesh))
@@ -264,7 +288,8 @@ def train(
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
   schedule = learning_rate(hp.optim, total)
-  step = jax.jit(make_step(loss_fn, graphdef, tx, schedule), donate_argnums=(0, 1), **jit_kw)
+  step = make_step(loss_fn, graphdef, tx, schedule, n_micro=n_micro, mesh=mesh)
+  step = jax.jit(step, donate_argnums=(0, 1), **jit_kw)
   every = ckpt.settings.supervised_every if ckpt is not None else 0
   history = []
   for i in range(start, total):
@@ -307,41 +332,16 @@ def train(
   return params, history
 
 
-def make_step(
-  loss_fn: Callable[..., tuple[jax.Array, Metrics]],
-  graphdef: nnx.GraphDef,
-  tx,
-  schedule: optax.Schedule | None = None,
-):
-  """The supervised step ``(params, opt_state, frozen, batch) → (params, opt_state, metrics)``
-  that ``train`` jits: the gradient of ``loss_fn(params, graphdef, batch)`` (of
-  ``loss_fn((params, frozen), ...)`` when ``frozen`` is not None) and one update of ``tx``;
-  ``metrics`` adds the gradient's global norm and, with ``tx``'s learning-rate ``schedule``, the
-  rate of this update (``lr``: a skipped update does not advance the schedule's count)."""
-
-  def step(params, opt_state, frozen, batch):
-    loss = lambda p: loss_fn(_with_frozen(p, frozen), graphdef, batch)
-    (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    if schedule is not None:
-      metrics["lr"] = jnp.asarray(schedule(schedule_count(opt_state)), jnp.float32)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    # A non-finite loss or gradient leaves parameters and optimizer state as they were.
-    ok = jnp.isfinite(value) & jnp.isfinite(metrics["grad_norm"])
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    metrics["skipped"] = (~ok).astype(jnp.float32)
-    return (
-      keep(optax.apply_updates(params, updates), params),
-      keep(new_opt_state, opt_state),
-      metrics,
-    )
-
-  return step
-
-
-def _with_frozen(params, frozen):
-  """What a loss reads: ``params``, or ``(params, frozen)`` (``nnx.merge``'s states in order)."""
-  return params if frozen is None else (params, frozen)
+def check_mesh_rows(hp: SupervisedHparams, n_train: int, mesh, name: str) -> None:
+  """Refuses a step whose batch, or micro-batch, of the ``n_train`` training rows does not split
+  evenly over the ``mesh``'s batch axes (``config.NAME.*`` named)."""
+  batch_size = min(hp.batch_size, n_train)
+  cut = f" (cut to its {n_train} training rows)" if batch_size < hp.batch_size else ""
+  shd.check_batch(batch_size, mesh, f"config.{name}.batch_size{cut}")
+  micro = batch_size // hp.micro_batches(batch_size)
+  if micro < batch_size:
+    what = f"the rows of a {name} micro-batch (config.{name}.micro_batch_size)"
+    shd.check_batch(micro, mesh, what)
 
 
 def _batch_sh(batch: Batch, mesh) -> dict:
@@ -376,7 +376,7 @@ def evaluate(
   put = (lambda b: b) if mesh is None else (lambda b: shd.place_batch(b, _batch_sh(b, mesh)))
   if mesh is not None and frozen is not None:  # as train places them (no copy if they are)
     frozen = shd.place(frozen, shd.param_shardings(frozen, mesh))
-  fn = jax.jit(lambda p, f, b: loss_fn(_with_frozen(p, f), graphdef, b)[1])
+  fn = jax.jit(lambda p, f, b: loss_fn(with_frozen(p, f), graphdef, b)[1])
   sums: dict[str, float] = {}
   weight_total = 0.0
   placed = n // split * split
@@ -387,10 +387,10 @@ def evaluate(
     metrics = {
       k: float(shd.to_host(v)) for k, v in fn(params, frozen, hand_over(make_batch(idx))).items()
     }
-    w = metrics.get("num_tokens", metrics.get("num_pairs", float(len(idx))))
+    w = weight_of(metrics, float(len(idx)))
     weight_total += w
     for k, v in metrics.items():
       sums[k] = sums.get(k, 0.0) + v * w
-  out = {k: v / weight_total for k, v in sums.items() if k not in ("num_tokens", "num_pairs")}
+  out = {k: v / weight_total for k, v in sums.items() if k not in COUNTS}
   out["eval_rows"] = float(n)
   return out

@@ -692,6 +692,12 @@ def test_config_differences_ignore_what_may_change():
   saved = {"ppo": {"iterations": 10, "kl_coef": 0.05}, "log": {"progress": True}, "seed": 0}
   now = {"ppo": {"iterations": 20, "kl_coef": 0.05}, "log": {"progress": False}, "seed": 1}
   assert resume_rules.config_differences(saved, now) == ["seed: 0 → 1"]
+  # Micro-batches are memory, not maths: a run stopped short of memory resumes with smaller ones.
+  for section in ("sft", "rm", "dpo", "ppo"):
+    saved, now = {section: {"micro_batch_size": None}}, {section: {"micro_batch_size": 4}}
+    assert resume_rules.config_differences(saved, now) == []
+  saved, now = {"sft": {"batch_size": 8}}, {"sft": {"batch_size": 4}}
+  assert resume_rules.config_differences(saved, now) == ["sft.batch_size: 8 → 4"]
   # GRPO never read ppo.whiten_rewards (now refused for it): a run saved with it resumes without.
   grpo = {"algo": "grpo", "ppo": {"whiten_rewards": True}}
   for algo, diffs in (("grpo", []), ("ppo", ["ppo.whiten_rewards: True → False"])):

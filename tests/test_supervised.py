@@ -293,3 +293,75 @@ def test_held_out_metrics_cover_every_row_whatever_the_batch_size(stage):
   assert batched["eval_rows"] == whole["eval_rows"] == 12
   assert batched == pytest.approx(whole, rel=1e-5)
   assert first_ten[key] != pytest.approx(whole[key], rel=1e-5)  # the tail counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Micro-batches: the gradient of the whole batch, a micro-batch's activations at a time.
+
+
+def _pair_rows(n=6, seed=1):
+  """``n`` (chosen, rejected) pairs with responses of different lengths, and reference
+  log-probabilities for DPO."""
+  rng = np.random.default_rng(seed)
+  sides = []
+  for _ in range(2):
+    resp = (rng.random((n, 4)) < 0.7).astype(np.float32)
+    mask = np.concatenate([np.ones((n, 3), np.int32), resp.astype(np.int32)], 1)
+    sides.append(Sequences(rng.integers(2, 16, (n, 7)).astype(np.int32), mask, resp))
+  ref = (rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32))
+  return tuple(sides), ref
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_micro_batches_give_the_whole_batch_loss_metrics_and_gradient(stage):
+  """6 rows in 3 micro-batches of 2: loss, metrics and gradient of the production step's
+  accumulation equal the whole batch's (DPO's pairs as the reward model's: weighted by
+  ``num_pairs``). SFT's micro-batches hold 6, 6 and 8 response tokens:
+  a plain mean of their means (not token-weighted) would differ, and is checked to."""
+  from ppo_jax import dpo
+  from ppo_jax.supervised_step import accumulated_value_and_grad
+
+  if stage == "sft":
+    model, loss_fn = CausalLM(CFG, rngs=nnx.Rngs(0)), supervised.sft_loss
+    batch = _rows(6)[0](np.arange(6))
+  else:
+    model = CausalLM(CFG, rngs=nnx.Rngs(0))
+    loss_fn = lambda p, g, b: dpo.dpo_objective(p, g, b, beta=0.5)
+    batch = dpo.pair_batch(*_pair_rows(), np.arange(6))
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  loss = lambda p, b: loss_fn(p, graphdef, b)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  run = lambda n: jax.jit(lambda p, b: accumulated_value_and_grad(loss, p, b, n))(params, batch)
+  (whole, whole_m), whole_g = run(1)
+  (acc, acc_m), acc_g = run(3)
+  np.testing.assert_allclose(acc, whole, rtol=1e-5)
+  assert acc_m.keys() == whole_m.keys()
+  for k in whole_m:
+    np.testing.assert_allclose(acc_m[k], whole_m[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  for a, b in zip(jax.tree.leaves(acc_g), jax.tree.leaves(whole_g), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  if stage == "sft":
+    assert [int(batch["response_mask"][i : i + 2].sum()) for i in (0, 2, 4)] == [6, 6, 8]
+    plain = np.mean(
+      [loss(params, {k: v[i : i + 2] for k, v in batch.items()})[0] for i in (0, 2, 4)]
+    )
+    assert abs(plain - whole) > 1e-4
+
+
+@pytest.mark.parametrize(
+  "batch_size,micro,rows,n",
+  [(8, 2, 8, 4), (8, None, 8, 1), (8, 4, 6, 2), (8, 4, 5, 5), (8, 8, 3, 1)],
+)
+def test_micro_batches_of_a_step(batch_size, micro, rows, n):
+  """A step of ``rows`` (all training rows when fewer than ``batch_size``) in the fewest even
+  micro-batches of at most ``micro_batch_size`` rows."""
+  hp = SupervisedHparams(batch_size=batch_size, micro_batch_size=micro)
+  assert hp.micro_batches(rows) == n
+
+
+def test_a_micro_batch_size_that_does_not_divide_the_batch_is_refused():
+  with pytest.raises(ValueError, match="micro_batch_size: 3 does not divide batch_size 8"):
+    SupervisedHparams(batch_size=8, micro_batch_size=3)
+  with pytest.raises(ValueError, match="micro_batch_size: must be ≥ 1, got 0"):
+    SupervisedHparams(batch_size=8, micro_batch_size=0)

@@ -313,9 +313,9 @@ def test_sharded_pipeline_end_to_end(tmp_path, monkeypatch):
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
 
 
-def _sft_train(mesh_shape, folder=None, stop_after=None):
-  """``supervised.train`` of SFT on a mesh, checkpointed in ``folder``; a stop requested after
-  step ``stop_after`` raises Preempted."""
+def _sft_train(mesh_shape, folder=None, stop_after=None, micro=None):
+  """``supervised.train`` of SFT on a mesh, checkpointed in ``folder``, in micro-batches of
+  ``micro`` rows; a stop requested after step ``stop_after`` raises Preempted."""
   import signal
 
   from ppo_jax import preemption, stage_checkpoints, supervised
@@ -324,7 +324,9 @@ def _sft_train(mesh_shape, folder=None, stop_after=None):
   rng = np.random.default_rng(0)
   ids = rng.integers(2, 32, (16, 8)).astype(np.int32)
   seqs = Sequences(ids, np.ones_like(ids), np.ones((16, 3), np.float32))
-  hp = supervised.SupervisedHparams(epochs=2.0, batch_size=8, optim=OptimHparams(lr=1e-2))
+  hp = supervised.SupervisedHparams(
+    epochs=2.0, batch_size=8, micro_batch_size=micro, optim=OptimHparams(lr=1e-2)
+  )
   graphdef, state = nnx.split(CausalLM(CFG, rngs=nnx.Rngs(0)))
 
   def on_step(i, total, row):
@@ -344,6 +346,7 @@ def _sft_train(mesh_shape, folder=None, stop_after=None):
       len(seqs),
       hp,
       seed=0,
+      name="sft",
       on_step=on_step,
       checkpoints=checkpoints,
       mesh=shd.make_mesh(mesh_shape),
@@ -395,6 +398,18 @@ def test_a_stopped_sharded_stage_resumes_on_the_same_mesh_bitwise_and_on_another
         np.testing.assert_array_equal(a, shd.to_host(b))
       else:  # sums over other splits round differently
         np.testing.assert_allclose(a, shd.to_host(b), rtol=1e-4, atol=1e-6)
+
+
+def test_sharded_sft_in_micro_batches_trains_as_in_whole_batches():
+  """Batches of 8 rows in micro-batches of 4 on data × fsdp = 4: the same training (up to the
+  rounding of other sums); micro-batches of 2 rows, which do not split over the 4 devices of the
+  batch axes, are refused in one line."""
+  whole = jax.tree.map(shd.to_host, _sft_train((2, 2, 2)))
+  micro = jax.tree.map(shd.to_host, _sft_train((2, 2, 2), micro=4))
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(micro), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match=r"sft micro-batch \(config.sft.micro_batch_size\) 2 is not"):
+    _sft_train((2, 2, 2), micro=2)
 
 
 def test_the_python_example_of_scaling_md_runs(capsys, tmp_path, monkeypatch):
