@@ -1,7 +1,9 @@
 """Per-token log-probabilities and entropies from logits.
 
 The sampler and the trainer both compute log-probabilities with ``token_logprobs`` at the same
-temperature, so the PPO ratio ``exp(logp − old_logp)`` is exactly 1 on the first minibatch.
+temperature. With ``ppo.recompute_logprobs`` the old log-probs come from a training-style forward
+pass, so the PPO ratio ``exp(logp − old_logp)`` is 1 on the first minibatch to float rounding
+(the update's program fuses differently: ``policy/approxkl_first_minibatch`` below 1e-13 in fp32).
 """
 
 from __future__ import annotations
