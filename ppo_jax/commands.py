@@ -7,10 +7,11 @@ bad flags, 1 for bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 
-from ppo_jax import data
+from ppo_jax import data, preemption
 from ppo_jax.main import _one_line, enable_compilation_cache
 
 
@@ -147,25 +148,30 @@ def run_command(parser, fn, argv: list[str]) -> int:
     raise SystemExit(2)
 
   parser.error = one_line
+  parser.allow_abbrev = False  # --temp is no flag: a typo, not --temperature
   try:
+    _check_flag_names(parser, argv)
     args = parser.parse_args(argv)
     _check_together(vars(args), parser.error)
   except SystemExit as e:  # --help, or a bad flag
     return int(e.code or 0)
   enable_compilation_cache()
-
-  def terminated(signum, frame):  # a scheduler's stop: as Ctrl-C, what was written is kept
-    raise _Terminated
-
-  try:
-    previous = signal.signal(signal.SIGTERM, terminated)
-    installed = True
-  except ValueError:  # not the main thread: SIGTERM keeps its handler
-    installed = False
+  # SIGTERM (a scheduler's stop) as Ctrl-C: an exception where the command is; what was written
+  # is kept and said. Remembered too, for when Python discards the exception (command_stop).
+  previous = {}
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    with contextlib.suppress(ValueError):  # not the main thread: the signals keep their handlers
+      previous[sig] = signal.signal(sig, preemption.command_stop)
+  preemption.pending_stop()  # none from an earlier command of this process
   try:
     fn(**vars(args))
+    if stop := preemption.pending_stop():  # came, was discarded, and the command finished
+      by = "SIGTERM" if stop == signal.SIGTERM else "Ctrl-C"
+      print(f"{parser.prog}: {by} came as it finished: its output is whole", file=sys.stderr)
+      return 143 if stop == signal.SIGTERM else 130
   except KeyboardInterrupt as e:  # Ctrl-C: no traceback (what was written is said by the command)
-    by = "SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"
+    preemption.pending_stop()
+    by = "SIGTERM" if isinstance(e, preemption.Terminated) else "Ctrl-C"
     print(f"{parser.prog}: interrupted by {by}", file=sys.stderr)
     return 143 if by == "SIGTERM" else 130
   except (ValueError, OSError, RewardError) as e:
@@ -177,9 +183,26 @@ def run_command(parser, fn, argv: list[str]) -> int:
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
     return 1
   finally:
-    if installed:  # None: a handler installed from C, which Python cannot put back
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    for sig, handler in previous.items():  # None: one installed from C, Python cannot put back
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
   return 0
+
+
+def _check_flag_names(parser, argv: list[str]) -> None:
+  """Refuses an unknown ``--flag`` first, naming the nearest known one (argparse would first
+  say that a required flag is missing: ``--outt`` for ``--out``)."""
+  import difflib
+
+  known = list(parser._option_string_actions)
+  for arg in argv:
+    if arg == "--":
+      return
+    name = arg.split("=", 1)[0]
+    if name.startswith("--") and name not in known:
+      # An abbreviation's flags first (--temp: --temperature), else the nearest spelling.
+      near = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, 1)
+      hint = f"; did you mean {' or '.join(near)}?" if near else ""
+      parser.error(f"unknown flag {name}{hint}")
 
 
 def _check_together(flags: dict, error) -> None:
@@ -198,7 +221,3 @@ def _check_together(flags: dict, error) -> None:
     ]
     if given:
       error(f"--greedy takes the most likely token: {', '.join(given)} would not apply")
-
-
-class _Terminated(KeyboardInterrupt):
-  """SIGTERM, raised where the command is, so its partial output is kept and said."""

@@ -14,24 +14,37 @@ from ppo_jax.tokenizer import has_tokenizer, load_tokenizer, same_ids
 
 
 def check_compatible(
-  cfg: ModelConfig, tokenizer: Any, max_len: int | None, what: str = "model"
+  cfg: ModelConfig,
+  tokenizer: Any,
+  max_len: int | None,
+  what: str = "model",
+  *,
+  parts: str = "data.max_prompt_len + max response length",
 ) -> None:
   """Refuses a tokenizer with more tokens than ``cfg``'s embedding has rows, and sequences of
-  ``max_len`` tokens (None: not checked) past a GPT-2's learned positions."""
+  ``max_len`` tokens (None: not checked; ``parts``: what adds up to it) past a GPT-2's learned
+  positions."""
   if len(tokenizer) > cfg.vocab_size:
     raise ValueError(
       f"tokenizer has {len(tokenizer)} tokens but the {what}'s embedding has only "
       f"{cfg.vocab_size} rows"
     )
   if max_len is not None and cfg.is_gpt2:
-    check_positions(max_len, cfg.max_position_embeddings, what)
+    check_positions(max_len, cfg.max_position_embeddings, what, parts=parts)
 
 
-def check_positions(max_len: int, positions: int, what: str = "model") -> None:
-  """Refuses sequences of ``max_len`` tokens past a GPT-2's ``positions`` learned ones."""
+def check_positions(
+  max_len: int,
+  positions: int,
+  what: str = "model",
+  *,
+  parts: str = "data.max_prompt_len + max response length",
+) -> None:
+  """Refuses sequences of ``max_len`` tokens (``parts`` added up) past a GPT-2's ``positions``
+  learned ones."""
   if max_len > positions:
     raise ValueError(
-      f"data.max_prompt_len + max response length = {max_len} exceeds the {what}'s "
+      f"{parts} = {max_len} exceeds the {what}'s "
       f"{positions} positions (lower ppo.max_new_tokens or data.max_prompt_len)"
     )
 

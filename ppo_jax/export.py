@@ -10,6 +10,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
+from ppo_jax import preemption
 from ppo_jax.checkpoint import holds_checkpoints, read, state_metadata
 from ppo_jax.models import ModelConfig
 from ppo_jax.resume_rules import check_same_base
@@ -118,6 +119,8 @@ def export_policy(
     mgr.close()
   cfg = ModelConfig.from_dict(record["model_config"])
   policy_params = _int_keys(params)
+  if bad := _non_finite(policy_params):  # training skips such updates: the files are damaged
+    raise ValueError(f"{directory / str(step)}: damaged checkpoint, {bad}; {then}")
   if cfg.lora_rank:  # adapters: merged onto the base weights they were trained over
     base_folder = _in_this_workdir(record["base_policy"], record, pathlib.Path(workdir))
     if not any(pathlib.Path(base_folder).glob("*.safetensors")):
@@ -168,6 +171,7 @@ def export_policy(
       )
       + "\n"
     )
+    preemption.raise_pending()  # a Ctrl-C that Python discarded: before the files are swapped
     earlier = _earlier_export(out, files)
     if earlier:  # set aside, not deleted, until the new export is whole
       previous.mkdir()
@@ -195,6 +199,21 @@ def export_policy(
   if kept:
     print(f"note: kept the files in {out} that the earlier export did not write: {_listed(kept)}")
   return step
+
+
+def _non_finite(params) -> str | None:
+  """``N non-finite values in NAME (and M more arrays)`` of a parameter tree; None if all are
+  finite."""
+  import numpy as np
+
+  bad = []
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    if n := int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x, np.float32)))):
+      bad.append((n, ".".join(str(getattr(k, "key", k)) for k in path)))
+  if not bad:
+    return None
+  more = f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""
+  return f"{bad[0][0]} non-finite values in {bad[0][1]}{more}"
 
 
 def _remove(path: pathlib.Path) -> None:
@@ -291,9 +310,17 @@ def _checkpoint_folder(workdir: pathlib.Path, stage: str | None) -> tuple[str, p
       raise FileNotFoundError(f"{directory}: no {stage.upper()} checkpoints")
     return stage, directory
   found = {k: workdir / v for k, v in STAGE_CHECKPOINTS.items() if holds_checkpoints(workdir / v)}
+  if not workdir.is_dir():
+    raise FileNotFoundError(f"--workdir {workdir}: no such folder")
   if not found:
+    finished = (workdir / "policy").is_dir()
     raise FileNotFoundError(
-      f"{workdir}: no checkpoints/ or dpo_checkpoints/ (is it a ppo_jax workdir?)"
+      f"{workdir}: no checkpoints/ or dpo_checkpoints/ to export"
+      + (
+        f" (its finished policy is {workdir / 'policy'}, already a Hugging Face folder)"
+        if finished
+        else " (not a ppo_jax workdir, or a run stopped before its first checkpoint)"
+      )
     )
   if len(found) > 1:
     raise ValueError(

@@ -1,9 +1,15 @@
 """How the commands of files (``ppo-jax sample``, ``ppo-jax rm-eval``) batch their rows and
-score them: longest first, each batch cut to its longest row, padded to split over the mesh."""
+score them: longest first, each batch cut to its longest row, padded to split over the mesh; and
+how they write their output file: checked before any work, whole or kept as ``OUT.partial``."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import pathlib
+import sys
+import time
 
 import jax
 import numpy as np
@@ -65,3 +71,66 @@ def _on_rows(fn, model, mesh: Mesh | None, **jit_kw):
   return lambda ids, mask, *rest: jitted(
     state, shd.on_rows(ids, mesh), shd.on_rows(mask, mesh), *rest
   )
+
+
+def output_file(out: str | os.PathLike) -> pathlib.Path:
+  """``--out`` checked before any work: a file that is not there yet, in a folder that can be
+  written (made if missing), and no ``OUT.partial`` of an interrupted run, whose rows a new run
+  would replace (one line each, ``ValueError``)."""
+  text = os.fspath(out)
+  out = pathlib.Path(text)
+  if text.endswith(os.sep) or out.is_dir():
+    raise ValueError(f"--out {text} is a folder; give the file to write")
+  if out.exists():
+    raise ValueError(f"--out {out} exists; pick another file or delete it")
+  partial = out.with_name(out.name + ".partial")
+  if partial.exists():
+    raise ValueError(
+      f"{partial} holds what an interrupted run wrote; move it away (or delete it) to write {out}"
+    )
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--out {out}: cannot make its folder ({e.strerror})") from None
+  if not os.access(out.parent, os.W_OK | os.X_OK):
+    raise ValueError(f"--out {out}: cannot write in {out.parent}")
+  return out
+
+
+@contextlib.contextmanager
+def written_when_done(out: pathlib.Path, unit: str):
+  """A text file to write ``out`` through: lines go to ``out.partial``, renamed ``out`` when the
+  block ends. If it raises (an error, Ctrl-C), a partial file holding lines is kept and stderr
+  says so in one line (an empty one is deleted): ``out`` itself only ever holds a whole result."""
+  partial = out.with_name(out.name + ".partial")
+  f = partial.open("w")
+  try:
+    yield f
+  except BaseException:
+    f.close()
+    if lines := len(partial.read_text().splitlines()):
+      print(
+        f"kept the {lines} {unit} written before the stop in {partial} (move it away or delete it "
+        f"before writing {out} again)",
+        file=sys.stderr,
+      )
+    else:
+      partial.unlink(missing_ok=True)
+    raise
+  f.close()
+  partial.replace(out)
+
+
+def ticker(say, total: int, unit: str):
+  """``tick(done)``: says ``done/total unit, seconds`` at most every 10 s, and once all are done
+  (the progress of a command over a file)."""
+  t0 = shown = time.perf_counter()
+
+  def tick(done: int) -> None:
+    nonlocal shown
+    now = time.perf_counter()
+    if now - shown > 10 or done == total:
+      say(f"  {done}/{total} {unit}, {now - t0:.1f} s", flush=True)
+      shown = now
+
+  return tick

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ppo_jax import data, writers
+from ppo_jax import data, preemption, writers
 from ppo_jax import sharding as shd
 from ppo_jax.compat import (
   check_compatible,
@@ -44,7 +44,16 @@ from ppo_jax.compat import (
   ordinary_stop_ids,
 )
 from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
-from ppo_jax.file_batches import batch_order, batch_rows, logprob_scorer, rm_scorer, trimmed
+from ppo_jax.file_batches import (
+  batch_order,
+  batch_rows,
+  logprob_scorer,
+  output_file,
+  rm_scorer,
+  ticker,
+  trimmed,
+  written_when_done,
+)
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
@@ -167,9 +176,7 @@ def sample_file(
       (one line each); ``data.DataError`` for bad prompt rows; ``RewardError`` for a reward
       function that fails.
   """
-  out = pathlib.Path(out)
-  if out.exists():
-    raise ValueError(f"--out {out} exists; pick another file or delete it")
+  out = output_file(out)
   for flag, value in (
     ("--n", n),
     ("--batch-size", batch_size),
@@ -234,7 +241,8 @@ def sample_file(
   ids = file.ids
   for m, what in ((policy, "model"), (rm, "reward model"), (ref, "reference")):  # the longest
     if m is not None:
-      check_compatible(m.cfg, tok, ids.shape[1] + max_new_tokens, what=what)
+      parts = f"the longest prompt's {ids.shape[1]} tokens + --max-new-tokens {max_new_tokens}"
+      check_compatible(m.cfg, tok, ids.shape[1] + max_new_tokens, what=what, parts=parts)
   stops = tuple(dict.fromkeys(i for i in (tok.eos_token_id, *cfg.stop_ids) if i is not None))
   if progress and (note := ordinary_stop_ids(tok, stops)):
     print(note)
@@ -264,10 +272,10 @@ def sample_file(
   results = {k: np.full(len(rows), np.nan) for k in ("tokens", "stopped", "score", "gold", "kl")}
   key = jax.random.key(seed)
   lines: list[str] = [""] * len(rows)  # by prompt-major position
-  tick = writers.ticker(say, len(rows), "responses")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with writers.written_when_done(out, "responses") as f:
+  tick = ticker(say, len(rows), "responses")
+  with written_when_done(out, "responses") as f:
     for start, real, picked in padded_batches(len(rows), chunk, B):
+      preemption.raise_pending()  # a Ctrl-C that Python discarded (preemption.command_stop)
       take = rows[picked]
       # Each response's own key, of its prompt and sample number: not of the batch it falls in.
       keys = row_keys(key, take, samples[picked])

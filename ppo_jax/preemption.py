@@ -139,3 +139,38 @@ class PreemptionGuard:
 
 
 GUARD = PreemptionGuard()  # the pipeline enters it; the loops read it
+
+
+# --------------------------------------------------------------------------------------------------
+# The commands of files (ppo-jax sample, rm-eval, export): a stop is an exception where they are.
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM to a command, raised where it is, so its partial output is kept and said."""
+
+
+_PENDING: list[int] = []  # the signal of a command's stop not yet seen by the command
+
+
+def command_stop(signum, frame) -> None:
+  """A command's SIGINT/SIGTERM handler: raises ``KeyboardInterrupt`` (``Terminated``) where the
+  command is, and remembers it: Python discards an exception raised inside some callbacks (JAX's
+  garbage-collection callback prints "Exception ignored in ... KeyboardInterrupt" and goes on),
+  so the command's loops raise it again at their next batch (``raise_pending``)."""
+  del frame
+  _PENDING[:] = [signum]
+  raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def raise_pending() -> None:
+  """Raises the stop a command received and did not stop at (``command_stop``); nothing
+  otherwise. The commands' loops call it between batches."""
+  if _PENDING:
+    raise Terminated if _PENDING[0] == signal.SIGTERM else KeyboardInterrupt
+
+
+def pending_stop() -> int | None:
+  """The signal of a command's stop, if one came; cleared (``run_command`` reads it once)."""
+  signum = _PENDING[0] if _PENDING else None
+  _PENDING.clear()
+  return signum

@@ -3,7 +3,6 @@ and on the terminal a progress bar and the closing summary."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -191,45 +190,6 @@ def plot_metrics(
   out_png.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out_png, dpi=110)
   return out_png
-
-
-@contextlib.contextmanager
-def written_when_done(out: pathlib.Path, unit: str):
-  """A text file to write ``out`` through: lines go to ``out.partial``, renamed ``out`` when the
-  block ends. If it raises (an error, Ctrl-C), a partial file holding lines is kept and stderr
-  says so in one line (an empty one is deleted): ``out`` itself only ever holds a whole result."""
-  partial = out.with_name(out.name + ".partial")
-  f = partial.open("w")
-  try:
-    yield f
-  except BaseException:
-    f.close()
-    if lines := len(partial.read_text().splitlines()):
-      print(
-        f"kept the {lines} {unit} written before the stop in {partial} (a new run writing {out} "
-        "replaces it)",
-        file=sys.stderr,
-      )
-    else:
-      partial.unlink(missing_ok=True)
-    raise
-  f.close()
-  partial.replace(out)
-
-
-def ticker(say, total: int, unit: str):
-  """``tick(done)``: says ``done/total unit, seconds`` at most every 10 s, and once all are done
-  (the progress of a command over a file)."""
-  t0 = shown = time.perf_counter()
-
-  def tick(done: int) -> None:
-    nonlocal shown
-    now = time.perf_counter()
-    if now - shown > 10 or done == total:
-      say(f"  {done}/{total} {unit}, {now - t0:.1f} s", flush=True)
-      shown = now
-
-  return tick
 
 
 # Each stage's metrics file, its plot and the curves in it ("metrics.jsonl": PLOTTED).

@@ -54,3 +54,14 @@ def interrupted_at_w10(prompts, responses):
   if any(p.startswith("w10") for p in prompts):
     raise KeyboardInterrupt
   return [0.0] * len(responses)
+
+
+def ctrl_c_discarded_at_w10(prompts, responses):
+  """As ``interrupted_at_w10``, with the Ctrl-C raised where Python discards it (as it does in
+  JAX's garbage-collection callback): the command must still stop, at its next batch."""
+  if any(p.startswith("w10") for p in prompts):
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+    except KeyboardInterrupt:
+      pass
+  return [0.0] * len(responses)

@@ -547,6 +547,25 @@ def test_a_checkpoint_whose_record_names_no_model_is_refused_before_reading_it(t
   assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_of_non_finite_weights_is_not_exported(tmp_path):
+  """Training skips non-finite updates, so NaN or inf weights are a damaged checkpoint (bytes
+  flipped on disk decoded as them): refused in one line naming the array, nothing written."""
+  from ppo_jax.models import ModelConfig
+
+  cfg = ModelConfig.gpt2(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2)
+  w = np.ones((2, 3), np.float32)
+  w[1, 2] = np.inf
+  record = {"config": {}, "step": 5, "model_config": cfg.to_dict()}
+  settings = checkpoint.CheckpointSettings(async_save=False)
+  with checkpoint.Checkpointer(tmp_path / "dpo_checkpoints", settings) as ckpt:
+    ckpt.save(5, {"params": {"head": {"w": jnp.asarray(w)}, "b": jnp.zeros(2)}}, record)
+  with pytest.raises(ValueError) as e:
+    export_policy(tmp_path, tmp_path / "out")
+  assert str(e.value).startswith(f"{tmp_path / 'dpo_checkpoints' / '5'}: damaged checkpoint, 1 ")
+  assert "1 non-finite values in head.w; it is the only one" in str(e.value)
+  assert not (tmp_path / "out").exists()
+
+
 def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys, monkeypatch):
   workdir = tmp_path / "run"
   shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")

@@ -245,8 +245,23 @@ def test_export_names_the_checkpoints_it_cannot_choose_between(tmp_path):
   export = lambda *a: _cli("export", f"--workdir={tmp_path}", "--out", str(tmp_path / "x"), *a)
   code, _, err = export()
   assert code == 1 and err.endswith(
-    "no checkpoints/ or dpo_checkpoints/ (is it a ppo_jax workdir?)"
+    "no checkpoints/ or dpo_checkpoints/ to export (not a ppo_jax workdir, or a run stopped "
+    "before its first checkpoint)"
   ), err
+  (tmp_path / "policy").mkdir()
+  code, _, err = export()
+  assert code == 1 and err.endswith(f"(its finished policy is {tmp_path / 'policy'}, already a "
+                                    "Hugging Face folder)"), err  # fmt: skip
+  (tmp_path / "policy").rmdir()
+  code, _, err = _cli("export", f"--workdir={tmp_path / 'none'}", "--out", str(tmp_path / "x"))
+  assert (
+    code == 1 and err == f"ppo-jax export: error: --workdir {tmp_path / 'none'}: no such folder"
+  )
+  # A flag's typo is named before the flags it leaves missing; no abbreviations.
+  code, _, err = _cli("export", "--outt", str(tmp_path / "x"), f"--workdir={tmp_path}")
+  assert code == 2 and err == "ppo-jax export: error: unknown flag --outt; did you mean --out?"
+  code, _, err = _cli("export", "--work", str(tmp_path), "--out", str(tmp_path / "x"))
+  assert code == 2 and err == "ppo-jax export: error: unknown flag --work; did you mean --workdir?"
   (tmp_path / "checkpoints").mkdir()
   (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
   (tmp_path / "dpo_checkpoints").mkdir()  # empty (a stage stopped before its first save): not one

@@ -204,6 +204,16 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
   cases = [
     ([f"--model={policy_dir}", f"--out={taken}"], 1, f"--out {taken} exists; pick another"),
     (
+      [f"--model={policy_dir}", f"--out={tmp_path / 'new'}/"],
+      1,
+      f"--out {tmp_path / 'new'}/ is a folder; give the file to write",
+    ),
+    (
+      [f"--model={policy_dir}", f"--out={taken / 'o.jsonl'}"],
+      1,
+      f"--out {taken / 'o.jsonl'}: cannot make its folder (",
+    ),
+    (
       [f"--model={rm_dir}", f"--out={tmp_path / 'o'}"],
       1,
       "rm: holds a sequence-classification model; it has no LM head",
@@ -262,8 +272,8 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
         "--max-prompt-len=9",
       ],
       1,
-      "--max-prompt-len + max response length = 9 exceeds the reward model's 8 positions (lower "
-      "--max-new-tokens or --max-prompt-len)",
+      "the longest prompt's 5 tokens + --max-new-tokens 4 = 9 exceeds the reward model's 8 "
+      "positions (lower --max-new-tokens or --max-prompt-len)",
     ),
     (
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=2", "--greedy"],
@@ -305,7 +315,8 @@ def test_a_failed_sample_keeps_what_it_wrote_beside_the_file_it_would_write(
   folders, tmp_path, capsys
 ):
   """The scorer fails on the second batch: --out is not written (a rerun may write it), the
-  first batch's rows are kept in OUT.partial and stderr says so; the rerun replaces the partial."""
+  first batch's rows are kept in OUT.partial and stderr says so; a rerun refuses to replace them
+  until they are moved away. A Ctrl-C whose exception Python discarded stops at the next batch."""
   # Longest prompts first: 5, 4 and 3 tokens (prompts 2, 4, 0), then 2 (w10 w11) and 1 token.
   policy_dir, _, prompts, _, _ = folders
   out = tmp_path / "s.jsonl"
@@ -314,23 +325,44 @@ def test_a_failed_sample_keeps_what_it_wrote_beside_the_file_it_would_write(
   assert cli([*base, "--reward-fn=reward_fns:fails_at_w10"]) == 1
   err = capsys.readouterr().err.splitlines()
   partial = tmp_path / "s.jsonl.partial"
-  assert err[0] == f"kept the 3 responses written before the stop in {partial} (a new run " + (
-    f"writing {out} replaces it)"
-  )
+  kept = f"kept the 3 responses written before the stop in {partial} (move it away or delete it "
+  kept += f"before writing {out} again)"
+  assert err[0] == kept
   assert err[1].startswith("ppo-jax sample: error: ") and "judge crashed" in err[1]
   assert not out.exists() and [r["index"] for r in _rows(partial)] == [2, 4, 0]
+  assert cli([*base, "--reward-fn=reward_fns:superlatives"]) == 1
+  assert capsys.readouterr().err == (
+    f"ppo-jax sample: error: {partial} holds what an interrupted run wrote; move it away (or "
+    f"delete it) to write {out}\n"
+  )
+  assert len(_rows(partial)) == 3
+  partial.unlink()
   assert cli([*base, "--reward-fn=reward_fns:superlatives"]) == 0
   assert [r["index"] for r in _rows(out)] == [0, 1, 2, 3, 4] and not partial.exists()
   out.unlink()
   assert cli([*base, "--reward-fn=reward_fns:interrupted_at_w10"]) == 130  # Ctrl-C: no traceback
   err = capsys.readouterr().err.splitlines()
-  assert err == [f"kept the 3 responses written before the stop in {partial} (a new run writing "
-                 f"{out} replaces it)", "ppo-jax sample: interrupted by Ctrl-C"]  # fmt: skip
+  assert err == [kept, "ppo-jax sample: interrupted by Ctrl-C"]
   assert not out.exists() and len(_rows(partial)) == 3
+  partial.unlink()
+  # Discarded in the last batch (of w10 and the 1-token prompt): the output is whole, and said.
+  assert cli([*base, "--reward-fn=reward_fns:ctrl_c_discarded_at_w10"]) == 130
+  err = capsys.readouterr().err.splitlines()
+  assert err == ["ppo-jax sample: Ctrl-C came as it finished: its output is whole"]
+  assert len(_rows(out)) == 5 and not partial.exists()
+  out.unlink()
+  # In batches of 2 ([2, 4], [0, w10], [the 1-token prompt]): the stop comes at the third.
+  two = [*base[:-1], "--batch-size=2", "--reward-fn=reward_fns:ctrl_c_discarded_at_w10"]
+  assert cli(two) == 130
+  err = capsys.readouterr().err.splitlines()
+  assert err == [kept.replace("the 3", "the 4"), "ppo-jax sample: interrupted by Ctrl-C"]
+  assert not out.exists() and len(_rows(partial)) == 4
+  partial.unlink()
   assert cli([*base, "--reward-fn=reward_fns:terminated_at_w10"]) == 143  # a scheduler's stop
   err = capsys.readouterr().err.splitlines()
   assert err[-1] == "ppo-jax sample: interrupted by SIGTERM" and len(_rows(partial)) == 3
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_empty_prompts_are_sampled_from_nothing(folders, tmp_path):

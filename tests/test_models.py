@@ -1,6 +1,7 @@
 """NNX decoders against transformers: logits, save/load round trips, dtypes, errors."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -351,11 +352,24 @@ def test_integer_weights_and_config_fields_of_the_wrong_type_are_named(tmp_path)
   config = json.loads((tmp_path / "config.json").read_text())
   for edit, message in (
     ({"n_layer": "2"}, r"config\.json: .*n_layer"),
-    ({"n_head": 5, "n_embd": 32}, r"gpt2's hidden_size 32 is not num_heads 5 × head_dim 6"),
+    (
+      {"n_head": 5, "n_embd": 32},
+      r"config\.json: unsupported model config: gpt2's hidden_size 32 is not num_heads 5 × head_",
+    ),
   ):
     (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
     with pytest.raises(ValueError, match=message):
       pj.models.from_pretrained(tmp_path)
+  # A size key config.json lacks takes transformers' default (GPT-2's 12 layers): the missing
+  # tensors of 10 layers are counted, not listed, and the sizes read are said.
+  (tmp_path / "config.json").write_text(
+    json.dumps({k: v for k, v in config.items() if k != "n_layer"})
+  )
+  with pytest.raises(ValueError) as err:
+    pj.models.from_pretrained(tmp_path)
+  msg = str(err.value)
+  assert re.search(r"missing tensors: (transformer\.h\.1\S+, ){4}\S+ and 115 more;", msg), msg
+  assert "its config.json gives 12 layers, width" in msg and len(msg) < 700, msg
 
 
 def test_unsupported_architecture(tmp_path):

@@ -125,6 +125,12 @@ def _strip_prefix(names: list[str], prefix: str) -> dict[str, str]:
   return out
 
 
+def _first(names: list[str], n: int = 5) -> str:
+  """The first ``n`` names, and how many more."""
+  more = f" and {len(names) - n} more" if len(names) > n else ""
+  return ", ".join(names[:n]) + more
+
+
 def load_hf_config(folder: str | os.PathLike) -> Any:
   """``transformers.AutoConfig`` of a local folder, with a clear error for anything else."""
   from transformers import AutoConfig
@@ -176,9 +182,12 @@ def from_pretrained(
   folder = pathlib.Path(path)
   hf_config = load_hf_config(folder)
   dtype = dtype or "float32"
-  cfg = ModelConfig.from_hf(
-    hf_config, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides
-  )
+  try:
+    cfg = ModelConfig.from_hf(
+      hf_config, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides
+    )
+  except ValueError as e:  # sizes that do not fit together: config.json's
+    raise ValueError(f"{folder}/config.json: {e}") from None
   stored_kind = checkpoint_kind(hf_config)
   kind = kind or stored_kind
   if kind == "causal_lm":  # reward and value models never generate
@@ -212,7 +221,7 @@ def from_pretrained(
     if not jnp.issubdtype(tensors[found[n]].dtype, jnp.floating)
   ]
   problems = [
-    f"{label} tensors: {', '.join(names)}"
+    f"{label} tensors: {_first(names)}"
     for label, names in (
       ("missing", missing),
       ("unexpected", unexpected),
@@ -222,7 +231,16 @@ def from_pretrained(
     if names
   ]
   if problems:
-    raise ValueError(f"{folder}: cannot load as {cfg.model_type} {kind}: " + "; ".join(problems))
+    sizes = ""
+    if missing or misshaped:  # a key config.json lacks takes transformers' default, silently
+      sizes = (
+        f" (its config.json gives {cfg.num_layers} layers, width {cfg.hidden_size}, "
+        f"{cfg.num_heads} heads, vocabulary {cfg.vocab_size}: a key it lacks takes "
+        "transformers' default)"
+      )
+    raise ValueError(
+      f"{folder}: cannot load as {cfg.model_type} {kind}: " + "; ".join(problems) + sizes
+    )
 
   model = nnx.eval_shape(
     lambda: KINDS[kind](cfg, rngs=nnx.Rngs(0), **_head_kw(kind, zero_init_head))
