@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import pathlib
 import types
 import typing
@@ -144,6 +145,19 @@ class DistributedSettings:
   num_processes: int | None = None  # (env: JAX_NUM_PROCESSES)
   process_id: int | None = None  # (env: JAX_PROCESS_ID)
   auto: bool = False  # let JAX detect the cluster (Cloud TPU pods, SLURM, ...)
+
+  def __post_init__(self):
+    if self.num_processes is not None and self.num_processes < 1:
+      raise ValueError(f"num_processes: must be ≥ 1, got {self.num_processes}")
+    top = self.num_processes if self.num_processes is not None else float("inf")
+    if self.process_id is not None and not 0 <= self.process_id < top:
+      raise ValueError(f"process_id: must be in [0, num_processes), got {self.process_id}")
+    given = [f for f in ("num_processes", "process_id") if getattr(self, f) is not None]
+    if given and not (self.coordinator or self.auto or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+      raise ValueError(
+        f"{given[0]}: needs distributed.coordinator (or JAX_COORDINATOR_ADDRESS) or "
+        "distributed.auto=True; without one each process would run alone, as process 0"
+      )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -332,11 +332,30 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
   except KeyboardInterrupt:  # a Ctrl-C outside the training loops (a second one exits at once)
     print("\n" + STOPPED_AT_ONCE, file=sys.stderr, flush=True)
-    return 130
+    return _exit_alone(130)
   except (ValueError, OSError, NonFiniteError) as e:  # one line, no traceback
     print(f"ppo-jax: error: {_one_line(e)}", file=sys.stderr)
-    return 1
+    return _exit_alone(1)
+  except Exception:  # a bug: its traceback, and no hang with several processes
+    import traceback
+
+    traceback.print_exc()
+    return _exit_alone(1)
   return 0
+
+
+def _exit_alone(code: int) -> int:
+  """``code``; with several processes, this process exits now. A process that stops on its own
+  (an error only it met: a full disk as process 0 writes) would otherwise hang the job:
+  ``jax.distributed``'s shutdown waits at a barrier for the others, which wait in a collective
+  for it. Exited, it is seen gone, and the others fail at their next collective."""
+  import jax
+
+  if jax.process_count() > 1:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  return code
 
 
 if __name__ == "__main__":

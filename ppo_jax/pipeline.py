@@ -317,7 +317,8 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
     inputs.loaded["sft"] = data.load_sft(inputs.sft, tok, layout)
   if inputs.preferences and (will["rm"] or will["dpo"]):
     inputs.loaded["preferences"] = read_preferences(inputs, layout)
-  for stage, key in (("sft", "sft"), ("rm", "preferences")):  # and their batches over the mesh
+  sections = (("sft", "sft"), ("rm", "preferences"), ("dpo", "preferences"))
+  for stage, key in sections:  # and their batches over the mesh, before SFT trains
     if will[stage] and mesh is not None and key in inputs.loaded:
       section, rows = getattr(s, stage), inputs.loaded[key]
       total = len(rows[0] if key == "preferences" else rows)

@@ -13,7 +13,6 @@ replicated. The compiled programs then follow GSPMD from these input shardings; 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import re
 import warnings
@@ -236,6 +235,10 @@ def place(tree, shardings):
     return jax.device_put(tree, shardings)
 
   def one(x, sh):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      # A typed PRNG key has no NumPy form: its key data placed, then wrapped again.
+      data = one(jax.random.key_data(x), sh)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     x = np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else x
     if isinstance(x, jax.Array):
       return jax.device_put(x, sh)
@@ -252,29 +255,11 @@ def abstract(tree, shardings):
   )
 
 
-def process_rows(sharding: NamedSharding, n_rows: int) -> slice:
-  """The block of an ``n_rows`` batch that this process's devices hold under ``sharding``.
-
-  With the batch axis over ``('data', 'fsdp')`` and devices ordered by process, each process
-  holds one contiguous block: all a data loader on this host has to produce.
-  """
-  shape = (n_rows,) + (1,) * (len(sharding.spec) - 1)
-  blocks = sorted(
-    {
-      (idx[0].start or 0, n_rows if idx[0].stop is None else idx[0].stop)
-      for idx in sharding.addressable_devices_indices_map(shape).values()
-    }
-  )
-  for (_, stop), (start, _) in itertools.pairwise(blocks):
-    if start != stop:
-      raise ValueError(f"process {jax.process_index()} holds non-contiguous rows {blocks}")
-  return slice(blocks[0][0], blocks[-1][1])
-
-
 def place_batch(batch, shardings):
   """Global batch arrays from the full batch's host rows (a pytree, with a matching pytree of
-  shardings or one sharding): each process hands over only its own block of rows
-  (``jax.make_array_from_process_local_data``), so no batch data crosses hosts."""
+  shardings or one sharding): each process fills only its own devices' blocks of rows
+  (``jax.make_array_from_callback``), so no batch data crosses hosts, in whatever order the mesh
+  lists the devices (a TPU pod's mesh may give a host blocks that are not contiguous)."""
   if isinstance(shardings, NamedSharding):
     shardings = jax.tree.map(lambda _: shardings, batch)
   if jax.process_count() == 1:
@@ -282,8 +267,7 @@ def place_batch(batch, shardings):
 
   def one(rows, sharding):
     rows = np.asarray(rows)
-    local = rows[process_rows(sharding, rows.shape[0])]
-    return jax.make_array_from_process_local_data(sharding, local, rows.shape)
+    return jax.make_array_from_callback(rows.shape, sharding, lambda idx: rows[idx])
 
   return jax.tree.map(one, batch, shardings)
 

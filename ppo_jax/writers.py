@@ -280,9 +280,11 @@ class LineProgress:
 def progress_bar(total: int, desc: str, *, initial: int = 0, enabled: bool = True):
   """A tqdm bar on a terminal, ``LineProgress`` lines when stderr is a file or a pipe (a log, a
   batch job) or a terminal of no width (a pty nobody sized: tqdm would draw nothing there);
-  disabled: a no-op object with the same methods. ``initial``: steps already done."""
+  disabled (and on every process but the first): a no-op object with the same methods.
+  ``initial``: steps already done."""
   from tqdm.auto import tqdm
 
+  enabled = enabled and jax.process_index() == 0  # one bar for the job, not one per host
   lines = not sys.stderr.isatty() or _columns(sys.stderr) == 0
   if enabled and lines and "ipykernel" not in sys.modules:  # not a notebook
     return LineProgress(total, desc, initial=initial)

@@ -80,6 +80,15 @@ def _cli(*args):
     ("--config.data.prompt_overflow=drop", "config.data.prompt_overflow: unknown 'drop'; expect"),
     ("--config.task.label_noise=0", "config.task.label_noise: must be > 0"),
     ("--config.ppo.micro_batch_size=5", "config.ppo.micro_batch_size 5 does not divide the mini"),
+    ("--config.sft.micro_batch_size=5", "config.sft.micro_batch_size: 5 does not divide batch_s"),
+    (
+      "--config.distributed.process_id=1",
+      "config.distributed.process_id: needs distributed.coordinator (or JAX_COORDINATOR_ADDRESS)",
+    ),
+    (
+      ["--config.distributed.num_processes=2", "--config.distributed.process_id=2"],
+      "config.distributed.process_id: must be in [0, num_processes), got 2",
+    ),
     ("--config.ppo.optim.lr=None", "config.ppo.optim.lr: cannot be None"),
     ("--config.model.num_heads=0", "config.model.num_heads: must be ≥ 1, got 0"),
     ("--config.model.num_kv_heads=0", "config.model.num_kv_heads: must be ≥ 1 (none: num_heads)"),

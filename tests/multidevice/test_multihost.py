@@ -195,3 +195,48 @@ def test_dpo_in_two_processes_matches_one(tmp_path, one_process, lora_rank):
   assert sorted(p.name for p in (multi / "dpo_checkpoints").iterdir()) == sorted(
     p.name for p in (single / "dpo_checkpoints").iterdir()
   )
+
+
+def test_placement_across_two_processes():
+  """``sharding.place`` of a typed PRNG key (it has no NumPy form: it raised a TypeError) and
+  ``place_batch`` on a mesh whose batch blocks of one process are not contiguous (as a TPU pod's
+  topology-ordered mesh gives: it raised 'non-contiguous rows'): every process reads back the
+  values placed."""
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PPO_JAX_MULTIDEVICE")}
+  script = pathlib.Path(__file__).with_name("two_process_placement.py")
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(i), str(port)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env={**env, "PYTHONPATH": str(ROOT)},
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  got = [json.loads(out.splitlines()[-1]) for out, _ in outs]
+  import jax
+
+  want_key = np.asarray(jax.random.key_data(jax.random.key(7))).tolist()
+  rows = np.arange(16).reshape(8, 2).tolist()
+  for g in got:
+    assert g["key_typed"] and g["key_data"] == want_key
+    assert g["w"] == np.arange(8.0).reshape(4, 2).tolist() and g["batch"] == rows
+  assert got[0]["first_rows_held"] == [0, 4] and got[1]["first_rows_held"] == [2, 6]
+
+
+def test_an_error_of_process_0_alone_ends_the_job(tmp_path):
+  """Process 0 fails writing a file (a folder in the way of summary.json: a full disk would do)
+  while process 1 goes on: process 0 said it in one line and exits at once (it hung in
+  jax.distributed's shutdown barrier while process 1 waited for it in a collective), and process
+  1 then fails too: the job ends, it does not hang."""
+  (tmp_path / "summary.json").mkdir(parents=True)
+  procs = _launch_two(tmp_path)
+  outs = [p.communicate(timeout=240) for p in procs]
+  assert procs[0].returncode == 1 and procs[1].returncode != 0
+  err0 = outs[0][1].strip().splitlines()
+  assert err0[-1].startswith("ppo-jax: error: IsADirectoryError: ") and "summary.json" in err0[-1]

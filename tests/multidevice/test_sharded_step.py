@@ -205,10 +205,9 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     assert x.sharding.is_equivalent_to(sh, x.ndim)
 
 
-def test_process_rows_and_place_batch_on_one_process():
+def test_place_batch_on_one_process():
   mesh = shd.make_mesh((2, 2, 2))
   sh = shd.batch_sharding(mesh, 2)
-  assert shd.process_rows(sh, B) == slice(0, B)  # one process holds every row
   x = shd.place_batch({"ids": PROMPTS}, sh)["ids"]
   assert x.sharding == sh and np.array_equal(np.asarray(x), PROMPTS)
   rows = {tuple(range(B))[i[0]] for i in sh.addressable_devices_indices_map((B, P)).values()}
@@ -231,6 +230,15 @@ def test_indivisible_batch_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"config\.rm\.batch_size 12 is not divisible by the mesh"):
     pipeline.run(config, tmp_path / "w")
   assert not (tmp_path / "w" / "sft").exists() and not (tmp_path / "w" / "sft_checkpoints").exists()
+  # DPO's batch cut to its training pairs (38 of 40), and its micro-batches: before SFT too.
+  config = load_experiment(root / "experiments" / "dpo.py", "smoke")
+  config.mesh.shape, config.task.num_pairs, config.dpo.batch_size = (4, 2, 1), 40, 64
+  with pytest.raises(ValueError, match=r"dpo\.batch_size \(cut to its 38 training rows\) 38 is"):
+    pipeline.run(config, tmp_path / "d")
+  config.task.num_pairs, config.dpo.batch_size, config.dpo.micro_batch_size = 4096, 32, 4
+  with pytest.raises(ValueError, match=r"dpo micro-batch \(config\.dpo\.micro_batch_size\) 4 is"):
+    pipeline.run(config, tmp_path / "d")
+  assert not (tmp_path / "d" / "sft").exists() and not (tmp_path / "d" / "sft_checkpoints").exists()
 
 
 def test_dimension_that_does_not_divide_is_replicated_not_wrong(capsys):
