@@ -208,15 +208,17 @@ class Checkpointer:
     *,
     only: tuple[str, ...] | None = None,
     check: Callable[[dict[str, Any]], None] | None = None,
+    limit: str | None = None,
   ):
     """``(state, saved record)`` of the latest checkpoint, or None when there is none.
 
     Refuses (one ValueError line) a checkpoint whose config differs from ``record["config"]`` in
     a field that matters (``config_differences``, with ``defaults`` for fields added since the
     save, and ``only`` to compare only some sections), then one that ``check(saved record)``
-    raises for, then one past step ``iterations`` (the run would do nothing). ``like_state`` may
-    hold arrays or ``jax.ShapeDtypeStruct``s with shardings (nothing allocated before the read).
-    """
+    raises for, then one past step ``iterations`` (the run would do nothing; ``limit``: what
+    gives ``iterations``, as the refusal says it, default ``ppo.iterations=N``). ``like_state``
+    may hold arrays or ``jax.ShapeDtypeStruct``s with shardings (nothing allocated before the
+    read)."""
     step = self.latest_step()
     if step is None:
       return None
@@ -225,7 +227,7 @@ class Checkpointer:
     check_same_start(saved_record, record, self.directory)
     if check is not None:
       check(saved_record)
-    self._check_step(step, iterations)
+    self.check_step(step, iterations, limit)
     out = self.restore(like_state, step)
     say(f"resuming from the checkpoint of step {step} in {self.directory}")
     return out
@@ -251,14 +253,16 @@ class Checkpointer:
         " new workdir or the original config"
       )
     if iterations is not None:
-      self._check_step(step, iterations)
+      self.check_step(step, iterations)
     return saved_record
 
-  def _check_step(self, step: int, iterations: int) -> None:
+  def check_step(self, step: int, iterations: int, limit: str | None = None) -> None:
+    """Refuses (one line) a checkpoint of ``step``, past the run's last step ``iterations``
+    (``limit``: what gives it, as said; default ``ppo.iterations=N``)."""
     if step > iterations:
       raise ValueError(
-        f"{self.directory} holds step {step}, past ppo.iterations={iterations}; raise it to go"
-        " on, or `ppo-jax export --step` an earlier checkpoint"
+        f"{self.directory} holds step {step}, past {limit or f'ppo.iterations={iterations}'}; "
+        "raise it to go on, or `ppo-jax export --step` an earlier checkpoint"
       )
 
   def _check_layout(self, step: int, target) -> None:

@@ -160,6 +160,8 @@ def run_command(parser, fn, argv: list[str]) -> int:
   # is kept and said. Remembered too, for when Python discards the exception (command_stop).
   previous = {}
   for sig in (signal.SIGINT, signal.SIGTERM):
+    if signal.getsignal(sig) is signal.SIG_IGN:  # started ignoring it (`nohup`, a shell's `&`)
+      continue
     with contextlib.suppress(ValueError):  # not the main thread: the signals keep their handlers
       previous[sig] = signal.signal(sig, preemption.command_stop)
   preemption.pending_stop()  # none from an earlier command of this process

@@ -24,7 +24,7 @@ from ppo_jax import (
   preemption,
   rl,
   stage_checkpoints,
-  supervised,
+  supervised_step,
   synthetic,
   writers,
 )
@@ -323,7 +323,7 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
       section, rows = getattr(s, stage), inputs.loaded[key]
       total = len(rows[0] if key == "preferences" else rows)
       n = len(split_holdout(total, section.eval_fraction, seed=s.seed)[0])
-      supervised.check_mesh_rows(section, n, mesh, stage)
+      supervised_step.check_mesh_rows(section, n, mesh, stage)
   if shd.is_main_process():  # after the refusals that need no training: the config of the outputs
     (workdir / "summary.json").unlink(missing_ok=True)  # an earlier run's: this one writes its own
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")

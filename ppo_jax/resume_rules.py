@@ -22,9 +22,16 @@ NO_RESULT = (
   "distributed.",
 )
 # Config fields that may change between a run and its resumption: those, and what extends or
-# evaluates the run otherwise (data.eval_prompts: DPO's; PPO's checkpoints refuse another number
-# of held-out rows, rl.check_same_prompts, since they are the prompt file's first rows).
-RESUMABLE_CHANGES = ("ppo.iterations", "data.eval_prompts", "dpo.eval_every", *NO_RESULT)
+# evaluates the run otherwise (ppo.iterations and dpo.epochs: a decaying schedule is stretched to
+# the new end; data.eval_prompts: DPO's; PPO's checkpoints refuse another number of held-out
+# rows, rl.check_same_prompts, since they are the prompt file's first rows).
+RESUMABLE_CHANGES = (
+  "ppo.iterations",
+  "dpo.epochs",
+  "data.eval_prompts",
+  "dpo.eval_every",
+  *NO_RESULT,
+)
 # Fields a run never read, by algorithm, task and reward source: a run saved with them set
 # resumes with them unset (they are refused for it now, and were ignored then).
 UNREAD_BY = {"grpo": ("ppo.whiten_rewards",), "rloo": ("ppo.whiten_rewards",)}

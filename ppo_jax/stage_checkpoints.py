@@ -43,10 +43,12 @@ class Checkpoints:
   save_at_end: bool = True
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-  def resume(self, record: dict[str, Any], like, total: int):
-    """``(params, opt_state, step, nonfinite_streak)`` of the stage's latest checkpoint (None
-    without one), read onto ``like``'s shapes; refuses one of another config or of other training
-    data. ``nonfinite_streak``: the updates skipped in a row just before it was saved."""
+  def resume(self, record: dict[str, Any], like, total: int, *, limit: str):
+    """``(params, opt_state, step, nonfinite_streak, total then)`` of the stage's latest
+    checkpoint (None without one), read onto ``like``'s shapes; refuses one of another config, of
+    other training data, or past step ``total`` (``limit``: the setting that gives it).
+    ``nonfinite_streak``: the updates skipped in a row just before it was saved; ``total then``:
+    the stage's steps when it was saved (None in records from before they were kept)."""
 
     def same_data(saved):
       if (saved.get("rows"), saved.get("data")) != (record["rows"], record["data"]):
@@ -57,13 +59,13 @@ class Checkpoints:
         )
 
     resumed = self.checkpointer.resume(
-      like, record, total, self.defaults, only=self.fields, check=same_data
+      like, record, total, self.defaults, only=self.fields, check=same_data, limit=limit
     )
     if resumed is None:
       return None
     state, saved = resumed
     streak = int(saved.get("nonfinite_streak", 0))  # absent from older checkpoints
-    return state["params"], state["opt_state"], int(saved["step"]), streak
+    return state["params"], state["opt_state"], int(saved["step"]), streak, saved.get("total")
 
 
 def fingerprint(*arrays: np.ndarray) -> str:

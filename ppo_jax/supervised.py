@@ -23,12 +23,18 @@ from ppo_jax.actor_critic import policy_logits, reward_scores
 from ppo_jax.data import Sequences
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_count, masked_mean
-from ppo_jax.optim import OptimHparams, learning_rate, make_optimizer
+from ppo_jax.optim import (
+  OptimHparams,
+  horizon_change,
+  learning_rate,
+  make_optimizer,
+  schedule_count,
+)
 from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requested
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.rows import batch_indices
 from ppo_jax.stage_checkpoints import Checkpoints
-from ppo_jax.supervised_step import COUNTS, make_step, weight_of, with_frozen
+from ppo_jax.supervised_step import COUNTS, check_mesh_rows, make_step, weight_of, with_frozen
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -68,6 +74,10 @@ class SupervisedHparams:
     while rows % n:
       n += 1
     return n
+
+  def steps_said(self, n_train: int, name: str) -> str:
+    """``the N steps of NAME.epochs=E``: what a checkpoint past them is refused with."""
+    return f"the {self.steps(n_train)} steps of {name}.epochs={self.epochs}"
 
   def steps(self, n_train: int) -> int:
     """Optimizer steps for ``epochs`` passes over ``n_train`` rows, in batches of ``batch_size``
@@ -278,10 +288,15 @@ def train(
       "params": shd.abstract(params, param_sh),
       "opt_state": shd.abstract(jax.eval_shape(tx.init, params), opt_sh),
     }
-    resumed = checkpoints.resume(record, like, total)
+    resumed = checkpoints.resume(record, like, total, limit=hp.steps_said(n_train, name))
   streak = 0  # updates skipped in a row, carried over a resume
   if resumed is not None:
-    params, opt_state, start, streak = resumed
+    params, opt_state, start, streak, was = resumed
+    if was is not None and was != total:  # another number of epochs (dpo.epochs may change)
+      count = int(schedule_count(opt_state))
+      change = horizon_change(hp.optim, count, old_steps=was, new_steps=total)
+      rate = f"; its {change}" if change else ""
+      writers.say(f"{name} now ends at step {total}, not {was}{rate}")
   else:  # copied: the step donates them, and they may share buffers with a live model
     start = 0
     params = jax.tree.map(jnp.copy, params if mesh is None else shd.place(params, param_sh))
@@ -315,7 +330,7 @@ def train(
     at_end = done == total and checkpoints is not None and checkpoints.save_at_end
     if ckpt is not None and (at_end or stop or (every and done % every == 0)):
       state = {"params": params, "opt_state": opt_state}
-      ckpt.save(done, state, {**record, "step": done, "nonfinite_streak": streak})
+      ckpt.save(done, state, {**record, "step": done, "nonfinite_streak": streak, "total": total})
     if stop:
       if ckpt is not None:
         ckpt.wait()
@@ -330,18 +345,6 @@ def train(
   if ckpt is not None:
     ckpt.wait()
   return params, history
-
-
-def check_mesh_rows(hp: SupervisedHparams, n_train: int, mesh, name: str) -> None:
-  """Refuses a step whose batch, or micro-batch, of the ``n_train`` training rows does not split
-  evenly over the ``mesh``'s batch axes (``config.NAME.*`` named)."""
-  batch_size = min(hp.batch_size, n_train)
-  cut = f" (cut to its {n_train} training rows)" if batch_size < hp.batch_size else ""
-  shd.check_batch(batch_size, mesh, f"config.{name}.batch_size{cut}")
-  micro = batch_size // hp.micro_batches(batch_size)
-  if micro < batch_size:
-    what = f"the rows of a {name} micro-batch (config.{name}.micro_batch_size)"
-    shd.check_batch(micro, mesh, what)
 
 
 def _batch_sh(batch: Batch, mesh) -> dict:

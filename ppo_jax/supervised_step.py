@@ -1,5 +1,5 @@
 """The jitted step of the supervised stages (SFT, reward model, DPO), whole-batch or accumulated
-over micro-batches.
+over micro-batches, and the check that its batches split over a mesh (``check_mesh_rows``).
 
 A loss here is a mean over its batch's weight: tokens for SFT (``num_tokens`` in its metrics),
 pairs for the reward model and DPO (``num_pairs``), rows otherwise. Micro-batches ``i`` of
@@ -15,7 +15,7 @@ gradients are summed weighted and divided once at the end.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ from flax import nnx
 
 from ppo_jax import sharding as shd
 from ppo_jax.optim import schedule_count
+
+if TYPE_CHECKING:
+  from ppo_jax.supervised import SupervisedHparams
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -111,3 +114,15 @@ def make_step(
 def with_frozen(params, frozen):
   """What a loss reads: ``params``, or ``(params, frozen)`` (``nnx.merge``'s states in order)."""
   return params if frozen is None else (params, frozen)
+
+
+def check_mesh_rows(hp: SupervisedHparams, n_train: int, mesh, name: str) -> None:
+  """Refuses a step whose batch, or micro-batch, of the ``n_train`` training rows does not split
+  evenly over the ``mesh``'s batch axes (``config.NAME.*`` named)."""
+  batch_size = min(hp.batch_size, n_train)
+  cut = f" (cut to its {n_train} training rows)" if batch_size < hp.batch_size else ""
+  shd.check_batch(batch_size, mesh, f"config.{name}.batch_size{cut}")
+  micro = batch_size // hp.micro_batches(batch_size)
+  if micro < batch_size:
+    what = f"the rows of a {name} micro-batch (config.{name}.micro_batch_size)"
+    shd.check_batch(micro, mesh, what)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from ppo_jax import checkpoint, data, resume_rules, stage_checkpoints, supervised
+from ppo_jax import checkpoint, data, resume_rules, stage_checkpoints, supervised_step
 from ppo_jax import sharding as shd
 from ppo_jax.compat import (
   check_positions,
@@ -57,7 +57,7 @@ def preflight(s: Settings):
     if s.algo != "dpo" or s.data.eval_prompts:  # DPO samples evaluations in these batches
       shd.check_batch(s.ppo_run.batch_size, mesh, "config.ppo.batch_size")
     if s.algo == "dpo":
-      supervised.check_mesh_rows(s.dpo, s.dpo.batch_size, mesh, "dpo")
+      supervised_step.check_mesh_rows(s.dpo, s.dpo.batch_size, mesh, "dpo")
   for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
     if path and (field != "config.reward.fn" or s.reward.source == "function"):
       load_reward_fn(path, what=field)
@@ -242,6 +242,9 @@ def check_workdir(
         if prefix:
           only = stage_checkpoints.stage_fields(prefix[:-1], config)
           saved = ckpt.check_config(config, None, defaults, only=only)
+          if stage == "dpo" and "rows" in saved:  # fewer dpo.epochs than done: before SFT too
+            steps = s.dpo.steps(saved["rows"])
+            ckpt.check_step(ckpt.latest_step(), steps, s.dpo.steps_said(saved["rows"], "dpo"))
         else:
           saved = ckpt.check_config(config, s.ppo_run.iterations, defaults)
       if stage != "sft":  # and the SFT policy they started from, before SFT trains again

@@ -311,8 +311,17 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
   assert "--reward-model" in capsys.readouterr().out
 
 
+@pytest.fixture
+def terminal_sigint():
+  """SIGINT as in a terminal, Python's KeyboardInterrupt (a background job, as CI runs the tests,
+  starts with it ignored); put back after the test."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
 def test_a_failed_sample_keeps_what_it_wrote_beside_the_file_it_would_write(
-  folders, tmp_path, capsys
+  folders, tmp_path, capsys, terminal_sigint
 ):
   """The scorer fails on the second batch: --out is not written (a rerun may write it), the
   first batch's rows are kept in OUT.partial and stderr says so; a rerun refuses to replace them
@@ -363,6 +372,11 @@ def test_a_failed_sample_keeps_what_it_wrote_beside_the_file_it_would_write(
   assert err[-1] == "ppo-jax sample: interrupted by SIGTERM" and len(_rows(partial)) == 3
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  # Started with SIGINT ignored (nohup, a shell's `&`): it stays ignored.
+  partial.unlink()
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  assert cli(two) == 0 and len(_rows(out)) == 5
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_empty_prompts_are_sampled_from_nothing(folders, tmp_path):
