@@ -249,6 +249,14 @@ class Sequences:
   def take(self, idx: np.ndarray) -> Sequences:
     return Sequences(self.ids[idx], self.mask[idx], self.response_mask[idx], self.truncated)
 
+  def prompt_groups(self) -> np.ndarray:
+    """A group id per row: rows of the same prompt tokens share one (``rows.split_holdout``
+    holds out whole prompts)."""
+    width = self.ids.shape[1] - self.response_mask.shape[1]
+    mask = self.mask[:, :width]
+    prompts = np.concatenate([self.ids[:, :width] * mask, mask], 1)  # padding of any value alike
+    return np.unique(prompts, axis=0, return_inverse=True)[1].reshape(-1)
+
 
 def encode_pairs(
   tokenizer: Any,

@@ -321,8 +321,9 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
   for stage, key in sections:  # and their batches over the mesh, before SFT trains
     if will[stage] and mesh is not None and key in inputs.loaded:
       section, rows = getattr(s, stage), inputs.loaded[key]
-      total = len(rows[0] if key == "preferences" else rows)
-      n = len(split_holdout(total, section.eval_fraction, seed=s.seed)[0])
+      seqs = rows[0] if key == "preferences" else rows  # the chosen side's prompts, or SFT's
+      groups = seqs.prompt_groups()
+      n = len(split_holdout(len(seqs), section.eval_fraction, seed=s.seed, groups=groups)[0])
       supervised_step.check_mesh_rows(section, n, mesh, stage)
   if shd.is_main_process():  # after the refusals that need no training: the config of the outputs
     (workdir / "summary.json").unlink(missing_ok=True)  # an earlier run's: this one writes its own

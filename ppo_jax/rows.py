@@ -25,8 +25,33 @@ def batch_indices(n: int, batch_size: int, step: int, *, seed: int) -> np.ndarra
   return np.asarray(out, np.int64)
 
 
-def split_holdout(n: int, fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """(train, held-out) row indices; at least one held-out row when ``fraction > 0``."""
-  order = np.random.default_rng([seed, 7919]).permutation(n)
+def split_holdout(
+  n: int, fraction: float, *, seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) row indices; at least one held-out row when ``fraction > 0``, never all.
+
+  ``groups``: a group id per row (``data.prompt_groups``: rows of one prompt). Whole groups are
+  held out, drawn in a seeded order until ``fraction`` of the rows are (a group that would leave
+  no training row is passed over), so a prompt's other responses are not trained on while its
+  held-out ones measure generalisation. With every row its own group (or none given) the split
+  is the row split. Data of a single prompt cannot be split so: then by rows.
+  """
   k = min(max(round(n * fraction), 1 if fraction > 0 else 0), n - 1)
-  return np.sort(order[k:]), np.sort(order[:k])
+  if groups is None or k == 0:
+    groups = np.arange(n)
+  ids, groups = np.unique(groups, return_inverse=True)
+  order = np.random.default_rng([seed, 7919]).permutation(len(ids))
+  if len(ids) == n:  # one row per group: the row split (np.unique sorted them as rows)
+    return np.sort(order[k:]), np.sort(order[:k])
+  sizes = np.bincount(groups, minlength=len(ids))
+  held, count = [], 0
+  for g in order:
+    if count >= k:
+      break
+    if count + sizes[g] < n:
+      held.append(g)
+      count += sizes[g]
+  if not held:  # one prompt for every row
+    return split_holdout(n, fraction, seed=seed)
+  is_held = np.isin(groups, held)
+  return np.flatnonzero(~is_held), np.flatnonzero(is_held)

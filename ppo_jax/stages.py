@@ -98,7 +98,8 @@ def load_preference_split(
   chosen, rejected, rows = inputs.loaded.pop("preferences", None) or read_preferences(
     inputs, layout
   )
-  train_idx, eval_idx = split_holdout(len(chosen), eval_fraction, seed=seed)
+  groups = chosen.prompt_groups()  # a prompt's pairs all train or all are held out
+  train_idx, eval_idx = split_holdout(len(chosen), eval_fraction, seed=seed, groups=groups)
   if shd.is_main_process():  # none held out: an earlier run's file would name training rows
     held_out.unlink(missing_ok=True)
     if len(eval_idx):
@@ -242,7 +243,8 @@ def run_sft(
   seqs = inputs.loaded.pop("sft", None)
   if seqs is None:  # a library caller's Inputs: the pipeline reads it before any stage trains
     seqs = data.load_sft(inputs.sft, inputs.tokenizer, layout)
-  train_idx, eval_idx = split_holdout(len(seqs), s.sft.eval_fraction, seed=s.seed)
+  groups = seqs.prompt_groups()  # a prompt's responses all train or all are held out
+  train_idx, eval_idx = split_holdout(len(seqs), s.sft.eval_fraction, seed=s.seed, groups=groups)
   train_set, eval_set = seqs.take(train_idx), seqs.take(eval_idx)
   print(
     f"{len(train_set)} training and {len(eval_set)} held-out pairs from {inputs.sft}"

@@ -459,6 +459,30 @@ def test_holdout_split_is_disjoint_and_keeps_a_training_row():
   assert len(row_order.split_holdout(10, 0.0, seed=0)[1]) == 0
 
 
+def test_holdout_split_keeps_each_prompt_on_one_side():
+  """Two to four responses per prompt: held-out rows are whole prompts (none of their responses
+  trained on), about the fraction asked; prompts of one row each give the row split; data of one
+  prompt is split by rows."""
+  rng = np.random.default_rng(0)
+  groups = np.repeat(np.arange(40), rng.integers(2, 5, 40))
+  n = len(groups)
+  train, held = row_order.split_holdout(n, 0.2, seed=3, groups=groups)
+  assert sorted([*train, *held]) == list(range(n))
+  assert not set(groups[train]) & set(groups[held])
+  assert round(0.2 * n) <= len(held) < round(0.2 * n) + 4  # at most one group over
+  for seed in range(3):
+    plain = row_order.split_holdout(30, 0.2, seed=seed)
+    distinct = row_order.split_holdout(30, 0.2, seed=seed, groups=np.arange(30)[::-1] * 7)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, distinct, strict=True))
+  train, held = row_order.split_holdout(10, 0.2, seed=0, groups=np.zeros(10, int))
+  assert len(held) == 2 and len(train) == 8
+  # Prompt groups of encoded rows: equal prompt tokens, whatever the padding holds.
+  ids = np.array([[0, 5, 6, 1], [9, 5, 6, 2], [0, 0, 5, 1], [7, 7, 5, 1]])
+  mask = np.array([[0, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+  g = data.Sequences(ids, mask, np.ones((4, 1))).prompt_groups()
+  assert g[0] == g[1] and len(set(g.tolist())) == 3  # row 2: a real 0 where 0, 1 pad
+
+
 def test_preferences_with_no_preference_are_refused(tmp_path):
   same = [{"prompt": "good", "chosen": "film", "rejected": "film"}] * 2
   with pytest.raises(data.DataError, match=r"every pair has chosen == rejected"):
