@@ -12,6 +12,7 @@ import shutil
 from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from ppo_jax import data, dpo, stage_checkpoints, supervised, writers
@@ -108,6 +109,14 @@ def load_preference_split(
     f"{len(train_idx)} training and {len(eval_idx)} held-out preference pairs from "
     f"{inputs.preferences}" + (f" (held-out rows in {held_out})" if len(eval_idx) else "")
   )
+  if cut := chosen.truncated + rejected.truncated:
+    # Cut responses lose their EOS; two that share their first tokens become one sequence.
+    same = int(np.sum(np.all((chosen.ids == rejected.ids) & (chosen.mask == rejected.mask), 1)))
+    print(
+      f"note: {cut} of the {2 * len(chosen)} responses cut at {layout.response_len} tokens "
+      "(data.max_response_len)"
+      + (f"; {same} pairs are then the same sequence twice (no preference to learn)" * bool(same))
+    )
   return (chosen.take(train_idx), rejected.take(train_idx)), (
     chosen.take(eval_idx),
     rejected.take(eval_idx),

@@ -34,6 +34,28 @@ def test_long_response_is_cut_and_counted(tmp_path):
   assert seqs.truncated == 1
 
 
+def test_preference_responses_cut_into_one_sequence_are_said(tmp_path, capsys):
+  """Responses cut at 3 tokens lose their EOS; a pair whose responses share their first 3 tokens
+  becomes one sequence twice, which teaches nothing: both are counted when the split is made."""
+  import types
+
+  from ppo_jax.stages import load_preference_split
+
+  rows = [
+    {"prompt": "good", "chosen": "bad plot film good", "rejected": "bad plot film bad"},
+    {"prompt": "film", "chosen": "good", "rejected": "bad"},
+    {"prompt": "plot", "chosen": "good film bad plot", "rejected": "bad"},
+  ]
+  path = _jsonl(tmp_path / "pairs.jsonl", rows)
+  inputs = types.SimpleNamespace(preferences=str(path), tokenizer=TOK, loaded={})
+  load_preference_split(inputs, LAYOUT, 0.0, 0, tmp_path / "held_out.jsonl")
+  out = capsys.readouterr().out.splitlines()
+  assert out[-1] == (
+    "note: 3 of the 6 responses cut at 3 tokens (data.max_response_len); 1 pairs are then the "
+    "same sequence twice (no preference to learn)"
+  )
+
+
 def test_long_prompt_is_refused_or_keeps_its_end(capsys):
   with pytest.raises(data.DataError, match=r"row 1: prompt of 4 tokens .* data.max_prompt_len=3"):
     data.encode_prompts(TOK, ["good film bad plot"], LAYOUT)
