@@ -171,6 +171,7 @@ def _encode_rendered(
 ) -> tuple[np.ndarray, np.ndarray]:
   # The chat template writes the special tokens it wants (BOS, turn headers).
   encoded = tokenizer(texts, add_special_tokens=not layout.chat)["input_ids"]
+  head = 0 if layout.chat else _added_head(tokenizer)  # a BOS the tokenizer puts first
   P = layout.prompt_len
   if fit:
     P = min(P, max(1, max(map(len, encoded), default=0)))  # a column even for empty prompts
@@ -184,12 +185,16 @@ def _encode_rendered(
           f"{conversations.place(places, i, source)}: prompt of {len(toks)} tokens "
           f"is longer than {layout.limit.format(P=P)}"
         )
-      toks, cut = toks[-P:], cut + 1
+      keep = head if head < P else 0  # the BOS stays, the text keeps its end
+      toks, cut = toks[:keep] + toks[len(toks) - (P - keep) :], cut + 1
     if toks:
       ids[i, P - len(toks) :] = toks
       mask[i, P - len(toks) :] = 1
   if cut:
-    print(f"{source}: {cut} of {len(texts)} prompts longer than {P} tokens keep their last {P}")
+    kept = (
+      f"their first {head} (the tokenizer's BOS) and last {P - head}" if head else f"their last {P}"
+    )
+    print(f"{source}: {cut} of {len(texts)} prompts longer than {P} tokens keep {kept}")
   unk = getattr(tokenizer, "unk_token_id", None)
   special = {getattr(tokenizer, f"{k}_token_id", None) for k in ("eos", "bos", "pad")}
   if unk in special:  # GPT-2's unknown token is its EOS: an id a template may write
@@ -200,6 +205,13 @@ def _encode_rendered(
       f"as {tokenizer.unk_token})"
     )
   return ids, mask
+
+
+def _added_head(tokenizer: Any) -> int:
+  """How many tokens the tokenizer puts before a text of its own (a BOS): 0 for GPT-2's."""
+  plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+  full = tokenizer("a", add_special_tokens=True)["input_ids"]
+  return next((h for h in range(len(full)) if full[h : h + len(plain)] == plain), 0)
 
 
 def encode_responses(

@@ -70,6 +70,19 @@ def test_long_prompt_is_refused_or_keeps_its_end(capsys):
   assert capsys.readouterr().out == (
     f"p.jsonl: 2 of 3 prompts hold text the tokenizer does not know (read as {TOK.unk_token})\n"
   )
+  # A tokenizer that puts BOS first (Llama's, Gemma's): the cut keeps it, and the text's end.
+  from tokenizers import processors
+
+  bos_first = build_word_tokenizer(["good", "film", "bad", "plot"])
+  bos_first.backend_tokenizer.post_processor = processors.TemplateProcessing(
+    single="<bos> $A", special_tokens=[("<bos>", 2)]
+  )
+  ids, _ = data.encode_prompts(bos_first, ["good film bad plot", "good"], cut, source="p.jsonl")
+  np.testing.assert_array_equal(ids, [[2, 6, 7], [0, 2, 4]])
+  assert capsys.readouterr().out == (
+    "p.jsonl: 1 of 2 prompts longer than 3 tokens keep their first 1 (the tokenizer's BOS) and "
+    "last 2\n"
+  )
 
 
 CHAT_TOK = build_word_tokenizer(
