@@ -30,7 +30,7 @@ from ppo_jax import (
 )
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import build_critic
-from ppo_jax.compat import check_compatible, ordinary_stop_ids
+from ppo_jax.compat import check_compatible, ordinary_stop_ids, turn_end_note
 from ppo_jax.config import Settings, base_config
 from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.models import CausalLM, RewardModel
@@ -305,6 +305,8 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
     policy = init_policy(s, tok, max_len)
   hp = dataclasses.replace(hp, extra_eos_token_ids=policy.cfg.extra_eos_token_ids)
   if note := ordinary_stop_ids(tok, hp.stop_ids):
+    print(note)
+  if s.data.chat_template and (note := turn_end_note(tok, hp.stop_ids)):
     print(note)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))
   print(

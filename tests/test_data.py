@@ -95,6 +95,25 @@ CHAT_TOK.chat_template = (  # ids: <sys> 8, <user> 9, <bot> 10, <end> 11
 )
 
 
+def test_a_template_turn_end_other_than_eos_is_noted():
+  """Gemma's template ends an assistant turn with <end_of_turn>, its tokenizer's EOS is <eos>:
+  responses trained to end with EOS end otherwise than the template's turns, said in one line
+  (nothing when the turn's end is no special token, as CHAT_TOK's <end> here)."""
+  from ppo_jax.compat import turn_end_note
+
+  assert turn_end_note(CHAT_TOK, (1,)) is None
+  tok = build_word_tokenizer(["good", "<user>", "<bot>", "<end>"])
+  tok.chat_template = CHAT_TOK.chat_template
+  tok.add_special_tokens({"additional_special_tokens": ["<end>"]})
+  end = tok.convert_tokens_to_ids("<end>")
+  assert turn_end_note(tok, (1,)) == (
+    f"note: the chat template ends an assistant turn with <end> (id {end}), not the tokenizer's "
+    "EOS <eos> (id 1): SFT, reward-model and DPO responses end with EOS; sampling does not stop "
+    "at it either"
+  )
+  assert turn_end_note(tok, (1, end)).endswith("responses end with EOS")
+
+
 def test_chat_template_wraps_prompts_and_the_response_closes_the_turn(tmp_path):
   path = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "good", "response": "bad plot"}])
   chat = data.Layout(prompt_len=6, response_len=3, pad_id=0, eos_id=11, chat=True)
