@@ -81,6 +81,12 @@ def read_objects(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
         raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
       if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+      if "\\ud" in line.lower():  # a \uXXXX escape of half an emoji (a UTF-16 surrogate)?
+        try:
+          json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+          half = f"\\u{ord(e.object[e.start]):04x} is half a character (a lone surrogate)"
+          raise DataError(f"{path}:{lineno}: {half}") from None
       rows.append((f"{path}:{lineno}", row))
   if not rows:
     raise DataError(f"{path}: no rows")

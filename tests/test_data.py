@@ -27,6 +27,18 @@ def test_prompts_left_padded_and_responses_right_padded_with_eos(tmp_path):
   assert seqs.truncated == 0
 
 
+def test_half_an_emoji_is_named_with_its_line(tmp_path):
+  """A JSON escape of a lone UTF-16 surrogate (scraped chat dumps hold them) decodes as JSON
+  but no tokenizer takes it (a TypeError naming no row): named with FILE:LINE; a whole pair
+  reads."""
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"prompt": "ok \\ud83d\\ude00"}\n{"prompt": "hi \\ud83d there"}\n')
+  with pytest.raises(data.DataError, match=r"p\.jsonl:2: \\ud83d is half a character"):
+    data.read_objects(path)
+  path.write_text('{"prompt": "ok \\ud83d\\ude00"}\n')
+  assert data.read_objects(path)[0][1] == {"prompt": "ok \U0001f600"}
+
+
 def test_long_response_is_cut_and_counted(tmp_path):
   path = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "good", "response": "bad plot film good"}])
   seqs = data.load_sft(path, TOK, LAYOUT)
