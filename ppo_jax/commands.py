@@ -168,14 +168,11 @@ def run_command(parser, fn, argv: list[str]) -> int:
   try:
     fn(**vars(args))
     if stop := preemption.pending_stop():  # came, was discarded, and the command finished
-      by = "SIGTERM" if stop == signal.SIGTERM else "Ctrl-C"
-      print(f"{parser.prog}: {by} came as it finished: its output is whole", file=sys.stderr)
-      return 143 if stop == signal.SIGTERM else 130
+      return _stopped(parser.prog, stop, "{by} came as it finished: its output is whole")
   except KeyboardInterrupt as e:  # Ctrl-C: no traceback (what was written is said by the command)
     preemption.pending_stop()
-    by = "SIGTERM" if isinstance(e, preemption.Terminated) else "Ctrl-C"
-    print(f"{parser.prog}: interrupted by {by}", file=sys.stderr)
-    return 143 if by == "SIGTERM" else 130
+    term = isinstance(e, preemption.Terminated)
+    return _stopped(parser.prog, signal.SIGTERM if term else signal.SIGINT, "interrupted by {by}")
   except (ValueError, OSError, RewardError) as e:
     message = _one_line(e)
     for field in FLAG_FIELDS:
@@ -188,6 +185,14 @@ def run_command(parser, fn, argv: list[str]) -> int:
     for sig, handler in previous.items():  # None: one installed from C, Python cannot put back
       signal.signal(sig, signal.SIG_DFL if handler is None else handler)
   return 0
+
+
+def _stopped(prog: str, signum: int, line: str) -> int:
+  """Says ``line`` (``{by}``: SIGTERM or Ctrl-C) and gives the exit status: 143 for SIGTERM,
+  130 for Ctrl-C."""
+  term = signum == signal.SIGTERM
+  print(f"{prog}: " + line.format(by="SIGTERM" if term else "Ctrl-C"), file=sys.stderr)
+  return 143 if term else 130
 
 
 def _check_flag_names(parser, argv: list[str]) -> None:

@@ -143,7 +143,9 @@ def turn_end_note(tokenizer: Any, stop_ids: tuple[int, ...]) -> str | None:
   if mark not in text:
     return None
   after = tokenizer(text[text.index(mark) + len(mark) :], add_special_tokens=False)["input_ids"]
-  special = set(getattr(tokenizer, "all_special_ids", ()))
+  special = set(getattr(tokenizer, "all_special_ids", ()))  # and tokens added as special:
+  decoder = getattr(tokenizer, "added_tokens_decoder", {})  # Llama 3's <|eot_id|>, Phi-3's <|end|>
+  special |= {i for i, t in decoder.items() if getattr(t, "special", False)}
   end = next((i for i in after if i in special), None)
   if end is None or end == tokenizer.eos_token_id:
     return None

@@ -197,8 +197,9 @@ def _encode_rendered(
       ids[i, P - len(toks) :] = toks
       mask[i, P - len(toks) :] = 1
   if cut:
+    keep = head if head < P else 0
     kept = (
-      f"their first {head} (the tokenizer's BOS) and last {P - head}" if head else f"their last {P}"
+      f"their first {keep} (the tokenizer's BOS) and last {P - keep}" if keep else f"their last {P}"
     )
     print(f"{source}: {cut} of {len(texts)} prompts longer than {P} tokens keep {kept}")
   unk = getattr(tokenizer, "unk_token_id", None)
@@ -273,7 +274,8 @@ class Sequences:
     width = self.ids.shape[1] - self.response_mask.shape[1]
     mask = self.mask[:, :width]
     prompts = np.concatenate([self.ids[:, :width] * mask, mask], 1)  # padding of any value alike
-    return np.unique(prompts, axis=0, return_inverse=True)[1].reshape(-1)
+    rows = np.ascontiguousarray(prompts).view(np.dtype((np.void, prompts.itemsize * 2 * width)))
+    return np.unique(rows.reshape(-1), return_inverse=True)[1].reshape(-1)  # whole rows compared
 
 
 def encode_pairs(

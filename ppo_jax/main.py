@@ -214,6 +214,9 @@ def _exists(node, keys: list[str]) -> bool:
   return True
 
 
+_DISTRIBUTED: list[bool] = []  # set once jax.distributed is up: errors exit at once (_exit_alone)
+
+
 def start_distributed(d) -> None:
   """``jax.distributed.initialize`` from config, else environment; nothing if neither says so.
 
@@ -229,6 +232,7 @@ def start_distributed(d) -> None:
   import jax
 
   jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
+  _DISTRIBUTED.append(True)
   if jax.process_index() != 0:  # descriptor 1 itself: C++ libraries (gloo) write there too
     sys.stdout.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
@@ -348,10 +352,9 @@ def _exit_alone(code: int) -> int:
   """``code``; with several processes, this process exits now. A process that stops on its own
   (an error only it met: a full disk as process 0 writes) would otherwise hang the job:
   ``jax.distributed``'s shutdown waits at a barrier for the others, which wait in a collective
-  for it. Exited, it is seen gone, and the others fail at their next collective."""
-  import jax
-
-  if jax.process_count() > 1:
+  for it. Exited, it is seen gone, and the others fail at their next collective. (Asks no
+  device: an error starting them must not start them again.)"""
+  if _DISTRIBUTED:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -36,14 +36,14 @@ from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.models import CausalLM, RewardModel
 from ppo_jax.resume_rules import with_paths_resolved
 from ppo_jax.rewards import fields_taken, load_reward_fn
-from ppo_jax.rows import split_holdout
+from ppo_jax.rows import holdout_by_prompt
+from ppo_jax.stage_folders import put_back_aside, save_whole
 from ppo_jax.stages import (
   init_policy,
   read_preferences,
   run_dpo,
   run_reward_model,
   run_sft,
-  save_whole,
   with_adapters,
 )
 from ppo_jax.tokenizer import load_tokenizer
@@ -242,6 +242,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
 
 
 def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t_start: float):
+  put_back_aside(workdir)  # a stage folder a kill left renamed aside (stage_folders.saved_whole)
   defaults = json.loads(base_config().to_json_best_effort())
   now = json.loads(config.to_json_best_effort())
   try:  # refused by every process or none: one alone would leave the others in a collective
@@ -324,8 +325,7 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
     if will[stage] and mesh is not None and key in inputs.loaded:
       section, rows = getattr(s, stage), inputs.loaded[key]
       seqs = rows[0] if key == "preferences" else rows  # the chosen side's prompts, or SFT's
-      groups = seqs.prompt_groups()
-      n = len(split_holdout(len(seqs), section.eval_fraction, seed=s.seed, groups=groups)[0])
+      n = len(holdout_by_prompt(seqs, section.eval_fraction, seed=s.seed)[0])
       supervised_step.check_mesh_rows(section, n, mesh, stage)
   if shd.is_main_process():  # after the refusals that need no training: the config of the outputs
     (workdir / "summary.json").unlink(missing_ok=True)  # an earlier run's: this one writes its own

@@ -74,8 +74,8 @@ def stop_at_once() -> None:
   exception: raised inside a checkpoint save, it left orbax's threads mid-save (tracebacks, and
   an exit that waited minutes for their timeouts). What a save was writing stays in its
   temporary folder, which resuming ignores; a stage folder being written stays in its
-  ``.NAME.partial`` (``stages.saved_whole``). Written straight to the file descriptor: a signal
-  handler that interrupted a write to ``sys.stderr``'s buffer would fail to flush it."""
+  ``.NAME.partial`` (``stage_folders.saved_whole``). Written straight to the file descriptor: a
+  signal handler that interrupted a write to ``sys.stderr``'s buffer would fail to flush it."""
   try:
     os.write(2, ("\n" + STOPPED_AT_ONCE + "\n").encode())
   finally:

@@ -30,11 +30,12 @@ def split_holdout(
 ) -> tuple[np.ndarray, np.ndarray]:
   """(train, held-out) row indices; at least one held-out row when ``fraction > 0``, never all.
 
-  ``groups``: a group id per row (``data.prompt_groups``: rows of one prompt). Whole groups are
-  held out, drawn in a seeded order until ``fraction`` of the rows are (a group that would leave
-  no training row is passed over), so a prompt's other responses are not trained on while its
-  held-out ones measure generalisation. With every row its own group (or none given) the split
-  is the row split. Data of a single prompt cannot be split so: then by rows.
+  ``groups``: a group id per row (``data.Sequences.prompt_groups``: rows of one prompt). Whole
+  groups are held out, drawn in a seeded order until ``fraction`` of the rows are, passing over a
+  group that would overshoot by more than it fills (so at most twice the rows asked) or leave no
+  training row; a prompt's other responses are then not trained on while its held-out ones
+  measure generalisation. With every row its own group (or none given) the split is the row
+  split. Groups too large for that (a few prompts over all rows): by rows as well.
   """
   k = min(max(round(n * fraction), 1 if fraction > 0 else 0), n - 1)
   if groups is None or k == 0:
@@ -48,10 +49,24 @@ def split_holdout(
   for g in order:
     if count >= k:
       break
-    if count + sizes[g] < n:
+    if count + sizes[g] < n and count + sizes[g] - k <= k - count:
       held.append(g)
       count += sizes[g]
-  if not held:  # one prompt for every row
+  if not held:  # no prompt small enough
     return split_holdout(n, fraction, seed=seed)
   is_held = np.isin(groups, held)
   return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def holdout_by_prompt(seqs, fraction: float, *, seed: int, what: str | None = None) -> tuple:
+  """``split_holdout`` of ``seqs`` (``data.Sequences``) grouped by prompt; a note when its
+  prompts are too few and large to hold out whole (``what``: the data, for the note; None:
+  none)."""
+  groups = seqs.prompt_groups()
+  train, held = split_holdout(len(seqs), fraction, seed=seed, groups=groups)
+  if what and len(held) and np.isin(groups[held], groups[train]).any():
+    print(
+      f"note: {what}: {len(np.unique(groups))} prompts over {len(seqs)} rows, too few to hold "
+      "out whole ones: held out by rows (held-out metrics include prompts trained on)"
+    )
+  return train, held

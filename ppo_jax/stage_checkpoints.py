@@ -44,18 +44,18 @@ class Checkpoints:
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def resume(self, record: dict[str, Any], like, total: int, *, limit: str):
-    """``(params, opt_state, step, nonfinite_streak, total then)`` of the stage's latest
+    """``(params, opt_state, step, nonfinite_streak, saved record)`` of the stage's latest
     checkpoint (None without one), read onto ``like``'s shapes; refuses one of another config, of
     other training data, or past step ``total`` (``limit``: the setting that gives it).
-    ``nonfinite_streak``: the updates skipped in a row just before it was saved; ``total then``:
-    the stage's steps when it was saved (None in records from before they were kept)."""
+    ``nonfinite_streak``: the updates skipped in a row just before it was saved."""
 
     def same_data(saved):
       if (saved.get("rows"), saved.get("data")) != (record["rows"], record["data"]):
         raise ValueError(
           f"{self.checkpointer.directory} holds a stage trained on other data "
-          f"({saved.get('rows')} rows then, {record['rows']} now); use a new workdir or the "
-          "original data"
+          f"({saved.get('rows')} rows then, {record['rows']} now; or the same data split "
+          "otherwise: since 2026-12-06 whole prompts are held out); use a new workdir or the "
+          "original data, or delete that folder to train the stage again"
         )
 
     resumed = self.checkpointer.resume(
@@ -65,7 +65,7 @@ class Checkpoints:
       return None
     state, saved = resumed
     streak = int(saved.get("nonfinite_streak", 0))  # absent from older checkpoints
-    return state["params"], state["opt_state"], int(saved["step"]), streak, saved.get("total")
+    return state["params"], state["opt_state"], int(saved["step"]), streak, saved
 
 
 def fingerprint(*arrays: np.ndarray) -> str:

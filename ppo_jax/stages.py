@@ -4,11 +4,8 @@ it exists)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pathlib
-import shutil
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -23,7 +20,8 @@ from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, 
 from ppo_jax.models.layers import LoRAParam
 from ppo_jax.models.lora import add_lora, check_targets
 from ppo_jax.rewards import load_reward_fn
-from ppo_jax.rows import split_holdout
+from ppo_jax.rows import holdout_by_prompt
+from ppo_jax.stage_folders import save_whole, saved_whole
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -99,8 +97,8 @@ def load_preference_split(
   chosen, rejected, rows = inputs.loaded.pop("preferences", None) or read_preferences(
     inputs, layout
   )
-  groups = chosen.prompt_groups()  # a prompt's pairs all train or all are held out
-  train_idx, eval_idx = split_holdout(len(chosen), eval_fraction, seed=seed, groups=groups)
+  # A prompt's pairs all train or are all held out.
+  train_idx, eval_idx = holdout_by_prompt(chosen, eval_fraction, seed=seed, what=inputs.preferences)
   if shd.is_main_process():  # none held out: an earlier run's file would name training rows
     held_out.unlink(missing_ok=True)
     if len(eval_idx):
@@ -111,7 +109,9 @@ def load_preference_split(
   )
   if cut := chosen.truncated + rejected.truncated:
     # Cut responses lose their EOS; two that share their first tokens become one sequence.
-    same = int(np.sum(np.all((chosen.ids == rejected.ids) & (chosen.mask == rejected.mask), 1)))
+    was_cut = chosen.response_mask.all(1) & (chosen.ids[:, -1] != layout.eos_id)  # no EOS fit
+    twice = np.all((chosen.ids == rejected.ids) & (chosen.mask == rejected.mask), 1)
+    same = int(np.sum(twice & was_cut))
     print(
       f"note: {cut} of the {2 * len(chosen)} responses cut at {layout.response_len} tokens "
       "(data.max_response_len)"
@@ -164,38 +164,6 @@ def _tokenizer_ids(cfg: ModelConfig, tokenizer: Any, folder: str) -> ModelConfig
 
 # A stage's held-out metrics, beside its weights: a resumed run reports them again.
 HELD_OUT = "ppo_jax_held_out.json"
-
-
-@contextlib.contextmanager
-def saved_whole(out: pathlib.Path):
-  """Yields the hidden folder ``.NAME.partial`` beside ``out`` to write a model folder into; once
-  written it becomes ``out``, and every process waits for it. A kill mid-write leaves the partial
-  folder, never an ``out`` with weights but no tokenizer or record, which a resumed run would take
-  for finished. An ``out`` already there is renamed aside just before, and deleted after (a run
-  rewrites only an unfinished one, or its own result, which it writes again if killed between)."""
-  staging = out.with_name(f".{out.name}.partial")
-  aside = out.with_name(f".{out.name}.old")
-  main = shd.is_main_process()  # the first process writes (save_pretrained) and moves
-  if main:
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(aside, ignore_errors=True)
-  yield staging
-  if main:
-    # Renamed aside, then deleted: ``out`` is missing only between two renames, not for the
-    # seconds a large folder takes to delete.
-    if out.is_symlink() or out.is_file():
-      out.unlink()
-    elif out.exists():
-      os.replace(out, aside)
-    os.replace(staging, out)
-    shutil.rmtree(aside, ignore_errors=True)
-  shd.sync(f"saved {out.name}")  # no process reads out (its record, say) before it is there
-
-
-def save_whole(model, out: pathlib.Path, tokenizer: Any, **kw) -> None:
-  """``save_pretrained`` into ``out``, whole or not at all (``saved_whole``)."""
-  with saved_whole(out) as staging:
-    save_pretrained(model, staging, tokenizer=tokenizer, **kw)
 
 
 def _save(s: Settings, name: str, data_file: str, model, out, tokenizer: Any, held_out) -> None:
@@ -252,8 +220,8 @@ def run_sft(
   seqs = inputs.loaded.pop("sft", None)
   if seqs is None:  # a library caller's Inputs: the pipeline reads it before any stage trains
     seqs = data.load_sft(inputs.sft, inputs.tokenizer, layout)
-  groups = seqs.prompt_groups()  # a prompt's responses all train or all are held out
-  train_idx, eval_idx = split_holdout(len(seqs), s.sft.eval_fraction, seed=s.seed, groups=groups)
+  # A prompt's responses all train or are all held out.
+  train_idx, eval_idx = holdout_by_prompt(seqs, s.sft.eval_fraction, seed=s.seed, what=inputs.sft)
   train_set, eval_set = seqs.take(train_idx), seqs.take(eval_idx)
   print(
     f"{len(train_set)} training and {len(eval_set)} held-out pairs from {inputs.sft}"

@@ -34,7 +34,8 @@ from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requeste
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.rows import batch_indices
 from ppo_jax.stage_checkpoints import Checkpoints
-from ppo_jax.supervised_step import COUNTS, check_mesh_rows, make_step, weight_of, with_frozen
+from ppo_jax.supervised_eval import evaluate
+from ppo_jax.supervised_step import batch_shardings, check_mesh_rows, make_step
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -267,7 +268,7 @@ def train(
     check_mesh_rows(hp, n_train, mesh, name)
     param_sh = shd.param_shardings(params, mesh)
     opt_sh = shd.optimizer_shardings(tx, params, param_sh, mesh)
-    put = lambda batch: shd.place_batch(batch, _batch_sh(batch, mesh))
+    put = lambda batch: shd.place_batch(batch, batch_shardings(batch, mesh))
     frozen_sh = None if frozen is None else shd.param_shardings(frozen, mesh)
     frozen = None if frozen is None else shd.place(frozen, frozen_sh)
     jit_kw = dict(
@@ -291,7 +292,8 @@ def train(
     resumed = checkpoints.resume(record, like, total, limit=hp.steps_said(n_train, name))
   streak = 0  # updates skipped in a row, carried over a resume
   if resumed is not None:
-    params, opt_state, start, streak, was = resumed
+    params, opt_state, start, streak, saved = resumed
+    was = _total_then(hp, saved, name, n_train)
     if was is not None and was != total:  # another number of epochs (dpo.epochs may change)
       count = int(schedule_count(opt_state))
       change = horizon_change(hp.optim, count, old_steps=was, new_steps=total)
@@ -330,7 +332,7 @@ def train(
     at_end = done == total and checkpoints is not None and checkpoints.save_at_end
     if ckpt is not None and (at_end or stop or (every and done % every == 0)):
       state = {"params": params, "opt_state": opt_state}
-      ckpt.save(done, state, {**record, "step": done, "nonfinite_streak": streak, "total": total})
+      ckpt.save(done, state, {**record, "step": done, "nonfinite_streak": streak})
     if stop:
       if ckpt is not None:
         ckpt.wait()
@@ -347,53 +349,8 @@ def train(
   return params, history
 
 
-def _batch_sh(batch: Batch, mesh) -> dict:
-  return {k: shd.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
-
-
-def evaluate(
-  params: Any,
-  graphdef: nnx.GraphDef,
-  loss_fn,
-  make_batch,
-  n: int,
-  *,
-  batch_size: int,
-  mesh=None,
-  frozen: Any = None,
-) -> dict[str, float]:
-  """Metrics over held-out rows, token-weighted where the loss reports ``num_tokens``
-  (``frozen``: as for ``train``).
-
-  Full batches, then the tail of fewer than ``batch_size`` rows as one more call (a second
-  compilation). On a mesh the placed calls' rows split evenly over the batch axes; the last
-  ``n mod (data × fsdp)`` rows go in one call of their own, replicated (every device computes
-  them), so a mesh, on one process or several, evaluates every row as one device does.
-  """
-  if n == 0:
-    return {}
-  batch_size = min(batch_size, n)
-  split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  if split > 1:  # rows must split evenly over the batch axes
-    batch_size = max(split, batch_size // split * split)
-  put = (lambda b: b) if mesh is None else (lambda b: shd.place_batch(b, _batch_sh(b, mesh)))
-  if mesh is not None and frozen is not None:  # as train places them (no copy if they are)
-    frozen = shd.place(frozen, shd.param_shardings(frozen, mesh))
-  fn = jax.jit(lambda p, f, b: loss_fn(with_frozen(p, f), graphdef, b)[1])
-  sums: dict[str, float] = {}
-  weight_total = 0.0
-  placed = n // split * split
-  calls = [(np.arange(s, min(s + batch_size, placed)), put) for s in range(0, placed, batch_size)]
-  if n > placed:  # every process hands over the whole tail, each device holds all of it
-    calls.append((np.arange(placed, n), lambda b: shd.place_batch(b, shd.replicated(mesh))))
-  for idx, hand_over in calls:
-    metrics = {
-      k: float(shd.to_host(v)) for k, v in fn(params, frozen, hand_over(make_batch(idx))).items()
-    }
-    w = weight_of(metrics, float(len(idx)))
-    weight_total += w
-    for k, v in metrics.items():
-      sums[k] = sums.get(k, 0.0) + v * w
-  out = {k: v / weight_total for k, v in sums.items() if k not in COUNTS}
-  out["eval_rows"] = float(n)
-  return out
+def _total_then(hp: SupervisedHparams, saved: dict, name: str, n_train: int) -> int | None:
+  """The steps of a checkpoint's stage, from the epochs its record's config gave; None if it
+  names none."""
+  epochs = saved.get("config", {}).get(name, {}).get("epochs")
+  return dataclasses.replace(hp, epochs=epochs).steps(n_train) if epochs else None

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -63,14 +64,20 @@ def accumulated_value_and_grad(
   def micro_step(sums, micro):
     (value, metrics), grads = grad_fn(params, micro)
     w = jnp.asarray(weight_of(metrics, rows), jnp.float32)
-    return jax.tree.map(lambda s, g: s + w * g, sums, grads), (value, metrics, w)
+    return jax.tree.map(lambda s, g: s + w * g.astype(jnp.float32), sums, grads), (
+      value,
+      metrics,
+      w,
+    )
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  # Summed in float32 whatever the parameters' dtype (bf16 sums of weights in the thousands
+  # round), and cast back at the end.
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   sums, (values, metrics, w) = jax.lax.scan(micro_step, zeros, shd.split_rows(batch, n_micro, mesh))
   total = jnp.sum(w)
   total = jnp.where(total > 0, total, 1.0)
   mean = lambda x: jnp.sum(w * x) / total
-  grads = jax.tree.map(lambda s: (s / total).astype(s.dtype), sums)
+  grads = jax.tree.map(lambda s, p: (s / total).astype(p.dtype), sums, params)
   metrics = {k: jnp.sum(v) if k in COUNTS else mean(v) for k, v in metrics.items()}
   return (mean(values), metrics), grads
 
@@ -126,3 +133,8 @@ def check_mesh_rows(hp: SupervisedHparams, n_train: int, mesh, name: str) -> Non
   if micro < batch_size:
     what = f"the rows of a {name} micro-batch (config.{name}.micro_batch_size)"
     shd.check_batch(micro, mesh, what)
+
+
+def batch_shardings(batch: Batch, mesh) -> dict:
+  """Each batch array's rows over the mesh's batch axes."""
+  return {k: shd.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}

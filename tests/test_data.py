@@ -124,6 +124,15 @@ def test_a_template_turn_end_other_than_eos_is_noted():
     "at it either"
   )
   assert turn_end_note(tok, (1, end)).endswith("responses end with EOS")
+  # Added as a special token without being listed among the special tokens (Llama 3's
+  # <|eot_id|>, Phi-3's <|end|>): the same.
+  from tokenizers import AddedToken
+
+  tok = build_word_tokenizer(["good", "<user>", "<bot>"])
+  tok.chat_template = CHAT_TOK.chat_template
+  tok.add_tokens([AddedToken("<end>", special=True)])
+  assert "<end>" not in tok.all_special_tokens
+  assert turn_end_note(tok, (1,)).startswith("note: the chat template ends an assistant turn with")
 
 
 def test_chat_template_wraps_prompts_and_the_response_closes_the_turn(tmp_path):
@@ -525,7 +534,7 @@ def test_holdout_split_is_disjoint_and_keeps_a_training_row():
   assert len(row_order.split_holdout(10, 0.0, seed=0)[1]) == 0
 
 
-def test_holdout_split_keeps_each_prompt_on_one_side():
+def test_holdout_split_keeps_each_prompt_on_one_side(capsys):
   """Two to four responses per prompt: held-out rows are whole prompts (none of their responses
   trained on), about the fraction asked; prompts of one row each give the row split; data of one
   prompt is split by rows."""
@@ -542,6 +551,12 @@ def test_holdout_split_keeps_each_prompt_on_one_side():
     assert all(np.array_equal(a, b) for a, b in zip(plain, distinct, strict=True))
   train, held = row_order.split_holdout(10, 0.2, seed=0, groups=np.zeros(10, int))
   assert len(held) == 2 and len(train) == 8
+  # Two prompts of 50 rows and 5 % asked: half the rows held out would be too many, so by rows,
+  # and said.
+  two = data.Sequences(np.repeat([[4], [5]], 50, 0), np.ones((100, 1)), np.ones((100, 0)))
+  train, held = row_order.holdout_by_prompt(two, 0.05, seed=0, what="p.jsonl")
+  assert len(held) == 5 and len(train) == 95
+  assert capsys.readouterr().out.startswith("note: p.jsonl: 2 prompts over 100 rows, too few")
   # Prompt groups of encoded rows: equal prompt tokens, whatever the padding holds.
   ids = np.array([[0, 5, 6, 1], [9, 5, 6, 2], [0, 0, 5, 1], [7, 7, 5, 1]])
   mask = np.array([[0, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])

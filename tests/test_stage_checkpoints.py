@@ -159,3 +159,18 @@ def test_a_stage_folder_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["sft", "sft.jsonl"]  # no partial left
   assert stages._held_out(out / stages.HELD_OUT) == {"nll": 1.5}
   stage_checkpoints.check_record(out, s, "sft", str(data))  # its record: reused as finished
+
+
+def test_a_stage_folder_renamed_aside_and_not_replaced_is_put_back(tmp_path):
+  """A kill between saved_whole's two renames leaves sft/ at .sft.old: the next run puts it back
+  before anything reads it; an aside folder whose replacement is in place is left to be
+  deleted by the next save."""
+  from ppo_jax.stage_folders import put_back_aside
+
+  (tmp_path / ".sft.old").mkdir()
+  (tmp_path / ".sft.old" / "config.json").write_text("{}")
+  (tmp_path / ".policy.old").mkdir()
+  (tmp_path / "policy").mkdir()
+  put_back_aside(tmp_path)
+  assert (tmp_path / "sft" / "config.json").read_text() == "{}"
+  assert not (tmp_path / ".sft.old").exists() and (tmp_path / ".policy.old").is_dir()

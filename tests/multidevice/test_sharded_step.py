@@ -331,7 +331,9 @@ def _sft_train(mesh_shape, folder=None, stop_after=None, micro=None):
 
   rng = np.random.default_rng(0)
   ids = rng.integers(2, 32, (16, 8)).astype(np.int32)
-  seqs = Sequences(ids, np.ones_like(ids), np.ones((16, 3), np.float32))
+  response = (rng.random((16, 3)) < 0.6).astype(np.float32)  # 0 to 3 tokens: uneven weights
+  mask = np.concatenate([np.ones((16, 5), np.int32), response.astype(np.int32)], 1)
+  seqs = Sequences(ids, mask, response)
   hp = supervised.SupervisedHparams(
     epochs=2.0, batch_size=8, micro_batch_size=micro, optim=OptimHparams(lr=1e-2)
   )
@@ -408,12 +410,18 @@ def test_a_stopped_sharded_stage_resumes_on_the_same_mesh_bitwise_and_on_another
         np.testing.assert_allclose(a, shd.to_host(b), rtol=1e-4, atol=1e-6)
 
 
-def test_sharded_sft_in_micro_batches_trains_as_in_whole_batches():
-  """Batches of 8 rows in micro-batches of 4 on data × fsdp = 4: the same training (up to the
-  rounding of other sums); micro-batches of 2 rows, which do not split over the 4 devices of the
-  batch axes, are refused in one line."""
+def test_sharded_sft_in_micro_batches_trains_as_in_whole_batches(monkeypatch):
+  """Batches of 8 rows (of 0 to 3 response tokens each) in micro-batches of 4 on data × fsdp =
+  4: the same training (up to the rounding of other sums) as whole batches; micro-batches of 2
+  rows, which do not split over the 4 devices of the batch axes, are refused in one line."""
   whole = jax.tree.map(shd.to_host, _sft_train((2, 2, 2)))
+  split = []
+  real = shd.split_rows
+  monkeypatch.setattr(
+    shd, "split_rows", lambda t, parts, mesh=None: split.append(parts) or real(t, parts, mesh)
+  )
   micro = jax.tree.map(shd.to_host, _sft_train((2, 2, 2), micro=4))
+  assert split == [2]  # traced once, in two micro-batches
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(micro), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match=r"sft micro-batch \(config.sft.micro_batch_size\) 2 is not"):
