@@ -171,10 +171,10 @@ def test_dpo_in_two_processes_matches_one(tmp_path, one_process, lora_rank):
   for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert "2 process(es)" in outs[0][0] and outs[1][0] == ""
-  # Held-out DPO metrics of all 13 held-out pairs (256 × 0.05), 13 mod 4 = 1 of them replicated:
-  # two processes left it out.
+  # Held-out DPO metrics of all 15 held-out pairs (whole prompts, about 256 × 0.05), 15 mod 4 =
+  # 3 of them replicated: two processes once left such rows out.
   a, b = _held_out(out), _held_out(outs[0][0])
-  assert a.keys() == b.keys() and a["eval_rows"] == b["eval_rows"] == 13
+  assert a.keys() == b.keys() and a["eval_rows"] == b["eval_rows"] == 15
   for k in a:
     assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4), k
   for name in ("dpo_metrics.jsonl", "metrics.jsonl"):  # training steps; held-out samples
