@@ -384,6 +384,7 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
   # is written.
   longer = config.copy_and_resolve_references()
   longer.dpo.epochs = 1.1
+  longer.data.eval_prompts = 0  # DPO's may change: no sampling, a cheaper test
   capsys.readouterr()
   pipeline.run(longer, stopped)
   out = capsys.readouterr().out
@@ -391,7 +392,6 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
   assert end > 61 and max(int(p.name) for p in (stopped / "dpo_checkpoints").iterdir()) == end
   steps = [r["step"] for r in writers.read_metrics(stopped / "dpo_metrics.jsonl")]
   assert steps == list(range(1, end + 1))
-  assert [r["step"] for r in _rows(stopped)][-2:] == [61, end]  # held-out samples at each end
   assert not all(np.array_equal(load(stopped / "policy")[k], b[k]) for k in b)
   shorter = config.copy_and_resolve_references()
   shorter.dpo.epochs = 0.5

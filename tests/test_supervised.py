@@ -124,9 +124,9 @@ def test_a_stage_of_another_config_or_other_data_is_refused(tmp_path):
   diff = r"different config \(sft\.epochs: 2\.0 → 3\.0\)"
   with pytest.raises(ValueError, match=diff):  # named, though the data changed too
     _train(folder, config=other, data="b")
-  with pytest.raises(ValueError, match=r"trained on other data \(12 rows then, 14 now\)"):
+  with pytest.raises(ValueError, match=r"trained on other data \(12 rows then, 14 now;"):
     _train(folder, rows=_rows(14))
-  with pytest.raises(ValueError, match=r"trained on other data \(12 rows then, 12 now\)"):
+  with pytest.raises(ValueError, match=r"trained on other data \(12 rows then, 12 now;"):
     _train(folder, data="b")
   # What the stage does not read may change (PPO's section), and what changes no result (remat).
   _, rest = _train(folder, config={**CONFIG, "ppo": {"kl_coef": 0.2}, "model": {"remat": "block"}})
