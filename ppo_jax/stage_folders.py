@@ -13,6 +13,8 @@ from typing import Any
 from ppo_jax import sharding as shd
 from ppo_jax.models import save_pretrained
 
+STAGE_FOLDERS = ("sft", "reward_model", "ppo_base", "policy")  # what saved_whole writes
+
 
 @contextlib.contextmanager
 def saved_whole(out: pathlib.Path):
@@ -44,8 +46,8 @@ def put_back_aside(workdir: pathlib.Path) -> None:
   """A stage folder renamed aside by ``saved_whole`` and not replaced (a kill between its two
   renames) goes back in place, before anything reads it."""
   if shd.is_main_process():
-    for aside in workdir.glob(".*.old"):
-      out = aside.with_name(aside.name[1 : -len(".old")])
+    for name in STAGE_FOLDERS:
+      out, aside = workdir / name, workdir / f".{name}.old"
       if aside.is_dir() and not out.exists():
         os.replace(aside, out)
   shd.sync("stage folders put back")

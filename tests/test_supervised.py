@@ -111,6 +111,33 @@ def test_a_stopped_stage_resumes_bit_for_bit(tmp_path):
   assert sorted(int(p.name) for p in folder.iterdir()) == [4, 5, 6]  # the end, 3 kept
 
 
+def test_more_dpo_epochs_extend_a_finished_stage_and_fewer_are_refused(tmp_path, capsys):
+  """``dpo.epochs`` may change on resume: more go on from the last checkpoint with the decaying
+  schedule stretched to the new end (said); fewer than the steps done are refused in one line
+  naming them. (The pipeline refuses them before SFT: test_pipeline's DPO test.)"""
+  graphdef, state = nnx.split(CausalLM(CFG, rngs=nnx.Rngs(0)))
+  settings = checkpoint.CheckpointSettings(supervised_every=0, async_save=False)
+
+  def run(epochs):
+    hp = SupervisedHparams(epochs=epochs, batch_size=4, optim=HP.optim)
+    config = {"seed": 0, "dpo": {"epochs": epochs}}
+    with checkpoint.Checkpointer(tmp_path, settings) as ckpt:
+      checkpoints = stage_checkpoints.Checkpoints(ckpt, config, ("seed", "dpo."))
+      params = nnx.to_pure_dict(state)
+      return supervised.train(params, graphdef, supervised.sft_loss, *_rows(), hp, seed=0,
+                              name="dpo", checkpoints=checkpoints)  # fmt: skip
+
+  _, done = run(2.0)
+  capsys.readouterr()
+  _, more = run(3.0)
+  assert (len(done), len(more)) == (6, 3)  # steps 7 to 9 of 9
+  assert "dpo now ends at step 9, not 6; its linear schedule decays to 0 at update 9, not 6" in (
+    capsys.readouterr().out
+  )
+  with pytest.raises(ValueError, match=r"holds step 9, past the 3 steps of dpo\.epochs=1\.0;"):
+    run(1.0)
+
+
 def test_without_checkpoints_a_stop_says_the_stage_starts_over():
   with pytest.raises(preemption.Preempted, match="after step 3 of 6 of the sft stage; it starts"):
     _train(stop_after=3)
