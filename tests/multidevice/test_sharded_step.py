@@ -321,6 +321,13 @@ def test_sharded_pipeline_end_to_end(tmp_path, monkeypatch):
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
 
 
+@functools.cache
+def _sft_whole():
+  """The parameters (on the host) of ``_sft_train`` on the 2×2×2 mesh, uninterrupted: the
+  reference of the resume and micro-batch tests, trained once."""
+  return jax.tree.map(shd.to_host, _sft_train((2, 2, 2)))
+
+
 def _sft_train(mesh_shape, folder=None, stop_after=None, micro=None):
   """``supervised.train`` of SFT on a mesh, checkpointed in ``folder``, in micro-batches of
   ``micro`` rows; a stop requested after step ``stop_after`` raises Preempted."""
@@ -394,7 +401,7 @@ def test_a_stopped_sharded_stage_resumes_on_the_same_mesh_bitwise_and_on_another
 ):
   from ppo_jax.preemption import Preempted
 
-  whole = jax.tree.map(shd.to_host, _sft_train((2, 2, 2)))
+  whole = _sft_whole()
   for name, mesh_shape in (("same", (2, 2, 2)), ("other", (1, 2, 4))):
     folder = tmp_path / name
     with pytest.raises(Preempted, match="after step 1 of 4"):
@@ -414,7 +421,7 @@ def test_sharded_sft_in_micro_batches_trains_as_in_whole_batches(monkeypatch):
   """Batches of 8 rows (of 0 to 3 response tokens each) in micro-batches of 4 on data × fsdp =
   4: the same training (up to the rounding of other sums) as whole batches; micro-batches of 2
   rows, which do not split over the 4 devices of the batch axes, are refused in one line."""
-  whole = jax.tree.map(shd.to_host, _sft_train((2, 2, 2)))
+  whole = _sft_whole()
   split = []
   real = shd.split_rows
   monkeypatch.setattr(
