@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ppo_jax import data, preemption, writers
+from ppo_jax import data, file_batches, preemption, writers
 from ppo_jax import sharding as shd
 from ppo_jax.compat import (
   check_compatible,
@@ -44,16 +44,7 @@ from ppo_jax.compat import (
   ordinary_stop_ids,
 )
 from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
-from ppo_jax.file_batches import (
-  batch_order,
-  batch_rows,
-  logprob_scorer,
-  output_file,
-  rm_scorer,
-  ticker,
-  trimmed,
-  written_when_done,
-)
+from ppo_jax.file_batches import batch_order, batch_rows, logprob_scorer, rm_scorer, trimmed
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn
@@ -176,7 +167,7 @@ def sample_file(
       (one line each); ``data.DataError`` for bad prompt rows; ``RewardError`` for a reward
       function that fails.
   """
-  out = output_file(out)
+  out = file_batches.output_file(out)
   for flag, value in (
     ("--n", n),
     ("--batch-size", batch_size),
@@ -239,9 +230,9 @@ def sample_file(
   )
   file = Prompts(*data.load_prompts_and_columns(prompts, tok, layout, fit=True))
   ids = file.ids
+  parts = f"the longest prompt's {ids.shape[1]} tokens + --max-new-tokens {max_new_tokens}"
   for m, what in ((policy, "model"), (rm, "reward model"), (ref, "reference")):  # the longest
     if m is not None:
-      parts = f"the longest prompt's {ids.shape[1]} tokens + --max-new-tokens {max_new_tokens}"
       check_compatible(m.cfg, tok, ids.shape[1] + max_new_tokens, what=what, parts=parts)
   stops = tuple(dict.fromkeys(i for i in (tok.eos_token_id, *cfg.stop_ids) if i is not None))
   if progress and (note := ordinary_stop_ids(tok, stops)):
@@ -272,8 +263,8 @@ def sample_file(
   results = {k: np.full(len(rows), np.nan) for k in ("tokens", "stopped", "score", "gold", "kl")}
   key = jax.random.key(seed)
   lines: list[str] = [""] * len(rows)  # by prompt-major position
-  tick = ticker(say, len(rows), "responses")
-  with written_when_done(out, "responses") as f:
+  tick = file_batches.ticker(say, len(rows), "responses")
+  with file_batches.written_when_done(out, "responses") as f:
     for start, real, picked in padded_batches(len(rows), chunk, B):
       preemption.raise_pending()  # a Ctrl-C that Python discarded (preemption.command_stop)
       take = rows[picked]

@@ -16,19 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ppo_jax import data, preemption, writers
+from ppo_jax import data, file_batches, preemption, writers
 from ppo_jax import sharding as shd
 from ppo_jax.compat import model_folder
 from ppo_jax.evaluation import padded_batches
-from ppo_jax.file_batches import (
-  batch_order,
-  batch_rows,
-  output_file,
-  rm_scorer,
-  ticker,
-  trimmed,
-  written_when_done,
-)
+from ppo_jax.file_batches import batch_order, batch_rows, rm_scorer, trimmed
 from ppo_jax.inference import load_reward_model, positions_left
 from ppo_jax.preference import bradley_terry_loss
 from ppo_jax.tokenizer import load_tokenizer, tokenizer_folder
@@ -65,7 +57,7 @@ def evaluate_pairs(
   (``sharding.command_mesh``; default all on ``data``); a batch holds ``batch_size`` pairs
   whatever the devices, each forward padded to split evenly over the batch devices.
   """
-  out = output_file(out) if out else None
+  out = file_batches.output_file(out) if out else None
   reward_model = model_folder(reward_model, "--reward-model", "reward_model")
   tok_dir = tokenizer_folder(tokenizer, "--tokenizer") if tokenizer else reward_model
   mesh = shd.command_mesh(mesh)
@@ -102,7 +94,7 @@ def evaluate_pairs(
   chunk, B, batches = batch_rows(batch_size, n, mesh)
   say(f"scoring {n} pairs from {pairs} with {reward_model} ({batches})", flush=True)
   score = rm_scorer(shd.placed(rm, mesh), mesh)
-  tick = ticker(say, n, "pairs")
+  tick = file_batches.ticker(say, n, "pairs")
   good, bad = np.zeros(n), np.zeros(n)
   r_width = chosen.response_mask.shape[1]
   p_width = chosen.ids.shape[1] - r_width  # [left-padded prompt | right-padded response]
@@ -131,7 +123,7 @@ def evaluate_pairs(
     "cut": chosen.truncated + rejected.truncated,
   }
   if out is not None:
-    with written_when_done(out, "pairs' scores") as f:
+    with file_batches.written_when_done(out, "pairs' scores") as f:
       for i, (g, b) in enumerate(zip(good, bad, strict=True)):
         row = {"index": i, "chosen": g, "rejected": b, "margin": g - b}
         f.write(writers.json_line(row))
