@@ -12,7 +12,8 @@ implicit-prompt preference pairs; ``ppo_jax.conversations``).
 
 Every sequence has one layout: the prompt left-padded to ``P`` tokens, then the response
 right-padded to ``R`` tokens (EOS appended), ``[B, P + R]`` with an attention mask; positions come
-from the mask. Prompts get the tokenizer's special tokens (e.g. BOS), responses do not. With
+from the mask. Prompts get the tokenizer's special tokens (e.g. BOS), responses do not; a BOS
+or EOS the text already holds is kept once (``ppo_jax.token_edges``). With
 ``Layout.chat``, each prompt is first put in the tokenizer's chat template as one user turn
 (after an optional system turn), ending with the assistant's header: the response follows it,
 and its EOS (for chat models the end-of-turn token) closes the turn.
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ppo_jax import conversations
+from ppo_jax import conversations, token_edges
 from ppo_jax.conversations import DataError, Prompt, chat_prompts, template_kwargs
 
 OVERFLOW = ("error", "truncate")
@@ -177,7 +178,10 @@ def _encode_rendered(
 ) -> tuple[np.ndarray, np.ndarray]:
   # The chat template writes the special tokens it wants (BOS, turn headers).
   encoded = tokenizer(texts, add_special_tokens=not layout.chat)["input_ids"]
-  head = 0 if layout.chat else _added_head(tokenizer)  # a BOS the tokenizer puts first
+  head = 0 if layout.chat else token_edges.added_head(tokenizer)  # a BOS it puts first
+  if not layout.chat:
+    token_edges.trailing_space_note(tokenizer, texts, encoded, source)
+    encoded = token_edges.head_once(encoded, head, tokenizer, source)
   P = layout.prompt_len
   if fit:
     P = min(P, max(1, max(map(len, encoded), default=0)))  # a column even for empty prompts
@@ -214,28 +218,24 @@ def _encode_rendered(
   return ids, mask
 
 
-def _added_head(tokenizer: Any) -> int:
-  """How many tokens the tokenizer puts before a text of its own (a BOS): 0 for GPT-2's."""
-  plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-  full = tokenizer("a", add_special_tokens=True)["input_ids"]
-  return next((h for h in range(len(full)) if full[h : h + len(plain)] == plain), 0)
-
-
 def encode_responses(
-  tokenizer: Any, texts: Sequence[str], layout: Layout
+  tokenizer: Any, texts: Sequence[str], layout: Layout, *, source: str = "responses"
 ) -> tuple[np.ndarray, np.ndarray, int]:
-  """Right-padded response ids and mask ``[N, R]`` with EOS appended; also how many were cut."""
-  return _right_padded(_response_tokens(tokenizer, texts), layout, layout.response_len)
+  """Right-padded response ids and mask ``[N, R]`` ending with EOS (appended, or the text's own:
+  ``token_edges.with_eos``); also how many were cut."""
+  tokens = _response_tokens(tokenizer, texts, layout, source)
+  return _right_padded(tokens, layout, layout.response_len)
 
 
-def _response_tokens(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-  return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+def _response_tokens(tokenizer: Any, texts: Sequence[str], layout: Layout, source: str):
+  tokens = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+  return token_edges.with_eos(tokens, layout.eos_id, tokenizer, source)
 
 
 def _width(tokens: list[list[int]], layout: Layout, fit: bool) -> int:
-  """``R``: ``layout.response_len``, or with ``fit`` the longest response and its EOS below it."""
+  """``R``: ``layout.response_len``, or with ``fit`` the longest response (with its EOS)."""
   R = layout.response_len
-  return min(R, 1 + max(map(len, tokens), default=0)) if fit else R
+  return min(R, max(map(len, tokens), default=1)) if fit else R
 
 
 def _right_padded(
@@ -245,7 +245,6 @@ def _right_padded(
   mask = np.zeros((len(tokens), R), np.int32)
   cut = 0
   for i, toks in enumerate(tokens):
-    toks = [*toks, layout.eos_id]
     if len(toks) > R:
       toks, cut = toks[:R], cut + 1
     ids[i, : len(toks)] = toks
@@ -289,7 +288,7 @@ def encode_pairs(
 ) -> Sequences:
   """Prompt/response pairs in the sequence layout (``places``: as ``encode_prompts``)."""
   prompt_arrays = encode_prompts(tokenizer, prompts, layout, source=source, places=places)
-  return _joined(prompt_arrays, encode_responses(tokenizer, responses, layout))
+  return _joined(prompt_arrays, encode_responses(tokenizer, responses, layout, source=source))
 
 
 def _joined(prompt_arrays, response_arrays) -> Sequences:
@@ -371,7 +370,8 @@ def load_preferences(
   prompt_arrays = encode_prompts(
     tokenizer, prompts, layout, source=str(path), fit=fit, places=places
   )
-  tokens = [_response_tokens(tokenizer, side) for side in (good, bad)]
+  both = _response_tokens(tokenizer, [*good, *bad], layout, str(path))  # one note for both
+  tokens = [both[: len(good)], both[len(good) :]]
   # One width for both sides: an equal pair then makes equal sequences (a tie).
   R = _width([*tokens[0], *tokens[1]], layout, fit)
   chosen, rejected = (_joined(prompt_arrays, _right_padded(t, layout, R)) for t in tokens)

@@ -1,0 +1,71 @@
+"""The edges of tokenized texts: the BOS a tokenizer puts before a prompt, the EOS after a
+response, and a prompt's trailing space, each checked against what the text already holds.
+
+Data prepared for another library often carries its special tokens as text (a prompt that
+starts with ``<s>`` or ``<|begin_of_text|>``, a response that ends with ``</s>`` or
+``<|im_end|>``): Hugging Face tokenizers read them as the special tokens, and adding ours again
+would train on two BOS or two EOS. They are kept once, and said.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def added_head(tokenizer: Any) -> int:
+  """How many tokens the tokenizer puts before a text of its own (a BOS): 0 for GPT-2's."""
+  plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+  full = tokenizer("a", add_special_tokens=True)["input_ids"]
+  return next((h for h in range(len(full)) if full[h : h + len(plain)] == plain), 0)
+
+
+def head_once(encoded: list[list[int]], head: int, tokenizer: Any, source: str) -> list[list[int]]:
+  """``encoded`` (texts tokenized with the tokenizer's special tokens, ``head`` of them put
+  first) without the added head where the text itself began with it (a prompt written with its
+  BOS): one BOS, not two. Says how many."""
+  if not head:
+    return encoded
+  twice = [h for h, toks in enumerate(encoded) if toks[head : 2 * head] == toks[:head]]
+  if twice:
+    bos = tokenizer.convert_ids_to_tokens(encoded[twice[0]][:head])
+    print(
+      f"{source}: {len(twice)} of {len(encoded)} prompts begin with {''.join(bos)} in their "
+      "text, which the tokenizer adds itself: it is kept once"
+    )
+    for h in twice:
+      encoded[h] = encoded[h][head:]
+  return encoded
+
+
+def with_eos(tokens: list[list[int]], eos_id: int, tokenizer: Any, source: str) -> list[list[int]]:
+  """Each response's tokens ending with one EOS: appended, unless its text already ended with
+  the EOS token (written for another library); says how many did."""
+  ended = sum(bool(toks) and toks[-1] == eos_id for toks in tokens)
+  if ended:
+    eos = tokenizer.convert_ids_to_tokens(eos_id)
+    print(
+      f"{source}: {ended} of {len(tokens)} responses end with {eos} in their text, the EOS "
+      "ppo_jax appends: it is kept once"
+    )
+  return [toks if toks and toks[-1] == eos_id else [*toks, eos_id] for toks in tokens]
+
+
+def trailing_space_note(
+  tokenizer: Any, texts: Sequence[str], encoded: list[list[int]], source: str
+) -> None:
+  """Says how many prompts end in a space the tokenizer keeps as a token of its own (BPE and
+  SentencePiece tokenizers put a word's space before it: a model then starts its response
+  without the space its first word usually carries, an unusual continuation)."""
+  ends = [i for i, t in enumerate(texts) if t.endswith(" ") and t.strip()]
+  if not ends:
+    return
+  stripped = tokenizer([texts[i].rstrip(" ") for i in ends], add_special_tokens=True)["input_ids"]
+  kept = [i for i, toks in zip(ends, stripped, strict=True) if toks != encoded[i]]
+  if kept:
+    last = tokenizer.convert_ids_to_tokens(encoded[kept[0]][-1])
+    print(
+      f"{source}: {len(kept)} of {len(texts)} prompts end in a space, a token of its own "
+      f"({last!r}): the response then starts without its first word's space; strip it unless "
+      "meant"
+    )

@@ -1,0 +1,120 @@
+"""Special tokens already written in the data's text (BOS, EOS) are kept once, and prompts ending
+in a space the tokenizer keeps are said (ppo_jax/token_edges.py through ppo_jax/data.py)."""
+
+import io
+import json
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from ppo_jax import data
+from ppo_jax.tokenizer import build_word_tokenizer
+
+WORDS = ["good", "film", "bad", "plot"]  # ids 4..7 after <pad> <eos> <bos> <unk>
+LAYOUT = data.Layout(prompt_len=4, response_len=3, pad_id=0, eos_id=1)
+
+
+def _bos_first():
+  tok = build_word_tokenizer(WORDS)
+  tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+    single="<bos> $A", special_tokens=[("<bos>", 2)]
+  )
+  return tok
+
+
+def _jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def test_a_prompt_written_with_its_bos_gets_no_second_one(tmp_path, capsys):
+  path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "<bos> good film"}, {"prompt": "good film"}])
+  texts, ids, mask = data.load_prompts(path, _bos_first(), LAYOUT)
+  np.testing.assert_array_equal(ids, [[0, 2, 4, 5], [0, 2, 4, 5]])
+  np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 1, 1, 1]])
+  assert texts == ["<bos> good film", "good film"]  # what reward functions read: as written
+  assert capsys.readouterr().out == (
+    f"{path}: 1 of 2 prompts begin with <bos> in their text, which the tokenizer adds itself: "
+    "it is kept once\n"
+  )
+  # A tokenizer that adds no BOS keeps the text's (the only one) and says nothing.
+  ids, _ = data.encode_prompts(build_word_tokenizer(WORDS), ["<bos> good film"], LAYOUT)
+  np.testing.assert_array_equal(ids, [[0, 2, 4, 5]])
+  assert capsys.readouterr().out == ""
+
+
+def test_a_response_written_with_its_eos_gets_no_second_one(tmp_path, capsys):
+  tok = build_word_tokenizer(WORDS)
+  path = _jsonl(
+    tmp_path / "sft.jsonl",
+    [{"prompt": "good", "response": "bad plot <eos>"}, {"prompt": "good", "response": "bad plot"}],
+  )
+  seqs = data.load_sft(path, tok, LAYOUT)
+  np.testing.assert_array_equal(seqs.ids[:, 4:], [[6, 7, 1], [6, 7, 1]])  # not cut: [6, 7, 1, 1]
+  assert seqs.truncated == 0 and seqs.response_mask.sum() == 6
+  assert capsys.readouterr().out == (
+    f"{path}: 1 of 2 responses end with <eos> in their text, the EOS ppo_jax appends: it is "
+    "kept once\n"
+  )
+  # Preference pairs: one note for both sides; the pair's sides as if written without it.
+  pairs = _jsonl(
+    tmp_path / "pairs.jsonl",
+    [
+      {"prompt": "good", "chosen": "film <eos>", "rejected": "bad <eos>"},
+      {"prompt": "bad", "chosen": "plot", "rejected": "film"},
+    ],
+  )
+  chosen, rejected = data.load_preferences(pairs, tok, LAYOUT, fit=True)
+  np.testing.assert_array_equal(chosen.ids[:, -2:], [[5, 1], [7, 1]])  # fit: 1 word + EOS
+  np.testing.assert_array_equal(rejected.ids[:, -2:], [[6, 1], [5, 1]])
+  assert capsys.readouterr().out == (
+    f"{pairs}: 2 of 4 responses end with <eos> in their text, the EOS ppo_jax appends: it is "
+    "kept once\n"
+  )
+
+
+def _trained(pre_tokenizer, decoder):
+  """A tiny BPE tokenizer trained here (no download) with a GPT-2-like or Llama-like split."""
+  core = Tokenizer(models.BPE(unk_token="<unk>"))
+  core.pre_tokenizer, core.decoder = pre_tokenizer, decoder
+  trainer = trainers.BpeTrainer(
+    vocab_size=400,
+    special_tokens=["<pad>", "<eos>", "<unk>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    if isinstance(pre_tokenizer, pre_tokenizers.ByteLevel)
+    else [],
+  )
+  core.train_from_iterator(["the answer is paris", "question : what is the capital"] * 20, trainer)
+  return PreTrainedTokenizerFast(
+    tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+  )
+
+
+@pytest.mark.parametrize(
+  "pre_tokenizer, decoder, space",
+  [
+    (pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(), "Ġ"),
+    (pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace(), "▁"),
+  ],
+  ids=["byte_level", "sentencepiece_like"],
+)
+def test_a_prompt_ending_in_a_space_the_tokenizer_keeps_is_said(pre_tokenizer, decoder, space):
+  tok = _trained(pre_tokenizer, decoder)
+  layout = data.Layout(prompt_len=32, response_len=4, pad_id=0, eos_id=1)
+  prompts = ["question : the answer is ", "question : the answer is", "   "]
+  with_space, without, _ = tok(prompts, add_special_tokens=True)["input_ids"]
+  assert with_space[-1] == tok.convert_tokens_to_ids(space) and with_space[:-1] == without
+  with redirect_stdout(io.StringIO()) as out:
+    ids, _ = data.encode_prompts(tok, prompts, layout, source="p.jsonl")
+  assert out.getvalue() == (
+    f"p.jsonl: 1 of 3 prompts end in a space, a token of its own ({space!r}): the response then "
+    "starts without its first word's space; strip it unless meant\n"
+  )
+  assert ids[0, -1] == tok.convert_tokens_to_ids(space)  # said, not changed
+  # Whitespace-split words (the embedded task's tokenizer) lose the space: nothing to say.
+  with redirect_stdout(io.StringIO()) as out:
+    data.encode_prompts(build_word_tokenizer(WORDS), ["good film "], LAYOUT)
+  assert out.getvalue() == ""
