@@ -228,7 +228,8 @@ def encode_responses(
 
 
 def _response_tokens(tokenizer: Any, texts: Sequence[str], layout: Layout, source: str):
-  tokens = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+  texts = token_edges.space_once(tokenizer, texts, source)
+  tokens = tokenizer(texts, add_special_tokens=False)["input_ids"]
   return token_edges.with_eos(tokens, layout.eos_id, tokenizer, source)
 
 

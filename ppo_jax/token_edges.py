@@ -1,10 +1,18 @@
 """The edges of tokenized texts: the BOS a tokenizer puts before a prompt, the EOS after a
-response, and a prompt's trailing space, each checked against what the text already holds.
+response, the space a SentencePiece tokenizer puts before a text, and a prompt's trailing space,
+each checked against what the text already holds.
 
 Data prepared for another library often carries its special tokens as text (a prompt that
 starts with ``<s>`` or ``<|begin_of_text|>``, a response that ends with ``</s>`` or
 ``<|im_end|>``): Hugging Face tokenizers read them as the special tokens, and adding ours again
 would train on two BOS or two EOS. They are kept once, and said.
+
+A response is tokenized apart from its prompt. Responses of datasets that continue their prompt's
+text begin with a space (Anthropic HH-RLHF's `` I think…`` after ``Assistant:``): byte-level BPE
+tokenizers (GPT-2, Llama 3, Qwen) read it as the first word's (``ĠI``), as in the whole text, but
+SentencePiece tokenizers that put a space before every text (Llama 2, Mistral: ``▁I`` for
+``I``) would read it as a token of its own (``▁``, ``▁I``); for them one leading space is the one
+they put (``space_once``).
 """
 
 from __future__ import annotations
@@ -36,6 +44,36 @@ def head_once(encoded: list[list[int]], head: int, tokenizer: Any, source: str) 
     for h in twice:
       encoded[h] = encoded[h][head:]
   return encoded
+
+
+def puts_space_first(tokenizer: Any) -> bool:
+  """Whether the tokenizer reads a text's first word as if a space came before it (SentencePiece
+  with a dummy prefix: ``a`` is ``▁a``, as in ``b a``); byte-level BPE does not (``a``, ``Ġa``)."""
+  one = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+  first = one("b")
+  both = one("b a")
+  return both[: len(first)] == first and both[len(first) :] == one("a")
+
+
+def space_once(tokenizer: Any, texts: Sequence[str], source: str) -> list[str]:
+  """``texts`` (responses) with one leading space dropped where the tokenizer puts that space
+  itself (``puts_space_first``) and it would otherwise become a token of its own; says how
+  many."""
+  starts = [i for i, t in enumerate(texts) if t.startswith(" ") and t.strip()]
+  if not starts or not puts_space_first(tokenizer):
+    return list(texts)
+  one = lambda batch: tokenizer(batch, add_special_tokens=False)["input_ids"]
+  texts = list(texts)
+  spaced, trimmed = one([texts[i] for i in starts]), one([texts[i][1:] for i in starts])
+  changed = [i for i, a, b in zip(starts, spaced, trimmed, strict=True) if a != b]
+  for i in changed:
+    texts[i] = texts[i][1:]
+  if changed:
+    print(
+      f"{source}: {len(changed)} of {len(texts)} responses begin with a space, which this "
+      "tokenizer puts before a text itself: read as their first word's, not a token of its own"
+    )
+  return texts
 
 
 def with_eos(tokens: list[list[int]], eos_id: int, tokenizer: Any, source: str) -> list[list[int]]:

@@ -1,5 +1,6 @@
-"""Special tokens already written in the data's text (BOS, EOS) are kept once, and prompts ending
-in a space the tokenizer keeps are said (ppo_jax/token_edges.py through ppo_jax/data.py)."""
+"""Special tokens already written in the data's text (BOS, EOS) are kept once, a response's leading
+space reads as in the whole text, and prompts ending in a space the tokenizer keeps are said
+(ppo_jax/token_edges.py through ppo_jax/data.py)."""
 
 import io
 import json
@@ -7,7 +8,15 @@ from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+  Tokenizer,
+  decoders,
+  models,
+  normalizers,
+  pre_tokenizers,
+  processors,
+  trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 from ppo_jax import data
@@ -76,29 +85,65 @@ def test_a_response_written_with_its_eos_gets_no_second_one(tmp_path, capsys):
   )
 
 
-def _trained(pre_tokenizer, decoder):
-  """A tiny BPE tokenizer trained here (no download) with a GPT-2-like or Llama-like split."""
+def _trained(pre_tokenizer, decoder, *, legacy_sentencepiece=False):
+  """A tiny BPE tokenizer trained here (no download) with a GPT-2-like or Llama-like split;
+  ``legacy_sentencepiece``: Llama 2's and Mistral's tokenizer.json form, a normalizer that puts
+  ``▁`` before the text and for each space (no pre-tokenizer once trained)."""
   core = Tokenizer(models.BPE(unk_token="<unk>"))
   core.pre_tokenizer, core.decoder = pre_tokenizer, decoder
+  if legacy_sentencepiece:
+    core.normalizer = normalizers.Sequence(
+      [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
   trainer = trainers.BpeTrainer(
     vocab_size=400,
     special_tokens=["<pad>", "<eos>", "<unk>"],
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     if isinstance(pre_tokenizer, pre_tokenizers.ByteLevel)
-    else [],
+    else list("abcdefghijklmnopqrstuvwxyz:▁"),
   )
   core.train_from_iterator(["the answer is paris", "question : what is the capital"] * 20, trainer)
+  if legacy_sentencepiece:
+    core.pre_tokenizer = None
   return PreTrainedTokenizerFast(
     tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
   )
 
 
+BYTE_LEVEL = (pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel())
+METASPACE = (pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace())
+
+
+def test_a_response_that_continues_its_prompts_text_reads_as_in_the_whole_text(capsys):
+  """HH-RLHF's responses begin with a space (``Assistant:`` `` I think``): tokenized apart, as
+  in the whole text, whatever the tokenizer. Llama 2's legacy form made it a token of its own."""
+  layout = data.Layout(prompt_len=32, response_len=8, pad_id=0, eos_id=1)
+  prompt, response = "question :", " the answer"
+  for tok, legacy in (
+    (_trained(*BYTE_LEVEL), False),
+    (_trained(*METASPACE), False),
+    (_trained(*METASPACE, legacy_sentencepiece=True), True),
+  ):
+    whole = tok(prompt + response, add_special_tokens=False)["input_ids"]
+    alone = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert whole[: len(alone)] == alone  # the prompt's tokens begin the whole text's
+    ids, mask, _ = data.encode_responses(tok, [response], layout, source="r.jsonl")
+    assert ids[0, : mask.sum() - 1].tolist() == whole[len(alone) :]
+    said = capsys.readouterr().out
+    assert said == (
+      "r.jsonl: 1 of 1 responses begin with a space, which this tokenizer puts before a text "
+      "itself: read as their first word's, not a token of its own\n"
+      if legacy
+      else ""
+    )
+    if legacy:  # the bug it fixes: a lone ▁ first
+      plain = tok(response, add_special_tokens=False)["input_ids"]
+      assert tok.convert_ids_to_tokens(plain[0]) == "▁" and plain[1:] == whole[len(alone) :]
+
+
 @pytest.mark.parametrize(
   "pre_tokenizer, decoder, space",
-  [
-    (pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(), "Ġ"),
-    (pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace(), "▁"),
-  ],
+  [(*BYTE_LEVEL, "Ġ"), (*METASPACE, "▁")],
   ids=["byte_level", "sentencepiece_like"],
 )
 def test_a_prompt_ending_in_a_space_the_tokenizer_keeps_is_said(pre_tokenizer, decoder, space):
