@@ -84,11 +84,16 @@ def _text_parts(parts: list, where: str, field: str) -> str:
   return "".join(part["text"] for part in parts)
 
 
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+# ShareGPT dumps name the assistant after the chatbot that wrote the turn.
+SHAREGPT_ROLES = {
+  "human": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+  "bard": "assistant", "model": "assistant",
+}  # fmt: skip
 
 
 def sharegpt(value: Any, where: str) -> list[Message]:
-  """ShareGPT's ``[{"from", "value"}]`` as messages (human → user, gpt → assistant)."""
+  """ShareGPT's ``[{"from", "value"}]`` as messages (human → user; gpt, chatgpt, bing, bard and
+  model → assistant; other names, system for one, as they are)."""
   if not isinstance(value, list) or not value:
     raise DataError(f"{where}: field 'conversations' must be a non-empty list of turns")
   turns = []

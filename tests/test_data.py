@@ -242,6 +242,7 @@ def test_sft_and_preference_rows_serve_as_prompts(tmp_path):
     {"prompt": "good film", "response": "bad"},
     {"messages": [USER("good"), BOT("film"), USER("plot"), BOT("bad")]},
     {"conversations": [{"from": "human", "value": "good"}, {"from": "gpt", "value": "bad"}]},
+    {"conversations": [{"from": "human", "value": "good"}, {"from": "chatgpt", "value": "film"}]},
     {"chosen": [USER("good"), BOT("film")], "rejected": [USER("good"), BOT("bad")]},
     {"chosen": "good film bad", "rejected": "good film plot"},
   ]
@@ -250,6 +251,7 @@ def test_sft_and_preference_rows_serve_as_prompts(tmp_path):
     "good film",
     "<user> good <end> <bot> film <end> <user> plot <end> <bot>",
     "<user> good <end> <bot>",
+    "<user> good <end> <bot>",  # ShareGPT's chatgpt turn is the assistant's, as gpt's
     "<user> good <end> <bot>",
     "good film",
   ]
