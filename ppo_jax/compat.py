@@ -10,6 +10,7 @@ from typing import Any
 
 from ppo_jax.models import ModelConfig
 from ppo_jax.models.hf import checkpoint_kind, load_hf_config
+from ppo_jax.token_edges import turn_end_id
 from ppo_jax.tokenizer import has_tokenizer, load_tokenizer, same_ids
 
 
@@ -128,31 +129,15 @@ def _same_folder(a: str, b: str | None) -> bool:
   return b is not None and pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
 
 
-def turn_end_note(tokenizer: Any, stop_ids: tuple[int, ...]) -> str | None:
+def turn_end_note(tokenizer: Any) -> str | None:
   """A note when the tokenizer's chat template ends an assistant turn with a special token other
-  than its EOS (Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``): ppo_jax ends SFT, reward-model
-  and DPO responses with EOS, so the policy learns another ending than the template's, and
-  sampling stops at it only if it is one of ``stop_ids``. None when they agree, or when the
-  template cannot say (it refuses a two-turn conversation)."""
-  mark = "ppo_jax_response_end"
-  turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": mark}]
-  try:
-    text = tokenizer.apply_chat_template(turns, tokenize=False)
-  except Exception:  # a template of its own rules: nothing to compare
+  than its EOS (``token_edges.turn_end_id``): SFT, reward-model and DPO responses end with it,
+  and sampling stops at it. None otherwise."""
+  end = turn_end_id(tokenizer)
+  if end is None:
     return None
-  if mark not in text:
-    return None
-  after = tokenizer(text[text.index(mark) + len(mark) :], add_special_tokens=False)["input_ids"]
-  special = set(getattr(tokenizer, "all_special_ids", ()))  # and tokens added as special:
-  decoder = getattr(tokenizer, "added_tokens_decoder", {})  # Llama 3's <|eot_id|>, Phi-3's <|end|>
-  special |= {i for i, t in decoder.items() if getattr(t, "special", False)}
-  end = next((i for i in after if i in special), None)
-  if end is None or end == tokenizer.eos_token_id:
-    return None
-  name = tokenizer.convert_ids_to_tokens(end)
-  stops = "" if end in stop_ids else "; sampling does not stop at it either"
   return (
-    f"note: the chat template ends an assistant turn with {name} (id {end}), not the tokenizer's "
-    f"EOS {tokenizer.eos_token} (id {tokenizer.eos_token_id}): SFT, reward-model and DPO "
-    f"responses end with EOS{stops}"
+    f"note: the chat template ends an assistant turn with {tokenizer.convert_ids_to_tokens(end)} "
+    f"(id {end}), not the tokenizer's EOS {tokenizer.eos_token} (id {tokenizer.eos_token_id}): "
+    "SFT, reward-model and DPO responses end with it, and sampling stops at it"
   )

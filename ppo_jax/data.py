@@ -16,7 +16,8 @@ from the mask. Prompts get the tokenizer's special tokens (e.g. BOS), responses 
 or EOS the text already holds is kept once (``ppo_jax.token_edges``). With
 ``Layout.chat``, each prompt is first put in the tokenizer's chat template as one user turn
 (after an optional system turn), ending with the assistant's header: the response follows it,
-and its EOS (for chat models the end-of-turn token) closes the turn.
+and the template's turn end closes it (the EOS, or a special token of the template's own:
+``token_edges.turn_end_id``).
 """
 
 from __future__ import annotations
@@ -121,8 +122,11 @@ class Layout:
     chat_kwargs: str | None = None,
     **limit: str,
   ) -> Layout:
-    """The layout with ``tokenizer``'s pad and EOS ids."""
+    """The layout with ``tokenizer``'s pad and EOS ids (with ``chat``, the template's turn end
+    where it has its own: ``token_edges.turn_end_id``)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if chat and (end := token_edges.turn_end_id(tokenizer)) is not None:
+      eos = end
     return cls(prompt_len, response_len, pad, eos, overflow, chat, system, chat_kwargs, **limit)
 
   def __post_init__(self):

@@ -307,7 +307,7 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
   hp = dataclasses.replace(hp, extra_eos_token_ids=policy.cfg.extra_eos_token_ids)
   if note := ordinary_stop_ids(tok, hp.stop_ids):
     print(note)
-  if s.data.chat_template and (note := turn_end_note(tok, hp.stop_ids)):
+  if s.data.chat_template and (note := turn_end_note(tok)):
     print(note)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))
   print(

@@ -22,6 +22,7 @@ from ppo_jax.models.lora import add_lora, check_targets
 from ppo_jax.rewards import load_reward_fn
 from ppo_jax.rows import holdout_by_prompt
 from ppo_jax.stage_folders import save_whole, saved_whole
+from ppo_jax.token_edges import turn_end_id
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -137,6 +138,10 @@ def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
       bos_token_id=tokenizer.bos_token_id,
     )
     policy = CausalLM(cfg, rngs=nnx.Rngs(s.seed))
+  if s.data.chat_template and (end := turn_end_id(tokenizer)) not in (None, *policy.cfg.stop_ids):
+    # Responses end with the template's turn end (data.Layout.of): sampling stops there too, and
+    # saved models list it among their EOS ids.
+    policy.cfg = policy.cfg.replace(extra_eos_token_ids=(*policy.cfg.extra_eos_token_ids, end))
   check_compatible(policy.cfg, tokenizer, max_len)
   if s.ppo_run.lora_rank:  # now, not after SFT and the reward model have trained
     check_targets(policy.cfg.model_type, policy.cfg.projections, s.ppo_run.lora_targets)

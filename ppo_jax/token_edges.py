@@ -46,6 +46,28 @@ def head_once(encoded: list[list[int]], head: int, tokenizer: Any, source: str) 
   return encoded
 
 
+def turn_end_id(tokenizer: Any) -> int | None:
+  """The special token the tokenizer's chat template ends an assistant turn with, where it is
+  not the EOS (Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``): with ``data.chat_template``
+  responses end with it, as the template's turns do, and sampling stops at it. None when the
+  turn ends with EOS (Llama 3's and Qwen's instruct tokenizers), with no special token, or when
+  the template cannot say (no template, or it refuses a two-turn conversation)."""
+  mark = "ppo_jax_response_end"
+  turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": mark}]
+  try:
+    text = tokenizer.apply_chat_template(turns, tokenize=False)
+  except Exception:  # no template, or one of its own rules: nothing to compare
+    return None
+  if not isinstance(text, str) or mark not in text:
+    return None
+  after = tokenizer(text[text.index(mark) + len(mark) :], add_special_tokens=False)["input_ids"]
+  special = set(getattr(tokenizer, "all_special_ids", ()))  # and tokens added as special:
+  decoder = getattr(tokenizer, "added_tokens_decoder", {})  # Llama 3's <|eot_id|>, Phi-3's <|end|>
+  special |= {i for i, t in decoder.items() if getattr(t, "special", False)}
+  end = next((i for i in after if i in special), None)
+  return None if end is None or end == tokenizer.eos_token_id else end
+
+
 def puts_space_first(tokenizer: Any) -> bool:
   """Whether the tokenizer reads a text's first word as if a space came before it (SentencePiece
   with a dummy prefix: ``a`` is ``▁a``, as in ``b a``); byte-level BPE does not (``a``, ``Ġa``)."""
@@ -77,8 +99,9 @@ def space_once(tokenizer: Any, texts: Sequence[str], source: str) -> list[str]:
 
 
 def with_eos(tokens: list[list[int]], eos_id: int, tokenizer: Any, source: str) -> list[list[int]]:
-  """Each response's tokens ending with one EOS: appended, unless its text already ended with
-  the EOS token (written for another library); says how many did."""
+  """Each response's tokens ending with one EOS (``eos_id``: a chat template's turn end where it
+  has its own): appended, unless its text already ended with it (written for another library);
+  says how many did."""
   ended = sum(bool(toks) and toks[-1] == eos_id for toks in tokens)
   if ended:
     eos = tokenizer.convert_ids_to_tokens(eos_id)

@@ -107,23 +107,28 @@ CHAT_TOK.chat_template = (  # ids: <sys> 8, <user> 9, <bot> 10, <end> 11
 )
 
 
-def test_a_template_turn_end_other_than_eos_is_noted():
+def test_a_template_turn_end_other_than_eos_ends_the_responses(tmp_path):
   """Gemma's template ends an assistant turn with <end_of_turn>, its tokenizer's EOS is <eos>:
-  responses trained to end with EOS end otherwise than the template's turns, said in one line
-  (nothing when the turn's end is no special token, as CHAT_TOK's <end> here)."""
+  with the chat template, responses end with the turn's end (SFT here; preference pairs read
+  the same), said in one line; nothing changes when the turn ends with no special token (as
+  CHAT_TOK's <end> here) or without the template."""
   from ppo_jax.compat import turn_end_note
 
-  assert turn_end_note(CHAT_TOK, (1,)) is None
-  tok = build_word_tokenizer(["good", "<user>", "<bot>", "<end>"])
+  assert turn_end_note(CHAT_TOK) is None
+  assert data.Layout.of(CHAT_TOK, 6, 3, chat=True).eos_id == CHAT_TOK.eos_token_id == 1
+  tok = build_word_tokenizer(["good", "bad", "<user>", "<bot>", "<end>"])
   tok.chat_template = CHAT_TOK.chat_template
   tok.add_special_tokens({"additional_special_tokens": ["<end>"]})
   end = tok.convert_tokens_to_ids("<end>")
-  assert turn_end_note(tok, (1,)) == (
+  assert turn_end_note(tok) == (
     f"note: the chat template ends an assistant turn with <end> (id {end}), not the tokenizer's "
-    "EOS <eos> (id 1): SFT, reward-model and DPO responses end with EOS; sampling does not stop "
-    "at it either"
+    "EOS <eos> (id 1): SFT, reward-model and DPO responses end with it, and sampling stops at it"
   )
-  assert turn_end_note(tok, (1, end)).endswith("responses end with EOS")
+  chat = data.Layout.of(tok, 6, 3, chat=True)
+  assert chat.eos_id == end and data.Layout.of(tok, 6, 3).eos_id == 1
+  path = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "good", "response": "bad"}])
+  seqs = data.load_sft(path, tok, chat)
+  assert seqs.ids[0, -3:].tolist() == [tok.convert_tokens_to_ids("bad"), end, 0]
   # Added as a special token without being listed among the special tokens (Llama 3's
   # <|eot_id|>, Phi-3's <|end|>): the same.
   from tokenizers import AddedToken
@@ -132,7 +137,8 @@ def test_a_template_turn_end_other_than_eos_is_noted():
   tok.chat_template = CHAT_TOK.chat_template
   tok.add_tokens([AddedToken("<end>", special=True)])
   assert "<end>" not in tok.all_special_tokens
-  assert turn_end_note(tok, (1,)).startswith("note: the chat template ends an assistant turn with")
+  assert turn_end_note(tok).startswith("note: the chat template ends an assistant turn with")
+  assert data.Layout.of(tok, 6, 3, chat=True).eos_id == tok.convert_tokens_to_ids("<end>")
 
 
 def test_chat_template_wraps_prompts_and_the_response_closes_the_turn(tmp_path):

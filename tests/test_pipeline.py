@@ -730,7 +730,7 @@ def test_a_summary_without_scores_says_why(capsys):
   assert out[0].startswith("the one rollout ") and out[1].split()[-2:] == ["0.5000", "—"]
 
 
-def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
+def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path, capsys):
   """`model.init` = a Qwen3 folder (per-head q/k norms, GQA, head_dim ≠ hidden/heads, untied),
   with its tokenizer (and chat template) and JSONL data (SFT and preference rows as
   conversations): SFT → reward model → PPO run on chat prompts, and the exported policy is a
@@ -747,6 +747,8 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
     "{% for m in messages %}<user> {{ m.content }} <end> {% endfor %}"
     "{% if add_generation_prompt %}<bot>{% endif %}"
   )
+  tok.add_special_tokens({"additional_special_tokens": ["<end>"]})  # the turn's end: not EOS
+  end = tok.convert_tokens_to_ids("<end>")
   tok.save_pretrained(str(folder))
   defaults = {"eos_token_id": [5, 7], "do_sample": True, "temperature": 0.6}
   (folder / "generation_config.json").write_text(json.dumps(defaults))
@@ -788,6 +790,7 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
   )
   workdir = tmp_path / "run"
   summary = pipeline.run(config, workdir)
+  assert f"ends an assistant turn with <end> (id {end})" in capsys.readouterr().out
   rows = _rows(workdir)
   assert len(rows) == 2 and all(np.isfinite(r["objective/kl"]) for r in rows)
   # No held-out prompts and two iterations: the first rollout against the last, not both twice.
@@ -797,9 +800,10 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path):
   assert samples and all(x["prompt"].count(" ") == 3 for x in samples)  # the user's text
   exported_tok = tf.AutoTokenizer.from_pretrained(str(workdir / "policy"))
   assert exported_tok.chat_template == tok.chat_template
-  # The tokenizer's EOS first, the checkpoint's stop ids after; its sampling defaults kept.
+  # The tokenizer's EOS first, the checkpoint's stop ids after, then the template's turn end the
+  # responses were trained to end with; its sampling defaults kept.
   gen = json.loads((workdir / "policy" / "generation_config.json").read_text())
-  assert gen["eos_token_id"] == [tok.eos_token_id, 5, 7] and gen["temperature"] == 0.6
+  assert gen["eos_token_id"] == [tok.eos_token_id, 5, 7, end] and gen["temperature"] == 0.6
   export_policy(workdir, tmp_path / "exported")  # from the last checkpoint: the same file
   exported = tmp_path / "exported" / "generation_config.json"
   assert json.loads(exported.read_text()) == gen

@@ -163,3 +163,32 @@ def test_a_prompt_ending_in_a_space_the_tokenizer_keeps_is_said(pre_tokenizer, d
   with redirect_stdout(io.StringIO()) as out:
     data.encode_prompts(build_word_tokenizer(WORDS), ["good film "], LAYOUT)
   assert out.getvalue() == ""
+
+
+def test_a_chat_policy_stops_at_the_templates_turn_end():
+  """With ``data.chat_template``, the policy stops sampling at the turn end its responses are
+  trained to end with (``token_edges.turn_end_id``), and lists it among a saved model's EOS ids;
+  without the template, at EOS alone."""
+  from conftest import smoke_config
+
+  from ppo_jax.config import Settings
+  from ppo_jax.stages import init_policy
+
+  tok = build_word_tokenizer([*WORDS, "<user>", "<bot>", "<end>"])
+  tok.chat_template = (
+    "{% for m in messages %}<{{ 'bot' if m.role == 'assistant' else m.role }}> {{ m.content }} "
+    "<end> {% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
+  )
+  tok.add_special_tokens({"additional_special_tokens": ["<end>"]})
+  end = tok.convert_tokens_to_ids("<end>")
+  for chat, stops in ((True, (1, end)), (False, (1,))):
+    s = Settings.from_config(
+      smoke_config(
+        task__name="files",
+        data__prompts="p.jsonl",
+        data__preferences="pairs.jsonl",
+        model__tokenizer="tok",
+        data__chat_template=chat,
+      )
+    )
+    assert init_policy(s, tok, 32).cfg.stop_ids == stops
