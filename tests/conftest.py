@@ -57,10 +57,13 @@ class MultideviceRun:
     }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # programs for 8 devices: a cache of their own
     self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it until the end
+    # At a lower priority: the single-device suite is the longer one, and this one takes the
+    # core it leaves idle (its compilation is one-threaded) rather than half of both.
     self.proc = subprocess.Popen(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
        str(ROOT / "tests" / "multidevice")],
       stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+      preexec_fn=lambda: os.nice(10),
     )  # fmt: skip
 
   @classmethod
