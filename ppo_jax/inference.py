@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ppo_jax import data, file_batches, preemption, writers
+from ppo_jax import data, file_batches, preemption, token_edges, writers
 from ppo_jax import sharding as shd
 from ppo_jax.compat import (
   check_compatible,
@@ -234,7 +234,8 @@ def sample_file(
   for m, what in ((policy, "model"), (rm, "reward model"), (ref, "reference")):  # the longest
     if m is not None:
       check_compatible(m.cfg, tok, ids.shape[1] + max_new_tokens, what=what, parts=parts)
-  stops = tuple(dict.fromkeys(i for i in (tok.eos_token_id, *cfg.stop_ids) if i is not None))
+  end = token_edges.turn_end_id(tok) if chat_template else None  # where training ends responses
+  stops = tuple(dict.fromkeys(i for i in (tok.eos_token_id, *cfg.stop_ids, end) if i is not None))
   if progress and (note := ordinary_stop_ids(tok, stops)):
     print(note)
   lengths = file.mask.sum(1)

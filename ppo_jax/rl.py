@@ -58,7 +58,8 @@ def _note_stop_ids(saved: dict, now: tuple[int, ...]) -> None:
   if then is not None and list(dict.fromkeys(then)) != list(now):
     say(
       f"note: the checkpoint's responses stopped at token ids {list(dict.fromkeys(then))}; from "
-      f"here they stop at {list(now)} (the policy checkpoint's and its generation_config.json's)"
+      f"here they stop at {list(now)} (the policy checkpoint's, its generation_config.json's, and "
+      "with data.chat_template its turn end)"
     )
 
 
@@ -160,8 +161,9 @@ def check_same_prompts(prompts: str, held_out: int, directory, saved: dict[str, 
   if saved.get("prompts") not in (None, prompts):
     raise ValueError(
       f"{directory} holds checkpoints trained on other prompts (their tokens or fields differ: "
-      "the prompts file, the tokenizer or the chat template changed since); use a new workdir, "
-      "or the original prompts"
+      "the prompts file, the tokenizer or the chat template changed since, or ppo_jax's encoding: "
+      "since 2026-12-06 a BOS written in the text counts once); use a new workdir, or the "
+      "original prompts"
     )
 
 

@@ -53,9 +53,10 @@ class Checkpoints:
       if (saved.get("rows"), saved.get("data")) != (record["rows"], record["data"]):
         raise ValueError(
           f"{self.checkpointer.directory} holds a stage trained on other data "
-          f"({saved.get('rows')} rows then, {record['rows']} now; or the same data split "
-          "otherwise: since 2026-12-06 whole prompts are held out); use a new workdir or the "
-          "original data, or delete that folder to train the stage again"
+          f"({saved.get('rows')} rows then, {record['rows']} now; or the same data split or "
+          "encoded otherwise: since 2026-12-06 whole prompts are held out, and a BOS or EOS "
+          "written in the text counts once); use a new workdir or the original data, or delete "
+          "that folder to train the stage again"
         )
 
     resumed = self.checkpointer.resume(

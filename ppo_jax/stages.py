@@ -127,9 +127,12 @@ def load_preference_split(
 def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
   """The policy before SFT: a Hugging Face folder, or a small model from scratch."""
   m = s.model
+  # Responses end with the template's turn end (data.Layout.of): sampling stops there too, and
+  # saved models list it among their EOS ids.
+  end = turn_end_id(tokenizer) if s.data.chat_template else None
   if m.init != "scratch":
     policy = from_pretrained(m.init, **m.numerics())
-    policy.cfg = _tokenizer_ids(policy.cfg, tokenizer, m.init)
+    policy.cfg = _tokenizer_ids(_stops_at(policy.cfg, end), tokenizer, m.init)
   else:
     cfg = m.scratch_config(
       len(tokenizer),
@@ -137,15 +140,18 @@ def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
       pad_token_id=tokenizer.pad_token_id,
       bos_token_id=tokenizer.bos_token_id,
     )
-    policy = CausalLM(cfg, rngs=nnx.Rngs(s.seed))
-  if s.data.chat_template and (end := turn_end_id(tokenizer)) not in (None, *policy.cfg.stop_ids):
-    # Responses end with the template's turn end (data.Layout.of): sampling stops there too, and
-    # saved models list it among their EOS ids.
-    policy.cfg = policy.cfg.replace(extra_eos_token_ids=(*policy.cfg.extra_eos_token_ids, end))
+    policy = CausalLM(_stops_at(cfg, end), rngs=nnx.Rngs(s.seed))
   check_compatible(policy.cfg, tokenizer, max_len)
   if s.ppo_run.lora_rank:  # now, not after SFT and the reward model have trained
     check_targets(policy.cfg.model_type, policy.cfg.projections, s.ppo_run.lora_targets)
   return policy
+
+
+def _stops_at(cfg: ModelConfig, end: int | None) -> ModelConfig:
+  """``cfg`` that also stops at ``end`` (None: as it is)."""
+  if end is None or end in cfg.stop_ids:
+    return cfg
+  return cfg.replace(extra_eos_token_ids=(*cfg.extra_eos_token_ids, end))
 
 
 def _tokenizer_ids(cfg: ModelConfig, tokenizer: Any, folder: str) -> ModelConfig:

@@ -64,6 +64,7 @@ def turn_end_id(tokenizer: Any) -> int | None:
   special = set(getattr(tokenizer, "all_special_ids", ()))  # and tokens added as special:
   decoder = getattr(tokenizer, "added_tokens_decoder", {})  # Llama 3's <|eot_id|>, Phi-3's <|end|>
   special |= {i for i, t in decoder.items() if getattr(t, "special", False)}
+  special -= {tokenizer.unk_token_id, tokenizer.pad_token_id}  # no turn's end
   end = next((i for i in after if i in special), None)
   return None if end is None or end == tokenizer.eos_token_id else end
 
@@ -98,18 +99,22 @@ def space_once(tokenizer: Any, texts: Sequence[str], source: str) -> list[str]:
   return texts
 
 
-def with_eos(tokens: list[list[int]], eos_id: int, tokenizer: Any, source: str) -> list[list[int]]:
-  """Each response's tokens ending with one EOS (``eos_id``: a chat template's turn end where it
-  has its own): appended, unless its text already ended with it (written for another library);
-  says how many did."""
-  ended = sum(bool(toks) and toks[-1] == eos_id for toks in tokens)
-  if ended:
-    eos = tokenizer.convert_ids_to_tokens(eos_id)
-    print(
-      f"{source}: {ended} of {len(tokens)} responses end with {eos} in their text, the EOS "
-      "ppo_jax appends: it is kept once"
+def with_eos(tokens: list[list[int]], end_id: int, tokenizer: Any, source: str) -> list[list[int]]:
+  """Each response's tokens ending with one ``end_id`` (the EOS, or a chat template's turn end
+  where it has its own): appended, unless the text already ended with it, or with the
+  tokenizer's EOS in its place (data written for another library); says how many did."""
+  eos = tokenizer.eos_token_id
+  ended = [bool(toks) and toks[-1] in (end_id, eos) for toks in tokens]
+  if any(ended):
+    names = dict.fromkeys(
+      tokenizer.convert_ids_to_tokens(t[-1]) for t, e in zip(tokens, ended, strict=True) if e
     )
-  return [toks if toks and toks[-1] == eos_id else [*toks, eos_id] for toks in tokens]
+    instead = f", the end ppo_jax appends ({tokenizer.convert_ids_to_tokens(end_id)})"
+    print(
+      f"{source}: {sum(ended)} of {len(tokens)} responses end with {' or '.join(names)} in their "
+      f"text{instead if end_id != eos else ', the EOS ppo_jax appends'}: it is kept once"
+    )
+  return [[*t[:-1], end_id] if e else [*t, end_id] for t, e in zip(tokens, ended, strict=True)]
 
 
 def trailing_space_note(
@@ -122,11 +127,15 @@ def trailing_space_note(
   if not ends:
     return
   stripped = tokenizer([texts[i].rstrip(" ") for i in ends], add_special_tokens=True)["input_ids"]
-  kept = [i for i, toks in zip(ends, stripped, strict=True) if toks != encoded[i]]
+  kept = [(i, toks) for i, toks in zip(ends, stripped, strict=True) if toks != encoded[i]]
   if kept:
-    last = tokenizer.convert_ids_to_tokens(encoded[kept[0]][-1])
+    i, toks = kept[0]
+    first = next(
+      (k for k, (a, b) in enumerate(zip(encoded[i], toks, strict=False)) if a != b), len(toks)
+    )
+    space = tokenizer.convert_ids_to_tokens(encoded[i][first])
     print(
       f"{source}: {len(kept)} of {len(texts)} prompts end in a space, a token of its own "
-      f"({last!r}): the response then starts without its first word's space; strip it unless "
-      "meant"
+      f"({space!r}): the response's first word then follows it, unlike in the whole text (where "
+      "the word carries its space); strip it unless meant"
     )

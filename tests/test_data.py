@@ -107,7 +107,7 @@ CHAT_TOK.chat_template = (  # ids: <sys> 8, <user> 9, <bot> 10, <end> 11
 )
 
 
-def test_a_template_turn_end_other_than_eos_ends_the_responses(tmp_path):
+def test_a_template_turn_end_other_than_eos_ends_the_responses(tmp_path, capsys):
   """Gemma's template ends an assistant turn with <end_of_turn>, its tokenizer's EOS is <eos>:
   with the chat template, responses end with the turn's end (SFT here; preference pairs read
   the same), said in one line; nothing changes when the turn ends with no special token (as
@@ -126,9 +126,14 @@ def test_a_template_turn_end_other_than_eos_ends_the_responses(tmp_path):
   )
   chat = data.Layout.of(tok, 6, 3, chat=True)
   assert chat.eos_id == end and data.Layout.of(tok, 6, 3).eos_id == 1
-  path = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "good", "response": "bad"}])
-  seqs = data.load_sft(path, tok, chat)
-  assert seqs.ids[0, -3:].tolist() == [tok.convert_tokens_to_ids("bad"), end, 0]
+  rows = [{"prompt": "good", "response": r} for r in ("bad", "bad <eos>", "bad <end>")]
+  seqs = data.load_sft(_jsonl(tmp_path / "sft.jsonl", rows), tok, chat)
+  bad = tok.convert_tokens_to_ids("bad")
+  assert seqs.ids[:, -3:].tolist() == [[bad, end, 0]] * 3  # one ending, whichever was written
+  assert capsys.readouterr().out.endswith(
+    "2 of 3 responses end with <eos> or <end> in their text, the end ppo_jax appends (<end>): "
+    "it is kept once\n"
+  )
   # Added as a special token without being listed among the special tokens (Llama 3's
   # <|eot_id|>, Phi-3's <|end|>): the same.
   from tokenizers import AddedToken

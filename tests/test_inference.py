@@ -519,3 +519,23 @@ def test_batches_are_cut_to_their_longest_prompt(folders, tmp_path, monkeypatch)
   assert [r["index"] for r in e] == list(range(5))  # in file order, whatever the batches
   for side in ("chosen", "rejected"):
     np.testing.assert_allclose([r[side] for r in e], [r[side] for r in f], rtol=1e-5, atol=1e-5)
+
+
+def test_with_the_chat_template_sampling_stops_at_its_turn_end(folders, tmp_path, capsys):
+  """A template that ends a turn with a special token of its own (Gemma's <end_of_turn>):
+  responses stop there, as the run's SFT trained them to end (``token_edges.turn_end_id``),
+  also for a checkpoint whose config.json does not list it."""
+  policy_dir = tmp_path / "policy"
+  shutil.copytree(folders[0], policy_dir)
+  tok = load_tokenizer(policy_dir)
+  tok.chat_template = (
+    "{% for m in messages %}{{ m.content }} w30 {% endfor %}{% if add_generation_prompt %}w31 "
+    "{% endif %}"
+  )
+  tok.add_special_tokens({"additional_special_tokens": ["w30"]})  # the turn's end
+  tok.save_pretrained(str(policy_dir))
+  end = tok.convert_tokens_to_ids("w30")
+  inference.sample_file(
+    policy_dir, folders[2], tmp_path / "s.jsonl", max_new_tokens=2, chat_template=True
+  )
+  assert f"stop ids {[tok.eos_token_id, tiny_hf.EOS, end]})" in capsys.readouterr().out

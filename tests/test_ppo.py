@@ -120,7 +120,8 @@ def test_a_resume_says_when_the_stop_ids_changed(capsys):
     lines
     == [
       "note: the checkpoint's responses stopped at token ids [2]; from here they stop "
-      "at [2, 7] (the policy checkpoint's and its generation_config.json's)"
+      "at [2, 7] (the policy checkpoint's, its generation_config.json's, and with "
+      "data.chat_template its turn end)"
     ]
     * 2
   )

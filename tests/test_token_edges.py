@@ -155,8 +155,9 @@ def test_a_prompt_ending_in_a_space_the_tokenizer_keeps_is_said(pre_tokenizer, d
   with redirect_stdout(io.StringIO()) as out:
     ids, _ = data.encode_prompts(tok, prompts, layout, source="p.jsonl")
   assert out.getvalue() == (
-    f"p.jsonl: 1 of 3 prompts end in a space, a token of its own ({space!r}): the response then "
-    "starts without its first word's space; strip it unless meant\n"
+    f"p.jsonl: 1 of 3 prompts end in a space, a token of its own ({space!r}): the response's "
+    "first word then follows it, unlike in the whole text (where the word carries its space); "
+    "strip it unless meant\n"
   )
   assert ids[0, -1] == tok.convert_tokens_to_ids(space)  # said, not changed
   # Whitespace-split words (the embedded task's tokenizer) lose the space: nothing to say.
