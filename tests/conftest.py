@@ -63,8 +63,10 @@ class MultideviceRun:
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
        str(ROOT / "tests" / "multidevice")],
       stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-      preexec_fn=lambda: os.nice(10),
     )  # fmt: skip
+    # Set from here, not in the child (a preexec_fn forks a process JAX's threads run in); the
+    # processes it starts, seconds later, inherit it.
+    os.setpriority(os.PRIO_PROCESS, self.proc.pid, 10)
 
   @classmethod
   def start(cls) -> "MultideviceRun":
