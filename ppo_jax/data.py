@@ -232,8 +232,7 @@ def encode_responses(
 
 
 def _response_tokens(tokenizer: Any, texts: Sequence[str], layout: Layout, source: str):
-  texts = token_edges.space_once(tokenizer, texts, source)
-  tokens = tokenizer(texts, add_special_tokens=False)["input_ids"]
+  tokens = token_edges.response_tokens(tokenizer, texts, source)
   return token_edges.with_eos(tokens, layout.eos_id, tokenizer, source)
 
 

@@ -12,7 +12,9 @@ text begin with a space (Anthropic HH-RLHF's `` I think…`` after ``Assistant:`
 tokenizers (GPT-2, Llama 3, Qwen) read it as the first word's (``ĠI``), as in the whole text, but
 SentencePiece tokenizers that put a space before every text (Llama 2, Mistral: ``▁I`` for
 ``I``) would read it as a token of its own (``▁``, ``▁I``); for them one leading space is the one
-they put (``space_once``).
+they put (``space_once``), and before a response that begins with no word (a newline) the lone
+``▁`` they put is dropped (``response_tokens``). A response that begins with a word still gets the
+space they put (``▁Paris``), as the policy's own samples decode and re-encode.
 """
 
 from __future__ import annotations
@@ -97,6 +99,27 @@ def space_once(tokenizer: Any, texts: Sequence[str], source: str) -> list[str]:
       "tokenizer puts before a text itself: read as their first word's, not a token of its own"
     )
   return texts
+
+
+def response_tokens(tokenizer: Any, texts: Sequence[str], source: str) -> list[list[int]]:
+  """Responses' tokens as they read after their prompts: ``space_once``, and where the
+  tokenizer puts a space before a text that begins with no word (a newline), the lone ``▁`` it
+  makes of it dropped (the whole text has none); says how many."""
+  tokens = tokenizer(space_once(tokenizer, texts, source), add_special_tokens=False)["input_ids"]
+  lone = tokenizer.get_vocab().get("▁")  # SentencePiece's space as a token of its own
+  if lone is None or not puts_space_first(tokenizer):
+    return tokens
+  dropped = [
+    i
+    for i, (t, toks) in enumerate(zip(texts, tokens, strict=True))
+    if len(toks) > 1 and toks[0] == lone and not t.startswith(" ")
+  ]
+  if dropped:
+    print(
+      f"{source}: {len(dropped)} of {len(texts)} responses begin with no word (a newline, say): "
+      "the space this tokenizer puts before a text is dropped, as in the whole text"
+    )
+  return [toks[1:] if i in set(dropped) else toks for i, toks in enumerate(tokens)]
 
 
 def with_eos(tokens: list[list[int]], end_id: int, tokenizer: Any, source: str) -> list[list[int]]:

@@ -100,8 +100,9 @@ def _trained(pre_tokenizer, decoder, *, legacy_sentencepiece=False):
     special_tokens=["<pad>", "<eos>", "<unk>"],
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     if isinstance(pre_tokenizer, pre_tokenizers.ByteLevel)
-    else list("abcdefghijklmnopqrstuvwxyz:▁"),
+    else list("abcdefghijklmnopqrstuvwxyz:▁\n"),
   )
+  # A newline in the alphabet but in no merge (Llama 2 writes it as a byte token of its own).
   core.train_from_iterator(["the answer is paris", "question : what is the capital"] * 20, trainer)
   if legacy_sentencepiece:
     core.pre_tokenizer = None
@@ -115,30 +116,33 @@ METASPACE = (pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspac
 
 
 def test_a_response_that_continues_its_prompts_text_reads_as_in_the_whole_text(capsys):
-  """HH-RLHF's responses begin with a space (``Assistant:`` `` I think``): tokenized apart, as
-  in the whole text, whatever the tokenizer. Llama 2's legacy form made it a token of its own."""
+  """HH-RLHF's responses begin with a space (``Assistant:`` `` I think``), others with a newline:
+  tokenized apart, as in the whole text, whatever the tokenizer. Llama 2's legacy form made a
+  lone ``▁`` token of the space; both SentencePiece forms put one before the newline."""
   layout = data.Layout(prompt_len=32, response_len=8, pad_id=0, eos_id=1)
-  prompt, response = "question :", " the answer"
-  for tok, legacy in (
-    (_trained(*BYTE_LEVEL), False),
-    (_trained(*METASPACE), False),
-    (_trained(*METASPACE, legacy_sentencepiece=True), True),
+  prompt = "question :"
+  for tok, legacy, notes in (
+    (_trained(*BYTE_LEVEL), False, 0),
+    (_trained(*METASPACE), False, 1),  # its ▁ before the newline too
+    (_trained(*METASPACE, legacy_sentencepiece=True), True, 2),
   ):
-    whole = tok(prompt + response, add_special_tokens=False)["input_ids"]
     alone = tok(prompt, add_special_tokens=False)["input_ids"]
-    assert whole[: len(alone)] == alone  # the prompt's tokens begin the whole text's
-    ids, mask, _ = data.encode_responses(tok, [response], layout, source="r.jsonl")
-    assert ids[0, : mask.sum() - 1].tolist() == whole[len(alone) :]
-    said = capsys.readouterr().out
-    assert said == (
-      "r.jsonl: 1 of 1 responses begin with a space, which this tokenizer puts before a text "
-      "itself: read as their first word's, not a token of its own\n"
-      if legacy
-      else ""
-    )
-    if legacy:  # the bug it fixes: a lone ▁ first
-      plain = tok(response, add_special_tokens=False)["input_ids"]
-      assert tok.convert_ids_to_tokens(plain[0]) == "▁" and plain[1:] == whole[len(alone) :]
+    for response in (" the answer", "\nthe answer"):
+      whole = tok(prompt + response, add_special_tokens=False)["input_ids"]
+      assert whole[: len(alone)] == alone  # the prompt's tokens begin the whole text's
+      ids, mask, _ = data.encode_responses(tok, [response], layout, source="r.jsonl")
+      assert ids[0, : mask.sum() - 1].tolist() == whole[len(alone) :], (legacy, response)
+      if legacy:  # the bug it fixes: a lone ▁ first
+        plain = tok(response, add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(plain[0]) == "▁" and plain[1:] == whole[len(alone) :]
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == notes, said
+  assert said == [
+    "r.jsonl: 1 of 1 responses begin with a space, which this tokenizer puts before a text "
+    "itself: read as their first word's, not a token of its own",
+    "r.jsonl: 1 of 1 responses begin with no word (a newline, say): the space this tokenizer "
+    "puts before a text is dropped, as in the whole text",
+  ]
 
 
 @pytest.mark.parametrize(
