@@ -12,7 +12,7 @@ text begin with a space (Anthropic HH-RLHF's `` I think…`` after ``Assistant:`
 tokenizers (GPT-2, Llama 3, Qwen) read it as the first word's (``ĠI``), as in the whole text, but
 SentencePiece tokenizers that put a space before every text (Llama 2, Mistral: ``▁I`` for
 ``I``) would read it as a token of its own (``▁``, ``▁I``); for them one leading space is the one
-they put (``space_once``), and before a response that begins with no word (a newline) the lone
+they put, and before a response that begins with no word (a newline) the lone
 ``▁`` they put is dropped (``response_tokens``). A response that begins with a word still gets the
 space they put (``▁Paris``), as the policy's own samples decode and re-encode.
 """
@@ -80,46 +80,44 @@ def puts_space_first(tokenizer: Any) -> bool:
   return both[: len(first)] == first and both[len(first) :] == one("a")
 
 
-def space_once(tokenizer: Any, texts: Sequence[str], source: str) -> list[str]:
-  """``texts`` (responses) with one leading space dropped where the tokenizer puts that space
-  itself (``puts_space_first``) and it would otherwise become a token of its own; says how
-  many."""
+def _space_once(tokenizer: Any, texts: list[str], source: str) -> list[str]:
+  """``texts`` with one leading space dropped where it would otherwise become a token of its own
+  (for a tokenizer that ``puts_space_first``); says how many."""
   starts = [i for i, t in enumerate(texts) if t.startswith(" ") and t.strip()]
-  if not starts or not puts_space_first(tokenizer):
-    return list(texts)
+  if not starts:
+    return texts
   one = lambda batch: tokenizer(batch, add_special_tokens=False)["input_ids"]
-  texts = list(texts)
   spaced, trimmed = one([texts[i] for i in starts]), one([texts[i][1:] for i in starts])
-  changed = [i for i, a, b in zip(starts, spaced, trimmed, strict=True) if a != b]
-  for i in changed:
-    texts[i] = texts[i][1:]
+  changed = {i for i, a, b in zip(starts, spaced, trimmed, strict=True) if a != b}
   if changed:
     print(
       f"{source}: {len(changed)} of {len(texts)} responses begin with a space, which this "
       "tokenizer puts before a text itself: read as their first word's, not a token of its own"
     )
-  return texts
+  return [t[1:] if i in changed else t for i, t in enumerate(texts)]
 
 
 def response_tokens(tokenizer: Any, texts: Sequence[str], source: str) -> list[list[int]]:
-  """Responses' tokens as they read after their prompts: ``space_once``, and where the
-  tokenizer puts a space before a text that begins with no word (a newline), the lone ``▁`` it
-  makes of it dropped (the whole text has none); says how many."""
-  tokens = tokenizer(space_once(tokenizer, texts, source), add_special_tokens=False)["input_ids"]
+  """Responses' tokens as they read after their prompts. For a tokenizer that puts a space
+  before every text (``puts_space_first``), a leading space is that one (``_space_once``), and
+  before a text that begins with no word (a newline) the lone ``▁`` it makes is dropped (the
+  whole text has none); each said."""
+  texts = list(texts)
+  if not puts_space_first(tokenizer):
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+  tokens = tokenizer(_space_once(tokenizer, texts, source), add_special_tokens=False)["input_ids"]
   lone = tokenizer.get_vocab().get("▁")  # SentencePiece's space as a token of its own
-  if lone is None or not puts_space_first(tokenizer):
-    return tokens
-  dropped = [
+  dropped = {
     i
     for i, (t, toks) in enumerate(zip(texts, tokens, strict=True))
-    if len(toks) > 1 and toks[0] == lone and not t.startswith(" ")
-  ]
+    if lone is not None and len(toks) > 1 and toks[0] == lone and not t.startswith(" ")
+  }
   if dropped:
     print(
       f"{source}: {len(dropped)} of {len(texts)} responses begin with no word (a newline, say): "
       "the space this tokenizer puts before a text is dropped, as in the whole text"
     )
-  return [toks[1:] if i in set(dropped) else toks for i, toks in enumerate(tokens)]
+  return [toks[1:] if i in dropped else toks for i, toks in enumerate(tokens)]
 
 
 def with_eos(tokens: list[list[int]], end_id: int, tokenizer: Any, source: str) -> list[list[int]]:
@@ -144,8 +142,8 @@ def trailing_space_note(
   tokenizer: Any, texts: Sequence[str], encoded: list[list[int]], source: str
 ) -> None:
   """Says how many prompts end in a space the tokenizer keeps as a token of its own (BPE and
-  SentencePiece tokenizers put a word's space before it: a model then starts its response
-  without the space its first word usually carries, an unusual continuation)."""
+  SentencePiece tokenizers put a word's space before it: in the whole text the response's first
+  word would carry that space; after the prompt it follows a lone space token instead)."""
   ends = [i for i, t in enumerate(texts) if t.endswith(" ") and t.strip()]
   if not ends:
     return
