@@ -15,6 +15,7 @@ import difflib
 import itertools
 import os
 import re
+import signal
 import sys
 from typing import Any
 
@@ -333,7 +334,9 @@ def cli(argv: list[str] | None = None) -> int:
       GUARD.exit_at_once = False
   except Preempted as e:  # a requested stop: what could be saved is saved
     print(f"ppo-jax: {e}; run the same command again to resume", flush=True)
-    return 0
+    # Not 0: the run is not done (`ppo-jax ... && ppo-jax export ...` must not go on). 130 for
+    # Ctrl-C, 143 for SIGTERM or a stop agreed with another process, as a signal's death reads.
+    return 130 if GUARD.signal == signal.SIGINT else 143
   except KeyboardInterrupt:  # a Ctrl-C outside the training loops (a second one exits at once)
     print("\n" + STOPPED_AT_ONCE, file=sys.stderr, flush=True)
     return _exit_alone(130)

@@ -107,6 +107,8 @@ class PreemptionGuard:
     self.elsewhere = False
     for sig in (signal.SIGTERM, signal.SIGINT):
       with contextlib.suppress(ValueError):  # not the main thread: no handlers, no flag
+        if signal.getsignal(sig) is signal.SIG_IGN:  # started ignoring it (a script's `cmd &`)
+          continue
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -134,8 +136,9 @@ class PreemptionGuard:
     return "a signal to another process" if self.elsewhere else "request"
 
   def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+    for sig, handler in self._previous.items():  # None: one installed from C
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    self._previous.clear()
 
 
 GUARD = PreemptionGuard()  # the pipeline enters it; the loops read it

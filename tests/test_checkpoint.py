@@ -202,7 +202,8 @@ def test_kill_9_then_sigterm_then_resume_end_where_the_uninterrupted_run_ended(
 
   1. ``kill -9`` while step 4 is being saved: the previous checkpoint stays usable.
   2. The console script ``ppo-jax`` resumes; SIGTERM: it saves at the next step boundary
-     (checkpoints are otherwise every 100 steps, so that save is the signal's) and exits 0.
+     (checkpoints are otherwise every 100 steps, so that save is the signal's) and exits 143,
+     not 0: the run is not done.
   3. A resume (in this process) finishes: metrics equal the uninterrupted run's.
   """
   workdir = reuse_stages(smoke_run[0], tmp_path / "stopped")
@@ -221,7 +222,7 @@ def test_kill_9_then_sigterm_then_resume_end_where_the_uninterrupted_run_ended(
   _wait_for(lambda: len(metrics.read_text().splitlines()) >= 6, proc)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == 143, out[-3000:]
   assert "resuming from the checkpoint of step 3" in out
   stopped = len(metrics.read_text().splitlines())
   assert f"stopped by SIGTERM after step {stopped}; checkpoint saved" in out
@@ -933,6 +934,27 @@ def test_a_stop_requested_in_an_earlier_run_is_forgotten():
     assert guard.requested
   with guard:
     assert not guard.requested
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored():
+  """A script's `ppo-jax ... &` starts it ignoring SIGINT: the Ctrl-C meant for the script does
+  not stop the run; SIGTERM still does, and both handlers are put back on exit."""
+  guard = preemption.PreemptionGuard()
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  term_before = signal.getsignal(signal.SIGTERM)
+  try:
+    with guard:
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)  # Python runs handlers between bytecodes of the main thread
+      assert not guard.requested
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.05)
+      assert guard.signal == signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is term_before
+  finally:
+    signal.signal(signal.SIGINT, before)
 
 
 def test_checkpoints_of_a_run_from_another_sft_policy_are_refused(tmp_path):
