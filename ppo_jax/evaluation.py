@@ -14,7 +14,7 @@ import numpy as np
 from ppo_jax import ppo, rollout
 from ppo_jax import sharding as shd
 from ppo_jax.models.transformer import RewardModel
-from ppo_jax.rewards import RewardFn, call_reward_fn
+from ppo_jax.rewards import RewardError, RewardFn, call_reward_fn, reward_fn_where
 from ppo_jax.sampling import Generation
 
 
@@ -48,6 +48,57 @@ def decode_responses(tokenizer: Any, tokens_BxN, mask_BxN) -> list[str]:
   return tokenizer.batch_decode(
     [t[m > 0].tolist() for t, m in zip(tokens, mask, strict=True)], skip_special_tokens=True
   )
+
+
+def shared_scores(
+  fn: RewardFn,
+  prompts: Prompts,
+  responses: list[str],
+  *,
+  name: str = "reward function",
+  step: int | None = None,
+) -> np.ndarray:
+  """``fn``'s float32 scores ``[B]`` of the rows (``call_reward_fn``), on every process. With
+  several processes each scores its own contiguous share of the rows, about B / processes, and
+  the shares are gathered: a costly function (a judge model, running code) is spread over the
+  hosts instead of run whole on each, and every host holds the same scores. A failure on one
+  process is raised on all of them: there as itself, elsewhere naming that process (no host is
+  left waiting in a collective for one that stopped)."""
+  n = len(responses)
+  count = jax.process_count()
+  if count == 1:
+    return call_reward_fn(
+      fn, prompts.texts, responses, columns=prompts.columns, name=name, step=step
+    )
+  bounds = np.r_[0, np.cumsum([n // count + (i < n % count) for i in range(count)])]
+  lo, hi = bounds[jax.process_index()], bounds[jax.process_index() + 1]
+  mine, error = np.zeros(-(-n // count), np.float32), None
+  if hi > lo:
+    try:
+      share = prompts.take(np.arange(lo, hi))
+      mine[: hi - lo] = call_reward_fn(
+        fn,
+        share.texts,
+        responses[lo:hi],
+        columns=share.columns,
+        name=name,
+        step=step,
+        first=lo,
+        total=n,
+      )
+    except RewardError as e:
+      error = e
+  from jax.experimental import multihost_utils
+
+  every = np.asarray(multihost_utils.process_allgather(np.r_[np.float32(error is None), mine]))
+  if error is not None:
+    raise error
+  if (failed := np.flatnonzero(every[:, 0] == 0)).size:
+    raise RewardError(
+      f"{reward_fn_where(name, step)} failed on process {failed[0]} (its error is on that "
+      "process's stderr)"
+    )
+  return np.concatenate([every[i, 1 : 1 + size] for i, size in enumerate(np.diff(bounds))])
 
 
 @dataclasses.dataclass
@@ -124,28 +175,22 @@ def evaluate(
       if (scorer.fn or gold)
       else None
     )
+    reals = part.take(np.arange(real))
     if scorer.fn is not None:
-      scores = call_reward_fn(
-        scorer.fn, part.texts[:real], texts, columns=part.head(real), name=scorer.fn_name
-      )
+      scores = shared_scores(scorer.fn, reals, texts, name=scorer.fn_name)
     totals["score"] += np.asarray(scores)[:real].tolist()
     totals["kl"] += kl[:real].tolist()
     totals["length"] += gen.mask.sum(-1)[:real].tolist()
     if gold is not None:
-      golds = call_reward_fn(
-        gold, part.texts[:real], texts, columns=part.head(real), name="gold scorer"
-      )
-      totals["gold"] += golds.tolist()
+      totals["gold"] += shared_scores(gold, reals, texts, name="gold scorer").tolist()
   return {k: float(np.mean(v)) for k, v in totals.items() if v}
 
 
-def sample_rows(tokenizer, batch: Prompts, gen, texts, per_sample, gold, k: int) -> list[dict]:
-  """The first ``k`` samples: prompt, response, score, KL to the reference (and gold score)."""
+def sample_rows(tokenizer, batch: Prompts, gen, texts, per_sample, golds, k: int) -> list[dict]:
+  """The first ``k`` samples: prompt, response, score, KL to the reference (and gold score, of
+  ``golds``: the batch's, or None)."""
   texts = texts or decode_responses(tokenizer, gen.tokens, gen.mask)
   k = min(k, len(texts))
-  golds = None
-  if gold is not None:
-    golds = call_reward_fn(gold, batch.texts[:k], texts[:k], columns=batch.head(k))
   rows = []
   for i in range(k):
     row = {

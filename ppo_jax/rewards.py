@@ -77,17 +77,21 @@ def call_reward_fn(
   columns: dict[str, Sequence] | None = None,
   name: str = "reward function",
   step: int | None = None,
+  first: int = 0,
+  total: int | None = None,
 ) -> np.ndarray:
   """``fn(prompts, responses, **fields)`` as float32 ``[B]``, ``fields`` the ``columns`` (the
   prompt rows' other fields, aligned with ``prompts``) its signature takes; raises RewardError
-  naming what went wrong."""
-  where = f"{name}" + (f" at step {step}" if step is not None else "")
+  naming what went wrong (the responses by index: ``first`` + their index, of ``total``, for
+  rows ``first:first + B`` of a bigger batch)."""
+  where = reward_fn_where(name, step)
   fields = fields_taken(fn, columns or {}, where)
   try:
     out = fn(list(prompts), list(responses), **fields)
   except Exception as e:  # the user's code: report it on one line, keep the cause chained
     raise RewardError(f"{where} raised {type(e).__name__}: {e}") from e
   n = len(responses)
+  which = lambda bad: _which([first + i for i in bad], n if total is None else total)
   if out is None or np.isscalar(out):  # forgot `return`, or one number for the whole batch
     raise RewardError(
       f"{where} returned {reprlib.repr(out)}, not a sequence of {n} scores (one per response)"
@@ -102,11 +106,16 @@ def call_reward_fn(
     raise RewardError(f"{where} returned an array of shape {scores.shape}; expected ({n},)")
   bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
   if bad:
-    raise RewardError(f"{where} returned non-finite scores (NaN or inf) {_which(bad, n)}")
+    raise RewardError(f"{where} returned non-finite scores (NaN or inf) {which(bad)}")
   big = np.flatnonzero(np.abs(scores) > np.finfo(np.float32).max).tolist()
   if big:
-    raise RewardError(f"{where} returned scores beyond float32's range (±3.4e38) {_which(big, n)}")
+    raise RewardError(f"{where} returned scores beyond float32's range (±3.4e38) {which(big)}")
   return scores.astype(np.float32)
+
+
+def reward_fn_where(name: str, step: int | None) -> str:
+  """How errors name a reward function's call: ``name`` and, in training, the step."""
+  return name + (f" at step {step}" if step is not None else "")
 
 
 def _which(indices: list[int], n: int) -> str:

@@ -28,6 +28,7 @@ from ppo_jax.evaluation import (
   host_generation,
   put_rows,
   sample_rows,
+  shared_scores,
 )
 from ppo_jax.models.lora import merge_lora
 from ppo_jax.models.transformer import CausalLM, ScalarHead, ValueModel
@@ -39,7 +40,7 @@ from ppo_jax.optim import (
   schedule_count,
 )
 from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requested
-from ppo_jax.rewards import RewardFn, call_reward_fn
+from ppo_jax.rewards import RewardFn
 from ppo_jax.rows import batch_indices
 from ppo_jax.stage_checkpoints import fingerprint
 from ppo_jax.writers import say
@@ -102,9 +103,7 @@ def run_iteration(
       host = host_generation(gen)
       texts = decode_responses(tokenizer, host.tokens, host.mask)
       scores = put_rows(
-        call_reward_fn(
-          scorer.fn, batch.texts, texts, columns=batch.columns, name=scorer.fn_name, step=step
-        ),
+        shared_scores(scorer.fn, batch, texts, name=scorer.fn_name, step=step),
         placement,
         vector=True,
       )
@@ -318,19 +317,18 @@ def run_ppo(
       step=step,
       placement=placement,
     )
-    texts = None
+    texts = golds = None
     if gold is not None:
       texts = decode_responses(tokenizer, gen.tokens, gen.mask)
-      row["gold/score"] = float(
-        np.mean(call_reward_fn(gold, batch.texts, texts, columns=batch.columns, name="gold scorer"))
-      )
+      golds = shared_scores(gold, batch, texts, name="gold scorer", step=step)
+      row["gold/score"] = float(np.mean(golds))
     history.append(row)
     if log is not None:
       log(
         step,
         row,
-        lambda k, b=batch, g=gen, t=texts, s=per_sample: sample_rows(
-          tokenizer, b, g, t, s, gold, k
+        lambda k, b=batch, g=gen, t=texts, s=per_sample, o=golds: sample_rows(
+          tokenizer, b, g, t, s, o, k
         ),
       )
 

@@ -235,3 +235,70 @@ def test_an_error_of_process_0_alone_ends_the_job(tmp_path):
   assert procs[0].returncode == 1 and procs[1].returncode != 0
   err0 = outs[0][1].strip().splitlines()
   assert err0[-1].startswith("ppo-jax: error: IsADirectoryError: ") and "summary.json" in err0[-1]
+
+
+SHARES = """
+import json, sys
+import jax
+import numpy as np
+
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from ppo_jax.evaluation import Prompts, shared_scores
+from ppo_jax.rewards import RewardError
+
+seen = []
+
+
+def by_answer(prompts, responses, answer):
+  seen.append(list(prompts))
+  return [a * len(r) for a, r in zip(answer, responses)]
+
+
+def nan_for_p3(prompts, responses):
+  return [float("nan") if p == "p3" else 1.0 for p in prompts]
+
+
+n = 5
+rows = Prompts([f"p{i}" for i in range(n)], np.zeros((n, 1), np.int32), np.ones((n, 1), np.int32))
+rows.columns = {"answer": [10 * i for i in range(n)]}
+out = {"scores": shared_scores(by_answer, rows, ["x" * (i + 1) for i in range(n)]).tolist()}
+out["seen"] = seen
+try:
+  shared_scores(nan_for_p3, rows, ["y"] * n, name="gold scorer", step=3)
+except RewardError as e:
+  out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_a_reward_function_scores_each_process_share_of_the_rows(tmp_path):
+  """With two processes each calls the reward function on its own rows (3 and 2 of 5, with
+  their fields), and both hold every score; a function failing on one process's rows stops
+  both, in one line each: the error where it was met, elsewhere which process met it."""
+  script, port = tmp_path / "shares.py", _free_port()
+  script.write_text(SHARES)
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
+  env.pop("PPO_JAX_MULTIDEVICE", None)
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), f"127.0.0.1:{port}", str(i)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+  want = [10.0 * i * (i + 1) for i in range(5)]
+  assert first["scores"] == second["scores"] == want
+  assert first["seen"] == [["p0", "p1", "p2"]] and second["seen"] == [["p3", "p4"]]
+  assert second["error"] == (
+    "gold scorer at step 3 returned non-finite scores (NaN or inf) for 1 of 5 responses (indices 3)"
+  )
+  assert first["error"] == (
+    "gold scorer at step 3 failed on process 1 (its error is on that process's stderr)"
+  )
