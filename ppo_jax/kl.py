@@ -15,7 +15,8 @@ KL_KINDS = ("k1", "k2", "k3")
 def kl_estimate(logp_BxT: ArrayLike, ref_logp_BxT: ArrayLike, *, kind: str = "k1") -> jax.Array:
   """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π.
 
-  With ``d = log π(y) − log π_ref(y)`` (Schulman 2020, "Approximating KL divergence",
+  For y drawn from π itself (not from a top-k/top-p filtered π), with ``d = log π(y) −
+  log π_ref(y)`` (Schulman 2020, "Approximating KL divergence",
   http://joschu.net/blog/kl-approx.html):
 
   - ``"k1"``: ``d``, unbiased, high variance, can be negative;
