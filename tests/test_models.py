@@ -115,7 +115,7 @@ def test_save_then_transformers_loads_the_same_model(checkpoints, tmp_path, name
   assert tf.AutoTokenizer.from_pretrained(str(tmp_path)).pad_token_id == 0
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen3", "gemma2", "gemma3", "olmo3"])
 def test_reward_model_matches_sequence_classification(tmp_path, name):
   hf_rm = tiny_hf.make(name, tmp_path / "rm", seed=3, kind="reward")
   rm = pj.models.from_pretrained(tmp_path / "rm")

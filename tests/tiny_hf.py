@@ -81,6 +81,20 @@ CONFIGS = {
     },
     **{**_LLAMA_LIKE, "num_hidden_layers": 3},
   ),
+  # OLMo 2: norms after the sublayers only, q/k RMSNorms over all heads (widths 32 and 16).
+  "olmo2": lambda: tf.Olmo2Config(num_key_value_heads=2, **_LLAMA_LIKE),
+  # OLMo 3: as OLMo 2, with a window of 4 on all layers but the third, and a RoPE base of their
+  # own.
+  "olmo3": lambda: tf.Olmo3Config(
+    num_key_value_heads=2,
+    sliding_window=4,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    rope_parameters={
+      "full_attention": {"rope_type": "default", "rope_theta": 500_000.0},
+      "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+    },
+    **{**_LLAMA_LIKE, "num_hidden_layers": 3},
+  ),
 }
 
 

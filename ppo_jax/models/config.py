@@ -13,7 +13,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
+SUPPORTED = (
+  "gpt2",
+  "llama",
+  "qwen2",
+  "qwen3",
+  "mistral",
+  "gemma2",
+  "gemma3_text",
+  "olmo2",
+  "olmo3",
+)
 ACTIVATIONS = {
   "gelu_new": "gelu_tanh",
   "gelu_pytorch_tanh": "gelu_tanh",
@@ -67,7 +77,7 @@ def _dtype_name(value: Any) -> Any:
 class ModelConfig:
   """Architecture and numerics of a decoder-only transformer (hashable: usable as a jit static)."""
 
-  model_type: str  # gpt2 | llama | qwen2 | qwen3 | mistral | gemma2 | gemma3_text (Hugging Face's)
+  model_type: str  # one of SUPPORTED, Hugging Face's names
   vocab_size: int
   hidden_size: int
   num_layers: int
@@ -160,6 +170,14 @@ class ModelConfig:
     """Qwen3, Gemma 3: an RMSNorm over each head's query and key (``head_dim`` features) before
     RoPE."""
     return self.model_type in ("qwen3", "gemma3_text")
+
+  @property
+  def is_olmo(self) -> bool:
+    """OLMo 2 and 3 layout (Groeneveld et al. 2024; OLMo et al. 2025, "2 OLMo 2 Furious"): no norm
+    before the sublayers, an RMSNorm after each (``x + norm(attn(x))``), the query and key
+    RMSNorms over the whole projection (all heads' features together), and every RMSNorm
+    weight applied in float32 before the cast."""
+    return self.model_type in ("olmo2", "olmo3")
 
   @property
   def is_gemma(self) -> bool:

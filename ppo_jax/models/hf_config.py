@@ -1,5 +1,6 @@
 """``ModelConfig`` to and from a Hugging Face ``transformers`` config: which fields each family
-(GPT-2; Llama, Qwen2/3, Mistral; Gemma 2 and 3) names how, and the options ppo_jax refuses."""
+(GPT-2; Llama, Qwen2/3, Mistral; Gemma 2 and 3; OLMo 2 and 3) names how, and the options ppo_jax
+refuses."""
 
 from __future__ import annotations
 
@@ -54,10 +55,12 @@ def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
   else:
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     local_theta = None
-    if model_type == "gemma3_text":  # a RoPE per kind of layer
+    if model_type in ("gemma3_text", "olmo3"):  # a RoPE per kind of layer
       local = dict(rope.get("sliding_attention") or {})
       if local.get("rope_type", "default") != "default":
-        raise ValueError(f"unsupported rope_type {local['rope_type']!r} on Gemma 3's local layers")
+        raise ValueError(
+          f"unsupported rope_type {local['rope_type']!r} on {model_type}'s windowed layers"
+        )
       local_theta = float(local["rope_theta"])
       rope = dict(rope.get("full_attention") or {})
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
@@ -72,6 +75,9 @@ def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
     window, gemma, full = None, {}, ()
     if model_type == "mistral":
       window = getattr(hf, "sliding_window", None)
+    elif model_type == "olmo3":  # a window on the layers layer_types names
+      window = hf.sliding_window
+      full = tuple(i for i, kind in enumerate(hf.layer_types) if kind == "full_attention")
     elif model_type in ("gemma2", "gemma3_text"):
       if getattr(hf, "use_bidirectional_attention", False):
         raise ValueError(f"unsupported {model_type} option use_bidirectional_attention=True")
@@ -139,6 +145,8 @@ def config_to_hf(cfg: ModelConfig, *, architecture: str = "causal_lm") -> Any:
       "Gemma3ForCausalLM",
       "Gemma3TextForSequenceClassification",
     ),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "Olmo2ForSequenceClassification"),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", "Olmo3ForSequenceClassification"),
   }[cfg.model_type]
   hf_act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
   common = dict(
@@ -181,6 +189,9 @@ def config_to_hf(cfg: ModelConfig, *, architecture: str = "causal_lm") -> Any:
       tie_word_embeddings=cfg.tie_word_embeddings,
       rope_parameters=rope,
     )
+    layer_types = [
+      "sliding_attention" if cfg.sliding(i) else "full_attention" for i in range(cfg.num_layers)
+    ]
     if cfg.model_type == "llama":
       fields.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     if cfg.model_type == "qwen3":
@@ -197,11 +208,13 @@ def config_to_hf(cfg: ModelConfig, *, architecture: str = "causal_lm") -> Any:
         attn_logit_softcapping=cfg.attn_logit_softcap,
         final_logit_softcapping=cfg.final_logit_softcap,
         sliding_window=cfg.sliding_window,
-        layer_types=[
-          "sliding_attention" if cfg.sliding(i) else "full_attention" for i in range(cfg.num_layers)
-        ],
+        layer_types=layer_types,
       )
-    if cfg.model_type == "gemma3_text":
+    if cfg.is_olmo:
+      fields.update(attention_bias=cfg.qkv_bias)
+    if cfg.model_type == "olmo3":
+      fields.update(sliding_window=cfg.sliding_window, layer_types=layer_types)
+    if cfg.model_type in ("gemma3_text", "olmo3"):
       local = {"rope_type": "default", "rope_theta": cfg.local_rope_theta or cfg.rope_theta}
       fields["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
   return getattr(transformers, names[0])(**fields, **common)

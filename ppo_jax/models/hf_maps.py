@@ -1,7 +1,8 @@
 """The name map between Hugging Face tensors and ppo_jax parameters, with the layout change
 between them: Llama's Linear weights are ``[out, in]``, ours ``[in, out]``; GPT-2's Conv1D
 weights are already ``[in, out]`` and its fused ``c_attn`` splits into q, k and v; Gemma has a
-norm after each sublayer too. ``hf.from_pretrained`` and ``hf.save_pretrained`` read it both ways.
+norm after each sublayer too, OLMo only there. ``hf.from_pretrained`` and ``hf.save_pretrained``
+read it both ways.
 """
 
 from __future__ import annotations
@@ -83,7 +84,14 @@ def tensor_maps(cfg: ModelConfig, kind: str) -> list[TensorMap]:
     maps["embed_tokens.weight"] = _same(T + ("embed", "embedding"), (V, d))
     for i in range(cfg.num_layers):
       L, h = T + ("layers", i), f"layers.{i}."
-      maps[h + "input_layernorm.weight"] = _same(L + ("attn_norm", "scale"), (d,))
+      if cfg.is_olmo:  # a norm after each sublayer, none before
+        for ours, hf in (
+          ("attn_post_norm", "post_attention"),
+          ("mlp_post_norm", "post_feedforward"),
+        ):
+          maps[h + f"{hf}_layernorm.weight"] = _same(L + (ours, "scale"), (d,))
+      else:
+        maps[h + "input_layernorm.weight"] = _same(L + ("attn_norm", "scale"), (d,))
       if cfg.is_gemma:  # a norm after each sublayer too; the MLP's own is "pre_feedforward"
         for ours, hf in (
           ("attn_post_norm", "post_attention"),
@@ -91,7 +99,7 @@ def tensor_maps(cfg: ModelConfig, kind: str) -> list[TensorMap]:
           ("mlp_post_norm", "post_feedforward"),
         ):
           maps[h + f"{hf}_layernorm.weight"] = _same(L + (ours, "scale"), (d,))
-      else:
+      elif not cfg.is_olmo:
         maps[h + "post_attention_layernorm.weight"] = _same(L + ("mlp_norm", "scale"), (d,))
       for n, out, bias in (
         ("q", q_dim, cfg.qkv_bias),
@@ -103,9 +111,11 @@ def tensor_maps(cfg: ModelConfig, kind: str) -> list[TensorMap]:
         maps[h + f"self_attn.{n}_proj.weight"] = _transposed(L + ("attn", n, "kernel"), (out, d_in))
         if bias:
           maps[h + f"self_attn.{n}_proj.bias"] = _same(L + ("attn", n, "bias"), (out,))
-      if cfg.qk_norm:
-        for n in "qk":
-          maps[h + f"self_attn.{n}_norm.weight"] = _same(L + ("attn", f"{n}_norm", "scale"), (hd,))
+      if cfg.qk_norm or cfg.is_olmo:  # OLMo's span all heads
+        for n, width in (("q", q_dim), ("k", kv_dim)):
+          maps[h + f"self_attn.{n}_norm.weight"] = _same(
+            L + ("attn", f"{n}_norm", "scale"), (width if cfg.is_olmo else hd,)
+          )
       for n, out, d_in in (("gate", f, d), ("up", f, d), ("down", d, f)):
         maps[h + f"mlp.{n}_proj.weight"] = _transposed(L + ("mlp", n, "kernel"), (out, d_in))
         if cfg.mlp_bias:

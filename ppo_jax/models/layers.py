@@ -111,20 +111,33 @@ class Norm(nnx.Module):
   """LayerNorm (``rms=False``: GPT-2) or RMSNorm (``rms=True``: Llama), statistics in float32.
 
   ``offset`` (Gemma): the weight ``w`` starts at 0 and scales by ``1 + w``, in float32.
+  ``f32_scale`` (OLMo): the weight scales in float32, before the cast.
   """
 
-  def __init__(self, features: int, *, eps: float, rms: bool, dtype, param_dtype, offset=False):
+  def __init__(
+    self,
+    features: int,
+    *,
+    eps: float,
+    rms: bool,
+    dtype,
+    param_dtype,
+    offset=False,
+    f32_scale=False,
+  ):
     init = jnp.zeros if offset else jnp.ones
     self.scale = nnx.Param(init((features,), param_dtype))
     self.bias = None if rms else nnx.Param(jnp.zeros((features,), param_dtype))
     self.eps, self.rms, self.dtype, self.offset = eps, rms, dtype, offset
+    self.f32_scale = f32_scale
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     if self.rms:
       y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
-      if self.offset:  # as Gemma: scale in float32, then cast
-        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+      if self.offset or self.f32_scale:  # as Gemma and OLMo: scale in float32, then cast
+        w = self.scale[...].astype(jnp.float32)
+        return (y * (1.0 + w if self.offset else w)).astype(self.dtype)
       # As Llama: normalise in float32, cast, then scale in the compute dtype.
       return jnp.asarray(self.scale[...], self.dtype) * y.astype(self.dtype)
     mean = jnp.mean(x32, -1, keepdims=True)
@@ -242,7 +255,7 @@ class Attention(nnx.Module):
 
   With ``cfg.qk_norm`` (Qwen3, Gemma 3), queries and keys pass an RMSNorm over each head's ``D``
   features (weights shared by the heads) before RoPE: ``q = RoPE(RMSNorm(x W_q))``, and ``k``
-  alike.
+  alike; OLMo's RMSNorm spans the whole projection, ``H · D`` features (``H_kv · D`` for keys).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float):
@@ -254,15 +267,17 @@ class Attention(nnx.Module):
     self.k = Dense(d, hkv * hd, bias=cfg.qkv_bias, std=std, **kw, **lora("k"))
     self.v = Dense(d, hkv * hd, bias=cfg.qkv_bias, std=std, **kw, **lora("v"))
     self.o = Dense(h * hd, d, bias=cfg.o_bias, std=out_std, **kw, **lora("o"))
-    norm = lambda: Norm(
-      hd,
+    norm = lambda width: Norm(
+      width,
       eps=cfg.norm_eps,
       rms=True,
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
       offset=cfg.is_gemma,
+      f32_scale=cfg.is_olmo,
     )
-    self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (None, None)
+    widths = (hd, hd) if cfg.qk_norm else (h * hd, hkv * hd) if cfg.is_olmo else None
+    self.q_norm, self.k_norm = (None, None) if widths is None else map(norm, widths)
     self.cfg = cfg
 
   def __call__(
@@ -270,10 +285,13 @@ class Attention(nnx.Module):
   ) -> tuple[jax.Array, KVCache]:
     cfg = self.cfg
     B, T, _ = x_BxTxD.shape
-    q = self.q(x_BxTxD).reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k = self.k(x_BxTxD).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = self.v(x_BxTxD).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    if self.q_norm is not None:  # Qwen3, Gemma 3: each head's query and key normalised, rotated
+    q, k, v = self.q(x_BxTxD), self.k(x_BxTxD), self.v(x_BxTxD)
+    if cfg.is_olmo:  # OLMo: all heads' queries normalised together, and keys alike
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:  # Qwen3, Gemma 3: each head's query and key normalised, rotated
       q, k = self.q_norm(q), self.k_norm(k)
     if not cfg.is_gpt2:
       q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
@@ -330,7 +348,8 @@ class Mlp(nnx.Module):
 
 class Block(nnx.Module):
   """Pre-norm residual block: ``x + attn(norm x)``, then ``x + mlp(norm x)``; Gemma normalises
-  each sublayer's output too: ``x + post_norm(attn(norm x))``, and the MLP alike."""
+  each sublayer's output too: ``x + post_norm(attn(norm x))``, and the MLP alike; OLMo only
+  that: ``x + post_norm(attn(x))``."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     kw = dict(
@@ -339,19 +358,21 @@ class Block(nnx.Module):
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
       offset=cfg.is_gemma,
+      f32_scale=cfg.is_olmo,
     )
     # GPT-2 scales the residual projections' init by 1/√(2L) (Radford et al. 2019).
     out_std = cfg.initializer_range / (math.sqrt(2 * cfg.num_layers) if cfg.is_gpt2 else 1.0)
-    self.attn_norm = Norm(cfg.hidden_size, **kw)
+    pre = lambda: None if cfg.is_olmo else Norm(cfg.hidden_size, **kw)
+    post = lambda: Norm(cfg.hidden_size, **kw) if cfg.is_gemma or cfg.is_olmo else None
+    self.attn_norm, self.attn_post_norm = pre(), post()
     self.attn = Attention(cfg, rngs=rngs, out_std=out_std)
-    self.mlp_norm = Norm(cfg.hidden_size, **kw)
+    self.mlp_norm, self.mlp_post_norm = pre(), post()
     self.mlp = Mlp(cfg, rngs=rngs, out_std=out_std)
-    post = lambda: Norm(cfg.hidden_size, **kw) if cfg.is_gemma else None
-    self.attn_post_norm, self.mlp_post_norm = post(), post()
 
   def __call__(self, x, positions, allowed, cache, cache_index, inv_freq):
-    h, cache = self.attn(self.attn_norm(x), positions, allowed, cache, cache_index, inv_freq)
-    x = x + (h if self.attn_post_norm is None else self.attn_post_norm(h))
-    h = self.mlp(self.mlp_norm(x))
-    x = x + (h if self.mlp_post_norm is None else self.mlp_post_norm(h))
+    norm = lambda n, x: x if n is None else n(x)
+    h, cache = self.attn(norm(self.attn_norm, x), positions, allowed, cache, cache_index, inv_freq)
+    x = x + norm(self.attn_post_norm, h)
+    h = self.mlp(norm(self.mlp_norm, x))
+    x = x + norm(self.mlp_post_norm, h)
     return x, cache

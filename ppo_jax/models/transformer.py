@@ -51,6 +51,7 @@ class Transformer(nnx.Module):
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
       offset=cfg.is_gemma,
+      f32_scale=cfg.is_olmo,
     )
     self.cfg = cfg
 

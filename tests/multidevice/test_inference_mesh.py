@@ -121,3 +121,36 @@ def test_rows_stay_split_on_data(folders):
   assert gen.tokens.sharding.shard_shape(gen.tokens.shape) == (1, 4)
   with pytest.raises(ValueError, match="needs 16 devices"):
     shd.command_mesh((2, 8, 1))
+
+
+def test_olmo_norms_over_all_heads_split_over_tensor_match_one_device(tmp_path):
+  """OLMo's query and key RMSNorms span all heads, whose features the tensor axis splits: logits
+  and the gradient of the response log-probs on a 2 × 2 × 2 mesh are one device's."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from ppo_jax.logprobs import token_logprobs
+
+  tiny_hf.make("olmo3", tmp_path, seed=5)
+  ids, mask = tiny_hf.batch(seed=5, B=4, T=9, left_pad=(0, 3, 5, 1))
+
+  def run(model, ids, mask):
+    def loss(model):
+      logits = model(ids, mask)
+      return jnp.sum(token_logprobs(logits[:, :-1], ids[:, 1:]) * mask[:, 1:]), logits
+
+    (value, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    return value, logits, nnx.to_pure_dict(nnx.state(grads))
+
+  want = run(from_pretrained(tmp_path), jnp.asarray(ids), jnp.asarray(mask))
+  mesh = shd.make_mesh((2, 2, 2))
+  model = shd.placed(from_pretrained(tmp_path), mesh)
+  assert model.trunk.layers[0].attn.q.kernel[...].sharding.spec[1] == "tensor"
+  got = nnx.jit(run)(model, shd.on_rows(ids, mesh), shd.on_rows(mask, mesh))
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-4, rtol=1e-4)
+  flat = lambda tree: dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+  grads, want_grads = flat(got[2]), flat(want[2])
+  assert grads.keys() == want_grads.keys() and len(grads) > 20
+  for path, g in want_grads.items():
+    np.testing.assert_allclose(np.asarray(grads[path]), np.asarray(g), atol=1e-4, rtol=1e-3)
