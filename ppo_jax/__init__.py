@@ -7,20 +7,40 @@ The maths layer is re-exported here so a notebook needs one import::
 
 Models live in ``ppo_jax.models``, sampling in ``ppo_jax.sampling`` (``pj.generate``), checkpoints
 in ``ppo_jax.checkpoint``.
+
+The names below are imported on first use (PEP 562), so ``import ppo_jax.main`` (the ``ppo-jax``
+command) starts without JAX's second of imports and can take a Ctrl-C there as a stop of its own.
 """
 
-from ppo_jax import models, synthetic, tokenizer
-from ppo_jax.advantages import gae, group_advantages, rloo_advantages
-from ppo_jax.kl import adaptive_kl_update, kl_estimate
-from ppo_jax.logprobs import entropy_from_logits, token_logprobs
-from ppo_jax.losses import policy_loss, value_loss
-from ppo_jax.masking import agg_weight, aggregate, masked_mean, masked_whiten
-from ppo_jax.preference import bradley_terry_loss, dpo_loss
-from ppo_jax.sampling import Generation, generate
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
+_FROM = {
+  "gae": "advantages",
+  "group_advantages": "advantages",
+  "rloo_advantages": "advantages",
+  "adaptive_kl_update": "kl",
+  "kl_estimate": "kl",
+  "entropy_from_logits": "logprobs",
+  "token_logprobs": "logprobs",
+  "policy_loss": "losses",
+  "value_loss": "losses",
+  "agg_weight": "masking",
+  "aggregate": "masking",
+  "masked_mean": "masking",
+  "masked_whiten": "masking",
+  "bradley_terry_loss": "preference",
+  "dpo_loss": "preference",
+  "Generation": "sampling",
+  "generate": "sampling",
+}
+_SUBMODULES = ("models", "synthetic", "tokenizer")
+
+__all__ = [  # _FROM's names and the submodules
   "Generation",
   "adaptive_kl_update",
   "agg_weight",
@@ -42,3 +62,28 @@ __all__ = [
   "tokenizer",
   "value_loss",
 ]
+
+
+def __getattr__(name: str) -> Any:
+  if name in _SUBMODULES:
+    return importlib.import_module(f"ppo_jax.{name}")
+  if name in _FROM:
+    value = getattr(importlib.import_module(f"ppo_jax.{_FROM[name]}"), name)
+    globals()[name] = value  # looked up once
+    return value
+  raise AttributeError(f"module 'ppo_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # what editors and type checkers see
+  from ppo_jax import models, synthetic, tokenizer
+  from ppo_jax.advantages import gae, group_advantages, rloo_advantages
+  from ppo_jax.kl import adaptive_kl_update, kl_estimate
+  from ppo_jax.logprobs import entropy_from_logits, token_logprobs
+  from ppo_jax.losses import policy_loss, value_loss
+  from ppo_jax.masking import agg_weight, aggregate, masked_mean, masked_whiten
+  from ppo_jax.preference import bradley_terry_loss, dpo_loss
+  from ppo_jax.sampling import Generation, generate

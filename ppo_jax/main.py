@@ -11,6 +11,7 @@ run of the same config skips most compilation.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import os
@@ -280,7 +281,52 @@ def versions() -> str:
   return f"ppo_jax {ppo_jax.__version__} ({', '.join(found)}; python {sys.version.split()[0]})"
 
 
+_EARLY: list[int] = []  # a stop signal received while the command was starting
+
+
+def _early_stop(signum, frame) -> None:
+  """Ctrl-C or SIGTERM while the command starts (imports, the config load): remembered, and
+  acted on where the start checks (``_raise_early``), a second or so later. Raised where it
+  came, inside an import, it broke that import (NumPy's: an ImportError, then a segfault) or was
+  discarded (inside JAX's garbage-collection callback, printed as "ignored", and the whole run
+  went on). A second one raises at once."""
+  del frame
+  if _EARLY:
+    raise KeyboardInterrupt
+  _EARLY[:] = [signum]
+
+
+def _raise_early() -> None:
+  """Raises KeyboardInterrupt if a stop came while the command was starting."""
+  if _EARLY:
+    raise KeyboardInterrupt
+
+
 def cli(argv: list[str] | None = None) -> int:
+  """The ``ppo-jax`` command; its exit status. A stop while it starts (seconds of imports) ends
+  it in one line, 130 for Ctrl-C, 143 for SIGTERM, before anything is written."""
+  _EARLY.clear()
+  previous = {}
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    if signal.getsignal(sig) is signal.SIG_IGN:  # started ignoring it (a script's `cmd &`)
+      continue
+    with contextlib.suppress(ValueError):  # not the main thread: the signals keep their handlers
+      previous[sig] = signal.signal(sig, _early_stop)
+  try:
+    return _cli(argv)
+  except KeyboardInterrupt:  # one that the command itself does not handle: it was starting
+    term = _EARLY == [signal.SIGTERM]
+    print(
+      f"ppo-jax: interrupted by {'SIGTERM' if term else 'Ctrl-C'} while starting; nothing was run",
+      file=sys.stderr,
+    )
+    return 143 if term else 130
+  finally:
+    for sig, handler in previous.items():  # None: one installed from C
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _cli(argv: list[str] | None) -> int:
   argv = list(sys.argv if argv is None else argv)
   from absl import logging as absl_logging
 
@@ -288,6 +334,7 @@ def cli(argv: list[str] | None = None) -> int:
   if len(argv) > 1 and argv[1] in COMMANDS:
     from ppo_jax import commands
 
+    _raise_early()
     return getattr(commands, argv[1].replace("-", "_"))(argv[2:])
   if len(argv) > 1 and not argv[1].startswith("-"):  # a misspelt command, not a flag
     close = difflib.get_close_matches(argv[1], COMMANDS, n=1)
@@ -316,6 +363,7 @@ def cli(argv: list[str] | None = None) -> int:
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
     print(f"ppo-jax: config error: {_one_line(e)}", file=sys.stderr)
     return 2
+  _raise_early()
   try:
     start_distributed(settings.distributed)
   except (RuntimeError, ValueError) as e:
@@ -324,9 +372,10 @@ def cli(argv: list[str] | None = None) -> int:
   from ppo_jax.preemption import GUARD, STOPPED_AT_ONCE, NonFiniteError, Preempted
 
   enable_compilation_cache()
-  try:
-    from ppo_jax.pipeline import run  # seconds of imports: a Ctrl-C there is one line too
+  from ppo_jax.pipeline import run  # seconds of imports: a Ctrl-C there ends the start (cli)
 
+  _raise_early()
+  try:
     GUARD.exit_at_once = True  # a second Ctrl-C: this process exits, mid-save or not
     try:
       run(config, workdir, resume=resume)

@@ -631,3 +631,46 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(monkeypatch, tmp_path):
   monkeypatch.setattr(pipeline, "run", run)
   code, _, err = _cli("--config=experiments/default.py", f"--workdir={tmp_path / 'w'}")
   assert code == 130 and err == preemption.STOPPED_AT_ONCE
+
+
+@pytest.mark.parametrize("sig, code, by", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+def test_a_stop_while_the_command_starts_ends_it_in_one_line(tmp_path, monkeypatch, sig, code, by):
+  """Ctrl-C or SIGTERM during the start (imports, the config load) is remembered and ends the
+  command where the start checks, in one line, before anything is written; the handlers that
+  were there before are put back."""
+  import os
+  import signal
+
+  parse = main.parse_flags
+
+  def signalled_while_parsing(argv):
+    os.kill(os.getpid(), getattr(signal, sig))
+    time.sleep(0.05)  # Python runs the handler between bytecodes
+    return parse(argv)
+
+  monkeypatch.setattr(main, "parse_flags", signalled_while_parsing)
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  got, out, err = _cli(f"--config={EXPERIMENT}:smoke", f"--workdir={tmp_path / 'w'}")
+  assert (got, out, err) == (
+    code,
+    "",
+    f"ppo-jax: interrupted by {by} while starting; nothing was run",
+  )
+  assert not (tmp_path / "w").exists()
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_the_command_starts_without_importing_jax_and_the_package_names_resolve():
+  """``ppo-jax`` imports ``ppo_jax.main`` first: JAX's second of imports comes after its stop
+  handlers are in place. ``import ppo_jax as pj`` still reaches every name it exports."""
+  import subprocess
+
+  check = "import sys, ppo_jax.main; print('jax' in sys.modules, 'numpy' in sys.modules)"
+  done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT)
+  assert done.stdout.split() == ["False", "False"], done.stderr
+  for name in pj.__all__:
+    assert getattr(pj, name) is not None and name in dir(pj)
+  assert sorted(pj.__all__) == sorted([*pj._FROM, *pj._SUBMODULES])
+  assert pj.gae.__module__ == "ppo_jax.advantages" and pj.models.__name__ == "ppo_jax.models"
+  with pytest.raises(AttributeError, match="module 'ppo_jax' has no attribute 'gea'"):
+    pj.gea  # noqa: B018
