@@ -175,6 +175,7 @@ def run_command(parser, fn, argv: list[str]) -> int:
     return _stopped(parser.prog, signal.SIGTERM if term else signal.SIGINT, "interrupted by {by}")
   except (ValueError, OSError, RewardError) as e:
     message = _one_line(e)
+    message = message.replace("data.chat_template=True", "--chat-template")  # a switch here
     for field in FLAG_FIELDS:
       message = message.replace(f"data.{field}", "--" + field.replace("_", "-"))
     for field, flag in (("mesh.shape", "--mesh"), ("ppo.max_new_tokens", "--max-new-tokens")):

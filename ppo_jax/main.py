@@ -55,6 +55,8 @@ def parse_flags(argv: list[str]) -> tuple[Any, str, bool]:
   fv([a for a in argv if a not in dropped])
   if config.value is None or workdir.value is None:
     raise ValueError("--config and --workdir are required (ppo-jax --help)")
+  if not workdir.value.strip():  # `--workdir=$UNSET`: the current folder is no output folder
+    raise ValueError("--workdir is empty; name the run's output folder")
   for dotted in nulls:
     *parents, leaf = dotted.split(".")
     node = config.value

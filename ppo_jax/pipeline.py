@@ -50,11 +50,13 @@ from ppo_jax.tokenizer import load_tokenizer
 from ppo_jax.workdir import (
   LOCK,
   check_finished,
+  check_not_foreign,
   check_workdir,
   finished_summary,
   in_use,
   nothing_to_do,
   preflight,
+  refused_together,
   stages_trained,
 )
 
@@ -232,6 +234,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   t_start = time.perf_counter()
   s = Settings.from_config(config)
   mesh = preflight(s)
+  refused_together(check_not_foreign, workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:  # a file in the way, a read-only disk, no permission
@@ -245,13 +248,7 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
   put_back_aside(workdir)  # a stage folder a kill left renamed aside (stage_folders.saved_whole)
   defaults = json.loads(base_config().to_json_best_effort())
   now = json.loads(config.to_json_best_effort())
-  try:  # refused by every process or none: one alone would leave the others in a collective
-    check_workdir(s, now, workdir, resume=resume, defaults=defaults)
-    refused = None
-  except ValueError as e:
-    refused = e
-  if not shd.all_agree(refused is None):
-    raise refused or ValueError(f"another process refuses the workdir {workdir} (see its error)")
+  refused_together(check_workdir, workdir, s=s, config=now, resume=resume, defaults=defaults)
   if resume and (done := finished_summary(s, workdir, now)) is not None:
     print(nothing_to_do(s, workdir, done, now))
     writers.print_summary(done, this_invocation=False)

@@ -88,7 +88,7 @@ def call_reward_fn(
   fields = fields_taken(fn, columns or {}, where)
   try:
     out = fn(list(prompts), list(responses), **fields)
-  except Exception as e:  # the user's code: report it on one line, keep the cause chained
+  except (Exception, SystemExit) as e:  # the user's code (sys.exit too): one line, cause chained
     raise RewardError(f"{where} raised {type(e).__name__}: {e}") from e
   n = len(responses)
   which = lambda bad: _which([first + i for i in bad], n if total is None else total)

@@ -180,6 +180,51 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
 
 
 LOCK = ".ppo_jax.lock"  # in the workdir: held while a run uses it
+# What a run writes at the top of its workdir besides the lock (and hidden ``.NAME.partial`` or
+# ``.NAME.old`` stage folders), but ``data/``: a folder of these alone may take a run (stage
+# folders copied from another run's workdir to reuse them).
+OWN = (
+  *CHECKPOINT_DIRS,
+  "config.json",
+  "summary.json",
+  "metrics.jsonl",
+  "sft_metrics.jsonl",
+  "rm_metrics.jsonl",
+  "dpo_metrics.jsonl",
+  "rm_held_out_pairs.jsonl",
+  "dpo_held_out_pairs.jsonl",
+  "samples.jsonl",
+  "samples",
+  "plots",
+  "tensorboard",
+  "sft",
+  "reward_model",
+  "ppo_base",
+  "policy",
+)
+
+
+def check_not_foreign(workdir: pathlib.Path) -> None:
+  """Refuses (one line) a workdir that holds files of something else than a ppo_jax run: a model
+  folder, a project, the current folder. A run writes config.json, data/ and more into it, over
+  what is there. Taken: a new or empty folder, one an earlier run used (its lock file, or its
+  config.json), and one of a run's outputs alone."""
+  try:
+    names = sorted(p.name for p in workdir.iterdir())
+  except OSError:  # not there yet (made by the run), or a file in the way (said when made)
+    return
+  if not names or LOCK in names:
+    return
+  then = previous_config(workdir)
+  if isinstance(then, dict) and "ppo" in then and "model_type" not in then:
+    return
+  hidden = lambda n: n.startswith(".") and n.endswith((".partial", ".old"))
+  if foreign := [n for n in names if n not in OWN and not hidden(n)]:
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    raise ValueError(
+      f"--workdir {workdir} holds files that are not a ppo_jax run's ({shown}); a run writes "
+      "config.json, data/, checkpoints/ and more into its workdir: use a new or empty folder"
+    )
 
 
 @contextlib.contextmanager
@@ -213,8 +258,20 @@ def in_use(workdir: pathlib.Path) -> Iterator[None]:
       os.close(fd)  # releases the lock
 
 
+def refused_together(check, workdir: pathlib.Path, **kw) -> None:
+  """``check(workdir, **kw)``, its refusal (ValueError) raised by every process or none: one
+  process alone would leave the others waiting in a collective."""
+  try:
+    check(workdir, **kw)
+    refused = None
+  except ValueError as e:
+    refused = e
+  if not shd.all_agree(refused is None):
+    raise refused or ValueError(f"another process refuses the workdir {workdir} (see its error)")
+
+
 def check_workdir(
-  s: Settings, config: dict, workdir: pathlib.Path, *, resume: bool, defaults: dict
+  workdir: pathlib.Path, *, s: Settings, config: dict, resume: bool, defaults: dict
 ) -> None:
   """Raises ValueError (one line) for a workdir this run must not write into; ``config`` is the
   run's config as JSON, ``defaults`` every field's default (for fields added since a save)."""

@@ -142,6 +142,16 @@ def reuse_stages(
   return workdir
 
 
+@pytest.fixture
+def terminal_sigint():
+  """SIGINT as in a terminal, Python's KeyboardInterrupt (a background job, as CI runs the tests,
+  starts with it ignored, and ppo_jax leaves an ignored signal ignored); put back after the
+  test."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
 def sigterm_when(predicate, timeout=300):
   """Sends this process SIGTERM once ``predicate()`` holds (the run's guard turns it into a stop
   at the next step boundary); gives up after ``timeout`` seconds."""

@@ -449,7 +449,9 @@ def test_remaking_the_task_data_under_trained_stages_is_refused(smoke_run, tmp_p
 
   def check(config):
     as_json = json.loads(config.to_json_best_effort())
-    check_workdir(Settings.from_config(config), as_json, workdir, resume=True, defaults=as_json)
+    check_workdir(
+      workdir, s=Settings.from_config(config), config=as_json, resume=True, defaults=as_json
+    )
 
   with pytest.raises(ValueError, match=r"\(task\.label_noise: 0\.2 → 0\.5\) and reward_model/ l"):
     check(smoke_config(task__label_noise=0.5))
@@ -473,7 +475,9 @@ def test_a_stage_checkpoint_of_another_config_is_refused_before_anything_is_writ
 
   def check(config):
     as_json = json.loads(config.to_json_best_effort())
-    check_workdir(Settings.from_config(config), as_json, tmp_path, resume=True, defaults=saved)
+    check_workdir(
+      tmp_path, s=Settings.from_config(config), config=as_json, resume=True, defaults=saved
+    )
 
   with pytest.raises(ValueError, match=r"sft_checkpoints holds checkpoints of a different config "
                      r"\(sft\.optim\.lr: 0\.01 → 0\.002\)"):  # fmt: skip

@@ -600,6 +600,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(monkeypatch, tmp_path):
     """
     import os, signal, threading, time
     from ppo_jax import preemption
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (CI's job ignores it)
     preemption.GUARD.exit_at_once = True  # as the CLI sets it
     with preemption.GUARD:
       threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon: as orbax's
@@ -634,7 +635,9 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("sig, code, by", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
-def test_a_stop_while_the_command_starts_ends_it_in_one_line(tmp_path, monkeypatch, sig, code, by):
+def test_a_stop_while_the_command_starts_ends_it_in_one_line(
+  tmp_path, monkeypatch, terminal_sigint, sig, code, by
+):
   """Ctrl-C or SIGTERM during the start (imports, the config load) is remembered and ends the
   command where the start checks, in one line, before anything is written; the handlers that
   were there before are put back."""
@@ -674,3 +677,32 @@ def test_the_command_starts_without_importing_jax_and_the_package_names_resolve(
   assert pj.gae.__module__ == "ppo_jax.advantages" and pj.models.__name__ == "ppo_jax.models"
   with pytest.raises(AttributeError, match="module 'ppo_jax' has no attribute 'gea'"):
     pj.gea  # noqa: B018
+
+
+def test_a_workdir_holding_other_files_is_refused_before_anything_is_written(tmp_path):
+  """A model folder, a project's data or the current folder (``--workdir=``) given as the
+  workdir: refused in one line, and nothing in it changes (a run writes config.json and data/
+  over what is there)."""
+  model = tmp_path / "model"
+  model.mkdir()
+  (model / "config.json").write_text('{"model_type": "llama"}')
+  (model / "model.safetensors").write_bytes(b"weights")
+  project = tmp_path / "project"
+  (project / "data").mkdir(parents=True)
+  (project / "data" / "prompts.jsonl").write_text('{"prompt": "mine"}\n')
+  for folder, named in ((model, "model.safetensors"), (project, "data")):
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    code, _, err = _cli(f"--config={EXPERIMENT}:smoke", f"--workdir={folder}")
+    assert (code, err) == (
+      1,
+      f"ppo-jax: error: --workdir {folder} holds files that are not a ppo_jax run's ({named}); "
+      "a run writes config.json, data/, checkpoints/ and more into its workdir: use a new or "
+      "empty folder",
+    )
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+  assert (model / "config.json").read_text() == '{"model_type": "llama"}'
+  code, _, err = _cli(f"--config={EXPERIMENT}:smoke", "--workdir=")
+  assert (code, err) == (
+    2,
+    "ppo-jax: config error: --workdir is empty; name the run's output folder",
+  )

@@ -200,8 +200,15 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
   tiny_hf.make("gpt2", short, kind="sequence_cls", n_positions=8)
   taken = tmp_path / "taken.jsonl"
   taken.write_text("keep me\n")
+  chat = tmp_path / "chat.jsonl"
+  chat.write_text(json.dumps({"messages": [{"role": "user", "content": "w1"}]}) + "\n")
   capsys.readouterr()  # transformers' progress bar as it saved the short model
   cases = [
+    (  # the command's switch, not the config field's data.chat_template=True
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", f"--prompts={chat}"],
+      1,
+      f"{chat}:1: a conversation (a list of messages) needs --chat-template\n",
+    ),
     ([f"--model={policy_dir}", f"--out={taken}"], 1, f"--out {taken} exists; pick another"),
     (
       [f"--model={policy_dir}", f"--out={tmp_path / 'new'}/"],
@@ -309,15 +316,6 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
   assert taken.read_text() == "keep me\n" and not (tmp_path / "o").exists()
   assert cli(["ppo-jax", "sample", "--help"]) == 0
   assert "--reward-model" in capsys.readouterr().out
-
-
-@pytest.fixture
-def terminal_sigint():
-  """SIGINT as in a terminal, Python's KeyboardInterrupt (a background job, as CI runs the tests,
-  starts with it ignored); put back after the test."""
-  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-  yield
-  signal.signal(signal.SIGINT, previous)
 
 
 def test_a_failed_sample_keeps_what_it_wrote_beside_the_file_it_would_write(

@@ -19,10 +19,15 @@ def _raises(prompts, responses):
   raise RuntimeError("reward server unreachable")
 
 
+def _exits(prompts, responses):
+  raise SystemExit(0)
+
+
 @pytest.mark.parametrize(
   "fn,message",
   [
     (_raises, r"my fn at step 7 raised RuntimeError: reward server unreachable"),
+    (_exits, r"my fn at step 7 raised SystemExit: 0$"),  # not a quiet exit 0 of the whole run
     (lambda p, r: [0.0, 1.0], r"returned an array of shape \(2,\); expected \(3,\)"),
     (lambda p, r: [[0.0], [1.0], [2.0]], r"returned an array of shape \(3, 1\); expected \(3,\)"),
     (lambda p, r: None, r"returned None, not a sequence of 3 scores \(one per response\)"),
