@@ -337,6 +337,26 @@ def test_missing_unexpected_and_misshaped_tensors_are_all_named(tmp_path):
     assert part in msg
 
 
+def test_weights_holding_nan_or_inf_are_named_as_they_load(tmp_path):
+  """A checkpoint with NaN weights loaded without a word: sampling wrote empty responses and
+  training stopped at its non-finite guard, blaming the learning rate."""
+  tiny_hf.make("llama3", tmp_path)
+
+  def spoil(t):
+    q = t["model.layers.1.self_attn.q_proj.weight"].copy()
+    q[0, :2] = np.nan
+    q[3, 3] = np.inf
+    t["model.layers.1.self_attn.q_proj.weight"] = q
+
+  _rewrite(tmp_path, spoil)
+  with pytest.raises(ValueError) as e:
+    pj.models.from_pretrained(tmp_path)
+  assert str(e.value) == (
+    f"{tmp_path}: cannot load as llama causal_lm: non-finite tensors: "
+    "model.layers.1.self_attn.q_proj.weight (3 of 1024 values NaN or inf)"
+  )
+
+
 def test_integer_weights_and_config_fields_of_the_wrong_type_are_named(tmp_path):
   """An int32 checkpoint was converted and trained silently; a config.json field of the wrong
   type, or a GPT-2 width its head count does not divide, raised tracebacks (transformers'

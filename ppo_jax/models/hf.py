@@ -220,6 +220,12 @@ def from_pretrained(
     for n in sorted(set(found) & set(expected))
     if not jnp.issubdtype(tensors[found[n]].dtype, jnp.floating)
   ]
+  nonfinite = [  # a damaged file, or a run that diverged before it saved: say so before use
+    f"{found[n]} ({bad} of {tensors[found[n]].size} values NaN or inf)"
+    for n in sorted(set(found) & set(expected))
+    if jnp.issubdtype(tensors[found[n]].dtype, jnp.floating)
+    and (bad := int(tensors[found[n]].size - jnp.count_nonzero(jnp.isfinite(tensors[found[n]]))))
+  ]
   problems = [
     f"{label} tensors: {_first(names)}"
     for label, names in (
@@ -227,6 +233,7 @@ def from_pretrained(
       ("unexpected", unexpected),
       ("misshaped", misshaped),
       ("non-float", not_float),
+      ("non-finite", nonfinite),
     )
     if names
   ]
