@@ -210,6 +210,11 @@ def _encode_rendered(
       f"their first {keep} (the tokenizer's BOS) and last {P - keep}" if keep else f"their last {P}"
     )
     print(f"{source}: {cut} of {len(texts)} prompts longer than {P} tokens keep {kept}")
+  if empty := sum(not toks for toks in encoded):
+    print(
+      f"note: {source}: {empty} of {len(texts)} prompts have no tokens (empty, and the tokenizer "
+      "adds no BOS): the model reads only padding before their responses"
+    )
   unk = getattr(tokenizer, "unk_token_id", None)
   special = {getattr(tokenizer, f"{k}_token_id", None) for k in ("eos", "bos", "pad")}
   if unk in special:  # GPT-2's unknown token is its EOS: an id a template may write
