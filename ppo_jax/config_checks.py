@@ -213,6 +213,14 @@ def check_settings(s: Settings) -> None:
       "config.reward.model); use critic_init='policy' with a reward function",
     ),
     (
+      s.algo != "dpo" or not (s.reward.fn or s.reward.model),
+      f"config.reward.{'fn' if s.reward.fn else 'model'} is set, but DPO uses no reward: drop it",
+    ),
+    (
+      s.algo in ("ppo", "dpo") or not s.ppo_run.value_head_on_policy,
+      f"config.ppo.value_head_on_policy: {s.algo} has no critic to put a head on; leave it off",
+    ),
+    (
       not s.ppo_run.fuse or s.reward.source == "model",
       "config.ppo.fuse=True needs reward.source='model' (a Python reward runs on the host)",
     ),

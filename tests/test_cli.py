@@ -63,6 +63,18 @@ def _cli(*args):
     ("--config.sft.epochs=-1", "config.sft.epochs: must be ≥ 0, got -1"),
     ("--config.rm.epochs=0", "config.rm.epochs: must be > 0 (config.rm.enabled=False skips the"),
     (["--config.algo=dpo", "--config.dpo.epochs=0"], "config.dpo.epochs: must be > 0, got 0"),
+    (  # silently unused before
+      ["--config.algo=dpo", "--config.reward.source=function", "--config.reward.fn=m:f"],
+      "config.reward.fn is set, but DPO uses no reward: drop it",
+    ),
+    (
+      ["--config.algo=dpo", "--config.reward.model=rm"],
+      "config.reward.model is set, but DPO uses no reward: drop it",
+    ),
+    (
+      ["--config.algo=rloo", "--config.ppo.group_size=4", "--config.ppo.value_head_on_policy=True"],
+      "config.ppo.value_head_on_policy: rloo has no critic to put a head on; leave it off",
+    ),
     ("--config.rm.eval_fraction=1.0", "config.rm.eval_fraction: must be in [0, 1), got 1.0"),
     ("--config.data.max_response_len=0", "config.data.max_prompt_len and .max_response_len"),
     ("--config.log.samples_every=-1", "config.log.samples_every: must be ≥ 0 (0: never)"),
