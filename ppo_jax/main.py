@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -314,6 +315,9 @@ def cli(argv: list[str] | None = None) -> int:
       continue
     with contextlib.suppress(ValueError):  # not the main thread: the signals keep their handlers
       previous[sig] = signal.signal(sig, _early_stop)
+  shown = warnings.showwarning
+  warnings.showwarning = _warning_line
+  _WARNED.clear()
   try:
     return _cli(argv)
   except KeyboardInterrupt:  # one that the command itself does not handle: it was starting
@@ -324,8 +328,22 @@ def cli(argv: list[str] | None = None) -> int:
     )
     return 143 if term else 130
   finally:
+    warnings.showwarning = shown
     for sig, handler in previous.items():  # None: one installed from C
       signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+_WARNED: set[str] = set()
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+  """A warning as the command's one line, once (not Python's two, with a source line); a stage
+  folder written in its hidden ``.NAME.partial`` staging folder is named as ``NAME``."""
+  del category, filename, lineno, line
+  text = re.sub(r"(^|/)\.([^/\s]+)\.partial\b", r"\1\2", str(message))
+  if text not in _WARNED:
+    _WARNED.add(text)
+    print(f"warning: {text}", file=file or sys.stderr)
 
 
 def _cli(argv: list[str] | None) -> int:

@@ -718,3 +718,25 @@ def test_a_workdir_holding_other_files_is_refused_before_anything_is_written(tmp
     2,
     "ppo-jax: config error: --workdir is empty; name the run's output folder",
   )
+
+
+def test_a_warning_is_one_line_once_naming_the_stage_folder(monkeypatch, tmp_path):
+  """Python's warning format (two lines, the warning call's source) is the command's one line,
+  said once; a stage folder's hidden staging name (``.reward_model.partial``) is its own."""
+  import warnings
+
+  def parse_flags(argv):
+    for _ in range(2):  # two places that warn the same
+      warnings.warn(f"{tmp_path}/.reward_model.partial: pad and EOS share id 1", stacklevel=1)
+    raise ValueError("stop here")
+
+  monkeypatch.setattr(main, "parse_flags", parse_flags)
+  shown = warnings.showwarning
+  with warnings.catch_warnings():
+    warnings.simplefilter("always")
+    code, _, err = _cli(f"--config={EXPERIMENT}", f"--workdir={tmp_path}")
+  assert (code, err) == (
+    2,
+    f"warning: {tmp_path}/reward_model: pad and EOS share id 1\nppo-jax: config error: stop here",
+  )
+  assert warnings.showwarning is shown
