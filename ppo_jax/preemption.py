@@ -42,7 +42,9 @@ def nonfinite_streak(
   from ppo_jax.writers import say  # writers reads jax's process index: not at import
 
   streak += 1
-  say(f"{stage} step {step}: non-finite {what}; {skipped} ({streak} in a row, {limit} allowed)")
+  say(
+    f"{stage} step {step}: non-finite {what}; {skipped} ({streak} in a row; {limit} stop the run)"
+  )
   if streak >= limit:
     raise NonFiniteError(
       f"non-finite {what} at step {step} of the {stage} stage: {streak} consecutive updates "

@@ -96,6 +96,8 @@ def call_reward_fn(
     raise RewardError(
       f"{where} returned {reprlib.repr(out)}, not a sequence of {n} scores (one per response)"
     )
+  if nones := [i for i, x in enumerate(out) if x is None] if isinstance(out, list | tuple) else []:
+    raise RewardError(f"{where} returned None {which(nones)}, not a score")
   if isinstance(out, str | bytes) or any(isinstance(x, str | bytes) for x in out):
     raise RewardError(f"{where} returned text ({reprlib.repr(out)}), not numbers")
   try:

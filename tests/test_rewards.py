@@ -32,6 +32,10 @@ def _exits(prompts, responses):
     (lambda p, r: [[0.0], [1.0], [2.0]], r"returned an array of shape \(3, 1\); expected \(3,\)"),
     (lambda p, r: None, r"returned None, not a sequence of 3 scores \(one per response\)"),
     (lambda p, r: 0.5, r"returned 0\.5, not a sequence of 3 scores"),
+    (
+      lambda p, r: [1.0, None, 2.0],
+      r"returned None for 1 of 3 responses \(indices 1\), not a score$",
+    ),
     (lambda p, r: ["good", "bad", "ok"], r"returned text \(\['good', 'bad', 'ok'\]\), not numbers"),
     (lambda p, r: ["1.5", 2, 3], r"returned text .*, not numbers"),  # not read as 1.5
     (
