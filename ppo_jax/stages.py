@@ -348,6 +348,7 @@ def run_reward_model(
     with shd.staged_on_host(mesh):
       return from_pretrained(s.reward.model, kind="reward", **kw), {}
   if not s.rm_run.enabled:
+    print(f"no reward model (config.rm.enabled=False): scores from {s.reward.fn}")
     return None, {}
   if has_model_folder(out):
     with shd.staged_on_host(mesh):
