@@ -68,6 +68,46 @@ def test_gemma_configs_read_as_transformers_runs_them(tmp_path):
     ModelConfig.from_hf(tf.Gemma3Config())
 
 
+@pytest.mark.parametrize(
+  "yarn",
+  [  # DeepSeek's mscale pair, an untruncated ramp over dimensions 0–2 (two frequencies blended);
+    # a given attention factor, other betas: a ramp over dimensions 0.2–1.4, truncated to 0–2
+    {
+      "factor": 4.0,
+      "original_max_position_embeddings": 64,
+      "mscale": 1.0,
+      "mscale_all_dim": 0.5,
+      "truncate": False,
+    },
+    {
+      "factor": 16.0,
+      "original_max_position_embeddings": 64,
+      "attention_factor": 1.5,
+      "beta_fast": 8.0,
+      "beta_slow": 2.0,
+    },
+  ],
+)
+def test_yarn_rope_scaling_matches_transformers(tmp_path, yarn):
+  """YaRN on a plain config (Qwen3's long-context setting): logits, and a save transformers
+  reads back with the same parameters."""
+  rope = {"rope_type": "yarn", "rope_theta": 10000.0}
+  hf_model = tiny_hf.make("qwen3", tmp_path / "src", rope_parameters={**rope, **yarn})
+  model = pj.models.from_pretrained(tmp_path / "src")
+  assert model.cfg.rope_type == "yarn"
+  ids, mask = tiny_hf.batch(seed=9)
+  want = tiny_hf.torch_logits(hf_model, ids, mask)
+  got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  np.testing.assert_allclose(got[mask > 0], want[mask > 0], atol=1e-4, rtol=1e-4)
+  pj.models.save_pretrained(model, tmp_path / "saved")
+  saved = json.loads((tmp_path / "saved" / "config.json").read_text())["rope_parameters"]
+  assert saved == {**rope, **yarn}
+  back = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved")).eval()
+  np.testing.assert_allclose(
+    tiny_hf.torch_logits(back, ids, mask)[mask > 0], want[mask > 0], atol=1e-5
+  )
+
+
 def test_sharded_checkpoint_has_an_index(checkpoints):
   folder, _ = checkpoints["sharded"]
   index = json.loads((folder / "model.safetensors.index.json").read_text())

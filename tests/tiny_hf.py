@@ -84,13 +84,19 @@ CONFIGS = {
   # OLMo 2: norms after the sublayers only, q/k RMSNorms over all heads (widths 32 and 16).
   "olmo2": lambda: tf.Olmo2Config(num_key_value_heads=2, **_LLAMA_LIKE),
   # OLMo 3: as OLMo 2, with a window of 4 on all layers but the third, and a RoPE base of their
-  # own.
+  # own; the third's RoPE YaRN-scaled from 8 positions (its first frequency kept, the others
+  # divided by 8, its scores × 1.21²).
   "olmo3": lambda: tf.Olmo3Config(
     num_key_value_heads=2,
     sliding_window=4,
     layer_types=["sliding_attention", "sliding_attention", "full_attention"],
     rope_parameters={
-      "full_attention": {"rope_type": "default", "rope_theta": 500_000.0},
+      "full_attention": {
+        "rope_type": "yarn",
+        "rope_theta": 500_000.0,
+        "factor": 8.0,
+        "original_max_position_embeddings": 8,
+      },
       "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
     },
     **{**_LLAMA_LIKE, "num_hidden_layers": 3},

@@ -33,7 +33,7 @@ ACTIVATIONS = {
   "silu": "silu",
   "swish": "silu",
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 REMAT = ("none", "block", "dots")
 # Attention: ppo_jax's own (XLA), or cuDNN's fused kernel (full forwards and decode steps).
 ATTENTION = ("xla", "cudnn")
@@ -94,7 +94,7 @@ class ModelConfig:
   o_bias: bool = False
   mlp_bias: bool = False
   rope_theta: float = 10000.0
-  rope_type: str = "default"  # default | linear | llama3
+  rope_type: str = "default"  # default | linear | llama3 | yarn
   rope_params: tuple[tuple[str, float], ...] = ()  # factor, low/high_freq_factor, original_max...
   sliding_window: int | None = None  # keys within this many positions of the query only
   full_attention_layers: tuple[int, ...] = ()  # layers the window spares (Gemma 2: the odd ones)

@@ -176,6 +176,8 @@ def config_to_hf(cfg: ModelConfig, *, architecture: str = "causal_lm") -> Any:
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **dict(cfg.rope_params)}
     if "original_max_position_embeddings" in rope:
       rope["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+    if "truncate" in rope:  # YaRN's switch, stored as a number with the other parameters
+      rope["truncate"] = bool(rope["truncate"])
     fields = dict(
       hidden_size=cfg.hidden_size,
       num_hidden_layers=cfg.num_layers,

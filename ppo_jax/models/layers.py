@@ -148,12 +148,18 @@ class Norm(nnx.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> jax.Array:
-  """Inverse frequencies ``θ^(−2i/D)``, with linear or Llama-3.1 scaling ([D/2], float32);
+  """Inverse frequencies ``θ^(−2i/D)``, with linear, Llama-3.1 or YaRN scaling ([D/2], float32);
   ``local``: the windowed layers' (``cfg.local_rope_theta``, unscaled), where the config has one.
 
   Llama 3.1 (``rope_type="llama3"``): wavelengths longer than ``L_orig / low_freq_factor`` are
   divided by ``factor``, those shorter than ``L_orig / high_freq_factor`` kept, and those between
   interpolated smoothly (Meta's ``apply_scaling``; as ``transformers``' ``rope_parameters``).
+
+  YaRN (``rope_type="yarn"``; Peng et al. 2023, https://arxiv.org/abs/2309.00071, "NTK-by-parts"):
+  frequency ``i`` blends the original ``θ^(−2i/D)`` (weight ``1 − r_i``) and the interpolated
+  ``θ^(−2i/D) / factor`` (weight ``r_i``), ``r_i`` a ramp from 0 to 1 between the dimensions
+  that turn ``beta_fast`` and ``beta_slow`` times over ``L_orig`` positions (floored and ceiled
+  unless ``truncate`` is off); the attention scores gain ``rope_score_gain``.
   """
   d = cfg.head_dim
   if local and cfg.local_rope_theta is not None:
@@ -162,6 +168,20 @@ def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> jax.Array:
   p = dict(cfg.rope_params)
   if cfg.rope_type == "linear":
     return inv / p["factor"]
+  if cfg.rope_type == "yarn":
+    old_len = p.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    factor = p.get("factor", cfg.max_position_embeddings / old_len)
+    # The dimension whose wavelength fits ``turns`` times in ``old_len`` positions.
+    dim_of = lambda turns: (
+      d * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+    )
+    low, high = dim_of(p.get("beta_fast", 32.0)), dim_of(p.get("beta_slow", 1.0))
+    if p.get("truncate", 1.0):
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    span = (high - low) or 1e-3  # as transformers: no guard but against 0
+    ramp = jnp.clip((jnp.arange(d // 2, dtype=jnp.float32) - low) / span, 0, 1)
+    return inv / factor * ramp + inv * (1 - ramp)
   if cfg.rope_type == "llama3":
     factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
     old_len = p["original_max_position_embeddings"]
@@ -172,6 +192,24 @@ def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> jax.Array:
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return jnp.where(medium, smoothed, scaled)
   return inv
+
+
+def rope_score_gain(cfg: ModelConfig, *, local: bool = False) -> float:
+  """What YaRN multiplies the attention scores by: ``m²``, ``m = 0.1 ln(factor) + 1`` (or the
+  config's ``attention_factor``, or DeepSeek's ratio of two such with ``mscale`` and
+  ``mscale_all_dim``), as its cos and sin both scale by ``m``; 1 for other RoPEs and for the
+  windowed layers that have a RoPE of their own."""
+  if cfg.rope_type != "yarn" or (local and cfg.local_rope_theta is not None):
+    return 1.0
+  p = dict(cfg.rope_params)
+  old_len = p.get("original_max_position_embeddings", cfg.max_position_embeddings)
+  factor = p.get("factor", cfg.max_position_embeddings / old_len)
+  m = p.get("attention_factor")
+  if m is None:
+    of = lambda scale: 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+    both = p.get("mscale") and p.get("mscale_all_dim")
+    m = of(p["mscale"]) / of(p["mscale_all_dim"]) if both else of(1.0)
+  return m * m
 
 
 def apply_rope(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -258,7 +296,7 @@ class Attention(nnx.Module):
   alike; OLMo's RMSNorm spans the whole projection, ``H · D`` features (``H_kv · D`` for keys).
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float, local: bool = False):
     d, h, hkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     lora = cfg.lora_kw
@@ -279,6 +317,10 @@ class Attention(nnx.Module):
     widths = (hd, hd) if cfg.qk_norm else (h * hd, hkv * hd) if cfg.is_olmo else None
     self.q_norm, self.k_norm = (None, None) if widths is None else map(norm, widths)
     self.cfg = cfg
+    # 1/√D (Gemma: 1/√query_pre_attn_scalar), times YaRN's gain where this layer's RoPE has it.
+    base = hd**-0.5 if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+    gain = 1.0 if cfg.is_gpt2 else rope_score_gain(cfg, local=local)
+    self.scale = None if gain == 1.0 and cfg.query_pre_attn_scalar is None else base * gain
 
   def __call__(
     self, x_BxTxD, positions_BxT, allowed_BxTxS, cache: KVCache | None, cache_index, inv_freq
@@ -296,7 +338,7 @@ class Attention(nnx.Module):
     if not cfg.is_gpt2:
       q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
     fused = FUSED.get(cfg.attention)  # None: ppo_jax's own ``attend``
-    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+    scale = self.scale
     own = dict(scale=scale, softcap=cfg.attn_logit_softcap)  # ``attend``'s options
     new_cache = None
     if cache is not None:  # write this call's keys at [cache_index, cache_index + T) of the cache
@@ -351,7 +393,7 @@ class Block(nnx.Module):
   each sublayer's output too: ``x + post_norm(attn(norm x))``, and the MLP alike; OLMo only
   that: ``x + post_norm(attn(x))``."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
     kw = dict(
       eps=cfg.norm_eps,
       rms=not cfg.is_gpt2,
@@ -365,7 +407,7 @@ class Block(nnx.Module):
     pre = lambda: None if cfg.is_olmo else Norm(cfg.hidden_size, **kw)
     post = lambda: Norm(cfg.hidden_size, **kw) if cfg.is_gemma or cfg.is_olmo else None
     self.attn_norm, self.attn_post_norm = pre(), post()
-    self.attn = Attention(cfg, rngs=rngs, out_std=out_std)
+    self.attn = Attention(cfg, rngs=rngs, out_std=out_std, local=cfg.sliding(layer))
     self.mlp_norm, self.mlp_post_norm = pre(), post()
     self.mlp = Mlp(cfg, rngs=rngs, out_std=out_std)
 

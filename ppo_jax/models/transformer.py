@@ -43,7 +43,7 @@ class Transformer(nnx.Module):
     self.pos_embed = (
       Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw) if cfg.is_gpt2 else None
     )
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.layers = nnx.List([Block(cfg, rngs=rngs, layer=i) for i in range(cfg.num_layers)])
     self.final_norm = Norm(
       cfg.hidden_size,
       eps=cfg.norm_eps,
