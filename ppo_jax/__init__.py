@@ -15,6 +15,7 @@ command) starts without JAX's second of imports and can take a Ctrl-C there as a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -65,7 +66,9 @@ __all__ = [  # _FROM's names and the submodules
 
 
 def __getattr__(name: str) -> Any:
-  if name in _SUBMODULES:
+  if name in _SUBMODULES or (
+    not name.startswith("_") and importlib.util.find_spec(f"ppo_jax.{name}") is not None
+  ):  # ``pj.losses``, ``pj.sharding``, … as when the package imported them all
     return importlib.import_module(f"ppo_jax.{name}")
   if name in _FROM:
     value = getattr(importlib.import_module(f"ppo_jax.{_FROM[name]}"), name)

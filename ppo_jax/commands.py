@@ -166,6 +166,8 @@ def run_command(parser, fn, argv: list[str]) -> int:
       previous[sig] = signal.signal(sig, preemption.command_stop)
   preemption.pending_stop()  # none from an earlier command of this process
   try:
+    if preemption.EARLY:  # came as the command started, after its last look
+      return _stopped(parser.prog, preemption.EARLY.pop(), "interrupted by {by} while starting")
     fn(**vars(args))
     if stop := preemption.pending_stop():  # came, was discarded, and the command finished
       return _stopped(parser.prog, stop, "{by} came as it finished: its output is whole")

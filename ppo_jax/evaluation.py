@@ -59,20 +59,26 @@ def shared_scores(
   step: int | None = None,
 ) -> np.ndarray:
   """``fn``'s float32 scores ``[B]`` of the rows (``call_reward_fn``), on every process. With
-  several processes each scores its own contiguous share of the rows, about B / processes, and
-  the shares are gathered: a costly function (a judge model, running code) is spread over the
-  hosts instead of run whole on each, and every host holds the same scores. A failure on one
-  process is raised on all of them: there as itself, elsewhere naming that process (no host is
-  left waiting in a collective for one that stopped)."""
+  several processes each scores its own contiguous share of the rows, about B / processes, cut
+  only between different prompts (a prompt's group of responses stays whole, for a function that
+  scores them against each other), and the shares are gathered: a costly function (a judge
+  model, running code) is spread over the hosts instead of run whole on each, and every host
+  holds the same scores. A failure on one process is raised on all of them: there as itself,
+  elsewhere naming that process (no host is left waiting in a collective for one that
+  stopped)."""
   n = len(responses)
   count = jax.process_count()
   if count == 1:
     return call_reward_fn(
       fn, prompts.texts, responses, columns=prompts.columns, name=name, step=step
     )
-  bounds = np.r_[0, np.cumsum([n // count + (i < n % count) for i in range(count)])]
+  # Where a share may start: where the prompt changes. Each share starts at the first such row
+  # at or past its even cut.
+  starts = [0, *(i for i in range(1, n) if prompts.texts[i] != prompts.texts[i - 1]), n]
+  even = [-(-k * n // count) for k in range(1, count)]
+  bounds = np.r_[0, [starts[np.searchsorted(starts, c)] for c in even], n]
   lo, hi = bounds[jax.process_index()], bounds[jax.process_index() + 1]
-  mine, error = np.zeros(-(-n // count), np.float32), None
+  mine, error = np.zeros(max(np.diff(bounds)), np.float32), None
   if hi > lo:
     try:
       share = prompts.take(np.arange(lo, hi))

@@ -30,6 +30,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from absl import flags
 from ml_collections import config_flags
 
+from ppo_jax import preemption  # no JAX: its start-up handler comes before JAX's imports
+
 
 def parse_flags(argv: list[str]) -> tuple[Any, str, bool]:
   """``(config, workdir, resume)`` from the command line, on flags of this call's own (so the CLI
@@ -284,44 +286,23 @@ def versions() -> str:
   return f"ppo_jax {ppo_jax.__version__} ({', '.join(found)}; python {sys.version.split()[0]})"
 
 
-_EARLY: list[int] = []  # a stop signal received while the command was starting
-
-
-def _early_stop(signum, frame) -> None:
-  """Ctrl-C or SIGTERM while the command starts (imports, the config load): remembered, and
-  acted on where the start checks (``_raise_early``), a second or so later. Raised where it
-  came, inside an import, it broke that import (NumPy's: an ImportError, then a segfault) or was
-  discarded (inside JAX's garbage-collection callback, printed as "ignored", and the whole run
-  went on). A second one raises at once."""
-  del frame
-  if _EARLY:
-    raise KeyboardInterrupt
-  _EARLY[:] = [signum]
-
-
-def _raise_early() -> None:
-  """Raises KeyboardInterrupt if a stop came while the command was starting."""
-  if _EARLY:
-    raise KeyboardInterrupt
-
-
 def cli(argv: list[str] | None = None) -> int:
   """The ``ppo-jax`` command; its exit status. A stop while it starts (seconds of imports) ends
   it in one line, 130 for Ctrl-C, 143 for SIGTERM, before anything is written."""
-  _EARLY.clear()
+  preemption.EARLY.clear()
   previous = {}
   for sig in (signal.SIGINT, signal.SIGTERM):
     if signal.getsignal(sig) is signal.SIG_IGN:  # started ignoring it (a script's `cmd &`)
       continue
     with contextlib.suppress(ValueError):  # not the main thread: the signals keep their handlers
-      previous[sig] = signal.signal(sig, _early_stop)
+      previous[sig] = signal.signal(sig, preemption.early_stop)
   shown = warnings.showwarning
   warnings.showwarning = _warning_line
   _WARNED.clear()
   try:
     return _cli(argv)
   except KeyboardInterrupt:  # one that the command itself does not handle: it was starting
-    term = _EARLY == [signal.SIGTERM]
+    term = preemption.EARLY == [signal.SIGTERM]
     print(
       f"ppo-jax: interrupted by {'SIGTERM' if term else 'Ctrl-C'} while starting; nothing was run",
       file=sys.stderr,
@@ -354,7 +335,7 @@ def _cli(argv: list[str] | None) -> int:
   if len(argv) > 1 and argv[1] in COMMANDS:
     from ppo_jax import commands
 
-    _raise_early()
+    preemption.raise_at_start()
     return getattr(commands, argv[1].replace("-", "_"))(argv[2:])
   if len(argv) > 1 and not argv[1].startswith("-"):  # a misspelt command, not a flag
     close = difflib.get_close_matches(argv[1], COMMANDS, n=1)
@@ -383,7 +364,7 @@ def _cli(argv: list[str] | None) -> int:
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
     print(f"ppo-jax: config error: {_one_line(e)}", file=sys.stderr)
     return 2
-  _raise_early()
+  preemption.raise_at_start()
   try:
     start_distributed(settings.distributed)
   except (RuntimeError, ValueError) as e:
@@ -394,7 +375,7 @@ def _cli(argv: list[str] | None) -> int:
   enable_compilation_cache()
   from ppo_jax.pipeline import run  # seconds of imports: a Ctrl-C there ends the start (cli)
 
-  _raise_early()
+  preemption.raise_at_start()
   try:
     GUARD.exit_at_once = True  # a second Ctrl-C: this process exits, mid-save or not
     try:

@@ -234,7 +234,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
   t_start = time.perf_counter()
   s = Settings.from_config(config)
   mesh = preflight(s)
-  refused_together(check_not_foreign, workdir)
+  refused_together(check_not_foreign, workdir, writes_data=s.task.name == "synthetic")
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:  # a file in the way, a read-only disk, no permission

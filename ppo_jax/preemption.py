@@ -10,8 +10,8 @@ import os
 import signal
 from typing import Any
 
-import jax
-import numpy as np
+# JAX and NumPy are imported where used: ``ppo-jax`` takes this module's start-up handler before
+# their seconds of imports.
 
 
 class Preempted(Exception):
@@ -56,6 +56,9 @@ def nonfinite_streak(
 def stop_requested() -> bool:
   """Whether SIGTERM/SIGINT asked the run to stop, agreed by every process: each checks at its
   own step boundary, and one that saved while another stepped on would hang both."""
+  import jax
+  import numpy as np
+
   if jax.process_count() == 1:
     return GUARD.requested
   from jax.experimental import multihost_utils
@@ -105,7 +108,9 @@ class PreemptionGuard:
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> PreemptionGuard:
-    self.signal = None  # a stop requested in an earlier run of this process is done with
+    # A stop requested in an earlier run of this process is done with; one that came as the
+    # command started, after its last look (``raise_at_start``), is this run's.
+    self.signal = EARLY.pop() if EARLY else None
     self.elsewhere = False
     for sig in (signal.SIGTERM, signal.SIGINT):
       with contextlib.suppress(ValueError):  # not the main thread: no handlers, no flag
@@ -144,6 +149,30 @@ class PreemptionGuard:
 
 
 GUARD = PreemptionGuard()  # the pipeline enters it; the loops read it
+
+
+# --------------------------------------------------------------------------------------------------
+# The command's start (imports, the config load): a stop is remembered and acted on where the
+# start looks, a second or so later. Raised where it came, inside an import, it broke that import
+# (NumPy's: an ImportError, then a segfault) or was discarded (inside JAX's garbage-collection
+# callback, printed as "ignored", and the whole run went on).
+
+EARLY: list[int] = []  # a stop signal received while the command was starting
+
+
+def early_stop(signum, frame) -> None:
+  """The start-up handler of SIGINT/SIGTERM: remembers the signal; a second one raises at once."""
+  del frame
+  if EARLY:
+    raise KeyboardInterrupt
+  EARLY[:] = [signum]
+
+
+def raise_at_start() -> None:
+  """Raises KeyboardInterrupt if a stop came while the command was starting (kept in ``EARLY``
+  for the message)."""
+  if EARLY:
+    raise KeyboardInterrupt
 
 
 # --------------------------------------------------------------------------------------------------

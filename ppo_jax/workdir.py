@@ -180,50 +180,29 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
 
 
 LOCK = ".ppo_jax.lock"  # in the workdir: held while a run uses it
-# What a run writes at the top of its workdir besides the lock (and hidden ``.NAME.partial`` or
-# ``.NAME.old`` stage folders), but ``data/``: a folder of these alone may take a run (stage
-# folders copied from another run's workdir to reuse them).
-OWN = (
-  *CHECKPOINT_DIRS,
-  "config.json",
-  "summary.json",
-  "metrics.jsonl",
-  "sft_metrics.jsonl",
-  "rm_metrics.jsonl",
-  "dpo_metrics.jsonl",
-  "rm_held_out_pairs.jsonl",
-  "dpo_held_out_pairs.jsonl",
-  "samples.jsonl",
-  "samples",
-  "plots",
-  "tensorboard",
-  "sft",
-  "reward_model",
-  "ppo_base",
-  "policy",
-)
 
 
-def check_not_foreign(workdir: pathlib.Path) -> None:
-  """Refuses (one line) a workdir that holds files of something else than a ppo_jax run: a model
-  folder, a project, the current folder. A run writes config.json, data/ and more into it, over
-  what is there. Taken: a new or empty folder, one an earlier run used (its lock file, or its
-  config.json), and one of a run's outputs alone."""
+def check_not_foreign(workdir: pathlib.Path, *, writes_data: bool) -> None:
+  """Refuses (one line) a workdir that no ppo_jax run used (no lock file, no run's config.json)
+  holding what a run would write over: a config.json (a model folder's, say), or a data/ folder
+  where the synthetic task writes its files (``writes_data``). Whatever else is there (a log,
+  SLURM's output, dotfiles, copied stage folders) a run leaves be."""
   try:
-    names = sorted(p.name for p in workdir.iterdir())
+    names = {p.name for p in workdir.iterdir()}
   except OSError:  # not there yet (made by the run), or a file in the way (said when made)
     return
-  if not names or LOCK in names:
-    return
   then = previous_config(workdir)
-  if isinstance(then, dict) and "ppo" in then and "model_type" not in then:
+  if LOCK in names or (isinstance(then, dict) and "ppo" in then and "model_type" not in then):
     return
-  hidden = lambda n: n.startswith(".") and n.endswith((".partial", ".old"))
-  if foreign := [n for n in names if n not in OWN and not hidden(n)]:
-    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+  if "config.json" in names:
     raise ValueError(
-      f"--workdir {workdir} holds files that are not a ppo_jax run's ({shown}); a run writes "
-      "config.json, data/, checkpoints/ and more into its workdir: use a new or empty folder"
+      f"--workdir {workdir} holds a config.json that is not a ppo_jax run's (a model folder?), "
+      "which a run would write its own over: use a new folder"
+    )
+  if writes_data and (workdir / "data").is_dir() and any((workdir / "data").iterdir()):
+    raise ValueError(
+      f"--workdir {workdir} holds a data/ folder no ppo_jax run wrote, and the synthetic task "
+      "would write its files over it: move it away, or use a new folder"
     )
 
 

@@ -940,6 +940,17 @@ def test_a_stop_requested_in_an_earlier_run_is_forgotten():
     assert not guard.requested
 
 
+def test_a_stop_that_came_as_the_command_started_is_the_runs():
+  """A SIGTERM after the start's last look, before the guard is entered: the run's first step
+  boundary stops it (the guard dropped it, and the run went on to the end)."""
+  guard = preemption.PreemptionGuard()
+  preemption.EARLY[:] = [signal.SIGTERM]
+  with guard:
+    assert guard.signal == signal.SIGTERM and not preemption.EARLY
+  with guard:
+    assert not guard.requested
+
+
 def test_a_signal_the_process_was_started_ignoring_stays_ignored():
   """A script's `ppo-jax ... &` starts it ignoring SIGINT: the Ctrl-C meant for the script does
   not stop the run; SIGTERM still does, and both handlers are put back on exit."""

@@ -687,14 +687,18 @@ def test_the_command_starts_without_importing_jax_and_the_package_names_resolve(
     assert getattr(pj, name) is not None and name in dir(pj)
   assert sorted(pj.__all__) == sorted([*pj._FROM, *pj._SUBMODULES])
   assert pj.gae.__module__ == "ppo_jax.advantages" and pj.models.__name__ == "ppo_jax.models"
+  assert pj.sharding.__name__ == "ppo_jax.sharding"  # any submodule, as before
   with pytest.raises(AttributeError, match="module 'ppo_jax' has no attribute 'gea'"):
     pj.gea  # noqa: B018
 
 
 def test_a_workdir_holding_other_files_is_refused_before_anything_is_written(tmp_path):
-  """A model folder, a project's data or the current folder (``--workdir=``) given as the
-  workdir: refused in one line, and nothing in it changes (a run writes config.json and data/
-  over what is there)."""
+  """A model folder or a project's data given as the workdir, which a run would write config.json
+  and data/ over: refused in one line, and nothing in it changes. ``--workdir=`` (the current
+  folder) is a config error. A log, SLURM's output, dotfiles or copied stage folders in a new
+  workdir are let be."""
+  from ppo_jax.workdir import check_not_foreign
+
   model = tmp_path / "model"
   model.mkdir()
   (model / "config.json").write_text('{"model_type": "llama"}')
@@ -702,22 +706,29 @@ def test_a_workdir_holding_other_files_is_refused_before_anything_is_written(tmp
   project = tmp_path / "project"
   (project / "data").mkdir(parents=True)
   (project / "data" / "prompts.jsonl").write_text('{"prompt": "mine"}\n')
-  for folder, named in ((model, "model.safetensors"), (project, "data")):
+  for folder, why in (
+    (model, "a config.json that is not a ppo_jax run's (a model folder?), which a run would "
+     "write its own over: use a new folder"),
+    (project, "a data/ folder no ppo_jax run wrote, and the synthetic task would write its "
+     "files over it: move it away, or use a new folder"),
+  ):  # fmt: skip
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
     code, _, err = _cli(f"--config={EXPERIMENT}:smoke", f"--workdir={folder}")
-    assert (code, err) == (
-      1,
-      f"ppo-jax: error: --workdir {folder} holds files that are not a ppo_jax run's ({named}); "
-      "a run writes config.json, data/, checkpoints/ and more into its workdir: use a new or "
-      "empty folder",
-    )
+    assert (code, err) == (1, f"ppo-jax: error: --workdir {folder} holds {why}")
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
   assert (model / "config.json").read_text() == '{"model_type": "llama"}'
+  check_not_foreign(project, writes_data=False)  # a files run writes no data/
   code, _, err = _cli(f"--config={EXPERIMENT}:smoke", "--workdir=")
   assert (code, err) == (
     2,
     "ppo-jax: config error: --workdir is empty; name the run's output folder",
   )
+  fresh = tmp_path / "fresh"
+  for name in ("train.log", "slurm-1234.out", ".DS_Store", "sft/config.json", "data/"):
+    (fresh / name).parent.mkdir(parents=True, exist_ok=True)
+    if not name.endswith("/"):
+      (fresh / name).write_text("x")
+  check_not_foreign(fresh, writes_data=True)
 
 
 def test_a_warning_is_one_line_once_naming_the_stage_folder(monkeypatch, tmp_path):

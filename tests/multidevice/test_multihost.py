@@ -262,19 +262,25 @@ n = 5
 rows = Prompts([f"p{i}" for i in range(n)], np.zeros((n, 1), np.int32), np.ones((n, 1), np.int32))
 rows.columns = {"answer": [10 * i for i in range(n)]}
 out = {"scores": shared_scores(by_answer, rows, ["x" * (i + 1) for i in range(n)]).tolist()}
-out["seen"] = seen
+out["seen"] = seen[:]
 try:
   shared_scores(nan_for_p3, rows, ["y"] * n, name="gold scorer", step=3)
 except RewardError as e:
   out["error"] = str(e)
+seen.clear()  # groups of responses to one prompt: a share is cut between prompts only
+groups = Prompts(list("aabbbc"), np.zeros((6, 1), np.int32), np.ones((6, 1), np.int32))
+groups.columns = {"answer": [1] * 6}
+out["grouped"] = shared_scores(by_answer, groups, ["z"] * 6).tolist()
+out["groups_seen"] = seen
 print(json.dumps(out))
 """
 
 
 def test_a_reward_function_scores_each_process_share_of_the_rows(tmp_path):
   """With two processes each calls the reward function on its own rows (3 and 2 of 5, with
-  their fields), and both hold every score; a function failing on one process's rows stops
-  both, in one line each: the error where it was met, elsewhere which process met it."""
+  their fields; a prompt's group of responses kept whole), and both hold every score; a
+  function failing on one process's rows stops both, in one line each: the error where it was
+  met, elsewhere which process met it."""
   script, port = tmp_path / "shares.py", _free_port()
   script.write_text(SHARES)
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
@@ -296,6 +302,8 @@ def test_a_reward_function_scores_each_process_share_of_the_rows(tmp_path):
   want = [10.0 * i * (i + 1) for i in range(5)]
   assert first["scores"] == second["scores"] == want
   assert first["seen"] == [["p0", "p1", "p2"]] and second["seen"] == [["p3", "p4"]]
+  assert first["grouped"] == second["grouped"] == [1.0] * 6
+  assert first["groups_seen"] == [list("aabbb")] and second["groups_seen"] == [["c"]]
   assert second["error"] == (
     "gold scorer at step 3 returned non-finite scores (NaN or inf) for 1 of 5 responses (indices 3)"
   )
