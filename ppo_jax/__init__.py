@@ -33,6 +33,7 @@ _FROM = {
   "agg_weight": "masking",
   "aggregate": "masking",
   "masked_mean": "masking",
+  "masked_var": "masking",
   "masked_whiten": "masking",
   "bradley_terry_loss": "preference",
   "dpo_loss": "preference",
@@ -54,6 +55,7 @@ __all__ = [  # _FROM's names and the submodules
   "group_advantages",
   "kl_estimate",
   "masked_mean",
+  "masked_var",
   "masked_whiten",
   "models",
   "policy_loss",
@@ -87,6 +89,6 @@ if TYPE_CHECKING:  # what editors and type checkers see
   from ppo_jax.kl import adaptive_kl_update, kl_estimate
   from ppo_jax.logprobs import entropy_from_logits, token_logprobs
   from ppo_jax.losses import policy_loss, value_loss
-  from ppo_jax.masking import agg_weight, aggregate, masked_mean, masked_whiten
+  from ppo_jax.masking import agg_weight, aggregate, masked_mean, masked_var, masked_whiten
   from ppo_jax.preference import bradley_terry_loss, dpo_loss
   from ppo_jax.sampling import Generation, generate

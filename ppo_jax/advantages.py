@@ -46,7 +46,7 @@ def gae(
   """
   check_same_shape(rewards=rewards_BxT, values=values_BxT, mask=mask_BxT)
   for name, value in (("gamma", gamma), ("lam", lam)):
-    check_value(name, value, lambda v: (v >= 0) & (v <= 1), "in [0, 1]")
+    check_value(name, value, lambda v: (v >= 0) & (v <= 1), "in [0, 1]", required=True)
   if jnp.ndim(rewards_BxT) == 1:  # one sequence [T] (``jax.vmap`` over rows gives these)
     one = lambda x: jnp.asarray(x)[None]
     adv, ret = gae(one(rewards_BxT), one(values_BxT), one(mask_BxT), gamma=gamma, lam=lam)
@@ -117,7 +117,9 @@ def group_advantages(
   g = _groups(scores_N, group_size, min_size=2 if normalize_std else 1)
   centered = _centered(g)
   if normalize_std:
-    std = jnp.sqrt(jnp.sum(jnp.square(centered), axis=1, keepdims=True) / (group_size - 1))
+    var = jnp.sum(jnp.square(centered), axis=1, keepdims=True) / (group_size - 1)
+    # √ at 0 has an infinite derivative: a tied group's gradient was NaN. Its advantages are 0.
+    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
     centered = centered / (std + 1e-6)
   return centered.reshape(-1)
 

@@ -234,8 +234,12 @@ def _section_from(instance: Any) -> ml_collections.ConfigDict:
 
 def load_experiment(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
   """``get_config(arg)`` of an experiment file (``experiments/*.py``), loaded by its path: how one
-  experiment builds on another (``experiments/grpo.py`` on ``default.py``)."""
+  experiment builds on another (``experiments/grpo.py`` on ``default.py``). The command line's
+  ``FILE:ARG`` is taken too (``load_experiment("experiments/default.py:smoke")``)."""
   path = pathlib.Path(path)
+  if arg is None and not path.is_file() and ":" in path.name:
+    name, arg = path.name.split(":", 1)
+    path = path.with_name(name)
   if not path.is_file():
     raise FileNotFoundError(f"no experiment file {path}")
   spec = importlib.util.spec_from_file_location(f"ppo_jax_experiment_{path.stem}", path)

@@ -28,9 +28,10 @@ def kl_estimate(logp_BxT: ArrayLike, ref_logp_BxT: ArrayLike, *, kind: str = "k1
     ref_logp_BxT: the same tokens under the reference policy, ``[B, T]``.
     kind: ``"k1"``, ``"k2"`` or ``"k3"``.
 
-  This function takes no mask: an ``inf`` log-probability gives an ``inf`` estimate, which a
-  masked reduction keeps out of the value but, for k2 and k3, not out of the gradient; select the
-  inputs with ``jnp.where`` first when masked positions may hold one.
+  This function takes no mask: an ``inf`` log-probability gives an ``inf`` or NaN estimate (k3 of
+  a policy log-probability of −inf is ``inf − inf``), which a masked reduction (``masked_mean``)
+  keeps out of the value but, for k2 and k3, not out of the gradient; select the inputs with
+  ``jnp.where`` first when masked positions may hold one.
 
   Returns:
     ``[B, T]`` per-token estimates (mask them before reducing).
@@ -73,8 +74,8 @@ def adaptive_kl_update(
   >>> round(float(adaptive_kl_update(0.1, 12.0, 256, target=6.0, horizon=10000)), 6)
   0.100512
   """
-  check_value("target KL", target, lambda t: t > 0, "> 0")
-  check_value("horizon", horizon, lambda h: h > 0, "> 0")
+  check_value("target KL", target, lambda t: t > 0, "> 0", required=True)
+  check_value("horizon", horizon, lambda h: h > 0, "> 0", required=True)
   n, h = concrete(n_steps), concrete(horizon)
   if n is not None and h is not None and np.any(0.2 * n >= h):
     # the factor 1 + e·n/H must stay > 0 for e down to −0.2

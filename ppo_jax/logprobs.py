@@ -19,7 +19,7 @@ def _scaled_logits(logits: ArrayLike, temperature: float) -> jax.Array:
   logits = jnp.asarray(logits)
   if logits.ndim < 1:
     raise ValueError(f"expected logits [..., V], got shape {list(logits.shape)}")
-  check_value("temperature", temperature, lambda t: t > 0, "> 0")
+  check_value("temperature", temperature, lambda t: t > 0, "> 0", required=True)
   return logits.astype(float_dtype(logits)) / temperature
 
 
@@ -31,6 +31,8 @@ def token_logprobs(
   ``log π(yₜ) = zₜ[yₜ] − logsumexp(zₜ)`` with ``zₜ = logitsₜ / τ``, computed in float32 (or
   float64) whatever the logits' dtype. The logits at position ``t`` must already be the ones that
   predict ``tokens[t]`` (for a causal LM: the logits of position ``t − 1`` of the full sequence).
+  It takes no mask: NaN or inf logits at masked positions give NaN there, which ``masked_mean``
+  keeps out of the value but not out of the gradient; ``jnp.where`` them away first.
 
   Args:
     logits_BxTxV: unnormalised logits ``[B, T, V]`` (any leading shape ``[..., V]``).
@@ -65,6 +67,8 @@ def entropy_from_logits(logits_BxTxV: ArrayLike, *, temperature: float = 1.0) ->
   """Entropy of ``softmax(logits / temperature)`` at each position.
 
   ``H = −Σᵥ pᵥ log pᵥ = logsumexp(z) − Σᵥ pᵥ zᵥ`` with ``z = logits / τ``, in float32 or wider.
+  It takes no mask: NaN logits at masked positions reach the gradient through a masked mean;
+  ``jnp.where`` them away first (−inf logits, a filter's, are fine).
 
   Args:
     logits_BxTxV: unnormalised logits ``[B, T, V]`` (any leading shape).

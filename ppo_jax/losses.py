@@ -73,7 +73,7 @@ def policy_loss(
   eps_low = clip_eps
   eps_high = clip_eps if clip_eps_high is None else clip_eps_high
   # Checked when given as values; traced ones (a vmapped sweep) go unchecked.
-  check_value("clip_eps", eps_low, lambda e: e >= 0, "≥ 0")
+  check_value("clip_eps", eps_low, lambda e: e >= 0, "≥ 0", required=True)
   check_value("clip_eps_high", eps_high, lambda e: e >= 0, "≥ 0")
   check_value("dual_clip", dual_clip, lambda c: c > 1.0, "> 1")
   dtype = float_dtype(logp_BxT, old_logp_BxT, advantages_BxT)

@@ -36,9 +36,19 @@ def concrete(x: object) -> np.ndarray | None:
   return np.asarray(x)
 
 
-def check_value(name: str, value: object, ok: Callable[[np.ndarray], np.ndarray], what: str):
+def check_value(
+  name: str,
+  value: object,
+  ok: Callable[[np.ndarray], np.ndarray],
+  what: str,
+  *,
+  required: bool = False,
+):
   """Raises ``ValueError("{name} must be {what}, got …")`` unless ``ok`` holds for every entry of
-  ``value``; None and values without one now (``concrete``) pass unchecked."""
+  ``value``; values without one now (``concrete``) pass unchecked, and None too unless
+  ``required`` (a hyperparameter with no "off")."""
+  if value is None and required:
+    raise ValueError(f"{name} must be {what}, got None")
   v = None if value is None else concrete(value)
   if v is not None and not np.all(ok(v)):
     got = f"{v.item()}" if v.ndim == 0 else f"an array from {v.min()} to {v.max()}"

@@ -225,7 +225,12 @@ def run(config, workdir: str | pathlib.Path, *, resume: bool = True) -> dict[str
   SIGTERM/SIGINT stop it at the next step boundary (``preemption.Preempted``), after saving a
   checkpoint of the stage it is in. With ``resume`` (the default) a workdir's finished stages and
   latest checkpoints are picked up; ``resume=False`` refuses a workdir that holds checkpoints.
+  ``config``: an experiment's ConfigDict (``config.load_experiment``), or the same as a dict.
   """
+  if isinstance(config, dict):  # ``config.to_dict()``, or one written by hand
+    import ml_collections
+
+    config = ml_collections.ConfigDict(config)
   with preemption.GUARD:
     return _run(config, pathlib.Path(workdir), resume=resume)
 

@@ -93,8 +93,14 @@ def dpo_loss(
   >>> round(float(loss), 4)  # softplus(−1)
   0.3133
   """
-  check_value("beta", beta, lambda b: b > 0.0, "> 0")
-  check_value("label_smoothing", label_smoothing, lambda e: (e >= 0.0) & (e < 0.5), "in [0, 0.5)")
+  check_value("beta", beta, lambda b: b > 0.0, "> 0", required=True)
+  check_value(
+    "label_smoothing",
+    label_smoothing,
+    lambda e: (e >= 0.0) & (e < 0.5),
+    "in [0, 0.5)",
+    required=True,
+  )
   pol_c, pol_r, ref_c, ref_r = _pairs(
     pol_chosen_logp_B=pol_chosen_logp_B,
     pol_rejected_logp_B=pol_rejected_logp_B,

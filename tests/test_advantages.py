@@ -99,6 +99,14 @@ class TestGroupAdvantages:
       pj.group_advantages(jnp.array([0.0, 2.0, 4.0]), 3, normalize_std=False), [-2.0, 0.0, 2.0]
     )
 
+  def test_a_tied_group_has_a_finite_gradient(self):
+    """√ at 0: the gradient through a group of equal scores was NaN (and leaked into others)."""
+    scores = jnp.array([1.0, 1.0, 0.0, 2.0])
+    grad = jax.grad(lambda s: jnp.sum(pj.group_advantages(s, 2) * jnp.arange(4.0)))(scores)
+    assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad[2:]).sum()) > 0
+    jac = jax.jacfwd(lambda s: pj.group_advantages(s, 2))(jnp.array([1.0, 1.0]))
+    assert np.isfinite(np.asarray(jac)).all()
+
   def test_errors(self):
     with pytest.raises(ValueError, match="5 scores do not split into groups of 2"):
       pj.group_advantages(jnp.ones(5), 2)

@@ -179,3 +179,32 @@ def test_a_full_forward_refuses_what_would_be_nan(gpt2):
   ):
     gpt2(jnp.array([[3, 70]]), None)
   assert np.all(np.isfinite(jax.jit(lambda i: gpt2(i, None))(jnp.ones((1, 32), jnp.int32))))
+
+
+def test_a_full_forward_refuses_a_mask_of_another_shape(gpt2):
+  """A ``[B, 1]`` or ``[1, T]`` mask broadcast silently (every token at position 0: other
+  logits); a ``[T]`` one or 1-D ids raised an IndexError, ``[B, T − 1]`` a TypeError deep down."""
+  ids = jnp.ones((3, 9), jnp.int32)
+  for mask in (jnp.ones((3, 1)), jnp.ones((1, 9)), jnp.ones((9,)), jnp.ones((3, 8))):
+    with pytest.raises(
+      ValueError, match=r"attention_mask shape \[.*\] does not match input_ids \[3, 9\]"
+    ):
+      gpt2(ids, mask)
+  with pytest.raises(ValueError, match=r"expected input_ids \[B, T\], got shape \[9\]"):
+    gpt2(jnp.ones((9,), jnp.int32), None)
+
+
+def test_a_hyperparameter_without_an_off_refuses_none():
+  """``value_loss(clip_eps=None)`` is the unclipped loss; None where nothing means off was a
+  TypeError from inside the arithmetic."""
+  x, m = jnp.zeros((1, 2)), jnp.ones((1, 2))
+  cases = [
+    (lambda: pj.policy_loss(x, x, x, m, clip_eps=None), "clip_eps must be ≥ 0, got None"),
+    (lambda: pj.gae(x, x, m, gamma=1.0, lam=None), r"lam must be in \[0, 1\], got None"),
+    (lambda: pj.token_logprobs(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2), int), temperature=None),
+     "temperature must be > 0, got None"),
+  ]  # fmt: skip
+  for call, message in cases:
+    with pytest.raises(ValueError, match=message):
+      call()
+  assert np.isfinite(float(pj.value_loss(x, x, x, m, clip_eps=None)[0]))

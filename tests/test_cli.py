@@ -751,3 +751,18 @@ def test_a_warning_is_one_line_once_naming_the_stage_folder(monkeypatch, tmp_pat
     f"warning: {tmp_path}/reward_model: pad and EOS share id 1\nppo-jax: config error: stop here",
   )
   assert warnings.showwarning is shown
+
+
+def test_python_takes_the_command_lines_config_forms(tmp_path):
+  """``load_experiment("FILE:ARG")`` as ``--config=FILE:ARG``; ``pipeline.run`` a dict
+  (``config.to_dict()``) as the ConfigDict (it raised AttributeError: 'dict' has no 'seed')."""
+  from ppo_jax import pipeline
+  from ppo_jax.config import load_experiment
+
+  smoke = load_experiment(f"{EXPERIMENT}:smoke")
+  assert smoke == load_experiment(EXPERIMENT, "smoke") != load_experiment(EXPERIMENT)
+  as_dict = smoke.to_dict()
+  as_dict["ppo"]["batch_size"] = 0
+  with pytest.raises(ValueError, match=r"^config\.ppo\.batch_size: must be ≥ 1, got 0$"):
+    pipeline.run(as_dict, tmp_path / "w")
+  assert not (tmp_path / "w").exists()

@@ -590,3 +590,17 @@ def test_attend_matches_a_float64_loop(impl):
     kv = (lambda x: x.transpose(0, 2, 1, 3)) if heads_major else (lambda x: x)
     got = attend(f32(q), f32(kv(k)), f32(kv(v)), jnp.asarray(allowed), heads_major=heads_major)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_scratch_model_saved_with_its_tokenizer_takes_the_tokenizers_special_ids(tmp_path):
+  """A config without EOS or pad (a model built from scratch): the folder says the tokenizer's,
+  so transformers' generate and a reload stop at its EOS (it ran past it)."""
+  tok = pj.tokenizer.build_word_tokenizer(["good", "film"])
+  cfg = ModelConfig.gpt2(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2)
+  assert cfg.eos_token_id is None and cfg.pad_token_id is None
+  pj.models.save_pretrained(pj.models.CausalLM(cfg, rngs=nnx.Rngs(0)), tmp_path, tokenizer=tok)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert (saved["eos_token_id"], saved["pad_token_id"]) == (tok.eos_token_id, tok.pad_token_id)
+  generation = json.loads((tmp_path / "generation_config.json").read_text())
+  assert generation["eos_token_id"] == tok.eos_token_id
+  assert pj.models.from_pretrained(tmp_path).cfg.stop_ids == (tok.eos_token_id,)

@@ -330,6 +330,15 @@ def save_pretrained(
       "(ppo_jax.models.lora.merge_lora) to write a plain model"
     )
   folder = pathlib.Path(path)
+  if tokenizer is not None:  # ids the config lacks (a model built from scratch): the tokenizer's
+    ids = {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("eos", "pad", "bos")}
+    cfg = cfg.replace(
+      **{
+        f"{k}_token_id": v
+        for k, v in ids.items()
+        if v is not None and getattr(cfg, f"{k}_token_id") is None
+      }
+    )
   if kind != "causal_lm" and cfg.pad_token_id is None:
     warnings.warn(
       f"{folder}: no pad id; transformers' sequence classifier finds each row's last token by "

@@ -131,8 +131,15 @@ class Transformer(nnx.Module):
 
   def hidden(self, input_ids_BxT: jax.Array, attention_mask_BxT: jax.Array | None) -> jax.Array:
     """Hidden states of a full forward, positions from the attention mask."""
+    if jnp.ndim(input_ids_BxT) != 2:
+      raise ValueError(f"expected input_ids [B, T], got shape {list(jnp.shape(input_ids_BxT))}")
     if attention_mask_BxT is None:
       attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
+    if jnp.shape(attention_mask_BxT) != jnp.shape(input_ids_BxT):  # [B, 1] broadcast silently
+      raise ValueError(
+        f"attention_mask shape {list(jnp.shape(attention_mask_BxT))} does not match "
+        f"input_ids {list(jnp.shape(input_ids_BxT))}"
+      )
     h, _ = self(
       input_ids_BxT,
       positions_BxT=positions_from_mask(attention_mask_BxT),
