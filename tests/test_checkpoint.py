@@ -293,10 +293,11 @@ def test_a_stop_between_stages_starts_no_more_work(smoke_run, tmp_path, monkeypa
 
 
 def test_nan_rewards_are_never_trained_on(smoke_run, tmp_path):
-  """A reward model that returns NaN: each update is skipped and counted; the third in a row
-  stops the run with an error naming the quantity and the step."""
+  """A reward model whose scores overflow (finite weights of 3e38: NaN weights are refused as
+  they load): each update is skipped and counted; the third in a row stops the run with an
+  error naming the quantity and the step."""
   rm = pj.models.from_pretrained(smoke_run[0] / "reward_model")
-  rm.head.kernel[...] = jnp.full_like(rm.head.kernel[...], jnp.nan)
+  rm.head.kernel[...] = jnp.full_like(rm.head.kernel[...], 3e38)
   pj.models.save_pretrained(rm, tmp_path / "nan_rm")
   workdir = reuse_stages(smoke_run[0], tmp_path / "nan", stages=("sft",))
   config = smoke_config(
