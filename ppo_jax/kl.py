@@ -76,6 +76,12 @@ def adaptive_kl_update(
   """
   check_value("target KL", target, lambda t: t > 0, "> 0", required=True)
   check_value("horizon", horizon, lambda h: h > 0, "> 0", required=True)
+  for name, value in (("kl_coef", kl_coef), ("observed_kl", observed_kl)):
+    if jnp.ndim(value):  # per-sequence KLs gave a β per sequence (vmap over a sweep instead)
+      raise ValueError(
+        f"{name} must be a scalar (observed_kl: the batch's mean KL per sequence), got shape "
+        f"{list(jnp.shape(value))}"
+      )
   n, h = concrete(n_steps), concrete(horizon)
   if n is not None and h is not None and np.any(0.2 * n >= h):
     # the factor 1 + e·n/H must stay > 0 for e down to −0.2

@@ -101,6 +101,15 @@ class TestAdaptiveKl:
       beta = pj.adaptive_kl_update(beta, observed, 256, target=6.0, horizon=2048)
     assert float(0.6 / beta) == pytest.approx(6.0, rel=0.01)
 
+  def test_per_sequence_kls_are_refused_and_a_sweep_vmaps(self):
+    """An array of per-sequence KLs gave one β per sequence; vmap over a sweep still works."""
+    with pytest.raises(ValueError, match=r"observed_kl must be a scalar .*got shape \[3\]"):
+      pj.adaptive_kl_update(0.1, jnp.ones(3), 64, target=1.0, horizon=100)
+    betas = jax.vmap(lambda b, kl: pj.adaptive_kl_update(b, kl, 64, target=1.0, horizon=100))(
+      jnp.array([0.1, 0.2]), jnp.array([0.0, 1e9])
+    )
+    np.testing.assert_allclose(betas, [0.1 * (1 - 0.2 * 0.64), 0.2 * (1 + 0.2 * 0.64)], rtol=1e-6)
+
   def test_bad_hyperparameters(self):
     with pytest.raises(ValueError, match="target KL must be > 0"):
       pj.adaptive_kl_update(0.1, 1.0, 1, target=0.0, horizon=10)
