@@ -150,3 +150,14 @@ def test_many_bad_scores_are_counted_and_the_first_named():
     RewardError, match=r"for 12 of 12 responses \(indices 0, 1, 2, 3, 4, 5, 6, 7, …\)$"
   ):
     call_reward_fn(lambda p, r: [float("nan")] * 12, ["a"] * 12, ["b"] * 12)
+
+
+def test_a_function_of_the_running_notebook_or_script_is_main(monkeypatch):
+  """docs/config.md: a notebook's own function is ``"__main__:fn"`` (its kernel's module)."""
+  import sys
+
+  def my_score(prompts, responses):
+    return [1.0] * len(responses)
+
+  monkeypatch.setattr(sys.modules["__main__"], "my_score", my_score, raising=False)
+  assert load_reward_fn("__main__:my_score") is my_score
