@@ -7,7 +7,6 @@ bad flags, 1 for bad input.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
 
@@ -158,12 +157,7 @@ def run_command(parser, fn, argv: list[str]) -> int:
   enable_compilation_cache()
   # SIGTERM (a scheduler's stop) as Ctrl-C: an exception where the command is; what was written
   # is kept and said. Remembered too, for when Python discards the exception (command_stop).
-  previous = {}
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    if signal.getsignal(sig) is signal.SIG_IGN:  # started ignoring it (`nohup`, a shell's `&`)
-      continue
-    with contextlib.suppress(ValueError):  # not the main thread: the signals keep their handlers
-      previous[sig] = signal.signal(sig, preemption.command_stop)
+  previous = preemption.install(preemption.command_stop)
   preemption.pending_stop()  # none from an earlier command of this process
   try:
     if preemption.EARLY:  # came as the command started, after its last look
@@ -185,8 +179,7 @@ def run_command(parser, fn, argv: list[str]) -> int:
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
     return 1
   finally:
-    for sig, handler in previous.items():  # None: one installed from C, Python cannot put back
-      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    preemption.restore(previous)
   return 0
 
 

@@ -11,7 +11,6 @@ run of the same config skips most compilation.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import itertools
 import os
@@ -290,12 +289,7 @@ def cli(argv: list[str] | None = None) -> int:
   """The ``ppo-jax`` command; its exit status. A stop while it starts (seconds of imports) ends
   it in one line, 130 for Ctrl-C, 143 for SIGTERM, before anything is written."""
   preemption.EARLY.clear()
-  previous = {}
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    if signal.getsignal(sig) is signal.SIG_IGN:  # started ignoring it (a script's `cmd &`)
-      continue
-    with contextlib.suppress(ValueError):  # not the main thread: the signals keep their handlers
-      previous[sig] = signal.signal(sig, preemption.early_stop)
+  previous = preemption.install(preemption.early_stop)
   shown = warnings.showwarning
   warnings.showwarning = _warning_line
   _WARNED.clear()
@@ -310,8 +304,7 @@ def cli(argv: list[str] | None = None) -> int:
     return 143 if term else 130
   finally:
     warnings.showwarning = shown
-    for sig, handler in previous.items():  # None: one installed from C
-      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    preemption.restore(previous)
 
 
 _WARNED: set[str] = set()

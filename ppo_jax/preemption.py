@@ -96,6 +96,25 @@ def _say(line: str) -> None:
     os.write(1, (line + "\n").encode())
 
 
+def install(handler) -> dict[int, Any]:
+  """Sets ``handler`` on SIGINT and SIGTERM, except one the process was started ignoring (a
+  script's ``cmd &`` ignores SIGINT: a Ctrl-C meant for the script is not the run's); the handlers
+  it replaced (none off the main thread, where Python sets no handler)."""
+  previous = {}
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    if signal.getsignal(sig) is signal.SIG_IGN:
+      continue
+    with contextlib.suppress(ValueError):
+      previous[sig] = signal.signal(sig, handler)
+  return previous
+
+
+def restore(previous: dict[int, Any]) -> None:
+  """Puts back the handlers ``install`` replaced (None: one set from C, as the default)."""
+  for sig, handler in previous.items():
+    signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
 class PreemptionGuard:
   """Turns SIGTERM and SIGINT into a flag that the training loops check between steps."""
 
@@ -112,11 +131,7 @@ class PreemptionGuard:
     # command started, after its last look (``raise_at_start``), is this run's.
     self.signal = EARLY.pop() if EARLY else None
     self.elsewhere = False
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      with contextlib.suppress(ValueError):  # not the main thread: no handlers, no flag
-        if signal.getsignal(sig) is signal.SIG_IGN:  # started ignoring it (a script's `cmd &`)
-          continue
-        self._previous[sig] = signal.signal(sig, self._handle)
+    self._previous = install(self._handle)  # not the main thread: no handlers, no flag
     return self
 
   def _handle(self, signum, frame):
@@ -143,9 +158,8 @@ class PreemptionGuard:
     return "a signal to another process" if self.elsewhere else "request"
 
   def __exit__(self, *exc):
-    for sig, handler in self._previous.items():  # None: one installed from C
-      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-    self._previous.clear()
+    restore(self._previous)
+    self._previous = {}
 
 
 GUARD = PreemptionGuard()  # the pipeline enters it; the loops read it

@@ -14,7 +14,8 @@ from flax import nnx
 
 from ppo_jax.masking import check_ids
 from ppo_jax.models.config import ModelConfig
-from ppo_jax.models.layers import FUSED, Block, Dense, Embed, KVCache, Norm, rope_inv_freq
+from ppo_jax.models.layers import FUSED, Block, Dense, Embed, KVCache, Norm
+from ppo_jax.models.rope import rope_inv_freq
 
 _REMAT_POLICY = {
   "block": None,  # save nothing inside a block: recompute it all in the backward pass
