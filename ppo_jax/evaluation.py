@@ -176,12 +176,9 @@ def evaluate(
     full_ids = put_rows(np.concatenate([part.ids, gen.tokens], 1), placement)
     full_mask = put_rows(np.concatenate([part.mask, gen.mask.astype(np.int32)], 1), placement)
     scores, kl = (shd.to_host(x) for x in fns.evaluate(policy_params, frozen, full_ids, full_mask))
-    texts = (
-      decode_responses(tokenizer, gen.tokens[:real], gen.mask[:real])
-      if (scorer.fn or gold)
-      else None
-    )
-    reals = part.take(np.arange(real))
+    if scorer.fn or gold:  # the real rows' texts, for the functions
+      texts = decode_responses(tokenizer, gen.tokens[:real], gen.mask[:real])
+      reals = part.take(np.arange(real))
     if scorer.fn is not None:
       scores = shared_scores(scorer.fn, reals, texts, name=scorer.fn_name)
     totals["score"] += np.asarray(scores)[:real].tolist()

@@ -82,25 +82,23 @@ def tensor_maps(cfg: ModelConfig, kind: str) -> list[TensorMap]:
   else:
     pre = "model."
     maps["embed_tokens.weight"] = _same(T + ("embed", "embedding"), (V, d))
+    # Each block's norms, ours ← Hugging Face's ``{name}_layernorm``: "post_attention" is the
+    # MLP's input norm in Llama, the attention output's in Gemma and OLMo.
+    if cfg.is_olmo:  # after each sublayer, none before
+      norms = {"attn_post_norm": "post_attention", "mlp_post_norm": "post_feedforward"}
+    elif cfg.is_gemma:  # before and after each
+      norms = {
+        "attn_norm": "input",
+        "attn_post_norm": "post_attention",
+        "mlp_norm": "pre_feedforward",
+        "mlp_post_norm": "post_feedforward",
+      }
+    else:
+      norms = {"attn_norm": "input", "mlp_norm": "post_attention"}
     for i in range(cfg.num_layers):
       L, h = T + ("layers", i), f"layers.{i}."
-      if cfg.is_olmo:  # a norm after each sublayer, none before
-        for ours, hf in (
-          ("attn_post_norm", "post_attention"),
-          ("mlp_post_norm", "post_feedforward"),
-        ):
-          maps[h + f"{hf}_layernorm.weight"] = _same(L + (ours, "scale"), (d,))
-      else:
-        maps[h + "input_layernorm.weight"] = _same(L + ("attn_norm", "scale"), (d,))
-      if cfg.is_gemma:  # a norm after each sublayer too; the MLP's own is "pre_feedforward"
-        for ours, hf in (
-          ("attn_post_norm", "post_attention"),
-          ("mlp_norm", "pre_feedforward"),
-          ("mlp_post_norm", "post_feedforward"),
-        ):
-          maps[h + f"{hf}_layernorm.weight"] = _same(L + (ours, "scale"), (d,))
-      elif not cfg.is_olmo:
-        maps[h + "post_attention_layernorm.weight"] = _same(L + ("mlp_norm", "scale"), (d,))
+      for ours, hf in norms.items():
+        maps[h + f"{hf}_layernorm.weight"] = _same(L + (ours, "scale"), (d,))
       for n, out, bias in (
         ("q", q_dim, cfg.qkv_bias),
         ("k", kv_dim, cfg.qkv_bias),
