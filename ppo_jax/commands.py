@@ -93,7 +93,10 @@ def sample(argv: list[str]) -> int:
     "most half the positions of model and reward model)",
   )
   p.add_argument("--reward-model", help="*ForSequenceClassification folder to score with")
-  p.add_argument("--reward-fn", help="package.module:function to score with")
+  p.add_argument(
+    "--reward-fn", help="package.module:function to score with (several: a:f,b:g, summed)"
+  )
+  p.add_argument("--reward-weights", help="one weight per --reward-fn function: 1,0.5")
   p.add_argument("--gold-fn", help="package.module:function that judges (best-of-n picks by score)")
   p.add_argument(
     "--ref-model",

@@ -115,6 +115,7 @@ class RMSettings:
 class RewardSettings:
   source: str = "model"  # model | function
   fn: str | None = None  # "pkg.module:fn(prompts, responses) -> scores" when source=function
+  weights: str | None = None  # "1,0.5": one per function of fn "a:f,b:g" (default: 1 each)
   model: str | None = None  # an existing HF reward-model folder (skips training one)
 
 

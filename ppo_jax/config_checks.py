@@ -10,6 +10,7 @@ from ppo_jax.config import ARCHS, CRITIC_INITS, TASKS
 from ppo_jax.data import OVERFLOW, template_kwargs
 from ppo_jax.models.config import ATTENTION, DTYPES, REMAT, lora_problems
 from ppo_jax.resume_rules import flatten
+from ppo_jax.rewards import reward_problems
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -125,6 +126,7 @@ def check_settings(s: Settings) -> None:
       (False, f"config.ppo.{problem}")
       for problem in lora_problems(s.ppo_run.lora_rank, s.ppo_run.lora_targets)
     ),
+    *((False, problem) for problem in reward_problems(s.reward.fn, s.reward.weights)),
     (
       s.model.init != "scratch" or s.model.hidden_size % s.model.num_heads == 0,
       f"config.model.hidden_size {s.model.hidden_size} is not divisible by "

@@ -14,7 +14,15 @@ import numpy as np
 from ppo_jax import ppo, rollout
 from ppo_jax import sharding as shd
 from ppo_jax.models.transformer import RewardModel
-from ppo_jax.rewards import RewardError, RewardFn, call_reward_fn, reward_fn_where
+from ppo_jax.rewards import (
+  RewardError,
+  RewardFn,
+  RewardSum,
+  call_reward_parts,
+  components,
+  reward_fn_where,
+  summed,
+)
 from ppo_jax.sampling import Generation
 
 
@@ -51,38 +59,52 @@ def decode_responses(tokenizer: Any, tokens_BxN, mask_BxN) -> list[str]:
 
 
 def shared_scores(
-  fn: RewardFn,
+  fn: RewardFn | RewardSum,
   prompts: Prompts,
   responses: list[str],
   *,
   name: str = "reward function",
   step: int | None = None,
 ) -> np.ndarray:
-  """``fn``'s float32 scores ``[B]`` of the rows (``call_reward_fn``), on every process. With
-  several processes each scores its own contiguous share of the rows, about B / processes, cut
-  only between different prompts (a prompt's group of responses stays whole, for a function that
-  scores them against each other), and the shares are gathered: a costly function (a judge
-  model, running code) is spread over the hosts instead of run whole on each, and every host
-  holds the same scores. A failure on one process is raised on all of them: there as itself,
-  elsewhere naming that process (no host is left waiting in a collective for one that
-  stopped)."""
-  n = len(responses)
+  """``fn``'s float32 scores ``[B]`` of the rows (``call_reward_fn``; a ``RewardSum``'s weighted
+  sum), on every process: ``shared_score_parts``, summed."""
+  parts = shared_score_parts(fn, prompts, responses, name=name, step=step)
+  return summed(fn, parts, name=name, step=step)
+
+
+def shared_score_parts(
+  fn: RewardFn | RewardSum,
+  prompts: Prompts,
+  responses: list[str],
+  *,
+  name: str = "reward function",
+  step: int | None = None,
+) -> np.ndarray:
+  """Each of ``fn``'s components' float32 scores ``[B, K]`` of the rows
+  (``call_reward_parts``), on every process. With several processes each scores its own
+  contiguous share of the rows, about B / processes, cut only between different prompts (a
+  prompt's group of responses stays whole, for a function that scores them against each other),
+  and the shares are gathered: a costly function (a judge model, running code) is spread over
+  the hosts instead of run whole on each, and every host holds the same scores. A failure on one
+  process is raised on all of them: there as itself, elsewhere naming that process (no host is
+  left waiting in a collective for one that stopped)."""
+  n, k = len(responses), len(components(fn))
   count = jax.process_count()
   if count == 1:
-    return call_reward_fn(
+    return call_reward_parts(
       fn, prompts.texts, responses, columns=prompts.columns, name=name, step=step
     )
   # Where a share may start: where the prompt changes. Each share starts at the first such row
   # at or past its even cut.
   starts = [0, *(i for i in range(1, n) if prompts.texts[i] != prompts.texts[i - 1]), n]
-  even = [-(-k * n // count) for k in range(1, count)]
+  even = [-(-c * n // count) for c in range(1, count)]
   bounds = np.r_[0, [starts[np.searchsorted(starts, c)] for c in even], n]
   lo, hi = bounds[jax.process_index()], bounds[jax.process_index() + 1]
-  mine, error = np.zeros(max(np.diff(bounds)), np.float32), None
+  mine, error = np.zeros((max(np.diff(bounds)), k), np.float32), None
   if hi > lo:
     try:
       share = prompts.take(np.arange(lo, hi))
-      mine[: hi - lo] = call_reward_fn(
+      mine[: hi - lo] = call_reward_parts(
         fn,
         share.texts,
         responses[lo:hi],
@@ -96,10 +118,11 @@ def shared_scores(
       error = e
   from jax.experimental import multihost_utils
 
-  every = np.asarray(multihost_utils.process_allgather(np.r_[np.float32(error is None), mine]))
+  ok = np.full((1, k), np.float32(error is None))
+  every = np.asarray(multihost_utils.process_allgather(np.concatenate([ok, mine])))
   if error is not None:
     raise error
-  if (failed := np.flatnonzero(every[:, 0] == 0)).size:
+  if (failed := np.flatnonzero(every[:, 0, 0] == 0)).size:
     raise RewardError(
       f"{reward_fn_where(name, step)} failed on process {failed[0]} (its error is on that "
       "process's stderr)"

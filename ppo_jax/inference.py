@@ -47,7 +47,7 @@ from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
 from ppo_jax.file_batches import batch_order, batch_rows, logprob_scorer, rm_scorer, trimmed
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
-from ppo_jax.rewards import call_reward_fn, load_reward_fn
+from ppo_jax.rewards import call_reward_fn, load_reward_fn, load_reward_fns
 from ppo_jax.sampling import generate, row_keys
 from ppo_jax.tokenizer import load_tokenizer, tokenizer_folder
 
@@ -117,6 +117,7 @@ def sample_file(
   max_new_tokens: int | None = None,
   reward_model: str | pathlib.Path | None = None,
   reward_fn: str | None = None,
+  reward_weights: str | None = None,
   gold_fn: str | None = None,
   ref_model: str | pathlib.Path | None = None,
   tokenizer: str | pathlib.Path | None = None,
@@ -139,6 +140,8 @@ def sample_file(
   JSONL file, read as ``data.load_prompts`` reads it) to ``out`` (JSONL, one row per response:
   ``prompt``, ``response``, ``index`` of the prompt, ``sample``, ``tokens``, ``stopped`` at a stop
   id, ``score`` with a scorer and ``gold`` with ``gold_fn``) and returns the summary it prints.
+  ``reward_fn`` may name several functions, ``"a:f,b:g"``, scoring with their sum weighted by
+  ``reward_weights`` (``"1,0.5"``; default 1 each).
 
   ``gold_fn`` is a second function, the one that judges (a held-out reward, a human proxy): with
   ``n > 1`` and a scorer, ``best_of_{n}_gold`` is the mean gold score of the responses the scorer
@@ -185,7 +188,11 @@ def sample_file(
       f"greedy decoding{why} gives one response per prompt, not --n {n}: sample "
       "(--temperature), or --n 1"
     )
-  fn = load_reward_fn(reward_fn, what="--reward-fn") if reward_fn else None
+  fn = (
+    load_reward_fns(reward_fn, reward_weights, prefix="--reward-")
+    if reward_fn or reward_weights
+    else None
+  )
   gold = load_reward_fn(gold_fn, what="--gold-fn") if gold_fn else None
   mesh = shd.command_mesh(mesh)
   model = model_folder(model, "--model", "policy")

@@ -35,7 +35,7 @@ from ppo_jax.config import Settings, base_config
 from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.models import CausalLM, RewardModel
 from ppo_jax.resume_rules import with_paths_resolved
-from ppo_jax.rewards import fields_taken, load_reward_fn
+from ppo_jax.rewards import fields_taken, load_reward_fn, load_reward_fns, split_paths
 from ppo_jax.rows import holdout_by_prompt
 from ppo_jax.stage_folders import put_back_aside, save_whole
 from ppo_jax.stages import (
@@ -141,7 +141,7 @@ def run_ppo_stage(
   """PPO with its logs and checkpoints (resumed from ``WORKDIR/checkpoints`` when present)."""
   scorer = evaluation.Scorer(
     reward_model=reward_model if s.reward.source == "model" else None,
-    fn=load_reward_fn(s.reward.fn) if s.reward.source == "function" else None,
+    fn=load_reward_fns(s.reward.fn, s.reward.weights) if s.reward.source == "function" else None,
     fn_name=s.reward.fn or "",
   )
   gold = load_reward_fn(inputs.gold) if inputs.gold else None
@@ -284,10 +284,11 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
       f"data.eval_prompts={s.data.eval_prompts} but {len(texts)} prompts: holding out {n_eval} "
       "(at most a quarter)"
     )
-  fn = s.reward.fn if s.reward.source == "function" else None
-  for field, path in (("config.reward.fn", fn), ("config.task.gold", inputs.gold)):
-    if path:  # a field it takes that the rows lack: now, not after SFT and the reward model
-      fields_taken(load_reward_fn(path, what=field), columns, field, every_row=True)
+  paths = split_paths(s.reward.fn) if s.reward.source == "function" else []
+  named = [(f"config.reward.fn {p!r}" if len(paths) > 1 else "config.reward.fn", p) for p in paths]
+  for field, path in [*named, *([("config.task.gold", inputs.gold)] if inputs.gold else [])]:
+    # A field it takes that the rows lack: now, not after SFT and the reward model.
+    fields_taken(load_reward_fn(path, what=field), columns, field, every_row=True)
   prompts = evaluation.Prompts(
     texts[n_eval:], ids[n_eval:], mask[n_eval:], {k: v[n_eval:] for k, v in columns.items()}
   )

@@ -47,7 +47,7 @@ PATH_FIELDS = (
 )
 UNREAD_UNLESS = {
   ("task.name", "files"): ("data.prompts", "data.sft", "data.preferences"),
-  ("reward.source", "function"): ("reward.fn",),
+  ("reward.source", "function"): ("reward.fn", "reward.weights"),
 }
 
 

@@ -12,6 +12,7 @@ function that names no field gets none.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import math
@@ -54,6 +55,88 @@ def load_reward_fn(path: str, *, what: str = "reward function") -> RewardFn:
   return fn
 
 
+@dataclasses.dataclass(frozen=True)
+class RewardSum:
+  """Several reward functions as one score, ``r = Σₖ wₖ·fₖ(prompts, responses, **fields)``: a
+  format reward beside a correctness reward, say. Each ``fₖ`` gets the fields its own signature
+  takes, and its errors name its path; training logs each one's mean as ``scores/<name>``."""
+
+  fns: tuple[RewardFn, ...]
+  paths: tuple[str, ...]
+  weights: tuple[float, ...]
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    """Each function's name, or its whole path where two share a name."""
+    short = [p.split(":")[1] for p in self.paths]
+    return tuple(n if short.count(n) == 1 else p for n, p in zip(short, self.paths, strict=True))
+
+
+def split_paths(spec: str) -> list[str]:
+  """``"a:f, b:g"`` as ``["a:f", "b:g"]`` (empty entries kept, for ``reward_problems``)."""
+  return [p.strip() for p in spec.split(",")]
+
+
+def reward_problems(
+  spec: str | None, weights: str | None, *, prefix: str = "config.reward."
+) -> list[str]:
+  """What is wrong with ``reward.fn`` (one path, or several joined by commas) and
+  ``reward.weights`` (one number per function, joined by commas), each a line naming the field:
+  ``prefix`` + ``fn`` or ``weights`` (``"--reward-"`` for the command line's flags)."""
+  fn_field, weights_field = f"{prefix}fn", f"{prefix}weights"
+  if spec is None:
+    return [f"{weights_field} is set, but no {fn_field} to weigh"] if weights is not None else []
+  paths = split_paths(spec)
+  if "" in paths:
+    return [f"{fn_field} {spec!r}: an empty entry; expected 'package.module:function[,...]'"]
+  if twice := sorted({p for p in paths if paths.count(p) > 1}):
+    return [f"{fn_field} {spec!r}: {twice[0]!r} is named twice"]
+  if weights is None:
+    return []
+  try:
+    values = parse_weights(weights)
+  except ValueError as e:
+    return [f"{weights_field} {weights!r}: {e}"]
+  if len(values) != len(paths):
+    return [f"{weights_field} {weights!r}: {len(values)} weights for {len(paths)} functions"]
+  return []
+
+
+def parse_weights(weights: str) -> tuple[float, ...]:
+  """``"1, 0.5"`` as ``(1.0, 0.5)``; ValueError naming an entry that is not a finite number."""
+  values = []
+  for w in (x.strip() for x in str(weights).split(",")):
+    try:
+      value = float(w)
+    except ValueError:
+      raise ValueError(f"{w!r} is not a number") from None
+    if not math.isfinite(value):
+      raise ValueError(f"{w!r} is not a finite number")
+    values.append(value)
+  return tuple(values)
+
+
+def load_reward_fns(
+  spec: str, weights: str | None = None, *, prefix: str = "config.reward."
+) -> RewardFn | RewardSum:
+  """``load_reward_fn`` for one path and no weights; a ``RewardSum`` for several paths joined by
+  commas (weights: one per path, default 1) or given weights. Errors name ``prefix`` + ``fn`` or
+  ``weights`` (``reward_problems``)."""
+  if problems := reward_problems(spec, weights, prefix=prefix):
+    raise RewardError(problems[0])
+  paths = split_paths(spec)
+  fns = tuple(load_reward_fn(p, what=f"{prefix}fn") for p in paths)
+  if len(paths) == 1 and weights is None:
+    return fns[0]
+  ws = parse_weights(weights) if weights is not None else (1.0,) * len(paths)
+  return RewardSum(fns, tuple(paths), ws)
+
+
+def components(fn: RewardFn | RewardSum) -> tuple[RewardFn, ...]:
+  """The functions a scorer calls: a ``RewardSum``'s, or ``fn`` itself."""
+  return fn.fns if isinstance(fn, RewardSum) else (fn,)
+
+
 def _import(module_name: str):
   """``importlib.import_module``, also from the current folder, which ``python -m`` puts on
   ``sys.path`` but a console script (``ppo-jax``) does not; it goes last, so an installed
@@ -70,7 +153,7 @@ def _import(module_name: str):
 
 
 def call_reward_fn(
-  fn: RewardFn,
+  fn: RewardFn | RewardSum,
   prompts: Sequence[str],
   responses: Sequence[str],
   *,
@@ -81,9 +164,55 @@ def call_reward_fn(
   total: int | None = None,
 ) -> np.ndarray:
   """``fn(prompts, responses, **fields)`` as float32 ``[B]``, ``fields`` the ``columns`` (the
-  prompt rows' other fields, aligned with ``prompts``) its signature takes; raises RewardError
-  naming what went wrong (the responses by index: ``first`` + their index, of ``total``, for
-  rows ``first:first + B`` of a bigger batch)."""
+  prompt rows' other fields, aligned with ``prompts``) its signature takes (a ``RewardSum``: its
+  weighted sum); raises RewardError naming what went wrong (the responses by index: ``first`` +
+  their index, of ``total``, for rows ``first:first + B`` of a bigger batch)."""
+  parts = call_reward_parts(
+    fn, prompts, responses, columns=columns, name=name, step=step, first=first, total=total
+  )
+  return summed(fn, parts, name=name, step=step)
+
+
+def call_reward_parts(fn: RewardFn | RewardSum, prompts, responses, *, name, step=None, **kw):
+  """Each of ``fn``'s components' float32 scores, ``[B, K]`` (``K = 1`` for a plain function),
+  each called and checked by ``call_reward_fn``'s rules, errors naming the component's path."""
+  if not isinstance(fn, RewardSum):
+    return _call_one(fn, prompts, responses, name=name, step=step, **kw)[:, None]
+  return np.stack(
+    [
+      _call_one(f, prompts, responses, name=path, step=step, **kw)
+      for f, path in zip(fn.fns, fn.paths, strict=True)
+    ],
+    axis=1,
+  )
+
+
+def summed(fn: RewardFn | RewardSum, parts_BxK: np.ndarray, *, name: str, step=None) -> np.ndarray:
+  """The score ``[B]`` of ``call_reward_parts``' columns: a ``RewardSum``'s weighted sum (in
+  float64; RewardError when it leaves float32's range), a plain function's one column."""
+  if not isinstance(fn, RewardSum):
+    return parts_BxK[:, 0]
+  total = parts_BxK.astype(np.float64) @ np.asarray(fn.weights, np.float64)
+  if big := np.flatnonzero(np.abs(total) > np.finfo(np.float32).max).tolist():
+    raise RewardError(
+      f"{reward_fn_where(name, step)}: the weighted sum is beyond float32's range (±3.4e38) "
+      f"{_which(big, len(total))}"
+    )
+  return total.astype(np.float32)
+
+
+def _call_one(
+  fn: RewardFn,
+  prompts: Sequence[str],
+  responses: Sequence[str],
+  *,
+  columns: dict[str, Sequence] | None = None,
+  name: str = "reward function",
+  step: int | None = None,
+  first: int = 0,
+  total: int | None = None,
+) -> np.ndarray:
+  """One plain function's call for ``call_reward_fn``."""
   where = reward_fn_where(name, step)
   fields = fields_taken(fn, columns or {}, where)
   try:

@@ -28,6 +28,7 @@ from ppo_jax.evaluation import (
   host_generation,
   put_rows,
   sample_rows,
+  shared_score_parts,
   shared_scores,
 )
 from ppo_jax.models.lora import merge_lora
@@ -40,7 +41,7 @@ from ppo_jax.optim import (
   schedule_count,
 )
 from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requested
-from ppo_jax.rewards import RewardFn
+from ppo_jax.rewards import RewardFn, RewardSum, summed
 from ppo_jax.rows import batch_indices
 from ppo_jax.stage_checkpoints import fingerprint
 from ppo_jax.writers import say
@@ -90,37 +91,39 @@ def run_iteration(
   """One PPO iteration: ``(state, scalar metrics, per-sample metrics, host generation)``."""
   pids, pmask = put_rows(batch.ids, placement), put_rows(batch.mask, placement)
   t0 = time.perf_counter()
-  timings = {}
+  host_metrics = {}
   if fuse:
     state, metrics, gen = fns.iterate(state, frozen, pids, pmask)
     jax.block_until_ready(state.step)
   else:
     gen = fns.sample(state.params["policy"], frozen, ppo.iteration_keys(state)[0], pids, pmask)
     jax.block_until_ready(gen.tokens)
-    timings["time/generate"] = time.perf_counter() - t0
+    host_metrics["time/generate"] = time.perf_counter() - t0
     scores = None
     if scorer.fn is not None:
       host = host_generation(gen)
       texts = decode_responses(tokenizer, host.tokens, host.mask)
+      parts = shared_score_parts(scorer.fn, batch, texts, name=scorer.fn_name, step=step)
+      if isinstance(scorer.fn, RewardSum):  # each function's mean, before the weights
+        means = zip(scorer.fn.names, parts.mean(0), strict=True)
+        host_metrics.update({f"scores/{n}": float(m) for n, m in means})
       scores = put_rows(
-        shared_scores(scorer.fn, batch, texts, name=scorer.fn_name, step=step),
-        placement,
-        vector=True,
+        summed(scorer.fn, parts, name=scorer.fn_name, step=step), placement, vector=True
       )
     t1 = time.perf_counter()
     exp, state, roll_metrics = fns.score(state, frozen, pids, pmask, gen, scores)
     jax.block_until_ready(exp.advantages)
-    timings["time/score"] = time.perf_counter() - t1
+    host_metrics["time/score"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     state, upd_metrics = fns.update(state, frozen, exp, roll_metrics["objective/kl"])
     jax.block_until_ready(state.step)
-    timings["time/update"] = time.perf_counter() - t2
+    host_metrics["time/update"] = time.perf_counter() - t2
     metrics = {**roll_metrics, **upd_metrics}
   elapsed = time.perf_counter() - t0
   fetched = {k: shd.to_host(v) for k, v in metrics.items()}
   row = {k: float(v) for k, v in fetched.items() if np.ndim(v) == 0}
   per_sample = {k: v for k, v in fetched.items() if np.ndim(v) == 1}
-  row.update(timings)
+  row.update(host_metrics)
   row["time/iteration"] = elapsed
   gen = host_generation(gen)
   row["tokens_per_s"] = float(gen.mask.sum()) / elapsed

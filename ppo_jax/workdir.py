@@ -29,7 +29,7 @@ from ppo_jax.compat import (
 from ppo_jax.models.config import ModelConfig, projections
 from ppo_jax.models.hf import checkpoint_kind, load_hf_config
 from ppo_jax.models.lora import check_targets
-from ppo_jax.rewards import load_reward_fn
+from ppo_jax.rewards import load_reward_fn, load_reward_fns
 from ppo_jax.tokenizer import load_tokenizer, tokenizer_folder
 
 if TYPE_CHECKING:
@@ -58,9 +58,10 @@ def preflight(s: Settings):
       shd.check_batch(s.ppo_run.batch_size, mesh, "config.ppo.batch_size")
     if s.algo == "dpo":
       supervised_step.check_mesh_rows(s.dpo, s.dpo.batch_size, mesh, "dpo")
-  for field, path in (("config.reward.fn", s.reward.fn), ("config.task.gold", s.task.gold)):
-    if path and (field != "config.reward.fn" or s.reward.source == "function"):
-      load_reward_fn(path, what=field)
+  if s.reward.fn and s.reward.source == "function":
+    load_reward_fns(s.reward.fn, s.reward.weights)
+  if s.task.gold:
+    load_reward_fn(s.task.gold, what="config.task.gold")
   if s.task.name == "files":  # the synthetic task writes its own
     for field in ("prompts", "sft", "preferences"):
       path = getattr(s.data, field)

@@ -65,3 +65,8 @@ def ctrl_c_discarded_at_w10(prompts, responses):
     except KeyboardInterrupt:
       pass
   return [0.0] * len(responses)
+
+
+def superlatives_twice(prompts, responses):
+  """``superlatives``, doubled: a second function for a weighted sum."""
+  return [2.0 * s for s in superlatives(prompts, responses)]

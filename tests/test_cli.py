@@ -51,6 +51,15 @@ def _cli(*args):
       "config.reward.fn is set, but config.reward.source='model' scores with a reward model: add "
       "config.reward.source=function",
     ),
+    (
+      [
+        "--config.reward.source=function",
+        "--config.reward.fn=m:f,m:g",
+        "--config.reward.weights=1",
+      ],
+      "config.reward.weights '1': 1 weights for 2 functions",
+    ),
+    ("--config.reward.weights=1", "config.reward.weights is set, but no config.reward.fn to weigh"),
     ("--config.ppo.critic_warmup=100000", "critic_warmup 100000 ≥ config.ppo.iterations"),
     ("--config.ppo.batch_size=0", "config.ppo.batch_size: must be ≥ 1, got 0"),
     ("--config.ppo.top_p=1.5", "config.ppo.top_p: must be in (0, 1], got 1.5"),

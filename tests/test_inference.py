@@ -159,6 +159,12 @@ def test_best_of_n_and_a_reward_function(folders, tmp_path):
   assert judged["best_of_3_gold"] == pytest.approx(-np.mean(longest))
   assert judged["gold_mean"] == pytest.approx(-judged["score_mean"])
   assert judged["best_of_3_gold"] < judged["gold_mean"]  # the judge disagrees: picks score worse
+  # Several functions score their weighted sum.
+  kw.update(reward_fn="reward_fns:keyed,reward_fns:words_minus_prompt", reward_weights="0.5,2")
+  inference.sample_file(policy_dir, keyed, tmp_path / "sum.jsonl", seed=7, **kw)
+  for r in _rows(tmp_path / "sum.jsonl"):
+    words = len(r["response"].split())
+    assert r["score"] == pytest.approx(0.5 * words + 2 * (words - 0.1 * len(r["prompt"].split())))
 
 
 def test_sampling_settings_default_to_the_checkpoints(tmp_path):

@@ -258,22 +258,27 @@ def test_reward_functions_get_the_prompt_rows_other_fields(smoke_run, tmp_path, 
   config.task.name, config.task.gold = "files", "reward_fns:keyed"
   config.model.tokenizer = str(smoke_run[0] / "data" / "tokenizer")
   config.data.prompts, config.data.eval_prompts = str(prompts), 16
-  config.reward.source, config.reward.fn = "function", "reward_fns:keyed"
+  # Two functions, weighed to the gold's (1.5·words − 0.5·words): the second takes no field.
+  config.reward.source, config.reward.fn = "function", "reward_fns:keyed,reward_fns:shortness"
+  config.reward.weights = "1.5, 0.5"
   config.rm.enabled = False
   config.ppo.iterations = 2
   config.log.progress = config.log.tensorboard = config.log.plots = False
   config.log.samples_every = 1
   summary = pipeline.run(config, tmp_path / "run")
   rows = _rows(tmp_path / "run")
-  # The same function twice; the training score is less its missing-EOS penalty.
+  # The same score as the gold's; the training score is less its missing-EOS penalty. Each
+  # function's mean is logged, unweighted.
   assert len(rows) == 2 and all(r["gold/score"] >= r["objective/scores"] for r in rows)
-  assert summary["after"]["gold"] == summary["after"]["score"]
+  assert all(r["scores/keyed"] == r["gold/score"] == -r["scores/shortness"] for r in rows)
+  assert summary["after"]["gold"] == pytest.approx(summary["after"]["score"], rel=1e-6)
   capsys.readouterr()
   prompts.write_text(
     "".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts))
   )
   with pytest.raises(
-    RewardError, match=r"^config.reward.fn takes 'key', a field the prompt rows do"
+    RewardError,
+    match=r"^config.reward.fn 'reward_fns:keyed' takes 'key', a field the prompt rows do",
   ):
     pipeline.run(config, tmp_path / "lacking")
   assert "1/3 supervised" not in capsys.readouterr().out

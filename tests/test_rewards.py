@@ -161,3 +161,74 @@ def test_a_function_of_the_running_notebook_or_script_is_main(monkeypatch):
 
   monkeypatch.setattr(sys.modules["__main__"], "my_score", my_score, raising=False)
   assert load_reward_fn("__main__:my_score") is my_score
+
+
+def test_several_functions_score_their_weighted_sum_each_with_its_own_fields():
+  """``"a:f,b:g"`` with weights: Σₖ wₖ·fₖ against a float64 sum by hand; each function gets the
+  fields its own signature names; a lone path without weights stays the function itself."""
+  from ppo_jax.rewards import call_reward_parts, load_reward_fns
+
+  fns = load_reward_fns(
+    "reward_fns:keyed, reward_fns:words_minus_prompt,reward_fns:shortness", "0.5,-2,1e-3"
+  )
+  assert fns.names == ("keyed", "words_minus_prompt", "shortness")
+  prompts, responses = ["a b", "c", "d e f"], ["one two three", "", "four"]
+  columns = {"key": list(prompts), "other": [1, 2, 3]}  # keyed takes `key`; the others none
+  words = np.array([3.0, 0.0, 1.0], np.float64)
+  parts = np.stack([words, words - 0.1 * np.array([2, 1, 3]), -words], 1)
+  np.testing.assert_allclose(
+    call_reward_parts(fns, prompts, responses, columns=columns, name="cfg"), parts, rtol=1e-6
+  )
+  expected = parts @ np.array([0.5, -2.0, 1e-3])
+  got = call_reward_fn(fns, prompts, responses, columns=columns)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  # Without weights: a plain sum; one path: the function itself; two paths of one name: whole.
+  np.testing.assert_allclose(
+    call_reward_fn(
+      load_reward_fns("reward_fns:keyed,reward_fns:shortness"), prompts, responses, columns=columns
+    ),
+    0.0,
+  )
+  assert load_reward_fns("reward_fns:keyed") is load_reward_fn("reward_fns:keyed")
+  assert load_reward_fns("reward_fns:keyed", "2").weights == (2.0,)
+  from ppo_jax.rewards import RewardSum
+
+  same_name = RewardSum((len, len), ("a:score", "b:score"), (1.0, 1.0))
+  assert same_name.names == ("a:score", "b:score")
+
+
+def test_each_of_several_functions_is_checked_and_named_on_its_own():
+  from ppo_jax.rewards import load_reward_fns
+
+  fns = load_reward_fns("reward_fns:superlatives,reward_fns:raises")
+  with pytest.raises(
+    RewardError, match=r"^reward_fns:raises at step 4 raised RuntimeError: reward server unreach"
+  ):
+    call_reward_fn(fns, PROMPTS, RESPONSES, name="cfg", step=4)
+  big = load_reward_fns("reward_fns:superlatives,reward_fns:superlatives_twice", "1e38,1e38")
+  with pytest.raises(
+    RewardError,
+    match=r"^cfg at step 4: the weighted sum is beyond float32's range \(±3\.4e38\) for 1 of 2 "
+    r"responses \(indices 0\)$",
+  ):
+    call_reward_fn(big, ["p", "q"], ["superb superb", "fine"], name="cfg", step=4)
+
+
+@pytest.mark.parametrize(
+  "spec,weights,message",
+  [
+    ("m:f,", None, r"^--reward-fn 'm:f,': an empty entry; expected 'package\.module:function"),
+    ("m:f,m:f", None, r"^--reward-fn 'm:f,m:f': 'm:f' is named twice$"),
+    ("m:f,m:g", "1,x", r"^--reward-weights '1,x': 'x' is not a number$"),
+    ("m:f,m:g", "1,nan", r"^--reward-weights '1,nan': 'nan' is not a finite number$"),
+    ("m:f,m:g", "1", r"^--reward-weights '1': 1 weights for 2 functions$"),
+    (None, "1", r"^--reward-weights is set, but no --reward-fn to weigh$"),
+  ],
+)
+def test_bad_lists_of_functions_and_weights_are_one_line(spec, weights, message):
+  from ppo_jax.rewards import load_reward_fns, reward_problems
+
+  with pytest.raises(RewardError, match=message):
+    load_reward_fns(spec, weights, prefix="--reward-")
+  assert reward_problems(spec, weights)[0].startswith("config.reward.")

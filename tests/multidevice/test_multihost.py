@@ -271,7 +271,15 @@ seen.clear()  # groups of responses to one prompt: a share is cut between prompt
 groups = Prompts(list("aabbbc"), np.zeros((6, 1), np.int32), np.ones((6, 1), np.int32))
 groups.columns = {"answer": [1] * 6}
 out["grouped"] = shared_scores(by_answer, groups, ["z"] * 6).tolist()
-out["groups_seen"] = seen
+out["groups_seen"] = seen[:]
+# Several functions: each one's scores gathered, and their weighted sum.
+from ppo_jax.evaluation import shared_score_parts
+from ppo_jax.rewards import RewardSum
+
+both = RewardSum((by_answer, lambda p, r: [len(x) for x in r]), ("m:a", "m:b"), (2.0, -1.0))
+texts = ["x" * (i + 1) for i in range(n)]
+out["parts"] = shared_score_parts(both, rows, texts).tolist()
+out["summed"] = shared_scores(both, rows, texts).tolist()
 print(json.dumps(out))
 """
 
@@ -304,6 +312,8 @@ def test_a_reward_function_scores_each_process_share_of_the_rows(tmp_path):
   assert first["seen"] == [["p0", "p1", "p2"]] and second["seen"] == [["p3", "p4"]]
   assert first["grouped"] == second["grouped"] == [1.0] * 6
   assert first["groups_seen"] == [list("aabbb")] and second["groups_seen"] == [["c"]]
+  assert first["parts"] == second["parts"] == [[w, i + 1.0] for i, w in enumerate(want)]
+  assert first["summed"] == second["summed"] == [2 * w - i - 1 for i, w in enumerate(want)]
   assert second["error"] == (
     "gold scorer at step 3 returned non-finite scores (NaN or inf) for 1 of 5 responses (indices 3)"
   )
