@@ -29,7 +29,7 @@ from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_sum
 from ppo_jax.models import CausalLM
 from ppo_jax.models.lora import merge_lora
-from ppo_jax.preference import dpo_loss
+from ppo_jax.preference import DPO_LOSSES, dpo_loss
 
 KEYS = {"gold": "gold/score", "kl": "objective/kl", "length": "response/length"}
 
@@ -38,6 +38,7 @@ KEYS = {"gold": "gold/score", "kl": "objective/kl", "length": "response/length"}
 class DPOSettings:
   beta: float = 0.1  # β: strength of the implicit KL constraint
   label_smoothing: float = 0.0  # ε: conservative DPO for noisy labels
+  loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge (preference.dpo_loss)
   eval_every: int = 20  # steps between held-out sampling evaluations (0: before and after only)
 
   def __post_init__(self):
@@ -45,6 +46,12 @@ class DPOSettings:
       raise ValueError(f"beta: must be > 0, got {self.beta}")
     if not 0.0 <= self.label_smoothing < 0.5:
       raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+    if self.loss not in DPO_LOSSES:
+      raise ValueError(f"loss: unknown {self.loss!r}; expected one of {', '.join(DPO_LOSSES)}")
+    if self.loss != "sigmoid" and self.label_smoothing:
+      raise ValueError(
+        f"label_smoothing: conservative DPO's ε applies to loss='sigmoid', not {self.loss!r}"
+      )
     if self.eval_every < 0:
       raise ValueError(f"eval_every: must be ≥ 0, got {self.eval_every}")
 
@@ -56,21 +63,23 @@ def sequence_logprobs(graphdef, params, ids_BxL, mask_BxL, response_mask_BxR) ->
   return masked_sum(token_logprobs(logits, ids_BxL[:, -n:]), response_mask_BxR, axis=-1)
 
 
-def dpo_objective(params, graphdef, batch, *, beta: float, label_smoothing: float = 0.0):
-  """``dpo_loss`` of a batch of pairs: chosen and rejected in one forward of 2B rows."""
+def dpo_objective(
+  params, graphdef, batch, *, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid"
+):
+  """``dpo_loss`` of a batch of pairs: chosen and rejected in one forward of 2B rows. IPO's
+  log-probabilities (policy and reference) are averaged over each response's tokens."""
   B = batch["chosen_ids"].shape[0]
   both = {
     k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
     for k in ("ids", "mask", "response_mask")
   }
   logp = sequence_logprobs(graphdef, params, both["ids"], both["mask"], both["response_mask"])
+  ref = jnp.concatenate([batch["ref_chosen"], batch["ref_rejected"]])
+  if loss == "ipo":
+    tokens = jnp.maximum(both["response_mask"].sum(-1), 1).astype(logp.dtype)
+    logp, ref = logp / tokens, ref / tokens
   return dpo_loss(
-    logp[:B],
-    logp[B:],
-    batch["ref_chosen"],
-    batch["ref_rejected"],
-    beta=beta,
-    label_smoothing=label_smoothing,
+    logp[:B], logp[B:], ref[:B], ref[B:], beta=beta, label_smoothing=label_smoothing, kind=loss
   )
 
 
@@ -208,7 +217,10 @@ def run_dpo_stage(
         start,
         graphdef,
         functools.partial(
-          dpo_objective, beta=s.dpo_run.beta, label_smoothing=s.dpo_run.label_smoothing
+          dpo_objective,
+          beta=s.dpo_run.beta,
+          label_smoothing=s.dpo_run.label_smoothing,
+          loss=s.dpo_run.loss,
         ),
         s.dpo,
         (lambda i: pair_batch(train_pairs, ref[0], i), len(train_pairs[0])),

@@ -10,6 +10,8 @@ from ppo_jax.masking import check_same_shape, check_value, float_dtype
 
 Metrics = dict[str, jax.Array]
 
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+
 
 def _pairs(**arrays: ArrayLike) -> list[jax.Array]:
   check_same_shape(**arrays)
@@ -63,25 +65,34 @@ def dpo_loss(
   *,
   beta: float = 0.1,
   label_smoothing: float = 0.0,
+  kind: str = "sigmoid",
 ) -> tuple[jax.Array, Metrics]:
-  """Direct Preference Optimization loss.
+  """Direct Preference Optimization loss, and the IPO and hinge losses on the same pairs.
 
   With ``h = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))`` (sequence
-  log-probabilities summed over response tokens):
+  log-probabilities, summed over response tokens for DPO and hinge):
 
-  ``loss = mean((1 − ε)·softplus(−β h) + ε·softplus(β h))``
+  - ``sigmoid``: ``loss = mean((1 − ε)·softplus(−β h) + ε·softplus(β h))``, Rafailov et al.
+    2023, https://arxiv.org/abs/2305.18290, eq. 7; ``ε = label_smoothing`` is the conservative
+    DPO of Mitchell 2023 ("A note on DPO with noisy preferences"), which treats each label as
+    flipped with probability ε.
+  - ``ipo``: ``loss = mean((h − 1/(2β))²)``, Azar et al. 2023, https://arxiv.org/abs/2310.12036,
+    eq. 17 (β is their τ): it regresses ``h`` to a finite target instead of pushing it to
+    infinity, so deterministic preferences do not drive β·h without bound. The DPO stage gives it
+    log-probabilities averaged over the response tokens, as TRL does.
+  - ``hinge``: ``loss = mean(max(0, 1 − β h))``, SLiC-HF's calibration loss (Zhao et al. 2023,
+    https://arxiv.org/abs/2305.10425) on DPO's log-ratio, as in RSO (Liu et al. 2024, https://arxiv.org/abs/2309.06657).
 
-  Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, eq. 7; ``ε = label_smoothing`` is the
-  conservative DPO of Mitchell 2023 ("A note on DPO with noisy preferences"), which treats each
-  label as flipped with probability ε. The reference log-probabilities get no gradient.
+  The reference log-probabilities get no gradient.
 
   Args:
     pol_chosen_logp_B: ``log π(y_c | x)`` ``[B]``.
     pol_rejected_logp_B: ``log π(y_r | x)`` ``[B]``.
     ref_chosen_logp_B: ``log π_ref(y_c | x)`` ``[B]``.
     ref_rejected_logp_B: ``log π_ref(y_r | x)`` ``[B]``.
-    beta: β, the strength of the implicit KL constraint.
-    label_smoothing: ε in ``[0, 0.5)``.
+    beta: β, the strength of the implicit KL constraint (IPO's τ; 1/β the hinge's margin).
+    label_smoothing: ε in ``[0, 0.5)`` (``sigmoid`` only).
+    kind: ``sigmoid`` (DPO), ``ipo`` or ``hinge``.
 
   Returns:
     ``(loss, metrics)`` with ``loss``, the implicit rewards ``reward_chosen`` (mean
@@ -93,7 +104,11 @@ def dpo_loss(
   >>> round(float(loss), 4)  # softplus(−1)
   0.3133
   """
+  if kind not in DPO_LOSSES:
+    raise ValueError(f"kind: unknown {kind!r}; expected one of {', '.join(DPO_LOSSES)}")
   check_value("beta", beta, lambda b: b > 0.0, "> 0", required=True)
+  if kind != "sigmoid":  # a traced ε passes: the caller's sweep, its own business
+    check_value("label_smoothing", label_smoothing, lambda e: e == 0.0, f"0 with kind={kind!r}")
   check_value(
     "label_smoothing",
     label_smoothing,
@@ -109,10 +124,14 @@ def dpo_loss(
   )
   reward_c = beta * (pol_c - jax.lax.stop_gradient(ref_c))
   reward_r = beta * (pol_r - jax.lax.stop_gradient(ref_r))
-  h = reward_c - reward_r
-  loss = jnp.mean(
-    (1.0 - label_smoothing) * jax.nn.softplus(-h) + label_smoothing * jax.nn.softplus(h)
-  )
+  h = reward_c - reward_r  # β times the log-ratio difference
+  if kind == "ipo":
+    terms = (h / beta - 1.0 / (2.0 * beta)) ** 2
+  elif kind == "hinge":
+    terms = jax.nn.relu(1.0 - h)
+  else:
+    terms = (1.0 - label_smoothing) * jax.nn.softplus(-h) + label_smoothing * jax.nn.softplus(h)
+  loss = jnp.mean(terms)
   metrics = {
     "loss": loss,
     "reward_chosen": jnp.mean(reward_c),

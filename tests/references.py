@@ -144,11 +144,19 @@ def bradley_terry(chosen, rejected):
   return sum(terms) / len(terms), sum(acc) / len(acc)
 
 
-def dpo(pc, pr, rc, rr, beta, label_smoothing):
+def dpo(pc, pr, rc, rr, beta, label_smoothing, kind="sigmoid"):
+  """DPO (conservative with ε), IPO (Azar et al. eq. 17: (h − 1/(2τ))²) or SLiC's hinge."""
   terms = []
   for a, b, c, d in zip(pc, pr, rc, rr, strict=True):
-    h = beta * ((float(a) - float(c)) - (float(b) - float(d)))
-    terms.append((1 - label_smoothing) * softplus(-h) + label_smoothing * softplus(h))
+    h = (float(a) - float(c)) - (float(b) - float(d))  # the log-ratio difference
+    if kind == "ipo":
+      terms.append((h - 1 / (2 * beta)) ** 2)
+    elif kind == "hinge":
+      terms.append(max(0.0, 1 - beta * h))
+    else:
+      terms.append(
+        (1 - label_smoothing) * softplus(-beta * h) + label_smoothing * softplus(beta * h)
+      )
   return sum(terms) / len(terms)
 
 

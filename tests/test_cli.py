@@ -72,6 +72,11 @@ def _cli(*args):
     ("--config.sft.epochs=-1", "config.sft.epochs: must be ≥ 0, got -1"),
     ("--config.rm.epochs=0", "config.rm.epochs: must be > 0 (config.rm.enabled=False skips the"),
     (["--config.algo=dpo", "--config.dpo.epochs=0"], "config.dpo.epochs: must be > 0, got 0"),
+    ("--config.dpo.loss=kto", "config.dpo.loss: unknown 'kto'; expected one of sigmoid, ipo, hin"),
+    (
+      ["--config.dpo.loss=ipo", "--config.dpo.label_smoothing=0.1"],
+      "config.dpo.label_smoothing: conservative DPO's ε applies to loss='sigmoid', not 'ipo'",
+    ),
     (  # silently unused before
       ["--config.algo=dpo", "--config.reward.source=function", "--config.reward.fn=m:f"],
       "config.reward.fn is set, but DPO uses no reward: drop it",

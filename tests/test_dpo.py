@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from ppo_jax import dpo
@@ -60,6 +61,34 @@ def test_objective_at_the_reference_is_log2_with_a_gradient():
   np.testing.assert_allclose(float(loss), np.log(2.0), rtol=1e-5)  # h = 0 for every pair
   assert abs(float(metrics["reward_margin"])) < 1e-5
   assert float(optax_norm(grads)) > 0.0
+
+
+def test_ipo_averages_each_responses_logprobs_over_its_tokens():
+  """The stage's IPO takes the policy's and the reference's log-probabilities per response token
+  (two of the four responses are shorter); DPO and hinge their sums. Against float64 NumPy."""
+  import references as ref
+
+  graphdef, state = nnx.split(CausalLM(CFG, rngs=nnx.Rngs(0)))
+  policy = nnx.to_pure_dict(nnx.split(CausalLM(CFG, rngs=nnx.Rngs(1)))[1])
+  chosen, rejected = _pairs()
+  reference = nnx.to_pure_dict(state)
+  refs = tuple(
+    dpo.reference_logprobs(graphdef, reference, x, batch_size=4) for x in (chosen, rejected)
+  )
+  batch = dpo.pair_batch((chosen, rejected), refs, np.arange(B))
+  logp = [
+    np.asarray(dpo.sequence_logprobs(graphdef, policy, x.ids, x.mask, x.response_mask), np.float64)
+    for x in (chosen, rejected)
+  ]
+  count = [x.response_mask.sum(-1).astype(np.float64) for x in (chosen, rejected)]
+  assert count[0].min() < R  # shorter responses: the averaging has teeth
+  for kind, beta in (("ipo", 0.5), ("hinge", 3.0), ("sigmoid", 0.5)):
+    loss, _ = dpo.dpo_objective(policy, graphdef, batch, beta=beta, loss=kind)
+    if kind == "ipo":
+      args = (logp[0] / count[0], logp[1] / count[1], refs[0] / count[0], refs[1] / count[1])
+    else:
+      args = (logp[0], logp[1], refs[0], refs[1])
+    assert float(loss) == pytest.approx(ref.dpo(*args, beta, 0.0, kind), rel=1e-4), kind
 
 
 def optax_norm(tree):

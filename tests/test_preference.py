@@ -60,6 +60,36 @@ class TestDpo:
     assert float(m["accuracy"]) == pytest.approx(np.mean(h > 0))
     assert float(m["reward_margin"]) == pytest.approx(np.mean(h), rel=1e-4, abs=1e-5)
 
+  @pytest.mark.parametrize("kind", ["ipo", "hinge"])
+  @pytest.mark.parametrize("beta", [0.1, 2.0])
+  def test_ipo_and_hinge_against_the_reference_under_jit(self, kind, beta):
+    rng = np.random.default_rng(2)
+    logps = rng.normal(loc=-9.0, scale=5.0, size=(4, 32))  # hinge: some pairs past the margin
+    f = jax.jit(pj.dpo_loss, static_argnames=("beta", "kind"))
+    loss, m = f(*logps, beta=beta, kind=kind)
+    assert float(loss) == pytest.approx(ref.dpo(*logps, beta, 0.0, kind), rel=1e-5)
+    h = beta * ((logps[0] - logps[2]) - (logps[1] - logps[3]))
+    assert float(m["reward_margin"]) == pytest.approx(np.mean(h), rel=1e-4, abs=1e-5)
+    if kind == "hinge":
+      assert 0 < np.mean(h > 1) < 1  # both sides of the hinge's corner: the test has teeth
+
+  def test_ipo_and_hinge_by_hand(self):
+    """IPO at h = 0: (1/(2β))²; its gradient vanishes at h = 1/(2β). Hinge: 1 − βh below the
+    margin, 0 past it."""
+    zero = [jnp.array([-1.0])] * 4
+    assert float(pj.dpo_loss(*zero, beta=0.25, kind="ipo")[0]) == pytest.approx(4.0)
+    target = [jnp.array([-1.0]), jnp.array([-3.0]), jnp.array([-1.0]), jnp.array([-1.0])]
+    grad = jax.grad(lambda a: pj.dpo_loss(a, *target[1:], beta=0.25, kind="ipo")[0])(target[0])
+    assert float(pj.dpo_loss(*target, beta=0.25, kind="ipo")[0]) == 0.0 and float(grad[0]) == 0
+    assert float(pj.dpo_loss(*target, beta=0.25, kind="hinge")[0]) == pytest.approx(0.5)
+    assert float(pj.dpo_loss(*target, beta=1.0, kind="hinge")[0]) == 0.0
+
+  def test_unknown_kind_and_smoothing_outside_dpo(self):
+    with pytest.raises(ValueError, match=r"^kind: unknown 'kto'; expected one of sigmoid, ipo"):
+      pj.dpo_loss(*[jnp.zeros(2)] * 4, kind="kto")
+    with pytest.raises(ValueError, match=r"^label_smoothing must be 0 with kind='ipo', got 0\.1"):
+      pj.dpo_loss(*[jnp.zeros(2)] * 4, kind="ipo", label_smoothing=0.1)
+
   def test_policy_equal_to_reference_gives_log_two(self):
     lp = jnp.array([-10.0, -3.0])
     loss, m = pj.dpo_loss(lp, lp + 1, lp, lp + 1, beta=0.3, label_smoothing=0.1)
