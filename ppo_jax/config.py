@@ -109,6 +109,7 @@ class ModelSettings:
 class RMSettings:
   enabled: bool = True  # train a reward model (needed unless reward.model or reward.fn is set)
   init: str = "policy"  # policy: trunk of the SFT policy + a fresh head; scratch: random
+  center_coef: float = 0.0  # c·mean((s_c + s_r)²) added to the loss (Eisenstein et al. 2023)
 
 
 @dataclasses.dataclass(frozen=True)

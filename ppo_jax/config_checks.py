@@ -42,6 +42,7 @@ AT_LEAST = {
   "ppo.iterations": 1,
   "ppo.max_nonfinite": 1,
   "log.num_samples": 0,
+  "rm.center_coef": 0,
 }
 
 

@@ -25,31 +25,39 @@ def _pairs(**arrays: ArrayLike) -> list[jax.Array]:
 
 
 def bradley_terry_loss(
-  chosen_scores_B: ArrayLike, rejected_scores_B: ArrayLike
+  chosen_scores_B: ArrayLike, rejected_scores_B: ArrayLike, *, center_coef: float = 0.0
 ) -> tuple[jax.Array, Metrics]:
   """Bradley–Terry negative log-likelihood of the human preferences (reward-model training).
 
-  ``P(chosen ≻ rejected) = σ(s_c − s_r)``, ``loss = mean(−log σ(s_c − s_r)) =
+  ``P(chosen ≻ rejected) = σ(s_c − s_r)``, ``nll = mean(−log σ(s_c − s_r)) =
   mean(softplus(−(s_c − s_r)))`` (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT,
-  https://arxiv.org/abs/2203.02155, eq. 1).
+  https://arxiv.org/abs/2203.02155, eq. 1), and ``loss = nll + c·mean((s_c + s_r)²)``: the
+  likelihood fixes score differences only, and the centering term (Eisenstein et al. 2023,
+  https://arxiv.org/abs/2312.09244, ``c = center_coef``, 0.01 there) holds the scores near 0.
 
   Args:
     chosen_scores_B: reward-model scores of the preferred responses ``[B]``.
     rejected_scores_B: scores of the other responses ``[B]``.
+    center_coef: ``c ≥ 0``, the weight of the centering term.
 
   Returns:
-    ``(loss, metrics)`` with ``loss``, ``accuracy`` (fraction with ``s_c > s_r``), ``margin``
-    (mean ``s_c − s_r``) and ``num_pairs``.
+    ``(loss, metrics)`` with ``loss``, ``nll``, ``accuracy`` (fraction with ``s_c > s_r``),
+    ``margin`` (mean ``s_c − s_r``), ``center`` (``mean((s_c + s_r)²)``) and ``num_pairs``.
 
   >>> loss, m = bradley_terry_loss(jnp.array([1.0, 0.0]), jnp.array([0.0, 0.0]))
   >>> round(float(loss), 4), float(m["accuracy"])  # (softplus(−1) + log 2) / 2
   (0.5032, 0.5)
   """
+  check_value("center_coef", center_coef, lambda c: c >= 0.0, "≥ 0", required=True)
   chosen, rejected = _pairs(chosen_scores_B=chosen_scores_B, rejected_scores_B=rejected_scores_B)
   margin = chosen - rejected
-  loss = jnp.mean(jax.nn.softplus(-margin))
+  nll = jnp.mean(jax.nn.softplus(-margin))
+  center = jnp.mean(jnp.square(chosen + rejected))
+  loss = nll + center_coef * center
   metrics = {
     "loss": loss,
+    "nll": nll,
+    "center": center,
     "accuracy": jnp.mean(margin > 0, dtype=jnp.float32),
     "margin": jnp.mean(margin),
     "num_pairs": jnp.asarray(margin.shape[0], jnp.float32),

@@ -4,6 +4,7 @@ it exists)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 from typing import TYPE_CHECKING, Any
@@ -366,7 +367,7 @@ def run_reward_model(
     s,
     "rm",
     rm,
-    supervised.reward_loss,
+    functools.partial(supervised.reward_loss, center_coef=s.rm_run.center_coef),
     s.rm,
     (lambda i: supervised.pair_batch(train_pairs, i), len(train_pairs[0])),
     (lambda i: supervised.pair_batch(eval_pairs, i), len(eval_pairs[0])),

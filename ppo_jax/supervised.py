@@ -111,13 +111,16 @@ def sft_loss(params, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, M
   return loss, metrics
 
 
-def reward_loss(params, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, Metrics]:
-  """Bradley–Terry loss of the reward model on (chosen, rejected) pairs, one forward of 2B rows."""
+def reward_loss(
+  params, graphdef: nnx.GraphDef, batch: Batch, *, center_coef: float = 0.0
+) -> tuple[jax.Array, Metrics]:
+  """Bradley–Terry loss of the reward model on (chosen, rejected) pairs, one forward of 2B rows
+  (``center_coef``: ``bradley_terry_loss``'s centering term)."""
   B = batch["chosen_ids"].shape[0]
   ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
   mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
   scores = reward_scores(graphdef, params, ids, mask)
-  loss, metrics = bradley_terry_loss(scores[:B], scores[B:])
+  loss, metrics = bradley_terry_loss(scores[:B], scores[B:], center_coef=center_coef)
   metrics["score_mean"] = jnp.mean(scores)
   return loss, metrics
 

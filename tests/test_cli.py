@@ -96,6 +96,7 @@ def _cli(*args):
     ("--config.ppo.lora_targets=q,x", "config.ppo.lora_targets: 'q,x'; expected a comma-separated"),
     ("--config.model.num_heads=3", "hidden_size 64 is not divisible by config.model.num_heads 3"),
     ("--config.rm.init=foo", "config.rm.init: unknown 'foo'; expected one of policy, scratch"),
+    ("--config.rm.center_coef=-0.01", "config.rm.center_coef: must be ≥ 0, got -0.01"),
     ("--config.model.remat=full", "config.model.remat: unknown 'full'; expected one of none, bl"),
     ("--config.model.dtype=float64", "config.model.dtype: unknown 'float64'; expected one of flo"),
     (

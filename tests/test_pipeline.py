@@ -790,6 +790,7 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path, capsys
     data__eval_prompts=0,
     sft__epochs=1.0,
     rm__epochs=1.0,
+    rm__center_coef=0.5,
     ppo__iterations=2,
     ppo__batch_size=16,
     ppo__max_new_tokens=8,
@@ -802,6 +803,9 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path, capsys
   assert f"ends an assistant turn with <end> (id {end})" in capsys.readouterr().out
   rows = _rows(workdir)
   assert len(rows) == 2 and all(np.isfinite(r["objective/kl"]) for r in rows)
+  rm_rows = _rows_of(workdir / "rm_metrics.jsonl")  # the centering term is in the loss
+  assert all(r["loss"] == pytest.approx(r["nll"] + 0.5 * r["center"], rel=1e-5) for r in rm_rows)
+  assert any(r["center"] > 0.01 for r in rm_rows)
   # No held-out prompts and two iterations: the first rollout against the last, not both twice.
   assert summary["rollouts_compared"] == 1 and summary["before"] != summary["after"]
   assert rows[0]["policy/approxkl_first_minibatch"] < 1e-6

@@ -20,6 +20,23 @@ class TestBradleyTerry:
     assert float(m["margin"]) == pytest.approx(0.0)
     assert float(m["num_pairs"]) == 3.0
 
+  def test_centering_term_by_hand(self):
+    """c·mean((s_c + s_r)²) on top of the likelihood, which a shift of every score leaves be; its
+    gradient 2c(s_c + s_r)/B pulls both scores of a pair towards 0 together."""
+    chosen, rejected = jnp.array([2.0, 0.0, 1.0]), jnp.array([0.0, 0.0, 3.0])
+    nll = (math.log1p(math.exp(-2)) + math.log(2) + math.log1p(math.exp(2))) / 3
+    loss, m = pj.bradley_terry_loss(chosen, rejected, center_coef=0.1)
+    assert float(loss) == pytest.approx(nll + 0.1 * (4 + 0 + 16) / 3, rel=1e-6)
+    assert float(m["nll"]) == pytest.approx(nll, rel=1e-6)
+    assert float(m["center"]) == pytest.approx(20 / 3, rel=1e-6)
+    shifted, _ = pj.bradley_terry_loss(chosen + 5, rejected + 5)
+    assert float(shifted) == pytest.approx(nll, rel=1e-6)
+    grad = jax.grad(lambda c: pj.bradley_terry_loss(c, rejected, center_coef=0.1)[0])(chosen)
+    bt = -jax.nn.sigmoid(-(chosen - rejected)) / 3
+    np.testing.assert_allclose(grad, bt + 2 * 0.1 * (chosen + rejected) / 3, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"^center_coef must be ≥ 0, got -1"):
+      pj.bradley_terry_loss(chosen, rejected, center_coef=-1.0)
+
   def test_reference_under_jit(self):
     rng = np.random.default_rng(0)
     chosen, rejected = rng.normal(scale=5.0, size=(2, 32))
