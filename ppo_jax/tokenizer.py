@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from collections.abc import Iterable
@@ -56,6 +57,11 @@ def load_tokenizer(folder: str | os.PathLike, *, padding_side: str = "left") -> 
   # Checked first: from a folder of a config.json alone, transformers builds an empty tokenizer
   # (one token), which would sample nothing but empty responses.
   folder = pathlib.Path(tokenizer_folder(folder))
+  config = folder / "config.json"  # transformers reads it too; its error would blame the tokenizer
+  try:
+    json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{config}: not valid JSON ({e})") from None
   try:
     tok = AutoTokenizer.from_pretrained(
       str(folder), local_files_only=True, trust_remote_code=False, padding_side=padding_side

@@ -63,3 +63,10 @@ def test_a_damaged_tokenizer_is_one_line_naming_its_folder(tmp_path):
   (tmp_path / "tokenizer.json").write_text("{}")
   with pytest.raises(ValueError, match=rf"^{tmp_path}: cannot load its tokenizer \("):
     load_tokenizer(tmp_path)
+  # A sound tokenizer beside a damaged config.json (which transformers reads too): the config
+  # is named, not the tokenizer.
+  build_word_tokenizer(["a", "b"]).save_pretrained(tmp_path)
+  load_tokenizer(tmp_path)
+  (tmp_path / "config.json").write_text('{"model_type": "gpt2",')
+  with pytest.raises(ValueError, match=rf"^{tmp_path / 'config.json'}: not valid JSON \(Expect"):
+    load_tokenizer(tmp_path)
