@@ -239,18 +239,22 @@ class Checkpointer:
     defaults: dict | None = None,
     *,
     only: tuple[str, ...] | None = None,
+    start_over: Callable[[list[str]], str] | None = None,
   ) -> dict[str, Any]:
     """The latest checkpoint's record, after refusing (one ValueError line) one whose config
     differs from ``config`` in a field that matters (``config_differences``) and (unless
     ``iterations`` is None) one past step ``iterations`` (the run would do nothing). Reads the
-    record only: a run calls it before writing anything, and ``resume`` calls it again."""
+    record only: a run calls it before writing anything, and ``resume`` calls it again.
+    ``start_over``: the refusal's last words, from the differing fields' names (what to delete
+    to run this config there)."""
     step = self.latest_step()
     saved_record = self.record(step)
     diffs = config_differences(saved_record.get("config", {}), config, defaults=defaults, only=only)
     if diffs:
+      fields = [d.split(":")[0] for d in diffs]
       raise ValueError(
         f"{self.directory} holds checkpoints of a different config ({'; '.join(diffs)}); use a"
-        " new workdir or the original config"
+        f" new workdir or the original config{start_over(fields) if start_over else ''}"
       )
     if iterations is not None:
       self.check_step(step, iterations)

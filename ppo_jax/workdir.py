@@ -276,16 +276,32 @@ def check_workdir(
       with checkpoint.Checkpointer(folder, s.checkpoint) as ckpt:
         if ckpt.latest_step() is None:
           continue
+        start_over = _start_over(workdir, folder, config)
         if prefix:
           only = stage_checkpoints.stage_fields(prefix[:-1], config)
-          saved = ckpt.check_config(config, None, defaults, only=only)
+          saved = ckpt.check_config(config, None, defaults, only=only, start_over=start_over)
           if stage == "dpo" and "rows" in saved:  # fewer dpo.epochs than done: before SFT too
             steps = s.dpo.steps(saved["rows"])
             ckpt.check_step(ckpt.latest_step(), steps, s.dpo.steps_said(saved["rows"], "dpo"))
         else:
-          saved = ckpt.check_config(config, s.ppo_run.iterations, defaults)
+          saved = ckpt.check_config(config, s.ppo_run.iterations, defaults, start_over=start_over)
       if stage != "sft":  # and the SFT policy they started from, before SFT trains again
         _check_sft_start(saved, folder, workdir, sft_trains=trained["sft"])
+
+
+def _start_over(workdir: pathlib.Path, folder: pathlib.Path, config: dict):
+  """A refusal's hint: delete ``folder`` and the finished stages (``sft/``, ``reward_model/``)
+  whose fields are among the differing ones, which the new config would refuse next."""
+
+  def hint(fields: list[str]) -> str:
+    stale = [folder]
+    for stage, out in (("sft", "sft"), ("rm", "reward_model")):
+      reads = stage_checkpoints.stage_fields(stage, config)
+      if has_model_folder(workdir / out) and any(f.startswith(reads) for f in fields):
+        stale.append(workdir / out)
+    return f", or delete {' and '.join(map(str, stale))} to train again under this one"
+
+  return hint
 
 
 def _check_sft_start(saved: dict, folder: pathlib.Path, workdir: pathlib.Path, *, sft_trains):

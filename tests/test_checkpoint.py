@@ -370,7 +370,18 @@ def test_checkpoint_of_a_different_config_is_refused_before_anything_is_written(
   with pytest.raises(ValueError, match=r"different config \(ppo\.kl_coef: 0\.1 → 0\.2\)") as e:
     pipeline.run(smoke_config(ppo__kl_coef=0.2), workdir)
   assert "\n" not in str(e.value)
+  assert str(e.value).endswith(f"or delete {workdir / 'checkpoints'} to train again under this one")
   _unchanged(workdir, before)  # config.json, the metrics, the checkpoints; no data/ made
+  # A field the finished stages read too: those are named, all the new config would refuse.
+  with pytest.raises(ValueError, match=r"different config \(sft\.optim\.lr: 0\.01 → 0\.002") as e:
+    pipeline.run(smoke_config(sft__optim__lr=0.002), workdir)
+  stale = " and ".join(str(workdir / d) for d in ("checkpoints", "sft", "reward_model"))
+  assert str(e.value).endswith(f"or delete {stale} to train again under this one")
+  with pytest.raises(ValueError, match=r"different config \(rm\.epochs: 4\.0 → 2\.0") as e:
+    pipeline.run(smoke_config(rm__epochs=2.0), workdir)
+  stale = " and ".join(str(workdir / d) for d in ("checkpoints", "reward_model"))
+  assert str(e.value).endswith(f"or delete {stale} to train again under this one")
+  _unchanged(workdir, before)
 
 
 def test_noresume_refuses_a_workdir_with_checkpoints(smoke_run, tmp_path):
