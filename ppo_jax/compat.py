@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ppo_jax.models import ModelConfig
-from ppo_jax.models.hf import checkpoint_kind, load_hf_config
+from ppo_jax.models.hf import check_one_score, checkpoint_kind, load_hf_config
 from ppo_jax.token_edges import turn_end_id
 from ppo_jax.tokenizer import has_tokenizer, load_tokenizer, same_ids
 
@@ -106,6 +106,11 @@ def check_reward_model(
       f"{what}: {folder} is not a reward model (architectures "
       f"{architectures}; expected a *ForSequenceClassification with its score head)"
     )
+  try:  # an architecture ppo_jax runs, and one score
+    check_one_score(hf_config)
+    ModelConfig.from_hf(hf_config)
+  except ValueError as e:
+    raise ValueError(f"{what} {folder}: {e}") from None
   check_same_ids(
     folder, tokenizer, tokenizer_folder, what=what, why="a reward model reads the ids of its own"
   )

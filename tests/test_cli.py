@@ -451,9 +451,9 @@ def test_a_model_folder_of_the_wrong_kind_is_refused_before_sft(
 def test_a_reward_model_that_cannot_read_the_run_is_refused_before_anything_is_written(
   smoke_run, tmp_path
 ):
-  """A reward model with a tokenizer of other ids, or too few positions for the run's sequences:
-  refused before the workdir is made (they were found once config.json and the task's data
-  were written)."""
+  """A reward model with a tokenizer of other ids, too few positions for the run's sequences,
+  several labels or an architecture ppo_jax does not run: refused before the workdir is made
+  (they were found once config.json and the task's data were written, or after SFT)."""
   import json
   import shutil
 
@@ -468,9 +468,16 @@ def test_a_reward_model_that_cannot_read_the_run_is_refused_before_anything_is_w
   short = shutil.copytree(w / "reward_model", tmp_path / "short")
   config = json.loads((short / "config.json").read_text())
   (short / "config.json").write_text(json.dumps({**config, "n_positions": 8}))
+  # Two labels, or an architecture ppo_jax does not run: found when loaded, after SFT, before.
+  two = shutil.copytree(w / "reward_model", tmp_path / "two_labels")
+  (two / "config.json").write_text(json.dumps({**config, "id2label": {"0": "a", "1": "b"}}))
+  neox = shutil.copytree(w / "reward_model", tmp_path / "neox")
+  (neox / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
   for folder, expected in (
     (other, f"config.reward.model: {other}: its tokenizer gives other ids to the tokens"),
     (short, "exceeds the reward model's 8 positions"),
+    (two, f"config.reward.model {two}: a classifier of num_labels=2; a reward model gives one"),
+    (neox, f"config.reward.model {neox}: unsupported architecture 'gpt_neox'"),
   ):
     code, _, err = _cli(
       f"--config={EXPERIMENT}:smoke",

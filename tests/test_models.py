@@ -265,6 +265,28 @@ def test_saving_a_reward_model_whose_pad_is_its_eos_or_none_warns(tmp_path):
     pj.models.save_pretrained(pj.models.RewardModel(apart, rngs=nnx.Rngs(0)), tmp_path / "rm2")
 
 
+def test_loading_a_reward_model_whose_pad_is_its_eos_warns_and_one_of_two_labels_is_refused(
+  tmp_path,
+):
+  """Said on load too (a Hugging Face reward model of pad == EOS scores other tokens in
+  transformers); a classifier of two labels is not a reward model (its misshaped score head was
+  blamed on config.json's missing keys)."""
+  import json
+
+  kw = dict(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16)
+  same = ModelConfig.gpt2(**kw, eos_token_id=1, pad_token_id=1)
+  with pytest.warns(UserWarning, match="pad and EOS share id 1"):
+    pj.models.save_pretrained(pj.models.RewardModel(same, rngs=nnx.Rngs(0)), tmp_path / "rm")
+  with pytest.warns(UserWarning, match=r"rm: pad and EOS share id 1; .* differ from transformers'"):
+    pj.models.from_pretrained(tmp_path / "rm")
+  config = json.loads((tmp_path / "rm" / "config.json").read_text())
+  (tmp_path / "rm" / "config.json").write_text(
+    json.dumps({**config, "pad_token_id": 0, "id2label": {"0": "bad", "1": "good"}})
+  )
+  with pytest.raises(ValueError, match=r"rm: a classifier of num_labels=2; a reward model gives"):
+    pj.models.from_pretrained(tmp_path / "rm")
+
+
 def test_value_model_from_a_causal_lm_gets_a_fresh_head(checkpoints):
   folder, _ = checkpoints["llama3"]
   critic = pj.models.from_pretrained(folder, kind="value", zero_init_head=True)

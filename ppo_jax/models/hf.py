@@ -149,6 +149,13 @@ def load_hf_config(folder: str | os.PathLike) -> Any:
     raise ValueError(f"{folder}/config.json: {type(e).__name__}: {e}") from None
 
 
+def check_one_score(hf_config: Any) -> None:
+  """Refuses a sequence classifier of several labels: a reward model gives one score."""
+  labels = getattr(hf_config, "num_labels", 1)
+  if labels != 1:
+    raise ValueError(f"a classifier of num_labels={labels}; a reward model gives one score")
+
+
 def from_pretrained(
   path: str | os.PathLike,
   *,
@@ -196,6 +203,18 @@ def from_pretrained(
     raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
   if stored_kind == "reward" and kind == "causal_lm":
     raise ValueError(f"{folder}: holds a sequence-classification model; it has no LM head")
+  if stored_kind == "reward":
+    try:
+      check_one_score(hf_config)
+    except ValueError as e:
+      raise ValueError(f"{folder}: {e}") from None
+    if cfg.pad_token_id is not None and cfg.pad_token_id in cfg.stop_ids:
+      warnings.warn(
+        f"{folder}: pad and EOS share id {cfg.pad_token_id}; transformers' sequence classifier "
+        "reads the score at the last non-pad token (before a final EOS), ppo_jax at the last "
+        "real one (the EOS): scores of responses that end with EOS differ from transformers'",
+        stacklevel=2,
+      )
   fresh_head = stored_kind == "causal_lm" and kind != "causal_lm"
 
   tensors = read_safetensors(folder)
