@@ -48,51 +48,9 @@ from ppo_jax.file_batches import batch_order, batch_rows, logprob_scorer, rm_sco
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
 from ppo_jax.rewards import call_reward_fn, load_reward_fn, load_reward_fns
+from ppo_jax.sampler_settings import sampling_settings
 from ppo_jax.sampling import generate, row_keys
 from ppo_jax.tokenizer import load_tokenizer, tokenizer_folder
-
-
-def sampling_settings(
-  folder: str | pathlib.Path, temperature=None, top_p=None, top_k=None, *, greedy: bool = False
-) -> dict[str, Any]:
-  """``temperature``, ``top_p``, ``top_k`` and ``greedy`` as given, else as the folder's
-  ``generation_config.json`` sets them, else sampling at 1.0, 1.0 and 0 (no filter;
-  transformers' own default is 50, vLLM's none). The file's ``do_sample: false``, or its
-  temperature of 0, mean greedy unless a sampling flag is given; a file without ``do_sample``
-  samples (transformers would take the argmax).
-
-  Raises:
-    ValueError: a value of the wrong type or out of range, naming the flag or the file.
-  """
-  file = read_generation_config(folder) or {}
-  where = f"{pathlib.Path(folder) / 'generation_config.json'}"
-  chosen = {}
-  for name, given, default, ok, expected in (
-    ("temperature", temperature, 1.0, lambda t: t >= 0, "≥ 0 (0: greedy)"),
-    ("top_p", top_p, 1.0, lambda p: 0 < p <= 1, "in (0, 1]"),
-    ("top_k", top_k, 0, lambda k: k >= 0, "≥ 0"),
-  ):
-    flag = "--" + name.replace("_", "-")
-    value, source = given, flag
-    if value is None and file.get(name) is not None:
-      value, source = file[name], f"{where}'s {name} ({flag} to override)"
-    value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise ValueError(f"{source}: {value!r} is not a number")
-    if not ok(value) or (source == "--temperature" and value == 0):
-      raise ValueError(
-        f"{source}: {value} must be {'> 0 (--greedy)' if source == '--temperature' else expected}"
-      )
-    chosen[name] = type(default)(value)
-  asked = any(v is not None for v in (temperature, top_p, top_k))
-  greedy_from = None
-  if not greedy and not asked and (file.get("do_sample") is False or chosen["temperature"] == 0):
-    greedy, greedy_from = True, where  # the file's own choice
-  if not greedy and chosen["temperature"] == 0:
-    raise ValueError(f"{where}'s temperature 0 means greedy decoding: give --temperature to sample")
-  if greedy:
-    chosen["temperature"] = 1.0  # for the log-probs only: the argmax does not read it
-  return {**chosen, "greedy": greedy, "greedy_from": greedy_from}
 
 
 def load_reward_model(

@@ -12,7 +12,7 @@ import pytest
 import tiny_hf
 import torch
 
-from ppo_jax import inference
+from ppo_jax import inference, sampler_settings
 from ppo_jax.main import cli
 from ppo_jax.tokenizer import build_word_tokenizer, load_tokenizer
 
@@ -168,7 +168,7 @@ def test_best_of_n_and_a_reward_function(folders, tmp_path):
 
 
 def test_sampling_settings_default_to_the_checkpoints(tmp_path):
-  settings = lambda **kw: inference.sampling_settings(tmp_path, **kw)
+  settings = lambda **kw: sampler_settings.sampling_settings(tmp_path, **kw)
   plain = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "greedy": False, "greedy_from": None}
   assert settings() == plain
   config = tmp_path / "generation_config.json"
@@ -194,6 +194,18 @@ def test_sampling_settings_default_to_the_checkpoints(tmp_path):
       settings()
   with pytest.raises(ValueError, match=r"^--temperature: 0 must be > 0 \(--greedy\)"):
     settings(temperature=0)
+  # What transformers' generate would apply and ppo_jax's sampler does not: said, each named.
+  config.write_text(
+    json.dumps({"do_sample": False, "repetition_penalty": 1.5, "num_beams": 1, "max_length": 9})
+  )
+  with pytest.warns(UserWarning, match=r"does not apply repetition_penalty=1\.5, max_length=9 \("):
+    assert settings()["greedy"]
+  import warnings
+
+  config.write_text(json.dumps({"repetition_penalty": 1.0, "max_length": 9, "max_new_tokens": 4}))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # neutral values, and max_new_tokens read before max_length
+    settings()
 
 
 def test_bad_input_is_one_line(folders, tmp_path, capsys):
