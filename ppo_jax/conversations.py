@@ -58,7 +58,7 @@ def messages(value: Any, where: str, field: str) -> list[Message]:
   if not isinstance(value, list) or not value:
     raise DataError(f"{where}: field {field!r} must be a string or a non-empty list of messages")
   out = []
-  for i, m in enumerate(value, 1):
+  for i, m in enumerate(value):  # [i]: 0-based, as JSON's and Python's readers count
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
       raise DataError(f"{where}: {field}[{i}] must be an object with a string 'role'")
     content = m.get("content")
@@ -75,12 +75,12 @@ def messages(value: Any, where: str, field: str) -> list[Message]:
 
 def _text_parts(parts: list, where: str, field: str) -> str:
   """The text of ``[{"type": "text", "text": ...}, ...]`` content, joined."""
-  for j, part in enumerate(parts, 1):
+  for j, part in enumerate(parts):
     if not (isinstance(part, dict) and part.get("type") == "text"):
       kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-      raise DataError(f"{where}: {field} content part {j} is {kind!r}; only text parts are read")
+      raise DataError(f"{where}: {field}.content[{j}] is {kind!r}; only text parts are read")
     if not isinstance(part.get("text"), str):
-      raise DataError(f"{where}: {field} content part {j} must have a string 'text'")
+      raise DataError(f"{where}: {field}.content[{j}] must have a string 'text'")
   return "".join(part["text"] for part in parts)
 
 
@@ -97,7 +97,7 @@ def sharegpt(value: Any, where: str) -> list[Message]:
   if not isinstance(value, list) or not value:
     raise DataError(f"{where}: field 'conversations' must be a non-empty list of turns")
   turns = []
-  for i, turn in enumerate(value, 1):
+  for i, turn in enumerate(value):
     if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)):
       raise DataError(f"{where}: conversations[{i}] must be an object with a string 'from'")
     role = SHAREGPT_ROLES.get(turn["from"], turn["from"])
@@ -207,8 +207,24 @@ def preference_row(row: dict, where: str) -> tuple[Prompt, str, str]:
   if not all(isinstance(v, (str, list)) for v in (chosen, rejected)):
     kinds = f"{type(chosen).__name__} and {type(rejected).__name__}"
     raise DataError(f"{where}: 'chosen' and 'rejected' must be texts or conversations, got {kinds}")
+  for field, v in (("chosen", chosen), ("rejected", rejected)):
+    if v == []:
+      raise DataError(f"{where}: '{field}' is an empty list; expected a text or messages")
   # A whole conversation, not one assistant message: the prompt is the pair's shared start.
-  whole = lambda v: is_conversation(v) and v != [] and (len(v) > 1 or _role(v[0]) != "assistant")
+  whole = lambda v: is_conversation(v) and (len(v) > 1 or _role(v[0]) != "assistant")
+  if whole(chosen) != whole(rejected) and is_conversation(chosen) and is_conversation(rejected):
+    (full, n), lone = (
+      (("chosen", len(chosen)), "rejected")
+      if whole(chosen)
+      else (
+        ("rejected", len(rejected)),
+        "chosen",
+      )
+    )
+    raise DataError(
+      f"{where}: '{full}' holds {n} messages, '{lone}' one assistant message: give "
+      "both as whole conversations, or each as the assistant's message after 'prompt'"
+    )
   if whole(chosen) or whole(rejected):
     if not (is_conversation(chosen) and is_conversation(rejected)):
       raise DataError(f"{where}: one of 'chosen' and 'rejected' is a conversation, the other not")

@@ -122,8 +122,8 @@ def nothing_to_do(s: Settings, workdir: pathlib.Path, done: dict, config: dict) 
   ``config`` (as JSON; only fields that change no result, or ``finished_summary`` would not have
   found it finished), and how to train on."""
   more = (
-    "to train longer, use a new workdir with more dpo.epochs (a resume cannot change them: the "
-    "learning-rate schedule spans them)"
+    "to train longer, raise dpo.epochs (the run goes on from its last checkpoint, its decaying "
+    "learning-rate schedule stretched to the new end), or use a new workdir"
     if s.algo == "dpo"
     else "to train on, raise ppo.iterations, or use a new workdir"
   )

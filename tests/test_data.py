@@ -317,12 +317,12 @@ def test_prompt_conversations_read_as_the_template_writes_them(tmp_path):
     (
       "prompts",
       {"prompt": [{"role": "user"}]},
-      r"prompt\[1\] \(user\) must have a string 'content'",
+      r"prompt\[0\] \(user\) must have a string 'content'",  # 0-based, as JSON's readers count
     ),
     (
       "prompts",
       {"prompt": [{"content": "good"}]},
-      r"prompt\[1\] must be an object with a string 'role'",
+      r"prompt\[0\] must be an object with a string 'role'",
     ),
     (
       "prompts",
@@ -357,6 +357,12 @@ def test_prompt_conversations_read_as_the_template_writes_them(tmp_path):
       {"prompt": "good", "chosen": [BOT("a"), BOT("b")], "rejected": "bad"},
       r"one of 'chosen' and 'rejected' is a conversation, the other not",
     ),
+    (  # the valid side was blamed: "rejected must end with an assistant message after ..."
+      "pairs",
+      {"prompt": [USER("good")], "chosen": [BOT("a"), BOT("b")], "rejected": [BOT("bad")]},
+      r"'chosen' holds 2 messages, 'rejected' one assistant message: give both as whole",
+    ),
+    ("pairs", {"chosen": [], "rejected": [BOT("bad")]}, r"'chosen' is an empty list; expected"),
   ],
 )
 def test_bad_conversations_are_named_with_their_line(tmp_path, loader, row, message):
@@ -427,11 +433,11 @@ def test_the_shapes_of_common_hub_datasets(tmp_path):
     ),
     (
       {"messages": [{"role": "user", "content": [{"type": "image"}]}, BOT("a")]},
-      r"messages\[1\] content part 1 is 'image'; only text parts are read",
+      r"messages\[0\]\.content\[0\] is 'image'; only text parts are read",
     ),
     (
       {"conversations": [{"value": "good"}]},
-      r"conversations\[1\] must be an object with a string 'from'",
+      r"conversations\[0\] must be an object with a string 'from'",
     ),
   ],
 )

@@ -443,7 +443,9 @@ def test_dpo_with_lora_trains_adapters_over_the_sft_policy(smoke_run, tmp_path, 
   # last step, nothing trained. (Only logging changed: nothing to do, not even a resume.)
   config.log.samples_every = config.log.samples_every + 1
   pipeline.run(config, workdir)
-  assert "holds the finished run of this very config: nothing to do" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "holds the finished run of this very config: nothing to do" in out
+  assert "to train longer, raise dpo.epochs (the run goes on from its last checkpoint" in out
   config.dpo.eval_every = config.dpo.eval_every + 1
   pipeline.run(config, workdir)
   assert "resuming from the checkpoint of step 61" in capsys.readouterr().out
