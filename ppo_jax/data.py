@@ -215,16 +215,22 @@ def _encode_rendered(
       f"note: {source}: {empty} of {len(texts)} prompts have no tokens (empty, and the tokenizer "
       "adds no BOS): the model reads only padding before their responses"
     )
+  note_unknown(tokenizer, encoded, source, "prompts")
+  return ids, mask
+
+
+def note_unknown(tokenizer: Any, encoded: Sequence[Sequence[int]], source: str, what: str):
+  """Prints how many of the ``encoded`` texts hold the tokenizer's unknown token (text it does
+  not know: an emoji for a word-level vocabulary), if any."""
   unk = getattr(tokenizer, "unk_token_id", None)
   special = {getattr(tokenizer, f"{k}_token_id", None) for k in ("eos", "bos", "pad")}
   if unk in special:  # GPT-2's unknown token is its EOS: an id a template may write
-    unk = None
+    return
   if unknown := 0 if unk is None else sum(unk in toks for toks in encoded):
     print(
-      f"{source}: {unknown} of {len(texts)} prompts hold text the tokenizer does not know (read "
+      f"{source}: {unknown} of {len(encoded)} {what} hold text the tokenizer does not know (read "
       f"as {tokenizer.unk_token})"
     )
-  return ids, mask
 
 
 def encode_responses(
@@ -238,6 +244,7 @@ def encode_responses(
 
 def _response_tokens(tokenizer: Any, texts: Sequence[str], layout: Layout, source: str):
   tokens = token_edges.response_tokens(tokenizer, texts, source)
+  note_unknown(tokenizer, tokens, source, "responses")
   return token_edges.with_eos(tokens, layout.eos_id, tokenizer, source)
 
 

@@ -82,6 +82,10 @@ def test_long_prompt_is_refused_or_keeps_its_end(capsys):
   assert capsys.readouterr().out == (
     f"p.jsonl: 2 of 3 prompts hold text the tokenizer does not know (read as {TOK.unk_token})\n"
   )
+  data.encode_responses(TOK, ["good zebra", "good"], LAYOUT, source="s.jsonl")  # responses too
+  assert capsys.readouterr().out == (
+    f"s.jsonl: 1 of 2 responses hold text the tokenizer does not know (read as {TOK.unk_token})\n"
+  )
   ids, mask = data.encode_prompts(TOK, ["good", "", ""], LAYOUT, source="p.jsonl")
   assert mask.sum(1).tolist() == [1, 0, 0] and capsys.readouterr().out == (
     "note: p.jsonl: 2 of 3 prompts have no tokens (empty, and the tokenizer adds no BOS): the "
