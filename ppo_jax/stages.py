@@ -18,6 +18,7 @@ from ppo_jax import sharding as shd
 from ppo_jax.checkpoint import holds_checkpoints
 from ppo_jax.compat import check_compatible, check_reward_model, has_model_folder
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, from_pretrained, save_pretrained
+from ppo_jax.models.hf import load_hf_config
 from ppo_jax.models.layers import LoRAParam
 from ppo_jax.models.lora import add_lora, check_targets
 from ppo_jax.rewards import load_reward_fn
@@ -134,6 +135,12 @@ def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
   if m.init != "scratch":
     policy = from_pretrained(m.init, **m.numerics())
     policy.cfg = _tokenizer_ids(_stops_at(policy.cfg, end), tokenizer, m.init)
+    stored = str(getattr(load_hf_config(m.init), "dtype", None) or "").removeprefix("torch.")
+    if stored in ("bfloat16", "float16") and m.param_dtype_or() == "float32":
+      print(
+        f"note: {m.init} holds {stored} weights; they train and are saved in float32 (twice "
+        f"the size): config.model.dtype={stored} (or model.param_dtype alone) keeps {stored}"
+      )
   else:
     cfg = m.scratch_config(
       len(tokenizer),

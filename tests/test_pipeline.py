@@ -601,16 +601,17 @@ def test_the_tokenizers_special_ids_are_used_and_saved(smoke_run, tmp_path, caps
   shutil.copytree(smoke_run[0] / "sft", folder)
   hf_config = json.loads((folder / "config.json").read_text())
   (folder / "config.json").write_text(
-    json.dumps({**hf_config, "eos_token_id": 7, "pad_token_id": 9})
+    json.dumps({**hf_config, "eos_token_id": 7, "pad_token_id": 9, "dtype": "bfloat16"})
   )
   tok = load_tokenizer(smoke_run[0] / "data" / "tokenizer")
   assert (tok.eos_token_id, tok.pad_token_id) == (1, 0)
 
   settings = Settings.from_config(smoke_config(model__init=str(folder)))
   policy = stages.init_policy(settings, tok, max_len=16)
-  assert "config.json has EOS id 7 and pad id 9, the tokenizer EOS 1 and pad 0" in (
-    capsys.readouterr().out
-  )
+  out = capsys.readouterr().out
+  assert "config.json has EOS id 7 and pad id 9, the tokenizer EOS 1 and pad 0" in out
+  # A bfloat16 checkpoint under the default float32: twice the size on disk, said.
+  assert f"note: {folder} holds bfloat16 weights; they train and are saved in float32" in out
   cfg = policy.cfg
   assert (cfg.eos_token_id, cfg.extra_eos_token_ids, cfg.pad_token_id) == (1, (7,), 0)
   # Id 7 is a word of this tokenizer: responses would end at it, which the run notes.
