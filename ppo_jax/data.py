@@ -383,6 +383,8 @@ def load_preferences(
   )
   if good == bad:
     raise DataError(f"{path}: every pair has chosen == rejected: no pair prefers one response")
+  if ties := sum(g == b for g, b in zip(good, bad, strict=True)):
+    print(f"note: {path}: {ties} of {len(good)} pairs have chosen == rejected (no preference)")
   prompt_arrays = encode_prompts(
     tokenizer, prompts, layout, source=str(path), fit=fit, places=places
   )

@@ -592,13 +592,15 @@ def test_holdout_split_keeps_each_prompt_on_one_side(capsys):
   assert g[0] == g[1] and len(set(g.tolist())) == 3  # row 2: a real 0 where 0, 1 pad
 
 
-def test_preferences_with_no_preference_are_refused(tmp_path):
+def test_preferences_with_no_preference_are_refused(tmp_path, capsys):
   same = [{"prompt": "good", "chosen": "film", "rejected": "film"}] * 2
   with pytest.raises(data.DataError, match=r"every pair has chosen == rejected"):
     data.load_preferences(_jsonl(tmp_path / "pairs.jsonl", same), TOK, LAYOUT)
   one_tie = [*same[:1], {"prompt": "good", "chosen": "film", "rejected": "bad plot"}]
   chosen, rejected = data.load_preferences(_jsonl(tmp_path / "p2.jsonl", one_tie), TOK, LAYOUT)
-  assert len(chosen) == len(rejected) == 2  # a tie among real pairs is harmless
+  assert len(chosen) == len(rejected) == 2  # a tie among real pairs is harmless, and noted
+  assert capsys.readouterr().out.endswith("p2.jsonl: 1 of 2 pairs have chosen == rejected (no "
+                                          "preference)\n")  # fmt: skip
 
 
 def test_the_templates_own_variables_reach_it():
