@@ -65,9 +65,9 @@ def rm_eval(argv: list[str]) -> int:
   p.add_argument("--pairs", required=True, help="JSONL preference file (any accepted form)")
   p.add_argument("--out", help="JSONL file for per-pair scores (must not exist)")
   p.add_argument("--tokenizer", help="tokenizer folder (default: --reward-model)")
-  p.add_argument("--batch-size", type=int, default=16, help="pairs per forward (16)")
-  p.add_argument("--max-prompt-len", type=int, help="default: the model's positions left")
-  p.add_argument("--max-response-len", type=int, help="responses cut here (half the positions)")
+  p.add_argument("--batch-size", type=count, default=16, help="pairs per forward (16)")
+  p.add_argument("--max-prompt-len", type=count, help="default: the model's positions left")
+  p.add_argument("--max-response-len", type=count, help="responses cut here (half the positions)")
   add_prompt_flags(p)
   from ppo_jax.rm_eval import evaluate_pairs
 
@@ -85,10 +85,10 @@ def sample(argv: list[str]) -> int:
   p.add_argument("--model", required=True, help="causal-LM folder (WORKDIR/policy, an export)")
   p.add_argument("--prompts", required=True, help="JSONL prompts (or SFT or preference) file")
   p.add_argument("--out", required=True, help="JSONL file to write (must not exist)")
-  p.add_argument("--n", type=int, default=1, help="responses per prompt (default 1)")
+  p.add_argument("--n", type=count, default=1, help="responses per prompt (default 1)")
   p.add_argument(
     "--max-new-tokens",
-    type=int,
+    type=count,
     help="response length cap (the model's generation_config.json max_new_tokens, else 64; at "
     "most half the positions of model and reward model)",
   )
@@ -107,8 +107,8 @@ def sample(argv: list[str]) -> int:
   p.add_argument("--top-p", type=float, help="default: generation_config.json's, else 1")
   p.add_argument("--top-k", type=int, help="default: generation_config.json's, else 0 (all)")
   p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-  p.add_argument("--batch-size", type=int, default=16, help="rows per sampler call (16)")
-  p.add_argument("--max-prompt-len", type=int, help="default: the model's positions left")
+  p.add_argument("--batch-size", type=count, default=16, help="rows per sampler call (16)")
+  p.add_argument("--max-prompt-len", type=count, help="default: the model's positions left")
   add_prompt_flags(p)
   p.add_argument(
     "--seed", type=int, default=0, help="the same seed samples the same file, any batch size (0)"
@@ -139,6 +139,17 @@ FLAG_FIELDS = (
   "chat_template_kwargs", "chat_template", "system_prompt", "max_prompt_len",
   "max_response_len", "prompt_overflow",
 )  # fmt: skip
+
+
+def count(text: str) -> int:
+  """An argparse type: an int ≥ 1 (a bad one is a flag error, exit status 2)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+  return value
 
 
 def run_command(parser, fn, argv: list[str]) -> int:

@@ -266,11 +266,15 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
       "--prompt-overflow=truncate)",
     ),
     ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=x"], 2, "argument --n: invalid int"),
-    ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=0"], 1, "--n must be ≥ 1, got 0"),
+    (  # a flag's value out of range is a flag error, as one that does not parse
+      [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=0"],
+      2,
+      "argument --n: must be ≥ 1, got 0",
+    ),
     (  # 0 read as "the default", -3 blamed --max-new-tokens
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--max-prompt-len=0"],
-      1,
-      "--max-prompt-len must be ≥ 1, got 0",
+      2,
+      "argument --max-prompt-len: must be ≥ 1, got 0",
     ),
     ([f"--model={tmp_path / 'nope'}", f"--out={tmp_path / 'o'}"], 1, "nope: no such folder"),
     (  # a workdir, which holds the policy in policy/
