@@ -96,7 +96,9 @@ def sample(argv: list[str]) -> int:
   p.add_argument(
     "--reward-fn", help="package.module:function to score with (several: a:f,b:g, summed)"
   )
-  p.add_argument("--reward-weights", help="one weight per --reward-fn function: 1,0.5")
+  p.add_argument(
+    "--reward-weights", help="one weight per --reward-fn function: --reward-weights=1,-0.5"
+  )
   p.add_argument("--gold-fn", help="package.module:function that judges (best-of-n picks by score)")
   p.add_argument(
     "--ref-model",

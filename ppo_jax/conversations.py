@@ -212,18 +212,16 @@ def preference_row(row: dict, where: str) -> tuple[Prompt, str, str]:
       raise DataError(f"{where}: '{field}' is an empty list; expected a text or messages")
   # A whole conversation, not one assistant message: the prompt is the pair's shared start.
   whole = lambda v: is_conversation(v) and (len(v) > 1 or _role(v[0]) != "assistant")
-  if whole(chosen) != whole(rejected) and is_conversation(chosen) and is_conversation(rejected):
-    (full, n), lone = (
-      (("chosen", len(chosen)), "rejected")
-      if whole(chosen)
-      else (
-        ("rejected", len(rejected)),
-        "chosen",
-      )
-    )
+  sides = {"chosen": chosen, "rejected": rejected}
+  # Both lists of messages with roles (other problems are named where the messages are read),
+  # one a whole conversation, the other its last message alone.
+  with_roles = lambda v: is_conversation(v) and all(isinstance(_role(m), str) for m in v)
+  if whole(chosen) != whole(rejected) and all(map(with_roles, sides.values())):
+    full, lone = ("chosen", "rejected") if whole(chosen) else ("rejected", "chosen")
     raise DataError(
-      f"{where}: '{full}' holds {n} messages, '{lone}' one assistant message: give "
-      "both as whole conversations, or each as the assistant's message after 'prompt'"
+      f"{where}: '{full}' is a conversation (roles {[_role(m) for m in sides[full]]}), '{lone}' "
+      "one assistant message: give both as whole conversations, or each as the assistant's "
+      "message after 'prompt'"
     )
   if whole(chosen) or whole(rejected):
     if not (is_conversation(chosen) and is_conversation(rejected)):

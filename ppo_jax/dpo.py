@@ -26,7 +26,7 @@ from ppo_jax.actor_critic import ActorCritic, merge, policy_logits
 from ppo_jax.data import Sequences
 from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.logprobs import token_logprobs
-from ppo_jax.masking import masked_sum
+from ppo_jax.masking import masked_count, masked_sum
 from ppo_jax.models import CausalLM
 from ppo_jax.models.lora import merge_lora
 from ppo_jax.preference import DPO_LOSSES, dpo_loss
@@ -67,7 +67,9 @@ def dpo_objective(
   params, graphdef, batch, *, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid"
 ):
   """``dpo_loss`` of a batch of pairs: chosen and rejected in one forward of 2B rows. IPO's
-  log-probabilities (policy and reference) are averaged over each response's tokens."""
+  log-probabilities (policy and reference) are averaged over each response's tokens; its metrics
+  but the loss (the implicit rewards, their margin, the accuracy) come from the sums, as every
+  loss's do, so that they compare across losses."""
   B = batch["chosen_ids"].shape[0]
   both = {
     k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
@@ -75,12 +77,16 @@ def dpo_objective(
   }
   logp = sequence_logprobs(graphdef, params, both["ids"], both["mask"], both["response_mask"])
   ref = jnp.concatenate([batch["ref_chosen"], batch["ref_rejected"]])
-  if loss == "ipo":
-    tokens = jnp.maximum(both["response_mask"].sum(-1), 1).astype(logp.dtype)
-    logp, ref = logp / tokens, ref / tokens
-  return dpo_loss(
-    logp[:B], logp[B:], ref[:B], ref[B:], beta=beta, label_smoothing=label_smoothing, kind=loss
+  summed = lambda kind: dpo_loss(
+    logp[:B], logp[B:], ref[:B], ref[B:], beta=beta, label_smoothing=label_smoothing, kind=kind
   )
+  if loss != "ipo":
+    return summed(loss)
+  tokens = jnp.maximum(masked_count(both["response_mask"], axis=-1), 1.0).astype(logp.dtype)
+  lp, rf = logp / tokens, ref / tokens
+  value, _ = dpo_loss(lp[:B], lp[B:], rf[:B], rf[B:], beta=beta, kind="ipo")
+  _, metrics = summed("sigmoid")
+  return value, {**metrics, "loss": jax.lax.stop_gradient(value)}
 
 
 def pair_batch(pairs: tuple[Sequences, Sequences], ref: tuple[np.ndarray, np.ndarray], idx):

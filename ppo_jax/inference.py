@@ -139,7 +139,9 @@ def sample_file(
       raise ValueError(f"{flag} must be ≥ 1, got {value}")
   if reward_model and reward_fn:
     raise ValueError("give a reward model or a reward function, not both")
-  settings = sampling_settings(model, temperature, top_p, top_k, greedy=greedy)
+  settings = sampling_settings(
+    model, temperature, top_p, top_k, greedy=greedy, max_new_tokens=max_new_tokens
+  )
   if settings["greedy"] and n > 1:
     why = f" ({settings['greedy_from']} says so)" if settings["greedy_from"] else ""
     raise ValueError(

@@ -90,6 +90,8 @@ def config_differences(
       continue
     if name in PATH_FIELDS and same_path(a.get(name), b.get(name)):
       continue
+    if name in ("reward.fn", "reward.weights") and _meaning(a, name) == _meaning(b, name):
+      continue
     if only is not None and not name.startswith(only):
       continue
     if name not in a and name in d and b.get(name) == d[name]:
@@ -107,6 +109,21 @@ def with_paths_resolved(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(value, str) and value != "scratch":
       config[section][key] = str(pathlib.Path(value).expanduser().resolve())
   return config
+
+
+def _meaning(flat: dict[str, Any], name: str) -> object:
+  """``reward.fn`` or ``reward.weights`` as the run reads them: ``"a:f, b:g"`` is
+  ``"a:f,b:g"``, ``"1, 2"`` is ``"1,2"``, and no weights are 1 each."""
+  from ppo_jax.rewards import parse_weights, split_paths
+
+  fn, weights = flat.get("reward.fn"), flat.get("reward.weights")
+  paths = split_paths(fn) if isinstance(fn, str) else []
+  if name == "reward.fn":
+    return tuple(paths) if paths else fn
+  try:
+    return parse_weights(weights) if weights is not None else (1.0,) * len(paths)
+  except ValueError:
+    return weights
 
 
 def same_path(a: object, b: object) -> bool:

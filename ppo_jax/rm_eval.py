@@ -2,9 +2,10 @@
 
 Each pair's chosen and rejected sequences (prompt, response and EOS, as reward-model training
 encodes them) are scored at their last token; the summary is Bradley–Terry's held-out metrics
-(``preference.bradley_terry_loss``: the loss, the accuracy, the fraction with ``s_c > s_r``, and
-the mean margin), what a reward model trained by the pipeline prints for its held-out split (to
-compare the two, pass the run's ``data.max_prompt_len``, ``data.max_response_len``,
+(``preference.bradley_terry_loss``: the loss, the likelihood's alone, the accuracy, the fraction
+with ``s_c > s_r``, and the mean margin), what a reward model trained by the pipeline prints for
+its held-out split (its ``nll``: with ``rm.center_coef`` the run's ``loss`` adds the centering
+term; to compare the two, pass the run's ``data.max_prompt_len``, ``data.max_response_len``,
 ``data.chat_template`` and ``data.system_prompt`` as the flags of those names). A tie (equal
 scores) counts as an error in the accuracy, as in training; ``ties`` says how many there were.
 """

@@ -12,7 +12,13 @@ from ppo_jax.models.hf import read_generation_config
 
 
 def sampling_settings(
-  folder: str | pathlib.Path, temperature=None, top_p=None, top_k=None, *, greedy: bool = False
+  folder: str | pathlib.Path,
+  temperature=None,
+  top_p=None,
+  top_k=None,
+  *,
+  greedy: bool = False,
+  max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
   """``temperature``, ``top_p``, ``top_k`` and ``greedy`` as given, else as the folder's
   ``generation_config.json`` sets them, else sampling at 1.0, 1.0 and 0 (no filter;
@@ -52,7 +58,7 @@ def sampling_settings(
   if greedy:
     chosen["temperature"] = 1.0  # for the log-probs only: the argmax does not read it
   unapplied = {k: v for k, v in file.items() if k in UNAPPLIED and v not in UNAPPLIED[k]}
-  if "max_new_tokens" in file:  # transformers too reads max_new_tokens first
+  if "max_new_tokens" in file or max_new_tokens:  # transformers too reads max_new_tokens first
     unapplied.pop("max_length", None)
   if unapplied:
     said = ", ".join(f"{k}={v!r}" for k, v in unapplied.items())

@@ -749,6 +749,12 @@ def test_config_differences_ignore_what_may_change():
   saved["reward"]["source"] = now["reward"]["source"] = "function"
   now["reward"]["fn"] = None
   assert resume_rules.config_differences(saved, now) == ["reward.fn: 'm:f' → None"]
+  # Several functions and their weights compare as what they mean: spaces, and 1 each unset.
+  saved["reward"].update(fn="m:f,m:g", weights=None)
+  now["reward"].update(fn="m:f, m:g", weights="1, 1.0")
+  assert resume_rules.config_differences(saved, now) == []
+  now["reward"]["weights"] = "1,2"
+  assert resume_rules.config_differences(saved, now) == ["reward.weights: None → '1,2'"]
   # LoRA off: its targets were never read (a typo there, refused now, may be mended on a resume).
   saved, now = ({"ppo": {"lora_rank": r, "lora_targets": t}} for r, t in ((0, "q,x"), (0, "q")))
   assert resume_rules.config_differences(saved, now) == []

@@ -364,7 +364,12 @@ def test_prompt_conversations_read_as_the_template_writes_them(tmp_path):
     (  # the valid side was blamed: "rejected must end with an assistant message after ..."
       "pairs",
       {"prompt": [USER("good")], "chosen": [BOT("a"), BOT("b")], "rejected": [BOT("bad")]},
-      r"'chosen' holds 2 messages, 'rejected' one assistant message: give both as whole",
+      r"'chosen' is a conversation \(roles \['assistant', 'assistant'\]\), 'rejected' one assis",
+    ),
+    (  # a message without a role is named as such, not as the pair's shapes
+      "pairs",
+      {"prompt": "good", "chosen": [{"content": "a"}], "rejected": [BOT("bad")]},
+      r"chosen\[0\] must be an object with a string 'role'",
     ),
     ("pairs", {"chosen": [], "rejected": [BOT("bad")]}, r"'chosen' is an empty list; expected"),
   ],

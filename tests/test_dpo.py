@@ -83,7 +83,11 @@ def test_ipo_averages_each_responses_logprobs_over_its_tokens():
   count = [x.response_mask.sum(-1).astype(np.float64) for x in (chosen, rejected)]
   assert count[0].min() < R  # shorter responses: the averaging has teeth
   for kind, beta in (("ipo", 0.5), ("hinge", 3.0), ("sigmoid", 0.5)):
-    loss, _ = dpo.dpo_objective(policy, graphdef, batch, beta=beta, loss=kind)
+    loss, m = dpo.dpo_objective(policy, graphdef, batch, beta=beta, loss=kind)
+    # The metrics but the loss come from the sums whatever the loss: they compare across losses.
+    beta_h = beta * ((logp[0] - refs[0]) - (logp[1] - refs[1]))
+    assert float(m["reward_margin"]) == pytest.approx(beta_h.mean(), rel=1e-4), kind
+    assert float(m["accuracy"]) == np.mean(beta_h > 0) and float(m["loss"]) == float(loss)
     if kind == "ipo":
       args = (logp[0] / count[0], logp[1] / count[1], refs[0] / count[0], refs[1] / count[1])
     else:

@@ -200,6 +200,8 @@ def test_sampling_settings_default_to_the_checkpoints(tmp_path):
   )
   with pytest.warns(UserWarning, match=r"does not apply repetition_penalty=1\.5, max_length=9 \("):
     assert settings()["greedy"]
+  with pytest.warns(UserWarning, match=r"does not apply repetition_penalty=1\.5 \("):
+    settings(max_new_tokens=4)  # --max-new-tokens: transformers too leaves max_length unread
   import warnings
 
   config.write_text(json.dumps({"repetition_penalty": 1.0, "max_length": 9, "max_new_tokens": 4}))
