@@ -41,7 +41,7 @@ from ppo_jax.optim import (
   schedule_count,
 )
 from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requested
-from ppo_jax.rewards import RewardFn, RewardSum, summed
+from ppo_jax.rewards import RewardError, RewardFn, RewardSum, summed
 from ppo_jax.rows import batch_indices
 from ppo_jax.stage_checkpoints import fingerprint
 from ppo_jax.writers import say
@@ -309,17 +309,27 @@ def run_ppo(
     # group_size responses per prompt, consecutive (1 for PPO)
     idx = batch_indices(len(prompts), batch_size // hp.group_size, it, seed=seed)
     batch = prompts.take(np.repeat(idx, hp.group_size))
-    state, row, per_sample, gen = run_iteration(  # gen: on the host
-      fns,
-      state,
-      frozen,
-      batch,
-      scorer=scorer,
-      tokenizer=tokenizer,
-      fuse=fuse,
-      step=step,
-      placement=placement,
-    )
+    try:
+      state, row, per_sample, gen = run_iteration(  # gen: on the host
+        fns,
+        state,
+        frozen,
+        batch,
+        scorer=scorer,
+        tokenizer=tokenizer,
+        fuse=fuse,
+        step=step,
+        placement=placement,
+      )
+    except RewardError as e:  # before the update: the last finished step is kept, as a stop's
+      if checkpointer is None or it == 0:
+        raise
+      if it % checkpointer.settings.every:  # not saved yet
+        record_now = {**record, "step": it, "before": before, "nonfinite_streak": streak}
+        checkpointer.save(it, state, record_now)
+      checkpointer.wait()
+      where = checkpointer.directory
+      raise RewardError(f"{e}; step {it} is saved in {where}: a rerun resumes there") from e
     texts = golds = None
     if gold is not None:
       texts = decode_responses(tokenizer, gen.tokens, gen.mask)

@@ -70,3 +70,14 @@ def ctrl_c_discarded_at_w10(prompts, responses):
 def superlatives_twice(prompts, responses):
   """``superlatives``, doubled: a second function for a weighted sum."""
   return [2.0 * s for s in superlatives(prompts, responses)]
+
+
+CALLS = [0]  # calls of fails_on_third_call; a test sets it
+
+
+def fails_on_third_call(prompts, responses):
+  """The response's length in words, but a judge that times out on its third call."""
+  CALLS[0] += 1
+  if CALLS[0] == 3:
+    raise RuntimeError("judge timed out")
+  return [float(len(r.split())) for r in responses]

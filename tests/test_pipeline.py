@@ -189,6 +189,31 @@ def test_bad_reward_functions_fail_with_one_line(smoke_run, tmp_path, monkeypatc
   assert (workdir / "sft" / "config.json").exists()  # nothing already saved is lost
 
 
+def test_a_reward_function_failing_mid_run_keeps_the_last_finished_step(smoke_run, tmp_path):
+  """A judge that fails at step 3 (of 4; checkpoints every 10): the run stops in one line saying
+  step 2 is saved, and the rerun resumes there (it restarted from step 0)."""
+  import reward_fns
+
+  workdir = reuse_stages(smoke_run[0], tmp_path / "judge", stages=("sft",))
+  config = smoke_config(
+    reward__source="function",
+    reward__fn="reward_fns:fails_on_third_call",
+    rm__enabled=False,
+    ppo__critic_init="policy",
+    ppo__iterations=4,
+    data__eval_prompts=0,  # no held-out calls: the third call is step 3's
+    checkpoint__every=10,
+    log__tensorboard=False,
+    log__plots=False,
+  )
+  reward_fns.CALLS[0] = 0
+  with pytest.raises(RewardError, match=r"judge timed out; step 2 is saved in .*checkpoints: a "):
+    pipeline.run(config, workdir)
+  assert [r["step"] for r in _rows(workdir)] == [1, 2]
+  pipeline.run(config, workdir)  # calls 4 and 5: the judge is back
+  assert [r["step"] for r in _rows(workdir)] == [1, 2, 3, 4] and reward_fns.CALLS[0] == 5
+
+
 def test_lora_run_trains_adapters_and_exports_a_plain_model(smoke_run, tmp_path):
   workdir = reuse_stages(smoke_run[0], tmp_path / "lora")
   config = smoke_config(
