@@ -154,6 +154,20 @@ def count(text: str) -> int:
   return value
 
 
+def _negative_lists_joined(argv: list[str]) -> list[str]:
+  """``--reward-weights -0.5,1`` as ``--reward-weights=-0.5,1``: argparse reads a value that
+  starts with ``-`` (and is no plain number) as a flag."""
+  out, i = [], 0
+  while i < len(argv):
+    if argv[i] == "--reward-weights" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+      out.append(f"{argv[i]}={argv[i + 1]}")
+      i += 2
+    else:
+      out.append(argv[i])
+      i += 1
+  return out
+
+
 def run_command(parser, fn, argv: list[str]) -> int:
   """``fn(**flags)``; errors are one line, exit status 2 for bad flags and 1 for bad input."""
   from ppo_jax.rewards import RewardError
@@ -164,6 +178,7 @@ def run_command(parser, fn, argv: list[str]) -> int:
 
   parser.error = one_line
   parser.allow_abbrev = False  # --temp is no flag: a typo, not --temperature
+  argv = _negative_lists_joined(argv)
   try:
     _check_flag_names(parser, argv)
     args = parser.parse_args(argv)

@@ -47,7 +47,14 @@ from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
 from ppo_jax.file_batches import batch_order, batch_rows, logprob_scorer, rm_scorer, trimmed
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
-from ppo_jax.rewards import call_reward_fn, load_reward_fn, load_reward_fns
+from ppo_jax.rewards import (
+  call_reward_fn,
+  components,
+  fields_taken,
+  load_reward_fn,
+  load_reward_fns,
+  split_paths,
+)
 from ppo_jax.sampler_settings import sampling_settings
 from ppo_jax.sampling import generate, row_keys
 from ppo_jax.tokenizer import load_tokenizer, tokenizer_folder
@@ -196,6 +203,9 @@ def sample_file(
     **left,
   )
   file = Prompts(*data.load_prompts_and_columns(prompts, tok, layout, fit=True))
+  for flag, scorer, spec in (("--reward-fn", fn, reward_fn), ("--gold-fn", gold, gold_fn)):
+    for one, path in zip(components(scorer), split_paths(spec), strict=True) if scorer else ():
+      fields_taken(one, file.columns, f"{flag} {path}", every_row=True)  # as training refuses
   ids = file.ids
   parts = f"the longest prompt's {ids.shape[1]} tokens + --max-new-tokens {max_new_tokens}"
   for m, what in ((policy, "model"), (rm, "reward model"), (ref, "reference")):  # the longest

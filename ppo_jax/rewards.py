@@ -65,6 +65,13 @@ class RewardSum:
   paths: tuple[str, ...]
   weights: tuple[float, ...]
 
+  def __post_init__(self):
+    if not len(self.fns) == len(self.paths) == len(self.weights) > 0:
+      raise ValueError(
+        f"RewardSum: {len(self.fns)} functions, {len(self.paths)} paths and "
+        f"{len(self.weights)} weights; expected one of each, at least one"
+      )
+
   @property
   def names(self) -> tuple[str, ...]:
     """Each function's name, or its whole path where two share a name."""
@@ -72,9 +79,11 @@ class RewardSum:
     return tuple(n if short.count(n) == 1 else p for n, p in zip(short, self.paths, strict=True))
 
 
-def split_paths(spec: str) -> list[str]:
-  """``"a:f, b:g"`` as ``["a:f", "b:g"]`` (empty entries kept, for ``reward_problems``)."""
-  return [p.strip() for p in spec.split(",")]
+def split_paths(spec: str | Sequence[str]) -> list[str]:
+  """``"a:f, b:g"`` (or a list of paths) as ``["a:f", "b:g"]`` (empty entries kept, for
+  ``reward_problems``)."""
+  parts = spec.split(",") if isinstance(spec, str) else list(spec)
+  return [str(p).strip() for p in parts]
 
 
 def reward_problems(
@@ -84,6 +93,8 @@ def reward_problems(
   ``reward.weights`` (one number per function, joined by commas), each a line naming the field:
   ``prefix`` + ``fn`` or ``weights`` (``"--reward-"`` for the command line's flags)."""
   fn_field, weights_field = f"{prefix}fn", f"{prefix}weights"
+  if callable(spec) or not (spec is None or isinstance(spec, str | list | tuple)):
+    return [f"{fn_field}: expected 'package.module:function' paths, got {type(spec).__name__}"]
   if spec is None:
     return [f"{weights_field} is set, but no {fn_field} to weigh"] if weights is not None else []
   paths = split_paths(spec)
@@ -98,14 +109,20 @@ def reward_problems(
   except ValueError as e:
     return [f"{weights_field} {weights!r}: {e}"]
   if len(values) != len(paths):
-    return [f"{weights_field} {weights!r}: {len(values)} weights for {len(paths)} functions"]
+    plural = lambda n, word: f"{n} {word}" + ("s" if n != 1 else "")
+    return [
+      f"{weights_field} {weights!r}: {plural(len(values), 'weight')} for "
+      f"{plural(len(paths), 'function')}"
+    ]
   return []
 
 
-def parse_weights(weights: str) -> tuple[float, ...]:
-  """``"1, 0.5"`` as ``(1.0, 0.5)``; ValueError naming an entry that is not a finite number."""
+def parse_weights(weights: str | Sequence[float]) -> tuple[float, ...]:
+  """``"1, 0.5"`` (or ``[1, 0.5]``) as ``(1.0, 0.5)``; ValueError naming an entry that is not a
+  finite number."""
   values = []
-  for w in (x.strip() for x in str(weights).split(",")):
+  entries = weights if isinstance(weights, list | tuple) else str(weights).split(",")
+  for w in (str(x).strip() for x in entries):
     try:
       value = float(w)
     except ValueError:

@@ -57,7 +57,7 @@ def _cli(*args):
         "--config.reward.fn=m:f,m:g",
         "--config.reward.weights=1",
       ],
-      "config.reward.weights '1': 1 weights for 2 functions",
+      "config.reward.weights '1': 1 weight for 2 functions",
     ),
     ("--config.reward.weights=1", "config.reward.weights is set, but no config.reward.fn to weigh"),
     ("--config.ppo.critic_warmup=100000", "critic_warmup 100000 ≥ config.ppo.iterations"),

@@ -14,6 +14,7 @@ import torch
 
 from ppo_jax import inference, sampler_settings
 from ppo_jax.main import cli
+from ppo_jax.rewards import RewardError
 from ppo_jax.tokenizer import build_word_tokenizer, load_tokenizer
 
 WORDS = [f"w{i}" for i in range(tiny_hf.VOCAB - 8)]
@@ -165,6 +166,15 @@ def test_best_of_n_and_a_reward_function(folders, tmp_path):
   for r in _rows(tmp_path / "sum.jsonl"):
     words = len(r["response"].split())
     assert r["score"] == pytest.approx(0.5 * words + 2 * (words - 0.1 * len(r["prompt"].split())))
+  # A field some rows lack, which a function requires: refused before sampling, as training does.
+  lacking = tmp_path / "lacking.jsonl"
+  lacking.write_text("".join(json.dumps({"prompt": p, "key": p}) + "\n" for p in PROMPTS[:-1]))
+  lacking.write_text(lacking.read_text() + json.dumps({"prompt": PROMPTS[-1]}) + "\n")
+  with pytest.raises(
+    RewardError, match=r"^--reward-fn reward_fns:keyed takes 'key', a field 1 of the 5 prompt rows"
+  ):
+    inference.sample_file(policy_dir, lacking, tmp_path / "never.jsonl", seed=7, **kw)
+  assert not (tmp_path / "never.jsonl").exists()
 
 
 def test_sampling_settings_default_to_the_checkpoints(tmp_path):
@@ -268,6 +278,17 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys):
       "--prompt-overflow=truncate)",
     ),
     ([f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=x"], 2, "argument --n: invalid int"),
+    (  # a negative first weight, with a space: read as the value, not as a flag
+      [
+        f"--model={policy_dir}",
+        f"--out={tmp_path / 'o'}",
+        "--reward-fn=reward_fns:keyed,reward_fns:shortness",
+        "--reward-weights",
+        "-1",
+      ],
+      1,
+      "--reward-weights '-1': 1 weight for 2 functions",
+    ),
     (  # a flag's value out of range is a flag error, as one that does not parse
       [f"--model={policy_dir}", f"--out={tmp_path / 'o'}", "--n=0"],
       2,

@@ -222,7 +222,7 @@ def test_each_of_several_functions_is_checked_and_named_on_its_own():
     ("m:f,m:f", None, r"^--reward-fn 'm:f,m:f': 'm:f' is named twice$"),
     ("m:f,m:g", "1,x", r"^--reward-weights '1,x': 'x' is not a number$"),
     ("m:f,m:g", "1,nan", r"^--reward-weights '1,nan': 'nan' is not a finite number$"),
-    ("m:f,m:g", "1", r"^--reward-weights '1': 1 weights for 2 functions$"),
+    ("m:f,m:g", "1", r"^--reward-weights '1': 1 weight for 2 functions$"),
     (None, "1", r"^--reward-weights is set, but no --reward-fn to weigh$"),
   ],
 )
@@ -232,3 +232,14 @@ def test_bad_lists_of_functions_and_weights_are_one_line(spec, weights, message)
   with pytest.raises(RewardError, match=message):
     load_reward_fns(spec, weights, prefix="--reward-")
   assert reward_problems(spec, weights)[0].startswith("config.reward.")
+
+
+def test_several_functions_from_python_take_lists_and_refuse_what_is_no_path():
+  from ppo_jax.rewards import RewardSum, load_reward_fns
+
+  fns = load_reward_fns(["reward_fns:keyed", "reward_fns:shortness"], [0.2, 1])
+  assert fns.paths == ("reward_fns:keyed", "reward_fns:shortness") and fns.weights == (0.2, 1.0)
+  with pytest.raises(RewardError, match=r"^config\.reward\.fn: expected 'package\.module:function"):
+    load_reward_fns(len)
+  with pytest.raises(ValueError, match=r"^RewardSum: 2 functions, 2 paths and 1 weights"):
+    RewardSum((len, len), ("a:f", "b:g"), (1.0,))
