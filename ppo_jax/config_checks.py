@@ -168,6 +168,15 @@ def check_settings(s: Settings) -> None:
       "config.reward.source='function' needs config.reward.fn='package.module:function'",
     ),
     (
+      s.reward.source == "function" or not s.reward.fn,
+      (
+        "config.reward.fn is set, but DPO uses no reward: drop it"
+        if s.algo == "dpo"
+        else "config.reward.fn is set, but config.reward.source='model' scores with a reward "
+        "model: add config.reward.source=function (and config.rm.enabled=False) to use the function"
+      ),
+    ),
+    (
       s.algo == "dpo" or s.reward.source != "model" or s.rm_run.enabled or s.reward.model,
       "config.reward.source='model' needs config.rm.enabled=True or config.reward.model=FOLDER",
     ),
@@ -184,20 +193,14 @@ def check_settings(s: Settings) -> None:
       for name in ("prompts", "sft", "preferences")
     ),
     (
-      s.reward.source == "function" or not s.reward.fn,
-      (
-        "config.reward.fn is set, but DPO uses no reward: drop it"
-        if s.algo == "dpo"
-        else "config.reward.fn is set, but config.reward.source='model' scores with a reward "
-        "model: add config.reward.source=function (and config.rm.enabled=False) to use the function"
-      ),
-    ),
-    (
       s.task.name != "files" or s.data.preferences or not needs_pairs,
       "config.task.name='files' needs config.data.preferences=FILE.jsonl to train "
       + (
         "DPO"
         if s.algo == "dpo"
+        else "a reward model (config.reward.source='function' scores without one: add "
+        "config.rm.enabled=False)"
+        if s.reward.source == "function"
         else "a reward model (or give one, config.reward.model=FOLDER, or use a reward "
         "function with config.rm.enabled=False)"
       ),

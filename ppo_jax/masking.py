@@ -76,7 +76,16 @@ def check_same_shape(**arrays: ArrayLike) -> None:
   shapes = {name: np.shape(x) for name, x in arrays.items()}  # lists too
   if len(set(shapes.values())) > 1:
     listed = ", ".join(f"{name}{list(shape)}" for name, shape in shapes.items())
-    raise ValueError(f"expected arrays of one shape, got {listed}")
+    widest = max(shapes.values(), key=len)
+    per_row = [n for n, s in shapes.items() if len(s) == 1 and len(widest) == 2 and s == widest[:1]]
+    full = next(n for n, s in shapes.items() if s == widest)
+    hint = (
+      f" ({per_row[0]} holds one value per sequence, as group_advantages gives: broadcast it "
+      f"over the tokens, jnp.broadcast_to({per_row[0]}[:, None], {full}.shape))"
+      if per_row
+      else ""
+    )
+    raise ValueError(f"expected arrays of one shape, got {listed}{hint}")
 
 
 def check_BxT(**arrays: ArrayLike) -> None:

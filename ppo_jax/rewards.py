@@ -114,6 +114,8 @@ def reward_problems(
       f"{weights_field} {weights!r}: {plural(len(values), 'weight')} for "
       f"{plural(len(paths), 'function')}"
     ]
+  if not any(values):
+    return [f"{weights_field} {weights!r}: every weight is 0, so every score would be 0"]
   return []
 
 

@@ -107,6 +107,15 @@ def test_losses_name_their_arrays_when_not_BxT():
     pj.value_loss(x, x, x, m)
   loss, _ = jax.vmap(pj.policy_loss)(*[jnp.zeros((3, 2, 5))] * 3, jnp.ones((3, 2, 5)))
   assert loss.shape == (3,)
+  # Per-response advantages ([B], group_advantages') beside [B, T] arrays: how to broadcast.
+  lp, adv = jnp.zeros((2, 5)), pj.group_advantages(jnp.array([1.0, 2.0]), 2)
+  with pytest.raises(
+    ValueError,
+    match=r"got logp\[2, 5\], old_logp\[2, 5\], advantages\[2\], mask\[2, 5\] \(advantages holds "
+    r"one value per sequence, as group_advantages gives: .*broadcast_to\(advantages\[:, None\]",
+  ):
+    pj.policy_loss(lp, lp, adv, jnp.ones((2, 5)))
+  pj.policy_loss(lp, lp, jnp.broadcast_to(adv[:, None], lp.shape), jnp.ones((2, 5)))  # as said
 
 
 def test_empty_batches():

@@ -60,6 +60,20 @@ def _cli(*args):
       "config.reward.weights '1': 1 weight for 2 functions",
     ),
     ("--config.reward.weights=1", "config.reward.weights is set, but no config.reward.fn to weigh"),
+    (  # the function given is named before the reward model it lacks
+      ["--config.rm.enabled=False", "--config.reward.fn=m:f"],
+      "config.reward.fn is set, but config.reward.source='model' scores with a reward model",
+    ),
+    (
+      [
+        "--config.task.name=files",
+        "--config.data.prompts=p.jsonl",
+        "--config.reward.source=function",
+        "--config.reward.fn=m:f",
+      ],
+      "needs config.data.preferences=FILE.jsonl to train a reward model (config.reward.source="
+      "'function' scores without one: add config.rm.enabled=False)",
+    ),
     ("--config.ppo.critic_warmup=100000", "critic_warmup 100000 ≥ config.ppo.iterations"),
     ("--config.ppo.batch_size=0", "config.ppo.batch_size: must be ≥ 1, got 0"),
     ("--config.ppo.top_p=1.5", "config.ppo.top_p: must be in (0, 1], got 1.5"),

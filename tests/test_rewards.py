@@ -223,6 +223,7 @@ def test_each_of_several_functions_is_checked_and_named_on_its_own():
     ("m:f,m:g", "1,x", r"^--reward-weights '1,x': 'x' is not a number$"),
     ("m:f,m:g", "1,nan", r"^--reward-weights '1,nan': 'nan' is not a finite number$"),
     ("m:f,m:g", "1", r"^--reward-weights '1': 1 weight for 2 functions$"),
+    ("m:f,m:g", "0, 0.0", r"^--reward-weights '0, 0.0': every weight is 0, so every score would"),
     (None, "1", r"^--reward-weights is set, but no --reward-fn to weigh$"),
   ],
 )
