@@ -440,7 +440,7 @@ def test_dpo_with_lora_trains_adapters_over_the_sft_policy(smoke_run, tmp_path, 
   assert abs(rows[0]["reward_margin"]) < 1e-6  # π = π_ref before the first update
   assert rows[0]["loss"] == pytest.approx(1 / (4 * config.dpo.beta**2), rel=1e-5)
   # IPO's margins (logged from the summed log-ratios, as DPO's) grow as its loss falls.
-  assert _mean(rows[-5:], "reward_margin") > _mean(rows[:5], "reward_margin") + 0.005
+  assert _mean(rows[-5:], "reward_margin") > _mean(rows[:5], "reward_margin") + 0.02  # 0.046
   assert _mean(rows[-5:], "loss") < _mean(rows[:5], "loss") - 0.5
   assert summary["dpo_eval"]["accuracy"] > 0.55 and summary["after"]["kl"] > 0.05
   assert not (workdir / "ppo_base").exists()  # the base is sft/, already there
