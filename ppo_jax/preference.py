@@ -33,7 +33,8 @@ def bradley_terry_loss(
   mean(softplus(−(s_c − s_r)))`` (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT,
   https://arxiv.org/abs/2203.02155, eq. 1), and ``loss = nll + c·mean((s_c + s_r)²)``: the
   likelihood fixes score differences only, and the centering term (Eisenstein et al. 2023,
-  https://arxiv.org/abs/2312.09244, ``c = center_coef``, 0.01 there) holds the scores near 0.
+  https://arxiv.org/abs/2312.09244, eq. 2; ``c = center_coef``, TRL's
+  ``center_rewards_coefficient``, which it recommends at 0.01) holds the scores near 0.
 
   Args:
     chosen_scores_B: reward-model scores of the preferred responses ``[B]``.
@@ -89,7 +90,8 @@ def dpo_loss(
     infinity, so deterministic preferences do not drive β·h without bound. The DPO stage gives it
     log-probabilities averaged over the response tokens, as TRL does.
   - ``hinge``: ``loss = mean(max(0, 1 − β h))``, SLiC-HF's calibration loss (Zhao et al. 2023,
-    https://arxiv.org/abs/2305.10425) on DPO's log-ratio, as in RSO (Liu et al. 2024, https://arxiv.org/abs/2309.06657).
+    https://arxiv.org/abs/2305.10425) on DPO's log-ratio, as in RSO (Liu et al. 2024,
+    https://arxiv.org/abs/2309.06657).
 
   The reference log-probabilities get no gradient.
 
