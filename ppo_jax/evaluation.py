@@ -203,7 +203,11 @@ def evaluate(
       texts = decode_responses(tokenizer, gen.tokens[:real], gen.mask[:real])
       reals = part.take(np.arange(real))
     if scorer.fn is not None:
-      scores = shared_scores(scorer.fn, reals, texts, name=scorer.fn_name)
+      parts = shared_score_parts(scorer.fn, reals, texts, name=scorer.fn_name)
+      scores = summed(scorer.fn, parts, name=scorer.fn_name)
+      if isinstance(scorer.fn, RewardSum):  # each function's mean too, before its weight
+        for name, column in zip(scorer.fn.names, parts.T, strict=True):
+          totals.setdefault(f"scores/{name}", []).extend(column.tolist())
     totals["score"] += np.asarray(scores)[:real].tolist()
     totals["kl"] += kl[:real].tolist()
     totals["length"] += gen.mask.sum(-1)[:real].tolist()

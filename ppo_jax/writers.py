@@ -308,6 +308,7 @@ def rollout_summary(rows: list[dict[str, float]]) -> dict[str, float]:
     ("gold", "gold/score"),
     ("kl", "objective/kl"),
     ("length", "response/length"),
+    *((m, m) for m in dict.fromkeys(k for r in rows for k in r if k.startswith("scores/"))),
   )
   out = {}
   for k, m in keys:
@@ -325,6 +326,7 @@ def print_summary(summary: dict[str, Any], *, this_invocation: bool = True) -> N
   before, after = summary["before"], summary["after"]
   rows = [
     ("score (reward model or fn)", "score"),
+    *((f"  {k}", k) for k in before if k.startswith("scores/")),  # each reward function's
     ("gold score", "gold"),
     ("KL to reference (nats/seq)", "kl"),
     ("response length", "length"),

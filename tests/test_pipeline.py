@@ -297,7 +297,11 @@ def test_reward_functions_get_the_prompt_rows_other_fields(smoke_run, tmp_path, 
   assert len(rows) == 2 and all(r["gold/score"] >= r["objective/scores"] for r in rows)
   assert all(r["scores/keyed"] == r["gold/score"] == -r["scores/shortness"] for r in rows)
   assert summary["after"]["gold"] == pytest.approx(summary["after"]["score"], rel=1e-6)
-  capsys.readouterr()
+  # The held-out before/after has each function's mean too, and the closing table shows them.
+  for when in ("before", "after"):
+    got = summary[when]
+    assert got["scores/keyed"] == got["gold"] == pytest.approx(-got["scores/shortness"])
+  assert "\n  scores/keyed " in capsys.readouterr().out
   prompts.write_text(
     "".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts))
   )
@@ -545,6 +549,8 @@ def test_rollout_summary_skips_non_finite_entries():
   ]
   assert writers.rollout_summary(rows) == pytest.approx({"score": 2.0, "kl": 0.7})
   assert np.isnan(writers.rollout_summary(rows[1:2])["score"])
+  rows[0]["scores/format"] = rows[2]["scores/format"] = 0.5  # several reward functions' means
+  assert writers.rollout_summary(rows)["scores/format"] == 0.5
 
 
 def test_progress_into_a_log_is_whole_lines(capsys, monkeypatch):
