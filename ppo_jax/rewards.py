@@ -74,9 +74,11 @@ class RewardSum:
 
   @property
   def names(self) -> tuple[str, ...]:
-    """Each function's name, or its whole path where two share a name."""
+    """Each function's name, or ``module.function`` where two share a name (a name TensorBoard
+    keeps as it is: it rewrites a ``:``)."""
     short = [p.split(":")[1] for p in self.paths]
-    return tuple(n if short.count(n) == 1 else p for n, p in zip(short, self.paths, strict=True))
+    whole = [p.replace(":", ".") for p in self.paths]
+    return tuple(n if short.count(n) == 1 else w for n, w in zip(short, whole, strict=True))
 
 
 def split_paths(spec: str | Sequence[str]) -> list[str]:

@@ -195,7 +195,7 @@ def test_several_functions_score_their_weighted_sum_each_with_its_own_fields():
   from ppo_jax.rewards import RewardSum
 
   same_name = RewardSum((len, len), ("a:score", "b:score"), (1.0, 1.0))
-  assert same_name.names == ("a:score", "b:score")
+  assert same_name.names == ("a.score", "b.score")
 
 
 def test_each_of_several_functions_is_checked_and_named_on_its_own():
