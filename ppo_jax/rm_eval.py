@@ -5,13 +5,15 @@ encodes them) are scored at their last token; the summary is Bradley–Terry's h
 (``preference.bradley_terry_loss``: the loss, the likelihood's alone, the accuracy, the fraction
 with ``s_c > s_r``, and the mean margin), what a reward model trained by the pipeline prints for
 its held-out split (its ``nll``: with ``rm.center_coef`` the run's ``loss`` adds the centering
-term; to compare the two, pass the run's ``data.max_prompt_len``, ``data.max_response_len``,
-``data.chat_template`` and ``data.system_prompt`` as the flags of those names). A tie (equal
+term), encoded with that run's ``data.max_prompt_len``, ``data.max_response_len``,
+``data.chat_template``, ``data.system_prompt`` and ``data.chat_template_kwargs``
+(``run_data_settings``) where no flag gives them. A tie (equal
 scores) counts as an error in the accuracy, as in training; ``ties`` says how many there were.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Sequence
 
@@ -24,7 +26,19 @@ from ppo_jax.evaluation import padded_batches
 from ppo_jax.file_batches import batch_order, batch_rows, rm_scorer, trimmed
 from ppo_jax.inference import load_reward_model, positions_left
 from ppo_jax.preference import bradley_terry_loss
+from ppo_jax.stage_checkpoints import STAGE_RECORD
 from ppo_jax.tokenizer import load_tokenizer, tokenizer_folder
+
+
+def run_data_settings(folder: pathlib.Path) -> dict:
+  """The ``data.*`` settings (lengths, chat template) of the run that trained the reward model
+  in ``folder``, from its ``ppo_jax_stage.json``; none for a folder no run wrote."""
+  try:
+    settings = json.loads((pathlib.Path(folder) / STAGE_RECORD).read_text())["config"]["data"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return {}
+  fields = ("max_prompt_len", "max_response_len", "chat_template", "system_prompt")
+  return {k: settings.get(k) for k in (*fields, "chat_template_kwargs")}
 
 
 def evaluate_pairs(
@@ -60,6 +74,25 @@ def evaluate_pairs(
   """
   out = file_batches.output_file(out) if out else None
   reward_model = model_folder(reward_model, "--reward-model", "reward_model")
+  say = print if progress else (lambda *a, **k: None)
+  run = run_data_settings(reward_model)  # the flags left unset, as the run that trained it had
+  given = {
+    "max_prompt_len": max_prompt_len,
+    "max_response_len": max_response_len,
+    "chat_template": chat_template or None,
+    "system_prompt": system_prompt,
+    "chat_template_kwargs": chat_template_kwargs,
+  }
+  taken = {k: v for k, v in run.items() if given[k] is None and v not in (None, False)}
+  if taken:
+    max_prompt_len = taken.get("max_prompt_len", max_prompt_len)
+    max_response_len = taken.get("max_response_len", max_response_len)
+    chat_template = taken.get("chat_template", chat_template)
+    system_prompt = taken.get("system_prompt", system_prompt)
+    chat_template_kwargs = taken.get("chat_template_kwargs", chat_template_kwargs)
+    said = ", ".join(f"{k} {v!r}" for k, v in taken.items())
+    record = pathlib.Path(reward_model) / STAGE_RECORD
+    say(f"as the run that trained it ({record}): {said} (flags override)")
   tok_dir = tokenizer_folder(tokenizer, "--tokenizer") if tokenizer else reward_model
   mesh = shd.command_mesh(mesh)
   tok = load_tokenizer(tok_dir)
@@ -89,7 +122,6 @@ def evaluate_pairs(
     tok, P, R, prompt_overflow, chat_template, system_prompt, chat_template_kwargs, **left
   )
   chosen, rejected = data.load_preferences(pairs, tok, layout, fit=True)
-  say = print if progress else (lambda *a, **k: None)
   n = len(chosen)
   # Both sides of B pairs in one forward: 2·B rows over the batch devices.
   chunk, B, batches = batch_rows(batch_size, n, mesh)

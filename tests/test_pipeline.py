@@ -93,9 +93,10 @@ def test_outputs_in_the_workdir(smoke_run):
   assert set(summary["after"]) == {"score", "gold", "kl", "length"}
 
 
-def test_rm_eval_on_the_written_held_out_pairs_gives_the_runs_held_out_metrics(smoke_run):
+def test_rm_eval_on_the_written_held_out_pairs_gives_the_runs_held_out_metrics(smoke_run, capsys):
   """rm_held_out_pairs.jsonl holds the held-out rows as the file had them: ppo-jax rm-eval on it,
-  with the run's lengths, reads the accuracy and margin the run printed."""
+  with the run's lengths (read from the reward model's ppo_jax_stage.json when no flag gives
+  them), reads the accuracy and margin the run printed."""
   from ppo_jax import rm_eval
 
   workdir, summary = smoke_run
@@ -107,12 +108,10 @@ def test_rm_eval_on_the_written_held_out_pairs_gives_the_runs_held_out_metrics(s
     "rejected",
   }
   config = smoke_config()
-  got = rm_eval.evaluate_pairs(
-    workdir / "reward_model",
-    held_out,
-    max_prompt_len=config.data.max_prompt_len,
-    max_response_len=config.data.max_response_len,
-    progress=False,
+  got = rm_eval.evaluate_pairs(workdir / "reward_model", held_out)
+  assert (
+    f"ppo_jax_stage.json): max_prompt_len {config.data.max_prompt_len}, max_response_len "
+    f"{config.data.max_response_len} (flags override)" in capsys.readouterr().out
   )
   assert got["pairs"] == len(rows)
   assert got["accuracy"] == pytest.approx(summary["rm_eval"]["accuracy"], abs=1e-6)  # 1 pair: 0.01
