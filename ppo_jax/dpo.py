@@ -39,6 +39,7 @@ class DPOSettings:
   beta: float = 0.1  # β: strength of the implicit KL constraint
   label_smoothing: float = 0.0  # ε: conservative DPO for noisy labels
   loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge (preference.dpo_loss)
+  rpo_alpha: float = 0.0  # α·NLL of the chosen responses added (RPO); 0: none
   eval_every: int = 20  # steps between held-out sampling evaluations (0: before and after only)
 
   def __post_init__(self):
@@ -46,6 +47,8 @@ class DPOSettings:
       raise ValueError(f"beta: must be > 0, got {self.beta}")
     if not 0.0 <= self.label_smoothing < 0.5:
       raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+    if self.rpo_alpha < 0:
+      raise ValueError(f"rpo_alpha: must be ≥ 0 (0: none), got {self.rpo_alpha}")
     if self.loss not in DPO_LOSSES:
       raise ValueError(f"loss: unknown {self.loss!r}; expected one of {', '.join(DPO_LOSSES)}")
     if self.loss != "sigmoid" and self.label_smoothing:
@@ -64,12 +67,23 @@ def sequence_logprobs(graphdef, params, ids_BxL, mask_BxL, response_mask_BxR) ->
 
 
 def dpo_objective(
-  params, graphdef, batch, *, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid"
+  params,
+  graphdef,
+  batch,
+  *,
+  beta: float,
+  label_smoothing: float = 0.0,
+  loss: str = "sigmoid",
+  rpo_alpha: float = 0.0,
 ):
   """``dpo_loss`` of a batch of pairs: chosen and rejected in one forward of 2B rows. IPO's
   log-probabilities (policy and reference) are averaged over each response's tokens; its metrics
   but the loss (the implicit rewards, their margin, the accuracy) come from the sums, as every
-  loss's do, so that they compare across losses."""
+  loss's do, so that they compare across losses.
+
+  ``rpo_alpha`` α > 0 adds α·NLL of the chosen responses, each one's mean over its tokens,
+  averaged over the pairs (RPO, Pang et al. 2024, https://arxiv.org/abs/2404.19733: the chosen
+  responses' likelihood is kept up while the margin grows); logged as ``nll_chosen``."""
   B = batch["chosen_ids"].shape[0]
   both = {
     k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
@@ -80,12 +94,17 @@ def dpo_objective(
   summed = lambda kind: dpo_loss(
     logp[:B], logp[B:], ref[:B], ref[B:], beta=beta, label_smoothing=label_smoothing, kind=kind
   )
-  if loss != "ipo":
-    return summed(loss)
   tokens = jnp.maximum(masked_count(both["response_mask"], axis=-1), 1.0).astype(logp.dtype)
-  lp, rf = logp / tokens, ref / tokens
-  value, _ = dpo_loss(lp[:B], lp[B:], rf[:B], rf[B:], beta=beta, kind="ipo")
-  _, metrics = summed("sigmoid")
+  if loss == "ipo":
+    lp, rf = logp / tokens, ref / tokens
+    value, _ = dpo_loss(lp[:B], lp[B:], rf[:B], rf[B:], beta=beta, kind="ipo")
+    _, metrics = summed("sigmoid")
+  else:
+    value, metrics = summed(loss)
+  if rpo_alpha:
+    nll = jnp.mean(-logp[:B] / tokens[:B])
+    value = value + rpo_alpha * nll
+    metrics = {**metrics, "nll_chosen": jax.lax.stop_gradient(nll)}
   return value, {**metrics, "loss": jax.lax.stop_gradient(value)}
 
 
@@ -227,6 +246,7 @@ def run_dpo_stage(
           beta=s.dpo_run.beta,
           label_smoothing=s.dpo_run.label_smoothing,
           loss=s.dpo_run.loss,
+          rpo_alpha=s.dpo_run.rpo_alpha,
         ),
         s.dpo,
         (lambda i: pair_batch(train_pairs, ref[0], i), len(train_pairs[0])),

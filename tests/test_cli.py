@@ -87,6 +87,7 @@ def _cli(*args):
     ("--config.rm.epochs=0", "config.rm.epochs: must be > 0 (config.rm.enabled=False skips the"),
     (["--config.algo=dpo", "--config.dpo.epochs=0"], "config.dpo.epochs: must be > 0, got 0"),
     ("--config.dpo.loss=kto", "config.dpo.loss: unknown 'kto'; expected one of sigmoid, ipo, hin"),
+    ("--config.dpo.rpo_alpha=-1", "config.dpo.rpo_alpha: must be ≥ 0 (0: none), got -1.0"),
     (
       ["--config.dpo.loss=ipo", "--config.dpo.label_smoothing=0.1"],
       "config.dpo.label_smoothing: conservative DPO's ε applies to loss='sigmoid', not 'ipo'",

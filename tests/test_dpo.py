@@ -93,6 +93,12 @@ def test_ipo_averages_each_responses_logprobs_over_its_tokens():
     else:
       args = (logp[0], logp[1], refs[0], refs[1])
     assert float(loss) == pytest.approx(ref.dpo(*args, beta, 0.0, kind), rel=1e-4), kind
+    # RPO: α times the chosen responses' NLL per token, averaged over the pairs, on any loss.
+    with_nll, m = dpo.dpo_objective(policy, graphdef, batch, beta=beta, loss=kind, rpo_alpha=0.7)
+    nll = np.mean(-logp[0] / count[0])
+    assert float(m["nll_chosen"]) == pytest.approx(nll, rel=1e-5)
+    assert float(with_nll) == pytest.approx(float(loss) + 0.7 * nll, rel=1e-5)
+    assert float(m["loss"]) == float(with_nll)
 
 
 def optax_norm(tree):

@@ -437,11 +437,13 @@ def test_dpo_with_lora_trains_adapters_over_the_sft_policy(smoke_run, tmp_path, 
   config.dpo.update(eval_every=0)  # no held-out curve (the DPO test above reads it): 3 samplings
   config.dpo.optim.lr = 3e-3
   config.dpo.loss = "ipo"  # (h − 1/(2β))²: 1/(4β²) at the reference, where DPO's is log 2
+  config.dpo.rpo_alpha = 0.2  # and RPO's NLL of the chosen responses beside it
   workdir = reuse_stages(smoke_run[0], tmp_path / "dpo_lora", stages=("sft",))
   summary = pipeline.run(config, workdir)
   rows = _rows_of(workdir / "dpo_metrics.jsonl")
   assert abs(rows[0]["reward_margin"]) < 1e-6  # π = π_ref before the first update
-  assert rows[0]["loss"] == pytest.approx(1 / (4 * config.dpo.beta**2), rel=1e-5)
+  ipo_at_start = 1 / (4 * config.dpo.beta**2)
+  assert rows[0]["loss"] == pytest.approx(ipo_at_start + 0.2 * rows[0]["nll_chosen"], rel=1e-5)
   # IPO's margins (logged from the summed log-ratios, as DPO's) grow as its loss falls.
   assert _mean(rows[-5:], "reward_margin") > _mean(rows[:5], "reward_margin") + 0.02  # 0.046
   assert _mean(rows[-5:], "loss") < _mean(rows[:5], "loss") - 0.5
