@@ -36,8 +36,11 @@ Every error is a ``DataError`` naming the file and line (``where``).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 Message = dict[str, Any]
 Prompt = str | list[Message]  # a text, or the conversation the response continues
@@ -359,4 +362,22 @@ def chat_prompts(
         f"{what}the tokenizer's template "
         f"refused: {e}"
       ) from None
+  return out
+
+
+def pair_margins(rows: Sequence[dict], places: Sequence[str]) -> np.ndarray | None:
+  """The rows' ``margin`` fields (how much the chosen response is preferred: Llama 2's graded
+  labels) as float32 ``[N]``; None when no row has one. A row without one, or one that is not a
+  finite number, is a DataError naming it."""
+  if not any("margin" in r for r in rows):
+    return None
+  out = np.zeros(len(rows), np.float32)
+  for i, (row, where) in enumerate(zip(rows, places, strict=True)):
+    m = row.get("margin")
+    if isinstance(m, bool) or not isinstance(m, int | float) or not math.isfinite(m):
+      got = "none" if "margin" not in row else repr(m)
+      raise DataError(
+        f"{where}: 'margin' must be a finite number on every row (or on none), got {got}"
+      )
+    out[i] = m
   return out

@@ -276,12 +276,14 @@ class Sequences:
   mask: np.ndarray
   response_mask: np.ndarray
   truncated: int = 0  # responses cut at R
+  margin: np.ndarray | None = None  # preference pairs: each row's "margin" field [N], if given
 
   def __len__(self) -> int:
     return len(self.ids)
 
   def take(self, idx: np.ndarray) -> Sequences:
-    return Sequences(self.ids[idx], self.mask[idx], self.response_mask[idx], self.truncated)
+    margin = None if self.margin is None else self.margin[idx]
+    return Sequences(self.ids[idx], self.mask[idx], self.response_mask[idx], self.truncated, margin)
 
   def prompt_groups(self) -> np.ndarray:
     """A group id per row: rows of the same prompt tokens share one (``rows.split_holdout``
@@ -378,9 +380,12 @@ def load_preferences(
   as wide as the longest, the responses as the longest of both sides, within the layout's); the
   rows as read are appended to ``rows`` when given."""
   places: list[str] = []
+  rows = [] if rows is None else rows
+  first = len(rows)
   prompts, good, bad = zip(
     *_read(path, layout, conversations.preference_row, rows=rows, places=places), strict=True
   )
+  margin = conversations.pair_margins(rows[first:], places)
   if good == bad:
     raise DataError(f"{path}: every pair has chosen == rejected: no pair prefers one response")
   if ties := sum(g == b for g, b in zip(good, bad, strict=True)):
@@ -393,4 +398,5 @@ def load_preferences(
   # One width for both sides: an equal pair then makes equal sequences (a tie).
   R = _width([*tokens[0], *tokens[1]], layout, fit)
   chosen, rejected = (_joined(prompt_arrays, _right_padded(t, layout, R)) for t in tokens)
+  chosen.margin = rejected.margin = margin
   return chosen, rejected

@@ -111,6 +111,7 @@ def dpo_objective(
 def pair_batch(pairs: tuple[Sequences, Sequences], ref: tuple[np.ndarray, np.ndarray], idx):
   chosen, rejected = pairs
   batch = supervised.pair_batch(pairs, idx)
+  batch.pop("margin", None)  # the reward model's; DPO's loss has none
   batch["chosen_response_mask"] = chosen.response_mask[idx]
   batch["rejected_response_mask"] = rejected.response_mask[idx]
   batch["ref_chosen"], batch["ref_rejected"] = ref[0][idx], ref[1][idx]

@@ -25,20 +25,27 @@ def _pairs(**arrays: ArrayLike) -> list[jax.Array]:
 
 
 def bradley_terry_loss(
-  chosen_scores_B: ArrayLike, rejected_scores_B: ArrayLike, *, center_coef: float = 0.0
+  chosen_scores_B: ArrayLike,
+  rejected_scores_B: ArrayLike,
+  margin_B: ArrayLike | None = None,
+  *,
+  center_coef: float = 0.0,
 ) -> tuple[jax.Array, Metrics]:
   """Bradley–Terry negative log-likelihood of the human preferences (reward-model training).
 
-  ``P(chosen ≻ rejected) = σ(s_c − s_r)``, ``nll = mean(−log σ(s_c − s_r)) =
-  mean(softplus(−(s_c − s_r)))`` (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT,
-  https://arxiv.org/abs/2203.02155, eq. 1), and ``loss = nll + c·mean((s_c + s_r)²)``: the
-  likelihood fixes score differences only, and the centering term (Eisenstein et al. 2023,
-  https://arxiv.org/abs/2312.09244, eq. 2; ``c = center_coef``, TRL's
-  ``center_rewards_coefficient``, which it recommends at 0.01) holds the scores near 0.
+  ``P(chosen ≻ rejected) = σ(s_c − s_r)``, ``nll = mean(−log σ(s_c − s_r − m)) =
+  mean(softplus(−(s_c − s_r − m)))`` (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT,
+  https://arxiv.org/abs/2203.02155, eq. 1; the margin ``m``, 0 without ``margin_B``, is Llama
+  2's for graded preferences, Touvron et al. 2023, https://arxiv.org/abs/2307.09288, eq. 2), and
+  ``loss = nll + c·mean((s_c + s_r)²)``: the likelihood fixes score differences only, and the
+  centering term (Eisenstein et al. 2023, https://arxiv.org/abs/2312.09244, eq. 2;
+  ``c = center_coef``, TRL's ``center_rewards_coefficient``, which it recommends at 0.01) holds
+  the scores near 0.
 
   Args:
     chosen_scores_B: reward-model scores of the preferred responses ``[B]``.
     rejected_scores_B: scores of the other responses ``[B]``.
+    margin_B: how far each chosen response should score above the other ``[B]`` (none: 0).
     center_coef: ``c ≥ 0``, the weight of the centering term.
 
   Returns:
@@ -52,7 +59,10 @@ def bradley_terry_loss(
   check_value("center_coef", center_coef, lambda c: c >= 0.0, "≥ 0", required=True)
   chosen, rejected = _pairs(chosen_scores_B=chosen_scores_B, rejected_scores_B=rejected_scores_B)
   margin = chosen - rejected
-  nll = jnp.mean(jax.nn.softplus(-margin))
+  if margin_B is not None:
+    check_same_shape(chosen_scores_B=chosen, margin_B=margin_B)
+  wanted = 0.0 if margin_B is None else jnp.asarray(margin_B, margin.dtype)
+  nll = jnp.mean(jax.nn.softplus(-(margin - wanted)))
   center = jnp.mean(jnp.square(chosen + rejected))
   loss = nll + center_coef * center
   metrics = {

@@ -146,7 +146,7 @@ def evaluate_pairs(
     both = np.asarray(score(ids, np.concatenate([m[:, cols] for _, m, _ in sides])))
     good[take[:real]], bad[take[:real]] = both[:real], both[B : B + real]
     tick(start + real)
-  loss, metrics = bradley_terry_loss(good, bad)
+  loss, metrics = bradley_terry_loss(good, bad, chosen.margin)  # the file's margins, if any
   summary = {
     "pairs": n,
     "loss": float(loss),

@@ -319,12 +319,15 @@ def run_dpo(
     policy, base_policy = with_adapters(
       s, policy, workdir, inputs.tokenizer, checkpoints=workdir / "dpo_checkpoints"
     )
+  pairs = load_preference_split(
+    inputs, layout, s.dpo.eval_fraction, s.seed, workdir / "dpo_held_out_pairs.jsonl"
+  )
+  if pairs[0][0].margin is not None:
+    print("note: the pairs' 'margin' fields are read by the reward model's loss only, not DPO's")
   return dpo.run_dpo_stage(
     s,
     policy,
-    load_preference_split(
-      inputs, layout, s.dpo.eval_fraction, s.seed, workdir / "dpo_held_out_pairs.jsonl"
-    ),
+    pairs,
     eval_prompts,
     inputs.tokenizer,
     hp,
@@ -378,7 +381,7 @@ def run_reward_model(
     s.rm,
     (lambda i: supervised.pair_batch(train_pairs, i), len(train_pairs[0])),
     (lambda i: supervised.pair_batch(eval_pairs, i), len(eval_pairs[0])),
-    [x for seqs in train_pairs for x in (seqs.ids, seqs.mask)],
+    [x for seqs in train_pairs for x in (seqs.ids, seqs.mask, seqs.margin) if x is not None],
     out=out,
     data_file=inputs.preferences,
     tokenizer=inputs.tokenizer,

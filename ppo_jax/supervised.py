@@ -115,12 +115,14 @@ def reward_loss(
   params, graphdef: nnx.GraphDef, batch: Batch, *, center_coef: float = 0.0
 ) -> tuple[jax.Array, Metrics]:
   """Bradley–Terry loss of the reward model on (chosen, rejected) pairs, one forward of 2B rows
-  (``center_coef``: ``bradley_terry_loss``'s centering term)."""
+  (the batch's ``margin``, if any, and ``center_coef``: ``bradley_terry_loss``'s)."""
   B = batch["chosen_ids"].shape[0]
   ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
   mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
   scores = reward_scores(graphdef, params, ids, mask)
-  loss, metrics = bradley_terry_loss(scores[:B], scores[B:], center_coef=center_coef)
+  loss, metrics = bradley_terry_loss(
+    scores[:B], scores[B:], batch.get("margin"), center_coef=center_coef
+  )
   metrics["score_mean"] = jnp.mean(scores)
   return loss, metrics
 
@@ -130,12 +132,15 @@ def sft_batch(seqs: Sequences, idx: np.ndarray) -> Batch:
 
 
 def pair_batch(pairs: tuple[Sequences, Sequences], idx: np.ndarray) -> Batch:
+  """The pairs' rows ``idx`` (and their margins, ``[B]``, when the file gives them)."""
   chosen, rejected = pairs
+  margin = {} if chosen.margin is None else {"margin": chosen.margin[idx]}
   return {
     "chosen_ids": chosen.ids[idx],
     "chosen_mask": chosen.mask[idx],
     "rejected_ids": rejected.ids[idx],
     "rejected_mask": rejected.mask[idx],
+    **margin,
   }
 
 

@@ -138,8 +138,10 @@ def adaptive_kl(kl_coef, observed_kl, n_steps, target, horizon):
   return kl_coef * (1 + e * n_steps / horizon)
 
 
-def bradley_terry(chosen, rejected):
-  terms = [softplus(-(float(c) - float(r))) for c, r in zip(chosen, rejected, strict=True)]
+def bradley_terry(chosen, rejected, margins=None):
+  margins = [0.0] * len(chosen) if margins is None else margins
+  pairs = zip(chosen, rejected, margins, strict=True)
+  terms = [softplus(-(float(c) - float(r) - float(m))) for c, r, m in pairs]
   acc = [float(c) > float(r) for c, r in zip(chosen, rejected, strict=True)]
   return sum(terms) / len(terms), sum(acc) / len(acc)
 

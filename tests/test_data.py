@@ -597,6 +597,51 @@ def test_holdout_split_keeps_each_prompt_on_one_side(capsys):
   assert g[0] == g[1] and len(set(g.tolist())) == 3  # row 2: a real 0 where 0, 1 pad
 
 
+def test_preference_margins_reach_the_reward_models_loss(tmp_path):
+  """A ``margin`` on every row (Llama 2's graded labels) travels with its pair through ``take``
+  and the batches into the reward model's loss; one row without, or a non-number, is refused."""
+  from flax import nnx
+
+  from ppo_jax import supervised
+  from ppo_jax.actor_critic import reward_scores
+  from ppo_jax.models import ModelConfig, RewardModel
+  from ppo_jax.preference import bradley_terry_loss
+
+  rows = [
+    {"prompt": "good", "chosen": "film", "rejected": "bad plot", "margin": 1.5},
+    {"prompt": "bad", "chosen": "good film", "rejected": "plot", "margin": 0},
+    {"prompt": "film", "chosen": "good", "rejected": "bad", "margin": 3},
+  ]
+  chosen, rejected = data.load_preferences(_jsonl(tmp_path / "m.jsonl", rows), TOK, LAYOUT)
+  np.testing.assert_array_equal(chosen.margin, [1.5, 0, 3])
+  np.testing.assert_array_equal(chosen.take(np.array([2, 0])).margin, [3, 1.5])
+  batch = supervised.pair_batch((chosen, rejected), np.array([2, 0, 1]))
+  np.testing.assert_array_equal(batch["margin"], [3, 1.5, 0])
+  cfg = ModelConfig.gpt2(
+    vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, max_position_embeddings=8
+  )
+  graphdef, state = nnx.split(RewardModel(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(state)
+  loss, _ = supervised.reward_loss(params, graphdef, batch)
+  ids = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+  mask = np.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+  s = np.asarray(reward_scores(graphdef, params, ids, mask))
+  want, _ = bradley_terry_loss(s[:3], s[3:], np.array([3, 1.5, 0]))
+  assert float(loss) == pytest.approx(float(want), rel=1e-6)
+  assert float(loss) != pytest.approx(float(bradley_terry_loss(s[:3], s[3:])[0]), rel=1e-3)
+  assert data.load_preferences(_jsonl(tmp_path / "n.jsonl", rows[:1]), TOK, LAYOUT)[0].margin.size
+  for bad, got in ((None, "none"), ("1", "'1'"), (float("nan"), "nan"), (True, "True")):
+    row = {k: v for k, v in rows[1].items() if k != "margin"}
+    if bad is not None:
+      row["margin"] = bad
+    with pytest.raises(
+      data.DataError,
+      match=rf"x\.jsonl:2: 'margin' must be a finite number on every row \(or on "
+      rf"none\), got {got}$",
+    ):
+      data.load_preferences(_jsonl(tmp_path / "x.jsonl", [rows[0], row]), TOK, LAYOUT)
+
+
 def test_preferences_with_no_preference_are_refused(tmp_path, capsys):
   same = [{"prompt": "good", "chosen": "film", "rejected": "film"}] * 2
   with pytest.raises(data.DataError, match=r"every pair has chosen == rejected"):

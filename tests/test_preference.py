@@ -37,6 +37,19 @@ class TestBradleyTerry:
     with pytest.raises(ValueError, match=r"^center_coef must be ≥ 0, got -1"):
       pj.bradley_terry_loss(chosen, rejected, center_coef=-1.0)
 
+  def test_margins_against_the_reference_under_jit(self):
+    """Llama 2's margin m: −log σ(s_c − s_r − m), the accuracy and margin metrics unchanged."""
+    rng = np.random.default_rng(3)
+    chosen, rejected, margins = rng.normal(scale=2.0, size=(3, 32))
+    loss, m = jax.jit(pj.bradley_terry_loss)(chosen, rejected, margins)
+    want_loss, want_acc = ref.bradley_terry(chosen, rejected, margins)
+    assert float(loss) == pytest.approx(want_loss, rel=1e-5)
+    assert float(loss) != pytest.approx(ref.bradley_terry(chosen, rejected)[0], rel=1e-3)
+    assert float(m["accuracy"]) == pytest.approx(want_acc)
+    assert float(m["margin"]) == pytest.approx(np.mean(chosen - rejected), rel=1e-5)
+    with pytest.raises(ValueError, match=r"chosen_scores_B\[32\], margin_B\[3\]"):
+      pj.bradley_terry_loss(chosen, rejected, margins[:3])
+
   def test_reference_under_jit(self):
     rng = np.random.default_rng(0)
     chosen, rejected = rng.normal(scale=5.0, size=(2, 32))
