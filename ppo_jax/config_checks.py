@@ -67,6 +67,11 @@ def check_settings(s: Settings) -> None:
       f"config.mesh.shape: expected three integers (data, fsdp, tensor), e.g. '(1,-1,1)', got "
       f"{','.join(map(str, shape))!r}"
     )
+  if shape.count(-1) > 1 or any(x == 0 or x < -1 for x in shape):  # what no devices fit
+    raise ValueError(
+      f"config.mesh.shape: sizes must be ≥ 1, with at most one -1 (the devices left), got "
+      f"{','.join(map(str, shape))!r}"
+    )
   if s.raw.seed < 0:  # NumPy's generators take none
     raise ValueError(f"config.seed: must be ≥ 0, got {s.raw.seed}")
   if (kv := s.raw.model.num_kv_heads) is not None and kv < 1:

@@ -74,6 +74,8 @@ def _cli(*args):
       "needs config.data.preferences=FILE.jsonl to train a reward model (config.reward.source="
       "'function' scores without one: add config.rm.enabled=False)",
     ),
+    ("--config.mesh.shape=(0,1,1)", "config.mesh.shape: sizes must be ≥ 1, with at most one -1"),
+    ("--config.mesh.shape=(-1,-1,1)", "config.mesh.shape: sizes must be ≥ 1, with at most one"),
     ("--config.ppo.critic_warmup=100000", "critic_warmup 100000 ≥ config.ppo.iterations"),
     ("--config.ppo.batch_size=0", "config.ppo.batch_size: must be ≥ 1, got 0"),
     ("--config.ppo.top_p=1.5", "config.ppo.top_p: must be in (0, 1], got 1.5"),
