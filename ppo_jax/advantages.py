@@ -94,19 +94,24 @@ def _groups(scores_N: ArrayLike, group_size: int, *, min_size: int) -> jax.Array
 
 
 def group_advantages(
-  scores_N: ArrayLike, group_size: int, *, normalize_std: bool = True
+  scores_N: ArrayLike, group_size: int, *, normalize_std: bool = True, std_scope: str = "group"
 ) -> jax.Array:
   """GRPO advantages: each score relative to its group of responses to the same prompt.
 
   ``Âᵢ = (sᵢ − mean_g) / (std_g + 1e-6)`` with the unbiased (n−1) standard deviation of the group
   (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300). ``normalize_std=False``
   gives ``sᵢ − mean_g`` (Dr. GRPO, Liu et al. 2025, https://arxiv.org/abs/2503.20783).
+  ``std_scope="batch"`` divides by the (unbiased) standard deviation of all N scores instead,
+  the group's mean still subtracted (Liu et al. 2025, "Tricks or Traps?",
+  https://arxiv.org/abs/2508.08221: a group of near-equal scores is not blown up to ±1; TRL's
+  ``scale_rewards="batch"``).
 
   Args:
     scores_N: one scalar score per response ``[N]``; ``N = prompts × group_size`` and each
       group's responses are consecutive.
     group_size: responses per prompt (≥ 2 when ``normalize_std``).
-    normalize_std: divide by the group's standard deviation.
+    normalize_std: divide by a standard deviation.
+    std_scope: ``"group"`` (each group's) or ``"batch"`` (all the scores').
 
   Returns:
     ``[N]`` advantages, broadcast later to every token of the response.
@@ -114,9 +119,16 @@ def group_advantages(
   >>> [round(float(a), 3) for a in group_advantages(jnp.array([1.0, 3.0, 0.0, 0.0]), 2)]
   [-0.707, 0.707, 0.0, 0.0]
   """
+  if std_scope not in ("group", "batch"):
+    raise ValueError(f"std_scope: unknown {std_scope!r}; expected 'group' or 'batch'")
   g = _groups(scores_N, group_size, min_size=2 if normalize_std else 1)
   centered = _centered(g)
-  if normalize_std:
+  if normalize_std and std_scope == "batch":
+    everything = _centered(g.reshape(1, -1))
+    var = jnp.sum(jnp.square(everything)) / max(g.size - 1, 1)
+    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
+    centered = centered / (std + 1e-6)
+  elif normalize_std:
     var = jnp.sum(jnp.square(centered), axis=1, keepdims=True) / (group_size - 1)
     # √ at 0 has an infinite derivative: a tied group's gradient was NaN. Its advantages are 0.
     std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)

@@ -27,6 +27,7 @@ CHOICES = {
   "rm.init": ("policy", "scratch"),
   "reward.source": ("model", "function"),
   "ppo.critic_init": CRITIC_INITS,
+  "ppo.group_std_scope": ("group", "batch"),
 }
 
 # Counts and sizes: field → smallest value.

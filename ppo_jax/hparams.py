@@ -50,6 +50,7 @@ class PPOHparams:
   estimator: str = "gae"
   group_size: int = 1
   group_std: bool = True  # GRPO divides by the group's std; False: Dr. GRPO (Liu et al. 2025)
+  group_std_scope: str = "group"  # group | batch: the std of all the batch's scores
   normalize_scores: bool = False  # by running mean/std of the scores
   missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS
   recompute_logprobs: bool = True  # old log-probs from a training-style forward, not the sampler

@@ -207,7 +207,9 @@ def group_relative(scores_B: jax.Array, mask_BxN: jax.Array, *, hp: PPOHparams):
   token of the response; returns are zero (there is no critic to fit). With ``kl_mode="reward"``
   the scores already carry −β·KL summed over the response."""
   if hp.estimator == "grpo":
-    adv_B = group_advantages(scores_B, hp.group_size, normalize_std=hp.group_std)
+    adv_B = group_advantages(
+      scores_B, hp.group_size, normalize_std=hp.group_std, std_scope=hp.group_std_scope
+    )
   else:
     adv_B = rloo_advantages(scores_B, hp.group_size)
   advantages = adv_B[:, None] * mask_BxN

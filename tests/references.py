@@ -162,12 +162,16 @@ def dpo(pc, pr, rc, rr, beta, label_smoothing, kind="sigmoid"):
   return sum(terms) / len(terms)
 
 
-def group_advantages(scores, group_size, normalize_std=True):
+def group_advantages(scores, group_size, normalize_std=True, std_scope="group"):
+  everything = [float(s) for s in scores]
+  mean_all = sum(everything) / len(everything)
+  var_all = sum((s - mean_all) ** 2 for s in everything) / max(len(everything) - 1, 1)
   out = []
   for start in range(0, len(scores), group_size):
     g = [float(s) for s in scores[start : start + group_size]]
     mean = sum(g) / len(g)
     std = math.sqrt(sum((s - mean) ** 2 for s in g) / (len(g) - 1)) if len(g) > 1 else 0.0
+    std = math.sqrt(var_all) if std_scope == "batch" else std
     out += [(s - mean) / (std + 1e-6) if normalize_std else s - mean for s in g]
   return np.array(out)
 

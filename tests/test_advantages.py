@@ -85,12 +85,38 @@ class TestGae:
 class TestGroupAdvantages:
   @pytest.mark.parametrize("group_size", [2, 4, 8])
   @pytest.mark.parametrize("normalize_std", [True, False])
-  def test_reference_under_jit(self, group_size, normalize_std):
+  @pytest.mark.parametrize("std_scope", ["group", "batch"])
+  def test_reference_under_jit(self, group_size, normalize_std, std_scope):
     scores = np.random.default_rng(3).normal(loc=1.0, scale=2.0, size=16)
-    f = jax.jit(pj.group_advantages, static_argnames=("group_size", "normalize_std"))
-    got = f(scores, group_size=group_size, normalize_std=normalize_std)
-    want = ref.group_advantages(scores, group_size, normalize_std)
+    static = ("group_size", "normalize_std", "std_scope")
+    f = jax.jit(pj.group_advantages, static_argnames=static)
+    got = f(scores, group_size=group_size, normalize_std=normalize_std, std_scope=std_scope)
+    want = ref.group_advantages(scores, group_size, normalize_std, std_scope)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  def test_batch_scope_leaves_a_group_of_near_equal_scores_small(self):
+    """Liu et al.'s batch std: a group whose scores differ by 1e-3 gets ±1e-3 / σ_batch, where
+    its own std would blow it up to ±0.7; a tied batch gives zeros with a finite gradient."""
+    scores = jnp.array([0.0, 1e-3, -3.0, 3.0])
+    group = pj.group_advantages(scores, 2)
+    batch = pj.group_advantages(scores, 2, std_scope="batch")
+    assert abs(float(group[0])) == pytest.approx(0.7071, rel=1e-2)  # 1e-6 in the std: 0.706
+    assert abs(float(batch[0])) < 1e-3 and abs(float(batch[3])) == pytest.approx(3 / 2.45, rel=1e-2)
+    tied = jax.grad(lambda s: jnp.sum(pj.group_advantages(s, 2, std_scope="batch")))(jnp.ones(4))
+    assert np.isfinite(np.asarray(tied)).all()
+    np.testing.assert_array_equal(pj.group_advantages(jnp.ones(4), 2, std_scope="batch"), 0.0)
+    with pytest.raises(ValueError, match=r"^std_scope: unknown 'all'; expected 'group' or 'batch'"):
+      pj.group_advantages(scores, 2, std_scope="all")
+
+  def test_the_run_hands_the_scope_to_group_advantages(self):
+    from ppo_jax.hparams import PPOHparams
+    from ppo_jax.rollout import group_relative
+
+    scores, mask = jnp.array([0.0, 1e-3, -3.0, 3.0]), jnp.ones((4, 2))
+    for scope in ("group", "batch"):
+      hp = PPOHparams(estimator="grpo", group_size=2, group_std_scope=scope)
+      adv, _ = group_relative(scores, mask, hp=hp)
+      np.testing.assert_allclose(adv[:, 0], pj.group_advantages(scores, 2, std_scope=scope))
 
   def test_hand_computed_and_constant_group(self):
     got = pj.group_advantages(jnp.array([0.0, 2.0, 4.0, 5.0, 5.0, 5.0]), 3)
