@@ -374,10 +374,11 @@ def pair_margins(rows: Sequence[dict], places: Sequence[str]) -> np.ndarray | No
   out = np.zeros(len(rows), np.float32)
   for i, (row, where) in enumerate(zip(rows, places, strict=True)):
     m = row.get("margin")
-    if isinstance(m, bool) or not isinstance(m, int | float) or not math.isfinite(m):
+    number = isinstance(m, int | float) and not isinstance(m, bool)
+    if not number or not math.isfinite(m) or abs(m) > float(np.finfo(np.float32).max):
       got = "none" if "margin" not in row else repr(m)
       raise DataError(
-        f"{where}: 'margin' must be a finite number on every row (or on none), got {got}"
+        f"{where}: 'margin' must be a finite float32 number on every row (or on none), got {got}"
       )
     out[i] = m
   return out

@@ -169,6 +169,14 @@ def check_same_prompts(prompts: str, held_out: int, directory, saved: dict[str, 
     )
 
 
+def _kept(error: RewardError, step: int, checkpointer: Checkpointer) -> RewardError:
+  """``error`` (a reward function's or the gold scorer's) saying that step ``step``, the last
+  finished, is saved (once the save is written) and where a rerun resumes."""
+  checkpointer.wait()
+  where = checkpointer.directory
+  return RewardError(f"{error}; step {step} is saved in {where}: a rerun resumes there")
+
+
 def run_ppo(
   policy: CausalLM,
   scorer: Scorer,
@@ -324,17 +332,18 @@ def run_ppo(
     except RewardError as e:  # before the update: the last finished step is kept, as a stop's
       if checkpointer is None or it == 0:
         raise
-      if it % checkpointer.settings.every:  # not saved yet
+      if it % checkpointer.settings.every and it != checkpointer.latest_step():  # not saved yet
         record_now = {**record, "step": it, "before": before, "nonfinite_streak": streak}
         checkpointer.save(it, state, record_now)
-      checkpointer.wait()
-      where = checkpointer.directory
-      raise RewardError(f"{e}; step {it} is saved in {where}: a rerun resumes there") from e
-    texts = golds = None
-    if gold is not None:
+      raise _kept(e, it, checkpointer) from e
+    texts = golds = gold_error = None
+    if gold is not None:  # after the update: a failure keeps this step (saved below)
       texts = decode_responses(tokenizer, gen.tokens, gen.mask)
-      golds = shared_scores(gold, batch, texts, name="gold scorer", step=step)
-      row["gold/score"] = float(np.mean(golds))
+      try:
+        golds = shared_scores(gold, batch, texts, name="gold scorer", step=step)
+        row["gold/score"] = float(np.mean(golds))
+      except RewardError as e:
+        gold_error = e
     history.append(row)
     if log is not None:
       log(
@@ -360,11 +369,15 @@ def run_ppo(
     )
     stop = stop_requested()
     if checkpointer is not None and (
-      step % checkpointer.settings.every == 0 or step == iterations or stop
+      step % checkpointer.settings.every == 0 or step == iterations or stop or gold_error
     ):
       checkpointer.save(
         step, state, {**record, "step": step, "before": before, "nonfinite_streak": streak}
       )
+    if gold_error is not None:
+      if checkpointer is None:
+        raise gold_error
+      raise _kept(gold_error, step, checkpointer) from gold_error
     if stop:
       if checkpointer is not None:
         checkpointer.wait()

@@ -37,8 +37,8 @@ def run_data_settings(folder: pathlib.Path) -> dict:
     settings = json.loads((pathlib.Path(folder) / STAGE_RECORD).read_text())["config"]["data"]
   except (OSError, ValueError, KeyError, TypeError):
     return {}
-  fields = ("max_prompt_len", "max_response_len", "chat_template", "system_prompt")
-  return {k: settings.get(k) for k in (*fields, "chat_template_kwargs")}
+  fields = ("max_prompt_len", "max_response_len", "prompt_overflow", "chat_template")
+  return {k: settings.get(k) for k in (*fields, "system_prompt", "chat_template_kwargs")}
 
 
 def evaluate_pairs(
@@ -82,14 +82,16 @@ def evaluate_pairs(
     "chat_template": chat_template or None,
     "system_prompt": system_prompt,
     "chat_template_kwargs": chat_template_kwargs,
+    "prompt_overflow": None if prompt_overflow == "error" else prompt_overflow,  # the default
   }
-  taken = {k: v for k, v in run.items() if given[k] is None and v not in (None, False)}
+  taken = {k: v for k, v in run.items() if given[k] is None and v not in (None, False, "error")}
   if taken:
     max_prompt_len = taken.get("max_prompt_len", max_prompt_len)
     max_response_len = taken.get("max_response_len", max_response_len)
     chat_template = taken.get("chat_template", chat_template)
     system_prompt = taken.get("system_prompt", system_prompt)
     chat_template_kwargs = taken.get("chat_template_kwargs", chat_template_kwargs)
+    prompt_overflow = taken.get("prompt_overflow", prompt_overflow)
     said = ", ".join(f"{k} {v!r}" for k, v in taken.items())
     record = pathlib.Path(reward_model) / STAGE_RECORD
     say(f"as the run that trained it ({record}): {said} (flags override)")

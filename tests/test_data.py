@@ -630,14 +630,20 @@ def test_preference_margins_reach_the_reward_models_loss(tmp_path):
   assert float(loss) == pytest.approx(float(want), rel=1e-6)
   assert float(loss) != pytest.approx(float(bradley_terry_loss(s[:3], s[3:])[0]), rel=1e-3)
   assert data.load_preferences(_jsonl(tmp_path / "n.jsonl", rows[:1]), TOK, LAYOUT)[0].margin.size
-  for bad, got in ((None, "none"), ("1", "'1'"), (float("nan"), "nan"), (True, "True")):
+  for bad, got in (
+    (None, "none"),
+    ("1", "'1'"),
+    (float("nan"), "nan"),
+    (True, "True"),
+    (1e39, "1e"),
+  ):
     row = {k: v for k, v in rows[1].items() if k != "margin"}
     if bad is not None:
       row["margin"] = bad
     with pytest.raises(
       data.DataError,
-      match=rf"x\.jsonl:2: 'margin' must be a finite number on every row \(or on "
-      rf"none\), got {got}$",
+      match=rf"x\.jsonl:2: 'margin' must be a finite float32 number on every row \(or on "
+      rf"none\), got {got}",
     ):
       data.load_preferences(_jsonl(tmp_path / "x.jsonl", [rows[0], row]), TOK, LAYOUT)
 

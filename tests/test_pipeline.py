@@ -93,7 +93,9 @@ def test_outputs_in_the_workdir(smoke_run):
   assert set(summary["after"]) == {"score", "gold", "kl", "length"}
 
 
-def test_rm_eval_on_the_written_held_out_pairs_gives_the_runs_held_out_metrics(smoke_run, capsys):
+def test_rm_eval_on_the_written_held_out_pairs_gives_the_runs_held_out_metrics(
+  smoke_run, capsys, tmp_path
+):
   """rm_held_out_pairs.jsonl holds the held-out rows as the file had them: ppo-jax rm-eval on it,
   with the run's lengths (read from the reward model's ppo_jax_stage.json when no flag gives
   them), reads the accuracy and margin the run printed."""
@@ -116,6 +118,16 @@ def test_rm_eval_on_the_written_held_out_pairs_gives_the_runs_held_out_metrics(s
   assert got["pairs"] == len(rows)
   assert got["accuracy"] == pytest.approx(summary["rm_eval"]["accuracy"], abs=1e-6)  # 1 pair: 0.01
   assert got["margin"] == pytest.approx(summary["rm_eval"]["margin"], rel=1e-4)
+  # A run that cut its prompts (data.prompt_overflow=truncate): cut alike, not refused.
+  import shutil
+
+  rm = shutil.copytree(workdir / "reward_model", tmp_path / "rm")
+  record = json.loads((rm / "ppo_jax_stage.json").read_text())
+  record["config"]["data"].update(max_prompt_len=2, prompt_overflow="truncate")
+  (rm / "ppo_jax_stage.json").write_text(json.dumps(record))
+  assert rm_eval.evaluate_pairs(rm, held_out)["pairs"] == len(rows)
+  assert "max_prompt_len 2, max_response_len " in (out := capsys.readouterr().out)
+  assert "prompt_overflow 'truncate'" in out
 
 
 def test_final_policy_loads_in_transformers(smoke_run):
@@ -209,8 +221,21 @@ def test_a_reward_function_failing_mid_run_keeps_the_last_finished_step(smoke_ru
   with pytest.raises(RewardError, match=r"judge timed out; step 2 is saved in .*checkpoints: a "):
     pipeline.run(config, workdir)
   assert [r["step"] for r in _rows(workdir)] == [1, 2]
+  reward_fns.CALLS[0] = 2  # failing again at once, on the step it resumed from (saved already)
+  with pytest.raises(RewardError, match=r"judge timed out; step 2 is saved in .*checkpoints: a "):
+    pipeline.run(config, workdir)
   pipeline.run(config, workdir)  # calls 4 and 5: the judge is back
   assert [r["step"] for r in _rows(workdir)] == [1, 2, 3, 4] and reward_fns.CALLS[0] == 5
+  # A gold scorer failing after the update keeps that step, its row logged without gold.
+  gold_run = reuse_stages(smoke_run[0], tmp_path / "gold", stages=("sft",))
+  config.reward.fn, config.task.gold = "reward_fns:superlatives", "reward_fns:fails_on_third_call"
+  reward_fns.CALLS[0] = 0
+  with pytest.raises(RewardError, match=r"^gold scorer at step 3 raised .*; step 3 is saved in "):
+    pipeline.run(config, gold_run)
+  rows = _rows(gold_run)
+  assert [r["step"] for r in rows] == [1, 2, 3] and "gold/score" not in rows[2]
+  pipeline.run(config, gold_run)
+  assert [r["step"] for r in _rows(gold_run)] == [1, 2, 3, 4] and reward_fns.CALLS[0] == 4
 
 
 def test_lora_run_trains_adapters_and_exports_a_plain_model(smoke_run, tmp_path):
