@@ -5,10 +5,10 @@ encodes them) are scored at their last token; the summary is Bradley–Terry's h
 (``preference.bradley_terry_loss``: the loss, the likelihood's alone, the accuracy, the fraction
 with ``s_c > s_r``, and the mean margin), what a reward model trained by the pipeline prints for
 its held-out split (its ``nll``: with ``rm.center_coef`` the run's ``loss`` adds the centering
-term), encoded with that run's ``data.max_prompt_len``, ``data.max_response_len``,
-``data.chat_template``, ``data.system_prompt`` and ``data.chat_template_kwargs``
-(``run_data_settings``) where no flag gives them. A tie (equal
-scores) counts as an error in the accuracy, as in training; ``ties`` says how many there were.
+term; the file's ``margin`` fields enter the loss as in training), encoded with that run's
+``data.*`` lengths, prompt overflow and chat settings (``run_data_settings``) where no flag
+gives them. A tie (equal scores) counts as an error in the accuracy, as in training; ``ties``
+says how many there were.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from ppo_jax.tokenizer import load_tokenizer, tokenizer_folder
 
 
 def run_data_settings(folder: pathlib.Path) -> dict:
-  """The ``data.*`` settings (lengths, chat template) of the run that trained the reward model
-  in ``folder``, from its ``ppo_jax_stage.json``; none for a folder no run wrote."""
+  """The ``data.*`` settings (lengths, prompt overflow, chat template) of the run that trained
+  the reward model in ``folder``, from its ``ppo_jax_stage.json``; none for a folder no run
+  wrote."""
   try:
     settings = json.loads((pathlib.Path(folder) / STAGE_RECORD).read_text())["config"]["data"]
   except (OSError, ValueError, KeyError, TypeError):
