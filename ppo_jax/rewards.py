@@ -197,12 +197,11 @@ def call_reward_fn(
 def call_reward_parts(fn: RewardFn | RewardSum, prompts, responses, *, name, step=None, **kw):
   """Each of ``fn``'s components' float32 scores, ``[B, K]`` (``K = 1`` for a plain function),
   each called and checked by ``call_reward_fn``'s rules, errors naming the component's path."""
-  if not isinstance(fn, RewardSum):
-    return _call_one(fn, prompts, responses, name=name, step=step, **kw)[:, None]
+  fns, names = (fn.fns, fn.paths) if isinstance(fn, RewardSum) else ((fn,), (name,))
   return np.stack(
     [
       _call_one(f, prompts, responses, name=path, step=step, **kw)
-      for f, path in zip(fn.fns, fn.paths, strict=True)
+      for f, path in zip(fns, names, strict=True)
     ],
     axis=1,
   )

@@ -311,6 +311,10 @@ def run_ppo(
   if before is None:
     before = held_out(state.params["policy"])
 
+  def save(done: int) -> None:  # the state, as it is, after ``done`` iterations
+    record_now = {**record, "step": done, "before": before, "nonfinite_streak": streak}
+    checkpointer.save(done, state, record_now)
+
   history = []
   for it in range(int(state.step), iterations):
     step = it + 1
@@ -333,8 +337,7 @@ def run_ppo(
       if checkpointer is None or it == 0:
         raise
       if it % checkpointer.settings.every and it != checkpointer.latest_step():  # not saved yet
-        record_now = {**record, "step": it, "before": before, "nonfinite_streak": streak}
-        checkpointer.save(it, state, record_now)
+        save(it)
       raise _kept(e, it, checkpointer) from e
     texts = golds = gold_error = None
     if gold is not None:  # after the update: a failure keeps this step (saved below)
@@ -371,9 +374,7 @@ def run_ppo(
     if checkpointer is not None and (
       step % checkpointer.settings.every == 0 or step == iterations or stop or gold_error
     ):
-      checkpointer.save(
-        step, state, {**record, "step": step, "before": before, "nonfinite_streak": streak}
-      )
+      save(step)
     if gold_error is not None:
       if checkpointer is None:
         raise gold_error

@@ -77,22 +77,21 @@ def evaluate_pairs(
   reward_model = model_folder(reward_model, "--reward-model", "reward_model")
   say = print if progress else (lambda *a, **k: None)
   run = run_data_settings(reward_model)  # the flags left unset, as the run that trained it had
-  given = {
+  given = {  # None: not given (the flags' defaults, False and "error", too)
     "max_prompt_len": max_prompt_len,
     "max_response_len": max_response_len,
+    "prompt_overflow": None if prompt_overflow == "error" else prompt_overflow,
     "chat_template": chat_template or None,
     "system_prompt": system_prompt,
     "chat_template_kwargs": chat_template_kwargs,
-    "prompt_overflow": None if prompt_overflow == "error" else prompt_overflow,  # the default
   }
   taken = {k: v for k, v in run.items() if given[k] is None and v not in (None, False, "error")}
+  settings = {**given, **taken}
+  max_prompt_len, max_response_len = settings["max_prompt_len"], settings["max_response_len"]
+  prompt_overflow = settings["prompt_overflow"] or "error"
+  chat_template = bool(settings["chat_template"])
+  system_prompt, chat_template_kwargs = settings["system_prompt"], settings["chat_template_kwargs"]
   if taken:
-    max_prompt_len = taken.get("max_prompt_len", max_prompt_len)
-    max_response_len = taken.get("max_response_len", max_response_len)
-    chat_template = taken.get("chat_template", chat_template)
-    system_prompt = taken.get("system_prompt", system_prompt)
-    chat_template_kwargs = taken.get("chat_template_kwargs", chat_template_kwargs)
-    prompt_overflow = taken.get("prompt_overflow", prompt_overflow)
     said = ", ".join(f"{k} {v!r}" for k, v in taken.items())
     record = pathlib.Path(reward_model) / STAGE_RECORD
     say(f"as the run that trained it ({record}): {said} (flags override)")
