@@ -48,12 +48,15 @@ from ppo_jax.file_batches import batch_order, batch_rows, logprob_scorer, rm_sco
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained
 from ppo_jax.models.hf import read_generation_config
 from ppo_jax.rewards import (
+  RewardSum,
   call_reward_fn,
+  call_reward_parts,
   components,
   fields_taken,
   load_reward_fn,
   load_reward_fns,
   split_paths,
+  summed,
 )
 from ppo_jax.sampler_settings import sampling_settings
 from ppo_jax.sampling import generate, row_keys
@@ -238,7 +241,11 @@ def sample_file(
   ref_logprobs = None
   if ref is not None:  # at the temperature of the sampler's log-probs (1 when greedy)
     ref_logprobs = logprob_scorer(shd.placed(ref, mesh), mesh, temperature=settings["temperature"])
-  results = {k: np.full(len(rows), np.nan) for k in ("tokens", "stopped", "score", "gold", "kl")}
+  # Several reward functions: each one's score too, before its weight.
+  parts = [f"scores/{name}" for name in (fn.names if isinstance(fn, RewardSum) else ())]
+  results = {
+    k: np.full(len(rows), np.nan) for k in ("tokens", "stopped", "score", *parts, "gold", "kl")
+  }
   key = jax.random.key(seed)
   lines: list[str] = [""] * len(rows)  # by prompt-major position
   tick = file_batches.ticker(say, len(rows), "responses")
@@ -272,10 +279,12 @@ def sample_file(
         kls = ((own - ref_logp) * all_mask).sum(1, dtype=np.float64)[:real]
       responses = decode_responses(tok, tokens, gen_mask)
       prompt_texts, batch_columns = batch.texts[:real], batch.head(real)
+      per_fn = {}
       if fn is not None:
-        scores = call_reward_fn(
-          fn, prompt_texts, responses, columns=batch_columns, name=f"--reward-fn {reward_fn}"
-        )
+        name = f"--reward-fn {reward_fn}"
+        each = call_reward_parts(fn, prompt_texts, responses, columns=batch_columns, name=name)
+        scores = summed(fn, each, name=name)
+        per_fn = dict(zip(parts, each.T, strict=False))  # none for a plain function
       elif score is not None:
         scores = np.asarray(score(full_ids, full_mask))[:real]
       else:
@@ -298,7 +307,7 @@ def sample_file(
         }
         pos = order[start + j]
         results["tokens"][pos], results["stopped"][pos] = length, stopped
-        for name, values in (("score", scores), ("gold", golds), ("kl", kls)):
+        for name, values in (("score", scores), *per_fn.items(), ("gold", golds), ("kl", kls)):
           if values is not None:
             row[name] = results[name][pos] = float(values[j])
         lines[pos] = writers.json_line(row)
@@ -345,7 +354,7 @@ def _summary(
   results: dict[str, np.ndarray], n: int, *, scored: bool, judged: bool
 ) -> dict[str, float]:
   """What ``sample_file`` prints of its rows, in prompt-major order (``scored``: with a scorer,
-  ``judged``: with a gold function)."""
+  ``judged``: with a gold function; ``scores/<name>``: each of several reward functions')."""
   summary = {
     "mean_tokens": float(np.mean(results["tokens"])),
     "stopped": float(np.mean(results["stopped"])),
@@ -359,6 +368,8 @@ def _summary(
     summary["score_std"] = float(scores.std())
     if n > 1:
       summary[f"best_of_{n}"] = float(scores.max(1).mean())
+    # each reward function's mean, with several
+    summary |= {k: float(np.mean(v)) for k, v in results.items() if k.startswith("scores/")}
   if golds.size:
     summary["gold_mean"] = float(golds.mean())
     if n > 1 and scores.size:  # the gold score of each prompt's pick by the scorer

@@ -91,7 +91,7 @@ def run_iteration(
   """One PPO iteration: ``(state, scalar metrics, per-sample metrics, host generation)``."""
   pids, pmask = put_rows(batch.ids, placement), put_rows(batch.mask, placement)
   t0 = time.perf_counter()
-  host_metrics = {}
+  host_metrics, host_per_sample = {}, {}
   if fuse:
     state, metrics, gen = fns.iterate(state, frozen, pids, pmask)
     jax.block_until_ready(state.step)
@@ -104,9 +104,10 @@ def run_iteration(
       host = host_generation(gen)
       texts = decode_responses(tokenizer, host.tokens, host.mask)
       parts = shared_score_parts(scorer.fn, batch, texts, name=scorer.fn_name, step=step)
-      if isinstance(scorer.fn, RewardSum):  # each function's mean, before the weights
-        means = zip(scorer.fn.names, parts.mean(0), strict=True)
-        host_metrics.update({f"scores/{n}": float(m) for n, m in means})
+      if isinstance(scorer.fn, RewardSum):  # each function's scores, before the weights
+        for n, column in zip(scorer.fn.names, parts.T, strict=True):
+          host_metrics[f"scores/{n}"] = float(column.mean())
+          host_per_sample[f"sample/scores/{n}"] = column
       scores = put_rows(
         summed(scorer.fn, parts, name=scorer.fn_name, step=step), placement, vector=True
       )
@@ -122,7 +123,7 @@ def run_iteration(
   elapsed = time.perf_counter() - t0
   fetched = {k: shd.to_host(v) for k, v in metrics.items()}
   row = {k: float(v) for k, v in fetched.items() if np.ndim(v) == 0}
-  per_sample = {k: v for k, v in fetched.items() if np.ndim(v) == 1}
+  per_sample = {k: v for k, v in fetched.items() if np.ndim(v) == 1} | host_per_sample
   row.update(host_metrics)
   row["time/iteration"] = elapsed
   gen = host_generation(gen)
@@ -388,12 +389,16 @@ def run_ppo(
       )
   if checkpointer is not None:
     checkpointer.wait()
+  try:
+    after = held_out(state.params["policy"])
+  except RewardError as e:  # the last step is saved: a rerun resumes there and evaluates again
+    if checkpointer is None:
+      raise
+    raise _kept(e, int(state.step), checkpointer) from e
   policy_vars = models.policy_vars(state.params["policy"], frozen.ref_params)
   if jax.process_count() > 1:  # save_pretrained needs whole arrays on this host
     policy_vars = jax.tree.map(shd.to_host, policy_vars)
   final = merge(models.policy, policy_vars)
   if models.lora:  # adapters folded into the weights: a plain Hugging Face model
     final = merge_lora(final)
-  return PPOResult(
-    policy=final, before=before, after=held_out(state.params["policy"]), history=history
-  )
+  return PPOResult(policy=final, before=before, after=after, history=history)

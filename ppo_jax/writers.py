@@ -3,6 +3,7 @@ and on the terminal a progress bar and the closing summary."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import jax
 PLOTTED = (
   "gold/score",
   "objective/scores",
+  "scores/*",  # each reward function's, with several
   "objective/kl",
   "objective/kl_coef",
   "objective/rlhf_reward",
@@ -154,6 +156,15 @@ def write_samples(
     writer.text("samples", table, step)
 
 
+def panels(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[str]:
+  """The metrics of ``names`` (each a name or a pattern, ``scores/*``) that ``rows`` hold as
+  numbers, two different ones at least (a constant curve says nothing), in ``names``' order."""
+  found = dict.fromkeys(k for r in rows for k in r)
+  names = [m for n in names for m in ([k for k in found if fnmatch.fnmatchcase(k, n)] or [n])]
+  series = {n: [r[n] for r in rows if isinstance(r.get(n), (int, float))] for n in names}
+  return [n for n, v in series.items() if len(set(v)) > 1]
+
+
 def plot_metrics(
   metrics_path: pathlib.Path,
   out_png: pathlib.Path,
@@ -161,15 +172,15 @@ def plot_metrics(
   names: Sequence[str] = PLOTTED,
   title: str = "",
 ) -> pathlib.Path | None:
-  """A grid of curves (one panel per metric present) saved as PNG."""
+  """A grid of curves (one panel per metric present; a name may be a pattern, ``scores/*``)
+  saved as PNG."""
   if jax.process_index() != 0:
     return None
   # A standalone Figure: no pyplot, so the caller's matplotlib backend (a notebook's) is untouched.
   from matplotlib.figure import Figure
 
   rows = read_metrics(metrics_path)
-  series = {n: [r[n] for r in rows if isinstance(r.get(n), (int, float))] for n in names}
-  present = [n for n, v in series.items() if len(set(v)) > 1]  # constant series say nothing
+  present = panels(rows, names)
   if not present:
     return None
   cols = 4

@@ -160,12 +160,20 @@ def test_best_of_n_and_a_reward_function(folders, tmp_path):
   assert judged["best_of_3_gold"] == pytest.approx(-np.mean(longest))
   assert judged["gold_mean"] == pytest.approx(-judged["score_mean"])
   assert judged["best_of_3_gold"] < judged["gold_mean"]  # the judge disagrees: picks score worse
-  # Several functions score their weighted sum.
+  # Several functions score their weighted sum; each one's score is in the rows, its mean in the
+  # summary.
   kw.update(reward_fn="reward_fns:keyed,reward_fns:words_minus_prompt", reward_weights="0.5,2")
-  inference.sample_file(policy_dir, keyed, tmp_path / "sum.jsonl", seed=7, **kw)
+  summed = inference.sample_file(policy_dir, keyed, tmp_path / "sum.jsonl", seed=7, **kw)
   for r in _rows(tmp_path / "sum.jsonl"):
-    words = len(r["response"].split())
-    assert r["score"] == pytest.approx(0.5 * words + 2 * (words - 0.1 * len(r["prompt"].split())))
+    words, less = len(r["response"].split()), 0.1 * len(r["prompt"].split())
+    assert r["score"] == pytest.approx(0.5 * words + 2 * (words - less))
+    assert r["scores/keyed"] == words and r["scores/words_minus_prompt"] == pytest.approx(
+      words - less
+    )
+  assert summed["scores/keyed"] == pytest.approx(np.mean([r["score"] for r in got]))
+  assert summed["score_mean"] == pytest.approx(
+    0.5 * summed["scores/keyed"] + 2 * summed["scores/words_minus_prompt"]
+  )
   # A field some rows lack, which a function requires: refused before sampling, as training does.
   lacking = tmp_path / "lacking.jsonl"
   lacking.write_text("".join(json.dumps({"prompt": p, "key": p}) + "\n" for p in PROMPTS[:-1]))

@@ -235,6 +235,23 @@ def test_a_reward_function_failing_mid_run_keeps_the_last_finished_step(smoke_ru
   rows = _rows(gold_run)
   assert [r["step"] for r in rows] == [1, 2, 3] and "gold/score" not in rows[2]
   assert (gold_run / "checkpoints" / "3").is_dir()  # where a rerun resumes, as above
+  # Failing in the held-out evaluation after the last step (calls: before, step 1, after): the
+  # step is saved; the rerun only evaluates.
+  held_run = reuse_stages(smoke_run[0], tmp_path / "held", stages=("sft",))
+  config = smoke_config(
+    reward__source="function",
+    reward__fn="reward_fns:fails_on_third_call",
+    rm__enabled=False,
+    ppo__critic_init="policy",
+    ppo__iterations=1,
+    data__eval_prompts=8,
+    log__tensorboard=False,
+    log__plots=False,
+  )
+  reward_fns.CALLS[0] = 0
+  with pytest.raises(RewardError, match=r"judge timed out; step 1 is saved in .*checkpoints: a "):
+    pipeline.run(config, held_run)
+  assert pipeline.run(config, held_run)["after"] and reward_fns.CALLS[0] == 4
 
 
 def test_lora_run_trains_adapters_and_exports_a_plain_model(smoke_run, tmp_path):
@@ -325,6 +342,17 @@ def test_reward_functions_get_the_prompt_rows_other_fields(smoke_run, tmp_path, 
     got = summary[when]
     assert got["scores/keyed"] == got["gold"] == pytest.approx(-got["scores/shortness"])
   assert "\n  scores/keyed " in capsys.readouterr().out
+  # The sample rows have each function's score of their own response, before its weight.
+  samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").open()]
+  assert (
+    len(samples) == 2 * 8
+    and all(s["scores/keyed"] == s["gold"] == -s["scores/shortness"] for s in samples)
+    and any(s["scores/keyed"] > 0 for s in samples)
+  )
+  assert (
+    "| scores/keyed | scores/shortness |"
+    in (tmp_path / "run" / "samples").joinpath("step_000001.md").read_text()
+  )
   prompts.write_text(
     "".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts))
   )
@@ -628,6 +656,17 @@ def test_a_terminal_of_no_width_gets_lines_and_a_sized_one_a_bar(monkeypatch):
     bar = writers.progress_bar(3, "ppo")
     assert not isinstance(bar, writers.LineProgress)
     bar.close()
+
+
+def test_each_reward_functions_curve_is_plotted():
+  """``scores/*`` in the plotted names stands for every reward function's curve, in the file's
+  order; a constant one and a name no row has are left out."""
+  rows = [
+    {"step": i, "objective/scores": i, "scores/b": -i, "scores/a": 2 * i, "scores/c": 1.0}
+    for i in (1, 2, 3)
+  ]
+  assert writers.panels(rows, writers.PLOTTED) == ["objective/scores", "scores/b", "scores/a"]
+  assert writers.panels(rows, ["gold/score", "scores/a"]) == ["scores/a"]
 
 
 def test_a_stage_without_a_curve_to_plot_says_so(tmp_path, capsys):
