@@ -68,7 +68,7 @@ def rm_eval(argv: list[str]) -> int:
   p.add_argument("--batch-size", type=count, default=16, help="pairs per forward (16)")
   p.add_argument("--max-prompt-len", type=count, help="default: the model's positions left")
   p.add_argument("--max-response-len", type=count, help="responses cut here (half the positions)")
-  add_prompt_flags(p)
+  add_prompt_flags(p, chat="default: as the run that trained it, else plain text")
   from ppo_jax.rm_eval import evaluate_pairs
 
   return run_command(p, evaluate_pairs, argv)
@@ -120,10 +120,17 @@ def sample(argv: list[str]) -> int:
   return run_command(p, sample_file, argv)
 
 
-def add_prompt_flags(p) -> None:
-  """The flags of how prompts are read and the numerics, shared by the commands of files."""
+def add_prompt_flags(p, *, chat: str | None = None) -> None:
+  """The flags of how prompts are read and the numerics, shared by the commands of files.
+  ``chat``: where --chat-template's default is the run's (rm-eval), what its help says: the
+  switch is then None unless given (else False)."""
   p.add_argument("--prompt-overflow", choices=data.OVERFLOW, default="error")
-  p.add_argument("--chat-template", action="store_true", help="prompts in the chat template")
+  p.add_argument(
+    "--chat-template",
+    action=argparse.BooleanOptionalAction,
+    default=None if chat else False,
+    help=f"prompts in the chat template ({chat or 'default: plain text'})",
+  )
   p.add_argument("--system-prompt", help="with --chat-template: a system turn first")
   p.add_argument("--chat-template-kwargs", help="with --chat-template: a JSON object")
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -242,7 +249,7 @@ def _check_flag_names(parser, argv: list[str]) -> None:
 def _check_together(flags: dict, error) -> None:
   """Refuses flags that would be ignored: chat flags without --chat-template, sampling
   settings with --greedy."""
-  if not flags.get("chat_template", True):
+  if flags.get("chat_template", True) is False:  # None: the run's, checked once read
     for name in ("system_prompt", "chat_template_kwargs"):
       if flags.get(name) is not None:
         flag = "--" + name.replace("_", "-")

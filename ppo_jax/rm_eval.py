@@ -52,7 +52,7 @@ def evaluate_pairs(
   max_prompt_len: int | None = None,
   max_response_len: int | None = None,
   prompt_overflow: str = "error",
-  chat_template: bool = False,
+  chat_template: bool | None = None,
   system_prompt: str | None = None,
   chat_template_kwargs: str | None = None,
   dtype: str = "float32",
@@ -72,6 +72,10 @@ def evaluate_pairs(
   (``file_batches.trimmed``). ``mesh``: the devices' ``(data, fsdp, tensor)`` shape
   (``sharding.command_mesh``; default all on ``data``); a batch holds ``batch_size`` pairs
   whatever the devices, each forward padded to split evenly over the batch devices.
+
+  The settings left unset (None; the lengths, ``prompt_overflow``, the chat template and its
+  system prompt and arguments) are those of the run that trained the model, where its
+  ``ppo_jax_stage.json`` says; ``chat_template=False`` reads plain text whatever the run did.
   """
   out = file_batches.output_file(out) if out else None
   reward_model = model_folder(reward_model, "--reward-model", "reward_model")
@@ -81,11 +85,13 @@ def evaluate_pairs(
     "max_prompt_len": max_prompt_len,
     "max_response_len": max_response_len,
     "prompt_overflow": None if prompt_overflow == "error" else prompt_overflow,
-    "chat_template": chat_template or None,
+    "chat_template": chat_template,
     "system_prompt": system_prompt,
     "chat_template_kwargs": chat_template_kwargs,
   }
   taken = {k: v for k, v in run.items() if given[k] is None and v not in (None, False, "error")}
+  if chat_template is False:  # plain text: the run's chat settings do not apply either
+    taken = {k: v for k, v in taken.items() if k not in ("system_prompt", "chat_template_kwargs")}
   settings = {**given, **taken}
   max_prompt_len, max_response_len = settings["max_prompt_len"], settings["max_response_len"]
   prompt_overflow = settings["prompt_overflow"] or "error"
@@ -95,6 +101,15 @@ def evaluate_pairs(
     said = ", ".join(f"{k} {v!r}" for k, v in taken.items())
     record = pathlib.Path(reward_model) / STAGE_RECORD
     say(f"as the run that trained it ({record}): {said} (flags override)")
+  for name, value in (
+    ("system_prompt", system_prompt),
+    ("chat_template_kwargs", chat_template_kwargs),
+  ):
+    if value is not None and not chat_template:  # given, where neither flag nor run sets one
+      raise ValueError(
+        f"--{name.replace('_', '-')} needs --chat-template (neither given nor the run's: the "
+        "pairs are read as plain text)"
+      )
   tok_dir = tokenizer_folder(tokenizer, "--tokenizer") if tokenizer else reward_model
   mesh = shd.command_mesh(mesh)
   tok = load_tokenizer(tok_dir)

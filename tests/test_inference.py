@@ -508,6 +508,35 @@ def test_rm_eval_scores_equal_transformers(folders, tmp_path, capsys):
   assert cli(args) == 1  # --out exists
   assert "scores.jsonl exists; pick another file" in capsys.readouterr().err
 
+  # A reward model whose run read prompts in a chat template with a system turn: rm-eval reads
+  # them so unless told --no-chat-template (the run's system prompt dropped with it); a system
+  # prompt alone takes the run's template.
+  chat_dir = tmp_path / "rm_chat"
+  shutil.copytree(rm_dir, chat_dir)
+  tok.chat_template = (
+    "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+    "{% if add_generation_prompt %}w30 {% endif %}"
+  )
+  tok.save_pretrained(str(chat_dir))
+  record = {"config": {"data": {"chat_template": True, "system_prompt": "w20"}}}
+  (chat_dir / "ppo_jax_stage.json").write_text(json.dumps(record))
+  plain = summary["loss"]
+  chat_args = [*args[:2], f"--reward-model={chat_dir}", f"--pairs={path}", "--max-response-len=4"]
+  run_chat = rm_eval.evaluate_pairs(chat_dir, path, max_response_len=4, progress=False)
+  assert run_chat["loss"] != pytest.approx(plain, abs=1e-4)  # the template changes the inputs
+  assert cli([*chat_args, "--no-chat-template"]) == 0
+  assert "as the run that trained it" not in capsys.readouterr().out
+  no_chat = rm_eval.evaluate_pairs(chat_dir, path, max_response_len=4, chat_template=False)
+  assert no_chat["loss"] == pytest.approx(plain, abs=1e-6)
+  other = rm_eval.evaluate_pairs(chat_dir, path, max_response_len=4, system_prompt="w21")
+  assert other["loss"] != pytest.approx(run_chat["loss"], abs=1e-4)  # its own system turn
+  assert cli([*chat_args, "--no-chat-template", "--system-prompt=w21"]) == 2
+  assert "--system-prompt needs --chat-template" in capsys.readouterr().err
+  assert cli([*args[:2], f"--reward-model={rm_dir}", f"--pairs={path}", "--system-prompt=w2"]) == 1
+  assert "--system-prompt needs --chat-template (neither given nor the run's" in (
+    capsys.readouterr().err
+  )
+
 
 def test_batches_are_cut_to_their_longest_prompt(folders, tmp_path, monkeypatch):
   """Rows go longest prompt first, and a batch of short prompts is not padded to the file's
