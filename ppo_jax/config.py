@@ -34,6 +34,8 @@ CRITIC_INITS = ("reward_model", "policy")
 # (dpo trains offline on preference pairs and uses only the sampler settings of ppo.*)
 ALGOS = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo", "dpo": "gae"}
 ARCHS = ("gpt2", "llama")
+# config.stop_after: the stage a run ends with ("": the last, config.algo's)
+STOPS = ("", "sft", "rm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +257,7 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.algo = "ppo"
+  config.stop_after = ""
   for name, classes in SECTIONS.items():
     config[name] = _section(*classes)
   config.rm.optim = _section_from(OptimHparams(lr=5e-4, warmup_steps=10))
@@ -290,6 +293,7 @@ class Settings:
 
   seed: int
   algo: str
+  stop_after: str
   task: TaskSettings
   data: DataSettings
   model: ModelSettings
@@ -312,6 +316,7 @@ class Settings:
     settings = cls(
       seed=int(config.seed),
       algo=str(config.algo),
+      stop_after=str(config.stop_after),
       task=_build(TaskSettings, config.task, "task"),
       data=_build(DataSettings, config.data, "data"),
       model=_build(ModelSettings, config.model, "model"),
@@ -332,6 +337,11 @@ class Settings:
     if settings.algo not in ALGOS:
       raise ValueError(
         f"config.algo: unknown {settings.algo!r}; expected one of {', '.join(ALGOS)}"
+      )
+    if settings.stop_after not in STOPS:
+      raise ValueError(
+        f"config.stop_after: unknown {settings.stop_after!r}; expected 'sft', 'rm' or '' (the "
+        "whole pipeline)"
       )
     # Validates the PPO fields now; the tokenizer's ids come later (an EOS stands in for one).
     hp = settings.ppo(eos_token_id=0, pad_token_id=0)

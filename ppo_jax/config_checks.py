@@ -187,8 +187,27 @@ def check_settings(s: Settings) -> None:
       "config.reward.source='model' needs config.rm.enabled=True or config.reward.model=FOLDER",
     ),
     (
-      s.task.name != "files" or s.data.prompts,
-      "config.task.name='files' needs config.data.prompts=FILE.jsonl",
+      s.task.name != "files" or s.data.prompts or s.stop_after,
+      "config.task.name='files' needs config.data.prompts=FILE.jsonl (or config.stop_after='rm' "
+      "or 'sft', which train no policy on prompts)",
+    ),
+    (
+      s.stop_after != "rm" or trains_rm,
+      "config.stop_after='rm': this run trains no reward model ("
+      + (
+        "DPO learns from the pairs"
+        if s.algo == "dpo"
+        else "config.rm.enabled=False"
+        if not s.rm_run.enabled
+        else "config.reward.model gives one"
+      )
+      + ")",
+    ),
+    (
+      s.stop_after != "sft" or (s.sft.epochs > 0 and (s.task.name != "files" or s.data.sft)),
+      "config.stop_after='sft': this run trains no SFT policy ("
+      + ("config.sft.epochs=0" if s.sft.epochs <= 0 else "no config.data.sft=FILE.jsonl")
+      + ")",
     ),
     *(
       (

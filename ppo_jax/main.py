@@ -252,7 +252,8 @@ usage: ppo-jax --config=FILE[:ARG] --workdir=DIR [--config.FIELD=VALUE ...] [--n
        ppo-jax rm-eval --reward-model=DIR --pairs=FILE [--out=FILE] [...]
 
 Runs an experiment config (experiments/*.py: get_config(arg)) end to end: SFT, reward model, then
-PPO (or the algorithm config.algo names), writing everything under --workdir.
+PPO (or the algorithm config.algo names), writing everything under --workdir
+(--config.stop_after=rm: up to the reward model).
 
   --config=FILE[:ARG]     the experiment, e.g. experiments/default.py (:smoke, a short one)
   --workdir=DIR           output folder; running again resumes from its finished stages and latest

@@ -25,7 +25,6 @@ from ppo_jax import (
   rl,
   stage_checkpoints,
   supervised_step,
-  synthetic,
   writers,
 )
 from ppo_jax import sharding as shd
@@ -35,8 +34,9 @@ from ppo_jax.config import Settings, base_config
 from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.models import CausalLM, RewardModel
 from ppo_jax.resume_rules import with_paths_resolved
-from ppo_jax.rewards import fields_taken, load_reward_fn, load_reward_fns, split_paths
+from ppo_jax.rewards import load_reward_fn, load_reward_fns
 from ppo_jax.rows import holdout_by_prompt
+from ppo_jax.run_inputs import Inputs, prepare_inputs, rl_prompts
 from ppo_jax.stage_folders import put_back_aside, save_whole
 from ppo_jax.stages import (
   init_policy,
@@ -46,7 +46,6 @@ from ppo_jax.stages import (
   run_sft,
   with_adapters,
 )
-from ppo_jax.tokenizer import load_tokenizer
 from ppo_jax.workdir import (
   LOCK,
   check_finished,
@@ -76,52 +75,6 @@ def banner(title: str, *, stage: str | None = None) -> None:
   took = f" (previous stage {now - _LAST_BANNER[0]:.1f} s)"
   _LAST_BANNER[0] = now
   print(f"\n{'=' * 20} {title} {'=' * max(0, 58 - len(title))}{took}", flush=True)
-
-
-@dataclasses.dataclass
-class Inputs:
-  tokenizer: Any
-  tokenizer_path: str
-  prompts: str
-  sft: str | None
-  preferences: str | None
-  gold: str | None
-  notes: dict[str, float]
-  # The SFT sequences and preference pairs, read and tokenized before any stage trains (so a bad
-  # row or a prompt over P fails first) and taken by the stage that trains on them.
-  loaded: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def prepare_inputs(s: Settings, workdir: pathlib.Path) -> Inputs:
-  """The data files and tokenizer: the embedded synthetic task, or the user's files."""
-  if s.task.name == "synthetic":
-    paths = synthetic.write_task(
-      workdir / "data",
-      seed=s.seed,
-      num_prompts=s.task.num_prompts,
-      num_sft=s.task.num_sft,
-      num_pairs=s.task.num_pairs,
-      label_noise=s.task.label_noise,
-      write_files=shd.is_main_process(),
-    )
-    shd.sync("synthetic task written")
-    tok = s.model.tokenizer or paths["tokenizer"]
-    gold = s.task.gold or "ppo_jax.synthetic:gold_score"
-    return Inputs(
-      load_tokenizer(tok),
-      tok,
-      paths["prompts"],
-      paths["sft"],
-      paths["preferences"],
-      gold,
-      {"label_accuracy": paths["label_accuracy"]},
-    )
-  tok = s.model.tokenizer or (None if s.model.init == "scratch" else s.model.init)
-  if tok is None:
-    raise ValueError("config.model.tokenizer is required when config.model.init='scratch'")
-  return Inputs(
-    load_tokenizer(tok), tok, s.data.prompts, s.data.sft, s.data.preferences, s.task.gold, {}
-  )
 
 
 def run_ppo_stage(
@@ -277,29 +230,17 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
     s.data.system_prompt,
     s.data.chat_template_kwargs,
   )
-  texts, ids, mask, columns = data.load_prompts_and_columns(inputs.prompts, tok, layout)
-  n_eval = min(s.data.eval_prompts, len(texts) // 4)
-  if n_eval < s.data.eval_prompts:
-    print(
-      f"data.eval_prompts={s.data.eval_prompts} but {len(texts)} prompts: holding out {n_eval} "
-      "(at most a quarter)"
-    )
-  paths = split_paths(s.reward.fn) if s.reward.source == "function" else []
-  named = [(f"config.reward.fn {p!r}" if len(paths) > 1 else "config.reward.fn", p) for p in paths]
-  for field, path in [*named, *([("config.task.gold", inputs.gold)] if inputs.gold else [])]:
-    # A field it takes that the rows lack: now, not after SFT and the reward model.
-    fields_taken(load_reward_fn(path, what=field), columns, field, every_row=True)
-  prompts = evaluation.Prompts(
-    texts[n_eval:], ids[n_eval:], mask[n_eval:], {k: v[n_eval:] for k, v in columns.items()}
-  )
-  eval_prompts = evaluation.Prompts(
-    texts[:n_eval], ids[:n_eval], mask[:n_eval], {k: v[:n_eval] for k, v in columns.items()}
-  )
-  print(
-    f"{len(prompts)} training and {len(eval_prompts)} evaluation prompts from "
-    f"{inputs.prompts}; vocabulary {len(tok)}"
-  )
-  if resume and s.algo != "dpo" and checkpoint.holds_checkpoints(workdir / "checkpoints"):
+  if s.stop_after:  # no policy trained on prompts: none read
+    prompts = eval_prompts = None
+    print(f"config.stop_after={s.stop_after!r}: no prompts read; vocabulary {len(tok)}")
+  else:
+    prompts, eval_prompts = rl_prompts(s, inputs, layout)
+  if (
+    prompts is not None
+    and resume
+    and s.algo != "dpo"
+    and checkpoint.holds_checkpoints(workdir / "checkpoints")
+  ):
     with checkpoint.Checkpointer(workdir / "checkpoints", s.checkpoint) as ckpt:
       if ckpt.latest_step() is not None:  # now, not once the models are built and placed
         prints = rl.prompts_fingerprint(prompts, eval_prompts)
@@ -335,6 +276,9 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   banner("1/3 supervised fine-tuning", stage="sft")
   policy, sft_eval = run_sft(s, policy, inputs, layout, workdir, mesh=mesh)
+  stopped = {"sft_eval": sft_eval, "rm_eval": {}, "stop_after": s.stop_after, **inputs.notes}
+  if s.stop_after == "sft":
+    return _close(s, workdir, {"before": {}, "after": {}, **stopped}, now, t_start)
   banner("2/3 reward model", stage="reward model")
   if s.algo == "dpo":  # whatever rm.* says: DPO learns from the pairs themselves
     print("DPO trains on the preference pairs directly: no reward model")
@@ -344,6 +288,9 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
     reward_model, rm_eval = run_reward_model(s, policy, inputs, layout, workdir, mesh=mesh)
     if reward_model is not None:
       check_compatible(reward_model.cfg, tok, max_len, what="reward model")
+  if s.stop_after == "rm":
+    stopped["rm_eval"] = rm_eval
+    return _close(s, workdir, {"before": {}, "after": {}, **stopped}, now, t_start)
 
   banner(f"3/3 {s.algo.upper()}", stage=s.algo)
   stage_eval = {}
@@ -364,8 +311,6 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
       mesh=mesh,
     )
   save_whole(result.policy, workdir / "policy", tok, generation_config=generation_defaults(s))
-  if s.log.plots:
-    writers.plot_stages(workdir, s.algo)
 
   before, after = result.before, result.after
   metrics_path = workdir / "metrics.jsonl"  # RL stages only
@@ -382,10 +327,21 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
     "sft_eval": sft_eval,
     "rm_eval": rm_eval,
     **({"dpo_eval": stage_eval} if stage_eval else {}),
-    "algo": s.algo,
     **inputs.notes,
+  }
+  return _close(s, workdir, summary, now, t_start)
+
+
+def _close(s: Settings, workdir: pathlib.Path, summary: dict, config: dict, t_start: float) -> dict:
+  """Writes ``summary.json`` (``summary`` with the algorithm, the time taken and ``config``, the
+  run's config as JSON), prints the closing table and the outputs; returns the whole summary."""
+  if s.log.plots:
+    writers.plot_stages(workdir, s.algo)
+  summary = {
+    **summary,
+    "algo": s.algo,
     "seconds": time.perf_counter() - t_start,
-    "config": now,  # what finished_summary compares a later run's config with
+    "config": config,  # what finished_summary compares a later run's config with
   }
   if shd.is_main_process():
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

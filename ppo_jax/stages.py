@@ -28,7 +28,7 @@ from ppo_jax.token_edges import turn_end_id
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
-  from ppo_jax.pipeline import Inputs
+  from ppo_jax.run_inputs import Inputs
 
 
 def with_adapters(

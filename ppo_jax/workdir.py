@@ -34,7 +34,7 @@ from ppo_jax.tokenizer import load_tokenizer, tokenizer_folder
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
-  from ppo_jax.pipeline import Inputs
+  from ppo_jax.run_inputs import Inputs
 
 CHECKPOINT_DIRS = ("checkpoints", "sft_checkpoints", "rm_checkpoints", "dpo_checkpoints")
 # What synthetic.write_task makes WORKDIR/data's files from: one random stream draws the prompts,
@@ -122,8 +122,11 @@ def nothing_to_do(s: Settings, workdir: pathlib.Path, done: dict, config: dict) 
   ``config`` (as JSON; only fields that change no result, or ``finished_summary`` would not have
   found it finished), and how to train on."""
   more = (
-    "to train longer, raise dpo.epochs (the run goes on from its last checkpoint, its decaying "
-    "learning-rate schedule stretched to the new end), or use a new workdir"
+    "to go on, drop config.stop_after (--config.stop_after=): the next stages start from its "
+    + ("sft/" if s.stop_after == "sft" else "reward_model/")
+    if s.stop_after
+    else "to train longer, raise dpo.epochs (the run goes on from its last checkpoint, its "
+    "decaying learning-rate schedule stretched to the new end), or use a new workdir"
     if s.algo == "dpo"
     else "to train on, raise ppo.iterations, or use a new workdir"
   )
@@ -155,7 +158,8 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
   """The summary of the finished run of ``config`` (as JSON) in ``workdir``, on every process;
   None if anything is missing to call it finished: the config.json and the summary.json of this
   config (written last; removed when a run starts), the stages' folders (deleted ones are
-  trained again), ``policy/``, and the last stage's checkpoints (PPO's of the last step)."""
+  trained again), ``policy/``, and the last stage's checkpoints (PPO's of the last step); with
+  ``stop_after``, the folders of the stages up to it."""
 
   def same(then: Any) -> bool:  # what changes no result aside (logging, the devices, …)
     return isinstance(then, dict) and _results_config(then) == _results_config(config)
@@ -168,15 +172,17 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
       summary = None
   will = stages_trained(s, workdir)
   last = workdir / "checkpoints" / str(s.ppo_run.iterations)
-  done = (
-    isinstance(summary, dict)
-    and same(summary.get("config"))
-    and not (will["sft"] or will["rm"])
-    and has_model_folder(workdir / "policy")
-    and (
-      checkpoint.holds_checkpoints(workdir / "dpo_checkpoints") if will["dpo"] else last.is_dir()
+  if s.stop_after:  # the stages up to it (config.stop_after) are all the run trains
+    outputs = not (will["sft"] or (s.stop_after == "rm" and will["rm"]))
+  else:
+    outputs = (
+      not (will["sft"] or will["rm"])
+      and has_model_folder(workdir / "policy")
+      and (
+        checkpoint.holds_checkpoints(workdir / "dpo_checkpoints") if will["dpo"] else last.is_dir()
+      )
     )
-  )
+  done = isinstance(summary, dict) and same(summary.get("config")) and outputs
   return summary if shd.all_agree(done) else None
 
 

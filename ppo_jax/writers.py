@@ -332,8 +332,9 @@ def rollout_summary(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def print_summary(summary: dict[str, Any], *, this_invocation: bool = True) -> None:
-  """The run's closing table: score, gold score, KL and length before and after the RL stage
-  (``this_invocation=False``: a summary an earlier invocation wrote)."""
+  """The run's closing table: score, gold score, KL and length before and after the RL stage, or
+  the stage a run stopped after (``stop_after``; ``this_invocation=False``: a summary an earlier
+  invocation wrote)."""
   before, after = summary["before"], summary["after"]
   rows = [
     ("score (reward model or fn)", "score"),
@@ -350,7 +351,12 @@ def print_summary(summary: dict[str, Any], *, this_invocation: bool = True) -> N
     source, columns = f"{algo} rollouts", (f"first {k}", f"last {k}")
     if not after:
       source, columns = "the one rollout", (f"{algo} rollout", "")
-  if any(key in before for _, key in rows):
+  if stop := summary.get("stop_after"):
+    stage = {"sft": "supervised fine-tuning", "rm": "the reward model"}[stop]
+    print(f"stopped after {stage} (config.stop_after={stop!r}): no policy trained on prompts")
+    if "nll" in (sft := summary.get("sft_eval", {})):
+      print(f"SFT held-out nll: {sft['nll']:.4f}, token accuracy {sft['token_accuracy']:.3f}")
+  elif any(key in before for _, key in rows):
     print(f"{source:30s} {columns[0]:>12s} {columns[1]:>12s}".rstrip())
   else:  # DPO samples nothing while it trains: its before/after are the held-out prompts'
     print(f"no before/after scores: {algo} samples no rollouts, and no prompts were held out to")

@@ -199,6 +199,19 @@ def _cli(*args):
       "config.ppo.lora_targets: 'q,x'; expected a comma-separated subset of",
     ),
     ("--config.seed=-1", "config.seed: must be ≥ 0, got -1"),  # was an error mid-SFT
+    ("--config.stop_after=ppo", "config.stop_after: unknown 'ppo'; expected 'sft', 'rm' or ''"),
+    (
+      ["--config.stop_after=rm", "--config.algo=dpo"],
+      "config.stop_after='rm': this run trains no reward model (DPO learns from the pairs)",
+    ),
+    (
+      ["--config.stop_after=rm", "--config.reward.model=rm"],
+      "config.stop_after='rm': this run trains no reward model (config.reward.model gives one)",
+    ),
+    (
+      ["--config.stop_after=sft", "--config.sft.epochs=0"],
+      "config.stop_after='sft': this run trains no SFT policy (config.sft.epochs=0)",
+    ),
     ("--config.model.num_kv_heads=2", "config.model.num_kv_heads: GPT-2 has as many key/value"),
     ("--config=experiments/dpo.py", f"--config given 2 times ({EXPERIMENT}, experiments/dpo.py)"),
   ],
@@ -225,6 +238,13 @@ def test_what_a_run_does_not_use_is_not_refused():
   config.ppo.value_head_on_policy = False
   with pytest.raises(ValueError, match="critic_init='reward_model' needs a reward model"):
     Settings.from_config(config)
+  # A reward model alone from files: no prompts file.
+  alone = load_experiment(ROOT / "experiments" / "default.py", None)
+  alone.task.name, alone.model.tokenizer, alone.data.preferences = "files", "t", "p.jsonl"
+  with pytest.raises(ValueError, match=r"data\.prompts=FILE\.jsonl \(or config\.stop_"):
+    Settings.from_config(alone)
+  alone.stop_after = "rm"
+  assert Settings.from_config(alone).stop_after == "rm"
   dpo = load_experiment(ROOT / "experiments" / "dpo.py", None)
   dpo.rm.epochs = 0.0  # DPO trains no reward model
   Settings.from_config(dpo)

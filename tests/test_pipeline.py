@@ -93,6 +93,27 @@ def test_outputs_in_the_workdir(smoke_run):
   assert set(summary["after"]) == {"score", "gold", "kl", "length"}
 
 
+def test_a_run_stops_after_its_reward_model_and_goes_on_from_it(smoke_run, tmp_path, capsys):
+  """config.stop_after='rm': the stages up to the reward model, a summary of them, no prompts
+  read and no policy; its rerun has nothing to do; without stop_after the run goes on to PPO
+  from the stages' folders."""
+  workdir = reuse_stages(smoke_run[0], tmp_path / "rm")  # sft/ and reward_model/: none trains
+  config = smoke_config(stop_after="rm", log__plots=False, log__tensorboard=False)
+  summary = pipeline.run(config, workdir)
+  out = capsys.readouterr().out
+  assert "config.stop_after='rm': no prompts read" in out and "3/3" not in out
+  assert "stopped after the reward model (config.stop_after='rm')" in out
+  assert summary["rm_eval"] == smoke_run[1]["rm_eval"] and summary["stop_after"] == "rm"
+  assert not {"policy", "checkpoints", "metrics.jsonl"} & {p.name for p in workdir.iterdir()}
+  assert pipeline.run(config, workdir) == summary
+  assert "nothing to do" in capsys.readouterr().out
+  config.stop_after, config.ppo.iterations = "", 1
+  summary = pipeline.run(config, workdir)
+  out = capsys.readouterr().out
+  assert out.count("loading it instead of training") == 2 and "3/3 PPO" in out
+  assert "stop_after" not in summary and (workdir / "policy" / "model.safetensors").is_file()
+
+
 def test_rm_eval_on_the_written_held_out_pairs_gives_the_runs_held_out_metrics(
   smoke_run, capsys, tmp_path
 ):

@@ -1,0 +1,90 @@
+"""What a run reads before any stage trains: the tokenizer and data files (the embedded synthetic
+task's, or the user's), and the prompts the RL stage samples on, held-out ones first."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+from ppo_jax import data, evaluation, synthetic
+from ppo_jax import sharding as shd
+from ppo_jax.config import Settings
+from ppo_jax.rewards import fields_taken, load_reward_fn, split_paths
+from ppo_jax.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass
+class Inputs:
+  tokenizer: Any
+  tokenizer_path: str
+  prompts: str | None
+  sft: str | None
+  preferences: str | None
+  gold: str | None
+  notes: dict[str, float]
+  # The SFT sequences and preference pairs, read and tokenized before any stage trains (so a bad
+  # row or a prompt over P fails first) and taken by the stage that trains on them.
+  loaded: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def prepare_inputs(s: Settings, workdir: pathlib.Path) -> Inputs:
+  """The data files and tokenizer: the embedded synthetic task, or the user's files."""
+  if s.task.name == "synthetic":
+    paths = synthetic.write_task(
+      workdir / "data",
+      seed=s.seed,
+      num_prompts=s.task.num_prompts,
+      num_sft=s.task.num_sft,
+      num_pairs=s.task.num_pairs,
+      label_noise=s.task.label_noise,
+      write_files=shd.is_main_process(),
+    )
+    shd.sync("synthetic task written")
+    tok = s.model.tokenizer or paths["tokenizer"]
+    gold = s.task.gold or "ppo_jax.synthetic:gold_score"
+    return Inputs(
+      load_tokenizer(tok),
+      tok,
+      paths["prompts"],
+      paths["sft"],
+      paths["preferences"],
+      gold,
+      {"label_accuracy": paths["label_accuracy"]},
+    )
+  tok = s.model.tokenizer or (None if s.model.init == "scratch" else s.model.init)
+  if tok is None:
+    raise ValueError("config.model.tokenizer is required when config.model.init='scratch'")
+  return Inputs(
+    load_tokenizer(tok), tok, s.data.prompts, s.data.sft, s.data.preferences, s.task.gold, {}
+  )
+
+
+def rl_prompts(
+  s: Settings, inputs: Inputs, layout: data.Layout
+) -> tuple[evaluation.Prompts, evaluation.Prompts]:
+  """``(training prompts, held-out prompts)`` of the prompts file: its first
+  ``data.eval_prompts`` rows held out (a quarter at most, said). The reward functions and the
+  gold scorer are checked against the rows' fields now, not after SFT and the reward model."""
+  tok = inputs.tokenizer
+  texts, ids, mask, columns = data.load_prompts_and_columns(inputs.prompts, tok, layout)
+  n_eval = min(s.data.eval_prompts, len(texts) // 4)
+  if n_eval < s.data.eval_prompts:
+    print(
+      f"data.eval_prompts={s.data.eval_prompts} but {len(texts)} prompts: holding out {n_eval} "
+      "(at most a quarter)"
+    )
+  paths = split_paths(s.reward.fn) if s.reward.source == "function" else []
+  named = [(f"config.reward.fn {p!r}" if len(paths) > 1 else "config.reward.fn", p) for p in paths]
+  for field, path in [*named, *([("config.task.gold", inputs.gold)] if inputs.gold else [])]:
+    # A field it takes that the rows lack
+    fields_taken(load_reward_fn(path, what=field), columns, field, every_row=True)
+  part = lambda rows: evaluation.Prompts(
+    texts[rows], ids[rows], mask[rows], {k: v[rows] for k, v in columns.items()}
+  )
+  prompts, eval_prompts = part(slice(n_eval, None)), part(slice(None, n_eval))
+  print(
+    f"{len(prompts)} training and {len(eval_prompts)} evaluation prompts from "
+    f"{inputs.prompts}; vocabulary {len(tok)}"
+  )
+  return prompts, eval_prompts
