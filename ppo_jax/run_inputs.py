@@ -64,15 +64,18 @@ def rl_prompts(
   s: Settings, inputs: Inputs, layout: data.Layout
 ) -> tuple[evaluation.Prompts, evaluation.Prompts]:
   """``(training prompts, held-out prompts)`` of the prompts file: its first
-  ``data.eval_prompts`` rows held out (a quarter at most, said). The reward functions and the
+  ``data.eval_prompts`` rows held out (a quarter at most, said; DPO, which samples prompts only to
+  evaluate, all of them). The reward functions and the
   gold scorer are checked against the rows' fields now, not after SFT and the reward model."""
   tok = inputs.tokenizer
   texts, ids, mask, columns = data.load_prompts_and_columns(inputs.prompts, tok, layout)
-  n_eval = min(s.data.eval_prompts, len(texts) // 4)
+  # DPO trains on the pairs and only samples these: all may be held out; PPO keeps 3/4 to train on
+  cap = len(texts) if s.algo == "dpo" else len(texts) // 4
+  n_eval = min(s.data.eval_prompts, cap)
   if n_eval < s.data.eval_prompts:
     print(
       f"data.eval_prompts={s.data.eval_prompts} but {len(texts)} prompts: holding out {n_eval} "
-      "(at most a quarter)"
+      + ("(all)" if s.algo == "dpo" else "(at most a quarter)")
     )
   paths = split_paths(s.reward.fn) if s.reward.source == "function" else []
   named = [(f"config.reward.fn {p!r}" if len(paths) > 1 else "config.reward.fn", p) for p in paths]

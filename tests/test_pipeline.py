@@ -679,6 +679,33 @@ def test_a_terminal_of_no_width_gets_lines_and_a_sized_one_a_bar(monkeypatch):
     bar.close()
 
 
+def test_dpo_may_hold_out_every_prompt_and_ppo_a_quarter(tmp_path, capsys):
+  """PPO trains on three quarters of the prompts file at least; DPO samples prompts only to
+  evaluate, so all of them may be held out."""
+  from conftest import ROOT
+
+  from ppo_jax import data
+  from ppo_jax.config import Settings, load_experiment
+  from ppo_jax.run_inputs import Inputs, rl_prompts
+  from ppo_jax.tokenizer import build_word_tokenizer
+
+  tok = build_word_tokenizer([f"w{i}" for i in range(20)])
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"w{i}"}) + "\n" for i in range(20)))
+  inputs = Inputs(tok, "", str(prompts), None, None, None, {})
+  layout = data.Layout.of(tok, 4, 4)
+  for algo, held in (("dpo", 20), ("ppo", 5)):
+    config = load_experiment(ROOT / "experiments" / f"{'dpo' if algo == 'dpo' else 'default'}.py")
+    config.data.eval_prompts = 30
+    train, held_out = rl_prompts(Settings.from_config(config), inputs, layout)
+    assert (len(train), len(held_out)) == (20 - held, held)
+    assert held_out.texts == [f"w{i}" for i in range(held)]  # the file's first rows
+    word = "(all)" if algo == "dpo" else "(at most a quarter)"
+    assert (
+      f"data.eval_prompts=30 but 20 prompts: holding out {held} {word}" in capsys.readouterr().out
+    )
+
+
 def test_each_reward_functions_curve_is_plotted():
   """``scores/*`` in the plotted names stands for every reward function's curve, in the file's
   order; a constant one and a name no row has are left out."""
