@@ -88,10 +88,11 @@ def run_iteration(
   step: int,
   placement: rollout.Placement | None = None,
 ):
-  """One PPO iteration: ``(state, scalar metrics, per-sample metrics, host generation)``."""
+  """One PPO iteration: ``(state, scalar metrics, per-sample metrics, host generation, decoded
+  responses)`` (the responses: None unless a reward function needed them)."""
   pids, pmask = put_rows(batch.ids, placement), put_rows(batch.mask, placement)
   t0 = time.perf_counter()
-  host_metrics, host_per_sample = {}, {}
+  host_metrics, host_per_sample, texts = {}, {}, None
   if fuse:
     state, metrics, gen = fns.iterate(state, frozen, pids, pmask)
     jax.block_until_ready(state.step)
@@ -128,7 +129,7 @@ def run_iteration(
   row["time/iteration"] = elapsed
   gen = host_generation(gen)
   row["tokens_per_s"] = float(gen.mask.sum()) / elapsed
-  return state, row, per_sample, gen
+  return state, row, per_sample, gen, texts
 
 
 def prompts_fingerprint(prompts: Prompts, eval_prompts: Prompts) -> str:
@@ -323,7 +324,7 @@ def run_ppo(
     idx = batch_indices(len(prompts), batch_size // hp.group_size, it, seed=seed)
     batch = prompts.take(np.repeat(idx, hp.group_size))
     try:
-      state, row, per_sample, gen = run_iteration(  # gen: on the host
+      state, row, per_sample, gen, texts = run_iteration(  # gen: on the host
         fns,
         state,
         frozen,
@@ -340,9 +341,9 @@ def run_ppo(
       if it % checkpointer.settings.every and it != checkpointer.latest_step():  # not saved yet
         save(it)
       raise _kept(e, it, checkpointer) from e
-    texts = golds = gold_error = None
+    golds = gold_error = None
     if gold is not None:  # after the update: a failure keeps this step (saved below)
-      texts = decode_responses(tokenizer, gen.tokens, gen.mask)
+      texts = texts or decode_responses(tokenizer, gen.tokens, gen.mask)
       try:
         golds = shared_scores(gold, batch, texts, name="gold scorer", step=step)
         row["gold/score"] = float(np.mean(golds))
