@@ -66,9 +66,10 @@ def rm_eval(argv: list[str]) -> int:
   p.add_argument("--out", help="JSONL file for per-pair scores (must not exist)")
   p.add_argument("--tokenizer", help="tokenizer folder (default: --reward-model)")
   p.add_argument("--batch-size", type=count, default=16, help="pairs per forward (16)")
-  p.add_argument("--max-prompt-len", type=count, help="default: the model's positions left")
-  p.add_argument("--max-response-len", type=count, help="responses cut here (half the positions)")
-  add_prompt_flags(p, chat="default: as the run that trained it, else plain text")
+  run = "default: as its run's ppo_jax_stage.json says, else"
+  p.add_argument("--max-prompt-len", type=count, help=f"{run} the positions left")
+  p.add_argument("--max-response-len", type=count, help=f"{run} half the positions")
+  add_prompt_flags(p, run=run)
   from ppo_jax.rm_eval import evaluate_pairs
 
   return run_command(p, evaluate_pairs, argv)
@@ -120,19 +121,25 @@ def sample(argv: list[str]) -> int:
   return run_command(p, sample_file, argv)
 
 
-def add_prompt_flags(p, *, chat: str | None = None) -> None:
+def add_prompt_flags(p, *, run: str | None = None) -> None:
   """The flags of how prompts are read and the numerics, shared by the commands of files.
-  ``chat``: where --chat-template's default is the run's (rm-eval), what its help says: the
-  switch is then None unless given (else False)."""
-  p.add_argument("--prompt-overflow", choices=data.OVERFLOW, default="error")
+  ``run``: where the defaults are the run's (rm-eval), what the help says of them; the flags are
+  then None unless given."""
+  p.add_argument(
+    "--prompt-overflow",
+    choices=data.OVERFLOW,
+    default=None if run else "error",
+    help=f"{run} error" if run else "default: error",
+  )
   p.add_argument(
     "--chat-template",
     action=argparse.BooleanOptionalAction,
-    default=None if chat else False,
-    help=f"prompts in the chat template ({chat or 'default: plain text'})",
+    default=None if run else False,
+    help=f"prompts in the chat template ({run or 'default:'} plain text)",
   )
-  p.add_argument("--system-prompt", help="with --chat-template: a system turn first")
-  p.add_argument("--chat-template-kwargs", help="with --chat-template: a JSON object")
+  with_template = f"{run} none" if run else "with --chat-template"
+  p.add_argument("--system-prompt", help=f"a system turn first ({with_template})")
+  p.add_argument("--chat-template-kwargs", help=f"a JSON object ({with_template})")
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
   p.add_argument(
     "--mesh",

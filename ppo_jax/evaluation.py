@@ -217,23 +217,20 @@ def evaluate(
 
 
 def sample_rows(tokenizer, batch: Prompts, gen, texts, per_sample, golds, k: int) -> list[dict]:
-  """The first ``k`` samples: prompt, response, score, KL to the reference (and gold score, of
-  ``golds``: the batch's, or None), and with several reward functions each one's score before its
-  weight (``scores/<name>``, of ``per_sample``'s ``sample/scores/<name>``)."""
+  """The first ``k`` samples: prompt, response, score (with several reward functions each one's
+  score before its weight, ``scores/<name>``, of ``per_sample``'s ``sample/scores/<name>``), gold
+  score (of ``golds``: the batch's, or None) and KL to the reference: the sample command's order."""
   texts = texts or decode_responses(tokenizer, gen.tokens, gen.mask)
   k = min(k, len(texts))
   rows = []
   for i in range(k):
-    row = {
-      "prompt": batch.texts[i],
-      "response": texts[i],
-      "score": float(per_sample["sample/score"][i]),
-      "kl": float(per_sample["sample/kl"][i]),
-    }
+    row = {"prompt": batch.texts[i], "response": texts[i]}
+    row["score"] = float(per_sample["sample/score"][i])
     for key, values in per_sample.items():
       if key.startswith("sample/scores/"):
         row[key.removeprefix("sample/")] = float(values[i])
     if golds is not None:
       row["gold"] = float(golds[i])
+    row["kl"] = float(per_sample["sample/kl"][i])
     rows.append(row)
   return rows

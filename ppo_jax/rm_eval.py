@@ -51,7 +51,7 @@ def evaluate_pairs(
   batch_size: int = 16,
   max_prompt_len: int | None = None,
   max_response_len: int | None = None,
-  prompt_overflow: str = "error",
+  prompt_overflow: str | None = None,
   chat_template: bool | None = None,
   system_prompt: str | None = None,
   chat_template_kwargs: str | None = None,
@@ -81,10 +81,10 @@ def evaluate_pairs(
   reward_model = model_folder(reward_model, "--reward-model", "reward_model")
   say = print if progress else (lambda *a, **k: None)
   run = run_data_settings(reward_model)  # the flags left unset, as the run that trained it had
-  given = {  # None: not given (the flags' defaults, False and "error", too)
+  given = {  # None: not given
     "max_prompt_len": max_prompt_len,
     "max_response_len": max_response_len,
-    "prompt_overflow": None if prompt_overflow == "error" else prompt_overflow,
+    "prompt_overflow": prompt_overflow,
     "chat_template": chat_template,
     "system_prompt": system_prompt,
     "chat_template_kwargs": chat_template_kwargs,

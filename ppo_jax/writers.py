@@ -149,7 +149,7 @@ def write_samples(
   folder.mkdir(parents=True, exist_ok=True)
   with (folder.parent / "samples.jsonl").open("a") as f:
     for r in rows:
-      f.write(json.dumps({"step": int(step), **r}) + "\n")
+      f.write(json_line({"step": int(step), **r}))
   table = samples_table(rows)
   (folder / f"step_{step:06d}.md").write_text(f"# Samples at step {step}\n\n{table}\n")
   if writer is not None:

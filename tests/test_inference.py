@@ -536,6 +536,12 @@ def test_rm_eval_scores_equal_transformers(folders, tmp_path, capsys):
   assert "--system-prompt needs --chat-template (neither given nor the run's" in (
     capsys.readouterr().err
   )
+  # A run that cut long prompts: rm-eval cuts them too, unless told --prompt-overflow=error.
+  record = {"config": {"data": {"max_prompt_len": 1, "prompt_overflow": "truncate"}}}
+  (chat_dir / "ppo_jax_stage.json").write_text(json.dumps(record))
+  rm_eval.evaluate_pairs(chat_dir, path, max_response_len=4, chat_template=False, progress=False)
+  assert cli([*chat_args, "--no-chat-template", "--prompt-overflow=error"]) == 1
+  assert "prompt of 2 tokens is longer than --max-prompt-len=1" in capsys.readouterr().err
 
 
 def test_batches_are_cut_to_their_longest_prompt(folders, tmp_path, monkeypatch):

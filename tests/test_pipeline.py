@@ -85,7 +85,7 @@ def test_outputs_in_the_workdir(smoke_run):
   for stage in ("sft", "rm", "ppo"):  # each stage's curves
     assert (workdir / "plots" / f"{stage}.png").stat().st_size > 10_000, stage
   table = (workdir / "samples" / "step_000015.md").read_text()
-  assert "| prompt | response | score | kl | gold |" in table
+  assert "| prompt | response | score | gold | kl |" in table
   samples = [json.loads(line) for line in (workdir / "samples.jsonl").read_text().splitlines()]
   assert {s["step"] for s in samples} == {5, 10, 15}
   assert (workdir / "sft_metrics.jsonl").exists() and (workdir / "rm_metrics.jsonl").exists()
