@@ -343,6 +343,9 @@ class Settings:
         f"config.stop_after: unknown {settings.stop_after!r}; expected 'sft', 'rm' or '' (the "
         "whole pipeline)"
       )
+    if settings.stop_after:  # the RL stage does not run: its fields are not checked together
+      settings.validate()
+      return settings
     # Validates the PPO fields now; the tokenizer's ids come later (an EOS stands in for one).
     hp = settings.ppo(eos_token_id=0, pad_token_id=0)
     settings.validate()

@@ -86,8 +86,10 @@ def check_settings(s: Settings) -> None:
     template_kwargs(s.data.chat_template_kwargs)
   except ValueError as e:
     raise ValueError(f"config.{e}") from None
-  trains_rm = s.own_reward_model
-  needs_pairs = s.algo == "dpo" or trains_rm
+  # What the run trains: config.stop_after leaves the later stages out, and their checks with them.
+  rl = not s.stop_after
+  trains_rm = s.own_reward_model and s.stop_after != "sft"
+  needs_pairs = (s.algo == "dpo" and rl) or trains_rm
   checks = [
     (
       s.task.label_noise > 0,
@@ -95,11 +97,11 @@ def check_settings(s: Settings) -> None:
       f"{s.task.label_noise}",
     ),
     (
-      s.ppo_run.critic_lr_scale > 0,
+      not rl or s.ppo_run.critic_lr_scale > 0,
       f"config.ppo.critic_lr_scale: must be > 0, got {s.ppo_run.critic_lr_scale}",
     ),
     (
-      s.ppo_run.batch_size >= 1,
+      not rl or s.ppo_run.batch_size >= 1,
       f"config.ppo.batch_size: must be ≥ 1, got {s.ppo_run.batch_size}",
     ),
     (
@@ -131,9 +133,11 @@ def check_settings(s: Settings) -> None:
     ),
     *(
       (False, f"config.ppo.{problem}")
-      for problem in lora_problems(s.ppo_run.lora_rank, s.ppo_run.lora_targets)
+      for problem in (lora_problems(s.ppo_run.lora_rank, s.ppo_run.lora_targets) if rl else ())
     ),
-    *((False, problem) for problem in reward_problems(s.reward.fn, s.reward.weights)),
+    *(
+      (False, problem) for problem in (reward_problems(s.reward.fn, s.reward.weights) if rl else ())
+    ),
     (
       s.model.init != "scratch" or s.model.hidden_size % s.model.num_heads == 0,
       f"config.model.hidden_size {s.model.hidden_size} is not divisible by "
@@ -144,7 +148,7 @@ def check_settings(s: Settings) -> None:
       "config.model.attention='cudnn' computes in bfloat16 or float16: set config.model.dtype",
     ),
     (
-      0.0 < s.raw.ppo.top_p <= 1.0,
+      not rl or 0.0 < s.raw.ppo.top_p <= 1.0,
       f"config.ppo.top_p: must be in (0, 1], got {s.raw.ppo.top_p}",
     ),
     (
@@ -157,7 +161,7 @@ def check_settings(s: Settings) -> None:
       f"config.checkpoint.supervised_every: must be ≥ 0, got {s.checkpoint.supervised_every}",
     ),
     (
-      not s.raw.ppo.critic_warmup or s.raw.ppo.critic_warmup < s.ppo_run.iterations,
+      not rl or not s.raw.ppo.critic_warmup or s.raw.ppo.critic_warmup < s.ppo_run.iterations,
       f"config.ppo.critic_warmup {s.raw.ppo.critic_warmup} ≥ config.ppo.iterations "
       f"{s.ppo_run.iterations}: the policy would never train",
     ),
@@ -166,15 +170,15 @@ def check_settings(s: Settings) -> None:
       "config.rm.epochs: must be > 0 (config.rm.enabled=False skips the reward model)",
     ),
     (
-      s.dpo.epochs > 0 or s.algo != "dpo",
+      not rl or s.dpo.epochs > 0 or s.algo != "dpo",
       f"config.dpo.epochs: must be > 0, got {s.dpo.epochs}",
     ),
     (
-      s.reward.source != "function" or s.reward.fn,
+      not rl or s.reward.source != "function" or s.reward.fn,
       "config.reward.source='function' needs config.reward.fn='package.module:function'",
     ),
     (
-      s.reward.source == "function" or not s.reward.fn,
+      not rl or s.reward.source == "function" or not s.reward.fn,
       (
         "config.reward.fn is set, but DPO uses no reward: drop it"
         if s.algo == "dpo"
@@ -183,7 +187,7 @@ def check_settings(s: Settings) -> None:
       ),
     ),
     (
-      s.algo == "dpo" or s.reward.source != "model" or s.rm_run.enabled or s.reward.model,
+      not rl or s.algo == "dpo" or s.reward.source != "model" or s.rm_run.enabled or s.reward.model,
       "config.reward.source='model' needs config.rm.enabled=True or config.reward.model=FOLDER",
     ),
     (
@@ -192,7 +196,7 @@ def check_settings(s: Settings) -> None:
       "or 'sft', which train no policy on prompts)",
     ),
     (
-      s.stop_after != "rm" or trains_rm,
+      s.stop_after != "rm" or s.own_reward_model,
       "config.stop_after='rm': this run trains no reward model ("
       + (
         "DPO learns from the pairs"
@@ -235,7 +239,8 @@ def check_settings(s: Settings) -> None:
       "config.task.name='files' with config.model.init='scratch' needs config.model.tokenizer",
     ),
     (
-      s.algo != "ppo"
+      not rl
+      or s.algo != "ppo"
       or s.ppo_run.value_head_on_policy
       or s.ppo_run.critic_init == "policy"
       or s.rm_run.enabled
@@ -244,21 +249,21 @@ def check_settings(s: Settings) -> None:
       "config.reward.model); use critic_init='policy' with a reward function",
     ),
     (
-      s.algo != "dpo" or not (s.reward.fn or s.reward.model),
+      not rl or s.algo != "dpo" or not (s.reward.fn or s.reward.model),
       f"config.reward.{'fn' if s.reward.fn else 'model'} is set, but DPO uses no reward: drop it",
     ),
     (
-      s.algo in ("ppo", "dpo") or not s.ppo_run.value_head_on_policy,
+      not rl or s.algo in ("ppo", "dpo") or not s.ppo_run.value_head_on_policy,
       f"config.ppo.value_head_on_policy: {s.algo} has no critic to put a head on; leave it off",
     ),
     (
-      not s.ppo_run.fuse or s.reward.source == "model",
+      not rl or not s.ppo_run.fuse or s.reward.source == "model",
       "config.ppo.fuse=True needs reward.source='model' (a Python reward runs on the host)",
     ),
   ]
   checks.append(
     (
-      not s.raw.ppo.kl_adaptive or s.raw.ppo.kl_horizon > 0.2 * s.ppo_run.batch_size,
+      not rl or not s.raw.ppo.kl_adaptive or s.raw.ppo.kl_horizon > 0.2 * s.ppo_run.batch_size,
       f"config.ppo.kl_horizon {s.raw.ppo.kl_horizon:g} must exceed 0.2 × config.ppo.batch_size "
       f"({0.2 * s.ppo_run.batch_size:g}): below its target KL the adaptive controller would make "
       "the KL coefficient zero or negative",
@@ -266,7 +271,7 @@ def check_settings(s: Settings) -> None:
   )
   checks.append(
     (
-      s.ppo_run.batch_size % s.raw.ppo.group_size == 0,
+      not rl or s.ppo_run.batch_size % s.raw.ppo.group_size == 0,
       f"config.ppo.batch_size {s.ppo_run.batch_size} is not divisible by "
       f"config.ppo.group_size {s.raw.ppo.group_size} (responses per prompt)",
     )

@@ -313,12 +313,15 @@ def _checkpoint_folder(workdir: pathlib.Path, stage: str | None) -> tuple[str, p
   if not workdir.is_dir():
     raise FileNotFoundError(f"--workdir {workdir}: no such folder")
   if not found:
-    finished = (workdir / "policy").is_dir()
+    # a finished run's policy, or the SFT policy of one that stopped there (config.stop_after)
+    kept = [
+      (n, w) for n, w in (("policy", "policy"), ("sft", "SFT policy")) if (workdir / n).is_dir()
+    ]
     raise FileNotFoundError(
       f"{workdir}: no checkpoints/ or dpo_checkpoints/ to export"
       + (
-        f" (its finished policy is {workdir / 'policy'}, already a Hugging Face folder)"
-        if finished
+        f" (its finished {kept[0][1]} is {workdir / kept[0][0]}, already a Hugging Face folder)"
+        if kept
         else " (not a ppo_jax workdir, or a run stopped before its first checkpoint)"
       )
     )

@@ -220,7 +220,8 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
   banner("data")
   inputs = prepare_inputs(s, workdir)
   tok = inputs.tokenizer
-  hp = s.ppo(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  # The RL stage's settings (none where config.stop_after ends the run before it)
+  hp = None if s.stop_after else s.ppo(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
   layout = data.Layout.of(
     tok,
     s.data.max_prompt_len,
@@ -245,12 +246,13 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
       if ckpt.latest_step() is not None:  # now, not once the models are built and placed
         prints = rl.prompts_fingerprint(prompts, eval_prompts)
         rl.check_same_prompts(prints, len(eval_prompts), ckpt.directory, ckpt.record())
-  max_len = layout.prompt_len + max(hp.max_new_tokens, layout.response_len)
+  max_len = layout.prompt_len + max(hp.max_new_tokens if hp else 0, layout.response_len)
   with shd.staged_on_host(mesh):  # each stage places the models it trains
     policy = init_policy(s, tok, max_len)
-  hp = dataclasses.replace(hp, extra_eos_token_ids=policy.cfg.extra_eos_token_ids)
-  if note := ordinary_stop_ids(tok, hp.stop_ids):
-    print(note)
+  if hp is not None:
+    hp = dataclasses.replace(hp, extra_eos_token_ids=policy.cfg.extra_eos_token_ids)
+    if note := ordinary_stop_ids(tok, hp.stop_ids):
+      print(note)
   if s.data.chat_template and (note := turn_end_note(tok)):
     print(note)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))

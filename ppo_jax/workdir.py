@@ -48,19 +48,20 @@ def preflight(s: Settings):
   the reward and gold functions (imported), the data files, and the folders a run would load only
   after SFT."""
   mesh = shd.make_mesh(s.mesh.shape)  # a shape that does not fit the devices fails here
+  rl = not s.stop_after  # the RL stage runs: its batches, functions and lengths are checked too
   if s.model.attention == "cudnn" and jax.default_backend() != "gpu":
     raise ValueError(
       f"config.model.attention='cudnn' needs an NVIDIA GPU, and this run's devices are "
       f"{jax.default_backend()}: use 'xla'"
     )
-  if mesh.size > 1:
+  if mesh.size > 1 and rl:
     if s.algo != "dpo" or s.data.eval_prompts:  # DPO samples evaluations in these batches
       shd.check_batch(s.ppo_run.batch_size, mesh, "config.ppo.batch_size")
     if s.algo == "dpo":
       supervised_step.check_mesh_rows(s.dpo, s.dpo.batch_size, mesh, "dpo")
-  if s.reward.fn and s.reward.source == "function":
+  if rl and s.reward.fn and s.reward.source == "function":
     load_reward_fns(s.reward.fn, s.reward.weights)
-  if s.task.gold:
+  if rl and s.task.gold:
     load_reward_fn(s.task.gold, what="config.task.gold")
   if s.task.name == "files":  # the synthetic task writes its own
     for field in ("prompts", "sft", "preferences"):
@@ -72,7 +73,8 @@ def preflight(s: Settings):
   if s.model.tokenizer:
     tokenizer_folder(s.model.tokenizer, "config.model.tokenizer:")
   # The longest sequence against a GPT-2's learned positions, before the task's data are written.
-  max_len = s.data.max_prompt_len + max(s.raw.ppo.max_new_tokens, s.data.max_response_len)
+  sampled = s.raw.ppo.max_new_tokens if rl else 0
+  max_len = s.data.max_prompt_len + max(sampled, s.data.max_response_len)
   if s.model.init != "scratch":
     model_folder(s.model.init, "config.model.init", "policy")
     try:
@@ -101,12 +103,12 @@ def preflight(s: Settings):
     model_type = s.model.arch
     if s.model.arch == "gpt2":
       check_positions(max_len, s.model.max_position_embeddings)
-  if s.ppo_run.lora_rank:
+  if rl and s.ppo_run.lora_rank:
     try:
       check_targets(model_type, projections(gpt2=model_type == "gpt2"), s.ppo_run.lora_targets)
     except ValueError as e:
       raise ValueError(f"config.ppo.{e}") from None
-  if s.reward.model and s.algo != "dpo":  # its tokenizer's ids and positions, when known now
+  if rl and s.reward.model and s.algo != "dpo":  # its tokenizer's ids and positions, when known now
     # model.init's tokenizer where it is the run's (the synthetic task writes one of its own)
     from_init = s.task.name == "files" and s.model.init != "scratch"
     tok_folder = s.model.tokenizer or (s.model.init if from_init else None)
@@ -122,7 +124,9 @@ def nothing_to_do(s: Settings, workdir: pathlib.Path, done: dict, config: dict) 
   ``config`` (as JSON; only fields that change no result, or ``finished_summary`` would not have
   found it finished), and how to train on."""
   more = (
-    "to go on, drop config.stop_after (--config.stop_after=): the next stages start from its "
+    "to go on, drop config.stop_after (--config.stop_after="
+    + (" and give config.data.prompts" if s.task.name == "files" and not s.data.prompts else "")
+    + "): the next stages start from its "
     + ("sft/" if s.stop_after == "sft" else "reward_model/")
     if s.stop_after
     else "to train longer, raise dpo.epochs (the run goes on from its last checkpoint, its "
@@ -130,13 +134,21 @@ def nothing_to_do(s: Settings, workdir: pathlib.Path, done: dict, config: dict) 
     if s.algo == "dpo"
     else "to train on, raise ppo.iterations, or use a new workdir"
   )
-  then, now = (resume_rules.flatten(c) for c in (done["config"], config))
+  then, now = (_with_defaults(c) for c in (done["config"], config))
   other = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
-  other = [k for k in other if not k.startswith("distributed.")]  # each process's own
-  aside = f"it differs only in {', '.join(other[:4])}, which change no result; " if other else ""
+  # each process's own; a run that went past stop_after is said below
+  other = [k for k in other if not k.startswith(("distributed.", "stop_after"))]
+  unread = "its stages up to stop_after do not read" if s.stop_after else "change no result"
+  aside = f"it differs only in {', '.join(other[:4])}, which {unread}; " if other else ""
+  what = "the finished run of this very config"
+  if (went := then.get("stop_after", "")) != s.stop_after:
+    what = f"a run of this config that went on past config.stop_after={s.stop_after!r}"
+    if went:
+      what += f" (to {went!r})"
+    more = "its later stages are kept"
   return (
-    f"{workdir} holds the finished run of this very config: nothing to do ({aside}its data "
-    f"files are not read again; {more}). Its summary:"
+    f"{workdir} holds {what}: nothing to do ({aside}its data files are not read again; {more}). "
+    "Its summary:"
   )
 
 
@@ -148,10 +160,35 @@ def previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
     return None
 
 
+def _with_defaults(config: dict) -> dict:
+  """``config`` flattened, with the default of each field it lacks (one added to ppo_jax since
+  it was written: new fields default to the old behaviour)."""
+  from ppo_jax.config import base_config
+
+  defaults = resume_rules.flatten(json.loads(base_config().to_json_best_effort()))
+  return {**defaults, **resume_rules.flatten(config)}
+
+
 def _results_config(config: dict) -> dict:
-  """``config`` flattened, without the fields that change no result (``NO_RESULT``)."""
-  flat = resume_rules.flatten(config)
-  return {k: v for k, v in flat.items() if not k.startswith(resume_rules.NO_RESULT)}
+  """``config`` flattened with defaults, without the fields that change no result
+  (``NO_RESULT``) and ``stop_after`` (how far the run went: ``finished_summary`` compares it)."""
+  skip = (*resume_rules.NO_RESULT, "stop_after")
+  return {k: v for k, v in _with_defaults(config).items() if not k.startswith(skip)}
+
+
+REACH = {"sft": 1, "rm": 2, "": 3}  # how far a run of each config.stop_after goes
+
+
+def _compared(config: dict, stop_after: str) -> dict:
+  """The fields of ``config`` on which a finished run counts as this one's: those with a result
+  (``_results_config``); with ``stop_after``, only those its stages read."""
+  flat = _results_config(config)
+  if stop_after:
+    fields = stage_checkpoints.stage_fields("sft")
+    if stop_after == "rm":
+      fields += stage_checkpoints.stage_fields("rm", config)
+    flat = {k: v for k, v in flat.items() if k.startswith(fields)}
+  return flat
 
 
 def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[str, Any] | None:
@@ -159,10 +196,13 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
   None if anything is missing to call it finished: the config.json and the summary.json of this
   config (written last; removed when a run starts), the stages' folders (deleted ones are
   trained again), ``policy/``, and the last stage's checkpoints (PPO's of the last step); with
-  ``stop_after``, the folders of the stages up to it."""
+  ``stop_after``, the folders of the stages up to it. A run of the same config but for a later
+  ``stop_after`` (or none) counts: it went as far."""
 
   def same(then: Any) -> bool:  # what changes no result aside (logging, the devices, …)
-    return isinstance(then, dict) and _results_config(then) == _results_config(config)
+    return isinstance(then, dict) and _compared(then, s.stop_after) == _compared(
+      config, s.stop_after
+    )
 
   summary = None
   if same(previous_config(workdir)):
@@ -173,7 +213,7 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
   will = stages_trained(s, workdir)
   last = workdir / "checkpoints" / str(s.ppo_run.iterations)
   if s.stop_after:  # the stages up to it (config.stop_after) are all the run trains
-    outputs = not (will["sft"] or (s.stop_after == "rm" and will["rm"]))
+    outputs = not (will["sft"] or will["rm"])
   else:
     outputs = (
       not (will["sft"] or will["rm"])
@@ -182,7 +222,13 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
         checkpoint.holds_checkpoints(workdir / "dpo_checkpoints") if will["dpo"] else last.is_dir()
       )
     )
-  done = isinstance(summary, dict) and same(summary.get("config")) and outputs
+  done = (
+    isinstance(summary, dict)
+    and same(summary.get("config"))
+    # as far as this config's stop_after, or further (a later stop_after is no reason to redo)
+    and REACH.get(_with_defaults(summary["config"])["stop_after"], 0) >= REACH[s.stop_after]
+    and outputs
+  )
   return summary if shd.all_agree(done) else None
 
 
@@ -325,13 +371,16 @@ def _check_sft_start(saved: dict, folder: pathlib.Path, workdir: pathlib.Path, *
 def stages_trained(s: Settings, workdir: pathlib.Path) -> dict[str, bool]:
   """Which stages (ppo, sft, rm, dpo) this run would train in ``workdir``: not one it skips, nor
   SFT or the reward model when their finished folder is there to be reused."""
+  rl = not s.stop_after  # config.stop_after ends the run before the RL stage
   return {
-    "ppo": s.algo != "dpo",
+    "ppo": rl and s.algo != "dpo",
     "sft": s.sft.epochs > 0
     and (s.task.name != "files" or bool(s.data.sft))
     and not has_model_folder(workdir / "sft"),
-    "rm": s.own_reward_model and not has_model_folder(workdir / "reward_model"),
-    "dpo": s.algo == "dpo",
+    "rm": s.own_reward_model
+    and s.stop_after != "sft"
+    and not has_model_folder(workdir / "reward_model"),
+    "dpo": rl and s.algo == "dpo",
   }
 
 
@@ -390,7 +439,7 @@ def check_finished(s: Settings, inputs: Inputs, workdir: pathlib.Path) -> None:
   otherwise, so the reward model's is not found out only after SFT has trained again (each
   stage checks its own again when it comes)."""
   sft, rm = workdir / "sft", workdir / "reward_model"
-  uses_rm = s.own_reward_model and has_model_folder(rm)
+  uses_rm = s.own_reward_model and s.stop_after != "sft" and has_model_folder(rm)
   if has_model_folder(sft):
     after = (
       f" (and {rm}: it started from that SFT policy)"

@@ -353,7 +353,7 @@ def print_summary(summary: dict[str, Any], *, this_invocation: bool = True) -> N
       source, columns = "the one rollout", (f"{algo} rollout", "")
   if stop := summary.get("stop_after"):
     stage = {"sft": "supervised fine-tuning", "rm": "the reward model"}[stop]
-    print(f"stopped after {stage} (config.stop_after={stop!r}): no policy trained on prompts")
+    print(f"stopped after {stage} (config.stop_after={stop!r}): no {algo} stage")
     if "nll" in (sft := summary.get("sft_eval", {})):
       print(f"SFT held-out nll: {sft['nll']:.4f}, token accuracy {sft['token_accuracy']:.3f}")
   elif any(key in before for _, key in rows):

@@ -155,6 +155,14 @@ def test_a_run_is_finished_only_with_its_summary_outputs_and_last_checkpoint(smo
   config = smoke_config()
   now, s = json.loads(config.to_json_best_effort()), Settings.from_config(config)
   assert finished_summary(s, workdir, now) == json.loads((workdir / "summary.json").read_text())
+  # A run written before a field was added (its config lacks it) is finished under its default.
+  older = {k: v for k, v in now.items() if k != "stop_after"}
+  for name in ("config.json", "summary.json"):
+    written = json.loads((workdir / name).read_text())
+    (workdir / name).write_text(
+      json.dumps(older if name == "config.json" else {**written, "config": older})
+    )
+  assert finished_summary(s, workdir, now) is not None
   config.ppo.iterations = 20
   later = json.loads(config.to_json_best_effort())
   assert finished_summary(Settings.from_config(config), workdir, later) is None

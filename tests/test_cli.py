@@ -225,10 +225,11 @@ def test_config_errors_are_one_line(tmp_path, override, expected):
   assert not (tmp_path / "w").exists()  # refused before anything is written
 
 
-def test_what_a_run_does_not_use_is_not_refused():
+def test_what_a_run_does_not_use_is_not_refused(tmp_path):
   """rm.epochs=0 without a reward model to train, critic_init='reward_model' with the value head
   on the policy (which ignores it): accepted. A None an experiment file sets is named."""
   from ppo_jax.config import Settings, load_experiment
+  from ppo_jax.workdir import stages_trained
 
   config = load_experiment(ROOT / "experiments" / "default.py", None)
   config.reward.update(source="function", fn="reward_fns:length")
@@ -245,6 +246,16 @@ def test_what_a_run_does_not_use_is_not_refused():
     Settings.from_config(alone)
   alone.stop_after = "rm"
   assert Settings.from_config(alone).stop_after == "rm"
+  # The RL stage's fields are not checked together where it does not run: SFT alone with no
+  # reward at all, a GRPO config without its group size.
+  alone.update(stop_after="sft", algo="grpo")
+  alone.data.update(sft="s.jsonl", preferences=None)
+  alone.rm.enabled = False
+  assert Settings.from_config(alone).stop_after == "sft"
+  alone.rm.enabled = True  # a reward model it would train without stop_after: not this run's
+  alone.data.preferences = "p.jsonl"
+  will = stages_trained(Settings.from_config(alone), tmp_path)
+  assert will == {"sft": True, "rm": False, "ppo": False, "dpo": False}
   dpo = load_experiment(ROOT / "experiments" / "dpo.py", None)
   dpo.rm.epochs = 0.0  # DPO trains no reward model
   Settings.from_config(dpo)

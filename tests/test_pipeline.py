@@ -102,7 +102,7 @@ def test_a_run_stops_after_its_reward_model_and_goes_on_from_it(smoke_run, tmp_p
   summary = pipeline.run(config, workdir)
   out = capsys.readouterr().out
   assert "config.stop_after='rm': no prompts read" in out and "3/3" not in out
-  assert "stopped after the reward model (config.stop_after='rm')" in out
+  assert "stopped after the reward model (config.stop_after='rm'): no PPO stage" in out
   assert summary["rm_eval"] == smoke_run[1]["rm_eval"] and summary["stop_after"] == "rm"
   assert not {"policy", "checkpoints", "metrics.jsonl"} & {p.name for p in workdir.iterdir()}
   assert pipeline.run(config, workdir) == summary
@@ -112,6 +112,14 @@ def test_a_run_stops_after_its_reward_model_and_goes_on_from_it(smoke_run, tmp_p
   out = capsys.readouterr().out
   assert out.count("loading it instead of training") == 2 and "3/3 PPO" in out
   assert "stop_after" not in summary and (workdir / "policy" / "model.safetensors").is_file()
+  # Stopping after the reward model again, even with other PPO fields: that run went further.
+  written = (workdir / "summary.json").read_text()
+  config.stop_after, config.ppo.kl_coef = "rm", 0.5
+  assert pipeline.run(config, workdir) == summary
+  assert "holds a run of this config that went on past config.stop_after='rm'" in (
+    capsys.readouterr().out
+  )
+  assert (workdir / "summary.json").read_text() == written
 
 
 def test_rm_eval_on_the_written_held_out_pairs_gives_the_runs_held_out_metrics(
