@@ -124,9 +124,9 @@ def nothing_to_do(s: Settings, workdir: pathlib.Path, done: dict, config: dict) 
   ``config`` (as JSON; only fields that change no result, or ``finished_summary`` would not have
   found it finished), and how to train on."""
   more = (
-    "to go on, drop config.stop_after (--config.stop_after="
+    "to go on, drop config.stop_after (--config.stop_after=)"
     + (" and give config.data.prompts" if s.task.name == "files" and not s.data.prompts else "")
-    + "): the next stages start from its "
+    + ": the next stages start from its "
     + ("sft/" if s.stop_after == "sft" else "reward_model/")
     if s.stop_after
     else "to train longer, raise dpo.epochs (the run goes on from its last checkpoint, its "
@@ -138,7 +138,7 @@ def nothing_to_do(s: Settings, workdir: pathlib.Path, done: dict, config: dict) 
   other = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
   # each process's own; a run that went past stop_after is said below
   other = [k for k in other if not k.startswith(("distributed.", "stop_after"))]
-  unread = "its stages up to stop_after do not read" if s.stop_after else "change no result"
+  unread = "change none of its stages up to stop_after" if s.stop_after else "change no result"
   aside = f"it differs only in {', '.join(other[:4])}, which {unread}; " if other else ""
   what = "the finished run of this very config"
   if (went := then.get("stop_after", "")) != s.stop_after:
