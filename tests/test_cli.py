@@ -246,6 +246,12 @@ def test_what_a_run_does_not_use_is_not_refused(tmp_path):
     Settings.from_config(alone)
   alone.stop_after = "rm"
   assert Settings.from_config(alone).stop_after == "rm"
+  for arg in (None, "smoke"):  # experiments/reward_model.py: the default experiment up to the RM
+    rm_only = load_experiment(ROOT / "experiments" / "reward_model.py", arg)
+    assert Settings.from_config(rm_only).stop_after == "rm"
+    rm_only.stop_after = ""
+    default = load_experiment(ROOT / "experiments" / "default.py", arg)
+    assert rm_only.to_dict() == default.to_dict()
   # The RL stage's fields are not checked together where it does not run: SFT alone with no
   # reward at all, a GRPO config without its group size.
   alone.update(stop_after="sft", algo="grpo")
