@@ -16,7 +16,8 @@ model from the SFT policy's trunk, or from ``model.init``'s when SFT is skipped)
 The run writes ``reward_model/`` (a Hugging Face ``*ForSequenceClassification`` folder), its
 held-out pairs (``rm_held_out_pairs.jsonl``, for ``ppo-jax rm-eval``) and ``summary.json`` with
 the held-out accuracy, margin and loss. The same command with ``--config=experiments/default.py``
-(or ``grpo.py``, ``rloo.py``) on the same workdir goes on to the policy from these folders.
+(or ``grpo.py``, ``rloo.py``; on your data, with ``--config.data.prompts``) on the same workdir
+goes on to the policy from these folders.
 """
 
 import pathlib

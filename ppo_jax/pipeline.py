@@ -32,6 +32,7 @@ from ppo_jax.actor_critic import build_critic
 from ppo_jax.compat import check_compatible, ordinary_stop_ids, turn_end_note
 from ppo_jax.config import Settings, base_config
 from ppo_jax.export import export_record, generation_defaults
+from ppo_jax.finished import finished_summary, nothing_to_do
 from ppo_jax.models import CausalLM, RewardModel
 from ppo_jax.resume_rules import with_paths_resolved
 from ppo_jax.rewards import load_reward_fn, load_reward_fns
@@ -51,11 +52,10 @@ from ppo_jax.workdir import (
   check_finished,
   check_not_foreign,
   check_workdir,
-  finished_summary,
   in_use,
-  nothing_to_do,
   preflight,
   refused_together,
+  rl_outputs,
   stages_trained,
 )
 
@@ -275,7 +275,8 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
       supervised_step.check_mesh_rows(section, n, mesh, stage)
   if shd.is_main_process():  # after the refusals that need no training: the config of the outputs
     (workdir / "summary.json").unlink(missing_ok=True)  # an earlier run's: this one writes its own
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if not (s.stop_after and rl_outputs(workdir)):  # the config of an RL stage's outputs stays
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   banner("1/3 supervised fine-tuning", stage="sft")
   policy, sft_eval = run_sft(s, policy, inputs, layout, workdir, mesh=mesh)
   stopped = {"sft_eval": sft_eval, "rm_eval": {}, "stop_after": s.stop_after, **inputs.notes}

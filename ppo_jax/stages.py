@@ -150,7 +150,7 @@ def init_policy(s: Settings, tokenizer: Any, max_len: int) -> CausalLM:
     )
     policy = CausalLM(_stops_at(cfg, end), rngs=nnx.Rngs(s.seed))
   check_compatible(policy.cfg, tokenizer, max_len)
-  if s.ppo_run.lora_rank:  # now, not after SFT and the reward model have trained
+  if s.ppo_run.lora_rank and not s.stop_after:  # now, not after SFT and the reward model
     check_targets(policy.cfg.model_type, policy.cfg.projections, s.ppo_run.lora_targets)
   return policy
 

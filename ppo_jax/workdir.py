@@ -119,117 +119,12 @@ def preflight(s: Settings):
   return mesh
 
 
-def nothing_to_do(s: Settings, workdir: pathlib.Path, done: dict, config: dict) -> str:
-  """The line a finished run rerun prints before its summary ``done``: what differs in
-  ``config`` (as JSON; only fields that change no result, or ``finished_summary`` would not have
-  found it finished), and how to train on."""
-  more = (
-    "to go on, drop config.stop_after (--config.stop_after=)"
-    + (" and give config.data.prompts" if s.task.name == "files" and not s.data.prompts else "")
-    + ": the next stages start from its "
-    + ("sft/" if s.stop_after == "sft" else "reward_model/")
-    if s.stop_after
-    else "to train longer, raise dpo.epochs (the run goes on from its last checkpoint, its "
-    "decaying learning-rate schedule stretched to the new end), or use a new workdir"
-    if s.algo == "dpo"
-    else "to train on, raise ppo.iterations, or use a new workdir"
-  )
-  then, now = (_with_defaults(c) for c in (done["config"], config))
-  other = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
-  # each process's own; a run that went past stop_after is said below
-  other = [k for k in other if not k.startswith(("distributed.", "stop_after"))]
-  unread = "change none of its stages up to stop_after" if s.stop_after else "change no result"
-  aside = f"it differs only in {', '.join(other[:4])}, which {unread}; " if other else ""
-  what = "the finished run of this very config"
-  if (went := then.get("stop_after", "")) != s.stop_after:
-    what = f"a run of this config that went on past config.stop_after={s.stop_after!r}"
-    if went:
-      what += f" (to {went!r})"
-    more = "its later stages are kept"
-  return (
-    f"{workdir} holds {what}: nothing to do ({aside}its data files are not read again; {more}). "
-    "Its summary:"
-  )
-
-
 def previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
   """The config.json an earlier run wrote in ``workdir`` (None: none, or not readable JSON)."""
   try:
     return json.loads((workdir / "config.json").read_text())
   except (OSError, ValueError):
     return None
-
-
-def _with_defaults(config: dict) -> dict:
-  """``config`` flattened, with the default of each field it lacks (one added to ppo_jax since
-  it was written: new fields default to the old behaviour)."""
-  from ppo_jax.config import base_config
-
-  defaults = resume_rules.flatten(json.loads(base_config().to_json_best_effort()))
-  return {**defaults, **resume_rules.flatten(config)}
-
-
-def _results_config(config: dict) -> dict:
-  """``config`` flattened with defaults, without the fields that change no result
-  (``NO_RESULT``) and ``stop_after`` (how far the run went: ``finished_summary`` compares it)."""
-  skip = (*resume_rules.NO_RESULT, "stop_after")
-  return {k: v for k, v in _with_defaults(config).items() if not k.startswith(skip)}
-
-
-REACH = {"sft": 1, "rm": 2, "": 3}  # how far a run of each config.stop_after goes
-
-
-def _compared(config: dict, stop_after: str) -> dict:
-  """The fields of ``config`` on which a finished run counts as this one's: those with a result
-  (``_results_config``); with ``stop_after``, only those its stages read."""
-  flat = _results_config(config)
-  if stop_after:
-    fields = stage_checkpoints.stage_fields("sft")
-    if stop_after == "rm":
-      fields += stage_checkpoints.stage_fields("rm", config)
-    flat = {k: v for k, v in flat.items() if k.startswith(fields)}
-  return flat
-
-
-def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[str, Any] | None:
-  """The summary of the finished run of ``config`` (as JSON) in ``workdir``, on every process;
-  None if anything is missing to call it finished: the config.json and the summary.json of this
-  config (written last; removed when a run starts), the stages' folders (deleted ones are
-  trained again), ``policy/``, and the last stage's checkpoints (PPO's of the last step); with
-  ``stop_after``, the folders of the stages up to it. A run of the same config but for a later
-  ``stop_after`` (or none) counts: it went as far."""
-
-  def same(then: Any) -> bool:  # what changes no result aside (logging, the devices, …)
-    return isinstance(then, dict) and _compared(then, s.stop_after) == _compared(
-      config, s.stop_after
-    )
-
-  summary = None
-  if same(previous_config(workdir)):
-    try:
-      summary = json.loads((workdir / "summary.json").read_text())
-    except (OSError, ValueError):
-      summary = None
-  will = stages_trained(s, workdir)
-  last = workdir / "checkpoints" / str(s.ppo_run.iterations)
-  if s.stop_after:  # the stages up to it (config.stop_after) are all the run trains
-    outputs = not (will["sft"] or will["rm"])
-  else:
-    outputs = (
-      not (will["sft"] or will["rm"])
-      and has_model_folder(workdir / "policy")
-      and (
-        checkpoint.holds_checkpoints(workdir / "dpo_checkpoints") if will["dpo"] else last.is_dir()
-      )
-    )
-  done = (
-    isinstance(summary, dict)
-    and same(summary.get("config"))
-    # as far as this config's stop_after, or further (a later stop_after is no reason to redo)
-    and REACH.get(_with_defaults(summary["config"])["stop_after"], 0) >= REACH[s.stop_after]
-    and outputs
-  )
-  return summary if shd.all_agree(done) else None
 
 
 LOCK = ".ppo_jax.lock"  # in the workdir: held while a run uses it
@@ -315,7 +210,8 @@ def check_workdir(
       )
   then = previous_config(workdir)
   if then is not None:
-    _check_algo(then.get("algo", "ppo"), s.algo, workdir)
+    if not s.stop_after:  # a run that stops before the RL stage overwrites none of its outputs
+      _check_algo(then.get("algo", "ppo"), s.algo, workdir)
     if s.task.name == "synthetic" and then.get("task", {}).get("name") == "synthetic":
       _check_task_data(s, then, config, workdir)
   # The checkpoints of each stage this run would train, on the fields that stage reads (their
@@ -400,13 +296,17 @@ def _outputs(workdir: pathlib.Path, names) -> list[str]:
   return found
 
 
+def rl_outputs(workdir: pathlib.Path) -> list[str]:
+  """What the RL stage (PPO, GRPO, RLOO, DPO) of a run left in ``workdir``."""
+  return _outputs(workdir, ("checkpoints", "dpo_checkpoints", "policy", "metrics.jsonl"))
+
+
 def _check_algo(then: str, now: str, workdir: pathlib.Path) -> None:
   """A run of another algorithm would overwrite the last stage's outputs (``policy/``,
   ``metrics.jsonl``, the summary) of the one the workdir holds."""
   if then == now:
     return
-  held = _outputs(workdir, ("checkpoints", "dpo_checkpoints", "policy", "metrics.jsonl"))
-  if held:
+  if held := rl_outputs(workdir):
     raise ValueError(
       f"{workdir} holds a {then} run ({', '.join(held)}); config.algo={now} would overwrite it: "
       "use a new workdir (copy sft/ and reward_model/ into it to reuse them)"

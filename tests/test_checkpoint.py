@@ -144,11 +144,11 @@ def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path):
 
 
 def test_a_run_is_finished_only_with_its_summary_outputs_and_last_checkpoint(smoke_run, tmp_path):
-  """``workdir.finished_summary``: the same config's summary (a stale one of another config, as an
+  """``finished.finished_summary``: the same config's summary (a stale one of another config, as an
   older ppo_jax left it, does not count), the stage folders, policy/ and the last checkpoint; one
   deleted is remade by the next run rather than skipped."""
   from ppo_jax.config import Settings
-  from ppo_jax.workdir import finished_summary
+  from ppo_jax.finished import finished_summary
 
   workdir = tmp_path / "w"
   shutil.copytree(smoke_run[0], workdir, ignore=shutil.ignore_patterns("tensorboard", "plots"))

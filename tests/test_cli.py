@@ -229,6 +229,7 @@ def test_what_a_run_does_not_use_is_not_refused(tmp_path):
   """rm.epochs=0 without a reward model to train, critic_init='reward_model' with the value head
   on the policy (which ignores it): accepted. A None an experiment file sets is named."""
   from ppo_jax.config import Settings, load_experiment
+  from ppo_jax.finished import nothing_to_do
   from ppo_jax.workdir import stages_trained
 
   config = load_experiment(ROOT / "experiments" / "default.py", None)
@@ -259,6 +260,13 @@ def test_what_a_run_does_not_use_is_not_refused(tmp_path):
   alone.rm.enabled = False
   assert Settings.from_config(alone).stop_after == "sft"
   alone.rm.enabled = True  # a reward model it would train without stop_after: not this run's
+  sft_only = Settings.from_config(alone)
+  now = json.loads(alone.to_json_best_effort())
+  hint = nothing_to_do(sft_only, tmp_path, {"config": now}, now)  # what going on needs
+  assert hint.endswith(
+    "drop config.stop_after (--config.stop_after=) and give config.data.prompts and "
+    "config.data.preferences: the next stages start from its sft/). Its summary:"
+  )
   alone.data.preferences = "p.jsonl"
   will = stages_trained(Settings.from_config(alone), tmp_path)
   assert will == {"sft": True, "rm": False, "ppo": False, "dpo": False}

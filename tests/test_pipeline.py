@@ -99,6 +99,7 @@ def test_a_run_stops_after_its_reward_model_and_goes_on_from_it(smoke_run, tmp_p
   from the stages' folders."""
   workdir = reuse_stages(smoke_run[0], tmp_path / "rm")  # sft/ and reward_model/: none trains
   config = smoke_config(stop_after="rm", log__plots=False, log__tensorboard=False)
+  config.ppo.update(lora_rank=4, lora_targets="gate")  # GPT-2 has none: the RL stage's concern
   summary = pipeline.run(config, workdir)
   out = capsys.readouterr().out
   assert "config.stop_after='rm': no prompts read" in out and "3/3" not in out
@@ -107,14 +108,15 @@ def test_a_run_stops_after_its_reward_model_and_goes_on_from_it(smoke_run, tmp_p
   assert not {"policy", "checkpoints", "metrics.jsonl"} & {p.name for p in workdir.iterdir()}
   assert pipeline.run(config, workdir) == summary
   assert "nothing to do" in capsys.readouterr().out
-  config.stop_after, config.ppo.iterations = "", 1
+  config.stop_after, config.ppo.iterations, config.ppo.lora_rank = "", 1, 0
   summary = pipeline.run(config, workdir)
   out = capsys.readouterr().out
   assert out.count("loading it instead of training") == 2 and "3/3 PPO" in out
   assert "stop_after" not in summary and (workdir / "policy" / "model.safetensors").is_file()
-  # Stopping after the reward model again, even with other PPO fields: that run went further.
+  # Stopping after the reward model again, even with other RL fields: that run went further.
   written = (workdir / "summary.json").read_text()
-  config.stop_after, config.ppo.kl_coef = "rm", 0.5
+  config.update(stop_after="rm", algo="grpo")
+  config.ppo.update(group_size=4, kl_coef=0.5)
   assert pipeline.run(config, workdir) == summary
   assert "holds a run of this config that went on past config.stop_after='rm'" in (
     capsys.readouterr().out
