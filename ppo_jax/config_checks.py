@@ -225,7 +225,9 @@ def check_settings(s: Settings) -> None:
       s.task.name != "files" or s.data.preferences or not needs_pairs,
       "config.task.name='files' needs config.data.preferences=FILE.jsonl to train "
       + (
-        "DPO"
+        "a reward model"
+        if s.stop_after == "rm"
+        else "DPO"
         if s.algo == "dpo"
         else "a reward model (config.reward.source='function' scores without one: add "
         "config.rm.enabled=False)"

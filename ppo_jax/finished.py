@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ppo_jax import checkpoint, resume_rules, stage_checkpoints
 from ppo_jax import sharding as shd
 from ppo_jax.compat import has_model_folder
-from ppo_jax.workdir import previous_config, stages_trained
+from ppo_jax.workdir import PAIR_DATA, SFT_DATA, previous_config, stages_trained
 
 if TYPE_CHECKING:
   from ppo_jax.config import Settings
@@ -28,8 +28,8 @@ def _to_give(s: Settings) -> str:
 
 def nothing_to_do(s: Settings, workdir: pathlib.Path, done: dict, config: dict) -> str:
   """The line a finished run rerun prints before its summary ``done``: what differs in
-  ``config`` (as JSON; only fields that change no result, or ``finished_summary`` would not have
-  found it finished), and how to train on."""
+  ``config`` (as JSON; only fields that change no result, or with ``stop_after`` none its stages
+  read: ``finished_summary`` compared the others), and how to train on."""
   more = (
     "to go on, drop config.stop_after (--config.stop_after=)"
     + _to_give(s)
@@ -82,10 +82,10 @@ def _compared(config: dict, stop_after: str) -> dict:
   """The fields of ``config`` on which a finished run counts as this one's: those with a result
   (``_results_config``); with ``stop_after``, only those its stages read."""
   flat = _results_config(config)
-  if stop_after:
-    fields = stage_checkpoints.stage_fields("sft")
+  if stop_after:  # the stages' fields, and the synthetic task's that draw their rows
+    fields = (*stage_checkpoints.stage_fields("sft"), *SFT_DATA)
     if stop_after == "rm":
-      fields += stage_checkpoints.stage_fields("rm", config)
+      fields += (*stage_checkpoints.stage_fields("rm", config), *PAIR_DATA)
     flat = {k: v for k, v in flat.items() if k.startswith(fields)}
   return flat
 
@@ -95,8 +95,9 @@ def finished_summary(s: Settings, workdir: pathlib.Path, config: dict) -> dict[s
   None if anything is missing to call it finished: the config.json and the summary.json of this
   config (written last; removed when a run starts), the stages' folders (deleted ones are
   trained again), ``policy/``, and the last stage's checkpoints (PPO's of the last step); with
-  ``stop_after``, the folders of the stages up to it. A run of the same config but for a later
-  ``stop_after`` (or none) counts: it went as far."""
+  ``stop_after``, the folders of the stages up to it, and configs compared on the fields those
+  stages read (``_compared``): a run that went further (a later ``stop_after``, or none; another
+  algorithm) counts."""
 
   def same(then: Any) -> bool:  # what changes no result aside (logging, the devices, …)
     return isinstance(then, dict) and _compared(then, s.stop_after) == _compared(

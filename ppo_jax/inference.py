@@ -281,9 +281,9 @@ def sample_file(
       prompt_texts, batch_columns = batch.texts[:real], batch.head(real)
       per_fn = {}
       if fn is not None:
-        name = f"--reward-fn {reward_fn}"
-        each = call_reward_parts(fn, prompt_texts, responses, columns=batch_columns, name=name)
-        scores = summed(fn, each, name=name)
+        label = f"--reward-fn {reward_fn}"
+        each = call_reward_parts(fn, prompt_texts, responses, columns=batch_columns, name=label)
+        scores = summed(fn, each, name=label)
         per_fn = dict(zip(parts, each.T, strict=False))  # none for a plain function
       elif score is not None:
         scores = np.asarray(score(full_ids, full_mask))[:real]

@@ -37,7 +37,13 @@ from ppo_jax.models import CausalLM, RewardModel
 from ppo_jax.resume_rules import with_paths_resolved
 from ppo_jax.rewards import load_reward_fn, load_reward_fns
 from ppo_jax.rows import holdout_by_prompt
-from ppo_jax.run_inputs import Inputs, prepare_inputs, rl_prompts
+from ppo_jax.run_inputs import (
+  Inputs,
+  check_same_prompts,
+  prepare_inputs,
+  prompts_fingerprint,
+  rl_prompts,
+)
 from ppo_jax.stage_folders import put_back_aside, save_whole
 from ppo_jax.stages import (
   init_policy,
@@ -244,8 +250,8 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
   ):
     with checkpoint.Checkpointer(workdir / "checkpoints", s.checkpoint) as ckpt:
       if ckpt.latest_step() is not None:  # now, not once the models are built and placed
-        prints = rl.prompts_fingerprint(prompts, eval_prompts)
-        rl.check_same_prompts(prints, len(eval_prompts), ckpt.directory, ckpt.record())
+        prints = prompts_fingerprint(prompts, eval_prompts)
+        check_same_prompts(prints, len(eval_prompts), ckpt.directory, ckpt.record())
   max_len = layout.prompt_len + max(hp.max_new_tokens if hp else 0, layout.response_len)
   with shd.staged_on_host(mesh):  # each stage places the models it trains
     policy = init_policy(s, tok, max_len)
@@ -273,15 +279,17 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
       seqs = rows[0] if key == "preferences" else rows  # the chosen side's prompts, or SFT's
       n = len(holdout_by_prompt(seqs, section.eval_fraction, seed=s.seed)[0])
       supervised_step.check_mesh_rows(section, n, mesh, stage)
-  if shd.is_main_process():  # after the refusals that need no training: the config of the outputs
+  # A run that stops before the RL stage, in a workdir holding that stage's outputs (another
+  # run's): their config.json and summary stay theirs.
+  keep = bool(s.stop_after and rl_outputs(workdir))
+  if shd.is_main_process() and not keep:  # after the refusals that need no training
     (workdir / "summary.json").unlink(missing_ok=True)  # an earlier run's: this one writes its own
-    if not (s.stop_after and rl_outputs(workdir)):  # the config of an RL stage's outputs stays
-      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   banner("1/3 supervised fine-tuning", stage="sft")
   policy, sft_eval = run_sft(s, policy, inputs, layout, workdir, mesh=mesh)
   stopped = {"sft_eval": sft_eval, "rm_eval": {}, "stop_after": s.stop_after, **inputs.notes}
   if s.stop_after == "sft":
-    return _close(s, workdir, {"before": {}, "after": {}, **stopped}, now, t_start)
+    return _close(s, workdir, {"before": {}, "after": {}, **stopped}, now, t_start, write=not keep)
   banner("2/3 reward model", stage="reward model")
   if s.algo == "dpo":  # whatever rm.* says: DPO learns from the pairs themselves
     print("DPO trains on the preference pairs directly: no reward model")
@@ -293,7 +301,7 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
       check_compatible(reward_model.cfg, tok, max_len, what="reward model")
   if s.stop_after == "rm":
     stopped["rm_eval"] = rm_eval
-    return _close(s, workdir, {"before": {}, "after": {}, **stopped}, now, t_start)
+    return _close(s, workdir, {"before": {}, "after": {}, **stopped}, now, t_start, write=not keep)
 
   banner(f"3/3 {s.algo.upper()}", stage=s.algo)
   stage_eval = {}
@@ -335,18 +343,21 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
   return _close(s, workdir, summary, now, t_start)
 
 
-def _close(s: Settings, workdir: pathlib.Path, summary: dict, config: dict, t_start: float) -> dict:
-  """Writes ``summary.json`` (``summary`` with the algorithm, the time taken and ``config``, the
-  run's config as JSON), prints the closing table and the outputs; returns the whole summary."""
+def _close(
+  s: Settings, workdir: pathlib.Path, summary: dict, config: dict, t_start: float, write=True
+) -> dict:
+  """Plots the stages run, writes ``summary.json`` (``summary`` with the algorithm, the time taken
+  and ``config``, the run's config as JSON; not with ``write=False``: the workdir's is another
+  run's), prints the closing table and the outputs; returns the whole summary."""
   if s.log.plots:
-    writers.plot_stages(workdir, s.algo)
+    writers.plot_stages(workdir, s.algo, stop_after=s.stop_after)
   summary = {
     **summary,
     "algo": s.algo,
     "seconds": time.perf_counter() - t_start,
     "config": config,  # what finished_summary compares a later run's config with
   }
-  if shd.is_main_process():
+  if shd.is_main_process() and write:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   banner("summary")
   writers.print_summary(summary)

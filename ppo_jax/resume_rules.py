@@ -25,7 +25,7 @@ NO_RESULT = (
 # evaluates the run otherwise (stop_after: a run that stopped after its reward model goes on to
 # the policy; ppo.iterations and dpo.epochs: a decaying schedule is stretched to
 # the new end; data.eval_prompts: DPO's; PPO's checkpoints refuse another number of held-out
-# rows, rl.check_same_prompts, since they are the prompt file's first rows).
+# rows, run_inputs.check_same_prompts, since they are the prompt file's first rows).
 RESUMABLE_CHANGES = (
   "stop_after",
   "ppo.iterations",

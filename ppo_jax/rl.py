@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +42,7 @@ from ppo_jax.optim import (
 from ppo_jax.preemption import GUARD, Preempted, nonfinite_streak, stop_requested
 from ppo_jax.rewards import RewardError, RewardFn, RewardSum, summed
 from ppo_jax.rows import batch_indices
-from ppo_jax.stage_checkpoints import fingerprint
+from ppo_jax.run_inputs import check_same_prompts, prompts_fingerprint
 from ppo_jax.writers import say
 
 
@@ -130,45 +129,6 @@ def run_iteration(
   gen = host_generation(gen)
   row["tokens_per_s"] = float(gen.mask.sum()) / elapsed
   return state, row, per_sample, gen, texts
-
-
-def prompts_fingerprint(prompts: Prompts, eval_prompts: Prompts) -> str:
-  """A fingerprint of the prompt file's rows: their tokens and their other fields (the held-out
-  rows first: it is the file's whatever ``data.eval_prompts`` holds out, whose count
-  ``check_same_prompts`` compares on its own)."""
-  ids, mask = (
-    np.concatenate([getattr(eval_prompts, a), getattr(prompts, a)]) for a in ("ids", "mask")
-  )
-  names = sorted({*prompts.columns, *eval_prompts.columns})
-  fields = {k: [*eval_prompts.columns.get(k, []), *prompts.columns.get(k, [])] for k in names}
-  text = json.dumps(fields, sort_keys=True, default=repr).encode()
-  return fingerprint(ids, mask, np.frombuffer(text, np.uint8))
-
-
-def check_same_prompts(prompts: str, held_out: int, directory, saved: dict[str, Any]) -> None:
-  """Refuses to resume the checkpoints in ``directory`` (latest record ``saved``) on prompts of
-  another ``prompts_fingerprint`` (records from before the fingerprint pass), or holding out
-  another number of them: the held-out prompts are the file's first rows, so another count
-  trains on other prompts."""
-  if "held_out_rows" in saved:
-    was = saved["held_out_rows"]
-    other, fix = was != held_out, f"data.eval_prompts={was}"
-  else:  # a record from before the count: whether it held out any (its before is empty if not)
-    was = "some" if saved.get("before") else "no"
-    other, fix = bool(saved.get("before")) != bool(held_out), "its data.eval_prompts"
-  if other:
-    raise ValueError(
-      f"data.eval_prompts: {directory} holds checkpoints of a run that held out {was} prompts, "
-      f"this one {held_out}: the held-out prompts are the file's first rows, so another count "
-      f"trains on other prompts; resume with {fix}, or use a new workdir"
-    )
-  if saved.get("prompts") not in (None, prompts):
-    raise ValueError(
-      f"{directory} holds checkpoints trained on other prompts (their tokens or fields differ: "
-      "the prompts file, the tokenizer or the chat template changed since, or ppo_jax's encoding: "
-      "since 2026-12-06 a BOS written in the text counts once); use a new workdir, or the "
-      "original prompts"
-    )
 
 
 def _kept(error: RewardError, step: int, checkpointer: Checkpointer) -> RewardError:

@@ -1,16 +1,21 @@
 """What a run reads before any stage trains: the tokenizer and data files (the embedded synthetic
-task's, or the user's), and the prompts the RL stage samples on, held-out ones first."""
+task's, or the user's), and the prompts the RL stage samples on, held-out ones first, with the
+fingerprint its checkpoints record of them (a resume on other prompts is refused)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Any
+
+import numpy as np
 
 from ppo_jax import data, evaluation, synthetic
 from ppo_jax import sharding as shd
 from ppo_jax.config import Settings
 from ppo_jax.rewards import fields_taken, load_reward_fn, split_paths
+from ppo_jax.stage_checkpoints import fingerprint
 from ppo_jax.tokenizer import load_tokenizer
 
 
@@ -64,9 +69,9 @@ def rl_prompts(
   s: Settings, inputs: Inputs, layout: data.Layout
 ) -> tuple[evaluation.Prompts, evaluation.Prompts]:
   """``(training prompts, held-out prompts)`` of the prompts file: its first
-  ``data.eval_prompts`` rows held out (a quarter at most, said; DPO, which samples prompts only to
-  evaluate, all of them). The reward functions and the
-  gold scorer are checked against the rows' fields now, not after SFT and the reward model."""
+  ``data.eval_prompts`` rows held out, at most a quarter of the file (said; for DPO, which samples
+  prompts only to evaluate, at most all of it). The reward functions and the gold scorer are
+  checked against the rows' fields now, not after SFT and the reward model."""
   tok = inputs.tokenizer
   texts, ids, mask, columns = data.load_prompts_and_columns(inputs.prompts, tok, layout)
   # DPO trains on the pairs and only samples these: all may be held out; PPO keeps 3/4 to train on
@@ -82,12 +87,54 @@ def rl_prompts(
   for field, path in [*named, *([("config.task.gold", inputs.gold)] if inputs.gold else [])]:
     # A field it takes that the rows lack
     fields_taken(load_reward_fn(path, what=field), columns, field, every_row=True)
-  part = lambda rows: evaluation.Prompts(
-    texts[rows], ids[rows], mask[rows], {k: v[rows] for k, v in columns.items()}
-  )
+
+  def part(rows: slice) -> evaluation.Prompts:
+    return evaluation.Prompts(
+      texts[rows], ids[rows], mask[rows], {k: v[rows] for k, v in columns.items()}
+    )
+
   prompts, eval_prompts = part(slice(n_eval, None)), part(slice(None, n_eval))
   print(
     f"{len(prompts)} training and {len(eval_prompts)} evaluation prompts from "
     f"{inputs.prompts}; vocabulary {len(tok)}"
   )
   return prompts, eval_prompts
+
+
+def prompts_fingerprint(prompts: evaluation.Prompts, eval_prompts: evaluation.Prompts) -> str:
+  """A fingerprint of the prompt file's rows: their tokens and their other fields (the held-out
+  rows first: it is the file's whatever ``data.eval_prompts`` holds out, whose count
+  ``check_same_prompts`` compares on its own)."""
+  ids, mask = (
+    np.concatenate([getattr(eval_prompts, a), getattr(prompts, a)]) for a in ("ids", "mask")
+  )
+  names = sorted({*prompts.columns, *eval_prompts.columns})
+  fields = {k: [*eval_prompts.columns.get(k, []), *prompts.columns.get(k, [])] for k in names}
+  text = json.dumps(fields, sort_keys=True, default=repr).encode()
+  return fingerprint(ids, mask, np.frombuffer(text, np.uint8))
+
+
+def check_same_prompts(prompts: str, held_out: int, directory, saved: dict[str, Any]) -> None:
+  """Refuses to resume the checkpoints in ``directory`` (latest record ``saved``) on prompts of
+  another ``prompts_fingerprint`` (records from before the fingerprint pass), or holding out
+  another number of them: the held-out prompts are the file's first rows, so another count
+  trains on other prompts."""
+  if "held_out_rows" in saved:
+    was = saved["held_out_rows"]
+    other, fix = was != held_out, f"data.eval_prompts={was}"
+  else:  # a record from before the count: whether it held out any (its before is empty if not)
+    was = "some" if saved.get("before") else "no"
+    other, fix = bool(saved.get("before")) != bool(held_out), "its data.eval_prompts"
+  if other:
+    raise ValueError(
+      f"data.eval_prompts: {directory} holds checkpoints of a run that held out {was} prompts, "
+      f"this one {held_out}: the held-out prompts are the file's first rows, so another count "
+      f"trains on other prompts; resume with {fix}, or use a new workdir"
+    )
+  if saved.get("prompts") not in (None, prompts):
+    raise ValueError(
+      f"{directory} holds checkpoints trained on other prompts (their tokens or fields differ: "
+      "the prompts file, the tokenizer or the chat template changed since, or ppo_jax's encoding: "
+      "since 2026-12-06 a BOS written in the text counts once); use a new workdir, or the "
+      "original prompts"
+    )

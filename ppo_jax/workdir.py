@@ -210,7 +210,7 @@ def check_workdir(
       )
   then = previous_config(workdir)
   if then is not None:
-    if not s.stop_after:  # a run that stops before the RL stage overwrites none of its outputs
+    if not s.stop_after:  # one that stops before the RL stage leaves its outputs (pipeline)
       _check_algo(then.get("algo", "ppo"), s.algo, workdir)
     if s.task.name == "synthetic" and then.get("task", {}).get("name") == "synthetic":
       _check_task_data(s, then, config, workdir)

@@ -215,14 +215,18 @@ STAGE_PLOTS = (
 )
 
 
-def plot_stages(workdir: pathlib.Path, algo: str) -> list[pathlib.Path]:
+def plot_stages(workdir: pathlib.Path, algo: str, *, stop_after: str = "") -> list[pathlib.Path]:
   """``plots/{sft,rm,dpo}.png`` of the stages this workdir holds metrics of, and the RL stage's
   ``plots/{algo}.png`` of ``metrics.jsonl`` (for DPO, ``dpo_eval.png``: its held-out
-  evaluations): the PNGs written."""
+  evaluations): the PNGs written. ``stop_after`` ('sft', 'rm': the run's last stage): none of
+  the stages after it (another run's, in the same workdir)."""
   workdir = pathlib.Path(workdir)
   rl = ("dpo_eval" if algo == "dpo" else algo, "metrics.jsonl", PLOTTED)
+  plots = (*STAGE_PLOTS, rl)
+  if stop_after:
+    plots = plots[: 1 if stop_after == "sft" else 2]  # STAGE_PLOTS: sft, rm, then the RL stage's
   written = []
-  for name, file, names in (*STAGE_PLOTS, rl):
+  for name, file, names in plots:
     if (workdir / file).is_file():
       title = f"{name.upper().replace('_EVAL', ' held-out')}, {workdir.name}"
       png = plot_metrics(

@@ -94,16 +94,16 @@ def test_a_record_from_before_the_held_out_count_is_checked_by_its_before(tmp_pa
   """Checkpoints from before ``held_out_rows`` was recorded tell only whether the run held out
   prompts (its before is empty if not): holding out some then and none now, or the reverse,
   trains on other prompts, refused; the same, resumed."""
-  from ppo_jax import rl
+  from ppo_jax import run_inputs
 
-  rl.check_same_prompts("f", 0, tmp_path, {"before": {}})
-  rl.check_same_prompts("f", 8, tmp_path, {"before": {"score": 1.0}})
+  run_inputs.check_same_prompts("f", 0, tmp_path, {"before": {}})
+  run_inputs.check_same_prompts("f", 8, tmp_path, {"before": {"score": 1.0}})
   with pytest.raises(ValueError, match=r"held out some prompts, this one 0: .*resume with its da"):
-    rl.check_same_prompts("f", 0, tmp_path, {"before": {"score": 1.0}})
+    run_inputs.check_same_prompts("f", 0, tmp_path, {"before": {"score": 1.0}})
   with pytest.raises(ValueError, match=r"held out no prompts, this one 8: "):
-    rl.check_same_prompts("f", 8, tmp_path, {"before": {}})
+    run_inputs.check_same_prompts("f", 8, tmp_path, {"before": {}})
   with pytest.raises(ValueError, match=r"held out 8 prompts, this one 4: .*data\.eval_prompts=8"):
-    rl.check_same_prompts("f", 4, tmp_path, {"before": {}, "held_out_rows": 8})
+    run_inputs.check_same_prompts("f", 4, tmp_path, {"before": {}, "held_out_rows": 8})
 
 
 def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path):
@@ -163,6 +163,14 @@ def test_a_run_is_finished_only_with_its_summary_outputs_and_last_checkpoint(smo
       json.dumps(older if name == "config.json" else {**written, "config": older})
     )
   assert finished_summary(s, workdir, now) is not None
+  # Stopping after the reward model: this run went further, unless a field those stages read,
+  # or one the synthetic task draws their rows with, differs.
+  rm_only = smoke_config(stop_after="rm")
+  rm_now, rm_s = json.loads(rm_only.to_json_best_effort()), Settings.from_config(rm_only)
+  assert finished_summary(rm_s, workdir, rm_now) is not None
+  rm_only.task.num_prompts += 1
+  rm_now, rm_s = json.loads(rm_only.to_json_best_effort()), Settings.from_config(rm_only)
+  assert finished_summary(rm_s, workdir, rm_now) is None
   config.ppo.iterations = 20
   later = json.loads(config.to_json_best_effort())
   assert finished_summary(Settings.from_config(config), workdir, later) is None

@@ -247,6 +247,12 @@ def test_what_a_run_does_not_use_is_not_refused(tmp_path):
     Settings.from_config(alone)
   alone.stop_after = "rm"
   assert Settings.from_config(alone).stop_after == "rm"
+  alone.data.preferences = None  # what an RM-only run needs: no other way out
+  with pytest.raises(
+    ValueError, match=r"needs config\.data\.preferences=FILE\.jsonl to train a reward model$"
+  ):
+    Settings.from_config(alone)
+  alone.data.preferences = "p.jsonl"
   for arg in (None, "smoke"):  # experiments/reward_model.py: the default experiment up to the RM
     rm_only = load_experiment(ROOT / "experiments" / "reward_model.py", arg)
     assert Settings.from_config(rm_only).stop_after == "rm"

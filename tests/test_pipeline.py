@@ -738,6 +738,11 @@ def test_a_stage_without_a_curve_to_plot_says_so(tmp_path, capsys):
   out = capsys.readouterr().out
   assert f"plots: no sft.png: no curve in {tmp_path / 'sft_metrics.jsonl'} has two different" in out
   assert "rm.png" not in out
+  # A run that stopped after the reward model plots no RL stage (another run's metrics.jsonl).
+  rl_rows = [{"step": i, "objective/scores": i} for i in (1, 2)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rl_rows))
+  assert writers.plot_stages(tmp_path, "grpo", stop_after="rm") == [tmp_path / "plots" / "rm.png"]
+  assert writers.plot_stages(tmp_path, "grpo")[-1] == tmp_path / "plots" / "grpo.png"
 
 
 def test_the_tokenizers_special_ids_are_used_and_saved(smoke_run, tmp_path, capsys):
