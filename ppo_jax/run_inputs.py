@@ -7,16 +7,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ppo_jax import data, evaluation, synthetic
 from ppo_jax import sharding as shd
-from ppo_jax.config import Settings
 from ppo_jax.rewards import fields_taken, load_reward_fn, split_paths
 from ppo_jax.stage_checkpoints import fingerprint
 from ppo_jax.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # config imports dpo, which imports rl, which imports this module
+  from ppo_jax.config import Settings
 
 
 @dataclasses.dataclass
