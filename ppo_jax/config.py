@@ -10,7 +10,9 @@ locked, so a typo in a field name fails with that name. Pure functions never see
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
+import json
 import os
 import pathlib
 import types
@@ -266,6 +268,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.ppo.optim = _section_from(OptimHparams(lr=1e-5, schedule="linear"))
   config.lock()
   return config
+
+
+def default_values() -> dict[str, Any]:
+  """Every field's default, as the JSON a run's config.json holds (a fresh dict each call)."""
+  return json.loads(_default_text())
+
+
+@functools.cache
+def _default_text() -> str:
+  return base_config().to_json_best_effort()
 
 
 def _build(cls: type, node: ml_collections.ConfigDict, path: str, **extra: Any) -> Any:

@@ -62,10 +62,9 @@ def nothing_to_do(s: Settings, workdir: pathlib.Path, done: dict, config: dict) 
 def _with_defaults(config: dict) -> dict:
   """``config`` flattened, with the default of each field it lacks (one added to ppo_jax since
   it was written: new fields default to the old behaviour)."""
-  from ppo_jax.config import base_config
+  from ppo_jax.config import default_values
 
-  defaults = resume_rules.flatten(json.loads(base_config().to_json_best_effort()))
-  return {**defaults, **resume_rules.flatten(config)}
+  return {**resume_rules.flatten(default_values()), **resume_rules.flatten(config)}
 
 
 def _results_config(config: dict) -> dict:

@@ -30,7 +30,7 @@ from ppo_jax import (
 from ppo_jax import sharding as shd
 from ppo_jax.actor_critic import build_critic
 from ppo_jax.compat import check_compatible, ordinary_stop_ids, turn_end_note
-from ppo_jax.config import Settings, base_config
+from ppo_jax.config import Settings, default_values
 from ppo_jax.export import export_record, generation_defaults
 from ppo_jax.finished import finished_summary, nothing_to_do
 from ppo_jax.models import CausalLM, RewardModel
@@ -169,7 +169,7 @@ def run_ppo_stage(
         log=log,
         checkpointer=ckpt,
         record=record,
-        config_defaults=json.loads(base_config().to_json_best_effort()),
+        config_defaults=default_values(),
         max_nonfinite=s.ppo_run.max_nonfinite,
         mesh=mesh,
       )
@@ -210,7 +210,7 @@ def _run(config, workdir: pathlib.Path, *, resume: bool) -> dict[str, Any]:
 
 def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t_start: float):
   put_back_aside(workdir)  # a stage folder a kill left renamed aside (stage_folders.saved_whole)
-  defaults = json.loads(base_config().to_json_best_effort())
+  defaults = default_values()
   now = json.loads(config.to_json_best_effort())
   refused_together(check_workdir, workdir, s=s, config=now, resume=resume, defaults=defaults)
   if resume and (done := finished_summary(s, workdir, now)) is not None:
@@ -287,9 +287,10 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   banner("1/3 supervised fine-tuning", stage="sft")
   policy, sft_eval = run_sft(s, policy, inputs, layout, workdir, mesh=mesh)
-  stopped = {"sft_eval": sft_eval, "rm_eval": {}, "stop_after": s.stop_after, **inputs.notes}
+  stopped = {"before": {}, "after": {}, "sft_eval": sft_eval, "rm_eval": {}, **inputs.notes}
+  stopped["stop_after"] = s.stop_after
   if s.stop_after == "sft":
-    return _close(s, workdir, {"before": {}, "after": {}, **stopped}, now, t_start, write=not keep)
+    return _close(s, workdir, stopped, now, t_start, write=not keep)
   banner("2/3 reward model", stage="reward model")
   if s.algo == "dpo":  # whatever rm.* says: DPO learns from the pairs themselves
     print("DPO trains on the preference pairs directly: no reward model")
@@ -300,8 +301,7 @@ def _run_in(config, s: Settings, mesh, workdir: pathlib.Path, *, resume: bool, t
     if reward_model is not None:
       check_compatible(reward_model.cfg, tok, max_len, what="reward model")
   if s.stop_after == "rm":
-    stopped["rm_eval"] = rm_eval
-    return _close(s, workdir, {"before": {}, "after": {}, **stopped}, now, t_start, write=not keep)
+    return _close(s, workdir, {**stopped, "rm_eval": rm_eval}, now, t_start, write=not keep)
 
   banner(f"3/3 {s.algo.upper()}", stage=s.algo)
   stage_eval = {}

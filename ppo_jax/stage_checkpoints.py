@@ -115,9 +115,9 @@ def _config_of(s: Settings) -> dict[str, Any]:
 
 
 def _defaults() -> dict[str, Any]:
-  from ppo_jax.config import base_config  # config imports this module
+  from ppo_jax.config import default_values  # config imports this module
 
-  return json.loads(base_config().to_json_best_effort())
+  return default_values()
 
 
 @contextlib.contextmanager

@@ -237,17 +237,16 @@ def test_a_reward_function_failing_mid_run_keeps_the_last_finished_step(smoke_ru
   import reward_fns
 
   workdir = reuse_stages(smoke_run[0], tmp_path / "judge", stages=("sft",))
-  config = smoke_config(
+  judge = dict(
     reward__source="function",
     reward__fn="reward_fns:fails_on_third_call",
     rm__enabled=False,
     ppo__critic_init="policy",
-    ppo__iterations=4,
-    data__eval_prompts=0,  # no held-out calls: the third call is step 3's
-    checkpoint__every=10,
     log__tensorboard=False,
     log__plots=False,
   )
+  # no held-out calls: the third call is step 3's
+  config = smoke_config(**judge, ppo__iterations=4, data__eval_prompts=0, checkpoint__every=10)
   reward_fns.CALLS[0] = 0
   with pytest.raises(RewardError, match=r"judge timed out; step 2 is saved in .*checkpoints: a "):
     pipeline.run(config, workdir)
@@ -269,16 +268,7 @@ def test_a_reward_function_failing_mid_run_keeps_the_last_finished_step(smoke_ru
   # Failing in the held-out evaluation after the last step (calls: before, step 1, after): the
   # step is saved, where a rerun resumes and only evaluates.
   held_run = reuse_stages(smoke_run[0], tmp_path / "held", stages=("sft",))
-  config = smoke_config(
-    reward__source="function",
-    reward__fn="reward_fns:fails_on_third_call",
-    rm__enabled=False,
-    ppo__critic_init="policy",
-    ppo__iterations=1,
-    data__eval_prompts=8,
-    log__tensorboard=False,
-    log__plots=False,
-  )
+  config = smoke_config(**judge, ppo__iterations=1, data__eval_prompts=8)
   reward_fns.CALLS[0] = 0
   with pytest.raises(RewardError, match=r"judge timed out; step 1 is saved in .*checkpoints: a "):
     pipeline.run(config, held_run)
