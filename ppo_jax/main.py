@@ -127,7 +127,10 @@ def enable_compilation_cache() -> None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Programs that compile in under half a second are not worth a file each, unless the user's
+    # environment says otherwise (the tests cache every program: they rebuild the same ones).
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def check_override_paths(argv: list[str]) -> None:

@@ -6,9 +6,11 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Programs compiled by one test (or notebook kernel) are reused by the next; set before jax loads.
+# Programs compiled by one test (or notebook kernel, or CLI subprocess) are reused by the next; set
+# before jax loads. Every program is cached, however fast it compiled: the tests rebuild the same
+# small programs many times (tests/test_checkpoint.py at 0.5 s, the CLI's default: 177 → 163 s).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ppo_jax_xla_"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("PPO_JAX_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 # Compiling takes most of most tests' time. LLVM at -O1 compiles them ~20 % faster than XLA:CPU's
 # default -O3 and runs these tiny programs as fast (tests/test_ppo.py: 144 → 119 s; the SFT and
