@@ -137,7 +137,8 @@ def check_override_paths(argv: list[str]) -> None:
   """Raises ValueError naming the first ``--config.a.b=…`` whose field does not exist.
 
   The config file is loaded here once more, only to know its fields, so a typo is reported as
-  ``unknown config field 'ppo.lrr'; did you mean 'ppo.lr'?`` rather than a bare KeyError.
+  ``unknown config field 'ppo.optim.lrr'; did you mean 'ppo.optim.lr'?`` rather than a bare
+  KeyError.
   """
   import importlib.util
 
