@@ -160,12 +160,13 @@ def test_generate_refuses_what_it_would_get_wrong(gpt2):
   for (ids, mask), kw, message in cases:
     with pytest.raises(ValueError, match=message):
       pj.generate(gpt2, ids, mask, key=key, max_new_tokens=3, **kw)
-  # Left padding is what it takes; a NumPy int is a stop token like a Python one.
-  a = pj.generate(gpt2, [[0, 8, 9]], [[0, 1, 1]], key=key, max_new_tokens=3, eos_token_id=5)
-  b = pj.generate(
-    gpt2, [[0, 8, 9]], [[0, 1, 1]], key=key, max_new_tokens=3, eos_token_id=np.int64(5)
-  )
-  np.testing.assert_array_equal(a.tokens, b.tokens)
+  # Left padding is what it takes; a NumPy int is a stop token like a Python one: the first
+  # token sampled without a stop token, made the stop token, ends the response there.
+  gen = lambda **kw: pj.generate(gpt2, [[0, 8, 9]], [[0, 1, 1]], key=key, max_new_tokens=3, **kw)
+  stop = int(gen().tokens[0, 0])
+  for eos in (stop, np.int64(stop)):
+    out = gen(eos_token_id=eos)
+    assert int(out.tokens[0, 0]) == stop and int(out.lengths[0]) == 1, type(eos)
 
 
 def test_a_jitted_function_may_close_over_concrete_ids(gpt2):

@@ -834,8 +834,15 @@ def test_a_state_of_another_layout_is_refused_in_one_line(tmp_path):
   joint = optim.make_optimizer(hp, 10)
   split = optim.make_actor_critic_optimizer(hp, policy_steps=10, value_steps=10)
   settings = checkpoint.CheckpointSettings(async_save=False)
+  # Saved after one update: parameters and Adam moments unlike the fresh state it restores onto.
+  fresh = _tiny_state(joint)
+  grads = jax.tree.map(lambda w: jnp.arange(w.size, dtype=w.dtype).reshape(w.shape), fresh.params)
+  updates, opt_state = joint.update(grads, fresh.opt_state, fresh.params)
+  saved = fresh.replace(
+    params=jax.tree.map(lambda p, u: p + u, fresh.params, updates), opt_state=opt_state
+  )
   with checkpoint.Checkpointer(tmp_path / "ck", settings) as ck:
-    ck.save(1, _tiny_state(joint), {"config": {}})
+    ck.save(1, saved, {"config": {}})
   with checkpoint.Checkpointer(tmp_path / "ck", settings) as ck:  # as a resumed run opens it
     with pytest.raises(
       ValueError, match=r"step 1 holds a state of another layout \(\d+ arrays"
@@ -846,8 +853,9 @@ def test_a_state_of_another_layout_is_refused_in_one_line(tmp_path):
       ck.restore(_tiny_state(joint, width=4))
     assert ck.latest_step() == 1
     state, record = ck.restore(_tiny_state(joint))
-  saved = _tiny_state(joint)
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved.params), strict=True):
+  restored, expected = (jax.tree.leaves((x.params, x.opt_state)) for x in (state, saved))
+  assert not np.array_equal(expected[0], fresh.params["policy"]["w"])  # the restore's to do
+  for a, b in zip(restored, expected, strict=True):
     np.testing.assert_array_equal(a, b)
   assert record == {"config": {}}
 

@@ -233,7 +233,7 @@ def test_what_a_run_does_not_use_is_not_refused(tmp_path):
   from ppo_jax.workdir import stages_trained
 
   config = load_experiment(ROOT / "experiments" / "default.py", None)
-  config.reward.update(source="function", fn="reward_fns:length")
+  config.reward.update(source="function", fn="reward_fns:shortness")
   config.rm.update(enabled=False, epochs=0.0)
   config.ppo.value_head_on_policy = True
   assert Settings.from_config(config).ppo_run.critic_init == "reward_model"

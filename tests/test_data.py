@@ -547,9 +547,13 @@ def test_batches_cover_each_epoch_once_and_depend_on_the_step_alone():
   n, b = 10, 5
   epoch = np.concatenate([row_order.batch_indices(n, b, step, seed=3) for step in range(2)])
   assert sorted(epoch.tolist()) == list(range(n))  # two batches: a permutation of the rows
-  np.testing.assert_array_equal(
-    row_order.batch_indices(n, b, 7, seed=3), row_order.batch_indices(n, b, 7, seed=3)
-  )
+  # Step 7 (epoch 3's second half) read first, as a resumed run reads it, is the step 7 read
+  # after steps 0–6; with step 6 it covers its epoch; another seed draws another order.
+  late = row_order.batch_indices(n, b, 7, seed=3)
+  in_order = [row_order.batch_indices(n, b, step, seed=3) for step in range(8)]
+  np.testing.assert_array_equal(in_order[7], late)
+  assert sorted([*in_order[6].tolist(), *late.tolist()]) == list(range(n))
+  assert not np.array_equal(row_order.batch_indices(n, b, 7, seed=4), late)
   assert not np.array_equal(
     row_order.batch_indices(n, b, 2, seed=3), row_order.batch_indices(n, b, 0, seed=3)
   )

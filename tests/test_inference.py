@@ -611,17 +611,33 @@ def test_with_the_chat_template_sampling_stops_at_its_turn_end(folders, tmp_path
   """A template that ends a turn with a special token of its own (Gemma's <end_of_turn>):
   responses stop there, as the run's SFT trained them to end (``token_edges.turn_end_id``),
   also for a checkpoint whose config.json does not list it."""
-  policy_dir = tmp_path / "policy"
-  shutil.copytree(folders[0], policy_dir)
-  tok = load_tokenizer(policy_dir)
-  tok.chat_template = (
-    "{% for m in messages %}{{ m.content }} w30 {% endfor %}{% if add_generation_prompt %}w31 "
-    "{% endif %}"
-  )
-  tok.add_special_tokens({"additional_special_tokens": ["w30"]})  # the turn's end
-  tok.save_pretrained(str(policy_dir))
+  # The same template twice: w30 a plain word (no turn end), then the turn's special end token.
+  plain_dir, policy_dir = tmp_path / "plain", tmp_path / "policy"
+  for folder in (plain_dir, policy_dir):
+    shutil.copytree(folders[0], folder)
+    tok = load_tokenizer(folder)
+    tok.chat_template = (
+      "{% for m in messages %}{{ m.content }} w30 {% endfor %}{% if add_generation_prompt %}w31 "
+      "{% endif %}"
+    )
+    if folder == policy_dir:
+      tok.add_special_tokens({"additional_special_tokens": ["w30"]})  # the turn's end
+    tok.save_pretrained(str(folder))
   end = tok.convert_tokens_to_ids("w30")
-  inference.sample_file(
-    policy_dir, folders[2], tmp_path / "s.jsonl", max_new_tokens=2, chat_template=True
-  )
-  assert f"stop ids {[tok.eos_token_id, tiny_hf.EOS, end]})" in capsys.readouterr().out
+  # Hot sampling, 32 responses a prompt: w30 comes up (the same prompt tokens and keys, so the
+  # same draws in both runs until one stops).
+  kw = dict(n=32, max_new_tokens=3, temperature=2.0, batch_size=160, chat_template=True)
+  for folder in (plain_dir, policy_dir):
+    inference.sample_file(folder, folders[2], tmp_path / f"{folder.name}.jsonl", **kw)
+    out = capsys.readouterr().out
+  assert f"stop ids {[tok.eos_token_id, tiny_hf.EOS, end]})" in out
+  cut = 0
+  for a, b in zip(_rows(tmp_path / "plain.jsonl"), _rows(tmp_path / "policy.jsonl"), strict=True):
+    words = a["response"].split()[: a["tokens"]]
+    if "w30" in words:  # the plain run went on past it; the turn-end run stopped there
+      assert (b["tokens"], b["stopped"]) == (words.index("w30") + 1, True), (a, b)
+      cut += 1
+    else:
+      same = ("tokens", "stopped", "response")
+      assert [b[k] for k in same] == [a[k] for k in same]
+  assert cut > 0

@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom (so it cannot rot) and is stored without outputs."""
 
-import os
 import pathlib
 
 import nbformat
@@ -34,9 +33,9 @@ def test_notebook_executes(path, tmp_path, monkeypatch, request):
   client = NotebookClient(
     nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
   )
-  client.execute()  # raises CellExecutionError with the failing cell's traceback
-  errors = [
-    o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
-  ]
-  assert not errors
-  assert os.environ["HF_HUB_OFFLINE"] == "1"
+  # Raises CellExecutionError with the failing cell's traceback (the notebooks' own asserts too).
+  client.execute()
+  assert all(c.execution_count for c in nb.cells if c.cell_type == "code")
+  if path.name.startswith("02_"):  # its run's outputs, as the notebook sets it up
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 8 and (tmp_path / "policy" / "model.safetensors").exists()

@@ -803,7 +803,7 @@ def test_a_skipped_stage_names_the_checkpoints_it_leaves(tmp_path, capsys):
   from ppo_jax.config import Settings
 
   config = smoke_config(sft__epochs=0, rm__enabled=False, ppo__critic_init="policy")
-  config.reward.update(source="function", fn="reward_fns:length")  # no reward model needed
+  config.reward.update(source="function", fn="reward_fns:shortness")  # no reward model needed
   s = Settings.from_config(config)
   inputs = types.SimpleNamespace(sft="sft.jsonl", preferences="pairs.jsonl")
   stages.run_sft(s, None, inputs, None, tmp_path)

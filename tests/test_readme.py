@@ -20,10 +20,24 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_python_example_runs(capsys):
+  """The functions example prints the loss, clip fraction and approximate KL that the float64
+  references compute from its own arrays."""
+  import numpy as np
+  import pytest
+  import references as ref
+
   (example,) = [b for b in _fenced("python") if "import ppo_jax" in b]
-  exec(compile(example, "README.md", "exec"), {})
-  printed = capsys.readouterr().out.split()
-  assert len(printed) == 3 and all(float(x) == float(x) for x in printed)  # three finite floats
+  names = {}
+  exec(compile(example, "README.md", "exec"), names)
+  printed = [float(x) for x in capsys.readouterr().out.split()]
+  f64 = lambda name: np.asarray(names[name], np.float64)
+  mask = f64("mask")
+  adv, _ = ref.gae(f64("rewards"), f64("values"), mask, gamma=1.0, lam=0.95)
+  adv = ref.masked_whiten(adv, mask)
+  loss, metrics = ref.policy_loss(f64("logp"), f64("old_logp"), adv, mask, clip_eps=0.2)
+  expected = [loss, metrics["clipfrac"], metrics["approx_kl"]]
+  assert metrics["clipfrac"] > 0  # the example clips some tokens: the clipped branch is in it
+  assert printed == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def test_readme_ppo_loop_learns(capsys):

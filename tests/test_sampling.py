@@ -412,16 +412,19 @@ def test_bad_arguments(models):
     run(few, few_mask, max_new_tokens=5.0)
   with pytest.raises(ValueError, match=r"^temperature must be a number > 0, got None"):
     run(few, few_mask, max_new_tokens=2, temperature=None)
-  # NumPy's and JAX's integer scalars are integers; a missing pad id pads with the stop token.
-  base = run(few, few_mask, max_new_tokens=8, eos_token_id=tiny_hf.EOS, pad_token_id=tiny_hf.EOS)
+  # NumPy's and JAX's integer scalars are integers; a missing pad id pads with the stop token
+  # (row 0's first token sampled without one, made the stop token: the rest of it is padding).
+  stop = int(run(few, few_mask, max_new_tokens=8).tokens[0, 0])
+  base = run(few, few_mask, max_new_tokens=8, eos_token_id=stop, pad_token_id=stop)
   same = run(
     few,
     few_mask,
     max_new_tokens=np.int64(8),
-    eos_token_id=jnp.int32(tiny_hf.EOS),
+    eos_token_id=jnp.int32(stop),
     pad_token_id=None,
     top_k=jnp.array(0),
   )
+  assert int(same.lengths[0]) == 1 and (np.asarray(same.tokens[0]) == stop).all()
   np.testing.assert_array_equal(same.tokens, base.tokens)
   # An id outside the vocabulary, even in the left padding, would make the row NaN.
   bad = np.asarray(ids[:, :4]).copy()
