@@ -240,8 +240,8 @@ def run_ppo(
   if resumed:
     state, saved = resumed
     _note_stop_ids(saved, hp.stop_ids)
-  elif mesh is None:
-    state = make_state(params)
+  elif mesh is None:  # committed to the device, as a restored state is: the same programs
+    state = jax.device_put(make_state(params), state_sh)
   else:  # created straight onto its shardings (a plain tx.init would leave counts on device 0)
     params = shd.place(params, placement.state.params)
     state = jax.jit(make_state, out_shardings=placement.state)(params)

@@ -310,6 +310,8 @@ def train(
   else:  # copied: the step donates them, and they may share buffers with a live model
     start = 0
     params = jax.tree.map(jnp.copy, params if mesh is None else shd.place(params, param_sh))
+    # Committed, as restored ones are: a resume then runs (and finds cached) the same programs.
+    params = jax.device_put(params, param_sh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
   schedule = learning_rate(hp.optim, total)

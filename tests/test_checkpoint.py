@@ -106,9 +106,10 @@ def test_a_record_from_before_the_held_out_count_is_checked_by_its_before(tmp_pa
     run_inputs.check_same_prompts("f", 4, tmp_path, {"before": {}, "held_out_rows": 8})
 
 
-def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path):
+def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path, monkeypatch):
   """The checkpoints record a fingerprint of the prompt file's rows, as a supervised stage's do:
-  an edited prompts file is refused, and the run's files are left as they were."""
+  an edited prompts file is refused, and the run's files are left as they were. The resume on
+  the original prompts compiles none of the iteration's programs: the fresh run's, cached."""
   prompts = tmp_path / "prompts.jsonl"
   shutil.copy(smoke_run[0] / "data" / "prompts.jsonl", prompts)
   config = lambda iterations: smoke_config(
@@ -121,6 +122,7 @@ def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path):
     reward__fn="reward_fns:superlatives",
     ppo__critic_init="policy",
     ppo__iterations=iterations,
+    ppo__optim__schedule="constant",  # the same update program at 1 and 2 iterations
     ppo__batch_size=8,
     log__tensorboard=False,
     log__plots=False,
@@ -139,8 +141,20 @@ def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path):
   with pytest.raises(ValueError, match=r"checkpoints trained on other prompts"):
     pipeline.run(config(2), workdir)
   prompts.write_text("".join(rows[:-1]))
+  # Read through JAX's own compile hook (the tests cache every program on disk): a fresh state
+  # left uncommitted to its device, as the restored one is not, made each program anew.
+  from jax._src import compiler
+
+  compiled, compile_and_load = [], compiler.backend_compile_and_load
+
+  def counted(backend, module, *args, **kwargs):
+    compiled.append(str(module.operation.attributes["sym_name"]).strip('"'))
+    return compile_and_load(backend, module, *args, **kwargs)
+
+  monkeypatch.setattr(compiler, "backend_compile_and_load", counted)
   pipeline.run(config(2), workdir)  # the original prompts: resumed
   assert count_lines(workdir / "metrics.jsonl") == 2
+  assert not {"jit_sample_fn", "jit_score_fn", "jit_update_fn"} & set(compiled), compiled
 
 
 def test_a_run_is_finished_only_with_its_summary_outputs_and_last_checkpoint(smoke_run, tmp_path):
