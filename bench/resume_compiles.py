@@ -1,0 +1,70 @@
+"""What a resumed run compiles: a PPO stage run fresh, then resumed twice, in one process.
+
+The smoke config with a programmatic reward (no SFT, no reward model), batch 8, a constant
+learning-rate schedule (so that raising ``ppo.iterations`` changes no program), and an on-disk
+compilation cache that keeps every program. It runs 1 iteration, then resumes to 2 and to 3, and
+prints each run's seconds and the XLA programs it compiled (a cache hit compiles nothing). A
+resume that lowered other programs than the fresh run's compiles them again here.
+
+  python bench/resume_compiles.py
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CACHE = tempfile.mkdtemp(prefix="ppo_jax_bench_cache_")
+os.environ.update(
+  HF_HUB_OFFLINE="1",
+  JAX_COMPILATION_CACHE_DIR=CACHE,
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+)
+sys.path.insert(0, str(ROOT / "tests"))  # reward_fns:superlatives, the tests' reward function
+
+from jax._src import compiler  # noqa: E402  (after the cache settings: read as jax loads)
+
+from ppo_jax import pipeline  # noqa: E402
+from ppo_jax.config import load_experiment  # noqa: E402
+
+compiled: list[str] = []
+_compile_and_load = compiler.backend_compile_and_load
+
+
+def _counted(backend, module, *args, **kwargs):
+  compiled.append(str(module.operation.attributes["sym_name"]).strip('"'))
+  return _compile_and_load(backend, module, *args, **kwargs)
+
+
+compiler.backend_compile_and_load = _counted
+
+
+def config(iterations: int):
+  c = load_experiment(ROOT / "experiments" / "default.py", "smoke")
+  c.sft.epochs, c.rm.enabled = 0.0, False
+  c.reward.source, c.reward.fn = "function", "reward_fns:superlatives"
+  c.ppo.critic_init, c.ppo.iterations, c.ppo.batch_size = "policy", iterations, 8
+  c.ppo.optim.schedule = "constant"
+  c.log.progress = c.log.tensorboard = c.log.plots = False
+  return c
+
+
+def main() -> None:
+  workdir = pathlib.Path(tempfile.mkdtemp(prefix="ppo_jax_bench_resume_"))
+  for iterations in (1, 2, 3):
+    compiled.clear()
+    t0 = time.perf_counter()
+    pipeline.run(config(iterations), workdir)
+    seconds = time.perf_counter() - t0
+    kind = "fresh" if iterations == 1 else "resume"
+    names = ", ".join(f"{n} ×{k}" for n, k in collections.Counter(compiled).most_common())
+    print(f"{kind} to {iterations}: {seconds:.1f} s, {len(compiled)} programs compiled: {names}")
+
+
+if __name__ == "__main__":
+  main()
