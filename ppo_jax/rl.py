@@ -210,7 +210,9 @@ def run_ppo(
   abstract = jax.eval_shape(make_state, params)
   placement = None
   if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Where the models are (jax.config.jax_default_device, say): fresh and restored states alike.
+    first = jax.tree.leaves(params)[0]
+    device = jax.sharding.SingleDeviceSharding(next(iter(first.devices())))
     state_sh = jax.tree.map(lambda _: device, abstract)
   else:
     shd.check_batch(batch_size, mesh)
