@@ -127,9 +127,7 @@ def enable_compilation_cache() -> None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
-    # Programs that compile in under half a second are not worth a file each, unless the user's
-    # environment says otherwise (the tests cache every program: they rebuild the same ones).
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the tests set 0
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
@@ -137,8 +135,7 @@ def check_override_paths(argv: list[str]) -> None:
   """Raises ValueError naming the first ``--config.a.b=…`` whose field does not exist.
 
   The config file is loaded here once more, only to know its fields, so a typo is reported as
-  ``unknown config field 'ppo.optim.lrr'; did you mean 'ppo.optim.lr'?`` rather than a bare
-  KeyError.
+  ``unknown config field 'ppo.optim.lrr'; did you mean 'ppo.optim.lr'?``, not a bare KeyError.
   """
   import importlib.util
 
