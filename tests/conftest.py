@@ -1,7 +1,9 @@
 """Test-wide settings (offline Hugging Face, a per-session XLA compilation cache), the named mask
 cases as a fixture, and one smoke run of the whole pipeline that several tests read."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,7 +11,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Programs compiled by one test (or notebook kernel, or CLI subprocess) are reused by the next; set
 # before jax loads. Every program is cached, however fast it compiled: the tests rebuild the same
 # small programs many times (tests/test_checkpoint.py at 0.5 s, the CLI's default: 177 → 163 s).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ppo_jax_xla_"))
+# The process that makes the directory (pytest-xdist's controller, or pytest without it) removes it
+# at exit; the workers and the tests' subprocesses inherit it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ppo_jax_xla_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("PPO_JAX_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 # Compiling takes most of most tests' time. LLVM at -O1 compiles them ~20 % faster than XLA:CPU's
@@ -22,7 +28,6 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=1".strip()
 
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +43,7 @@ IN_MULTIDEVICE = os.environ.get("PPO_JAX_MULTIDEVICE") == "1"
 # tests/multidevice needs 8 devices from the start: test_sharding.py runs it in its own process.
 collect_ignore = [] if IN_MULTIDEVICE else ["multidevice"]
 MULTIDEVICE_TEST = "tests/test_sharding.py::test_multidevice_suite"
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", … in a pytest-xdist worker
 
 
 class MultideviceRun:
@@ -94,8 +100,18 @@ class MultideviceRun:
       cls._started.proc.wait()
 
 
+def pytest_collection_modifyitems(config, items):
+  # Under pytest-xdist (pyproject's addopts: -n 2) collection happens in every worker, and the
+  # worker that runs MULTIDEVICE_TEST is known only when it starts it: first in the order, it starts
+  # at once in one worker, which waits on it while the other runs the single-device tests.
+  if XDIST_WORKER:
+    items.sort(key=lambda item: item.nodeid != MULTIDEVICE_TEST)
+
+
 def pytest_collection_finish(session):
-  if not IN_MULTIDEVICE and any(i.nodeid == MULTIDEVICE_TEST for i in session.items):
+  if XDIST_WORKER or IN_MULTIDEVICE:
+    return  # (under xdist the test itself starts the run)
+  if any(i.nodeid == MULTIDEVICE_TEST for i in session.items):
     MultideviceRun.start()
 
 
