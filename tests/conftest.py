@@ -65,8 +65,10 @@ class MultideviceRun:
     }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # programs for 8 devices: a cache of their own
     self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it until the end
-    # At a lower priority: the single-device suite is the longer one, and this one takes the
-    # core it leaves idle (its compilation is one-threaded) rather than half of both.
+    # Without xdist, at a lower priority: the single-device suite is the longer one, and this one
+    # takes the core it leaves idle (its compilation is one-threaded) rather than half of both.
+    # Under xdist the worker that waits for it leaves it a core; niced, it got far less (850 s
+    # in CI, 380 s alone) and held that worker idle all along.
     self.proc = subprocess.Popen(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
        str(ROOT / "tests" / "multidevice")],
@@ -74,7 +76,8 @@ class MultideviceRun:
     )  # fmt: skip
     # Set from here, not in the child (a preexec_fn forks a process JAX's threads run in); the
     # processes it starts, seconds later, inherit it.
-    os.setpriority(os.PRIO_PROCESS, self.proc.pid, 10)
+    if not XDIST_WORKER:
+      os.setpriority(os.PRIO_PROCESS, self.proc.pid, 10)
 
   @classmethod
   def start(cls) -> "MultideviceRun":

@@ -527,3 +527,44 @@ def test_the_reference_copy_of_a_host_policy_stays_on_the_host(monkeypatch):
   finally:
     jax.config.update("jax_default_device", None)
   assert seen == {"reference": {devices[0]}, "policy": {devices[0]}}
+
+
+def test_a_run_without_a_mesh_stays_on_the_default_device(monkeypatch, tmp_path):
+  """mesh None: a library caller's ``jax_default_device`` (device 5 here) holds the whole run. The
+  fresh state goes where the models are, as the restored state of a resume does, and the policy
+  returned stays there; nothing moves to device 0."""
+  from ppo_jax import rl
+  from ppo_jax.evaluation import Prompts, Scorer
+
+  devices = jax.devices()
+  seen, real = [], rl.run_iteration
+
+  def run_iteration(fns, state, *args, **kwargs):
+    seen.append({d for x in jax.tree.leaves(state) for d in x.devices()})
+    return real(fns, state, *args, **kwargs)
+
+  monkeypatch.setattr(rl, "run_iteration", run_iteration)
+  prompts = Prompts(["p"] * B, PROMPTS, PROMPT_MASK)
+  no_prompts = Prompts([], PROMPTS[:0], PROMPT_MASK[:0])
+
+  def run(iterations):
+    with jax.default_device(devices[5]), Checkpointer(tmp_path, CheckpointSettings()) as ckpt:
+      result = rl.run_ppo(
+        CausalLM(CFG, rngs=nnx.Rngs(0)),
+        Scorer(reward_model=RewardModel(CFG, rngs=nnx.Rngs(1))),
+        prompts,
+        no_prompts,
+        None,
+        hp=HP,
+        optim=OptimHparams(lr=LR, schedule="constant"),
+        iterations=iterations,
+        batch_size=B,
+        critic=ValueModel(CFG, rngs=nnx.Rngs(3)),
+        seed=0,
+        checkpointer=ckpt,
+      )
+    return {d for x in jax.tree.leaves(nnx.state(result.policy)) for d in x.devices()}
+
+  assert run(1) == {devices[5]}  # fresh
+  assert run(2) == {devices[5]}  # resumed from the checkpoint of step 1
+  assert seen == [{devices[5]}, {devices[5]}]
