@@ -11,8 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Programs compiled by one test (or notebook kernel, or CLI subprocess) are reused by the next; set
 # before jax loads. Every program is cached, however fast it compiled: the tests rebuild the same
 # small programs many times (tests/test_checkpoint.py at 0.5 s, the CLI's default: 177 → 163 s).
-# The process that makes the directory (pytest-xdist's controller, or pytest without it) removes it
-# at exit; the workers and the tests' subprocesses inherit it.
+# The pytest process that makes the directory removes it at exit (each run left ~60 MB in /tmp);
+# the tests' subprocesses inherit it.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ppo_jax_xla_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
@@ -43,7 +43,6 @@ IN_MULTIDEVICE = os.environ.get("PPO_JAX_MULTIDEVICE") == "1"
 # tests/multidevice needs 8 devices from the start: test_sharding.py runs it in its own process.
 collect_ignore = [] if IN_MULTIDEVICE else ["multidevice"]
 MULTIDEVICE_TEST = "tests/test_sharding.py::test_multidevice_suite"
-XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", … in a pytest-xdist worker
 
 
 class MultideviceRun:
@@ -65,10 +64,8 @@ class MultideviceRun:
     }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # programs for 8 devices: a cache of their own
     self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it until the end
-    # Without xdist, at a lower priority: the single-device suite is the longer one, and this one
-    # takes the core it leaves idle (its compilation is one-threaded) rather than half of both.
-    # Under xdist the worker that waits for it leaves it a core; niced, it got far less (850 s
-    # in CI, 380 s alone) and held that worker idle all along.
+    # At a lower priority: the single-device suite is the longer one, and this one takes the
+    # core it leaves idle (its compilation is one-threaded) rather than half of both.
     self.proc = subprocess.Popen(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
        str(ROOT / "tests" / "multidevice")],
@@ -76,8 +73,7 @@ class MultideviceRun:
     )  # fmt: skip
     # Set from here, not in the child (a preexec_fn forks a process JAX's threads run in); the
     # processes it starts, seconds later, inherit it.
-    if not XDIST_WORKER:
-      os.setpriority(os.PRIO_PROCESS, self.proc.pid, 10)
+    os.setpriority(os.PRIO_PROCESS, self.proc.pid, 10)
 
   @classmethod
   def start(cls) -> "MultideviceRun":
@@ -103,18 +99,8 @@ class MultideviceRun:
       cls._started.proc.wait()
 
 
-def pytest_collection_modifyitems(config, items):
-  # Under pytest-xdist (pyproject's addopts: -n 2) collection happens in every worker, and the
-  # worker that runs MULTIDEVICE_TEST is known only when it starts it: first in the order, it starts
-  # at once in one worker, which waits on it while the other runs the single-device tests.
-  if XDIST_WORKER:
-    items.sort(key=lambda item: item.nodeid != MULTIDEVICE_TEST)
-
-
 def pytest_collection_finish(session):
-  if XDIST_WORKER or IN_MULTIDEVICE:
-    return  # (under xdist the test itself starts the run)
-  if any(i.nodeid == MULTIDEVICE_TEST for i in session.items):
+  if not IN_MULTIDEVICE and any(i.nodeid == MULTIDEVICE_TEST for i in session.items):
     MultideviceRun.start()
 
 
