@@ -43,7 +43,7 @@ def matmul_peak(
   """FLOP/s of a jitted ``n³`` matmul in ``dtype``: the device's practical peak.
 
   ``batch`` > 1 multiplies that many pairs of matrices in one call, so the launch and the host's
-  wait, which one 8192³ bf16 product on an H200 (about 1.4 ms) does not hide, are paid once.
+  wait, which one 8192³ bf16 product on an H200 (about 1.5 ms) does not hide, are paid once.
   """
   a = jax.random.normal(jax.random.key(0), (batch, n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (batch, n, n), dtype)
