@@ -131,7 +131,7 @@ def check_mesh_rows(hp: SupervisedHparams, n_train: int, mesh, name: str) -> Non
   shd.check_batch(batch_size, mesh, f"config.{name}.batch_size{cut}")
   micro = batch_size // hp.micro_batches(batch_size)
   if micro < batch_size:
-    what = f"the rows of a {name} micro-batch (config.{name}.micro_batch_size)"
+    what = f"the row count of each {name} micro-batch (config.{name}.micro_batch_size)"
     shd.check_batch(micro, mesh, what)
 
 

@@ -120,11 +120,11 @@ def test_one_iteration_matches_single_device(reference, mesh_shape):
 
 
 def _lora_iterations(mesh_shape, n=2):
-  """Metrics and parameters after ``n`` LoRA PPO iterations (adapters on q, k, v, o; a head_dim of
-  16 over a width of 32; minibatches of one row per data × fsdp shard on 2 × 2 × 2)."""
+  """Metrics and parameters after ``n`` LoRA PPO iterations (adapters on every projection; a
+  head_dim of 16 over a width of 32; minibatches of one row per data × fsdp shard on 2 × 2 × 2)."""
   cfg = CFG.replace(vocab_size=64, head_dim=16, initializer_range=0.02)
   hp = ppo.PPOHparams(max_new_tokens=8, eos_token_id=EOS, num_epochs=2, num_minibatches=2)
-  policy = add_lora(CausalLM(cfg, rngs=nnx.Rngs(0)), rank=4)
+  policy = add_lora(CausalLM(cfg, rngs=nnx.Rngs(0)), rank=4, targets="q,k,v,o,gate,up,down")
   models, params, ref_params, reward_params = ActorCritic.build(
     policy, ValueModel(cfg, rngs=nnx.Rngs(1)), RewardModel(cfg, rngs=nnx.Rngs(2))
   )
