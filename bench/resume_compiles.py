@@ -6,7 +6,9 @@ compilation cache that keeps every program. It runs 1 iteration, then resumes to
 prints each run's seconds and the XLA programs it compiled (a cache hit compiles nothing). A
 resume that lowered other programs than the fresh run's compiles them again here.
 
-  python bench/resume_compiles.py
+  python bench/resume_compiles.py           # PPO alone: a programmatic reward, no SFT
+  python bench/resume_compiles.py --stages  # SFT and a reward model (short) before PPO
+  python bench/resume_compiles.py --dpo     # SFT, then DPO of LoRA adapters, 1 → 2 → 3 epochs
 """
 
 from __future__ import annotations
@@ -44,22 +46,40 @@ def _counted(backend, module, *args, **kwargs):
 compiler.backend_compile_and_load = _counted
 
 
-def config(iterations: int):
+def dpo_config(epochs: int):
+  """DPO with LoRA adapters over a short SFT (trained by the fresh run, loaded by the resumes);
+  ``epochs`` of a small pair set, so that each resume goes on from the last checkpoint."""
+  c = load_experiment(ROOT / "experiments" / "dpo.py", "smoke")
+  c.sft.epochs, c.task.num_sft, c.task.num_pairs = 0.25, 256, 128
+  c.dpo.epochs, c.dpo.optim.schedule, c.data.eval_prompts = float(epochs), "constant", 8
+  c.ppo.lora_rank = 4
+  c.log.progress = c.log.tensorboard = c.log.plots = False
+  return c
+
+
+def config(iterations: int, stages: bool = False):
   c = load_experiment(ROOT / "experiments" / "default.py", "smoke")
-  c.sft.epochs, c.rm.enabled = 0.0, False
-  c.reward.source, c.reward.fn = "function", "reward_fns:superlatives"
-  c.ppo.critic_init, c.ppo.iterations, c.ppo.batch_size = "policy", iterations, 8
+  if stages:  # SFT and the reward model trained by the fresh run, loaded from disk by the resumes
+    c.sft.epochs = c.rm.epochs = 0.25
+    c.task.num_sft = c.task.num_pairs = 256
+  else:
+    c.sft.epochs, c.rm.enabled = 0.0, False
+    c.reward.source, c.reward.fn = "function", "reward_fns:superlatives"
+    c.ppo.critic_init = "policy"
+  c.ppo.iterations, c.ppo.batch_size = iterations, 8
   c.ppo.optim.schedule = "constant"
   c.log.progress = c.log.tensorboard = c.log.plots = False
   return c
 
 
 def main() -> None:
+  stages = "--stages" in sys.argv[1:]
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="ppo_jax_bench_resume_"))
   for iterations in (1, 2, 3):
     compiled.clear()
     t0 = time.perf_counter()
-    pipeline.run(config(iterations), workdir)
+    dpo = "--dpo" in sys.argv[1:]
+    pipeline.run(dpo_config(iterations) if dpo else config(iterations, stages), workdir)
     seconds = time.perf_counter() - t0
     kind = "fresh" if iterations == 1 else "resume"
     names = ", ".join(f"{n} ×{k}" for n, k in collections.Counter(compiled).most_common())

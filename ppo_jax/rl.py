@@ -210,10 +210,12 @@ def run_ppo(
   abstract = jax.eval_shape(make_state, params)
   placement = None
   if mesh is None:
-    # Where the models are (jax.config.jax_default_device, say): fresh and restored states alike.
-    first = jax.tree.leaves(params)[0]
-    device = jax.sharding.SingleDeviceSharding(next(iter(first.devices())))
+    # Where the models are: fresh and restored states alike. The reference and reward model too:
+    # a resume loads them from disk (uncommitted), a fresh run trained them here (committed), and
+    # score_fn was compiled again on every first resume.
+    device = shd.device_of(params)
     state_sh = jax.tree.map(lambda _: device, abstract)
+    frozen = jax.device_put(frozen, device)
   else:
     shd.check_batch(batch_size, mesh)
     placement = rollout.Placement.build(mesh, abstract, frozen, tx)

@@ -212,6 +212,14 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "ppo.batch_size") -> No
     raise ValueError(f"{what} {batch_size} is not divisible by the mesh's data × fsdp = {n}")
 
 
+def device_of(tree) -> jax.sharding.SingleDeviceSharding:
+  """Without a mesh: the device holding ``tree``'s first array (``jax_default_device``'s, say).
+  Inputs put there are committed, as restored ones are, so a fresh run and its resume lower (and
+  find cached) the same programs; an array already there is aliased, not copied."""
+  first = jax.tree.leaves(tree)[0]
+  return jax.sharding.SingleDeviceSharding(next(iter(first.devices())))
+
+
 def describe(mesh: Mesh) -> str:
   return " × ".join(f"{a} {mesh.shape[a]}" for a in AXES) + f" ({mesh.size} devices)"
 

@@ -272,6 +272,8 @@ def train(
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # where NumPy arrays go
     param_sh = jax.tree.map(lambda x: getattr(x, "sharding", device), params)
     opt_sh = jax.tree.map(lambda _: jax.tree.leaves(param_sh)[0], jax.eval_shape(tx.init, params))
+    # Committed (LoRA's base: trained here or loaded), as the params below: the same programs.
+    frozen = None if frozen is None else jax.device_put(frozen, jax.tree.leaves(param_sh)[0])
   else:
     check_mesh_rows(hp, n_train, mesh, name)
     param_sh = shd.param_shardings(params, mesh)

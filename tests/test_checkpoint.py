@@ -273,11 +273,22 @@ def test_kill_9_then_sigterm_then_resume_end_where_the_uninterrupted_run_ended(
 
 
 def test_sigterm_in_sft_and_in_the_reward_model_then_resume_is_bitwise_identical(
-  smoke_run, tmp_path, capsys
+  smoke_run, tmp_path, capsys, monkeypatch
 ):
   """SIGTERM during SFT, then (resumed) during reward-model training, then a resume to the end:
   both stages' weights and per-step metrics equal the uninterrupted run's, bit for bit, and their
-  checkpoints are deleted once the stage's model folder is written."""
+  checkpoints are deleted once the stage's model folder is written. The resumes compile nothing
+  the smoke run compiled: its PPO's reference was trained in its process, this one's is loaded
+  (uncommitted, its scoring program was compiled again)."""
+  from jax._src import compiler
+
+  compiled, compile_and_load = [], compiler.backend_compile_and_load
+
+  def counted(backend, module, *args, **kwargs):
+    compiled.append(str(module.operation.attributes["sym_name"]).strip('"'))
+    return compile_and_load(backend, module, *args, **kwargs)
+
+  monkeypatch.setattr(compiler, "backend_compile_and_load", counted)
   workdir = tmp_path / "stopped"
   config = smoke_config(ppo__iterations=1, log__plots=False, log__tensorboard=False)
   for name, done in (("sft", None), ("rm", "sft")):
@@ -292,6 +303,9 @@ def test_sigterm_in_sft_and_in_the_reward_model_then_resume_is_bitwise_identical
     pipeline.run(config, workdir, resume=False)
   pipeline.run(config, workdir)
   assert "rm_checkpoints" in capsys.readouterr().out and not (workdir / "rm_checkpoints").exists()
+  # The SFT and reward-model steps, sampling and scoring are the smoke run's programs (PPO's update
+  # is not: its learning-rate schedule ends at iteration 1 here).
+  assert not {"jit_step", "jit_sample_fn", "jit_score_fn"} & set(compiled), compiled
   for folder, metrics in (("sft", "sft_metrics.jsonl"), ("reward_model", "rm_metrics.jsonl")):
     a = safetensors.numpy.load_file(str(workdir / folder / "model.safetensors"))
     b = safetensors.numpy.load_file(str(smoke_run[0] / folder / "model.safetensors"))
