@@ -173,10 +173,10 @@ def run_dpo_stage(
     models, params, frozen_policy, _ = ActorCritic.build(policy, None, None)
   graphdef = models.policy
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=None)
-  # What trains from: the adapters, or the reference's copy of the weights (train copies them
-  # before its step donates them).
   if mesh is None:  # committed, trained here or loaded alike: a resume's programs are cached
     frozen = jax.device_put(frozen, shd.device_of(frozen.ref_params))
+  # What trains from: the adapters, or the reference's copy of the weights (train copies them
+  # before its step donates them).
   start = params["policy"] if models.lora else frozen.ref_params
   del params, frozen_policy  # no unplaced copy outlives the placement
   placement = None
