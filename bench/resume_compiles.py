@@ -73,12 +73,11 @@ def config(iterations: int, stages: bool = False):
 
 
 def main() -> None:
-  stages = "--stages" in sys.argv[1:]
+  stages, dpo = "--stages" in sys.argv[1:], "--dpo" in sys.argv[1:]
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="ppo_jax_bench_resume_"))
   for iterations in (1, 2, 3):
     compiled.clear()
     t0 = time.perf_counter()
-    dpo = "--dpo" in sys.argv[1:]
     pipeline.run(dpo_config(iterations) if dpo else config(iterations, stages), workdir)
     seconds = time.perf_counter() - t0
     kind = "fresh" if iterations == 1 else "resume"

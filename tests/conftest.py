@@ -129,6 +129,22 @@ def smoke_config(**overrides):
   return config
 
 
+@pytest.fixture
+def compiled_programs(monkeypatch) -> list[str]:
+  """The names of the XLA programs compiled from now on in this test, read through JAX's own
+  compile hook (a hit in the on-disk cache, which keeps every program here, compiles nothing)."""
+  from jax._src import compiler
+
+  names, compile_and_load = [], compiler.backend_compile_and_load
+
+  def counted(backend, module, *args, **kwargs):
+    names.append(str(module.operation.attributes["sym_name"]).strip('"'))
+    return compile_and_load(backend, module, *args, **kwargs)
+
+  monkeypatch.setattr(compiler, "backend_compile_and_load", counted)
+  return names
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
   """(workdir, summary) of one full smoke run: SFT → reward model → PPO."""

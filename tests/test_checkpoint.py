@@ -106,7 +106,7 @@ def test_a_record_from_before_the_held_out_count_is_checked_by_its_before(tmp_pa
     run_inputs.check_same_prompts("f", 4, tmp_path, {"before": {}, "held_out_rows": 8})
 
 
-def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path, monkeypatch):
+def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path, compiled_programs):
   """The checkpoints record a fingerprint of the prompt file's rows, as a supervised stage's do:
   an edited prompts file is refused, and the run's files are left as they were. The resume on
   the original prompts compiles none of the iteration's programs: the fresh run's, cached."""
@@ -141,20 +141,13 @@ def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"checkpoints trained on other prompts"):
     pipeline.run(config(2), workdir)
   prompts.write_text("".join(rows[:-1]))
-  # Read through JAX's own compile hook (the tests cache every program on disk): a fresh state
-  # left uncommitted to its device, as the restored one is not, made each program anew.
-  from jax._src import compiler
-
-  compiled, compile_and_load = [], compiler.backend_compile_and_load
-
-  def counted(backend, module, *args, **kwargs):
-    compiled.append(str(module.operation.attributes["sym_name"]).strip('"'))
-    return compile_and_load(backend, module, *args, **kwargs)
-
-  monkeypatch.setattr(compiler, "backend_compile_and_load", counted)
+  # A fresh state left uncommitted to its device, as the restored one is not, made each program
+  # anew.
+  compiled_programs.clear()
   pipeline.run(config(2), workdir)  # the original prompts: resumed
   assert count_lines(workdir / "metrics.jsonl") == 2
-  assert not {"jit_sample_fn", "jit_score_fn", "jit_update_fn"} & set(compiled), compiled
+  iteration = {"jit_sample_fn", "jit_score_fn", "jit_update_fn"}
+  assert not iteration & set(compiled_programs), compiled_programs
 
 
 def test_a_run_is_finished_only_with_its_summary_outputs_and_last_checkpoint(smoke_run, tmp_path):
@@ -273,22 +266,13 @@ def test_kill_9_then_sigterm_then_resume_end_where_the_uninterrupted_run_ended(
 
 
 def test_sigterm_in_sft_and_in_the_reward_model_then_resume_is_bitwise_identical(
-  smoke_run, tmp_path, capsys, monkeypatch
+  smoke_run, tmp_path, capsys, compiled_programs
 ):
   """SIGTERM during SFT, then (resumed) during reward-model training, then a resume to the end:
   both stages' weights and per-step metrics equal the uninterrupted run's, bit for bit, and their
   checkpoints are deleted once the stage's model folder is written. The resumes compile nothing
   the smoke run compiled: its PPO's reference was trained in its process, this one's is loaded
   (uncommitted, its scoring program was compiled again)."""
-  from jax._src import compiler
-
-  compiled, compile_and_load = [], compiler.backend_compile_and_load
-
-  def counted(backend, module, *args, **kwargs):
-    compiled.append(str(module.operation.attributes["sym_name"]).strip('"'))
-    return compile_and_load(backend, module, *args, **kwargs)
-
-  monkeypatch.setattr(compiler, "backend_compile_and_load", counted)
   workdir = tmp_path / "stopped"
   config = smoke_config(ppo__iterations=1, log__plots=False, log__tensorboard=False)
   for name, done in (("sft", None), ("rm", "sft")):
@@ -305,7 +289,8 @@ def test_sigterm_in_sft_and_in_the_reward_model_then_resume_is_bitwise_identical
   assert "rm_checkpoints" in capsys.readouterr().out and not (workdir / "rm_checkpoints").exists()
   # The SFT and reward-model steps, sampling and scoring are the smoke run's programs (PPO's update
   # is not: its learning-rate schedule ends at iteration 1 here).
-  assert not {"jit_step", "jit_sample_fn", "jit_score_fn"} & set(compiled), compiled
+  cached = {"jit_step", "jit_sample_fn", "jit_score_fn"}
+  assert not cached & set(compiled_programs), compiled_programs
   for folder, metrics in (("sft", "sft_metrics.jsonl"), ("reward_model", "rm_metrics.jsonl")):
     a = safetensors.numpy.load_file(str(workdir / folder / "model.safetensors"))
     b = safetensors.numpy.load_file(str(smoke_run[0] / folder / "model.safetensors"))
