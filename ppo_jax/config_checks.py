@@ -97,14 +97,6 @@ def check_settings(s: Settings) -> None:
       f"{s.task.label_noise}",
     ),
     (
-      not rl or s.ppo_run.critic_lr_scale > 0,
-      f"config.ppo.critic_lr_scale: must be > 0, got {s.ppo_run.critic_lr_scale}",
-    ),
-    (
-      not rl or s.ppo_run.batch_size >= 1,
-      f"config.ppo.batch_size: must be ≥ 1, got {s.ppo_run.batch_size}",
-    ),
-    (
       s.data.max_prompt_len >= 1 and s.data.max_response_len >= 1,
       "config.data.max_prompt_len and .max_response_len: must be ≥ 1, got "
       f"{s.data.max_prompt_len} and {s.data.max_response_len}",
@@ -131,13 +123,6 @@ def check_settings(s: Settings) -> None:
       s.log.samples_every >= 0,
       f"config.log.samples_every: must be ≥ 0 (0: never), got {s.log.samples_every}",
     ),
-    *(
-      (False, f"config.ppo.{problem}")
-      for problem in (lora_problems(s.ppo_run.lora_rank, s.ppo_run.lora_targets) if rl else ())
-    ),
-    *(
-      (False, problem) for problem in (reward_problems(s.reward.fn, s.reward.weights) if rl else ())
-    ),
     (
       s.model.init != "scratch" or s.model.hidden_size % s.model.num_heads == 0,
       f"config.model.hidden_size {s.model.hidden_size} is not divisible by "
@@ -146,10 +131,6 @@ def check_settings(s: Settings) -> None:
     (
       s.model.attention != "cudnn" or s.model.dtype != "float32",
       "config.model.attention='cudnn' computes in bfloat16 or float16: set config.model.dtype",
-    ),
-    (
-      not rl or 0.0 < s.raw.ppo.top_p <= 1.0,
-      f"config.ppo.top_p: must be in (0, 1], got {s.raw.ppo.top_p}",
     ),
     (
       s.checkpoint.every >= 1 and s.checkpoint.keep >= 1,
@@ -161,34 +142,8 @@ def check_settings(s: Settings) -> None:
       f"config.checkpoint.supervised_every: must be ≥ 0, got {s.checkpoint.supervised_every}",
     ),
     (
-      not rl or not s.raw.ppo.critic_warmup or s.raw.ppo.critic_warmup < s.ppo_run.iterations,
-      f"config.ppo.critic_warmup {s.raw.ppo.critic_warmup} ≥ config.ppo.iterations "
-      f"{s.ppo_run.iterations}: the policy would never train",
-    ),
-    (
       s.rm.epochs > 0 or not trains_rm,
       "config.rm.epochs: must be > 0 (config.rm.enabled=False skips the reward model)",
-    ),
-    (
-      not rl or s.dpo.epochs > 0 or s.algo != "dpo",
-      f"config.dpo.epochs: must be > 0, got {s.dpo.epochs}",
-    ),
-    (
-      not rl or s.reward.source != "function" or s.reward.fn,
-      "config.reward.source='function' needs config.reward.fn='package.module:function'",
-    ),
-    (
-      not rl or s.reward.source == "function" or not s.reward.fn,
-      (
-        "config.reward.fn is set, but DPO uses no reward: drop it"
-        if s.algo == "dpo"
-        else "config.reward.fn is set, but config.reward.source='model' scores with a reward "
-        "model: add config.reward.source=function (and config.rm.enabled=False) to use the function"
-      ),
-    ),
-    (
-      not rl or s.algo == "dpo" or s.reward.source != "model" or s.rm_run.enabled or s.reward.model,
-      "config.reward.source='model' needs config.rm.enabled=True or config.reward.model=FOLDER",
     ),
     (
       s.task.name != "files" or s.data.prompts or s.stop_after,
@@ -240,44 +195,86 @@ def check_settings(s: Settings) -> None:
       s.task.name != "files" or s.model.init != "scratch" or s.model.tokenizer,
       "config.task.name='files' with config.model.init='scratch' needs config.model.tokenizer",
     ),
-    (
-      not rl
-      or s.algo != "ppo"
-      or s.ppo_run.value_head_on_policy
-      or s.ppo_run.critic_init == "policy"
-      or s.rm_run.enabled
-      or s.reward.model,
-      "config.ppo.critic_init='reward_model' needs a reward model (config.rm.enabled or "
-      "config.reward.model); use critic_init='policy' with a reward function",
-    ),
-    (
-      not rl or s.algo != "dpo" or not (s.reward.fn or s.reward.model),
-      f"config.reward.{'fn' if s.reward.fn else 'model'} is set, but DPO uses no reward: drop it",
-    ),
-    (
-      not rl or s.algo in ("ppo", "dpo") or not s.ppo_run.value_head_on_policy,
-      f"config.ppo.value_head_on_policy: {s.algo} has no critic to put a head on; leave it off",
-    ),
-    (
-      not rl or not s.ppo_run.fuse or s.reward.source == "model",
-      "config.ppo.fuse=True needs reward.source='model' (a Python reward runs on the host)",
-    ),
   ]
-  checks.append(
-    (
-      not rl or not s.raw.ppo.kl_adaptive or s.raw.ppo.kl_horizon > 0.2 * s.ppo_run.batch_size,
-      f"config.ppo.kl_horizon {s.raw.ppo.kl_horizon:g} must exceed 0.2 × config.ppo.batch_size "
-      f"({0.2 * s.ppo_run.batch_size:g}): below its target KL the adaptive controller would make "
-      "the KL coefficient zero or negative",
-    )
-  )
-  checks.append(
-    (
-      not rl or s.ppo_run.batch_size % s.raw.ppo.group_size == 0,
-      f"config.ppo.batch_size {s.ppo_run.batch_size} is not divisible by "
-      f"config.ppo.group_size {s.raw.ppo.group_size} (responses per prompt)",
-    )
-  )
+  if rl:  # the RL stage's own fields
+    checks += [
+      (
+        s.ppo_run.critic_lr_scale > 0,
+        f"config.ppo.critic_lr_scale: must be > 0, got {s.ppo_run.critic_lr_scale}",
+      ),
+      (
+        s.ppo_run.batch_size >= 1,
+        f"config.ppo.batch_size: must be ≥ 1, got {s.ppo_run.batch_size}",
+      ),
+      *(
+        (False, f"config.ppo.{problem}")
+        for problem in lora_problems(s.ppo_run.lora_rank, s.ppo_run.lora_targets)
+      ),
+      *((False, problem) for problem in reward_problems(s.reward.fn, s.reward.weights)),
+      (
+        0.0 < s.raw.ppo.top_p <= 1.0,
+        f"config.ppo.top_p: must be in (0, 1], got {s.raw.ppo.top_p}",
+      ),
+      (
+        not s.raw.ppo.critic_warmup or s.raw.ppo.critic_warmup < s.ppo_run.iterations,
+        f"config.ppo.critic_warmup {s.raw.ppo.critic_warmup} ≥ config.ppo.iterations "
+        f"{s.ppo_run.iterations}: the policy would never train",
+      ),
+      (
+        s.dpo.epochs > 0 or s.algo != "dpo",
+        f"config.dpo.epochs: must be > 0, got {s.dpo.epochs}",
+      ),
+      (
+        s.reward.source != "function" or s.reward.fn,
+        "config.reward.source='function' needs config.reward.fn='package.module:function'",
+      ),
+      (
+        s.reward.source == "function" or not s.reward.fn,
+        (
+          "config.reward.fn is set, but DPO uses no reward: drop it"
+          if s.algo == "dpo"
+          else "config.reward.fn is set, but config.reward.source='model' scores with a "
+          "reward model: add config.reward.source=function (and config.rm.enabled=False) to use "
+          "the function"
+        ),
+      ),
+      (
+        s.algo == "dpo" or s.reward.source != "model" or s.rm_run.enabled or s.reward.model,
+        "config.reward.source='model' needs config.rm.enabled=True or config.reward.model=FOLDER",
+      ),
+      (
+        s.algo != "ppo"
+        or s.ppo_run.value_head_on_policy
+        or s.ppo_run.critic_init == "policy"
+        or s.rm_run.enabled
+        or s.reward.model,
+        "config.ppo.critic_init='reward_model' needs a reward model (config.rm.enabled or "
+        "config.reward.model); use critic_init='policy' with a reward function",
+      ),
+      (
+        s.algo != "dpo" or not (s.reward.fn or s.reward.model),
+        f"config.reward.{'fn' if s.reward.fn else 'model'} is set, but DPO uses no reward: drop it",
+      ),
+      (
+        s.algo in ("ppo", "dpo") or not s.ppo_run.value_head_on_policy,
+        f"config.ppo.value_head_on_policy: {s.algo} has no critic to put a head on; leave it off",
+      ),
+      (
+        not s.ppo_run.fuse or s.reward.source == "model",
+        "config.ppo.fuse=True needs reward.source='model' (a Python reward runs on the host)",
+      ),
+      (
+        not s.raw.ppo.kl_adaptive or s.raw.ppo.kl_horizon > 0.2 * s.ppo_run.batch_size,
+        f"config.ppo.kl_horizon {s.raw.ppo.kl_horizon:g} must exceed 0.2 × config.ppo.batch_size "
+        f"({0.2 * s.ppo_run.batch_size:g}): below its target KL the adaptive controller would make "
+        "the KL coefficient zero or negative",
+      ),
+      (
+        s.ppo_run.batch_size % s.raw.ppo.group_size == 0,
+        f"config.ppo.batch_size {s.ppo_run.batch_size} is not divisible by "
+        f"config.ppo.group_size {s.raw.ppo.group_size} (responses per prompt)",
+      ),
+    ]
   for ok, message in checks:
     if not ok:
       raise ValueError(message)

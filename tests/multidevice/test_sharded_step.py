@@ -531,17 +531,18 @@ def test_the_reference_copy_of_a_host_policy_stays_on_the_host(monkeypatch):
 
 def test_a_run_without_a_mesh_stays_on_the_default_device(monkeypatch, tmp_path):
   """mesh None: a library caller's ``jax_default_device`` (device 5 here) holds the whole run. The
-  fresh state goes where the models are, as the restored state of a resume does, and the policy
-  returned stays there; nothing moves to device 0."""
+  fresh state goes where the models are, as the restored state of a resume does, the frozen
+  reference and reward model too, and the policy returned stays there; nothing moves to device 0."""
   from ppo_jax import rl
   from ppo_jax.evaluation import Prompts, Scorer
 
   devices = jax.devices()
   seen, real = [], rl.run_iteration
 
-  def run_iteration(fns, state, *args, **kwargs):
-    seen.append({d for x in jax.tree.leaves(state) for d in x.devices()})
-    return real(fns, state, *args, **kwargs)
+  def run_iteration(fns, state, frozen, *args, **kwargs):
+    on = lambda tree: {d for x in jax.tree.leaves(tree) for d in x.devices()}
+    seen.append((on(state), on(frozen)))  # frozen: the reference and the reward model
+    return real(fns, state, frozen, *args, **kwargs)
 
   monkeypatch.setattr(rl, "run_iteration", run_iteration)
   prompts = Prompts(["p"] * B, PROMPTS, PROMPT_MASK)
@@ -567,4 +568,4 @@ def test_a_run_without_a_mesh_stays_on_the_default_device(monkeypatch, tmp_path)
 
   assert run(1) == {devices[5]}  # fresh
   assert run(2) == {devices[5]}  # resumed from the checkpoint of step 1
-  assert seen == [{devices[5]}, {devices[5]}]
+  assert seen == [({devices[5]}, {devices[5]})] * 2
