@@ -9,6 +9,8 @@ resume that lowered other programs than the fresh run's compiles them again here
   python bench/resume_compiles.py           # PPO alone: a programmatic reward, no SFT
   python bench/resume_compiles.py --stages  # SFT and a reward model (short) before PPO
   python bench/resume_compiles.py --dpo     # SFT, then DPO of LoRA adapters, 1 → 2 → 3 epochs
+  python bench/resume_compiles.py --mesh    # any of the above on 8 simulated CPU devices, mesh
+                                            # data 2 × fsdp 2 × tensor 2
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE = tempfile.mkdtemp(prefix="ppo_jax_bench_cache_")
+STAGES, DPO, MESH = ("--stages" in sys.argv[1:], "--dpo" in sys.argv[1:], "--mesh" in sys.argv[1:])
+if MESH:  # before jax loads: the device count is fixed then
+  flags = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
 os.environ.update(
   HF_HUB_OFFLINE="1",
   JAX_COMPILATION_CACHE_DIR=CACHE,
@@ -54,6 +60,8 @@ def dpo_config(epochs: int):
   c.dpo.epochs, c.dpo.optim.schedule, c.data.eval_prompts = float(epochs), "constant", 8
   c.ppo.lora_rank = 4
   c.log.progress = c.log.tensorboard = c.log.plots = False
+  if MESH:
+    c.mesh.shape = (2, 2, 2)
   return c
 
 
@@ -69,16 +77,17 @@ def config(iterations: int, stages: bool = False):
   c.ppo.iterations, c.ppo.batch_size = iterations, 8
   c.ppo.optim.schedule = "constant"
   c.log.progress = c.log.tensorboard = c.log.plots = False
+  if MESH:
+    c.mesh.shape = (2, 2, 2)
   return c
 
 
 def main() -> None:
-  stages, dpo = "--stages" in sys.argv[1:], "--dpo" in sys.argv[1:]
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="ppo_jax_bench_resume_"))
   for iterations in (1, 2, 3):
     compiled.clear()
     t0 = time.perf_counter()
-    pipeline.run(dpo_config(iterations) if dpo else config(iterations, stages), workdir)
+    pipeline.run(dpo_config(iterations) if DPO else config(iterations, STAGES), workdir)
     seconds = time.perf_counter() - t0
     kind = "fresh" if iterations == 1 else "resume"
     names = ", ".join(f"{n} ×{k}" for n, k in collections.Counter(compiled).most_common())
