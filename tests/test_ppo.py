@@ -347,15 +347,22 @@ def shd_path(path):
   return path_string(path)
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
-def test_critic_free_estimators_use_the_group_advantages(estimator):
+@pytest.mark.parametrize("estimator, kl_mode", [("grpo", "loss"), ("rloo", "reward")])
+def test_critic_free_estimators_use_the_group_advantages(estimator, kl_mode):
+  """GRPO's and RLOO's advantages are their baselines' over the group's scores; with the KL in
+  the reward (experiments/rloo.py), over each score less β·Σₜ k1ₜ, the penalty folded in first."""
   from ppo_jax.advantages import group_advantages, rloo_advantages
 
-  hp = dataclasses.replace(HP, estimator=estimator, group_size=4, kl_mode="loss", kl_kind="k3")
+  kind = "k3" if kl_mode == "loss" else "k1"
+  hp = dataclasses.replace(
+    HP, estimator=estimator, group_size=4, kl_mode=kl_mode, kl_kind=kind, kl_coef=0.3
+  )
   policy = CausalLM(CFG, rngs=nnx.Rngs(0))
   models, params, frozen_policy, reward_params = ActorCritic.build(
     policy, None, RewardModel(CFG, rngs=nnx.Rngs(1))
   )
+  if kl_mode == "reward":  # a reference the policy is not: the penalty differs row by row
+    frozen_policy = jax.tree.map(lambda x: x * 1.5, frozen_policy)
   assert params["value"] == {} and models.value is None  # no critic in memory
   tx = make_actor_critic_optimizer(
     OptimHparams(lr=1e-3, schedule="constant"), policy_steps=100, value_steps=100
@@ -366,12 +373,24 @@ def test_critic_free_estimators_use_the_group_advantages(estimator):
   before = jax.tree.map(jnp.copy, state.params["policy"])
   scores = jnp.asarray([0.0, 1.0, 3.0, 2.0, 5.0, 5.0, 5.0, 5.0])  # second group: all equal
   state, metrics, gen, exp = one_iteration(fns, state, frozen, scores)
-  expected_B = group_advantages(scores, 4) if estimator == "grpo" else rloo_advantages(scores, 4)
   m = np.asarray(gen.mask)
-  np.testing.assert_allclose(np.asarray(exp.advantages), np.asarray(expected_B)[:, None] * m)
-  assert np.all(np.asarray(exp.advantages)[4:] == 0.0)  # a group of equal scores teaches nothing
+  if kl_mode == "reward":  # β Σₜ (log π − log π_ref) over each response's tokens, in float64
+    k1 = np.asarray(exp.old_logprobs, np.float64) - np.asarray(exp.ref_logprobs, np.float64)
+    penalty = 0.3 * (k1 * m).sum(-1)
+    assert np.ptp(penalty[4:]) > 1e-3  # the equal scores' group is no longer equal
+    shaped = np.asarray(scores, np.float64) - penalty
+    np.testing.assert_allclose(
+      np.asarray(metrics["objective/kl"]), (k1 * m).sum(-1).mean(), rtol=1e-5
+    )
+  else:
+    shaped = np.asarray(scores)
+  advantage = group_advantages if estimator == "grpo" else rloo_advantages
+  expected_B = np.asarray(advantage(jnp.asarray(shaped, jnp.float32), 4))
+  np.testing.assert_allclose(np.asarray(exp.advantages), expected_B[:, None] * m, atol=1e-5)
+  if kl_mode == "loss":
+    assert np.all(np.asarray(exp.advantages)[4:] == 0.0)  # equal scores teach nothing
+    assert float(metrics["loss/kl_avg"]) >= 0.0
   assert np.all(np.asarray(exp.old_values) == 0.0) and np.all(np.asarray(exp.returns) == 0.0)
-  assert float(metrics["loss/kl_avg"]) >= 0.0
   # No critic, no value metrics (not a column of zeros in the logs).
   critic_keys = ("loss/value_avg", "val/clipfrac_avg", "val/error", "val/mean", "grad/value_norm")
   assert not set(critic_keys) & set(metrics), sorted(set(critic_keys) & set(metrics))
@@ -475,7 +494,7 @@ def test_hyperparameters_that_would_train_silently_wrong_are_refused():
 @pytest.mark.parametrize("kind", ["k2", "k3"])
 def test_kl_loss_ignores_what_sits_at_masked_positions(kind):
   """kl_mode=loss: a reference log-prob far off at a masked token (k3's e^{−d} overflows there)
-  changes neither the loss nor the gradient."""
+  changes neither the loss nor the gradient; and the penalty enters the loss with a plus sign."""
   hp = dataclasses.replace(HP, kl_mode="loss", kl_kind=kind)
   models, _, state, frozen, fns = build(hp)
   frozen = frozen.replace(ref_params=jax.tree.map(lambda x: x * 1.5, frozen.ref_params))
@@ -489,6 +508,17 @@ def test_kl_loss_ignores_what_sits_at_masked_positions(kind):
   assert float(m_far["loss/kl_avg"]) == float(m["loss/kl_avg"])
   for a, b in zip(jax.tree.leaves(g_far), jax.tree.leaves(g), strict=True):
     np.testing.assert_array_equal(a, b)
+  # The penalty is added to the loss (GRPO's J − β·D_KL): (g(β) − g(0)) / β is the gradient of
+  # the KL term alone, so a short step against it lowers the logged KL by |step|·|gradient|.
+  g0, _ = ppo.minibatch_gradients(models, state.params, exp, 0.0 * state.kl_coef, 1, hp=hp)
+  d = jax.tree.map(lambda a, b: (a - b) / state.kl_coef, g, g0)
+  norm = float(optax.tree.norm(d))
+  step = 1e-3 / norm
+  moved = state.params.copy()
+  moved["policy"] = jax.tree.map(lambda p, x: p - step * x, state.params["policy"], d["policy"])
+  _, m_moved = ppo.minibatch_gradients(models, moved, exp, state.kl_coef, 1, hp=hp)
+  change = float(m_moved["loss/kl_avg"]) - float(m["loss/kl_avg"])
+  assert change == pytest.approx(-1e-3 * norm, rel=0.1)
 
 
 def test_lr_metric_is_the_rate_of_the_updates_applied():

@@ -89,6 +89,10 @@ class TestDpo:
     h = beta * ((logps[0] - logps[2]) - (logps[1] - logps[3]))
     assert float(m["accuracy"]) == pytest.approx(np.mean(h > 0))
     assert float(m["reward_margin"]) == pytest.approx(np.mean(h), rel=1e-4, abs=1e-5)
+    # The implicit rewards β·(log π − log π_ref) of each side (Rafailov et al. 2023, § 5).
+    reward_c, reward_r = beta * (logps[0] - logps[2]), beta * (logps[1] - logps[3])
+    assert float(m["reward_chosen"]) == pytest.approx(np.mean(reward_c), rel=1e-4, abs=1e-5)
+    assert float(m["reward_rejected"]) == pytest.approx(np.mean(reward_r), rel=1e-4, abs=1e-5)
 
   @pytest.mark.parametrize("kind", ["ipo", "hinge"])
   @pytest.mark.parametrize("beta", [0.1, 2.0])
