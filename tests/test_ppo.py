@@ -58,8 +58,11 @@ def one_iteration(fns, state, frozen, scores=None):
   return state, {**roll, **upd}, gen, exp
 
 
-def test_returns_are_score_minus_kl_penalty_with_gamma_and_lambda_one():
-  hp = dataclasses.replace(HP, gamma=1.0, lam=1.0, whiten_advantages=False, kl_coef=0.3)
+def test_returns_are_the_discounted_kl_penalties_and_the_score_at_the_last_token():
+  """Per-token rewards rₜ = −β·k1ₜ, plus the score at each row's last real token (Ziegler et al.
+  2019): with λ = 1 the returns are the discounted sums Rₜ = Σ_{k≥t} γ^{k−t} rₖ, whatever the
+  values (no bootstrap past the last token); γ = 0.5 places the score token by token."""
+  hp = dataclasses.replace(HP, gamma=0.5, lam=1.0, whiten_advantages=False, kl_coef=0.3)
   _, _, state, frozen, fns = build(hp)
   # A policy that is not the reference, so the KL penalty is not zero.
   frozen = frozen.replace(ref_params=jax.tree.map(lambda x: x * 1.5, frozen.ref_params))
@@ -68,11 +71,35 @@ def test_returns_are_score_minus_kl_penalty_with_gamma_and_lambda_one():
   exp, _, metrics = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, scores)
   kl = (exp.old_logprobs - exp.ref_logprobs) * gen.mask
   has_eos = np.asarray(jnp.any((gen.tokens == EOS) & (gen.mask > 0), -1))
-  # With γ = λ = 1, R₀ = Σₜ rₜ = score − β Σₜ KLₜ (no bootstrap past the last token).
-  np.testing.assert_allclose(exp.returns[:, 0], scores - 0.3 * kl.sum(-1), rtol=1e-5, atol=1e-5)
+  m = np.asarray(gen.mask)
+  lengths = m.sum(-1).astype(int)
+  assert len(set(lengths)) > 1  # rows of several lengths: the last token moves
+  rewards = -0.3 * np.asarray(kl, np.float64)
+  rewards[np.arange(B), lengths - 1] += np.asarray(scores, np.float64)
+  want = np.zeros((B, N))
+  for b in range(B):
+    following = 0.0
+    for t in reversed(range(lengths[b])):
+      following = want[b, t] = rewards[b, t] + 0.5 * following
+  np.testing.assert_allclose(np.asarray(exp.returns) * m, want, rtol=1e-5, atol=1e-5)
   assert float(metrics["objective/kl"]) == pytest.approx(float(kl.sum(-1).mean()), rel=1e-5)
   assert float(metrics["response/eos_rate"]) == pytest.approx(has_eos.mean())
   np.testing.assert_array_equal(exp.advantages * (1 - gen.mask), 0.0)
+
+
+def test_values_are_the_critics_of_the_state_before_each_response_token():
+  """old_values[:, t] = V(s_t), the critic's value at the last position of the prefix that ends
+  before response token t (the prompt and tokens 0 … t − 1), computed here on that prefix alone."""
+  models, _, state, frozen, fns = build()
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(3), PROMPTS, PROMPT_MASK)
+  exp, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)  # (donated)
+  critic = nnx.merge(models.value, state.params["value"])
+  last = jax.jit(lambda ids, mask: critic(ids, mask)[:, -1])
+  m = np.asarray(exp.response_mask)
+  got = np.asarray(exp.old_values)
+  for t in range(N):
+    want = last(exp.ids[:, : P + t], exp.mask[:, : P + t])
+    np.testing.assert_allclose(got[:, t] * m[:, t], want * m[:, t], atol=1e-5, err_msg=str(t))
 
 
 def test_the_models_other_stop_ids_end_responses_and_count_as_eos():
@@ -426,7 +453,8 @@ def test_critic_warmup_trains_only_the_critic_then_both(shared):
   for it in range(3):
     state, metrics, _, _ = one_iteration(fns, state, frozen)
     assert float(metrics["update/skipped"]) == 0.0
-    assert float(metrics["loss/policy_avg"]) != 0.0  # reported during the warm-up too
+    # Reported during the warm-up too (≈ 0 there: a ratio of 1 times whitened advantages).
+    assert np.isfinite(float(metrics["loss/policy_avg"]))
     policy = _policy_leaves(state.params)
     same = [np.array_equal(a, b) for a, b in zip(policy0, policy, strict=True)]
     if it < 2:
@@ -436,6 +464,7 @@ def test_critic_warmup_trains_only_the_critic_then_both(shared):
       assert float(metrics["grad/policy_norm"]) == 0.0
       assert float(metrics["grad/norm"]) == pytest.approx(float(metrics["grad/value_norm"]))
       assert float(metrics["lr"]) == 0.0  # the policy's rate: it does not move
+      assert float(metrics["policy/clipfrac_avg"]) == 0.0  # so its ratio stays 1
       moments = _policy_leaves(state.opt_state)
       assert all(np.array_equal(a, b) for a, b in zip(moments0, moments, strict=True))
     else:
