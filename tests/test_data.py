@@ -693,3 +693,43 @@ def test_the_prompt_rows_other_fields_are_columns(tmp_path):
     "answer": ["film", "plot", None],
     "id": [1, None, 3],
   }
+
+
+def test_a_chat_prompt_gets_one_bos_from_a_tokenizer_that_adds_its_own():
+  """A Llama-like tokenizer adds BOS to any text it encodes, and its chat template writes one: the
+  rendered template is encoded without the tokenizer's, so the row holds exactly one."""
+  from tokenizers import processors
+
+  tok = build_word_tokenizer(["good", "<user>", "<bot>"])
+  bos = tok.convert_tokens_to_ids("<bos>")
+  tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+    single="<bos> $A", special_tokens=[("<bos>", bos)]
+  )
+  tok.chat_template = "<bos> {% for m in messages %}<user> {{ m.content }} {% endfor %}<bot>"
+  assert tok("good")["input_ids"][0] == bos  # it adds its own
+  ids, mask = data.encode_prompts(tok, ["good"], data.Layout(8, 2, 0, 1, chat=True))
+  assert (ids[mask == 1] == bos).sum() == 1
+
+
+def test_fitted_preferences_are_as_wide_as_the_longer_side(tmp_path):
+  """fit=True (rm-eval): the responses' width is the longest of both sides, so a rejected
+  response longer than its chosen one keeps all its tokens and its EOS."""
+  path = _jsonl(
+    tmp_path / "p.jsonl", [{"prompt": "film", "chosen": "good", "rejected": "bad bad bad"}]
+  )
+  chosen, rejected = data.load_preferences(path, TOK, data.Layout(4, 8, 0, 1), fit=True)
+  assert chosen.response_mask.sum() == 2 and rejected.response_mask.sum() == 4  # + EOS
+  assert rejected.truncated == 0
+
+
+def test_a_group_overshoots_the_held_out_share_rather_than_split():
+  """3 prompts × 3 responses at 20 %: one whole prompt (3 rows) is held out, more than 20 % of
+  9, rather than a row of a prompt whose other rows train."""
+  groups = np.repeat(np.arange(3), 3)
+  train, held = row_order.split_holdout(9, 0.2, seed=0, groups=groups)
+  assert len(held) == 3 and not set(groups[train]) & set(groups[held])
+
+
+def test_empty_prompts_fit_one_column():
+  ids, mask = data.encode_prompts(TOK, ["", ""], data.Layout(4, 2, 0, 1), fit=True)
+  assert ids.shape == mask.shape == (2, 1)

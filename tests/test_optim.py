@@ -176,3 +176,42 @@ def test_horizon_change_names_the_rate_before_and_after():
   assert horizon_change(hp, 5, old_steps=10, new_steps=10) is None
   constant = dataclasses.replace(hp, schedule="constant")
   assert horizon_change(constant, 5, old_steps=10, new_steps=20) is None
+
+
+def test_a_warmup_longer_than_the_stage_is_cut_to_reach_the_rate():
+  """warmup_steps=10 in a 5-step stage (SFT on a small file): the warm-up is cut to 4 steps, so
+  the last step runs at the full rate, not at 0.4 of it."""
+  lr = learning_rate(OptimHparams(lr=1.0, warmup_steps=10, schedule="constant"), 5)
+  assert [float(lr(i)) for i in range(5)] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+def test_gradients_are_clipped_by_their_global_norm_before_adam():
+  """The default max_grad_norm 1: each gradient scaled by min(1, 1/‖g‖₂) over the whole tree
+  (not per element), then Adam, against a float64 loop."""
+  hp = OptimHparams(lr=1.0, schedule="constant")
+  assert hp.max_grad_norm == 1.0
+  tx = make_optimizer(hp, 10)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  w, m, v = np.zeros(2), np.zeros(2), np.zeros(2)
+  for t, g in enumerate(np.array([[30.0, 40.0], [0.3, 0.1], [3.0, -4.0]]), 1):
+    updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    params = optax.apply_updates(params, updates)
+    g = g * min(1.0, 1.0 / np.linalg.norm(g))  # ‖(30, 40)‖ = 50 → (0.6, 0.8); (0.3, 0.1) kept
+    m, v = hp.b1 * m + (1 - hp.b1) * g, hp.b2 * v + (1 - hp.b2) * g * g
+    w = w - (m / (1 - hp.b1**t)) / (np.sqrt(v / (1 - hp.b2**t)) + hp.eps)
+  np.testing.assert_allclose(np.asarray(params["w"]), w, rtol=1e-4)
+
+
+def test_the_critics_schedule_runs_over_its_own_step_count():
+  """policy_steps 4, value_steps 8 (a critic warm-up trains the critic longer): the critic's
+  linear decay is half way at its fifth update (rate 0.5), not at its end."""
+  hp = OptimHparams(lr=1.0, schedule="linear", max_grad_norm=None)
+  tx = make_actor_critic_optimizer(hp, policy_steps=4, value_steps=8)
+  params = {"policy": {"w": jnp.zeros(1)}, "value": {"w": jnp.zeros(1)}}
+  state = tx.init(params)
+  ones = jax.tree.map(jnp.ones_like, params)
+  for _ in range(5):
+    updates, state = tx.update(ones, state, params)
+  # Adam's first steps on a constant gradient move by the rate itself: 1 − 4/8.
+  np.testing.assert_allclose(updates["value"]["w"], [-0.5], rtol=1e-4)

@@ -402,3 +402,48 @@ def test_a_micro_batch_size_that_does_not_divide_the_batch_is_refused():
     SupervisedHparams(batch_size=8, micro_batch_size=3)
   with pytest.raises(ValueError, match="micro_batch_size: must be ≥ 1, got 0"):
     SupervisedHparams(batch_size=8, micro_batch_size=0)
+
+
+def _linear_loss(params, graphdef, batch):
+  """w·Σx: a gradient of Σx whatever w (so each step moves w by minus its rate, Adam's first
+  steps on a constant gradient)."""
+  del graphdef
+  return jnp.sum(params["w"] * batch["x"]), {}
+
+
+def _ones(rows):
+  return {"x": np.ones(len(rows), np.float32)}
+
+
+def test_the_logged_rate_is_the_rate_applied():
+  """A linear decay over 3 steps of one row: w moves by exactly minus the logged lr each step
+  (the history's lr is the schedule the optimizer runs, not a copy of another horizon)."""
+  optim = OptimHparams(lr=0.1, schedule="linear", max_grad_norm=None)
+  hp = SupervisedHparams(batch_size=1, epochs=3.0, optim=optim)
+  trained, history = supervised.train(
+    {"w": jnp.zeros(())}, None, _linear_loss, _ones, 1, hp, seed=0
+  )
+  assert len(history) == 3 and history[0]["lr"] > history[-1]["lr"] > 0
+  assert float(trained["w"]) == pytest.approx(-sum(r["lr"] for r in history), rel=1e-4)
+
+
+def test_a_finite_loss_with_an_infinite_gradient_is_skipped():
+  """√|w| at w = 0: the loss is 0, its gradient infinite; the step is skipped and counted, and
+  w stays finite."""
+  sqrt_loss = lambda params, graphdef, batch: (jnp.sum(jnp.sqrt(jnp.abs(params["w"]))), {})
+  hp = SupervisedHparams(batch_size=1, epochs=1.0, optim=OptimHparams(lr=0.1, schedule="constant"))
+  trained, history = supervised.train({"w": jnp.zeros(())}, None, sqrt_loss, _ones, 1, hp, seed=0)
+  assert history[0]["skipped"] == 1 and float(trained["w"]) == 0.0
+
+
+def test_the_seed_draws_the_batch_order():
+  """Two seeds, one epoch of 8 rows in batches of 2: each covers every row once, in other orders."""
+  orders = {}
+  for seed in (0, 1):
+    seen = []
+    make = lambda rows, seen=seen: seen.append(rows.tolist()) or _ones(rows)
+    hp = SupervisedHparams(batch_size=2, epochs=1.0, optim=OptimHparams(lr=0.1))
+    supervised.train({"w": jnp.zeros(())}, None, _linear_loss, make, 8, hp, seed=seed)
+    assert sorted(np.concatenate(seen).tolist()) == list(range(8))
+    orders[seed] = seen
+  assert orders[0] != orders[1]

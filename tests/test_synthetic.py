@@ -28,3 +28,13 @@ def test_the_task_is_written_once_and_not_again_when_it_is_the_same(tmp_path):
   synthetic.write_task(tmp_path, seed=1, **sizes)
   assert (tmp_path / "prompts.jsonl").read_text() != before
   assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files  # no partial files left
+
+
+def test_gold_scores_a_review_of_another_item_lowest():
+  """The hidden scorer: the mean sentiment of a response's adjectives, −1 when it does not name
+  the prompt's item (however glowing)."""
+  prompts = ["review the film :"] * 2
+  assert synthetic.gold_score(prompts, ["the film was superb .", "the book was superb ."]) == [
+    1.0,
+    -1.0,
+  ]

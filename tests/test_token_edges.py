@@ -145,6 +145,20 @@ def test_a_response_that_continues_its_prompts_text_reads_as_in_the_whole_text(c
   ]
 
 
+def test_a_response_of_a_space_then_a_newline_reads_as_in_the_whole_text():
+  """`` \nthe answer``: it begins with a space, so the SentencePiece-like tokenizers' ``▁`` before
+  a text is the whole text's (the space's own), not one to drop as before a newline."""
+  layout = data.Layout(prompt_len=32, response_len=8, pad_id=0, eos_id=1)
+  prompt, response = "question :", " \nthe answer"
+  for tok in (_trained(*METASPACE), _trained(*METASPACE, legacy_sentencepiece=True)):
+    alone = tok(prompt, add_special_tokens=False)["input_ids"]
+    whole = tok(prompt + response, add_special_tokens=False)["input_ids"]
+    assert whole[: len(alone)] == alone
+    with redirect_stdout(io.StringIO()):
+      ids, mask, _ = data.encode_responses(tok, [response], layout, source="r.jsonl")
+    assert ids[0, : mask.sum() - 1].tolist() == whole[len(alone) :]
+
+
 @pytest.mark.parametrize(
   "pre_tokenizer, decoder, space",
   [(*BYTE_LEVEL, "Ġ"), (*METASPACE, "▁")],
