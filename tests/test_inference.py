@@ -113,9 +113,10 @@ def test_kl_to_a_reference_equals_transformers(folders, tmp_path):
     np.testing.assert_allclose(row["kl"], float((logp[0] - logp[1]).sum()), rtol=1e-4, atol=1e-4)
   assert summary["kl_mean"] == pytest.approx(np.mean([r["kl"] for r in rows]))
   assert abs(summary["kl_mean"]) > 0.1  # two different models: the test has teeth
-  itself = inference.sample_file(
-    policy_dir, prompts, tmp_path / "self.jsonl", max_new_tokens=6, ref_model=policy_dir, seed=3
-  )
+  itself = inference.sample_file(  # sampled at τ 0.7: the reference is scored at it too
+    policy_dir, prompts, tmp_path / "self.jsonl", max_new_tokens=6, ref_model=policy_dir, seed=3,
+    temperature=0.7,
+  )  # fmt: skip
   assert abs(itself["kl_mean"]) < 1e-4
 
 

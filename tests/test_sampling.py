@@ -111,7 +111,10 @@ def test_filtered_sampling_stays_in_the_allowed_set(models, top_k, top_p):
       top_k=top_k,
       top_p=top_p,
     )
-    logits, _ = _recomputed_logprobs(model, ids, mask, gen, temperature)
+    logits, want = _recomputed_logprobs(model, ids, mask, gen, temperature)
+    # The log-probs are the full tempered softmax's (the policy's, which PPO's ratio recomputes),
+    # not the filtered distribution's.
+    np.testing.assert_allclose(np.asarray(gen.logprobs), np.asarray(want), atol=1e-5)
     z = np.asarray(logits, np.float64) / temperature
     for b in range(z.shape[0]):
       for t in range(N_NEW):
@@ -123,11 +126,39 @@ def test_filtered_sampling_stays_in_the_allowed_set(models, top_k, top_p):
         assert int(gen.tokens[b, t]) in allowed
 
 
+def test_greedy_logprobs_are_at_the_temperature_given(models):
+  """greedy=True picks the argmax; its log-probs are still the tempered softmax's (τ = 0.7)."""
+  model, _ = models["llama3"]
+  ids, mask = tiny_hf.batch(seed=8, B=4, T=5, left_pad=(0,) * 4)
+  gen = pj.generate(model, ids, mask, greedy=True, temperature=0.7, max_new_tokens=N_NEW)
+  _, want = _recomputed_logprobs(model, ids, mask, gen, 0.7)
+  np.testing.assert_allclose(np.asarray(gen.logprobs), np.asarray(want), atol=1e-5)
+
+
+def test_each_step_draws_with_a_key_of_its_own(models):
+  """Uniform logits (a zero unembedding): every token a fresh uniform draw over the vocabulary,
+  so no two consecutive steps draw the same token in all 8 rows (a key reused by the next step
+  would make them equal)."""
+  model = nnx.clone(models["llama3"][0])
+  model.lm_head.kernel[...] = jnp.zeros_like(model.lm_head.kernel[...])
+  ids, mask = tiny_hf.batch(seed=8, B=8, T=5, left_pad=(0,) * 8)
+  tokens = np.asarray(
+    pj.generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=N_NEW).tokens
+  )
+  assert len(np.unique(tokens)) > N_NEW  # uniform indeed
+  for i in range(N_NEW - 1):
+    assert not (tokens[:, i] == tokens[:, i + 1]).all(), i
+
+
 def test_filter_logits_hand_computed():
   logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
   keep = lambda **kw: np.isfinite(np.asarray(filter_logits(logits, **kw)))[0].tolist()
   assert keep(top_k=2) == [True, True, False, False, False]
   assert keep(top_p=0.5) == [True, False, False, False, False]  # 0.5 alone reaches 0.5
+  # Ties at the cut are kept whole, whatever their token ids' order.
+  tied = jnp.log(jnp.array([[0.1, 0.3, 0.3, 0.3]]))
+  keep_tied = lambda **kw: np.isfinite(np.asarray(filter_logits(tied, **kw)))[0].tolist()
+  assert keep_tied(top_k=2) == keep_tied(top_p=0.5) == [False, True, True, True]
   assert keep(top_p=0.6) == [True, True, False, False, False]
   assert keep(top_p=0.86) == [True, True, True, True, False]
   assert keep(top_k=3, top_p=0.99) == [True, True, True, False, False]
