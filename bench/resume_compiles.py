@@ -59,9 +59,6 @@ def dpo_config(epochs: int):
   c.sft.epochs, c.task.num_sft, c.task.num_pairs = 0.25, 256, 128
   c.dpo.epochs, c.dpo.optim.schedule, c.data.eval_prompts = float(epochs), "constant", 8
   c.ppo.lora_rank = 4
-  c.log.progress = c.log.tensorboard = c.log.plots = False
-  if MESH:
-    c.mesh.shape = (2, 2, 2)
   return c
 
 
@@ -76,18 +73,19 @@ def config(iterations: int, stages: bool = False):
     c.ppo.critic_init = "policy"
   c.ppo.iterations, c.ppo.batch_size = iterations, 8
   c.ppo.optim.schedule = "constant"
-  c.log.progress = c.log.tensorboard = c.log.plots = False
-  if MESH:
-    c.mesh.shape = (2, 2, 2)
   return c
 
 
 def main() -> None:
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="ppo_jax_bench_resume_"))
   for iterations in (1, 2, 3):
+    c = dpo_config(iterations) if DPO else config(iterations, STAGES)
+    c.log.progress = c.log.tensorboard = c.log.plots = False
+    if MESH:
+      c.mesh.shape = (2, 2, 2)
     compiled.clear()
     t0 = time.perf_counter()
-    pipeline.run(dpo_config(iterations) if DPO else config(iterations, STAGES), workdir)
+    pipeline.run(c, workdir)
     seconds = time.perf_counter() - t0
     kind = "fresh" if iterations == 1 else "resume"
     names = ", ".join(f"{n} ×{k}" for n, k in collections.Counter(compiled).most_common())

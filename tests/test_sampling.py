@@ -151,17 +151,18 @@ def test_each_step_draws_with_a_key_of_its_own(models):
 
 
 def test_filter_logits_hand_computed():
-  logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-  keep = lambda **kw: np.isfinite(np.asarray(filter_logits(logits, **kw)))[0].tolist()
+  probs = [0.5, 0.2, 0.15, 0.1, 0.05]
+  keep = lambda p=probs, **kw: np.isfinite(
+    np.asarray(filter_logits(jnp.log(jnp.array([p])), **kw))
+  )[0].tolist()
   assert keep(top_k=2) == [True, True, False, False, False]
   assert keep(top_p=0.5) == [True, False, False, False, False]  # 0.5 alone reaches 0.5
-  # Ties at the cut are kept whole, whatever their token ids' order.
-  tied = jnp.log(jnp.array([[0.1, 0.3, 0.3, 0.3]]))
-  keep_tied = lambda **kw: np.isfinite(np.asarray(filter_logits(tied, **kw)))[0].tolist()
-  assert keep_tied(top_k=2) == keep_tied(top_p=0.5) == [False, True, True, True]
   assert keep(top_p=0.6) == [True, True, False, False, False]
   assert keep(top_p=0.86) == [True, True, True, True, False]
   assert keep(top_k=3, top_p=0.99) == [True, True, True, False, False]
+  # Ties at the cut are kept whole, whatever their token ids' order.
+  tied = [0.1, 0.3, 0.3, 0.3]
+  assert keep(tied, top_k=2) == keep(tied, top_p=0.5) == [False, True, True, True]
 
 
 def test_same_key_same_sample(models):
