@@ -44,9 +44,16 @@ def _hf_greedy(hf_model, ids, mask, eos):
 def test_greedy_equals_transformers_with_eos(models, name):
   model, hf_model = models[name]
   ids, mask = tiny_hf.batch(seed=6, B=4, T=7, left_pad=(0, 2, 4, 1))
-  # Pick as EOS a token the model emits mid-way in one row, so some rows stop early.
+  # Two stop ids that the model emits mid-way (the second listed first), each the first of the
+  # two in some row, so rows stop early on either one (greedy rows run as without a stop id
+  # until they stop).
   free_run = _hf_greedy(hf_model, ids, mask, eos=None)
-  eos = int(free_run[1, 4])
+  first = int(free_run[1, 4])
+  ends = lambda ids: {next((int(t) for t in row if t in ids), None) for row in free_run}
+  eos = [
+    next(int(t) for t in free_run[:, 1:].ravel() if t != first and {first, t} <= ends({first, t})),
+    first,
+  ]
   want = _hf_greedy(hf_model, ids, mask, eos=eos)
   gen = pj.generate(
     model,
@@ -60,9 +67,10 @@ def test_greedy_equals_transformers_with_eos(models, name):
   )
   np.testing.assert_array_equal(gen.tokens, want)
   lengths = np.asarray(gen.lengths)
-  assert lengths.min() < N_NEW  # some row stopped at EOS (and its tail is masked)
+  # Rows stopped early (their tails masked), on each of the two ids.
+  assert {int(gen.tokens[b, n - 1]) for b, n in enumerate(lengths) if n < N_NEW} == set(eos)
   for b, n in enumerate(lengths):
-    assert gen.tokens[b, n - 1] == eos or n == N_NEW
+    assert gen.tokens[b, n - 1] in eos or n == N_NEW
     np.testing.assert_array_equal(gen.mask[b], np.arange(N_NEW) < n)
     np.testing.assert_array_equal(gen.logprobs[b, n:], 0.0)
 
