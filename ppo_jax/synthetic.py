@@ -89,7 +89,7 @@ def review(rng: random.Random, item: str) -> str:
 
 def gold_score(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
   """The hidden gold scorer: mean sentiment of the response's adjectives; −1 if it has none or
-  does not name the prompt's item.
+  does not name the prompt's item. Summed in whole tenths, so equal means are equal floats.
 
   A reward function in the form ppo_jax imports by path
   (``--config.reward.fn=ppo_jax.synthetic:gold_score``).
@@ -97,9 +97,9 @@ def gold_score(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
   scores = []
   for p, text in zip(prompts, responses, strict=True):
     words = text.split()
-    values = [SENTIMENT[w] for w in words if w in SENTIMENT]
+    tenths = [round(10 * SENTIMENT[w]) for w in words if w in SENTIMENT]
     on_topic = _item_of(p) in words
-    scores.append(sum(values) / len(values) if values and on_topic else WORST)
+    scores.append(sum(tenths) / (10 * len(tenths)) if tenths and on_topic else WORST)
   return scores
 
 
@@ -144,7 +144,8 @@ def write_task(
 
   Returns:
     dict with paths ``prompts``, ``sft``, ``preferences``, ``tokenizer`` and the labeller's
-    agreement with the gold scorer on the written pairs (``label_accuracy``).
+    agreement with the gold scorer on the written pairs whose gold scores differ
+    (``label_accuracy``).
   """
   from ppo_jax.tokenizer import build_word_tokenizer
 
@@ -163,7 +164,7 @@ def write_task(
   for _ in range(num_sft):
     p = prompt(rng)
     sft.append({"prompt": p, "response": review(rng, _item_of(p))})
-  pairs, agree = [], 0
+  pairs, agree, decided = [], 0, 0
 
   def compared(p):
     item = _item_of(p)
@@ -181,7 +182,9 @@ def write_task(
     ga, gb = gold_score([p, p], [a, b])
     p_a = 1.0 / (1.0 + math.exp(min(-(ga - gb) / label_noise, 700.0)))  # no overflow at tiny τ
     a_wins = rng.random() < p_a
-    agree += a_wins == (ga >= gb)
+    if ga != gb:  # a tie has no right label: a coin flip, left out of the agreement
+      decided += 1
+      agree += a_wins == (ga > gb)
     chosen, rejected = (a, b) if a_wins else (b, a)
     pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected})
   tok_dir = folder / "tokenizer"
@@ -196,5 +199,5 @@ def write_task(
     "sft": write("sft.jsonl", sft),
     "preferences": write("preferences.jsonl", pairs),
     "tokenizer": str(tok_dir),
-    "label_accuracy": agree / max(num_pairs, 1),
+    "label_accuracy": agree / max(decided, 1),
   }

@@ -1,5 +1,8 @@
 """The embedded review task: its simulated labeller follows τ, at any τ > 0."""
 
+import json
+import pathlib
+
 from ppo_jax import synthetic
 
 
@@ -11,7 +14,18 @@ def _accuracy(tmp_path, tau):
 def test_a_sharper_labeller_agrees_more_with_gold_and_a_tiny_tau_does_not_overflow(tmp_path):
   noisy, default, sharp = (_accuracy(tmp_path, tau) for tau in (2.0, 0.2, 1e-4))
   assert 0.5 < noisy < default < sharp  # τ = 1e-4 overflowed math.exp before
-  assert sharp > 0.95  # only ties (equal gold) are coin flips
+  assert sharp == 1.0  # ties (equal gold, coin flips) are left out
+
+
+def test_label_accuracy_is_the_agreement_on_the_written_pairs_whose_gold_differs(tmp_path):
+  """Recomputed from preferences.jsonl with the gold scorer: chosen above rejected, over the
+  pairs whose gold scores differ (the written pairs hold ties too)."""
+  paths = synthetic.write_task(tmp_path, seed=3, num_prompts=4, num_sft=4, num_pairs=300)
+  rows = [json.loads(line) for line in pathlib.Path(paths["preferences"]).read_text().splitlines()]
+  gold = [synthetic.gold_score([r["prompt"]] * 2, [r["chosen"], r["rejected"]]) for r in rows]
+  decided = [c > r for c, r in gold if c != r]
+  assert len(rows) == 300 and 0 < len(decided) < 300
+  assert paths["label_accuracy"] == sum(decided) / len(decided)
 
 
 def test_the_task_is_written_once_and_not_again_when_it_is_the_same(tmp_path):
@@ -38,3 +52,14 @@ def test_gold_scores_a_review_of_another_item_lowest():
     1.0,
     -1.0,
   ]
+
+
+def test_equal_mean_sentiments_score_equal():
+  """Means of 1, 2 and 3 adjectives that are all 0.2 score 0.2 exactly (a float sum made the
+  third 0.19999999999999996, a "difference" the labeller at a tiny τ then ranked as real)."""
+  reviews = [
+    "the film was fine .",
+    "the film was good but plain .",
+    "the film was lovely and decent but odd .",
+  ]
+  assert synthetic.gold_score(["review the film :"] * 3, reviews) == [0.2, 0.2, 0.2]
