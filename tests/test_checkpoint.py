@@ -753,6 +753,38 @@ def test_export_a_checkpoint(smoke_run, tmp_path, capsys):
   assert proc.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.parametrize(
+  "field,then,now",
+  [
+    ("model.attention", "xla", "cudnn"),  # the same maths by another kernel
+    ("model.remat", False, True),  # memory, not maths
+    ("mesh.shape", [8, 1, 1], [2, 2, 2]),  # checkpoints restore onto another mesh
+    ("distributed.num_processes", 1, 2),
+    ("checkpoint.every", 10, 100),
+    ("stop_after", "reward_model", None),  # a run stopped after its reward model goes on
+    ("dpo.epochs", 1, 2),
+    ("dpo.eval_every", 10, 20),
+    ("data.eval_prompts", 8, 16),
+  ],
+)
+def test_a_resume_may_change_what_changes_no_trained_weight(field, then, now):
+  """A checkpoint resumes with these fields changed (and with ``ppo.kl_coef`` changed, not)."""
+
+  def config(value, kl_coef=0.05):
+    out = {"ppo": {"kl_coef": kl_coef}}
+    *sections, name = field.split(".")
+    node = out
+    for section in sections:
+      node = node.setdefault(section, {})
+    node[name] = value
+    return out
+
+  assert resume_rules.config_differences(config(then), config(now)) == []
+  assert resume_rules.config_differences(config(then), config(now, 0.1)) == [
+    "ppo.kl_coef: 0.05 → 0.1"
+  ]
+
+
 def test_config_differences_ignore_what_may_change():
   saved = {"ppo": {"iterations": 10, "kl_coef": 0.05}, "log": {"progress": True}, "seed": 0}
   now = {"ppo": {"iterations": 20, "kl_coef": 0.05}, "log": {"progress": False}, "seed": 1}
@@ -833,6 +865,42 @@ def test_a_field_added_since_the_save_counts_only_off_its_default():
   ]
 
 
+def test_resume_compares_with_the_defaults_and_the_record_of_where_the_run_started(tmp_path):
+  """``Checkpointer.resume``: a field added since the save resumes at its default; checkpoints
+  of a run from another SFT policy, or LoRA adapters over other base weights, are refused;
+  records from before SFT ids and weight digests resume."""
+  saved_config = {"ppo": {"kl_coef": 0.05}, "seed": 0}
+  defaults = {"ppo": {"kl_coef": 0.05, "critic_warmup": 0}, "seed": 0}
+  settings = checkpoint.CheckpointSettings(async_save=False)
+  like = {"w": jnp.zeros(3)}
+  old, new = tmp_path / "old", tmp_path / "new"
+  with checkpoint.Checkpointer(old, settings) as ck:  # a record of before ids and digests
+    ck.save(1, {"w": jnp.arange(3.0)}, {"config": saved_config})
+  with checkpoint.Checkpointer(new, settings) as ck:
+    record = {"config": saved_config, "sft_id": "a", "base_digest": "1" * 64}
+    ck.save(1, {"w": jnp.arange(3.0)}, record)
+  now = {"config": defaults, "sft_id": "a", "base_policy": "base", "base_digest": "1" * 64}
+  for folder in (old, new):
+    with checkpoint.Checkpointer(folder, settings) as ck:
+      state, _ = ck.resume(like, now, 10, defaults)
+      np.testing.assert_array_equal(state["w"], [0.0, 1.0, 2.0])
+  with checkpoint.Checkpointer(new, settings) as ck:
+    with pytest.raises(ValueError, match="started from another SFT policy"):
+      ck.resume(like, {**now, "sft_id": "b"}, 10, defaults)
+    with pytest.raises(ValueError, match="LoRA adapters trained over other base weights"):
+      ck.resume(like, {**now, "base_digest": "2" * 64}, 10, defaults)
+    with pytest.raises(ValueError, match="critic_warmup"):
+      ck.resume(
+        like,
+        {**now, "config": {**defaults, "ppo": {"kl_coef": 0.05, "critic_warmup": 3}}},
+        10,
+        defaults,
+      )
+  # The digest of base weights recorded on one side only: a record of before digests.
+  resume_rules.check_same_base({"base_digest": "1" * 64}, {"base_policy": "base"}, tmp_path)
+  resume_rules.check_same_base({}, {"base_digest": "1" * 64, "base_policy": "base"}, tmp_path)
+
+
 def _tiny_state(tx, width=2):
   params = {"policy": {"w": jnp.ones((3, width))}, "value": {"w": jnp.ones((3, 1))}}
   hp = ppo.PPOHparams(max_new_tokens=4, eos_token_id=1)
@@ -883,6 +951,7 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_whole_checkpoint(tmp_p
   settings = checkpoint.CheckpointSettings(async_save=False)
   with checkpoint.Checkpointer(tmp_path / "ck", settings) as ck:
     ck.save(1, {"w": jnp.ones(3)}, {"step": 1})
+    ck.save(2, {"w": jnp.ones(3)}, {"step": 2})
 
     def fails(message):
       def fn(*args, **kwargs):
@@ -894,9 +963,9 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_whole_checkpoint(tmp_p
     with pytest.raises(
       OSError,
       match=r"no space left on the device of .*ck while writing a "
-      r"checkpoint; the one of step 1 is whole: free some space",
+      r"checkpoint; the one of step 2 is whole: free some space",
     ) as e:
-      ck.save(2, {"w": jnp.ones(3)}, {"step": 2})
+      ck.save(3, {"w": jnp.ones(3)}, {"step": 3})
     assert "\n" not in str(e.value)
     monkeypatch.setattr(ck._mgr, "wait_until_finished", fails(full))
     with pytest.raises(OSError, match="no space left on the device"):
