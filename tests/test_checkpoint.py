@@ -1064,6 +1064,29 @@ def test_a_stop_requested_in_an_earlier_run_is_forgotten():
     assert not guard.requested
 
 
+def test_only_a_second_ctrl_c_stops_at_once():
+  """After a first stop signal, a second SIGTERM (a scheduler's repeat) still waits for the
+  step boundary; a Ctrl-C then raises at once. At the command's start the first signal is
+  remembered, and the second raises."""
+  guard = preemption.PreemptionGuard()
+  with guard:
+    guard._handle(signal.SIGTERM, None)
+    try:
+      guard._handle(signal.SIGTERM, None)
+    except KeyboardInterrupt:  # (pytest would stop the session on it)
+      pytest.fail("a second SIGTERM stopped the run at once, without its save")
+    assert guard.signal == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+      guard._handle(signal.SIGINT, None)
+  try:
+    preemption.early_stop(signal.SIGTERM, None)
+    assert preemption.EARLY == [signal.SIGTERM]
+    with pytest.raises(KeyboardInterrupt):
+      preemption.early_stop(signal.SIGINT, None)
+  finally:
+    preemption.EARLY.clear()
+
+
 def test_a_stop_that_came_as_the_command_started_is_the_runs():
   """A SIGTERM after the start's last look, before the guard is entered: the run's first step
   boundary stops it (the guard dropped it, and the run went on to the end)."""
