@@ -13,8 +13,11 @@ from conftest import count_lines, reuse_stages, sigterm_when, smoke_config
 
 import ppo_jax as pj
 from ppo_jax import compat, main, pipeline, preemption, stages, writers
+from ppo_jax.config import Settings
 from ppo_jax.export import export_policy
+from ppo_jax.finished import finished_summary
 from ppo_jax.rewards import RewardError
+from ppo_jax.stage_checkpoints import STAGE_RECORD
 
 REQUIRED_METRICS = (
   "objective/scores",
@@ -552,6 +555,24 @@ def test_dpo_with_lora_trains_adapters_over_the_sft_policy(smoke_run, tmp_path, 
   config.dpo.eval_every = config.dpo.eval_every + 1
   pipeline.run(config, workdir)
   assert "resuming from the checkpoint of step 61" in capsys.readouterr().out
+  # Finished only with its checkpoints; and they are of the SFT policy in sft/: refused over
+  # another one, or when sft/ is gone (before SFT would train again).
+  now, s = json.loads(config.to_json_best_effort()), Settings.from_config(config)
+  assert finished_summary(s, workdir, now) is not None
+  (workdir / "dpo_checkpoints").rename(tmp_path / "aside")
+  assert finished_summary(s, workdir, now) is None
+  (tmp_path / "aside").rename(workdir / "dpo_checkpoints")
+  config.dpo.eval_every = config.dpo.eval_every + 1  # a resume, not a finished run
+  record = workdir / "sft" / STAGE_RECORD
+  record.write_text(json.dumps({**json.loads(record.read_text()), "id": "another"}))
+  with pytest.raises(
+    ValueError,
+    match="dpo_checkpoints holds checkpoints of a run that started from another SFT policy",
+  ):
+    pipeline.run(config, workdir)
+  (workdir / "sft").rename(tmp_path / "sft")
+  with pytest.raises(ValueError, match=r"started from the SFT policy in .*sft, which is gone"):
+    pipeline.run(config, workdir)
 
 
 def test_lora_keeps_its_base_beside_the_adapters_when_sft_was_skipped(tmp_path, capsys):
