@@ -420,6 +420,44 @@ def test_noresume_refuses_a_workdir_with_checkpoints(smoke_run, tmp_path):
     pipeline.run(smoke_config(), workdir, resume=False)
 
 
+@pytest.mark.parametrize("folder", ["sft_checkpoints", "rm_checkpoints", "dpo_checkpoints"])
+def test_noresume_refuses_each_stages_checkpoints(tmp_path, folder):
+  """--noresume with a stage's checkpoints in the workdir: refused (the supervised stages would
+  otherwise resume from them regardless)."""
+  from ppo_jax.config import Settings
+  from ppo_jax.workdir import check_workdir
+
+  config = smoke_config(algo="dpo") if folder == "dpo_checkpoints" else smoke_config()
+  as_json = json.loads(config.to_json_best_effort())
+  with checkpoint.Checkpointer(tmp_path / folder, config.checkpoint) as ckpt:
+    ckpt.save(1, {"params": np.zeros(2)}, {"config": as_json, "step": 1})
+    ckpt.wait()
+  s = Settings.from_config(config)
+  check_workdir(tmp_path, s=s, config=as_json, resume=True, defaults=as_json)
+  with pytest.raises(ValueError, match=f"{folder} holds checkpoints and resuming is off"):
+    check_workdir(tmp_path, s=s, config=as_json, resume=False, defaults=as_json)
+
+
+def test_stage_checkpoints_of_a_deleted_sft_policy_are_refused_before_sft_trains(tmp_path):
+  """Reward-model checkpoints recorded as started from the SFT policy of ``sft/``, which is gone
+  (SFT would train a new one): refused by check_workdir, before SFT trains; not the SFT ones."""
+  from ppo_jax.config import Settings
+  from ppo_jax.workdir import check_workdir
+
+  config = smoke_config(rm__init="policy")
+  as_json = json.loads(config.to_json_best_effort())
+  s = Settings.from_config(config)
+  for folder, refused in (("sft_checkpoints", False), ("rm_checkpoints", True)):
+    with checkpoint.Checkpointer(tmp_path / folder, config.checkpoint) as ckpt:
+      ckpt.save(1, {"params": np.zeros(2)}, {"config": as_json, "step": 1, "sft_id": "x"})
+      ckpt.wait()
+    if refused:
+      with pytest.raises(ValueError, match=r"rm_checkpoints holds .* which is gone and this run"):
+        check_workdir(tmp_path, s=s, config=as_json, resume=True, defaults=as_json)
+    else:
+      check_workdir(tmp_path, s=s, config=as_json, resume=True, defaults=as_json)
+
+
 def test_a_workdir_in_use_by_another_run_is_refused(smoke_run, tmp_path, monkeypatch, capsys):
   """A second run on a workdir (a requeued job while the first still runs) would interleave
   metrics and delete the other's checkpoint in flight: refused before it reads anything."""
@@ -500,6 +538,15 @@ def test_remaking_the_task_data_under_trained_stages_is_refused(smoke_run, tmp_p
                      reward__source="function", reward__fn="reward_fns:superlatives"))  # fmt: skip
   shutil.rmtree(workdir / "reward_model")
   check(smoke_config(task__label_noise=0.5))
+  # SFT's checkpoints (sft/ not written yet) learned from data/ too.
+  shutil.rmtree(workdir / "sft")
+  check(smoke_config(task__num_prompts=smoke_config().task.num_prompts + 1))
+  with checkpoint.Checkpointer(workdir / "sft_checkpoints", smoke_config().checkpoint) as ckpt:
+    saved = json.loads(smoke_config().to_json_best_effort())
+    ckpt.save(1, {"params": np.zeros(2)}, {"config": saved, "step": 1})
+    ckpt.wait()
+  with pytest.raises(ValueError, match=r"\(task\.num_prompts: .*\) and sft_checkpoints/ learned"):
+    check(smoke_config(task__num_prompts=smoke_config().task.num_prompts + 1))
 
 
 def test_a_stage_checkpoint_of_another_config_is_refused_before_anything_is_written(tmp_path):
