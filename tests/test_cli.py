@@ -808,6 +808,9 @@ def test_a_workdir_holding_other_files_is_refused_before_anything_is_written(tmp
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
   assert (model / "config.json").read_text() == '{"model_type": "llama"}'
   check_not_foreign(project, writes_data=False)  # a files run writes no data/
+  # A run killed after writing data/, before its config.json: its lock file says it was a run's.
+  (project / ".ppo_jax.lock").write_text("")
+  check_not_foreign(project, writes_data=True)
   code, _, err = _cli(f"--config={EXPERIMENT}:smoke", "--workdir=")
   assert (code, err) == (
     2,

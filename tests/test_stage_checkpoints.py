@@ -3,6 +3,8 @@ fingerprint of its rows). Saving and resuming them is tested in test_supervised.
 
 import copy
 import json
+import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -153,8 +155,10 @@ def test_a_stage_folder_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     stages._save(s, "sft", str(data), model, out, None, {"nll": 1.5})
   assert not has_model_folder(out) and (out / "stale.txt").exists()
   monkeypatch.setattr(stages, "save_pretrained", real)
+  (tmp_path / ".sft.partial" / "leftover.bin").write_text("of the killed save")
   stages._save(s, "sft", str(data), model, out, None, {"nll": 1.5})
   assert has_model_folder(out) and not (out / "stale.txt").exists()
+  assert not (out / "leftover.bin").exists()  # the staging folder is emptied first
   assert {stages.HELD_OUT, stage_checkpoints.STAGE_RECORD} <= {p.name for p in out.iterdir()}
   assert sorted(p.name for p in tmp_path.iterdir()) == ["sft", "sft.jsonl"]  # no partial left
   assert stages._held_out(out / stages.HELD_OUT) == {"nll": 1.5}
@@ -167,10 +171,41 @@ def test_a_stage_folder_renamed_aside_and_not_replaced_is_put_back(tmp_path):
   deleted by the next save."""
   from ppo_jax.stage_folders import put_back_aside
 
-  (tmp_path / ".sft.old").mkdir()
-  (tmp_path / ".sft.old" / "config.json").write_text("{}")
-  (tmp_path / ".policy.old").mkdir()
-  (tmp_path / "policy").mkdir()
+  names = ("sft", "reward_model", "ppo_base", "policy")  # every folder saved_whole writes
+  for name in names:
+    (tmp_path / f".{name}.old").mkdir()
+    (tmp_path / f".{name}.old" / "config.json").write_text(name)
   put_back_aside(tmp_path)
-  assert (tmp_path / "sft" / "config.json").read_text() == "{}"
-  assert not (tmp_path / ".sft.old").exists() and (tmp_path / ".policy.old").is_dir()
+  for name in names:
+    assert (tmp_path / name / "config.json").read_text() == name
+    assert not (tmp_path / f".{name}.old").exists()
+  other = tmp_path / "other"
+  (other / ".policy.old").mkdir(parents=True)
+  (other / "policy").mkdir()
+  put_back_aside(other)
+  assert (other / ".policy.old").is_dir() and not any((other / "policy").iterdir())
+
+
+def test_a_kill_between_the_two_renames_leaves_the_old_folder_aside(tmp_path, monkeypatch):
+  """saved_whole renames the old folder aside, then the new one in: a kill between the two
+  leaves the old one whole at ``.sft.old`` (put back by the next run), never deleted."""
+  from ppo_jax import stage_folders
+
+  out = tmp_path / "sft"
+  out.mkdir()
+  (out / "config.json").write_text("old")
+  real = os.replace
+
+  def killed(src, dst):
+    if pathlib.Path(src).name == ".sft.partial":
+      raise KeyboardInterrupt
+    real(src, dst)
+
+  monkeypatch.setattr(stage_folders.os, "replace", killed)
+  with pytest.raises(KeyboardInterrupt), stage_folders.saved_whole(out) as staging:
+    staging.mkdir()
+    (staging / "config.json").write_text("new")
+  monkeypatch.undo()
+  assert not out.exists() and (tmp_path / ".sft.old" / "config.json").read_text() == "old"
+  stage_folders.put_back_aside(tmp_path)
+  assert (out / "config.json").read_text() == "old"
