@@ -501,6 +501,25 @@ def test_missing_shard(tmp_path):
       pj.models.from_pretrained(tmp_path)
 
 
+def test_saving_over_a_sharded_checkpoint_replaces_it(tmp_path):
+  """save_pretrained into a folder that holds a sharded checkpoint: its index and shards go
+  (the index, read first, loaded the old weights back); other files stay."""
+  tiny_hf.make("llama3", tmp_path, seed=1, max_shard_size="20KB")
+  assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+  (tmp_path / "notes.safetensors").write_bytes(b"not named by the index")
+  model = pj.models.from_pretrained(tmp_path)
+  graphdef, state = nnx.split(model)
+  changed = nnx.merge(graphdef, jax.tree.map(lambda x: x + 1.0, state))
+  pj.models.save_pretrained(changed, tmp_path)
+  assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == [
+    "model.safetensors",
+    "notes.safetensors",
+  ]
+  back = nnx.state(pj.models.from_pretrained(tmp_path))
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(nnx.state(changed)), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_truncated_weights_file_is_named(tmp_path):
   tiny_hf.make("gpt2", tmp_path)
   weights = tmp_path / "model.safetensors"

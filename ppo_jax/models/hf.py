@@ -78,8 +78,11 @@ def checkpoint_kind(hf_config: Any) -> str:
   return "reward" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
 
 
+INDEX = "model.safetensors.index.json"
+
+
 def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
-  index = folder / "model.safetensors.index.json"
+  index = folder / INDEX
   if index.exists():
     try:
       weight_map = json.loads(index.read_text())["weight_map"]
@@ -324,6 +327,23 @@ def kind_of(model: nnx.Module) -> str:
   raise TypeError(f"not a ppo_jax model: {type(model).__name__}")
 
 
+def _drop_sharded_weights(folder: pathlib.Path) -> None:
+  """Deletes a sharded checkpoint's index and the shards it names from ``folder``, about to get
+  one ``model.safetensors``: loaders read the index first, and would load the old weights."""
+  index = folder / INDEX
+  if not index.is_file():
+    return
+  try:
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+  except (ValueError, KeyError, TypeError, AttributeError):
+    shards = set()
+  index.unlink()  # first: a kill before the new weights are written leaves no stale checkpoint
+  for name in shards:
+    shard = folder / str(name)
+    if shard.parent == folder and shard.suffix == ".safetensors":
+      shard.unlink(missing_ok=True)
+
+
 def save_pretrained(
   model: nnx.Module,
   path: str | os.PathLike,
@@ -332,6 +352,9 @@ def save_pretrained(
   generation_config: dict[str, Any] | None = None,
 ) -> None:
   """Writes ``model`` as a Hugging Face folder: config.json, model.safetensors (+ tokenizer).
+
+  A sharded checkpoint already in ``path`` (its index and the shards it names) is deleted: the
+  index would be read before the new ``model.safetensors``.
 
   Causal LMs load with ``AutoModelForCausalLM``, and get a ``generation_config.json`` with the
   model's stop ids (``eos_token_id`` and ``extra_eos_token_ids``), BOS and pad over the
@@ -391,6 +414,7 @@ def save_pretrained(
     )
     gen = {**(generation_config or {}), **{k: v for k, v in ids.items() if v is not None}}
     (folder / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
+  _drop_sharded_weights(folder)
   weights = folder / "model.safetensors"
   save_file(tensors, str(weights), metadata={"format": "pt"})
   # safetensors writes through a private temporary file (mode 0600): readable as config.json is.
