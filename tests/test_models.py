@@ -108,6 +108,32 @@ def test_yarn_rope_scaling_matches_transformers(tmp_path, yarn):
   )
 
 
+def test_original_gpt2_layout_loads(checkpoints, tmp_path):
+  """openai-community/gpt2's own file: names without ``transformer.`` (``h.0.…``,
+  ``wte.weight``), each block's ``attn.bias`` and ``attn.masked_bias`` buffers, and the tied
+  head stored too as ``lm_head.weight``; it loads, buffers and the stored head skipped, to
+  transformers' logits."""
+  folder, hf_model = checkpoints["gpt2"]
+  tensors = safetensors.numpy.load_file(str(folder / "model.safetensors"))
+  assert all(n.startswith("transformer.") for n in tensors)
+  original = {n.removeprefix("transformer."): t for n, t in tensors.items()}
+  n = hf_model.config.n_positions
+  for i in range(hf_model.config.n_layer):
+    original[f"h.{i}.attn.bias"] = np.tril(np.ones((n, n), np.float32))[None, None]
+    original[f"h.{i}.attn.masked_bias"] = np.asarray(-1e4, np.float32)
+  original["lm_head.weight"] = original["wte.weight"]
+  safetensors.numpy.save_file(original, str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+  model = pj.models.from_pretrained(tmp_path)
+  ids, mask = tiny_hf.batch(seed=5)
+  np.testing.assert_allclose(
+    np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))[mask > 0],
+    tiny_hf.torch_logits(hf_model, ids, mask)[mask > 0],
+    atol=1e-4,
+    rtol=1e-4,
+  )
+
+
 def test_sharded_checkpoint_has_an_index(checkpoints):
   folder, _ = checkpoints["sharded"]
   index = json.loads((folder / "model.safetensors.index.json").read_text())
