@@ -659,6 +659,37 @@ def test_a_checkpoint_of_non_finite_weights_is_not_exported(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
+def test_export_writes_the_tokenizer_and_the_generation_config_the_run_started_from(tmp_path):
+  """A DPO checkpoint's policy exported with the run's tokenizer and, over the sampling defaults
+  of the checkpoint the run started from (its generation_config.json), the policy's ids (the
+  tokenizer's for those its config lacks)."""
+  from flax import nnx
+
+  from ppo_jax.models import CausalLM, ModelConfig
+  from ppo_jax.tokenizer import build_word_tokenizer
+
+  tokenizer = tmp_path / "tokenizer"
+  build_word_tokenizer(["good", "bad", "film"]).save_pretrained(str(tokenizer))
+  cfg = ModelConfig.gpt2(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2)
+  cfg = cfg.replace(eos_token_id=2, bos_token_id=1)
+  params = nnx.to_pure_dict(nnx.state(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  started_from = {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "eos_token_id": 9}
+  record = {"config": {}, "step": 5, "model_config": cfg.to_dict(), "tokenizer": str(tokenizer),
+            "generation_config": started_from}  # fmt: skip
+  settings = checkpoint.CheckpointSettings(async_save=False)
+  with checkpoint.Checkpointer(tmp_path / "dpo_checkpoints", settings) as ckpt:
+    ckpt.save(5, {"params": params}, record)
+  assert export_policy(tmp_path, tmp_path / "out") == 5
+  written = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+  pad = tf.AutoTokenizer.from_pretrained(tokenizer).pad_token_id  # the config has none
+  assert written == {**started_from, "eos_token_id": 2, "bos_token_id": 1, "pad_token_id": pad}
+  assert (tmp_path / "out" / "tokenizer.json").is_file()
+  exported = safetensors.numpy.load_file(str(tmp_path / "out" / "model.safetensors"))
+  np.testing.assert_array_equal(
+    exported["transformer.wte.weight"], params["trunk"]["embed"]["embedding"]
+  )
+
+
 def test_export_never_writes_into_the_run(smoke_run, tmp_path, capsys, monkeypatch):
   workdir = tmp_path / "run"
   shutil.copytree(smoke_run[0] / "checkpoints", workdir / "checkpoints")

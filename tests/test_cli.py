@@ -476,6 +476,18 @@ def test_run_time_problems_found_before_the_workdir_is_touched(tmp_path, overrid
   assert not (tmp_path / "w").exists()
 
 
+def test_sequences_that_fill_the_positions_exactly_are_accepted():
+  """The smoke GPT-2 has 32 positions and 8-token prompts: 24 new tokens fit, 25 do not."""
+  from conftest import smoke_config
+
+  from ppo_jax.config import Settings
+  from ppo_jax.workdir import preflight
+
+  preflight(Settings.from_config(smoke_config(ppo__max_new_tokens=24)))
+  with pytest.raises(ValueError, match=r"= 33 exceeds the model's 32 positions"):
+    preflight(Settings.from_config(smoke_config(ppo__max_new_tokens=25)))
+
+
 def test_a_model_init_ppo_jax_cannot_run_is_refused_before_anything_is_written(tmp_path):
   """A config.json of a GPT-2 whose width its head count does not divide failed in SFT's first
   forward (a reshape traceback), after config.json and the task's data were written."""
