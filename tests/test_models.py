@@ -140,7 +140,9 @@ def test_sharded_checkpoint_has_an_index(checkpoints):
   assert len(set(index["weight_map"].values())) > 1
 
 
-def test_bf16_checkpoint(checkpoints):
+def test_bf16_checkpoint(checkpoints, tmp_path):
+  """A bf16 checkpoint loads in float32 or bf16 (params, compute, or both), and a model of bf16
+  params saves as one: every tensor BF16, config.json's dtype bfloat16."""
   folder, _ = checkpoints["bf16"]
   ids, mask = tiny_hf.batch(seed=1)
   # float32 compute over the exact bf16 weights equals transformers in float32 over the same.
@@ -161,6 +163,12 @@ def test_bf16_checkpoint(checkpoints):
   # Dtypes as objects are taken by name: the same model, config equal (a jit static) too.
   same = pj.models.from_pretrained(folder, dtype=jnp.bfloat16, param_dtype=np.dtype("float32"))
   assert same.cfg == mixed.cfg and same.cfg.dtype == "bfloat16"
+  # Saved in bf16, as it came: not widened to float32, and config.json says so.
+  pj.models.save_pretrained(m16, tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text()).get("dtype") == "bfloat16"
+  with safetensors.safe_open(str(tmp_path / "model.safetensors"), framework="numpy") as f:
+    dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+  assert dtypes and set(dtypes.values()) == {"BF16"}, dtypes
 
 
 @pytest.mark.parametrize("name", FAMILIES)
