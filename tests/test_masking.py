@@ -110,6 +110,28 @@ class TestMaskedWhiten:
     np.testing.assert_allclose(got, ref.masked_whiten(x, m, True), atol=2e-3)
 
 
+class TestMaskedVar:
+  def test_reference_and_garbage(self, mask):
+    """Bessel's correction by default (ddof 1, as TRL whitens and ``masked_whiten`` reads it),
+    ddof 0 with ``unbiased=False`` (lm-human-preferences); 0 where no entry (ddof 0) or fewer
+    than two (ddof 1) are real. Against NumPy's variance of the real entries, in float64."""
+    x = np.random.default_rng(6).normal(loc=3.0, scale=2.0, size=(B, T))
+    real = x[mask > 0]
+    dirty = with_garbage(x, mask)
+    want = real.var(ddof=1) if real.size > 1 else 0.0
+    assert float(pj.masked_var(dirty, mask)) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    want = real.var(ddof=0) if real.size else 0.0
+    got = pj.masked_var(dirty, mask, unbiased=False)
+    assert float(got) == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+  def test_hand_computed(self):
+    x = jnp.array([[1.0, 3.0, 99.0], [5.0, -7.0, 2.0]])
+    m = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    # real entries 1, 3, 2: mean 2, squared deviations 1 + 1 + 0 = 2.
+    assert float(pj.masked_var(x, m)) == pytest.approx(2 / 2)
+    assert float(pj.masked_var(x, m, unbiased=False)) == pytest.approx(2 / 3)
+
+
 class TestAggregate:
   @pytest.mark.parametrize("agg", masking.AGG_MODES)
   def test_reference(self, mask, agg):
