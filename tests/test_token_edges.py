@@ -85,6 +85,54 @@ def test_a_response_written_with_its_eos_gets_no_second_one(tmp_path, capsys):
   )
 
 
+def _with_turn_end(end="<end>"):
+  """The word tokenizer with a chat template whose turns end with ``end``, and ``<end>`` a special
+  token (as Gemma's ``<end_of_turn>``)."""
+  tok = build_word_tokenizer([*WORDS, "<user>", "<bot>", "<end>"])
+  tok.add_special_tokens({"additional_special_tokens": ["<end>"]})
+  tok.chat_template = (
+    "{% for m in messages %}<{{ 'bot' if m.role == 'assistant' else m.role }}> {{ m.content }} "
+    f"{end} {{% endfor %}}{{% if add_generation_prompt %}}<bot>{{% endif %}}"
+  )
+  return tok
+
+
+def test_a_response_ending_in_the_eos_gets_the_turn_end_in_its_place(capsys):
+  """``with_eos`` with a turn end of its own: a response already ending with the tokenizer's EOS
+  (data written for another library) or the turn end ends with one turn end, not the EOS and a
+  turn end after it; the others get it appended. Said once, naming both."""
+  from ppo_jax.token_edges import with_eos
+
+  tok = _with_turn_end()
+  end = tok.convert_tokens_to_ids("<end>")
+  good, bad = tok.convert_tokens_to_ids(["good", "bad"])
+  assert tok.eos_token_id == 1 and end not in (1, good, bad)
+  got = with_eos([[good, 1], [good, bad, end], [bad], [], [1, good]], end, tok, "r.jsonl")
+  assert got == [[good, end], [good, bad, end], [bad, end], [end], [1, good, end]]
+  assert capsys.readouterr().out == (
+    "r.jsonl: 2 of 5 responses end with <eos> or <end> in their text, the end ppo_jax appends "
+    "(<end>): it is kept once\n"
+  )
+
+
+def test_a_template_that_ends_turns_with_the_eos_has_no_turn_end_of_its_own():
+  """``turn_end_id`` is the special token after an assistant turn only where it is not the EOS
+  (responses end with the EOS then, as without the template): None, and no note; the same
+  template ending turns with ``<end>`` names it."""
+  from ppo_jax.compat import turn_end_note
+  from ppo_jax.token_edges import turn_end_id
+
+  tok = _with_turn_end("<end>")
+  assert turn_end_id(tok) == tok.convert_tokens_to_ids("<end>")
+  assert turn_end_note(tok) is not None
+  tok = _with_turn_end("<eos>")
+  assert tok.apply_chat_template(
+    [{"role": "user", "content": "good"}, {"role": "assistant", "content": "bad"}], tokenize=False
+  ).endswith("bad <eos> ")
+  assert turn_end_id(tok) is None
+  assert turn_end_note(tok) is None
+
+
 def _trained(pre_tokenizer, decoder, *, legacy_sentencepiece=False):
   """A tiny BPE tokenizer trained here (no download) with a GPT-2-like or Llama-like split;
   ``legacy_sentencepiece``: Llama 2's and Mistral's tokenizer.json form, a normalizer that puts
