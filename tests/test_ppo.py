@@ -1,12 +1,14 @@
 """The PPO step on tiny models: experience assembly, micro-batching, fusion, compilation."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import references as ref
 from flax import nnx
 
 from ppo_jax import ppo, rollout
@@ -14,6 +16,7 @@ from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ScalarHead, ValueModel
 from ppo_jax.models.lora import add_lora
 from ppo_jax.optim import OptimHparams, learning_rate, make_actor_critic_optimizer, schedule_count
+from ppo_jax.sampling import Generation
 
 CFG = ModelConfig.gpt2(
   vocab_size=24,
@@ -87,6 +90,74 @@ def test_returns_are_the_discounted_kl_penalties_and_the_score_at_the_last_token
   np.testing.assert_array_equal(exp.advantages * (1 - gen.mask), 0.0)
 
 
+def test_normalized_scores_use_the_statistics_that_include_this_batch():
+  """normalize_scores: the score enters as (s − μ)/(σ + 1e-8), μ and σ the running mean and std
+  (ddof 1, ``RunningStats.std``) of every score seen, this batch's included: the first batch is
+  not divided by the 1e-8 of no statistics yet, the second is centred on both batches'. With
+  γ = λ = 1 and β = 0 each real token's return is its row's shaped score."""
+  hp = dataclasses.replace(
+    HP, normalize_scores=True, gamma=1.0, lam=1.0, kl_coef=0.0, whiten_advantages=False
+  )
+  _, _, state, frozen, fns = build(hp)
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(3), PROMPTS, PROMPT_MASK)
+  m = np.asarray(gen.mask)
+  seen = np.zeros(0)
+  for scores in (np.linspace(-1.0, 2.0, B), 3.0 + np.arange(B) ** 2 / 4.0):
+    scores = np.float32(scores).astype(np.float64)
+    exp, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, jnp.asarray(scores))
+    seen = np.concatenate([seen, scores])
+    shaped = (scores - seen.mean()) / (seen.std(ddof=1) + 1e-8)
+    np.testing.assert_allclose(np.asarray(exp.returns) * m, shaped[:, None] * m, atol=1e-5)
+
+
+def test_whitened_rewards_are_scaled_over_the_real_tokens_only():
+  """whiten_rewards: the per-token rewards (−β·k1ₜ, plus the score at the last real token) are
+  scaled by their std over the real tokens and keep their mean there (``masked_whiten`` with
+  shift_mean=False, ddof 1), the padding after each response counting for nothing; then GAE.
+  Checked against the float64 references of both."""
+  hp = dataclasses.replace(
+    HP, whiten_rewards=True, gamma=0.9, lam=0.95, kl_coef=0.3, whiten_advantages=False
+  )
+  _, _, state, frozen, fns = build(hp)
+  frozen = frozen.replace(ref_params=jax.tree.map(lambda x: x * 1.5, frozen.ref_params))
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(3), PROMPTS, PROMPT_MASK)
+  scores = jnp.linspace(-1.0, 2.0, B)
+  exp, _, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, scores)
+  m = np.asarray(gen.mask)
+  lengths = m.sum(-1).astype(int)
+  assert lengths.min() < N  # padding a whitening over every slot would count
+  kl = np.asarray(exp.old_logprobs, np.float64) - np.asarray(exp.ref_logprobs, np.float64)
+  rewards = np.where(m > 0, -0.3 * kl, 0.0)
+  rewards[np.arange(B), lengths - 1] += np.asarray(scores, np.float64)
+  values = np.asarray(exp.old_values, np.float64)
+  adv, ret = ref.gae(ref.masked_whiten(rewards, m, False), values, m, 0.9, 0.95)
+  np.testing.assert_allclose(np.asarray(exp.advantages) * m, adv, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(exp.returns) * m, ret, atol=1e-5)
+
+
+def test_nothing_past_a_responses_end_reaches_its_scores_values_or_advantages():
+  """The sequence mask is the prompt's, then the sampler's: so the reward model reads each row's
+  last real token, and other ids after each row's end change no score, value, log-prob or
+  advantage at a real token. The advantages are whitened over the real tokens alone: 0 after
+  the end, mean 0 and std 1 (ddof 1, as ``masked_whiten``) over the real tokens."""
+  _, _, state, frozen, fns = build()
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(3), PROMPTS, PROMPT_MASK)
+  real = np.asarray(gen.mask) > 0
+  assert not real.all()  # some rows end before N
+  exp, state, metrics = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)
+  np.testing.assert_array_equal(exp.mask, np.concatenate([PROMPT_MASK, gen.mask], axis=1))
+  adv = np.asarray(exp.advantages, np.float64)
+  np.testing.assert_array_equal(adv[~real], 0.0)
+  assert abs(adv[real].mean()) < 1e-5
+  assert adv[real].std(ddof=1) == pytest.approx(1.0, rel=1e-4)
+  other = gen.replace(tokens=jnp.where(gen.mask > 0, gen.tokens, 7))  # 7: neither pad nor EOS
+  exp2, _, metrics2 = fns.score(state, frozen, PROMPTS, PROMPT_MASK, other, None)
+  np.testing.assert_allclose(metrics2["sample/score"], metrics["sample/score"], atol=1e-6)
+  for name in ("old_logprobs", "ref_logprobs", "old_values", "advantages", "returns"):
+    a, b = np.asarray(getattr(exp, name)), np.asarray(getattr(exp2, name))
+    np.testing.assert_allclose(b[real], a[real], atol=1e-6, err_msg=name)
+
+
 def test_values_are_the_critics_of_the_state_before_each_response_token():
   """old_values[:, t] = V(s_t), the critic's value at the last position of the prefix that ends
   before response token t (the prompt and tokens 0 … t − 1), computed here on that prefix alone."""
@@ -155,6 +226,10 @@ def test_a_resume_says_when_the_stop_ids_changed(capsys):
 
 
 def test_missing_eos_penalty_and_running_score_statistics():
+  """The penalty falls on the rows with no stop id among their real tokens, an EOS in the last
+  slot (a response that ended exactly at max_new_tokens) counting as one; the running mean and
+  std (ddof 1) are of every penalised score seen, and a batch of NaN scores leaves them as they
+  were (finite), not poisoned."""
   hp = dataclasses.replace(HP, missing_eos_penalty=2.0, normalize_scores=True)
   _, _, state, frozen, fns = build(hp)
   gen = fns.sample(state.params["policy"], frozen, jax.random.key(4), PROMPTS, PROMPT_MASK)
@@ -168,6 +243,26 @@ def test_missing_eos_penalty_and_running_score_statistics():
   seen = np.concatenate([penalised, np.where(has_eos, 3 * np.arange(B), 3 * np.arange(B) - 2.0)])
   assert float(state.score_stats.mean) == pytest.approx(seen.mean(), rel=1e-6)
   assert float(state.score_stats.std) == pytest.approx(seen.std(ddof=1), rel=1e-5)
+  before = jax.tree.map(np.array, state.score_stats)  # a copy: score donates the state
+  _, state, m = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, jnp.full((B,), jnp.nan))
+  assert float(m["nonfinite/scores"]) == 1.0
+  jax.tree.map(np.testing.assert_array_equal, state.score_stats, before)
+  assert np.isfinite(float(state.score_stats.std))
+  # Responses written by hand: each row's EOS at the slot given, None for a row cut off without
+  # one; the real tokens are 1 up to and including the EOS, the rest padding.
+  ends = [N - 1, None, 2, None, 0, N - 1, None, 3]
+  tokens = np.random.default_rng(1).integers(2, CFG.vocab_size, (B, N))  # neither EOS nor pad
+  mask = np.ones((B, N), np.float32)
+  for b, end in enumerate(ends):
+    if end is not None:
+      tokens[b, end], tokens[b, end + 1 :], mask[b, end + 1 :] = EOS, hp.pad_token_id, 0.0
+  hand = Generation(
+    tokens=jnp.asarray(tokens, jnp.int32), logprobs=jnp.zeros((B, N)), mask=jnp.asarray(mask)
+  )
+  _, _, m = fns.score(state, frozen, PROMPTS, PROMPT_MASK, hand, scores)
+  cut = np.asarray([end is None for end in ends])
+  np.testing.assert_allclose(m["sample/score"], np.where(cut, np.arange(B) - 2.0, np.arange(B)))
+  assert float(m["response/eos_rate"]) == pytest.approx(1.0 - cut.mean())
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
@@ -240,13 +335,21 @@ def test_an_all_masked_minibatch_gives_zero_loss_and_zero_gradients():
 @pytest.mark.parametrize("shared", [False, True])
 def test_sampler_logprobs_skip_the_policy_pass_and_change_only_old_logprobs(shared):
   """recompute_logprobs=False: old log-probs are the sampler's; values, reference log-probs and
-  scores are unchanged; with a separate critic the scoring program has one forward pass fewer."""
+  scores are unchanged; with a separate critic the scoring program has one forward pass fewer.
+  recompute_logprobs=True: the sampler's log-probs are not read (shifted by 1, the old log-probs
+  stay the recomputed ones; only the mismatch metric sees the shift)."""
   runs = {}
   for recompute in (True, False):
     hp = dataclasses.replace(HP, recompute_logprobs=recompute, whiten_advantages=False)
     _, _, state, frozen, fns = build(hp, shared=shared)
     gen = fns.sample(state.params["policy"], frozen, jax.random.key(6), PROMPTS, PROMPT_MASK)
+    if recompute:  # (the state is donated: the next call reads the one returned, the same params)
+      shifted = gen.replace(logprobs=gen.logprobs + 1.0)
+      exp_shifted, state, m_shifted = fns.score(state, frozen, PROMPTS, PROMPT_MASK, shifted, None)
     exp, _, metrics = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, None)
+    if recompute:
+      np.testing.assert_array_equal(exp_shifted.old_logprobs, exp.old_logprobs)
+      assert float(m_shifted["sampler/logprob_mismatch"]) > 0.9
     hlo = fns.score.lower(state, frozen, PROMPTS, PROMPT_MASK, gen, None).as_text()
     runs[recompute] = gen, exp, metrics, hlo.count("dot_general")
   (_, exp_r, m_r, dots_r), (gen_s, exp_s, m_s, dots_s) = runs[True], runs[False]
@@ -272,10 +375,19 @@ def test_first_minibatch_ratio_is_one_to_rounding():
 
 
 def test_fused_iteration_equals_the_separate_programs():
-  _, _, s1, frozen, fns = build()
-  _, _, s2, _, _ = build()
+  """One program or three, the same iteration: responses, metrics, parameters, and the adaptive
+  β, which both move by the rollout's KL (a policy apart from its reference: not zero)."""
+  hp = dataclasses.replace(HP, kl_adaptive=True, kl_target=1e-3, kl_horizon=100.0)
+  _, _, s1, frozen, fns = build(hp)
+  _, _, s2, _, _ = build(hp)
+  frozen = frozen.replace(ref_params=jax.tree.map(lambda x: x * 1.5, frozen.ref_params))
   s1, m1, gen1, _ = one_iteration(fns, s1, frozen)
   s2, m2, gen2 = fns.iterate(s2, frozen, PROMPTS, PROMPT_MASK)
+  assert float(m2["objective/kl"]) > 0.0
+  want = ref.adaptive_kl(hp.kl_coef, float(m2["objective/kl"]), B, 1e-3, 100.0)
+  assert float(s1.kl_coef) == pytest.approx(want, rel=1e-6)
+  assert float(s2.kl_coef) == pytest.approx(want, rel=1e-6)
+  assert want != pytest.approx(hp.kl_coef)
   np.testing.assert_array_equal(gen1.tokens, gen2.tokens)
   for k in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg"):
     assert float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5, abs=1e-6), k
@@ -293,6 +405,37 @@ def test_nothing_recompiles_after_the_first_iteration():
     assert getattr(fns, name)._cache_size() == 1, name
 
 
+def test_the_steps_donate_the_state_they_are_given_and_nothing_else():
+  """score, update and iterate donate their first argument, the state (its buffers become the new
+  state's); sample donates nothing: its policy parameters are the state's own, which score and
+  update read next. Both the programs jitted with shardings (a one-device mesh here) and those
+  without; the lowerings say what is donated (nothing is compiled)."""
+  from ppo_jax import sharding as shd
+
+  models, tx, state, frozen, fns = build()
+  placement = rollout.Placement.build(shd.make_mesh(), state, frozen, tx)
+  placed = rollout.make_step_fns(models, tx, HP, placement=placement)
+  key = ppo.iteration_keys(state)[0]
+  gen = jax.eval_shape(fns.sample, state.params["policy"], frozen, key, PROMPTS, PROMPT_MASK)
+  exp, _, roll = jax.eval_shape(fns.score, state, frozen, PROMPTS, PROMPT_MASK, gen, None)
+  for which, f in (("unplaced", fns), ("placed", placed)):
+    lowered = {
+      "sample": f.sample.lower(state.params["policy"], frozen, key, PROMPTS, PROMPT_MASK),
+      "score": f.score.lower(state, frozen, PROMPTS, PROMPT_MASK, gen, None),
+      "update": f.update.lower(state, frozen, exp, roll["objective/kl"]),
+      "iterate": f.iterate.lower(state, frozen, PROMPTS, PROMPT_MASK),
+    }
+    for name, low in lowered.items():
+      args, kwargs = low.args_info
+      assert not kwargs
+      donated = [[info.donated for info in jax.tree.leaves(arg)] for arg in args]
+      assert all(len(d) for d in donated[:2]), (which, name)
+      if name == "sample":
+        assert not any(map(any, donated)), (which, name)
+      else:
+        assert all(donated[0]) and not any(map(any, donated[1:])), (which, name)
+
+
 def test_value_head_on_the_policy_trunk():
   _, _, state, frozen, fns = build(shared=True)
   assert set(state.params["value"]) == {"kernel"}  # only the head: no second trunk
@@ -307,13 +450,68 @@ def test_adaptive_kl_and_kl_as_loss():
     HP, kl_adaptive=True, kl_target=1e-3, kl_horizon=100.0, kl_mode="loss", kl_kind="k2"
   )
   _, _, state, frozen, fns = build(hp, lr=1e-2)
-  coefs = []
+  coefs, kls = [float(state.kl_coef)], []
   for _ in range(4):
     state, metrics, _, _ = one_iteration(fns, state, frozen)
     coefs.append(float(state.kl_coef))
+    kls.append(float(metrics["objective/kl"]))
   assert float(metrics["objective/non_score_reward"]) == 0.0  # the KL is not in the reward
   assert float(metrics["loss/kl_avg"]) > 0.0
   assert coefs[-1] > coefs[0]  # KL above its tiny target: the coefficient rises
+  # Ziegler et al.'s update from each rollout's KL, n_steps = the B responses of the iteration
+  # (B/horizon = 0.08: counting the N tokens of a response instead moves β by 0.06·e).
+  want = [ref.adaptive_kl(c, kl, B, 1e-3, 100.0) for c, kl in zip(coefs, kls, strict=False)]
+  assert coefs[1:] == pytest.approx(want, rel=1e-6)
+
+
+def test_each_iteration_draws_its_own_keys():
+  """iteration_keys folds the step into the run's key: the sampling and shuffling keys of steps 0
+  and 1 are four different keys (one key for every step would sample the same responses again
+  while the policy has not moved, as in the critic's warm-up, and shuffle in one order)."""
+  state = ppo.init_state({"policy": {"w": jnp.zeros(2)}, "value": {}}, optax.sgd(0.1), HP, seed=0)
+  keys = [*ppo.iteration_keys(state), *ppo.iteration_keys(state.replace(step=state.step + 1))]
+  assert len({np.asarray(jax.random.key_data(k)).tobytes() for k in keys}) == 4
+
+
+def test_each_epoch_shuffles_the_minibatches_anew():
+  """train_step draws a fresh permutation each epoch, not one order replayed. 4 rows in
+  minibatches of 2, 2 epochs, plain SGD: each epoch's ordered split of the rows (6 of them) gives
+  its own parameters, composed here from ``minibatch_gradients``; train_step's final parameters
+  are one of the 36, and at three iterations the two epochs' splits are not always the same (a
+  chance repeat at all three is 1 in 216 for a seed; a replayed order repeats at every one)."""
+  models, _, state, frozen, fns = build()
+  gen = fns.sample(state.params["policy"], frozen, jax.random.key(3), PROMPTS, PROMPT_MASK)
+  exp, state, _ = fns.score(state, frozen, PROMPTS, PROMPT_MASK, gen, jnp.linspace(-1, 2, B))
+  exp = jax.tree.map(lambda x: x[:4], exp)
+  lr = 0.1
+  tx = optax.sgd(lr)
+  sgd_state = ppo.init_state(state.params, tx, HP, seed=0)
+  hparams = ppo.TrainHparams(models, tx, HP)
+  step = jax.jit(lambda s: ppo.train_step(s, exp, hparams=hparams))
+  grad = jax.jit(
+    lambda p, rows: ppo.minibatch_gradients(
+      models, p, jax.tree.map(lambda x: x[rows], exp), sgd_state.kl_coef, 1, hp=HP
+    )[0]
+  )
+
+  def epoch(params, split):
+    for rows in split:
+      params = jax.tree.map(lambda p, g: p - lr * g, params, grad(params, jnp.asarray(rows)))
+    return params
+
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  splits = [(a, tuple(sorted({0, 1, 2, 3} - set(a)))) for a in itertools.combinations(range(4), 2)]
+  after_one = {s: epoch(sgd_state.params, s) for s in splits}
+  finals = {(s1, s2): flat(epoch(after_one[s1], s2)) for s1 in splits for s2 in splits}
+  used = []
+  for it in range(3):
+    got = flat(step(sgd_state.replace(step=jnp.asarray(it, jnp.int32)))[0].params)
+    (best, d1), (_, d2) = sorted(
+      ((k, np.abs(v - got).max()) for k, v in finals.items()), key=lambda kv: kv[1]
+    )[:2]
+    assert d1 < 0.01 * d2, (it, d1, d2)  # one candidate, and only one, is train_step's
+    used.append(best)
+  assert any(first != second for first, second in used), used
 
 
 def test_adaptive_kl_coefficient_holds_during_the_critic_warm_up():
@@ -450,8 +648,10 @@ def test_critic_warmup_trains_only_the_critic_then_both(shared):
   # Adam's μ and ν of every leaf, Adam's count and the schedule's
   assert moments0 and len(moments0) == 2 * len(policy0) + 2
   per_iteration = HP.num_epochs * HP.num_minibatches
+  tokens = []
   for it in range(3):
-    state, metrics, _, _ = one_iteration(fns, state, frozen)
+    state, metrics, gen, _ = one_iteration(fns, state, frozen)
+    tokens.append(np.asarray(gen.tokens))
     assert float(metrics["update/skipped"]) == 0.0
     # Reported during the warm-up too (≈ 0 there: a ratio of 1 times whitened advantages).
     assert np.isfinite(float(metrics["loss/policy_avg"]))
@@ -467,6 +667,8 @@ def test_critic_warmup_trains_only_the_critic_then_both(shared):
       assert float(metrics["policy/clipfrac_avg"]) == 0.0  # so its ratio stays 1
       moments = _policy_leaves(state.opt_state)
       assert all(np.array_equal(a, b) for a, b in zip(moments0, moments, strict=True))
+      # The same policy samples other responses: each iteration has its own sampling key.
+      assert it == 0 or not np.array_equal(tokens[it], tokens[it - 1])
     else:
       assert not any(same)
       assert float(metrics["lr"]) == pytest.approx(1e-3)
