@@ -373,6 +373,10 @@ def test_reward_functions_get_the_prompt_rows_other_fields(smoke_run, tmp_path, 
     and all(s["scores/keyed"] == s["gold"] == -s["scores/shortness"] for s in samples)
     and any(s["scores/keyed"] > 0 for s in samples)
   )
+  # GRPO's groups: each prompt's 4 responses are consecutive rows (the first 8 of each step).
+  for step in range(2):
+    rows_prompts = [s["prompt"] for s in samples[8 * step : 8 * step + 8]]
+    assert rows_prompts == [rows_prompts[0]] * 4 + [rows_prompts[4]] * 4, rows_prompts
   assert (
     "| scores/keyed | scores/shortness |"
     in (tmp_path / "run" / "samples").joinpath("step_000001.md").read_text()
