@@ -173,9 +173,13 @@ def test_bf16_checkpoint(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_save_then_transformers_loads_the_same_model(checkpoints, tmp_path, name):
+  """The saved folder gives transformers the same logits, and ppo_jax the same special ids:
+  the config's (EOS 5), not the tokenizer's saved beside it (EOS 1), which fill only ids the
+  config lacks; BOS written too (transformers' default would take its place)."""
   folder, hf_model = checkpoints[name]
   model = pj.models.from_pretrained(folder)
   tok = pj.tokenizer.build_word_tokenizer([f"w{i}" for i in range(tiny_hf.VOCAB - 4)])
+  assert tok.eos_token_id != model.cfg.eos_token_id
   pj.models.save_pretrained(model, tmp_path, tokenizer=tok)
   mode = lambda name: (tmp_path / name).stat().st_mode & 0o777
   assert mode("model.safetensors") == mode("config.json")  # not 0600: others may read it
@@ -187,6 +191,9 @@ def test_save_then_transformers_loads_the_same_model(checkpoints, tmp_path, name
     atol=1e-5,
   )
   assert tf.AutoTokenizer.from_pretrained(str(tmp_path)).pad_token_id == 0
+  special = lambda c: (c.bos_token_id, c.eos_token_id, c.pad_token_id, c.extra_eos_token_ids)
+  assert special(model.cfg) == (2, tiny_hf.EOS, tiny_hf.PAD, ())
+  assert special(pj.models.from_pretrained(tmp_path).cfg) == special(model.cfg)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen3", "gemma2", "gemma3", "olmo3"])
