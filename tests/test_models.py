@@ -230,7 +230,8 @@ def test_reward_model_matches_sequence_classification(tmp_path, name):
 def test_several_eos_ids_are_kept_and_saved_back(tmp_path):
   """A checkpoint that stops on several ids (Llama 3 Instruct: <|end_of_text|>, <|eot_id|>):
   the first is ``eos_token_id``, the others are kept and written back, so transformers' generate
-  on the export stops where the original did."""
+  on the export stops where the original did. A generation_config.json repeating config.json's
+  ids adds none twice."""
   tiny_hf.make("qwen2", tmp_path / "src")
   config = json.loads((tmp_path / "src" / "config.json").read_text())
   (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "eos_token_id": [5, 7]}))
@@ -240,6 +241,13 @@ def test_several_eos_ids_are_kept_and_saved_back(tmp_path):
   pj.models.save_pretrained(model, tmp_path / "out")
   assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == [5, 7]
   assert tf.AutoConfig.from_pretrained(str(tmp_path / "out")).eos_token_id == [5, 7]
+  # generation_config.json listing the same ids: each counted once, and written back once.
+  (tmp_path / "src" / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
+  model = pj.models.from_pretrained(tmp_path / "src")
+  assert model.cfg.eos_token_id == 5 and model.cfg.extra_eos_token_ids == (7,)
+  pj.models.save_pretrained(model, tmp_path / "again")
+  gen = json.loads((tmp_path / "again" / "generation_config.json").read_text())
+  assert gen["eos_token_id"] == [5, 7]
 
 
 def test_generation_config_stop_ids_are_read_and_written_with_sampling_defaults(tmp_path):
@@ -255,6 +263,15 @@ def test_generation_config_stop_ids_are_read_and_written_with_sampling_defaults(
   pj.models.save_pretrained(model, tmp_path / "out", generation_config=gen)
   written = json.loads((tmp_path / "out" / "generation_config.json").read_text())
   assert written == {**gen, "eos_token_id": [5, 9], "bos_token_id": 2, "pad_token_id": 0}
+  # The model's ids win over the given file's; its other settings are kept.
+  other = {"eos_token_id": [9, 11], "bos_token_id": 3, "temperature": 0.6}
+  pj.models.save_pretrained(model, tmp_path / "other", generation_config=other)
+  assert json.loads((tmp_path / "other" / "generation_config.json").read_text()) == {
+    "eos_token_id": [5, 9],
+    "bos_token_id": 2,
+    "pad_token_id": 0,
+    "temperature": 0.6,
+  }
   assert tf.GenerationConfig.from_pretrained(str(tmp_path / "out")).eos_token_id == [5, 9]
   # transformers' generate stops at the file's ids, which config.json does not list: made one the
   # greedy run emits third.
