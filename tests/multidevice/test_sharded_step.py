@@ -165,11 +165,19 @@ def test_parameters_follow_the_rules_and_keep_them_through_the_step(mesh_shape):
     name = shd.path_string(path)
     want = jax.sharding.NamedSharding(mesh, shd.spec_for(name, x.shape, mesh))
     assert x.sharding.is_equivalent_to(want, x.ndim), name
-  q = state.params["policy"]["trunk"]["layers"][0]["attn"]["q"]["kernel"]
-  if mesh_shape[1] * mesh_shape[2] > 1:  # something to shard parameters over: not replicated
-    assert not q.sharding.is_fully_replicated
-    assert len({s.data.shape for s in q.addressable_shards}) == 1
-    assert q.addressable_shards[0].data.size == q.size // (mesh_shape[1] * mesh_shape[2])
+  # The frozen reference and reward model too: a replicated copy would hold every weight on
+  # every device.
+  for tree in (frozen.ref_params, frozen.reward_params):
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+      name = shd.path_string(path)
+      want = jax.sharding.NamedSharding(mesh, shd.spec_for(name, x.shape, mesh))
+      assert x.sharding.is_equivalent_to(want, x.ndim), name
+  for tree in (state.params["policy"], frozen.ref_params):
+    q = tree["trunk"]["layers"][0]["attn"]["q"]["kernel"]
+    if mesh_shape[1] * mesh_shape[2] > 1:  # something to shard parameters over: not replicated
+      assert not q.sharding.is_fully_replicated
+      assert len({s.data.shape for s in q.addressable_shards}) == 1
+      assert q.addressable_shards[0].data.size == q.size // (mesh_shape[1] * mesh_shape[2])
   # Optimizer moments follow the params (each part's, inside optax.multi_transform); counts are
   # replicated.
   parts = state.opt_state[1].inner_states
@@ -569,3 +577,18 @@ def test_a_run_without_a_mesh_stays_on_the_default_device(monkeypatch, tmp_path)
   assert run(1) == {devices[5]}  # fresh
   assert run(2) == {devices[5]}  # resumed from the checkpoint of step 1
   assert seen == [({devices[5]}, {devices[5]})] * 2
+
+
+def test_split_rows_keep_the_rows_split_over_the_batch_axes():
+  """Inside a program, rows reshaped into minibatches stay split over ('data', 'fsdp'), even from
+  a replicated input (left to GSPMD, every device may compute every row)."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = shd.make_mesh((2, 2, 2))
+  x = jax.device_put(jnp.arange(32.0).reshape(8, 4), shd.replicated(mesh))
+  split = jax.jit(lambda x: shd.split_rows(x, 2, mesh))(x)
+  assert split.sharding.is_equivalent_to(NamedSharding(mesh, P(None, ("data", "fsdp"))), 3)
+  np.testing.assert_array_equal(split, np.arange(32.0).reshape(2, 4, 4))
+  pinned = jax.jit(lambda x: shd.pin_rows(x, mesh))(x)
+  assert pinned.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 2)
