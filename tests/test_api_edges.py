@@ -218,3 +218,16 @@ def test_a_hyperparameter_without_an_off_refuses_none():
     with pytest.raises(ValueError, match=message):
       call()
   assert np.isfinite(float(pj.value_loss(x, x, x, m, clip_eps=None)[0]))
+
+
+def test_a_preset_config_takes_any_of_its_defaults_as_a_keyword():
+  """``ModelConfig.gpt2(intermediate_size=…)`` raised "got multiple values": a preset's defaults
+  (GPT-2's n_inner and layer-norm ε, Llama's head_dim) are keywords like the others."""
+  from ppo_jax.models import ModelConfig
+
+  small = dict(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2)
+  gpt2 = ModelConfig.gpt2(**small, intermediate_size=48, norm_eps=1e-3)
+  assert gpt2 == ModelConfig.gpt2(**small).replace(intermediate_size=48, norm_eps=1e-3)
+  assert (gpt2.head_dim, gpt2.activation, gpt2.tie_word_embeddings) == (4, "gelu_tanh", True)
+  llama = ModelConfig.llama(**small, head_dim=8, norm_eps=1e-6)
+  assert llama == ModelConfig.llama(**small).replace(head_dim=8, norm_eps=1e-6)

@@ -245,23 +245,25 @@ class ModelConfig:
     max_position_embeddings=128,
     **kw,
   ) -> ModelConfig:
-    return cls(
-      model_type="gpt2",
-      vocab_size=vocab_size,
-      hidden_size=hidden_size,
-      num_layers=num_layers,
-      num_heads=num_heads,
+    defaults = dict(
       num_kv_heads=num_heads,
       head_dim=hidden_size // num_heads,
       intermediate_size=4 * hidden_size,
-      max_position_embeddings=max_position_embeddings,
       norm_eps=1e-5,
       activation="gelu_tanh",
       tie_word_embeddings=True,
       qkv_bias=True,
       o_bias=True,
       mlp_bias=True,
-      **kw,
+    )
+    return cls(
+      model_type="gpt2",
+      vocab_size=vocab_size,
+      hidden_size=hidden_size,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      max_position_embeddings=max_position_embeddings,
+      **{**defaults, **kw},  # each default may be given (n_inner, layer_norm_epsilon, …)
     )
 
   @classmethod
@@ -284,11 +286,9 @@ class ModelConfig:
       num_layers=num_layers,
       num_heads=num_heads,
       num_kv_heads=num_kv_heads,
-      head_dim=hidden_size // num_heads,
       intermediate_size=intermediate_size or 4 * hidden_size,
       max_position_embeddings=max_position_embeddings,
-      norm_eps=1e-5,
-      **kw,
+      **{"head_dim": hidden_size // num_heads, "norm_eps": 1e-5, **kw},
     )
 
   # ----------------------------------------------------------------------------------------------
