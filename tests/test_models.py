@@ -134,6 +134,28 @@ def test_original_gpt2_layout_loads(checkpoints, tmp_path):
   )
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_config_round_trips_through_config_json(tmp_path, name):
+  """Every field ``to_hf`` writes reads back the same through config.json, with values apart
+  from transformers' defaults (a field left out takes the default): GPT-2's ``n_inner`` and
+  ``layer_norm_epsilon``, every family's norm epsilon and MLP width, Llama's ``mlp_bias`` and
+  ``attention_bias``, BOS, EOS (two), pad."""
+  cfg = ModelConfig.from_hf(tiny_hf.CONFIGS[name]()).replace(
+    intermediate_size=48,
+    norm_eps=1e-3,
+    bos_token_id=3,
+    eos_token_id=7,
+    extra_eos_token_ids=(9,),
+    pad_token_id=1,
+  )
+  if cfg.model_type == "llama":
+    cfg = cfg.replace(mlp_bias=True, qkv_bias=True, o_bias=True)
+  for architecture in ("causal_lm", "sequence_cls"):
+    cfg.to_hf(architecture=architecture).save_pretrained(str(tmp_path / architecture))
+    back = ModelConfig.from_hf(tf.AutoConfig.from_pretrained(str(tmp_path / architecture)))
+    assert back == cfg, architecture
+
+
 def test_sharded_checkpoint_has_an_index(checkpoints):
   folder, _ = checkpoints["sharded"]
   index = json.loads((folder / "model.safetensors.index.json").read_text())
