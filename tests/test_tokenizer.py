@@ -1,5 +1,7 @@
 """Tokenizers from local folders: the special tokens the pipeline relies on."""
 
+import json
+
 import pytest
 
 from ppo_jax.tokenizer import build_word_tokenizer, load_tokenizer
@@ -19,6 +21,18 @@ def test_word_tokenizer_round_trips_through_a_folder(tmp_path):
   assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
   assert tok("good film mystery")["input_ids"] == [4, 5, 3]  # unknown word → <unk>
   assert tok.decode([4, 5]) == "good film"
+
+
+def test_word_tokenizer_ids_follow_the_special_tokens_once_per_word():
+  """Ids 0–3 are <pad>, <eos>, <bos>, <unk>; each word then gets the next id, a repeated word
+  none (no two words share one)."""
+  tok = build_word_tokenizer(["good", "film", "good", "bad"])
+  assert tok.get_vocab() == {
+    "<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "good": 4, "film": 5, "bad": 6,
+  }  # fmt: skip
+  assert len(tok) == 7
+  assert tok("bad good film")["input_ids"] == [6, 4, 5]
+  assert tok.decode([6, 4, 5]) == "bad good film"
 
 
 @pytest.mark.parametrize("word", ["", "two words", "##dull"])
@@ -63,6 +77,13 @@ def test_a_damaged_tokenizer_is_one_line_naming_its_folder(tmp_path):
   (tmp_path / "tokenizer.json").write_text("{}")
   with pytest.raises(ValueError, match=rf"^{tmp_path}: cannot load its tokenizer \("):
     load_tokenizer(tmp_path)
+  # A vocabulary without its unknown token: transformers loads it and fails at the first text.
+  words = _saved(tmp_path / "no_unk")
+  tokenizer_json = json.loads((words / "tokenizer.json").read_text())
+  del tokenizer_json["model"]["vocab"]["<unk>"]
+  (words / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+  with pytest.raises(ValueError, match=rf"^{words}: cannot load its tokenizer \(.*\[UNK\]"):
+    load_tokenizer(words)
   # A sound tokenizer beside a damaged config.json (which transformers reads too): the config
   # is named, not the tokenizer.
   build_word_tokenizer(["a", "b"]).save_pretrained(tmp_path)
