@@ -402,6 +402,7 @@ def save_pretrained(
   if jax.process_index() != 0:  # every process gathers; the first writes
     return
   folder.mkdir(parents=True, exist_ok=True)
+  _drop_sharded_weights(folder)  # before the new config.json: never beside the old weights
   hf_config = cfg.to_hf(architecture="causal_lm" if kind == "causal_lm" else "sequence_cls")
   hf_config.dtype = cfg.param_dtype
   hf_config.save_pretrained(str(folder))
@@ -414,7 +415,6 @@ def save_pretrained(
     )
     gen = {**(generation_config or {}), **{k: v for k, v in ids.items() if v is not None}}
     (folder / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
-  _drop_sharded_weights(folder)
   weights = folder / "model.safetensors"
   save_file(tensors, str(weights), metadata={"format": "pt"})
   # safetensors writes through a private temporary file (mode 0600): readable as config.json is.
