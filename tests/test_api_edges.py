@@ -231,3 +231,12 @@ def test_a_preset_config_takes_any_of_its_defaults_as_a_keyword():
   assert (gpt2.head_dim, gpt2.activation, gpt2.tie_word_embeddings) == (4, "gelu_tanh", True)
   llama = ModelConfig.llama(**small, head_dim=8, norm_eps=1e-6)
   assert llama == ModelConfig.llama(**small).replace(head_dim=8, norm_eps=1e-6)
+  # What GPT-2's tensors cannot hold (a c_attn of fewer k/v heads, a projection without bias)
+  # is refused when the config is made, not by a KeyError or an unloadable file at save.
+  for bad, why in (
+    (dict(num_kv_heads=1), "gpt2 has as many k/v heads as heads, not 1"),
+    (dict(qkv_bias=False), "gpt2's projections all have biases"),
+    (dict(mlp_bias=False), "gpt2's projections all have biases"),
+  ):
+    with pytest.raises(ValueError, match=f"^unsupported model config: {why}"):
+      ModelConfig.gpt2(**small, **bad)

@@ -133,6 +133,10 @@ class ModelConfig:
         f"gpt2's hidden_size {self.hidden_size} is not num_heads {self.num_heads} × head_dim "
         f"{self.head_dim} (a width its head count does not divide)"
       )
+    if self.is_gpt2 and self.num_kv_heads != self.num_heads:  # c_attn holds q, k, v alike
+      problems.append(f"gpt2 has as many k/v heads as heads, not {self.num_kv_heads}")
+    if self.is_gpt2 and not (self.qkv_bias and self.o_bias and self.mlp_bias):
+      problems.append("gpt2's projections all have biases (qkv_bias, o_bias, mlp_bias)")
     if self.num_heads % self.num_kv_heads:
       problems.append(
         f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}"
