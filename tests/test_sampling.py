@@ -49,11 +49,14 @@ def test_greedy_equals_transformers_with_eos(models, name):
   # until they stop).
   free_run = _hf_greedy(hf_model, ids, mask, eos=None)
   first = int(free_run[1, 4])
-  ends = lambda ids: {next((int(t) for t in row if t in ids), None) for row in free_run}
-  eos = [
-    next(int(t) for t in free_run[:, 1:].ravel() if t != first and {first, t} <= ends({first, t})),
-    first,
-  ]
+  # (a row's first stop id in the last slot leaves the row full length: it ends no row early)
+  ends = lambda ids: {next((int(t) for t in row[:-1] if t in ids), None) for row in free_run}
+  second = next(
+    (int(t) for t in free_run[:, 1:].ravel() if t != first and {first, t} <= ends({first, t})),
+    None,
+  )
+  assert second is not None, f"no second stop id ends a row of the free run early: {free_run}"
+  eos = [second, first]
   want = _hf_greedy(hf_model, ids, mask, eos=eos)
   gen = pj.generate(
     model,
