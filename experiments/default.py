@@ -14,10 +14,9 @@ policy's reviews rises from about 0 after SFT to 0.84 (mean of 3 seeds, 0.70–0
 KL of 4.4–6.0 nats per review; the reward model reaches 0.77–0.80 accuracy on held-out prompts'
 pairs, with labels that agree with gold on 88 % of the pairs gold ranks. ``smoke`` shrinks the
 data and the PPO stage and skips the held-out evaluation: about 40 s on one core from a cold
-start; over seeds
-0–7, first three iterations against the last three, the reward-model score rises by 1.0–1.9 and
-the gold score by 0.31–0.52 (mean 0.41) on an AVX-512 EPYC (2026-12-03), by 0.8–1.8 and
-0.20–0.53 on an AVX2 EPYC (2026-12-02).
+start; over seeds 0–7, first three iterations against the last three, the reward-model score
+rises by 1.0–1.9 and the gold score by 0.31–0.52 (mean 0.41) on an AVX-512 EPYC (2026-12-03), by
+0.8–1.8 and 0.20–0.53 on an AVX2 EPYC (2026-12-02).
 """
 
 from ppo_jax.config import base_config

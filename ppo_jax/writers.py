@@ -373,7 +373,7 @@ def print_summary(summary: dict[str, Any], *, this_invocation: bool = True) -> N
     print(
       f"reward model held-out accuracy: {summary['rm_eval']['accuracy']:.3f}"
       + (
-        f" (labeller agrees with gold on {summary['label_accuracy']:.3f} of the pairs it ranks)"
+        f" (labeller agrees with gold on {summary['label_accuracy']:.3f} of the pairs gold ranks)"
         if "label_accuracy" in summary
         else ""
       )
