@@ -1,5 +1,6 @@
 """Checkpoints, resume, preemption, the non-finite guard and export."""
 
+import functools
 import json
 import os
 import pathlib
@@ -420,42 +421,47 @@ def test_noresume_refuses_a_workdir_with_checkpoints(smoke_run, tmp_path):
     pipeline.run(smoke_config(), workdir, resume=False)
 
 
+def _save_stand_in(folder, config, step=1, **record):
+  """A checkpoint of ``step`` in ``folder``: a stand-in state, a record of ``config`` (a
+  ConfigDict) and ``record``."""
+  as_json = json.loads(config.to_json_best_effort())
+  with checkpoint.Checkpointer(folder, config.checkpoint) as ckpt:
+    ckpt.save(step, {"params": np.zeros(2)}, {"config": as_json, "step": step, **record})
+    ckpt.wait()
+
+
+def _check_workdir(workdir, config, *, resume=True, saved=None):
+  """``workdir.check_workdir`` for a run of ``config``, fields added since a save at the
+  ``saved`` config's values (default: this one's)."""
+  from ppo_jax.config import Settings
+  from ppo_jax.workdir import check_workdir
+
+  as_json = json.loads(config.to_json_best_effort())
+  defaults = as_json if saved is None else json.loads(saved.to_json_best_effort())
+  s = Settings.from_config(config)
+  check_workdir(workdir, s=s, config=as_json, resume=resume, defaults=defaults)
+
+
 @pytest.mark.parametrize("folder", ["sft_checkpoints", "rm_checkpoints", "dpo_checkpoints"])
 def test_noresume_refuses_each_stages_checkpoints(tmp_path, folder):
   """--noresume with a stage's checkpoints in the workdir: refused (the supervised stages would
   otherwise resume from them regardless)."""
-  from ppo_jax.config import Settings
-  from ppo_jax.workdir import check_workdir
-
   config = smoke_config(algo="dpo") if folder == "dpo_checkpoints" else smoke_config()
-  as_json = json.loads(config.to_json_best_effort())
-  with checkpoint.Checkpointer(tmp_path / folder, config.checkpoint) as ckpt:
-    ckpt.save(1, {"params": np.zeros(2)}, {"config": as_json, "step": 1})
-    ckpt.wait()
-  s = Settings.from_config(config)
-  check_workdir(tmp_path, s=s, config=as_json, resume=True, defaults=as_json)
+  _save_stand_in(tmp_path / folder, config)
+  _check_workdir(tmp_path, config)
   with pytest.raises(ValueError, match=f"{folder} holds checkpoints and resuming is off"):
-    check_workdir(tmp_path, s=s, config=as_json, resume=False, defaults=as_json)
+    _check_workdir(tmp_path, config, resume=False)
 
 
 def test_stage_checkpoints_of_a_deleted_sft_policy_are_refused_before_sft_trains(tmp_path):
   """Reward-model checkpoints recorded as started from the SFT policy of ``sft/``, which is gone
   (SFT would train a new one): refused by check_workdir, before SFT trains; not the SFT ones."""
-  from ppo_jax.config import Settings
-  from ppo_jax.workdir import check_workdir
-
   config = smoke_config(rm__init="policy")
-  as_json = json.loads(config.to_json_best_effort())
-  s = Settings.from_config(config)
-  for folder, refused in (("sft_checkpoints", False), ("rm_checkpoints", True)):
-    with checkpoint.Checkpointer(tmp_path / folder, config.checkpoint) as ckpt:
-      ckpt.save(1, {"params": np.zeros(2)}, {"config": as_json, "step": 1, "sft_id": "x"})
-      ckpt.wait()
-    if refused:
-      with pytest.raises(ValueError, match=r"rm_checkpoints holds .* which is gone and this run"):
-        check_workdir(tmp_path, s=s, config=as_json, resume=True, defaults=as_json)
-    else:
-      check_workdir(tmp_path, s=s, config=as_json, resume=True, defaults=as_json)
+  _save_stand_in(tmp_path / "sft_checkpoints", config, sft_id="x")
+  _check_workdir(tmp_path, config)
+  _save_stand_in(tmp_path / "rm_checkpoints", config, sft_id="x")
+  with pytest.raises(ValueError, match=r"rm_checkpoints holds .* which is gone and this run"):
+    _check_workdir(tmp_path, config)
 
 
 def test_a_workdir_in_use_by_another_run_is_refused(smoke_run, tmp_path, monkeypatch, capsys):
@@ -523,15 +529,7 @@ def test_remaking_the_task_data_under_trained_stages_is_refused(smoke_run, tmp_p
   _unchanged(workdir, before)
   # The pairs' settings change preferences.jsonl alone (drawn after the SFT rows): sft/ does not
   # stand in the way, the reward model this run would reuse does, one it would not read does not.
-  from ppo_jax.config import Settings
-  from ppo_jax.workdir import check_workdir
-
-  def check(config):
-    as_json = json.loads(config.to_json_best_effort())
-    check_workdir(
-      workdir, s=Settings.from_config(config), config=as_json, resume=True, defaults=as_json
-    )
-
+  check = functools.partial(_check_workdir, workdir)
   with pytest.raises(ValueError, match=r"\(task\.label_noise: 0\.2 → 0\.5\) and reward_model/ l"):
     check(smoke_config(task__label_noise=0.5))
   check(smoke_config(task__label_noise=0.5, rm__enabled=False, ppo__critic_init="policy",
@@ -541,10 +539,7 @@ def test_remaking_the_task_data_under_trained_stages_is_refused(smoke_run, tmp_p
   # SFT's checkpoints (sft/ not written yet) learned from data/ too.
   shutil.rmtree(workdir / "sft")
   check(smoke_config(task__num_prompts=smoke_config().task.num_prompts + 1))
-  with checkpoint.Checkpointer(workdir / "sft_checkpoints", smoke_config().checkpoint) as ckpt:
-    saved = json.loads(smoke_config().to_json_best_effort())
-    ckpt.save(1, {"params": np.zeros(2)}, {"config": saved, "step": 1})
-    ckpt.wait()
+  _save_stand_in(workdir / "sft_checkpoints", smoke_config())
   with pytest.raises(ValueError, match=r"\(task\.num_prompts: .*\) and sft_checkpoints/ learned"):
     check(smoke_config(task__num_prompts=smoke_config().task.num_prompts + 1))
 
@@ -553,20 +548,8 @@ def test_a_stage_checkpoint_of_another_config_is_refused_before_anything_is_writ
   """An SFT checkpoint saved under another sft.* is refused by check_workdir (before config.json
   or data/ are written), not once SFT starts; a field SFT does not read, or a finished sft/ (SFT
   will not train), lets the run go on."""
-  from ppo_jax.config import Settings
-  from ppo_jax.workdir import check_workdir
-
-  saved = json.loads(smoke_config().to_json_best_effort())
-  with checkpoint.Checkpointer(tmp_path / "sft_checkpoints", smoke_config().checkpoint) as ckpt:
-    ckpt.save(4, {"params": np.zeros(2)}, {"config": saved, "step": 4})
-    ckpt.wait()
-
-  def check(config):
-    as_json = json.loads(config.to_json_best_effort())
-    check_workdir(
-      tmp_path, s=Settings.from_config(config), config=as_json, resume=True, defaults=saved
-    )
-
+  _save_stand_in(tmp_path / "sft_checkpoints", smoke_config(), step=4)
+  check = functools.partial(_check_workdir, tmp_path, saved=smoke_config())
   with pytest.raises(ValueError, match=r"sft_checkpoints holds checkpoints of a different config "
                      r"\(sft\.optim\.lr: 0\.01 → 0\.002\)"):  # fmt: skip
     check(smoke_config(sft__optim__lr=0.002))
