@@ -169,11 +169,15 @@ def count(text: str) -> int:
 
 
 def _negative_lists_joined(argv: list[str]) -> list[str]:
-  """``--reward-weights -0.5,1`` as ``--reward-weights=-0.5,1``: argparse reads a value that
-  starts with ``-`` (and is no plain number) as a flag."""
+  """``--reward-weights -0.5,1`` as ``--reward-weights=-0.5,1`` (and ``--mesh -1,1,1``): argparse
+  reads a value that starts with ``-`` (and is no plain number) as a flag."""
   out, i = [], 0
   while i < len(argv):
-    if argv[i] == "--reward-weights" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+    if (
+      argv[i] in ("--reward-weights", "--mesh")
+      and i + 1 < len(argv)
+      and argv[i + 1].startswith("-")
+    ):
       out.append(f"{argv[i]}={argv[i + 1]}")
       i += 2
     else:

@@ -212,10 +212,6 @@ def check_settings(s: Settings) -> None:
       ),
       *((False, problem) for problem in reward_problems(s.reward.fn, s.reward.weights)),
       (
-        0.0 < s.raw.ppo.top_p <= 1.0,
-        f"config.ppo.top_p: must be in (0, 1], got {s.raw.ppo.top_p}",
-      ),
-      (
         not s.raw.ppo.critic_warmup or s.raw.ppo.critic_warmup < s.ppo_run.iterations,
         f"config.ppo.critic_warmup {s.raw.ppo.critic_warmup} ≥ config.ppo.iterations "
         f"{s.ppo_run.iterations}: the policy would never train",

@@ -107,6 +107,23 @@ def test_a_record_from_before_the_held_out_count_is_checked_by_its_before(tmp_pa
     run_inputs.check_same_prompts("f", 4, tmp_path, {"before": {}, "held_out_rows": 8})
 
 
+def test_the_prompts_fingerprint_covers_the_rows_tokens_and_other_fields():
+  """A prompts file whose rows keep their prompts but change a field a reward function reads
+  (an answer) is another file to resume on; the same rows give the same fingerprint."""
+  from ppo_jax.evaluation import Prompts
+  from ppo_jax.run_inputs import prompts_fingerprint
+
+  ids, mask = np.array([[0, 5], [6, 7]], np.int32), np.array([[0, 1], [1, 1]], np.int32)
+
+  def fingerprint(answers, ids=ids):
+    rows = lambda cut: Prompts(["a", "b c"][cut], ids[cut], mask[cut], {"answer": answers[cut]})
+    return prompts_fingerprint(rows(slice(1, None)), rows(slice(None, 1)))
+
+  assert fingerprint(["1", "2"]) == fingerprint(["1", "2"])
+  assert fingerprint(["1", "3"]) != fingerprint(["1", "2"])
+  assert fingerprint(["1", "2"], ids + 1) != fingerprint(["1", "2"])
+
+
 def test_a_resume_on_other_prompts_is_refused(smoke_run, tmp_path, compiled_programs):
   """The checkpoints record a fingerprint of the prompt file's rows, as a supervised stage's do:
   an edited prompts file is refused, and the run's files are left as they were. The resume on

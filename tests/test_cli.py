@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import re
 import sys
 import time
 
@@ -214,6 +215,12 @@ def _cli(*args):
     ),
     ("--config.model.num_kv_heads=2", "config.model.num_kv_heads: GPT-2 has as many key/value"),
     ("--config=experiments/dpo.py", f"--config given 2 times ({EXPERIMENT}, experiments/dpo.py)"),
+    (  # absl's space form counts too
+      ["--config", "experiments/dpo.py", "--config.ppo.batch_size=0"],
+      f"--config given 2 times ({EXPERIMENT}, experiments/dpo.py)",
+    ),
+    ("--config.kl_coeff=0.1", "unknown config field 'kl_coeff'; did you mean 'ppo.kl_coef'?"),
+    (["--workdir= ", "--config.ppo.batch_size=0"], "--workdir is empty; name the run's output"),
   ],
 )
 def test_config_errors_are_one_line(tmp_path, override, expected):
@@ -282,6 +289,112 @@ def test_what_a_run_does_not_use_is_not_refused(tmp_path):
   dpo.ppo.gamma = None
   with pytest.raises(ValueError, match=r"^config\.ppo\.gamma: cannot be None$"):
     Settings.from_config(dpo)
+
+
+FILES = {"task.name": "files", "model.tokenizer": "t", "data.preferences": "p.jsonl"}
+
+
+@pytest.mark.parametrize(
+  "fields,expected",
+  [
+    ({"distributed.num_processes": 0}, "config.distributed.num_processes: must be ≥ 1, got 0"),
+    ({"ppo.group_std_scope": "all"}, "config.ppo.group_std_scope: unknown 'all'; expected one of"),
+    ({"log.num_samples": -1}, "config.log.num_samples: must be ≥ 0, got -1"),
+    ({"ppo.max_nonfinite": 0}, "config.ppo.max_nonfinite: must be ≥ 1, got 0"),
+    ({"checkpoint.keep": 0}, "config.checkpoint.every and .keep: must be ≥ 1, got 10 and 0"),
+    ({"checkpoint.supervised_every": -1}, "config.checkpoint.supervised_every: must be ≥ 0"),
+    ({"ppo.critic_lr_scale": 0.0}, "config.ppo.critic_lr_scale: must be > 0, got 0.0"),
+    ({"ppo.early_stop_kl": 0.0}, "config.ppo.early_stop_kl: must be > 0 (none: off), got 0.0"),
+    ({"ppo.micro_batch_size": 0}, "config.ppo.micro_batch_size: must be ≥ 1, got 0"),
+    ({"ppo.num_minibatches": 0}, "config.ppo.num_minibatches: must be ≥ 1, got 0"),
+    ({"ppo.kl_horizon": 0.0}, "config.ppo.kl_horizon: must be > 0, got 0.0"),
+    (
+      {"ppo.iterations": 10, "ppo.critic_warmup": 10},
+      "config.ppo.critic_warmup 10 ≥ config.ppo.iterations 10: the policy would never train",
+    ),
+    (
+      {"algo": "grpo", "ppo.group_size": 3},
+      "config.ppo.batch_size 64 is not divisible by config.ppo.group_size 3",
+    ),
+    (
+      {"algo": "grpo", "ppo.group_size": 4, "rm.enabled": False},
+      "config.reward.source='model' needs config.rm.enabled=True or config.reward.model=FOLDER",
+    ),
+    (
+      {
+        "ppo.fuse": True,
+        "ppo.critic_init": "policy",
+        "reward.source": "function",
+        "reward.fn": "m:f",
+        "rm.enabled": False,
+      },
+      "config.ppo.fuse=True needs reward.source='model'",
+    ),
+    (
+      {"data.sft": "s.jsonl"},
+      "config.data.sft is set, but config.task.name='synthetic' makes its own data",
+    ),
+    (
+      {**FILES, "stop_after": "sft"},
+      "config.stop_after='sft': this run trains no SFT policy (no config.data.sft=FILE.jsonl)",
+    ),
+    (
+      {**FILES, "data.prompts": "p.jsonl", "data.system_prompt": "Be brief."},
+      "config.data.system_prompt: needs config.data.chat_template=True",
+    ),
+  ],
+)
+def test_a_value_the_run_would_misuse_is_refused_naming_its_field(fields, expected):
+  from ppo_jax.config import Settings, load_experiment
+
+  config = load_experiment(EXPERIMENT)
+  for dotted, value in fields.items():
+    *sections, name = dotted.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = value
+  with pytest.raises(ValueError, match="^" + re.escape(expected)):
+    Settings.from_config(config)
+
+
+def test_the_edges_of_each_range_are_accepted():
+  """The smallest and largest values each check allows: a myopic γ = 0, λ at 0 and 1, a critic
+  warm-up one iteration short of the run, no held-out prompts, no samples and no supervised
+  checkpoints but at the end, a KL horizon just over the adaptive controller's bound."""
+  from ppo_jax.config import Settings, load_experiment
+
+  config = load_experiment(EXPERIMENT)
+  config.ppo.update(gamma=0.0, lam=0.0, iterations=10, critic_warmup=9, top_p=1.0, kl_coef=0.1)
+  config.ppo.update(early_stop_kl=1e-9, dual_clip=1.001, kl_adaptive=True, kl_horizon=12.81)
+  config.ppo.update(micro_batch_size=1, top_k=0)
+  config.data.eval_prompts = 0
+  config.log.update(num_samples=0, samples_every=0)
+  config.checkpoint.supervised_every = 0
+  settings = Settings.from_config(config)
+  hp = settings.ppo(eos_token_id=1, pad_token_id=0)
+  assert (hp.gamma, hp.lam, hp.critic_warmup, hp.kl_horizon) == (0.0, 0.0, 9, 12.81)
+  config.ppo.update(gamma=1.0, lam=1.0)
+  assert Settings.from_config(config).ppo(eos_token_id=1, pad_token_id=0).lam == 1.0
+
+
+@pytest.mark.parametrize("algo,estimator", [("ppo", "gae"), ("grpo", "grpo"), ("rloo", "rloo")])
+def test_each_algo_trains_with_its_own_advantage_estimator(algo, estimator):
+  from ppo_jax.config import Settings, load_experiment
+
+  config = load_experiment(ROOT / "experiments" / ("default.py" if algo == "ppo" else f"{algo}.py"))
+  assert config.algo == algo
+  hp = Settings.from_config(config).ppo(eos_token_id=1, pad_token_id=0)
+  assert hp.estimator == estimator
+
+
+def test_a_scratch_models_parameters_are_kept_in_param_dtype_else_the_compute_dtype():
+  from ppo_jax.config import ModelSettings
+
+  same = ModelSettings(dtype="bfloat16").scratch_config(32)
+  assert (same.dtype, same.param_dtype) == ("bfloat16", "bfloat16")
+  mixed = ModelSettings(dtype="bfloat16", param_dtype="float32", arch="llama").scratch_config(32)
+  assert (mixed.dtype, mixed.param_dtype) == ("bfloat16", "float32")
 
 
 def test_a_files_run_is_checked_for_its_data_before_any_work(tmp_path):
@@ -447,6 +560,79 @@ def test_none_from_the_command_line_sets_none():
     + ["--config.ppo.kl_coef", "0.3"]
   )
   assert (config.ppo.vf_clip, config.ppo.kl_coef) == (None, 0.3)
+
+
+def test_none_in_the_space_form_is_taken_in_either_case():
+  config, _, _ = main.parse_flags(
+    ["ppo-jax", f"--config={EXPERIMENT}", "--workdir=w", "--config.ppo.vf_clip", "none"]
+    + ["--config.ppo.optim.max_grad_norm", "None", "--config.ppo.kl_coef", "0.3"]
+  )
+  assert (config.ppo.vf_clip, config.ppo.optim.max_grad_norm, config.ppo.kl_coef) == (
+    None,
+    None,
+    0.3,
+  )
+
+
+def test_distributed_starts_from_the_config_then_the_environment(monkeypatch):
+  """Each field of config.distributed comes before its JAX_* variable; a coordinator from the
+  environment is enough for the process count and id; auto=True alone starts it (JAX finds the
+  cluster); nothing set starts nothing."""
+  from ppo_jax.config import DistributedSettings
+
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+  monkeypatch.setattr(main, "_DISTRIBUTED", [])
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  main.start_distributed(DistributedSettings())
+  main.start_distributed(DistributedSettings(auto=True))
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "env-host:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  main.start_distributed(DistributedSettings(num_processes=2, process_id=1))
+  main.start_distributed(DistributedSettings(coordinator="host:1"))
+  assert calls == [
+    ((None,), {"num_processes": None, "process_id": None}),
+    (("env-host:1234",), {"num_processes": 2, "process_id": 1}),
+    (("host:1",), {"num_processes": 4, "process_id": 3}),
+  ]
+
+
+def test_command_flags_are_checked_before_the_command_runs(monkeypatch, capsys):
+  """A value of a flag that is no value (a mesh of four sizes, a negative step, a temperature
+  with --greedy) is a flag error, exit status 2, and nothing runs; a negative first weight is the
+  value of --reward-weights, as -1 first is of --mesh; a data.* field in the command's error is
+  named by its flag."""
+  from ppo_jax import conversations, inference
+
+  calls = []
+
+  def sample_file(**flags):
+    calls.append(flags)
+    conversations.template_kwargs(flags["chat_template_kwargs"])  # as the sampler reads them
+
+  monkeypatch.setattr(inference, "sample_file", sample_file)
+  base = ["ppo-jax", "sample", "--model=m", "--prompts=p.jsonl", "--out=o.jsonl"]
+  weights = ["--reward-fn=a:f,b:g", "--reward-weights", "-0.5,1", "--mesh=1,-1,1"]
+  assert main.cli([*base, *weights]) == 0
+  assert (calls[0]["reward_weights"], calls[0]["mesh"]) == ("-0.5,1", (1, -1, 1))
+  assert main.cli([*base, "--mesh", "-1,1,1"]) == 0 and calls[1]["mesh"] == (-1, 1, 1)
+  for args, message in (
+    (["--mesh=1,1,1,1"], "argument --mesh: '1,1,1,1' is not DATA,FSDP,TENSOR (three integers)"),
+    (["--greedy", "--temperature=0.5"], "--greedy takes the most likely token: --temperature"),
+  ):
+    assert main.cli([*base, *args]) == 2, args
+    assert capsys.readouterr().err.startswith(f"ppo-jax sample: error: {message}")
+  export = ["ppo-jax", "export", "--workdir=w", "--out=x", "--step=-1"]
+  assert main.cli(export) == 2 and capsys.readouterr().err == (
+    "ppo-jax export: error: argument --step: '-1' is not a step number\n"
+  )
+  assert len(calls) == 2
+  assert main.cli([*base, "--chat-template", "--chat-template-kwargs={thinking: 0}"]) == 1
+  assert capsys.readouterr().err.startswith(
+    "ppo-jax sample: error: --chat-template-kwargs: not valid JSON"
+  )
 
 
 @pytest.mark.parametrize(

@@ -340,6 +340,11 @@ def test_prompt_conversations_read_as_the_template_writes_them(tmp_path):
       r"messages must end with an assistant message, got 'user'",
     ),
     ("sft", {"prompt": "good", "completion": [USER("film")]}, r"completion must be one assistant"),
+    (
+      "sft",
+      {"prompt": "good", "completion": [BOT("film"), BOT("bad")]},
+      r"completion must be one assistant message, got roles \['assistant', 'assistant'\]",
+    ),
     ("sft", {"prompt": "good"}, r"missing field 'response' \(expected 'prompt' and 'response'"),
     (
       "pairs",
@@ -733,3 +738,53 @@ def test_a_group_overshoots_the_held_out_share_rather_than_split():
 def test_empty_prompts_fit_one_column():
   ids, mask = data.encode_prompts(TOK, ["", ""], data.Layout(4, 2, 0, 1), fit=True)
   assert ids.shape == mask.shape == (2, 1)
+
+
+def test_unknown_text_is_counted_once_per_prompt(capsys):
+  data.encode_prompts(TOK, ["zebra okapi", "good"], LAYOUT, source="p.jsonl")
+  assert capsys.readouterr().out == (
+    f"p.jsonl: 1 of 2 prompts hold text the tokenizer does not know (read as {TOK.unk_token})\n"
+  )
+
+
+def test_an_empty_prompt_given_a_bos_is_not_said_to_have_no_tokens(capsys):
+  from tokenizers import processors
+
+  bos_first = build_word_tokenizer(["good", "film", "bad", "plot"])
+  bos_first.backend_tokenizer.post_processor = processors.TemplateProcessing(
+    single="<bos> $A", special_tokens=[("<bos>", 2)]
+  )
+  ids, mask = data.encode_prompts(bos_first, ["", "good"], LAYOUT, source="p.jsonl")
+  assert ids.tolist() == [[0, 0, 2], [0, 2, 4]] and mask.sum(1).tolist() == [1, 2]
+  assert capsys.readouterr().out == ""
+
+
+def test_preference_rows_are_appended_after_the_rows_already_read(tmp_path):
+  earlier = {"prompt": "plot", "chosen": "good", "rejected": "bad"}
+  pairs = [
+    {"prompt": "good", "chosen": "film", "rejected": "bad", "margin": 2},
+    {"prompt": "bad", "chosen": "plot", "rejected": "film", "margin": 0.5},
+  ]
+  read = [earlier]
+  chosen, rejected = data.load_preferences(
+    _jsonl(tmp_path / "p.jsonl", pairs), TOK, LAYOUT, rows=read
+  )
+  assert read == [earlier, *pairs]
+  assert chosen.margin.tolist() == rejected.margin.tolist() == [2, 0.5]
+
+
+def test_whole_prompts_held_out_always_leave_a_training_row():
+  """Three rows, two of one prompt, 90 % asked: whichever prompt is drawn first, the other stays
+  to train on."""
+  groups = np.array([0, 0, 1])
+  for seed in range(20):
+    train, held = row_order.split_holdout(3, 0.9, seed=seed, groups=groups)
+    assert len(train) and sorted([*train, *held]) == [0, 1, 2]
+    assert not set(groups[train]) & set(groups[held])
+
+
+def test_a_split_of_whole_prompts_says_nothing(capsys):
+  four = data.Sequences(np.repeat([[4], [5], [6], [7]], 5, 0), np.ones((20, 1)), np.ones((20, 0)))
+  train, held = row_order.holdout_by_prompt(four, 0.25, seed=0, what="p.jsonl")
+  assert len(held) == 5 and len(train) == 15
+  assert capsys.readouterr().out == ""

@@ -12,7 +12,7 @@ import pytest
 import tiny_hf
 import torch
 
-from ppo_jax import inference, sampler_settings
+from ppo_jax import file_batches, inference, sampler_settings
 from ppo_jax.main import cli
 from ppo_jax.rewards import RewardError
 from ppo_jax.tokenizer import build_word_tokenizer, load_tokenizer
@@ -642,3 +642,25 @@ def test_with_the_chat_template_sampling_stops_at_its_turn_end(folders, tmp_path
       same = ("tokens", "stopped", "response")
       assert [b[k] for k in same] == [a[k] for k in same]
   assert cut > 0
+
+
+def test_a_batch_is_as_wide_as_its_longest_row_rounded_up_to_a_power_of_two():
+  widths = [file_batches.trimmed([1, n], 64) for n in (0, 3, 16, 17, 32, 33, 64)]
+  assert widths == [16, 16, 16, 32, 32, 64, 64]
+  assert file_batches.trimmed([33], 40) == 40 and file_batches.trimmed([3], 8, floor=1) == 4
+
+
+def test_a_stop_before_any_row_is_written_leaves_no_partial_file(tmp_path):
+  out = file_batches.output_file(tmp_path / "s.jsonl")
+  with pytest.raises(RuntimeError), file_batches.written_when_done(out, "responses"):
+    raise RuntimeError("judge crashed")
+  assert list(tmp_path.iterdir()) == []
+  assert file_batches.output_file(out) == out  # a rerun may write it
+
+
+def test_progress_is_said_once_every_row_is_done():
+  said = []
+  tick = file_batches.ticker(lambda line, flush: said.append(line), 5, "responses")
+  tick(2)
+  tick(5)
+  assert len(said) == 1 and said[0].startswith("  5/5 responses, ")

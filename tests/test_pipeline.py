@@ -731,6 +731,48 @@ def test_dpo_may_hold_out_every_prompt_and_ppo_a_quarter(tmp_path, capsys):
     )
 
 
+def test_ppo_holds_out_at_most_a_quarter_rounded_down_saying_so_only_when_it_cuts(tmp_path, capsys):
+  from conftest import ROOT
+
+  from ppo_jax import data
+  from ppo_jax.config import load_experiment
+  from ppo_jax.run_inputs import Inputs, rl_prompts
+  from ppo_jax.tokenizer import build_word_tokenizer
+
+  tok = build_word_tokenizer([f"w{i}" for i in range(10)])
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"w{i}"}) + "\n" for i in range(10)))
+  inputs = Inputs(tok, "", str(prompts), None, None, None, {})
+  config = load_experiment(ROOT / "experiments" / "default.py")
+  for asked, held in ((30, 2), (2, 2), (1, 1)):
+    config.data.eval_prompts = asked
+    train, held_out = rl_prompts(Settings.from_config(config), inputs, data.Layout.of(tok, 4, 4))
+    assert (len(train), len(held_out)) == (10 - held, held)
+    assert ("holding out" in capsys.readouterr().out) == (held < asked), asked
+
+
+def test_the_tokenizer_is_the_configured_one_else_the_tasks_or_the_models(tmp_path):
+  """model.tokenizer wins over the synthetic task's own tokenizer; a files run without one takes
+  the tokenizer of the model folder it starts from (model.init)."""
+  from ppo_jax.run_inputs import prepare_inputs
+  from ppo_jax.tokenizer import build_word_tokenizer
+
+  mine = tmp_path / "tokenizer"
+  build_word_tokenizer(["w1", "w2"]).save_pretrained(str(mine))
+  config = smoke_config(task__num_prompts=4, task__num_sft=4, task__num_pairs=4)
+  read = lambda: prepare_inputs(Settings.from_config(config), tmp_path / "run")
+  task = read()
+  assert task.tokenizer_path == str(tmp_path / "run" / "data" / "tokenizer")
+  assert "film" in task.tokenizer.get_vocab() and "w1" not in task.tokenizer.get_vocab()
+  config.model.tokenizer = str(mine)
+  given = read()
+  assert given.tokenizer_path == str(mine) and "w1" in given.tokenizer.get_vocab()
+  config.task.name, config.model.tokenizer, config.model.init = "files", None, str(mine)
+  config.data.update(prompts="p.jsonl", preferences="p.jsonl")
+  from_model = read()
+  assert from_model.tokenizer_path == str(mine) and "w1" in from_model.tokenizer.get_vocab()
+
+
 def test_each_reward_functions_curve_is_plotted():
   """``scores/*`` in the plotted names stands for every reward function's curve, in the file's
   order; a constant one and a name no row has are left out."""

@@ -533,6 +533,13 @@ def test_adaptive_kl_coefficient_holds_during_the_critic_warm_up():
   assert int(state.step) == 5
 
 
+def test_a_minibatch_is_cut_into_micro_batches_that_divide_it():
+  layout = lambda **kw: dataclasses.replace(HP, num_minibatches=2, **kw).minibatch_layout(8)
+  assert layout() == (4, 1) and layout(micro_batch_size=2) == (4, 2)
+  with pytest.raises(ValueError, match=r"micro_batch_size 8 does not divide the minibatch size 4"):
+    layout(micro_batch_size=8)
+
+
 def test_indivisible_batch_is_a_clear_error():
   with pytest.raises(ValueError, match=r"not divisible by ppo\.num_minibatches"):
     dataclasses.replace(HP, num_minibatches=3).minibatch_layout(8)

@@ -67,6 +67,45 @@ def config_fields() -> list[str]:
   return out
 
 
+def test_the_documented_defaults_are_the_configs():
+  """docs/config.md's default of each field is base_config()'s: a row of several fields gives
+  one value each (``0, 1.0``) or one for all (``a / b``); an optimizer field gives its value per
+  stage (``1e-3 (SFT), 5e-4 (RM)``) or one for every stage."""
+  import ast
+
+  from ppo_jax.config import base_config
+
+  config = base_config()
+  doc = (ROOT / "docs" / "config.md").read_text()
+  documented = {}
+  for cell, default in re.findall(r"^\| (`[^|]+`) \| ([^|]+?) \|", doc, flags=re.M):
+    names = re.findall(r"`([\w.*]+)`", cell)
+    each = len(names) > 1 and "/" not in cell
+    for name, text in zip(
+      names, default.split(", ") if each else [default] * len(names), strict=True
+    ):
+      stages = re.findall(r"(\S+) \(([^)]+)\)", text)
+      if name.startswith("*."):
+        per_stage = {s.lower(): v for v, group in stages for s in group.split(", ")}
+        for stage in ("sft", "rm", "dpo", "ppo"):
+          documented[name.replace("*", stage)] = per_stage.get(stage, text)
+      else:
+        documented[name] = text
+  wrong = []
+  for name, text in documented.items():
+    value = config
+    for key in name.split("."):
+      value = value[key]
+    text = text.strip("`")
+    if isinstance(value, str):
+      said = text.strip("'")
+    else:
+      said = None if text == "none" else ast.literal_eval(text)
+    if said != value:
+      wrong.append(f"{name}: {text} documented, {value!r} in base_config()")
+  assert len(documented) > 100 and not wrong, wrong
+
+
 def test_every_config_field_is_documented():
   """docs/config.md names each field: `section.field`, or `*.optim.x` for the optimizers."""
   doc = (ROOT / "docs" / "config.md").read_text()

@@ -4,6 +4,7 @@ import json
 import pathlib
 
 from ppo_jax import synthetic
+from ppo_jax.tokenizer import load_tokenizer
 
 
 def _accuracy(tmp_path, tau):
@@ -63,3 +64,36 @@ def test_equal_mean_sentiments_score_equal():
     "the film was lovely and decent but odd .",
   ]
   assert synthetic.gold_score(["review the film :"] * 3, reviews) == [0.2, 0.2, 0.2]
+
+
+def _rows(path):
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def test_the_tasks_tokenizer_knows_every_word_of_its_files(tmp_path):
+  paths = synthetic.write_task(tmp_path, seed=0, num_prompts=50, num_sft=50, num_pairs=50)
+  tok = load_tokenizer(paths["tokenizer"])
+  texts = [
+    t for name in ("prompts", "sft", "preferences") for r in _rows(paths[name]) for t in r.values()
+  ]
+  assert len(texts) == 50 + 100 + 150
+  assert not [
+    t for t, ids in zip(texts, tok(texts)["input_ids"], strict=True) if tok.unk_token_id in ids
+  ]
+
+
+def test_sft_reviews_are_of_the_prompts_item_and_score_about_zero(tmp_path):
+  """Adjectives drawn uniformly: the SFT reviews' mean gold score is near 0 (a review of another
+  item scores −1)."""
+  paths = synthetic.write_task(tmp_path, seed=0, num_prompts=1, num_sft=400, num_pairs=1)
+  rows = _rows(paths["sft"])
+  scores = synthetic.gold_score([r["prompt"] for r in rows], [r["response"] for r in rows])
+  assert abs(sum(scores) / len(scores)) < 0.1
+
+
+def test_off_topic_reviews_name_another_item(tmp_path):
+  sizes = dict(num_prompts=1, num_sft=1, num_pairs=100, off_topic=1.0, truncated=0.0)
+  rows = _rows(synthetic.write_task(tmp_path, seed=0, **sizes)["preferences"])
+  for r in rows:
+    gold = synthetic.gold_score([r["prompt"]] * 2, [r["chosen"], r["rejected"]])
+    assert gold == [synthetic.WORST] * 2, r

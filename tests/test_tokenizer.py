@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ppo_jax.tokenizer import build_word_tokenizer, load_tokenizer
+from ppo_jax.tokenizer import build_word_tokenizer, load_tokenizer, same_ids
 
 
 def _saved(tmp_path, **special):
@@ -91,3 +91,11 @@ def test_a_damaged_tokenizer_is_one_line_naming_its_folder(tmp_path):
   (tmp_path / "config.json").write_text('{"model_type": "gpt2",')
   with pytest.raises(ValueError, match=rf"^{tmp_path / 'config.json'}: not valid JSON \(Expect"):
     load_tokenizer(tmp_path)
+
+
+def test_same_ids_allows_tokens_of_its_own_but_no_other_ids():
+  """A reward model's tokenizer may add tokens (a pad); it may not lack or renumber the texts'."""
+  texts = build_word_tokenizer(["good", "film"])
+  assert same_ids(build_word_tokenizer(["good", "film", "plot"]), texts)
+  assert not same_ids(texts, build_word_tokenizer(["good", "film", "plot"]))
+  assert not same_ids(build_word_tokenizer(["film", "good"]), texts)
