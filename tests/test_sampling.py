@@ -87,9 +87,10 @@ def _recomputed_logprobs(model, ids, mask, gen, temperature):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen3", "mistral", "gemma2", "gemma3"])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampled_logprobs_equal_full_forward(models, name, temperature):
+def test_sampled_logprobs_equal_full_forward(models, name):
+  """At τ = 0.7 (τ = 1 takes the same path: it divides by 1)."""
   model, _ = models[name]
+  temperature = 0.7
   # The last row's prompt is empty: its first token's log-prob once read the response too.
   ids, mask = tiny_hf.batch(seed=7, B=4, T=7, left_pad=(0, 2, 4, 7))
   gen = pj.generate(
@@ -263,8 +264,8 @@ def test_eos_check_every_does_not_change_the_sample(models, B, greedy):
   want = run(1)  # checked after every step
   if greedy:
     assert int(want.lengths[0]) <= 5
-  # N − 1 = 11 loop steps: 2 unchecked + 3 chunks, 3 + 1 chunk, all unchecked.
-  for k in (3, 8, N_NEW + 5):
+  # N − 1 = 11 loop steps: 2 unchecked + 3 chunks of 3, all unchecked.
+  for k in (3, N_NEW + 5):
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run(k)), strict=True):
       np.testing.assert_array_equal(a, b, err_msg=f"eos_check_every={k}")
 
