@@ -127,11 +127,16 @@ def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def samples_table(rows: Sequence[dict[str, Any]]) -> str:
-  """A Markdown table of sample responses (prompt, response, score, KL, ...)."""
+  """A Markdown table of sample responses (prompt, response, score, KL, ...). A cell's ``|`` is
+  escaped and its line breaks are ``<br>``: a row of the table stays one line."""
   if not rows:
     return ""
   cols = list(rows[0])
-  esc = lambda v: (f"{v:.3f}" if isinstance(v, float) else str(v)).replace("|", "\\|")
+
+  def esc(v):
+    text = f"{v:.3f}" if isinstance(v, float) else str(v)
+    return "<br>".join(text.replace("|", "\\|").splitlines())
+
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(esc(r[c]) for c in cols) + " |" for r in rows]
   return "\n".join(lines)

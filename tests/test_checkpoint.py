@@ -210,6 +210,27 @@ def test_a_run_is_finished_only_with_its_summary_outputs_and_last_checkpoint(smo
   assert finished_summary(s, workdir, now) is not None
 
 
+def test_a_summary_is_this_runs_only_if_written_under_the_fields_the_run_reads(smoke_run, tmp_path):
+  """``finished.finished_summary`` in a copy of the smoke run, every output there. Its config.json
+  of another PPO learning rate (a run of it started there and stopped) beside the smoke run's
+  summary.json (as an older ppo_jax left it): not that run's, it is not finished. A run of
+  config.stop_after='sft' compares only the fields SFT reads: the smoke run, which went on with
+  other reward-model settings, has finished it."""
+  from ppo_jax.config import Settings
+  from ppo_jax.finished import finished_summary
+
+  workdir = tmp_path / "w"
+  shutil.copytree(smoke_run[0], workdir, ignore=shutil.ignore_patterns("tensorboard", "plots"))
+  as_dict = lambda config: json.loads(config.to_json_best_effort())
+  other = smoke_config(ppo__optim__lr=2 * smoke_config().ppo.optim.lr)
+  (workdir / "config.json").write_text(json.dumps(as_dict(other)))
+  assert finished_summary(Settings.from_config(other), workdir, as_dict(other)) is None
+  (workdir / "config.json").write_text(json.dumps(as_dict(smoke_config())))
+  sft_only = smoke_config(stop_after="sft", rm__epochs=3.0, task__label_noise=0.3)
+  done = finished_summary(Settings.from_config(sft_only), workdir, as_dict(sft_only))
+  assert done == json.loads((workdir / "summary.json").read_text())
+
+
 def _start(workdir, *args, console_script=False):
   """The smoke config in a process of its own: ``python -m ppo_jax.main``, or ``ppo-jax``."""
   program = (

@@ -186,6 +186,42 @@ def test_best_of_n_and_a_reward_function(folders, tmp_path):
   assert not (tmp_path / "never.jsonl").exists()
 
 
+def test_the_summary_reads_every_response_to_every_prompt(folders, tmp_path):
+  """With n responses a prompt, the summary's fraction stopped, score spread and mean KL are
+  those of all the rows written (not of each prompt's first response, nor of the prompts' means)."""
+  policy_dir, _, prompts, _, _ = folders
+  tiny_hf.make("gpt2", tmp_path / "ref", seed=5)
+  out = tmp_path / "s.jsonl"
+  summary = inference.sample_file(
+    policy_dir, prompts, out, n=4, max_new_tokens=5, batch_size=4, temperature=1.5, seed=1,
+    reward_fn="reward_fns:words_minus_prompt", ref_model=tmp_path / "ref", progress=False,
+  )  # fmt: skip
+  rows = _rows(out)
+  column = lambda key: np.array([r[key] for r in rows], np.float64)
+  assert len(rows) == 20 and 0 < summary["stopped"] < 1  # some stopped, some did not
+  assert summary["stopped"] == pytest.approx(column("stopped").mean())
+  assert summary["mean_tokens"] == pytest.approx(column("tokens").mean())
+  assert summary["score_std"] == pytest.approx(column("score").std())
+  assert summary["kl_mean"] == pytest.approx(column("kl").mean())
+
+
+def test_a_prompts_responses_do_not_depend_on_the_other_prompts_of_the_file(folders, tmp_path):
+  """The j-th response to prompt i samples with a key of the seed, i and j: a file with one more
+  prompt at its end (the longest: it is sampled first, ahead of all the others) gives the others
+  the same responses."""
+  policy_dir, _, prompts, _, _ = folders
+  longer = tmp_path / "longer.jsonl"
+  longer.write_text(prompts.read_text() + json.dumps({"prompt": "w20 w21 w22 w23 w24 w25"}) + "\n")
+  kw = dict(n=2, max_new_tokens=5, batch_size=4, seed=7, progress=False)
+  inference.sample_file(policy_dir, prompts, tmp_path / "a.jsonl", **kw)
+  inference.sample_file(policy_dir, longer, tmp_path / "b.jsonl", **kw)
+  a, b = _rows(tmp_path / "a.jsonl"), _rows(tmp_path / "b.jsonl")
+  assert len(b) == len(a) + 2 and len({r["response"] for r in a}) > 2  # sampled, not greedy
+  assert [(r["index"], r["response"]) for r in b[: len(a)]] == [
+    (r["index"], r["response"]) for r in a
+  ]
+
+
 def test_sampling_settings_default_to_the_checkpoints(tmp_path):
   settings = lambda **kw: sampler_settings.sampling_settings(tmp_path, **kw)
   plain = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "greedy": False, "greedy_from": None}
@@ -227,6 +263,17 @@ def test_sampling_settings_default_to_the_checkpoints(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # neutral values, and max_new_tokens read before max_length
     settings()
+
+
+def test_sampling_settings_from_the_file_take_the_samplers_types(tmp_path):
+  """generation_config.json's numbers as the sampler takes them whatever the file wrote: a
+  ``top_k`` of 40.0 is the integer 40, a ``temperature`` of 1 the float 1.0."""
+  config = {"do_sample": True, "temperature": 1, "top_p": 1, "top_k": 40.0}
+  (tmp_path / "generation_config.json").write_text(json.dumps(config))
+  settings = sampler_settings.sampling_settings(tmp_path)
+  plain = {"temperature": 1.0, "top_p": 1.0, "top_k": 40, "greedy": False, "greedy_from": None}
+  assert settings == plain
+  assert [type(settings[k]) for k in ("temperature", "top_p", "top_k")] == [float, float, int]
 
 
 def test_bad_input_is_one_line(folders, tmp_path, capsys):
@@ -543,6 +590,31 @@ def test_rm_eval_scores_equal_transformers(folders, tmp_path, capsys):
   rm_eval.evaluate_pairs(chat_dir, path, max_response_len=4, chat_template=False, progress=False)
   assert cli([*chat_args, "--no-chat-template", "--prompt-overflow=error"]) == 1
   assert "prompt of 2 tokens is longer than --max-prompt-len=1" in capsys.readouterr().err
+
+
+def test_rm_eval_reads_each_pairs_margin_and_counts_every_cut_response(folders, tmp_path):
+  """rm-eval --out: each row's margin is its chosen score less its rejected one; the summary's
+  loss takes the file's ``margin`` fields as training does (−log σ(s_c − s_r − m), Llama 2's),
+  and a rejected response cut at --max-response-len counts in ``cut`` as a chosen one does."""
+  from ppo_jax import rm_eval
+
+  rm_dir = folders[1]
+  pairs = [  # the first rejected response is cut at 4 tokens
+    {"prompt": "w1", "chosen": "w2 w3", "rejected": "w4 w5 w6 w7 w8 w9", "margin": 1.5},
+    {"prompt": "w6", "chosen": "w7", "rejected": "w8", "margin": 0.0},
+    {"prompt": "w9 w10", "chosen": "w11", "rejected": "w12 w13", "margin": -2.0},
+  ]
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+  out = tmp_path / "scores.jsonl"
+  summary = rm_eval.evaluate_pairs(rm_dir, path, out=out, max_response_len=4, progress=False)
+  scored = _rows(out)
+  diff = np.array([r["chosen"] - r["rejected"] for r in scored])
+  assert [r["margin"] for r in scored] == pytest.approx(diff) and np.all(np.abs(diff) > 1e-3)
+  want = np.mean(np.log1p(np.exp(-(diff - [r["margin"] for r in pairs]))))
+  assert summary["loss"] == pytest.approx(want, abs=1e-5)
+  assert abs(summary["loss"] - np.mean(np.log1p(np.exp(-diff)))) > 1e-2  # the margins count
+  assert (summary["pairs"], summary["cut"]) == (3, 1)
 
 
 def test_batches_are_cut_to_their_longest_prompt(folders, tmp_path, monkeypatch):

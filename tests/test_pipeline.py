@@ -652,6 +652,59 @@ def test_rollout_summary_skips_non_finite_entries():
   assert writers.rollout_summary(rows)["scores/format"] == 0.5
 
 
+def test_the_held_out_evaluation_averages_each_prompt_once():
+  """``evaluation.evaluate`` over 5 held-out prompts in batches of 2 (the last padded with copies
+  of its first row): each mean (score, KL, length) is of the 5 prompts' own samples, the padding
+  left out; each batch samples with a key of its own (one key would draw the same noise for
+  other prompts); without a gold scorer, no gold score (not a NaN)."""
+  from types import SimpleNamespace
+
+  from ppo_jax import evaluation
+  from ppo_jax.sampling import Generation
+
+  keys = []
+
+  def sample(params, frozen, key, ids, mask):  # response lengths 1, 2, 3, 1, 2 by the prompt id
+    keys.append(tuple(np.asarray(jax.random.key_data(key)).ravel()))
+    last = np.asarray(ids)[:, -1:]
+    mask = (np.arange(3) < last % 3 + 1).astype(np.float32)
+    tokens = np.where(mask > 0, last, 0).astype(np.int32)
+    return Generation(tokens=tokens, logprobs=np.zeros(tokens.shape, np.float32), mask=mask)
+
+  def evaluate(params, frozen, ids, mask):  # the score: the prompt id; the KL: a tenth of it
+    score = np.asarray(ids)[:, 1].astype(np.float32)
+    return jnp.asarray(score), jnp.asarray(score / 10)
+
+  fns = SimpleNamespace(sample=sample, evaluate=evaluate)
+  ids = np.array([[0, i] for i in (3, 4, 5, 6, 7)], np.int32)
+  prompts = evaluation.Prompts([f"p{i}" for i in range(5)], ids, np.ones_like(ids))
+  got = evaluation.evaluate(
+    fns, None, None, prompts, None, batch_size=2, scorer=evaluation.Scorer(), gold=None, seed=3
+  )
+  assert got == pytest.approx({"score": 5.0, "kl": 0.5, "length": 9 / 5})
+  assert len(keys) == 3 and len(set(keys)) == 3
+
+
+def test_a_sample_row_holds_its_own_responses_scores_and_kl():
+  """The rows of samples.jsonl and the samples table: each response with its own score, each
+  reward function's score, gold score and KL, in that order, the first ``k`` of the batch."""
+  from ppo_jax import evaluation
+
+  batch = evaluation.Prompts(["p0", "p1", "p2"], np.zeros((3, 1), np.int32), np.ones((3, 1)))
+  per_sample = {
+    "sample/score": np.array([1.0, 2.0, 3.0]),
+    "sample/scores/a": np.array([0.5, 0.25, 0.0]),
+    "sample/kl": np.array([0.125, 0.375, 0.625]),
+  }
+  golds = np.array([-1.0, -2.0, -3.0])
+  rows = evaluation.sample_rows(None, batch, None, ["r0", "r1", "r2"], per_sample, golds, 2)
+  assert rows == [
+    {"prompt": "p0", "response": "r0", "score": 1.0, "scores/a": 0.5, "gold": -1.0, "kl": 0.125},
+    {"prompt": "p1", "response": "r1", "score": 2.0, "scores/a": 0.25, "gold": -2.0, "kl": 0.375},
+  ]
+  assert [list(r) for r in rows] == [["prompt", "response", "score", "scores/a", "gold", "kl"]] * 2
+
+
 def test_progress_into_a_log_is_whole_lines(capsys, monkeypatch):
   """stderr that is no terminal (here pytest's capture; a log file, a batch job): each stage's
   progress is whole lines, one per 30 s and one at the end, not a bar's carriage returns. A line
@@ -800,6 +853,116 @@ def test_a_stage_without_a_curve_to_plot_says_so(tmp_path, capsys):
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rl_rows))
   assert writers.plot_stages(tmp_path, "grpo", stop_after="rm") == [tmp_path / "plots" / "rm.png"]
   assert writers.plot_stages(tmp_path, "grpo")[-1] == tmp_path / "plots" / "grpo.png"
+
+
+def test_a_run_stopped_after_the_reward_model_plots_none_of_the_later_stages(tmp_path):
+  """config.stop_after='rm' in a workdir where another run left DPO's and the RL stage's metrics:
+  plots/sft.png and rm.png only (and stop_after='sft': sft.png only)."""
+  for name, key in (("sft", "nll"), ("rm", "accuracy"), ("dpo", "loss"), ("", "objective/scores")):
+    rows = [{"step": i, key: 0.1 * i} for i in (1, 2)]
+    file = tmp_path / (f"{name}_metrics.jsonl" if name else "metrics.jsonl")
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  plots = tmp_path / "plots"
+  assert writers.plot_stages(tmp_path, "dpo", stop_after="rm") == [
+    plots / "sft.png",
+    plots / "rm.png",
+  ]
+  assert writers.plot_stages(tmp_path, "ppo", stop_after="sft") == [plots / "sft.png"]
+  assert sorted(p.name for p in plots.iterdir()) == ["rm.png", "sft.png"]
+
+
+def test_a_non_finite_metric_is_logged_as_its_string_under_its_own_key(tmp_path):
+  """metrics.jsonl is strict JSON (a bare NaN is not, and jq or a JSON library of another language
+  refuses the file): a NaN or an infinite value is written as its string, its key kept."""
+  path = tmp_path / "metrics.jsonl"
+  writer = writers.MetricsWriter(path, tensorboard_dir=None)
+  writer.write(1, {"objective/scores": float("nan"), "objective/kl": -float("inf"), "lr": 0.5})
+  writer.close()
+  bare = lambda constant: pytest.fail(f"a bare {constant} in {path}")
+  rows = [json.loads(line, parse_constant=bare) for line in path.read_text().splitlines()]
+  assert rows == [{"step": 1, "objective/scores": "nan", "objective/kl": "-inf", "lr": 0.5}]
+
+
+def test_a_resumed_log_keeps_the_rows_up_to_its_checkpoint_once_each(tmp_path, capsys):
+  """A run stopped after step 5, and a kill cut its step-6 line short; it resumes from the
+  checkpoint of step 3: metrics.jsonl keeps steps 1–3 (the checkpoint's own included), drops 4, 5
+  and the cut line (said), and the resumed steps follow, each once."""
+  path = tmp_path / "metrics.jsonl"
+  first = writers.MetricsWriter(path, tensorboard_dir=None)
+  for step in range(1, 6):
+    first.write(step, {"loss": float(step)})
+  first.close()
+  with path.open("a") as f:
+    f.write('{"step": 6, "lo')
+  resumed = writers.MetricsWriter(path, tensorboard_dir=None, resume_step=3)
+  for step in (4, 5):
+    resumed.write(step, {"loss": step + 0.5})
+  resumed.close()
+  losses = [1.0, 2.0, 3.0, 4.5, 5.5]
+  assert writers.read_metrics(path) == [{"step": s, "loss": v} for s, v in enumerate(losses, 1)]
+  assert f"note: {path}: dropped 1 unreadable line (a write cut short)" in capsys.readouterr().out
+
+
+def _scalars_shown(folder):
+  """``(tag, step, value)`` of each scalar TensorBoard shows from the event files in ``folder``,
+  read in name order: a SessionLog START at step s (tensorboardX's ``purge_step``) hides those
+  written before it at step s or later, as TensorBoard's reader does."""
+  import struct
+
+  from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+  shown = []
+  for file in sorted(folder.iterdir()):
+    data, at = file.read_bytes(), 0
+    while at < len(data):  # TFRecords: length, its CRC, the event, its CRC
+      (size,) = struct.unpack("<Q", data[at : at + 8])
+      event = Event.FromString(data[at + 12 : at + 12 + size])
+      at += 12 + size + 4
+      if event.session_log.status == SessionLog.START:
+        shown = [s for s in shown if s[1] < event.step]
+      shown += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  return shown
+
+
+def test_a_resumed_runs_tensorboard_curve_holds_each_step_once(tmp_path):
+  """TensorBoard, as metrics.jsonl: a run stopped after step 5 resumes from the checkpoint of step
+  3; the curve shows steps 1–3 as first written (the checkpoint's own included) and 4, 5 as the
+  resumed run wrote them, none twice and none missing. A non-finite value is left out."""
+  board = tmp_path / "tensorboard"
+  first = writers.MetricsWriter(tmp_path / "m.jsonl", tensorboard_dir=board, prefix="ppo/")
+  for step in range(1, 6):
+    first.write(step, {"loss": float(step), "kl": float("nan") if step == 2 else 0.0})
+  first.close()
+  # tensorboardX names a file by the second it opened it: the earlier run's sorts first.
+  (old,) = board.iterdir()
+  old.rename(board / "events.out.tfevents.0000000001.earlier")
+  resumed = writers.MetricsWriter(
+    tmp_path / "m.jsonl", tensorboard_dir=board, prefix="ppo/", resume_step=3
+  )
+  for step in (4, 5):
+    resumed.write(step, {"loss": step + 0.5, "kl": 0.0})
+  resumed.close()
+  shown = _scalars_shown(board)
+  losses = [1.0, 2.0, 3.0, 4.5, 5.5]
+  assert [(s, v) for tag, s, v in shown if tag == "ppo/loss"] == list(enumerate(losses, 1))
+  assert [s for tag, s, _ in shown if tag == "ppo/kl"] == [1, 3, 4, 5]
+
+
+def test_a_response_holding_a_bar_or_lines_stays_in_its_cell_of_the_samples_table(tmp_path):
+  """samples/step_N.md: a '|' in a prompt or response (code, a table the policy wrote) is escaped
+  and its line breaks are <br>, so each row is one line with the header's cells; samples.jsonl
+  gathers every step's rows as they were."""
+  rows = [{"prompt": "a | b", "response": "x || y\n\nso:\r\nz", "score": 0.5}]
+  writers.write_samples(tmp_path / "samples", 1, rows)
+  writers.write_samples(tmp_path / "samples", 2, [{**rows[0], "score": 1.5}])
+  lines = (tmp_path / "samples" / "step_000001.md").read_text().splitlines()
+  table = [line for line in lines if line.startswith("|")]
+  assert len(lines) == 5 and table == lines[2:]
+  assert [line.replace("\\|", "").count("|") for line in table] == [4, 4, 4]  # 3 cells each
+  assert table[2] == "| a \\| b | x \\|\\| y<br><br>so:<br>z | 0.500 |"
+  written = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["score"]) for r in written] == [(1, 0.5), (2, 1.5)]
+  assert written[0]["response"] == rows[0]["response"]
 
 
 def test_the_tokenizers_special_ids_are_used_and_saved(smoke_run, tmp_path, capsys):
