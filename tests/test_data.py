@@ -788,3 +788,23 @@ def test_a_split_of_whole_prompts_says_nothing(capsys):
   train, held = row_order.holdout_by_prompt(four, 0.25, seed=0, what="p.jsonl")
   assert len(held) == 5 and len(train) == 15
   assert capsys.readouterr().out == ""
+
+
+def test_a_split_holding_out_no_pairs_deletes_an_earlier_runs_held_out_file(tmp_path, capsys):
+  """The held-out pairs are written for ``ppo-jax rm-eval``; a split that holds out none deletes
+  the file an earlier split wrote, whose rows would now be training rows."""
+  import types
+
+  from ppo_jax.stages import load_preference_split
+
+  rows = [
+    {"prompt": p, "chosen": "good", "rejected": "bad"} for p in ("good", "film", "plot", "bad")
+  ]
+  path = _jsonl(tmp_path / "pairs.jsonl", rows)
+  held_out = tmp_path / "held_out.jsonl"
+  inputs = lambda: types.SimpleNamespace(preferences=str(path), tokenizer=TOK, loaded={})
+  _, (chosen, _) = load_preference_split(inputs(), LAYOUT, 0.5, 0, held_out)
+  written = [json.loads(line) for line in held_out.read_text().splitlines()]
+  assert len(written) == len(chosen) > 0 and all(row in rows for row in written)
+  load_preference_split(inputs(), LAYOUT, 0.0, 0, held_out)
+  assert not held_out.exists()

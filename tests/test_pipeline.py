@@ -1217,3 +1217,94 @@ def test_a_hugging_face_qwen3_folder_through_the_whole_pipeline(tmp_path, capsys
     tiny_hf.torch_logits(hf_model, ids, mask)[mask > 0],
     atol=1e-4,
   )
+
+
+def test_the_reward_model_starts_from_the_sft_policys_trunk_unless_rm_init_is_scratch(
+  tmp_path, monkeypatch
+):
+  """rm.init='policy' (the default): the reward model trains from the SFT policy's trunk;
+  rm.init='scratch': from its own seed."""
+  import types
+
+  from flax import nnx
+
+  from ppo_jax import data
+  from ppo_jax.models import CausalLM, ModelConfig
+
+  rows = np.ones((2, 4), np.int32)
+  seqs = data.Sequences(rows, rows, np.ones((2, 2), bool))
+  monkeypatch.setattr(stages, "load_preference_split", lambda *a: ((seqs, seqs), (seqs, seqs)))
+  trained = []
+
+  def train_and_save(s, name, model, *args, **kw):
+    trained.append(model)
+    return model, {}
+
+  monkeypatch.setattr(stages, "_train_and_save", train_and_save)
+  cfg = ModelConfig.gpt2(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2)
+  policy = CausalLM(cfg, rngs=nnx.Rngs(0))
+  inputs = types.SimpleNamespace(preferences="pairs.jsonl", tokenizer=None)
+  for init in ("policy", "scratch"):
+    s = Settings.from_config(smoke_config(rm__init=init))
+    stages.run_reward_model(s, policy, inputs, None, tmp_path)
+  weights = lambda m: jax.tree.leaves(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(weights(a), weights(b), strict=True))
+  from_policy, from_scratch = trained
+  assert same(from_policy.trunk, policy.trunk) and not same(from_scratch.trunk, policy.trunk)
+
+
+def test_lora_targets_are_checked_only_by_a_run_that_goes_on_to_the_rl_stage():
+  """A run that stops after SFT or the reward model trains no adapters: targets its model lacks
+  are refused, before any training, only by a run that goes on to PPO."""
+
+  class Tokenizer:
+    eos_token_id, pad_token_id, bos_token_id = 1, 0, None
+
+    def __len__(self):
+      return 16
+
+  lora = {"ppo__lora_rank": 4, "ppo__lora_targets": "q,gate"}
+  for stop_after in ("sft", "rm"):
+    s = Settings.from_config(smoke_config(stop_after=stop_after, **lora))
+    assert stages.init_policy(s, Tokenizer(), max_len=16).cfg.model_type == "gpt2"
+  with pytest.raises(ValueError, match=r"lora_targets 'q,gate': this gpt2 model has no gate"):
+    stages.init_policy(Settings.from_config(smoke_config(**lora)), Tokenizer(), max_len=16)
+
+
+def test_a_run_stops_after_sft_with_a_summary_of_it_and_no_reward_model(
+  smoke_run, tmp_path, capsys
+):
+  """config.stop_after='sft': the SFT stage (here the smoke run's, loaded) and a summary of it;
+  no reward model trained, no RL stage."""
+  workdir = reuse_stages(smoke_run[0], tmp_path / "sft_only", stages=("sft",))
+  config = smoke_config(stop_after="sft", log__plots=False, log__tensorboard=False)
+  summary = pipeline.run(config, workdir)
+  out = capsys.readouterr().out
+  assert "loading it instead of training" in out and "2/3 reward model" not in out
+  assert summary["stop_after"] == "sft" and summary["sft_eval"] == smoke_run[1]["sft_eval"]
+  assert json.loads((workdir / "summary.json").read_text())["stop_after"] == "sft"
+  outputs = {p.name for p in workdir.iterdir()}
+  assert not {"reward_model", "rm_checkpoints", "policy", "checkpoints"} & outputs, outputs
+
+
+def test_a_finished_sft_folder_is_refused_not_passed_over_by_a_run_that_skips_sft(tmp_path):
+  """sft/ trained by an earlier run, and now sft.epochs=0: the folder is refused (deleting it goes
+  without SFT), not silently passed over while the later stages start from the untrained
+  policy."""
+  import types
+
+  from flax import nnx
+
+  from ppo_jax.models import CausalLM, ModelConfig
+
+  data = tmp_path / "sft.jsonl"
+  data.write_text('{"prompt": "a", "response": "b"}\n')
+  cfg = ModelConfig.gpt2(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2)
+  model = CausalLM(cfg, rngs=nnx.Rngs(0))
+  stages._save(
+    Settings.from_config(smoke_config()), "sft", str(data), model, tmp_path / "sft", None, {}
+  )
+  skipped = Settings.from_config(smoke_config(sft__epochs=0))
+  inputs = types.SimpleNamespace(sft=str(data))
+  with pytest.raises(ValueError, match=r"trained under .*\(sft\.epochs: [\d.]+ → 0\.0\); delete"):
+    stages.run_sft(skipped, "policy", inputs, None, tmp_path)

@@ -813,3 +813,31 @@ def test_early_stopping_skips_every_update_after_the_kl_passes_the_limit():
     assert float(metrics[f"policy/{k}_avg"]) == float(metrics[f"policy/{k}_first_minibatch"])
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params["policy"]), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_critic_starts_from_the_model_its_init_names_with_a_zero_head_where_promised():
+  """``build_critic``: a head on the policy's trunk starts at zero; a separate critic takes the
+  policy's trunk under a zero head, or the reward model's trunk and head; a missing reward model
+  or one of another architecture is refused."""
+  from ppo_jax.actor_critic import build_critic
+
+  policy = CausalLM(CFG, rngs=nnx.Rngs(0))
+  reward = RewardModel(CFG, rngs=nnx.Rngs(1))
+  leaves = lambda m: jax.tree.leaves(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
+  zero = lambda head: not np.any(np.asarray(head.kernel[...]))
+  assert not zero(reward.head) and not same(policy.trunk, reward.trunk)
+
+  head = build_critic(policy, reward, shared_trunk=True, init="reward_model", seed=2)
+  assert isinstance(head, ScalarHead) and zero(head)
+  for init, source in (("policy", policy), ("reward_model", reward)):
+    critic = build_critic(policy, reward, shared_trunk=False, init=init, seed=2)
+    assert isinstance(critic, ValueModel) and same(critic.trunk, source.trunk), init
+    assert zero(critic.head) if init == "policy" else same(critic.head, reward.head)
+  assert zero(build_critic(policy, None, shared_trunk=False, init="policy", seed=2).head)
+  with pytest.raises(ValueError, match=r"critic_init='reward_model' but there is no reward model"):
+    build_critic(policy, None, shared_trunk=False, init="reward_model", seed=2)
+  for other in (CFG.replace(num_layers=2), CFG.replace(hidden_size=16, head_dim=8)):
+    with pytest.raises(ValueError, match=r"needs a reward model of the policy's architecture"):
+      rm = RewardModel(other, rngs=nnx.Rngs(1))
+      build_critic(policy, rm, shared_trunk=False, init="reward_model", seed=2)

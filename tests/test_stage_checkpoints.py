@@ -209,3 +209,131 @@ def test_a_kill_between_the_two_renames_leaves_the_old_folder_aside(tmp_path, mo
   assert not out.exists() and (tmp_path / ".sft.old" / "config.json").read_text() == "old"
   stage_folders.put_back_aside(tmp_path)
   assert (out / "config.json").read_text() == "old"
+
+
+def _tiny_stage(tmp_path):
+  """(settings, training file, model) of a tiny SFT stage."""
+  from conftest import smoke_config
+  from flax import nnx
+
+  from ppo_jax.config import Settings
+  from ppo_jax.models import CausalLM, ModelConfig
+
+  data = tmp_path / "sft.jsonl"
+  data.write_text('{"prompt": "a", "response": "b"}\n')
+  cfg = ModelConfig.gpt2(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2)
+  return Settings.from_config(smoke_config()), str(data), CausalLM(cfg, rngs=nnx.Rngs(0))
+
+
+def _weights(model):
+  import jax
+  from flax import nnx
+
+  return jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def test_a_finished_stage_is_reused_with_its_metrics_and_drops_the_checkpoints_it_left(
+  tmp_path, capsys
+):
+  """A run stopped after sft/ was saved, before its checkpoints were deleted: the next run loads
+  sft/ (its held-out metrics reported again) and deletes them; one under another config is
+  refused and deletes nothing."""
+  from conftest import smoke_config
+
+  from ppo_jax import stages
+  from ppo_jax.config import Settings
+
+  s, data, model = _tiny_stage(tmp_path)
+  out = tmp_path / "sft"
+  stages._save(s, "sft", data, model, out, None, {"nll": 1.5})
+  (tmp_path / "sft_checkpoints" / "40").mkdir(parents=True)
+  changed = Settings.from_config(smoke_config(sft__epochs=3.0))
+  with pytest.raises(ValueError, match=rf"^{out} was trained under .*\(sft\.epochs: "):
+    stages._reuse(changed, "sft", out, data)
+  assert (tmp_path / "sft_checkpoints" / "40").is_dir()
+  reused, held_out = stages._reuse(s, "sft", out, data)
+  assert f"found {out}: loading it instead of training" in capsys.readouterr().out
+  assert held_out == {"nll": 1.5} and not (tmp_path / "sft_checkpoints").exists()
+  assert all(np.array_equal(a, b) for a, b in zip(_weights(reused), _weights(model), strict=True))
+
+
+def test_a_trained_stage_is_saved_then_its_checkpoints_are_deleted(tmp_path, monkeypatch):
+  """Once sft/ is written, with its record and held-out metrics, the checkpoints SFT trained
+  through are deleted: the folder supersedes them."""
+  from ppo_jax import stages
+  from ppo_jax.compat import has_model_folder
+
+  s, data, model = _tiny_stage(tmp_path)
+
+  def fit(name, params, graphdef, *args, checkpoints, **kw):
+    step = checkpoints.checkpointer.directory / "3"
+    step.mkdir(parents=True)  # a checkpoint of the training
+    return params, {"nll": 2.0}
+
+  monkeypatch.setattr(stages.supervised, "fit", fit)
+  arrays, out = (np.arange(6).reshape(2, 3),), tmp_path / "sft"
+  kw = {"out": out, "data_file": data, "tokenizer": None, "seed": 0}
+  _, held_out = stages._train_and_save(s, "sft", model, None, s.sft, None, None, arrays, **kw)
+  assert held_out == {"nll": 2.0} and has_model_folder(out)
+  assert stages._held_out(out / stages.HELD_OUT) == {"nll": 2.0}
+  assert not (tmp_path / "sft_checkpoints").exists()
+
+
+def test_a_reward_model_from_the_sft_policy_is_refused_once_that_policy_is_replaced(tmp_path):
+  """The record of a reward model trained from sft/ names that SFT training: reused while sft/
+  holds it, refused once SFT trained again or was deleted; one from scratch names none."""
+  import shutil
+
+  from conftest import smoke_config
+
+  from ppo_jax.config import Settings
+
+  s, data, _ = _tiny_stage(tmp_path)
+  sft, rm = tmp_path / "sft", tmp_path / "reward_model"
+  record = lambda folder: json.loads((folder / stage_checkpoints.STAGE_RECORD).read_text())
+  stage_checkpoints.write_record(sft, s, "sft", data)
+  stage_checkpoints.write_record(rm, s, "rm", data)
+  assert record(rm)["sft_id"] == record(sft)["id"]
+  stage_checkpoints.check_record(rm, s, "rm", data)  # the same SFT policy: reused
+  stage_checkpoints.write_record(sft, s, "sft", data)  # SFT trained again
+  with pytest.raises(
+    ValueError, match=r"\(the SFT policy it started from \(.*sft was trained again or replaced"
+  ):
+    stage_checkpoints.check_record(rm, s, "rm", data)
+  shutil.rmtree(sft)
+  with pytest.raises(ValueError, match=r"\(the SFT policy it started from \(.*sft was deleted"):
+    stage_checkpoints.check_record(rm, s, "rm", data)
+  scratch = Settings.from_config(smoke_config(rm__init="scratch"))
+  stage_checkpoints.write_record(rm, scratch, "rm", data)
+  assert "sft_id" not in record(rm)
+  stage_checkpoints.check_record(rm, scratch, "rm", data)
+
+
+def test_only_dpo_saves_its_last_step_and_the_stages_from_sft_name_that_policy(tmp_path):
+  """SFT's and the reward model's checkpoints are deleted once their folder is written, so they
+  skip the save after the last step; DPO's stay. The reward model (from the SFT policy) and DPO
+  record which SFT training they started from."""
+  s, data, _ = _tiny_stage(tmp_path)
+  stage_checkpoints.write_record(tmp_path / "sft", s, "sft", data)
+  sft_id = stage_checkpoints.sft_from(tmp_path)["sft_id"]
+  assert sft_id is not None
+  for name, keeps, from_sft in (("sft", False, False), ("rm", False, True), ("dpo", True, True)):
+    with stage_checkpoints.for_stage(s, tmp_path, name, np.arange(3)) as checkpoints:
+      assert checkpoints.checkpointer.directory == tmp_path / f"{name}_checkpoints"
+      assert checkpoints.save_at_end == keeps, name
+      assert checkpoints.meta == ({"sft_id": sft_id} if from_sft else {}), name
+      assert checkpoints.fingerprint == stage_checkpoints.fingerprint(np.arange(3))
+
+
+def test_a_skipped_stage_names_its_checkpoints_folder_only_when_it_holds_some(tmp_path, capsys):
+  """An empty ``rm_checkpoints/`` (a stage stopped before its first save) is no reason for a
+  note; one holding a step is named."""
+  directory = tmp_path / "rm_checkpoints"
+  directory.mkdir()
+  stage_checkpoints.note_skipped(tmp_path, "rm")
+  assert capsys.readouterr().out == ""
+  (directory / "40").mkdir()
+  stage_checkpoints.note_skipped(tmp_path, "rm")
+  assert capsys.readouterr().out.startswith(
+    f"note: {directory} holds checkpoints of the rm stage, which this run skips"
+  )
