@@ -137,13 +137,22 @@ def make_actor_critic_optimizer(
 
 
 def horizon_change(hp: OptimHparams, count: int, *, old_steps: int, new_steps: int) -> str | None:
-  """What moving a decaying schedule's end from ``old_steps`` to ``new_steps`` updates does at
-  update ``count`` (a run resumed with another ``ppo.iterations``); None if nothing changes."""
-  if hp.schedule == "constant" or old_steps == new_steps:
+  """What moving a schedule's end from ``old_steps`` to ``new_steps`` updates does at update
+  ``count`` (a run resumed with another ``ppo.iterations``); None if nothing changes. A constant
+  schedule changes only where the stage's length cut its warm-up (``learning_rate``)."""
+  if old_steps == new_steps:
     return None
   before = float(learning_rate(hp, old_steps)(count))
   after = float(learning_rate(hp, new_steps)(count))
   rate = f"is {after:.3g}, not {before:.3g}" if after != before else f"stays {after:.3g}"
+  if hp.schedule == "constant":
+    was, now = (min(hp.warmup_steps, max(n - 1, 0)) for n in (old_steps, new_steps))
+    if was == now:
+      return None
+    return (
+      f"constant schedule warms up over {now} updates, not {was} (a warm-up is cut to fit its "
+      f"stage): its rate at update {count} {rate}"
+    )
   return (
     f"{hp.schedule} schedule decays to 0 at update {new_steps}, not {old_steps}: its rate at "
     f"update {count} {rate}"

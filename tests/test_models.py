@@ -1,6 +1,8 @@
 """NNX decoders against transformers: logits, save/load round trips, dtypes, errors."""
 
+import functools
 import json
+import operator
 import re
 
 import jax
@@ -725,3 +727,46 @@ def test_a_scratch_model_saved_with_its_tokenizer_takes_the_tokenizers_special_i
   generation = json.loads((tmp_path / "generation_config.json").read_text())
   assert generation["eos_token_id"] == tok.eos_token_id
   assert pj.models.from_pretrained(tmp_path).cfg.stop_ids == (tok.eos_token_id,)
+
+
+def test_merge_lora_folds_alpha_over_rank_times_a_b_into_each_kernel_in_its_dtype():
+  """``W + (α/r)·A B`` against NumPy in float64 with add_lora's α = 4, r = 2 (scale 2: r/α is
+  0.5, the default α 16 gives 8), in every adapted kernel of both layers, each kept in its dtype
+  (bfloat16 here: to its rounding); the kernels without adapters are untouched. add_lora's seed
+  draws the adapters."""
+  from ppo_jax.models.lora import add_lora, merge_lora, split_lora
+
+  cfg = ModelConfig.llama(
+    vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, param_dtype="bfloat16"
+  )
+  plain = pj.models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  model = add_lora(plain, rank=2, alpha=4.0, targets="q,v,down", seed=1)
+  graphdef, adapters, base = split_lora(model)
+  other_seed = split_lora(add_lora(plain, rank=2, alpha=4.0, targets="q,v,down", seed=2))[1]
+  lora_a = lambda tree: [
+    x for p, x in jax.tree_util.tree_leaves_with_path(tree) if p[-1].key == "lora_a"
+  ]
+  assert all(
+    not np.array_equal(a, b) for a, b in zip(lora_a(adapters), lora_a(other_seed), strict=True)
+  )
+  adapters = jax.tree.map(lambda x: (x + 0.25).astype(x.dtype), adapters)  # B ≠ 0
+  merged = nnx.to_pure_dict(nnx.state(merge_lora(nnx.merge(graphdef, adapters, base))))
+  f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  adapted = set()
+  for path, a in jax.tree_util.tree_leaves_with_path(adapters):
+    if path[-1].key != "lora_a":
+      continue
+    keys = [k.key for k in path[:-1]]
+    node = lambda tree, keys=keys: functools.reduce(operator.getitem, keys, tree)
+    lora_b = node(adapters)["lora_b"]
+    want = f64(node(base)["kernel"]) + 2.0 * f64(a) @ f64(lora_b)
+    got = node(merged)["kernel"]
+    assert got.dtype == jnp.bfloat16, keys
+    np.testing.assert_allclose(f64(got), want, rtol=2**-8, atol=1e-6, err_msg=str(keys))
+    adapted.add(tuple(keys))
+  assert {k[-1] for k in adapted} == {"q", "v", "down"} and len(adapted) == 6
+  for path, x in jax.tree_util.tree_leaves_with_path(base):
+    if tuple(k.key for k in path[:-1]) not in adapted:
+      np.testing.assert_array_equal(
+        f64(functools.reduce(operator.getitem, [k.key for k in path], merged)), f64(x)
+      )

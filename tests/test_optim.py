@@ -163,8 +163,8 @@ def test_schedule_count_is_the_updates_applied(tf_style):
 
 def test_horizon_change_names_the_rate_before_and_after():
   """A linear decay over 10 updates stretched to 20: at update 5 the rate is 0.75, not 0.5; during
-  a warm-up the rate stays, and the new end is still named. A constant schedule, or the same end,
-  changes nothing."""
+  a warm-up the rate stays, and the new end is still named. The same end changes nothing, nor
+  does a constant schedule's, unless the stage's length had cut its warm-up."""
   hp = OptimHparams(lr=1.0, schedule="linear")
   assert horizon_change(hp, 5, old_steps=10, new_steps=20) == (
     "linear schedule decays to 0 at update 20, not 10: its rate at update 5 is 0.75, not 0.5"
@@ -176,6 +176,12 @@ def test_horizon_change_names_the_rate_before_and_after():
   assert horizon_change(hp, 5, old_steps=10, new_steps=10) is None
   constant = dataclasses.replace(hp, schedule="constant")
   assert horizon_change(constant, 5, old_steps=10, new_steps=20) is None
+  cut = dataclasses.replace(constant, warmup_steps=10)  # 4 updates in a 5-update stage
+  assert horizon_change(cut, 4, old_steps=5, new_steps=20) == (
+    "constant schedule warms up over 10 updates, not 4 (a warm-up is cut to fit its stage): its "
+    "rate at update 4 is 0.4, not 1"
+  )
+  assert horizon_change(cut, 4, old_steps=20, new_steps=30) is None
 
 
 def test_a_warmup_longer_than_the_stage_is_cut_to_reach_the_rate():
@@ -215,3 +221,14 @@ def test_the_critics_schedule_runs_over_its_own_step_count():
     updates, state = tx.update(ones, state, params)
   # Adam's first steps on a constant gradient move by the rate itself: 1 − 4/8.
   np.testing.assert_allclose(updates["value"]["w"], [-0.5], rtol=1e-4)
+
+
+def test_hyperparameters_out_of_range_are_refused():
+  """An unknown schedule, a negative rate or a negative warm-up: one line naming the field."""
+  for kw, message in [
+    ({"schedule": "exponential"}, r"^schedule: unknown 'exponential'; expected one of constant, "),
+    ({"lr": -1e-5}, r"^lr: must be ≥ 0, got -1e-05$"),
+    ({"warmup_steps": -1}, r"^warmup_steps: must be ≥ 0, got -1$"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      OptimHparams(**kw)

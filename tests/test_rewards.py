@@ -244,3 +244,42 @@ def test_several_functions_from_python_take_lists_and_refuse_what_is_no_path():
     load_reward_fns(len)
   with pytest.raises(ValueError, match=r"^RewardSum: 2 functions, 2 paths and 1 weights"):
     RewardSum((len, len), ("a:f", "b:g"), (1.0,))
+
+
+def test_without_weights_each_function_counts_once_and_a_lone_weight_scales_its_function():
+  """Two paths without weights: the plain sum of their scores (not their mean); one path with a
+  weight: that multiple of its scores, not the scores as they came."""
+  from ppo_jax.rewards import load_reward_fns
+
+  prompts, responses = ["a b", "c"], ["one two three", "four"]
+  columns = {"key": list(prompts)}
+  # keyed: 3, 1 words; words_minus_prompt: 3 − 0.2, 1 − 0.1.
+  both = load_reward_fns("reward_fns:keyed,reward_fns:words_minus_prompt")
+  np.testing.assert_allclose(
+    call_reward_fn(both, prompts, responses, columns=columns), [5.8, 1.9], rtol=1e-6
+  )
+  lone = load_reward_fns("reward_fns:keyed", "2.5")
+  np.testing.assert_allclose(
+    call_reward_fn(lone, prompts, responses, columns=columns), [7.5, 2.5], rtol=1e-6
+  )
+
+
+def test_bad_scores_of_a_slice_are_named_by_their_place_in_the_whole_batch():
+  """Rows 8:11 of 20 scored in one call: the NaN at index 1 is response 9 of 20."""
+  for fn in (lambda p, r: [0.0, float("nan"), 1.0], lambda p, r: [0.0, None, 1.0]):
+    with pytest.raises(RewardError, match=r"for 1 of 20 responses \(indices 9\)"):
+      call_reward_fn(fn, PROMPTS, RESPONSES, first=8, total=20)
+
+
+def test_a_field_named_as_one_of_the_two_texts_is_not_passed_again():
+  """``def score(prompt, completion, **fields)`` over rows with a ``completion`` field: the two
+  texts come positionally, the row's ``completion`` is not passed a second time by name."""
+  seen = {}
+
+  def score(prompt, completion, **fields):
+    seen.update(fields)
+    return [0.0] * len(completion)
+
+  columns = {"completion": ["gold"] * 3, "answer": ["x", "y", "z"]}
+  np.testing.assert_array_equal(call_reward_fn(score, PROMPTS, RESPONSES, columns=columns), 0.0)
+  assert seen == {"answer": ["x", "y", "z"]}

@@ -177,6 +177,54 @@ def test_filter_logits_hand_computed():
   assert keep(tied, top_k=2) == keep(tied, top_p=0.5) == [False, True, True, True]
 
 
+def test_top_p_reads_the_mass_left_after_top_k():
+  """Top-k first, then the nucleus of what it kept, renormalised (as transformers' warpers
+  chain them): of 0.5, 0.2, 0.15 (0.85 kept), the first two hold 0.82 ≥ 0.8, so the third goes;
+  over the whole distribution the first two hold only 0.7, and top-p alone keeps three."""
+  probs = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+  keep = lambda **kw: np.isfinite(np.asarray(filter_logits(probs, **kw)))[0].tolist()
+  assert keep(top_p=0.8) == [True, True, True, False, False]
+  assert keep(top_k=3, top_p=0.8) == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, 0, 1.0), (0.7, 5, 0.8)])
+def test_samples_follow_the_tempered_filtered_distribution(models, temperature, top_k, top_p):
+  """Each token is a draw from q: softmax(logits / τ) cut to its top k, renormalised, then to
+  the smallest set of most likely tokens whose mass reaches top_p, renormalised (float64 NumPy,
+  from a full forward's logits). Over 3 keys × 8 rows × 12 steps the sampled tokens' log q, less
+  each step's expectation under q, sum to within 5 standard deviations (a draw at τ = 1, or from
+  a nucleus over the mass before top-k, lands tens of them off, or outside q)."""
+  model, _ = models["llama3"]
+  ids, mask = tiny_hf.batch(seed=8, B=8, T=5, left_pad=(0,) * 8)
+  deviation = variance = 0.0
+  for seed in range(3):
+    gen = pj.generate(
+      model,
+      ids,
+      mask,
+      key=jax.random.key(seed),
+      max_new_tokens=N_NEW,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+    )
+    logits, _ = _recomputed_logprobs(model, ids, mask, gen, temperature)
+    z_NxV = np.asarray(logits, np.float64).reshape(-1, logits.shape[-1]) / temperature
+    for z, token in zip(z_NxV, np.asarray(gen.tokens).ravel(), strict=True):
+      order = np.argsort(-z)
+      p = np.exp(z[order] - z.max())
+      p[top_k or len(p) :] = 0.0
+      p /= p.sum()
+      q = np.where(np.cumsum(p) - p < top_p, p, 0.0)
+      q /= q.sum()
+      log_q = np.log(np.where(q > 0, q, 1.0))
+      mean = q @ log_q
+      q_token = q[order == token][0]
+      deviation += (np.log(q_token) if q_token > 0 else -np.inf) - mean
+      variance += q @ (log_q - mean) ** 2
+  assert abs(deviation) < 5 * np.sqrt(variance), deviation / np.sqrt(variance)
+
+
 def test_same_key_same_sample(models):
   model, _ = models["qwen2"]
   ids, mask = tiny_hf.batch(seed=9)
@@ -326,6 +374,30 @@ def test_decode_loop_reads_weights_in_the_compute_dtype(tmp_path):
   run = lambda m: pj.generate(m, ids, mask, key=jax.random.key(4), max_new_tokens=N_NEW)
   for a, b in zip(jax.tree.leaves(run(mixed)), jax.tree.leaves(run(bf16)), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_decode_loop_reads_norm_scales_and_biases_in_float32(tmp_path):
+  """Only matrices are narrowed before the loop: GPT-2's LayerNorm scales and biases, which it
+  reads in float32 (as Gemma's and OLMo's RMSNorm read theirs), enter the decode steps as the
+  float32 master values its own forward reads, not rounded to bfloat16."""
+  tiny_hf.make("gpt2", tmp_path, seed=11)
+  mixed = pj.models.from_pretrained(tmp_path, dtype="bfloat16", param_dtype="float32")
+  ids, mask = tiny_hf.batch(seed=12)
+  graphdef, params = nnx.split(mixed)
+  pure = nnx.to_pure_dict(params)
+  vectors = [x for x in jax.tree.leaves(pure) if x.ndim == 1]
+  assert vectors and all(x.dtype == jnp.float32 for x in vectors)
+  jaxpr = jax.make_jaxpr(lambda p, i, m, k: sample(graphdef, p, i, m, k, max_new_tokens=N_NEW))(
+    pure, ids, mask, jax.random.key(0)
+  )
+  read = [
+    v.aval.dtype
+    for e in jaxpr.eqns
+    if e.primitive.name in ("while", "scan")
+    for v in e.invars
+    if v.aval.shape in {x.shape for x in vectors}
+  ]
+  assert len(read) >= len(vectors) and set(read) == {jnp.dtype(jnp.float32)}, read
 
 
 def test_lora_adapters_are_folded_before_the_decode_loop(models):
