@@ -348,12 +348,7 @@ def test_a_value_the_run_would_misuse_is_refused_naming_its_field(fields, expect
   from ppo_jax.config import Settings, load_experiment
 
   config = load_experiment(EXPERIMENT)
-  for dotted, value in fields.items():
-    *sections, name = dotted.split(".")
-    node = config
-    for section in sections:
-      node = node[section]
-    node[name] = value
+  config.update_from_flattened_dict(fields)
   with pytest.raises(ValueError, match="^" + re.escape(expected)):
     Settings.from_config(config)
 

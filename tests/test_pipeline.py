@@ -960,7 +960,7 @@ def test_a_response_holding_a_bar_or_lines_stays_in_its_cell_of_the_samples_tabl
   assert len(lines) == 5 and table == lines[2:]
   assert [line.replace("\\|", "").count("|") for line in table] == [4, 4, 4]  # 3 cells each
   assert table[2] == "| a \\| b | x \\|\\| y<br><br>so:<br>z | 0.500 |"
-  written = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+  written = _rows_of(tmp_path / "samples.jsonl")
   assert [(r["step"], r["score"]) for r in written] == [(1, 0.5), (2, 1.5)]
   assert written[0]["response"] == rows[0]["response"]
 

@@ -107,11 +107,10 @@ def test_sampled_logprobs_equal_full_forward(models, name):
   np.testing.assert_allclose(np.asarray(gen.logprobs)[real], np.asarray(want)[real], atol=1e-5)
 
 
-@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.6), (5, 0.8)])
-def test_filtered_sampling_stays_in_the_allowed_set(models, top_k, top_p):
+def _filtered_samples(models, temperature, top_k, top_p):
+  """(generation, full-forward logits, their log-probs) of 8 llama3 prompts, under seeds 0–2."""
   model, _ = models["llama3"]
   ids, mask = tiny_hf.batch(seed=8, B=8, T=5, left_pad=(0,) * 8)
-  temperature = 0.8
   for seed in range(3):
     gen = pj.generate(
       model,
@@ -123,7 +122,13 @@ def test_filtered_sampling_stays_in_the_allowed_set(models, top_k, top_p):
       top_k=top_k,
       top_p=top_p,
     )
-    logits, want = _recomputed_logprobs(model, ids, mask, gen, temperature)
+    yield gen, *_recomputed_logprobs(model, ids, mask, gen, temperature)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.6), (5, 0.8)])
+def test_filtered_sampling_stays_in_the_allowed_set(models, top_k, top_p):
+  temperature = 0.8
+  for gen, logits, want in _filtered_samples(models, temperature, top_k, top_p):
     # The log-probs are the full tempered softmax's (the policy's, which PPO's ratio recomputes),
     # not the filtered distribution's.
     np.testing.assert_allclose(np.asarray(gen.logprobs), np.asarray(want), atol=1e-5)
@@ -194,21 +199,8 @@ def test_samples_follow_the_tempered_filtered_distribution(models, temperature, 
   from a full forward's logits). Over 3 keys × 8 rows × 12 steps the sampled tokens' log q, less
   each step's expectation under q, sum to within 5 standard deviations (a draw at τ = 1, or from
   a nucleus over the mass before top-k, lands tens of them off, or outside q)."""
-  model, _ = models["llama3"]
-  ids, mask = tiny_hf.batch(seed=8, B=8, T=5, left_pad=(0,) * 8)
   deviation = variance = 0.0
-  for seed in range(3):
-    gen = pj.generate(
-      model,
-      ids,
-      mask,
-      key=jax.random.key(seed),
-      max_new_tokens=N_NEW,
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
-    )
-    logits, _ = _recomputed_logprobs(model, ids, mask, gen, temperature)
+  for gen, logits, _ in _filtered_samples(models, temperature, top_k, top_p):
     z_NxV = np.asarray(logits, np.float64).reshape(-1, logits.shape[-1]) / temperature
     for z, token in zip(z_NxV, np.asarray(gen.tokens).ravel(), strict=True):
       order = np.argsort(-z)

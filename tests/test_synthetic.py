@@ -18,11 +18,15 @@ def test_a_sharper_labeller_agrees_more_with_gold_and_a_tiny_tau_does_not_overfl
   assert sharp == 1.0  # ties (equal gold, coin flips) are left out
 
 
+def _rows(path):
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
 def test_label_accuracy_is_the_agreement_on_the_written_pairs_whose_gold_differs(tmp_path):
   """Recomputed from preferences.jsonl with the gold scorer: chosen above rejected, over the
   pairs whose gold scores differ (the written pairs hold ties too)."""
   paths = synthetic.write_task(tmp_path, seed=3, num_prompts=4, num_sft=4, num_pairs=300)
-  rows = [json.loads(line) for line in pathlib.Path(paths["preferences"]).read_text().splitlines()]
+  rows = _rows(paths["preferences"])
   gold = [synthetic.gold_score([r["prompt"]] * 2, [r["chosen"], r["rejected"]]) for r in rows]
   decided = [c > r for c, r in gold if c != r]
   assert len(rows) == 300 and 0 < len(decided) < 300
@@ -64,10 +68,6 @@ def test_equal_mean_sentiments_score_equal():
     "the film was lovely and decent but odd .",
   ]
   assert synthetic.gold_score(["review the film :"] * 3, reviews) == [0.2, 0.2, 0.2]
-
-
-def _rows(path):
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
 
 
 def test_the_tasks_tokenizer_knows_every_word_of_its_files(tmp_path):
