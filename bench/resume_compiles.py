@@ -1,10 +1,10 @@
 """What a resumed run compiles: a PPO stage run fresh, then resumed twice, in one process.
 
-The smoke config with a programmatic reward (no SFT, no reward model), batch 8, a constant
-learning-rate schedule (so that raising ``ppo.iterations`` changes no program), and an on-disk
-compilation cache that keeps every program. It runs 1 iteration, then resumes to 2 and to 3, and
-prints each run's seconds and the XLA programs it compiled (a cache hit compiles nothing). A
-resume that lowered other programs than the fresh run's compiles them again here.
+The smoke config with a programmatic reward (no SFT, no reward model), batch 8, its decaying
+learning-rate schedule (raising ``ppo.iterations`` moves its end, an input of the programs), and
+an on-disk compilation cache that keeps every program. It runs 1 iteration, then resumes to 2
+and to 3, and prints each run's seconds and the XLA programs it compiled (a cache hit compiles
+nothing). A resume that lowered other programs than the fresh run's compiles them again here.
 
   python bench/resume_compiles.py           # PPO alone: a programmatic reward, no SFT
   python bench/resume_compiles.py --stages  # SFT and a reward model (short) before PPO
@@ -57,7 +57,7 @@ def dpo_config(epochs: int):
   ``epochs`` of a small pair set, so that each resume goes on from the last checkpoint."""
   c = load_experiment(ROOT / "experiments" / "dpo.py", "smoke")
   c.sft.epochs, c.task.num_sft, c.task.num_pairs = 0.25, 256, 128
-  c.dpo.epochs, c.dpo.optim.schedule, c.data.eval_prompts = float(epochs), "constant", 8
+  c.dpo.epochs, c.data.eval_prompts = float(epochs), 8
   c.ppo.lora_rank = 4
   return c
 
@@ -72,7 +72,6 @@ def config(iterations: int, stages: bool = False):
     c.reward.source, c.reward.fn = "function", "reward_fns:superlatives"
     c.ppo.critic_init = "policy"
   c.ppo.iterations, c.ppo.batch_size = iterations, 8
-  c.ppo.optim.schedule = "constant"
   return c
 
 

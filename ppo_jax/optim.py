@@ -36,20 +36,60 @@ class OptimHparams:
         raise ValueError(f"{name}: must be ≥ 0, got {getattr(self, name)}")
 
 
-def learning_rate(hp: OptimHparams, total_steps: int) -> optax.Schedule:
+def learning_rate(hp: OptimHparams, total_steps) -> optax.Schedule:
   """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then constant, linear or cosine decay
-  to 0 at ``total_steps``."""
-  warmup = min(hp.warmup_steps, max(total_steps - 1, 0))
-  decay_steps = max(total_steps - warmup, 1)
-  if hp.schedule == "constant":
-    after = optax.constant_schedule(hp.lr)
-  elif hp.schedule == "linear":
-    after = optax.linear_schedule(hp.lr, 0.0, decay_steps)
-  else:
-    after = optax.cosine_decay_schedule(hp.lr, decay_steps)
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, hp.lr, warmup), after], [warmup])
+  to 0 at ``total_steps``:
+
+  ``lr(t) = lr · t / w`` for ``t < w``, then ``lr · f((t − w) / (T − w))`` with ``f`` = 1,
+  ``1 − x`` or ``(1 + cos πx) / 2`` (``x`` clipped to 1), where ``T = total_steps`` and the
+  warm-up ``w = min(warmup_steps, T − 1)`` is cut to fit a short stage. As optax's
+  ``linear_schedule`` / ``cosine_decay_schedule`` joined by ``join_schedules``, with one
+  difference: ``total_steps`` may be a traced integer, so one compiled step serves every stage
+  length (``scale_by_schedule``).
+  """
+  total = jnp.asarray(total_steps, jnp.int32)
+  warmup = jnp.minimum(hp.warmup_steps, jnp.maximum(total - 1, 0))
+  decay = jnp.maximum(total - warmup, 1)
+
+  def after(t):
+    if hp.schedule == "constant":
+      return jnp.asarray(hp.lr, jnp.float32)
+    if hp.schedule == "linear":
+      return hp.lr * (1 - jnp.clip(t, 0, decay) / decay)
+    return hp.lr * (0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(t, decay) / decay)))
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.int32)
+    warm = -hp.lr * (1 - jnp.clip(t, 0, warmup) / jnp.maximum(warmup, 1)) + hp.lr
+    return jnp.where(t < warmup, warm, after(t - warmup)).astype(jnp.float32)
+
+  return schedule
+
+
+def scale_by_schedule(
+  hp: OptimHparams, total_steps: int, part: str | None = None
+) -> optax.GradientTransformationExtraArgs:
+  """``−lr(t) · update`` with ``learning_rate(hp, T)``: as optax's ``scale_by_learning_rate``
+  (the same state, ``ScaleByScheduleState``), but ``T`` may come with each update, traced:
+  ``tx.update(g, state, params, horizon=T)`` (``horizon[part]`` where the optimizer has parts),
+  else ``total_steps``. A stage resumed with more epochs or iterations then runs the program
+  compiled for it before, and stages of other lengths share theirs."""
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None, *, horizon=None, **extra_args):
+    del params, extra_args
+    if horizon is None:
+      steps = total_steps
+    else:
+      steps = horizon if part is None else horizon[part]
+    rate = learning_rate(hp, steps)(state.count)
+    updates = jax.tree.map(lambda g: (-rate).astype(g.dtype) * g, updates)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 class TfAdamState(NamedTuple):
@@ -88,7 +128,9 @@ def _decay_mask(params):
   return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
 
 
-def _adamw(hp: OptimHparams, schedule: optax.Schedule) -> list[optax.GradientTransformation]:
+def _adamw(
+  hp: OptimHparams, total_steps: int, part: str | None = None
+) -> list[optax.GradientTransformation]:
   """``Adam (optax or TF-style) → decoupled weight decay → −lr(t)``, as a list of parts."""
   if hp.tf_style_eps:
     parts = [scale_by_tf_adam(hp.b1, hp.b2, hp.eps)]
@@ -96,7 +138,7 @@ def _adamw(hp: OptimHparams, schedule: optax.Schedule) -> list[optax.GradientTra
     parts = [optax.scale_by_adam(hp.b1, hp.b2, hp.eps)]
   if hp.weight_decay:
     parts.append(optax.add_decayed_weights(hp.weight_decay, mask=_decay_mask))
-  parts.append(optax.scale_by_learning_rate(schedule))
+  parts.append(scale_by_schedule(hp, total_steps, part))
   return parts
 
 
@@ -105,8 +147,9 @@ def _clip(hp: OptimHparams) -> list[optax.GradientTransformation]:
 
 
 def make_optimizer(hp: OptimHparams, total_steps: int) -> optax.GradientTransformation:
-  """``clip → Adam (optax or TF-style) → decoupled weight decay → −lr(t)``."""
-  return optax.chain(*_clip(hp), *_adamw(hp, learning_rate(hp, total_steps)))
+  """``clip → Adam (optax or TF-style) → decoupled weight decay → −lr(t)``; the schedule ends at
+  ``total_steps`` updates, or at ``tx.update(..., horizon=n)``'s ``n`` (``scale_by_schedule``)."""
+  return optax.chain(*_clip(hp), *_adamw(hp, total_steps))
 
 
 def make_actor_critic_optimizer(
@@ -121,13 +164,14 @@ def make_actor_critic_optimizer(
   ``make_optimizer`` gives, bit for bit; the parts differ when one of them sits out updates (the
   policy during a critic warm-up, ``PPOHparams.critic_warmup``, whose moments and count are kept
   as they were: its first update is Adam's first, at the start of its schedule).
+  ``tx.update(..., horizon={"policy": P, "value": V})`` moves the two ends, traced.
   """
   if not value_lr_scale > 0:
     raise ValueError(f"critic learning-rate scale: must be > 0, got {value_lr_scale}")
-  value = _adamw(hp, learning_rate(hp, value_steps))
+  value = _adamw(hp, value_steps, "value")
   if value_lr_scale != 1.0:
     value.append(optax.scale(value_lr_scale))
-  policy = _adamw(hp, learning_rate(hp, policy_steps))
+  policy = _adamw(hp, policy_steps, "policy")
   parts = {"policy": optax.chain(*policy), "value": optax.chain(*value)}
 
   def labels(params):

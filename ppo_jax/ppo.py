@@ -72,10 +72,18 @@ class PPOState:
 
 @flax.struct.dataclass
 class Frozen:
-  """Models PPO reads but never trains."""
+  """What PPO's programs read but never change: the models it does not train, and where the
+  learning-rate schedules end.
+
+  ``horizon``: ``{"policy": P, "value": V}`` int32 scalars, the updates after which the two
+  schedules of ``optim.make_actor_critic_optimizer`` end (``optim.scale_by_schedule``); None
+  keeps the optimizer's own. An input of the programs, not a constant compiled into them: a run
+  resumed with more iterations, or a run of another length, runs the programs compiled before.
+  """
 
   ref_params: Params  # the reference policy's weights; with LoRA the base weights (shared)
   reward_params: Params | None  # the reward model; None when scores come from a function
+  horizon: dict[str, jax.Array] | None = None
 
 
 @flax.struct.dataclass
@@ -262,6 +270,8 @@ def train_step(
   if models.lora and frozen is None:
     raise ValueError("a LoRA policy's train_step needs frozen= (its base weights)")
   frozen_policy = None if frozen is None else frozen.ref_params
+  horizon = None if frozen is None else frozen.horizon
+  extra = {} if horizon is None else {"horizon": horizon}  # where the schedules end (Frozen)
   exp = batch
   B = exp.ids.shape[0]
   _, n_micro = hp.minibatch_layout(B)
@@ -299,7 +309,7 @@ def train_step(
       stopped = stopped | (over if train_policy is True else over & train_policy)
     finite = rollout_ok & loss_finite & jnp.isfinite(grad_norm)
     apply = finite & ~stopped
-    updates, new_opt_state = tx.update(grads, opt_state, params)
+    updates, new_opt_state = tx.update(grads, opt_state, params, **extra)
     new_params = optax.apply_updates(params, updates)
 
     # Non-finite anything: this minibatch's update is skipped, parameters and moments unchanged;

@@ -35,7 +35,6 @@ from ppo_jax.models.transformer import CausalLM, ScalarHead, ValueModel
 from ppo_jax.optim import (
   OptimHparams,
   horizon_change,
-  learning_rate,
   make_actor_critic_optimizer,
   schedule_count,
 )
@@ -205,7 +204,10 @@ def run_ppo(
     value_steps=iterations * per_iteration,
     value_lr_scale=critic_lr_scale,
   )
-  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
+  # Where the schedules end: an input of the programs (a resume with more iterations runs the
+  # ones compiled before).
+  horizon = {"policy": np.int32(policy_updates), "value": np.int32(iterations * per_iteration)}
+  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params, horizon=horizon)
   make_state = functools.partial(ppo.init_state, tx=tx, hp=hp, seed=seed)
   abstract = jax.eval_shape(make_state, params)
   placement = None
@@ -221,7 +223,7 @@ def run_ppo(
     placement = rollout.Placement.build(mesh, abstract, frozen, tx)
     state_sh = placement.state
     frozen = shd.place(frozen, placement.frozen)
-  fns = rollout.make_step_fns(models, tx, hp, learning_rate(optim, policy_updates), placement)
+  fns = rollout.make_step_fns(models, tx, hp, optim, placement)
   # A resume on other prompts is refused, as a supervised stage's on other data is.
   prints = prompts_fingerprint(prompts, eval_prompts)
   record = {

@@ -36,7 +36,7 @@ from ppo_jax.kl import kl_estimate
 from ppo_jax.logprobs import token_logprobs
 from ppo_jax.masking import masked_mean, masked_sum, masked_var, masked_whiten
 from ppo_jax.models.transformer import last_token_index
-from ppo_jax.optim import schedule_count
+from ppo_jax.optim import OptimHparams, learning_rate, schedule_count
 from ppo_jax.ppo import (
   Experience,
   Frozen,
@@ -291,6 +291,7 @@ class Placement:
       reward_params=(
         None if frozen.reward_params is None else shd.param_shardings(frozen.reward_params, mesh)
       ),
+      horizon=jax.tree.map(lambda _: rep, frozen.horizon),
     )
     return cls(
       state=state_sh,
@@ -328,11 +329,12 @@ def make_step_fns(
   models: ActorCritic,
   tx: optax.GradientTransformation,
   hp: PPOHparams,
-  lr_schedule: Callable[[Any], Any] | None = None,
+  optim: OptimHparams | None = None,
   placement: Placement | None = None,
 ) -> StepFns:
   """Jits the iteration's pieces once, with in/out shardings and donation when ``placement``
-  is given (a sharded run), with shardings left to JAX otherwise (one device)."""
+  is given (a sharded run), with shardings left to JAX otherwise (one device). With ``optim``
+  (``tx``'s hyperparameters) and ``Frozen.horizon``, an update reports its rate (``lr``)."""
 
   def sample_fn(policy_params, frozen, key, prompt_ids, prompt_mask):
     policy_vars = models.policy_vars(policy_params, frozen.ref_params)
@@ -344,8 +346,8 @@ def make_step_fns(
   def update_fn(state, frozen, exp, rollout_kl):
     hparams = TrainHparams(models, tx, hp, mesh=None if placement is None else placement.mesh)
     new_state, metrics = train_step(state, exp, hparams=hparams, frozen=frozen)
-    if lr_schedule is not None:
-      lr = jnp.asarray(lr_schedule(schedule_count(state.opt_state)))
+    if optim is not None and frozen.horizon is not None:
+      lr = learning_rate(optim, frozen.horizon["policy"])(schedule_count(state.opt_state))
       metrics["lr"] = jnp.where(policy_trains(state, hp), lr, 0.0)  # 0 while the critic warms up
     new_state = finish_iteration(new_state, {"objective/kl": rollout_kl}, exp.ids.shape[0], hp=hp)
     return new_state, metrics

@@ -26,7 +26,6 @@ from ppo_jax.masking import masked_count, masked_mean
 from ppo_jax.optim import (
   OptimHparams,
   horizon_change,
-  learning_rate,
   make_optimizer,
   schedule_count,
 )
@@ -282,7 +281,8 @@ def train(
     frozen_sh = None if frozen is None else shd.param_shardings(frozen, mesh)
     frozen = None if frozen is None else shd.place(frozen, frozen_sh)
     jit_kw = dict(
-      in_shardings=(param_sh, opt_sh, frozen_sh, None), out_shardings=(param_sh, opt_sh, None)
+      in_shardings=(param_sh, opt_sh, frozen_sh, None, None),
+      out_shardings=(param_sh, opt_sh, None),
     )
 
   ckpt, record, resumed = None, {}, None
@@ -316,14 +316,15 @@ def train(
     params = jax.device_put(params, param_sh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
-  schedule = learning_rate(hp.optim, total)
-  step = make_step(loss_fn, graphdef, tx, schedule, n_micro=n_micro, mesh=mesh)
+  # The schedule's end is an argument, not a constant of the program: a resume with more epochs
+  # (or any stage of another length with these shapes) runs the program compiled before.
+  step = make_step(loss_fn, graphdef, tx, hp.optim, n_micro=n_micro, mesh=mesh)
   step = jax.jit(step, donate_argnums=(0, 1), **jit_kw)
   every = ckpt.settings.supervised_every if ckpt is not None else 0
   history = []
   for i in range(start, total):
     batch = put(make_batch(batch_indices(n_train, batch_size, i, seed=seed)))
-    params, opt_state, metrics = step(params, opt_state, frozen, batch)
+    params, opt_state, metrics = step(params, opt_state, frozen, batch, np.int32(total))
     row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
     history.append(row)
     if on_step is not None:

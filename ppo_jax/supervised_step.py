@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from ppo_jax import sharding as shd
-from ppo_jax.optim import schedule_count
+from ppo_jax.optim import OptimHparams, learning_rate, schedule_count
 
 if TYPE_CHECKING:
   from ppo_jax.supervised import SupervisedHparams
@@ -86,25 +86,32 @@ def make_step(
   loss_fn: Callable[..., tuple[jax.Array, Metrics]],
   graphdef: nnx.GraphDef,
   tx,
-  schedule: optax.Schedule | None = None,
+  optim: OptimHparams | None = None,
   *,
   n_micro: int = 1,
   mesh=None,
 ):
-  """The supervised step ``(params, opt_state, frozen, batch) → (params, opt_state, metrics)``
-  that ``supervised.train`` jits: the gradient of ``loss_fn(params, graphdef, batch)`` (of
-  ``loss_fn((params, frozen), ...)`` when ``frozen`` is not None), accumulated over ``n_micro``
-  micro-batches (``accumulated_value_and_grad``), and one update of ``tx``; ``metrics`` adds the
-  gradient's global norm and, with ``tx``'s learning-rate ``schedule``, the rate of this update
-  (``lr``: a skipped update does not advance the schedule's count)."""
+  """The supervised step ``(params, opt_state, frozen, batch, horizon) → (params, opt_state,
+  metrics)`` that ``supervised.train`` jits: the gradient of ``loss_fn(params, graphdef, batch)``
+  (of ``loss_fn((params, frozen), ...)`` when ``frozen`` is not None), accumulated over
+  ``n_micro`` micro-batches (``accumulated_value_and_grad``), and one update of ``tx``.
 
-  def step(params, opt_state, frozen, batch):
+  ``horizon``: the update count at which ``tx``'s schedule ends (``optim.scale_by_schedule``),
+  an argument so that every stage length runs one program; None keeps ``tx``'s own. ``metrics``
+  adds the gradient's global norm and, given ``optim`` (``tx``'s hyperparameters) and
+  ``horizon``, the rate of this update (``lr``: a skipped update does not advance the
+  schedule's count)."""
+
+  def step(params, opt_state, frozen, batch, horizon=None):
     loss = lambda p, b: loss_fn(with_frozen(p, frozen), graphdef, b)
     (value, metrics), grads = accumulated_value_and_grad(loss, params, batch, n_micro, mesh=mesh)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    if schedule is not None:
-      metrics["lr"] = jnp.asarray(schedule(schedule_count(opt_state)), jnp.float32)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
+    extra = {}
+    if horizon is not None:
+      extra["horizon"] = horizon
+      if optim is not None:
+        metrics["lr"] = learning_rate(optim, horizon)(schedule_count(opt_state))
+    updates, new_opt_state = tx.update(grads, opt_state, params, **extra)
     # A non-finite loss or gradient leaves parameters and optimizer state as they were.
     ok = jnp.isfinite(value) & jnp.isfinite(metrics["grad_norm"])
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)

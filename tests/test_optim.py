@@ -223,6 +223,60 @@ def test_the_critics_schedule_runs_over_its_own_step_count():
   np.testing.assert_allclose(updates["value"]["w"], [-0.5], rtol=1e-4)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_a_traced_horizon_is_the_schedule_of_that_length(schedule):
+  """``learning_rate(hp, T)`` with ``T`` traced (one compiled function for every ``T``) gives the
+  rates of ``T`` given as an int, including a warm-up cut to fit (T ≤ warmup_steps) and T = 1."""
+  hp = OptimHparams(lr=2.0, schedule=schedule, warmup_steps=4)
+  rates = jax.jit(lambda t, total: learning_rate(hp, total)(t))
+  for total in (1, 3, 5, 12):
+    want = [float(learning_rate(hp, total)(t)) for t in range(total + 2)]
+    got = [float(rates(t, np.int32(total))) for t in range(total + 2)]
+    assert got == want, total
+  assert rates._cache_size() == 1
+
+
+def test_an_update_given_a_horizon_is_the_optimizers_of_that_length():
+  """``tx.update(..., horizon=T)`` (a scalar; per part for the actor-critic optimizer) updates as
+  the optimizer built for ``T`` updates does (to float32 rounding: XLA may fold the rate of a
+  constant ``T`` at compile time), and one compiled update serves every ``T``; without
+  ``horizon``, the optimizer's own length."""
+  hp = OptimHparams(lr=1e-2, schedule="cosine", warmup_steps=2, weight_decay=0.1)
+  rng = np.random.default_rng(3)
+  params = _actor_critic_params(rng)
+  grads = [
+    jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    for _ in range(4)
+  ]
+  moved = make_optimizer(hp, 100)
+  parts = make_actor_critic_optimizer(hp, policy_steps=100, value_steps=100)
+  for tx, horizon, built in [
+    (moved, np.int32(6), make_optimizer(hp, 6)),
+    (parts, {"policy": np.int32(6), "value": np.int32(9)}, None),
+  ]:
+    if built is None:
+      built = make_actor_critic_optimizer(hp, policy_steps=6, value_steps=9)
+    update = jax.jit(lambda g, s, h, tx=tx: tx.update(g, s, params, horizon=h))
+    s_moved, s_built = tx.init(params), built.init(params)
+    for g in grads:
+      u_moved, s_moved = update(g, s_moved, horizon)
+      u_built, s_built = built.update(g, s_built, params)
+      for a, b in zip(jax.tree.leaves(u_moved), jax.tree.leaves(u_built), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    other = jax.tree.map(lambda h: h + 1, horizon)
+    update(grads[0], s_moved, other)
+    assert update._cache_size() == 1
+  state = moved.init(params)
+  for g in grads[:3]:  # past the warm-up
+    _, state = moved.update(g, state, params)
+  u_own, u_100, u_6 = (
+    tx.update(grads[3], state, params)[0]
+    for tx in (moved, make_optimizer(hp, 100), make_optimizer(hp, 6))
+  )
+  np.testing.assert_array_equal(u_own["value"]["kernel"], u_100["value"]["kernel"])
+  assert not np.allclose(u_own["value"]["kernel"], u_6["value"]["kernel"], rtol=1e-2)
+
+
 def test_hyperparameters_out_of_range_are_refused():
   """An unknown schedule, a negative rate or a negative warm-up: one line naming the field."""
   for kw, message in [

@@ -15,7 +15,7 @@ from ppo_jax import ppo, rollout
 from ppo_jax.actor_critic import ActorCritic
 from ppo_jax.models import CausalLM, ModelConfig, RewardModel, ScalarHead, ValueModel
 from ppo_jax.models.lora import add_lora
-from ppo_jax.optim import OptimHparams, learning_rate, make_actor_critic_optimizer, schedule_count
+from ppo_jax.optim import OptimHparams, make_actor_critic_optimizer, schedule_count
 from ppo_jax.sampling import Generation
 
 CFG = ModelConfig.gpt2(
@@ -44,8 +44,9 @@ def build(hp=HP, *, shared=False, lr=1e-3, lora_rank=0):
   optim = OptimHparams(lr=lr, schedule="constant")
   tx = make_actor_critic_optimizer(optim, policy_steps=100, value_steps=100)
   state = ppo.init_state(params, tx, hp, seed=0)
-  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
-  return models, tx, state, frozen, rollout.make_step_fns(models, tx, hp, learning_rate(optim, 100))
+  horizon = {"policy": jnp.int32(100), "value": jnp.int32(100)}
+  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params, horizon=horizon)
+  return models, tx, state, frozen, rollout.make_step_fns(models, tx, hp, optim)
 
 
 PROMPTS = jnp.asarray(np.random.default_rng(0).integers(2, 24, (B, P)), jnp.int32)
@@ -763,12 +764,14 @@ def test_kl_loss_ignores_what_sits_at_masked_positions(kind):
 
 def test_lr_metric_is_the_rate_of_the_updates_applied():
   """A linear decay over 5 iterations of 4 updates: a NaN-score iteration applies no update, so
-  the next iteration logs (and uses) the rate the skipped one would have."""
+  the next iteration logs (and uses) the rate the skipped one would have; another horizon moves
+  the decay's end without compiling again."""
   models, _, state, frozen, _ = build()
   hp_optim = OptimHparams(lr=1.0, schedule="linear")
   tx = make_actor_critic_optimizer(hp_optim, policy_steps=20, value_steps=40)
   state = ppo.init_state(state.params, tx, HP, seed=0)
-  fns = rollout.make_step_fns(models, tx, HP, learning_rate(hp_optim, 20))
+  frozen = frozen.replace(horizon={"policy": jnp.int32(20), "value": jnp.int32(40)})
+  fns = rollout.make_step_fns(models, tx, HP, hp_optim)
   lrs, skipped = [], []
   for scores in (None, jnp.full((B,), jnp.nan), None):
     state, metrics, _, _ = one_iteration(fns, state, frozen, scores)
@@ -776,6 +779,12 @@ def test_lr_metric_is_the_rate_of_the_updates_applied():
     skipped.append(float(metrics["update/skipped"]))
   assert skipped == [0.0, 1.0, 0.0]
   np.testing.assert_allclose(lrs, [1.0, 0.8, 0.8], rtol=1e-6)  # not 0.6: nothing was applied
+  # The schedules' end is an input (Frozen.horizon), not a constant of the program: a run resumed
+  # with 10 iterations instead of 5 decays over 40 updates, and compiles nothing new.
+  longer = frozen.replace(horizon={"policy": jnp.int32(40), "value": jnp.int32(80)})
+  _, metrics, _, _ = one_iteration(fns, state, longer)
+  assert float(metrics["lr"]) == pytest.approx(1 - 8 / 40, rel=1e-6)  # 8 updates applied
+  assert fns.update._cache_size() == 1
 
 
 def test_early_stopping_skips_every_update_after_the_kl_passes_the_limit():

@@ -13,8 +13,9 @@ from flax import nnx
 from ppo_jax import checkpoint, preemption, stage_checkpoints, supervised
 from ppo_jax.data import Sequences
 from ppo_jax.models import CausalLM, ModelConfig
-from ppo_jax.optim import OptimHparams
+from ppo_jax.optim import OptimHparams, make_optimizer
 from ppo_jax.supervised import SupervisedHparams
+from ppo_jax.supervised_step import make_step
 
 
 @pytest.mark.parametrize(
@@ -425,6 +426,22 @@ def test_the_logged_rate_is_the_rate_applied():
   )
   assert len(history) == 3 and history[0]["lr"] > history[-1]["lr"] > 0
   assert float(trained["w"]) == pytest.approx(-sum(r["lr"] for r in history), rel=1e-4)
+
+
+def test_where_the_schedule_ends_is_an_input_of_the_step():
+  """The step takes the stage's length (``horizon``): one compiled step runs stages of 3 and 6
+  steps, each at its own rate (a linear decay from 0.1: 0.1·(1 − 1/3), 0.1·(1 − 1/6) at step 1),
+  so a stage resumed with more epochs runs the program it ran."""
+  optim = OptimHparams(lr=0.1, schedule="linear", max_grad_norm=None)
+  tx = make_optimizer(optim, 100)
+  step = jax.jit(make_step(_linear_loss, None, tx, optim))
+  params = {"w": jnp.zeros(())}
+  _, state, _ = step(params, tx.init(params), None, _ones([0]), np.int32(3))
+  for total in (3, 6):
+    moved, _, metrics = step(params, state, None, _ones([0]), np.int32(total))
+    assert float(metrics["lr"]) == pytest.approx(0.1 * (1 - 1 / total), rel=1e-6)
+    assert float(moved["w"]) == pytest.approx(-float(metrics["lr"]), rel=1e-4)
+  assert step._cache_size() == 1
 
 
 def test_a_finite_loss_with_an_infinite_gradient_is_skipped():
