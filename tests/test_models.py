@@ -234,6 +234,8 @@ def test_reward_model_matches_sequence_classification(tmp_path, name):
       .numpy()
     )
   np.testing.assert_allclose(rm(jnp.asarray(ids), jnp.asarray(mask)), want, atol=1e-4)
+  # No mask: every token is real, the score the last one's (row 0 has no padding).
+  np.testing.assert_allclose(rm(jnp.asarray(ids[:1])), want[:1], atol=1e-4)
   # The same checkpoint as a critic: one value per token, the last one is the score.
   critic = pj.models.from_pretrained(tmp_path / "rm", kind="value")
   values = critic(jnp.asarray(ids), jnp.asarray(mask))
@@ -770,3 +772,202 @@ def test_merge_lora_folds_alpha_over_rank_times_a_b_into_each_kernel_in_its_dtyp
       np.testing.assert_array_equal(
         f64(functools.reduce(operator.getitem, [k.key for k in path], merged)), f64(x)
       )
+
+
+@pytest.mark.parametrize(
+  "rope",
+  [
+    {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 8.0},
+    {  # Llama 3.1's own numbers: all three bands over 16 frequencies
+      "rope_type": "llama3",
+      "rope_theta": 500000.0,
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192,
+    },
+    # YaRN from a long original context, beta_fast and beta_slow at their defaults (32, 1): a
+    # ramp over dimensions 2–6 (the tiny checkpoints' short contexts put every bound at 0).
+    {
+      "rope_type": "yarn",
+      "rope_theta": 10000.0,
+      "factor": 4.0,
+      "original_max_position_embeddings": 4096,
+    },
+    {
+      "rope_type": "yarn",
+      "rope_theta": 10000.0,
+      "factor": 4.0,
+      "original_max_position_embeddings": 4096,
+      "truncate": False,
+    },
+  ],
+  ids=lambda r: r["rope_type"] + ("-untruncated" if "truncate" in r else ""),
+)
+def test_rope_frequencies_and_gain_equal_transformers(rope):
+  """Each RoPE's inverse frequencies and YaRN's score gain (m²: its cos and sin each scale by m)
+  against transformers' own functions, at head_dim 32 and context lengths of real checkpoints."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  from ppo_jax.models.rope import rope_inv_freq, rope_score_gain
+
+  hf = tf.Qwen3Config(
+    hidden_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=32768,
+    rope_parameters=rope,
+  )
+  want, gain = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf)
+  cfg = ModelConfig.from_hf(hf)
+  np.testing.assert_allclose(np.asarray(rope_inv_freq(cfg)), np.asarray(want), rtol=1e-6)
+  assert rope_score_gain(cfg) == pytest.approx(gain**2, rel=1e-12)
+
+
+def test_fused_attention_scales_scores_as_attend_does(monkeypatch):
+  """``attention="cudnn"`` hands the kernel the layer's own score scale (Gemma 2's
+  1/√query_pre_attn_scalar: 1/√24 here, not 1/√head_dim; YaRN's gain takes the same way), in a
+  full forward and in a decode step over the cache: the logits of ``attend``. Off a GPU the kernel's
+  XLA lowering stands in for cuDNN, in float32 (the config's bf16 rule lifted)."""
+  import dataclasses
+
+  from ppo_jax.models import layers
+  from ppo_jax.models.transformer import positions_from_mask
+
+  monkeypatch.setitem(layers.FUSED, "cudnn", "xla")
+  cfg = ModelConfig.from_hf(tiny_hf.CONFIGS["gemma2"]())  # cuDNN has no soft cap: none here
+  cfg = cfg.replace(num_layers=1, full_attention_layers=(0,), attn_logit_softcap=None)
+  model = pj.models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  fused_cfg = dataclasses.replace(cfg)
+  object.__setattr__(fused_cfg, "attention", "cudnn")
+  fused = pj.models.CausalLM(fused_cfg, rngs=nnx.Rngs(1))
+  nnx.update(fused, nnx.state(model))
+  ids, mask = (jnp.asarray(x) for x in tiny_hf.batch(seed=3, T=6))
+  kv_mask = jnp.concatenate([mask, jnp.ones_like(mask[:, :1])], axis=1)
+
+  @nnx.jit
+  def full_and_step(m):  # a full forward; a prefill of 6 slots, then a decode step at slot 6
+    _, cache = m.trunk(
+      ids,
+      positions_BxT=positions_from_mask(mask),
+      kv_mask_BxS=kv_mask,
+      cache=m.trunk.init_cache(ids.shape[0], 7),
+    )
+    step, _ = m.trunk(
+      ids[:, -1:],
+      positions_BxT=positions_from_mask(kv_mask)[:, -1:],
+      kv_mask_BxS=kv_mask,
+      cache=cache,
+      cache_index=jnp.asarray(6),  # traced, as in the decode loop: the fused kernel's branch
+    )
+    return m(ids, mask), m.unembed(step)
+
+  (got, got_step), (want, want_step) = full_and_step(fused), full_and_step(model)
+  real = np.asarray(mask) > 0
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_step, want_step, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_rotates_each_pair_half_a_head_apart_and_keeps_the_dtype():
+  """``apply_rope`` against the rotation written out: features ``i`` and ``i + D/2`` turn by
+  ``position · inv_freq[i]``; in bfloat16 the result stays bfloat16 (a float32 one put query and
+  key in float32 beside a bfloat16 value, which cuDNN's kernel refuses)."""
+  from ppo_jax.models.rope import apply_rope
+
+  x = np.random.default_rng(0).normal(size=(1, 3, 2, 4))  # [B, T, H, D]
+  positions, inv_freq = np.array([[0, 1, 5]]), np.array([1.0, 0.1])
+  angle = positions[0, :, None, None] * inv_freq  # [T, 1, D/2]
+  lo, hi = x[..., :2], x[..., 2:]
+  want = np.concatenate(
+    [lo * np.cos(angle) - hi * np.sin(angle), hi * np.cos(angle) + lo * np.sin(angle)], -1
+  )
+  rope = lambda dtype: apply_rope(
+    jnp.asarray(x, dtype), jnp.asarray(positions), jnp.asarray(inv_freq, jnp.float32)
+  )
+  np.testing.assert_allclose(rope(jnp.float32), want, rtol=1e-5, atol=1e-6)
+  got16 = rope(jnp.bfloat16)
+  assert got16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got16, np.float64), want, atol=0.05)
+
+
+def test_a_config_read_back_from_its_json_is_equal_and_hashable():
+  """``from_dict`` of the JSON ``to_dict`` writes (an exported checkpoint's record) gives the
+  config back: JSON lists become tuples again (the window's spared layers too), so it stays a
+  usable jit static."""
+  for name in ("gemma3", "olmo3", "llama3"):
+    cfg = ModelConfig.from_hf(tiny_hf.CONFIGS[name]()).replace(extra_eos_token_ids=(9,))
+    back = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and hash(back) == hash(cfg), name
+
+
+def test_a_fresh_model_starts_as_its_family_initialises_it():
+  """Weights drawn with std ``initializer_range``, GPT-2's residual projections (``o``,
+  ``down``) with std / √(2L) (Radford et al. 2019); biases zero; norms the identity (Gemma's
+  weight 0, scaling by 1 + w); fresh LoRA adapters change nothing (B = 0, A drawn)."""
+  from ppo_jax.models.lora import add_lora, split_lora
+
+  cfg = ModelConfig.gpt2(vocab_size=64, hidden_size=64, num_layers=2, initializer_range=0.1)
+  block = pj.models.CausalLM(cfg, rngs=nnx.Rngs(0)).trunk.layers[0]
+  std = lambda p: float(np.std(np.asarray(p[...])))
+  assert std(block.attn.q.kernel) == pytest.approx(0.1, rel=0.1)
+  assert std(block.mlp.up.kernel) == pytest.approx(0.1, rel=0.1)
+  for out in (block.attn.o.kernel, block.mlp.down.kernel):
+    assert std(out) == pytest.approx(0.1 / 2, rel=0.1)  # √(2 · 2 layers)
+  np.testing.assert_array_equal(block.attn.q.bias[...], 0.0)
+  np.testing.assert_array_equal(block.attn_norm.scale[...], 1.0)
+  gemma = pj.models.CausalLM(ModelConfig.from_hf(tiny_hf.CONFIGS["gemma2"]()), rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(gemma.trunk.layers[0].attn_post_norm.scale[...], 0.0)
+  llama = pj.models.CausalLM(ModelConfig.llama(num_layers=1), rngs=nnx.Rngs(0))
+  _, adapters, _ = split_lora(add_lora(llama, rank=2, targets="q,k,v,o,gate,up,down"))
+  for path, x in jax.tree_util.tree_leaves_with_path(adapters):
+    assert (path[-1].key == "lora_a") == bool(np.any(np.asarray(x))), path
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2", "gemma2"])
+def test_rmsnorms_in_bfloat16_round_as_transformers_does(family):
+  """In bfloat16, Llama's RMSNorm casts the normalised input, then scales in bfloat16; OLMo's
+  scales by w in float32 and Gemma's by 1 + w, then cast: each the same bits as transformers'."""
+  import importlib
+
+  from ppo_jax.models.layers import Norm
+
+  name = {"llama": "Llama", "olmo2": "Olmo2", "gemma2": "Gemma2"}[family]
+  module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+  rng = np.random.default_rng(0)
+  x = torch.tensor(rng.normal(size=(4, 64)), dtype=torch.bfloat16)
+  w = torch.tensor(0.5 + rng.normal(size=64), dtype=torch.bfloat16)
+  theirs = getattr(module, f"{name}RMSNorm")(64, eps=1e-6).to(torch.bfloat16)
+  with torch.no_grad():
+    theirs.weight.copy_(w)
+    want = theirs(x).float().numpy()
+  ours = Norm(
+    64,
+    eps=1e-6,
+    rms=True,
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+    offset=family == "gemma2",
+    f32_scale=family == "olmo2",
+  )
+  ours.scale[...] = jnp.asarray(w.float().numpy(), jnp.bfloat16)
+  got = ours(jnp.asarray(x.float().numpy(), jnp.bfloat16))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
+def test_a_bfloat16_model_caches_in_bfloat16_and_unembeds_in_float32():
+  """An untied bf16 model: its decode cache holds bf16 keys and values (float32 would double
+  the cache's memory), and its lm_head accumulates the logits in float32, as the tied
+  embedding's transpose does."""
+  cfg = ModelConfig.llama(vocab_size=64, hidden_size=32, num_layers=1, dtype="bfloat16")
+  model = pj.models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  assert model.lm_head is not None  # untied
+  for layer in model.trunk.init_cache(2, 5):
+    assert layer.k.dtype == layer.v.dtype == jnp.bfloat16
+  hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32)), jnp.bfloat16)
+  logits = model.unembed(hidden)
+  assert logits.dtype == jnp.float32
+  kernel = model.lm_head.kernel[...].astype(jnp.bfloat16)  # read in the compute dtype
+  want = np.asarray(hidden, np.float64) @ np.asarray(kernel, np.float64)
+  np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-5, atol=1e-6)
