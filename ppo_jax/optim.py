@@ -83,8 +83,15 @@ def scale_by_schedule(
     del params, extra_args
     if horizon is None:
       steps = total_steps
+    elif part is None:
+      steps = horizon
+    elif isinstance(horizon, dict) and part in horizon:
+      steps = horizon[part]
     else:
-      steps = horizon if part is None else horizon[part]
+      raise ValueError(
+        f"horizon: an optimizer of parts takes one per part, {{'policy': P, 'value': V}}; got "
+        f"{horizon!r}"
+      )
     rate = learning_rate(hp, steps)(state.count)
     updates = jax.tree.map(lambda g: (-rate).astype(g.dtype) * g, updates)
     return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))

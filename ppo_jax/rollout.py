@@ -334,7 +334,8 @@ def make_step_fns(
 ) -> StepFns:
   """Jits the iteration's pieces once, with in/out shardings and donation when ``placement``
   is given (a sharded run), with shardings left to JAX otherwise (one device). With ``optim``
-  (``tx``'s hyperparameters) and ``Frozen.horizon``, an update reports its rate (``lr``)."""
+  (``tx``'s hyperparameters), an update reports its rate (``lr``), which needs
+  ``Frozen.horizon``."""
 
   def sample_fn(policy_params, frozen, key, prompt_ids, prompt_mask):
     policy_vars = models.policy_vars(policy_params, frozen.ref_params)
@@ -346,7 +347,12 @@ def make_step_fns(
   def update_fn(state, frozen, exp, rollout_kl):
     hparams = TrainHparams(models, tx, hp, mesh=None if placement is None else placement.mesh)
     new_state, metrics = train_step(state, exp, hparams=hparams, frozen=frozen)
-    if optim is not None and frozen.horizon is not None:
+    if optim is not None:
+      if frozen.horizon is None:
+        raise ValueError(
+          "make_step_fns(optim=...) reports the rate where the schedules end: give "
+          "Frozen(horizon={'policy': P, 'value': V})"
+        )
       lr = learning_rate(optim, frozen.horizon["policy"])(schedule_count(state.opt_state))
       metrics["lr"] = jnp.where(policy_trains(state, hp), lr, 0.0)  # 0 while the critic warms up
     new_state = finish_iteration(new_state, {"objective/kl": rollout_kl}, exp.ids.shape[0], hp=hp)

@@ -98,19 +98,19 @@ def make_step(
 
   ``horizon``: the update count at which ``tx``'s schedule ends (``optim.scale_by_schedule``),
   an argument so that every stage length runs one program; None keeps ``tx``'s own. ``metrics``
-  adds the gradient's global norm and, given ``optim`` (``tx``'s hyperparameters) and
-  ``horizon``, the rate of this update (``lr``: a skipped update does not advance the
+  adds the gradient's global norm and, given ``optim`` (``tx``'s hyperparameters; it needs
+  ``horizon``), the rate of this update (``lr``: a skipped update does not advance the
   schedule's count)."""
 
   def step(params, opt_state, frozen, batch, horizon=None):
     loss = lambda p, b: loss_fn(with_frozen(p, frozen), graphdef, b)
     (value, metrics), grads = accumulated_value_and_grad(loss, params, batch, n_micro, mesh=mesh)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    extra = {}
-    if horizon is not None:
-      extra["horizon"] = horizon
-      if optim is not None:
-        metrics["lr"] = learning_rate(optim, horizon)(schedule_count(opt_state))
+    extra = {} if horizon is None else {"horizon": horizon}
+    if optim is not None:
+      if horizon is None:
+        raise ValueError("make_step(optim=...) reports the rate where the schedule ends: a horizon")
+      metrics["lr"] = learning_rate(optim, horizon)(schedule_count(opt_state))
     updates, new_opt_state = tx.update(grads, opt_state, params, **extra)
     # A non-finite loss or gradient leaves parameters and optimizer state as they were.
     ok = jnp.isfinite(value) & jnp.isfinite(metrics["grad_norm"])

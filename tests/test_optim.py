@@ -275,6 +275,8 @@ def test_an_update_given_a_horizon_is_the_optimizers_of_that_length():
   )
   np.testing.assert_array_equal(u_own["value"]["kernel"], u_100["value"]["kernel"])
   assert not np.allclose(u_own["value"]["kernel"], u_6["value"]["kernel"], rtol=1e-2)
+  with pytest.raises(ValueError, match=r"^horizon: an optimizer of parts takes one per part"):
+    parts.update(grads[0], parts.init(params), params, horizon=np.int32(6))
 
 
 def test_hyperparameters_out_of_range_are_refused():

@@ -781,6 +781,11 @@ def test_lr_metric_is_the_rate_of_the_updates_applied():
   np.testing.assert_allclose(lrs, [1.0, 0.8, 0.8], rtol=1e-6)  # not 0.6: nothing was applied
   # The schedules' end is an input (Frozen.horizon), not a constant of the program: a run resumed
   # with 10 iterations instead of 5 decays over 40 updates, and compiles nothing new.
+  key = ppo.iteration_keys(state)[0]
+  gen = jax.eval_shape(fns.sample, state.params["policy"], frozen, key, PROMPTS, PROMPT_MASK)
+  exp, _, roll = jax.eval_shape(fns.score, state, frozen, PROMPTS, PROMPT_MASK, gen, None)
+  with pytest.raises(ValueError, match=r"give Frozen\(horizon=\{'policy': P, 'value': V\}\)"):
+    jax.eval_shape(fns.update, state, frozen.replace(horizon=None), exp, roll["objective/kl"])
   longer = frozen.replace(horizon={"policy": jnp.int32(40), "value": jnp.int32(80)})
   _, metrics, _, _ = one_iteration(fns, state, longer)
   assert float(metrics["lr"]) == pytest.approx(1 - 8 / 40, rel=1e-6)  # 8 updates applied

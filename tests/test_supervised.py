@@ -442,6 +442,8 @@ def test_where_the_schedule_ends_is_an_input_of_the_step():
     assert float(metrics["lr"]) == pytest.approx(0.1 * (1 - 1 / total), rel=1e-6)
     assert float(moved["w"]) == pytest.approx(-float(metrics["lr"]), rel=1e-4)
   assert step._cache_size() == 1
+  with pytest.raises(ValueError, match=r"reports the rate where the schedule ends: a horizon"):
+    step(params, state, None, _ones([0]))
 
 
 def test_a_finite_loss_with_an_infinite_gradient_is_skipped():
