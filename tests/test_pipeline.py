@@ -424,8 +424,15 @@ def test_dpo_raises_gold_without_a_reward_model(smoke_run, tmp_path, capsys):
   config.log.progress = False
   config.rm.enabled = True  # as in the default config with --config.algo=dpo
   workdir = reuse_stages(smoke_run[0], tmp_path / "dpo", stages=("sft",))
+  stale = workdir / "rm_checkpoints" / "3"  # a reward model's, stopped in an earlier run
+  stale.mkdir(parents=True)
+  capsys.readouterr()
   summary = pipeline.run(config, workdir)
   assert not (workdir / "reward_model").exists()  # DPO trains none
+  # … and leaves that stage's checkpoints as they are, saying so.
+  assert f"note: {stale.parent} holds checkpoints of the rm stage" in capsys.readouterr().out
+  assert stale.is_dir()
+  stale.rmdir()
   assert summary["held_out"] and summary["after"]["gold"] > summary["before"]["gold"] + 0.1
   assert summary["before"]["kl"] == 0.0 < summary["after"]["kl"] < 10.0
   assert summary["dpo_eval"]["accuracy"] > 0.6  # implicit reward ranks held-out pairs
