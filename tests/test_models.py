@@ -104,6 +104,8 @@ def test_yarn_rope_scaling_matches_transformers(tmp_path, yarn):
   pj.models.save_pretrained(model, tmp_path / "saved")
   saved = json.loads((tmp_path / "saved" / "config.json").read_text())["rope_parameters"]
   assert saved == {**rope, **yarn}
+  # Typed as transformers' own (an int context, a bool switch): 8.0 == 8 and 0.0 == False pass.
+  assert {k: type(v) for k, v in saved.items()} == {k: type(v) for k, v in {**rope, **yarn}.items()}
   back = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved")).eval()
   np.testing.assert_allclose(
     tiny_hf.torch_logits(back, ids, mask)[mask > 0], want[mask > 0], atol=1e-5
@@ -319,7 +321,11 @@ def test_generation_config_stop_ids_are_read_and_written_with_sampling_defaults(
   gen_file = tmp_path / "src" / "generation_config.json"
   gen_file.write_text(json.dumps({"eos_token_id": [9, 9, 5, 11]}))
   assert pj.models.from_pretrained(tmp_path / "src").cfg.extra_eos_token_ids == (9, 11)
-  for bad, why in (("{", "not valid JSON"), ('{"eos_token_id": [7, null]}', "not token ids")):
+  for bad, why in (
+    ("{", "not valid JSON"),
+    ('{"eos_token_id": [7, null]}', "not token ids"),
+    ('{"eos_token_id": [7, true]}', "not token ids"),  # JSON's true is no id 1
+  ):
     gen_file.write_text(bad)
     with pytest.warns(UserWarning, match=f"generation_config.json: .*{why}.*; ignored"):
       assert pj.models.from_pretrained(tmp_path / "src").cfg.extra_eos_token_ids == ()
@@ -328,6 +334,12 @@ def test_generation_config_stop_ids_are_read_and_written_with_sampling_defaults(
     pj.models.from_pretrained(tmp_path / "src", kind="reward"), tmp_path / "rm"
   )
   assert not (tmp_path / "rm" / "generation_config.json").exists()
+  # A config.json of no EOS takes the file's first id as its EOS, the others as extra ones.
+  config = json.loads((tmp_path / "src" / "config.json").read_text())
+  (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "eos_token_id": None}))
+  gen_file.write_text(json.dumps({"eos_token_id": [9, 11]}))
+  cfg = pj.models.from_pretrained(tmp_path / "src").cfg
+  assert (cfg.eos_token_id, cfg.extra_eos_token_ids) == (9, (11,))
 
 
 def test_saving_a_reward_model_whose_pad_is_its_eos_or_none_warns(tmp_path):
@@ -468,6 +480,8 @@ def test_missing_unexpected_and_misshaped_tensors_are_all_named(tmp_path):
     del t["model.layers.1.mlp.up_proj.weight"]
     del t["lm_head.weight"]
     t["model.layers.0.extra.weight"] = np.zeros(3, np.float32)
+    # A bias the config has none of is no buffer to skip (GPT-2's attn.bias is): named too.
+    t["model.layers.0.self_attn.o_proj.bias"] = np.zeros(32, np.float32)
     t["model.norm.weight"] = np.zeros(31, np.float32)
 
   _rewrite(tmp_path, corrupt)
@@ -477,7 +491,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_all_named(tmp_path):
   assert "\n" not in msg
   for part in (
     "missing tensors: lm_head.weight, model.layers.1.mlp.up_proj.weight",
-    "unexpected tensors: model.layers.0.extra.weight",
+    "unexpected tensors: model.layers.0.extra.weight, model.layers.0.self_attn.o_proj.bias;",
     "misshaped tensors: model.norm.weight [31] (expected [32])",
   ):
     assert part in msg
@@ -576,7 +590,7 @@ def test_pickle_only_folder_is_refused(tmp_path):
 def test_missing_shard(tmp_path):
   tiny_hf.make("gpt2", tmp_path, max_shard_size="20KB")
   next(tmp_path.glob("model-00002-*.safetensors")).unlink()
-  with pytest.raises(FileNotFoundError, match="shard"):
+  with pytest.raises(FileNotFoundError, match=r"index\.json are missing: \['model-00002-of-"):
     pj.models.from_pretrained(tmp_path)
   index = tmp_path / "model.safetensors.index.json"
   for text in ('{"weight_map": {', '["a"]', '{"metadata": {}}'):  # cut short, or not an index
@@ -971,3 +985,71 @@ def test_a_bfloat16_model_caches_in_bfloat16_and_unembeds_in_float32():
   kernel = model.lm_head.kernel[...].astype(jnp.bfloat16)  # read in the compute dtype
   want = np.asarray(hidden, np.float64) @ np.asarray(kernel, np.float64)
   np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3", "olmo2", "olmo3"])
+def test_attention_bias_is_saved_back_to_config_json(tmp_path, name):
+  """A checkpoint of ``attention_bias=True`` (biases on q, k, v and o) writes the flag back:
+  left out, transformers takes its default (False), builds no biases and drops the saved ones."""
+  hf = tiny_hf.CONFIGS[name]()
+  hf.attention_bias = True
+  cfg = ModelConfig.from_hf(hf)
+  assert cfg.qkv_bias and cfg.o_bias
+  cfg.to_hf().save_pretrained(str(tmp_path))
+  back = tf.AutoConfig.from_pretrained(str(tmp_path))
+  assert back.attention_bias is True
+  assert ModelConfig.from_hf(back) == cfg
+
+
+def test_a_fresh_head_on_a_causal_lm_draws_at_its_initializer_range(tmp_path):
+  """A causal LM loaded as a critic gets a head drawn at config.json's initializer_range (0.2
+  here), not a fixed 0.02, in the parameter dtype of the trunk."""
+  tiny_hf.make("llama3", tmp_path)
+  critic = pj.models.from_pretrained(tmp_path, kind="value", dtype="bfloat16")
+  kernel = critic.head.kernel[...]
+  assert kernel.dtype == critic.trunk.embed.embedding[...].dtype == jnp.bfloat16
+  assert kernel.shape == (32, 1) and 0.1 < float(jnp.std(kernel.astype(jnp.float32))) < 0.4
+
+
+def test_a_reward_model_whose_pad_is_an_extra_eos_warns_on_save_and_load(tmp_path):
+  """Pad equal to a second EOS id (config.json's eos_token_id a list) is pad == EOS too: said
+  when saved (it saved quietly, then warned on load) and when loaded."""
+  kw = dict(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16)
+  rm = pj.models.RewardModel(
+    ModelConfig.gpt2(**kw, eos_token_id=1, extra_eos_token_ids=(3,), pad_token_id=3),
+    rngs=nnx.Rngs(0),
+  )
+  with pytest.warns(UserWarning, match="pad and EOS share id 3"):
+    pj.models.save_pretrained(rm, tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == [1, 3]
+  with pytest.warns(UserWarning, match="pad and EOS share id 3"):
+    pj.models.from_pretrained(tmp_path)
+
+
+def test_options_ppo_jax_does_not_model_are_refused():
+  """Each would load as a model that computes otherwise than transformers does, so is said."""
+  full = {"rope_type": "default", "rope_theta": 10000.0}
+  cases = [
+    (tf.GPT2Config(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True"),
+    (tf.GPT2Config(scale_attn_weights=False), "scale_attn_weights=False"),
+    (
+      tf.Gemma3TextConfig(use_bidirectional_attention=True),
+      "gemma3_text option use_bidirectional_attention=True",
+    ),
+    (
+      tf.LlamaConfig(rope_parameters={**full, "partial_rotary_factor": 0.5}),
+      "partial_rotary_factor != 1",
+    ),
+    (
+      tf.Gemma3TextConfig(
+        rope_parameters={
+          "full_attention": full,
+          "sliding_attention": {"rope_type": "linear", "rope_theta": 100.0, "factor": 2.0},
+        }
+      ),
+      "rope_type 'linear' on gemma3_text's windowed layers",
+    ),
+  ]
+  for hf, match in cases:
+    with pytest.raises(ValueError, match=match):
+      ModelConfig.from_hf(hf)

@@ -388,7 +388,7 @@ def save_pretrained(
       "tokenizer a pad token of its own",
       stacklevel=2,
     )
-  if kind != "causal_lm" and cfg.pad_token_id is not None and cfg.pad_token_id == cfg.eos_token_id:
+  if kind != "causal_lm" and cfg.pad_token_id in cfg.stop_ids:  # any EOS, as on load
     warnings.warn(
       f"{folder}: pad and EOS share id {cfg.pad_token_id}; transformers' sequence classifier "
       "reads the score at the last non-pad token (before a final EOS), ppo_jax at the last real "
