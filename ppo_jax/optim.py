@@ -36,7 +36,7 @@ class OptimHparams:
         raise ValueError(f"{name}: must be ≥ 0, got {getattr(self, name)}")
 
 
-def learning_rate(hp: OptimHparams, total_steps) -> optax.Schedule:
+def learning_rate(hp: OptimHparams, total_steps: int | jax.Array) -> optax.Schedule:
   """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then constant, linear or cosine decay
   to 0 at ``total_steps``:
 
