@@ -193,13 +193,14 @@ def horizon_change(hp: OptimHparams, count: int, *, old_steps: int, new_steps: i
   schedule changes only where the stage's length cut its warm-up (``learning_rate``)."""
   if old_steps == new_steps:
     return None
+  # A constant schedule's warm-up, cut as learning_rate cuts it: unchanged, nothing to say.
+  was, now = (min(hp.warmup_steps, max(n - 1, 0)) for n in (old_steps, new_steps))
+  if hp.schedule == "constant" and was == now:
+    return None
   rate_at = jax.jit(lambda t, total: learning_rate(hp, total)(t))  # one program, not one per op
   before, after = (float(rate_at(count, total)) for total in (old_steps, new_steps))
   rate = f"is {after:.3g}, not {before:.3g}" if after != before else f"stays {after:.3g}"
   if hp.schedule == "constant":
-    was, now = (min(hp.warmup_steps, max(n - 1, 0)) for n in (old_steps, new_steps))
-    if was == now:
-      return None
     return (
       f"constant schedule warms up over {now} updates, not {was} (a warm-up is cut to fit its "
       f"stage): its rate at update {count} {rate}"

@@ -197,16 +197,16 @@ def run_ppo(
     )
   per_iteration = hp.num_epochs * hp.num_minibatches
   policy_updates_by = lambda n: (n - hp.critic_warmup) * per_iteration  # n iterations in all
-  policy_updates = policy_updates_by(iterations)
+  policy_updates, value_updates = policy_updates_by(iterations), iterations * per_iteration
   tx = make_actor_critic_optimizer(
     optim,
     policy_steps=policy_updates,
-    value_steps=iterations * per_iteration,
+    value_steps=value_updates,
     value_lr_scale=critic_lr_scale,
   )
   # Where the schedules end: an input of the programs (a resume with more iterations runs the
   # ones compiled before).
-  horizon = {"policy": np.int32(policy_updates), "value": np.int32(iterations * per_iteration)}
+  horizon = {"policy": np.int32(policy_updates), "value": np.int32(value_updates)}
   frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params, horizon=horizon)
   make_state = functools.partial(ppo.init_state, tx=tx, hp=hp, seed=seed)
   abstract = jax.eval_shape(make_state, params)
