@@ -89,7 +89,8 @@ def build(cfg: ModelConfig, hp: ppo.PPOHparams, *, lora: int = 0):
   del policy, head, reward
   tx = make_actor_critic_optimizer(OptimHparams(lr=1e-6), policy_steps=10_000, value_steps=10_000)
   state = ppo.init_state(params, tx, hp, seed=0)
-  return models, tx, state, ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
+  frozen = ppo.Frozen(frozen_policy, reward_params, hparams=hp.numbers())  # as rl.run_ppo's
+  return models, tx, state, frozen
 
 
 def median_time(fn, repeats: int) -> float:

@@ -118,7 +118,7 @@ def measure(saver: Saver, *, batch: int, prompt: int, response: int) -> dict[str
   )
   tx = make_actor_critic_optimizer(OptimHparams(lr=1e-6), policy_steps=1000, value_steps=1000)
   state = jax.eval_shape(lambda p: ppo.init_state(p, tx, hp, seed=0), params)
-  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
+  frozen = ppo.Frozen(frozen_policy, reward_params, hparams=hp.numbers())  # as rl.run_ppo's
   pl = rollout.Placement.build(shd.make_mesh(saver.mesh), state, frozen, tx)
   fns = rollout.make_step_fns(models, tx, hp, placement=pl)
 

@@ -72,7 +72,8 @@ def build(cfg: ModelConfig, hp: ppo.PPOHparams):
   models, params, frozen_policy, reward_params = ActorCritic.build(policy, value, reward)
   tx = make_actor_critic_optimizer(OptimHparams(lr=3e-6), policy_steps=10_000, value_steps=10_000)
   state = ppo.init_state(params, tx, hp, seed=0)
-  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params)
+  # The numbers as inputs, as rl.run_ppo gives them.
+  frozen = ppo.Frozen(frozen_policy, reward_params, hparams=hp.numbers())
   return rollout.make_step_fns(models, tx, hp), state, frozen
 
 

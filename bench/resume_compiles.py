@@ -9,6 +9,8 @@ nothing). A resume that lowered other programs than the fresh run's compiles the
   python bench/resume_compiles.py           # PPO alone: a programmatic reward, no SFT
   python bench/resume_compiles.py --stages  # SFT and a reward model (short) before PPO
   python bench/resume_compiles.py --dpo     # SFT, then DPO of LoRA adapters, 1 → 2 → 3 epochs
+  python bench/resume_compiles.py --sweep   # three fresh PPO runs (own workdirs) that differ
+                                            # only in PPO's numbers (clip ε, γ, λ, τ, …)
   python bench/resume_compiles.py --mesh    # any of the above on 8 simulated CPU devices, mesh
                                             # data 2 × fsdp 2 × tensor 2
 """
@@ -24,7 +26,13 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE = tempfile.mkdtemp(prefix="ppo_jax_bench_cache_")
-STAGES, DPO, MESH = ("--stages" in sys.argv[1:], "--dpo" in sys.argv[1:], "--mesh" in sys.argv[1:])
+STAGES, DPO, MESH, SWEEP = (f"--{x}" in sys.argv[1:] for x in ("stages", "dpo", "mesh", "sweep"))
+# --sweep: each run's numbers (hparams.NUMBERS), the first the config's own
+SWEEP_POINTS = (
+  {},
+  {"clip_eps": 0.1, "gamma": 0.9, "lam": 0.9, "vf_coef": 0.5, "temperature": 0.9},
+  {"clip_eps": 0.3, "gamma": 0.99, "lam": 0.8, "entropy_coef": 0.01, "vf_clip": 0.5},
+)
 if MESH:  # before jax loads: the device count is fixed then
   flags = os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
@@ -77,8 +85,12 @@ def config(iterations: int, stages: bool = False):
 
 def main() -> None:
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="ppo_jax_bench_resume_"))
-  for iterations in (1, 2, 3):
+  for i, iterations in enumerate((1, 2, 3)):
     c = dpo_config(iterations) if DPO else config(iterations, STAGES)
+    if SWEEP:  # a fresh run of one iteration with other numbers, in a workdir of its own
+      c = config(1, STAGES)
+      c.ppo.update(SWEEP_POINTS[i])
+      workdir = pathlib.Path(tempfile.mkdtemp(prefix="ppo_jax_bench_sweep_"))
     c.log.progress = c.log.tensorboard = c.log.plots = False
     if MESH:
       c.mesh.shape = (2, 2, 2)
@@ -87,8 +99,9 @@ def main() -> None:
     pipeline.run(c, workdir)
     seconds = time.perf_counter() - t0
     kind = "fresh" if iterations == 1 else "resume"
+    kind = f"sweep point {i} {SWEEP_POINTS[i]}" if SWEEP else f"{kind} to {iterations}"
     names = ", ".join(f"{n} ×{k}" for n, k in collections.Counter(compiled).most_common())
-    print(f"{kind} to {iterations}: {seconds:.1f} s, {len(compiled)} programs compiled: {names}")
+    print(f"{kind}: {seconds:.1f} s, {len(compiled)} programs compiled: {names}")
 
 
 if __name__ == "__main__":

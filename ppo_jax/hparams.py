@@ -1,14 +1,70 @@
-"""PPO's hyperparameters, checked when built (static under jit: the dataclass is frozen)."""
+"""PPO's hyperparameters, checked when built (static under jit: the dataclass is frozen).
+
+Their numbers may instead be inputs of the compiled programs (``PPOHparams.numbers``,
+``structure``, ``with_numbers``): a sweep over clip ε, γ, λ, the coefficients… then runs one
+program. Whether an option is on (None or not) stays part of the program.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
 
 from ppo_jax import masking
 from ppo_jax.kl import KL_KINDS
 
 KL_MODES = ("reward", "loss")
 ESTIMATORS = ("gae", "grpo", "rloo")
+# The hyperparameters a program may take as inputs: every one only scales, shifts or bounds
+# arrays. The others choose shapes or code (sizes, modes, top-p's filter, the warm-up's length).
+NUMBERS = (
+  "temperature",
+  "clip_eps",
+  "clip_eps_high",
+  "dual_clip",
+  "vf_clip",
+  "vf_coef",
+  "entropy_coef",
+  "early_stop_kl",
+  "gamma",
+  "lam",
+  "missing_eos_penalty",
+  "kl_target",
+  "kl_horizon",
+)
+
+
+class ProgramInput:
+  """Stands in ``PPOHparams.structure()`` for a number a program takes as an input; any use
+  of it as a number raises (read the number from ``with_numbers``)."""
+
+  __slots__ = ("name",)
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def __repr__(self) -> str:
+    return f"<input {self.name}>"
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, ProgramInput) and other.name == self.name
+
+  def __hash__(self) -> int:
+    return hash((ProgramInput, self.name))
+
+  def _refuse(self, *_):
+    raise TypeError(
+      f"ppo.{self.name} is an input of the program (PPOHparams.structure()): give its number "
+      "with with_numbers(), or Frozen(hparams=hp.numbers())"
+    )
+
+  __bool__ = __float__ = __neg__ = _refuse
+  __lt__ = __le__ = __gt__ = __ge__ = _refuse
+  __add__ = __radd__ = __sub__ = __rsub__ = _refuse
+  __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _refuse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +184,47 @@ class PPOHparams:
       )
     if self.critic_warmup and self.estimator != "gae":
       raise ValueError(f"critic_warmup: the {self.estimator} estimator has no critic to warm up")
+
+  def numbers(self) -> dict[str, np.float32]:
+    """The numbers a program may take as inputs (``NUMBERS`` not None), as float32 scalars:
+    ``Frozen(hparams=hp.numbers())`` runs ``rollout.make_step_fns``' programs with them."""
+    return {name: np.float32(getattr(self, name)) for name in self._number_names()}
+
+  def structure(self) -> PPOHparams:
+    """What compiles into a program: these hyperparameters with each of ``numbers()`` replaced
+    by a ``ProgramInput``. Two configs that differ only in those numbers have equal
+    structures (and hashes: one jit cache entry)."""
+    out = copy.copy(self)
+    for name in self._number_names():
+      object.__setattr__(out, name, ProgramInput(name))
+    return out
+
+  def with_numbers(self, numbers: Mapping[str, object]) -> PPOHparams:
+    """These hyperparameters with ``numbers`` (the keys of ``numbers()``, arrays or tracers).
+    Concrete numbers are checked as in the constructor; traced ones (inside jit) are not."""
+    want, got = set(self._number_names()), set(numbers)
+    if want != got:
+      raise ValueError(
+        f"hparams numbers: got {sorted(got)}, this PPOHparams takes {sorted(want)} (a sweep may "
+        "change numbers, not whether an option is on: None)"
+      )
+    values = {name: masking.concrete(v) for name, v in numbers.items()}
+    if all(v is not None and v.shape == () for v in values.values()):
+      return dataclasses.replace(self, **{name: v.item() for name, v in values.items()})
+    out = copy.copy(self)
+    for name, v in numbers.items():
+      if np.shape(v) != ():
+        raise ValueError(f"hparams numbers: {name} must be a scalar, got shape {np.shape(v)}")
+      object.__setattr__(out, name, v)
+    return out
+
+  @property
+  def is_structure(self) -> bool:
+    """Whether some numbers are ``ProgramInput`` placeholders (``structure()``)."""
+    return any(isinstance(getattr(self, name), ProgramInput) for name in NUMBERS)
+
+  def _number_names(self) -> tuple[str, ...]:
+    return tuple(name for name in NUMBERS if getattr(self, name) is not None)
 
   @property
   def stop_ids(self) -> tuple[int, ...]:

@@ -72,18 +72,36 @@ class PPOState:
 
 @flax.struct.dataclass
 class Frozen:
-  """What PPO's programs read but never change: the models it does not train, and where the
-  learning-rate schedules end.
+  """What PPO's programs read but never change: the models it does not train, where the
+  learning-rate schedules end, and the hyperparameters' numbers.
 
   ``horizon``: ``{"policy": P, "value": V}`` int32 scalars, the updates after which the two
   schedules of ``optim.make_actor_critic_optimizer`` end (``optim.scale_by_schedule``); None
   keeps the optimizer's own. An input of the programs, not a constant compiled into them: a run
   resumed with more iterations, or a run of another length, runs the programs compiled before.
+
+  ``hparams``: ``PPOHparams.numbers()`` (clip ε, γ, λ, the coefficients, …) as inputs of the
+  programs, which then compile only ``hp.structure()``: one program serves a sweep over them
+  (``frozen.replace(hparams=other.numbers())``). None compiles the numbers in.
   """
 
   ref_params: Params  # the reference policy's weights; with LoRA the base weights (shared)
   reward_params: Params | None  # the reward model; None when scores come from a function
   horizon: dict[str, jax.Array] | None = None
+  hparams: dict[str, jax.Array] | None = None
+
+
+def program_hparams(hp: PPOHparams, frozen: Frozen | None) -> PPOHparams:
+  """The hyperparameters a program runs with: ``hp``'s structure with ``frozen.hparams``' numbers
+  (traced inside jit), or ``hp`` itself when ``frozen`` carries none."""
+  if frozen is not None and frozen.hparams is not None:
+    return hp.structure().with_numbers(frozen.hparams)
+  if hp.is_structure:
+    raise ValueError(
+      "hparams: a PPOHparams.structure() leaves its numbers to the program's inputs; give "
+      "Frozen(hparams=hp.numbers())"
+    )
+  return hp
 
 
 @flax.struct.dataclass
@@ -260,13 +278,16 @@ def train_step(
   is not applied, and the iteration's later ones' gradients are not computed (a ``lax.cond``;
   the metrics average the minibatches computed; ``update/early_stopped`` is the fraction not
   applied; as any skipped update, they do not advance the learning-rate schedule). Jit with
-  ``jax.jit(train_step, static_argnames="hparams", donate_argnums=0)``.
+  ``jax.jit(train_step, static_argnames="hparams", donate_argnums=0)``; with ``frozen.hparams``
+  (``hp.numbers()``) the numbers are inputs, and ``TrainHparams(ppo=hp.structure())`` keeps one
+  compiled program across a sweep of them.
 
   It leaves ``state.step`` (which the next iteration's keys, the critic warm-up and the data
   order read) and the adaptive β as they were: end each iteration with ``finish_iteration(state,
   rollout_metrics, B, hp=hp)``, as ``rollout.make_step_fns``' ``update`` does.
   """
-  models, tx, hp, mesh = hparams.models, hparams.tx, hparams.ppo, hparams.mesh
+  models, tx, mesh = hparams.models, hparams.tx, hparams.mesh
+  hp = program_hparams(hparams.ppo, frozen)
   if models.lora and frozen is None:
     raise ValueError("a LoRA policy's train_step needs frozen= (its base weights)")
   frozen_policy = None if frozen is None else frozen.ref_params

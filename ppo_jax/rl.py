@@ -204,10 +204,10 @@ def run_ppo(
     value_steps=value_updates,
     value_lr_scale=critic_lr_scale,
   )
-  # Where the schedules end: an input of the programs (a resume with more iterations runs the
-  # ones compiled before).
+  # Where the schedules end and the hyperparameters' numbers: inputs of the programs (a resume
+  # with more iterations, or a run with another clip ε, runs the ones compiled before).
   horizon = {"policy": np.int32(policy_updates), "value": np.int32(value_updates)}
-  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params, horizon=horizon)
+  frozen = ppo.Frozen(frozen_policy, reward_params, horizon=horizon, hparams=hp.numbers())
   make_state = functools.partial(ppo.init_state, tx=tx, hp=hp, seed=seed)
   abstract = jax.eval_shape(make_state, params)
   placement = None

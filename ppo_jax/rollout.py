@@ -15,7 +15,6 @@ of RLHF with PPO"):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +46,7 @@ from ppo_jax.ppo import (
   finish_iteration,
   iteration_keys,
   policy_trains,
+  program_hparams,
   train_step,
 )
 from ppo_jax.sampling import Generation, sample
@@ -292,6 +292,7 @@ class Placement:
         None if frozen.reward_params is None else shd.param_shardings(frozen.reward_params, mesh)
       ),
       horizon=jax.tree.map(lambda _: rep, frozen.horizon),
+      hparams=jax.tree.map(lambda _: rep, frozen.hparams),
     )
     return cls(
       state=state_sh,
@@ -335,18 +336,23 @@ def make_step_fns(
   """Jits the iteration's pieces once, with in/out shardings and donation when ``placement``
   is given (a sharded run), with shardings left to JAX otherwise (one device). With ``optim``
   (``tx``'s hyperparameters), an update reports its rate (``lr``), which needs
-  ``Frozen.horizon``."""
+  ``Frozen.horizon``. With ``Frozen.hparams`` (``hp.numbers()``, or another config's of the same
+  ``hp.structure()``) the programs take those numbers as inputs: a sweep over them compiles
+  nothing more."""
 
   def sample_fn(policy_params, frozen, key, prompt_ids, prompt_mask):
     policy_vars = models.policy_vars(policy_params, frozen.ref_params)
-    return sample_responses(models, policy_vars, key, prompt_ids, prompt_mask, hp=hp)
+    h = program_hparams(hp, frozen)
+    return sample_responses(models, policy_vars, key, prompt_ids, prompt_mask, hp=h)
 
   def score_fn(state, frozen, prompt_ids, prompt_mask, gen, scores):
-    return make_experience(models, state, frozen, prompt_ids, prompt_mask, gen, scores, hp=hp)
+    h = program_hparams(hp, frozen)
+    return make_experience(models, state, frozen, prompt_ids, prompt_mask, gen, scores, hp=h)
 
   def update_fn(state, frozen, exp, rollout_kl):
     hparams = TrainHparams(models, tx, hp, mesh=None if placement is None else placement.mesh)
     new_state, metrics = train_step(state, exp, hparams=hparams, frozen=frozen)
+    h = program_hparams(hp, frozen)
     if optim is not None:
       if frozen.horizon is None:
         raise ValueError(
@@ -354,8 +360,8 @@ def make_step_fns(
           "Frozen(horizon={'policy': P, 'value': V})"
         )
       lr = learning_rate(optim, frozen.horizon["policy"])(schedule_count(state.opt_state))
-      metrics["lr"] = jnp.where(policy_trains(state, hp), lr, 0.0)  # 0 while the critic warms up
-    new_state = finish_iteration(new_state, {"objective/kl": rollout_kl}, exp.ids.shape[0], hp=hp)
+      metrics["lr"] = jnp.where(policy_trains(state, h), lr, 0.0)  # 0 while the critic warms up
+    new_state = finish_iteration(new_state, {"objective/kl": rollout_kl}, exp.ids.shape[0], hp=h)
     return new_state, metrics
 
   def iterate(state, frozen, prompt_ids, prompt_mask):
@@ -365,7 +371,10 @@ def make_step_fns(
     state, upd_metrics = update_fn(state, frozen, exp, roll_metrics["objective/kl"])
     return state, {**roll_metrics, **upd_metrics}, gen
 
-  evaluate = functools.partial(evaluation_scores, models, hp=hp)
+  def evaluate(policy_params, frozen, ids, mask):
+    h = program_hparams(hp, frozen)
+    return evaluation_scores(models, policy_params, frozen, ids, mask, hp=h)
+
   if placement is None:
     return StepFns(
       sample=jax.jit(sample_fn),

@@ -45,7 +45,8 @@ def build(hp=HP, *, shared=False, lr=1e-3, lora_rank=0):
   tx = make_actor_critic_optimizer(optim, policy_steps=100, value_steps=100)
   state = ppo.init_state(params, tx, hp, seed=0)
   horizon = {"policy": jnp.int32(100), "value": jnp.int32(100)}
-  frozen = ppo.Frozen(ref_params=frozen_policy, reward_params=reward_params, horizon=horizon)
+  # The numbers as inputs, as rl.run_ppo gives them (test_hparams_numbers: the same results).
+  frozen = ppo.Frozen(frozen_policy, reward_params, horizon=horizon, hparams=hp.numbers())
   return models, tx, state, frozen, rollout.make_step_fns(models, tx, hp, optim)
 
 
