@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -40,35 +41,45 @@ from cases import MASKS
 
 ROOT = pathlib.Path(__file__).parent.parent
 IN_MULTIDEVICE = os.environ.get("PPO_JAX_MULTIDEVICE") == "1"
+IN_SIDE_RUN = IN_MULTIDEVICE or os.environ.get("PPO_JAX_SIDE_RUN") == "1"
 # tests/multidevice needs 8 devices from the start: test_sharding.py runs it in its own process.
 collect_ignore = [] if IN_MULTIDEVICE else ["multidevice"]
 MULTIDEVICE_TEST = "tests/test_sharding.py::test_multidevice_suite"
+# Single-device files that run in a process of their own when SIDE_TEST is selected (the whole
+# suite): the multidevice run alone left the second core idle for the suite's last minutes.
+# Self-contained (no session fixture here, such as smoke_run, would then run twice).
+SIDE_FILES = ("tests/test_models.py", "tests/test_inference.py")
+SIDE_TEST = "tests/test_side_run.py::test_side_files"
 
 
-class MultideviceRun:
-  """tests/multidevice in a pytest process of its own, on 8 simulated CPU devices (the device
-  count is fixed when JAX starts, and it would change every single-device result here).
+class SideRun:
+  """Tests in a pytest process of their own, beside this one: ``multidevice`` (tests/multidevice
+  on 8 simulated CPU devices: the device count is fixed when JAX starts, and it would change every
+  single-device result here) and ``side`` (``SIDE_FILES``).
 
-  It starts as soon as collection selects ``MULTIDEVICE_TEST`` and runs beside the single-device
-  tests, which leave the second core idle much of the time (mostly one-threaded compilation);
-  the test waits for it and reads its output.
+  Each starts as soon as collection selects its test (``MULTIDEVICE_TEST``, ``SIDE_TEST``) and
+  runs beside the single-device tests, which leave the second core idle much of the time (mostly
+  one-threaded compilation); the test waits for it and reads its output.
   """
 
-  _started: "MultideviceRun | None" = None
+  _started: ClassVar[dict[str, "SideRun"]] = {}
 
-  def __init__(self):
-    env = {
-      **os.environ,
-      "PPO_JAX_MULTIDEVICE": "1",
-      "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8",
-    }
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # programs for 8 devices: a cache of their own
+  def __init__(self, name: str):
+    if name == "multidevice":
+      paths = [str(ROOT / "tests" / "multidevice")]
+      env = {
+        **os.environ,
+        "PPO_JAX_MULTIDEVICE": "1",
+        "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8",
+      }
+      env.pop("JAX_COMPILATION_CACHE_DIR", None)  # programs for 8 devices: a cache of their own
+    else:  # the same single-device programs: the same cache
+      paths, env = [str(ROOT / f) for f in SIDE_FILES], {**os.environ, "PPO_JAX_SIDE_RUN": "1"}
     self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it until the end
-    # At a lower priority: the single-device suite is the longer one, and this one takes the
-    # core it leaves idle (its compilation is one-threaded) rather than half of both.
+    # At a lower priority: the single-device suite is the longer one, and these take the core it
+    # leaves idle (its compilation is one-threaded) rather than half of both.
     self.proc = subprocess.Popen(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-       str(ROOT / "tests" / "multidevice")],
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *paths],
       stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
     )  # fmt: skip
     # Set from here, not in the child (a preexec_fn forks a process JAX's threads run in); the
@@ -76,11 +87,11 @@ class MultideviceRun:
     os.setpriority(os.PRIO_PROCESS, self.proc.pid, 10)
 
   @classmethod
-  def start(cls) -> "MultideviceRun":
-    """The run of this session, started now if collection did not start it."""
-    if cls._started is None:
-      cls._started = cls()
-    return cls._started
+  def start(cls, name: str) -> "SideRun":
+    """The run ``name`` of this session, started now if collection did not start it."""
+    if name not in cls._started:
+      cls._started[name] = cls(name)
+    return cls._started[name]
 
   def wait(self, timeout: float) -> tuple[int, str]:
     """(exit status, everything it printed)."""
@@ -94,18 +105,33 @@ class MultideviceRun:
 
   @classmethod
   def stop(cls) -> None:
-    if cls._started is not None and cls._started.proc.poll() is None:
-      cls._started.proc.kill()
-      cls._started.proc.wait()
+    for run in cls._started.values():
+      if run.proc.poll() is None:
+        run.proc.kill()
+        run.proc.wait()
+
+
+def pytest_collection_modifyitems(config, items):
+  """With ``SIDE_TEST`` selected, ``SIDE_FILES``' tests are left to its process."""
+  if IN_SIDE_RUN or not any(i.nodeid == SIDE_TEST for i in items):
+    return
+  elsewhere = [i for i in items if i.nodeid.startswith(tuple(f"{f}::" for f in SIDE_FILES))]
+  if elsewhere:
+    config.hook.pytest_deselected(items=elsewhere)
+    items[:] = [i for i in items if i not in elsewhere]
 
 
 def pytest_collection_finish(session):
-  if not IN_MULTIDEVICE and any(i.nodeid == MULTIDEVICE_TEST for i in session.items):
-    MultideviceRun.start()
+  if IN_SIDE_RUN:
+    return
+  selected = {i.nodeid for i in session.items}
+  for name, test in (("multidevice", MULTIDEVICE_TEST), ("side", SIDE_TEST)):
+    if test in selected:
+      SideRun.start(name)
 
 
 def pytest_sessionfinish(session, exitstatus):
-  MultideviceRun.stop()  # a session that ended early (-x, Ctrl-C) leaves no process behind
+  SideRun.stop()  # a session that ended early (-x, Ctrl-C) leaves no process behind
 
 
 @pytest.fixture(params=list(MASKS), ids=list(MASKS))

@@ -7,7 +7,7 @@ import sys
 
 import jax
 import pytest
-from conftest import ROOT, MultideviceRun
+from conftest import ROOT, SideRun
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -103,8 +103,8 @@ def test_mesh_that_does_not_fit_is_a_one_line_cli_error(tmp_path):
 
 def test_multidevice_suite():
   """tests/multidevice on 8 simulated CPU devices: started by conftest when collection selected
-  this test (see ``MultideviceRun``), so it has been running beside the tests before it."""
-  code, out = MultideviceRun.start().wait(timeout=1800)
+  this test (see ``SideRun``), so it has been running beside the tests before it."""
+  code, out = SideRun.start("multidevice").wait(timeout=1800)
   assert code == 0, out[-9000:]
   passed = re.search(r"(\d+) passed", out)
   assert passed and int(passed.group(1)) >= 8 and "skipped" not in out, out[-2000:]
