@@ -112,13 +112,17 @@ class SideRun:
 
 
 def pytest_collection_modifyitems(config, items):
-  """With ``SIDE_TEST`` selected, ``SIDE_FILES``' tests are left to its process."""
-  if IN_SIDE_RUN or not any(i.nodeid == SIDE_TEST for i in items):
+  """With ``SIDE_TEST`` selected, ``SIDE_FILES``' tests are left to its process; the tests that
+  wait for the side runs go last, so that this process has run all the rest when it waits."""
+  if IN_SIDE_RUN:
     return
-  elsewhere = [i for i in items if i.nodeid.startswith(tuple(f"{f}::" for f in SIDE_FILES))]
-  if elsewhere:
-    config.hook.pytest_deselected(items=elsewhere)
-    items[:] = [i for i in items if i not in elsewhere]
+  if any(i.nodeid == SIDE_TEST for i in items):
+    elsewhere = [i for i in items if i.nodeid.startswith(tuple(f"{f}::" for f in SIDE_FILES))]
+    if elsewhere:
+      config.hook.pytest_deselected(items=elsewhere)
+      items[:] = [i for i in items if i not in elsewhere]
+  waits = [i for i in items if i.nodeid in (MULTIDEVICE_TEST, SIDE_TEST)]
+  items[:] = [i for i in items if i not in waits] + waits
 
 
 def pytest_collection_finish(session):
