@@ -4,6 +4,7 @@ import functools
 import json
 import operator
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -601,7 +602,8 @@ def test_missing_shard(tmp_path):
 
 def test_saving_over_a_sharded_checkpoint_replaces_it(tmp_path):
   """save_pretrained into a folder that holds a sharded checkpoint: its index and shards go
-  (the index, read first, loaded the old weights back); other files stay."""
+  (stale weights beside the new: a loader globbing *.safetensors would mix them); other files
+  stay."""
   tiny_hf.make("llama3", tmp_path, seed=1, max_shard_size="20KB")
   assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
   (tmp_path / "notes.safetensors").write_bytes(b"not named by the index")
@@ -615,6 +617,20 @@ def test_saving_over_a_sharded_checkpoint_replaces_it(tmp_path):
   ]
   back = nnx.state(pj.models.from_pretrained(tmp_path))
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(nnx.state(changed)), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_single_weights_file_beside_an_index_is_the_one_loaded(tmp_path):
+  """A folder with both (a single file saved by another tool over a sharded checkpoint): the
+  single file is loaded, as transformers loads it, with a warning naming both."""
+  sharded, single = tmp_path / "sharded", tmp_path / "single"
+  tiny_hf.make("llama3", sharded, seed=1, max_shard_size="20KB")
+  tiny_hf.make("llama3", single, seed=2)
+  want = nnx.state(pj.models.from_pretrained(single))
+  shutil.copy(single / "model.safetensors", sharded / "model.safetensors")
+  with pytest.warns(UserWarning, match=r"both model\.safetensors and model\.safetensors\.index"):
+    got = nnx.state(pj.models.from_pretrained(sharded))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)
 
 

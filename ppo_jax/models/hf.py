@@ -82,7 +82,17 @@ INDEX = "model.safetensors.index.json"
 
 
 def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
-  index = folder / INDEX
+  """The folder's safetensors files: ``model.safetensors`` if there is one (transformers reads it
+  before an index too), else the shards the index names."""
+  index, single = folder / INDEX, folder / "model.safetensors"
+  if single.exists():
+    if index.exists():
+      warnings.warn(
+        f"{folder}: both model.safetensors and {INDEX}; loading model.safetensors, as transformers "
+        "does (the index and its shards are ignored)",
+        stacklevel=3,
+      )
+    return [single]
   if index.exists():
     try:
       weight_map = json.loads(index.read_text())["weight_map"]
@@ -94,9 +104,6 @@ def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
     if missing:
       raise FileNotFoundError(f"{folder}: shard(s) named in {index.name} are missing: {missing}")
     return files
-  single = folder / "model.safetensors"
-  if single.exists():
-    return [single]
   pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
   hint = (
     f" (found {pickles}: ppo_jax never unpickles; convert them to safetensors)" if pickles else ""
@@ -329,7 +336,8 @@ def kind_of(model: nnx.Module) -> str:
 
 def _drop_sharded_weights(folder: pathlib.Path) -> None:
   """Deletes a sharded checkpoint's index and the shards it names from ``folder``, about to get
-  one ``model.safetensors``: loaders read the index first, and would load the old weights."""
+  one ``model.safetensors``: stale weights beside the new ones (transformers and ppo_jax read
+  ``model.safetensors`` first; a loader that globs ``*.safetensors`` would mix them)."""
   index = folder / INDEX
   if not index.is_file():
     return
@@ -353,8 +361,8 @@ def save_pretrained(
 ) -> None:
   """Writes ``model`` as a Hugging Face folder: config.json, model.safetensors (+ tokenizer).
 
-  A sharded checkpoint already in ``path`` (its index and the shards it names) is deleted: the
-  index would be read before the new ``model.safetensors``.
+  A sharded checkpoint already in ``path`` (its index and the shards it names) is deleted: stale
+  weights beside the new ``model.safetensors``.
 
   Causal LMs load with ``AutoModelForCausalLM``, and get a ``generation_config.json`` with the
   model's stop ids (``eos_token_id`` and ``extra_eos_token_ids``), BOS and pad over the
