@@ -11,6 +11,7 @@ nothing). A resume that lowered other programs than the fresh run's compiles the
   python bench/resume_compiles.py --dpo     # SFT, then DPO of LoRA adapters, 1 → 2 → 3 epochs
   python bench/resume_compiles.py --sweep   # three fresh PPO runs (own workdirs) that differ
                                             # only in PPO's numbers (clip ε, γ, λ, τ, …)
+  python bench/resume_compiles.py --sweep --dpo  # three fresh DPO runs: β and ε only
   python bench/resume_compiles.py --mesh    # any of the above on 8 simulated CPU devices, mesh
                                             # data 2 × fsdp 2 × tensor 2
 """
@@ -33,6 +34,8 @@ SWEEP_POINTS = (
   {"clip_eps": 0.1, "gamma": 0.9, "lam": 0.9, "vf_coef": 0.5, "temperature": 0.9},
   {"clip_eps": 0.3, "gamma": 0.99, "lam": 0.8, "entropy_coef": 0.01, "vf_clip": 0.5},
 )
+if DPO:
+  SWEEP_POINTS = ({}, {"beta": 0.3}, {"beta": 0.05, "label_smoothing": 0.1})
 if MESH:  # before jax loads: the device count is fixed then
   flags = os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
@@ -87,9 +90,9 @@ def main() -> None:
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="ppo_jax_bench_resume_"))
   for i, iterations in enumerate((1, 2, 3)):
     c = dpo_config(iterations) if DPO else config(iterations, STAGES)
-    if SWEEP:  # a fresh run of one iteration with other numbers, in a workdir of its own
-      c = config(1, STAGES)
-      c.ppo.update(SWEEP_POINTS[i])
+    if SWEEP:  # a fresh run of one iteration (epoch) with other numbers, in its own workdir
+      c = dpo_config(1) if DPO else config(1, STAGES)
+      (c.dpo if DPO else c.ppo).update(SWEEP_POINTS[i])
       workdir = pathlib.Path(tempfile.mkdtemp(prefix="ppo_jax_bench_sweep_"))
     c.log.progress = c.log.tensorboard = c.log.plots = False
     if MESH:

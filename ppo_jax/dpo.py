@@ -244,13 +244,7 @@ def run_dpo_stage(
         "dpo",
         start,
         graphdef,
-        functools.partial(
-          dpo_objective,
-          beta=s.dpo_run.beta,
-          label_smoothing=s.dpo_run.label_smoothing,
-          loss=s.dpo_run.loss,
-          rpo_alpha=s.dpo_run.rpo_alpha,
-        ),
+        functools.partial(dpo_objective, loss=s.dpo_run.loss, rpo_alpha=s.dpo_run.rpo_alpha),
         s.dpo,
         (lambda i: pair_batch(train_pairs, ref[0], i), len(train_pairs[0])),
         (lambda i: pair_batch(eval_pairs, ref[1], i), len(eval_pairs[0])),
@@ -262,6 +256,11 @@ def run_dpo_stage(
         mesh=mesh,
         frozen=frozen.ref_params if models.lora else None,
         max_nonfinite=s.ppo_run.max_nonfinite,
+        # Inputs of the step, not constants: a β sweep runs one program.
+        loss_args={
+          "beta": np.float32(s.dpo_run.beta),
+          "label_smoothing": np.float32(s.dpo_run.label_smoothing),
+        },
       )
   finally:
     if curve:

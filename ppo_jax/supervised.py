@@ -167,11 +167,12 @@ def fit(
   mesh=None,
   frozen: Any = None,
   max_nonfinite: int = 3,
+  loss_args: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, float]]:
   """A supervised stage: ``train`` on ``train_rows`` with a progress bar and per-step metrics in
   ``WORKDIR/{name}_metrics.jsonl`` (rows past a resumed checkpoint's step dropped), then
   ``evaluate`` on ``eval_rows``; prints and returns ``(params, held-out metrics)``. ``frozen``: as
-  for ``train``."""
+  for ``train``, as ``loss_args``."""
   total = hp.steps(train_rows[1])
   # A resumed stage's bar starts at its checkpoint.
   done = min(checkpoints.checkpointer.latest_step() or 0, total) if checkpoints is not None else 0
@@ -202,6 +203,7 @@ def fit(
       mesh=mesh,
       frozen=frozen,
       max_nonfinite=max_nonfinite,
+      loss_args=loss_args,
     )
   finally:
     bar.close()
@@ -215,6 +217,7 @@ def fit(
     batch_size=hp.micro_batch_size or hp.batch_size,  # what fits in training fits here
     mesh=mesh,
     frozen=frozen,
+    loss_args=loss_args,
   )
   fmt = lambda k, v: f"{k} {v:.0f}" if k == "eval_rows" else f"{k} {v:.4f}"  # a count, not a mean
   print("held-out: " + (", ".join(fmt(k, v) for k, v in held_out.items()) or "no rows"))
@@ -237,6 +240,7 @@ def train(
   mesh=None,
   frozen: Any = None,
   max_nonfinite: int = 3,
+  loss_args: dict[str, Any] | None = None,
 ) -> tuple[Any, list[dict[str, float]]]:
   """Trains ``params`` for ``hp.steps(n_train)`` steps; returns them and the per-step metrics of
   the steps trained in this call.
@@ -254,7 +258,8 @@ def train(
 
   ``frozen``: weights the loss reads but nothing trains (the base weights under LoRA adapters);
   the loss then gets ``(params, frozen)``. They are an argument of the jitted step, not a constant
-  baked into it, and are neither saved nor donated.
+  baked into it, and are neither saved nor donated. ``loss_args``: numbers ``loss_fn`` takes as
+  keyword arguments (DPO's β, ε), inputs of the step too: a sweep over them runs one program.
 
   A step whose loss or gradient is not finite changes nothing (metric ``skipped``);
   ``max_nonfinite`` in a row raise ``NonFiniteError``.
@@ -281,7 +286,7 @@ def train(
     frozen_sh = None if frozen is None else shd.param_shardings(frozen, mesh)
     frozen = None if frozen is None else shd.place(frozen, frozen_sh)
     jit_kw = dict(
-      in_shardings=(param_sh, opt_sh, frozen_sh, None, None),
+      in_shardings=(param_sh, opt_sh, frozen_sh, None, None, None),
       out_shardings=(param_sh, opt_sh, None),
     )
 
@@ -324,7 +329,7 @@ def train(
   history = []
   for i in range(start, total):
     batch = put(make_batch(batch_indices(n_train, batch_size, i, seed=seed)))
-    params, opt_state, metrics = step(params, opt_state, frozen, batch, np.int32(total))
+    params, opt_state, metrics = step(params, opt_state, frozen, batch, np.int32(total), loss_args)
     row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
     history.append(row)
     if on_step is not None:

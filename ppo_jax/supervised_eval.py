@@ -23,9 +23,10 @@ def evaluate(
   batch_size: int,
   mesh=None,
   frozen: Any = None,
+  loss_args: dict[str, Any] | None = None,
 ) -> dict[str, float]:
   """Metrics over held-out rows, token-weighted where the loss reports ``num_tokens``
-  (``frozen``: as for ``train``).
+  (``frozen``, ``loss_args``: as for ``train``).
 
   Full batches, then the tail of fewer than ``batch_size`` rows as one more call (a second
   compilation). On a mesh the placed calls' rows split evenly over the batch axes; the last
@@ -41,7 +42,7 @@ def evaluate(
   put = (lambda b: b) if mesh is None else (lambda b: shd.place_batch(b, batch_shardings(b, mesh)))
   if mesh is not None and frozen is not None:  # as train places them (no copy if they are)
     frozen = shd.place(frozen, shd.param_shardings(frozen, mesh))
-  fn = jax.jit(lambda p, f, b: loss_fn(with_frozen(p, f), graphdef, b)[1])
+  fn = jax.jit(lambda p, f, b, a: loss_fn(with_frozen(p, f), graphdef, b, **(a or {}))[1])
   sums: dict[str, float] = {}
   weight_total = 0.0
   placed = n // split * split
@@ -49,9 +50,8 @@ def evaluate(
   if n > placed:  # every process hands over the whole tail, each device holds all of it
     calls.append((np.arange(placed, n), lambda b: shd.place_batch(b, shd.replicated(mesh))))
   for idx, hand_over in calls:
-    metrics = {
-      k: float(shd.to_host(v)) for k, v in fn(params, frozen, hand_over(make_batch(idx))).items()
-    }
+    got = fn(params, frozen, hand_over(make_batch(idx)), loss_args)
+    metrics = {k: float(shd.to_host(v)) for k, v in got.items()}
     w = weight_of(metrics, float(len(idx)))
     weight_total += w
     for k, v in metrics.items():

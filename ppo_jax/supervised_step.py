@@ -91,10 +91,14 @@ def make_step(
   n_micro: int = 1,
   mesh=None,
 ):
-  """The supervised step ``(params, opt_state, frozen, batch, horizon) → (params, opt_state,
-  metrics)`` that ``supervised.train`` jits: the gradient of ``loss_fn(params, graphdef, batch)``
-  (of ``loss_fn((params, frozen), ...)`` when ``frozen`` is not None), accumulated over
-  ``n_micro`` micro-batches (``accumulated_value_and_grad``), and one update of ``tx``.
+  """The supervised step ``(params, opt_state, frozen, batch, horizon, loss_args) → (params,
+  opt_state, metrics)`` that ``supervised.train`` jits: the gradient of ``loss_fn(params,
+  graphdef, batch, **loss_args)`` (of ``loss_fn((params, frozen), ...)`` when ``frozen`` is not
+  None), accumulated over ``n_micro`` micro-batches (``accumulated_value_and_grad``), and one
+  update of ``tx``.
+
+  ``loss_args``: numbers the loss takes as keyword arguments (DPO's β and ε), inputs of the
+  program rather than constants: a sweep over them runs one program. None: no arguments.
 
   ``horizon``: the update count at which ``tx``'s schedule ends (``optim.scale_by_schedule``),
   an argument so that every stage length runs one program; None keeps ``tx``'s own. ``metrics``
@@ -102,8 +106,8 @@ def make_step(
   ``horizon``), the rate of this update (``lr``: a skipped update does not advance the
   schedule's count)."""
 
-  def step(params, opt_state, frozen, batch, horizon=None):
-    loss = lambda p, b: loss_fn(with_frozen(p, frozen), graphdef, b)
+  def step(params, opt_state, frozen, batch, horizon=None, loss_args=None):
+    loss = lambda p, b: loss_fn(with_frozen(p, frozen), graphdef, b, **(loss_args or {}))
     (value, metrics), grads = accumulated_value_and_grad(loss, params, batch, n_micro, mesh=mesh)
     metrics["grad_norm"] = optax.tree.norm(grads)
     extra = {} if horizon is None else {"horizon": horizon}

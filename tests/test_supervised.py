@@ -7,6 +7,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -444,6 +445,36 @@ def test_where_the_schedule_ends_is_an_input_of_the_step():
   assert step._cache_size() == 1
   with pytest.raises(ValueError, match=r"reports the rate where the schedule ends: a horizon"):
     step(params, state, None, _ones([0]))
+
+
+def _scaled_loss(params, graphdef, batch, *, scale):
+  """scale·w·Σx: its gradient scale·Σx, whatever w."""
+  del graphdef
+  value = scale * jnp.sum(params["w"] * batch["x"])
+  return value, {"value": value}
+
+
+def test_the_losss_numbers_are_inputs_of_the_step():
+  """``loss_args`` (DPO's β, ε) reach the loss as keyword arguments, arrays the step takes: one
+  compiled step runs each scale (SGD at rate 1 moves w by −scale), as does a whole stage and its
+  held-out evaluation."""
+  tx = optax.sgd(1.0)
+  step = jax.jit(make_step(_scaled_loss, None, tx))
+  params = {"w": jnp.zeros(())}
+  for scale in (2.0, 5.0):
+    args = {"scale": np.float32(scale)}
+    moved, _, _ = step(params, tx.init(params), None, _ones([0]), None, args)
+    assert float(moved["w"]) == pytest.approx(-scale, rel=1e-6)
+  assert step._cache_size() == 1
+  hp = SupervisedHparams(batch_size=1, epochs=1.0, optim=OptimHparams(lr=0.1, max_grad_norm=None))
+  trained, history = supervised.train(
+    {"w": jnp.ones(())}, None, _scaled_loss, _ones, 1, hp, seed=0, loss_args={"scale": 3.0}
+  )
+  assert len(history) == 1 and history[0]["value"] == pytest.approx(3.0)
+  held_out = supervised.evaluate(
+    trained, None, _scaled_loss, _ones, 2, batch_size=2, loss_args={"scale": 4.0}
+  )
+  assert held_out["value"] == pytest.approx(4.0 * 2 * float(trained["w"]), rel=1e-6)
 
 
 def test_a_finite_loss_with_an_infinite_gradient_is_skipped():
