@@ -4,7 +4,6 @@ it exists)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 from typing import TYPE_CHECKING, Any
@@ -280,10 +279,11 @@ def _train_and_save(
   tokenizer: Any,
   seed: int,
   mesh=None,
+  loss_args: dict[str, Any] | None = None,
 ) -> tuple[nnx.Module, dict]:
   """``supervised.fit`` of stage ``name`` (checkpointed over ``data_arrays``, the training
-  arrays, read from ``data_file``), its model saved to ``out`` with the record of how it was
-  trained, then its checkpoints dropped."""
+  arrays, read from ``data_file``; ``loss_args``: the loss's numbers, inputs of its step), its
+  model saved to ``out`` with the record of how it was trained, then its checkpoints dropped."""
   workdir = out.parent
   graphdef, params = nnx.split(model)
   with stage_checkpoints.for_stage(s, workdir, name, *data_arrays) as checkpoints:
@@ -301,6 +301,7 @@ def _train_and_save(
       checkpoints=checkpoints,
       mesh=mesh,
       max_nonfinite=s.ppo_run.max_nonfinite,
+      loss_args=loss_args,
     )
   model = nnx.merge(graphdef, params)
   _save(s, name, data_file, model, out, tokenizer, held_out)
@@ -377,7 +378,7 @@ def run_reward_model(
     s,
     "rm",
     rm,
-    functools.partial(supervised.reward_loss, center_coef=s.rm_run.center_coef),
+    supervised.reward_loss,
     s.rm,
     (lambda i: supervised.pair_batch(train_pairs, i), len(train_pairs[0])),
     (lambda i: supervised.pair_batch(eval_pairs, i), len(eval_pairs[0])),
@@ -387,4 +388,6 @@ def run_reward_model(
     tokenizer=inputs.tokenizer,
     seed=s.seed + 1,
     mesh=mesh,
+    # An input of the step, not a constant: a sweep over it runs one program.
+    loss_args={"center_coef": np.float32(s.rm_run.center_coef)},
   )
