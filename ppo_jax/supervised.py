@@ -171,8 +171,8 @@ def fit(
 ) -> tuple[Any, dict[str, float]]:
   """A supervised stage: ``train`` on ``train_rows`` with a progress bar and per-step metrics in
   ``WORKDIR/{name}_metrics.jsonl`` (rows past a resumed checkpoint's step dropped), then
-  ``evaluate`` on ``eval_rows``; prints and returns ``(params, held-out metrics)``. ``frozen``: as
-  for ``train``, as ``loss_args``."""
+  ``evaluate`` on ``eval_rows``; prints and returns ``(params, held-out metrics)``. ``frozen`` and
+  ``loss_args``: as for ``train``."""
   total = hp.steps(train_rows[1])
   # A resumed stage's bar starts at its checkpoint.
   done = min(checkpoints.checkpointer.latest_step() or 0, total) if checkpoints is not None else 0

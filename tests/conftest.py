@@ -28,6 +28,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=1".strip()
 
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -102,6 +103,13 @@ class SideRun:
       raise
     self.log.seek(0)
     return code, self.log.read()
+
+  def passed(self, timeout: float = 1800) -> tuple[int, str]:
+    """(how many tests passed, everything it printed), once it ended; it must have exited 0."""
+    code, out = self.wait(timeout)
+    assert code == 0, out[-9000:]
+    count = re.search(r"(\d+) passed", out)
+    return (int(count.group(1)) if count else 0), out
 
   @classmethod
   def stop(cls) -> None:
