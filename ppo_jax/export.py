@@ -22,7 +22,7 @@ STAGE_CHECKPOINTS = {"ppo": "checkpoints", "dpo": "dpo_checkpoints"}
 def generation_defaults(s) -> dict | None:
   """The ``generation_config.json`` of the checkpoint run ``s`` starts from (sampling defaults,
   stop ids), written again with its final policy and exports; None from scratch."""
-  from ppo_jax.models.hf import read_generation_config
+  from ppo_jax.models.hf_config import read_generation_config
 
   return None if s.model.init == "scratch" else read_generation_config(s.model.init)
 

@@ -46,7 +46,7 @@ from ppo_jax.compat import (
 from ppo_jax.evaluation import Prompts, decode_responses, padded_batches
 from ppo_jax.file_batches import batch_order, batch_rows, logprob_scorer, rm_scorer, trimmed
 from ppo_jax.models import CausalLM, RewardModel, from_pretrained
-from ppo_jax.models.hf import read_generation_config
+from ppo_jax.models.hf_config import read_generation_config
 from ppo_jax.rewards import (
   RewardSum,
   call_reward_fn,

@@ -8,7 +8,7 @@ import pathlib
 import warnings
 from typing import Any
 
-from ppo_jax.models.hf import read_generation_config
+from ppo_jax.models.hf_config import read_generation_config
 
 
 def sampling_settings(

@@ -2,12 +2,8 @@
 checkpoints in and out."""
 
 from ppo_jax.models.config import ModelConfig
-from ppo_jax.models.hf import (
-  from_pretrained,
-  read_generation_config,
-  read_safetensors,
-  save_pretrained,
-)
+from ppo_jax.models.hf import from_pretrained, read_safetensors, save_pretrained
+from ppo_jax.models.hf_config import read_generation_config
 from ppo_jax.models.transformer import (
   CausalLM,
   RewardModel,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ppo_jax.models.config import ModelConfig
-from ppo_jax.models.hf_config import _listed
+from ppo_jax.models.hf_config import GENERATION_CONFIG, with_generation_stop_ids
 from ppo_jax.models.hf_maps import Path, tensor_maps
 from ppo_jax.models.transformer import CausalLM, RewardModel, ScalarHead, ValueModel
 from ppo_jax.sharding import to_host
@@ -32,44 +32,6 @@ _BUFFERS = re.compile(r"(attn\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
 
 # --------------------------------------------------------------------------------------------------
 # Loading.
-
-
-GENERATION_CONFIG = "generation_config.json"
-
-
-def read_generation_config(folder: str | os.PathLike) -> dict[str, Any] | None:
-  """A folder's ``generation_config.json`` (transformers' sampling defaults and stop ids) as a
-  dict, or None when it has none. One that does not parse, or whose ``eos_token_id`` is not ids,
-  is skipped with a warning, as transformers skips it."""
-  path = pathlib.Path(folder) / GENERATION_CONFIG
-  if not path.is_file():
-    return None
-  try:
-    d = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    problem = f"not valid JSON ({e})"
-  else:
-    if not isinstance(d, dict):
-      problem = f"expected a JSON object, got {type(d).__name__}"
-    elif any(type(i) is not int for i in _listed(d.get("eos_token_id"))):
-      problem = f"eos_token_id {d['eos_token_id']!r} is not token ids"
-    else:
-      return d
-  warnings.warn(f"{path}: {problem}; ignored (config.json's ids only)", stacklevel=2)
-  return None
-
-
-def _with_generation_stop_ids(cfg: ModelConfig, folder: pathlib.Path) -> ModelConfig:
-  """``cfg`` with the stop ids ``generation_config.json`` adds to config.json's (Instruct models
-  list their end-of-turn token there) as ``extra_eos_token_ids``."""
-  ids = _listed((read_generation_config(folder) or {}).get("eos_token_id"))
-  own = (cfg.eos_token_id, *cfg.extra_eos_token_ids)
-  new = list(dict.fromkeys(i for i in ids if i not in own))
-  if not new:
-    return cfg
-  if cfg.eos_token_id is None:
-    return cfg.replace(eos_token_id=new[0], extra_eos_token_ids=tuple(new[1:]))
-  return cfg.replace(extra_eos_token_ids=(*cfg.extra_eos_token_ids, *new))
 
 
 def checkpoint_kind(hf_config: Any) -> str:
@@ -208,7 +170,7 @@ def from_pretrained(
   stored_kind = checkpoint_kind(hf_config)
   kind = kind or stored_kind
   if kind == "causal_lm":  # reward and value models never generate
-    cfg = _with_generation_stop_ids(cfg, folder)
+    cfg = with_generation_stop_ids(cfg, folder)
   if kind not in KINDS:
     raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
   if stored_kind == "reward" and kind == "causal_lm":

@@ -1,9 +1,13 @@
 """``ModelConfig`` to and from a Hugging Face ``transformers`` config: which fields each family
 (GPT-2; Llama, Qwen2/3, Mistral; Gemma 2 and 3; OLMo 2 and 3) names how, and the options ppo_jax
-refuses."""
+refuses; and a folder's ``generation_config.json`` (sampling defaults, more stop ids)."""
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import warnings
 from typing import Any
 
 from ppo_jax.models.config import ACTIVATIONS, ROPE_TYPES, SUPPORTED, ModelConfig
@@ -245,3 +249,44 @@ def _int_or_none(x: Any) -> int | None:
   """The id, or the first of several (``extra_eos_token_ids`` keeps the others)."""
   x = _listed(x)
   return int(x[0]) if x else None
+
+
+# --------------------------------------------------------------------------------------------------
+# generation_config.json: sampling defaults and the stop ids beside config.json's.
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def read_generation_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+  """A folder's ``generation_config.json`` (transformers' sampling defaults and stop ids) as a
+  dict, or None when it has none. One that does not parse, or whose ``eos_token_id`` is not ids,
+  is skipped with a warning, as transformers skips it."""
+  path = pathlib.Path(folder) / GENERATION_CONFIG
+  if not path.is_file():
+    return None
+  try:
+    d = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    problem = f"not valid JSON ({e})"
+  else:
+    if not isinstance(d, dict):
+      problem = f"expected a JSON object, got {type(d).__name__}"
+    elif any(type(i) is not int for i in _listed(d.get("eos_token_id"))):
+      problem = f"eos_token_id {d['eos_token_id']!r} is not token ids"
+    else:
+      return d
+  warnings.warn(f"{path}: {problem}; ignored (config.json's ids only)", stacklevel=2)
+  return None
+
+
+def with_generation_stop_ids(cfg: ModelConfig, folder: pathlib.Path) -> ModelConfig:
+  """``cfg`` with the stop ids ``generation_config.json`` adds to config.json's (Instruct models
+  list their end-of-turn token there) as ``extra_eos_token_ids``."""
+  ids = _listed((read_generation_config(folder) or {}).get("eos_token_id"))
+  own = (cfg.eos_token_id, *cfg.extra_eos_token_ids)
+  new = list(dict.fromkeys(i for i in ids if i not in own))
+  if not new:
+    return cfg
+  if cfg.eos_token_id is None:
+    return cfg.replace(eos_token_id=new[0], extra_eos_token_ids=tuple(new[1:]))
+  return cfg.replace(extra_eos_token_ids=(*cfg.extra_eos_token_ids, *new))
