@@ -382,12 +382,16 @@ def finish_iteration(
   """Advances the step (the data cursor moves on even if the update was skipped) and, if
   adaptive, the KL coefficient (from the rollout's KL), except during the critic's warm-up: the
   policy does not move then, so its KL says nothing about β (from the reference it is 0, and
-  the controller would only shrink β)."""
+  the controller would only shrink β). A horizon ≤ 0.2 × batch_size would make β ≤ 0 below the
+  target KL (a reward for drifting away): refused when the horizon is compiled in and by the
+  config; as a program input (``Frozen.hparams``) it cannot be checked, and β stays where it was."""
   kl_coef = state.kl_coef
   if hp.kl_adaptive:
     new = adaptive_kl_update(
       kl_coef, metrics["objective/kl"], batch_size, target=hp.kl_target, horizon=hp.kl_horizon
     )
-    # A non-finite KL leaves β alone, as does an iteration of the critic's warm-up.
-    kl_coef = jnp.where(jnp.isfinite(new) & policy_trains(state, hp), new, kl_coef)
+    # A non-finite KL leaves β alone, as do an iteration of the critic's warm-up and a step that
+    # would not keep β positive.
+    ok = jnp.isfinite(new) & (new > 0) & policy_trains(state, hp)
+    kl_coef = jnp.where(ok, new, kl_coef)
   return state.replace(step=state.step + 1, kl_coef=kl_coef)

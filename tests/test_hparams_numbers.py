@@ -108,6 +108,12 @@ def test_numbers_as_inputs_give_each_configs_own_results_from_one_program():
   first = iteration(fns, state, frozen.replace(hparams=HP.numbers()))
   # (the steps donate the state they are given: a copy, first's is compared below)
   second = iteration(fns, jax.tree.map(jnp.copy, first[0]), frozen.replace(hparams=other.numbers()))
+  # A horizon too short for the batch (1 − 0.2·8/1 < 0 below the target KL), which a compiled-in
+  # horizon or the config refuses: as an input it leaves β where it was, positive.
+  short = dataclasses.replace(other, kl_horizon=1.0).numbers()
+  third = iteration(fns, jax.tree.map(jnp.copy, second[0]), frozen.replace(hparams=short))
+  assert third[1]["objective/kl"] < other.kl_target
+  assert float(third[0].kl_coef) == float(second[0].kl_coef) > 0
   for name in ("sample", "score", "update", "evaluate"):
     assert getattr(fns, name)._cache_size() == 1, name
 
