@@ -82,7 +82,9 @@ class Frozen:
 
   ``hparams``: ``PPOHparams.numbers()`` (clip ε, γ, λ, the coefficients, …) as inputs of the
   programs, which then compile only ``hp.structure()``: one program serves a sweep over them
-  (``frozen.replace(hparams=other.numbers())``). None compiles the numbers in.
+  (``frozen.replace(hparams=other.numbers())``). None compiles the numbers in. Inside the
+  programs they are traced, so only a ``PPOHparams`` checks them: give ``numbers()`` of one, not
+  a dict written by hand (γ = 1.5 there would run).
   """
 
   ref_params: Params  # the reference policy's weights; with LoRA the base weights (shared)
