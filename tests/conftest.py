@@ -134,7 +134,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-  if IN_SIDE_RUN:
+  if IN_SIDE_RUN or session.config.option.collectonly:  # --collect-only runs no test
     return
   selected = {i.nodeid for i in session.items}
   for name, test in (("multidevice", MULTIDEVICE_TEST), ("side", SIDE_TEST)):
