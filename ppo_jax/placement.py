@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import optax
 
+from ppo_jax import sharding as shd
 from ppo_jax.ppo import Experience, Frozen, PPOState
 from ppo_jax.sampling import Generation
 
@@ -32,8 +33,6 @@ class Placement:
     cls, mesh, state: PPOState, frozen: Frozen, tx: optax.GradientTransformation
   ) -> Placement:
     """Parameters by ``sharding.RULES``, optimizer states alike, everything else replicated."""
-    from ppo_jax import sharding as shd
-
     rep = shd.replicated(mesh)
     param_sh = shd.param_shardings(state.params, mesh)
     state_sh = PPOState(
