@@ -52,7 +52,7 @@ MULTIDEVICE_TEST = "tests/test_sharding.py::test_multidevice_suite"
 # Single-device files that run in a process of their own when SIDE_TEST is selected (the whole
 # suite): the multidevice run alone left the second core idle for the suite's last minutes.
 # Self-contained (no session fixture here, such as smoke_run, would then run twice).
-SIDE_FILES = ("tests/test_models.py", "tests/test_inference.py")
+SIDE_FILES = ("tests/test_models.py", "tests/test_inference.py", "tests/test_sampling.py")
 SIDE_TEST = "tests/test_side_run.py::test_side_files"
 
 
