@@ -80,15 +80,16 @@ class SideRun:
     else:  # the same single-device programs: the same cache
       paths, env = [str(ROOT / f) for f in SIDE_FILES], {**os.environ, "PPO_JAX_SIDE_RUN": "1"}
     self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it until the end
-    # At a lower priority: the single-device suite is the longer one, and these take the core it
-    # leaves idle (its compilation is one-threaded) rather than half of both.
+    # At a lower priority: these take the core the single-device suite leaves idle (its
+    # compilation is one-threaded) rather than half of both. The multidevice run less low: it is
+    # the longest (at nice 10 like the side run, it ended ~100 s after the main process's tests).
     self.proc = subprocess.Popen(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *paths],
       stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
     )  # fmt: skip
     # Set from here, not in the child (a preexec_fn forks a process JAX's threads run in); the
     # processes it starts, seconds later, inherit it.
-    os.setpriority(os.PRIO_PROCESS, self.proc.pid, 10)
+    os.setpriority(os.PRIO_PROCESS, self.proc.pid, 5 if name == "multidevice" else 10)
 
   @classmethod
   def start(cls, name: str) -> "SideRun":
