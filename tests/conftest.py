@@ -26,6 +26,9 @@ os.environ.setdefault("PPO_JAX_COMPILATION_CACHE", os.environ["JAX_COMPILATION_C
 # test_pipeline.py (+3 s) slowed. XLA's own passes (fusion, layout, the HLO the bench tests read)
 # are the same; results compared bitwise are compared at one level. At XLA's default, -O3:
 # XLA_FLAGS=--xla_backend_optimization_level=3 (the tests' subprocesses inherit it, as this).
+# Not used: XLA's older loop emitters (--xla_cpu_use_fusion_emitters=false) cut the compiling by a
+# third again, but round otherwise than the default's fusion emitters users run: three tests that
+# compare two programs' results closely failed with them (2026-12-07).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   flags = os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
